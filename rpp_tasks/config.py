@@ -1,0 +1,472 @@
+"""Observatory configuration: ``config/observatories/<name>.yaml`` merged over ``config/defaults.yaml``.
+
+This module is imported by the DAG files at parse time, so it depends on the standard library and
+PyYAML only. A configuration is loaded into frozen dataclasses and validated on load: an invalid
+file raises `~rpp_tasks.exceptions.ConfigError` naming the file, the dotted key and what was
+expected. Unknown keys are errors too (a typo must not silently fall back to a default).
+
+Examples
+--------
+>>> from rpp_tasks.config import find_config
+>>> obs = find_config("demo")                        # doctest: +SKIP
+>>> obs.camera.gain_e_per_adu, obs.stages.detection.threshold_sigma   # doctest: +SKIP
+(1.5, 3.0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from rpp_tasks.exceptions import ConfigError
+
+__all__ = [
+    "SiteConfig", "CameraConfig", "FiltersConfig", "PathsConfig", "SessionConfig",
+    "CalibrationConfig", "CosmicsConfig", "BackgroundConfig", "DetectionConfig",
+    "PhotometryConfig", "StagesConfig", "NotificationsConfig", "ArchiveConfig", "ObservatoryConfig",
+    "default_config_dir", "load_observatory_config", "load_observatory_configs", "find_config",
+    "config_from_dict",
+]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class SiteConfig:
+    """Where the telescope is. Used for airmass/extinction and for the local night date."""
+
+    latitude_deg: float = 0.0
+    longitude_deg: float = 0.0
+    elevation_m: float = 0.0
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    """Detector facts used when the FITS header does not say (the header wins when it does)."""
+
+    name: str = "camera"
+    gain_e_per_adu: float = 1.0
+    read_noise_e: float = 10.0
+    saturation_adu: float = 65000.0
+    pixel_scale_arcsec: float | None = None
+    binning: tuple[int, int] = (1, 1)
+    bayer_pattern: str | None = None
+    telescope: str | None = None
+
+
+@dataclass(frozen=True)
+class FiltersConfig:
+    """Header FILTER value -> photometric band (case-insensitive), and the band for frames without one."""
+
+    aliases: dict[str, str] = field(default_factory=dict)
+    default_band: str | None = None
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    """Folders. Relative paths are relative to ``RPP_DATA_ROOT`` (default: the repository root)."""
+
+    incoming: str = "data/incoming/{observatory}"
+    work: str = "data/work/{observatory}"
+    products: str = "data/products/{observatory}"
+    master_library: str = "data/masters/{observatory}"
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """When a synced folder counts as a complete session, and how its files are recognised."""
+
+    ready_rule: Literal["quiet", "marker", "twospot"] = "quiet"
+    quiet_seconds: float = 600.0
+    marker_file: str | None = None
+    twospot_obs_file: str = "last_obs.yaml"
+    use_polling: bool = False
+    frame_types: dict[str, list[str]] = field(default_factory=lambda: {
+        "bias": ["bias*", "offset*", "zero*"], "dark": ["dark*"], "flat": ["flat*"]})
+    extensions: list[str] = field(default_factory=lambda: [
+        ".fits", ".fit", ".fts", ".fits.fz", ".fit.gz", ".fits.gz"])
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    combine: Literal["median", "mean"] = "median"
+    clip_sigma: float = 3.0
+    use_master_library: bool = True
+    max_library_age_days: float = 60.0
+
+
+@dataclass(frozen=True)
+class CosmicsConfig:
+    enabled: bool = True
+    sigclip: float = 4.5
+    sigfrac: float = 0.3
+    objlim: float = 5.0
+
+
+@dataclass(frozen=True)
+class BackgroundConfig:
+    box_size_px: int = 64
+    filter_size: int = 3
+
+
+@dataclass(frozen=True)
+class DetectionConfig:
+    method: Literal["sep", "dao"] = "sep"
+    threshold_sigma: float = 3.0
+    min_area_px: int = 5
+    deblend_cont: float = 0.005
+    fwhm_guess_px: float = 3.5
+
+
+@dataclass(frozen=True)
+class PhotometryConfig:
+    fixed_radius_px: float = 8.0
+    annulus_fwhm: tuple[float, float] = (3.0, 5.0)
+    psf: bool = True
+    epsf_oversampling: int = 4
+    epsf_max_stars: int = 150
+
+
+@dataclass(frozen=True)
+class StagesConfig:
+    """Parameters of each reduction stage, in the order they run."""
+
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    cosmics: CosmicsConfig = field(default_factory=CosmicsConfig)
+    background: BackgroundConfig = field(default_factory=BackgroundConfig)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
+    photometry: PhotometryConfig = field(default_factory=PhotometryConfig)
+
+
+@dataclass(frozen=True)
+class NotificationsConfig:
+    """Who is told. Secrets never live here: only Airflow connection ids."""
+
+    email_to: list[str] = field(default_factory=list)
+    operators_email_to: list[str] = field(default_factory=list)
+    smtp_conn_id: str = "rpp_smtp"
+    telegram_conn_id: str | None = None
+    operators_telegram_conn_id: str | None = None
+
+
+@dataclass(frozen=True)
+class ArchiveConfig:
+    enabled: bool = True
+    obs_collection: str | None = None
+    publisher_authority: str = "ivo://rpp.example/archive"
+    conn_id: str | None = None
+    base_url: str = "file://"
+
+
+@dataclass(frozen=True)
+class ObservatoryConfig:
+    """One observatory = one YAML file = one Airflow DAG (``rpp_<name>``)."""
+
+    observatory: str
+    title: str = ""
+    schedule: str | None = None
+    site: SiteConfig = field(default_factory=SiteConfig)
+    camera: CameraConfig = field(default_factory=CameraConfig)
+    filters: FiltersConfig = field(default_factory=FiltersConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    session: SessionConfig = field(default_factory=SessionConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
+    notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
+    archive: ArchiveConfig = field(default_factory=ArchiveConfig)
+    source: str = ""              # the YAML path (filled by the loader)
+    config_hash: str = ""         # sha256[:12] of the merged mapping (provenance of products)
+
+    @property
+    def name(self) -> str:
+        return self.observatory
+
+    @property
+    def dag_id(self) -> str:
+        return f"rpp_{self.observatory}"
+
+    def resolve_path(self, which: str) -> Path:
+        """Absolute path of ``paths.<which>`` with ``{observatory}`` expanded.
+
+        Relative paths are taken from ``RPP_DATA_ROOT`` when set, else the repository root.
+        """
+        raw = getattr(self.paths, which).format(observatory=self.observatory)
+        p = Path(os.path.expandvars(os.path.expanduser(raw)))
+        if not p.is_absolute():
+            p = Path(os.environ.get("RPP_DATA_ROOT", REPO_ROOT)) / p
+        return p
+
+    def band_for(self, filter_raw: str | None) -> str | None:
+        """Band for a header FILTER value via the aliases (case-insensitive), else the default band."""
+        if filter_raw is None or not str(filter_raw).strip():
+            return self.filters.default_band
+        key = str(filter_raw).strip().lower()
+        for alias, band in self.filters.aliases.items():
+            if alias.strip().lower() == key:
+                return band
+        return str(filter_raw).strip()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- validation
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        inner = " or ".join(_type_name(a) for a in args)
+        return f"{inner} or null" if len(args) < len(typing.get_args(tp)) else inner
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return f"a list of {len(args)} {_type_name(args[0])}s"
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if origin is dict:
+        k, v = typing.get_args(tp)
+        return f"a mapping of {_type_name(k)} to {_type_name(v)}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {float: "a number", int: "an integer", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _coerce(tp, value, source: str, key: str):
+    """Return ``value`` converted to annotation ``tp`` or raise ConfigError(source, key, ...)."""
+    origin = typing.get_origin(tp)
+    fail = ConfigError(source, key, _type_name(tp), value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise fail
+        return _build(tp, value, source, key + ".")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise fail
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise fail
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, source, key)
+            except ConfigError:
+                continue
+        raise fail
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise fail
+        return [_coerce(item, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise fail
+        return tuple(_coerce(a, v, source, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        ktp, vtp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise fail
+        return {_coerce(ktp, str(k) if ktp is str else k, source, f"{key}.{k}"):
+                _coerce(vtp, v, source, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise fail
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise fail
+        return str(value)
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def _build(cls, data: dict, source: str, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name not in ("source", "config_hash")}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(source, prefix + str(unknown[0]),
+                          "one of the known keys: " + ", ".join(sorted(names)), "unknown key")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _coerce(hints[f.name], data[f.name], source, prefix + f.name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(source, prefix + f.name, "a value (this key is required)", None)
+    return cls(**kwargs)
+
+
+def _check_values(cfg: ObservatoryConfig, source: str) -> None:
+    """Range checks that types alone cannot express."""
+    def positive(key, v, allow_zero=False):
+        if v is None:
+            return
+        if not (v > 0 or (allow_zero and v == 0)):
+            raise ConfigError(source, key, "a positive number" if not allow_zero else "a number >= 0", v)
+
+    if not cfg.observatory.replace("_", "").replace("-", "").isalnum():
+        raise ConfigError(source, "observatory", "letters, digits, '_' or '-' (it becomes the DAG id)",
+                          cfg.observatory)
+    stem = Path(source).stem if source.endswith((".yaml", ".yml")) else None
+    if stem and stem != cfg.observatory:
+        raise ConfigError(source, "observatory", f"the file name stem {stem!r}", cfg.observatory)
+    if not -90 <= cfg.site.latitude_deg <= 90:
+        raise ConfigError(source, "site.latitude_deg", "a latitude in [-90, 90] degrees", cfg.site.latitude_deg)
+    if not -180 <= cfg.site.longitude_deg <= 360:
+        raise ConfigError(source, "site.longitude_deg", "a longitude in degrees (east positive)",
+                          cfg.site.longitude_deg)
+    positive("camera.gain_e_per_adu", cfg.camera.gain_e_per_adu)
+    positive("camera.read_noise_e", cfg.camera.read_noise_e, allow_zero=True)
+    positive("camera.saturation_adu", cfg.camera.saturation_adu)
+    positive("camera.pixel_scale_arcsec", cfg.camera.pixel_scale_arcsec)
+    if any(b < 1 for b in cfg.camera.binning):
+        raise ConfigError(source, "camera.binning", "two integers >= 1", list(cfg.camera.binning))
+    if cfg.camera.bayer_pattern is not None and cfg.camera.bayer_pattern.upper() not in (
+            "RGGB", "GRBG", "GBRG", "BGGR"):
+        raise ConfigError(source, "camera.bayer_pattern", "one of RGGB, GRBG, GBRG, BGGR or null",
+                          cfg.camera.bayer_pattern)
+    positive("session.quiet_seconds", cfg.session.quiet_seconds)
+    if cfg.session.ready_rule == "marker" and not cfg.session.marker_file:
+        raise ConfigError(source, "session.marker_file", "a file name when ready_rule is 'marker'", None)
+    unknown_kinds = set(cfg.session.frame_types) - {"bias", "dark", "flat", "science"}
+    if unknown_kinds:
+        raise ConfigError(source, f"session.frame_types.{sorted(unknown_kinds)[0]}",
+                          "a frame type among bias, dark, flat, science", "unknown frame type")
+    st = cfg.stages
+    positive("stages.calibration.clip_sigma", st.calibration.clip_sigma)
+    positive("stages.background.box_size_px", st.background.box_size_px)
+    if st.background.filter_size < 1 or st.background.filter_size % 2 == 0:
+        raise ConfigError(source, "stages.background.filter_size", "an odd integer >= 1",
+                          st.background.filter_size)
+    positive("stages.detection.threshold_sigma", st.detection.threshold_sigma)
+    positive("stages.detection.min_area_px", st.detection.min_area_px)
+    positive("stages.detection.fwhm_guess_px", st.detection.fwhm_guess_px)
+    positive("stages.photometry.fixed_radius_px", st.photometry.fixed_radius_px)
+    inner, outer = st.photometry.annulus_fwhm
+    if not 0 < inner < outer:
+        raise ConfigError(source, "stages.photometry.annulus_fwhm", "[inner, outer] with 0 < inner < outer",
+                          list(st.photometry.annulus_fwhm))
+    if not 1 <= st.photometry.epsf_oversampling <= 8:
+        raise ConfigError(source, "stages.photometry.epsf_oversampling", "an integer from 1 to 8",
+                          st.photometry.epsf_oversampling)
+    for key, addrs in (("notifications.email_to", cfg.notifications.email_to),
+                       ("notifications.operators_email_to", cfg.notifications.operators_email_to)):
+        for i, a in enumerate(addrs):
+            if "@" not in a or a.startswith("@") or a.endswith("@"):
+                raise ConfigError(source, f"{key}[{i}]", "an e-mail address", a)
+
+
+# --------------------------------------------------------------------------- loading
+def _merge(base: dict, over: dict) -> dict:
+    """Deep merge: mappings merge key by key, anything else in ``over`` replaces ``base``."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(path, "<file>", "an existing YAML file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, "<file>", "UTF-8 text", f"undecodable byte at offset {exc.start}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise ConfigError(path, "<syntax>", f"valid YAML ({where}: {getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(path, "<top level>", "a mapping of keys to values", type(data).__name__)
+    return data
+
+
+def default_config_dir() -> Path:
+    """``RPP_CONFIG_DIR`` if set, else ``<repo>/config``."""
+    return Path(os.environ.get("RPP_CONFIG_DIR", REPO_ROOT / "config"))
+
+
+def config_from_dict(data: dict, *, source: str = "<dict>") -> ObservatoryConfig:
+    """Validate a merged mapping and build the frozen `ObservatoryConfig`."""
+    cfg = _build(ObservatoryConfig, data, source)
+    _check_values(cfg, source)
+    digest = hashlib.sha256(yaml.safe_dump(data, sort_keys=True).encode()).hexdigest()[:12]
+    return dataclasses.replace(cfg, source=source, config_hash=digest)
+
+
+def load_observatory_config(path: str | os.PathLike, *, defaults: str | os.PathLike | None = None
+                            ) -> ObservatoryConfig:
+    """Load one observatory YAML, merged over ``defaults.yaml`` (by default the one in the parent of its folder).
+
+    Raises
+    ------
+    ConfigError
+        Naming the file, the dotted key and what was expected.
+    """
+    path = Path(path)
+    if defaults is None:
+        defaults = path.resolve().parent.parent / "defaults.yaml"
+    base = _read_yaml(Path(defaults)) if Path(defaults).is_file() else {}
+    return config_from_dict(_merge(base, _read_yaml(path)), source=str(path))
+
+
+def load_observatory_configs(config_dir: str | os.PathLike | None = None, *, strict: bool = True
+                             ) -> list[ObservatoryConfig] | tuple[list[ObservatoryConfig], dict[str, ConfigError]]:
+    """Load every ``observatories/*.yaml`` in a stable (sorted) order.
+
+    With ``strict=False`` returns ``(configs, errors)`` where ``errors`` maps each broken file to its
+    `ConfigError`, so one broken YAML never hides the other observatories (the DAG factory uses this).
+    """
+    config_dir = Path(config_dir) if config_dir is not None else default_config_dir()
+    defaults = config_dir / "defaults.yaml"
+    configs, errors = [], {}
+    for p in sorted((config_dir / "observatories").glob("*.y*ml")):
+        try:
+            configs.append(load_observatory_config(p, defaults=defaults))
+        except ConfigError as exc:
+            if strict:
+                raise
+            errors[str(p)] = exc
+    return configs if strict else (configs, errors)
+
+
+def find_config(name: str, config_dir: str | os.PathLike | None = None) -> ObservatoryConfig:
+    """The configuration of observatory ``name`` (``observatories/<name>.yaml``), or a path to a YAML file."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return load_observatory_config(p)
+    config_dir = Path(config_dir) if config_dir is not None else default_config_dir()
+    path = config_dir / "observatories" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(q.stem for q in (config_dir / "observatories").glob("*.yaml"))
+        raise ConfigError(path, "observatory", "one of the configured observatories: " + ", ".join(known), name)
+    return load_observatory_config(path, defaults=config_dir / "defaults.yaml")
