@@ -1,0 +1,162 @@
+"""End-to-end reduction of synthetic sessions: products, rejections with reasons, idempotent re-runs,
+the per-stage (Airflow) driver agreeing with the in-memory chain, and raw files never modified."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+
+from rpp_tasks import pipeline
+from rpp_tasks.cli import main as rpp_main
+from rpp_tasks.config import config_from_dict, find_config
+from rpp_tasks.session import Session
+
+REPO = Path(__file__).resolve().parents[2]
+FWHM_TRUE = 3.5
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def obs():
+    return find_config("demo", REPO / "config")
+
+
+@pytest.fixture(scope="module")
+def raw_session(tmp_path_factory):
+    """A synthetic night: 3 science frames (256x256) + bias/dark/flat, plus three broken files."""
+    from rpp_tasks import synthetic
+
+    root = tmp_path_factory.mktemp("night")
+    raw = root / "incoming" / "2025-01-15"
+    paths = synthetic.write_synthetic_session(raw, truth_folder=root / "truth", n_science=3, n_bias=3,
+                                              n_dark=2, n_flat=3, shape=(256, 256), fwhm_px=FWHM_TRUE,
+                                              seed=3)
+    (raw / "zero_length.fits").write_bytes(b"")
+    (raw / "notes.fits").write_text("this is not a FITS file\n")
+    good = Path(paths["science"][0]).read_bytes()
+    (raw / "truncated.fits").write_bytes(good[: len(good) // 2])
+    return raw, paths
+
+
+def _checksums(folder: Path) -> dict[str, str]:
+    return {p.name: _sha(p) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_session_reduces_and_rejects_bad_files_with_reasons(raw_session, obs, tmp_path):
+    raw, paths = raw_session
+    before = _checksums(raw)
+    summary = pipeline.reduce_session(raw, obs, work_root=tmp_path / "work", workers=1)
+
+    assert summary["n_science"] == 3 and summary["n_ok"] == 3, summary["frames"]
+    rej = summary["rejected_files"]
+    assert set(rej) == {"zero_length", "notes", "truncated"}
+    assert "empty" in rej["zero_length"]["reason"].lower() or "zero" in rej["zero_length"]["reason"].lower()
+    assert "fits" in rej["notes"]["reason"].lower()
+    assert "truncat" in rej["truncated"]["reason"].lower()
+    assert _checksums(raw) == before, "raw files must never be modified"
+
+    masters = Session.load(summary["workdir"]).read_json("masters.json")
+    assert masters, "masters.json must record the calibration used"
+
+    for f in summary["frames"]:
+        cal = Path(f["calibrated"])
+        with fits.open(cal) as hdul:
+            assert hdul[0].data.dtype == np.float32
+            assert "MASK" in hdul
+            assert hdul[0].header["CTYPE1"].startswith("RA---TAN")     # WCS kept
+        cat = Table.read(f["catalog"], format="ascii.ecsv")
+        for col in ("x_centroid", "y_centroid", "flux_1p1fwhm", "flux_1p3fwhm", "flux_fixed", "flux_psf",
+                    "flux_err_psf", "mag_psf", "snr", "quality", "saturated", "near_edge", "blended", "ra", "dec"):
+            assert col in cat.colnames, col
+        assert set(np.unique(cat["quality"])) <= {"poor", "marginal", "good"}
+        good = cat["quality"] == "good"
+        assert np.all(cat["snr"][good] > 10)
+        assert np.isfinite(cat["ra"]).all()
+        assert f["fwhm_px"] == pytest.approx(FWHM_TRUE, rel=0.1)
+        assert set(f["stages"]) >= set(pipeline.FRAME_STAGES)
+        assert all(v["cpu_s"] >= 0 for v in f["stages"].values())
+        assert f["limiting_mag_inst"] is not None and np.isfinite(f["limiting_mag_inst"])
+
+
+def test_rerun_replaces_products(raw_session, obs, tmp_path):
+    raw, _ = raw_session
+    s1 = pipeline.reduce_session(raw, obs, work_root=tmp_path / "work", workers=1)
+    s2 = pipeline.reduce_session(raw, obs, work_root=tmp_path / "work", workers=1)
+    assert s1["session_id"] == s2["session_id"] == "2025-01-15"
+    frames_dir = Path(s2["workdir"]) / "frames"
+    assert sorted(p.name for p in frames_dir.iterdir()) == sorted(f["frame"] for f in s2["frames"])
+    c1 = Table.read(s1["frames"][0]["catalog"])
+    c2 = Table.read(s2["frames"][0]["catalog"])
+    assert len(c1) == len(c2)
+    np.testing.assert_allclose(c1["flux_psf"], c2["flux_psf"], rtol=1e-6)
+
+
+def test_per_stage_driver_matches_in_memory_chain(raw_session, obs, tmp_path):
+    """What Airflow runs (one stage per task, checkpoints on disk) equals the one-process chain."""
+    raw, _ = raw_session
+    chained = pipeline.reduce_session(raw, obs, work_root=tmp_path / "a", workers=1)
+
+    session = pipeline.open_session(raw, obs, work_root=tmp_path / "b")
+    pipeline.prepare_masters(session, obs)
+    for stage in pipeline.FRAME_STAGES:
+        out = pipeline.run_stage(session.workdir, obs, stage, workers=2)
+        assert out["n_ok"] == 3, out
+    staged = pipeline.summarize_session(session, obs)
+    for fa, fb in zip(chained["frames"], staged["frames"]):
+        ca, cb = Table.read(fa["catalog"]), Table.read(fb["catalog"])
+        assert len(ca) == len(cb)
+        np.testing.assert_allclose(ca["flux_1p3fwhm"], cb["flux_1p3fwhm"], rtol=1e-5)
+        np.testing.assert_allclose(ca["flux_psf"], cb["flux_psf"], rtol=1e-5)
+
+
+def test_frame_without_exptime_is_rejected_and_others_go_on(raw_session, obs, tmp_path):
+    raw, paths = raw_session
+    night = tmp_path / "night"
+    shutil.copytree(raw, night)
+    victim = night / Path(paths["science"][1]).name
+    with fits.open(victim) as hdul:
+        hdul = fits.HDUList([h.copy() for h in hdul])
+    del hdul[0].header["EXPTIME"]
+    hdul.writeto(victim, overwrite=True)
+    summary = pipeline.reduce_session(night, obs, work_root=tmp_path / "work", workers=1)
+    by_name = {f["frame"]: f for f in summary["frames"]}
+    stem = victim.name.removesuffix(".fits")
+    rejected = {**summary["rejected_files"], **{k: v for k, v in by_name.items() if v["status"] != "ok"}}
+    assert stem in rejected
+    assert "EXPTIME" in str(rejected[stem].get("reason"))
+    assert sum(f["status"] == "ok" for f in summary["frames"]) == 2
+
+
+def test_config_without_psf_still_gives_aperture_catalogue(raw_session, tmp_path):
+    raw, paths = raw_session
+    obs = config_from_dict({"observatory": "nopsf", "camera": {"gain_e_per_adu": 1.5, "read_noise_e": 8.0,
+                                                               "saturation_adu": 60000},
+                            "stages": {"photometry": {"psf": False}}})
+    s = pipeline.reduce_frame(paths["science"][0], obs, tmp_path / "f")
+    assert s["status"] == "ok", s
+    cat = Table.read(s["catalog"])
+    assert "flux_psf" not in cat.colnames and "flux_1p1fwhm" in cat.colnames
+    assert set(cat["quality"]) <= {"poor", "marginal", "good"}
+
+
+def test_cli_reduce_frame_and_folder(raw_session, tmp_path, capsys):
+    raw, paths = raw_session
+    assert rpp_main(["-q", "reduce", str(paths["science"][0]), "--observatory", "demo",
+                     "--work", str(tmp_path / "w1")]) == 0
+    out = capsys.readouterr().out
+    assert "ok" in out and "sources" in out
+    assert rpp_main(["-q", "reduce", str(raw), "--observatory", "demo", "--work", str(tmp_path / "w2"),
+                     "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "3/3 science frames reduced" in out
+    assert "truncated" in out
+    assert rpp_main(["-q", "reduce", str(tmp_path / "nope.fits"), "--observatory", "demo"]) == 2
