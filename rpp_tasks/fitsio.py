@@ -539,7 +539,7 @@ def mosaic_amplifiers(amps, *, overscan="median", path=None):
 def bayer_pattern_from_header(header) -> str | None:
     """Bayer pattern from ``BAYERPAT``, ``COLORTYP`` or a ``FILTER`` that names a pattern, else None."""
     for key in ("BAYERPAT", "COLORTYP", "BAYER", "CFAPAT", "FILTER"):
-        value = header.get(key)
+        _, value = _get(header, key)
         if isinstance(value, str) and value.strip().upper() in BAYER_PATTERNS:
             return value.strip().upper()
     return None
@@ -1094,7 +1094,7 @@ def normalize_header(header, *, path=None, filter_aliases=None, default_band=Non
     """
     warns: list[str] = []
     path_s = None if path is None else str(path)
-    sw_bin = int(_float(header.get("RPPBIN")) or 1)
+    sw_bin = int(_float(_get(header, "RPPBIN")[1]) or 1)
 
     kind, _ = normalize_imagetyp(header)
 
@@ -1125,7 +1125,7 @@ def normalize_header(header, *, path=None, filter_aliases=None, default_band=Non
     # filter and band
     _, fval = _get(header, "FILTER", "FILTNAME", "FILTER1", "FILTERS")
     filter_raw = _clean_str(fval)
-    header_pattern = bayer_pattern_from_header(header) or _clean_str(header.get("RPPDEBAY"))
+    header_pattern = bayer_pattern_from_header(header) or _clean_str(_get(header, "RPPDEBAY")[1])
     pattern = header_pattern or (str(bayer_pattern).strip().upper() if bayer_pattern else None)
     aliases = {str(k).strip().lower(): v for k, v in (filter_aliases or {}).items()}
     if filter_raw is None:
@@ -1215,7 +1215,7 @@ def normalize_header(header, *, path=None, filter_aliases=None, default_band=Non
             if _float(px_um) and _float(fl_mm):
                 scale = 206.264806 * _float(px_um) / _float(fl_mm) * sw_bin
 
-    ny, nx = int(_float(header.get("NAXIS2")) or 0), int(_float(header.get("NAXIS1")) or 0)
+    ny, nx = int(_float(_get(header, "NAXIS2")[1]) or 0), int(_float(_get(header, "NAXIS1")[1]) or 0)
 
     return FrameMeta(
         path=path_s,
@@ -1273,7 +1273,15 @@ def header_wcs(header):
         Centre at the image centre, 0-based pixel ``((nx-1)/2, (ny-1)/2)``.
     """
     notes: list[str] = []
-    ctypes = [header.get("CTYPE1"), header.get("CTYPE2")]
+    try:
+        ctypes = [header.get("CTYPE1"), header.get("CTYPE2")]
+        bad = [k for k in header.keys() if _WCS_KEY_RE.match(k) and not k.startswith(("CTYPE", "CUNIT"))
+               and not isinstance(header[k], (int, float, np.number))]
+    except (ValueError, fits.VerifyError) as exc:
+        return WcsCheck(wcs=None, status=f"invalid: unparsable WCS card ({' '.join(str(exc).split())[:150]})")
+    if bad:
+        k = bad[0]
+        return WcsCheck(wcs=None, status=f"invalid: {k}={header[k]!r} is not a number")
     if not any(isinstance(c, str) and c.strip() for c in ctypes):
         if any(_WCS_KEY_RE.match(k) for k in header.keys()):
             notes.append("linear WCS keywords without CTYPE ignored")
