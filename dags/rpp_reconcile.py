@@ -1,0 +1,114 @@
+"""
+## RPP reconcile: the watcher's safety net
+
+Every 15 minutes, for each observatory, finds the sessions that are ready (same rule as the
+watcher: quiet period / marker / 2SPOT file) but whose trigger the watcher has not confirmed in its
+state file (`<paths.work>/watch_state.json`), and triggers the missing `rpp_<observatory>` runs with
+the deterministic run id `session__<session_id>`. A session that already has a run is skipped, so
+this never reduces a session twice.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+from pathlib import Path
+
+from airflow.sdk import dag, get_parsing_context, task
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(os.environ.get("RPP_CONFIG_DIR", Path(__file__).resolve().parents[1] / "config"))
+DAG_ID = "rpp_reconcile"
+#: Seconds between the two snapshots of a session folder (files must not change in between).
+SETTLE_SECONDS = float(os.environ.get("RPP_RECONCILE_SETTLE_S", "5"))
+
+
+def session_rule(obs):
+    """The watcher's readiness rule for an observatory configuration."""
+    from rpp_tasks.watch import SessionRule
+
+    s = obs.session
+    return SessionRule(kind=s.ready_rule, quiet_seconds=s.quiet_seconds, marker_file=s.marker_file,
+                       twospot_obs_file=s.twospot_obs_file, settle_seconds=SETTLE_SECONDS)
+
+
+def find_missing_runs(config_dir: Path = CONFIG_DIR, run_exists=None) -> list[dict]:
+    """Trigger kwargs (``trigger_dag_id``, ``trigger_run_id``, ``conf``) of ready, untriggered sessions.
+
+    ``run_exists(dag_id, run_id) -> bool | None`` filters out sessions that already have a run.
+    Observatories are scanned in parallel threads (each scan sleeps ``SETTLE_SECONDS``).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rpp_tasks.config import load_observatory_configs
+    from rpp_tasks.watch import find_ready_untriggered
+
+    configs, errors = load_observatory_configs(config_dir, strict=False)
+    for exc in errors.values():
+        log.warning("skipping a broken configuration: %s", exc)
+
+    def scan(obs):
+        incoming = obs.resolve_path("incoming")
+        if not incoming.is_dir():
+            log.info("%s: incoming folder %s does not exist", obs.name, incoming)
+            return []
+        state = obs.resolve_path("work") / "watch_state.json"
+        return [(obs, c) for c in find_ready_untriggered(incoming, session_rule(obs), state)]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        found = [pair for pairs in pool.map(scan, configs) for pair in pairs]
+    out = []
+    for obs, cand in found:
+        if run_exists is not None and run_exists(obs.dag_id, cand.run_id):
+            continue
+        log.info("%s: session %s ready but not triggered: triggering %s", obs.name, cand.session_id,
+                 cand.run_id)
+        out.append({"trigger_dag_id": obs.dag_id, "trigger_run_id": cand.run_id,
+                    "conf": cand.conf(obs.name)})
+    return out
+
+
+def build_reconcile_dag():
+    from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+
+    @dag(
+        dag_id=DAG_ID,
+        schedule="*/15 * * * *",
+        start_date=_dt.datetime(2025, 1, 1, tzinfo=_dt.timezone.utc),
+        catchup=False,
+        max_active_runs=1,
+        max_active_tasks=2,
+        dagrun_timeout=_dt.timedelta(minutes=14),
+        tags=["rpp", "reconcile"],
+        default_args={"owner": "rpp", "retries": 2, "retry_delay": _dt.timedelta(seconds=30),
+                      "retry_exponential_backoff": 2.0, "max_retry_delay": _dt.timedelta(minutes=5)},
+        doc_md=__doc__,
+    )
+    def reconcile():
+        @task(task_id="find_missing_runs")
+        def find_missing(**context) -> list[dict]:
+            ti = context["ti"]
+
+            def run_exists(dag_id, run_id):
+                try:
+                    return ti.get_dr_count(dag_id=dag_id, run_ids=[run_id]) > 0
+                except Exception as exc:  # unknown: let the trigger decide (it skips existing runs)
+                    log.debug("run count for %s/%s unavailable: %s", dag_id, run_id, exc)
+                    return None
+
+            return find_missing_runs(CONFIG_DIR, run_exists)
+
+        TriggerDagRunOperator.partial(
+            task_id="trigger_missing_runs",
+            skip_when_already_exists=True,
+            fail_when_dag_is_paused=False,
+            logical_date=None,
+        ).expand_kwargs(find_missing())
+
+    return reconcile()
+
+
+if get_parsing_context().dag_id in (None, DAG_ID):
+    build_reconcile_dag()
