@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 FRAME_KINDS = ("bias", "dark", "flat", "science", "unknown")
 
-DEFAULT_IGNORE = ("*.yaml", "*.yml", "*.txt", "*.json", "*.log", "*.csv", "*.ecsv", "*.xml", "*.jpg", "*.jpeg",
+DEFAULT_IGNORE = ("*.yaml", "*.yml", "*.txt", "*.json", "*.log", "*.csv", "*.ecsv", "*.xml", "*.vot", "*.pdf", "*.zip", "*.jpg", "*.jpeg",
                   "*.png", "*.tif", "*.tiff", "*.md", "*.ini", "*.cfg", "*.db", "*.sqlite", ".*", "*~",
                   "thumbs.db", "*.tmp", "*.part")
 

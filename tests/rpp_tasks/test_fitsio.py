@@ -600,3 +600,12 @@ def test_frame_stem():
     assert frame_stem("thumb.fit.gz") == "thumb"
     assert frame_stem("Light_M94_10.0s.fit") == "Light_M94_10.0s"
     assert re.fullmatch(r"a8280271", frame_stem("a8280271.FITS"))
+
+
+def test_read_header_matches_read_frame_without_reading_pixels(real_data):
+    for rel in (LCO, SEESTAR_NGC, "panoptes/solved.fits.fz", "huntsman/calib/dark_14_Huntsman_2021-01-07.fits"):
+        header, idx, _ = read_header(real_data / rel)
+        frame = read_frame(real_data / rel)
+        assert (header["NAXIS2"], header["NAXIS1"]) == frame.data.shape, rel
+        assert idx == frame.hdu_index, rel
+        assert header_wcs(header).status == header_wcs(frame.header).status, rel
