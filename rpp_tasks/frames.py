@@ -34,9 +34,9 @@ log = logging.getLogger(__name__)
 
 FRAME_KINDS = ("bias", "dark", "flat", "science", "unknown")
 
-DEFAULT_IGNORE = ("*.yaml", "*.yml", "*.txt", "*.json", "*.log", "*.csv", "*.ecsv", "*.xml", "*.vot", "*.pdf", "*.zip", "*.jpg", "*.jpeg",
-                  "*.png", "*.tif", "*.tiff", "*.md", "*.ini", "*.cfg", "*.db", "*.sqlite", ".*", "*~",
-                  "thumbs.db", "*.tmp", "*.part")
+DEFAULT_IGNORE = ("*.yaml", "*.yml", "*.txt", "*.json", "*.log", "*.csv", "*.ecsv", "*.xml", "*.vot",
+                  "*.pdf", "*.zip", "*.jpg", "*.jpeg", "*.png", "*.tif", "*.tiff", "*.md", "*.ini", "*.cfg",
+                  "*.db", "*.sqlite", ".*", "*~", "thumbs.db", "*.tmp", "*.part")
 
 # OBJECT/FIELD values that name a calibration frame. Only flats and biases: "Dark" starts many real
 # object names (Dark Doodad Nebula) and darks are reliably typed by capture software.
