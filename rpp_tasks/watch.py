@@ -769,7 +769,7 @@ class AirflowTrigger:
             return TriggerOutcome("failed", exc.status, str(exc))
         except self._requests.RequestException as exc:
             return TriggerOutcome("failed", None, f"API unreachable at {self.base_url}: "
-                                  f"{type(exc).__name__}: {_short(str(exc))}")
+                                  f"{_network_reason(exc)}")
         if resp.status_code in (200, 201):
             return TriggerOutcome("created", resp.status_code, f"run {run_id} created")
         if resp.status_code == 409:
@@ -817,6 +817,17 @@ class _AuthError(Exception):
     def __init__(self, status, message):
         super().__init__(message)
         self.status = status
+
+
+def _network_reason(exc) -> str:
+    text = str(exc).lower()
+    for needle, words in (("refused", "connection refused"), ("timed out", "timed out"),
+                          ("name or service not known", "unknown host"),
+                          ("temporary failure in name resolution", "DNS failure"),
+                          ("reset by peer", "connection reset")):
+        if needle in text:
+            return f"{type(exc).__name__} ({words})"
+    return f"{type(exc).__name__}: {_short(str(exc), 160)}"
 
 
 def _short(text, n=300):
@@ -1226,9 +1237,15 @@ class SessionWatcher:
             delay = min(self.retry_max_s, self.retry_initial_s * 2 ** (rec["attempts"] - 1))
             rec["next_attempt_at"] = t1 + delay
             rec["last_error"] = outcome.message
-            level = logging.ERROR if outcome.status in (400, 403, 404, 422) else logging.WARNING
-            log.log(level, "session %s: trigger of run %s failed (attempt %d): %s; retrying in "
-                    "%.0f s", sid, rec["run_id"], rec["attempts"], outcome.message, delay)
+            n = rec["attempts"]
+            if n & (n - 1):  # not a power of two: keep the log readable during a long outage
+                level = logging.DEBUG
+            elif outcome.status in (400, 403, 404, 422):
+                level = logging.ERROR  # needs an operator: wrong dag_id, permissions, ...
+            else:
+                level = logging.WARNING
+            log.log(level, "session %s: trigger of run %s failed (attempt %d): %s; queued, "
+                    "retrying in %.1f s", sid, rec["run_id"], n, outcome.message, delay)
         self.state.save()
         return outcome.delivered
 
