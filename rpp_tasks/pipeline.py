@@ -79,30 +79,18 @@ class _Timer:
 
 
 # =============================================================================== steps
-def _normalize_kwargs(obs: ObservatoryConfig) -> dict:
-    cam = obs.camera
-    return dict(filter_aliases=obs.filters.aliases, default_band=obs.filters.default_band,
-                gain_e_per_adu=cam.gain_e_per_adu, read_noise_e=cam.read_noise_e,
-                saturation_adu=cam.saturation_adu, pixel_scale_arcsec=cam.pixel_scale_arcsec,
-                bayer_pattern=cam.bayer_pattern)
-
-
 def check_frame(path: Path, obs: ObservatoryConfig) -> tuple[Any, dict]:
-    """Read a raw frame and normalise its header. Raises FrameRejected with a clear reason."""
+    """Read a raw frame (Bayer -> luminance, MEF amplifiers mosaicked) and normalise its header.
+
+    Raises `FrameRejected` with a clear reason (unreadable file, missing EXPTIME, constant image...).
+    """
     from rpp_tasks import fitsio
 
-    raw = fitsio.read_frame(path)
-    data, header, notes = raw.data, raw.header, list(raw.notes)
-    meta = fitsio.normalize_header(header, path=str(path), **_normalize_kwargs(obs))
-    if meta.bayer_pattern and not any("bayer" in n.lower() for n in notes):
-        data, header = fitsio.debayer_to_luminance(data, meta.bayer_pattern, header=header)
-        notes.append(f"bayer {meta.bayer_pattern} -> 2x2 super-pixel luminance")
-        meta = fitsio.normalize_header(header, path=str(path), **_normalize_kwargs(obs))
-    if hasattr(fitsio, "check_image"):
-        fitsio.check_image(data, meta.imagetyp, path=str(path))
+    raw = fitsio.read_frame(path, bayer_pattern=obs.camera.bayer_pattern)
+    meta = fitsio.normalize_header(raw.header, path=str(path), **fitsio.normalize_kwargs_from_config(obs))
     md = meta.to_dict()
-    md["notes"] = notes
-    return (data, header), md
+    md["notes"] = list(raw.notes)
+    return (raw.data, raw.header), md
 
 
 def step_calibrate(fw: FrameWork, obs: ObservatoryConfig, masters: dict) -> dict:
@@ -426,9 +414,12 @@ def open_session(raw_dir: str | os.PathLike, obs: ObservatoryConfig, *, work_roo
     exts = tuple(e.lower() for e in obs.session.extensions)
     paths = sorted(p for p in raw_dir.rglob("*") if p.is_file() and p.name.lower().endswith(exts)
                    and not p.name.startswith("."))
-    plan = frames.group_session(paths, normalize_kwargs=_normalize_kwargs(obs), patterns=obs.session.frame_types)
+    plan = frames.group_session(paths, obs)
     manifest = plan.to_dict()
-    manifest["science"] = [dict(f, stem=_stem(Path(f["path"]))) for f in manifest.get("science", [])]
+    manifest["science"] = [dict(f, stem=_stem(Path(f["path"]))) for f in manifest.get("frames", [])
+                           if f.get("imagetyp") == "science"]
+    for kind in ("bias", "dark", "flat"):
+        manifest[kind] = [f["path"] for f in manifest.get("frames", []) if f.get("imagetyp") == kind]
     session.write_json("manifest.json", manifest)
     session.write_json("rejected.json", {_stem(Path(r["path"])): {"reason": r["reason"], "stage": "validate",
                                                                    "path": r["path"]}
