@@ -9,8 +9,9 @@ Matching
     is used at most once. Rows with non-finite positions never match.
 Completeness
     Fraction of true stars with ``snr_expected > snr_min`` (default 10; the photon-noise S/N in a
-    1-FWHM aperture, see `rpp_tasks.synthetic.make_star_field`) that are matched. Also per S/N
-    bin, and for *isolated* stars (no other true star within ``isolation_fwhm`` FWHM that is at
+    1-FWHM aperture, see `rpp_tasks.synthetic.make_star_field`) that are matched, among stars
+    with ``frac_in_image >= 0.99`` (stars cut by the image edge are left out; without that
+    truth column all stars count). Also per S/N bin, and for *isolated* stars (no other true star within ``isolation_fwhm`` FWHM that is at
     least ``neighbour_flux_frac`` times as bright).
 Spurious fraction
     Unmatched detections divided by the number of detections. Duplicates of a matched star
@@ -491,8 +492,9 @@ def fidelity_report(catalog, truth, *, flux_cols=None, radius_px=1.5, x_col="x_c
     detected = np.zeros(len(truth), dtype=bool)
     detected[match.truth_index] = True
 
-    # completeness
-    above = tsnr > snr_min
+    # completeness (stars cut by the image edge, frac_in_image < 0.99, are left out)
+    frac_in = np.asarray(truth["frac_in_image"], float) if "frac_in_image" in truth.colnames else np.ones(len(truth))
+    above = (tsnr > snr_min) & (frac_in >= 0.99)
     n_above = int(above.sum())
     completeness = float(detected[above].mean()) if n_above else float("nan")
     completeness_iso = float(detected[above & iso].mean()) if np.any(above & iso) else float("nan")
@@ -501,7 +503,7 @@ def fidelity_report(catalog, truth, *, flux_cols=None, radius_px=1.5, x_col="x_c
     edges = np.asarray(snr_bins, float)
     cbins = []
     for lo, hi in zip(edges[:-1], edges[1:]):
-        sel = (tsnr > lo) & (tsnr <= hi)
+        sel = (tsnr > lo) & (tsnr <= hi) & (frac_in >= 0.99)
         cbins.append({"snr_lo": float(lo), "snr_hi": float(hi), "n_true": int(sel.sum()),
                       "n_detected": int(detected[sel].sum()),
                       "completeness": float(detected[sel].mean()) if sel.any() else float("nan")})
@@ -541,7 +543,6 @@ def fidelity_report(catalog, truth, *, flux_cols=None, radius_px=1.5, x_col="x_c
     if flux_cols is None:
         flux_cols = tuple(c for c in DEFAULT_FLUX_COLS if c in catalog.colnames)
     peak = np.asarray(truth["peak_adu"], float) if "peak_adu" in truth.colnames else np.zeros(len(truth))
-    frac_in = np.asarray(truth["frac_in_image"], float) if "frac_in_image" in truth.colnames else np.ones(len(truth))
     base = (~tsat) & (peak + sky + bias < nonlinear_frac * sat) & iso & (frac_in >= 0.999) & above
     if n_annulus is None and "n_annulus" in catalog.colnames:
         n_ann_col = np.asarray(catalog["n_annulus"], float)
