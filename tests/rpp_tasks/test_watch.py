@@ -13,6 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from watchdog.events import FileSystemEventHandler
+from watchdog.observers import Observer
 
 from rpp_tasks.exceptions import ConfigError
 from rpp_tasks.watch import (
@@ -160,6 +162,15 @@ def airflow():
     fake = FakeAirflow()
     yield fake
     fake.close()
+
+
+class _OpenSpy(FileSystemEventHandler):
+    def __init__(self, opened):
+        self.opened = opened
+
+    def on_opened(self, event):
+        if event.src_path.endswith(".fits"):
+            self.opened.append(event.src_path)
 
 
 def _wait_for(cond, timeout=10.0, step=0.02):
@@ -462,6 +473,10 @@ def test_file_written_slowly_is_not_triggered_early(tmp_path, airflow, use_polli
     w = _watcher(tmp_path, _trigger(airflow), rule, use_polling=use_polling,
                  poll_interval_s=0.2, rescan_s=30.0)
     w.start()
+    opened = []  # who opens the FITS file: only the writer may (the watcher only stat()s)
+    spy = Observer()
+    spy.schedule(_OpenSpy(opened), str(tmp_path / "incoming"), recursive=True)
+    spy.start()
     try:
         session = tmp_path / "incoming" / "2024-07-30"
         session.mkdir()
@@ -484,12 +499,15 @@ def test_file_written_slowly_is_not_triggered_early(tmp_path, airflow, use_polli
         time.sleep(0.5)
     finally:
         w.stop()
+        spy.stop()
+        spy.join()
+    assert opened == [str(session / "slow.fits")]  # the writer's own open, nothing else
     assert len(airflow.posts_for("session__2024-07-30")) == 1
     assert t_post >= last_write[-1] + quiet - 0.05
     latency = t_post - (last_write[-1] + quiet)
     logging.getLogger(__name__).warning("latency quiet rule (%s): %.3f s after the quiet period",
                                         "polling" if use_polling else "inotify", latency)
-    assert latency < (2.0 if use_polling else 1.0)
+    assert latency < (3.0 if use_polling else 2.0)
     conf = airflow.runs[("rpp_demo", "session__2024-07-30")]
     assert conf == {"observatory": "demo", "session_id": "2024-07-30",
                     "session_dir": str(session)}
@@ -546,7 +564,7 @@ def test_restart_mid_night_each_session_runs_exactly_once(tmp_path, airflow):
     assert sorted(r for _, r in airflow.runs) == ["session__a", "session__b", "session__c"]
     for run_id in ("session__a", "session__b", "session__c"):
         assert len(airflow.posts_for(run_id)) == 1, run_id  # a was not even re-posted
-    assert t_done - t_start < 2.0  # catch-up at start: settle time + one request
+    assert t_done - t_start < 4.0  # catch-up at start: settle time + one request
     assert half.is_dir()
 
 
@@ -631,7 +649,7 @@ def test_marker_rule_latency_and_unpause(tmp_path, airflow):
         w.stop()
     latency = airflow.created()[0][0] - t_marker
     logging.getLogger(__name__).warning("latency marker rule: %.3f s (settle 0.3 s)", latency)
-    assert 0.3 <= latency < 1.3
+    assert 0.3 <= latency < 2.5
     assert airflow.paused == {"rpp_demo": False}
 
 
