@@ -211,9 +211,9 @@ def aperture_photometry(data_sub, rms, sources, *, fwhm_px, fixed_radius_px, ann
     bkg_used = np.where(np.isfinite(bkg), bkg, 0.0)
     flag_all = np.zeros(n, np.int64)
     for lab, r in radii.items():
-        s, _, flg = sep.sum_circle(work, x, y, r, mask=bad_u8, maskthresh=0.0, subpix=5)
-        svar, _, _ = sep.sum_circle(var, x, y, r, mask=bad_u8, maskthresh=0.0, subpix=5)
-        area, _, _ = sep.sum_circle(np.ascontiguousarray(~bad, dtype=np.float64), x, y, r, subpix=5)
+        s, _, flg = sep.sum_circle(work, x, y, r, mask=bad_u8, maskthresh=0.0, subpix=0)
+        svar, _, _ = sep.sum_circle(var, x, y, r, mask=bad_u8, maskthresh=0.0, subpix=0)
+        area, _, _ = sep.sum_circle(np.ascontiguousarray(~bad, dtype=np.float64), x, y, r, subpix=0)
         flux = s - bkg_used * area
         var_star = np.maximum(flux, 0.0) / gain_e_per_adu
         mean_var = np.where(area > 0, svar / np.maximum(area, 1e-12), np.nan)

@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 _LN2 = math.log(2.0)
 _U_GAUSS = 1e-6          # 1/beta below this is treated as the Gaussian limit
 _U_MAX = 1.0 / 1.3       # beta >= 1.3 (a Moffat with beta <= 1 has infinite flux)
-# 4-point Gauss-Legendre nodes/weights on [-0.5, 0.5] for pixel integration (exact to degree 7)
-_GL_X, _GL_W = np.polynomial.legendre.leggauss(4)
+# 3-point Gauss-Legendre nodes/weights on [-0.5, 0.5] for pixel integration (exact to degree 5)
+_GL_X, _GL_W = np.polynomial.legendre.leggauss(3)
 _GL_X = 0.5 * _GL_X
 _GL_W = 0.5 * _GL_W
 
@@ -239,6 +239,27 @@ def _linear_flux_bkg(models, stamps, w):
     return f, b
 
 
+def _refine_centres(stamps, w, dx0, dy0, params, sx, sy, *, n_iter=2):
+    """Per-star Gauss-Newton update (in place) of centre shifts ``sx, sy`` with a fixed shape."""
+    for _ in range(n_iter):
+        m = _pix_profile(dx0 - sx[:, None, None], dy0 - sy[:, None, None], *params)
+        eps = 1e-3
+        mx = (_pix_profile(dx0 - (sx + eps)[:, None, None], dy0 - sy[:, None, None], *params) - m) / eps
+        my = (_pix_profile(dx0 - sx[:, None, None], dy0 - (sy + eps)[:, None, None], *params) - m) / eps
+        basis = np.stack([m, mx, my, np.ones_like(m)], axis=1)        # (N,4,S,S)
+        ata = np.einsum("nisr,njsr,nsr->nij", basis, basis, w)
+        atb = np.einsum("nisr,nsr,nsr->ni", basis, stamps, w)
+        try:
+            sol = np.linalg.solve(ata, atb[..., None])[..., 0]
+        except np.linalg.LinAlgError:
+            return
+        f = sol[:, 0]
+        good = f > 0
+        fs = np.where(good, f, 1.0)
+        sx += np.clip(np.where(good, sol[:, 1] / fs, 0.0), -0.5, 0.5)
+        sy += np.clip(np.where(good, sol[:, 2] / fs, 0.0), -0.5, 0.5)
+
+
 def _fit_stack(stamps, w, dx0, dy0, fwhm0, *, fit_beta=True, n_outer=3):
     """Fit shared (fwhm, u) + per-star (xc, yc, flux, bkg) to (N,S,S) stamps.
 
@@ -270,28 +291,9 @@ def _fit_stack(stamps, w, dx0, dy0, fwhm0, *, fit_beta=True, n_outer=3):
         res = least_squares(resid, params, bounds=(lo, hi), x_scale=[1.0, 0.1], xtol=1e-8, ftol=1e-10,
                             diff_step=1e-4)
         params = res.x
-        # per-star Gauss-Newton centre update with the fitted shape (all stars, even rejected)
-        allsel = np.ones(nst, bool)
-        for _ in range(2):
-            m = model(params, allsel)
-            eps = 1e-3
-            mx = (_pix_profile(dx0 - (sx + eps)[:, None, None], dy0 - sy[:, None, None], *params) - m) / eps
-            my = (_pix_profile(dx0 - sx[:, None, None], dy0 - (sy + eps)[:, None, None], *params) - m) / eps
-            basis = np.stack([m, mx, my, np.ones_like(m)], axis=1)        # (N,4,S,S)
-            ata = np.einsum("nisr,njsr,nsr->nij", basis, basis, w)
-            atb = np.einsum("nisr,nsr,nsr->ni", basis, stamps, w)
-            try:
-                sol = np.linalg.solve(ata, atb[..., None])[..., 0]
-            except np.linalg.LinAlgError:
-                break
-            f = sol[:, 0]
-            good = f > 0
-            step_x = np.where(good, sol[:, 1] / np.where(good, f, 1.0), 0.0)
-            step_y = np.where(good, sol[:, 2] / np.where(good, f, 1.0), 0.0)
-            sx += np.clip(step_x, -0.5, 0.5)
-            sy += np.clip(step_y, -0.5, 0.5)
+        _refine_centres(stamps, w, dx0, dy0, params, sx, sy, n_iter=2 if outer == 0 else 1)
         # reject outliers (blends, cosmic rays, galaxies) by reduced chi2
-        m = model(params, allsel)
+        m = model(params, np.ones(nst, bool))
         f, b = _linear_flux_bkg(m, stamps, w)
         chi2 = np.sum((stamps - f[:, None, None] * m - b[:, None, None]) ** 2 * w, axis=(1, 2))
         chi2 /= max(stamps[0].size - 4, 1)
@@ -668,21 +670,37 @@ def build_epsf(data_sub, sources, *, fwhm_px, oversampling=4, max_stars=150, siz
     if size_px is None:
         size_px = 2 * int(math.ceil(3.0 * fwhm_px)) + 1
     size_px = int(size_px) | 1
+    half_big = max(4, min(size_px // 2, 30))
+    # the shape is fitted on compact stamps of the brightest stars (fast); the residual map
+    # is stacked from larger stamps of all selected stars with the shape fixed
     data, idx, half, stamps, w, dx0, dy0, guess = _prepare(
         data_sub, sources, rms=rms, mask=mask, saturation_adu=saturation_adu, fwhm_guess_px=fwhm_px,
-        max_stars=max_stars, min_peak_snr=min_peak_snr, stamp_half_px=max(4, min(size_px // 2, 30)))
+        max_stars=max_stars, min_peak_snr=min_peak_snr, stamp_half_px=half_big)
     if idx.size == 0:
         log.warning("build_epsf: no eligible PSF star; using a Gaussian of FWHM %.2f px", fwhm_px)
         grid = _analytic_grid(float(fwhm_px), 0.0, oversampling, size_px)
         return EPSFModel(grid, oversampling, float(fwhm_px), 0, math.inf, size_px, ("no_psf_stars",))
-    fit = _fit_stack(stamps, w, dx0, dy0, float(fwhm_px), fit_beta=(model == "moffat"))
+    hs = min(half_big, max(4, int(math.ceil(2.0 * guess))))
+    cut = slice(half_big - hs, half_big + hs + 1)
+    nfit = min(idx.size, 60)
+    sub = (slice(0, nfit), cut, cut)
+    fit = _fit_stack(stamps[sub], w[sub], dx0[sub], dy0[sub], guess, fit_beta=(model == "moffat"))
     flags = list(fit.flags)
+    params = (fit.fwhm_px, fit.u)
     grid = _analytic_grid(fit.fwhm_px, fit.u, oversampling, size_px)
-    keep = fit.keep & (fit.flux > 0)
+    sx = np.zeros(idx.size)
+    sy = np.zeros(idx.size)
+    _refine_centres(stamps, w, dx0, dy0, params, sx, sy, n_iter=2)
+    dxs = dx0 - sx[:, None, None]
+    dys = dy0 - sy[:, None, None]
+    m = _pix_profile(dxs, dys, *params)
+    flux, bkg = _linear_flux_bkg(m, stamps, w)
+    chi2 = np.sum((stamps - flux[:, None, None] * m - bkg[:, None, None]) ** 2 * w, axis=(1, 2))
+    med = np.median(chi2)
+    keep = (flux > 0) & (chi2 < med + 5.0 * max(1.4826 * np.median(np.abs(chi2 - med)), 0.05 * med))
     n_used = int(keep.sum())
     if residual_correction and n_used >= 2 * oversampling**2:
-        grid = grid + _residual_grid(stamps[keep], w[keep], (dx0 - fit.xc[:, None, None])[keep],
-                                     (dy0 - fit.yc[:, None, None])[keep], fit.flux[keep], fit.bkg[keep],
+        grid = grid + _residual_grid(stamps[keep], w[keep], dxs[keep], dys[keep], flux[keep], bkg[keep],
                                      fit.fwhm_px, fit.u, oversampling, grid.shape[0])
     elif residual_correction:
         flags.append("residual_skipped_few_stars")
