@@ -362,8 +362,13 @@ def make_master_flat(stack, *, master_bias, master_dark_rate, exptimes_s, method
         msg = "no flat has a positive median level after bias/dark subtraction"
         raise ValueError(msg)
     image, n, n_rej = combine_frames(corrected, method=method, clip_sigma=clip_sigma, scale=scale)
-    image /= np.float32(np.nanmedian(image))
-    bad = ~np.isfinite(image) | (image < min_response)
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(image) | (image < min_response * np.nanmedian(image))
+    if bad.all():
+        msg = "master flat has no pixel with a usable response"
+        raise ValueError(msg)
+    image /= np.float32(np.median(image[~bad]))  # median 1 over the good pixels
+    bad |= image < min_response
     image[bad] = 1.0
     if n == 1:
         flags.append("single_frame")
