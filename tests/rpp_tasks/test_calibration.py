@@ -338,3 +338,34 @@ def test_huntsman_lsst_mef_masters_as_library_entries(real_data, tmp_path):
     # 801x801 LSST masters do not fit the 800x800 raw frames: a clear error, not a silent crop
     with pytest.raises(ValueError, match="differs"):
         calibrate_image(np.zeros((800, 800)), exptime_s=300.0, dark_rate=dark)
+
+
+@pytest.mark.realdata
+def test_session_manifest_then_library_fallback(real_data, tmp_path):
+    frames = pytest.importorskip("rpp_tasks.frames")
+    raw = real_data / "huntsman" / "raw"
+    manifest = frames.group_session(sorted(raw.glob("*.fits"))).to_dict()
+    first = run_masters(manifest, out_dir=tmp_path / "s1", camera="TESTCAM03",
+                        library_root=tmp_path / "lib")
+    assert first["binning"] == [1, 1] and first["flags"] == []
+    assert first["bias"]["source"] == first["dark"]["source"] == "session"
+    assert first["flat"]["g_band"]["source"] == "session"
+
+    # a later night with science frames only: every master comes from the library
+    science_only = {"groups": [g for g in manifest["groups"] if g["kind"] == "science"],
+                    "frames": [f for f in manifest["frames"] if f["imagetyp"] == "science"],
+                    "bands": manifest["bands"]}
+    second = run_masters(science_only, out_dir=tmp_path / "s2", camera="TESTCAM03",
+                         library_root=tmp_path / "lib")
+    sci_mjd = science_only["frames"][0]["mjd_obs"]
+    for entry, master_mjd in ((second["bias"], first["bias"]["mjd"]),
+                              (second["flat"]["g_band"], first["flat"]["g_band"]["mjd"])):
+        assert entry["source"] == "library"
+        assert entry["delta_days"] == pytest.approx(sci_mjd - master_mjd, abs=1e-6)
+    assert np.median(load_master(second["dark"]["path"])[0]) == pytest.approx(5.0 / 300.0, rel=1e-4)
+    # too old for max_age_days: no master, flagged
+    third = run_masters(science_only, out_dir=tmp_path / "s3", camera="TESTCAM03",
+                        library_root=tmp_path / "lib", max_age_days=5.0)
+    assert third["bias"] is None and third["dark"] is None and third["flat"] == {}
+    assert third["flags"] == ["no_bias", "no_dark", "flat_missing_g_band"]
+    assert not (tmp_path / "s2").exists() or not any((tmp_path / "s2").iterdir())
