@@ -235,9 +235,7 @@ def build_reduction_dag(obs: ObservatoryConfig):
                 extra = {}
                 if task_id == "calibrate":
                     masters = pipeline.prepare_masters(session, obs)
-                    extra["masters"] = {k: (sorted(v) if isinstance(v, dict) else bool(v))
-                                        for k, v in (masters or {}).items()
-                                        if k in ("bias", "dark", "flat")}
+                    extra["masters"] = _masters_brief(masters or {})
                 result = pipeline.run_stage(session, obs, stages)
                 log.info("[%s] %s: %d/%d frames ok, %d rejected, %d failed, %.1f s", session.session_id,
                          task_id, result["n_ok"], result["n_frames"], result["n_rejected"],
@@ -289,12 +287,31 @@ def build_reduction_dag(obs: ObservatoryConfig):
                 raise AirflowSkipException(f"rpp_tasks.archive not available: {exc}") from None
             from rpp_tasks.session import Session
 
-            dsn = None
+            session = Session.load(prev["workdir"])
             if obs.archive.conn_id:
                 from airflow.sdk import Connection
-                dsn = Connection.get(obs.archive.conn_id).get_uri()
-            res = rpp_archive.run_archive(Session.load(prev["workdir"]), obs, dsn=dsn)
-            return res if isinstance(res, dict) else {"result": str(res)}
+                url = Connection.get(obs.archive.conn_id).get_uri()
+            else:  # the embedded SQLite archive under the products folder
+                products_dir = obs.resolve_path("products")
+                products_dir.mkdir(parents=True, exist_ok=True)
+                url = f"sqlite:///{products_dir / 'archive.sqlite'}"
+            summary = session.read_json("session_summary.json", {}) or {}
+            frames = [str(session.path("frames", f["frame"], "summary.json"))
+                      for f in summary.get("frames", []) if f.get("status") == "ok"]
+            if not frames:
+                raise AirflowSkipException(f"[{session.session_id}] no reduced frame to archive")
+            base = obs.archive.base_url
+            res = rpp_archive.run_archive(
+                frames, url=url, obs_collection=obs.archive.obs_collection or obs.name,
+                publisher_authority=obs.archive.publisher_authority,
+                access_url_base=None if base in ("", "file://") else base,
+                products_root=session.workdir if base not in ("", "file://") else None,
+                session_id=session.session_id, facility_name=obs.camera.telescope,
+                instrument_name=obs.camera.name)
+            res = res if isinstance(res, dict) else {"result": str(res)}
+            log.info("[%s] archive: %s", session.session_id,
+                     {k: v for k, v in res.items() if k.startswith("n_") or k in ("table", "dialect")})
+            return {k: v for k, v in res.items() if not isinstance(v, list) or len(v) <= 50}
 
         @task(task_id="notify")
         def notify(prev: dict) -> dict:
@@ -320,6 +337,16 @@ def build_reduction_dag(obs: ObservatoryConfig):
         notify(made)
 
     return reduction()
+
+
+def _masters_brief(masters: dict) -> dict:
+    """Which masters were used (source and frame count), small enough for XCom."""
+    def brief(v):
+        return {"source": v.get("source"), "n_frames": v.get("n_frames")} if isinstance(v, dict) else None
+
+    flats = masters.get("flat") if isinstance(masters.get("flat"), dict) else {}
+    return {"bias": brief(masters.get("bias")), "dark": brief(masters.get("dark")),
+            "flat": {band: brief(v) for band, v in flats.items()}, "flags": list(masters.get("flags") or [])}
 
 
 def _forget_rejections_of(session, stages: tuple[str, ...]) -> None:
