@@ -261,13 +261,19 @@ def _add_missed_peaks(cols, work, err, bad, *, fwhm, min_snr):
     # difference-of-Gaussians: cancels constants and linear gradients (the wings of bright
     # neighbours), so faint stars on a slope still make a local maximum
     img = np.where(bad, 0.0, work.astype(np.float64))
-    dog = ndimage.gaussian_filter(img, sig, truncate=3.0) - ndimage.gaussian_filter(img, 2.0 * sig, truncate=3.0)
+    g1 = ndimage.gaussian_filter(img, sig, truncate=3.0)
+    dog = g1 - ndimage.gaussian_filter(img, 2.0 * sig, truncate=3.0)
     delta = np.zeros((int(12 * sig) | 1,) * 2)
     delta[delta.shape[0] // 2, delta.shape[1] // 2] = 1.0
     dk = ndimage.gaussian_filter(delta, sig, truncate=3.0) - ndimage.gaussian_filter(delta, 2.0 * sig, truncate=3.0)
-    snr_map = dog / (err.astype(np.float64) * math.sqrt(float(np.sum(dk**2))))
+    errf = err.astype(np.float64)
+    snr_map = dog / (errf * math.sqrt(float(np.sum(dk**2))))
     snr_map[bad] = 0.0
     peaks = (snr_map == ndimage.maximum_filter(snr_map, size=3, mode="constant")) & (snr_map >= min_snr)
+    # plain matched filter too: the DoG's negative ring hides stars a few FWHM from very bright ones
+    mf = g1 / (errf * math.sqrt(float(np.sum(ndimage.gaussian_filter(delta, sig, truncate=3.0) ** 2))))
+    mf[bad] = 0.0
+    peaks |= (mf == ndimage.maximum_filter(mf, size=3, mode="constant")) & (mf >= min_snr)
     py, px = np.nonzero(peaks)
     if px.size == 0:
         return cols
