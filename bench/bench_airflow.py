@@ -1,0 +1,181 @@
+"""Airflow-side costs of the RPP DAGs.
+
+1. **Parse time** of the dags folder with N generated observatory configurations (default 20):
+   what the DAG processor pays at every parse (Airflow already imported, as in the processor),
+   and what a task process pays to build only its own DAG (``get_parsing_context``).
+   Target: <= 0.3 s for the folder.
+2. **Overhead share** of a session run (``--overhead``): the same synthetic session reduced
+   (a) by plain Python (`rpp_tasks.pipeline` stage by stage, as the tasks do, in one process) and
+   (b) as a DAG run through a running Airflow (``rpp up``; REST API), then
+   ``overhead = (airflow_wall - plain_wall) / airflow_wall``. Target: <= 10 %.
+
+Usage::
+
+    python bench/bench_airflow.py                       # parse time, 20 configs
+    python bench/bench_airflow.py --n-configs 50 --repeat 7
+    # with `rpp up` running in another terminal (prints the password):
+    RPP_AIRFLOW_PASSWORD=... python bench/bench_airflow.py --overhead --frames 8 --shape 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+PARSE_CODE = r"""
+import json, os, sys, time
+t0 = time.perf_counter()
+import airflow.sdk  # noqa: F401  (the DAG processor has Airflow loaded before it parses files)
+from airflow.dag_processing.dagbag import DagBag
+t_import = time.perf_counter() - t0
+dags = sys.argv[1]
+repeat = int(sys.argv[2])
+folder, per_file = [], {}
+for i in range(repeat + 1):              # first round warms the file-system cache and rpp_tasks.config
+    t = time.perf_counter()
+    bag = DagBag(dag_folder=dags)
+    dt = time.perf_counter() - t
+    if i:
+        folder.append(dt)
+        for s in bag.dagbag_stats:
+            per_file.setdefault(s.file, []).append(s.duration.total_seconds())
+assert not bag.import_errors, bag.import_errors
+# a task process: only the DAG being run is built
+os.environ["_AIRFLOW_PARSING_CONTEXT_DAG_ID"] = sys.argv[3]
+one = []
+for i in range(repeat):
+    t = time.perf_counter()
+    b1 = DagBag(dag_folder=os.path.join(dags, "rpp_reduction.py"))
+    one.append(time.perf_counter() - t)
+heavy = sorted({"numpy", "astropy", "photutils", "scipy", "sep", "stdpipe"} & {m.split(".")[0] for m in sys.modules})
+print("RESULT " + json.dumps({"airflow_import_s": t_import, "folder_s": folder, "per_file_s": per_file,
+                              "n_dags": len(bag.dags), "task_parse_s": one, "task_dags": sorted(b1.dags),
+                              "heavy_modules": heavy}))
+"""
+
+
+def make_configs(root: Path, n: int) -> Path:
+    """A config dir with ``n`` observatories (copies of demo.yaml under new names)."""
+    cfg = root / "config"
+    (cfg / "observatories").mkdir(parents=True)
+    shutil.copy(REPO / "config" / "defaults.yaml", cfg / "defaults.yaml")
+    demo = (REPO / "config" / "observatories" / "demo.yaml").read_text()
+    for i in range(n):
+        name = f"obs_{i:02d}"
+        (cfg / "observatories" / f"{name}.yaml").write_text(demo.replace("observatory: demo", f"observatory: {name}"))
+    return cfg
+
+
+def bench_parse(n_configs: int, repeat: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="rpp_bench_airflow_") as tmp:
+        cfg = make_configs(Path(tmp), n_configs)
+        env = {**os.environ, "RPP_CONFIG_DIR": str(cfg), "AIRFLOW_HOME": str(Path(tmp) / "home"),
+               "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "RPP_DATA_ROOT": tmp}
+        res = subprocess.run([sys.executable, "-c", PARSE_CODE, str(REPO / "dags"), str(repeat), "rpp_obs_07"],
+                             env=env, capture_output=True, text=True, timeout=600)
+        line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+        if res.returncode or not line:
+            raise SystemExit(res.stdout[-2000:] + res.stderr[-4000:])
+        r = json.loads(line[-1][7:])
+    med = statistics.median
+    out = {"n_configs": n_configs, "n_dags": r["n_dags"], "folder_parse_median_s": round(med(r["folder_s"]), 4),
+           "folder_parse_min_s": round(min(r["folder_s"]), 4),
+           "per_file_median_s": {k: round(med(v), 4) for k, v in r["per_file_s"].items()},
+           "task_process_parse_median_s": round(med(r["task_parse_s"]), 4), "task_process_dags": r["task_dags"],
+           "airflow_sdk_import_s": round(r["airflow_import_s"], 3), "heavy_modules_at_parse": r["heavy_modules"]}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- overhead
+def plain_run(raw_dir: Path, obs, work_root: Path) -> float:
+    """The same stage sequence as the DAG, in one process (no Airflow)."""
+    from rpp_tasks import pipeline
+
+    t0 = time.perf_counter()
+    s = pipeline.open_session(raw_dir, obs, work_root=work_root, session_id="plain")
+    pipeline.prepare_masters(s, obs)
+    for stages in (("calibrate",), ("cosmics",), ("background", "detect"), ("photometry",)):
+        pipeline.run_stage(s, obs, stages)
+    summary = pipeline.summarize_session(s, obs)
+    wall = time.perf_counter() - t0
+    print(f"plain Python: {summary['n_ok']}/{summary['n_science']} frames in {wall:.1f} s")
+    return wall
+
+
+def airflow_run(raw_dir: Path, obs, base_url: str, user: str, password: str, session_id: str) -> dict:
+    from datetime import datetime
+
+    from rpp_tasks.up import ApiClient
+
+    api = ApiClient(base_url, user, password)
+    run_id = f"bench__{session_id}"
+    code = api.trigger(obs.dag_id, run_id, {"observatory": obs.name, "session_id": session_id,
+                                             "session_dir": str(raw_dir)})
+    if code not in (200, 201):
+        raise SystemExit(f"trigger failed: HTTP {code}")
+    while api.run_state(obs.dag_id, run_id) not in ("success", "failed"):
+        time.sleep(1.0)
+    run = api.request("GET", f"/dags/{obs.dag_id}/dagRuns/{run_id}").json()
+    tis = api.request("GET", f"/dags/{obs.dag_id}/dagRuns/{run_id}/taskInstances").json()["task_instances"]
+
+    def ts(s):
+        return datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp() if s else None
+
+    t_q, t_end = ts(run.get("queued_at") or run.get("start_date")), ts(run.get("end_date"))
+    return {"state": run["state"], "wall_s": t_end - t_q, "run_start_to_end_s": t_end - ts(run["start_date"]),
+            "task_durations_s": {t["task_id"]: t.get("duration") for t in tis}}
+
+
+def bench_overhead(args) -> dict:
+    os.environ.setdefault("RPP_DATA_ROOT", str(REPO))
+    from rpp_tasks.config import find_config
+    from rpp_tasks.synthetic import write_synthetic_session
+
+    obs = find_config("demo")
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    raw_dir = obs.resolve_path("incoming").parent / "bench" / f"bench-{stamp}"   # outside the watched folder
+    write_synthetic_session(raw_dir, truth_folder=raw_dir.parent / f"truth-{stamp}", n_science=args.frames,
+                            shape=(args.shape, args.shape), seed=5)
+    with tempfile.TemporaryDirectory(prefix="rpp_bench_plain_") as tmp:
+        plain = plain_run(raw_dir, obs, Path(tmp))
+    password = args.password or os.environ.get("RPP_AIRFLOW_PASSWORD")
+    if not password:
+        pw_file = REPO / "airflow_home" / "simple_auth_manager_passwords.json"
+        password = json.loads(pw_file.read_text())["admin"]
+    af = airflow_run(raw_dir, obs, args.api_url, "admin", password, f"bench-{stamp}")
+    share = (af["wall_s"] - plain) / af["wall_s"]
+    return {"frames": args.frames, "shape": args.shape, "plain_wall_s": round(plain, 2),
+            "airflow_wall_s": round(af["wall_s"], 2), "airflow_state": af["state"],
+            "overhead_share": round(share, 3), "task_durations_s": af["task_durations_s"]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n-configs", type=int, default=20)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--overhead", action="store_true", help="also measure a session run through a running Airflow")
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--shape", type=int, default=1024)
+    p.add_argument("--api-url", default=os.environ.get("RPP_AIRFLOW_API_URL", "http://localhost:8793"))
+    p.add_argument("--password")
+    args = p.parse_args(argv)
+    res = {"parse": bench_parse(args.n_configs, args.repeat)}
+    print(json.dumps(res["parse"], indent=1))
+    if args.overhead:
+        res["overhead"] = bench_overhead(args)
+        print(json.dumps(res["overhead"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
