@@ -803,7 +803,8 @@ def _safe(s):
 
 # ---------------------------------------------------------------------------------- adapter
 def run_masters(frames, *, out_dir, camera, binning=None, library=None, library_root=None,
-                combine="median", clip_sigma=3.0, max_age_days=None, session_mjd=None, bands=None):
+                combine="median", clip_sigma=3.0, max_age_days=None, session_mjd=None, bands=None,
+                read_kwargs=None):
     """
     Adapter: build the session's masters, fall back on the library for missing kinds.
 
@@ -827,13 +828,16 @@ def run_masters(frames, *, out_dir, camera, binning=None, library=None, library_
         Time used for library look-ups; default the median MJD of the session's frames.
     bands : sequence of str, optional
         Science bands that need a flat; default the manifest's ``bands``.
+    read_kwargs : dict, optional
+        Passed to `rpp_tasks.fitsio.read_frame` (e.g. ``bayer_pattern`` from the camera config,
+        so that calibration frames are debayered exactly like the science frames).
 
     Returns
     -------
     summary : dict
         ``{"bias": entry|None, "dark": entry|None, "flat": {band: entry}, "flags": [...]}``, each entry
-        ``{"path", "source": "session"|"library", "n_frames", "mjd", ...}`` (``delta_days`` for
-        library masters). JSON-safe; the pipeline writes it to ``masters.json``.
+        ``{"path", "source": "session"|"library", "n_frames", "mjd", ...}`` (``inputs``, the raw
+        files, for session masters; ``delta_days`` for library masters). JSON-safe; the pipeline writes it to ``masters.json``.
     """
     out_dir = Path(out_dir)
     if library is None and library_root is not None:
@@ -864,7 +868,7 @@ def run_masters(frames, *, out_dir, camera, binning=None, library=None, library_
     # bias
     bias_img = None
     if by_kind.get("bias"):
-        data, _, mjds, paths = _read_stack(by_kind["bias"], "bias")
+        data, _, mjds, paths = _read_stack(by_kind["bias"], "bias", read_kwargs)
         read_mjds += mjds
         master = make_master_bias(data, method=combine, clip_sigma=clip_sigma)
         summary["bias"] = _save(master, out_dir / "bias.fits", paths, mjds, camera, binning, None,
@@ -879,7 +883,7 @@ def run_masters(frames, *, out_dir, camera, binning=None, library=None, library_
     # dark
     dark_img = None
     if by_kind.get("dark"):
-        data, headers, mjds, paths = _read_stack(by_kind["dark"], "dark")
+        data, headers, mjds, paths = _read_stack(by_kind["dark"], "dark", read_kwargs)
         read_mjds += mjds
         t = [_exptime(h, p) for h, p in zip(headers, paths)]
         master = make_master_dark(data, exptimes_s=t, master_bias=bias_img, method=combine,
@@ -895,7 +899,7 @@ def run_masters(frames, *, out_dir, camera, binning=None, library=None, library_
         summary["flags"].append("no_dark")
     # flats
     for band, paths_b in sorted(by_kind.get("flat", {}).items(), key=lambda kv: str(kv[0])):
-        data, headers, mjds, paths = _read_stack(paths_b, "flat")
+        data, headers, mjds, paths = _read_stack(paths_b, "flat", read_kwargs)
         read_mjds += mjds
         t = [_exptime(h, p, default=0.0) for h, p in zip(headers, paths)]
         master = make_master_flat(data, master_bias=bias_img, master_dark_rate=dark_img, exptimes_s=t,
@@ -952,7 +956,7 @@ def _has_key(path, key):
         return key in hdul[0].header
 
 
-def _read_stack(paths, kind):
+def _read_stack(paths, kind, read_kwargs=None):
     """Read frames (rpp_tasks.fitsio.read_frame when available); keep the majority shape."""
     try:
         from rpp_tasks.fitsio import read_frame
@@ -961,7 +965,7 @@ def _read_stack(paths, kind):
     data, headers, used = [], [], []
     for p in paths:
         if read_frame is not None:
-            raw = read_frame(p, imagetyp=kind)
+            raw = read_frame(p, imagetyp=kind, **(read_kwargs or {}))
             d, h = raw.data, raw.header
         else:  # pragma: no cover
             with fits.open(p, mode="readonly", memmap=False) as hdul:
@@ -1009,7 +1013,8 @@ def _save(master, path, paths, mjds, camera, binning, band, library):
     write_master(master, path, camera=camera, binning=binning, band=band, mjd=mjd, sources=paths)
     log.info("masters: wrote %s (%d frames, flags %s)", path, master.n_frames, list(master.flags))
     entry = {"path": str(path), "source": "session", "kind": master.kind, "band": band,
-             "mjd": mjd, **{k: v for k, v in master.to_dict().items() if k != "kind"}}
+             "mjd": mjd, "inputs": [str(p) for p in paths],
+             **{k: v for k, v in master.to_dict().items() if k != "kind"}}
     if library is not None and mjd is not None:
         lib = library.add(path, kind=master.kind, camera=camera, binning=binning, band=band, mjd=mjd,
                           exptime_s=master.exptime_s, n_frames=master.n_frames)

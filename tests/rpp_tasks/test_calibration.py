@@ -349,6 +349,7 @@ def test_session_manifest_then_library_fallback(real_data, tmp_path):
                         library_root=tmp_path / "lib")
     assert first["binning"] == [1, 1] and first["flags"] == []
     assert first["bias"]["source"] == first["dark"]["source"] == "session"
+    assert first["dark"]["inputs"] == [str(raw / "dark_0.fits")]
     assert first["flat"]["g_band"]["source"] == "session"
 
     # a later night with science frames only: every master comes from the library

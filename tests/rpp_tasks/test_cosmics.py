@@ -184,3 +184,20 @@ def test_bad_input_raises(kwargs, match):
 def test_non_2d_raises():
     with pytest.raises(ValueError, match="2-D"):
         clean_cosmic_rays(np.zeros(10), gain_e_per_adu=GAIN, read_noise_e=RN, saturation_adu=1e5)
+
+
+def test_saturated_star_is_not_flagged():
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[:128, :128]
+    s = 3.0 / 2.3548
+    star = 2e6 / (2 * np.pi * s**2) * np.exp(-((xx - 64.3) ** 2 + (yy - 63.8) ** 2) / (2 * s**2))
+    truth = SKY + star
+    data = rng.poisson(truth * GAIN) / GAIN + rng.normal(0, RN / GAIN, truth.shape)
+    data = np.minimum(data, 4095.0).astype(np.float32)  # clipped at the ADC ceiling
+    assert np.count_nonzero(data >= 4095.0) >= 9
+    res = clean_cosmic_rays(data, gain_e_per_adu=GAIN, read_noise_e=RN, saturation_adu=4095.0)
+    assert res.n_pixels == 0
+    # same when the saturated pixels come in the mask (as after calibrate_image)
+    masked = clean_cosmic_rays(data, gain_e_per_adu=GAIN, read_noise_e=RN, saturation_adu=np.inf,
+                               mask=data >= 4095.0)
+    assert masked.n_pixels == 0
