@@ -259,7 +259,8 @@ class ApiClient:
     def ensure_pool(self, name: str, slots: int, description: str) -> None:
         r = self.request("POST", "/pools", {"name": name, "slots": slots, "description": description})
         if r.status_code == 409:
-            r = self.request("PATCH", f"/pools/{name}", {"name": name, "slots": slots, "description": description})
+            r = self.request("PATCH", f"/pools/{name}", {"name": name, "slots": slots, "description": description,
+                                                         "include_deferred": False})
         if r.status_code not in (200, 201):
             raise RuntimeError(f"cannot create pool {name}: HTTP {r.status_code} {r.text[:300]}")
 
@@ -452,7 +453,8 @@ def _print_banner(settings: UpSettings, secrets_: dict, obs, run: dict | None) -
 def _serve(af: AirflowProcess, watcher, exit_when_done: bool) -> int:
     if exit_when_done:
         return 0
-    print("Airflow and the watcher keep running; Ctrl-C to stop.", flush=True)
+    print("Airflow" + (" and the watcher" if watcher is not None else "") + " keep running; Ctrl-C to stop.",
+          flush=True)
     try:
         while af.alive():
             time.sleep(1.0)
