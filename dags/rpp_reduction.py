@@ -21,13 +21,11 @@ description and only task carry the configuration error (file and key), and
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import logging
 import os
 import re
-import sys
 from pathlib import Path
 
 from airflow.sdk import Param, dag, get_parsing_context, task
@@ -238,8 +236,7 @@ def build_reduction_dag(obs: ObservatoryConfig):
                 if task_id == "calibrate":
                     masters = pipeline.prepare_masters(session, obs)
                     extra["masters"] = _masters_brief(masters or {})
-                with _main_module_without_path():
-                    result = pipeline.run_stage(session, obs, stages)
+                result = pipeline.run_stage(session, obs, stages)
                 log.info("[%s] %s: %d/%d frames ok, %d rejected, %d failed, %.1f s", session.session_id,
                          task_id, result["n_ok"], result["n_frames"], result["n_rejected"],
                          result["n_failed"], result["wall_s"])
@@ -340,28 +337,6 @@ def build_reduction_dag(obs: ObservatoryConfig):
         notify(made)
 
     return reduction()
-
-
-@contextlib.contextmanager
-def _main_module_without_path():
-    """Hide ``__main__.__file__`` while run_stage's process pool starts workers.
-
-    In a task process ``__main__`` is the ``airflow`` command script (or Celery's); multiprocessing's
-    forkserver and spawn start methods re-run the main script in every worker, which imports and
-    initialises Airflow there (and fails: task processes have no metadata DB), so every frame dies
-    with BrokenProcessPool. Without a path the workers import only what the frame job needs
-    (``rpp_tasks.pipeline``).
-    """
-    main = sys.modules.get("__main__")
-    path = getattr(main, "__file__", None)
-    if main is None or path is None:
-        yield
-        return
-    del main.__file__
-    try:
-        yield
-    finally:
-        main.__file__ = path
 
 
 def _masters_brief(masters: dict) -> dict:

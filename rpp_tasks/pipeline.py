@@ -21,10 +21,13 @@ Per-frame files (``frames/<stem>/``)::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import time
 import traceback
+import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,38 +97,49 @@ def check_frame(path: Path, obs: ObservatoryConfig) -> tuple[Any, dict]:
 
 
 def step_calibrate(fw: FrameWork, obs: ObservatoryConfig, masters: dict) -> dict:
-    """Raw frame -> calibrated image (bias, scaled dark, flat), saturation mask."""
+    """Raw frame -> calibrated image (bias, dark scaled by exposure, flat), saturation + bad-pixel mask."""
     from rpp_tasks import calibration
 
     (data, header), meta = check_frame(fw.raw_path, obs)
     fw.meta.update(meta)
     band = meta.get("band")
-    flat = masters.get("flat", {}).get(band) if isinstance(masters.get("flat"), dict) else None
+    entries = {"bias": masters.get("bias"), "dark": masters.get("dark"),
+               "flat": (masters.get("flat") or {}).get(band)}
+    bias, _, _ = _load_master(entries["bias"])
+    dark, dark_hdr, _ = _load_master(entries["dark"])
+    flat, _, flat_mask = _load_master(entries["flat"])
+    for kind, img in (("bias", bias), ("dark", dark), ("flat", flat)):
+        if img is not None and img.shape != data.shape:
+            raise FrameRejected(f"master {kind} {img.shape[::-1]} does not match the frame {data.shape[::-1]} "
+                                f"(binning or sub-frame differs): {entries[kind]['path']}",
+                                path=str(fw.raw_path), stage="calibrate")
     result = calibration.calibrate_image(
-        data, exptime_s=meta["exptime_s"] or 0.0,
-        bias=_load_master(masters.get("bias")), dark_rate=_load_master(masters.get("dark")),
-        flat=_load_master(flat), saturation_adu=meta["saturation_adu"])
+        data, exptime_s=meta["exptime_s"] or 0.0, bias=bias, dark_rate=dark, flat=flat,
+        saturation_adu=meta["saturation_adu"], bad_pixel_mask=flat_mask,
+        dark_exptime_s=dark_hdr.get("EXPTIME") if dark_hdr is not None else None)
     fw.data, fw.mask, fw.header = result.image, result.mask, header.copy()
     for step in result.steps:
         fw.header.add_history(f"rpp {__version__}: {step}")
-    used = {k: (v or {}).get("path") if k != "flat" else (flat or {}).get("path")
-            for k, v in masters.items()}
+    used = {k: {"path": e.get("path"), "source": e.get("source"), "delta_days": e.get("delta_days")}
+            for k, e in entries.items() if e}
     return {"steps": list(result.steps), "flags": list(result.flags), "masters": used,
             "n_masked": int(np.count_nonzero(fw.mask))}
 
 
-_MASTER_CACHE: dict[str, np.ndarray] = {}
+_MASTER_CACHE: dict[str, tuple] = {}
 
 
-def _load_master(entry: dict | None) -> np.ndarray | None:
-    """Master image from a masters.json entry, cached per process (masters are shared by frames)."""
+def _load_master(entry: dict | None) -> tuple:
+    """``(image, header, mask)`` of a masters.json entry (``(None, None, None)`` when absent), cached per
+    process since every frame of a session shares its masters."""
     if not entry or not entry.get("path"):
-        return None
+        return None, None, None
     path = entry["path"]
     if path not in _MASTER_CACHE:
-        from rpp_tasks import fitsio
-        _MASTER_CACHE.clear() if len(_MASTER_CACHE) > 8 else None
-        _MASTER_CACHE[path] = fitsio.read_frame(Path(path)).data
+        from rpp_tasks import calibration
+        if len(_MASTER_CACHE) > 8:
+            _MASTER_CACHE.clear()
+        _MASTER_CACHE[path] = calibration.load_master(path)
     return _MASTER_CACHE[path]
 
 
@@ -288,12 +302,16 @@ def _load_background(fw: FrameWork) -> None:
 
 
 def _save_catalog(fw: FrameWork) -> dict:
+    from astropy.io.fits.verify import VerifyWarning
+
     cat = fw.catalog
     ecsv, fitsf = fw.outdir / "catalog.ecsv", fw.outdir / "catalog.fits"
     cat.write(ecsv, format="ascii.ecsv", overwrite=True)
     out = cat.copy(copy_data=False)
     out.meta = {k: v for k, v in cat.meta.items() if isinstance(v, (str, int, float, bool)) or v is None}
-    out.write(fitsf, format="fits", overwrite=True)
+    with warnings.catch_warnings():   # long meta keys become HIERARCH cards, which is what we want
+        warnings.simplefilter("ignore", VerifyWarning)
+        out.write(fitsf, format="fits", overwrite=True)
     return {"catalog": str(ecsv), "catalog_fits": str(fitsf)}
 
 
@@ -443,7 +461,8 @@ def prepare_masters(session: Session, obs: ObservatoryConfig) -> dict:
                                       if obs.stages.calibration.use_master_library else None,
                                       combine=obs.stages.calibration.combine,
                                       clip_sigma=obs.stages.calibration.clip_sigma,
-                                      max_age_days=obs.stages.calibration.max_library_age_days)
+                                      max_age_days=obs.stages.calibration.max_library_age_days,
+                                      read_kwargs={"bayer_pattern": obs.camera.bayer_pattern})
     session.write_json("masters.json", summary)
     return summary
 
@@ -500,6 +519,28 @@ def _frame_job(workdir: str, stem: str, raw_path: str, stages: tuple[str, ...], 
     return summary
 
 
+@contextlib.contextmanager
+def _main_module_without_path():
+    """Hide ``__main__.__file__`` while the frame process pool starts its workers.
+
+    In a task process ``__main__`` is the ``airflow`` command script (or Celery's); multiprocessing's
+    forkserver and spawn start methods re-run the main script in every worker, which imports and
+    initialises Airflow there (and fails: task processes have no metadata DB), so every frame dies
+    with BrokenProcessPool. Without a path the workers import only what the frame job needs
+    (``rpp_tasks.pipeline``).
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or path is None:
+        yield
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = path
+
+
 def run_stage(session: Session | str | os.PathLike, obs: ObservatoryConfig, stages: str | tuple[str, ...], *,
               workers: int | None = None, keep_intermediate: bool = True) -> dict:
     """Run one or several consecutive per-frame stages for every frame still in play.
@@ -528,7 +569,8 @@ def run_stage(session: Session | str | os.PathLike, obs: ObservatoryConfig, stag
         import multiprocessing as mp
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["rpp_tasks.pipeline", "numpy", "astropy.io.fits"])
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
+        with _main_module_without_path(), \
+                ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
             futures = [pool.submit(_frame_job, *a) for a in args]
             for i, fut in enumerate(as_completed(futures), 1):
                 s = fut.result()

@@ -220,11 +220,3 @@ def test_reconcile_finds_ready_untriggered_sessions(tmp_path, monkeypatch):
     assert out == [{"trigger_dag_id": "rpp_obs1", "trigger_run_id": "session__2025-01-15",
                     "conf": {"observatory": "obs1", "session_id": "2025-01-15", "session_dir": str(night)}}]
     assert mod.find_missing_runs(cfg, run_exists=lambda d, r: True) == []
-
-
-def test_process_pool_workers_do_not_rerun_the_main_script(reduction_module, monkeypatch):
-    main = sys.modules["__main__"]
-    monkeypatch.setattr(main, "__file__", "/venv/bin/airflow", raising=False)
-    with reduction_module._main_module_without_path():
-        assert not hasattr(main, "__file__")
-    assert main.__file__ == "/venv/bin/airflow"

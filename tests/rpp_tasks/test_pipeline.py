@@ -70,7 +70,7 @@ def test_session_reduces_and_rejects_bad_files_with_reasons(raw_session, obs, tm
     for f in summary["frames"]:
         cal = Path(f["calibrated"])
         with fits.open(cal) as hdul:
-            assert hdul[0].data.dtype == np.float32
+            assert hdul[0].data.dtype.kind == "f" and hdul[0].data.dtype.itemsize == 4
             assert "MASK" in hdul
             assert hdul[0].header["CTYPE1"].startswith("RA---TAN")     # WCS kept
         cat = Table.read(f["catalog"], format="ascii.ecsv")
@@ -125,7 +125,8 @@ def test_frame_without_exptime_is_rejected_and_others_go_on(raw_session, obs, tm
     victim = night / Path(paths["science"][1]).name
     with fits.open(victim) as hdul:
         hdul = fits.HDUList([h.copy() for h in hdul])
-    del hdul[0].header["EXPTIME"]
+    for key in ("EXPTIME", "EXPOSURE", "EXP_TIME"):     # every keyword an exposure time is read from
+        hdul[0].header.remove(key, ignore_missing=True)
     hdul.writeto(victim, overwrite=True)
     summary = pipeline.reduce_session(night, obs, work_root=tmp_path / "work", workers=1)
     by_name = {f["frame"]: f for f in summary["frames"]}
@@ -160,3 +161,27 @@ def test_cli_reduce_frame_and_folder(raw_session, tmp_path, capsys):
     assert "3/3 science frames reduced" in out
     assert "truncated" in out
     assert rpp_main(["-q", "reduce", str(tmp_path / "nope.fits"), "--observatory", "demo"]) == 2
+
+
+def test_frame_pool_does_not_rerun_the_callers_main_script(raw_session, obs, tmp_path):
+    """Inside an Airflow task ``__main__`` is the ``airflow`` script; the frame pool's workers must not
+    re-run it (forkserver/spawn would, and every frame would die with BrokenProcessPool)."""
+    import subprocess
+    import sys
+
+    raw, _ = raw_session
+    script = tmp_path / "fake_airflow.py"
+    script.write_text(
+        "import sys\n"
+        "if __name__ != '__main__':\n"
+        "    raise SystemExit('the main script was re-run in a worker')\n"
+        "from rpp_tasks import pipeline\n"
+        "from rpp_tasks.config import find_config\n"
+        "obs = find_config('demo')\n"
+        f"s = pipeline.open_session({str(raw)!r}, obs, work_root={str(tmp_path / 'w')!r})\n"
+        "pipeline.prepare_masters(s, obs)\n"
+        "out = pipeline.run_stage(s, obs, ('calibrate', 'cosmics'), workers=2)\n"
+        "print('n_ok', out['n_ok'])\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "n_ok 3" in proc.stdout
