@@ -27,11 +27,9 @@ SETTLE_SECONDS = float(os.environ.get("RPP_RECONCILE_SETTLE_S", "5"))
 
 def session_rule(obs):
     """The watcher's readiness rule for an observatory configuration."""
-    from rpp_tasks.watch import SessionRule
+    from rpp_tasks.watch import rule_from_config
 
-    s = obs.session
-    return SessionRule(kind=s.ready_rule, quiet_seconds=s.quiet_seconds, marker_file=s.marker_file,
-                       twospot_obs_file=s.twospot_obs_file, settle_seconds=SETTLE_SECONDS)
+    return rule_from_config(obs, settle_seconds=SETTLE_SECONDS)
 
 
 def find_missing_runs(config_dir: Path = CONFIG_DIR, run_exists=None) -> list[dict]:

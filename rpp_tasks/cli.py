@@ -77,10 +77,58 @@ def cmd_demo(args) -> int:
     raw_dir = obs.resolve_path("incoming") / night
     truth_dir = obs.resolve_path("work").parent / "demo_truth" / night
     print(f"Writing a synthetic session ({args.frames} science frames + calibrations) to {raw_dir}")
-    synthetic.write_synthetic_session(raw_dir, truth_dir=truth_dir, n_science=args.frames, seed=args.seed)
+    synthetic.write_synthetic_session(raw_dir, truth_folder=truth_dir, n_science=args.frames, seed=args.seed)
     summary = pipeline.reduce_session(raw_dir, obs, workers=args.workers)
     _print_session(summary)
     return 0 if summary["n_ok"] == summary["n_science"] else 1
+
+
+def cmd_up(args, rest) -> int:
+    from rpp_tasks.up import up_main
+
+    return up_main(rest)
+
+
+def cmd_watch(args) -> int:
+    """Watch every configured observatory's incoming folder (or the named ones) and trigger its DAG."""
+    import signal
+    import threading
+
+    from rpp_tasks import watch
+    from rpp_tasks.config import default_config_dir, find_config, load_observatory_configs
+
+    if args.observatory:
+        configs = [find_config(n) for n in args.observatory]
+    else:
+        configs, errors = load_observatory_configs(default_config_dir(), strict=False)
+        for err in errors.values():
+            log.error("skipping an observatory: %s", err)
+    trigger = watch.AirflowTrigger.from_env(args.api_url)
+    watchers = []
+    for obs in configs:
+        incoming = obs.resolve_path("incoming")
+        incoming.mkdir(parents=True, exist_ok=True)
+        w = watch.SessionWatcher(obs.name, incoming, obs.dag_id, watch.rule_from_config(obs),
+                                 obs.resolve_path("work") / "watch_state.json", trigger,
+                                 use_polling=obs.session.use_polling, unpause=args.unpause)
+        if args.once:
+            w.run_once()
+            time.sleep(obs.session.settle_seconds)
+            w.run_once()
+            continue
+        w.start()
+        watchers.append(w)
+        log.info("watching %s (%s rule, %s) -> DAG %s", incoming, obs.session.ready_rule,
+                 "polling" if obs.session.use_polling else "inotify", obs.dag_id)
+    if args.once:
+        return 0
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    for w in watchers:
+        w.stop()
+    return 0
 
 
 def cmd_config(args) -> int:
@@ -120,11 +168,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("up", help="start Airflow standalone + watcher and run the demo night (rpp up --help)",
+                       add_help=False)
+    p.set_defaults(func=cmd_up, passthrough=True)
+
+    p = sub.add_parser("watch", help="watch the observatories' incoming folders and trigger their DAGs")
+    p.add_argument("--observatory", "-o", action="append", help="only these (repeatable); default: all")
+    p.add_argument("--api-url", help="Airflow API (default $RPP_AIRFLOW_API_URL); credentials from "
+                                     "RPP_AIRFLOW_USER / RPP_AIRFLOW_PASSWORD or RPP_AIRFLOW_TOKEN")
+    p.add_argument("--once", action="store_true", help="scan twice, trigger what is ready, exit")
+    p.add_argument("--unpause", action="store_true", help="unpause a DAG at its first trigger")
+    p.set_defaults(func=cmd_watch)
+
     p = sub.add_parser("config", help="validate observatory configurations")
     p.add_argument("name", nargs="?")
     p.set_defaults(func=cmd_config)
 
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "passthrough", False):
+        return args.func(args, rest)
+    if rest:
+        parser.error("unrecognized arguments: " + " ".join(rest))
     _setup_logging(0 if args.quiet else args.verbose)
     try:
         return args.func(args)

@@ -16,7 +16,9 @@ Examples
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import json
 import os
 import types
 import typing
@@ -37,6 +39,7 @@ __all__ = [
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)   # libyaml when available: DAG parsing stays fast
 
 
 # --------------------------------------------------------------------------- sections
@@ -90,6 +93,7 @@ class SessionConfig:
     quiet_seconds: float = 600.0
     marker_file: str | None = None
     twospot_obs_file: str = "last_obs.yaml"
+    settle_seconds: float = 5.0
     use_polling: bool = False
     frame_types: dict[str, list[str]] = field(default_factory=lambda: {
         "bias": ["bias*", "offset*", "zero*"], "dark": ["dark*"], "flat": ["flat*"]})
@@ -302,8 +306,13 @@ def _coerce(tp, value, source: str, key: str):
     raise TypeError(f"unsupported annotation {tp!r} for {key}")
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
 def _build(cls, data: dict, source: str, prefix: str = ""):
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.name not in ("source", "config_hash")}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -398,7 +407,7 @@ def _read_yaml(path: Path) -> dict:
     except UnicodeDecodeError as exc:
         raise ConfigError(path, "<file>", "UTF-8 text", f"undecodable byte at offset {exc.start}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
@@ -419,7 +428,7 @@ def config_from_dict(data: dict, *, source: str = "<dict>") -> ObservatoryConfig
     """Validate a merged mapping and build the frozen `ObservatoryConfig`."""
     cfg = _build(ObservatoryConfig, data, source)
     _check_values(cfg, source)
-    digest = hashlib.sha256(yaml.safe_dump(data, sort_keys=True).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return dataclasses.replace(cfg, source=source, config_hash=digest)
 
 

@@ -370,9 +370,7 @@ def run_up(settings: UpSettings | None = None, *, observatory: str = "demo", nig
         except ImportError:
             watch = None
         if watch is not None:
-            rule = watch.SessionRule(kind=obs.session.ready_rule, quiet_seconds=obs.session.quiet_seconds,
-                                     marker_file=obs.session.marker_file,
-                                     twospot_obs_file=obs.session.twospot_obs_file, settle_seconds=2.0)
+            rule = watch.rule_from_config(obs, settle_seconds=2.0)
             trigger = watch.AirflowTrigger(settings.base_url, ADMIN_USER, secrets_["password"])
             watcher = watch.SessionWatcher(obs.name, obs.resolve_path("incoming"), obs.dag_id, rule,
                                            obs.resolve_path("work") / "watch_state.json", trigger,

@@ -1280,6 +1280,14 @@ class SessionWatcher:
 # --------------------------------------------------------------------------------------------
 
 
+def rule_from_config(obs, *, settle_seconds: float | None = None) -> SessionRule:
+    """The readiness rule of an `~rpp_tasks.config.ObservatoryConfig` (its ``session`` section)."""
+    cfg = obs.session
+    return SessionRule(kind=cfg.ready_rule, quiet_seconds=cfg.quiet_seconds, marker_file=cfg.marker_file,
+                       twospot_obs_file=cfg.twospot_obs_file,
+                       settle_seconds=cfg.settle_seconds if settle_seconds is None else settle_seconds)
+
+
 def watch_main(argv=None) -> int:
     """
     ``rpp watch`` without a config file: watch one incoming folder until SIGINT / SIGTERM.
