@@ -33,7 +33,7 @@ from rpp_tasks.exceptions import ConfigError
 __all__ = [
     "SiteConfig", "CameraConfig", "FiltersConfig", "PathsConfig", "SessionConfig",
     "CalibrationConfig", "CosmicsConfig", "BackgroundConfig", "DetectionConfig",
-    "PhotometryConfig", "StagesConfig", "NotificationsConfig", "ArchiveConfig", "ObservatoryConfig",
+    "PhotometryConfig", "AstrometryConfig", "ZeroPointConfig", "TransientsConfig", "CatalogsConfig", "StagesConfig", "NotificationsConfig", "ArchiveConfig", "ObservatoryConfig",
     "default_config_dir", "load_observatory_config", "load_observatory_configs", "find_config",
     "config_from_dict",
 ]
@@ -142,6 +142,50 @@ class PhotometryConfig:
 
 
 @dataclass(frozen=True)
+class AstrometryConfig:
+    """Plate solving (local astrometry.net) and WCS refinement against the reference catalogue."""
+
+    enabled: bool = True
+    solve: Literal["auto", "always", "never"] = "auto"   # auto: only when the header WCS is not valid
+    solve_timeout_s: float = 30.0
+    scale_tolerance: float = 0.2          # +-fraction around the hinted pixel scale
+    search_radius_deg: float = 3.0        # around the header pointing
+    index_dirs: list[str] = field(default_factory=list)   # extra astrometry.net index folders
+    max_stars: int = 200
+    refine: bool = True
+    sip_degree: int = 2                   # 0: plain TAN
+    match_radius_arcsec: float = 3.0
+    max_offset_arcsec: float = 120.0      # largest header-WCS error the refinement searches for
+    min_matches: int = 8
+
+
+@dataclass(frozen=True)
+class ZeroPointConfig:
+    """Photometric zero point per photometry type (apertures and PSF)."""
+
+    enabled: bool = True
+    match_radius_arcsec: float = 2.0
+    clip_sigma: float = 3.0
+    max_residual_mag: float = 0.25
+    min_stars: int = 5
+    min_snr: float = 20.0
+    ref_mag_range: tuple[float, float] = (8.0, 19.0)
+    colour_term: bool = False
+    extinction_mag_per_airmass: dict[str, float] = field(default_factory=lambda: {
+        "U": 0.5, "B": 0.25, "V": 0.15, "R": 0.10, "I": 0.07, "g": 0.20, "r": 0.12, "i": 0.08, "z": 0.06,
+        "G": 0.14, "BP": 0.20, "RP": 0.09, "Clear": 0.15})
+
+
+@dataclass(frozen=True)
+class TransientsConfig:
+    enabled: bool = True
+    min_snr: float = 10.0
+    match_radius_arcsec: float = 3.0
+    cutout_px: int = 31
+    max_candidates: int = 50
+
+
+@dataclass(frozen=True)
 class StagesConfig:
     """Parameters of each reduction stage, in the order they run."""
 
@@ -150,6 +194,9 @@ class StagesConfig:
     background: BackgroundConfig = field(default_factory=BackgroundConfig)
     detection: DetectionConfig = field(default_factory=DetectionConfig)
     photometry: PhotometryConfig = field(default_factory=PhotometryConfig)
+    astrometry: AstrometryConfig = field(default_factory=AstrometryConfig)
+    zero_point: ZeroPointConfig = field(default_factory=ZeroPointConfig)
+    transients: TransientsConfig = field(default_factory=TransientsConfig)
 
 
 @dataclass(frozen=True)
@@ -173,6 +220,29 @@ class ArchiveConfig:
 
 
 @dataclass(frozen=True)
+class CatalogsConfig:
+    """Reference catalogues and enrichment services (see `rpp_tasks.catalogs`). Addresses are
+    configurable; secrets (the Astro-Colibri key) come from an Airflow connection or the environment."""
+
+    services: dict[str, str] = field(default_factory=dict)    # name -> base URL (overrides the defaults)
+    bands: dict[str, str] = field(default_factory=lambda: {
+        "Clear": "gaia/G", "L": "gaia/G", "G": "gaia/G", "BP": "gaia/BP", "RP": "gaia/RP",
+        "B": "gaia/B", "V": "gaia/V", "R": "gaia/R", "I": "gaia/I",
+        "g": "ps1/g", "r": "ps1/r", "i": "ps1/i", "z": "ps1/z"})   # band -> catalogue/reference band
+    gaia_order: list[str] = field(default_factory=lambda: ["gaia_tap", "gaia_vizier"])
+    enrichment: list[str] = field(default_factory=lambda: ["simbad", "skybot", "vsx", "milliquas", "colibri"])
+    cache_dir: str | None = "data/cache/catalogs"
+    timeout_s: float = 10.0
+    max_retries: int = 2
+    backoff_s: float = 0.5
+    breaker_s: float = 120.0
+    max_rows: int = 5000
+    mag_limit: float = 19.0
+    ps1_release: str = "dr2"
+    colibri_conn_id: str | None = "astro_colibri"
+
+
+@dataclass(frozen=True)
 class ObservatoryConfig:
     """One observatory = one YAML file = one Airflow DAG (``rpp_<name>``)."""
 
@@ -187,6 +257,7 @@ class ObservatoryConfig:
     stages: StagesConfig = field(default_factory=StagesConfig)
     notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
+    catalogs: CatalogsConfig = field(default_factory=CatalogsConfig)
     source: str = ""              # the YAML path (filled by the loader)
     config_hash: str = ""         # sha256[:12] of the merged mapping (provenance of products)
 
@@ -380,6 +451,13 @@ def _check_values(cfg: ObservatoryConfig, source: str) -> None:
     if not 1 <= st.photometry.epsf_oversampling <= 8:
         raise ConfigError(source, "stages.photometry.epsf_oversampling", "an integer from 1 to 8",
                           st.photometry.epsf_oversampling)
+    positive("stages.astrometry.solve_timeout_s", st.astrometry.solve_timeout_s)
+    positive("catalogs.timeout_s", cfg.catalogs.timeout_s)
+    if cfg.catalogs.max_retries < 0 or cfg.catalogs.max_retries > 10:
+        raise ConfigError(source, "catalogs.max_retries", "an integer from 0 to 10", cfg.catalogs.max_retries)
+    for band, ref in cfg.catalogs.bands.items():
+        if ref.split("/")[0] not in ("gaia", "ps1", "skymapper") or ref.count("/") != 1:
+            raise ConfigError(source, f"catalogs.bands.{band}", "'<gaia|ps1|skymapper>/<band>'", ref)
     for key, addrs in (("notifications.email_to", cfg.notifications.email_to),
                        ("notifications.operators_email_to", cfg.notifications.operators_email_to)):
         for i, a in enumerate(addrs):
