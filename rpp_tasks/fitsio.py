@@ -1177,6 +1177,12 @@ def normalize_header(header, *, path=None, filter_aliases=None, default_band=Non
             sat = float(2 ** int(depth) - 1) if depth else float("nan")
             warns.append("no saturation level in header or config"
                          + (f": 2**BITDEPTH-1 = {sat:g} ADU used" if depth else ""))
+    if sw_bin > 1 and sat == sat:
+        # a software-binned super-pixel is the sum of sw_bin**2 native pixels: it saturates at
+        # sw_bin**2 times the native level (a cell with only some of its pixels saturated is below
+        # that and is caught by the photometry's peak test only when its sum reaches it)
+        sat = sat * sw_bin * sw_bin
+        warns.append(f"saturation level scaled by {sw_bin * sw_bin} for {sw_bin}x{sw_bin} software binning")
 
     # pointing
     ra_deg = dec_deg = None

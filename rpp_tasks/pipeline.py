@@ -147,16 +147,24 @@ def step_cosmics(fw: FrameWork, obs: ObservatoryConfig) -> dict:
     cfg = obs.stages.cosmics
     if not cfg.enabled:
         return {"enabled": False, "n_pixels": 0}
-    from rpp_tasks import cosmics
+    from rpp_tasks import background, cosmics
 
+    gain, rn = fw.meta["gain_e_per_adu"], fw.meta["read_noise_e"]
+    noise = background.check_noise_model(fw.data, gain_e_per_adu=gain, read_noise_e=rn, mask=fw.mask)
+    if noise.ratio > 1.5:
+        log.warning("[%s] measured sky noise %.1f ADU is %.1fx the camera model (gain %.3g e-/ADU, read noise "
+                    "%.3g e-): check camera.gain_e_per_adu / read_noise_e; cosmic-ray thresholds use an "
+                    "effective read noise of %.3g e-", fw.stem, noise.measured_sigma_adu, noise.ratio, gain, rn,
+                    noise.effective_read_noise_e)
+        rn = noise.effective_read_noise_e
     res = cosmics.clean_cosmic_rays(
-        fw.data, gain_e_per_adu=fw.meta["gain_e_per_adu"], read_noise_e=fw.meta["read_noise_e"],
-        saturation_adu=fw.meta["saturation_adu"], sigclip=cfg.sigclip, sigfrac=cfg.sigfrac,
-        objlim=cfg.objlim, mask=fw.mask)
+        fw.data, gain_e_per_adu=gain, read_noise_e=rn, saturation_adu=fw.meta["saturation_adu"],
+        sigclip=cfg.sigclip, sigfrac=cfg.sigfrac, objlim=cfg.objlim, mask=fw.mask)
     fw.data = res.cleaned
     fw.mask = fw.mask | res.mask if fw.mask is not None else res.mask
     fw.header.add_history(f"rpp {__version__}: cosmic rays cleaned ({res.n_pixels} px)")
-    return {"enabled": True, "n_pixels": int(res.n_pixels)}
+    return {"enabled": True, "n_pixels": int(res.n_pixels), "noise_model_ratio": round(noise.ratio, 3),
+            "read_noise_used_e": round(float(rn), 3)}
 
 
 def step_background(fw: FrameWork, obs: ObservatoryConfig) -> dict:
@@ -176,9 +184,12 @@ def step_detect(fw: FrameWork, obs: ObservatoryConfig) -> dict:
 
     cfg = obs.stages.detection
     data_sub = fw.data - fw.background
+    # with PSF photometry, faint stars on the wings of bright ones are found on the fit residual
+    # (photometry.psf_photometry_with_residual_detection), so the whole-frame peak search is not needed
     fw.sources = detection.detect_sources(
         data_sub, fw.rms, method=cfg.method, threshold_sigma=cfg.threshold_sigma,
-        fwhm_px=cfg.fwhm_guess_px, mask=fw.mask, min_area_px=cfg.min_area_px, deblend_cont=cfg.deblend_cont)
+        fwhm_px=cfg.fwhm_guess_px, mask=fw.mask, min_area_px=cfg.min_area_px, deblend_cont=cfg.deblend_cont,
+        peak_search=not obs.stages.photometry.psf)
     n = len(fw.sources)
     if n == 0:
         raise FrameRejected("no sources detected (empty field, closed dome or clouds?)",
@@ -199,17 +210,19 @@ def step_photometry(fw: FrameWork, obs: ObservatoryConfig) -> dict:
     if not np.isfinite(fwhm.fwhm_px):
         raise FrameRejected("FWHM could not be measured (no isolated unsaturated stars)",
                             path=str(fw.raw_path), stage="photometry")
-    cat = photometry.aperture_photometry(
-        data_sub, fw.rms, fw.sources, fwhm_px=fwhm.fwhm_px, fixed_radius_px=cfg.fixed_radius_px,
-        annulus_fwhm=cfg.annulus_fwhm, gain_e_per_adu=gain, exptime_s=exptime, mask=fw.mask)
     epsf_info = {}
+    sources = fw.sources
     if cfg.psf:
         epsf = psf.build_epsf(data_sub, fw.sources, fwhm_px=fwhm.fwhm_px, oversampling=cfg.epsf_oversampling,
                               max_stars=cfg.epsf_max_stars, mask=fw.mask,
                               saturation_adu=meta["saturation_adu"] - float(fw.bkg_summary["background_adu"]))
-        cat = photometry.psf_photometry(data_sub, fw.rms, cat, epsf, gain_e_per_adu=gain,
-                                        exptime_s=exptime, mask=fw.mask)
-        epsf_info = {"epsf_n_stars": int(epsf.n_stars)}
+        fit = photometry.psf_photometry_with_residual_detection(
+            data_sub, fw.rms, fw.sources, epsf, gain_e_per_adu=gain, exptime_s=exptime, mask=fw.mask)
+        sources = fit.table
+        epsf_info = {"epsf_n_stars": int(epsf.n_stars), "n_residual_sources": int(fit.n_added)}
+    cat = photometry.aperture_photometry(
+        data_sub, fw.rms, sources, fwhm_px=fwhm.fwhm_px, fixed_radius_px=cfg.fixed_radius_px,
+        annulus_fwhm=cfg.annulus_fwhm, gain_e_per_adu=gain, exptime_s=exptime, mask=fw.mask)
     cat = photometry.quality_flags(cat, saturation_adu=meta["saturation_adu"], shape=fw.data.shape,
                                    fwhm_px=fwhm.fwhm_px, data=fw.data)
     _add_sky_coordinates(cat, fw.header)

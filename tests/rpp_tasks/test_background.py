@@ -93,3 +93,19 @@ def test_non_contiguous_big_endian_input():
 def test_bad_input_raises(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
         estimate_background(*args, **kwargs)
+
+
+def test_noise_model_check_agrees_with_a_right_camera_and_flags_a_wrong_one():
+    from rpp_tasks.background import check_noise_model
+
+    rng = np.random.default_rng(5)
+    gain, rn, sky = 1.5, 8.0, 800.0
+    img = (rng.poisson(sky * gain, (512, 512)) + rng.normal(0, rn, (512, 512))) / gain
+    right = check_noise_model(img, gain_e_per_adu=gain, read_noise_e=rn)
+    assert right.ratio == pytest.approx(1.0, abs=0.05)
+    assert right.effective_read_noise_e == pytest.approx(rn, rel=0.6)   # >= configured; noisy estimate
+    # a camera configured with a gain 10x too high underestimates the noise by ~3x
+    wrong = check_noise_model(img, gain_e_per_adu=15.0, read_noise_e=rn)
+    assert wrong.ratio > 2.5
+    model_fixed = np.sqrt(sky / 15.0 + (wrong.effective_read_noise_e / 15.0) ** 2)
+    assert model_fixed == pytest.approx(wrong.measured_sigma_adu, rel=0.02)

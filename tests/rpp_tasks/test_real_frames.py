@@ -49,7 +49,9 @@ def test_real_frame_reduces_or_fails_clearly(real_data, rel, tmp_path):
     if expected == "ok":
         assert s["status"] == "ok", f"{rel}: {s['failed_stage']}: {s['reason']}"
         assert s["n_sources"] >= min_sources
-        assert 0.8 < s["fwhm_px"] < 15
+        # the Feder thumbnail and the PANOPTES DSLR frames (10"/px, binned 2x2) are undersampled: the
+        # pixel-integrated PSF fit legitimately gives a FWHM below one pixel there
+        assert 0.4 < s["fwhm_px"] < 15
         cat = Table.read(s["catalog"])
         assert np.isfinite(cat["flux_1p3fwhm"]).sum() >= min_sources
         if s["wcs_status"] and s["wcs_status"].startswith("valid"):
