@@ -20,7 +20,8 @@ import math
 import numpy as np
 from astropy.table import Table
 
-__all__ = ["detect_sources", "SOURCE_COLUMNS", "empty_source_table"]
+__all__ = ["detect_sources", "detect_residual_sources", "SOURCE_COLUMNS", "empty_source_table",
+           "FLAG_PEAK_FINDER", "FLAG_RESIDUAL"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ SOURCE_COLUMNS = (
 
 _DEFAULT_FWHM_PX = 3.0
 FLAG_PEAK_FINDER = 0x1000  #: ``flag`` bit of sources added by the matched-filter peak search
+FLAG_RESIDUAL = 0x2000     #: ``flag`` bit of sources found on the PSF-fit residual image
 
 
 def empty_source_table(*, method="sep", threshold_sigma=np.nan):
@@ -329,3 +331,149 @@ def _run_dao(work, err, bad, *, threshold_sigma, fwhm):
         "a_px": np.full(n, sig), "b_px": np.full(n, sig), "theta_rad": np.zeros(n),
         "flag": np.zeros(n, np.int64),
     }
+
+
+def detect_residual_sources(resid, var, *, fwhm_px, mask=None, min_snr=5.0, candidate_snr=4.0, exclude_xy=None,
+                            exclude_radius_px=None, edge_px=2.0):
+    """
+    Point sources on a residual image (data minus the fitted model of the known sources).
+
+    The local maxima of the matched-filter response ``sum(K r)`` (``K`` a Gaussian of
+    ``fwhm_px``, computed in float32 with separable filters) whose S/N
+    ``sum(K r) / sqrt(sum(K^2 var))`` is at least ``candidate_snr`` are the candidates (the noise
+    is evaluated only at the maxima); each candidate then gets the local-plane matched-filter S/N of
+    `detect_sources` (``snr_det``) and is kept when ``snr_det >= min_snr``. Used by
+    `rpp_tasks.photometry.psf_photometry_with_residual_detection` to find faint stars on the wings
+    of bright ones, which the segmentation of `detect_sources` merges into the bright star.
+
+    Parameters
+    ----------
+    resid : array_like
+        2-D residual image (ADU), background and fitted sources subtracted.
+    var : array_like
+        Per-pixel variance of ``resid`` (ADU^2): background variance plus the shot noise (and any
+        model-error term) of the subtracted sources.
+    fwhm_px : float
+        PSF FWHM (px).
+    mask : array_like of bool, optional
+        Pixels to ignore.
+    min_snr : float, optional
+        Minimum local-plane matched-filter S/N of a kept source.
+    candidate_snr : float, optional
+        Threshold of the S/N map for candidate peaks.
+    exclude_xy : tuple of array_like, optional
+        ``(x, y)`` of the known sources; candidates closer than ``exclude_radius_px`` to one are
+        dropped (fit residuals of the known source rather than a new star).
+    exclude_radius_px : float, optional
+        Default ``max(1.5, 0.6 * fwhm_px)``.
+    edge_px : float, optional
+        Candidates closer than this to the border are dropped.
+
+    Returns
+    -------
+    sources : `~astropy.table.Table`
+        Columns of `SOURCE_COLUMNS` (``flux`` from the matched filter, ``npix = 0``, ``flag`` =
+        `FLAG_RESIDUAL`, ``id`` 1-based), sorted by ``flux`` descending; empty (same columns) when
+        nothing is found.
+
+    Raises
+    ------
+    ValueError
+        Shape mismatch or non-positive ``fwhm_px``.
+    """
+    from scipy import ndimage
+    from scipy.spatial import cKDTree
+
+    res = np.asarray(resid)
+    var = np.asarray(var)
+    if res.ndim != 2 or var.shape != res.shape:
+        raise ValueError(f"detect_residual_sources: resid {res.shape} and var {var.shape} must be the same 2-D shape")
+    if not (fwhm_px is not None and np.isfinite(fwhm_px) and fwhm_px > 0):
+        raise ValueError(f"detect_residual_sources: fwhm_px must be positive, got {fwhm_px!r}")
+    bad = ~np.isfinite(res) | ~np.isfinite(var) | (var <= 0)
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != res.shape:
+            raise ValueError(f"detect_residual_sources: mask shape {mask.shape} does not match {res.shape}")
+        bad |= mask
+    work = np.where(bad, np.float32(0.0), res.astype(np.float32, copy=False))
+    sig = float(fwhm_px) / 2.3548
+    half = int(math.ceil(3.0 * sig))
+    k1 = np.exp(-0.5 * (np.arange(-half, half + 1) / sig) ** 2)
+    k1 /= k1.sum()
+    k2d = np.outer(k1, k1)
+    s2 = float(np.sum(k2d**2))
+    # matched-filter numerator sum(K r) over the frame (float32, separable); the noise
+    # sqrt(sum(K^2 var)) is computed only at the local maxima above a lower bound of it
+    num = ndimage.correlate1d(ndimage.correlate1d(work, k1.astype(np.float32), axis=0, mode="constant"),
+                              k1.astype(np.float32), axis=1, mode="constant")
+    good_var = var[~bad]
+    empty = empty_source_table(method="residual", threshold_sigma=candidate_snr)
+    if good_var.size == 0:
+        return empty
+    num_min = np.float32(candidate_snr * math.sqrt(s2 * float(np.min(good_var))))
+    ny, nx = res.shape
+    e = max(1, int(math.ceil(edge_px)))
+    cand = num[e:ny - e, e:nx - e] >= num_min
+    py, px = np.nonzero(cand)
+    py += e
+    px += e
+    keep = ~bad[py, px]
+    py, px = py[keep], px[keep]
+    c = num[py, px]
+    peak = np.ones(px.size, bool)
+    for ddy in (-1, 0, 1):
+        for ddx in (-1, 0, 1):
+            if ddy or ddx:
+                peak &= c >= num[py + ddy, px + ddx]
+    px, py, c = px[peak], py[peak], c[peak]
+    if px.size == 0:
+        return empty
+    # exact noise of the matched filter at the peaks
+    kk = np.arange(-half, half + 1)
+    wy = np.clip(py[:, None] + kk, 0, ny - 1)
+    wx = np.clip(px[:, None] + kk, 0, nx - 1)
+    vwin = var[wy[:, :, None], wx[:, None, :]].astype(np.float64)
+    vwin = np.where(bad[wy[:, :, None], wx[:, None, :]] | ~np.isfinite(vwin), 0.0, vwin)
+    den = np.sqrt(np.einsum("nij,ij->n", vwin, k2d**2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snr_c = c / den
+    ok = snr_c >= candidate_snr
+    px, py, c = px[ok], py[ok], c[ok].astype(np.float64)
+    if px.size == 0:
+        return empty
+    l, r = num[py, px - 1], num[py, px + 1]
+    d, u = num[py - 1, px], num[py + 1, px]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ox = np.clip(np.nan_to_num(0.5 * (l - r) / (l - 2 * c + r)), -0.5, 0.5)
+        oy = np.clip(np.nan_to_num(0.5 * (d - u) / (d - 2 * c + u)), -0.5, 0.5)
+    x = px + ox.astype(np.float64)
+    y = py + oy.astype(np.float64)
+    if exclude_xy is not None and np.size(exclude_xy[0]):
+        ex = np.column_stack([np.asarray(exclude_xy[0], float), np.asarray(exclude_xy[1], float)])
+        ex = ex[np.all(np.isfinite(ex), axis=1)]
+        if ex.size:
+            r_ex = max(1.5, 0.6 * float(fwhm_px)) if exclude_radius_px is None else float(exclude_radius_px)
+            dist, _ = cKDTree(ex).query(np.column_stack([x, y]))
+            keep = dist > r_ex
+            x, y, px, py = x[keep], y[keep], px[keep], py[keep]
+    if x.size == 0:
+        return empty
+    snr = _matched_snr(work, var, bad, x, y, float(fwhm_px))
+    keep = np.isfinite(snr) & (snr >= min_snr)
+    x, y, px, py, snr = x[keep], y[keep], px[keep], py[keep], snr[keep]
+    n = x.size
+    if n == 0:
+        return empty
+    flux = num[py, px].astype(np.float64) / s2  # flux of a Gaussian star giving this response
+    order = np.argsort(-flux, kind="stable")
+    cols = {"x_centroid": x, "y_centroid": y, "flux": flux, "peak": work[py, px].astype(np.float64),
+            "npix": np.zeros(n, np.int64), "a_px": np.full(n, sig), "b_px": np.full(n, sig),
+            "theta_rad": np.zeros(n), "flag": np.full(n, FLAG_RESIDUAL, np.int64), "snr_det": snr}
+    tab = Table()
+    tab["id"] = np.arange(1, n + 1, dtype=np.int64)
+    for name, dt in SOURCE_COLUMNS[1:]:
+        tab[name] = np.asarray(cols[name])[order].astype(dt)
+    tab.meta.update(method="residual", threshold_sigma=float(candidate_snr), fwhm_px=float(fwhm_px),
+                    min_snr=float(min_snr), n_sources=n, no_sources=False)
+    return tab

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from astropy.stats import sigma_clip  # noqa: F401  (documented alternative; clipping is vectorised below)
@@ -35,7 +36,8 @@ from scipy.spatial import cKDTree
 
 from rpp_tasks import __version__
 
-__all__ = ["APERTURE_LABELS", "aperture_photometry", "psf_photometry", "quality_flags"]
+__all__ = ["APERTURE_LABELS", "aperture_photometry", "psf_photometry", "psf_photometry_with_residual_detection",
+           "PsfPassResult", "quality_flags"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,18 @@ def _check_positive(func, **kw):
 # aperture photometry
 # --------------------------------------------------------------------------------------------
 
+def _row_median(sorted_vals, lo, hi):
+    """Median of ``sorted_vals[i, lo[i]:hi[i]]`` per row (NaN for an empty run)."""
+    n = hi - lo
+    rows = np.arange(sorted_vals.shape[0])
+    ncol = sorted_vals.shape[1]
+    a = np.clip(lo + (n - 1) // 2, 0, ncol - 1)
+    b = np.clip(lo + n // 2, 0, ncol - 1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        med = 0.5 * (sorted_vals[rows, a] + sorted_vals[rows, b])
+    return np.where(n > 0, med, np.nan)
+
+
 def _annulus_background(data, var, bad, x, y, r_in, r_out, *, clip_sigma=3.0, n_iter=3):
     """Sigma-clipped mean, its pixel count and the mean variance in annuli (vectorised)."""
     ny, nx = data.shape
@@ -99,31 +113,44 @@ def _annulus_background(data, var, bad, x, y, r_in, r_out, *, clip_sigma=3.0, n_
     bkg = np.full(n, np.nan)
     n_ann = np.zeros(n, np.int64)
     var_mean = np.full(n, np.nan)
+    # only the offsets that can fall in the annulus for any sub-pixel centre
+    oy, ox = np.meshgrid(k, k, indexing="ij")
+    rad = np.hypot(ox, oy).ravel()
+    ring = (rad >= r_in - 0.7072) & (rad <= r_out + 0.7072)
+    ox, oy = ox.ravel()[ring], oy.ravel()[ring]
     chunk = 512
     for a in range(0, n, chunk):
         b = min(n, a + chunk)
-        px = ix[a:b, None] + k[None, :]
-        py = iy[a:b, None] + k[None, :]
-        r2 = (px - x[a:b, None])[:, None, :] ** 2 + (py - y[a:b, None])[:, :, None] ** 2
-        inside = (r2 >= r_in**2) & (r2 <= r_out**2)
-        inside &= ((px >= 0) & (px < nx))[:, None, :] & ((py >= 0) & (py < ny))[:, :, None]
+        px = ix[a:b, None] + ox[None, :]
+        py = iy[a:b, None] + oy[None, :]
+        r2 = (px - x[a:b, None]) ** 2 + (py - y[a:b, None]) ** 2
+        use = (r2 >= r_in**2) & (r2 <= r_out**2) & (px >= 0) & (px < nx) & (py >= 0) & (py < ny)
         pxc = np.clip(px, 0, nx - 1)
         pyc = np.clip(py, 0, ny - 1)
-        vals = data[pyc[:, :, None], pxc[:, None, :]].astype(np.float64)
-        vv = var[pyc[:, :, None], pxc[:, None, :]]
+        vals = data[pyc, pxc].astype(np.float64)
+        vv = var[pyc, pxc]
         if bad is not None:
-            inside &= ~bad[pyc[:, :, None], pxc[:, None, :]]
-        inside &= np.isfinite(vals)
-        vals = vals.reshape(b - a, -1)
-        vv = vv.reshape(b - a, -1)
-        use = inside.reshape(b - a, -1)
-        sig_pix = np.sqrt(np.nanmedian(np.where(use, vv, np.nan), axis=1))
+            use &= ~bad[pyc, pxc]
+        use &= np.isfinite(vals)
+        inside = use
+        # one sort per star; a clip around the median keeps a contiguous run of the sorted values
+        big = np.finfo(np.float64).max
+        sv = np.sort(np.where(use, vals, big), axis=1)
+        ntot = use.sum(axis=1)
+        sig_pix = np.sqrt(_row_median(np.sort(np.where(use, vv, big), axis=1), np.zeros_like(ntot), ntot))
+        lo = np.zeros_like(ntot)
+        hi = ntot.copy()
         for _ in range(n_iter):
-            med = np.nanmedian(np.where(use, vals, np.nan), axis=1)
-            new = inside.reshape(b - a, -1) & (np.abs(vals - med[:, None]) <= clip_sigma * sig_pix[:, None])
-            if np.array_equal(new, use):
+            med = _row_median(sv, lo, hi)
+            new_lo = np.sum(sv < (med - clip_sigma * sig_pix)[:, None], axis=1)
+            new_hi = np.minimum(np.sum(sv <= (med + clip_sigma * sig_pix)[:, None], axis=1), ntot)
+            if np.array_equal(new_lo, lo) and np.array_equal(new_hi, hi):
                 break
-            use = new
+            lo, hi = new_lo, np.maximum(new_hi, new_lo)
+        rows = np.arange(b - a)
+        use = inside & (hi > lo)[:, None] \
+            & (vals >= sv[rows, np.minimum(lo, sv.shape[1] - 1)][:, None]) \
+            & (vals <= sv[rows, np.maximum(hi - 1, 0)][:, None])
         cnt = use.sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             bkg[a:b] = np.where(cnt > 0, np.sum(np.where(use, vals, 0.0), axis=1) / cnt, np.nan)
@@ -197,12 +224,13 @@ def aperture_photometry(data_sub, rms, sources, *, fwhm_px, fixed_radius_px, ann
         return out
     x, y = _xy(sources, func)
 
-    work = np.ascontiguousarray(data, dtype=np.float64)
-    bad = ~np.isfinite(work)
+    dt = np.float32 if data.dtype == np.float32 else np.float64
+    bad = ~np.isfinite(data)
     if mask is not None:
         bad = bad | mask
-    work = np.where(bad, 0.0, work)
-    var = np.ascontiguousarray(np.asarray(rms, np.float64) ** 2)
+    work = np.ascontiguousarray(np.where(bad, dt(0.0), data), dtype=dt)
+    rms_c = np.asarray(rms, dtype=dt)
+    var = np.ascontiguousarray(rms_c * rms_c)
     bad_u8 = np.ascontiguousarray(bad, dtype=np.uint8)
     if local_background:
         bkg, n_ann, var_ann = _annulus_background(work, var, bad, x, y, r_in, r_out)
@@ -210,10 +238,18 @@ def aperture_photometry(data_sub, rms, sources, *, fwhm_px, fixed_radius_px, ann
         bkg, n_ann, var_ann = np.zeros(n), np.full(n, np.iinfo(np.int64).max // 4), np.zeros(n)
     bkg_used = np.where(np.isfinite(bkg), bkg, 0.0)
     flag_all = np.zeros(n, np.int64)
+    ones = None
     for lab, r in radii.items():
-        s, _, flg = sep.sum_circle(work, x, y, r, mask=bad_u8, maskthresh=0.0, subpix=0)
-        svar, _, _ = sep.sum_circle(var, x, y, r, mask=bad_u8, maskthresh=0.0, subpix=0)
-        area, _, _ = sep.sum_circle(np.ascontiguousarray(~bad, dtype=np.float64), x, y, r, subpix=0)
+        # SEP replaces masked pixels by the mean of the unmasked ones in the aperture (sum and
+        # variance), so the effective area is the geometric one, less what falls off the image
+        s, serr, flg = sep.sum_circle(work, x, y, r, var=var, mask=bad_u8, maskthresh=0.0, subpix=0)
+        svar = serr**2
+        area = np.full(n, math.pi * r * r)
+        trunc = (flg & sep.APER_TRUNC) != 0
+        if np.any(trunc):
+            if ones is None:
+                ones = np.ones(data.shape, dtype=dt)
+            area[trunc] = sep.sum_circle(ones, x[trunc], y[trunc], r, subpix=0)[0]
         flux = s - bkg_used * area
         var_star = np.maximum(flux, 0.0) / gain_e_per_adu
         mean_var = np.where(area > 0, svar / np.maximum(area, 1e-12), np.nan)
@@ -374,18 +410,19 @@ def psf_photometry(data_sub, rms, sources, epsf, *, gain_e_per_adu, exptime_s, m
     py = (iy[:, None] + k)[:, :, None] + 0 * k[None, None, :]
     valid = (px >= 0) & (px < nx) & (py >= 0) & (py < ny) & finite[:, None, None]
     flat = np.where(valid, py * nx + px, 0)
-    dat_all = np.asarray(data, np.float64).ravel()
+    dat_all = np.asarray(data).ravel()          # gathered, then converted: no full-frame copies
     valid &= np.isfinite(dat_all[flat])
     if mask is not None:
         valid &= ~mask.ravel()[flat]
-    var_all = np.asarray(rms, np.float64).ravel() ** 2
-    valid &= np.isfinite(var_all[flat]) & (var_all[flat] > 0)
+    rms_all = np.asarray(rms).ravel()
+    r_flat = rms_all[flat]
+    valid &= np.isfinite(r_flat) & (r_flat > 0)
 
     sel_star, sel_r, sel_c = np.nonzero(valid)
     pix = flat[sel_star, sel_r, sel_c]
     upix, row = np.unique(pix, return_inverse=True)
-    d = dat_all[upix]
-    v_bkg = var_all[upix]
+    d = dat_all[upix].astype(np.float64)
+    v_bkg = rms_all[upix].astype(np.float64) ** 2
     npix_star = valid.sum(axis=(1, 2))
     flag = np.zeros(n, np.int64)
     flag[npix_star == 0] |= 1
@@ -489,6 +526,161 @@ def psf_photometry(data_sub, rms, sources, epsf, *, gain_e_per_adu, exptime_s, m
     log.info("psf_photometry: %d sources, %d overlap groups (largest %d), fit shape %d px", n, ncomp,
              int(group_size.max()), fit_shape)
     return out
+
+
+@dataclass(frozen=True, eq=False)
+class PsfPassResult:
+    """Outcome of `psf_photometry_with_residual_detection`.
+
+    Attributes
+    ----------
+    table : `~astropy.table.Table`
+        PSF photometry of the input sources followed by the sources found on the residual
+        (``flag`` bit `rpp_tasks.detection.FLAG_RESIDUAL`); columns as `psf_photometry`.
+    model : `numpy.ndarray`
+        Image of the fitted model of every source in ``table`` (float64, ADU).
+    n_added : int
+        Sources found on the residual image and added.
+    n_refit : int
+        Sources fitted again together with the added ones (added ones included).
+    """
+
+    table: Table
+    model: np.ndarray
+    n_added: int
+    n_refit: int
+
+    def to_dict(self) -> dict:
+        """JSON-safe summary (without the table and the image)."""
+        return {"n_sources": len(self.table), "n_added": int(self.n_added), "n_refit": int(self.n_refit)}
+
+
+def _fit_xy(table):
+    x = np.asarray(table["x_psf"], float)
+    y = np.asarray(table["y_psf"], float)
+    xc, yc = _xy(table, "psf_photometry_with_residual_detection")
+    bad = ~(np.isfinite(x) & np.isfinite(y))
+    return np.where(bad, xc, x), np.where(bad, yc, y)
+
+
+def psf_photometry_with_residual_detection(data_sub, rms, sources, epsf, *, gain_e_per_adu, exptime_s, mask=None,
+                                           min_snr=5.0, candidate_snr=4.0, model_error_frac=0.03, **psf_kwargs):
+    """
+    PSF photometry, then detection on the fit residual and a joint refit with the new sources.
+
+    1. `psf_photometry` of ``sources``;
+    2. the fitted model of all sources is subtracted and
+       `rpp_tasks.detection.detect_residual_sources` searches the residual with the noise
+       ``rms^2 + model / gain + (model_error_frac * model)^2`` (the last term keeps the
+       imperfections of the PSF model in bright cores from making stars) and the same
+       matched-filter S/N cut as the detection stage (``min_snr``);
+    3. the new sources and every old source whose footprint can overlap theirs are fitted again
+       together (one extra pass) on the image with the model of all other sources subtracted.
+
+    This recovers faint stars 2-8 px from brighter ones that the segmentation of
+    `rpp_tasks.detection.detect_sources` merges into the bright star.
+
+    Parameters
+    ----------
+    data_sub, rms, sources, epsf, gain_e_per_adu, exptime_s, mask
+        As in `psf_photometry`.
+    min_snr : float, optional
+        Minimum local-plane matched-filter S/N of an added source.
+    candidate_snr : float, optional
+        Threshold of the residual S/N map for candidate peaks.
+    model_error_frac : float, optional
+        Relative PSF-model error added to the residual variance.
+    **psf_kwargs
+        Passed to `psf_photometry` (``fit_shape``, ``refine_positions``, ...).
+
+    Returns
+    -------
+    result : `PsfPassResult`
+
+    Raises
+    ------
+    ValueError
+        As `psf_photometry`.
+    """
+    from scipy.spatial import cKDTree
+
+    from rpp_tasks.detection import detect_residual_sources
+
+    func = "psf_photometry_with_residual_detection"
+    data, rms, mask = _check_inputs(data_sub, rms, mask, func)
+    t1 = psf_photometry(data, rms, sources, epsf, gain_e_per_adu=gain_e_per_adu, exptime_s=exptime_s, mask=mask,
+                        **psf_kwargs)
+    shape = data.shape
+    if len(t1) == 0:
+        return PsfPassResult(t1, np.zeros(shape), 0, 0)
+    x1, y1 = _fit_xy(t1)
+    f1 = np.nan_to_num(np.asarray(t1["flux_psf"], float))
+    model = epsf.render(shape, x1, y1, f1)
+    resid = np.asarray(data, np.float64) - model
+    mpos = np.maximum(model, 0.0).astype(np.float32)
+    rms32 = np.asarray(rms, np.float32)
+    var = rms32 * rms32
+    var += mpos * np.float32(1.0 / gain_e_per_adu)
+    mpos *= np.float32(model_error_frac)
+    var += mpos * mpos
+    del mpos
+    new = detect_residual_sources(resid, var, fwhm_px=epsf.fwhm_px, mask=mask, min_snr=min_snr,
+                                  candidate_snr=candidate_snr, exclude_xy=(x1, y1))
+    if len(new) == 0:
+        t1.meta.update(n_residual_sources=0, n_refit_psf=0)
+        return PsfPassResult(t1, model, 0, 0)
+
+    # old sources whose fit footprint can overlap a new one's are refitted with them
+    half = int(t1.meta.get("psf_fit_shape_px", 2 * int(round(2.0 * epsf.fwhm_px)) + 1)) // 2
+    xn, yn = _xy(new, func)
+    hits = cKDTree(np.column_stack([xn, yn])).query_ball_point(
+        np.column_stack([np.nan_to_num(x1, nan=-1e9), np.nan_to_num(y1, nan=-1e9)]), r=2.0 * half + 2.0,
+        return_length=True)
+    sub = np.flatnonzero(hits > 0)
+    src_cols = [c for c in sources.colnames if c in new.colnames]
+    refit = Table()
+    for c in src_cols:
+        old_vals = np.asarray(t1[c])[sub]
+        if c == "x_centroid":
+            old_vals = x1[sub]
+        elif c == "y_centroid":
+            old_vals = y1[sub]
+        refit[c] = np.concatenate([old_vals, np.asarray(new[c]).astype(old_vals.dtype)])
+    sub_model = epsf.render(shape, x1[sub], y1[sub], f1[sub])
+    others = model - sub_model
+    rms_refit = np.sqrt(np.asarray(rms, np.float64) ** 2 + np.maximum(others, 0.0) / gain_e_per_adu)
+    t2 = psf_photometry(resid + sub_model, rms_refit, refit, epsf, gain_e_per_adu=gain_e_per_adu,
+                        exptime_s=exptime_s, mask=mask, **psf_kwargs)
+    psf_cols = [c for c in t2.colnames if c not in src_cols]
+    for c in psf_cols:
+        if c in t1.colnames:
+            t1[c][sub] = t2[c][: sub.size]
+    # append the new sources (all columns of t1; detection columns from the residual search)
+    n_new = len(new)
+    add = {}
+    next_id = int(np.max(t1["id"])) + 1 if "id" in t1.colnames and len(t1) else 1
+    for c in t1.colnames:
+        col = t1[c]
+        if c == "id":
+            add[c] = np.arange(next_id, next_id + n_new, dtype=col.dtype)
+        elif c in t2.colnames:
+            add[c] = np.asarray(t2[c][sub.size:]).astype(col.dtype)
+        elif c in new.colnames:
+            add[c] = np.asarray(new[c]).astype(col.dtype)
+        else:
+            fill = np.nan if col.dtype.kind == "f" else (0 if col.dtype.kind in "iub" else "")
+            add[c] = np.full(n_new, fill, dtype=col.dtype)
+    out = Table({c: np.concatenate([np.asarray(t1[c]), add[c]]) for c in t1.colnames}, meta=t1.meta)
+    for c in t1.colnames:
+        if t1[c].unit is not None:
+            out[c].unit = t1[c].unit
+    x2, y2 = _fit_xy(t2)
+    f2 = np.nan_to_num(np.asarray(t2["flux_psf"], float))
+    model = others + epsf.render(shape, x2, y2, f2)
+    # group sizes of the refitted stars now include the added neighbours
+    out.meta.update(n_residual_sources=n_new, n_refit_psf=int(len(t2)))
+    log.info("%s: %d sources added from the residual, %d refitted", func, n_new, len(t2))
+    return PsfPassResult(out, model, n_new, len(t2))
 
 
 # --------------------------------------------------------------------------------------------

@@ -214,7 +214,7 @@ def step_photometry(fw: FrameWork, obs: ObservatoryConfig) -> dict:
     sources = fw.sources
     if cfg.psf:
         epsf = psf.build_epsf(data_sub, fw.sources, fwhm_px=fwhm.fwhm_px, oversampling=cfg.epsf_oversampling,
-                              max_stars=cfg.epsf_max_stars, mask=fw.mask,
+                              max_stars=cfg.epsf_max_stars, mask=fw.mask, beta=fwhm.beta,
                               saturation_adu=meta["saturation_adu"] - float(fw.bkg_summary["background_adu"]))
         fit = photometry.psf_photometry_with_residual_detection(
             data_sub, fw.rms, fw.sources, epsf, gain_e_per_adu=gain, exptime_s=exptime, mask=fw.mask)

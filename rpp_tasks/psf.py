@@ -670,7 +670,7 @@ def _analytic_grid(fwhm_px, u, oversampling, size_px):
 
 def build_epsf(data_sub, sources, *, fwhm_px, oversampling=4, max_stars=150, size_px=None, rms=None,
                mask=None, saturation_adu=None, min_peak_snr=10.0, residual_correction=True,
-               model="moffat"):
+               model="moffat", beta=None):
     """
     Build an effective PSF from isolated, unsaturated bright stars.
 
@@ -700,6 +700,10 @@ def build_epsf(data_sub, sources, *, fwhm_px, oversampling=4, max_stars=150, siz
         Add the stacked empirical residual to the analytic model.
     model : {"moffat", "gaussian"}, optional
         Analytic part (see `measure_fwhm`).
+    beta : float, optional
+        When given, the analytic shape is taken as ``(fwhm_px, beta)`` -- e.g. the result of
+        `measure_fwhm` on the same image (``inf`` for a Gaussian) -- instead of being fitted again;
+        only the star centres, fluxes and the residual map are fitted.
 
     Returns
     -------
@@ -730,11 +734,15 @@ def build_epsf(data_sub, sources, *, fwhm_px, oversampling=4, max_stars=150, siz
         log.warning("build_epsf: no eligible PSF star; using a Gaussian of FWHM %.2f px", fwhm_px)
         grid = _analytic_grid(float(fwhm_px), 0.0, oversampling, size_px)
         return EPSFModel(grid, oversampling, float(fwhm_px), 0, math.inf, size_px, ("no_psf_stars",))
-    hs = min(half_big, max(4, int(math.ceil(2.0 * guess))))
-    cut = slice(half_big - hs, half_big + hs + 1)
-    nfit = min(idx.size, 60)
-    sub = (slice(0, nfit), cut, cut)
-    fit = _fit_stack(stamps[sub], w[sub], dx0[sub], dy0[sub], guess, fit_beta=(model == "moffat"))
+    if beta is not None and np.isfinite(fwhm_px) and (not np.isfinite(beta) or beta > 1.0):
+        u = 0.0 if (not np.isfinite(beta) or model == "gaussian") else min(1.0 / float(beta), _U_MAX)
+        fit = _StackFit(float(fwhm_px), u, np.nan, None, None, None, None, None, None, [])
+    else:
+        hs = min(half_big, max(4, int(math.ceil(2.0 * guess))))
+        cut = slice(half_big - hs, half_big + hs + 1)
+        nfit = min(idx.size, 60)
+        sub = (slice(0, nfit), cut, cut)
+        fit = _fit_stack(stamps[sub], w[sub], dx0[sub], dy0[sub], guess, fit_beta=(model == "moffat"))
     flags = list(fit.flags)
     params = (fit.fwhm_px, fit.u)
     grid = _analytic_grid(fit.fwhm_px, fit.u, oversampling, size_px)
