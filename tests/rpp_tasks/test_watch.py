@@ -472,14 +472,14 @@ def test_file_written_slowly_is_not_triggered_early(tmp_path, airflow, use_polli
     (tmp_path / "incoming").mkdir()
     w = _watcher(tmp_path, _trigger(airflow), rule, use_polling=use_polling,
                  poll_interval_s=0.2, rescan_s=30.0)
+    session = tmp_path / "incoming" / "2024-07-30"
+    session.mkdir()   # before the spy starts: inotify must already watch it when the writer opens the file
     w.start()
     opened = []  # who opens the FITS file: only the writer may (the watcher only stat()s)
     spy = Observer()
-    spy.schedule(_OpenSpy(opened), str(tmp_path / "incoming"), recursive=True)
+    spy.schedule(_OpenSpy(opened), str(session), recursive=False)
     spy.start()
     try:
-        session = tmp_path / "incoming" / "2024-07-30"
-        session.mkdir()
         last_write = []
 
         def writer():
