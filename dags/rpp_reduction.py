@@ -112,10 +112,80 @@ def record_failure(info: dict, obs: ObservatoryConfig | None) -> Path | None:
     hook = getattr(notify, "notify_failure", None)
     if hook is not None:
         try:
-            hook(info, obs)
+            settings, errors = notify_settings(obs, operators=True) if obs is not None else ({}, {})
+            for channel, err in errors.items():
+                log.warning("operators' %s alert unavailable: %s", channel, err)
+            hook(info, obs, **settings) if settings else hook(info, obs)
         except Exception:  # a broken notifier must not hide the original failure
             log.exception("rpp_tasks.notify.notify_failure failed")
     return path
+
+
+# =============================================================================== notification settings
+def _mask(secret) -> None:
+    """Register a secret with Airflow's log masker (no-op outside a task)."""
+    if not secret:
+        return
+    try:
+        from airflow.sdk.log import mask_secret
+    except ImportError:  # pragma: no cover - older SDK
+        return
+    mask_secret(secret)
+
+
+def smtp_settings_from_connection(conn):
+    """`rpp_tasks.notify.SmtpSettings` from an Airflow SMTP connection (the smtp provider's conventions:
+    extras ``from_email``, ``disable_ssl``, ``disable_tls``, ``timeout``)."""
+    from rpp_tasks.notify import SmtpSettings
+
+    extra = dict(getattr(conn, "extra_dejson", None) or {})
+    _mask(conn.password)
+    use_ssl = not bool(extra.get("disable_ssl", False))
+    return SmtpSettings(host=conn.host or "localhost", port=int(conn.port or 0), login=conn.login or None,
+                        password=conn.password or None,
+                        from_addr=extra.get("from_email") or conn.login or f"rpp@{conn.host or 'localhost'}",
+                        ssl=use_ssl, starttls=(not use_ssl) and not bool(extra.get("disable_tls", False)),
+                        timeout_s=float(extra.get("timeout", 30)))
+
+
+def telegram_settings_from_connection(conn):
+    """`rpp_tasks.notify.TelegramSettings` from an Airflow connection: password = bot token, extra
+    ``{"chat_id": ...}`` (else host = chat id), optional extra ``api_base``."""
+    from rpp_tasks.notify import TELEGRAM_API, TelegramSettings
+
+    extra = dict(getattr(conn, "extra_dejson", None) or {})
+    _mask(conn.password)
+    return TelegramSettings(token=conn.password or "", chat_id=str(extra.get("chat_id") or conn.host or ""),
+                            api_base=extra.get("api_base") or TELEGRAM_API,
+                            timeout_s=float(extra.get("timeout", 30)))
+
+
+def notify_settings(obs: ObservatoryConfig, *, operators: bool = False, get_connection=None) -> tuple[dict, dict]:
+    """Plain settings for `rpp_tasks.notify` from the Airflow connections named in ``obs.notifications``.
+
+    Returns ``({"smtp": ..., "telegram": ...}, {channel: error})``: a channel is resolved only when
+    it has recipients; a configured connection that cannot be read is an error (the notice is
+    recorded as failed), never a silent skip.
+    """
+    cfg = obs.notifications
+    if get_connection is None:
+        def get_connection(conn_id):
+            from airflow.sdk import Connection
+
+            return Connection.get(conn_id)
+    settings, errors = {}, {}
+    if (cfg.operators_email_to if operators else cfg.email_to) and cfg.smtp_conn_id:
+        try:
+            settings["smtp"] = smtp_settings_from_connection(get_connection(cfg.smtp_conn_id))
+        except Exception as exc:
+            errors["email"] = f"Airflow connection {cfg.smtp_conn_id!r}: {type(exc).__name__}: {exc}"
+    tg_id = cfg.operators_telegram_conn_id if operators else cfg.telegram_conn_id
+    if tg_id:
+        try:
+            settings["telegram"] = telegram_settings_from_connection(get_connection(tg_id))
+        except Exception as exc:
+            errors["telegram"] = f"Airflow connection {tg_id!r}: {type(exc).__name__}: {exc}"
+    return settings, errors
 
 
 def _make_failure_callback(obs: ObservatoryConfig | None):
@@ -270,6 +340,14 @@ def build_reduction_dag(obs: ObservatoryConfig):
             if rpp_products is not None and hasattr(rpp_products, "run_products"):
                 made = rpp_products.run_products(session, obs)
                 out["products"] = made if isinstance(made, (dict, list, str)) else str(made)
+            try:   # the morning report + products ZIP (notify rebuilds it if missing); never blocks the archive
+                from rpp_tasks import report as rpp_report
+
+                rep = rpp_report.run_report(session, obs)
+                out.update(report=rep["html_path"], products_zip=rep["products_zip"])
+            except Exception as exc:
+                log.warning("[%s] session report not built: %s", session.session_id, exc, exc_info=True)
+                out["report_error"] = str(exc)[:500]
             if summary["n_ok"] == 0:
                 log.warning("[%s] no frame of the session could be reduced", session.session_id)
             return out
@@ -314,20 +392,34 @@ def build_reduction_dag(obs: ObservatoryConfig):
             return {k: v for k, v in res.items() if not isinstance(v, list) or len(v) <= 50}
 
         @task(task_id="notify")
-        def notify(prev: dict) -> dict:
-            """Tell the observers (skipped until rpp_tasks.notify exists)."""
+        def notify(prev: dict, **context) -> dict:
+            """Tell the observers by e-mail and Telegram (docs/notifications.md).
+
+            Nothing configured -> skipped. A send that still fails after its retries fails this task
+            only (after Airflow's own retries, which resend only what was not delivered): products and
+            archive are untouched, the run shows failed, the operators are alerted.
+            """
             from airflow.sdk.exceptions import AirflowSkipException
 
             try:
                 from rpp_tasks import notify as rpp_notify
             except ImportError as exc:
                 raise AirflowSkipException(f"rpp_tasks.notify not available: {exc}") from None
-            if not hasattr(rpp_notify, "run_notify"):
-                raise AirflowSkipException("rpp_tasks.notify has no run_notify(session, obs) yet")
             from rpp_tasks.session import Session
 
-            res = rpp_notify.run_notify(Session.load(prev["workdir"]), obs)
-            return res if isinstance(res, dict) else {"result": str(res)}
+            settings, errors = notify_settings(obs)
+            res = rpp_notify.run_notify(Session.load(prev["workdir"]), obs, **settings, config_errors=errors,
+                                        run_key=context.get("run_id"))
+            brief = {k: res.get(k) for k in ("status", "n_ok", "n_failed", "n_skipped", "failed", "report",
+                                              "products_zip", "notify_json")}
+            if res["status"] == "failed":
+                raise rpp_notify.NotificationError(
+                    "notification failed (the products and the archive are not affected): " + "; ".join(res["failed"]))
+            if res["status"] == "skipped":
+                raise AirflowSkipException("nothing sent: " + "; ".join(
+                    f"{n['channel']}: {n['error']}" for n in res["notices"]) if res["notices"]
+                    else "nothing sent: no notification channel configured")
+            return brief
 
         prev = validate()
         for task_id, stages in STAGE_TASKS.items():

@@ -428,8 +428,8 @@ def zeropoint_stars(zp_record: Mapping[str, Any] | None):
     used = np.ones(len(table), bool)
     for name, invert in (("used", False), ("in_fit", False), ("clipped", True), ("rejected", True)):
         if name in table.colnames:
-            used = np.asarray(table[name], dtype=bool)
-            used = ~used if invert else used
+            flag = np.ma.filled(np.ma.asarray(table[name]), fill_value=not invert).astype(bool)
+            used = ~flag if invert else flag
             break
     return Table({"mag_ref": ref, "residual_mag": res, "used": used})
 
@@ -1238,9 +1238,13 @@ def build_report(session_summary: Mapping[str, Any], *, workdir: str | os.PathLi
                 if (d / "background.fits").is_file():
                     from astropy.io import fits
 
-                    with fits.open(d / "background.fits", memmap=False) as hdul:
-                        if "BKG" in hdul:
-                            background = np.asarray(hdul["BKG"].data, np.float32)
+                    try:
+                        with fits.open(d / "background.fits", memmap=False) as hdul:
+                            if "BKG" in hdul:
+                                background = np.asarray(hdul["BKG"].data, np.float32)
+                    except (OSError, ValueError) as exc:
+                        log.warning("[%s] report: %s unreadable (%s); background re-estimated", sid,
+                                    d / "background.fits", exc)
                 maps = measure_field_maps(data, cat, background=background, mask=mask,
                                           saturation_adu=saturation_adu, fwhm_guess_px=fwhm)
                 return plot_field_maps(maps, pixel_scale_arcsec=_finite(best.get("pixel_scale_arcsec")))

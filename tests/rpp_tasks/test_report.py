@@ -1,0 +1,249 @@
+"""Session report: self-contained HTML, plots, honest "not available yet" sections, products ZIP."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+
+from rpp_tasks import report
+from rpp_tasks.session import Session
+
+PNG = b"\x89PNG\r\n\x1a\n"
+SHAPE = (160, 200)
+
+
+def _star_image(rng, xs, ys, fluxes, *, fwhm_px=3.2, sky=500.0, noise=8.0):
+    yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]]
+    sigma = fwhm_px / 2.3548
+    img = np.full(SHAPE, sky, float) + rng.normal(0, noise, SHAPE)
+    for x, y, f in zip(xs, ys, fluxes):
+        img += f / (2 * np.pi * sigma**2) * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma**2))
+    return img.astype(np.float32)
+
+
+def make_fake_session(tmp_path: Path, *, n_ok: int = 2, rejected: bool = True, zeropoint: bool = False,
+                      candidates: bool = False, session_id: str = "2025-01-15") -> Session:
+    """A small session work folder shaped like the pipeline's output (no reduction run: fast)."""
+    rng = np.random.default_rng(1)
+    s = Session.create(tmp_path / "raw" / session_id, observatory="demo", work_root=tmp_path / "work",
+                       session_id=session_id)
+    frames = []
+    for i in range(n_ok):
+        stem = f"demo_V_{i + 1:03d}"
+        d = s.frame_dir(stem)
+        n = 40
+        xs, ys = rng.uniform(12, SHAPE[1] - 12, n), rng.uniform(12, SHAPE[0] - 12, n)
+        fluxes = 10 ** rng.uniform(3.3, 5, n)
+        img = _star_image(rng, xs, ys, fluxes)
+        hdr = fits.Header({"OBJECT": "M 42", "EXPTIME": 60.0, "DATE-OBS": f"2025-01-15T20:{30 + 2 * i}:00",
+                           "TELESCOP": "Demo 0.4 m", "INSTRUME": "SYNTH-CAM", "OBSERVER": "A. Observer",
+                           "FILTER": "V"})
+        hdr["AMBTEMP"] = (4.5 + i, "[C] ambient temperature")
+        hdr["HUMIDITY"] = (71.0 - i, "[%] relative humidity")
+        fits.HDUList([fits.PrimaryHDU(img, hdr), fits.ImageHDU(np.zeros(SHAPE, np.uint8), name="MASK")]).writeto(
+            d / "calibrated.fits")
+        flux_err = np.sqrt(fluxes + 2000.0)
+        mag = -2.5 * np.log10(fluxes / 60.0)
+        mag_err = 1.0857 * flux_err / fluxes
+        snr = fluxes / flux_err
+        cat = Table({"id": np.arange(1, n + 1), "x_centroid": xs, "y_centroid": ys, "flux": fluxes,
+                     "peak": fluxes / (2 * np.pi * (3.2 / 2.3548) ** 2), "npix": np.full(n, 20),
+                     "a_px": np.full(n, 1.4), "b_px": np.full(n, 1.35), "theta_rad": np.zeros(n),
+                     "flag": np.zeros(n, int), "mag_psf": mag, "mag_err_psf": mag_err,
+                     "mag_1p3fwhm": mag + 0.01, "mag_err_1p3fwhm": mag_err * 1.1, "snr": snr,
+                     "quality": np.where(snr > 10, "good", np.where(snr > 5, "marginal", "poor")),
+                     "bkg_local": np.full(n, 500.0)})
+        cat.write(d / "catalog.ecsv", format="ascii.ecsv")
+        summary = {"frame": stem, "status": "ok", "reason": None, "failed_stage": None, "object": "M 42",
+                   "band": "V", "exptime_s": 60.0, "date_obs": hdr["DATE-OBS"], "n_sources": n,
+                   "fwhm_px": 3.2 + 0.1 * i, "fwhm_arcsec": 3.52 + 0.11 * i, "pixel_scale_arcsec": 1.1,
+                   "background_adu": 500.0 + 5 * i, "limiting_mag_inst": -2.5 - 0.05 * i,
+                   "calibrated": str(d / "calibrated.fits"), "catalog": str(d / "catalog.ecsv")}
+        if zeropoint:
+            summary.update(zp_mag=21.40 + 0.01 * i, zp_err_mag=0.012, n_zp_stars=25)
+            stars = [{"mag_ref": float(m), "mag_inst": float(m - 21.4 + r), "residual_mag": float(-r),
+                      "used": bool(abs(r) < 0.1)} for m, r in zip(rng.uniform(11, 16, 25), rng.normal(0, 0.04, 25))]
+            (d / "zeropoint.json").write_text(json.dumps({"zp_mag": 21.40 + 0.01 * i, "zp_err_mag": 0.012,
+                                                          "n_used": 25, "stars": stars}))
+        if candidates:
+            Table({"id": ["T1"], "x_centroid": [xs[0]], "y_centroid": [ys[0]], "ra": [83.8221], "dec": [-5.3911],
+                   "mag": [15.2], "snr": [42.0]}).write(d / "candidates.ecsv", format="ascii.ecsv")
+        (d / "summary.json").write_text(json.dumps(summary))
+        (d / "background.fits").write_bytes(b"checkpoint, not a product")
+        (d / "sources.ecsv").write_text("# checkpoint\n")
+        frames.append(summary)
+    if rejected:
+        frames.append({"frame": "demo_V_bad", "status": "rejected", "reason": "truncated FITS file",
+                       "failed_stage": "read"})
+        s.reject("demo_V_bad", reason="truncated FITS file", stage="read")
+    ok = [f for f in frames if f["status"] == "ok"]
+    s.write_json("manifest.json", {"science": [{"stem": f["frame"]} for f in frames]})
+    s.write_json("session_summary.json", {
+        "observatory": "demo", "session_id": session_id, "workdir": str(s.workdir), "rpp_version": "0.1.0",
+        "config_hash": "abc123", "n_science": len(frames), "n_ok": len(ok), "n_rejected": len(frames) - len(ok),
+        "n_calibration": {"bias": 5, "dark": 3, "flat": 5}, "rejected_files": {},
+        "median_fwhm_arcsec": float(np.median([f["fwhm_arcsec"] for f in ok])) if ok else None,
+        "median_fwhm_px": float(np.median([f["fwhm_px"] for f in ok])) if ok else None, "frames": frames})
+    return s
+
+
+FAKE_OBS = SimpleNamespace(
+    name="demo", observatory="demo", title="Demo observatory",
+    site=SimpleNamespace(name="Demo site", latitude_deg=43.75, longitude_deg=6.92, elevation_m=1270.0),
+    camera=SimpleNamespace(name="SYNTH-CCD", telescope="Demo 0.4 m", saturation_adu=60000.0))
+
+
+def _images(page: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)]
+
+
+# ----------------------------------------------------------------------------- build_report
+def test_report_is_self_contained_with_plots_table_and_facts(tmp_path):
+    s = make_fake_session(tmp_path)
+    res = report.build_report(s.read_json("session_summary.json"), workdir=s.workdir, title="Demo observatory",
+                              site=report.site_facts(FAKE_OBS))
+    page = Path(res.html_path).read_text()
+    images = _images(page)
+    assert len(images) == 4 and all(img.startswith(PNG) for img in images)       # trends, preview, mag, field
+    assert set(res.plot_paths) == {"trends", "preview", "mag_error", "field"}
+    assert all(Path(p).read_bytes().startswith(PNG) for p in res.plot_paths.values())
+    # nothing fetched from elsewhere: opens offline
+    assert not re.search(r'(src|href)="(https?:)?//', page) and "<script" not in page and "<link" not in page
+    # header facts and weather keywords
+    for text in ("M 42", "A. Observer", "SYNTH-CAM", "Demo 0.4 m", "Demo site", "ambient temperature",
+                 "AMBTEMP", "humidity"):
+        assert text in page, text
+    # per-frame table: rejected frame with its stage and reason
+    assert "demo_V_bad" in page and "truncated FITS file" in page
+    assert res.n_frames == 3 and res.n_ok == 2 and res.preview_frame == "demo_V_001"   # best FWHM
+    assert res.flags == ()
+
+
+def test_missing_zero_points_and_candidates_say_not_available(tmp_path):
+    s = make_fake_session(tmp_path)
+    res = report.build_report(s.read_json("session_summary.json"), workdir=s.workdir)
+    page = Path(res.html_path).read_text()
+    assert "Zero-point residuals: not available yet" in page
+    assert "Transient candidates: not available yet" in page
+    assert "zeropoint" not in res.plot_paths
+    assert res.available == {"zeropoint": False, "zeropoint_residuals": False, "candidates": False, "weather": True}
+    assert "21.4" not in page                                                       # no invented zero point
+
+
+def test_zero_points_and_candidates_rendered_when_present(tmp_path):
+    s = make_fake_session(tmp_path, zeropoint=True, candidates=True)
+    res = report.build_report(s.read_json("session_summary.json"), workdir=s.workdir)
+    page = Path(res.html_path).read_text()
+    assert "zeropoint" in res.plot_paths and len(_images(page)) == 5
+    assert "21.400 ± 0.012" in page                                                  # per-frame zero point
+    assert "not available yet" not in page.split("<h2>Zero point</h2>")[1].split("<h2>")[0]
+    assert "T1" in page and "83.82210" in page                                       # candidate table
+    assert res.available["candidates"] and res.available["zeropoint_residuals"]
+    # calibrated limiting magnitude = instrumental + zero point
+    assert f"{-2.5 + 21.40:.2f}" in page
+
+
+def test_report_of_a_session_without_reduced_frames(tmp_path):
+    s = make_fake_session(tmp_path, n_ok=0)
+    res = report.build_report(s.read_json("session_summary.json"), workdir=s.workdir)
+    page = Path(res.html_path).read_text()
+    assert res.flags == ("no_reduced_frame",) and res.plot_paths == {}
+    assert "0 / 1" in page.replace("<span style='font-size:15px;color:#5b6575'>", "") and "truncated FITS" in page
+
+
+def test_build_report_bad_input_raises(tmp_path):
+    with pytest.raises(ValueError, match="frames"):
+        report.build_report({"session_id": "x"}, workdir=tmp_path)
+
+
+def test_html_escapes_header_values(tmp_path):
+    summary = {"session_id": "n1", "observatory": "o", "frames": [
+        {"frame": "f<1>", "status": "rejected", "reason": "<script>alert(1)</script>", "failed_stage": "read"}]}
+    page = report.render_report_html(summary)
+    assert "<script>" not in page and "&lt;script&gt;" in page
+
+
+# ----------------------------------------------------------------------------- pure pieces
+def test_zscale_limits_and_bad_input():
+    rng = np.random.default_rng(0)
+    img = rng.normal(100, 5, (64, 64))
+    img[10, 10] = 1e6
+    lo, hi = report.zscale_limits(img)
+    assert 80 < lo < 100 < hi < 130
+    with pytest.raises(ValueError, match="2-D"):
+        report.zscale_limits(np.zeros(10))
+    with pytest.raises(ValueError, match="no finite"):
+        report.zscale_limits(np.full((4, 4), np.nan))
+
+
+def test_plot_functions_return_png():
+    rng = np.random.default_rng(0)
+    img = rng.normal(100, 5, (80, 120))
+    cands = Table({"x": [10.0], "y": [20.0], "name": ["AT1"]})
+    assert report.plot_frame_preview(img, candidates=cands, title="t").startswith(PNG)
+    cat = Table({"mag_psf": [-8.0, -6.0, np.nan], "mag_err_psf": [0.01, 0.05, np.nan],
+                 "mag_1p3fwhm": [-8.0, -6.0, -4.0], "mag_err_1p3fwhm": [0.01, 0.05, 0.2]})
+    assert report.plot_mag_error({"a": cat}).startswith(PNG)
+    frames = [{"status": "ok", "date_obs": None, "fwhm_px": 3.0, "background_adu": 10, "n_sources": 5,
+               "limiting_mag_inst": -3.0}]
+    assert report.plot_night_trends(frames).startswith(PNG)
+    with pytest.raises(ValueError, match="no reduced frame"):
+        report.plot_night_trends([{"status": "rejected"}])
+
+
+def test_zeropoint_stars_accepts_row_lists_and_columns():
+    rows = report.zeropoint_stars({"zp_mag": 20.0, "stars": [{"ref_mag": 12.0, "mag_inst": -8.1},
+                                                             {"ref_mag": 13.0, "mag_inst": -6.9, "clipped": True}]})
+    assert list(np.round(rows["residual_mag"], 3)) == [0.1, -0.1] and list(rows["used"]) == [True, False]
+    cols = report.zeropoint_stars({"matched": {"mag_ref": [12.0], "residual_mag": [0.02]}})
+    assert len(cols) == 1 and cols["used"][0]
+    assert report.zeropoint_stars({"zp_mag": 20.0}) is None
+    assert report.zeropoint_stars(None) is None
+
+
+def test_header_facts_collects_distinct_values_and_weather():
+    h1 = fits.Header({"OBJECT": "M 42", "OBSERVER": "Ann", "HUMIDITY": 70.0})
+    h2 = fits.Header({"OBJECT": "M 43", "OBSERVER": "Ann", "HUMIDITY": 80.0})
+    facts = report.header_facts({"a": h1, "b": h2, "c": None})
+    assert facts["facts"]["object"] == ["M 42", "M 43"] and facts["facts"]["observer"] == ["Ann"]
+    assert facts["weather"]["HUMIDITY"]["median"] == 75.0 and facts["weather"]["HUMIDITY"]["n_frames"] == 2
+    assert "AMBTEMP" not in facts["weather"]
+
+
+# ----------------------------------------------------------------------------- ZIP and adapter
+def test_zip_products_holds_products_not_checkpoints(tmp_path):
+    s = make_fake_session(tmp_path, candidates=True)
+    out = report.zip_products(s)
+    assert out == s.workdir / "2025-01-15_products.zip"
+    names = set(zipfile.ZipFile(out).namelist())
+    assert {"2025-01-15/session_summary.json", "2025-01-15/frames/demo_V_001/calibrated.fits",
+            "2025-01-15/frames/demo_V_001/catalog.ecsv", "2025-01-15/frames/demo_V_001/candidates.ecsv"} <= names
+    assert not any(n.endswith(("background.fits", "sources.ecsv", "session.json")) for n in names)
+    small = report.zip_products(s, out_path=tmp_path / "small.zip", include_images=False)
+    assert not any(n.endswith("calibrated.fits") for n in zipfile.ZipFile(small).namelist())
+
+
+def test_run_report_writes_report_zip_and_record(tmp_path):
+    s = make_fake_session(tmp_path)
+    out = report.run_report(s, FAKE_OBS)
+    assert Path(out["html_path"]) == s.workdir / "report" / "report.html"
+    assert "2025-01-15/report/report.html" in zipfile.ZipFile(out["products_zip"]).namelist()
+    assert s.read_json("report/report.json")["products_zip"] == out["products_zip"]
+    page = Path(out["html_path"]).read_text()
+    assert "href='../2025-01-15_products.zip'" in page                                  # relative link
+    assert json.loads(json.dumps(out)) == out                                           # JSON-safe (XCom)
+
+
+def test_run_report_needs_a_session_summary(tmp_path):
+    s = Session.create(tmp_path / "raw", observatory="demo", work_root=tmp_path / "work", session_id="n1")
+    with pytest.raises(FileNotFoundError, match="session_summary.json"):
+        report.run_report(s, FAKE_OBS)
