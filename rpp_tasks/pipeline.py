@@ -46,7 +46,11 @@ __all__ = ["FRAME_STAGES", "FrameWork", "reduce_frame", "open_session", "prepare
 log = logging.getLogger(__name__)
 
 #: Per-frame stages in the order they run (BANZAI-style ordered list).
-FRAME_STAGES = ("calibrate", "cosmics", "background", "detect", "photometry")
+#: astrometry updates the header WCS before photometry computes RA/Dec; zero_point, enrich and transients
+#: (rpp_tasks.skycal) update the catalogue after it and never stop a frame when a service is down.
+FRAME_STAGES = ("calibrate", "cosmics", "background", "detect", "astrometry", "photometry", "zero_point",
+                "enrich", "transients")
+_PHOT = FRAME_STAGES.index("photometry")
 
 
 # =============================================================================== state
@@ -211,18 +215,19 @@ def step_photometry(fw: FrameWork, obs: ObservatoryConfig) -> dict:
         raise FrameRejected("FWHM could not be measured (no isolated unsaturated stars)",
                             path=str(fw.raw_path), stage="photometry")
     epsf_info = {}
-    sources = fw.sources
+    sources, psf_model, epsf = fw.sources, None, None
     if cfg.psf:
         epsf = psf.build_epsf(data_sub, fw.sources, fwhm_px=fwhm.fwhm_px, oversampling=cfg.epsf_oversampling,
                               max_stars=cfg.epsf_max_stars, mask=fw.mask, beta=fwhm.beta,
                               saturation_adu=meta["saturation_adu"] - float(fw.bkg_summary["background_adu"]))
         fit = photometry.psf_photometry_with_residual_detection(
             data_sub, fw.rms, fw.sources, epsf, gain_e_per_adu=gain, exptime_s=exptime, mask=fw.mask)
-        sources = fit.table
+        sources, psf_model = fit.table, fit.model
         epsf_info = {"epsf_n_stars": int(epsf.n_stars), "n_residual_sources": int(fit.n_added)}
     cat = photometry.aperture_photometry(
         data_sub, fw.rms, sources, fwhm_px=fwhm.fwhm_px, fixed_radius_px=cfg.fixed_radius_px,
-        annulus_fwhm=cfg.annulus_fwhm, gain_e_per_adu=gain, exptime_s=exptime, mask=fw.mask)
+        annulus_fwhm=cfg.annulus_fwhm, gain_e_per_adu=gain, exptime_s=exptime, mask=fw.mask,
+        psf_model=psf_model, epsf=epsf)   # neighbours' fitted models subtracted
     cat = photometry.quality_flags(cat, saturation_adu=meta["saturation_adu"], shape=fw.data.shape,
                                    fwhm_px=fwhm.fwhm_px, data=fw.data)
     _add_sky_coordinates(cat, fw.header)
@@ -266,6 +271,15 @@ _STEPS: dict[str, Callable] = {
     "cosmics": step_cosmics, "background": step_background, "detect": step_detect,
     "photometry": step_photometry,
 }
+
+
+def _register_skycal_steps() -> None:
+    from rpp_tasks import skycal
+    _STEPS.update({"astrometry": skycal.step_astrometry, "zero_point": skycal.step_zero_point,
+                   "enrich": skycal.step_enrich, "transients": skycal.step_transients})
+
+
+_register_skycal_steps()
 
 
 # =============================================================================== checkpoint I/O
@@ -355,13 +369,21 @@ def frame_summary(fw: FrameWork, obs: ObservatoryConfig, *, status: str = "ok", 
         "rpp_version": __version__,
         "object": fw.meta.get("object"), "band": fw.meta.get("band"), "filter_raw": fw.meta.get("filter_raw"),
         "exptime_s": fw.meta.get("exptime_s"), "date_obs": fw.meta.get("date_obs"),
-        "mjd_obs": fw.meta.get("mjd_obs"), "wcs_status": fw.meta.get("wcs_status"),
-        "pixel_scale_arcsec": fw.meta.get("pixel_scale_arcsec"),
+        "mjd_obs": fw.meta.get("mjd_obs"), "wcs_status": fw.results.get("astrometry", {}).get("wcs_status") or fw.meta.get("wcs_status"),
+        "pixel_scale_arcsec": fw.results.get("astrometry", {}).get("pixel_scale_arcsec")
+        or fw.meta.get("pixel_scale_arcsec"),
         "n_sources": phot.get("n_sources", fw.results.get("detect", {}).get("n_sources")),
         "fwhm_px": phot.get("fwhm_px"), "fwhm_arcsec": phot.get("fwhm_arcsec"),
         "background_adu": fw.bkg_summary.get("background_adu"),
         "background_rms_adu": fw.bkg_summary.get("background_rms_adu"),
         "limiting_mag_inst": phot.get("limiting_mag_inst"),
+        "wcs_source": fw.results.get("astrometry", {}).get("wcs_source"),
+        "astrometric_rms_arcsec": fw.results.get("astrometry", {}).get("astrometric_rms_arcsec"),
+        "zp_mag": fw.results.get("zero_point", {}).get("zp_mag"),
+        "zp_err_mag": fw.results.get("zero_point", {}).get("zp_err_mag"),
+        "n_zp_stars": fw.results.get("zero_point", {}).get("n_zp_stars"),
+        "airmass": fw.results.get("zero_point", {}).get("airmass"),
+        "n_transient_candidates": fw.results.get("transients", {}).get("n_candidates"),
         "cpu_s_total": round(sum(v.get("cpu_s", 0.0) for v in stages.values()), 4),
         "wall_s_total": round(sum(v.get("wall_s", 0.0) for v in stages.values()), 4),
         "stages": stages,
@@ -482,14 +504,14 @@ def prepare_masters(session: Session, obs: ObservatoryConfig) -> dict:
 
 def _save_checkpoints(fw: FrameWork, stages: tuple[str, ...], *, keep_intermediate: bool) -> None:
     """Write what later stages (possibly other processes) will read, and the final products."""
-    if "calibrate" in stages or "cosmics" in stages:
+    if "calibrate" in stages or "cosmics" in stages or "astrometry" in stages:
         _save_calibrated(fw)
     finishes = "photometry" in stages
     if "background" in stages and (keep_intermediate or not finishes):
         _save_background(fw)
     if "detect" in stages and (keep_intermediate or not finishes):
         fw.sources.write(fw.outdir / "sources.ecsv", format="ascii.ecsv", overwrite=True)
-    if finishes:
+    if finishes or any(s in stages for s in FRAME_STAGES[_PHOT + 1:]):
         _save_catalog(fw)
 
 
@@ -508,11 +530,15 @@ def _frame_job(workdir: str, stem: str, raw_path: str, stages: tuple[str, ...], 
         i0 = FRAME_STAGES.index(stages[0])
         if i0 >= 1:
             _load_calibrated(fw)
-        if i0 >= 3:
+        if 3 <= i0 <= _PHOT:
             _load_background(fw)
-        if i0 >= 4:
+        if 4 <= i0 <= _PHOT:
             from astropy.table import Table
             fw.sources = Table.read(outdir / "sources.ecsv", format="ascii.ecsv")
+        if i0 > _PHOT:
+            from astropy.table import Table
+            fw.catalog = Table.read(outdir / "catalog.ecsv", format="ascii.ecsv")
+            fw.bkg_summary = dict(fw.results.get("background", {}))
         for stage in stages:
             with _Timer() as t:
                 res = step_calibrate(fw, obs, masters) if stage == "calibrate" else _STEPS[stage](fw, obs)
