@@ -159,10 +159,54 @@ def _annulus_background(data, var, bad, x, y, r_in, r_out, *, clip_sigma=3.0, n_
     return bkg, n_ann, var_mean
 
 
+def _own_model_sums(sources, x, y, epsf, radii):
+    """Aperture sums (per label) of each source's own fitted PSF model, apertures at ``(x, y)``.
+
+    The unit-flux model stamps are laid side by side in a mosaic and summed with the same exact
+    SEP apertures as the image.
+    """
+    import sep
+
+    n = x.size
+    xp = np.asarray(sources["x_psf"], float)
+    yp = np.asarray(sources["y_psf"], float)
+    fp = np.asarray(sources["flux_psf"], float)
+    ok = np.isfinite(xp) & np.isfinite(yp) & np.isfinite(fp) & np.isfinite(x) & np.isfinite(y)
+    ok &= np.hypot(xp - x, yp - y) < 3.0
+    out = {lab: np.zeros(n) for lab in radii}
+    if not np.any(ok):
+        return out
+    half = int(math.ceil(max(radii.values()))) + 2
+    size = 2 * half + 1
+    idx = np.flatnonzero(ok)
+    ix = np.rint(x[idx]).astype(np.int64)
+    iy = np.rint(y[idx]).astype(np.int64)
+    st = epsf.stamps(xp[idx], yp[idx], half, ix=ix, iy=iy)        # (m, S, S), unit flux
+    m = idx.size
+    ncol = int(math.ceil(math.sqrt(m)))
+    nrow = int(math.ceil(m / ncol))
+    mosaic = np.zeros((nrow, ncol, size, size))
+    mosaic.reshape(nrow * ncol, size, size)[:m] = st
+    mosaic = np.ascontiguousarray(mosaic.transpose(0, 2, 1, 3).reshape(nrow * size, ncol * size))
+    tile = np.arange(m)
+    xm = (tile % ncol) * size + half + (x[idx] - ix)
+    ym = (tile // ncol) * size + half + (y[idx] - iy)
+    for lab, r in radii.items():
+        out[lab][idx] = fp[idx] * sep.sum_circle(mosaic, xm, ym, r, subpix=0)[0]
+    return out
+
+
 def aperture_photometry(data_sub, rms, sources, *, fwhm_px, fixed_radius_px, annulus_fwhm=(3.0, 5.0),
-                        gain_e_per_adu, exptime_s, mask=None, local_background=True):
+                        gain_e_per_adu, exptime_s, mask=None, local_background=True, psf_model=None, epsf=None):
     """
     Circular-aperture photometry with a local annulus background.
+
+    With ``psf_model`` and ``epsf`` (the model image and the ePSF of a PSF fit of the same
+    sources), each star is measured on the image with its *neighbours* subtracted: the apertures
+    and the annulus are summed on ``data_sub - psf_model`` and the star's own model inside each
+    aperture (``flux_psf`` times the aperture sum of the ePSF at ``x_psf, y_psf``) is added back.
+    The wings of neighbours (and the star's own wings in the annulus) then no longer bias the
+    flux or add scatter; the error model is unchanged.
 
     Parameters
     ----------
@@ -186,6 +230,11 @@ def aperture_photometry(data_sub, rms, sources, *, fwhm_px, fixed_radius_px, ann
         Bad pixels: excluded from apertures (flagged in ``flag_aper``) and from the annulus.
     local_background : bool, optional
         Subtract the sigma-clipped annulus mean ``bkg_local`` (default True).
+    psf_model : array_like, optional
+        Fitted model image of all sources (e.g. `PsfPassResult.model`); needs ``epsf`` and the
+        columns ``x_psf``, ``y_psf``, ``flux_psf`` in ``sources``.
+    epsf : `rpp_tasks.psf.EPSFModel`, optional
+        The ePSF of that fit.
 
     Returns
     -------
@@ -228,6 +277,15 @@ def aperture_photometry(data_sub, rms, sources, *, fwhm_px, fixed_radius_px, ann
     bad = ~np.isfinite(data)
     if mask is not None:
         bad = bad | mask
+    own = None
+    if psf_model is not None:
+        if epsf is None or not all(c in sources.colnames for c in ("x_psf", "y_psf", "flux_psf")):
+            raise ValueError(f"{func}: psf_model needs epsf and the x_psf, y_psf, flux_psf columns")
+        psf_model = np.asarray(psf_model)
+        if psf_model.shape != data.shape:
+            raise ValueError(f"{func}: psf_model shape {psf_model.shape} does not match {data.shape}")
+        data = data - psf_model.astype(dt, copy=False)
+        own = _own_model_sums(sources, x, y, epsf, radii)
     work = np.ascontiguousarray(np.where(bad, dt(0.0), data), dtype=dt)
     rms_c = np.asarray(rms, dtype=dt)
     var = np.ascontiguousarray(rms_c * rms_c)
@@ -251,6 +309,8 @@ def aperture_photometry(data_sub, rms, sources, *, fwhm_px, fixed_radius_px, ann
                 ones = np.ones(data.shape, dtype=dt)
             area[trunc] = sep.sum_circle(ones, x[trunc], y[trunc], r, subpix=0)[0]
         flux = s - bkg_used * area
+        if own is not None:
+            flux = flux + own[lab]
         var_star = np.maximum(flux, 0.0) / gain_e_per_adu
         mean_var = np.where(area > 0, svar / np.maximum(area, 1e-12), np.nan)
         var_bkg_mean = np.where(n_ann > 0, area**2 * mean_var / np.maximum(n_ann, 1), np.inf) \
@@ -543,6 +603,8 @@ class PsfPassResult:
         Sources found on the residual image and added.
     n_refit : int
         Sources fitted again together with the added ones (added ones included).
+
+    The input sources dropped by the refit (see ``prune_snr``) are not in ``table``.
     """
 
     table: Table
@@ -564,7 +626,8 @@ def _fit_xy(table):
 
 
 def psf_photometry_with_residual_detection(data_sub, rms, sources, epsf, *, gain_e_per_adu, exptime_s, mask=None,
-                                           min_snr=5.0, candidate_snr=4.0, model_error_frac=0.03, **psf_kwargs):
+                                           min_snr=5.0, candidate_snr=4.0, model_error_frac=0.03, refit_iterations=3,
+                                           prune_snr=2.0, merge_radius_px=1.0, **psf_kwargs):
     """
     PSF photometry, then detection on the fit residual and a joint refit with the new sources.
 
@@ -575,7 +638,9 @@ def psf_photometry_with_residual_detection(data_sub, rms, sources, epsf, *, gain
        imperfections of the PSF model in bright cores from making stars) and the same
        matched-filter S/N cut as the detection stage (``min_snr``);
     3. the new sources and every old source whose footprint can overlap theirs are fitted again
-       together (one extra pass) on the image with the model of all other sources subtracted.
+       together (one extra pass, a few position steps) on the image with the model of all other
+       sources subtracted; refitted sources left without significant flux, or on top of a brighter
+       one, are dropped.
 
     This recovers faint stars 2-8 px from brighter ones that the segmentation of
     `rpp_tasks.detection.detect_sources` merges into the bright star.
@@ -590,6 +655,12 @@ def psf_photometry_with_residual_detection(data_sub, rms, sources, epsf, *, gain
         Threshold of the residual S/N map for candidate peaks.
     model_error_frac : float, optional
         Relative PSF-model error added to the residual variance.
+    refit_iterations : int, optional
+        Position steps of the joint refit (each clipped to ``max_shift_px``).
+    prune_snr, merge_radius_px : float, optional
+        After the refit, a refitted source whose PSF flux S/N is below ``prune_snr``, or that lies
+        within ``merge_radius_px`` of a brighter refitted source, is dropped (the lobes of a
+        merged pair that the first fit placed between the two stars) and the rest fitted again.
     **psf_kwargs
         Passed to `psf_photometry` (``fit_shape``, ``refine_positions``, ...).
 
@@ -649,38 +720,78 @@ def psf_photometry_with_residual_detection(data_sub, rms, sources, epsf, *, gain
     sub_model = epsf.render(shape, x1[sub], y1[sub], f1[sub])
     others = model - sub_model
     rms_refit = np.sqrt(np.asarray(rms, np.float64) ** 2 + np.maximum(others, 0.0) / gain_e_per_adu)
-    t2 = psf_photometry(resid + sub_model, rms_refit, refit, epsf, gain_e_per_adu=gain_e_per_adu,
-                        exptime_s=exptime_s, mask=mask, **psf_kwargs)
+    data_refit = resid + sub_model
+    del resid, var
+    n_new = len(new)
+    is_new = np.concatenate([np.zeros(sub.size, bool), np.ones(n_new, bool)])
+    origin = np.concatenate([sub, np.arange(n_new)])      # row in t1 (old) or in ``new``
+
+    def fit(tab):
+        return psf_photometry(data_refit, rms_refit, tab, epsf, gain_e_per_adu=gain_e_per_adu,
+                              exptime_s=exptime_s, mask=mask, **psf_kwargs)
+
+    # a merged pair leaves two lobes around the first fit: positions need a few steps to move
+    # (each step is clipped to max_shift_px), then sources that lost their flux or sit on top of a
+    # brighter one are dropped and the rest fitted once more
+    t2 = fit(refit)
+    for _ in range(max(0, int(refit_iterations) - 1)):
+        refit["x_centroid"], refit["y_centroid"] = _fit_xy(t2)
+        t2 = fit(refit)
+    f2 = np.asarray(t2["flux_psf"], float)
+    e2 = np.asarray(t2["flux_err_psf"], float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snr2 = f2 / e2
+    x2, y2 = _fit_xy(t2)
+    drop = ~(snr2 >= prune_snr)
+    rank = np.empty(f2.size, np.int64)
+    rank[np.argsort(-np.nan_to_num(f2, nan=-np.inf), kind="stable")] = np.arange(f2.size)
+    pts = np.column_stack([np.nan_to_num(x2, nan=-1e9), np.nan_to_num(y2, nan=-1e9)])
+    pairs = cKDTree(pts).query_pairs(merge_radius_px, output_type="ndarray")
+    if pairs.size:
+        drop[np.where(rank[pairs[:, 0]] > rank[pairs[:, 1]], pairs[:, 0], pairs[:, 1])] = True
+    if np.any(drop):
+        refit = refit[~drop]
+        is_new, origin = is_new[~drop], origin[~drop]
+        refit["x_centroid"], refit["y_centroid"] = x2[~drop], y2[~drop]
+        t2 = fit(refit)
+    keep_old = np.ones(len(t1), bool)
+    keep_old[sub[~np.isin(sub, origin[~is_new])]] = False
     psf_cols = [c for c in t2.colnames if c not in src_cols]
+    old_rows = np.flatnonzero(~is_new)
     for c in psf_cols:
         if c in t1.colnames:
-            t1[c][sub] = t2[c][: sub.size]
-    # append the new sources (all columns of t1; detection columns from the residual search)
-    n_new = len(new)
+            t1[c][origin[old_rows]] = t2[c][old_rows]
+    # append the new sources (all columns of t1; detection columns from the residual search;
+    # their x_centroid / y_centroid are the PSF-fit positions)
+    new_rows = np.flatnonzero(is_new)
+    new_kept = new[origin[new_rows]]
+    xn2, yn2 = _fit_xy(t2[new_rows])
+    new_kept["x_centroid"], new_kept["y_centroid"] = xn2, yn2
+    n_add = len(new_kept)
     add = {}
     next_id = int(np.max(t1["id"])) + 1 if "id" in t1.colnames and len(t1) else 1
     for c in t1.colnames:
         col = t1[c]
         if c == "id":
-            add[c] = np.arange(next_id, next_id + n_new, dtype=col.dtype)
-        elif c in t2.colnames:
-            add[c] = np.asarray(t2[c][sub.size:]).astype(col.dtype)
-        elif c in new.colnames:
-            add[c] = np.asarray(new[c]).astype(col.dtype)
+            add[c] = np.arange(next_id, next_id + n_add, dtype=col.dtype)
+        elif c in psf_cols:
+            add[c] = np.asarray(t2[c][new_rows]).astype(col.dtype)
+        elif c in new_kept.colnames:
+            add[c] = np.asarray(new_kept[c]).astype(col.dtype)
         else:
             fill = np.nan if col.dtype.kind == "f" else (0 if col.dtype.kind in "iub" else "")
-            add[c] = np.full(n_new, fill, dtype=col.dtype)
-    out = Table({c: np.concatenate([np.asarray(t1[c]), add[c]]) for c in t1.colnames}, meta=t1.meta)
+            add[c] = np.full(n_add, fill, dtype=col.dtype)
+    out = Table({c: np.concatenate([np.asarray(t1[c])[keep_old], add[c]]) for c in t1.colnames}, meta=t1.meta)
     for c in t1.colnames:
         if t1[c].unit is not None:
             out[c].unit = t1[c].unit
     x2, y2 = _fit_xy(t2)
     f2 = np.nan_to_num(np.asarray(t2["flux_psf"], float))
     model = others + epsf.render(shape, x2, y2, f2)
-    # group sizes of the refitted stars now include the added neighbours
-    out.meta.update(n_residual_sources=n_new, n_refit_psf=int(len(t2)))
-    log.info("%s: %d sources added from the residual, %d refitted", func, n_new, len(t2))
-    return PsfPassResult(out, model, n_new, len(t2))
+    n_dropped = int((~keep_old).sum())
+    out.meta.update(n_residual_sources=n_add, n_refit_psf=int(len(t2)), n_dropped_psf=n_dropped)
+    log.info("%s: %d sources added from the residual, %d refitted, %d dropped", func, n_add, len(t2), n_dropped)
+    return PsfPassResult(out, model, n_add, len(t2))
 
 
 # --------------------------------------------------------------------------------------------

@@ -236,3 +236,68 @@ def test_quality_flags_classes_edges_blends_saturation():
     assert list(out["blended"]) == [True, True, False, False, False]
     assert list(out["near_edge"]) == [False, False, False, True, False]
     assert list(out["saturated"]) == [False, False, False, False, True]
+
+
+# ---------------------------------------------------------------------------- residual detection pass
+
+def _bright_faint_field(seed, *, sep_fwhm=2.5, ratio=100.0, size=160):
+    rng = np.random.default_rng(seed)
+    xb, yb = 80.3, 79.6
+    ang = rng.uniform(0, 2 * math.pi)
+    xf, yf = xb + sep_fwhm * FWHM * math.cos(ang), yb + sep_fwhm * FWHM * math.sin(ang)
+    fb = 3.0e5
+    ff = fb / ratio
+    clean_f = psf_image((size, size), [xf], [yf], [ff])
+    clean = psf_image((size, size), [xb], [yb], [fb]) + clean_f
+    return add_noise(clean, rng), clean_f, (xb, yb, fb), (xf, yf, ff)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_residual_pass_finds_faint_star_next_to_100x_brighter_one(seed):
+    from rpp_tasks.detection import FLAG_RESIDUAL
+    from rpp_tasks.photometry import psf_photometry_with_residual_detection
+
+    data, clean_f, (xb, yb, fb), (xf, yf, ff) = _bright_faint_field(seed)
+    epsf = analytic_epsf()
+    # the detection stage merged the faint star into the bright one: only the bright one is known
+    src = Table({"id": [1], "x_centroid": [xb + 0.1], "y_centroid": [yb - 0.1], "flux": [fb], "flag": [0]})
+    res = psf_photometry_with_residual_detection(data, RMS, src, epsf, gain_e_per_adu=GAIN, exptime_s=EXPTIME)
+    tab = res.table
+    assert res.n_added == 1 and len(tab) == 2
+    new = tab[1]
+    assert new["flag"] & FLAG_RESIDUAL and new["id"] == 2
+    assert math.hypot(new["x_psf"] - xf, new["y_psf"] - yf) < 0.5
+    assert abs(new["flux_psf"] - ff) < 3.0 * new["flux_err_psf"]
+    assert abs(tab[0]["flux_psf"] - fb) < 3.0 * tab[0]["flux_err_psf"]
+    # aperture photometry of the added star with its neighbour's model subtracted: unbiased
+    ap = aperture_photometry(data, RMS, tab, fwhm_px=FWHM, fixed_radius_px=6.0, gain_e_per_adu=GAIN,
+                             exptime_s=EXPTIME, psf_model=res.model, epsf=epsf)
+    ref = aperture_photometry(clean_f, RMS, tab[1:], fwhm_px=FWHM, fixed_radius_px=6.0, gain_e_per_adu=GAIN,
+                              exptime_s=EXPTIME, local_background=False)["flux_1p3fwhm"][0]
+    assert abs(ap["flux_1p3fwhm"][1] - ref) < 3.0 * ap["flux_err_1p3fwhm"][1]
+
+
+def test_residual_pass_adds_nothing_on_isolated_stars(repeated_fields):
+    from rpp_tasks.photometry import psf_photometry_with_residual_detection
+
+    x, y, flux, reals, rms = repeated_fields
+    epsf = analytic_epsf()
+    added = 0
+    for data, sources in reals[:3]:
+        res = psf_photometry_with_residual_detection(data, rms, sources, epsf, gain_e_per_adu=GAIN,
+                                                     exptime_s=EXPTIME)
+        added += res.n_added
+        assert len(res.table) == len(sources) + res.n_added
+        assert res.model.shape == data.shape
+    assert added <= 1     # S/N >= 5 on ~3 x 10^5 px of pure noise: ~0.1 expected per frame
+
+
+def test_detect_residual_sources_bad_input_and_empty():
+    from rpp_tasks.detection import detect_residual_sources
+
+    with pytest.raises(ValueError):
+        detect_residual_sources(np.zeros((10, 10)), np.ones((10, 11)), fwhm_px=3.0)
+    with pytest.raises(ValueError):
+        detect_residual_sources(np.zeros((10, 10)), np.ones((10, 10)), fwhm_px=0.0)
+    out = detect_residual_sources(np.zeros((40, 40)), np.ones((40, 40)), fwhm_px=3.0)
+    assert len(out) == 0 and "snr_det" in out.colnames
