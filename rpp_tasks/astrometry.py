@@ -359,8 +359,9 @@ def solve_field(x, y, flux, *, width: int, height: int, scale_arcsec: float | No
         cmd = [exe, str(xyl), "--width", str(int(width)), "--height", str(int(height)),
                "--x-column", "X", "--y-column", "Y", "--sort-column", "FLUX", "--no-plots", "--overwrite",
                "--no-verify", "--crpix-center", "--tweak-order", "2", "--cpulimit", str(int(math.ceil(timeout_s))),
-               "--dir", str(tmp), "--wcs", "out.wcs", "--new-fits", "none", "--index-xyls", "none",
-               "--rdls", "none", "--corr", "none", "--match", "none", "--solved", "solved", "--temp-dir", str(tmp)]
+               "--dir", str(tmp), "--wcs", str(tmp / "out.wcs"), "--new-fits", "none", "--index-xyls", "none",
+               "--rdls", "none", "--corr", "none", "--match", "none", "--solved", str(tmp / "solved"),
+               "--temp-dir", str(tmp), "--axy", str(tmp / "xy.axy")]
         if scale_arcsec and scale_arcsec > 0:
             cmd += ["--scale-units", "arcsecperpix", "--scale-low", f"{scale_arcsec * (1 - scale_tolerance):.4f}",
                     "--scale-high", f"{scale_arcsec * (1 + scale_tolerance):.4f}"]
