@@ -6,7 +6,8 @@ night's frames of one observatory, with its calibration frames), handed over by 
 run conf `{"observatory", "session_id", "session_dir"}` (run id `session__<session_id>`), or typed
 into the trigger form by hand.
 
-validate -> calibrate -> cosmic_rays -> detect -> photometry -> products -> (archive, notify)
+validate -> calibrate -> cosmic_rays -> detect -> astrometry -> photometry -> zero_point -> enrich ->
+transients -> products -> (archive, notify)
 
 Each stage task handles every frame of the session with the process pool of
 `rpp_tasks.pipeline.run_stage` (`RPP_WORKERS`, default 2), so Airflow's per-task cost is paid six
@@ -46,7 +47,11 @@ STAGE_TASKS = {
     "calibrate": ("calibrate",),
     "cosmic_rays": ("cosmics",),
     "detect": ("background", "detect"),
+    "astrometry": ("astrometry",),
     "photometry": ("photometry",),
+    "zero_point": ("zero_point",),
+    "enrich": ("enrich",),
+    "transients": ("transients",),
 }
 TASK_ORDER = ("validate", *STAGE_TASKS, "products")
 
@@ -303,6 +308,8 @@ def build_reduction_dag(obs: ObservatoryConfig):
                 session = Session.load(prev["workdir"])
                 _forget_rejections_of(session, stages)   # a retry / cleared task starts clean
                 extra = {}
+                if task_id == "enrich" and obs.catalogs.colibri_conn_id:
+                    _colibri_key_to_env(obs.catalogs.colibri_conn_id)
                 if task_id == "calibrate":
                     masters = pipeline.prepare_masters(session, obs)
                     extra["masters"] = _masters_brief(masters or {})
@@ -429,6 +436,22 @@ def build_reduction_dag(obs: ObservatoryConfig):
         notify(made)
 
     return reduction()
+
+
+def _colibri_key_to_env(conn_id: str) -> None:
+    """Astro-Colibri user id from an Airflow connection (password, else login) into the environment of
+    this task process (inherited by its frame workers); nothing when the connection does not exist."""
+    if os.environ.get("RPP_ASTRO_COLIBRI_UID"):
+        return
+    try:
+        from airflow.sdk import Connection
+        conn = Connection.get(conn_id)
+    except Exception:  # no such connection: the service is recorded as skipped
+        return
+    uid = conn.password or conn.login
+    if uid:
+        _mask(uid)
+        os.environ["RPP_ASTRO_COLIBRI_UID"] = uid
 
 
 def _masters_brief(masters: dict) -> dict:

@@ -21,7 +21,8 @@ except ImportError:  # pragma: no cover
 
 REPO = Path(__file__).resolve().parents[2]
 DAGS = REPO / "dags"
-CHAIN = ["validate", "calibrate", "cosmic_rays", "detect", "photometry", "products"]
+CHAIN = ("validate", "calibrate", "cosmic_rays", "detect", "astrometry", "photometry", "zero_point", "enrich",
+         "transients", "products")
 HEAVY = {"numpy", "scipy", "astropy", "photutils", "sep", "stdpipe", "astroscrappy", "matplotlib",
          "astroquery", "pyvo", "psycopg2", "watchdog"}
 

@@ -106,7 +106,8 @@ def test_demo_dag_run_produces_products_and_reruns_idempotently(airflow_env):
     for f in summary["frames"]:
         assert (workdir / "frames" / f["frame"] / "catalog.ecsv").is_file()
         assert (workdir / "frames" / f["frame"] / "catalog.fits").is_file()
-    assert set(summary["stage_runs"]) == {"calibrate", "cosmic_rays", "detect", "photometry"}
+    assert set(summary["stage_runs"]) == {"calibrate", "cosmic_rays", "detect", "astrometry", "photometry",
+                                          "zero_point", "enrich", "transients"}
 
     # a re-run of the same session replaces the products in the same work folder
     mtime = (workdir / "session_summary.json").stat().st_mtime
