@@ -138,9 +138,17 @@ def _png(fig, *, palette_colors: int | None = None) -> bytes:
             from PIL import Image
 
             img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+            # fixed palette: grey ramp for the image and text + the exact marker colours, so rare
+            # marker pixels keep their colour (an adaptive palette would merge them into grey)
+            marks = [tuple(int(c[i:i + 2], 16) for i in (1, 3, 5))
+                     for c in (*_QUALITY_COLOURS.values(), _CANDIDATE_COLOUR)]
+            n_grey = max(2, min(palette_colors, 256) - len(marks))
+            greys = [round(255 * k / (n_grey - 1)) for k in range(n_grey)]
+            flat = [v for g in greys for v in (g, g, g)] + [v for m in marks for v in m]
+            pal = Image.new("P", (1, 1))
+            pal.putpalette(flat + [0] * (768 - len(flat)))
             out = io.BytesIO()
-            img.quantize(colors=palette_colors, method=Image.Quantize.MEDIANCUT).save(out, format="PNG",
-                                                                                        optimize=True)
+            img.quantize(palette=pal, dither=Image.Dither.NONE).save(out, format="PNG", optimize=True)
             return out.getvalue()
         except Exception:  # pragma: no cover - Pillow missing or old: keep the RGBA PNG
             pass
@@ -310,8 +318,8 @@ def plot_frame_preview(data, *, sources=None, candidates=None, mask=None, title:
                 ax.add_patch(Rectangle((x - side / 2, y - side / 2), side, side, fill=False, lw=1.6,
                                        ec=_CANDIDATE_COLOUR))
                 if labels is not None:
-                    ax.annotate(labels[i], (x + side / 2, y + side / 2), color=_CANDIDATE_COLOUR, fontsize=9,
-                                fontweight="bold")
+                    ax.annotate(labels[i], (x + side / 2, y + side / 2), color=_CANDIDATE_COLOUR, fontsize=10,
+                                fontweight="bold", bbox={"fc": "black", "ec": "none", "alpha": 0.7, "pad": 1.5})
             handles.append(Line2D([], [], ls="", marker="s", mfc="none", mec=_CANDIDATE_COLOUR, mew=1.6,
                                   label=f"transient candidate ({len(candidates)})"))
     ax.set_xlim(-0.5, nx - 0.5)
