@@ -719,8 +719,12 @@ def psf_photometry_with_residual_detection(data_sub, rms, sources, epsf, *, gain
         refit[c] = np.concatenate([old_vals, np.asarray(new[c]).astype(old_vals.dtype)])
     sub_model = epsf.render(shape, x1[sub], y1[sub], f1[sub])
     others = model - sub_model
-    rms_refit = np.sqrt(np.asarray(rms, np.float64) ** 2 + np.maximum(others, 0.0) / gain_e_per_adu)
-    data_refit = resid + sub_model
+    oth = np.maximum(others, 0.0).astype(np.float32)
+    oth *= np.float32(1.0 / gain_e_per_adu)
+    oth += rms32 * rms32
+    rms_refit = np.sqrt(oth, out=oth)
+    resid += sub_model            # in place: the image with the model of all other sources removed
+    data_refit = resid
     del resid, var
     n_new = len(new)
     is_new = np.concatenate([np.zeros(sub.size, bool), np.ones(n_new, bool)])
