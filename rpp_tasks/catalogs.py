@@ -239,9 +239,11 @@ def parse_service_table(content: bytes):
                 return Table()
             best = max(tables, key=lambda t: len(t.array))
             tab = best.to_table(use_names_over_ids=True)
-            for name in tab.colnames:      # masked -> plain with NaN / '' (simpler downstream)
+            for name in tab.colnames:      # masked -> plain with NaN / '' (simpler and faster downstream)
                 col = tab[name]
-                if hasattr(col, "mask") and np.any(col.mask):
+                if hasattr(col, "mask") and not np.any(col.mask):
+                    tab[name] = np.asarray(col.data if hasattr(col, "data") else col)
+                elif hasattr(col, "mask"):
                     if col.dtype.kind == "f":
                         tab[name] = np.asarray(col.filled(np.nan))
                     elif col.dtype.kind in "iu":
@@ -470,7 +472,7 @@ class CatalogCache:
                 continue
             rc = float(m.group("r"))
             sep = float(angular_sep_deg(ra_deg, dec_deg, float(m.group("ra")), float(m.group("dec"))))
-            if sep + radius_deg <= rc * (1 + 1e-6) + 1e-6 and (best is None or rc < best[0]):
+            if sep + radius_deg <= rc + 2e-5 and (best is None or rc < best[0]):   # 2e-5 deg: name rounding
                 best = (rc, p)
         if best is None:
             return None
@@ -492,7 +494,7 @@ class CatalogCache:
         d = self.root / name
         d.mkdir(parents=True, exist_ok=True)
         suffix = "_" + re.sub(r"[^\w.-]", "-", tag) if tag else ""
-        path = d / f"{ra_deg % 360:.5f}_{dec_deg:+.5f}_{radius_deg:.5f}{suffix}.ecsv"
+        path = d / f"{ra_deg % 360:.6f}_{dec_deg:+.6f}_{radius_deg:.6f}{suffix}.ecsv"
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
         out = table.copy(copy_data=False)
         out.meta = {k: v for k, v in table.meta.items() if isinstance(v, (str, int, float, bool))}
