@@ -149,6 +149,9 @@ def airflow_env(settings: UpSettings, secrets_: dict, base: dict | None = None) 
         "RPP_AIRFLOW_API_URL": settings.base_url,
         "RPP_AIRFLOW_USER": ADMIN_USER,
         "PYTHONPATH": os.pathsep.join(p for p in (str(settings.repo), env.get("PYTHONPATH", "")) if p),
+        # `airflow standalone` starts its components as `airflow ...` subprocesses found on PATH: put this
+        # environment's bin first, so `.venv/bin/rpp up` works without an activated venv
+        "PATH": os.pathsep.join(p for p in (str(Path(sys.executable).parent), env.get("PATH", "")) if p),
     })
     env.setdefault("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{home / 'airflow.db'}")
     env.update(settings.extra_env)
