@@ -344,9 +344,16 @@ def _save_catalog(fw: FrameWork) -> dict:
 
 # =============================================================================== drivers
 def _record(fw: FrameWork, stage: str, timer: _Timer, result: dict) -> None:
-    fw.results[stage] = {"cpu_s": round(timer.cpu_s, 4), "wall_s": round(timer.wall_s, 4), **(result or {})}
+    fw.results[stage] = {"cpu_s": round(timer.cpu_s, 4), "wall_s": round(timer.wall_s, 4),
+                         "finished_utc": _utcnow_iso(), **(result or {})}
     log.info("[%s] %-10s %6.2f CPU-s %6.2f s  %s", fw.stem, stage, timer.cpu_s, timer.wall_s,
              _short(result))
+
+
+def _utcnow_iso() -> str:
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _short(result: dict) -> str:
@@ -659,10 +666,81 @@ def summarize_session(session: Session, obs: ObservatoryConfig, *, extra: dict |
         "rejected_files": session.read_json("rejected.json", {}),
         "median_fwhm_arcsec": _median([s.get("fwhm_arcsec") for s in ok]),
         "median_fwhm_px": _median([s.get("fwhm_px") for s in ok]),
+        "masters": session.read_json("masters.json", {}) or {},
         "frames": frames_out, **(extra or {}),
     }
     session.write_json("session_summary.json", summary)
+    try:
+        record_results(summary, obs)
+    except Exception as exc:   # the results DB is a record, never a reason to lose the products
+        log.error("[%s] results database not updated: %s", session.session_id, exc)
+        summary["results_db_error"] = str(exc)
+        session.write_json("session_summary.json", summary)
     return summary
+
+
+def night_date_for(mjd: float | None, longitude_deg: float) -> str | None:
+    """Local civil night a time belongs to: the date at local noon before it (so 03:00 is last night)."""
+    import datetime as dt
+
+    if mjd is None or not np.isfinite(mjd):
+        return None
+    t = dt.datetime(1858, 11, 17, tzinfo=dt.timezone.utc) + dt.timedelta(days=float(mjd))
+    local = t + dt.timedelta(hours=longitude_deg / 15.0) - dt.timedelta(hours=12)
+    return local.date().isoformat()
+
+
+def record_results(summary: dict, obs: ObservatoryConfig, *, url: str | None = None) -> str:
+    """Upsert the session, its frames, stage runs and masters into the results database.
+
+    ``url`` defaults to ``RPP_RESULTS_DB_URL`` or ``<work root>/rpp_results.sqlite``. Re-running a
+    session updates its rows (stage runs are appended as new attempts).
+    """
+    import datetime as dt
+
+    from rpp_tasks import db
+
+    url = url or db.results_url_from_env(db.default_results_url(obs.resolve_path("work")))
+    frames_ = summary.get("frames", [])
+    mjds = [f.get("mjd_obs") for f in frames_ if f.get("mjd_obs") is not None]
+    night = (night_date_for(min(mjds), obs.site.longitude_deg) if mjds else None) or \
+        dt.datetime.now(dt.timezone.utc).date().isoformat()
+    with db.ResultsDB(url) as rdb:
+        rdb.create_schema()
+        rdb.upsert_session(obs.name, summary["session_id"], night, folder=summary.get("raw_dir"),
+                           status="done" if summary.get("n_ok") else "failed",
+                           finished_utc=dt.datetime.now(dt.timezone.utc),
+                           n_frames={"science": summary.get("n_science", 0), **summary.get("n_calibration", {})},
+                           n_rejected=summary.get("n_rejected"), summary={k: v for k, v in summary.items()
+                                                                          if k != "frames"})
+        for f in frames_:
+            status = "ok" if f.get("status") == "ok" else "rejected"
+            rdb.upsert_frame(obs.name, summary["session_id"], f["frame"], raw_path=f.get("raw_path"),
+                             imagetyp="science", band=f.get("band"), exptime_s=f.get("exptime_s"),
+                             mjd_obs=f.get("mjd_obs"), status=status, reject_reason=f.get("reason"),
+                             reject_stage=f.get("failed_stage"), calibrated_path=f.get("calibrated"),
+                             catalog_path=f.get("catalog"), n_sources=f.get("n_sources"),
+                             fwhm_px=f.get("fwhm_px"), fwhm_arcsec=f.get("fwhm_arcsec"),
+                             background_adu=f.get("background_adu"),
+                             background_rms_adu=f.get("background_rms_adu"),
+                             limiting_mag=f.get("limiting_mag_inst"), zp_mag=f.get("zp_mag"),
+                             zp_err_mag=f.get("zp_err_mag"), zp_n_stars=f.get("n_zp_stars"))
+            for stage, info in (f.get("stages") or {}).items():
+                if not isinstance(info, dict) or "finished_utc" not in info:
+                    continue
+                end = dt.datetime.fromisoformat(info["finished_utc"])
+                rdb.record_stage_run(obs.name, summary["session_id"], stage, frame_stem=f["frame"],
+                                     status="success", cpu_s=info.get("cpu_s"), wall_s=info.get("wall_s"),
+                                     started_utc=end - dt.timedelta(seconds=info.get("wall_s") or 0.0),
+                                     finished_utc=end)
+        masters = summary.get("masters") or {}
+        entries = [("bias", masters.get("bias")), ("dark", masters.get("dark"))] + \
+            [(f"flat_{b}", e) for b, e in (masters.get("flat") or {}).items()]
+        for kind, e in entries:
+            if isinstance(e, dict) and e.get("path"):
+                rdb.record_master(obs.name, summary["session_id"], kind, e["path"],
+                                  from_library=e.get("source") == "library", delta_days=e.get("delta_days"))
+    return url
 
 
 def _median(values):

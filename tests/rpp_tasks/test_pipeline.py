@@ -185,3 +185,28 @@ def test_frame_pool_does_not_rerun_the_callers_main_script(raw_session, obs, tmp
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "n_ok 3" in proc.stdout
+
+
+def test_session_is_recorded_in_the_results_database(raw_session, obs, tmp_path, monkeypatch):
+    from rpp_tasks.db import ResultsDB
+
+    raw, _ = raw_session
+    url = f"sqlite:///{tmp_path / 'results.sqlite'}"
+    monkeypatch.setenv("RPP_RESULTS_DB_URL", url)
+    for _ in range(2):                               # a re-run updates, it does not duplicate
+        summary = pipeline.reduce_session(raw, obs, work_root=tmp_path / "work", workers=1)
+    with ResultsDB(url) as rdb:
+        sess = rdb.get_session("demo", summary["session_id"])
+        assert sess["status"] == "done" and sess["n_rejected"] == 0
+        assert str(sess["night_date"]) == "2025-01-15"
+        rows = rdb.frame_rows("demo", summary["session_id"])
+        assert sorted(r["frame_stem"] for r in rows) == sorted(f["frame"] for f in summary["frames"])
+        by_stem = {r["frame_stem"]: r for r in rows}
+        for f in summary["frames"]:
+            assert by_stem[f["frame"]]["fwhm_px"] == pytest.approx(f["fwhm_px"])
+            assert by_stem[f["frame"]]["n_sources"] == f["n_sources"]
+        runs = rdb.stage_runs("demo", summary["session_id"], stage="photometry")
+        assert len(runs) == 2 * len(rows)            # one per frame and run: attempts 1 and 2
+        assert {r["attempt"] for r in runs} == {1, 2}
+        kinds = {m["kind"] for m in rdb.masters("demo", summary["session_id"])}
+        assert {"bias", "dark", "flat_V"} <= kinds
