@@ -462,17 +462,21 @@ def _f(value, fmt="{:.2f}", missing="—") -> str:
     return fmt.format(v) if v == v and abs(v) != float("inf") else missing
 
 
-def _session_facts(summary: Mapping[str, Any]) -> dict:
+def _session_facts(summary: Mapping[str, Any], per_frame: Mapping[str, Mapping] | None = None) -> dict:
+    """Headline numbers; ``per_frame`` is the report's frame record (calibrated limit, candidates)."""
     frames = list(summary.get("frames") or [])
     ok = [f for f in frames if f.get("status") == "ok"]
+    per_frame = per_frame or {}
     lim = []
     for f in ok:
-        li, zp = f.get("limiting_mag_inst"), f.get("zp_mag")
-        if li is not None and zp is not None:
-            lim.append(("cal", li + zp))
-        elif li is not None:
-            lim.append(("inst", li))
+        cal = f.get("limiting_mag_cal", (per_frame.get(str(f.get("frame"))) or {}).get("limiting_mag_cal"))
+        if cal is not None:
+            lim.append(("cal", cal))
+        elif f.get("limiting_mag_inst") is not None:
+            lim.append(("inst", f["limiting_mag_inst"]))
     calibrated = bool(lim) and all(k == "cal" for k, _ in lim)
+    if not calibrated:
+        lim = [(k, v) for k, v in lim if k == "inst"]
     bkg = sorted(f["background_adu"] for f in ok if f.get("background_adu") is not None)
     return {
         "n_science": int(summary.get("n_science", len(frames)) or 0), "n_ok": len(ok),
@@ -489,7 +493,8 @@ def _session_facts(summary: Mapping[str, Any]) -> dict:
 def compose_session_email(summary: Mapping[str, Any], *, title: str | None = None, report_url: str | None = None,
                           products_url: str | None = None, products_path: str | None = None,
                           inline_cid: str | None = "night_plot",
-                          report_attached: bool = True, n_candidates: int | None = None) -> tuple[str, str, str]:
+                          report_attached: bool = True, n_candidates: int | None = None,
+                          per_frame: Mapping[str, Mapping] | None = None) -> tuple[str, str, str]:
     """
     Subject, HTML body and text body of the morning e-mail of a session.
 
@@ -497,7 +502,7 @@ def compose_session_email(summary: Mapping[str, Any], *, title: str | None = Non
     -------
     subject, html_body, text_body : str
     """
-    s = _session_facts(summary)
+    s = _session_facts(summary, per_frame)
     name = title or summary.get("observatory", "")
     sid = summary.get("session_id", "?")
     fwhm = (f"FWHM {_f(s['fwhm_arcsec'])}\u2033" if s["fwhm_arcsec"] is not None
@@ -529,7 +534,7 @@ def compose_session_email(summary: Mapping[str, Any], *, title: str | None = Non
         links.append(f"<a href='{html.escape(products_url)}'>products (ZIP)</a>")
     attached = "The full report (self-contained HTML, opens offline) is attached. " if report_attached else ""
     if products_path and not products_url:
-        links.append(f"products ZIP on the pipeline host: <code>{html.escape(str(products_path))}</code>")
+        links.append(f"Products ZIP on the pipeline host: <code>{html.escape(str(products_path))}</code>")
     img = (f"<p><img src='cid:{inline_cid}' alt='night trends' style='max-width:100%;border:1px solid #e3e7ee'></p>"
            if inline_cid else "")
     html_body = f"""<html><body style="font-family:Segoe UI,Roboto,Helvetica,Arial,sans-serif;color:#1d2430">
@@ -551,9 +556,10 @@ def compose_session_email(summary: Mapping[str, Any], *, title: str | None = Non
 
 
 def compose_session_telegram(summary: Mapping[str, Any], *, title: str | None = None, report_url: str | None = None,
-                             n_candidates: int | None = None) -> tuple[str, str]:
+                             n_candidates: int | None = None, per_frame: Mapping[str, Mapping] | None = None
+                             ) -> tuple[str, str]:
     """Short Telegram message (HTML parse mode) and photo caption of a session."""
-    s = _session_facts(summary)
+    s = _session_facts(summary, per_frame)
     e = html.escape
     name = title or summary.get("observatory", "")
     sid = summary.get("session_id", "?")
@@ -695,13 +701,9 @@ def run_notify(session: Session, obs, *, smtp: SmtpSettings | None = None, teleg
             info = {}
     plots = {k: Path(v) for k, v in (info.get("plot_paths") or {}).items() if Path(v).is_file()}
     zip_path = info.get("products_zip")
-    n_cand = None
-    if (info.get("available") or {}).get("candidates"):
-        n_cand = 0
-        for f in summary.get("frames", []):
-            p = session.path("frames", str(f.get("frame")), "candidates.ecsv")
-            if p.is_file():
-                n_cand += max(0, sum(1 for ln in p.read_text().splitlines() if ln and not ln.startswith("#")) - 1)
+    per_frame = info.get("frames") or {}
+    counts = [v.get("n_candidates") for v in per_frame.values() if v.get("n_candidates") is not None]
+    n_cand = sum(counts) if counts else None
     title = getattr(obs, "title", None) or obs.name
     cfg = obs.notifications
     done = _delivered(notify_path, run_key)
@@ -724,7 +726,7 @@ def run_notify(session: Session, obs, *, smtp: SmtpSettings | None = None, teleg
         subject, body, text = compose_session_email(
             summary, title=title, report_url=report_url, products_url=products_url, products_path=zip_path,
             inline_cid="night_plot" if inline else None,
-            report_attached=attach, n_candidates=n_cand)
+            report_attached=attach, n_candidates=n_cand, per_frame=per_frame)
         attachments = ([(f"report_{obs.name}_{session.session_id}.html", report_html.read_bytes(), "text/html")]
                        if attach else [])
         notices.append(send_email(smtp, to=to, subject=subject, html_body=body, text_body=text,
@@ -739,7 +741,8 @@ def run_notify(session: Session, obs, *, smtp: SmtpSettings | None = None, teleg
         if getattr(cfg, "telegram_conn_id", None):
             notices.append(_skipped("telegram", "session", (), "no Telegram settings", run_key))
     else:
-        text, caption = compose_session_telegram(summary, title=title, report_url=report_url, n_candidates=n_cand)
+        text, caption = compose_session_telegram(summary, title=title, report_url=report_url, n_candidates=n_cand,
+                                                 per_frame=per_frame)
         chat = (str(telegram.chat_id),)
         if ("telegram", "session", chat) in done:
             notices.append(_skipped("telegram", "session", chat, "already delivered in this run", run_key))
@@ -775,7 +778,9 @@ def notify_failure(info: Mapping[str, Any], obs, *, smtp: SmtpSettings | None = 
     Telegram via the operators' settings). Never raises.
 
     The notices are appended to ``<paths.work>/<session_id>/notify.json`` when that session folder
-    exists, else to ``<paths.work>/notify.json``.
+    exists, else to ``<paths.work>/notify.json``; their ``run_key`` is ``run_id|task_id|try_number``,
+    and a failure already alerted on a channel (the task's callback and the run's callback report
+    the same failure) is not sent again.
 
     Returns
     -------
@@ -786,30 +791,51 @@ def notify_failure(info: Mapping[str, Any], obs, *, smtp: SmtpSettings | None = 
     secrets = [s for st in (smtp, telegram) if st is not None for s in st.secrets()]
     info = {k: (scrub(v, secrets) if isinstance(v, str) else v) for k, v in dict(info).items()}
     notices: list[Notice] = []
-    try:
-        subject, body, text, tg = compose_failure_alert(info)
-        cfg = getattr(obs, "notifications", None)
-        to = tuple(getattr(cfg, "operators_email_to", None) or ())
-        if to and smtp is not None:
-            notices.append(send_email(smtp, to=to, subject=subject, html_body=body, text_body=text, kind="failure",
-                                      policy=policy, run_key=info.get("run_id"), sleep=sleep))
-        elif to:
-            notices.append(_skipped("email", "failure", to, "no SMTP settings", info.get("run_id")))
-        if telegram is not None:
-            notices.append(send_telegram_message(telegram, tg, kind="failure", policy=policy,
-                                                 run_key=info.get("run_id"), sleep=sleep))
-    except Exception as exc:  # an alert must never hide the original failure
-        log.error("failure alert could not be sent: %s", scrub(exc, secrets))
     path = None
-    if obs is not None and notices:
+    if obs is not None:
         try:
             work = obs.resolve_path("work")
             sid = info.get("session_id")
             path = work / sid / "notify.json" if sid and (work / sid / "session.json").is_file() \
                 else work / "notify.json"
+        except Exception as exc:
+            log.warning("no place to record the failure alert: %s", exc)
+    # The task's callback and the run's callback report the same failure: alert once per
+    # (run, task, try) and channel.
+    key = "|".join(str(info.get(k) or "") for k in ("run_id", "task_id", "try_number"))
+    done = set()
+    if path is not None and path.is_file():
+        try:
+            done = {(r.get("channel"), tuple(r.get("recipients") or ())) for r in read_json(path, []) or []
+                    if isinstance(r, dict) and r.get("kind") == "failure" and r.get("run_key") == key
+                    and r.get("status") == "ok"}
+        except ValueError:
+            done = set()
+    try:
+        subject, body, text, tg = compose_failure_alert(info)
+        cfg = getattr(obs, "notifications", None)
+        to = tuple(getattr(cfg, "operators_email_to", None) or ())
+        if to and smtp is not None:
+            if ("email", to) in done:
+                log.info("failure alert for %s already e-mailed to %s", key, ", ".join(to))
+            else:
+                notices.append(send_email(smtp, to=to, subject=subject, html_body=body, text_body=text,
+                                          kind="failure", policy=policy, run_key=key, sleep=sleep))
+        elif to:
+            notices.append(_skipped("email", "failure", to, "no SMTP settings", key))
+        if telegram is not None:
+            if ("telegram", (str(telegram.chat_id),)) in done:
+                log.info("failure alert for %s already sent to chat %s", key, telegram.chat_id)
+            else:
+                notices.append(send_telegram_message(telegram, tg, kind="failure", policy=policy, run_key=key,
+                                                     sleep=sleep))
+    except Exception as exc:  # an alert must never hide the original failure
+        log.error("failure alert could not be sent: %s", scrub(exc, secrets))
+    if path is not None and notices:
+        try:
             record_notices(path, notices)
         except Exception as exc:
             log.warning("could not record the failure alert: %s", exc)
             path = None
     return {"status": _aggregate(notices) if notices else "skipped", "notices": [n.to_dict() for n in notices],
-            "notify_json": str(path) if path else None}
+            "notify_json": str(path) if path and notices else None}

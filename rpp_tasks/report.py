@@ -165,10 +165,22 @@ def _col(table, *names):
     return None
 
 
-def _best_mag(table) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
-    """PSF magnitude where finite, else the 1.3 FWHM aperture magnitude (with matching error)."""
-    mag, err = _col(table, "mag_psf"), _col(table, "mag_err_psf")
-    amag, aerr = _col(table, "mag_1p3fwhm", "mag"), _col(table, "mag_err_1p3fwhm", "mag_err")
+def _has_calibrated(table) -> bool:
+    """True when the catalogue has finite calibrated magnitudes (``mag_cal_*`` of the zero-point stage)."""
+    for t in ("psf", "1p3fwhm"):
+        v = _col(table, f"mag_cal_{t}")
+        if v is not None and np.isfinite(v).any():
+            return True
+    return False
+
+
+def _best_mag(table, *, calibrated: bool = False) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
+    """PSF magnitude where finite, else the 1.3 FWHM aperture magnitude (with matching error);
+    ``calibrated`` uses the ``mag_cal_*`` columns of the zero-point stage."""
+    pre, epre = ("mag_cal_", "mag_cal_err_") if calibrated else ("mag_", "mag_err_")
+    mag, err = _col(table, f"{pre}psf"), _col(table, f"{epre}psf")
+    amag = _col(table, f"{pre}1p3fwhm", *(() if calibrated else ("mag",)))
+    aerr = _col(table, f"{epre}1p3fwhm", *(() if calibrated else ("mag_err",)))
     if mag is None or err is None:
         return (amag, aerr) if amag is not None and aerr is not None else (None, None)
     if amag is not None and aerr is not None:
@@ -335,8 +347,7 @@ def plot_frame_preview(data, *, sources=None, candidates=None, mask=None, title:
     return _png(fig, palette_colors=96)
 
 
-def plot_mag_error(catalogs: Mapping[str, Any], *, zero_points_mag: Mapping[str, float] | None = None,
-                   width_in: float = 8.0, height_in: float = 4.6) -> bytes:
+def plot_mag_error(catalogs: Mapping[str, Any], *, width_in: float = 8.0, height_in: float = 4.6) -> bytes:
     """
     Magnitude against magnitude error, one colour per frame.
 
@@ -344,29 +355,26 @@ def plot_mag_error(catalogs: Mapping[str, Any], *, zero_points_mag: Mapping[str,
     ----------
     catalogs : mapping of str to `~astropy.table.Table`
         Frame name -> photometry catalogue (PSF magnitudes where finite, else the 1.3 FWHM
-        aperture).
-    zero_points_mag : mapping of str to float, optional
-        Frame name -> zero point. When every plotted frame has one, calibrated magnitudes
-        (``mag + zp``) are shown; otherwise instrumental magnitudes (per second).
+        aperture). When every catalogue has calibrated magnitudes (``mag_cal_*``, written by the
+        zero-point stage) they are shown; otherwise instrumental magnitudes (per second).
 
     Returns
     -------
     png : bytes
     """
-    zps = {k: _finite(v) for k, v in (zero_points_mag or {}).items()}
-    calibrated = bool(catalogs) and all(zps.get(name) is not None for name in catalogs)
+    calibrated = bool(catalogs) and all(_has_calibrated(t) for t in catalogs.values())
     fig = _figure(width_in, height_in)
     ax = fig.add_subplot()
     n_plotted = 0
     cmap = _cmap("viridis")
     for i, (name, table) in enumerate(catalogs.items()):
-        mag, err = _best_mag(table)
+        mag, err = _best_mag(table, calibrated=calibrated)
         if mag is None:
             continue
         ok = np.isfinite(mag) & np.isfinite(err) & (err > 0)
         if not ok.any():
             continue
-        shift = zps[name] if calibrated else 0.0
+        shift = 0.0
         colour = cmap(i / max(1, len(catalogs) - 1)) if len(catalogs) > 1 else "#1f77b4"
         ax.scatter(mag[ok] + shift, err[ok], s=7, alpha=0.6, color=colour, lw=0,
                    label=name if len(catalogs) <= 12 else None)
@@ -440,6 +448,81 @@ def zeropoint_stars(zp_record: Mapping[str, Any] | None):
             used = ~flag if invert else flag
             break
     return Table({"mag_ref": ref, "residual_mag": res, "used": used})
+
+
+def _primary_type(zp_record: Mapping[str, Any] | None) -> str | None:
+    """Photometry type of the frame's headline zero point (PSF, else 1.3 FWHM, ...), as in zeropoint.py."""
+    types = (zp_record or {}).get("types") or {}
+    for t in ("psf", "1p3fwhm", "1p1fwhm", "fixed"):
+        if _finite((types.get(t) or {}).get("zp_mag")) is not None:
+            return t
+    return None
+
+
+def zeropoint_stars_from_catalog(catalog, zp_record: Mapping[str, Any] | None = None):
+    """
+    Zero-point stars of one frame from its calibrated catalogue (columns of the zero-point stage).
+
+    Uses ``ref_mag`` (matched reference magnitude), ``mag_cal_<t>`` of the headline photometry type
+    ``t`` (PSF when its zero point was measured, else the 1.3 FWHM aperture, ...) and ``zp_star``
+    (used in the fit). The residual is ``ref_mag - mag_cal_<t>``.
+
+    Returns
+    -------
+    table : `~astropy.table.Table` or None
+        ``mag_ref``, ``residual_mag``, ``used``; None when the catalogue has no matched star.
+    """
+    from astropy.table import Table
+
+    if catalog is None or "ref_mag" not in catalog.colnames:
+        return None
+    t = _primary_type(zp_record)
+    order = ([t] if t else []) + [x for x in ("psf", "1p3fwhm", "1p1fwhm", "fixed") if x != t]
+    ref = np.asarray(catalog["ref_mag"], float)
+    for typ in order:
+        cal = _col(catalog, f"mag_cal_{typ}")
+        if cal is None:
+            continue
+        ok = np.isfinite(ref) & np.isfinite(cal)
+        if ok.sum() == 0:
+            continue
+        used = (np.ma.filled(np.ma.asarray(catalog["zp_star"]), False).astype(bool) if "zp_star" in catalog.colnames
+                else np.ones(len(catalog), bool))
+        return Table({"mag_ref": ref[ok], "residual_mag": (ref - cal)[ok], "used": used[ok]},
+                     meta={"phot_type": typ})
+    return None
+
+
+def calibrated_limiting_mag(frame: Mapping[str, Any], zp_record: Mapping[str, Any] | None = None) -> float | None:
+    """
+    Calibrated 5-sigma limiting magnitude of a frame, or None when it has no zero point.
+
+    ``limiting_mag_inst - k X + ZP`` with the zero point of the 1.3 FWHM aperture (the aperture of
+    the instrumental limit) when measured, else the headline one, and the extinction ``k`` and
+    airmass ``X`` of ``zeropoint.json`` (as for the catalogue's ``mag_cal_*``).
+    """
+    lim = _finite(frame.get("limiting_mag_inst"))
+    rec = zp_record or {}
+    zp = _finite(((rec.get("types") or {}).get("1p3fwhm") or {}).get("zp_mag"))
+    if zp is None:
+        zp = _finite(frame.get("zp_mag")) if _finite(frame.get("zp_mag")) is not None else _finite(rec.get("zp_mag"))
+    if lim is None or zp is None:
+        return None
+    k = _finite(rec.get("extinction_k_mag")) or 0.0
+    x = _finite(rec.get("airmass")) if rec.get("airmass") is not None else _finite(frame.get("airmass"))
+    if k and x is None:
+        return None
+    return lim - k * (x or 0.0) + zp
+
+
+def _unavailable_reason(zp_record: Mapping[str, Any] | None) -> str:
+    """Short reason why a frame has no zero point (flags and failing reference services)."""
+    rec = zp_record or {}
+    parts = [str(f) for f in rec.get("flags") or []]
+    for svc in ((rec.get("reference") or {}).get("services") or []):
+        if svc.get("status") == "failed" and svc.get("reason"):
+            parts.append(f"{svc.get('service')}: {svc['reason']}")
+    return "; ".join(dict.fromkeys(parts))
 
 
 def plot_zeropoint_residuals(stars: Mapping[str, Any], *, zero_points: Mapping[str, Mapping] | None = None,
@@ -666,7 +749,8 @@ def plot_night_trends(frames: Sequence[Mapping[str, Any]], *, width_in: float = 
     ----------
     frames : sequence of mapping
         Frame summaries (``date_obs``, ``fwhm_px``/``fwhm_arcsec``, ``background_adu``, ``n_sources``,
-        ``limiting_mag_inst``, optional ``zp_mag``). Frames without ``date_obs`` are placed by order.
+        ``limiting_mag_inst``, optional ``limiting_mag_cal``). Frames without ``date_obs`` are placed
+        by order.
 
     Returns
     -------
@@ -679,7 +763,7 @@ def plot_night_trends(frames: Sequence[Mapping[str, Any]], *, width_in: float = 
     use_time = all(t is not None for t in times)
     xs = times if use_time else list(range(1, len(ok) + 1))
     arcsec = all(_finite(f.get("fwhm_arcsec")) is not None for f in ok)
-    calibrated = all(_finite(f.get("zp_mag")) is not None for f in ok)
+    calibrated = all(_finite(f.get("limiting_mag_cal")) is not None for f in ok)
 
     def series(fn):
         return np.array([_finite(fn(f)) if _finite(fn(f)) is not None else np.nan for f in ok], float)
@@ -690,8 +774,7 @@ def plot_night_trends(frames: Sequence[Mapping[str, Any]], *, width_in: float = 
         ("sky (ADU)", series(lambda f: f.get("background_adu")), "#9467bd", False),
         ("sources", series(lambda f: f.get("n_sources")), "#2ca02c", False),
         ("limiting mag" if calibrated else "lim. mag (inst.)",
-         series(lambda f: (f.get("limiting_mag_inst") or np.nan) + (f.get("zp_mag") or 0.0)
-                if calibrated else f.get("limiting_mag_inst")), "#d62728", False),
+         series(lambda f: f.get("limiting_mag_cal") if calibrated else f.get("limiting_mag_inst")), "#d62728", False),
     ]
     fig = _figure(width_in, height_in)
     axes = fig.subplots(2, 2, sharex=True)
@@ -831,7 +914,8 @@ def render_report_html(summary: Mapping[str, Any], *, plots: Mapping[str, bytes 
                        facts: Mapping[str, Any] | None = None, site: Mapping[str, Any] | None = None,
                        title: str | None = None, candidates: Mapping[str, Any] | None = None,
                        preview_frame: str | None = None, products_zip: str | None = None,
-                       generated_utc: str | None = None) -> str:
+                       generated_utc: str | None = None, cutouts: Mapping[tuple[str, str], bytes] | None = None,
+                       zeropoint_reason: str = "", candidates_reason: str = "") -> str:
     """
     Render the self-contained HTML report of a session.
 
@@ -839,7 +923,8 @@ def render_report_html(summary: Mapping[str, Any], *, plots: Mapping[str, bytes 
     ----------
     summary : mapping
         ``session_summary.json`` (frames with status, reason, FWHM, background, limiting magnitude,
-        and, when the zero-point stage ran, ``zp_mag``, ``zp_err_mag``, ``n_zp_stars``).
+        and, when the zero-point stage ran, ``zp_mag``, ``zp_err_mag``, ``n_zp_stars`` and the
+        calibrated limit ``limiting_mag_cal`` added by `build_report`).
     plots : mapping of str to bytes, optional
         PNG bytes by section: ``preview``, ``trends``, ``mag_error``, ``zeropoint``, ``field``.
         A missing or None entry renders "not available yet" with the reason.
@@ -851,7 +936,12 @@ def render_report_html(summary: Mapping[str, Any], *, plots: Mapping[str, bytes 
     title : str, optional
         Observatory title for the page header.
     candidates : mapping of str to `~astropy.table.Table`, optional
-        Frame name -> transient candidates; None means the transient stage has not run.
+        Frame name -> transient candidates; None means no usable transient search (not run, or no
+        reference catalogue: ``candidates_reason``).
+    cutouts : mapping of (frame, id) to bytes, optional
+        PNG cutouts of the candidates, shown in the table.
+    zeropoint_reason, candidates_reason : str, optional
+        Why zero points / candidates are missing, appended to "not available yet".
     preview_frame : str, optional
         Name of the frame shown in the preview.
     products_zip : str, optional
@@ -880,8 +970,8 @@ def render_report_html(summary: Mapping[str, Any], *, plots: Mapping[str, bytes 
     fwhm_px = _finite(summary.get("median_fwhm_px"))
     bkgs = [_finite(f.get("background_adu")) for f in ok]
     bkgs = [b for b in bkgs if b is not None]
-    lims_inst = [(_finite(f.get("limiting_mag_inst")), _finite(f.get("zp_mag"))) for f in ok]
-    lims_cal = [a + b for a, b in lims_inst if a is not None and b is not None]
+    lims_inst = [(_finite(f.get("limiting_mag_inst")), None) for f in ok]
+    lims_cal = [v for v in (_finite(f.get("limiting_mag_cal")) for f in ok) if v is not None]
     n_src = sum(int(f.get("n_sources") or 0) for f in ok)
     objects = sorted({str(f.get("object")) for f in frames if f.get("object")})
     bands = sorted({str(f.get("band")) for f in frames if f.get("band")})
@@ -953,7 +1043,8 @@ def render_report_html(summary: Mapping[str, Any], *, plots: Mapping[str, bytes 
         good = st == "ok"
         zp = _finite(f.get("zp_mag"))
         lim_i = _finite(f.get("limiting_mag_inst"))
-        lim = f"{lim_i + zp:.2f}" if zp is not None and lim_i is not None else (
+        lim_c = _finite(f.get("limiting_mag_cal"))
+        lim = f"{lim_c:.2f}" if lim_c is not None else (
             f"{lim_i:.2f} <span style='color:#5b6575'>inst</span>" if lim_i is not None else "—")
         zp_txt = (f"{zp:.3f}" + (f" ± {f['zp_err_mag']:.3f}" if _finite(f.get("zp_err_mag")) is not None else "")
                   + (f" <span style='color:#5b6575'>({int(f['n_zp_stars'])}★)</span>"
@@ -981,8 +1072,8 @@ def render_report_html(summary: Mapping[str, Any], *, plots: Mapping[str, bytes 
                   f"<th class='n'>cand.</th></tr>{''.join(rows)}</table>")
     if not has_zp:
         table_html += ("<p style='color:#5b6575;font-size:13px'>Zero points: " + NOT_AVAILABLE +
-                       " for this session, so limiting magnitudes are instrumental (per second, "
-                       "before zero point).</p>")
+                       " for this session" + (f" ({_esc(zeropoint_reason)})" if zeropoint_reason else "") +
+                       ", so limiting magnitudes are instrumental (per second, before zero point).</p>")
     rejected_files = summary.get("rejected_files") or {}
     if rejected_files:
         items = "".join(f"<li><code>{_esc(k)}</code>: {_esc((v or {}).get('reason'))}</li>"
@@ -991,7 +1082,9 @@ def render_report_html(summary: Mapping[str, Any], *, plots: Mapping[str, bytes 
 
     # --- candidates
     if not has_cand:
-        cand_html = f"<p class='na'>Transient candidates: {NOT_AVAILABLE} (the transient search has not run on this session).</p>"
+        why = (f"the transient search had no reference catalogue ({_esc(candidates_reason)}), so no source "
+               "could be called new" if candidates_reason else "the transient search has not run on this session")
+        cand_html = f"<p class='na'>Transient candidates: {NOT_AVAILABLE} ({why}).</p>"
     elif n_cand == 0:
         cand_html = "<p>No transient candidate in this session.</p>"
     else:
@@ -1002,16 +1095,20 @@ def render_report_html(summary: Mapping[str, Any], *, plots: Mapping[str, bytes 
             for r in t[:50]:
                 cols = t.colnames
                 get = (lambda *names: next((r[n] for n in names if n in cols), None))
+                cid = str(get('id', 'name', 'candidate_id'))
+                png = (cutouts or {}).get((frame, cid))
+                img = (f"<img src=\"{_data_uri(png)}\" alt='cutout' style='height:72px;image-rendering:pixelated'>"
+                       if png else "")
                 crow.append(
-                    f"<tr><td>{_esc(frame)}</td><td>{_esc(get('id', 'name', 'candidate_id'))}</td>"
+                    f"<tr><td>{img}</td><td>{_esc(frame)}</td><td>{_esc(cid)}</td>"
                     f"<td class='n'>{_esc(_fmt(get('ra', 'ra_deg'), '{:.5f}'))}</td>"
                     f"<td class='n'>{_esc(_fmt(get('dec', 'dec_deg'), '{:.5f}'))}</td>"
                     f"<td class='n'>{_esc(_fmt(get('x_centroid', 'x'), '{:.1f}'))}, "
                     f"{_esc(_fmt(get('y_centroid', 'y'), '{:.1f}'))}</td>"
-                    f"<td class='n'>{_esc(_fmt(get('mag', 'mag_psf', 'mag_inst', 'mag_1p3fwhm'), '{:.2f}'))}</td>"
+                    f"<td class='n'>{_esc(_fmt(get('mag_cal_psf', 'mag_cal_1p3fwhm', 'mag', 'mag_psf', 'mag_1p3fwhm'), '{:.2f}'))}</td>"
                     f"<td class='n'>{_esc(_fmt(get('snr', 'snr_psf'), '{:.1f}'))}</td>"
-                    f"<td>{_esc(get('reason', 'kind', 'classification', 'type') or '')}</td></tr>")
-        cand_html = ("<table><tr><th>frame</th><th>id</th><th class='n'>RA (°)</th><th class='n'>Dec (°)</th>"
+                    f"<td>{_esc(get('reason', 'kind', 'classification', 'type', 'simbad_main_id') or '')}</td></tr>")
+        cand_html = ("<table><tr><th>cutout</th><th>frame</th><th>id</th><th class='n'>RA (°)</th><th class='n'>Dec (°)</th>"
                      "<th class='n'>x, y (px)</th><th class='n'>mag</th><th class='n'>S/N</th><th>note</th></tr>"
                      f"{''.join(crow)}</table>")
 
@@ -1019,8 +1116,9 @@ def render_report_html(summary: Mapping[str, Any], *, plots: Mapping[str, bytes 
                        "coloured by S/N class (green &gt; 10, amber 5–10, red &le; 5)"
                        + ("; magenta squares: transient candidates." if has_cand else
                           "; transient candidates: " + NOT_AVAILABLE + ".")) if preview_frame else ""
-    zp_missing = ("Zero-point residuals: " + NOT_AVAILABLE +
-                  " (no zero-point stars recorded for this session).")
+    zp_missing = ("Zero-point residuals: " + NOT_AVAILABLE + " (" +
+                  (f"no zero point for this session: {zeropoint_reason}" if zeropoint_reason
+                   else "no zero-point stars recorded for this session") + ").")
     zip_html = (f"<p>All products of the session (calibrated frames, catalogues, summaries, this report): "
                 f"<a href='{_esc(products_zip)}'>{_esc(Path(products_zip).name)}</a></p>" if products_zip else "")
 
@@ -1082,6 +1180,9 @@ class ReportResult:
     plot_paths : dict of str to str
         PNG file of each plot that could be drawn (``preview``, ``trends``, ``mag_error``,
         ``zeropoint``, ``field``).
+    frames : dict
+        Frame name -> ``zp_mag``, ``zp_err_mag``, ``n_zp_stars``, ``limiting_mag_cal`` (calibrated
+        5-sigma limit or None) and ``n_candidates`` (None when the transient search had no reference).
     n_frames, n_ok : int
     preview_frame : str or None
         Frame shown in the preview (best FWHM).
@@ -1099,11 +1200,13 @@ class ReportResult:
     available: dict[str, bool]
     size_bytes: int
     flags: tuple[str, ...] = ()
+    frames: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"html_path": self.html_path, "plot_paths": dict(self.plot_paths), "n_frames": self.n_frames,
                 "n_ok": self.n_ok, "preview_frame": self.preview_frame, "available": dict(self.available),
-                "size_bytes": self.size_bytes, "flags": list(self.flags)}
+                "size_bytes": self.size_bytes, "flags": list(self.flags),
+                "frames": {k: dict(v) for k, v in self.frames.items()}}
 
 
 def _frame_dir(workdir: Path, frame: Mapping) -> Path:
@@ -1198,31 +1301,54 @@ def build_report(session_summary: Mapping[str, Any], *, workdir: str | os.PathLi
             plots[name] = None
 
     # per-frame side products (zero points, candidates, headers)
-    zp_stars, zp_values, candidates, headers = {}, {}, {}, {}
-    any_candidates_file = False
+    zp_stars, zp_values, candidates, headers, cutouts = {}, {}, {}, {}, {}
+    zp_reasons, cand_reasons, extra = [], [], {}
+    catalog_cache = {}
     for f in frames:
         d = _frame_dir(workdir, f)
         name = str(f.get("frame"))
         zp = read_json(d / "zeropoint.json")
         zp_mag = _finite(f.get("zp_mag")) if _finite(f.get("zp_mag")) is not None else _finite((zp or {}).get("zp_mag"))
+        row = {"zp_mag": zp_mag, "zp_err_mag": _finite(f.get("zp_err_mag", (zp or {}).get("zp_err_mag"))),
+               "n_zp_stars": f.get("n_zp_stars", (zp or {}).get("n_zp_stars")),
+               "limiting_mag_cal": calibrated_limiting_mag(f, zp) if f.get("status") == "ok" else None,
+               "n_candidates": None}
         if zp_mag is not None:
-            zp_values[name] = {"zp_mag": zp_mag, "zp_err_mag": f.get("zp_err_mag", (zp or {}).get("zp_err_mag"))}
-        stars = zeropoint_stars(zp) if zp else None
-        if stars is not None and len(stars):
-            zp_stars[name] = stars
+            zp_values[name] = {"zp_mag": zp_mag, "zp_err_mag": row["zp_err_mag"]}
+            stars = zeropoint_stars(zp) if zp else None
+            if stars is None and f.get("status") == "ok":
+                catalog_cache[name] = _read_table(d / "catalog.ecsv")
+                stars = zeropoint_stars_from_catalog(catalog_cache[name], zp)
+            if stars is not None and len(stars):
+                zp_stars[name] = stars
+        elif zp is not None and f.get("status") == "ok":
+            zp_reasons.append(_unavailable_reason(zp))
         cpath = d / "candidates.ecsv"
         if cpath.is_file():
-            any_candidates_file = True
-            candidates[name] = _read_table(cpath)
+            table = _read_table(cpath)
+            flags = list((table.meta or {}).get("flags") or []) if table is not None else ["unreadable"]
+            if table is not None and "no_reference" not in flags:
+                candidates[name] = table
+                row["n_candidates"] = len(table)
+                if "cutout" in table.colnames:
+                    for r in table:
+                        png = d / "cutouts" / str(r["cutout"])
+                        if str(r["cutout"]) and png.is_file() and png.stat().st_size < 200_000:
+                            cutouts[(name, str(r["id"]) if "id" in table.colnames else str(r["cutout"]))] = \
+                                png.read_bytes()
+            else:
+                cand_reasons.append(", ".join(flags) or "unknown")
         img = d / "calibrated.fits"
         if img.is_file():
             headers[name] = _read_header(img)
-    # frames carrying a zero point from zeropoint.json but not in the summary: enrich a copy
+        extra[name] = row
+    # a copy of the summary enriched with what the frame folders say (zero point, calibrated limit)
     summary = dict(session_summary)
-    summary["frames"] = [({**f, "zp_mag": zp_values[str(f.get("frame"))]["zp_mag"],
-                           "zp_err_mag": zp_values[str(f.get("frame"))]["zp_err_mag"]}
-                          if f.get("zp_mag") is None and str(f.get("frame")) in zp_values else f) for f in frames]
+    summary["frames"] = [{**f, **{k: v for k, v in extra.get(str(f.get("frame")), {}).items()
+                                  if f.get(k) is None and v is not None}} for f in frames]
     ok = [f for f in summary["frames"] if f.get("status") == "ok"]
+    zp_missing_reason = "; ".join(dict.fromkeys(r for r in zp_reasons if r))
+    cand_missing_reason = "; ".join(dict.fromkeys(r for r in cand_reasons if r))
 
     preview_frame = None
     if ok:
@@ -1263,12 +1389,13 @@ def build_report(session_summary: Mapping[str, Any], *, workdir: str | os.PathLi
         step = max(1, int(math.ceil(len(ok) / max_catalogs)))
         catalogs = {}
         for f in ok[::step]:
-            t = cat if str(f.get("frame")) == preview_frame else _read_table(_frame_dir(workdir, f) / "catalog.ecsv")
+            name = str(f.get("frame"))
+            t = (cat if name == preview_frame else catalog_cache.get(name)
+                 or _read_table(_frame_dir(workdir, f) / "catalog.ecsv"))
             if t is not None:
                 catalogs[str(f.get("frame"))] = t
         if catalogs:
-            attempt("mag_error", lambda: plot_mag_error(
-                catalogs, zero_points_mag={k: v["zp_mag"] for k, v in zp_values.items()}))
+            attempt("mag_error", lambda: plot_mag_error(catalogs))
     else:
         flags.append("no_reduced_frame")
     if zp_stars:
@@ -1279,8 +1406,9 @@ def build_report(session_summary: Mapping[str, Any], *, workdir: str | os.PathLi
     if products_zip:
         zip_rel = os.path.relpath(Path(products_zip), out_dir)
     page = render_report_html(summary, plots=plots, facts=facts, site=site, title=title,
-                              candidates=candidates if any_candidates_file else None,
-                              preview_frame=preview_frame, products_zip=zip_rel)
+                              candidates=candidates if candidates else None, cutouts=cutouts,
+                              preview_frame=preview_frame, products_zip=zip_rel,
+                              zeropoint_reason=zp_missing_reason, candidates_reason=cand_missing_reason)
     plot_paths = {}
     for name, png in plots.items():
         if png:
@@ -1292,12 +1420,12 @@ def build_report(session_summary: Mapping[str, Any], *, workdir: str | os.PathLi
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, html_path)
     available = {"zeropoint": bool(zp_values), "zeropoint_residuals": bool(zp_stars),
-                 "candidates": any_candidates_file, "weather": bool(facts["weather"])}
+                 "candidates": bool(candidates), "weather": bool(facts["weather"])}
     log.info("[%s] report written: %s (%d plots, %.0f kB%s)", sid, html_path, len(plot_paths),
              html_path.stat().st_size / 1024, f", flags {flags}" if flags else "")
     return ReportResult(html_path=str(html_path), plot_paths=plot_paths, n_frames=len(frames), n_ok=len(ok),
                         preview_frame=preview_frame, available=available, size_bytes=html_path.stat().st_size,
-                        flags=tuple(flags))
+                        flags=tuple(flags), frames=extra)
 
 
 #: Per-frame files that belong in the products ZIP (when present).
@@ -1344,6 +1472,8 @@ def zip_products(session: Session, *, out_path: str | os.PathLike | None = None,
     for d in sorted((workdir / "frames").glob("*")):
         if not d.is_dir():
             continue
+        for png in sorted((d / "cutouts").glob("*.png")):
+            members.append((png, f"{root}/frames/{d.name}/cutouts/{png.name}"))
         for name in PRODUCT_FILES:
             if name == "calibrated.fits" and not include_images:
                 continue

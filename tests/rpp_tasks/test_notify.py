@@ -396,3 +396,26 @@ def test_notify_task_states(dag_module, tmp_path, monkeypatch):
         call(prev, run_id="r1")
     monkeypatch.setattr(notify, "run_notify", lambda *a, **k: {"status": "ok", "n_ok": 2, "notices": []})
     assert call(prev, run_id="r1")["status"] == "ok"
+
+
+def test_same_failure_is_alerted_once(tmp_path, smtp_server, monkeypatch):
+    inbox, smtp = smtp_server()
+    obs = _obs()
+    monkeypatch.setattr(obs, "resolve_path", lambda which: tmp_path / "work", raising=False)
+    info = {"dag_id": "rpp_demo", "task_id": "notify", "run_id": "r1", "try_number": 3, "error": "x"}
+    assert notify.notify_failure(info, obs, smtp=smtp, policy=FAST)["status"] == "ok"
+    again = notify.notify_failure({**info, "error": "task_failure"}, obs, smtp=smtp, policy=FAST)  # run callback
+    assert again["status"] == "skipped" and len(inbox.messages) == 1
+    notify.notify_failure({**info, "task_id": "detect"}, obs, smtp=smtp, policy=FAST)
+    assert len(inbox.messages) == 2
+
+
+def test_calibrated_limit_and_candidates_reach_the_messages(tmp_path, smtp_server, bot_api):
+    s = make_fake_session(tmp_path, zeropoint=True, candidates=True)
+    inbox, smtp = smtp_server()
+    res = notify.run_notify(s, _obs(), smtp=smtp, telegram=bot_api.settings, policy=FAST)
+    assert res["status"] == "ok"
+    text = bot_api.calls[0][2]["text"]
+    assert "(calibrated)" in text and "Transient candidates: 2" in text
+    html_part = next(p for p in inbox.messages[0]["msg"].walk() if p.get_content_type() == "text/html")
+    assert "calibrated" in html_part.get_content()

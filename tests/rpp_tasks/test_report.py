@@ -30,9 +30,16 @@ def _star_image(rng, xs, ys, fluxes, *, fwhm_px=3.2, sky=500.0, noise=8.0):
     return img.astype(np.float32)
 
 
-def make_fake_session(tmp_path: Path, *, n_ok: int = 2, rejected: bool = True, zeropoint: bool = False,
-                      candidates: bool = False, session_id: str = "2025-01-15") -> Session:
-    """A small session work folder shaped like the pipeline's output (no reduction run: fast)."""
+def make_fake_session(tmp_path: Path, *, n_ok: int = 2, rejected: bool = True, zeropoint: bool | str = False,
+                      candidates: bool | str = False, session_id: str = "2025-01-15") -> Session:
+    """A small session work folder shaped like the pipeline's output (no reduction run: fast).
+
+    ``zeropoint=True``: the zero-point stage's outputs (``zeropoint.json`` with per-type zero points,
+    airmass and extinction; catalogue columns ``ref_mag``, ``zp_star``, ``mag_cal_*``);
+    ``zeropoint="no_reference"``: its output when the reference catalogue was unreachable.
+    ``candidates=True``: ``candidates.ecsv`` with one candidate and its PNG cutout;
+    ``candidates="no_reference"``: the empty file flagged ``no_reference``.
+    """
     rng = np.random.default_rng(1)
     s = Session.create(tmp_path / "raw" / session_id, observatory="demo", work_root=tmp_path / "work",
                        session_id=session_id)
@@ -62,21 +69,48 @@ def make_fake_session(tmp_path: Path, *, n_ok: int = 2, rejected: bool = True, z
                      "mag_1p3fwhm": mag + 0.01, "mag_err_1p3fwhm": mag_err * 1.1, "snr": snr,
                      "quality": np.where(snr > 10, "good", np.where(snr > 5, "marginal", "poor")),
                      "bkg_local": np.full(n, 500.0)})
+        zp_psf, k_mag, airmass = 21.40 + 0.01 * i, 0.15, 1.2
+        if zeropoint is True:
+            cat["ref_mag"] = np.where(snr > 30, mag - k_mag * airmass + zp_psf + rng.normal(0, 0.03, n), np.nan)
+            cat["zp_star"] = np.isfinite(cat["ref_mag"]) & (rng.uniform(size=n) > 0.1)
+            for t, off in (("psf", 0.0), ("1p3fwhm", 0.01)):
+                cat[f"mag_cal_{t}"] = cat["mag_psf"] + off - k_mag * airmass + zp_psf
+                cat[f"mag_cal_err_{t}"] = np.hypot(mag_err, 0.012)
         cat.write(d / "catalog.ecsv", format="ascii.ecsv")
         summary = {"frame": stem, "status": "ok", "reason": None, "failed_stage": None, "object": "M 42",
                    "band": "V", "exptime_s": 60.0, "date_obs": hdr["DATE-OBS"], "n_sources": n,
                    "fwhm_px": 3.2 + 0.1 * i, "fwhm_arcsec": 3.52 + 0.11 * i, "pixel_scale_arcsec": 1.1,
                    "background_adu": 500.0 + 5 * i, "limiting_mag_inst": -2.5 - 0.05 * i,
                    "calibrated": str(d / "calibrated.fits"), "catalog": str(d / "catalog.ecsv")}
-        if zeropoint:
-            summary.update(zp_mag=21.40 + 0.01 * i, zp_err_mag=0.012, n_zp_stars=25)
-            stars = [{"mag_ref": float(m), "mag_inst": float(m - 21.4 + r), "residual_mag": float(-r),
-                      "used": bool(abs(r) < 0.1)} for m, r in zip(rng.uniform(11, 16, 25), rng.normal(0, 0.04, 25))]
-            (d / "zeropoint.json").write_text(json.dumps({"zp_mag": 21.40 + 0.01 * i, "zp_err_mag": 0.012,
-                                                          "n_used": 25, "stars": stars}))
-        if candidates:
-            Table({"id": ["T1"], "x_centroid": [xs[0]], "y_centroid": [ys[0]], "ra": [83.8221], "dec": [-5.3911],
-                   "mag": [15.2], "snr": [42.0]}).write(d / "candidates.ecsv", format="ascii.ecsv")
+        if zeropoint is True:
+            n_zp = int(np.sum(cat["zp_star"]))
+            summary.update(zp_mag=zp_psf, zp_err_mag=0.012, n_zp_stars=n_zp, airmass=airmass)
+            types = {t: {"zp_mag": zp_psf + off, "zp_err_mag": 0.012, "n_used": n_zp, "flags": []}
+                     for t, off in (("psf", 0.0), ("1p3fwhm", -0.01))}
+            (d / "zeropoint.json").write_text(json.dumps({
+                "band": "V", "ref_catalog": "gaia", "airmass": airmass, "extinction_k_mag": k_mag,
+                "zp_mag": zp_psf, "zp_err_mag": 0.012, "n_zp_stars": n_zp, "types": types, "flags": []}))
+        elif zeropoint == "no_reference":
+            summary.update(zp_mag=None, zp_err_mag=None, n_zp_stars=0)
+            (d / "zeropoint.json").write_text(json.dumps({
+                "zp_mag": None, "zp_err_mag": None, "n_zp_stars": 0, "types": {}, "flags": ["no_reference"],
+                "reference": {"services": [{"service": "gaia_tap", "status": "failed",
+                                            "reason": "unreachable: name resolution failed (offline?)"}]}}))
+        if candidates is True:
+            (d / "cutouts").mkdir()
+            from rpp_tasks.report import _figure, _png
+
+            fig = _figure(0.64, 0.64)
+            fig.add_subplot().imshow(img[:16, :16], cmap="gray")
+            (d / "cutouts" / "cand_1.png").write_bytes(_png(fig))
+            t = Table({"id": [1], "x_centroid": [xs[0]], "y_centroid": [ys[0]], "ra": [83.8221], "dec": [-5.3911],
+                       "mag_psf": [-7.1], "mag_cal_psf": [15.2], "snr": [42.0], "cutout": ["cand_1.png"]})
+            t.meta = {"frame": stem, "n_candidates": 1, "flags": []}
+            t.write(d / "candidates.ecsv", format="ascii.ecsv")
+        elif candidates == "no_reference":
+            t = Table({"id": np.zeros(0, int), "x_centroid": np.zeros(0), "y_centroid": np.zeros(0)})
+            t.meta = {"frame": stem, "n_candidates": 0, "flags": ["no_reference"]}
+            t.write(d / "candidates.ecsv", format="ascii.ecsv")
         (d / "summary.json").write_text(json.dumps(summary))
         (d / "background.fits").write_bytes(b"checkpoint, not a product")
         (d / "sources.ecsv").write_text("# checkpoint\n")
@@ -143,13 +177,37 @@ def test_zero_points_and_candidates_rendered_when_present(tmp_path):
     s = make_fake_session(tmp_path, zeropoint=True, candidates=True)
     res = report.build_report(s.read_json("session_summary.json"), workdir=s.workdir)
     page = Path(res.html_path).read_text()
-    assert "zeropoint" in res.plot_paths and len(_images(page)) == 5
+    assert "zeropoint" in res.plot_paths and len(_images(page)) == 7                 # + 2 candidate cutouts
     assert "21.400 ± 0.012" in page                                                  # per-frame zero point
     assert "not available yet" not in page.split("<h2>Zero point</h2>")[1].split("<h2>")[0]
-    assert "T1" in page and "83.82210" in page                                       # candidate table
+    assert "83.82210" in page and "15.20" in page and "alt='cutout'" in page         # candidate table
     assert res.available["candidates"] and res.available["zeropoint_residuals"]
-    # calibrated limiting magnitude = instrumental + zero point
-    assert f"{-2.5 + 21.40:.2f}" in page
+    # calibrated limit = instrumental - k X + ZP(1.3 FWHM aperture), as the catalogue's mag_cal_*
+    expected = -2.5 - 0.15 * 1.2 + 21.39
+    assert res.frames["demo_V_001"]["limiting_mag_cal"] == pytest.approx(expected)
+    assert f"{expected:.2f}" in page and "5σ, calibrated" in page
+    assert res.frames["demo_V_001"]["n_candidates"] == 1
+
+
+def test_zero_point_residuals_come_from_the_calibrated_catalogue(tmp_path):
+    s = make_fake_session(tmp_path, zeropoint=True)
+    cat = Table.read(s.workdir / "frames/demo_V_001/catalog.ecsv")
+    zp = json.loads((s.workdir / "frames/demo_V_001/zeropoint.json").read_text())
+    stars = report.zeropoint_stars_from_catalog(cat, zp)
+    assert stars.meta["phot_type"] == "psf" and len(stars) == np.isfinite(cat["ref_mag"]).sum()
+    assert abs(np.median(stars["residual_mag"])) < 0.03 and np.std(stars["residual_mag"]) < 0.06
+    assert report.zeropoint_stars_from_catalog(cat[["x_centroid"]], zp) is None
+
+
+def test_unreachable_reference_says_why_instead_of_zero_candidates(tmp_path):
+    s = make_fake_session(tmp_path, zeropoint="no_reference", candidates="no_reference")
+    res = report.build_report(s.read_json("session_summary.json"), workdir=s.workdir)
+    page = Path(res.html_path).read_text()
+    assert "Transient candidates: not available yet (the transient search had no reference catalogue" in page
+    assert "No transient candidate" not in page
+    assert "gaia_tap: unreachable: name resolution failed" in page
+    assert not res.available["candidates"] and not res.available["zeropoint"]
+    assert res.frames["demo_V_001"]["n_candidates"] is None
 
 
 def test_report_of_a_session_without_reduced_frames(tmp_path):
@@ -226,7 +284,8 @@ def test_zip_products_holds_products_not_checkpoints(tmp_path):
     assert out == s.workdir / "2025-01-15_products.zip"
     names = set(zipfile.ZipFile(out).namelist())
     assert {"2025-01-15/session_summary.json", "2025-01-15/frames/demo_V_001/calibrated.fits",
-            "2025-01-15/frames/demo_V_001/catalog.ecsv", "2025-01-15/frames/demo_V_001/candidates.ecsv"} <= names
+            "2025-01-15/frames/demo_V_001/catalog.ecsv", "2025-01-15/frames/demo_V_001/candidates.ecsv",
+            "2025-01-15/frames/demo_V_001/cutouts/cand_1.png"} <= names
     assert not any(n.endswith(("background.fits", "sources.ecsv", "session.json")) for n in names)
     small = report.zip_products(s, out_path=tmp_path / "small.zip", include_images=False)
     assert not any(n.endswith("calibrated.fits") for n in zipfile.ZipFile(small).namelist())
