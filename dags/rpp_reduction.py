@@ -110,8 +110,10 @@ def record_failure(info: dict, obs: ObservatoryConfig | None) -> Path | None:
         except OSError as exc:
             log.warning("could not record the failure in %s: %s", path, exc)
             path = None
-    try:
-        from rpp_tasks import notify
+    try:   # import_module (not "from rpp_tasks import notify"): honours sys.modules, as tests patch it
+        import importlib
+
+        notify = importlib.import_module("rpp_tasks.notify")
     except ImportError:
         return path
     hook = getattr(notify, "notify_failure", None)
