@@ -783,13 +783,13 @@ def plot_night_trends(frames: Sequence[Mapping[str, Any]], *, width_in: float = 
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     if use_time:
-        from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
+        from matplotlib.dates import AutoDateLocator, DateFormatter
 
+        span_s = (max(times) - min(times)).total_seconds()
         for ax in axes[1]:
-            locator = AutoDateLocator(minticks=3, maxticks=7)
-            ax.xaxis.set_major_locator(locator)
-            ax.xaxis.set_major_formatter(ConciseDateFormatter(locator, show_offset=False))
-            ax.set_xlabel("UTC")
+            ax.xaxis.set_major_locator(AutoDateLocator(minticks=3, maxticks=6))
+            ax.xaxis.set_major_formatter(DateFormatter("%H:%M:%S" if span_s < 1200 else "%H:%M"))
+            ax.set_xlabel(f"UTC, {min(times):%Y-%m-%d}")
     else:
         for ax in axes[1]:
             ax.set_xlabel("frame number")
