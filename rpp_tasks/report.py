@@ -1482,7 +1482,9 @@ def zip_products(session: Session, *, out_path: str | os.PathLike | None = None,
     tmp = out.with_name(f".{out.name}.tmp")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
         for path, arc in members:
-            zf.write(path, arc)
+            # float32 images barely compress (noise) and deflating GBs would dominate the task: store them
+            zf.write(path, arc, compress_type=zipfile.ZIP_STORED if path.suffix in (".fits", ".fz", ".png")
+                     else zipfile.ZIP_DEFLATED)
     os.replace(tmp, out)
     log.info("[%s] products ZIP: %s (%d files, %.1f MB)", session.session_id, out, len(members),
              out.stat().st_size / 1e6)

@@ -282,6 +282,7 @@ def test_zip_products_holds_products_not_checkpoints(tmp_path):
     s = make_fake_session(tmp_path, candidates=True)
     out = report.zip_products(s)
     assert out == s.workdir / "2025-01-15_products.zip"
+    assert zipfile.ZipFile(out).testzip() is None                                       # every member intact
     names = set(zipfile.ZipFile(out).namelist())
     assert {"2025-01-15/session_summary.json", "2025-01-15/frames/demo_V_001/calibrated.fits",
             "2025-01-15/frames/demo_V_001/catalog.ecsv", "2025-01-15/frames/demo_V_001/candidates.ecsv",
