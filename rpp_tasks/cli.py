@@ -23,6 +23,8 @@ def _setup_logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
     if verbose < 2:
+        import astropy  # noqa: F401  astropy installs its own Logger class: import it before touching its logger
+
         for noisy in ("astropy", "matplotlib", "PIL"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
 

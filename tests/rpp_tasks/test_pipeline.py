@@ -210,3 +210,17 @@ def test_session_is_recorded_in_the_results_database(raw_session, obs, tmp_path,
         assert {r["attempt"] for r in runs} == {1, 2}
         kinds = {m["kind"] for m in rdb.masters("demo", summary["session_id"])}
         assert {"bias", "dark", "flat_V"} <= kinds
+
+
+def test_rpp_command_in_a_fresh_process(raw_session, tmp_path):
+    """The console script as a user runs it (nothing imported beforehand)."""
+    import subprocess
+    import sys
+
+    _, paths = raw_session
+    proc = subprocess.run([sys.executable, "-m", "rpp_tasks.cli", "reduce", str(paths["science"][0]),
+                           "--observatory", "demo", "--work", str(tmp_path / "w")],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sources, FWHM" in proc.stdout
+    assert "photometry" in proc.stderr            # per-stage progress and timings in the log
