@@ -450,11 +450,9 @@ def reduce_frame(path: str | os.PathLike, obs: ObservatoryConfig, workdir: str |
 
 
 def _stem(path: Path) -> str:
-    name = path.name
-    for ext in (".fits.fz", ".fits.gz", ".fit.gz", ".fts.gz", ".fits", ".fit", ".fts", ".fz"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return path.stem
+    from rpp_tasks.fitsio import frame_stem
+
+    return frame_stem(path)
 
 
 # ------------------------------------------------------------------------------- session level

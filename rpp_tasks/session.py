@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +19,13 @@ __all__ = ["Session", "session_id_for", "write_json_atomic", "read_json", "json_
 
 log = logging.getLogger(__name__)
 
-_SLUG = re.compile(r"[^A-Za-z0-9._-]+")
-
-
 def session_id_for(raw_dir: str | os.PathLike, incoming_root: str | os.PathLike | None = None) -> str:
-    """Deterministic session id from the session folder (relative to the incoming root when inside it).
-
-    ``incoming/demo/2024-07-30`` -> ``2024-07-30``; nested folders are joined with ``__``.
+    """Deterministic session id of a session folder: the watcher's id (`rpp_tasks.watch.session_id_for`)
+    of its path relative to the incoming root, or of its name when it is outside it. ``rpp reduce``
+    and the DAG run the watcher triggers therefore share one work folder for the same night.
     """
+    from rpp_tasks.watch import session_id_for as _watch_session_id
+
     raw_dir = Path(raw_dir).resolve()
     rel = None
     if incoming_root is not None:
@@ -35,9 +33,7 @@ def session_id_for(raw_dir: str | os.PathLike, incoming_root: str | os.PathLike 
             rel = raw_dir.relative_to(Path(incoming_root).resolve())
         except ValueError:
             rel = None
-    parts = rel.parts if rel is not None and rel.parts else (raw_dir.name,)
-    slug = "__".join(_SLUG.sub("-", p).strip("-") for p in parts if p)
-    return slug or "session"
+    return _watch_session_id(rel.as_posix() if rel is not None and rel.parts else raw_dir.name)
 
 
 def json_default(obj: Any):
