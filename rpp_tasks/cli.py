@@ -45,6 +45,23 @@ def _print_session(summary: dict) -> None:
     for name, info in (summary.get("rejected_files") or {}).items():
         print(f"    file {name}: {info.get('reason')}")
     print(f"\nProducts: {summary['workdir']}")
+    if summary.get("report"):
+        print(f"Report:   {summary['report']}")
+    if summary.get("products_zip"):
+        print(f"ZIP:      {summary['products_zip']}")
+
+
+def _with_report(summary: dict, obs) -> dict:
+    """Build the session report and products ZIP (a report failure never hides the products)."""
+    from rpp_tasks import report
+    from rpp_tasks.session import Session
+
+    try:
+        rep = report.run_report(Session.load(summary["workdir"]), obs)
+        summary = {**summary, "report": rep.get("html_path"), "products_zip": rep.get("products_zip")}
+    except Exception as exc:
+        log.warning("session report not built: %s", exc)
+    return summary
 
 
 def cmd_reduce(args) -> int:
@@ -58,7 +75,7 @@ def cmd_reduce(args) -> int:
         return 2
     work_root = Path(args.work) if args.work else obs.resolve_path("work")
     if path.is_dir():
-        summary = pipeline.reduce_session(path, obs, work_root=work_root, workers=args.workers)
+        summary = _with_report(pipeline.reduce_session(path, obs, work_root=work_root, workers=args.workers), obs)
         _print_session(summary)
         return 0 if summary["n_ok"] > 0 or summary["n_science"] == 0 else 1
     t0 = time.perf_counter()
@@ -80,7 +97,7 @@ def cmd_demo(args) -> int:
     truth_dir = obs.resolve_path("work").parent / "demo_truth" / night
     print(f"Writing a synthetic session ({args.frames} science frames + calibrations) to {raw_dir}")
     synthetic.write_synthetic_session(raw_dir, truth_folder=truth_dir, n_science=args.frames, seed=args.seed)
-    summary = pipeline.reduce_session(raw_dir, obs, workers=args.workers)
+    summary = _with_report(pipeline.reduce_session(raw_dir, obs, workers=args.workers), obs)
     _print_session(summary)
     return 0 if summary["n_ok"] == summary["n_science"] else 1
 
