@@ -493,8 +493,10 @@ def celestial_footprint(header, *, shape=None, points_per_side=None) -> Footprin
     Returns
     -------
     footprint : `Footprint` or None
-        None when there is no usable celestial WCS (absent, not 2-D, non-finite corners, or a
-        field larger than 90 deg): never a guessed footprint.
+        None when there is no usable celestial WCS (absent, rejected by
+        `rpp_tasks.fitsio.header_wcs` -- e.g. no CDELT/CD scale, singular matrix, pixel scale
+        above 1800"/px --, not 2-D, non-finite corners, or a field larger than 90 deg): never a
+        guessed footprint.
     """
     from astropy.wcs import WCS, FITSFixedWarning
     from astropy.wcs.utils import proj_plane_pixel_scales
@@ -504,6 +506,18 @@ def celestial_footprint(header, *, shape=None, points_per_side=None) -> Footprin
     if dims is None or min(dims) < 1:
         return None
     nx, ny = dims
+    # The pipeline's own WCS check first (the one the astrometry stage uses): it rejects what
+    # astropy would silently accept, e.g. a pointing-only CTYPE/CRVAL/CRPIX header without
+    # CDELT/CD, which astropy reads as 1 deg/px (a 40x30 px frame would get a 47 deg footprint).
+    from rpp_tasks.fitsio import header_wcs
+
+    check_h = h.copy()
+    if "NAXIS1" not in check_h or "NAXIS2" not in check_h:
+        check_h["NAXIS1"], check_h["NAXIS2"] = nx, ny
+    check = header_wcs(check_h)
+    if not check.is_valid:
+        log.info("archive: WCS %s: no footprint", check.status)
+        return None
     notes = []
     has_sip = "A_ORDER" in h and "B_ORDER" in h
     if has_sip:

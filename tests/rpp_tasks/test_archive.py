@@ -68,6 +68,13 @@ def test_bandpass_edges_in_metres():
     v = lookup_bandpass("V")
     assert (v.em_min_m, v.em_max_m) == pytest.approx((480e-9, 730e-9))
     assert lookup_bandpass("Gaia G").em_max_m == pytest.approx(1030e-9)
+    # Gaia BP/RP, Cousins, Sloan and the project's own Clear / L definitions (metres)
+    for raw, lo_nm, hi_nm in (("Gaia BP", 325, 673), ("Gaia RP", 620, 1042), ("Rc", 560, 870),
+                              ("Ic", 700, 920), ("Sloan g'", 365, 580), ("SDSS r", 542, 699),
+                              ("Clear", 300, 1100), ("Unfiltered", 300, 1100), ("L", 390, 710),
+                              ("IRCUT", 390, 710)):
+        bp = lookup_bandpass(raw)
+        assert (bp.em_min_m, bp.em_max_m) == pytest.approx((lo_nm * 1e-9, hi_nm * 1e-9)), raw
     for bp in BANDPASSES.values():
         assert 2e-7 < bp.em_min_m < bp.em_eff_m < bp.em_max_m < 1.2e-6, bp.name
         assert bp.source
@@ -174,6 +181,69 @@ def test_huntsman_row_units(real_data):
     assert set(row.to_dict()) == set(OBSCORE_COLUMNS)
 
 
+#: ObsCore 1.1 mandatory columns (Table 1 / Appendix C; shared/specs/obscore_dachs.md 1.1).
+MANDATORY = ("dataproduct_type", "calib_level", "obs_collection", "obs_id", "obs_publisher_did",
+             "access_url", "access_format", "access_estsize", "target_name", "s_ra", "s_dec",
+             "s_fov", "s_region", "s_resolution", "s_xel1", "s_xel2", "t_min", "t_max",
+             "t_exptime", "t_resolution", "t_xel", "em_min", "em_max", "em_res_power", "em_xel",
+             "o_ucd", "pol_states", "pol_xel", "facility_name", "instrument_name")
+
+
+@pytest.mark.realdata
+def test_huntsman_row_every_mandatory_column(real_data):
+    """All 30 mandatory columns (plus s_pixel_scale) with values derived independently of the
+    archive code: header keywords, astropy's SIP-aware WCS, the file size."""
+    from astropy.coordinates import FK5, SkyCoord
+
+    assert len(MANDATORY) == 30 and set(MANDATORY) <= set(OBSCORE_COLUMNS)
+    path = real_data / HUNTSMAN
+    header = read_product_header(path)
+    row = to_obscore_row(header, product_path=path, fwhm_arcsec=2.7, facility_name="Huntsman",
+                         **COMMON).to_dict()
+    sip = header.copy()
+    sip["CTYPE1"], sip["CTYPE2"] = "RA---TAN-SIP", "DEC--TAN-SIP"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        w = WCS(sip)
+    fk5 = FK5(equinox="J2000")                                          # header RADESYS = 'FK5'
+    centre = SkyCoord(*w.pixel_to_world_values(399.5, 399.5), unit="deg", frame=fk5).icrs
+    c = w.calc_footprint(center=False)
+    corners = SkyCoord(c[:, 0], c[:, 1], unit="deg", frame=fk5).icrs
+    t0 = Time("2021-01-18T11:26:32.228", scale="utc").mjd              # DATE-OBS
+    expected = {
+        "dataproduct_type": "image", "calib_level": 2, "obs_collection": "rpp-test/demo",
+        "obs_id": "371d420013090900_20210118T112632.228",                # INSTRUME_DATE-OBS
+        "obs_publisher_did": "ivo://rpp.example.org/~?rpp-test/demo/"
+                             "371d420013090900_20210118T112632.228/image",
+        "access_url": "http://localhost/x.fits", "access_format": "image/fits",
+        "access_estsize": math.ceil(path.stat().st_size / 1024),        # kB
+        "target_name": "DoradoGroup-p0p0",                                # OBJECT
+        "s_ra": centre.ra.deg, "s_dec": centre.dec.deg,
+        "s_fov": corners[0].separation(corners[2]).deg,                   # diagonal, as DaCHS
+        "s_resolution": 2.7, "s_xel1": 800, "s_xel2": 800,
+        "t_min": t0, "t_max": t0 + 300.0 / 86400, "t_exptime": 300.0, "t_resolution": 300.0,
+        "t_xel": 1, "em_min": 378e-9, "em_max": 555e-9,                  # FILTER g_band: SDSS g
+        "em_res_power": None, "em_xel": 1, "o_ucd": "phot.count", "pol_states": None,
+        "pol_xel": None, "facility_name": "Huntsman", "instrument_name": "371d420013090900",
+    }
+    for col in MANDATORY:
+        if col == "s_region":
+            continue
+        want, got = expected[col], row[col]
+        if isinstance(want, float):
+            tol = {"s_ra": 1e-8, "s_dec": 1e-8, "s_fov": 1e-6, "t_min": 1e-9, "t_max": 1e-9}
+            assert got == pytest.approx(want, abs=tol.get(col, 0) or None, rel=1e-12), col
+        else:
+            assert got == want and type(got) is type(want), col
+    assert row["s_pixel_scale"] == pytest.approx(
+        3600 * math.sqrt(abs(np.linalg.det(w.pixel_scale_matrix))), rel=1e-3)
+    # s_region: 16 vertices; its 4 outer corners are astropy's SIP corners (in ICRS)
+    verts = np.array([float(v) for v in row["s_region"].split()]).reshape(-1, 2)
+    assert verts.shape == (16, 2)
+    assert np.allclose(sorted(map(tuple, verts[::4])),
+                       sorted(zip(corners.ra.deg, corners.dec.deg)), atol=1e-7)
+
+
 @pytest.mark.realdata
 def test_did_is_stable_and_reprocessing_gives_same_row_key(real_data):
     header = read_product_header(real_data / HUNTSMAN)
@@ -231,6 +301,27 @@ def test_broken_wcs_gives_no_footprint():
     assert row.s_region is None and row.s_fov is None
     h2 = _tan_header(scale_deg=1.0)          # 200 deg wide "image": not plausible
     assert celestial_footprint(h2) is None
+
+
+def test_pointing_only_wcs_without_scale_gets_no_footprint():
+    """CTYPE/CRVAL/CRPIX but no CDELT/CD: astropy would read 1 deg/px (a 47 deg 'footprint' for
+    40x30 px); the row must have no footprint, only the header pointing."""
+    h = fits.Header()
+    h["NAXIS"], h["NAXIS1"], h["NAXIS2"] = 2, 40, 30
+    h["CTYPE1"], h["CTYPE2"] = "RA---TAN", "DEC--TAN"
+    h["CRVAL1"], h["CRVAL2"], h["CRPIX1"], h["CRPIX2"] = 150.0, 2.0, 20.0, 15.0
+    h["RA"], h["DEC"] = 150.0, 2.0
+    h["DATE-OBS"], h["EXPTIME"], h["FILTER"] = "2024-01-15T19:29:42.5", 10.0, "V"
+    assert celestial_footprint(h) is None
+    row = to_obscore_row(h, **COMMON)
+    assert row.s_region is None and row.s_fov is None and row.s_pixel_scale is None
+    assert (row.s_ra, row.s_dec) == (150.0, 2.0)                  # the pointing, not a WCS centre
+    assert (row.s_xel1, row.s_xel2) == (40, 30)
+    # the same header with a real scale (0.3 deg/px) does get its 12 x 9 deg footprint
+    h["CDELT1"], h["CDELT2"] = -0.3, 0.3
+    fp = celestial_footprint(h)
+    assert fp is not None and fp.fov_deg == pytest.approx(14.9151, abs=1e-3)
+    assert polygon_contains(fp.to_dali(), 150.0, 2.0) and not polygon_contains(fp.to_dali(), 150.0, 7.0)
 
 
 def test_row_validation():
@@ -317,3 +408,46 @@ def test_upsert_single_row_sqlite_bare_path(tmp_path):
     assert upsert_obscore(row, str(db)).n_inserted == 1
     assert upsert_obscore([row], str(db)).n_updated == 1
     assert [r["obs_id"] for r in covering_query(str(db), 150.0, 2.0)] == [row.obs_id]
+
+
+def test_run_archive_on_pipeline_frame_summary_as_the_dag_calls_it(tmp_path):
+    """The DAG passes ``frames/<stem>/summary.json`` of ok frames: the row must describe the
+    calibrated product (not the raw frame), with the summary's FWHM and band."""
+    from pathlib import Path
+
+    from rpp_tasks import fitsio, pipeline, synthetic
+    from rpp_tasks.config import find_config
+
+    repo = Path(__file__).resolve().parents[2]
+    paths = synthetic.write_synthetic_session(tmp_path / "raw", truth_folder=tmp_path / "truth",
+                                              n_science=1, n_bias=1, n_dark=1, n_flat=1,
+                                              shape=(256, 256), seed=5)
+    obs = find_config("demo", repo / "config")
+    frame_dir = tmp_path / "work" / "frames" / "demo_V_001"
+    summary = pipeline.reduce_frame(paths["science"][0], obs, frame_dir)
+    assert summary["status"] == "ok", summary["reason"]
+    calibrated = Path(summary["calibrated"])
+    url = f"sqlite:///{tmp_path / 'archive.sqlite'}"
+    kwargs = dict(url=url, obs_collection=obs.archive.obs_collection,
+                  publisher_authority=obs.archive.publisher_authority, session_id="demo/2025-01-15",
+                  facility_name=obs.camera.telescope, instrument_name=obs.camera.name)
+    res = run_archive([str(frame_dir / "summary.json")], **kwargs)
+    assert (res["n_rows"], res["n_inserted"], res["no_footprint"], res["skipped"]) == (1, 1, [], [])
+    wcs = fitsio.header_wcs(fits.getheader(calibrated))
+    (hit,) = covering_query(url, wcs.center_ra_deg, wcs.center_dec_deg)
+    assert hit["access_url"] == calibrated.resolve().as_uri()
+    assert hit["access_estsize"] == math.ceil(calibrated.stat().st_size / 1024)
+    assert hit["s_resolution"] == pytest.approx(summary["fwhm_arcsec"], rel=1e-12)
+    assert hit["t_min"] == pytest.approx(summary["mjd_obs"], abs=1e-8) and hit["t_exptime"] == 60.0
+    assert (hit["em_min"], hit["em_max"]) == pytest.approx((480e-9, 730e-9), rel=1e-12)
+    assert hit["rpp_band"] == "V"
+    assert (hit["s_xel1"], hit["s_xel2"]) == (256, 256)
+    assert hit["s_ra"] == pytest.approx(wcs.center_ra_deg, abs=1e-9)
+    assert (hit["obs_collection"], hit["facility_name"], hit["instrument_name"]) == (
+        "RPP/DEMO", "Demo 0.4 m", "SYNTH-CCD")
+    assert hit["obs_publisher_did"].startswith("ivo://rpp.example/archive?RPP/DEMO/")
+    # 0.1 deg away from a 256" field: outside
+    assert covering_query(url, wcs.center_ra_deg, wcs.center_dec_deg + 0.1) == []
+    # the DAG's re-run of the session: same row updated
+    again = run_archive([str(frame_dir / "summary.json")], **kwargs)
+    assert (again["n_inserted"], again["n_updated"]) == (0, 1)
