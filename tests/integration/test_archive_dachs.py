@@ -19,6 +19,7 @@ import urllib.request
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from rpp_tasks.archive import read_product_header, run_archive, to_obscore_row, upsert_obscore
@@ -37,7 +38,17 @@ COLLECTION = "rpp-ci-test"
 AUTH = "rpp.example.org"
 HUNTSMAN = "huntsman/raw/science_0.fits"
 SPECTRUM = "spectra/ciboulette_sa200/Pn_R_hd8538_20231008_836.fits"
+PROJECT_RD = REPO / "archive/dachs/q.rd"
+INSTALLED_RD = Path("/var/gavo/inputs/rpp/q.rd")          # where setup_dachs.sh imports it from
 HD8538 = (21.4540, 60.2353)          # delta Cas, the spectrum's target (the header has no position)
+
+
+#: ObsCore 1.1 mandatory columns (Table 1 / Appendix C).
+MANDATORY = ("dataproduct_type", "calib_level", "obs_collection", "obs_id", "obs_publisher_did",
+             "access_url", "access_format", "access_estsize", "target_name", "s_ra", "s_dec",
+             "s_fov", "s_region", "s_resolution", "s_xel1", "s_xel2", "t_min", "t_max",
+             "t_exptime", "t_resolution", "t_xel", "em_min", "em_max", "em_res_power", "em_xel",
+             "o_ucd", "pol_states", "pol_xel", "facility_name", "instrument_name")
 
 
 def _answers(url: str) -> bool:
@@ -74,6 +85,19 @@ def dachs():
                               timeout=300, check=False)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         assert _answers(DACHS_URL + "/"), f"DaCHS still not answering at {DACHS_URL}"
+    # the tests must run against the project's RD, not an older copy imported earlier
+    if INSTALLED_RD.read_bytes() != PROJECT_RD.read_bytes():
+        if os.geteuid() != 0:
+            pytest.fail(f"{INSTALLED_RD} differs from {PROJECT_RD}; "
+                        "run 'sudo archive/dachs/setup_dachs.sh' (re-imports the RD)")
+        proc = subprocess.run([str(REPO / "archive/dachs/setup_dachs.sh")], capture_output=True,
+                              text=True, env={**os.environ, "RPP_DACHS_NO_INSTALL": "1"},
+                              timeout=300, check=False)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert INSTALLED_RD.read_bytes() == PROJECT_RD.read_bytes()
+    # DaCHS imported it: rpp.main is a participant of the ivoa.obscore view
+    assert _admin_sql("SELECT tablename FROM ivoa._obscoresources WHERE tablename = 'rpp.main'"
+                      ) == [("rpp.main",)]
     _admin_sql("DELETE FROM rpp.main WHERE obs_collection = :c", c=COLLECTION)
     yield DACHS_URL
     _admin_sql("DELETE FROM rpp.main WHERE obs_collection = :c", c=COLLECTION)
@@ -159,13 +183,36 @@ def test_tap_returns_the_row_with_the_right_values(dachs, archived, real_data):
     assert r["access_estsize"] == 1275 and r["access_format"] == "image/fits"
     assert r["access_url"] == "http://localhost:8089/rpp-products/huntsman/raw/science_0.fits"
     assert r["facility_name"] == "Huntsman" and r["target_name"] == "DoradoGroup-p0p0"
+    assert r["obs_collection"] == COLLECTION and r["instrument_name"] == "371d420013090900"
+    assert r["o_ucd"] == "phot.count" and r["t_resolution"] == 300 and r["t_xel"] == 1
+    assert r["em_xel"] == 1 and r["s_pixel_scale"] == pytest.approx(1.2597, abs=1e-4)
+    # NULLs (no polarisation, no spectral resolving power for an image): DaCHS's VOTable gives
+    # masked numbers and empty strings
+    assert np.ma.is_masked(r["em_res_power"]) and np.ma.is_masked(r["pol_xel"])
+    assert r["pol_states"] == ""
+    # every mandatory ObsCore 1.1 column survives the round trip through DaCHS (reals: 1e-6)
+    want = expected.to_dict()
+    want["access_url"] = "http://localhost:8089/rpp-products/huntsman/raw/science_0.fits"
+    for col in MANDATORY:
+        got, exp = r[col], want[col]
+        if col == "s_region":
+            continue
+        if exp is None:
+            assert np.ma.is_masked(got) or got == "", col
+        elif isinstance(exp, float):
+            assert float(got) == pytest.approx(exp, rel=1e-6, abs=1e-12), col
+        else:
+            assert got == exp, col
     # units and UCDs as published by DaCHS (what TOPCAT/Aladin read)
     assert str(result["t_min"].unit) == "d" and str(result["em_min"].unit) == "m"
     assert str(result["s_ra"].unit) == "deg" and str(result["access_estsize"].unit) == "kbyte"
     # the footprint comes back as a polygon with our 16 vertices
     region = str(r["s_region"])
+    assert region.startswith("Polygon ICRS ")
     numbers = [float(v) for v in region.replace("Polygon", " ").replace("ICRS", " ").split()]
     assert len(numbers) == 32
+    assert np.allclose(numbers, [float(v) for v in expected.s_region.split()], atol=2e-7)
+    assert numbers[:2] == pytest.approx([64.8298222, -54.9888272], abs=2e-7)     # first vertex
     # a point outside the footprint does not find it
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
