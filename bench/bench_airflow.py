@@ -9,6 +9,12 @@
    and including the products task's summary, report and ZIP) and (b) as a DAG run through a running
    Airflow (``rpp up``; REST API), timed from queued to the end of ``products``, then
    ``overhead = (airflow_wall - plain_wall) / airflow_wall``. Target: <= 10 %.
+3. **Ready -> run started** (``--latency``): the real watcher (`rpp_tasks.watch.SessionWatcher`,
+   inotify) on a scratch incoming folder, the demo observatory's rules, a running Airflow. A small
+   session is written; "ready" is the moment its readiness rule is satisfied (``marker``: the marker
+   file is written; ``quiet``: the last frame write + ``quiet_seconds``). Printed: ready -> trigger
+   accepted by the API (watcher side), ready -> run ``start_date`` (scheduler picked it up) and
+   ready -> first task started. Target: ready -> run started <= 30 s.
 
 Usage::
 
@@ -16,6 +22,7 @@ Usage::
     python bench/bench_airflow.py --n-configs 50 --repeat 7
     # with `rpp up` running in another terminal (prints the password):
     RPP_AIRFLOW_PASSWORD=... python bench/bench_airflow.py --overhead --frames 8 --shape 2048
+    python bench/bench_airflow.py --latency --repeat 3     # watcher -> Airflow, `rpp up` running
 """
 
 from __future__ import annotations
@@ -164,10 +171,7 @@ def bench_overhead(args) -> dict:
                             shape=(args.shape, args.shape), seed=5)
     with tempfile.TemporaryDirectory(prefix="rpp_bench_plain_") as tmp:
         plain = plain_run(raw_dir, obs, Path(tmp))
-    password = args.password or os.environ.get("RPP_AIRFLOW_PASSWORD")
-    if not password:
-        pw_file = REPO / "airflow_home" / "simple_auth_manager_passwords.json"
-        password = json.loads(pw_file.read_text())["admin"]
+    password = _password(args)
     af = airflow_run(raw_dir, obs, args.api_url, "admin", password, f"bench-{stamp}")
     # like for like: the plain run stops after products (archive and notify run beside each other
     # after it in the DAG and are not part of the plain run)
@@ -179,6 +183,99 @@ def bench_overhead(args) -> dict:
             "overhead_share": round(share, 3), "task_durations_s": af["task_durations_s"]}
 
 
+def _password(args) -> str:
+    password = args.password or os.environ.get("RPP_AIRFLOW_PASSWORD")
+    if not password:
+        pw_file = REPO / "airflow_home" / "simple_auth_manager_passwords.json"
+        password = json.loads(pw_file.read_text())["admin"]
+    return password
+
+
+def bench_latency(args) -> dict:
+    """Ready -> trigger -> run started, through the real watcher and a running Airflow."""
+    import logging
+    from datetime import datetime
+
+    os.environ.setdefault("RPP_DATA_ROOT", str(REPO))
+    from rpp_tasks.config import find_config
+    from rpp_tasks.synthetic import write_synthetic_session
+    from rpp_tasks.up import ApiClient
+    from rpp_tasks.watch import AirflowTrigger, SessionRule, SessionWatcher, WatchState, run_id_for
+
+    logging.basicConfig(level=logging.WARNING)
+    obs = find_config("demo")
+    password = _password(args)
+    api = ApiClient(args.api_url, "admin", password)
+
+    def ts(s):
+        return datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp() if s else None
+
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    root = obs.resolve_path("incoming").parent / "bench" / f"latency-{stamp}"   # not the demo's watched folder
+    rules = {"marker": SessionRule("marker", marker_file="transfer.done", settle_seconds=obs.session.settle_seconds),
+             "quiet": SessionRule("quiet", quiet_seconds=args.quiet_seconds,
+                                  settle_seconds=obs.session.settle_seconds)}
+    results = []
+    for kind, rule in rules.items():
+        incoming = root / kind
+        incoming.mkdir(parents=True)
+        trigger = AirflowTrigger(args.api_url, "admin", password, timeout=10.0)
+        w = SessionWatcher(obs.name, incoming, obs.dag_id, rule, root / f"state_{kind}.json", trigger,
+                           rescan_s=60.0, unpause=True)
+        w.start()
+        try:
+            for i in range(args.repeat):
+                name = f"lat-{kind}-{stamp}-{i}"
+                tmp_dir = incoming / f".{name}.part"      # written hidden, then renamed, as rpp up does
+                write_synthetic_session(tmp_dir, truth_folder=root / "truth" / name, n_science=2, n_bias=2,
+                                        n_dark=2, n_flat=2, shape=(256, 256), seed=i)
+                session = incoming / name
+                os.rename(tmp_dir, session)
+                if kind == "marker":
+                    time.sleep(1.0)   # the frames alone never make it ready
+                    (session / "transfer.done").write_text("done\n")
+                    t_ready = time.time()
+                else:
+                    t_ready = max(p.stat().st_mtime for p in session.iterdir()) + rule.quiet_seconds
+                run_id = run_id_for(name)
+                t_trig = None
+                deadline = time.time() + 300
+                run = None
+                while time.time() < deadline:
+                    rec = WatchState.load(root / f"state_{kind}.json").sessions.get(name) or {}
+                    if t_trig is None and rec.get("confirmed"):
+                        t_trig = ts(rec.get("confirmed_at")) or time.time()
+                    r = api.request("GET", f"/dags/{obs.dag_id}/dagRuns/{run_id}")
+                    if r.status_code == 200:
+                        run = r.json()
+                        if run.get("start_date"):
+                            break
+                    time.sleep(0.2)
+                if run is None or not run.get("start_date"):
+                    raise SystemExit(f"run {run_id} did not start within 300 s")
+                t_first = None
+                while time.time() < deadline and t_first is None:
+                    tis = api.request("GET", f"/dags/{obs.dag_id}/dagRuns/{run_id}/taskInstances").json()
+                    starts = [ts(t.get("start_date")) for t in tis.get("task_instances", []) if t.get("start_date")]
+                    t_first = min(starts) if starts else None
+                    time.sleep(0.2)
+                row = {"rule": kind, "session": name,
+                       "ready_to_trigger_confirmed_s": round(t_trig - t_ready, 2) if t_trig else None,
+                       "ready_to_run_queued_s": round(ts(run.get("queued_at")) - t_ready, 2),
+                       "ready_to_run_started_s": round(ts(run["start_date"]) - t_ready, 2),
+                       "ready_to_first_task_started_s": round(t_first - t_ready, 2) if t_first else None}
+                print(json.dumps(row), flush=True)
+                results.append(row)
+                # one session at a time: the next one must not wait behind max_active_runs
+                while time.time() < deadline + 600 and api.run_state(obs.dag_id, run_id) not in ("success", "failed"):
+                    time.sleep(1.0)
+        finally:
+            w.stop()
+    started = [r["ready_to_run_started_s"] for r in results]
+    return {"runs": results, "ready_to_run_started_median_s": round(statistics.median(started), 2),
+            "ready_to_run_started_max_s": round(max(started), 2)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n-configs", type=int, default=20)
@@ -188,9 +285,18 @@ def main(argv=None) -> int:
     p.add_argument("--shape", type=int, default=1024)
     p.add_argument("--api-url", default=os.environ.get("RPP_AIRFLOW_API_URL", "http://localhost:8793"))
     p.add_argument("--password")
+    p.add_argument("--latency", action="store_true",
+                   help="ready -> run started through the real watcher and a running Airflow")
+    p.add_argument("--quiet-seconds", type=float, default=10.0, help="quiet rule of the --latency sessions")
+    p.add_argument("--no-parse", action="store_true", help="skip the parse-time measurement")
     args = p.parse_args(argv)
-    res = {"parse": bench_parse(args.n_configs, args.repeat)}
-    print(json.dumps(res["parse"], indent=1))
+    res = {}
+    if not args.no_parse:
+        res["parse"] = bench_parse(args.n_configs, args.repeat)
+        print(json.dumps(res["parse"], indent=1))
+    if args.latency:
+        res["latency"] = bench_latency(args)
+        print(json.dumps({k: v for k, v in res["latency"].items() if k != "runs"}, indent=1))
     if args.overhead:
         res["overhead"] = bench_overhead(args)
         print(json.dumps(res["overhead"], indent=1))

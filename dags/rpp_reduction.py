@@ -10,8 +10,8 @@ validate -> calibrate -> cosmic_rays -> detect -> astrometry -> photometry -> ze
 transients -> products -> (archive, notify)
 
 Each stage task handles every frame of the session with the process pool of
-`rpp_tasks.pipeline.run_stage` (`RPP_WORKERS`, default 2), so Airflow's per-task cost is paid six
-times per session, not six times per frame. A frame that fails is recorded as rejected and the
+`rpp_tasks.pipeline.run_stage` (`RPP_WORKERS`, default 2), so Airflow's per-task cost is paid once
+per task and session (twelve tasks), not once per frame. A frame that fails is recorded as rejected and the
 others go on. Tasks hand each other only the session work folder (a path) and a small summary dict.
 All science lives in `rpp_tasks`; this file only wires tasks.
 
@@ -214,7 +214,7 @@ def _doc_md(obs: ObservatoryConfig) -> str:
 ### {obs.title or obs.name} (`{obs.dag_id}`)
 
 Reduces one session of observatory **{obs.name}** per run: validate -> calibrate -> cosmic_rays ->
-detect -> photometry -> products -> archive, notify.
+detect -> astrometry -> photometry -> zero_point -> enrich -> transients -> products -> (archive, notify).
 
 | | |
 |---|---|

@@ -454,7 +454,7 @@ def _print_banner(settings: UpSettings, secrets_: dict, obs, run: dict | None) -
 def _serve(af: AirflowProcess, watcher, exit_when_done: bool) -> int:
     if exit_when_done:
         return 0
-    print("Airflow" + (" and the watcher" if watcher is not None else "") + " keep running; Ctrl-C to stop.",
+    print(("Airflow and the watcher keep" if watcher is not None else "Airflow keeps") + " running; Ctrl-C to stop.",
           flush=True)
     try:
         while af.alive():

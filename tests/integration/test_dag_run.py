@@ -95,9 +95,12 @@ def test_demo_dag_run_produces_products_and_reruns_idempotently(airflow_env):
     conf = {"observatory": "demo", "session_id": "2025-01-15", "session_dir": str(night)}
 
     first = _run_dag(env, conf)
-    chain = ["validate", "calibrate", "cosmic_rays", "detect", "photometry", "products"]
+    chain = ["validate", "calibrate", "cosmic_rays", "detect", "astrometry", "photometry", "zero_point",
+             "enrich", "transients", "products", "archive"]
     assert first["state"] == "success", first
-    assert all(first["tasks"][t]["state"] == "success" for t in chain), first["tasks"]
+    assert {t: first["tasks"][t]["state"] for t in chain} == {t: "success" for t in chain}, first["tasks"]
+    # the demo observatory configures no notification channel: notify is skipped, visibly
+    assert first["tasks"]["notify"]["state"] == "skipped", first["tasks"]
 
     workdir = data / "work" / "demo" / "2025-01-15"
     summary = json.loads((workdir / "session_summary.json").read_text())
@@ -117,14 +120,17 @@ def test_demo_dag_run_produces_products_and_reruns_idempotently(airflow_env):
     assert (workdir / "session_summary.json").stat().st_mtime > mtime
     assert summary2["n_ok"] == N_SCIENCE
     assert sorted(p.name for p in (workdir.parent).iterdir() if p.is_dir()) == ["2025-01-15"]
-    if first["tasks"]["archive"]["state"] == "success":
-        import sqlite3
+    assert second["tasks"]["archive"]["state"] == "success", second["tasks"]
+    import sqlite3
 
-        db = data / "products" / "demo" / "archive.sqlite"
-        with sqlite3.connect(db) as con:
-            tables = [r[0] for r in con.execute("select name from sqlite_master where type='table'")]
-            (table,) = [t for t in tables if t.endswith("main")]
-            assert con.execute(f'select count(*) from "{table}"').fetchone()[0] == N_SCIENCE
+    db = data / "products" / "demo" / "archive.sqlite"
+    with sqlite3.connect(db) as con:   # two runs of the session, one row per frame (upsert)
+        tables = [r[0] for r in con.execute("select name from sqlite_master where type='table'")]
+        (table,) = [t for t in tables if t.endswith("main")]
+        assert con.execute(f'select count(*) from "{table}"').fetchone()[0] == N_SCIENCE
+    # the products task also built the morning report and the products ZIP
+    assert (workdir / "report" / "report.html").stat().st_size > 10_000
+    assert (workdir / "2025-01-15_products.zip").stat().st_size > 0
 
     stage_s = sum(summary2["stage_runs"][k]["wall_s"] for k in summary2["stage_runs"])
     print(f"\ndag.test wall {second['wall_s']:.1f} s, run_stage wall {stage_s:.1f} s, "
