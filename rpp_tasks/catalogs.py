@@ -570,7 +570,7 @@ class ServicesSetup:
     ps1_release: str = "dr2"
     gaia_tap_format: str = "json"
     enabled: tuple[str, ...] = ()            # enrichment services switched on
-    colibri_uid: str | None = None
+    colibri_uid: str | None = field(default=None, repr=False)     # a secret: never in repr/logs
 
 
 def client_from_config(cfg) -> ServicesSetup:

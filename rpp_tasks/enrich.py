@@ -89,6 +89,13 @@ def _cached_query(name, setup, cache, ra0, dec0, r, fetch, *, tag=None, cacheabl
     return tab, ServiceStatus(name, "ok", None, len(tab), n, time.perf_counter() - t0)
 
 
+def _scrub(value, secret):
+    """``value`` with ``secret`` (the Astro-Colibri key) masked, so it never reaches metadata or logs."""
+    if secret and isinstance(value, str) and secret in value:
+        return value.replace(secret, "***")
+    return value
+
+
 def _mjd_to_jd(mjd):
     return mjd + 2400000.5
 
@@ -255,16 +262,17 @@ def enrich_catalog(cat, *, center_ra_deg: float, center_dec_deg: float, radius_d
                 doc = json.loads(content)
                 evs = doc.get("voevents", []) if isinstance(doc, dict) else []
                 for e in evs[:50]:
-                    events.append({kk: e.get(kk) for kk in ("trigger_id", "source_name", "type", "time", "ra", "dec",
-                                                             "err") if isinstance(e, dict)})
+                    if isinstance(e, dict):
+                        events.append({kk: _scrub(e.get(kk), setup.colibri_uid)
+                                       for kk in ("trigger_id", "source_name", "type", "time", "ra", "dec", "err")})
                 statuses.append(ServiceStatus("colibri", "ok", None, len(evs), k, time.perf_counter() - t0))
                 counts["colibri_events"] = len(evs)
-            except ServiceError as exc:
-                statuses.append(ServiceStatus("colibri", "failed", f"{exc.kind}: {exc}", 0,
-                                              getattr(exc, "attempts", 1), time.perf_counter() - t0))
+            except ServiceError as exc:      # an error page may echo the request: never keep the key
+                statuses.append(ServiceStatus("colibri", "failed", _scrub(f"{exc.kind}: {exc}", setup.colibri_uid),
+                                              0, getattr(exc, "attempts", 1), time.perf_counter() - t0))
             except (ValueError, AttributeError) as exc:
-                statuses.append(ServiceStatus("colibri", "failed", f"malformed: {exc}"[:200], 0, 1,
-                                              time.perf_counter() - t0))
+                statuses.append(ServiceStatus("colibri", "failed", _scrub(f"malformed: {exc}", setup.colibri_uid)[:200],
+                                              0, 1, time.perf_counter() - t0))
 
     for k, v in cols.items():
         out[k] = v.astype(str) if v.dtype == object else v

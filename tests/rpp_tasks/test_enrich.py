@@ -119,3 +119,78 @@ def test_services_not_enabled_are_skipped_and_no_wcs_is_handled(field, tmp_path)
     assert st["gaia"]["status"] == "skipped" and "RA/Dec" in st["gaia"]["reason"]
     assert st["simbad"]["status"] == "skipped" and "not enabled" in st["simbad"]["reason"]
     assert "gaia_source_id" in out.colnames and len(out) == len(cat)
+
+
+def test_timeouts_are_bounded_recorded_and_only_their_columns_are_empty(field, tmp_path):
+    """SkyBoT and VizieR answer after the client's timeout: each is retried once, recorded as a
+    timeout; SIMBAD and Gaia (answering) still fill their columns; a re-run is served from the cache."""
+    import time as _time
+    sky, sk, cat = field
+    p = _peer(sky)
+    p.slow_s = 1.2
+    p.mode["/skybot"] = p.mode["/viz"] = "slow"
+    try:
+        setup = ServicesSetup(urls={"gaia_tap": p.url + "/tap", "simbad": p.url + "/simbad", "skybot": p.url + "/skybot",
+                                    "vizier": p.url + "/viz", "colibri": p.url + "/colibri"},
+                              client=ServiceClient(timeout_s=0.3, max_retries=1, backoff_s=0.01, breaker_s=0),
+                              cache_dir=str(tmp_path / "cache"), gaia_order=("gaia_tap",),
+                              enabled=("simbad", "skybot", "vsx", "milliquas"))
+        t0 = _time.perf_counter()
+        out, res = enrich_catalog(cat, center_ra_deg=RA0, center_dec_deg=DEC0, radius_deg=0.2, mjd=MJD, setup=setup)
+        wall = _time.perf_counter() - t0
+        st = res.to_dict()["services"]
+        for name in ("skybot", "vsx", "milliquas"):
+            assert st[name]["status"] == "failed" and st[name]["reason"].startswith("timeout"), st[name]
+            assert st[name]["attempts"] == 2
+        assert wall < 3 * 2 * 0.3 + 2.0                 # 3 services x 2 attempts x 0.3 s timeout, not 1.2 s waits
+        assert st["simbad"]["status"] == "ok" and st["gaia"]["status"] == "ok"
+        assert list(out["simbad_main_id"][:2]) == ["HD 1", "V* XX Ori"]
+        assert (out["sso_name"] == "").all() and (out["vsx_name"] == "").all() and np.isnan(out["milliquas_z"]).all()
+        assert out.meta["enrichment"]["skybot"]["reason"].startswith("timeout")
+        # the answering services were cached: with everything timing out now, they come from disk
+        p.mode["/tap/sync"] = p.mode["/simbad/sync"] = "slow"
+        out2, res2 = enrich_catalog(cat, center_ra_deg=RA0, center_dec_deg=DEC0, radius_deg=0.2, mjd=MJD,
+                                    setup=setup)
+        st2 = res2.to_dict()["services"]
+        assert st2["gaia"]["status"] == "cached" and st2["simbad"]["status"] == "cached"
+        assert list(out2["simbad_main_id"]) == list(out["simbad_main_id"])
+    finally:
+        p.close()
+
+
+@pytest.mark.parametrize("mode", ["ok", "echo401", "500", "malformed", "refused"])
+def test_astro_colibri_key_never_reaches_logs_or_metadata(field, tmp_path, caplog, mode):
+    """The key is sent in the request body (checked on the peer) but appears nowhere in the catalogue
+    metadata, the written ECSV, the result, the ServicesSetup repr or any log record, even when the
+    service answers with an error page that echoes the request."""
+    import json
+    import logging
+    secret = "uid-S3CRET-7f3a9c"
+    sky, sk, cat = field
+    p = _peer(sky)
+
+    def colibri(q, b, m):
+        if m == "echo401":
+            return 401, "application/json", json.dumps({"error": f"unknown uid {b.get('uid')}", "request": b}).encode()
+        return 200, "application/json", json.dumps({"voevents": [{"trigger_id": "GRB250102A", "type": "grb",
+                                                                  "note": b.get("uid")}]}).encode()
+    p.routes["/colibri/cone_search"] = colibri
+    if mode in ("echo401", "500", "malformed"):
+        p.mode["/colibri/cone_search"] = mode
+    caplog.set_level(logging.DEBUG)
+    try:
+        setup = _setup(tmp_path, p.url, uid=secret, enabled=("colibri",), dead=("colibri",) if mode == "refused" else ())
+        out, res = enrich_catalog(cat, center_ra_deg=RA0, center_dec_deg=DEC0, radius_deg=0.2, mjd=MJD, setup=setup)
+    finally:
+        p.close()
+    st = res.to_dict()["services"]["colibri"]
+    assert st["status"] == ("ok" if mode == "ok" else "failed"), st
+    if mode != "refused":
+        assert [c for c in p.calls if c[0].startswith("/colibri")][0][2]["uid"] == secret   # it was really sent
+    if mode == "echo401":
+        assert st["reason"].startswith("http") and "401" in st["reason"] and "***" in st["reason"]
+    logging.getLogger("rpp_tasks.test").error("setup used: %r", setup)   # what a careless log line would show
+    out.write(tmp_path / "cat.ecsv", format="ascii.ecsv")
+    for where, text in (("meta", json.dumps(out.meta, default=str)), ("result", json.dumps(res.to_dict(), default=str)),
+                        ("ecsv", (tmp_path / "cat.ecsv").read_text()), ("repr", repr(setup)), ("logs", caplog.text)):
+        assert secret not in text, where
