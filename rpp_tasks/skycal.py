@@ -79,6 +79,23 @@ def _field_cone(header, shape):
     return chk.center_ra_deg, chk.center_dec_deg, 0.5 * math.hypot(nx, ny) * scale / 3600.0 * 1.02
 
 
+def _site(obs, header) -> tuple[float | None, float | None, str]:
+    """(latitude, east longitude, source) for the airmass: the observatory config, or -- when the config
+    leaves the site at its unset default (0, 0) -- the header's SITELAT/SITELONG (or LAT-OBS/LONG-OBS,
+    OBSGEO-B/OBSGEO-L); (None, None, "none") when neither says where the telescope is."""
+    lat, lon = float(obs.site.latitude_deg), float(obs.site.longitude_deg)
+    if lat != 0.0 or lon != 0.0:
+        return lat, lon, "config"
+    for klat, klon in (("SITELAT", "SITELONG"), ("LAT-OBS", "LONG-OBS"), ("OBSGEO-B", "OBSGEO-L")):
+        try:
+            hlat, hlon = float(header[klat]), float(header[klon])
+        except (KeyError, TypeError, ValueError):
+            continue      # (sexagesimal strings are not guessed at)
+        if -90 <= hlat <= 90 and -360 <= hlon <= 360 and (hlat != 0.0 or hlon != 0.0):
+            return hlat, hlon, f"header {klat}/{klon}"
+    return None, None, "none"
+
+
 def _mid_mjd(meta):
     mjd = meta.get("mjd_obs")
     if mjd is None:
@@ -127,9 +144,11 @@ def step_zero_point(fw, obs) -> dict:
     x = float("nan")
     ref = None
     info = None
+    lat, lon, site_src = _site(obs, fw.header)
     if cone is not None:
-        x = zeropoint.airmass(cone[0], cone[1], mjd if mjd is not None else float("nan"),
-                              latitude_deg=obs.site.latitude_deg, longitude_deg=obs.site.longitude_deg)
+        if lat is not None:
+            x = zeropoint.airmass(cone[0], cone[1], mjd if mjd is not None else float("nan"),
+                                  latitude_deg=lat, longitude_deg=lon)
         rr = catalogs.fetch_reference(*cone, catalog=ref_cat, band=ref_band, setup=services_setup(obs))
         info = rr.to_dict()
         ref = rr.table if rr.ok else None
@@ -146,8 +165,11 @@ def step_zero_point(fw, obs) -> dict:
         ref_mag_range=cfg.ref_mag_range, colour_term=cfg.colour_term)
     d = zps.to_dict()
     d["reference"] = info
+    d["airmass_site"] = site_src
     if cone is None:
         d["flags"] = list(d["flags"]) + ["no_wcs"]
+    if lat is None:
+        d["flags"] = list(d["flags"]) + ["site_not_configured"]
     out.meta["zero_point"] = d["types"]
     out.meta["zero_point_summary"] = {k2: d[k2] for k2 in ("band", "ref_catalog", "ref_band", "airmass",
                                                           "extinction_k_mag", "zp_mag", "zp_err_mag", "n_zp_stars")}
@@ -155,7 +177,7 @@ def step_zero_point(fw, obs) -> dict:
     fw.catalog = out
     write_json_atomic(fw.outdir / "zeropoint.json", d)
     return {"zp_mag": d["zp_mag"], "zp_err_mag": d["zp_err_mag"], "n_zp_stars": d["n_zp_stars"],
-            "airmass": d["airmass"], "ref_catalog": d["ref_catalog"], "ref_band": ref_band,
+            "airmass": d["airmass"], "airmass_site": site_src, "ref_catalog": d["ref_catalog"], "ref_band": ref_band,
             "transformed": bool((info or {}).get("transformed")), "flags": d["flags"],
             "zp_by_type": {t: v["zp_mag"] for t, v in d["types"].items()}}
 

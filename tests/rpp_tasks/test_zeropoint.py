@@ -72,6 +72,33 @@ def test_airmass_zenith_and_horizon():
     assert math.isnan(airmass((gmst + 180) % 360, -60.0, mjd, latitude_deg=40.0, longitude_deg=0.0))
 
 
+def _astropy_airmass(ra, dec, isot, lat, lon):
+    """Independent airmass: astropy AltAz (no refraction, offline IERS) + the same Kasten & Young formula."""
+    import warnings
+    import astropy.units as u
+    from astropy.coordinates import AltAz, EarthLocation, SkyCoord
+    from astropy.time import Time
+    from astropy.utils import iers
+    with iers.conf.set_temp("auto_download", False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = Time(isot, scale="utc")
+        alt = SkyCoord(ra * u.deg, dec * u.deg).transform_to(
+            AltAz(obstime=t, location=EarthLocation(lat=lat * u.deg, lon=lon * u.deg))).alt.deg
+    return t.mjd, 1.0 / (math.sin(math.radians(alt)) + 0.50572 * (alt + 6.07995) ** -1.6364)
+
+
+@pytest.mark.parametrize("ra, dec, isot, lat, lon", [
+    (150.0, 20.0, "2025-01-15T21:00:30", 43.75, 6.92),         # Calern, low field: X ~ 2.3
+    (315.44, 68.13, "2024-07-31T02:44:50", 32.90, -79.76),    # the real Seestar NGC 7023 frame's site and time
+    (65.16, -54.94, "2021-01-18T11:26:32", -31.27, 149.06),   # Huntsman (Siding Spring) science_0
+    (10.0, -30.0, "2019-10-01T23:00:00", -29.26, -70.73),
+])
+def test_airmass_from_site_and_time_matches_astropy_altaz(ra, dec, isot, lat, lon):
+    mjd, expect = _astropy_airmass(ra, dec, isot, lat, lon)
+    got = airmass(ra, dec, mjd, latitude_deg=lat, longitude_deg=lon)
+    assert got == pytest.approx(expect, abs=2e-3 * expect), (got, expect)
+
+
 def test_no_reference_leaves_flagged_empty_columns():
     cat = Table({"ra": [1.0], "dec": [1.0], "mag_psf": [-5.0], "mag_err_psf": [0.01], "snr_psf": [100.0]})
     out, zps = calibrate_catalog(cat, None, band="V", ref_band="V", types=("psf",))
@@ -135,7 +162,12 @@ def test_end_to_end_zero_point_every_type_within_5_mmag(synthetic_frame, tmp_pat
     zp = cat.meta["zero_point"]
     k = obs.stages.zero_point.extinction_mag_per_airmass["G"]
     x = s["airmass"]
-    assert 1.0 <= x < 3.0
+    # the airmass comes from the site, the mid-exposure time and the field centre (no AIRMASS card
+    # is used): DATE-OBS 21:00:00 + 30 s, Calern, RA 150 Dec +20 -> about 2.28
+    assert "AIRMASS" not in fld.header
+    _, x_expect = _astropy_airmass(150.0, 20.0, "2025-01-15T21:00:30", 43.75, 6.92)
+    assert x == pytest.approx(x_expect, abs=3e-3) and 2.2 < x < 2.4
+    assert k > 0 and s["stages"]["zero_point"]["airmass"] == x
     fwhm = cat.meta["fwhm_px"]
     radii = cat.meta["aperture_radii_px"]
     for t in ("1p1fwhm", "1p3fwhm", "fixed", "psf"):
@@ -148,4 +180,58 @@ def test_end_to_end_zero_point_every_type_within_5_mmag(synthetic_frame, tmp_pat
     # calibrated magnitudes of the zero-point stars reproduce Gaia G; the zero-point error is propagated
     sel = cat["zp_star"]
     assert np.median(np.abs(cat["mag_cal_psf"][sel] - cat["ref_mag"][sel])) < 0.02
-    assert np.all(cat["mag_cal_err_psf"][sel] >= cat["mag_err_psf"][sel])
+    for t in ("1p1fwhm", "1p3fwhm", "fixed", "psf"):
+        zp_err = zp[t]["zp_err_mag"]
+        assert 0 < zp_err < 0.005, (t, zp_err)
+        fin = np.isfinite(cat[f"mag_err_{t}"])
+        assert fin.sum() > 50
+        np.testing.assert_allclose(cat[f"mag_cal_err_{t}"][fin], np.hypot(cat[f"mag_err_{t}"][fin], zp_err),
+                                   rtol=0, atol=1e-6)          # zp_err_mag is stored rounded to 1e-6
+        # the extinction k*X and the zero point are both in the calibrated magnitudes
+        np.testing.assert_allclose(cat[f"mag_cal_{t}"][fin], cat[f"mag_{t}"][fin] - k * x + zp[t]["zp_mag"],
+                                   atol=2e-5)
+        # the brightest stars: error dominated by the zero point's, not by photon noise
+        bright = fin & (cat[f"mag_err_{t}"] < 0.3 * zp_err)
+        if bright.any():
+            assert np.all(cat[f"mag_cal_err_{t}"][bright] > 0.95 * zp_err)
+
+
+@pytest.mark.parametrize("where", ["header", "nowhere"])
+def test_site_from_header_when_config_has_none_else_no_extinction(synthetic_frame, tmp_path, where):
+    """An observatory YAML without ``site``: the airmass comes from the header's SITELAT/SITELONG;
+    with no site anywhere no airmass is guessed (flag ``site_not_configured``, no extinction term)."""
+    import json
+
+    from astropy.io import fits
+    from rpp_tasks import pipeline
+    from rpp_tasks.config import config_from_dict
+
+    path, sky, fld = synthetic_frame
+    hdr = fld.header.copy()
+    if where == "header":
+        hdr["SITELAT"], hdr["SITELONG"] = 43.75, 6.92
+    fits.PrimaryHDU(fld.data, hdr).writeto(tmp_path / "frame_G.fits")
+    peer = Peer()
+    add_gaia_routes(peer, sky)
+    catalogs.reset_circuit_breaker()
+    try:
+        obs = config_from_dict({
+            "observatory": "nosite", "camera": {"gain_e_per_adu": 1.5, "read_noise_e": 8.0, "saturation_adu": 60000},
+            "filters": {"aliases": {"G": "G"}},
+            "stages": {"astrometry": {"solve": "never"}, "zero_point": {"min_snr": 30.0}},
+            "catalogs": {"services": {"gaia_tap": peer.url + "/tap"}, "enrichment": [],
+                         "cache_dir": str(tmp_path / "cache"), "timeout_s": 2.0}})
+        s = pipeline.reduce_frame(tmp_path / "frame_G.fits", obs, tmp_path / "out")
+    finally:
+        peer.close()
+    assert s["status"] == "ok", s["reason"]
+    zpj = json.loads((tmp_path / "out" / "zeropoint.json").read_text())
+    psf = zpj["types"]["psf"]["zp_mag"]
+    if where == "header":
+        _, x_expect = _astropy_airmass(150.0, 20.0, "2025-01-15T21:00:30", 43.75, 6.92)
+        assert zpj["airmass_site"] == "header SITELAT/SITELONG" and s["airmass"] == pytest.approx(x_expect, abs=3e-3)
+        assert psf - zpj["extinction_k_mag"] * s["airmass"] == pytest.approx(ZP_TRUE, abs=0.005)
+    else:
+        assert zpj["airmass_site"] == "none" and s["airmass"] is None
+        assert "site_not_configured" in zpj["flags"] and "no_airmass" in zpj["flags"]
+        assert psf == pytest.approx(ZP_TRUE, abs=0.005)          # no k*X term at all
