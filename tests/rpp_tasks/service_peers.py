@@ -3,7 +3,8 @@
 `Peer` is a threaded HTTP server on 127.0.0.1 whose routes answer in each service's real format:
 the Gaia TAP JSON of the recorded ``astroquery/gaia/cone_search.json`` (its 152-column metadata and
 a recorded row as template for every synthetic star), VizieR VOTables with the ``I/355/gaiadr3``
-column names, the MAST ``info``+``data`` JSON of ``astroquery/mast/panstarrs.json``, SIMBAD TAP
+column names, the MAST ``info``+``data`` JSON of ``astroquery/mast/panstarrs.json``, SkyMapper DR4
+TAP VOTables with the ``dr4.master`` column names, SIMBAD TAP
 VOTable and the recorded SkyBoT VOTable. Each route can be switched to ``"500"``, ``"slow"``
 (answers after the client's timeout), ``"malformed"`` or ``"empty"``; `refused_url` is an address
 nothing listens on.
@@ -165,6 +166,19 @@ def ps1_json(stars: Table) -> bytes:
     return json.dumps({"info": info, "data": data}).encode()
 
 
+def skymapper_votable(stars: Table) -> bytes:
+    """SkyMapper DR4 TAP VOTable of ``dr4.master`` (the columns `query_skymapper` selects); bands
+    ``g r i z`` from ``stars`` when present, else empty (NULL) values."""
+    t = Table()
+    t["object_id"] = np.asarray(600_000_000 + np.arange(len(stars)), dtype=np.int64)
+    t["raj2000"], t["dej2000"] = np.asarray(stars["ra"], float), np.asarray(stars["dec"], float)
+    for b in "griz":
+        have = b in stars.colnames
+        t[f"{b}_psf"] = np.asarray(stars[b], float) if have else np.full(len(stars), np.nan)
+        t[f"e_{b}_psf"] = np.full(len(stars), 0.02 if have else np.nan)
+    return votable_bytes(t)
+
+
 def make_sky(ra0, dec0, *, n=300, radius_deg=0.1, seed=0, g_range=(11.0, 17.5)):
     """A reference sky: positions, Gaia G and BP/RP colours, seeded."""
     rng = np.random.default_rng(seed)
@@ -185,3 +199,5 @@ def add_gaia_routes(peer: Peer, stars: Table):
     peer.routes["/viz-bin/votable"] = lambda q, b, m: (200, "text/xml",
                                                         vizier_gaia_votable(stars[:0] if m == "empty" else stars))
     peer.routes["/panstarrs"] = lambda q, b, m: (200, "application/json", ps1_json(stars[:0] if m == "empty" else stars))
+    peer.routes["/skymapper/sync"] = lambda q, b, m: (200, "text/xml",
+                                                      skymapper_votable(stars[:0] if m == "empty" else stars))

@@ -29,10 +29,12 @@ def peer(sky):
     catalogs.reset_circuit_breaker()
 
 
-def _setup(tmp_path, *, gaia_tap, vizier, ps1=None, timeout_s=0.5, retries=1, breaker_s=0.0):
+def _setup(tmp_path, *, gaia_tap, vizier, ps1=None, skymapper=None, timeout_s=0.5, retries=1, breaker_s=0.0):
     urls = dict(catalogs.DEFAULT_SERVICES, gaia_tap=gaia_tap + "/tap", gaia_vizier=vizier + "/viz-bin/votable")
     if ps1:
         urls["ps1"] = ps1 + "/panstarrs"
+    if skymapper:
+        urls["skymapper"] = skymapper + "/skymapper"
     client = ServiceClient(timeout_s=timeout_s, max_retries=retries, backoff_s=0.01, breaker_s=breaker_s)
     return ServicesSetup(urls=urls, client=client, cache_dir=str(tmp_path / "cache"))
 
@@ -143,14 +145,112 @@ def test_ps1_answers_in_coverage(peer, sky, tmp_path):
     assert peer.calls[0][1]["ra"].startswith("150.0")
 
 
-def test_no_ps1_coverage_or_empty_ps1_uses_gaia_transformation(peer, tmp_path):
+def test_no_ps1_coverage_or_empty_ps1_uses_gaia_transformation(peer, sky, tmp_path):
     setup = _setup(tmp_path, gaia_tap=peer.url, vizier=peer.url, ps1=peer.url)
+    n = len(peer.calls)
     south = fetch_reference(RA0, -45.0, 0.1, catalog="ps1", band="g", setup=setup)
     assert south.statuses[0].status == "skipped" and "coverage" in south.statuses[0].reason
+    assert not any(c[0] == "/panstarrs" for c in peer.calls[n:])          # PS1 not asked outside its sky
+    assert south.statuses[1].service == "gaia_tap"    # Gaia asked next (this peer's sky is at Dec +20: empty)
     peer.mode["/panstarrs"] = "empty"
     res = fetch_reference(RA0, DEC0, 0.15, catalog="ps1", band="r", setup=setup)
     assert [s.status for s in res.statuses][:2] == ["empty", "ok"]
-    assert res.catalog == "gaia" and res.transformed and np.isfinite(res.table["mag_r"]).sum() > 100
+    _check_transformed_r(res, sky)
+
+
+def _riello_r(g, bp, rp):
+    """Riello et al. (2021) Table C.2: G - r_SDSS = poly(BP - RP), written out independently here."""
+    x = np.asarray(bp) - np.asarray(rp)
+    return np.asarray(g) - (-0.09837 + 0.08592 * x + 0.1907 * x ** 2 - 0.1701 * x ** 3 + 0.02263 * x ** 4)
+
+
+def _check_transformed_r(res, sky):
+    """The fallback's mag_r is the Gaia transformation of exactly the stars the peer served."""
+    assert res.catalog == "gaia" and res.transformed and res.band == "r"
+    by_id = {int(s): k for k, s in enumerate(sky["source_id"])}
+    k = np.asarray([by_id[int(s)] for s in res.table["gaia_source_id"]])
+    expect = _riello_r(sky["G"][k], sky["BP"][k], sky["RP"][k])
+    ok = np.isfinite(res.table["mag_r"])
+    assert ok.sum() > 100
+    assert np.allclose(np.asarray(res.table["mag_r"])[ok], expect[ok], atol=1e-6)
+    assert np.all(np.asarray(res.table["mag_err_r"])[ok] > 0.035)      # relation scatter in quadrature
+
+
+@pytest.mark.parametrize("failure", ["refused", "timeout", "500", "malformed"])
+def test_ps1_failure_falls_back_to_gaia_transformation(peer, sky, tmp_path, failure):
+    ps1 = refused_url() if failure == "refused" else peer.url
+    if failure == "timeout":
+        peer.mode["/panstarrs"] = "slow"
+        peer.slow_s = 1.5
+    elif failure in ("500", "malformed"):
+        peer.mode["/panstarrs"] = failure
+    setup = _setup(tmp_path, gaia_tap=peer.url, vizier=peer.url, ps1=ps1, timeout_s=0.4, retries=1)
+    res = fetch_reference(RA0, DEC0, 0.15, catalog="ps1", band="r", setup=setup)
+    st = [(s.service, s.status) for s in res.statuses]
+    assert st == [("ps1", "failed"), ("gaia_tap", "ok")], st
+    kind = {"refused": "refused", "timeout": "timeout", "500": "http", "malformed": "malformed"}[failure]
+    assert res.statuses[0].reason.startswith(kind) and res.statuses[0].attempts == (1 if failure == "malformed" else 2)
+    _check_transformed_r(res, sky)
+    if failure != "refused":
+        assert any(c[0] == "/panstarrs" and c[1]["ra"].startswith("150.0") for c in peer.calls)
+
+
+def test_skymapper_answers_in_the_south_and_is_skipped_in_the_north(tmp_path):
+    from astropy.table import vstack
+    catalogs.reset_circuit_breaker()
+    south = make_sky(RA0, -45.0, n=150, radius_deg=0.2, seed=3)
+    north = make_sky(RA0, DEC0, n=150, radius_deg=0.2, seed=4)
+    north["source_id"] += 1000
+    for t in (south, north):
+        for b, off in zip("griz", (0.45, 0.05, -0.15, -0.25)):
+            t[b] = t["G"] + off
+    p = Peer()
+    add_gaia_routes(p, vstack([south, north]))          # one all-sky peer: both fields
+    try:
+        setup = _setup(tmp_path, gaia_tap=p.url, vizier=p.url, skymapper=p.url)
+        res = fetch_reference(RA0, -45.0, 0.15, catalog="skymapper", band="i", setup=setup)
+        assert [s.status for s in res.statuses] == ["ok"] and res.catalog == "skymapper" and not res.transformed
+        inside = catalogs.angular_sep_deg(RA0, -45.0, south["ra"], south["dec"]) <= 0.15
+        assert len(res.table) == inside.sum()
+        assert np.allclose(np.sort(res.table["mag_i"]), np.sort(south["i"][inside]), atol=1e-9)
+        assert np.allclose(res.table["mag_err_z"], 0.02)
+        q = [c for c in p.calls if c[0] == "/skymapper/sync"][0][2]
+        assert "dr4.master" in q["QUERY"] and "raj2000" in q["QUERY"] and q["LANG"] == "ADQL"
+        # Dec +20: outside SkyMapper's sky -> not asked, Gaia transformation instead
+        n = len(p.calls)
+        north = fetch_reference(RA0, DEC0, 0.1, catalog="skymapper", band="g", setup=setup)
+        assert north.statuses[0].service == "skymapper" and north.statuses[0].status == "skipped"
+        assert "coverage" in north.statuses[0].reason
+        assert north.statuses[1].service == "gaia_tap" and north.statuses[1].status == "ok"
+        assert north.catalog == "gaia" and north.transformed and np.isfinite(north.table["mag_g"]).sum() > 10
+        assert not any(c[0] == "/skymapper/sync" for c in p.calls[n:])
+        # SkyMapper down (HTTP 500) in its own sky, nothing cached -> Gaia transformation, status recorded
+        p.mode["/skymapper/sync"] = "500"
+        (tmp_path / "other").mkdir()
+        setup2 = _setup(tmp_path / "other", gaia_tap=p.url, vizier=p.url, skymapper=p.url)
+        down = fetch_reference(RA0, -45.0, 0.15, catalog="skymapper", band="g", setup=setup2)
+        assert [s.status for s in down.statuses] == ["failed", "ok"] and down.statuses[0].reason.startswith("http")
+        assert down.catalog == "gaia" and down.transformed
+    finally:
+        p.close()
+
+
+def test_cache_serves_a_rerun_while_every_service_times_out(peer, sky, tmp_path):
+    setup = _setup(tmp_path, gaia_tap=peer.url, vizier=peer.url, ps1=peer.url, timeout_s=0.3, retries=0)
+    first = fetch_reference(RA0, DEC0, 0.15, catalog="gaia", band="V", setup=setup)
+    assert first.source == "network" and first.transformed
+    for route in ("/tap/sync", "/viz-bin/votable", "/panstarrs"):
+        peer.mode[route] = "slow"
+    n = len(peer.calls)
+    again = fetch_reference(RA0, DEC0, 0.15, catalog="gaia", band="V", setup=setup)
+    assert again.source == "cache" and [s.status for s in again.statuses] == ["cached"]
+    assert len(peer.calls) == n                        # no network at all
+    assert np.allclose(np.sort(again.table["mag_V"]), np.sort(first.table["mag_V"]), equal_nan=True)
+    # a cone the cache does not contain: every service times out -> empty, flagged, statuses recorded
+    miss = fetch_reference(RA0 + 3.0, DEC0, 0.05, catalog="gaia", band="V", setup=setup)
+    assert miss.flags == ("no_reference",)
+    assert [(s.service, s.status, s.reason.split(":")[0]) for s in miss.statuses] == \
+        [("gaia_tap", "failed", "timeout"), ("gaia_vizier", "failed", "timeout")]
 
 
 def test_gaia_transformation_values():

@@ -20,7 +20,7 @@ def _cat():
                   "x_centroid": [10.0] * 5, "y_centroid": [10.0] * 5, "snr": [50.0, 50.0, 50.0, 5.0, 50.0],
                   "saturated": [False, False, True, False, False], "near_edge": [False] * 5,
                   "blended": [False] * 5, "quality": ["good"] * 5,
-                  "gaia_source_id": np.array([0, 7, 0, 0, 0], np.int64), "sso_name": ["", "", "", "", ""]})
+                  "gaia_source_id": np.array([0, 7, 0, 0, 0], np.int64), "sso_name": np.full(5, "", dtype="<U32")})
 
 
 def test_selection_rules():
@@ -28,6 +28,7 @@ def test_selection_rules():
     assert list(res.candidates["id"]) == [1]        # 2 in Gaia, 3 saturated, 4 faint, 5 no position
     c = _cat()
     c["sso_name"][0] = "(1) Ceres"
+    assert c["sso_name"][0] == "(1) Ceres"
     res = find_candidates(c, reference_available=True, min_snr=10)
     assert len(res.candidates) == 0 and res.n_sso_removed == 1
 
