@@ -177,7 +177,18 @@ def bench_overhead(args) -> dict:
     # after it in the DAG and are not part of the plain run)
     af_wall = af["wall_to_products_s"] or af["wall_s"]
     share = (af_wall - plain) / af_wall
+    # The same split measured inside the one Airflow run (robust to the load of a shared machine,
+    # which makes the plain-vs-Airflow difference above noisy): time between tasks, and time inside
+    # the stage tasks that is not run_stage's own work (process start, DAG parse, imports, XCom).
+    durs = af["task_durations_s"]
+    upto = [t for t in ("validate", *_dag_stage_tasks(), "products") if durs.get(t) is not None]
+    gaps = af_wall - sum(durs[t] for t in upto)
+    summary = json.loads((obs.resolve_path("work") / f"bench-{stamp}" / "session_summary.json").read_text())
+    in_task = sum(durs[t] - summary["stage_runs"][t]["wall_s"] for t in _dag_stage_tasks() if t != "calibrate")
     return {"frames": args.frames, "shape": args.shape, "plain_wall_s": round(plain, 2),
+            "in_run_gaps_between_tasks_s": round(gaps, 2),
+            "in_run_stage_task_overhead_s": round(in_task, 2),
+            "in_run_overhead_share": round((gaps + in_task) / af_wall, 3),
             "airflow_wall_to_products_s": round(af_wall, 2), "airflow_wall_s": round(af["wall_s"], 2),
             "airflow_state": af["state"],
             "overhead_share": round(share, 3), "task_durations_s": af["task_durations_s"]}
