@@ -143,7 +143,7 @@ def render_index_html(entries, *, title: str = "RPP night reports", airflow_base
             f"<td>{esc(e.night or '–')}</td><td class='n'>{e.n_ok}/{e.n_science}</td>"
             f"<td class='n'>{e.n_rejected}</td><td class='n'>{_fmt(e.median_fwhm_arcsec, '.2f')}</td>"
             f"<td class='n'>{_fmt(e.median_zp_mag, '.3f')}</td><td class='n'>{e.n_transient_candidates}</td>"
-            f"<td>{report}{zip_link}</td><td>{run}</td><td>{esc(e.updated_utc.replace('T', ' '))}</td></tr>")
+            f"<td>{report}{zip_link}</td><td>{run}</td><td>{esc(e.updated_utc.replace('T', ' ').removesuffix('+00:00'))}</td></tr>")
     body = "\n".join(rows) if rows else (
         "<tr><td colspan='11'>No reduced session yet. Sessions appear here when a run's "
         "<code>products</code> task has written <code>session_summary.json</code>.</td></tr>")
