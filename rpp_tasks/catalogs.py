@@ -111,9 +111,12 @@ class ReferenceResult:
 class ServiceError(Exception):
     """A service call failed; ``kind`` is ``timeout``, ``refused``, ``unreachable``, ``http``, ``malformed``."""
 
-    def __init__(self, kind: str, message: str):
+    def __init__(self, kind: str, message: str, *, circuit_open: bool = False):
         super().__init__(message)
         self.kind = kind
+        #: True when the host was not asked at all because it failed moments ago: the failure was
+        #: already logged as a warning once, so callers log this one at INFO (no warning per frame).
+        self.circuit_open = circuit_open
 
 
 # =============================================================================== HTTP client
@@ -159,7 +162,8 @@ class ServiceClient:
             with _BREAKER_LOCK:
                 until = _BREAKER.get(host, 0.0)
             if until > time.monotonic():
-                raise ServiceError("unreachable", f"{host} failed moments ago (circuit open), not asked again")
+                raise ServiceError("unreachable", f"{host} failed moments ago (circuit open), not asked again",
+                                   circuit_open=True)
         last: ServiceError | None = None
         attempts = 0
         for k in range(self.max_retries + 1):
@@ -674,7 +678,8 @@ def fetch_reference(ra_deg: float, dec_deg: float, radius_deg: float, *, catalog
         except ServiceError as exc:
             statuses.append(ServiceStatus(service, "failed", f"{exc.kind}: {exc}", 0,
                                           getattr(exc, "attempts", 1), time.perf_counter() - t0))
-            log.warning("reference %s failed (%s: %s); trying the next service", service, exc.kind, exc)
+            log.log(logging.INFO if exc.circuit_open else logging.WARNING,
+                    "reference %s failed (%s: %s); trying the next service", service, exc.kind, exc)
             continue
         if len(tab):
             tab = tab[angular_sep_deg(ra_deg, dec_deg, tab["ra"], tab["dec"]) <= radius_deg]

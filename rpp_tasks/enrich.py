@@ -81,7 +81,8 @@ def _cached_query(name, setup, cache, ra0, dec0, r, fetch, *, tag=None, cacheabl
     try:
         tab, n = fetch()
     except ServiceError as exc:
-        log.warning("enrichment %s failed (%s: %s)", name, exc.kind, exc)
+        log.log(logging.INFO if getattr(exc, "circuit_open", False) else logging.WARNING,
+                "enrichment %s failed (%s: %s)", name, exc.kind, exc)
         return None, ServiceStatus(name, "failed", f"{exc.kind}: {exc}", 0, getattr(exc, "attempts", 1),
                                    time.perf_counter() - t0)
     if cacheable:

@@ -123,13 +123,23 @@ def test_everything_down_gives_an_empty_flagged_result(tmp_path):
     assert [s.status for s in res.statuses] == ["failed", "failed"]
 
 
-def test_circuit_breaker_stops_asking_a_dead_host(tmp_path):
+def test_circuit_breaker_stops_asking_a_dead_host(tmp_path, caplog):
+    import logging
+
     catalogs.reset_circuit_breaker()
     dead = refused_url()
     setup = _setup(tmp_path, gaia_tap=dead, vizier=dead, retries=0, breaker_s=60)
-    fetch_reference(RA0, DEC0, 0.1, setup=setup)
-    res = fetch_reference(RA0, DEC0, 0.1, setup=setup)
+    with caplog.at_level(logging.INFO, logger="rpp_tasks.catalogs"):
+        fetch_reference(RA0, DEC0, 0.1, setup=setup)
+        first = [r.levelno for r in caplog.records if "trying the next service" in r.getMessage()]
+        caplog.clear()
+        res = fetch_reference(RA0, DEC0, 0.1, setup=setup)
+        again = [r.levelno for r in caplog.records if "trying the next service" in r.getMessage()]
     assert all("circuit open" in s.reason for s in res.statuses)
+    assert [s.status for s in res.statuses] == ["failed", "failed"]   # still recorded as failed
+    # the outage is a warning once per host (both services are on the one dead host here); the
+    # frames after it do not repeat it at WARNING
+    assert first == [logging.WARNING, logging.INFO] and again == [logging.INFO, logging.INFO]
     catalogs.reset_circuit_breaker()
 
 
