@@ -27,6 +27,7 @@ import html
 import logging
 import re
 import smtplib
+import statistics
 import ssl as _ssl
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -477,12 +478,12 @@ def _session_facts(summary: Mapping[str, Any], per_frame: Mapping[str, Mapping] 
     calibrated = bool(lim) and all(k == "cal" for k, _ in lim)
     if not calibrated:
         lim = [(k, v) for k, v in lim if k == "inst"]
-    bkg = sorted(f["background_adu"] for f in ok if f.get("background_adu") is not None)
+    bkg = [float(f["background_adu"]) for f in ok if f.get("background_adu") is not None]
     return {
         "n_science": int(summary.get("n_science", len(frames)) or 0), "n_ok": len(ok),
         "rejected": [f for f in frames if f.get("status") != "ok"],
         "fwhm_arcsec": summary.get("median_fwhm_arcsec"), "fwhm_px": summary.get("median_fwhm_px"),
-        "sky_adu": bkg[len(bkg) // 2] if bkg else None,
+        "sky_adu": statistics.median(bkg) if bkg else None,     # the report's median, not the upper one
         "limit": (max(v for _, v in lim), "calibrated" if calibrated else "instrumental") if lim else (None, ""),
         "objects": sorted({str(f["object"]) for f in frames if f.get("object")}),
         "bands": sorted({str(f["band"]) for f in frames if f.get("band")}),
@@ -581,6 +582,10 @@ def compose_session_telegram(summary: Mapping[str, Any], *, title: str | None = 
     return "\n".join(lines), caption
 
 
+def _is_absolute_url(url: str) -> bool:
+    return bool(re.match(r"^https?://[^/\s]+", str(url)))
+
+
 def compose_failure_alert(info: Mapping[str, Any]) -> tuple[str, str, str, str]:
     """
     Subject, HTML body, text body and Telegram text of an operators' failure alert.
@@ -603,11 +608,18 @@ def compose_failure_alert(info: Mapping[str, Any]) -> tuple[str, str, str, str]:
             ("error", info.get("error")), ("at", info.get("at"))]
     rows = [(k, str(v)) for k, v in rows if v not in (None, "")]
     log_url = info.get("log_url")
+    bad_link = None
+    if log_url and not _is_absolute_url(log_url):   # a mail client cannot open a relative link
+        bad_link = (f"{log_url} (not an absolute URL: set Airflow's [api] base_url to the address "
+                    "operators use)")
+        rows.append(("log", bad_link))
+        log_url = None
     td = "padding:4px 12px;border-bottom:1px solid #e3e7ee;vertical-align:top"
     table = "".join(f"<tr><td style='{td};color:#5b6575'>{e(k)}</td><td style='{td}'>"
                     f"{'<pre style=margin:0;white-space:pre-wrap>' + e(v) + '</pre>' if k == 'error' else e(v)}</td></tr>"
                     for k, v in rows)
-    link = f"<p><a href='{e(log_url)}'>Open the task log</a></p>" if log_url else "<p>(no log link available)</p>"
+    link = (f"<p><a href='{e(log_url)}'>Open the task log</a><br><span style='font-size:12px;color:#5b6575'>"
+            f"{e(log_url)}</span></p>" if log_url else "<p>(no log link available)</p>")
     html_body = (f"<html><body style='font-family:Segoe UI,Roboto,Helvetica,Arial,sans-serif'>"
                  f"<h2 style='color:#c62828'>{e(subject)}</h2><table style='border-collapse:collapse;font-size:14px'>"
                  f"{table}</table>{link}<p style='font-size:12px;color:#5b6575'>Products of the session's "
@@ -617,7 +629,8 @@ def compose_failure_alert(info: Mapping[str, Any]) -> tuple[str, str, str, str]:
     tg = "\n".join([f"\U0001f6a8 <b>RPP failure</b>: {e(dag)} / {e(str(session))}",
                     f"{e(what)} failed" + (f" (try {info.get('try_number')})" if info.get("try_number") else ""),
                     f"<code>{e(_cut(err, 1500))}</code>" if err else "",
-                    f"<a href=\"{e(log_url)}\">task log</a>" if log_url else ""])
+                    f"<a href=\"{e(log_url)}\">task log</a>" if log_url else
+                    (f"log: {e(bad_link)}" if bad_link else "")])
     return subject, html_body, text + "\n", "\n".join(x for x in tg.splitlines() if x)
 
 

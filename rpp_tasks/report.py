@@ -384,6 +384,7 @@ def plot_mag_error(catalogs: Mapping[str, Any], *, width_in: float = 8.0, height
         ax.axhline(e, color="0.4", lw=0.8, ls="--")
         ax.text(1.0, e, f" {label}", transform=ax.get_yaxis_transform(), va="center", fontsize=8, color="0.3")
     ax.set_yscale("log")
+    _plain_log_ticks(ax.yaxis)
     ax.set_xlabel("calibrated magnitude" if calibrated else "instrumental magnitude (per second, before zero point)")
     ax.set_ylabel("magnitude error")
     ax.set_title(f"Photometric errors ({n_plotted} measurements)", fontsize=11)
@@ -393,6 +394,18 @@ def plot_mag_error(catalogs: Mapping[str, Any], *, width_in: float = 8.0, height
         ax.text(0.5, 0.5, "no finite magnitudes", transform=ax.transAxes, ha="center")
     ax.grid(alpha=0.3, which="both")
     return _png(fig)
+
+
+def _plain_log_ticks(axis) -> None:
+    """Log-axis tick labels as plain decimals (``0.02``, ``0.1``) on the ticks matplotlib labels."""
+    from matplotlib.ticker import LogFormatterSciNotation
+
+    class _Plain(LogFormatterSciNotation):
+        def __call__(self, x, pos=None):
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    axis.set_major_formatter(_Plain())
+    axis.set_minor_formatter(_Plain(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
 
 
 def _cmap(name):
@@ -678,7 +691,7 @@ def measure_field_maps(data, sources, *, background=None, mask=None, n_cells: in
 
 
 def plot_field_maps(maps: FieldMaps, *, pixel_scale_arcsec: float | None = None,
-                    width_in: float = 9.0, height_in: float = 4.0) -> bytes:
+                    width_in: float = 9.0, height_in: float = 4.8) -> bytes:
     """
     Two panels: FWHM per cell (value and star count written in each cell) and the sky background.
 
@@ -695,7 +708,7 @@ def plot_field_maps(maps: FieldMaps, *, pixel_scale_arcsec: float | None = None,
         med = float(np.nanmedian(f))
         spread = max(0.05 * med, float(np.nanmax(np.abs(f - med))))
         im = ax1.imshow(f, origin="lower", extent=extent, cmap="RdYlGn_r", vmin=med - spread, vmax=med + spread)
-        fig.colorbar(im, ax=ax1, shrink=0.85, label="FWHM (px)")
+        fig.colorbar(im, ax=ax1, location="bottom", shrink=0.8, aspect=30, label="FWHM (px)")
         n = f.shape[0]
         for j in range(n):
             for i in range(f.shape[1]):
@@ -719,14 +732,14 @@ def plot_field_maps(maps: FieldMaps, *, pixel_scale_arcsec: float | None = None,
     if np.isfinite(b).any():
         lo, hi = np.nanpercentile(b, [1, 99])
         im2 = ax2.imshow(b, origin="lower", extent=extent, cmap="magma", vmin=lo, vmax=max(hi, lo + 1e-3))
-        fig.colorbar(im2, ax=ax2, shrink=0.85, label="sky (ADU)")
+        fig.colorbar(im2, ax=ax2, location="bottom", shrink=0.8, aspect=30, label="sky (ADU)")
         ax2.set_title(f"Sky background ({lo:.0f}\u2013{hi:.0f} ADU, 1\u201399%)", fontsize=10)
     else:
         ax2.text(0.5, 0.5, "background not available", ha="center", va="center", transform=ax2.transAxes)
     for ax in (ax1, ax2):
         ax.set_xlabel("x (px)")
+        ax.set_ylabel("y (px)")
         ax.set_aspect("equal")
-    ax1.set_ylabel("y (px)")
     return _png(fig)
 
 
@@ -781,6 +794,10 @@ def plot_night_trends(frames: Sequence[Mapping[str, Any]], *, width_in: float = 
     for ax, (label, values, colour, _) in zip(axes.ravel(), panels):
         ax.plot(xs, values, "o-", color=colour, ms=4, lw=1)
         ax.set_ylabel(label)
+        if label == "sources":
+            from matplotlib.ticker import MaxNLocator
+
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     if use_time:
         from matplotlib.dates import AutoDateLocator, DateFormatter
@@ -872,6 +889,7 @@ table { border-collapse:collapse; width:100%; font-size:13.5px; }
 th, td { padding:6px 9px; border-bottom:1px solid var(--line); text-align:left; vertical-align:top; }
 th { background:var(--card); font-weight:600; color:#2b3445; position:sticky; top:0; }
 td.n, th.n { text-align:right; font-variant-numeric: tabular-nums; }
+td.n { white-space:nowrap; }
 tr.rejected td { background:#fff5f5; }
 .facts { display:grid; grid-template-columns: 1fr 1fr; gap:18px; }
 .facts table td:first-child { color:var(--muted); width:38%; }
@@ -903,6 +921,12 @@ def _range_text(values: Sequence, fmt: str = "{:g}") -> str:
     if not vals:
         return "—"
     return fmt.format(vals[0]) if len(vals) == 1 else f"{fmt.format(vals[0])}–{fmt.format(vals[-1])}"
+
+
+def _weather_range(w: Mapping[str, Any]) -> str:
+    """Range of a weather keyword: ``"-12 to -8"``, or the single value when it did not change."""
+    lo, hi = _fmt(w.get("min"), "{:.4g}"), _fmt(w.get("max"), "{:.4g}")
+    return lo if lo == hi else f"{lo} to {hi}"
 
 
 def _utc(value) -> str:
@@ -1029,7 +1053,7 @@ def render_report_html(summary: Mapping[str, Any], *, plots: Mapping[str, bytes 
         wrows = "".join(
             f"<tr><td>{_esc(w['label'])} <code>{_esc(k)}</code></td>"
             f"<td class='n'>{_esc(_fmt(w['median'], '{:.4g}'))}</td>"
-            f"<td class='n'>{_esc(_fmt(w['min'], '{:.4g}'))} – {_esc(_fmt(w['max'], '{:.4g}'))}</td>"
+            f"<td class='n'>{_esc(_weather_range(w))}</td>"
             f"<td>{_esc(w.get('comment', ''))}</td></tr>" for k, w in weather.items())
         weather_html = ("<table><tr><th>condition</th><th class='n'>median</th><th class='n'>range</th>"
                         f"<th>header comment</th></tr>{wrows}</table>")

@@ -140,9 +140,9 @@ def _obs(**notifications):
 
 
 def _products_digest(workdir: Path) -> dict:
+    """Every file of the session folder (frames, summaries, report, ZIP) -> its SHA-256."""
     return {str(p.relative_to(workdir)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(workdir.rglob("*")) if p.is_file() and p.parts[-2] == workdir.name or
-            (p.is_file() and "frames" in p.parts)}
+            for p in sorted(workdir.rglob("*")) if p.is_file()}
 
 
 # ----------------------------------------------------------------------------- e-mail
@@ -260,6 +260,10 @@ def test_run_notify_sends_report_email_and_telegram(tmp_path, smtp_server, bot_a
     assert "truncated FITS file" in html_part.get_content() and "cid:night_plot" in html_part.get_content()
     methods = [c[0] for c in bot_api.calls]
     assert methods == ["sendMessage", "sendPhoto"]
+    assert bot_api.calls[1][2]["photo"] == (s.workdir / "report" / "preview.png").read_bytes()  # the frame preview
+    assert "demo_V_001" not in bot_api.calls[1][2]["caption"] and "2/3 frames" in bot_api.calls[1][2]["caption"]
+    inline = next(p for p in msg.walk() if p["Content-ID"] == "<night_plot>")
+    assert inline.get_payload(decode=True) == (s.workdir / "report" / "trends.png").read_bytes()
     assert all(c[2]["chat_id"] == "-100424242" for c in bot_api.calls)
     assert "2/3 frames reduced" in bot_api.calls[0][2]["text"]
     records = json.loads((s.workdir / "notify.json").read_text())
@@ -273,6 +277,8 @@ def test_failed_notifications_are_recorded_and_products_stay_intact(tmp_path, bo
 
     report.run_report(s, FAKE_OBS)
     before = _products_digest(s.workdir)
+    assert {"report/report.html", "report/preview.png", "2025-01-15_products.zip",
+            "frames/demo_V_001/calibrated.fits"} <= set(before)
     bot_api.fail_next = 100
     smtp = SmtpSettings(host="127.0.0.1", port=_free_port(), login="rpp", password=PASSWORD, timeout_s=2)
     waits = []
@@ -282,8 +288,9 @@ def test_failed_notifications_are_recorded_and_products_stay_intact(tmp_path, bo
     records = json.loads((s.workdir / "notify.json").read_text())
     assert {(r["channel"], r["status"], r["attempts"]) for r in records} == {("email", "failed", 3),
                                                                              ("telegram", "failed", 3)}
-    assert _products_digest(s.workdir) == {**before, **{k: v for k, v in _products_digest(s.workdir).items()
-                                                         if k == "notify.json"}}
+    after = _products_digest(s.workdir)
+    assert set(after) == set(before) | {"notify.json"}                       # only the delivery record is new
+    assert {k: v for k, v in after.items() if k != "notify.json"} == before  # report, ZIP, frames byte-identical
     text = caplog.text + (s.workdir / "notify.json").read_text()
     assert TOKEN not in text and PASSWORD not in text
 
@@ -419,3 +426,52 @@ def test_calibrated_limit_and_candidates_reach_the_messages(tmp_path, smtp_serve
     assert "(calibrated)" in text and "Transient candidates: 2" in text
     html_part = next(p for p in inbox.messages[0]["msg"].walk() if p.get_content_type() == "text/html")
     assert "calibrated" in html_part.get_content()
+
+
+def test_email_and_report_agree_on_the_median_sky(tmp_path, smtp_server):
+    # two frames at 500 and 505 ADU: the median is 502.5 (the report's number), not the upper value 505
+    s = make_fake_session(tmp_path)
+    inbox, smtp = smtp_server()
+    notify.run_notify(s, _obs(telegram_conn_id=None), smtp=smtp, policy=FAST)
+    html_part = next(p for p in inbox.messages[0]["msg"].walk() if p.get_content_type() == "text/html")
+    assert "502 ADU" in html_part.get_content() and "505 ADU" not in html_part.get_content()
+    page = (s.workdir / "report" / "report.html").read_text()
+    assert '<div class="l">median sky (ADU)</div><div class="v">502</div>' in page
+
+
+def _airflow3_ti(task_id="detect", run_id="manual__2025-01-16T03:00:00+00:00", try_number=2):
+    """A task instance as Airflow 3's task runner (and the DAG-processor's run callback) hands it over."""
+    import uuid
+
+    from airflow.sdk import BaseOperator
+    from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+    return RuntimeTaskInstance.model_construct(id=uuid.uuid4(), task_id=task_id, dag_id="rpp_demo", run_id=run_id,
+                                               try_number=try_number, map_index=-1, max_tries=2,
+                                               task=BaseOperator(task_id=task_id))
+
+
+def test_failure_alert_links_the_airflow3_task_log(dag_module, tmp_path, smtp_server, bot_api, monkeypatch):
+    monkeypatch.setenv("AIRFLOW__API__BASE_URL", "https://airflow.example.org/rpp/")
+    ctx = {"ti": _airflow3_ti(), "exception": RuntimeError("boom"),
+           "dag_run": SimpleNamespace(conf={"observatory": "demo", "session_id": "2025-01-15"}), "params": {}}
+    info = dag_module.failure_info(ctx)
+    url = ("https://airflow.example.org/rpp/dags/rpp_demo/runs/manual__2025-01-16T03%3A00%3A00%2B00%3A00"
+           "/tasks/detect?try_number=2")
+    assert info["log_url"] == url                                # Airflow 3 ti.log_url: absolute, [api] base_url
+    inbox, smtp = smtp_server()
+    obs = _obs(operators_telegram_conn_id="rpp_ops")
+    monkeypatch.setattr(obs, "resolve_path", lambda which: tmp_path / "work", raising=False)
+    assert notify.notify_failure(info, obs, smtp=smtp, telegram=bot_api.settings, policy=FAST)["status"] == "ok"
+    msg = inbox.messages[0]["msg"]
+    assert f"href='{url}'" in msg.get_body(("html",)).get_content()
+    assert f"log: {url}" in msg.get_body(("plain",)).get_content().splitlines()
+    assert f'<a href="{url}">task log</a>' in bot_api.calls[0][2]["text"]
+
+
+def test_failure_alert_flags_a_relative_log_link():
+    subject, body, text, tg = notify.compose_failure_alert(
+        {"dag_id": "rpp_demo", "task_id": "detect", "log_url": "/dags/rpp_demo/runs/r1/tasks/detect"})
+    assert "href=" not in body and "href=" not in tg                 # no dead link in the mail or the chat
+    assert "not an absolute URL: set Airflow's [api] base_url" in text and "[api] base_url" in tg
+    assert "/dags/rpp_demo/runs/r1/tasks/detect" in body
