@@ -5,11 +5,11 @@
    and what a task process pays to build only its own DAG (``get_parsing_context``).
    Target: <= 0.3 s for the folder.
 2. **Overhead share** of a session run (``--overhead``): the same synthetic session reduced
-   (a) by plain Python (`rpp_tasks.pipeline` stage by stage, as the tasks do, in one process, up to
+   (a) by plain Python (`rpp_tasks.session.pipeline` stage by stage, as the tasks do, in one process, up to
    and including the products task's summary, report and ZIP) and (b) as a DAG run through a running
    Airflow (``rpp up``; REST API), timed from queued to the end of ``products``, then
    ``overhead = (airflow_wall - plain_wall) / airflow_wall``. Target: <= 10 %.
-3. **Ready -> run started** (``--latency``): the real watcher (`rpp_tasks.watch.SessionWatcher`,
+3. **Ready -> run started** (``--latency``): the real watcher (`rpp_tasks.ops.watch.SessionWatcher`,
    inotify) on a scratch incoming folder, the demo observatory's rules, a running Airflow. A small
    session is written; "ready" is the moment its readiness rule is satisfied (``marker``: the marker
    file is written; ``quiet``: the last frame write + ``quiet_seconds``). Printed: ready -> trigger
@@ -80,27 +80,45 @@ def make_configs(root: Path, n: int) -> Path:
     demo = (REPO / "config" / "observatories" / "demo.yaml").read_text()
     for i in range(n):
         name = f"obs_{i:02d}"
-        (cfg / "observatories" / f"{name}.yaml").write_text(demo.replace("observatory: demo", f"observatory: {name}"))
+        (cfg / "observatories" / f"{name}.yaml").write_text(
+            demo.replace("observatory: demo", f"observatory: {name}")
+        )
     return cfg
 
 
 def bench_parse(n_configs: int, repeat: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="rpp_bench_airflow_") as tmp:
         cfg = make_configs(Path(tmp), n_configs)
-        env = {**os.environ, "RPP_CONFIG_DIR": str(cfg), "AIRFLOW_HOME": str(Path(tmp) / "home"),
-               "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "RPP_DATA_ROOT": tmp}
-        res = subprocess.run([sys.executable, "-c", PARSE_CODE, str(REPO / "dags"), str(repeat), "rpp_obs_07"],
-                             env=env, capture_output=True, text=True, timeout=600)
+        env = {
+            **os.environ,
+            "RPP_CONFIG_DIR": str(cfg),
+            "AIRFLOW_HOME": str(Path(tmp) / "home"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "RPP_DATA_ROOT": tmp,
+        }
+        res = subprocess.run(
+            [sys.executable, "-c", PARSE_CODE, str(REPO / "dags"), str(repeat), "rpp_obs_07"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
         if res.returncode or not line:
             raise SystemExit(res.stdout[-2000:] + res.stderr[-4000:])
         r = json.loads(line[-1][7:])
     med = statistics.median
-    out = {"n_configs": n_configs, "n_dags": r["n_dags"], "folder_parse_median_s": round(med(r["folder_s"]), 4),
-           "folder_parse_min_s": round(min(r["folder_s"]), 4),
-           "per_file_median_s": {k: round(med(v), 4) for k, v in r["per_file_s"].items()},
-           "task_process_parse_median_s": round(med(r["task_parse_s"]), 4), "task_process_dags": r["task_dags"],
-           "airflow_sdk_import_s": round(r["airflow_import_s"], 3), "heavy_modules_at_parse": r["heavy_modules"]}
+    out = {
+        "n_configs": n_configs,
+        "n_dags": r["n_dags"],
+        "folder_parse_median_s": round(med(r["folder_s"]), 4),
+        "folder_parse_min_s": round(min(r["folder_s"]), 4),
+        "per_file_median_s": {k: round(med(v), 4) for k, v in r["per_file_s"].items()},
+        "task_process_parse_median_s": round(med(r["task_parse_s"]), 4),
+        "task_process_dags": r["task_dags"],
+        "airflow_sdk_import_s": round(r["airflow_import_s"], 3),
+        "heavy_modules_at_parse": r["heavy_modules"],
+    }
     return out
 
 
@@ -111,7 +129,9 @@ def _dag_stage_tasks() -> dict:
 
     tree = ast.parse((REPO / "dags" / "rpp_reduction.py").read_text())
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "STAGE_TASKS" for t in node.targets):
+        if isinstance(node, ast.Assign) and any(
+            getattr(t, "id", None) == "STAGE_TASKS" for t in node.targets
+        ):
             return ast.literal_eval(node.value)
     raise SystemExit("STAGE_TASKS not found in dags/rpp_reduction.py")
 
@@ -119,7 +139,8 @@ def _dag_stage_tasks() -> dict:
 def plain_run(raw_dir: Path, obs, work_root: Path) -> float:
     """The DAG's work up to and including ``products`` (validate, every stage task, summary, report and
     ZIP), in one process with the same frame pool, without Airflow."""
-    from rpp_tasks import pipeline, report
+    from rpp_tasks.outputs import report
+    from rpp_tasks.session import pipeline
 
     t0 = time.perf_counter()
     s = pipeline.open_session(raw_dir, obs, work_root=work_root, session_id="plain")
@@ -133,42 +154,60 @@ def plain_run(raw_dir: Path, obs, work_root: Path) -> float:
     return wall
 
 
-def airflow_run(raw_dir: Path, obs, base_url: str, user: str, password: str, session_id: str) -> dict:
+def airflow_run(
+    raw_dir: Path, obs, base_url: str, user: str, password: str, session_id: str
+) -> dict:
     from datetime import datetime
 
-    from rpp_tasks.up import ApiClient
+    from rpp_tasks.ops.up import ApiClient
 
     api = ApiClient(base_url, user, password)
     run_id = f"bench__{session_id}"
-    code = api.trigger(obs.dag_id, run_id, {"observatory": obs.name, "session_id": session_id,
-                                             "session_dir": str(raw_dir)})
+    code = api.trigger(
+        obs.dag_id,
+        run_id,
+        {"observatory": obs.name, "session_id": session_id, "session_dir": str(raw_dir)},
+    )
     if code not in (200, 201):
         raise SystemExit(f"trigger failed: HTTP {code}")
     while api.run_state(obs.dag_id, run_id) not in ("success", "failed"):
         time.sleep(1.0)
     run = api.request("GET", f"/dags/{obs.dag_id}/dagRuns/{run_id}").json()
-    tis = api.request("GET", f"/dags/{obs.dag_id}/dagRuns/{run_id}/taskInstances").json()["task_instances"]
+    tis = api.request("GET", f"/dags/{obs.dag_id}/dagRuns/{run_id}/taskInstances").json()[
+        "task_instances"
+    ]
 
     def ts(s):
         return datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp() if s else None
 
     t_q, t_end = ts(run.get("queued_at") or run.get("start_date")), ts(run.get("end_date"))
     products_end = next((ts(t.get("end_date")) for t in tis if t["task_id"] == "products"), None)
-    return {"state": run["state"], "wall_s": t_end - t_q, "run_start_to_end_s": t_end - ts(run["start_date"]),
-            "wall_to_products_s": (products_end - t_q) if products_end else None,
-            "task_durations_s": {t["task_id"]: t.get("duration") for t in tis}}
+    return {
+        "state": run["state"],
+        "wall_s": t_end - t_q,
+        "run_start_to_end_s": t_end - ts(run["start_date"]),
+        "wall_to_products_s": (products_end - t_q) if products_end else None,
+        "task_durations_s": {t["task_id"]: t.get("duration") for t in tis},
+    }
 
 
 def bench_overhead(args) -> dict:
     os.environ.setdefault("RPP_DATA_ROOT", str(REPO))
     from rpp_tasks.config import find_config
-    from rpp_tasks.synthetic import write_synthetic_session
+    from rpp_tasks.sim.synthetic import write_synthetic_session
 
     obs = find_config("demo")
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    raw_dir = obs.resolve_path("incoming").parent / "bench" / f"bench-{stamp}"   # outside the watched folder
-    write_synthetic_session(raw_dir, truth_folder=raw_dir.parent / f"truth-{stamp}", n_science=args.frames,
-                            shape=(args.shape, args.shape), seed=5)
+    raw_dir = (
+        obs.resolve_path("incoming").parent / "bench" / f"bench-{stamp}"
+    )  # outside the watched folder
+    write_synthetic_session(
+        raw_dir,
+        truth_folder=raw_dir.parent / f"truth-{stamp}",
+        n_science=args.frames,
+        shape=(args.shape, args.shape),
+        seed=5,
+    )
     with tempfile.TemporaryDirectory(prefix="rpp_bench_plain_") as tmp:
         plain = plain_run(raw_dir, obs, Path(tmp))
     password = _password(args)
@@ -183,15 +222,25 @@ def bench_overhead(args) -> dict:
     durs = af["task_durations_s"]
     upto = [t for t in ("validate", *_dag_stage_tasks(), "products") if durs.get(t) is not None]
     gaps = af_wall - sum(durs[t] for t in upto)
-    summary = json.loads((obs.resolve_path("work") / f"bench-{stamp}" / "session_summary.json").read_text())
-    in_task = sum(durs[t] - summary["stage_runs"][t]["wall_s"] for t in _dag_stage_tasks() if t != "calibrate")
-    return {"frames": args.frames, "shape": args.shape, "plain_wall_s": round(plain, 2),
-            "in_run_gaps_between_tasks_s": round(gaps, 2),
-            "in_run_stage_task_overhead_s": round(in_task, 2),
-            "in_run_overhead_share": round((gaps + in_task) / af_wall, 3),
-            "airflow_wall_to_products_s": round(af_wall, 2), "airflow_wall_s": round(af["wall_s"], 2),
-            "airflow_state": af["state"],
-            "overhead_share": round(share, 3), "task_durations_s": af["task_durations_s"]}
+    summary = json.loads(
+        (obs.resolve_path("work") / f"bench-{stamp}" / "session_summary.json").read_text()
+    )
+    in_task = sum(
+        durs[t] - summary["stage_runs"][t]["wall_s"] for t in _dag_stage_tasks() if t != "calibrate"
+    )
+    return {
+        "frames": args.frames,
+        "shape": args.shape,
+        "plain_wall_s": round(plain, 2),
+        "in_run_gaps_between_tasks_s": round(gaps, 2),
+        "in_run_stage_task_overhead_s": round(in_task, 2),
+        "in_run_overhead_share": round((gaps + in_task) / af_wall, 3),
+        "airflow_wall_to_products_s": round(af_wall, 2),
+        "airflow_wall_s": round(af["wall_s"], 2),
+        "airflow_state": af["state"],
+        "overhead_share": round(share, 3),
+        "task_durations_s": af["task_durations_s"],
+    }
 
 
 def _password(args) -> str:
@@ -209,9 +258,15 @@ def bench_latency(args) -> dict:
 
     os.environ.setdefault("RPP_DATA_ROOT", str(REPO))
     from rpp_tasks.config import find_config
-    from rpp_tasks.synthetic import write_synthetic_session
-    from rpp_tasks.up import ApiClient
-    from rpp_tasks.watch import AirflowTrigger, SessionRule, SessionWatcher, WatchState, run_id_for
+    from rpp_tasks.ops.up import ApiClient
+    from rpp_tasks.ops.watch import (
+        AirflowTrigger,
+        SessionRule,
+        SessionWatcher,
+        WatchState,
+        run_id_for,
+    )
+    from rpp_tasks.sim.synthetic import write_synthetic_session
 
     logging.basicConfig(level=logging.WARNING)
     obs = find_config("demo")
@@ -222,28 +277,51 @@ def bench_latency(args) -> dict:
         return datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp() if s else None
 
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    root = obs.resolve_path("incoming").parent / "bench" / f"latency-{stamp}"   # not the demo's watched folder
-    rules = {"marker": SessionRule("marker", marker_file="transfer.done", settle_seconds=obs.session.settle_seconds),
-             "quiet": SessionRule("quiet", quiet_seconds=args.quiet_seconds,
-                                  settle_seconds=obs.session.settle_seconds)}
+    root = (
+        obs.resolve_path("incoming").parent / "bench" / f"latency-{stamp}"
+    )  # not the demo's watched folder
+    rules = {
+        "marker": SessionRule(
+            "marker", marker_file="transfer.done", settle_seconds=obs.session.settle_seconds
+        ),
+        "quiet": SessionRule(
+            "quiet", quiet_seconds=args.quiet_seconds, settle_seconds=obs.session.settle_seconds
+        ),
+    }
     results = []
     for kind, rule in rules.items():
         incoming = root / kind
         incoming.mkdir(parents=True)
         trigger = AirflowTrigger(args.api_url, "admin", password, timeout=10.0)
-        w = SessionWatcher(obs.name, incoming, obs.dag_id, rule, root / f"state_{kind}.json", trigger,
-                           rescan_s=60.0, unpause=True)
+        w = SessionWatcher(
+            obs.name,
+            incoming,
+            obs.dag_id,
+            rule,
+            root / f"state_{kind}.json",
+            trigger,
+            rescan_s=60.0,
+            unpause=True,
+        )
         w.start()
         try:
             for i in range(args.repeat):
                 name = f"lat-{kind}-{stamp}-{i}"
-                tmp_dir = incoming / f".{name}.part"      # written hidden, then renamed, as rpp up does
-                write_synthetic_session(tmp_dir, truth_folder=root / "truth" / name, n_science=2, n_bias=2,
-                                        n_dark=2, n_flat=2, shape=(256, 256), seed=i)
+                tmp_dir = incoming / f".{name}.part"  # written hidden, then renamed, as rpp up does
+                write_synthetic_session(
+                    tmp_dir,
+                    truth_folder=root / "truth" / name,
+                    n_science=2,
+                    n_bias=2,
+                    n_dark=2,
+                    n_flat=2,
+                    shape=(256, 256),
+                    seed=i,
+                )
                 session = incoming / name
                 os.rename(tmp_dir, session)
                 if kind == "marker":
-                    time.sleep(1.0)   # the frames alone never make it ready
+                    time.sleep(1.0)  # the frames alone never make it ready
                     (session / "transfer.done").write_text("done\n")
                     t_ready = time.time()
                 else:
@@ -266,39 +344,67 @@ def bench_latency(args) -> dict:
                     raise SystemExit(f"run {run_id} did not start within 300 s")
                 t_first = None
                 while time.time() < deadline and t_first is None:
-                    tis = api.request("GET", f"/dags/{obs.dag_id}/dagRuns/{run_id}/taskInstances").json()
-                    starts = [ts(t.get("start_date")) for t in tis.get("task_instances", []) if t.get("start_date")]
+                    tis = api.request(
+                        "GET", f"/dags/{obs.dag_id}/dagRuns/{run_id}/taskInstances"
+                    ).json()
+                    starts = [
+                        ts(t.get("start_date"))
+                        for t in tis.get("task_instances", [])
+                        if t.get("start_date")
+                    ]
                     t_first = min(starts) if starts else None
                     time.sleep(0.2)
-                row = {"rule": kind, "session": name,
-                       "ready_to_trigger_confirmed_s": round(t_trig - t_ready, 2) if t_trig else None,
-                       "ready_to_run_queued_s": round(ts(run.get("queued_at")) - t_ready, 2),
-                       "ready_to_run_started_s": round(ts(run["start_date"]) - t_ready, 2),
-                       "ready_to_first_task_started_s": round(t_first - t_ready, 2) if t_first else None}
+                row = {
+                    "rule": kind,
+                    "session": name,
+                    "ready_to_trigger_confirmed_s": round(t_trig - t_ready, 2) if t_trig else None,
+                    "ready_to_run_queued_s": round(ts(run.get("queued_at")) - t_ready, 2),
+                    "ready_to_run_started_s": round(ts(run["start_date"]) - t_ready, 2),
+                    "ready_to_first_task_started_s": round(t_first - t_ready, 2)
+                    if t_first
+                    else None,
+                }
                 print(json.dumps(row), flush=True)
                 results.append(row)
                 # one session at a time: the next one must not wait behind max_active_runs
-                while time.time() < deadline + 600 and api.run_state(obs.dag_id, run_id) not in ("success", "failed"):
+                while time.time() < deadline + 600 and api.run_state(obs.dag_id, run_id) not in (
+                    "success",
+                    "failed",
+                ):
                     time.sleep(1.0)
         finally:
             w.stop()
     started = [r["ready_to_run_started_s"] for r in results]
-    return {"runs": results, "ready_to_run_started_median_s": round(statistics.median(started), 2),
-            "ready_to_run_started_max_s": round(max(started), 2)}
+    return {
+        "runs": results,
+        "ready_to_run_started_median_s": round(statistics.median(started), 2),
+        "ready_to_run_started_max_s": round(max(started), 2),
+    }
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n-configs", type=int, default=20)
     p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--overhead", action="store_true", help="also measure a session run through a running Airflow")
+    p.add_argument(
+        "--overhead",
+        action="store_true",
+        help="also measure a session run through a running Airflow",
+    )
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--shape", type=int, default=1024)
-    p.add_argument("--api-url", default=os.environ.get("RPP_AIRFLOW_API_URL", "http://localhost:8793"))
+    p.add_argument(
+        "--api-url", default=os.environ.get("RPP_AIRFLOW_API_URL", "http://localhost:8793")
+    )
     p.add_argument("--password")
-    p.add_argument("--latency", action="store_true",
-                   help="ready -> run started through the real watcher and a running Airflow")
-    p.add_argument("--quiet-seconds", type=float, default=10.0, help="quiet rule of the --latency sessions")
+    p.add_argument(
+        "--latency",
+        action="store_true",
+        help="ready -> run started through the real watcher and a running Airflow",
+    )
+    p.add_argument(
+        "--quiet-seconds", type=float, default=10.0, help="quiet rule of the --latency sessions"
+    )
     p.add_argument("--no-parse", action="store_true", help="skip the parse-time measurement")
     args = p.parse_args(argv)
     res = {}

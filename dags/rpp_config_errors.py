@@ -23,8 +23,10 @@ class ObservatoryConfigErrors(ConfigError):
 
     def __init__(self, errors: dict):
         self.errors = dict(errors)
-        lines = [f"{len(errors)} observatory configuration(s) invalid; the other observatories' DAGs "
-                 "are unaffected. Fix the file (`rpp config` validates it):"]
+        lines = [
+            f"{len(errors)} observatory configuration(s) invalid; the other observatories' DAGs "
+            "are unaffected. Fix the file (`rpp config` validates it):"
+        ]
         lines += [f"  - {exc}" for exc in errors.values()]
         Exception.__init__(self, "\n".join(lines))
 

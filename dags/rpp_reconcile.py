@@ -27,7 +27,7 @@ SETTLE_SECONDS = float(os.environ.get("RPP_RECONCILE_SETTLE_S", "5"))
 
 def session_rule(obs):
     """The watcher's readiness rule for an observatory configuration."""
-    from rpp_tasks.watch import rule_from_config
+    from rpp_tasks.ops.watch import rule_from_config
 
     return rule_from_config(obs, settle_seconds=SETTLE_SECONDS)
 
@@ -41,7 +41,7 @@ def find_missing_runs(config_dir: Path = CONFIG_DIR, run_exists=None) -> list[di
     from concurrent.futures import ThreadPoolExecutor
 
     from rpp_tasks.config import load_observatory_configs
-    from rpp_tasks.watch import find_ready_untriggered
+    from rpp_tasks.ops.watch import find_ready_untriggered
 
     configs, errors = load_observatory_configs(config_dir, strict=False)
     for exc in errors.values():
@@ -61,10 +61,19 @@ def find_missing_runs(config_dir: Path = CONFIG_DIR, run_exists=None) -> list[di
     for obs, cand in found:
         if run_exists is not None and run_exists(obs.dag_id, cand.run_id):
             continue
-        log.info("%s: session %s ready but not triggered: triggering %s", obs.name, cand.session_id,
-                 cand.run_id)
-        out.append({"trigger_dag_id": obs.dag_id, "trigger_run_id": cand.run_id,
-                    "conf": cand.conf(obs.name)})
+        log.info(
+            "%s: session %s ready but not triggered: triggering %s",
+            obs.name,
+            cand.session_id,
+            cand.run_id,
+        )
+        out.append(
+            {
+                "trigger_dag_id": obs.dag_id,
+                "trigger_run_id": cand.run_id,
+                "conf": cand.conf(obs.name),
+            }
+        )
     return out
 
 
@@ -74,14 +83,19 @@ def build_reconcile_dag():
     @dag(
         dag_id=DAG_ID,
         schedule="*/15 * * * *",
-        start_date=_dt.datetime(2025, 1, 1, tzinfo=_dt.timezone.utc),
+        start_date=_dt.datetime(2025, 1, 1, tzinfo=_dt.UTC),
         catchup=False,
         max_active_runs=1,
         max_active_tasks=2,
         dagrun_timeout=_dt.timedelta(minutes=14),
         tags=["rpp", "reconcile"],
-        default_args={"owner": "rpp", "retries": 2, "retry_delay": _dt.timedelta(seconds=30),
-                      "retry_exponential_backoff": 2.0, "max_retry_delay": _dt.timedelta(minutes=5)},
+        default_args={
+            "owner": "rpp",
+            "retries": 2,
+            "retry_delay": _dt.timedelta(seconds=30),
+            "retry_exponential_backoff": 2.0,
+            "max_retry_delay": _dt.timedelta(minutes=5),
+        },
         doc_md=__doc__,
     )
     def reconcile():

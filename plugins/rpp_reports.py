@@ -7,7 +7,7 @@ that made it. Every DAG run also gets a **Night report** tab showing the report 
 server at ``/rpp-reports/``; they need an Airflow login (the same session cookie or bearer token as
 the rest of the UI).
 
-Wiring only: the listing and the path checks are `rpp_tasks.browse` (no Airflow there).
+Wiring only: the listing and the path checks are `rpp_tasks.outputs.browse` (no Airflow there).
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
-
-from airflow.plugins_manager import AirflowPlugin
 
 REPO = Path(__file__).resolve().parents[1]
 URL_PREFIX = "/rpp-reports"
@@ -27,7 +26,9 @@ URL_PREFIX = "/rpp-reports"
 def _configs():
     from rpp_tasks.config import load_observatory_configs
 
-    configs, _errors = load_observatory_configs(os.environ.get("RPP_CONFIG_DIR", REPO / "config"), strict=False)
+    configs, _errors = load_observatory_configs(
+        os.environ.get("RPP_CONFIG_DIR", REPO / "config"), strict=False
+    )
     return configs
 
 
@@ -40,9 +41,11 @@ def _authenticated():
 
 def create_app(*, auth_dependency=None) -> FastAPI:
     """The FastAPI app of the plugin (``auth_dependency`` replaces Airflow's login check in tests)."""
-    from rpp_tasks import browse
+    from rpp_tasks.outputs import browse
 
-    app = FastAPI(title="RPP night reports", description="Session reports of the RPP reduction DAGs")
+    app = FastAPI(
+        title="RPP night reports", description="Session reports of the RPP reduction DAGs"
+    )
     deps = [Depends(auth_dependency or _authenticated())]
 
     @app.get("/", response_class=HTMLResponse, dependencies=deps)
@@ -61,8 +64,12 @@ def create_app(*, auth_dependency=None) -> FastAPI:
         if e is None or not e.has_report:
             return HTMLResponse(
                 "<p style='font-family: sans-serif'>No night report for this run yet: it is written by the "
-                "<code>products</code> task. <a href='../../'>All night reports</a></p>", status_code=404)
-        return RedirectResponse(f"../../{e.observatory}/{e.session_id}/{browse.REPORT_DIR}/report.html")
+                "<code>products</code> task. <a href='../../'>All night reports</a></p>",
+                status_code=404,
+            )
+        return RedirectResponse(
+            f"../../{e.observatory}/{e.session_id}/{browse.REPORT_DIR}/report.html"
+        )
 
     @app.get("/{observatory}/{session_id}/", dependencies=deps)
     def session_home(observatory: str, session_id: str):
@@ -84,15 +91,18 @@ def create_app(*, auth_dependency=None) -> FastAPI:
 class RppReportsPlugin(AirflowPlugin):
     name = "rpp_reports"
     fastapi_apps = [{"app": create_app(), "url_prefix": URL_PREFIX, "name": "RPP night reports"}]
-    external_views = [{
-        "name": "Night reports",
-        "href": URL_PREFIX.lstrip("/") + "/",     # relative: works behind a reverse proxy
-        "destination": "nav",
-        "category": "browse",
-        "url_route": "rpp_night_reports",
-    }, {
-        "name": "Night report",
-        "href": URL_PREFIX.lstrip("/") + "/run/{DAG_ID}/{RUN_ID}",   # the UI fills in the run
-        "destination": "dag_run",
-        "url_route": "rpp_night_report",
-    }]
+    external_views = [
+        {
+            "name": "Night reports",
+            "href": URL_PREFIX.lstrip("/") + "/",  # relative: works behind a reverse proxy
+            "destination": "nav",
+            "category": "browse",
+            "url_route": "rpp_night_reports",
+        },
+        {
+            "name": "Night report",
+            "href": URL_PREFIX.lstrip("/") + "/run/{DAG_ID}/{RUN_ID}",  # the UI fills in the run
+            "destination": "dag_run",
+            "url_route": "rpp_night_report",
+        },
+    ]

@@ -24,22 +24,42 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
 
 from rpp_tasks.exceptions import ConfigError
 
 __all__ = [
-    "SiteConfig", "CameraConfig", "FiltersConfig", "PathsConfig", "SessionConfig",
-    "CalibrationConfig", "CosmicsConfig", "BackgroundConfig", "DetectionConfig",
-    "PhotometryConfig", "AstrometryConfig", "ZeroPointConfig", "TransientsConfig", "CatalogsConfig", "StagesConfig", "NotificationsConfig", "ArchiveConfig", "ObservatoryConfig",
-    "default_config_dir", "load_observatory_config", "load_observatory_configs", "find_config",
+    "SiteConfig",
+    "CameraConfig",
+    "FiltersConfig",
+    "PathsConfig",
+    "SessionConfig",
+    "CalibrationConfig",
+    "CosmicsConfig",
+    "BackgroundConfig",
+    "DetectionConfig",
+    "PhotometryConfig",
+    "AstrometryConfig",
+    "ZeroPointConfig",
+    "TransientsConfig",
+    "CatalogsConfig",
+    "StagesConfig",
+    "NotificationsConfig",
+    "ArchiveConfig",
+    "ObservatoryConfig",
+    "default_config_dir",
+    "load_observatory_config",
+    "load_observatory_configs",
+    "find_config",
     "config_from_dict",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)   # libyaml when available: DAG parsing stays fast
+_SafeLoader = getattr(
+    yaml, "CSafeLoader", yaml.SafeLoader
+)  # libyaml when available: DAG parsing stays fast
 
 
 # --------------------------------------------------------------------------- sections
@@ -95,10 +115,16 @@ class SessionConfig:
     twospot_obs_file: str = "last_obs.yaml"
     settle_seconds: float = 5.0
     use_polling: bool = False
-    frame_types: dict[str, list[str]] = field(default_factory=lambda: {
-        "bias": ["bias*", "offset*", "zero*"], "dark": ["dark*"], "flat": ["flat*"]})
-    extensions: list[str] = field(default_factory=lambda: [
-        ".fits", ".fit", ".fts", ".fits.fz", ".fit.gz", ".fits.gz"])
+    frame_types: dict[str, list[str]] = field(
+        default_factory=lambda: {
+            "bias": ["bias*", "offset*", "zero*"],
+            "dark": ["dark*"],
+            "flat": ["flat*"],
+        }
+    )
+    extensions: list[str] = field(
+        default_factory=lambda: [".fits", ".fit", ".fts", ".fits.fz", ".fit.gz", ".fits.gz"]
+    )
 
 
 @dataclass(frozen=True)
@@ -146,16 +172,18 @@ class AstrometryConfig:
     """Plate solving (local astrometry.net) and WCS refinement against the reference catalogue."""
 
     enabled: bool = True
-    solve: Literal["auto", "always", "never"] = "auto"   # auto: only when the header WCS is not valid
+    solve: Literal["auto", "always", "never"] = (
+        "auto"  # auto: only when the header WCS is not valid
+    )
     solve_timeout_s: float = 30.0
-    scale_tolerance: float = 0.2          # +-fraction around the hinted pixel scale
-    search_radius_deg: float = 3.0        # around the header pointing
-    index_dirs: list[str] = field(default_factory=list)   # extra astrometry.net index folders
+    scale_tolerance: float = 0.2  # +-fraction around the hinted pixel scale
+    search_radius_deg: float = 3.0  # around the header pointing
+    index_dirs: list[str] = field(default_factory=list)  # extra astrometry.net index folders
     max_stars: int = 200
     refine: bool = True
-    sip_degree: int = 2                   # 0: plain TAN
+    sip_degree: int = 2  # 0: plain TAN
     match_radius_arcsec: float = 3.0
-    max_offset_arcsec: float = 120.0      # largest header-WCS error the refinement searches for
+    max_offset_arcsec: float = 120.0  # largest header-WCS error the refinement searches for
     min_matches: int = 8
 
 
@@ -171,9 +199,23 @@ class ZeroPointConfig:
     min_snr: float = 20.0
     ref_mag_range: tuple[float, float] = (8.0, 19.0)
     colour_term: bool = False
-    extinction_mag_per_airmass: dict[str, float] = field(default_factory=lambda: {
-        "U": 0.5, "B": 0.25, "V": 0.15, "R": 0.10, "I": 0.07, "g": 0.20, "r": 0.12, "i": 0.08, "z": 0.06,
-        "G": 0.14, "BP": 0.20, "RP": 0.09, "Clear": 0.15})
+    extinction_mag_per_airmass: dict[str, float] = field(
+        default_factory=lambda: {
+            "U": 0.5,
+            "B": 0.25,
+            "V": 0.15,
+            "R": 0.10,
+            "I": 0.07,
+            "g": 0.20,
+            "r": 0.12,
+            "i": 0.08,
+            "z": 0.06,
+            "G": 0.14,
+            "BP": 0.20,
+            "RP": 0.09,
+            "Clear": 0.15,
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -221,16 +263,33 @@ class ArchiveConfig:
 
 @dataclass(frozen=True)
 class CatalogsConfig:
-    """Reference catalogues and enrichment services (see `rpp_tasks.catalogs`). Addresses are
+    """Reference catalogues and enrichment services (see `rpp_tasks.stages.catalogs`). Addresses are
     configurable; secrets (the Astro-Colibri key) come from an Airflow connection or the environment."""
 
-    services: dict[str, str] = field(default_factory=dict)    # name -> base URL (overrides the defaults)
-    bands: dict[str, str] = field(default_factory=lambda: {
-        "Clear": "gaia/G", "L": "gaia/G", "G": "gaia/G", "BP": "gaia/BP", "RP": "gaia/RP",
-        "B": "gaia/B", "V": "gaia/V", "R": "gaia/R", "I": "gaia/I",
-        "g": "ps1/g", "r": "ps1/r", "i": "ps1/i", "z": "ps1/z"})   # band -> catalogue/reference band
+    services: dict[str, str] = field(
+        default_factory=dict
+    )  # name -> base URL (overrides the defaults)
+    bands: dict[str, str] = field(
+        default_factory=lambda: {
+            "Clear": "gaia/G",
+            "L": "gaia/G",
+            "G": "gaia/G",
+            "BP": "gaia/BP",
+            "RP": "gaia/RP",
+            "B": "gaia/B",
+            "V": "gaia/V",
+            "R": "gaia/R",
+            "I": "gaia/I",
+            "g": "ps1/g",
+            "r": "ps1/r",
+            "i": "ps1/i",
+            "z": "ps1/z",
+        }
+    )  # band -> catalogue/reference band
     gaia_order: list[str] = field(default_factory=lambda: ["gaia_tap", "gaia_vizier"])
-    enrichment: list[str] = field(default_factory=lambda: ["simbad", "skybot", "vsx", "milliquas", "colibri"])
+    enrichment: list[str] = field(
+        default_factory=lambda: ["simbad", "skybot", "vsx", "milliquas", "colibri"]
+    )
     cache_dir: str | None = "data/cache/catalogs"
     timeout_s: float = 10.0
     max_retries: int = 2
@@ -258,8 +317,8 @@ class ObservatoryConfig:
     notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
     catalogs: CatalogsConfig = field(default_factory=CatalogsConfig)
-    source: str = ""              # the YAML path (filled by the loader)
-    config_hash: str = ""         # sha256[:12] of the merged mapping (provenance of products)
+    source: str = ""  # the YAML path (filled by the loader)
+    config_hash: str = ""  # sha256[:12] of the merged mapping (provenance of products)
 
     @property
     def name(self) -> str:
@@ -313,7 +372,9 @@ def _type_name(tp) -> str:
         return f"a mapping of {_type_name(k)} to {_type_name(v)}"
     if dataclasses.is_dataclass(tp):
         return "a mapping"
-    return {float: "a number", int: "an integer", str: "a string", bool: "true or false"}.get(tp, str(tp))
+    return {float: "a number", int: "an integer", str: "a string", bool: "true or false"}.get(
+        tp, str(tp)
+    )
 
 
 def _coerce(tp, value, source: str, key: str):
@@ -351,13 +412,19 @@ def _coerce(tp, value, source: str, key: str):
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise fail
-        return tuple(_coerce(a, v, source, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(
+            _coerce(a, v, source, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value))
+        )
     if origin is dict:
         ktp, vtp = typing.get_args(tp)
         if not isinstance(value, dict):
             raise fail
-        return {_coerce(ktp, str(k) if ktp is str else k, source, f"{key}.{k}"):
-                _coerce(vtp, v, source, f"{key}.{k}") for k, v in value.items()}
+        return {
+            _coerce(ktp, str(k) if ktp is str else k, source, f"{key}.{k}"): _coerce(
+                vtp, v, source, f"{key}.{k}"
+            )
+            for k, v in value.items()
+        }
     if tp is bool:
         if not isinstance(value, bool):
             raise fail
@@ -377,7 +444,7 @@ def _coerce(tp, value, source: str, key: str):
     raise TypeError(f"unsupported annotation {tp!r} for {key}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
@@ -387,8 +454,12 @@ def _build(cls, data: dict, source: str, prefix: str = ""):
     names = {f.name for f in dataclasses.fields(cls) if f.name not in ("source", "config_hash")}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(source, prefix + str(unknown[0]),
-                          "one of the known keys: " + ", ".join(sorted(names)), "unknown key")
+        raise ConfigError(
+            source,
+            prefix + str(unknown[0]),
+            "one of the known keys: " + ", ".join(sorted(names)),
+            "unknown key",
+        )
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in data:
@@ -400,23 +471,36 @@ def _build(cls, data: dict, source: str, prefix: str = ""):
 
 def _check_values(cfg: ObservatoryConfig, source: str) -> None:
     """Range checks that types alone cannot express."""
+
     def positive(key, v, allow_zero=False):
         if v is None:
             return
         if not (v > 0 or (allow_zero and v == 0)):
-            raise ConfigError(source, key, "a positive number" if not allow_zero else "a number >= 0", v)
+            raise ConfigError(
+                source, key, "a positive number" if not allow_zero else "a number >= 0", v
+            )
 
     if not cfg.observatory.replace("_", "").replace("-", "").isalnum():
-        raise ConfigError(source, "observatory", "letters, digits, '_' or '-' (it becomes the DAG id)",
-                          cfg.observatory)
+        raise ConfigError(
+            source,
+            "observatory",
+            "letters, digits, '_' or '-' (it becomes the DAG id)",
+            cfg.observatory,
+        )
     stem = Path(source).stem if source.endswith((".yaml", ".yml")) else None
     if stem and stem != cfg.observatory:
         raise ConfigError(source, "observatory", f"the file name stem {stem!r}", cfg.observatory)
     if not -90 <= cfg.site.latitude_deg <= 90:
-        raise ConfigError(source, "site.latitude_deg", "a latitude in [-90, 90] degrees", cfg.site.latitude_deg)
+        raise ConfigError(
+            source, "site.latitude_deg", "a latitude in [-90, 90] degrees", cfg.site.latitude_deg
+        )
     if not -180 <= cfg.site.longitude_deg <= 360:
-        raise ConfigError(source, "site.longitude_deg", "a longitude in degrees (east positive)",
-                          cfg.site.longitude_deg)
+        raise ConfigError(
+            source,
+            "site.longitude_deg",
+            "a longitude in degrees (east positive)",
+            cfg.site.longitude_deg,
+        )
     positive("camera.gain_e_per_adu", cfg.camera.gain_e_per_adu)
     positive("camera.read_noise_e", cfg.camera.read_noise_e, allow_zero=True)
     positive("camera.saturation_adu", cfg.camera.saturation_adu)
@@ -424,42 +508,74 @@ def _check_values(cfg: ObservatoryConfig, source: str) -> None:
     if any(b < 1 for b in cfg.camera.binning):
         raise ConfigError(source, "camera.binning", "two integers >= 1", list(cfg.camera.binning))
     if cfg.camera.bayer_pattern is not None and cfg.camera.bayer_pattern.upper() not in (
-            "RGGB", "GRBG", "GBRG", "BGGR"):
-        raise ConfigError(source, "camera.bayer_pattern", "one of RGGB, GRBG, GBRG, BGGR or null",
-                          cfg.camera.bayer_pattern)
+        "RGGB",
+        "GRBG",
+        "GBRG",
+        "BGGR",
+    ):
+        raise ConfigError(
+            source,
+            "camera.bayer_pattern",
+            "one of RGGB, GRBG, GBRG, BGGR or null",
+            cfg.camera.bayer_pattern,
+        )
     positive("session.quiet_seconds", cfg.session.quiet_seconds)
     if cfg.session.ready_rule == "marker" and not cfg.session.marker_file:
-        raise ConfigError(source, "session.marker_file", "a file name when ready_rule is 'marker'", None)
+        raise ConfigError(
+            source, "session.marker_file", "a file name when ready_rule is 'marker'", None
+        )
     unknown_kinds = set(cfg.session.frame_types) - {"bias", "dark", "flat", "science"}
     if unknown_kinds:
-        raise ConfigError(source, f"session.frame_types.{sorted(unknown_kinds)[0]}",
-                          "a frame type among bias, dark, flat, science", "unknown frame type")
+        raise ConfigError(
+            source,
+            f"session.frame_types.{sorted(unknown_kinds)[0]}",
+            "a frame type among bias, dark, flat, science",
+            "unknown frame type",
+        )
     st = cfg.stages
     positive("stages.calibration.clip_sigma", st.calibration.clip_sigma)
     positive("stages.background.box_size_px", st.background.box_size_px)
     if st.background.filter_size < 1 or st.background.filter_size % 2 == 0:
-        raise ConfigError(source, "stages.background.filter_size", "an odd integer >= 1",
-                          st.background.filter_size)
+        raise ConfigError(
+            source,
+            "stages.background.filter_size",
+            "an odd integer >= 1",
+            st.background.filter_size,
+        )
     positive("stages.detection.threshold_sigma", st.detection.threshold_sigma)
     positive("stages.detection.min_area_px", st.detection.min_area_px)
     positive("stages.detection.fwhm_guess_px", st.detection.fwhm_guess_px)
     positive("stages.photometry.fixed_radius_px", st.photometry.fixed_radius_px)
     inner, outer = st.photometry.annulus_fwhm
     if not 0 < inner < outer:
-        raise ConfigError(source, "stages.photometry.annulus_fwhm", "[inner, outer] with 0 < inner < outer",
-                          list(st.photometry.annulus_fwhm))
+        raise ConfigError(
+            source,
+            "stages.photometry.annulus_fwhm",
+            "[inner, outer] with 0 < inner < outer",
+            list(st.photometry.annulus_fwhm),
+        )
     if not 1 <= st.photometry.epsf_oversampling <= 8:
-        raise ConfigError(source, "stages.photometry.epsf_oversampling", "an integer from 1 to 8",
-                          st.photometry.epsf_oversampling)
+        raise ConfigError(
+            source,
+            "stages.photometry.epsf_oversampling",
+            "an integer from 1 to 8",
+            st.photometry.epsf_oversampling,
+        )
     positive("stages.astrometry.solve_timeout_s", st.astrometry.solve_timeout_s)
     positive("catalogs.timeout_s", cfg.catalogs.timeout_s)
     if cfg.catalogs.max_retries < 0 or cfg.catalogs.max_retries > 10:
-        raise ConfigError(source, "catalogs.max_retries", "an integer from 0 to 10", cfg.catalogs.max_retries)
+        raise ConfigError(
+            source, "catalogs.max_retries", "an integer from 0 to 10", cfg.catalogs.max_retries
+        )
     for band, ref in cfg.catalogs.bands.items():
         if ref.split("/")[0] not in ("gaia", "ps1", "skymapper") or ref.count("/") != 1:
-            raise ConfigError(source, f"catalogs.bands.{band}", "'<gaia|ps1|skymapper>/<band>'", ref)
-    for key, addrs in (("notifications.email_to", cfg.notifications.email_to),
-                       ("notifications.operators_email_to", cfg.notifications.operators_email_to)):
+            raise ConfigError(
+                source, f"catalogs.bands.{band}", "'<gaia|ps1|skymapper>/<band>'", ref
+            )
+    for key, addrs in (
+        ("notifications.email_to", cfg.notifications.email_to),
+        ("notifications.operators_email_to", cfg.notifications.operators_email_to),
+    ):
         for i, a in enumerate(addrs):
             if "@" not in a or a.startswith("@") or a.endswith("@"):
                 raise ConfigError(source, f"{key}[{i}]", "an e-mail address", a)
@@ -483,13 +599,17 @@ def _read_yaml(path: Path) -> dict:
     except FileNotFoundError:
         raise ConfigError(path, "<file>", "an existing YAML file") from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(path, "<file>", "UTF-8 text", f"undecodable byte at offset {exc.start}") from None
+        raise ConfigError(
+            path, "<file>", "UTF-8 text", f"undecodable byte at offset {exc.start}"
+        ) from None
     try:
         data = yaml.load(text, Loader=_SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        raise ConfigError(path, "<syntax>", f"valid YAML ({where}: {getattr(exc, 'problem', exc)})") from None
+        raise ConfigError(
+            path, "<syntax>", f"valid YAML ({where}: {getattr(exc, 'problem', exc)})"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -510,8 +630,9 @@ def config_from_dict(data: dict, *, source: str = "<dict>") -> ObservatoryConfig
     return dataclasses.replace(cfg, source=source, config_hash=digest)
 
 
-def load_observatory_config(path: str | os.PathLike, *, defaults: str | os.PathLike | None = None
-                            ) -> ObservatoryConfig:
+def load_observatory_config(
+    path: str | os.PathLike, *, defaults: str | os.PathLike | None = None
+) -> ObservatoryConfig:
     """Load one observatory YAML, merged over ``defaults.yaml`` (by default the one in the parent of its folder).
 
     Raises
@@ -526,8 +647,9 @@ def load_observatory_config(path: str | os.PathLike, *, defaults: str | os.PathL
     return config_from_dict(_merge(base, _read_yaml(path)), source=str(path))
 
 
-def load_observatory_configs(config_dir: str | os.PathLike | None = None, *, strict: bool = True
-                             ) -> list[ObservatoryConfig] | tuple[list[ObservatoryConfig], dict[str, ConfigError]]:
+def load_observatory_configs(
+    config_dir: str | os.PathLike | None = None, *, strict: bool = True
+) -> list[ObservatoryConfig] | tuple[list[ObservatoryConfig], dict[str, ConfigError]]:
     """Load every ``observatories/*.yaml`` in a stable (sorted) order.
 
     With ``strict=False`` returns ``(configs, errors)`` where ``errors`` maps each broken file to its
@@ -555,5 +677,7 @@ def find_config(name: str, config_dir: str | os.PathLike | None = None) -> Obser
     path = config_dir / "observatories" / f"{name}.yaml"
     if not path.is_file():
         known = sorted(q.stem for q in (config_dir / "observatories").glob("*.yaml"))
-        raise ConfigError(path, "observatory", "one of the configured observatories: " + ", ".join(known), name)
+        raise ConfigError(
+            path, "observatory", "one of the configured observatories: " + ", ".join(known), name
+        )
     return load_observatory_config(path, defaults=config_dir / "defaults.yaml")

@@ -22,6 +22,7 @@ def real_data() -> Path:
     Set ``RPP_REAL_DATA`` to point elsewhere.
     """
     if not (REAL_DATA / "SOURCES.md").is_file():
-        pytest.skip(f"real test data not found at {REAL_DATA} (set RPP_REAL_DATA); "
-                    "see README 'Test data'")
+        pytest.skip(
+            f"real test data not found at {REAL_DATA} (set RPP_REAL_DATA); see README 'Test data'"
+        )
     return REAL_DATA

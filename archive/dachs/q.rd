@@ -4,7 +4,7 @@
 
   DaCHS creates the table rpp.main from this RD ("dachs imp q") and adds it to
   the ivoa.obscore view (//obscore#publishObscoreLike).  The reduction
-  pipeline (rpp_tasks.archive.upsert_obscore) only INSERTs/UPDATEs rows, as
+  pipeline (rpp_tasks.outputs.archive.upsert_obscore) only INSERTs/UPDATEs rows, as
   the database role rpp_pipeline (SELECT, INSERT, UPDATE on rpp.main only;
   granted by archive/dachs/setup_dachs.sh); it never writes ivoa.*.
   New rows are visible at once in TAP, the sitewide SIAP2 service and the

@@ -17,14 +17,36 @@ import pytest
 try:
     from airflow.dag_processing.dagbag import DagBag  # Airflow >= 3.1
 except ImportError:  # pragma: no cover
-    from airflow.models.dagbag import DagBag          # Airflow 3.0
+    from airflow.models.dagbag import DagBag  # Airflow 3.0
 
 REPO = Path(__file__).resolve().parents[2]
 DAGS = REPO / "dags"
-CHAIN = ("validate", "calibrate", "cosmic_rays", "detect", "astrometry", "photometry", "zero_point", "enrich",
-         "transients", "products")
-HEAVY = {"numpy", "scipy", "astropy", "photutils", "sep", "stdpipe", "astroscrappy", "matplotlib",
-         "astroquery", "pyvo", "psycopg2", "watchdog"}
+CHAIN = (
+    "validate",
+    "calibrate",
+    "cosmic_rays",
+    "detect",
+    "astrometry",
+    "photometry",
+    "zero_point",
+    "enrich",
+    "transients",
+    "products",
+)
+HEAVY = {
+    "numpy",
+    "scipy",
+    "astropy",
+    "photutils",
+    "sep",
+    "stdpipe",
+    "astroscrappy",
+    "matplotlib",
+    "astroquery",
+    "pyvo",
+    "psycopg2",
+    "watchdog",
+}
 
 
 def _load_module(path: Path, name: str):
@@ -50,7 +72,9 @@ def broken_config_dir(tmp_path, monkeypatch):
     shutil.copytree(REPO / "config", cfg)
     hunts = cfg / "observatories" / "huntsman.yaml"
     hunts.write_text(hunts.read_text().replace("gain_e_per_adu: 1.145", "gain_e_per_adu: -1.0"))
-    (cfg / "observatories" / "garbled.yaml").write_text("observatory: garbled\ncamera: {gain: [1, 2\n")
+    (cfg / "observatories" / "garbled.yaml").write_text(
+        "observatory: garbled\ncamera: {gain: [1, 2\n"
+    )
     monkeypatch.setenv("RPP_CONFIG_DIR", str(cfg))
     monkeypatch.setenv("RPP_DATA_ROOT", str(tmp_path / "data"))
     return cfg
@@ -135,29 +159,41 @@ def test_config_error_task_fails_with_the_error(broken_config_dir):
 # ----------------------------------------------------------------------------- parse-time behaviour
 def _run(code: str, **env) -> subprocess.CompletedProcess:
     e = {**os.environ, **env}
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=e, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=e, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_parsing_imports_no_science_stack():
-    code = ("import runpy, sys, json\n"
-            "for f in ('dags/rpp_reduction.py', 'dags/rpp_reconcile.py', 'dags/rpp_config_errors.py'):\n"
-            "    runpy.run_path(f)\n"
-            "mods = sorted({n.split('.')[0] for n in sys.modules} | {n for n in sys.modules if n.startswith('rpp_tasks')})\n"
-            "print(json.dumps(mods))\n")
+    code = (
+        "import runpy, sys, json\n"
+        "for f in ('dags/rpp_reduction.py', 'dags/rpp_reconcile.py', 'dags/rpp_config_errors.py'):\n"
+        "    runpy.run_path(f)\n"
+        "mods = sorted({n.split('.')[0] for n in sys.modules} | {n for n in sys.modules if n.startswith('rpp_tasks')})\n"
+        "print(json.dumps(mods))\n"
+    )
     res = _run(code)
     assert res.returncode == 0, res.stderr[-3000:]
     mods = set(json.loads(res.stdout.strip().splitlines()[-1]))
     assert not (HEAVY & mods), HEAVY & mods
     # only the light config layer of rpp_tasks is imported at parse time
-    assert {m for m in mods if m.startswith("rpp_tasks.")} <= {"rpp_tasks.config", "rpp_tasks.exceptions"}
+    assert {m for m in mods if m.startswith("rpp_tasks.")} <= {
+        "rpp_tasks.config",
+        "rpp_tasks.exceptions",
+    }
 
 
 def test_parsing_context_builds_only_the_dag_being_run():
-    code = ("import runpy, json\n"
-            "g = runpy.run_path('dags/rpp_reduction.py')\n"
-            "print(json.dumps(sorted(g['_DAGS'])))\n")
-    res = _run(code, _AIRFLOW_PARSING_CONTEXT_DAG_ID="rpp_demo", _AIRFLOW_PARSING_CONTEXT_TASK_ID="validate")
+    code = (
+        "import runpy, json\n"
+        "g = runpy.run_path('dags/rpp_reduction.py')\n"
+        "print(json.dumps(sorted(g['_DAGS'])))\n"
+    )
+    res = _run(
+        code,
+        _AIRFLOW_PARSING_CONTEXT_DAG_ID="rpp_demo",
+        _AIRFLOW_PARSING_CONTEXT_TASK_ID="validate",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(res.stdout.strip().splitlines()[-1]) == ["rpp_demo"]
 
@@ -175,12 +211,23 @@ def test_failure_callback_records_and_calls_notifier(reduction_module, tmp_path,
     obs = find_config("demo")
     calls = []
     fake_notify = SimpleNamespace(notify_failure=lambda info, o: calls.append((info, o)))
-    monkeypatch.setitem(sys.modules, "rpp_tasks.notify", fake_notify)
-    ti = SimpleNamespace(dag_id="rpp_demo", task_id="detect", run_id="session__n1", try_number=3,
-                         max_tries=2, log_url="http://x/log")
-    ctx = {"ti": ti, "dag_run": SimpleNamespace(conf={"observatory": "demo", "session_id": "n1",
-                                                      "session_dir": "/d/n1"}),
-           "exception": RuntimeError("boom"), "params": {}}
+    monkeypatch.setitem(sys.modules, "rpp_tasks.outputs.notify", fake_notify)
+    ti = SimpleNamespace(
+        dag_id="rpp_demo",
+        task_id="detect",
+        run_id="session__n1",
+        try_number=3,
+        max_tries=2,
+        log_url="http://x/log",
+    )
+    ctx = {
+        "ti": ti,
+        "dag_run": SimpleNamespace(
+            conf={"observatory": "demo", "session_id": "n1", "session_dir": "/d/n1"}
+        ),
+        "exception": RuntimeError("boom"),
+        "params": {},
+    }
     info = reduction_module.failure_info(ctx)
     assert info["task_id"] == "detect" and info["session_id"] == "n1" and "boom" in info["error"]
     path = reduction_module.record_failure(info, obs)
@@ -190,12 +237,14 @@ def test_failure_callback_records_and_calls_notifier(reduction_module, tmp_path,
 
 
 def test_retry_forgets_only_its_own_rejections(reduction_module, tmp_path):
-    from rpp_tasks.session import Session
+    from rpp_tasks.session.workdir import Session
 
-    s = Session.create(tmp_path / "raw", observatory="demo", work_root=tmp_path / "work", session_id="n1")
+    s = Session.create(
+        tmp_path / "raw", observatory="demo", work_root=tmp_path / "work", session_id="n1"
+    )
     s.reject("a", reason="x", stage="calibrate")
     s.reject("b", reason="x", stage="detect")
-    s.reject("c", reason="x", stage="read")        # a checking step inside the calibrate task
+    s.reject("c", reason="x", stage="read")  # a checking step inside the calibrate task
     reduction_module._forget_rejections_of(s, ("background", "detect"))
     assert set(s.rejected()) == {"a", "c"}
     reduction_module._forget_rejections_of(s, ("calibrate",))
@@ -203,21 +252,27 @@ def test_retry_forgets_only_its_own_rejections(reduction_module, tmp_path):
 
 
 def test_reconcile_finds_ready_untriggered_sessions(tmp_path, monkeypatch):
-    pytest.importorskip("rpp_tasks.watch")
+    pytest.importorskip("rpp_tasks.ops.watch")
     cfg = tmp_path / "config"
     (cfg / "observatories").mkdir(parents=True)
     shutil.copy(REPO / "config" / "defaults.yaml", cfg / "defaults.yaml")
     (cfg / "observatories" / "obs1.yaml").write_text(
-        "observatory: obs1\nsession: {ready_rule: quiet, quiet_seconds: 1}\n")
+        "observatory: obs1\nsession: {ready_rule: quiet, quiet_seconds: 1}\n"
+    )
     monkeypatch.setenv("RPP_DATA_ROOT", str(tmp_path))
     night = tmp_path / "data/incoming/obs1/2025-01-15"
     night.mkdir(parents=True)
     f = night / "light_001.fits"
     f.write_bytes(b"\0" * 2880)
-    time.sleep(1.1)                                  # quiet_seconds (ctime cannot be faked)
+    time.sleep(1.1)  # quiet_seconds (ctime cannot be faked)
     mod = _load_module(DAGS / "rpp_reconcile.py", "rpp_reconcile_under_test")
     monkeypatch.setattr(mod, "SETTLE_SECONDS", 0.0)
     out = mod.find_missing_runs(cfg)
-    assert out == [{"trigger_dag_id": "rpp_obs1", "trigger_run_id": "session__2025-01-15",
-                    "conf": {"observatory": "obs1", "session_id": "2025-01-15", "session_dir": str(night)}}]
+    assert out == [
+        {
+            "trigger_dag_id": "rpp_obs1",
+            "trigger_run_id": "session__2025-01-15",
+            "conf": {"observatory": "obs1", "session_id": "2025-01-15", "session_dir": str(night)},
+        }
+    ]
     assert mod.find_missing_runs(cfg, run_exists=lambda d, r: True) == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import stat
 
-from rpp_tasks.up import UpSettings, airflow_env, prepare_home, write_env_script
+from rpp_tasks.ops.up import UpSettings, airflow_env, prepare_home, write_env_script
 
 
 def test_home_secrets_are_persisted_and_private(tmp_path, monkeypatch):
@@ -28,8 +28,10 @@ def test_airflow_env(tmp_path):
     assert env["AIRFLOW__API__PORT"] == "8793"
     assert env["AIRFLOW__API__BASE_URL"] == "http://localhost:8793"
     assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://localhost:8793/execution/"
-    assert {env["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"], env["AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT"]} \
-        .isdisjoint({"8793"})
+    assert {
+        env["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"],
+        env["AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT"],
+    }.isdisjoint({"8793"})
     assert env["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"
     assert env["AIRFLOW__CORE__LOAD_EXAMPLES"] == "False"
     assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("sqlite:///")
@@ -39,4 +41,8 @@ def test_airflow_env(tmp_path):
     assert env_pg["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] == pg
     script = write_env_script(settings, env).read_text()
     assert "AIRFLOW_HOME" in script
-    assert sec["jwt_secret"] not in script and sec["secret_key"] not in script and "Pa55-unique-xyz" not in script
+    assert (
+        sec["jwt_secret"] not in script
+        and sec["secret_key"] not in script
+        and "Pa55-unique-xyz" not in script
+    )

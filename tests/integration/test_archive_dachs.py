@@ -22,8 +22,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rpp_tasks.archive import read_product_header, run_archive, to_obscore_row, upsert_obscore
 from rpp_tasks.exceptions import RppError
+from rpp_tasks.outputs.archive import (
+    read_product_header,
+    run_archive,
+    to_obscore_row,
+    upsert_obscore,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.realdata]
 
@@ -32,28 +37,56 @@ DACHS_URL = os.environ.get("RPP_DACHS_URL", "http://localhost:8089").rstrip("/")
 PIPELINE_URL = os.environ.get(
     "RPP_DACHS_PIPELINE_URL",
     f"postgresql://rpp_pipeline:{os.environ.get('RPP_PIPELINE_PASSWORD', 'rpp-pipeline-dev')}"
-    "@127.0.0.1:5432/gavo")
+    "@127.0.0.1:5432/gavo",
+)
 ADMIN_URL = os.environ.get("RPP_DACHS_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/gavo")
 COLLECTION = "rpp-ci-test"
 AUTH = "rpp.example.org"
 HUNTSMAN = "huntsman/raw/science_0.fits"
 SPECTRUM = "spectra/ciboulette_sa200/Pn_R_hd8538_20231008_836.fits"
 PROJECT_RD = REPO / "archive/dachs/q.rd"
-INSTALLED_RD = Path("/var/gavo/inputs/rpp/q.rd")          # where setup_dachs.sh imports it from
-HD8538 = (21.4540, 60.2353)          # delta Cas, the spectrum's target (the header has no position)
+INSTALLED_RD = Path("/var/gavo/inputs/rpp/q.rd")  # where setup_dachs.sh imports it from
+HD8538 = (21.4540, 60.2353)  # delta Cas, the spectrum's target (the header has no position)
 
 
 #: ObsCore 1.1 mandatory columns (Table 1 / Appendix C).
-MANDATORY = ("dataproduct_type", "calib_level", "obs_collection", "obs_id", "obs_publisher_did",
-             "access_url", "access_format", "access_estsize", "target_name", "s_ra", "s_dec",
-             "s_fov", "s_region", "s_resolution", "s_xel1", "s_xel2", "t_min", "t_max",
-             "t_exptime", "t_resolution", "t_xel", "em_min", "em_max", "em_res_power", "em_xel",
-             "o_ucd", "pol_states", "pol_xel", "facility_name", "instrument_name")
+MANDATORY = (
+    "dataproduct_type",
+    "calib_level",
+    "obs_collection",
+    "obs_id",
+    "obs_publisher_did",
+    "access_url",
+    "access_format",
+    "access_estsize",
+    "target_name",
+    "s_ra",
+    "s_dec",
+    "s_fov",
+    "s_region",
+    "s_resolution",
+    "s_xel1",
+    "s_xel2",
+    "t_min",
+    "t_max",
+    "t_exptime",
+    "t_resolution",
+    "t_xel",
+    "em_min",
+    "em_max",
+    "em_res_power",
+    "em_xel",
+    "o_ucd",
+    "pol_states",
+    "pol_xel",
+    "facility_name",
+    "instrument_name",
+)
 
 
 def _answers(url: str) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=5) as resp:       # loopback only
+        with urllib.request.urlopen(url, timeout=5) as resp:  # loopback only
             return resp.status == 200
     except OSError:
         return False
@@ -65,8 +98,11 @@ def _admin_sql(sql: str, **params):
     eng = sqlalchemy.create_engine(ADMIN_URL.replace("postgresql://", "postgresql+psycopg2://"))
     try:
         with eng.begin() as conn:
-            return conn.execute(sqlalchemy.text(sql), params).fetchall() if sql.lstrip().upper(
-            ).startswith("SELECT") else conn.execute(sqlalchemy.text(sql), params).rowcount
+            return (
+                conn.execute(sqlalchemy.text(sql), params).fetchall()
+                if sql.lstrip().upper().startswith("SELECT")
+                else conn.execute(sqlalchemy.text(sql), params).rowcount
+            )
     finally:
         eng.dispose()
 
@@ -74,30 +110,47 @@ def _admin_sql(sql: str, **params):
 @pytest.fixture(scope="module")
 def dachs():
     if shutil.which("dachs") is None:
-        pytest.skip("GAVO DaCHS is not installed (Debian package gavodachs2-server): "
-                    "run 'sudo archive/dachs/setup_dachs.sh' on Debian bookworm")
+        pytest.skip(
+            "GAVO DaCHS is not installed (Debian package gavodachs2-server): "
+            "run 'sudo archive/dachs/setup_dachs.sh' on Debian bookworm"
+        )
     if not _answers(DACHS_URL + "/"):
         if os.geteuid() != 0:
-            pytest.fail(f"DaCHS installed but not answering at {DACHS_URL}; "
-                        "run 'sudo archive/dachs/setup_dachs.sh'")
-        proc = subprocess.run([str(REPO / "archive/dachs/setup_dachs.sh")], capture_output=True,
-                              text=True, env={**os.environ, "RPP_DACHS_NO_INSTALL": "1"},
-                              timeout=300, check=False)
+            pytest.fail(
+                f"DaCHS installed but not answering at {DACHS_URL}; "
+                "run 'sudo archive/dachs/setup_dachs.sh'"
+            )
+        proc = subprocess.run(
+            [str(REPO / "archive/dachs/setup_dachs.sh")],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "RPP_DACHS_NO_INSTALL": "1"},
+            timeout=300,
+            check=False,
+        )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         assert _answers(DACHS_URL + "/"), f"DaCHS still not answering at {DACHS_URL}"
     # the tests must run against the project's RD, not an older copy imported earlier
     if INSTALLED_RD.read_bytes() != PROJECT_RD.read_bytes():
         if os.geteuid() != 0:
-            pytest.fail(f"{INSTALLED_RD} differs from {PROJECT_RD}; "
-                        "run 'sudo archive/dachs/setup_dachs.sh' (re-imports the RD)")
-        proc = subprocess.run([str(REPO / "archive/dachs/setup_dachs.sh")], capture_output=True,
-                              text=True, env={**os.environ, "RPP_DACHS_NO_INSTALL": "1"},
-                              timeout=300, check=False)
+            pytest.fail(
+                f"{INSTALLED_RD} differs from {PROJECT_RD}; "
+                "run 'sudo archive/dachs/setup_dachs.sh' (re-imports the RD)"
+            )
+        proc = subprocess.run(
+            [str(REPO / "archive/dachs/setup_dachs.sh")],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "RPP_DACHS_NO_INSTALL": "1"},
+            timeout=300,
+            check=False,
+        )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert INSTALLED_RD.read_bytes() == PROJECT_RD.read_bytes()
     # DaCHS imported it: rpp.main is a participant of the ivoa.obscore view
-    assert _admin_sql("SELECT tablename FROM ivoa._obscoresources WHERE tablename = 'rpp.main'"
-                      ) == [("rpp.main",)]
+    assert _admin_sql(
+        "SELECT tablename FROM ivoa._obscoresources WHERE tablename = 'rpp.main'"
+    ) == [("rpp.main",)]
     _admin_sql("DELETE FROM rpp.main WHERE obs_collection = :c", c=COLLECTION)
     yield DACHS_URL
     _admin_sql("DELETE FROM rpp.main WHERE obs_collection = :c", c=COLLECTION)
@@ -108,12 +161,21 @@ def archived(dachs, real_data):
     """Run the archive task twice (re-processing) for one image and one spectrum."""
     products = [
         {"product_path": str(real_data / HUNTSMAN), "fwhm_arcsec": 2.9},
-        {"product_path": str(real_data / SPECTRUM), "ra_deg": HD8538[0], "dec_deg": HD8538[1],
-         "aperture_arcsec": 12.0},
+        {
+            "product_path": str(real_data / SPECTRUM),
+            "ra_deg": HD8538[0],
+            "dec_deg": HD8538[1],
+            "aperture_arcsec": 12.0,
+        },
     ]
-    kwargs = dict(url=PIPELINE_URL, obs_collection=COLLECTION, publisher_authority=AUTH,
-                  access_url_base="http://localhost:8089/rpp-products", products_root=real_data,
-                  facility_name="Huntsman")
+    kwargs = dict(
+        url=PIPELINE_URL,
+        obs_collection=COLLECTION,
+        publisher_authority=AUTH,
+        access_url_base="http://localhost:8089/rpp-products",
+        products_root=real_data,
+        facility_name="Huntsman",
+    )
     first = run_archive(products, session_id="ci/first", **kwargs)
     products[0]["fwhm_arcsec"] = 3.2
     second = run_archive(products, session_id="ci/second", **kwargs)
@@ -131,8 +193,11 @@ def test_archive_task_upserts_as_pipeline_role(archived):
     assert first["dialect"] == "postgresql" and first["table"] == "rpp.main"
     assert (first["n_inserted"], first["n_updated"]) == (2, 0)
     assert (second["n_inserted"], second["n_updated"]) == (0, 2)
-    rows = _admin_sql("SELECT count(*), count(DISTINCT obs_publisher_did) FROM rpp.main "
-                      "WHERE obs_collection = :c", c=COLLECTION)
+    rows = _admin_sql(
+        "SELECT count(*), count(DISTINCT obs_publisher_did) FROM rpp.main "
+        "WHERE obs_collection = :c",
+        c=COLLECTION,
+    )
     assert tuple(rows[0]) == (2, 2)
 
 
@@ -141,41 +206,59 @@ def test_pipeline_role_is_least_privilege(dachs, archived):
 
     eng = sqlalchemy.create_engine(PIPELINE_URL.replace("postgresql://", "postgresql+psycopg2://"))
     try:
-        for sql in (f"DELETE FROM rpp.main WHERE obs_collection = '{COLLECTION}'",
-                    "DROP TABLE rpp.main",
-                    "SELECT count(*) FROM ivoa.obscore"):
-            with pytest.raises(sqlalchemy.exc.ProgrammingError, match="permission denied|must be owner"):
+        for sql in (
+            f"DELETE FROM rpp.main WHERE obs_collection = '{COLLECTION}'",
+            "DROP TABLE rpp.main",
+            "SELECT count(*) FROM ivoa.obscore",
+        ):
+            with pytest.raises(
+                sqlalchemy.exc.ProgrammingError, match="permission denied|must be owner"
+            ):
                 with eng.begin() as conn:
                     conn.execute(sqlalchemy.text(sql))
     finally:
         eng.dispose()
-    row = to_obscore_row({"NAXIS": 2, "NAXIS1": 10, "NAXIS2": 10, "DATE-OBS": "2024-01-01T00:00:00"},
-                         access_url="http://x", obs_collection=COLLECTION, publisher_authority=AUTH)
+    row = to_obscore_row(
+        {"NAXIS": 2, "NAXIS1": 10, "NAXIS2": 10, "DATE-OBS": "2024-01-01T00:00:00"},
+        access_url="http://x",
+        obs_collection=COLLECTION,
+        publisher_authority=AUTH,
+    )
     with pytest.raises(RppError, match="permission denied"):
         upsert_obscore(row, PIPELINE_URL, table="ivoa.obscore")
 
 
 def test_tap_returns_the_row_with_the_right_values(dachs, archived, real_data):
-    expected = to_obscore_row(read_product_header(real_data / HUNTSMAN),
-                              product_path=real_data / HUNTSMAN, access_url="x",
-                              obs_collection=COLLECTION, publisher_authority=AUTH,
-                              facility_name="Huntsman", fwhm_arcsec=3.2)
+    expected = to_obscore_row(
+        read_product_header(real_data / HUNTSMAN),
+        product_path=real_data / HUNTSMAN,
+        access_url="x",
+        obs_collection=COLLECTION,
+        publisher_authority=AUTH,
+        facility_name="Huntsman",
+        fwhm_arcsec=3.2,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = _tap(dachs).search(
-            "SELECT * FROM ivoa.obscore WHERE obs_collection = 'rpp-ci-test' "
-            "AND 1 = CONTAINS(POINT('ICRS', 65.1621, -54.9358), s_region)").to_table()
+        result = (
+            _tap(dachs)
+            .search(
+                "SELECT * FROM ivoa.obscore WHERE obs_collection = 'rpp-ci-test' "
+                "AND 1 = CONTAINS(POINT('ICRS', 65.1621, -54.9358), s_region)"
+            )
+            .to_table()
+        )
     assert len(result) == 1
     r = result[0]
     assert r["dataproduct_type"] == "image" and r["calib_level"] == 2
     assert r["obs_publisher_did"] == expected.obs_publisher_did
     assert r["obs_id"] == "371d420013090900_20210118T112632.228"
     assert r["source_table"] == "rpp.main"
-    assert r["t_min"] == pytest.approx(59232.476761898, abs=1e-8)                 # MJD
+    assert r["t_min"] == pytest.approx(59232.476761898, abs=1e-8)  # MJD
     assert (r["t_max"] - r["t_min"]) * 86400 == pytest.approx(300, abs=1e-3)
-    assert r["em_min"] == pytest.approx(378e-9, rel=1e-6)                         # metres (real)
+    assert r["em_min"] == pytest.approx(378e-9, rel=1e-6)  # metres (real)
     assert r["em_max"] == pytest.approx(555e-9, rel=1e-6)
-    assert r["s_resolution"] == pytest.approx(3.2, rel=1e-6)                      # re-processed
+    assert r["s_resolution"] == pytest.approx(3.2, rel=1e-6)  # re-processed
     assert r["s_ra"] == pytest.approx(expected.s_ra, abs=1e-9)
     assert r["s_dec"] == pytest.approx(expected.s_dec, abs=1e-9)
     assert r["s_fov"] == pytest.approx(expected.s_fov, rel=1e-6)
@@ -212,23 +295,29 @@ def test_tap_returns_the_row_with_the_right_values(dachs, archived, real_data):
     numbers = [float(v) for v in region.replace("Polygon", " ").replace("ICRS", " ").split()]
     assert len(numbers) == 32
     assert np.allclose(numbers, [float(v) for v in expected.s_region.split()], atol=2e-7)
-    assert numbers[:2] == pytest.approx([64.8298222, -54.9888272], abs=2e-7)     # first vertex
+    assert numbers[:2] == pytest.approx([64.8298222, -54.9888272], abs=2e-7)  # first vertex
     # a point outside the footprint does not find it
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         outside = _tap(dachs).search(
             "SELECT obs_id FROM ivoa.obscore WHERE obs_collection = 'rpp-ci-test' "
-            "AND 1 = CONTAINS(POINT('ICRS', 65.1621, -54.6), s_region)")
+            "AND 1 = CONTAINS(POINT('ICRS', 65.1621, -54.6), s_region)"
+        )
     assert len(outside) == 0
 
 
 def test_tap_which_sessions_cover_this_position(dachs, archived):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = _tap(dachs).search(
-            "SELECT rpp_session, COUNT(*) AS n_frames, MIN(t_min) AS first_mjd FROM rpp.main "
-            "WHERE 1 = CONTAINS(POINT('ICRS', 65.1621, -54.9358), s_region) "
-            "AND obs_collection = 'rpp-ci-test' GROUP BY rpp_session").to_table()
+        result = (
+            _tap(dachs)
+            .search(
+                "SELECT rpp_session, COUNT(*) AS n_frames, MIN(t_min) AS first_mjd FROM rpp.main "
+                "WHERE 1 = CONTAINS(POINT('ICRS', 65.1621, -54.9358), s_region) "
+                "AND obs_collection = 'rpp-ci-test' GROUP BY rpp_session"
+            )
+            .to_table()
+        )
     assert list(result["rpp_session"]) == ["ci/second"] and list(result["n_frames"]) == [1]
 
 
@@ -240,22 +329,51 @@ def test_siap2_returns_image_not_spectrum(dachs, archived):
         warnings.simplefilter("ignore")
         for endpoint in ("/rpp/q/siap2/siap2.xml", "/__system__/siap2/sitewide/siap2.xml"):
             sia = pyvo.dal.SIA2Service(dachs + endpoint, check_baseurl=False)
-            hits = sia.search(pos=(65.1621 * u.deg, -54.9358 * u.deg, 0.01 * u.deg),
-                              collection=COLLECTION)
+            hits = sia.search(
+                pos=(65.1621 * u.deg, -54.9358 * u.deg, 0.01 * u.deg), collection=COLLECTION
+            )
             assert [rec["obs_id"] for rec in hits] == ["371d420013090900_20210118T112632.228"]
             assert hits[0].getdataurl().endswith("/huntsman/raw/science_0.fits")
             # BAND overlaps SDSS g (378-555 nm) -> found; 800-900 nm -> not found
-            assert len(sia.search(pos=(65.1621 * u.deg, -54.9358 * u.deg, 0.01 * u.deg),
-                                  band=(4.5e-7 * u.m, 5.0e-7 * u.m), collection=COLLECTION)) == 1
-            assert len(sia.search(pos=(65.1621 * u.deg, -54.9358 * u.deg, 0.01 * u.deg),
-                                  band=(8e-7 * u.m, 9e-7 * u.m), collection=COLLECTION)) == 0
+            assert (
+                len(
+                    sia.search(
+                        pos=(65.1621 * u.deg, -54.9358 * u.deg, 0.01 * u.deg),
+                        band=(4.5e-7 * u.m, 5.0e-7 * u.m),
+                        collection=COLLECTION,
+                    )
+                )
+                == 1
+            )
+            assert (
+                len(
+                    sia.search(
+                        pos=(65.1621 * u.deg, -54.9358 * u.deg, 0.01 * u.deg),
+                        band=(8e-7 * u.m, 9e-7 * u.m),
+                        collection=COLLECTION,
+                    )
+                )
+                == 0
+            )
             # the spectrum covers HD 8538, but SIAP2 serves images and cubes only
-            assert len(sia.search(pos=(HD8538[0] * u.deg, HD8538[1] * u.deg, 0.01 * u.deg),
-                                  collection=COLLECTION)) == 0
-        tap_spec = _tap(dachs).search(
-            "SELECT dataproduct_type, em_min, em_max, em_xel, em_res_power FROM ivoa.obscore "
-            f"WHERE 1 = CONTAINS(POINT('ICRS', {HD8538[0]}, {HD8538[1]}), s_region) "
-            "AND obs_collection = 'rpp-ci-test'").to_table()
+            assert (
+                len(
+                    sia.search(
+                        pos=(HD8538[0] * u.deg, HD8538[1] * u.deg, 0.01 * u.deg),
+                        collection=COLLECTION,
+                    )
+                )
+                == 0
+            )
+        tap_spec = (
+            _tap(dachs)
+            .search(
+                "SELECT dataproduct_type, em_min, em_max, em_xel, em_res_power FROM ivoa.obscore "
+                f"WHERE 1 = CONTAINS(POINT('ICRS', {HD8538[0]}, {HD8538[1]}), s_region) "
+                "AND obs_collection = 'rpp-ci-test'"
+            )
+            .to_table()
+        )
     assert list(tap_spec["dataproduct_type"]) == ["spectrum"]
     assert tap_spec[0]["em_min"] == pytest.approx(5.98991e-7, rel=1e-5)
     assert tap_spec[0]["em_max"] == pytest.approx(7.39081e-7, rel=1e-5)

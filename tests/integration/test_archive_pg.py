@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-from rpp_tasks.archive import (
+from rpp_tasks.outputs.archive import (
     covering_query,
     create_obscore_table,
     polygon_contains,
@@ -35,8 +35,9 @@ COMMON = dict(obs_collection="rpp-test/pg", publisher_authority="rpp.example.org
 @pytest.fixture(scope="module")
 def pg_url():
     sqlalchemy = pytest.importorskip("sqlalchemy")
-    admin = sqlalchemy.create_engine(ADMIN_URL.replace("postgresql://", "postgresql+psycopg2://"),
-                                     isolation_level="AUTOCOMMIT")
+    admin = sqlalchemy.create_engine(
+        ADMIN_URL.replace("postgresql://", "postgresql+psycopg2://"), isolation_level="AUTOCOMMIT"
+    )
     try:
         with admin.connect() as conn:
             conn.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)"))
@@ -52,8 +53,10 @@ def pg_url():
         eng.dispose()
         with admin.connect() as conn:
             conn.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)"))
-        pytest.skip(f"pgsphere unavailable in PostgreSQL ({exc.orig}); "
-                    "install postgresql-15-pgsphere (archive/dachs/setup_dachs.sh)")
+        pytest.skip(
+            f"pgsphere unavailable in PostgreSQL ({exc.orig}); "
+            "install postgresql-15-pgsphere (archive/dachs/setup_dachs.sh)"
+        )
     eng.dispose()
     create_obscore_table(url)
     yield url
@@ -75,13 +78,25 @@ def _count(url, where="true"):
 def test_upsert_reupsert_and_spatial_query(pg_url, real_data):
     path = real_data / HUNTSMAN
     header = read_product_header(path)
-    row = to_obscore_row(header, product_path=path, access_url="https://a.example.org/h.fits",
-                         fwhm_arcsec=2.7, session_id="huntsman/2021-01-18", **COMMON)
+    row = to_obscore_row(
+        header,
+        product_path=path,
+        access_url="https://a.example.org/h.fits",
+        fwhm_arcsec=2.7,
+        session_id="huntsman/2021-01-18",
+        **COMMON,
+    )
     first = upsert_obscore([row], pg_url)
     assert (first.n_inserted, first.n_updated, first.dialect) == (1, 0, "postgresql")
 
-    again = to_obscore_row(header, product_path=path, access_url="https://a.example.org/h.fits",
-                           fwhm_arcsec=3.1, session_id="huntsman/2021-01-18-rerun", **COMMON)
+    again = to_obscore_row(
+        header,
+        product_path=path,
+        access_url="https://a.example.org/h.fits",
+        fwhm_arcsec=3.1,
+        session_id="huntsman/2021-01-18-rerun",
+        **COMMON,
+    )
     second = upsert_obscore(again, pg_url)
     assert (second.n_inserted, second.n_updated) == (0, 1)
     assert _count(pg_url) == 1
@@ -103,24 +118,34 @@ def test_upsert_reupsert_and_spatial_query(pg_url, real_data):
 
     # a point outside the footprint does not find it; a circle reaching the footprint does
     assert polygon_contains(row.s_region, 65.1621, -54.6) is False
-    assert covering_query(pg_url, 65.1621, -54.6) == []                 # outside (0.34 deg N)
-    assert covering_query(pg_url, 120.0, 30.0) == []                    # far away
+    assert covering_query(pg_url, 65.1621, -54.6) == []  # outside (0.34 deg N)
+    assert covering_query(pg_url, 120.0, 30.0) == []  # far away
     assert len(covering_query(pg_url, 65.1621, -54.6, radius_deg=0.2)) == 1
     assert covering_query(pg_url, 65.1621, -54.9358, dataproduct_type="spectrum") == []
 
 
 def test_frame_without_wcs_and_spectrum_rows(pg_url, real_data):
     no_wcs = real_data / "saao_1m/a8280271.fits"
-    r1 = to_obscore_row(read_product_header(no_wcs), product_path=no_wcs,
-                        access_url="https://a.example.org/saao.fits", **COMMON)
+    r1 = to_obscore_row(
+        read_product_header(no_wcs),
+        product_path=no_wcs,
+        access_url="https://a.example.org/saao.fits",
+        **COMMON,
+    )
     spec = real_data / SPECTRUM
-    r2 = to_obscore_row(read_product_header(spec), product_path=spec,
-                        access_url="https://a.example.org/spec.fits",
-                        ra_deg=21.454, dec_deg=60.2353, aperture_arcsec=10.0, **COMMON)
+    r2 = to_obscore_row(
+        read_product_header(spec),
+        product_path=spec,
+        access_url="https://a.example.org/spec.fits",
+        ra_deg=21.454,
+        dec_deg=60.2353,
+        aperture_arcsec=10.0,
+        **COMMON,
+    )
     res = upsert_obscore([r1, r2], pg_url)
     assert res.n_inserted == 2
     assert _count(pg_url, f"obs_id = '{r1.obs_id}' AND s_region IS NULL AND s_ra IS NOT NULL") == 1
-    assert covering_query(pg_url, r1.s_ra, r1.s_dec) == []              # no footprint: not found
+    assert covering_query(pg_url, r1.s_ra, r1.s_dec) == []  # no footprint: not found
     found = covering_query(pg_url, 21.454, 60.2353)
     assert [r["dataproduct_type"] for r in found] == ["spectrum"]
     assert found[0]["em_xel"] == 560 and found[0]["em_res_power"] == pytest.approx(200.0)

@@ -9,7 +9,6 @@ same number of archive rows).
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -23,8 +22,6 @@ import pytest
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-SCIENCE_MODULES = ("fitsio", "frames", "calibration", "cosmics", "background", "detection", "psf",
-                   "photometry", "synthetic")
 N_SCIENCE = 3
 
 RUNNER = r"""
@@ -42,14 +39,6 @@ print("RESULT " + json.dumps({"state": str(dr.state), "wall_s": wall, "tasks": t
 """
 
 
-def _science_stack_or_skip():
-    for name in SCIENCE_MODULES:
-        try:
-            importlib.import_module(f"rpp_tasks.{name}")
-        except ImportError as exc:
-            pytest.skip(f"science module rpp_tasks.{name} not available yet: {exc}")
-
-
 @pytest.fixture(scope="module")
 def airflow_env():
     # A private folder, not pytest's tmp_path: pytest-of-<user> is shared by concurrent pytest
@@ -58,59 +47,93 @@ def airflow_env():
     home, data = root / "airflow_home", root / "data"
     home.mkdir()
     data.mkdir()
-    env = {**os.environ,
-           "AIRFLOW_HOME": str(home),
-           "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-           "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-           "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
-           "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-           "RPP_CONFIG_DIR": str(REPO / "config"),
-           "RPP_DATA_ROOT": str(data),
-           "RPP_WORKERS": "2",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "RPP_CONFIG_DIR": str(REPO / "config"),
+        "RPP_DATA_ROOT": str(data),
+        "RPP_WORKERS": "2",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
     env.pop("AIRFLOW__CORE__UNIT_TEST_MODE", None)
     airflow = Path(sys.executable).with_name("airflow")
-    res = subprocess.run([str(airflow), "db", "migrate"], env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [str(airflow), "db", "migrate"], env=env, capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     yield env, data
     shutil.rmtree(root, ignore_errors=True)
 
 
 def _run_dag(env, conf) -> dict:
-    res = subprocess.run([sys.executable, "-c", RUNNER, str(REPO / "dags"), json.dumps(conf)], env=env,
-                         capture_output=True, text=True, timeout=1200, cwd=REPO)
+    res = subprocess.run(
+        [sys.executable, "-c", RUNNER, str(REPO / "dags"), json.dumps(conf)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=REPO,
+    )
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert res.returncode == 0 and lines, (res.stdout[-4000:] + "\n" + res.stderr[-6000:])
-    return json.loads(lines[-1][len("RESULT "):])
+    assert res.returncode == 0 and lines, res.stdout[-4000:] + "\n" + res.stderr[-6000:]
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def test_demo_dag_run_produces_products_and_reruns_idempotently(airflow_env):
-    _science_stack_or_skip()
-    from rpp_tasks.synthetic import write_synthetic_session
+    from rpp_tasks.sim.synthetic import write_synthetic_session
 
     env, data = airflow_env
-    data = data / "data"                 # the configs' relative paths start with data/
+    data = data / "data"  # the configs' relative paths start with data/
     night = data / "incoming" / "demo" / "2025-01-15"
-    write_synthetic_session(night, truth_folder=data / "truth" / "2025-01-15", n_science=N_SCIENCE, seed=3)
+    write_synthetic_session(
+        night, truth_folder=data / "truth" / "2025-01-15", n_science=N_SCIENCE, seed=3
+    )
     conf = {"observatory": "demo", "session_id": "2025-01-15", "session_dir": str(night)}
 
     first = _run_dag(env, conf)
-    chain = ["validate", "calibrate", "cosmic_rays", "detect", "astrometry", "photometry", "zero_point",
-             "enrich", "transients", "products", "archive"]
+    chain = [
+        "validate",
+        "calibrate",
+        "cosmic_rays",
+        "detect",
+        "astrometry",
+        "photometry",
+        "zero_point",
+        "enrich",
+        "transients",
+        "products",
+        "archive",
+    ]
     assert first["state"] == "success", first
-    assert {t: first["tasks"][t]["state"] for t in chain} == {t: "success" for t in chain}, first["tasks"]
+    assert {t: first["tasks"][t]["state"] for t in chain} == {t: "success" for t in chain}, first[
+        "tasks"
+    ]
     # the demo observatory configures no notification channel: notify is skipped, visibly
     assert first["tasks"]["notify"]["state"] == "skipped", first["tasks"]
 
     workdir = data / "work" / "demo" / "2025-01-15"
     summary = json.loads((workdir / "session_summary.json").read_text())
     assert summary["n_science"] == N_SCIENCE
-    assert summary["n_ok"] == summary["n_science"], [(f["frame"], f.get("reason")) for f in summary["frames"]]
+    assert summary["n_ok"] == summary["n_science"], [
+        (f["frame"], f.get("reason")) for f in summary["frames"]
+    ]
     for f in summary["frames"]:
         assert (workdir / "frames" / f["frame"] / "catalog.ecsv").is_file()
         assert (workdir / "frames" / f["frame"] / "catalog.fits").is_file()
-    assert set(summary["stage_runs"]) == {"calibrate", "cosmic_rays", "detect", "astrometry", "photometry",
-                                          "zero_point", "enrich", "transients"}
+    assert set(summary["stage_runs"]) == {
+        "calibrate",
+        "cosmic_rays",
+        "detect",
+        "astrometry",
+        "photometry",
+        "zero_point",
+        "enrich",
+        "transients",
+    }
 
     # a re-run of the same session replaces the products in the same work folder
     mtime = (workdir / "session_summary.json").stat().st_mtime
@@ -124,7 +147,7 @@ def test_demo_dag_run_produces_products_and_reruns_idempotently(airflow_env):
     import sqlite3
 
     db = data / "products" / "demo" / "archive.sqlite"
-    with sqlite3.connect(db) as con:   # two runs of the session, one row per frame (upsert)
+    with sqlite3.connect(db) as con:  # two runs of the session, one row per frame (upsert)
         tables = [r[0] for r in con.execute("select name from sqlite_master where type='table'")]
         (table,) = [t for t in tables if t.endswith("main")]
         assert con.execute(f'select count(*) from "{table}"').fetchone()[0] == N_SCIENCE
@@ -133,5 +156,7 @@ def test_demo_dag_run_produces_products_and_reruns_idempotently(airflow_env):
     assert (workdir / "2025-01-15_products.zip").stat().st_size > 0
 
     stage_s = sum(summary2["stage_runs"][k]["wall_s"] for k in summary2["stage_runs"])
-    print(f"\ndag.test wall {second['wall_s']:.1f} s, run_stage wall {stage_s:.1f} s, "
-          f"tasks: { {k: round(v['duration'] or 0, 2) for k, v in second['tasks'].items()} }")
+    print(
+        f"\ndag.test wall {second['wall_s']:.1f} s, run_stage wall {stage_s:.1f} s, "
+        f"tasks: { {k: round(v['duration'] or 0, 2) for k, v in second['tasks'].items()} }"
+    )

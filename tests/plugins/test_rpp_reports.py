@@ -36,21 +36,37 @@ def reduced(tmp_path_factory):
     old = os.environ.get("RPP_DATA_ROOT")
     os.environ["RPP_DATA_ROOT"] = str(root)
     try:
-        from rpp_tasks import pipeline, report
         from rpp_tasks.config import find_config
-        from rpp_tasks.synthetic import write_synthetic_session
+        from rpp_tasks.outputs import report
+        from rpp_tasks.session import pipeline
+        from rpp_tasks.sim.synthetic import write_synthetic_session
 
         obs = find_config("demo")
         raw = root / "data" / "incoming" / "demo" / SESSION
-        write_synthetic_session(raw, truth_folder=root / "truth", n_science=2, n_bias=2, n_dark=2, n_flat=2,
-                                shape=(256, 256), seed=11)
+        write_synthetic_session(
+            raw,
+            truth_folder=root / "truth",
+            n_science=2,
+            n_bias=2,
+            n_dark=2,
+            n_flat=2,
+            shape=(256, 256),
+            seed=11,
+        )
         session = pipeline.open_session(raw, obs, session_id=SESSION)
         pipeline.prepare_masters(session, obs)
         pipeline.run_stage(session, obs, pipeline.FRAME_STAGES, workers=1)
-        summary = pipeline.summarize_session(session, obs, extra={"airflow": {"dag_id": obs.dag_id,
-                                                                             "run_id": RUN_ID}})
+        summary = pipeline.summarize_session(
+            session, obs, extra={"airflow": {"dag_id": obs.dag_id, "run_id": RUN_ID}}
+        )
         rep = report.run_report(session, obs)
-        yield {"root": root, "obs": obs, "workdir": Path(session.workdir), "summary": summary, "report": rep}
+        yield {
+            "root": root,
+            "obs": obs,
+            "workdir": Path(session.workdir),
+            "summary": summary,
+            "report": rep,
+        }
     finally:
         if old is None:
             os.environ.pop("RPP_DATA_ROOT", None)
@@ -74,7 +90,12 @@ def test_every_route_needs_an_airflow_login(plugin, reduced):
     from fastapi.testclient import TestClient
 
     anon = TestClient(plugin.RppReportsPlugin.fastapi_apps[0]["app"], follow_redirects=False)
-    for url in ("/", "/index.json", f"/demo/{SESSION}/report/report.html", f"/run/rpp_demo/{RUN_ID}"):
+    for url in (
+        "/",
+        "/index.json",
+        f"/demo/{SESSION}/report/report.html",
+        f"/run/rpp_demo/{RUN_ID}",
+    ):
         r = anon.get(url)
         assert r.status_code == 401, (url, r.status_code, r.text[:200])
 
@@ -84,10 +105,18 @@ def test_index_lists_the_session_with_its_figures_and_links(client, reduced):
     entries = client.get("/index.json").json()
     (e,) = [x for x in entries if x["session_id"] == SESSION]
     assert (e["observatory"], e["dag_id"], e["run_id"]) == ("demo", "rpp_demo", RUN_ID)
-    assert (e["n_science"], e["n_ok"], e["n_rejected"]) == (2, summary["n_ok"], summary["n_rejected"]) == (2, 2, 0)
+    assert (
+        (e["n_science"], e["n_ok"], e["n_rejected"])
+        == (2, summary["n_ok"], summary["n_rejected"])
+        == (2, 2, 0)
+    )
     assert e["median_fwhm_arcsec"] == pytest.approx(summary["median_fwhm_arcsec"])
-    assert 3.0 < e["median_fwhm_arcsec"] < 4.2          # demo: 3.5 px at 1"/px, +-5 % per frame
-    assert e["night"] == "2025-01-15" and e["has_report"] and e["products_zip"] == f"{SESSION}_products.zip"
+    assert 3.0 < e["median_fwhm_arcsec"] < 4.2  # demo: 3.5 px at 1"/px, +-5 % per frame
+    assert (
+        e["night"] == "2025-01-15"
+        and e["has_report"]
+        and e["products_zip"] == f"{SESSION}_products.zip"
+    )
 
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
@@ -116,7 +145,9 @@ def test_report_and_zip_are_served_byte_for_byte(client, reduced):
 
 def test_run_tab_redirects_to_the_report_of_that_run(client, reduced):
     r = client.get(f"/run/rpp_demo/{RUN_ID}")
-    assert r.status_code == 307 and r.headers["location"] == f"../../demo/{SESSION}/report/report.html"
+    assert (
+        r.status_code == 307 and r.headers["location"] == f"../../demo/{SESSION}/report/report.html"
+    )
     # a run that produced no summary (yet) says so instead of showing another night
     r = client.get("/run/rpp_demo/manual__2025-01-16T00:00:00+00:00")
     assert r.status_code == 404 and "products" in r.text
@@ -129,13 +160,13 @@ def test_only_published_products_inside_the_session_are_served(client, reduced):
     secret.write_text("not a product")
     (workdir / "report" / "escape.txt").symlink_to(secret)
     cases = {
-        f"/demo/{SESSION}/manifest.json": 403,                   # intermediate file, not published
+        f"/demo/{SESSION}/manifest.json": 403,  # intermediate file, not published
         f"/demo/{SESSION}/frames/{reduced['summary']['frames'][0]['frame']}/catalog.ecsv": 403,
-        f"/demo/{SESSION}/report/..%2Fmanifest.json": 403,        # traversal, encoded
-        f"/demo/{SESSION}/report/escape.txt": 403,                # symlink out of the work folder
+        f"/demo/{SESSION}/report/..%2Fmanifest.json": 403,  # traversal, encoded
+        f"/demo/{SESSION}/report/escape.txt": 403,  # symlink out of the work folder
         f"/demo/{SESSION}/report/missing.png": 404,
-        f"/demo/..%2F..%2Fincoming/report/report.html": 403,
-        f"/demo/1999-01-01/report/report.html": 404,
+        "/demo/..%2F..%2Fincoming/report/report.html": 403,
+        "/demo/1999-01-01/report/report.html": 404,
         f"/nowhere/{SESSION}/report/report.html": 404,
     }
     got = {url: client.get(url).status_code for url in cases}
@@ -164,10 +195,16 @@ apps = [a["url_prefix"] for a in plugins_manager.get_fastapi_plugins()[0]]
 print("RESULT " + json.dumps({"errors": {str(k): str(v) for k, v in errors.items()}, "found": bool(p),
                               "views": views, "apps": apps}))
 """
-    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
-           "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(tmp_path),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
     assert res.returncode == 0 and lines, res.stdout[-2000:] + res.stderr[-3000:]
     out = json.loads(lines[-1][7:])

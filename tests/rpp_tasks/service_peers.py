@@ -25,8 +25,14 @@ from urllib.parse import parse_qs, urlparse
 import numpy as np
 from astropy.table import Table
 
-RESPONSES = Path(os.environ.get("RPP_REAL_DATA", Path(__file__).resolve().parents[3] / "shared" / "data" / "real")
-                 ) / "catalog_responses"
+RESPONSES = (
+    Path(
+        os.environ.get(
+            "RPP_REAL_DATA", Path(__file__).resolve().parents[3] / "shared" / "data" / "real"
+        )
+    )
+    / "catalog_responses"
+)
 GAIA_TAP_RECORDED = RESPONSES / "astroquery/gaia/cone_search.json"
 
 
@@ -35,8 +41,10 @@ def require_recorded(path: Path = GAIA_TAP_RECORDED) -> Path:
     if not path.is_file():
         import pytest
 
-        pytest.skip(f"recorded catalogue reply {path} not found: the loopback peer answers in its recorded "
-                    "format (real test data absent; set RPP_REAL_DATA, see README 'Test data')")
+        pytest.skip(
+            f"recorded catalogue reply {path} not found: the loopback peer answers in its recorded "
+            "format (real test data absent; set RPP_REAL_DATA, see README 'Test data')"
+        )
     return path
 
 
@@ -45,7 +53,7 @@ class Peer:
 
     def __init__(self):
         self.routes: dict = {}
-        self.mode: dict = {}          # path prefix -> "ok" | "500" | "slow" | "malformed" | "empty"
+        self.mode: dict = {}  # path prefix -> "ok" | "500" | "slow" | "malformed" | "empty"
         self.calls: list = []
         self.slow_s = 3.0
         peer = self
@@ -66,7 +74,9 @@ class Peer:
                         if mode == "slow":
                             time.sleep(peer.slow_s)
                         if mode == "malformed":
-                            return self._send(200, "application/json", b'{"metadata": [{"name": "ra"}], "da')
+                            return self._send(
+                                200, "application/json", b'{"metadata": [{"name": "ra"}], "da'
+                            )
                         status, ctype, content = fn(query, body, mode)
                         return self._send(status, ctype, content)
                 return self._send(404, "text/plain", b"not found")
@@ -156,8 +166,12 @@ def votable_bytes(tab: Table) -> bytes:
 
 def vizier_gaia_votable(stars: Table) -> bytes:
     t = Table()
-    t["Source"] = np.asarray(stars["source_id"] if "source_id" in stars.colnames
-                             else 4_000_000_000_000_000 + np.arange(len(stars)), dtype=np.int64)
+    t["Source"] = np.asarray(
+        stars["source_id"]
+        if "source_id" in stars.colnames
+        else 4_000_000_000_000_000 + np.arange(len(stars)),
+        dtype=np.int64,
+    )
     t["RA_ICRS"], t["DE_ICRS"] = np.asarray(stars["ra"], float), np.asarray(stars["dec"], float)
     t["pmRA"] = t["pmDE"] = np.zeros(len(stars))
     for b in ("G", "BP", "RP"):
@@ -168,13 +182,18 @@ def vizier_gaia_votable(stars: Table) -> bytes:
 
 def ps1_json(stars: Table) -> bytes:
     """MAST Catalogs JSON (``info`` + ``data``, as the recorded panstarrs.json) with mean PSF magnitudes."""
-    cols = ["objID", "raMean", "decMean", "nDetections"] + [f"{b}MeanPSFMag{e}" for b in "grizy" for e in ("", "Err")]
+    cols = ["objID", "raMean", "decMean", "nDetections"] + [
+        f"{b}MeanPSFMag{e}" for b in "grizy" for e in ("", "Err")
+    ]
     info = [{"name": c, "type": "double", "db_type": "NUMBER", "description": c} for c in cols]
     data = []
     for k, s in enumerate(stars):
         row = [str(100000000000 + k), float(s["ra"]), float(s["dec"]), 10]
         for b in "grizy":
-            row += [float(s[b]) if b in stars.colnames else -999.0, 0.01 if b in stars.colnames else -999.0]
+            row += [
+                float(s[b]) if b in stars.colnames else -999.0,
+                0.01 if b in stars.colnames else -999.0,
+            ]
         data.append(row)
     return json.dumps({"info": info, "data": data}).encode()
 
@@ -201,17 +220,38 @@ def make_sky(ra0, dec0, *, n=300, radius_deg=0.1, seed=0, g_range=(11.0, 17.5)):
     ra = ra0 + r * np.cos(th) / np.cos(np.radians(dec0))
     g = rng.uniform(*g_range, n)
     bprp = rng.uniform(0.5, 1.8, n)
-    t = Table({"source_id": 5_000_000_000_000_000 + np.arange(n, dtype=np.int64), "ra": ra, "dec": dec,
-               "G": g, "BP": g + 0.35 * bprp, "RP": g - 0.65 * bprp})
+    t = Table(
+        {
+            "source_id": 5_000_000_000_000_000 + np.arange(n, dtype=np.int64),
+            "ra": ra,
+            "dec": dec,
+            "G": g,
+            "BP": g + 0.35 * bprp,
+            "RP": g - 0.65 * bprp,
+        }
+    )
     return t
 
 
 def add_gaia_routes(peer: Peer, stars: Table):
-    require_recorded()   # in the test thread: a missing template must skip, not break the server thread
-    peer.routes["/tap/sync"] = lambda q, b, m: (200, "application/json",
-                                                 gaia_tap_json(stars[:0] if m == "empty" else stars))
-    peer.routes["/viz-bin/votable"] = lambda q, b, m: (200, "text/xml",
-                                                        vizier_gaia_votable(stars[:0] if m == "empty" else stars))
-    peer.routes["/panstarrs"] = lambda q, b, m: (200, "application/json", ps1_json(stars[:0] if m == "empty" else stars))
-    peer.routes["/skymapper/sync"] = lambda q, b, m: (200, "text/xml",
-                                                      skymapper_votable(stars[:0] if m == "empty" else stars))
+    require_recorded()  # in the test thread: a missing template must skip, not break the server thread
+    peer.routes["/tap/sync"] = lambda q, b, m: (
+        200,
+        "application/json",
+        gaia_tap_json(stars[:0] if m == "empty" else stars),
+    )
+    peer.routes["/viz-bin/votable"] = lambda q, b, m: (
+        200,
+        "text/xml",
+        vizier_gaia_votable(stars[:0] if m == "empty" else stars),
+    )
+    peer.routes["/panstarrs"] = lambda q, b, m: (
+        200,
+        "application/json",
+        ps1_json(stars[:0] if m == "empty" else stars),
+    )
+    peer.routes["/skymapper/sync"] = lambda q, b, m: (
+        200,
+        "text/xml",
+        skymapper_votable(stars[:0] if m == "empty" else stars),
+    )

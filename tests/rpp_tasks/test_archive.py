@@ -11,7 +11,7 @@ from astropy.io import fits
 from astropy.time import Time
 from astropy.wcs import WCS
 
-from rpp_tasks.archive import (
+from rpp_tasks.outputs.archive import (
     OBSCORE_COLUMNS,
     celestial_footprint,
     covering_query,
@@ -26,12 +26,15 @@ from rpp_tasks.archive import (
     to_obscore_row,
     upsert_obscore,
 )
-from rpp_tasks.bandpasses import BANDPASSES, canonical_band, lookup_bandpass
+from rpp_tasks.outputs.bandpasses import BANDPASSES, canonical_band, lookup_bandpass
 
 HUNTSMAN = "huntsman/raw/science_0.fits"
 SPECTRUM = "spectra/ciboulette_sa200/Pn_R_hd8538_20231008_836.fits"
-COMMON = dict(access_url="http://localhost/x.fits", obs_collection="rpp-test/demo",
-              publisher_authority="rpp.example.org")
+COMMON = dict(
+    access_url="http://localhost/x.fits",
+    obs_collection="rpp-test/demo",
+    publisher_authority="rpp.example.org",
+)
 
 
 def _tan_header(*, ra=150.0, dec=2.0, nx=200, ny=100, scale_deg=1 / 3600, flip=False):
@@ -54,12 +57,32 @@ def _tan_header(*, ra=150.0, dec=2.0, nx=200, ny=100, scale_deg=1 / 3600, flip=F
 
 # ------------------------------------------------------------------ bandpasses
 
-@pytest.mark.parametrize(("raw", "band"), [
-    ("V", "V"), ("Johnson V", "V"), ("R", "R"), ("r", "r"), ("r'", "r'"), ("Sloan r'", "r'"),
-    ("g_band", "g"), ("IRCUT", "L"), ("Lum", "L"), ("Clear", "Clear"), ("CLR", "Clear"),
-    ("Gaia G", "Gaia G"), ("BP", "Gaia BP"), ("G_RP", "Gaia RP"), ("i_PS1", "PS1 i"),
-    ("H-alpha", "Ha"), ("G", None), ("w", None), ("", None), (None, None),
-])
+
+@pytest.mark.parametrize(
+    ("raw", "band"),
+    [
+        ("V", "V"),
+        ("Johnson V", "V"),
+        ("R", "R"),
+        ("r", "r"),
+        ("r'", "r'"),
+        ("Sloan r'", "r'"),
+        ("g_band", "g"),
+        ("IRCUT", "L"),
+        ("Lum", "L"),
+        ("Clear", "Clear"),
+        ("CLR", "Clear"),
+        ("Gaia G", "Gaia G"),
+        ("BP", "Gaia BP"),
+        ("G_RP", "Gaia RP"),
+        ("i_PS1", "PS1 i"),
+        ("H-alpha", "Ha"),
+        ("G", None),
+        ("w", None),
+        ("", None),
+        (None, None),
+    ],
+)
 def test_canonical_band_aliases(raw, band):
     assert canonical_band(raw) == band
 
@@ -69,10 +92,18 @@ def test_bandpass_edges_in_metres():
     assert (v.em_min_m, v.em_max_m) == pytest.approx((480e-9, 730e-9))
     assert lookup_bandpass("Gaia G").em_max_m == pytest.approx(1030e-9)
     # Gaia BP/RP, Cousins, Sloan and the project's own Clear / L definitions (metres)
-    for raw, lo_nm, hi_nm in (("Gaia BP", 325, 673), ("Gaia RP", 620, 1042), ("Rc", 560, 870),
-                              ("Ic", 700, 920), ("Sloan g'", 365, 580), ("SDSS r", 542, 699),
-                              ("Clear", 300, 1100), ("Unfiltered", 300, 1100), ("L", 390, 710),
-                              ("IRCUT", 390, 710)):
+    for raw, lo_nm, hi_nm in (
+        ("Gaia BP", 325, 673),
+        ("Gaia RP", 620, 1042),
+        ("Rc", 560, 870),
+        ("Ic", 700, 920),
+        ("Sloan g'", 365, 580),
+        ("SDSS r", 542, 699),
+        ("Clear", 300, 1100),
+        ("Unfiltered", 300, 1100),
+        ("L", 390, 710),
+        ("IRCUT", 390, 710),
+    ):
         bp = lookup_bandpass(raw)
         assert (bp.em_min_m, bp.em_max_m) == pytest.approx((lo_nm * 1e-9, hi_nm * 1e-9)), raw
     for bp in BANDPASSES.values():
@@ -82,26 +113,32 @@ def test_bandpass_edges_in_metres():
 
 # ------------------------------------------------------------------ footprint / WCS
 
+
 def test_linear_footprint_matches_pixel_edges_and_is_counter_clockwise():
     h = _tan_header()
     fp = celestial_footprint(h)
     assert len(fp.vertices_deg) == 4 and not fp.sip
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")            # datfix: MJD-OBS from DATE-OBS
+        warnings.simplefilter("ignore")  # datfix: MJD-OBS from DATE-OBS
         w = WCS(h)
-    corners = w.calc_footprint(center=False)      # outer pixel edges, 1-based 0.5 ... n+0.5
+    corners = w.calc_footprint(center=False)  # outer pixel edges, 1-based 0.5 ... n+0.5
     got = sorted(fp.vertices_deg)
     want = sorted(map(tuple, corners))
     assert np.allclose(got, want, atol=1e-9)
     assert fp.center_ra_deg == pytest.approx(150.0, abs=1e-9)
-    assert fp.fov_deg == pytest.approx(math.hypot(200, 100) / 3600, rel=1e-4)   # diagonal
+    assert fp.fov_deg == pytest.approx(math.hypot(200, 100) / 3600, rel=1e-4)  # diagonal
     assert fp.pixel_scale_arcsec == pytest.approx(1.0)
     # the same handedness as DALI's example whatever the image parity
     flipped = celestial_footprint(_tan_header(flip=True))
     for f in (fp, flipped):
-        xyz = [(math.cos(math.radians(d)) * math.cos(math.radians(r)),
-                math.cos(math.radians(d)) * math.sin(math.radians(r)), math.sin(math.radians(d)))
-               for r, d in f.vertices_deg]
+        xyz = [
+            (
+                math.cos(math.radians(d)) * math.cos(math.radians(r)),
+                math.cos(math.radians(d)) * math.sin(math.radians(r)),
+                math.sin(math.radians(d)),
+            )
+            for r, d in f.vertices_deg
+        ]
         c = np.mean(xyz, axis=0)
         s = sum(np.dot(np.cross(xyz[i], xyz[(i + 1) % 4]), c) for i in range(4))
         assert s > 0
@@ -147,33 +184,42 @@ def test_huntsman_sip_footprint_equals_astropy_with_sip(real_data):
     assert fp.fov_deg == pytest.approx(800 * 1.26 * math.sqrt(2) / 3600, rel=0.01)
     assert fp.pixel_scale_arcsec == pytest.approx(1.26, abs=0.005)
     # a pixel-edge midpoint from the SIP-aware WCS lies on our polygon's edge sample
-    mid = SkyCoord(*w.pixel_to_world_values(399.5 - 200, -0.5), unit="deg",
-                   frame=FK5(equinox="J2000")).icrs
+    mid = SkyCoord(
+        *w.pixel_to_world_values(399.5 - 200, -0.5), unit="deg", frame=FK5(equinox="J2000")
+    ).icrs
     assert np.min(np.hypot(*(np.array(fp.vertices_deg) - [mid.ra.deg, mid.dec.deg]).T)) < 1e-8
 
 
 # ------------------------------------------------------------------ rows
 
+
 @pytest.mark.realdata
 def test_huntsman_row_units(real_data):
     path = real_data / HUNTSMAN
     header = read_product_header(path)
-    row = to_obscore_row(header, product_path=path, fwhm_arcsec=2.7, facility_name="Huntsman",
-                         session_id="huntsman/2021-01-18", **COMMON)
+    row = to_obscore_row(
+        header,
+        product_path=path,
+        fwhm_arcsec=2.7,
+        facility_name="Huntsman",
+        session_id="huntsman/2021-01-18",
+        **COMMON,
+    )
     assert row.dataproduct_type == "image" and row.calib_level == 2
     assert row.t_min == pytest.approx(Time("2021-01-18T11:26:32.228", scale="utc").mjd, abs=1e-9)
     assert row.t_min == pytest.approx(header["MJD-OBS"], abs=1e-6)
     assert (row.t_max - row.t_min) * 86400 == pytest.approx(300.0, abs=1e-3)
     assert row.t_exptime == 300.0
-    assert (row.em_min, row.em_max) == pytest.approx((378e-9, 555e-9))    # g_band -> SDSS g
+    assert (row.em_min, row.em_max) == pytest.approx((378e-9, 555e-9))  # g_band -> SDSS g
     assert row.rpp_band == "g"
-    assert row.access_estsize == math.ceil(path.stat().st_size / 1024) == 1275   # kB
+    assert row.access_estsize == math.ceil(path.stat().st_size / 1024) == 1275  # kB
     assert row.s_xel1 == row.s_xel2 == 800
     assert row.s_resolution == 2.7 and row.s_pixel_scale == pytest.approx(1.26, abs=0.005)
     assert row.target_name == "DoradoGroup-p0p0"
     assert row.instrument_name == "371d420013090900" and row.facility_name == "Huntsman"
-    assert row.obs_publisher_did == ("ivo://rpp.example.org/~?rpp-test/demo/"
-                                     "371d420013090900_20210118T112632.228/image")
+    assert row.obs_publisher_did == (
+        "ivo://rpp.example.org/~?rpp-test/demo/371d420013090900_20210118T112632.228/image"
+    )
     assert row.o_ucd == "phot.count" and row.em_ucd == "em.wl" and row.access_format == "image/fits"
     assert len(row.s_region.split()) == 32
     assert polygon_contains(row.s_region, 65.1621, -54.9358)
@@ -182,11 +228,38 @@ def test_huntsman_row_units(real_data):
 
 
 #: ObsCore 1.1 mandatory columns (Table 1 / Appendix C; shared/specs/obscore_dachs.md 1.1).
-MANDATORY = ("dataproduct_type", "calib_level", "obs_collection", "obs_id", "obs_publisher_did",
-             "access_url", "access_format", "access_estsize", "target_name", "s_ra", "s_dec",
-             "s_fov", "s_region", "s_resolution", "s_xel1", "s_xel2", "t_min", "t_max",
-             "t_exptime", "t_resolution", "t_xel", "em_min", "em_max", "em_res_power", "em_xel",
-             "o_ucd", "pol_states", "pol_xel", "facility_name", "instrument_name")
+MANDATORY = (
+    "dataproduct_type",
+    "calib_level",
+    "obs_collection",
+    "obs_id",
+    "obs_publisher_did",
+    "access_url",
+    "access_format",
+    "access_estsize",
+    "target_name",
+    "s_ra",
+    "s_dec",
+    "s_fov",
+    "s_region",
+    "s_resolution",
+    "s_xel1",
+    "s_xel2",
+    "t_min",
+    "t_max",
+    "t_exptime",
+    "t_resolution",
+    "t_xel",
+    "em_min",
+    "em_max",
+    "em_res_power",
+    "em_xel",
+    "o_ucd",
+    "pol_states",
+    "pol_xel",
+    "facility_name",
+    "instrument_name",
+)
 
 
 @pytest.mark.realdata
@@ -198,33 +271,50 @@ def test_huntsman_row_every_mandatory_column(real_data):
     assert len(MANDATORY) == 30 and set(MANDATORY) <= set(OBSCORE_COLUMNS)
     path = real_data / HUNTSMAN
     header = read_product_header(path)
-    row = to_obscore_row(header, product_path=path, fwhm_arcsec=2.7, facility_name="Huntsman",
-                         **COMMON).to_dict()
+    row = to_obscore_row(
+        header, product_path=path, fwhm_arcsec=2.7, facility_name="Huntsman", **COMMON
+    ).to_dict()
     sip = header.copy()
     sip["CTYPE1"], sip["CTYPE2"] = "RA---TAN-SIP", "DEC--TAN-SIP"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         w = WCS(sip)
-    fk5 = FK5(equinox="J2000")                                          # header RADESYS = 'FK5'
+    fk5 = FK5(equinox="J2000")  # header RADESYS = 'FK5'
     centre = SkyCoord(*w.pixel_to_world_values(399.5, 399.5), unit="deg", frame=fk5).icrs
     c = w.calc_footprint(center=False)
     corners = SkyCoord(c[:, 0], c[:, 1], unit="deg", frame=fk5).icrs
-    t0 = Time("2021-01-18T11:26:32.228", scale="utc").mjd              # DATE-OBS
+    t0 = Time("2021-01-18T11:26:32.228", scale="utc").mjd  # DATE-OBS
     expected = {
-        "dataproduct_type": "image", "calib_level": 2, "obs_collection": "rpp-test/demo",
-        "obs_id": "371d420013090900_20210118T112632.228",                # INSTRUME_DATE-OBS
+        "dataproduct_type": "image",
+        "calib_level": 2,
+        "obs_collection": "rpp-test/demo",
+        "obs_id": "371d420013090900_20210118T112632.228",  # INSTRUME_DATE-OBS
         "obs_publisher_did": "ivo://rpp.example.org/~?rpp-test/demo/"
-                             "371d420013090900_20210118T112632.228/image",
-        "access_url": "http://localhost/x.fits", "access_format": "image/fits",
-        "access_estsize": math.ceil(path.stat().st_size / 1024),        # kB
-        "target_name": "DoradoGroup-p0p0",                                # OBJECT
-        "s_ra": centre.ra.deg, "s_dec": centre.dec.deg,
-        "s_fov": corners[0].separation(corners[2]).deg,                   # diagonal, as DaCHS
-        "s_resolution": 2.7, "s_xel1": 800, "s_xel2": 800,
-        "t_min": t0, "t_max": t0 + 300.0 / 86400, "t_exptime": 300.0, "t_resolution": 300.0,
-        "t_xel": 1, "em_min": 378e-9, "em_max": 555e-9,                  # FILTER g_band: SDSS g
-        "em_res_power": None, "em_xel": 1, "o_ucd": "phot.count", "pol_states": None,
-        "pol_xel": None, "facility_name": "Huntsman", "instrument_name": "371d420013090900",
+        "371d420013090900_20210118T112632.228/image",
+        "access_url": "http://localhost/x.fits",
+        "access_format": "image/fits",
+        "access_estsize": math.ceil(path.stat().st_size / 1024),  # kB
+        "target_name": "DoradoGroup-p0p0",  # OBJECT
+        "s_ra": centre.ra.deg,
+        "s_dec": centre.dec.deg,
+        "s_fov": corners[0].separation(corners[2]).deg,  # diagonal, as DaCHS
+        "s_resolution": 2.7,
+        "s_xel1": 800,
+        "s_xel2": 800,
+        "t_min": t0,
+        "t_max": t0 + 300.0 / 86400,
+        "t_exptime": 300.0,
+        "t_resolution": 300.0,
+        "t_xel": 1,
+        "em_min": 378e-9,
+        "em_max": 555e-9,  # FILTER g_band: SDSS g
+        "em_res_power": None,
+        "em_xel": 1,
+        "o_ucd": "phot.count",
+        "pol_states": None,
+        "pol_xel": None,
+        "facility_name": "Huntsman",
+        "instrument_name": "371d420013090900",
     }
     for col in MANDATORY:
         if col == "s_region":
@@ -236,12 +326,14 @@ def test_huntsman_row_every_mandatory_column(real_data):
         else:
             assert got == want and type(got) is type(want), col
     assert row["s_pixel_scale"] == pytest.approx(
-        3600 * math.sqrt(abs(np.linalg.det(w.pixel_scale_matrix))), rel=1e-3)
+        3600 * math.sqrt(abs(np.linalg.det(w.pixel_scale_matrix))), rel=1e-3
+    )
     # s_region: 16 vertices; its 4 outer corners are astropy's SIP corners (in ICRS)
     verts = np.array([float(v) for v in row["s_region"].split()]).reshape(-1, 2)
     assert verts.shape == (16, 2)
-    assert np.allclose(sorted(map(tuple, verts[::4])),
-                       sorted(zip(corners.ra.deg, corners.dec.deg)), atol=1e-7)
+    assert np.allclose(
+        sorted(map(tuple, verts[::4])), sorted(zip(corners.ra.deg, corners.dec.deg)), atol=1e-7
+    )
 
 
 @pytest.mark.realdata
@@ -268,17 +360,28 @@ def test_spectrum_row_from_1d_wcs(real_data):
     assert row.target_name == "HD8538" and row.instrument_name == "O85mmF6_SA200_R_imx219"
     # no position in the header: no footprint, never a guessed one
     assert row.s_region is None and row.s_ra is None and row.s_fov is None
-    with_pos = to_obscore_row(header, ra_deg=21.454, dec_deg=60.2353, aperture_arcsec=10.0, **COMMON)
+    with_pos = to_obscore_row(
+        header, ra_deg=21.454, dec_deg=60.2353, aperture_arcsec=10.0, **COMMON
+    )
     assert with_pos.s_fov == pytest.approx(10 / 3600)
     assert polygon_contains(with_pos.s_region, 21.454, 60.2353)
     assert not polygon_contains(with_pos.s_region, 21.454, 60.2353 + 6 / 3600)
 
 
 def test_spectrum_units_nm_and_air_to_vacuum():
-    h = fits.Header({"NAXIS": 1, "NAXIS1": 100, "CTYPE1": "AWAV", "CUNIT1": "nm",
-                     "CRVAL1": 650.0, "CDELT1": 0.1, "CRPIX1": 1})
+    h = fits.Header(
+        {
+            "NAXIS": 1,
+            "NAXIS1": 100,
+            "CTYPE1": "AWAV",
+            "CUNIT1": "nm",
+            "CRVAL1": 650.0,
+            "CDELT1": 0.1,
+            "CRPIX1": 1,
+        }
+    )
     lo, hi, n = spectral_range_m(h)
-    assert lo == pytest.approx(649.95e-9 * 1.000276, rel=2e-6)     # n_air(650 nm) ~ 1.000276
+    assert lo == pytest.approx(649.95e-9 * 1.000276, rel=2e-6)  # n_air(650 nm) ~ 1.000276
     assert hi == pytest.approx(659.95e-9 * 1.000276, rel=2e-6)
     h["CUNIT1"] = "deg"
     assert spectral_range_m(h) is None
@@ -296,10 +399,10 @@ def test_frame_without_wcs_gets_row_without_footprint(real_data):
 
 def test_broken_wcs_gives_no_footprint():
     h = _tan_header()
-    h["CD1_1"] = h["CD2_2"] = 0.0           # singular matrix
+    h["CD1_1"] = h["CD2_2"] = 0.0  # singular matrix
     row = to_obscore_row(h, **COMMON)
     assert row.s_region is None and row.s_fov is None
-    h2 = _tan_header(scale_deg=1.0)          # 200 deg wide "image": not plausible
+    h2 = _tan_header(scale_deg=1.0)  # 200 deg wide "image": not plausible
     assert celestial_footprint(h2) is None
 
 
@@ -315,13 +418,15 @@ def test_pointing_only_wcs_without_scale_gets_no_footprint():
     assert celestial_footprint(h) is None
     row = to_obscore_row(h, **COMMON)
     assert row.s_region is None and row.s_fov is None and row.s_pixel_scale is None
-    assert (row.s_ra, row.s_dec) == (150.0, 2.0)                  # the pointing, not a WCS centre
+    assert (row.s_ra, row.s_dec) == (150.0, 2.0)  # the pointing, not a WCS centre
     assert (row.s_xel1, row.s_xel2) == (40, 30)
     # the same header with a real scale (0.3 deg/px) does get its 12 x 9 deg footprint
     h["CDELT1"], h["CDELT2"] = -0.3, 0.3
     fp = celestial_footprint(h)
     assert fp is not None and fp.fov_deg == pytest.approx(14.9151, abs=1e-3)
-    assert polygon_contains(fp.to_dali(), 150.0, 2.0) and not polygon_contains(fp.to_dali(), 150.0, 7.0)
+    assert polygon_contains(fp.to_dali(), 150.0, 2.0) and not polygon_contains(
+        fp.to_dali(), 150.0, 7.0
+    )
 
 
 def test_row_validation():
@@ -346,19 +451,31 @@ def test_unknown_filter_leaves_em_empty():
 
 
 def test_did_forms():
-    assert make_publisher_did("ivo://rpp.example.org/archive", "c", "o 1", "image") == \
-        "ivo://rpp.example.org/archive?c/o%201/image"
-    assert make_publisher_did("rpp.example.org", "c", "o", "image") == "ivo://rpp.example.org/~?c/o/image"
+    assert (
+        make_publisher_did("ivo://rpp.example.org/archive", "c", "o 1", "image")
+        == "ivo://rpp.example.org/archive?c/o%201/image"
+    )
+    assert (
+        make_publisher_did("rpp.example.org", "c", "o", "image")
+        == "ivo://rpp.example.org/~?c/o/image"
+    )
 
 
 def test_polygon_serialisations_round_trip():
     dali = "10.0000000 10.0000000 10.2000000 10.0000000 10.2000000 10.2000000 10.0000000 10.2000000"
     assert dali_to_spoly(dali).startswith("{(10.0000000d,10.0000000d),(10.2000000d,")
     assert dali_to_stcs(dali).startswith("Polygon ICRS 10.0000000 10.0000000")
-    rad = "{(%r , %r),(%r , %r),(%r , %r)}" % (math.radians(10), math.radians(10), math.radians(10.2),
-                                             math.radians(10), math.radians(10.2), math.radians(10.2))
-    assert np.allclose([float(v) for v in spoly_to_dali(rad).split()],
-                       [10, 10, 10.2, 10, 10.2, 10.2], atol=1e-7)
+    rad = "{(%r , %r),(%r , %r),(%r , %r)}" % (  # noqa: UP031 - pgsphere literal
+        math.radians(10),
+        math.radians(10),
+        math.radians(10.2),
+        math.radians(10),
+        math.radians(10.2),
+        math.radians(10.2),
+    )
+    assert np.allclose(
+        [float(v) for v in spoly_to_dali(rad).split()], [10, 10, 10.2, 10, 10.2, 10.2], atol=1e-7
+    )
     assert polygon_contains(dali, 10.1, 10.1)
     assert not polygon_contains(dali, 10.3, 10.1)
     assert polygon_contains(dali, 10.3, 10.1, radius_deg=0.11)
@@ -367,19 +484,30 @@ def test_polygon_serialisations_round_trip():
 
 # ------------------------------------------------------------------ SQLite archive
 
+
 @pytest.mark.realdata
 def test_sqlite_upsert_reupsert_and_covering_query(real_data, tmp_path):
     url = f"sqlite:///{tmp_path / 'archive.db'}"
-    first = run_archive([real_data / HUNTSMAN, real_data / "saao_1m/a8280271.fits"], url=url,
-                        obs_collection="rpp-test/sqlite", publisher_authority="rpp.example.org",
-                        access_url_base="https://archive.example.org/products",
-                        products_root=real_data, session_id="s1", facility_name="Huntsman")
+    first = run_archive(
+        [real_data / HUNTSMAN, real_data / "saao_1m/a8280271.fits"],
+        url=url,
+        obs_collection="rpp-test/sqlite",
+        publisher_authority="rpp.example.org",
+        access_url_base="https://archive.example.org/products",
+        products_root=real_data,
+        session_id="s1",
+        facility_name="Huntsman",
+    )
     assert first["table"] == "rpp_main" and first["dialect"] == "sqlite"
     assert (first["n_rows"], first["n_inserted"], first["n_updated"]) == (2, 2, 0)
     assert first["no_footprint"] == [str(real_data / "saao_1m/a8280271.fits")]
-    again = run_archive([{"product_path": str(real_data / HUNTSMAN), "fwhm_arcsec": 3.3}], url=url,
-                        obs_collection="rpp-test/sqlite", publisher_authority="rpp.example.org",
-                        session_id="s2")
+    again = run_archive(
+        [{"product_path": str(real_data / HUNTSMAN), "fwhm_arcsec": 3.3}],
+        url=url,
+        obs_collection="rpp-test/sqlite",
+        publisher_authority="rpp.example.org",
+        session_id="s2",
+    )
     assert (again["n_inserted"], again["n_updated"]) == (0, 1)
 
     import sqlite3
@@ -391,16 +519,16 @@ def test_sqlite_upsert_reupsert_and_covering_query(real_data, tmp_path):
 
     hits = covering_query(url, 65.1621, -54.9358)
     assert [h["obs_id"] for h in hits] == ["371d420013090900_20210118T112632.228"]
-    assert hits[0]["s_resolution"] == 3.3 and hits[0]["rpp_session"] == "s2"     # updated values
+    assert hits[0]["s_resolution"] == 3.3 and hits[0]["rpp_session"] == "s2"  # updated values
     assert hits[0]["access_url"].startswith("file://")
     assert polygon_contains(hits[0]["s_region"], 65.1621, -54.9358)
-    assert covering_query(url, 65.1621, -54.6) == []                       # 0.34 deg north: outside
-    assert len(covering_query(url, 65.1621, -54.6, radius_deg=0.2)) == 1   # circle reaches it
-    assert covering_query(url, 331.0333, -0.9253) == []                    # no footprint, not found
+    assert covering_query(url, 65.1621, -54.6) == []  # 0.34 deg north: outside
+    assert len(covering_query(url, 65.1621, -54.6, radius_deg=0.2)) == 1  # circle reaches it
+    assert covering_query(url, 331.0333, -0.9253) == []  # no footprint, not found
 
 
 def test_upsert_single_row_sqlite_bare_path(tmp_path):
-    from rpp_tasks.archive import create_obscore_table
+    from rpp_tasks.outputs.archive import create_obscore_table
 
     db = tmp_path / "a.db"
     assert create_obscore_table(str(db)) == "rpp_main"
@@ -415,22 +543,36 @@ def test_run_archive_on_pipeline_frame_summary_as_the_dag_calls_it(tmp_path):
     calibrated product (not the raw frame), with the summary's FWHM and band."""
     from pathlib import Path
 
-    from rpp_tasks import fitsio, pipeline, synthetic
     from rpp_tasks.config import find_config
+    from rpp_tasks.inputs import fitsio
+    from rpp_tasks.session import pipeline
+    from rpp_tasks.sim import synthetic
 
     repo = Path(__file__).resolve().parents[2]
-    paths = synthetic.write_synthetic_session(tmp_path / "raw", truth_folder=tmp_path / "truth",
-                                              n_science=1, n_bias=1, n_dark=1, n_flat=1,
-                                              shape=(256, 256), seed=5)
+    paths = synthetic.write_synthetic_session(
+        tmp_path / "raw",
+        truth_folder=tmp_path / "truth",
+        n_science=1,
+        n_bias=1,
+        n_dark=1,
+        n_flat=1,
+        shape=(256, 256),
+        seed=5,
+    )
     obs = find_config("demo", repo / "config")
     frame_dir = tmp_path / "work" / "frames" / "demo_V_001"
     summary = pipeline.reduce_frame(paths["science"][0], obs, frame_dir)
     assert summary["status"] == "ok", summary["reason"]
     calibrated = Path(summary["calibrated"])
     url = f"sqlite:///{tmp_path / 'archive.sqlite'}"
-    kwargs = dict(url=url, obs_collection=obs.archive.obs_collection,
-                  publisher_authority=obs.archive.publisher_authority, session_id="demo/2025-01-15",
-                  facility_name=obs.camera.telescope, instrument_name=obs.camera.name)
+    kwargs = dict(
+        url=url,
+        obs_collection=obs.archive.obs_collection,
+        publisher_authority=obs.archive.publisher_authority,
+        session_id="demo/2025-01-15",
+        facility_name=obs.camera.telescope,
+        instrument_name=obs.camera.name,
+    )
     res = run_archive([str(frame_dir / "summary.json")], **kwargs)
     assert (res["n_rows"], res["n_inserted"], res["no_footprint"], res["skipped"]) == (1, 1, [], [])
     wcs = fitsio.header_wcs(fits.getheader(calibrated))
@@ -444,7 +586,10 @@ def test_run_archive_on_pipeline_frame_summary_as_the_dag_calls_it(tmp_path):
     assert (hit["s_xel1"], hit["s_xel2"]) == (256, 256)
     assert hit["s_ra"] == pytest.approx(wcs.center_ra_deg, abs=1e-9)
     assert (hit["obs_collection"], hit["facility_name"], hit["instrument_name"]) == (
-        "RPP/DEMO", "Demo 0.4 m", "SYNTH-CCD")
+        "RPP/DEMO",
+        "Demo 0.4 m",
+        "SYNTH-CCD",
+    )
     assert hit["obs_publisher_did"].startswith("ivo://rpp.example/archive?RPP/DEMO/")
     # 0.1 deg away from a 256" field: outside
     assert covering_query(url, wcs.center_ra_deg, wcs.center_dec_deg + 0.1) == []

@@ -1,11 +1,11 @@
-"""2-D background and RMS (rpp_tasks.background)."""
+"""2-D background and RMS (rpp_tasks.stages.background)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from rpp_tasks.background import estimate_background
+from rpp_tasks.stages.background import estimate_background
 
 GAIN, RN = 2.0, 6.0  # e-/ADU, e-
 
@@ -96,14 +96,16 @@ def test_bad_input_raises(args, kwargs, match):
 
 
 def test_noise_model_check_agrees_with_a_right_camera_and_flags_a_wrong_one():
-    from rpp_tasks.background import check_noise_model
+    from rpp_tasks.stages.background import check_noise_model
 
     rng = np.random.default_rng(5)
     gain, rn, sky = 1.5, 8.0, 800.0
     img = (rng.poisson(sky * gain, (512, 512)) + rng.normal(0, rn, (512, 512))) / gain
     right = check_noise_model(img, gain_e_per_adu=gain, read_noise_e=rn)
     assert right.ratio == pytest.approx(1.0, abs=0.05)
-    assert right.effective_read_noise_e == pytest.approx(rn, rel=0.6)   # >= configured; noisy estimate
+    assert right.effective_read_noise_e == pytest.approx(
+        rn, rel=0.6
+    )  # >= configured; noisy estimate
     # a camera configured with a gain 10x too high underestimates the noise by ~3x
     wrong = check_noise_model(img, gain_e_per_adu=15.0, read_noise_e=rn)
     assert wrong.ratio > 2.5

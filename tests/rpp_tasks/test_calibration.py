@@ -1,4 +1,4 @@
-"""Master calibrations, frame calibration and the master library (rpp_tasks.calibration)."""
+"""Master calibrations, frame calibration and the master library (rpp_tasks.stages.calibration)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from rpp_tasks import calibration
-from rpp_tasks.calibration import (
+from rpp_tasks.stages import calibration
+from rpp_tasks.stages.calibration import (
     MasterLibrary,
     calibrate_image,
     combine_frames,
@@ -119,8 +119,13 @@ def test_master_dark_is_a_rate_that_scales_with_exposure(detector):
     sky = 500.0
     for texp in (60.0, 120.0):
         raw = bias + rate * texp + sky
-        cal = calibrate_image(raw, exptime_s=texp, bias=mbias.image, dark_rate=master.image,
-                              dark_exptime_s=master.exptime_s)
+        cal = calibrate_image(
+            raw,
+            exptime_s=texp,
+            bias=mbias.image,
+            dark_rate=master.image,
+            dark_exptime_s=master.exptime_s,
+        )
         assert np.median(cal.image) == pytest.approx(sky, abs=1.0)
         scaled = () if texp == 60.0 else ("dark_scaled_from_60_s",)
         assert cal.flags == ("no_saturation_level", *scaled, "flat_missing")
@@ -139,8 +144,10 @@ def test_master_flat_is_normalised_and_bad_pixels_are_masked(detector):
     bias, rate, response = detector
     rng = np.random.default_rng(13)
     levels, t = [5000.0, 10000.0, 20000.0], [2.0, 4.0, 8.0]
-    flats = [bias + rate * ti + lv * response + rng.normal(0, np.sqrt(lv) / 10, SHAPE)
-             for lv, ti in zip(levels, t)]
+    flats = [
+        bias + rate * ti + lv * response + rng.normal(0, np.sqrt(lv) / 10, SHAPE)
+        for lv, ti in zip(levels, t)
+    ]
     for f in flats:
         f[:, 7] = bias[:, 7]  # a dead column: no response
     master = make_master_flat(flats, master_bias=bias, master_dark_rate=rate, exptimes_s=t)
@@ -153,8 +160,13 @@ def test_master_flat_is_normalised_and_bad_pixels_are_masked(detector):
     assert np.all(master.image[:, 7] == 1.0)
     assert master.levels_adu[0] == pytest.approx(5000 * np.median(response), rel=0.02)
     # the flat's bad pixels follow the frame through calibrate_image
-    cal = calibrate_image(bias + 300.0 * response, exptime_s=0.0, bias=bias, flat=master.image,
-                          bad_pixel_mask=master.mask)
+    cal = calibrate_image(
+        bias + 300.0 * response,
+        exptime_s=0.0,
+        bias=bias,
+        flat=master.image,
+        bad_pixel_mask=master.mask,
+    )
     np.testing.assert_allclose(cal.image[good], 300.0 * np.median(response[good]), rtol=0.01)
     assert cal.mask[:, 7].all()
 
@@ -162,8 +174,9 @@ def test_master_flat_is_normalised_and_bad_pixels_are_masked(detector):
 def test_flat_with_non_positive_level_is_dropped(detector):
     bias, _, response = detector
     good = bias + 1000.0 * response
-    master = make_master_flat([good, bias.copy()], master_bias=bias, master_dark_rate=None,
-                              exptimes_s=[1.0, 1.0])
+    master = make_master_flat(
+        [good, bias.copy()], master_bias=bias, master_dark_rate=None, exptimes_s=[1.0, 1.0]
+    )
     assert master.n_frames == 1
     assert "dropped_1_non_positive_level" in master.flags and "no_dark" in master.flags
     with pytest.raises(ValueError, match="positive median"):
@@ -187,8 +200,9 @@ def test_saturation_is_detected_on_the_raw_frame():
     flat = np.ones((4, 4), np.float32)
     flat[0, 0] = 2.0  # calibrated value of the saturated pixel drops below the level
     flat[1, 1] = 0.5
-    cal = calibrate_image(raw, exptime_s=1.0, bias=np.zeros((4, 4)), flat=flat,
-                          saturation_adu=4095.0)
+    cal = calibrate_image(
+        raw, exptime_s=1.0, bias=np.zeros((4, 4)), flat=flat, saturation_adu=4095.0
+    )
     assert cal.mask[0, 0] and not cal.mask[1, 1]
     assert cal.n_saturated == 1
     assert cal.image[1, 1] == pytest.approx(8000.0)
@@ -233,12 +247,17 @@ def test_library_nearest_in_time_with_filters(tmp_path):
     assert m.path.is_file() and m.path.parent.parent == lib.root
     assert lib.find_nearest("bias", camera="CAM1", binning=(1, 1), mjd=60008.0).mjd == 60010.0
     assert lib.find_nearest("bias", camera="CAM1", binning="2x2", mjd=60000.0).binning == (2, 2)
-    assert lib.find_nearest("flat", camera="CAM1", binning=(1, 1), band="V", mjd=60004.0).mjd == 60001.0
+    assert (
+        lib.find_nearest("flat", camera="CAM1", binning=(1, 1), band="V", mjd=60004.0).mjd
+        == 60001.0
+    )
     assert lib.find_nearest("flat", camera="CAM1", binning=(1, 1), band="B", mjd=60004.0) is None
     assert lib.find_nearest("dark", camera="CAM1", binning=(1, 1), mjd=60004.0) is None
     assert lib.find_nearest("bias", camera="CAM3", binning=(1, 1), mjd=60004.0) is None
-    assert lib.find_nearest("bias", camera="CAM1", binning=(1, 1), mjd=60020.0,
-                            max_delta_days=5.0) is None
+    assert (
+        lib.find_nearest("bias", camera="CAM1", binning=(1, 1), mjd=60020.0, max_delta_days=5.0)
+        is None
+    )
     with pytest.raises(ValueError, match="kind"):
         lib.find_nearest("sky", camera="CAM1", binning=(1, 1), mjd=60000.0)
 
@@ -252,13 +271,21 @@ def test_library_re_add_replaces_and_survives_reopen(tmp_path):
     match = again.find_nearest("dark", camera="C", binning=(1, 1), mjd=59000.0)
     image, header, _ = load_master(match.path)
     assert np.all(image == 2.0) and header["IMAGETYP"] == "MASTER DARK"
-    assert json.loads((tmp_path / "index.json").read_text())["masters"][0]["path"].startswith("dark/")
+    assert json.loads((tmp_path / "index.json").read_text())["masters"][0]["path"].startswith(
+        "dark/"
+    )
 
 
 def test_write_master_provenance_roundtrip(tmp_path):
     master = make_master_bias(_noise_frames(5, 300.0, 2.0, seed=20))
-    path = write_master(master, tmp_path / "bias.fits", camera="CAM", binning=(2, 2), mjd=60000.25,
-                        sources=["a.fits", "b.fits"])
+    path = write_master(
+        master,
+        tmp_path / "bias.fits",
+        camera="CAM",
+        binning=(2, 2),
+        mjd=60000.25,
+        sources=["a.fits", "b.fits"],
+    )
     image, header, mask = load_master(path)
     np.testing.assert_array_equal(image, master.image)
     assert mask is None
@@ -281,12 +308,18 @@ def test_huntsman_masters_and_calibration(real_data, tmp_path):
     raw = real_data / "huntsman" / "raw"
     paths = {name: raw / f"{name}.fits" for name in RAW}
     before = {name: _sha256(p) for name, p in paths.items()}
-    assert before["bias_0"].startswith("0cf0c82f1a2e") and before["science_0"].startswith("4d46537cdbe8")
+    assert before["bias_0"].startswith("0cf0c82f1a2e") and before["science_0"].startswith(
+        "4d46537cdbe8"
+    )
 
-    summary = run_masters({"bias": [paths["bias_0"]], "dark": [paths["dark_0"]],
-                           "flat_g_band": [paths["flat_0"]]},
-                          out_dir=tmp_path / "masters", camera="TESTCAM03", binning=(1, 1),
-                          library_root=tmp_path / "library", bands=["g_band", "r_band"])
+    summary = run_masters(
+        {"bias": [paths["bias_0"]], "dark": [paths["dark_0"]], "flat_g_band": [paths["flat_0"]]},
+        out_dir=tmp_path / "masters",
+        camera="TESTCAM03",
+        binning=(1, 1),
+        library_root=tmp_path / "library",
+        bands=["g_band", "r_band"],
+    )
     bias, hb, _ = load_master(summary["bias"]["path"])
     dark, hd, _ = load_master(summary["dark"]["path"])
     flat, hf, flat_mask = load_master(summary["flat"]["g_band"]["path"])
@@ -296,7 +329,11 @@ def test_huntsman_masters_and_calibration(real_data, tmp_path):
     assert np.median(flat) == pytest.approx(1.0, abs=1e-6)
     assert not flat_mask.any()
     assert summary["flags"] == ["flat_missing_r_band"]
-    assert {e.kind for e in MasterLibrary(tmp_path / "library").entries()} == {"bias", "dark", "flat"}
+    assert {e.kind for e in MasterLibrary(tmp_path / "library").entries()} == {
+        "bias",
+        "dark",
+        "flat",
+    }
 
     with fits.open(paths["science_0"]) as h:
         sci = h[0].data.astype(np.float32)
@@ -305,14 +342,22 @@ def test_huntsman_masters_and_calibration(real_data, tmp_path):
         dark_raw = h[0].data.astype(np.float32)
     with fits.open(paths["flat_0"]) as h:
         flat_raw = h[0].data.astype(np.float32)
-    cal = calibrate_image(sci, exptime_s=texp, bias=bias, dark_rate=dark, flat=flat,
-                          saturation_adu=4094.0, dark_exptime_s=hd["EXPTIME"])
+    cal = calibrate_image(
+        sci,
+        exptime_s=texp,
+        bias=bias,
+        dark_rate=dark,
+        flat=flat,
+        saturation_adu=4094.0,
+        dark_exptime_s=hd["EXPTIME"],
+    )
     # independent expectation: equal 300 s exposures, so bias + rate * t is the raw dark itself
     flat_expected = (flat_raw - dark_raw) / np.median(flat_raw - dark_raw)
     expected = (sci - dark_raw) / flat_expected
     np.testing.assert_allclose(cal.image, expected, rtol=1e-4, atol=1e-3)
     assert np.median(cal.image) == pytest.approx(
-        (np.median(sci) - 32.0 - np.median(dark) * texp) / 1.0, abs=2.0)
+        (np.median(sci) - 32.0 - np.median(dark) * texp) / 1.0, abs=2.0
+    )
     assert cal.n_saturated == int(np.count_nonzero(sci >= 4094))
     assert cal.n_saturated > 0 and cal.flags == ()
 
@@ -332,8 +377,9 @@ def test_huntsman_lsst_mef_masters_as_library_entries(real_data, tmp_path):
     flat, header, _ = load_master(match.path)  # the IMAGE plane of the 9-HDU MEF
     assert flat.shape == (801, 801) and flat.dtype == np.float32
     assert np.nanmedian(flat) == pytest.approx(1.0, abs=0.01)
-    dark, _, _ = load_master(lib.find_nearest("dark", camera="TESTCAM03", binning=(1, 1),
-                                              mjd=59221.0).path)
+    dark, _, _ = load_master(
+        lib.find_nearest("dark", camera="TESTCAM03", binning=(1, 1), mjd=59221.0).path
+    )
     assert np.nanmedian(dark) == pytest.approx(5.0 / 300.0, rel=0.02)  # same as ours from dark_0
     # 801x801 LSST masters do not fit the 800x800 raw frames: a clear error, not a silent crop
     with pytest.raises(ValueError, match="differs"):
@@ -342,31 +388,42 @@ def test_huntsman_lsst_mef_masters_as_library_entries(real_data, tmp_path):
 
 @pytest.mark.realdata
 def test_session_manifest_then_library_fallback(real_data, tmp_path):
-    frames = pytest.importorskip("rpp_tasks.frames")
+    frames = pytest.importorskip("rpp_tasks.inputs.frames")
     raw = real_data / "huntsman" / "raw"
     manifest = frames.group_session(sorted(raw.glob("*.fits"))).to_dict()
-    first = run_masters(manifest, out_dir=tmp_path / "s1", camera="TESTCAM03",
-                        library_root=tmp_path / "lib")
+    first = run_masters(
+        manifest, out_dir=tmp_path / "s1", camera="TESTCAM03", library_root=tmp_path / "lib"
+    )
     assert first["binning"] == [1, 1] and first["flags"] == []
     assert first["bias"]["source"] == first["dark"]["source"] == "session"
     assert first["dark"]["inputs"] == [str(raw / "dark_0.fits")]
     assert first["flat"]["g_band"]["source"] == "session"
 
     # a later night with science frames only: every master comes from the library
-    science_only = {"groups": [g for g in manifest["groups"] if g["kind"] == "science"],
-                    "frames": [f for f in manifest["frames"] if f["imagetyp"] == "science"],
-                    "bands": manifest["bands"]}
-    second = run_masters(science_only, out_dir=tmp_path / "s2", camera="TESTCAM03",
-                         library_root=tmp_path / "lib")
+    science_only = {
+        "groups": [g for g in manifest["groups"] if g["kind"] == "science"],
+        "frames": [f for f in manifest["frames"] if f["imagetyp"] == "science"],
+        "bands": manifest["bands"],
+    }
+    second = run_masters(
+        science_only, out_dir=tmp_path / "s2", camera="TESTCAM03", library_root=tmp_path / "lib"
+    )
     sci_mjd = science_only["frames"][0]["mjd_obs"]
-    for entry, master_mjd in ((second["bias"], first["bias"]["mjd"]),
-                              (second["flat"]["g_band"], first["flat"]["g_band"]["mjd"])):
+    for entry, master_mjd in (
+        (second["bias"], first["bias"]["mjd"]),
+        (second["flat"]["g_band"], first["flat"]["g_band"]["mjd"]),
+    ):
         assert entry["source"] == "library"
         assert entry["delta_days"] == pytest.approx(sci_mjd - master_mjd, abs=1e-6)
     assert np.median(load_master(second["dark"]["path"])[0]) == pytest.approx(5.0 / 300.0, rel=1e-4)
     # too old for max_age_days: no master, flagged
-    third = run_masters(science_only, out_dir=tmp_path / "s3", camera="TESTCAM03",
-                        library_root=tmp_path / "lib", max_age_days=5.0)
+    third = run_masters(
+        science_only,
+        out_dir=tmp_path / "s3",
+        camera="TESTCAM03",
+        library_root=tmp_path / "lib",
+        max_age_days=5.0,
+    )
     assert third["bias"] is None and third["dark"] is None and third["flat"] == {}
     assert third["flags"] == ["no_bias", "no_dark", "flat_missing_g_band"]
     assert not (tmp_path / "s2").exists() or not any((tmp_path / "s2").iterdir())

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from rpp_tasks.config import config_from_dict, find_config, load_observatory_config, load_observatory_configs
+from rpp_tasks.config import (
+    config_from_dict,
+    find_config,
+    load_observatory_config,
+    load_observatory_configs,
+)
 from rpp_tasks.exceptions import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,8 +38,8 @@ def test_shipped_configs_load_and_merge_defaults():
     assert hunts.camera.saturation_adu == 4094
     # not in huntsman.yaml: inherited from defaults.yaml
     assert hunts.stages.calibration.clip_sigma == 3.0
-    assert hunts.stages.photometry.fixed_radius_px == 6.0          # observatory overrides default 8.0
-    assert hunts.stages.photometry.annulus_fwhm == (3.0, 5.0)      # sibling key kept by the deep merge
+    assert hunts.stages.photometry.fixed_radius_px == 6.0  # observatory overrides default 8.0
+    assert hunts.stages.photometry.annulus_fwhm == (3.0, 5.0)  # sibling key kept by the deep merge
     assert hunts.dag_id == "rpp_huntsman"
     assert len(hunts.config_hash) == 12
 
@@ -43,12 +49,14 @@ def test_filter_aliases_are_case_insensitive_with_default_band():
     assert obs.band_for("johnson v") == "V"
     assert obs.band_for("LUM") == "Clear"
     assert obs.band_for(None) == "Clear"
-    assert obs.band_for("Halpha") == "Halpha"     # unknown filter keeps its own name
+    assert obs.band_for("Halpha") == "Halpha"  # unknown filter keeps its own name
 
 
 def test_unknown_key_names_file_and_key(tmp_path):
     p = _write_cfg(tmp_path, "obs1", "observatory: obs1\ncamera: {gain_e_per_adu: 1.2, gian: 3}\n")
-    with pytest.raises(ConfigError, match=r"obs1\.yaml: key 'camera\.gian': expected one of the known keys"):
+    with pytest.raises(
+        ConfigError, match=r"obs1\.yaml: key 'camera\.gian': expected one of the known keys"
+    ):
         load_observatory_config(p)
 
 
@@ -64,7 +72,9 @@ def test_value_ranges_are_checked(tmp_path):
     p = _write_cfg(tmp_path, "obs3", "observatory: obs3\nsite: {latitude_deg: 95}\n")
     with pytest.raises(ConfigError, match=r"site\.latitude_deg.*\[-90, 90\]"):
         load_observatory_config(p)
-    p = _write_cfg(tmp_path, "obs4", "observatory: obs4\nstages: {photometry: {annulus_fwhm: [5, 3]}}\n")
+    p = _write_cfg(
+        tmp_path, "obs4", "observatory: obs4\nstages: {photometry: {annulus_fwhm: [5, 3]}}\n"
+    )
     with pytest.raises(ConfigError, match=r"annulus_fwhm"):
         load_observatory_config(p)
     p = _write_cfg(tmp_path, "obs5", "observatory: obs5\nsession: {ready_rule: marker}\n")
@@ -74,13 +84,17 @@ def test_value_ranges_are_checked(tmp_path):
 
 def test_name_must_match_file_stem(tmp_path):
     p = _write_cfg(tmp_path, "alpha", "observatory: beta\n")
-    with pytest.raises(ConfigError, match=r"alpha\.yaml: key 'observatory': expected the file name stem 'alpha'"):
+    with pytest.raises(
+        ConfigError, match=r"alpha\.yaml: key 'observatory': expected the file name stem 'alpha'"
+    ):
         load_observatory_config(p)
 
 
 def test_yaml_syntax_error_gives_line(tmp_path):
     p = _write_cfg(tmp_path, "bad", "observatory: bad\ncamera: {gain_e_per_adu: 1.0\n")
-    with pytest.raises(ConfigError, match=r"bad\.yaml: key '<syntax>': expected valid YAML \(line \d+"):
+    with pytest.raises(
+        ConfigError, match=r"bad\.yaml: key '<syntax>': expected valid YAML \(line \d+"
+    ):
         load_observatory_config(p)
 
 
@@ -110,7 +124,7 @@ def test_config_is_frozen_and_hash_tracks_content():
     a = config_from_dict({"observatory": "x"})
     b = config_from_dict({"observatory": "x", "camera": {"gain_e_per_adu": 2.0}})
     assert a.config_hash != b.config_hash
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         a.observatory = "y"
 
 
@@ -121,7 +135,9 @@ def test_relative_paths_resolve_under_data_root(monkeypatch, tmp_path):
 
 
 def test_config_module_is_cheap_to_import():
-    code = ("import sys, rpp_tasks.config\n"
-            "heavy = {'numpy', 'astropy', 'scipy', 'airflow', 'sqlalchemy'} & {m.split('.')[0] for m in sys.modules}\n"
-            "assert not heavy, heavy")
+    code = (
+        "import sys, rpp_tasks.config\n"
+        "heavy = {'numpy', 'astropy', 'scipy', 'airflow', 'sqlalchemy'} & {m.split('.')[0] for m in sys.modules}\n"
+        "assert not heavy, heavy"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

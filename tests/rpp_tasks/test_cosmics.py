@@ -1,4 +1,4 @@
-"""Cosmic-ray detection: candidate finder + L.A.Cosmic on tiles (rpp_tasks.cosmics)."""
+"""Cosmic-ray detection: candidate finder + L.A.Cosmic on tiles (rpp_tasks.stages.cosmics)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 from scipy.special import erf
 
-from rpp_tasks.cosmics import clean_cosmic_rays
+from rpp_tasks.stages.cosmics import clean_cosmic_rays
 
 GAIN, RN, SKY = 1.5, 8.0, 200.0
 SKY_NOISE = np.sqrt(SKY / GAIN + (RN / GAIN) ** 2)  # ADU
@@ -30,7 +30,7 @@ def _render_field(shape=(1024, 1024), *, n_stars=500, n_hits=40, n_tracks=20, se
         ya = np.arange(max(0, round(y) - r), min(ny, round(y) + r + 1))
         ex = 0.5 * (erf((xa + 0.5 - x) / (np.sqrt(2) * s)) - erf((xa - 0.5 - x) / (np.sqrt(2) * s)))
         ey = 0.5 * (erf((ya + 0.5 - y) / (np.sqrt(2) * s)) - erf((ya - 0.5 - y) / (np.sqrt(2) * s)))
-        img[ya[0]:ya[-1] + 1, xa[0]:xa[-1] + 1] += F * np.outer(ey, ex)
+        img[ya[0] : ya[-1] + 1, xa[0] : xa[-1] + 1] += F * np.outer(ey, ex)
     noisy = rng.poisson(img * GAIN) / GAIN + rng.normal(0, RN / GAIN, shape)
     cr = np.zeros(shape)
     for _ in range(n_hits):
@@ -41,8 +41,12 @@ def _render_field(shape=(1024, 1024), *, n_stars=500, n_hits=40, n_tracks=20, se
         length, theta = rng.uniform(4, 25), rng.uniform(0, np.pi)
         x, y = rng.uniform(30, nx - 30), rng.uniform(30, ny - 30)
         t = np.linspace(0, length, int(length * 3))
-        for a, b in set(zip(np.round(y + t * np.sin(theta)).astype(int),
-                            np.round(x + t * np.cos(theta)).astype(int))):
+        for a, b in set(
+            zip(
+                np.round(y + t * np.sin(theta)).astype(int),
+                np.round(x + t * np.cos(theta)).astype(int),
+            )
+        ):
             cr[a, b] += rng.uniform(100, 2000)
     stars = np.column_stack([xs, ys, fwhm, flux])
     return (noisy + cr).astype(np.float32), img.astype(np.float32), cr, stars
@@ -54,8 +58,10 @@ def _star_cores(shape, stars):
     for x, y, f, _ in stars:
         r = int(np.ceil(f)) + 1
         x0, y0 = int(round(x)), int(round(y))
-        sl = (slice(max(0, y0 - r), min(shape[0], y0 + r + 1)),
-              slice(max(0, x0 - r), min(shape[1], x0 + r + 1)))
+        sl = (
+            slice(max(0, y0 - r), min(shape[0], y0 + r + 1)),
+            slice(max(0, x0 - r), min(shape[1], x0 + r + 1)),
+        )
         yy, xx = np.mgrid[sl]
         core[sl] |= (yy - y) ** 2 + (xx - x) ** 2 <= f**2
     return core
@@ -135,8 +141,9 @@ def test_masked_pixels_are_never_flagged_and_keep_their_values():
     mask = cr > 0  # pretend every CR pixel is a known bad pixel
     data = data.copy()
     data[0, 0] = np.nan
-    res = clean_cosmic_rays(data, gain_e_per_adu=GAIN, read_noise_e=RN, saturation_adu=60000,
-                            mask=mask)
+    res = clean_cosmic_rays(
+        data, gain_e_per_adu=GAIN, read_noise_e=RN, saturation_adu=60000, mask=mask
+    )
     assert not res.mask[mask].any()
     np.testing.assert_array_equal(res.cleaned[mask], data[mask])
     assert np.isnan(res.cleaned[0, 0]) and not res.mask[0, 0]
@@ -152,15 +159,20 @@ def test_noise_only_frame_has_no_candidates():
 
 
 def test_synthetic_module_field():
-    synthetic = pytest.importorskip("rpp_tasks.synthetic")
+    synthetic = pytest.importorskip("rpp_tasks.sim.synthetic")
     f = synthetic.make_star_field((1024, 1024), n_stars=500, fwhm_px=3.0, seed=2)
     p = f.params
-    res = clean_cosmic_rays(f.data, gain_e_per_adu=p["gain_e_per_adu"],
-                            read_noise_e=p["read_noise_e"], saturation_adu=p["saturation_adu"])
+    res = clean_cosmic_rays(
+        f.data,
+        gain_e_per_adu=p["gain_e_per_adu"],
+        read_noise_e=p["read_noise_e"],
+        saturation_adu=p["saturation_adu"],
+    )
     assert f.cr_mask.sum() > 20
     assert np.count_nonzero(res.mask & f.cr_mask) >= 0.95 * f.cr_mask.sum()
-    stars = np.column_stack([f.truth["x"], f.truth["y"], np.full(len(f.truth), 3.0),
-                             f.truth["flux_adu"]])
+    stars = np.column_stack(
+        [f.truth["x"], f.truth["y"], np.full(len(f.truth), 3.0), f.truth["flux_adu"]]
+    )
     near_defect = ndimage.binary_dilation(f.cr_mask | f.hot_mask, iterations=2)
     assert np.count_nonzero(res.mask & _star_cores(f.data.shape, stars) & ~near_defect) <= 1
 
@@ -198,6 +210,7 @@ def test_saturated_star_is_not_flagged():
     res = clean_cosmic_rays(data, gain_e_per_adu=GAIN, read_noise_e=RN, saturation_adu=4095.0)
     assert res.n_pixels == 0
     # same when the saturated pixels come in the mask (as after calibrate_image)
-    masked = clean_cosmic_rays(data, gain_e_per_adu=GAIN, read_noise_e=RN, saturation_adu=np.inf,
-                               mask=data >= 4095.0)
+    masked = clean_cosmic_rays(
+        data, gain_e_per_adu=GAIN, read_noise_e=RN, saturation_adu=np.inf, mask=data >= 4095.0
+    )
     assert masked.n_pixels == 0

@@ -1,4 +1,4 @@
-"""Tests of rpp_tasks.detection.detect_sources: completeness, spurious rate, shape of the output."""
+"""Tests of rpp_tasks.stages.detection.detect_sources: completeness, spurious rate, shape of the output."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from scipy.spatial import cKDTree
 from scipy.special import erf
 
-from rpp_tasks.detection import SOURCE_COLUMNS, detect_sources
+from rpp_tasks.stages.detection import SOURCE_COLUMNS, detect_sources
 
 SKY_ADU, GAIN, RN_E = 800.0, 1.5, 8.0
 RMS = math.sqrt(SKY_ADU / GAIN + (RN_E / GAIN) ** 2)
@@ -40,7 +40,11 @@ def field():
     y = rng.uniform(0, size - 1, n)
     flux = 10 ** rng.uniform(2.3, 5.3, n)
     clean = gaussian_stars((size, size), x, y, flux)
-    data = rng.poisson((clean + SKY_ADU) * GAIN) / GAIN + rng.normal(0, RN_E / GAIN, clean.shape) - SKY_ADU
+    data = (
+        rng.poisson((clean + SKY_ADU) * GAIN) / GAIN
+        + rng.normal(0, RN_E / GAIN, clean.shape)
+        - SKY_ADU
+    )
     mask = np.zeros(data.shape, bool)
     cy, cx = rng.integers(0, size, 150), rng.integers(0, size, 150)
     data[cy, cx] += rng.uniform(300, 3000, 150)
@@ -53,8 +57,12 @@ def field():
 
 
 def _match(src, x, y):
-    dt, _ = cKDTree(np.column_stack([src["x_centroid"], src["y_centroid"]])).query(np.column_stack([x, y]))
-    ds, _ = cKDTree(np.column_stack([x, y])).query(np.column_stack([src["x_centroid"], src["y_centroid"]]))
+    dt, _ = cKDTree(np.column_stack([src["x_centroid"], src["y_centroid"]])).query(
+        np.column_stack([x, y])
+    )
+    ds, _ = cKDTree(np.column_stack([x, y])).query(
+        np.column_stack([src["x_centroid"], src["y_centroid"]])
+    )
     return dt < 1.5, ds >= 1.5
 
 
@@ -67,7 +75,7 @@ def test_completeness_and_spurious_rate(field):
     target = inside & (snr > 10) & (nn[:, 1] > 2 * FWHM)
     assert target.sum() > 150
     assert found[target].mean() >= 0.99
-    assert spurious.sum() <= 1                       # <= 0.5 % of ~250 detections
+    assert spurious.sum() <= 1  # <= 0.5 % of ~250 detections
     # the detection S/N tracks the true S/N
     assert src.meta["n_rejected_snr"] > 0 and np.all(src["snr_det"] >= 5.0)
 
@@ -103,7 +111,11 @@ def test_output_sorted_by_flux_with_1_based_ids(field):
 
 def test_faint_star_on_bright_wing_is_found():
     rng = np.random.default_rng(11)
-    x, y, flux = np.array([60.0, 69.0]), np.array([60.0, 64.0]), np.array([3e5, 4e3])   # 9.8 px = 2.8 FWHM, 1:75
+    x, y, flux = (
+        np.array([60.0, 69.0]),
+        np.array([60.0, 64.0]),
+        np.array([3e5, 4e3]),
+    )  # 9.8 px = 2.8 FWHM, 1:75
     data = gaussian_stars((128, 128), x, y, flux) + rng.normal(0, RMS, (128, 128))
     src = detect_sources(data, RMS, fwhm_px=FWHM)
     found, spurious = _match(src, x, y)
@@ -118,7 +130,7 @@ def test_masked_cosmic_rays_are_not_detected():
         data[yy, xx] += 2000.0
         mask[yy, xx] = True
     assert len(detect_sources(data, 10.0, fwhm_px=3.0, mask=mask)) == 0
-    assert len(detect_sources(data, 10.0, fwhm_px=3.0)) >= 1     # unmasked they would be
+    assert len(detect_sources(data, 10.0, fwhm_px=3.0)) >= 1  # unmasked they would be
 
 
 def test_dao_method_finds_bright_stars(field):
@@ -126,7 +138,7 @@ def test_dao_method_finds_bright_stars(field):
     src = detect_sources(data, rms, method="dao", fwhm_px=FWHM, mask=mask, threshold_sigma=5.0)
     found, _ = _match(src, x, y)
     inside = (x > 5) & (y > 5) & (x < 506) & (y < 506)
-    assert found[inside & (snr > 50)].mean() > 0.85      # no deblending, no CR-aware S/N cut
+    assert found[inside & (snr > 50)].mean() > 0.85  # no deblending, no CR-aware S/N cut
     assert src.meta["method"] == "dao"
 
 

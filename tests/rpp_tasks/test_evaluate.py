@@ -1,4 +1,4 @@
-"""Tests of rpp_tasks.evaluate on constructed catalogues whose answers are known."""
+"""Tests of rpp_tasks.sim.evaluate on constructed catalogues whose answers are known."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from rpp_tasks.evaluate import (
+from rpp_tasks.sim.evaluate import (
     expected_aperture_error_adu,
     fidelity_report,
     match_to_truth,
     pixelated_fwhm_px,
     robust_std,
 )
-from rpp_tasks.synthetic import make_star_field, psf_encircled_energy
+from rpp_tasks.sim.synthetic import make_star_field, psf_encircled_energy
 
 FWHM = 3.5
 
@@ -24,8 +24,15 @@ FWHM = 3.5
 @pytest.fixture(scope="module")
 def truth():
     # the truth of a 1024^2 field (the image itself is not needed here)
-    return make_star_field((1024, 1024), n_stars=1500, fwhm_px=FWHM, mag_range=(13, 22), seed=21,
-                           n_cosmic_rays=0, n_hot_pixels=0).truth
+    return make_star_field(
+        (1024, 1024),
+        n_stars=1500,
+        fwhm_px=FWHM,
+        mag_range=(13, 22),
+        seed=21,
+        n_cosmic_rays=0,
+        n_hot_pixels=0,
+    ).truth
 
 
 def _catalog(truth, *, seed=0, ap_scale=1.0, err_scale=1.0, extra_frac=0.0, pos_sigma=0.05):
@@ -37,18 +44,28 @@ def _catalog(truth, *, seed=0, ap_scale=1.0, err_scale=1.0, extra_frac=0.0, pos_
     r = 1.3 * FWHM
     f_ap = ap_scale * f * psf_encircled_energy(r, fwhm_px=FWHM)
     n_ann = np.full(n, math.pi * ((5 * FWHM) ** 2 - (3 * FWHM) ** 2))
-    sig_ap = expected_aperture_error_adu(f_ap, radius_px=r, sky_adu=m["sky_adu"], gain_e_per_adu=m["gain_e_per_adu"],
-                                         read_noise_e=m["read_noise_e"], n_annulus=n_ann)
+    sig_ap = expected_aperture_error_adu(
+        f_ap,
+        radius_px=r,
+        sky_adu=m["sky_adu"],
+        gain_e_per_adu=m["gain_e_per_adu"],
+        read_noise_e=m["read_noise_e"],
+        n_annulus=n_ann,
+    )
     sig_psf = np.asarray(truth["flux_err_crb_adu"], float)
-    cat = Table({
-        "x_centroid": truth["x"] + rng.normal(0, pos_sigma, n),
-        "y_centroid": truth["y"] + rng.normal(0, pos_sigma, n),
-        "flux_1p3fwhm": f_ap * (1 + extra_frac * rng.standard_normal(n)) + sig_ap * rng.standard_normal(n),
-        "flux_err_1p3fwhm": sig_ap * err_scale,
-        "flux_psf": f * (1 + extra_frac * rng.standard_normal(n)) + sig_psf * rng.standard_normal(n),
-        "flux_err_psf": sig_psf * err_scale,
-        "n_annulus": n_ann,
-    })
+    cat = Table(
+        {
+            "x_centroid": truth["x"] + rng.normal(0, pos_sigma, n),
+            "y_centroid": truth["y"] + rng.normal(0, pos_sigma, n),
+            "flux_1p3fwhm": f_ap * (1 + extra_frac * rng.standard_normal(n))
+            + sig_ap * rng.standard_normal(n),
+            "flux_err_1p3fwhm": sig_ap * err_scale,
+            "flux_psf": f * (1 + extra_frac * rng.standard_normal(n))
+            + sig_psf * rng.standard_normal(n),
+            "flux_err_psf": sig_psf * err_scale,
+            "n_annulus": n_ann,
+        }
+    )
     cat.meta.update(fwhm_px=FWHM * 1.02, aperture_radii_px={"1p3fwhm": r})
     return cat
 
@@ -68,8 +85,9 @@ def test_robust_std_unbiased_and_resistant():
 def test_pixelated_fwhm():
     # Gaussian convolved with a 1-px box ~ Gaussian with sigma^2 + 1/12
     s = 3.5 / 2.3548200450309493
-    assert pixelated_fwhm_px(psf="gaussian", fwhm_px=3.5) == pytest.approx(2.3548200 * math.sqrt(s * s + 1 / 12),
-                                                                           rel=2e-3)
+    assert pixelated_fwhm_px(psf="gaussian", fwhm_px=3.5) == pytest.approx(
+        2.3548200 * math.sqrt(s * s + 1 / 12), rel=2e-3
+    )
     assert pixelated_fwhm_px(psf="moffat", fwhm_px=20.0, beta=3.0) == pytest.approx(20.0, rel=2e-3)
 
 
@@ -78,7 +96,12 @@ def test_pixelated_fwhm():
 
 def test_match_is_one_to_one_and_greedy_by_distance():
     truth = Table({"x": [10.0, 12.0, 50.0], "y": [10.0, 10.0, 50.0]})
-    cat = Table({"x_centroid": [10.2, 11.0, 11.9, 80.0, np.nan], "y_centroid": [10.0, 10.0, 10.0, 80.0, 1.0]})
+    cat = Table(
+        {
+            "x_centroid": [10.2, 11.0, 11.9, 80.0, np.nan],
+            "y_centroid": [10.0, 10.0, 10.0, 80.0, 1.0],
+        }
+    )
     m = match_to_truth(cat, truth, radius_px=1.5)
     assert list(m.catalog_index) == [0, 2] and list(m.truth_index) == [0, 1]
     assert m.separation_px == pytest.approx([0.2, 0.1])

@@ -1,4 +1,4 @@
-"""Tests of rpp_tasks.fitsio: real frames of every layout, header conventions, WCS checks, bad inputs."""
+"""Tests of rpp_tasks.inputs.fitsio: real frames of every layout, header conventions, WCS checks, bad inputs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from rpp_tasks.exceptions import FrameRejected
-from rpp_tasks.fitsio import (
+from rpp_tasks.inputs.fitsio import (
     FrameMeta,
     check_image,
     debayer_to_luminance,
@@ -34,7 +34,7 @@ SAAO = "saao_1m/a8280271.fits"
 
 # every real star-field / calibration frame: relative path -> shape after read_frame
 REAL_FRAMES = {
-    SEESTAR_NGC: (960, 540),                       # GRBG -> 2x2 luminance
+    SEESTAR_NGC: (960, 540),  # GRBG -> 2x2 luminance
     SEESTAR_M94: (960, 540),
     "seestar_s50/Light_M94_10.0s_IRCUT_20250326-212057.fit": (960, 540),
     "huntsman/raw/science_0.fits": (800, 800),
@@ -44,11 +44,11 @@ REAL_FRAMES = {
     "huntsman/calib/bias_14_Huntsman_2021-01-07.fits": (801, 801),
     "huntsman/calib/dark_14_Huntsman_2021-01-07.fits": (801, 801),
     "huntsman/calib/flat_14_Huntsman_g_band_2021-01-07.fits": (801, 801),
-    "panoptes/solved.fits.fz": (350, 350),         # compressed, RGGB -> luminance
+    "panoptes/solved.fits.fz": (350, 350),  # compressed, RGGB -> luminance
     "panoptes/unsolved.fits": (350, 350),
-    "panoptes/pole.fits": (200, 200),              # no Bayer keyword in this cut-out
+    "panoptes/pole.fits": (200, 200),  # no Bayer keyword in this cut-out
     "panoptes/noheader.fits": (200, 200),
-    LCO: (1024, 1024),                             # 4 amps of 512x512 after trimming
+    LCO: (1024, 1024),  # 4 amps of 512x512 after trimming
     "feder_observatory/sip-wcs.fit": (50, 100),
     "feder_observatory/thumbnail-image.fit.gz": (256, 256),
     SAAO: (520, 536),
@@ -109,7 +109,12 @@ def test_lco_sinistro_mef_is_overscan_subtracted_trimmed_and_mosaicked(real_data
     sky_raw = [np.median(r[0:512, 0:512]) for r in raw]
     assert min(over) > 2500  # raw overscan level ~2520-2580 ADU
     # each quadrant of the mosaic is its amp's sky minus its overscan level: the level is gone
-    quads = [frame.data[:512, :512], frame.data[:512, 512:], frame.data[512:, :512], frame.data[512:, 512:]]
+    quads = [
+        frame.data[:512, :512],
+        frame.data[:512, 512:],
+        frame.data[512:, :512],
+        frame.data[512:, 512:],
+    ]
     quad_medians = sorted(float(np.median(q)) for q in quads)
     expected = sorted(s - o for s, o in zip(sky_raw, over, strict=True))
     np.testing.assert_allclose(quad_medians, expected, atol=1.0)
@@ -211,7 +216,7 @@ def test_saao_header_sexagesimal_kelvin_and_date_plus_ut(real_data):
     path = real_data / SAAO
     meta = normalize_header(read_frame(path).header, path=path)
     assert meta.ra_deg == pytest.approx(15 * (22 + 4 / 60 + 8 / 3600))  # ' 22:04:08' is hours
-    assert meta.ra_deg == pytest.approx(331.0334, abs=1e-3)              # header RA_OBS
+    assert meta.ra_deg == pytest.approx(331.0334, abs=1e-3)  # header RA_OBS
     assert meta.dec_deg == pytest.approx(-(55 / 60 + 31 / 3600))
     assert meta.ccd_temp_c == pytest.approx(180.2 - 273.15)
     assert any("Kelvin" in w for w in meta.warnings)
@@ -225,12 +230,20 @@ def test_saao_header_sexagesimal_kelvin_and_date_plus_ut(real_data):
 
 def test_huntsman_headers(real_data):
     raw = real_data / "huntsman/raw"
-    kw = {"filter_aliases": {"G_BAND": "g", "unknown": "Clear"}, "read_noise_e": 2.4, "saturation_adu": 4094}
-    sci = normalize_header(read_header(raw / "science_0.fits")[0], path=raw / "science_0.fits", **kw)
+    kw = {
+        "filter_aliases": {"G_BAND": "g", "unknown": "Clear"},
+        "read_noise_e": 2.4,
+        "saturation_adu": 4094,
+    }
+    sci = normalize_header(
+        read_header(raw / "science_0.fits")[0], path=raw / "science_0.fits", **kw
+    )
     assert (sci.imagetyp, sci.band, sci.exptime_s) == ("science", "g", 300.0)
     assert sci.gain_e_per_adu == pytest.approx(1.1447445)  # EGAIN
     assert sci.read_noise_e == 2.4 and sci.saturation_adu == 4094  # from the camera config
-    assert sci.ra_deg == pytest.approx(65.0) and sci.dec_deg == pytest.approx(-54.938056)  # RA-MNT/DEC-MNT
+    assert sci.ra_deg == pytest.approx(65.0) and sci.dec_deg == pytest.approx(
+        -54.938056
+    )  # RA-MNT/DEC-MNT
     assert sci.object == "DoradoGroup-p0p0"  # FIELD
     assert sci.wcs_status == "valid-sip-fixed"
     assert sci.pixel_scale_arcsec == pytest.approx(1.2597, abs=1e-3)
@@ -248,7 +261,9 @@ def test_constant_bias_is_legal_but_constant_science_is_not(real_data, tmp_path)
     frame = read_frame(real_data / "huntsman/raw/bias_0.fits")
     assert np.all(frame.data == 32.0)
     assert any("constant image" in n for n in frame.notes)
-    with pytest.raises(FrameRejected, match=r"bias_0\.fits: \[check\] constant image .*32 ADU.* science"):
+    with pytest.raises(
+        FrameRejected, match=r"bias_0\.fits: \[check\] constant image .*32 ADU.* science"
+    ):
         read_frame(real_data / "huntsman/raw/bias_0.fits", imagetyp="science")
 
 
@@ -261,9 +276,11 @@ def test_header_wcs_of_real_frames(real_data):
     assert sci.footprint.shape == (4, 2)
     assert sci.pixel_scale_arcsec == pytest.approx(1.26, abs=0.01)
     assert json.loads(json.dumps(sci.to_dict()))["status"] == "valid-sip-fixed"
-    for rel, (ra, dec, scale) in {"panoptes/pole.fits": (35.2203, 80.5673, 10.318),
-                                  "feder_observatory/sip-wcs.fit": (280.5461, 0.1126, 0.558),
-                                  "feder_observatory/thumbnail-image.fit.gz": (135.0211, 49.6087, 0.563)}.items():
+    for rel, (ra, dec, scale) in {
+        "panoptes/pole.fits": (35.2203, 80.5673, 10.318),
+        "feder_observatory/sip-wcs.fit": (280.5461, 0.1126, 0.558),
+        "feder_observatory/thumbnail-image.fit.gz": (135.0211, 49.6087, 0.563),
+    }.items():
         c = header_wcs(read_frame(real_data / rel).header)
         assert c.status == "valid", rel
         assert c.center_ra_deg == pytest.approx(ra, abs=2e-4), rel
@@ -274,9 +291,15 @@ def test_header_wcs_of_real_frames(real_data):
 
 
 def test_run_check_writes_check_json(real_data, tmp_path):
-    obs = {"camera": {"gain_e_per_adu": 1.145, "read_noise_e": 2.4, "saturation_adu": 4094,
-                      "pixel_scale_arcsec": 1.26},
-           "filters": {"aliases": {"g_band": "g"}, "default_band": "Clear"}}
+    obs = {
+        "camera": {
+            "gain_e_per_adu": 1.145,
+            "read_noise_e": 2.4,
+            "saturation_adu": 4094,
+            "pixel_scale_arcsec": 1.26,
+        },
+        "filters": {"aliases": {"g_band": "g"}, "default_band": "Clear"},
+    }
     out = run_check(real_data / "huntsman/raw/science_0.fits", obs, tmp_path)
     written = json.loads((tmp_path / "frames" / "science_0" / "check.json").read_text())
     assert written == out
@@ -327,9 +350,13 @@ def test_missing_file(tmp_path):
 
 def test_table_only_fits(tmp_path):
     p = tmp_path / "table.fits"
-    table = fits.BinTableHDU.from_columns([fits.Column(name="flux", format="E", array=np.arange(3.0))])
+    table = fits.BinTableHDU.from_columns(
+        [fits.Column(name="flux", format="E", array=np.arange(3.0))]
+    )
     fits.HDUList([fits.PrimaryHDU(), table]).writeto(p)
-    with pytest.raises(FrameRejected, match=r"table\.fits: \[check\] no image data in any HDU.*BinTableHDU"):
+    with pytest.raises(
+        FrameRejected, match=r"table\.fits: \[check\] no image data in any HDU.*BinTableHDU"
+    ):
         read_frame(p)
 
 
@@ -343,16 +370,22 @@ def test_one_d_data(tmp_path):
 
 
 def test_all_nan_image(tmp_path):
-    p = _write(tmp_path / "nan.fits", np.full((20, 30), np.nan, dtype=np.float32), IMAGETYP="Light Frame")
+    p = _write(
+        tmp_path / "nan.fits", np.full((20, 30), np.nan, dtype=np.float32), IMAGETYP="Light Frame"
+    )
     with pytest.raises(FrameRejected, match=r"nan\.fits: \[check\] image has no finite pixel"):
         read_frame(p)
 
 
 def test_constant_science_image(tmp_path):
     p = _write(tmp_path / "const.fits", np.full((20, 30), 100, dtype=np.int16), IMAGETYP="LIGHT")
-    with pytest.raises(FrameRejected, match=r"const\.fits: \[check\] constant image \(every pixel = 100 ADU\)"):
+    with pytest.raises(
+        FrameRejected, match=r"const\.fits: \[check\] constant image \(every pixel = 100 ADU\)"
+    ):
         read_frame(p)
-    p2 = _write(tmp_path / "cbias.fits", np.full((20, 30), 100, dtype=np.int16), IMAGETYP="Bias Frame")
+    p2 = _write(
+        tmp_path / "cbias.fits", np.full((20, 30), 100, dtype=np.int16), IMAGETYP="Bias Frame"
+    )
     assert read_frame(p2).data.mean() == 100.0
     assert read_frame(p, allow_constant=True).data.shape == (20, 30)
 
@@ -372,10 +405,12 @@ def test_non_ascii_header_bytes(real_data, tmp_path):
     raw = bytearray((real_data / "feder_observatory/sip-wcs.fit").read_bytes())
     i = raw.find(b"OBSERVER= 'Matt Craig'")
     assert i > 0
-    raw[i + 11:i + 15] = "Mätt".encode("latin-1")  # same length: 4 bytes
+    raw[i + 11 : i + 15] = "Mätt".encode("latin-1")  # same length: 4 bytes
     p = tmp_path / "latin1.fits"
     p.write_bytes(bytes(raw))
-    with pytest.raises(FrameRejected, match=r"latin1\.fits: \[check\] header contains non-ASCII bytes"):
+    with pytest.raises(
+        FrameRejected, match=r"latin1\.fits: \[check\] header contains non-ASCII bytes"
+    ):
         read_frame(p)
 
 
@@ -404,12 +439,24 @@ def _hdr(**cards):
     return h
 
 
-@pytest.mark.parametrize(("value", "kind"), [
-    ("Light Frame", "science"), ("LIGHT", "science"), ("object", "science"), ("science", "science"),
-    ("Bias Frame", "bias"), ("Offset", "bias"), ("zero", "bias"), ("Dark Frame", "dark"),
-    ("Flat Field", "flat"), ("FLAT", "flat"), ("skyflat", "flat"), ("twilight", "flat"),
-    ("Tricolour", "unknown"),
-])
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [
+        ("Light Frame", "science"),
+        ("LIGHT", "science"),
+        ("object", "science"),
+        ("science", "science"),
+        ("Bias Frame", "bias"),
+        ("Offset", "bias"),
+        ("zero", "bias"),
+        ("Dark Frame", "dark"),
+        ("Flat Field", "flat"),
+        ("FLAT", "flat"),
+        ("skyflat", "flat"),
+        ("twilight", "flat"),
+        ("Tricolour", "unknown"),
+    ],
+)
 def test_imagetyp_values(value, kind):
     assert normalize_imagetyp(value)[0] == kind
     for key in ("IMAGETYP", "FRAME", "OBSTYPE", "HIERARCH IMAGETYPE"):
@@ -459,11 +506,24 @@ def test_pointing_forms():
 
 def test_detector_keywords_and_config_fallbacks():
     d = {"DATE-OBS": "2024-01-01T00:00:00", "EXPTIME": 1}
-    m = normalize_header(_hdr(**d, GAIN=1.6, READNOIS=9.0, DATAMAX=60000, XBINNING=2, YBINNING=2,
-                              **{"CCD-TEMP": -10.0}), gain_e_per_adu=5.0, read_noise_e=1.0)
+    m = normalize_header(
+        _hdr(
+            **d,
+            GAIN=1.6,
+            READNOIS=9.0,
+            DATAMAX=60000,
+            XBINNING=2,
+            YBINNING=2,
+            **{"CCD-TEMP": -10.0},
+        ),
+        gain_e_per_adu=5.0,
+        read_noise_e=1.0,
+    )
     assert (m.gain_e_per_adu, m.read_noise_e, m.saturation_adu) == (1.6, 9.0, 60000.0)
     assert m.binning == (2, 2) and m.ccd_temp_c == -10.0
-    zwo = normalize_header(_hdr(**d, GAIN=80), gain_e_per_adu=1.0, read_noise_e=1.5, saturation_adu=65500)
+    zwo = normalize_header(
+        _hdr(**d, GAIN=80), gain_e_per_adu=1.0, read_noise_e=1.5, saturation_adu=65500
+    )
     assert zwo.gain_e_per_adu == 1.0 and any("GAIN=80" in w for w in zwo.warnings)
     assert (zwo.read_noise_e, zwo.saturation_adu) == (1.5, 65500.0)
     assert normalize_header(_hdr(**d, BINNING="3x3")).binning == (3, 3)
@@ -497,8 +557,18 @@ def test_frame_meta_json_round_trip(real_data):
 # WCS checks (synthetic headers)
 # ----------------------------------------------------------------------------------------------
 def _tan(**over):
-    h = _hdr(CTYPE1="RA---TAN", CTYPE2="DEC--TAN", CRPIX1=20.5, CRPIX2=15.5, CRVAL1=150.0, CRVAL2=2.0,
-             CD1_1=-1e-4, CD1_2=0.0, CD2_1=0.0, CD2_2=1e-4)
+    h = _hdr(
+        CTYPE1="RA---TAN",
+        CTYPE2="DEC--TAN",
+        CRPIX1=20.5,
+        CRPIX2=15.5,
+        CRVAL1=150.0,
+        CRVAL2=2.0,
+        CD1_1=-1e-4,
+        CD1_2=0.0,
+        CD2_1=0.0,
+        CD2_2=1e-4,
+    )
     for k, v in over.items():
         h[k] = v
     return h
@@ -515,8 +585,11 @@ def test_header_wcs_valid_and_broken():
     assert zero.status.startswith("invalid")
     text = header_wcs(_tan(CRVAL1="nan"))
     assert text.status == "invalid: CRVAL1='nan' is not a number"
-    unparsable = fits.Header.fromstring(_tan().tostring().replace("CRVAL1  =                150.0",
-                                                                  "CRVAL1  =                  NaN"))
+    unparsable = fits.Header.fromstring(
+        _tan()
+        .tostring()
+        .replace("CRVAL1  =                150.0", "CRVAL1  =                  NaN")
+    )
     assert header_wcs(unparsable).status.startswith("invalid: unparsable WCS card")
     linear = header_wcs(_tan(CTYPE1="LINEAR", CTYPE2="LINEAR"))
     assert linear.status.startswith("invalid: not a celestial WCS")
@@ -569,8 +642,12 @@ def _amp(level, sky, detsec, seed):
 
 
 def test_mosaic_amplifiers_follows_detsec_with_flips():
-    amps = [_amp(1000, 10, "[1:10,1:10]", 0), _amp(2000, 20, "[20:11,1:10]", 1),
-            _amp(3000, 30, "[1:10,20:11]", 2), _amp(4000, 40, "[20:11,20:11]", 3)]
+    amps = [
+        _amp(1000, 10, "[1:10,1:10]", 0),
+        _amp(2000, 20, "[20:11,1:10]", 1),
+        _amp(3000, 30, "[1:10,20:11]", 2),
+        _amp(4000, 40, "[20:11,20:11]", 3),
+    ]
     ramp = np.arange(10, dtype=np.float64)[None, :] * np.ones((10, 1))
     amps[1][0][0:10, 0:10] += ramp  # gradient that must come out mirrored in x
     image, notes = mosaic_amplifiers(amps)
@@ -603,7 +680,12 @@ def test_frame_stem():
 
 
 def test_read_header_matches_read_frame_without_reading_pixels(real_data):
-    for rel in (LCO, SEESTAR_NGC, "panoptes/solved.fits.fz", "huntsman/calib/dark_14_Huntsman_2021-01-07.fits"):
+    for rel in (
+        LCO,
+        SEESTAR_NGC,
+        "panoptes/solved.fits.fz",
+        "huntsman/calib/dark_14_Huntsman_2021-01-07.fits",
+    ):
         header, idx, _ = read_header(real_data / rel)
         frame = read_frame(real_data / rel)
         assert (header["NAXIS2"], header["NAXIS1"]) == frame.data.shape, rel

@@ -1,4 +1,4 @@
-"""Tests of rpp_tasks.frames: frame classification and session grouping."""
+"""Tests of rpp_tasks.inputs.frames: frame classification and session grouping."""
 
 from __future__ import annotations
 
@@ -10,12 +10,16 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from rpp_tasks.fitsio import normalize_header, read_header
-from rpp_tasks.frames import FrameGroup, SessionPlan, classify_frame, group_session
+from rpp_tasks.inputs.fitsio import normalize_header, read_header
+from rpp_tasks.inputs.frames import FrameGroup, SessionPlan, classify_frame, group_session
 
 PATTERNS = {"bias": ["bias*", "offset*"], "dark": ["dark*"], "flat": ["flat*"]}
-HUNTSMAN_KW = {"filter_aliases": {"g_band": "g", "UNKNOWN": "Clear"}, "default_band": "Clear",
-               "read_noise_e": 2.4, "saturation_adu": 4094}
+HUNTSMAN_KW = {
+    "filter_aliases": {"g_band": "g", "UNKNOWN": "Clear"},
+    "default_band": "Clear",
+    "read_noise_e": 2.4,
+    "saturation_adu": 4094,
+}
 
 
 def _meta(**cards):
@@ -30,18 +34,27 @@ def _meta(**cards):
 # classify_frame
 # ----------------------------------------------------------------------------------------------
 def test_header_calibration_type_is_trusted_over_the_file_name():
-    assert classify_frame(_meta(IMAGETYP="Bias Frame"), "flat_001.fits", patterns=PATTERNS) == "bias"
-    assert classify_frame(_meta(IMAGETYP="Dark Frame"), "Light_001.fits", patterns=PATTERNS) == "dark"
+    assert (
+        classify_frame(_meta(IMAGETYP="Bias Frame"), "flat_001.fits", patterns=PATTERNS) == "bias"
+    )
+    assert (
+        classify_frame(_meta(IMAGETYP="Dark Frame"), "Light_001.fits", patterns=PATTERNS) == "dark"
+    )
     assert classify_frame(_meta(IMAGETYP="FLAT"), "whatever.fit", patterns=PATTERNS) == "flat"
 
 
 def test_pattern_overrides_a_light_or_missing_type():
-    assert classify_frame(_meta(IMAGETYP="Light Frame"), "/n/FLAT_g_001.FITS", patterns=PATTERNS) == "flat"
+    assert (
+        classify_frame(_meta(IMAGETYP="Light Frame"), "/n/FLAT_g_001.FITS", patterns=PATTERNS)
+        == "flat"
+    )
     assert classify_frame(_meta(), "Offset_0001.fit", patterns=PATTERNS) == "bias"
     assert classify_frame(_meta(), "m31_001.fit", patterns=PATTERNS) == "unknown"
     assert classify_frame(_meta(IMAGETYP="LIGHT"), "m31_001.fit", patterns=PATTERNS) == "science"
     # without patterns the name means nothing
-    assert classify_frame(_meta(IMAGETYP="Light Frame"), "flat_001.fits", patterns=None) == "science"
+    assert (
+        classify_frame(_meta(IMAGETYP="Light Frame"), "flat_001.fits", patterns=None) == "science"
+    )
 
 
 def test_object_or_field_naming_a_flat_overrides_light():
@@ -50,7 +63,9 @@ def test_object_or_field_naming_a_flat_overrides_light():
     assert classify_frame(_meta(IMAGETYP="LIGHT", OBJECT="twilight flat"), "x.fits") == "flat"
     assert classify_frame(_meta(OBJECT="Bias"), "x.fits") == "bias"
     # object names are not trusted for darks (real targets are called "Dark ...")
-    assert classify_frame(_meta(IMAGETYP="LIGHT", OBJECT="Dark Doodad Nebula"), "x.fits") == "science"
+    assert (
+        classify_frame(_meta(IMAGETYP="LIGHT", OBJECT="Dark Doodad Nebula"), "x.fits") == "science"
+    )
     assert classify_frame(_meta(IMAGETYP="LIGHT", OBJECT="NGC 7023"), "x.fits") == "science"
 
 
@@ -70,8 +85,12 @@ def test_huntsman_raw_frames_classify(real_data):
     for name in ("bias_0.fits", "dark_0.fits", "flat_0.fits", "science_0.fits"):
         meta = normalize_header(read_header(raw / name)[0], **HUNTSMAN_KW)
         kinds[name] = classify_frame(meta, raw / name)  # no patterns: header + FIELD only
-    assert kinds == {"bias_0.fits": "bias", "dark_0.fits": "dark", "flat_0.fits": "flat",
-                     "science_0.fits": "science"}
+    assert kinds == {
+        "bias_0.fits": "bias",
+        "dark_0.fits": "dark",
+        "flat_0.fits": "flat",
+        "science_0.fits": "science",
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,7 +117,13 @@ def mixed_session(tmp_path):
     for i in range(3):
         _frame(s / f"bias_{i}.fits", imagetyp="Bias Frame", exptime=0.0, seed=i)
         _frame(s / f"dark_60_{i}.fits", imagetyp="Dark Frame", exptime=60.0, seed=10 + i)
-        _frame(s / f"m42_V_{i}.fits", imagetyp="Light Frame", exptime=60.0, filt="Johnson V", seed=20 + i)
+        _frame(
+            s / f"m42_V_{i}.fits",
+            imagetyp="Light Frame",
+            exptime=60.0,
+            filt="Johnson V",
+            seed=20 + i,
+        )
         _frame(s / f"flat_V_{i}.fits", imagetyp="Light Frame", exptime=2.0, filt="V", seed=30 + i)
     _frame(s / "dark_120.fits", imagetyp="Dark Frame", exptime=120.0)
     _frame(s / "m42_B.fits", imagetyp="Light Frame", exptime=120.0, filt="B")
@@ -111,16 +136,36 @@ def mixed_session(tmp_path):
 
 
 def test_group_session_groups_by_the_calibration_keys(mixed_session):
-    plan = group_session(mixed_session, normalize_kwargs={"filter_aliases": {"Johnson V": "V", "V": "V"}},
-                         patterns=PATTERNS)
+    plan = group_session(
+        mixed_session,
+        normalize_kwargs={"filter_aliases": {"Johnson V": "V", "V": "V"}},
+        patterns=PATTERNS,
+    )
     labels = [g.label for g in plan.groups]
-    assert labels == ["bias_1x1", "bias_2x2", "dark_60s_1x1", "dark_120s_1x1", "flat_V_1x1",
-                      "science_B_120s_1x1", "science_V_60s_1x1", "science_V_60s_2x2"]
+    assert labels == [
+        "bias_1x1",
+        "bias_2x2",
+        "dark_60s_1x1",
+        "dark_120s_1x1",
+        "flat_V_1x1",
+        "science_B_120s_1x1",
+        "science_V_60s_1x1",
+        "science_V_60s_2x2",
+    ]
     by_label = {g.label: g for g in plan.groups}
     assert len(by_label["bias_1x1"].paths) == 3
     assert len(by_label["science_V_60s_1x1"].paths) == 3  # 'Johnson V' and 'V' are the same band
-    assert by_label["flat_V_1x1"].paths == tuple(str(mixed_session / f"flat_V_{i}.fits") for i in range(3))
-    assert plan.counts == {"bias": 4, "dark": 4, "flat": 3, "science": 5, "unknown": 0, "rejected": 1}
+    assert by_label["flat_V_1x1"].paths == tuple(
+        str(mixed_session / f"flat_V_{i}.fits") for i in range(3)
+    )
+    assert plan.counts == {
+        "bias": 4,
+        "dark": 4,
+        "flat": 3,
+        "science": 5,
+        "unknown": 0,
+        "rejected": 1,
+    }
     assert plan.bands == ("B", "V")
     assert [r.path for r in plan.rejected] == [str(mixed_session / "broken.fits")]
     assert "not a FITS file" in plan.rejected[0].reason

@@ -1,4 +1,4 @@
-"""Tests of rpp_tasks.photometry: unbiased fluxes, scatter vs. photon noise, honest errors, blends, flags."""
+"""Tests of rpp_tasks.stages.photometry: unbiased fluxes, scatter vs. photon noise, honest errors, blends, flags."""
 
 from __future__ import annotations
 
@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from rpp_tasks.photometry import APERTURE_LABELS, aperture_photometry, psf_photometry, quality_flags
-from rpp_tasks.psf import EPSFModel, build_epsf, pixel_integrated_profile
+from rpp_tasks.stages.photometry import (
+    APERTURE_LABELS,
+    aperture_photometry,
+    psf_photometry,
+    quality_flags,
+)
+from rpp_tasks.stages.psf import EPSFModel, build_epsf, pixel_integrated_profile
 
 SKY_ADU, GAIN, RN_E, EXPTIME = 600.0, 1.5, 8.0, 30.0
 RMS = math.sqrt(SKY_ADU / GAIN + (RN_E / GAIN) ** 2)
@@ -19,6 +24,7 @@ FWHM = 3.0
 def psf_image(shape, x, y, flux, fwhm=FWHM):
     """Noise-free pixel-integrated Gaussian stars (exact erf integration, independent of the ePSF grid)."""
     from scipy.special import erf
+
     s = fwhm / (2 * math.sqrt(2 * math.log(2))) * math.sqrt(2)
     img = np.zeros(shape)
     half = int(5 * fwhm)
@@ -27,12 +33,16 @@ def psf_image(shape, x, y, flux, fwhm=FWHM):
         px, py = int(round(xi)) + k, int(round(yi)) + k
         fx = 0.5 * (erf((px - xi + 0.5) / s) - erf((px - xi - 0.5) / s))
         fy = 0.5 * (erf((py - yi + 0.5) / s) - erf((py - yi - 0.5) / s))
-        img[py[0]:py[-1] + 1, px[0]:px[-1] + 1] += fi * fy[:, None] * fx[None, :]
+        img[py[0] : py[-1] + 1, px[0] : px[-1] + 1] += fi * fy[:, None] * fx[None, :]
     return img
 
 
 def add_noise(clean, rng):
-    return rng.poisson((clean + SKY_ADU) * GAIN) / GAIN + rng.normal(0, RN_E / GAIN, clean.shape) - SKY_ADU
+    return (
+        rng.poisson((clean + SKY_ADU) * GAIN) / GAIN
+        + rng.normal(0, RN_E / GAIN, clean.shape)
+        - SKY_ADU
+    )
 
 
 def grid_stars(n_side, size, rng, flux):
@@ -45,8 +55,14 @@ def grid_stars(n_side, size, rng, flux):
 
 def analytic_epsf(fwhm=FWHM, size=15, os_=4):
     off = (np.arange(os_ * size + 1) - os_ * size / 2) / os_
-    return EPSFModel(pixel_integrated_profile(off[None, :], off[:, None], fwhm_px=fwhm), os_, fwhm, 0,
-                     math.inf, size)
+    return EPSFModel(
+        pixel_integrated_profile(off[None, :], off[:, None], fwhm_px=fwhm),
+        os_,
+        fwhm,
+        0,
+        math.inf,
+        size,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +75,13 @@ def repeated_fields():
     clean = psf_image((size, size), x, y, flux)
     reals = []
     for _ in range(8):
-        src = Table({"x_centroid": x + rng.normal(0, 0.15, x.size), "y_centroid": y + rng.normal(0, 0.15, x.size),
-                     "flux": flux})
+        src = Table(
+            {
+                "x_centroid": x + rng.normal(0, 0.15, x.size),
+                "y_centroid": y + rng.normal(0, 0.15, x.size),
+                "flux": flux,
+            }
+        )
         reals.append((add_noise(clean, rng), src))
     return x, y, flux, reals, np.full((size, size), RMS)
 
@@ -69,7 +90,9 @@ def _cramer_rao(x, y, flux):
     k = np.arange(-15, 16, dtype=float)
     out = []
     for xi, yi, fi in zip(x, y, flux):
-        p = pixel_integrated_profile(k[None, :] - (xi - round(xi)), k[:, None] - (yi - round(yi)), fwhm_px=FWHM)
+        p = pixel_integrated_profile(
+            k[None, :] - (xi - round(xi)), k[:, None] - (yi - round(yi)), fwhm_px=FWHM
+        )
         out.append(1 / math.sqrt(np.sum(p**2 / (RMS**2 + fi * p / GAIN))))
     return np.array(out)
 
@@ -91,37 +114,56 @@ def test_psf_fluxes_unbiased_scatter_at_cramer_rao_and_errors_honest(repeated_fi
         assert np.std(tab["x_psf"][bright] - x[bright]) < 0.02
     norm_dev, rep_dev, rel = map(np.concatenate, (norm_dev, rep_dev, rel))
     snr = np.tile(flux / crb, len(reals))
-    assert abs(np.mean(norm_dev)) < 0.15                         # unbiased (in units of the noise)
-    assert 0.9 <= np.std(norm_dev) <= 1.1                         # scatter at the photon-noise limit
-    assert 0.9 <= np.std(rep_dev) <= 1.1                          # reported errors honest
+    assert abs(np.mean(norm_dev)) < 0.15  # unbiased (in units of the noise)
+    assert 0.9 <= np.std(norm_dev) <= 1.1  # scatter at the photon-noise limit
+    assert 0.9 <= np.std(rep_dev) <= 1.1  # reported errors honest
     bright = snr > 500
-    assert 1.0857 * np.std(rel[bright]) < 0.003                   # bright-star floor (mag)
+    assert 1.0857 * np.std(rel[bright]) < 0.003  # bright-star floor (mag)
     assert abs(np.median(rel[bright])) < 0.001
 
 
 def test_aperture_fluxes_scatter_and_errors_match_the_error_model(repeated_fields):
     x, y, flux, reals, rms = repeated_fields
     r = 1.3 * FWHM
-    src = Table({"x_centroid": x, "y_centroid": y})      # aperture photometry at the true positions
+    src = Table({"x_centroid": x, "y_centroid": y})  # aperture photometry at the true positions
     # the true flux in each aperture: the same apertures on the noise-free image
     clean = psf_image(rms.shape, x, y, flux)
-    ref = aperture_photometry(clean, rms, src, fwhm_px=FWHM, fixed_radius_px=6.0, gain_e_per_adu=GAIN,
-                              exptime_s=EXPTIME, local_background=False)
+    ref = aperture_photometry(
+        clean,
+        rms,
+        src,
+        fwhm_px=FWHM,
+        fixed_radius_px=6.0,
+        gain_e_per_adu=GAIN,
+        exptime_s=EXPTIME,
+        local_background=False,
+    )
     true_ap = np.asarray(ref["flux_1p3fwhm"])
     ee = true_ap / flux
-    assert np.all((ee > 0.98) & (ee < 0.99))             # 1.3 FWHM = 3.06 sigma: 99% of a Gaussian, less pixel blur
+    assert np.all(
+        (ee > 0.98) & (ee < 0.99)
+    )  # 1.3 FWHM = 3.06 sigma: 99% of a Gaussian, less pixel blur
     norm_dev, rep_dev, rel = [], [], []
     for data, src in reals:
-        tab = aperture_photometry(data, rms, src, fwhm_px=FWHM, fixed_radius_px=6.0, gain_e_per_adu=GAIN,
-                                  exptime_s=EXPTIME)
-        f, e, n_ann = (np.asarray(tab[c]) for c in ("flux_1p3fwhm", "flux_err_1p3fwhm", "n_annulus"))
+        tab = aperture_photometry(
+            data,
+            rms,
+            src,
+            fwhm_px=FWHM,
+            fixed_radius_px=6.0,
+            gain_e_per_adu=GAIN,
+            exptime_s=EXPTIME,
+        )
+        f, e, n_ann = (
+            np.asarray(tab[c]) for c in ("flux_1p3fwhm", "flux_err_1p3fwhm", "n_annulus")
+        )
         area = math.pi * r**2
         expected = np.sqrt(ee * flux / GAIN + area * RMS**2 + area**2 * RMS**2 / n_ann)
         norm_dev.append((f - ee * flux) / expected)
         rep_dev.append((f - ee * flux) / e)
         rel.append(f / (ee * flux) - 1)
     norm_dev, rep_dev, rel = map(np.concatenate, (norm_dev, rep_dev, rel))
-    assert abs(np.mean(norm_dev)) < 0.2                          # mean known to +-0.035
+    assert abs(np.mean(norm_dev)) < 0.2  # mean known to +-0.035
     # 800 samples: the std is known to +-2.5%, hence the bound (the bench measures 2000 stars)
     assert 0.9 <= np.std(norm_dev) <= 1.1
     assert 0.9 <= np.std(rep_dev) <= 1.1
@@ -134,8 +176,9 @@ def test_aperture_columns_meta_and_magnitudes():
     x, y, flux = np.array([40.0, 80.3]), np.array([50.2, 90.7]), np.array([2e4, 5e3])
     data = psf_image((128, 128), x, y, flux) + rng.normal(0, 5, (128, 128))
     src = Table({"id": [1, 2], "x_centroid": x, "y_centroid": y})
-    tab = aperture_photometry(data, 5.0, src, fwhm_px=FWHM, fixed_radius_px=8.0, gain_e_per_adu=GAIN,
-                              exptime_s=EXPTIME)
+    tab = aperture_photometry(
+        data, 5.0, src, fwhm_px=FWHM, fixed_radius_px=8.0, gain_e_per_adu=GAIN, exptime_s=EXPTIME
+    )
     for lab in APERTURE_LABELS:
         for c in ("flux", "flux_err", "mag", "mag_err", "snr"):
             assert f"{c}_{lab}" in tab.colnames
@@ -145,24 +188,30 @@ def test_aperture_columns_meta_and_magnitudes():
     assert np.all(np.abs(tab["flux_fixed"] - flux) < 4 * tab["flux_err_fixed"])
     np.testing.assert_allclose(tab["flux_fixed"], flux, rtol=0.05)
     np.testing.assert_allclose(tab["mag_fixed"], -2.5 * np.log10(tab["flux_fixed"] / EXPTIME))
-    np.testing.assert_allclose(tab["mag_err_fixed"], 1.0857362 * tab["flux_err_fixed"] / tab["flux_fixed"],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        tab["mag_err_fixed"], 1.0857362 * tab["flux_err_fixed"] / tab["flux_fixed"], rtol=1e-6
+    )
     assert np.all(np.abs(tab["bkg_local"]) < 1.0)
 
 
 def test_local_background_removes_a_residual_sky_offset():
     x, y, flux = np.array([60.0]), np.array([60.0]), np.array([1e4])
-    data = psf_image((128, 128), x, y, flux) + 25.0           # 2-D background left 25 ADU/px behind
+    data = psf_image((128, 128), x, y, flux) + 25.0  # 2-D background left 25 ADU/px behind
     src = Table({"x_centroid": x, "y_centroid": y})
-    tab = aperture_photometry(data, 5.0, src, fwhm_px=FWHM, fixed_radius_px=10.0, gain_e_per_adu=GAIN,
-                              exptime_s=1.0)
+    tab = aperture_photometry(
+        data, 5.0, src, fwhm_px=FWHM, fixed_radius_px=10.0, gain_e_per_adu=GAIN, exptime_s=1.0
+    )
     assert tab["bkg_local"][0] == pytest.approx(25.0, abs=0.1)
     assert tab["flux_fixed"][0] == pytest.approx(1e4, rel=0.002)
 
 
 def test_blended_pair_is_fitted_simultaneously():
     rng = np.random.default_rng(7)
-    x, y, flux = np.array([50.0, 52.6]), np.array([50.0, 51.1]), np.array([4e4, 1.3e4])   # 2.8 px = 0.95 FWHM
+    x, y, flux = (
+        np.array([50.0, 52.6]),
+        np.array([50.0, 51.1]),
+        np.array([4e4, 1.3e4]),
+    )  # 2.8 px = 0.95 FWHM
     data = add_noise(psf_image((100, 100), x, y, flux), rng)
     src = Table({"x_centroid": x + [0.3, -0.3], "y_centroid": y + [-0.2, 0.25]})
     tab = psf_photometry(data, RMS, src, analytic_epsf(), gain_e_per_adu=GAIN, exptime_s=EXPTIME)
@@ -177,11 +226,13 @@ def test_masked_pixels_are_left_out_of_the_fit():
     rng = np.random.default_rng(3)
     x, y, flux = np.array([30.2]), np.array([29.7]), np.array([3e4])
     data = add_noise(psf_image((64, 64), x, y, flux), rng)
-    data[30, 30] += 5e4                                         # cosmic ray on the star's core
+    data[30, 30] += 5e4  # cosmic ray on the star's core
     mask = np.zeros(data.shape, bool)
     mask[30, 30] = True
     src = Table({"x_centroid": x, "y_centroid": y})
-    tab = psf_photometry(data, RMS, src, analytic_epsf(), gain_e_per_adu=GAIN, exptime_s=EXPTIME, mask=mask)
+    tab = psf_photometry(
+        data, RMS, src, analytic_epsf(), gain_e_per_adu=GAIN, exptime_s=EXPTIME, mask=mask
+    )
     assert tab["flux_psf"][0] == pytest.approx(3e4, rel=0.03)
     assert tab["flag_psf"][0] & 4
 
@@ -189,8 +240,9 @@ def test_masked_pixels_are_left_out_of_the_fit():
 def test_empty_sources_give_empty_shaped_tables():
     empty = Table({"x_centroid": np.zeros(0), "y_centroid": np.zeros(0)})
     data = np.zeros((32, 32))
-    ap = aperture_photometry(data, 1.0, empty, fwhm_px=3.0, fixed_radius_px=5.0, gain_e_per_adu=1.0,
-                             exptime_s=1.0)
+    ap = aperture_photometry(
+        data, 1.0, empty, fwhm_px=3.0, fixed_radius_px=5.0, gain_e_per_adu=1.0, exptime_s=1.0
+    )
     assert len(ap) == 0 and "flux_1p3fwhm" in ap.colnames and ap.meta["no_sources"]
     ps = psf_photometry(data, 1.0, empty, analytic_epsf(), gain_e_per_adu=1.0, exptime_s=1.0)
     assert len(ps) == 0 and {"x_psf", "flux_psf", "qfit_psf"} <= set(ps.colnames)
@@ -201,13 +253,28 @@ def test_empty_sources_give_empty_shaped_tables():
 def test_shape_mismatch_and_bad_options_raise():
     src = Table({"x_centroid": [5.0], "y_centroid": [5.0]})
     with pytest.raises(ValueError, match="does not match"):
-        aperture_photometry(np.zeros((32, 32)), np.ones((32, 30)), src, fwhm_px=3.0, fixed_radius_px=5.0,
-                            gain_e_per_adu=1.0, exptime_s=1.0)
+        aperture_photometry(
+            np.zeros((32, 32)),
+            np.ones((32, 30)),
+            src,
+            fwhm_px=3.0,
+            fixed_radius_px=5.0,
+            gain_e_per_adu=1.0,
+            exptime_s=1.0,
+        )
     with pytest.raises(ValueError, match="does not match"):
-        psf_photometry(np.zeros((32, 32)), np.ones((30, 32)), src, analytic_epsf(), gain_e_per_adu=1.0,
-                       exptime_s=1.0)
+        psf_photometry(
+            np.zeros((32, 32)),
+            np.ones((30, 32)),
+            src,
+            analytic_epsf(),
+            gain_e_per_adu=1.0,
+            exptime_s=1.0,
+        )
     with pytest.raises(ValueError, match="gain_e_per_adu"):
-        psf_photometry(np.zeros((32, 32)), 1.0, src, analytic_epsf(), gain_e_per_adu=0.0, exptime_s=1.0)
+        psf_photometry(
+            np.zeros((32, 32)), 1.0, src, analytic_epsf(), gain_e_per_adu=0.0, exptime_s=1.0
+        )
 
 
 def test_negative_flux_gives_nan_magnitude():
@@ -215,19 +282,26 @@ def test_negative_flux_gives_nan_magnitude():
     data = rng.normal(0, 1.0, (64, 64))
     data[28:37, 28:37] -= 20.0
     src = Table({"x_centroid": [32.0], "y_centroid": [32.0]})
-    tab = psf_photometry(data, 1.0, src, analytic_epsf(), gain_e_per_adu=1.0, exptime_s=1.0,
-                         refine_positions=False)
-    assert tab["flux_psf"][0] < 0 and np.isnan(tab["mag_psf"][0]) and np.isfinite(tab["flux_err_psf"][0])
+    tab = psf_photometry(
+        data, 1.0, src, analytic_epsf(), gain_e_per_adu=1.0, exptime_s=1.0, refine_positions=False
+    )
+    assert (
+        tab["flux_psf"][0] < 0
+        and np.isnan(tab["mag_psf"][0])
+        and np.isfinite(tab["flux_err_psf"][0])
+    )
 
 
 def test_quality_flags_classes_edges_blends_saturation():
-    tab = Table({
-        "x_centroid": [50.0, 52.0, 150.0, 1.0, 100.0],
-        "y_centroid": [50.0, 50.0, 150.0, 100.0, 100.0],
-        "snr_psf": [3.0, 7.0, 20.0, np.nan, 50.0],
-        "snr_1p3fwhm": [2.0, 6.0, 15.0, 8.0, 40.0],
-        "peak": [10.0, 10.0, 10.0, 10.0, 10.0],
-    })
+    tab = Table(
+        {
+            "x_centroid": [50.0, 52.0, 150.0, 1.0, 100.0],
+            "y_centroid": [50.0, 50.0, 150.0, 100.0, 100.0],
+            "snr_psf": [3.0, 7.0, 20.0, np.nan, 50.0],
+            "snr_1p3fwhm": [2.0, 6.0, 15.0, 8.0, 40.0],
+            "peak": [10.0, 10.0, 10.0, 10.0, 10.0],
+        }
+    )
     data = np.full((200, 200), 500.0)
     data[100, 101] = 65000.0
     out = quality_flags(tab, saturation_adu=60000.0, shape=(200, 200), fwhm_px=3.0, data=data)
@@ -239,6 +313,7 @@ def test_quality_flags_classes_edges_blends_saturation():
 
 
 # ---------------------------------------------------------------------------- residual detection pass
+
 
 def _bright_faint_field(seed, *, sep_fwhm=2.5, ratio=100.0, size=160):
     rng = np.random.default_rng(seed)
@@ -254,14 +329,18 @@ def _bright_faint_field(seed, *, sep_fwhm=2.5, ratio=100.0, size=160):
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_residual_pass_finds_faint_star_next_to_100x_brighter_one(seed):
-    from rpp_tasks.detection import FLAG_RESIDUAL
-    from rpp_tasks.photometry import psf_photometry_with_residual_detection
+    from rpp_tasks.stages.detection import FLAG_RESIDUAL
+    from rpp_tasks.stages.photometry import psf_photometry_with_residual_detection
 
     data, clean_f, (xb, yb, fb), (xf, yf, ff) = _bright_faint_field(seed)
     epsf = analytic_epsf()
     # the detection stage merged the faint star into the bright one: only the bright one is known
-    src = Table({"id": [1], "x_centroid": [xb + 0.1], "y_centroid": [yb - 0.1], "flux": [fb], "flag": [0]})
-    res = psf_photometry_with_residual_detection(data, RMS, src, epsf, gain_e_per_adu=GAIN, exptime_s=EXPTIME)
+    src = Table(
+        {"id": [1], "x_centroid": [xb + 0.1], "y_centroid": [yb - 0.1], "flux": [fb], "flag": [0]}
+    )
+    res = psf_photometry_with_residual_detection(
+        data, RMS, src, epsf, gain_e_per_adu=GAIN, exptime_s=EXPTIME
+    )
     tab = res.table
     assert res.n_added == 1 and len(tab) == 2
     new = tab[1]
@@ -270,30 +349,48 @@ def test_residual_pass_finds_faint_star_next_to_100x_brighter_one(seed):
     assert abs(new["flux_psf"] - ff) < 3.0 * new["flux_err_psf"]
     assert abs(tab[0]["flux_psf"] - fb) < 3.0 * tab[0]["flux_err_psf"]
     # aperture photometry of the added star with its neighbour's model subtracted: unbiased
-    ap = aperture_photometry(data, RMS, tab, fwhm_px=FWHM, fixed_radius_px=6.0, gain_e_per_adu=GAIN,
-                             exptime_s=EXPTIME, psf_model=res.model, epsf=epsf)
-    ref = aperture_photometry(clean_f, RMS, tab[1:], fwhm_px=FWHM, fixed_radius_px=6.0, gain_e_per_adu=GAIN,
-                              exptime_s=EXPTIME, local_background=False)["flux_1p3fwhm"][0]
+    ap = aperture_photometry(
+        data,
+        RMS,
+        tab,
+        fwhm_px=FWHM,
+        fixed_radius_px=6.0,
+        gain_e_per_adu=GAIN,
+        exptime_s=EXPTIME,
+        psf_model=res.model,
+        epsf=epsf,
+    )
+    ref = aperture_photometry(
+        clean_f,
+        RMS,
+        tab[1:],
+        fwhm_px=FWHM,
+        fixed_radius_px=6.0,
+        gain_e_per_adu=GAIN,
+        exptime_s=EXPTIME,
+        local_background=False,
+    )["flux_1p3fwhm"][0]
     assert abs(ap["flux_1p3fwhm"][1] - ref) < 3.0 * ap["flux_err_1p3fwhm"][1]
 
 
 def test_residual_pass_adds_nothing_on_isolated_stars(repeated_fields):
-    from rpp_tasks.photometry import psf_photometry_with_residual_detection
+    from rpp_tasks.stages.photometry import psf_photometry_with_residual_detection
 
     x, y, flux, reals, rms = repeated_fields
     epsf = analytic_epsf()
     added = 0
     for data, sources in reals[:3]:
-        res = psf_photometry_with_residual_detection(data, rms, sources, epsf, gain_e_per_adu=GAIN,
-                                                     exptime_s=EXPTIME)
+        res = psf_photometry_with_residual_detection(
+            data, rms, sources, epsf, gain_e_per_adu=GAIN, exptime_s=EXPTIME
+        )
         added += res.n_added
         assert len(res.table) == len(sources) + res.n_added
         assert res.model.shape == data.shape
-    assert added <= 1     # S/N >= 5 on ~3 x 10^5 px of pure noise: ~0.1 expected per frame
+    assert added <= 1  # S/N >= 5 on ~3 x 10^5 px of pure noise: ~0.1 expected per frame
 
 
 def test_detect_residual_sources_bad_input_and_empty():
-    from rpp_tasks.detection import detect_residual_sources
+    from rpp_tasks.stages.detection import detect_residual_sources
 
     with pytest.raises(ValueError):
         detect_residual_sources(np.zeros((10, 10)), np.ones((10, 11)), fwhm_px=3.0)

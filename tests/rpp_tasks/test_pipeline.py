@@ -12,10 +12,10 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from rpp_tasks import pipeline
-from rpp_tasks.cli import main as rpp_main
 from rpp_tasks.config import config_from_dict, find_config
-from rpp_tasks.session import Session
+from rpp_tasks.ops.cli import main as rpp_main
+from rpp_tasks.session import pipeline
+from rpp_tasks.session.workdir import Session
 
 REPO = Path(__file__).resolve().parents[2]
 FWHM_TRUE = 3.5
@@ -33,13 +33,21 @@ def obs():
 @pytest.fixture(scope="module")
 def raw_session(tmp_path_factory):
     """A synthetic night: 3 science frames (256x256) + bias/dark/flat, plus three broken files."""
-    from rpp_tasks import synthetic
+    from rpp_tasks.sim import synthetic
 
     root = tmp_path_factory.mktemp("night")
     raw = root / "incoming" / "2025-01-15"
-    paths = synthetic.write_synthetic_session(raw, truth_folder=root / "truth", n_science=3, n_bias=3,
-                                              n_dark=2, n_flat=3, shape=(256, 256), fwhm_px=FWHM_TRUE,
-                                              seed=3)
+    paths = synthetic.write_synthetic_session(
+        raw,
+        truth_folder=root / "truth",
+        n_science=3,
+        n_bias=3,
+        n_dark=2,
+        n_flat=3,
+        shape=(256, 256),
+        fwhm_px=FWHM_TRUE,
+        seed=3,
+    )
     (raw / "zero_length.fits").write_bytes(b"")
     (raw / "notes.fits").write_text("this is not a FITS file\n")
     good = Path(paths["science"][0]).read_bytes()
@@ -59,7 +67,10 @@ def test_session_reduces_and_rejects_bad_files_with_reasons(raw_session, obs, tm
     assert summary["n_science"] == 3 and summary["n_ok"] == 3, summary["frames"]
     rej = summary["rejected_files"]
     assert set(rej) == {"zero_length", "notes", "truncated"}
-    assert "empty" in rej["zero_length"]["reason"].lower() or "zero" in rej["zero_length"]["reason"].lower()
+    assert (
+        "empty" in rej["zero_length"]["reason"].lower()
+        or "zero" in rej["zero_length"]["reason"].lower()
+    )
     assert "fits" in rej["notes"]["reason"].lower()
     assert "truncat" in rej["truncated"]["reason"].lower()
     assert _checksums(raw) == before, "raw files must never be modified"
@@ -72,10 +83,25 @@ def test_session_reduces_and_rejects_bad_files_with_reasons(raw_session, obs, tm
         with fits.open(cal) as hdul:
             assert hdul[0].data.dtype.kind == "f" and hdul[0].data.dtype.itemsize == 4
             assert "MASK" in hdul
-            assert hdul[0].header["CTYPE1"].startswith("RA---TAN")     # WCS kept
+            assert hdul[0].header["CTYPE1"].startswith("RA---TAN")  # WCS kept
         cat = Table.read(f["catalog"], format="ascii.ecsv")
-        for col in ("x_centroid", "y_centroid", "flux_1p1fwhm", "flux_1p3fwhm", "flux_fixed", "flux_psf",
-                    "flux_err_psf", "mag_psf", "snr", "quality", "saturated", "near_edge", "blended", "ra", "dec"):
+        for col in (
+            "x_centroid",
+            "y_centroid",
+            "flux_1p1fwhm",
+            "flux_1p3fwhm",
+            "flux_fixed",
+            "flux_psf",
+            "flux_err_psf",
+            "mag_psf",
+            "snr",
+            "quality",
+            "saturated",
+            "near_edge",
+            "blended",
+            "ra",
+            "dec",
+        ):
             assert col in cat.colnames, col
         assert set(np.unique(cat["quality"])) <= {"poor", "marginal", "good"}
         good = cat["quality"] == "good"
@@ -125,13 +151,16 @@ def test_frame_without_exptime_is_rejected_and_others_go_on(raw_session, obs, tm
     victim = night / Path(paths["science"][1]).name
     with fits.open(victim) as hdul:
         hdul = fits.HDUList([h.copy() for h in hdul])
-    for key in ("EXPTIME", "EXPOSURE", "EXP_TIME"):     # every keyword an exposure time is read from
+    for key in ("EXPTIME", "EXPOSURE", "EXP_TIME"):  # every keyword an exposure time is read from
         hdul[0].header.remove(key, ignore_missing=True)
     hdul.writeto(victim, overwrite=True)
     summary = pipeline.reduce_session(night, obs, work_root=tmp_path / "work", workers=1)
     by_name = {f["frame"]: f for f in summary["frames"]}
     stem = victim.name.removesuffix(".fits")
-    rejected = {**summary["rejected_files"], **{k: v for k, v in by_name.items() if v["status"] != "ok"}}
+    rejected = {
+        **summary["rejected_files"],
+        **{k: v for k, v in by_name.items() if v["status"] != "ok"},
+    }
     assert stem in rejected
     assert "EXPTIME" in str(rejected[stem].get("reason"))
     assert sum(f["status"] == "ok" for f in summary["frames"]) == 2
@@ -139,9 +168,13 @@ def test_frame_without_exptime_is_rejected_and_others_go_on(raw_session, obs, tm
 
 def test_config_without_psf_still_gives_aperture_catalogue(raw_session, tmp_path):
     raw, paths = raw_session
-    obs = config_from_dict({"observatory": "nopsf", "camera": {"gain_e_per_adu": 1.5, "read_noise_e": 8.0,
-                                                               "saturation_adu": 60000},
-                            "stages": {"photometry": {"psf": False}}})
+    obs = config_from_dict(
+        {
+            "observatory": "nopsf",
+            "camera": {"gain_e_per_adu": 1.5, "read_noise_e": 8.0, "saturation_adu": 60000},
+            "stages": {"photometry": {"psf": False}},
+        }
+    )
     s = pipeline.reduce_frame(paths["science"][0], obs, tmp_path / "f")
     assert s["status"] == "ok", s
     cat = Table.read(s["catalog"])
@@ -151,12 +184,38 @@ def test_config_without_psf_still_gives_aperture_catalogue(raw_session, tmp_path
 
 def test_cli_reduce_frame_and_folder(raw_session, tmp_path, capsys):
     raw, paths = raw_session
-    assert rpp_main(["-q", "reduce", str(paths["science"][0]), "--observatory", "demo",
-                     "--work", str(tmp_path / "w1")]) == 0
+    assert (
+        rpp_main(
+            [
+                "-q",
+                "reduce",
+                str(paths["science"][0]),
+                "--observatory",
+                "demo",
+                "--work",
+                str(tmp_path / "w1"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "ok" in out and "sources" in out
-    assert rpp_main(["-q", "reduce", str(raw), "--observatory", "demo", "--work", str(tmp_path / "w2"),
-                     "--workers", "1"]) == 0
+    assert (
+        rpp_main(
+            [
+                "-q",
+                "reduce",
+                str(raw),
+                "--observatory",
+                "demo",
+                "--work",
+                str(tmp_path / "w2"),
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "3/3 science frames reduced" in out
     assert "truncated" in out
@@ -175,38 +234,43 @@ def test_frame_pool_does_not_rerun_the_callers_main_script(raw_session, obs, tmp
         "import sys\n"
         "if __name__ != '__main__':\n"
         "    raise SystemExit('the main script was re-run in a worker')\n"
-        "from rpp_tasks import pipeline\n"
+        "from rpp_tasks.session import pipeline\n"
         "from rpp_tasks.config import find_config\n"
         "obs = find_config('demo')\n"
         f"s = pipeline.open_session({str(raw)!r}, obs, work_root={str(tmp_path / 'w')!r})\n"
         "pipeline.prepare_masters(s, obs)\n"
         "out = pipeline.run_stage(s, obs, ('calibrate', 'cosmics'), workers=2)\n"
-        "print('n_ok', out['n_ok'])\n")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=REPO, timeout=300)
+        "print('n_ok', out['n_ok'])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "n_ok 3" in proc.stdout
 
 
 def test_session_is_recorded_in_the_results_database(raw_session, obs, tmp_path, monkeypatch):
-    from rpp_tasks.db import ResultsDB
+    from rpp_tasks.outputs.db import ResultsDB
 
     raw, _ = raw_session
     url = f"sqlite:///{tmp_path / 'results.sqlite'}"
     monkeypatch.setenv("RPP_RESULTS_DB_URL", url)
-    for _ in range(2):                               # a re-run updates, it does not duplicate
+    for _ in range(2):  # a re-run updates, it does not duplicate
         summary = pipeline.reduce_session(raw, obs, work_root=tmp_path / "work", workers=1)
     with ResultsDB(url) as rdb:
         sess = rdb.get_session("demo", summary["session_id"])
         assert sess["status"] == "done" and sess["n_rejected"] == 0
         assert str(sess["night_date"]) == "2025-01-15"
         rows = rdb.frame_rows("demo", summary["session_id"])
-        assert sorted(r["frame_stem"] for r in rows) == sorted(f["frame"] for f in summary["frames"])
+        assert sorted(r["frame_stem"] for r in rows) == sorted(
+            f["frame"] for f in summary["frames"]
+        )
         by_stem = {r["frame_stem"]: r for r in rows}
         for f in summary["frames"]:
             assert by_stem[f["frame"]]["fwhm_px"] == pytest.approx(f["fwhm_px"])
             assert by_stem[f["frame"]]["n_sources"] == f["n_sources"]
         runs = rdb.stage_runs("demo", summary["session_id"], stage="photometry")
-        assert len(runs) == 2 * len(rows)            # one per frame and run: attempts 1 and 2
+        assert len(runs) == 2 * len(rows)  # one per frame and run: attempts 1 and 2
         assert {r["attempt"] for r in runs} == {1, 2}
         kinds = {m["kind"] for m in rdb.masters("demo", summary["session_id"])}
         assert {"bias", "dark", "flat_V"} <= kinds
@@ -218,9 +282,23 @@ def test_rpp_command_in_a_fresh_process(raw_session, tmp_path):
     import sys
 
     _, paths = raw_session
-    proc = subprocess.run([sys.executable, "-m", "rpp_tasks.cli", "reduce", str(paths["science"][0]),
-                           "--observatory", "demo", "--work", str(tmp_path / "w")],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rpp_tasks.ops.cli",
+            "reduce",
+            str(paths["science"][0]),
+            "--observatory",
+            "demo",
+            "--work",
+            str(tmp_path / "w"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sources, FWHM" in proc.stdout
-    assert "photometry" in proc.stderr            # per-stage progress and timings in the log
+    assert "photometry" in proc.stderr  # per-stage progress and timings in the log

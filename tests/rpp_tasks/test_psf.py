@@ -1,4 +1,4 @@
-"""Tests of rpp_tasks.psf: FWHM of pixel-integrated Gaussian/Moffat stars, effective PSF model."""
+"""Tests of rpp_tasks.stages.psf: FWHM of pixel-integrated Gaussian/Moffat stars, effective PSF model."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from rpp_tasks.psf import EPSFModel, build_epsf, measure_fwhm, pixel_integrated_profile
+from rpp_tasks.stages.psf import EPSFModel, build_epsf, measure_fwhm, pixel_integrated_profile
 
 SKY_ADU, GAIN, RN_E = 800.0, 1.5, 8.0
 RMS = math.sqrt(SKY_ADU / GAIN + (RN_E / GAIN) ** 2)
@@ -30,7 +30,7 @@ def render(shape, x, y, flux, fwhm, beta=None, over=8):
         px, py = int(round(xi)) + k, int(round(yi)) + k
         ddx = px[None, :, None, None] + s[None, None, None, :] - xi
         ddy = py[:, None, None, None] + s[None, None, :, None] - yi
-        img[py[0]:py[-1] + 1, px[0]:px[-1] + 1] += prof(ddx**2 + ddy**2).mean(axis=(2, 3)) * fi
+        img[py[0] : py[-1] + 1, px[0] : px[-1] + 1] += prof(ddx**2 + ddy**2).mean(axis=(2, 3)) * fi
     return img
 
 
@@ -41,14 +41,24 @@ def star_field(*, fwhm, beta, n=70, size=384, seed=0, flux_range=(2e4, 3e5)):
     g = int(math.ceil(math.sqrt(n)))
     step = (size - 2 * margin) / g
     gx, gy = np.meshgrid(np.arange(g), np.arange(g))
-    x = (margin + (gx.ravel()[:n] + 0.5) * step + rng.uniform(-0.2, 0.2, n) * step)
-    y = (margin + (gy.ravel()[:n] + 0.5) * step + rng.uniform(-0.2, 0.2, n) * step)
+    x = margin + (gx.ravel()[:n] + 0.5) * step + rng.uniform(-0.2, 0.2, n) * step
+    y = margin + (gy.ravel()[:n] + 0.5) * step + rng.uniform(-0.2, 0.2, n) * step
     flux = rng.uniform(*flux_range, n)
     clean = render((size, size), x, y, flux, fwhm, beta)
-    data = rng.poisson((clean + SKY_ADU) * GAIN) / GAIN + rng.normal(0, RN_E / GAIN, clean.shape) - SKY_ADU
+    data = (
+        rng.poisson((clean + SKY_ADU) * GAIN) / GAIN
+        + rng.normal(0, RN_E / GAIN, clean.shape)
+        - SKY_ADU
+    )
     # sources as a detector would give them: centroids good to ~0.1 px
-    src = Table({"x_centroid": x + rng.normal(0, 0.1, n), "y_centroid": y + rng.normal(0, 0.1, n),
-                 "flux": flux, "flag": np.zeros(n, int)})
+    src = Table(
+        {
+            "x_centroid": x + rng.normal(0, 0.1, n),
+            "y_centroid": y + rng.normal(0, 0.1, n),
+            "flux": flux,
+            "flag": np.zeros(n, int),
+        }
+    )
     return data, np.full(data.shape, RMS), src, Table({"x": x, "y": y, "flux": flux})
 
 
@@ -62,7 +72,7 @@ def test_fwhm_within_3_percent_gaussian_and_moffat(fwhm, beta):
     assert res.ellipticity < 0.03
     assert res.fwhm_err_px < 0.01 * fwhm
     if beta is None:
-        assert res.beta > 8.0          # Gaussian is the beta -> infinity limit
+        assert res.beta > 8.0  # Gaussian is the beta -> infinity limit
     else:
         assert res.beta == pytest.approx(beta, rel=0.15)
     assert res.to_dict()["n_stars"] == res.n_stars
@@ -78,7 +88,11 @@ def test_fwhm_elliptical_psf_reports_ellipticity():
     img = np.zeros((size, size))
     for xi, yi in zip(x, y):
         sx, sy = 1.3 * 1.3, 1.3
-        img += 5e4 / (2 * math.pi * sx * sy) * np.exp(-0.5 * (((xx - xi) / sx) ** 2 + ((yy - yi) / sy) ** 2))
+        img += (
+            5e4
+            / (2 * math.pi * sx * sy)
+            * np.exp(-0.5 * (((xx - xi) / sx) ** 2 + ((yy - yi) / sy) ** 2))
+        )
     img += rng.normal(0, 5.0, img.shape)
     src = Table({"x_centroid": x, "y_centroid": y, "flux": np.full(n, 5e4)})
     res = measure_fwhm(img, src, rms=np.full(img.shape, 5.0), min_peak_snr=5.0)
@@ -104,7 +118,9 @@ def test_saturated_and_masked_stars_are_not_used():
     mask = np.zeros(data.shape, bool)
     mask[int(round(truth["y"][0])), int(round(truth["x"][0]))] = True
     res_all = measure_fwhm(data, src, rms=rms)
-    res = measure_fwhm(data, src, rms=rms, mask=mask, saturation_adu=float(np.sort(truth["flux"])[-5] * 0.02))
+    res = measure_fwhm(
+        data, src, rms=rms, mask=mask, saturation_adu=float(np.sort(truth["flux"])[-5] * 0.02)
+    )
     assert res.n_stars < res_all.n_stars
     assert res.fwhm_px == pytest.approx(3.0, rel=0.03)
 
@@ -126,8 +142,9 @@ def test_epsf_is_the_pixel_integrated_psf_with_unit_flux(beta):
     # sum over a pixel lattice = enclosed flux within the footprint (<= 1, ~1 for a Gaussian)
     k = np.arange(-(epsf.size_px // 2), epsf.size_px // 2 + 1)
     total = epsf.evaluate(k[None, :] + 0.3, k[:, None] - 0.2).sum()
-    expected = pixel_integrated_profile(k[None, :] + 0.3, k[:, None] - 0.2, fwhm_px=fwhm,
-                                        beta=math.inf if beta is None else beta).sum()
+    expected = pixel_integrated_profile(
+        k[None, :] + 0.3, k[:, None] - 0.2, fwhm_px=fwhm, beta=math.inf if beta is None else beta
+    ).sum()
     assert total == pytest.approx(expected, abs=0.003)
     assert expected <= 1.0 + 1e-9
 
@@ -156,6 +173,8 @@ def test_build_epsf_without_stars_falls_back_to_flagged_gaussian():
     empty = Table({"x_centroid": np.zeros(0), "y_centroid": np.zeros(0), "flux": np.zeros(0)})
     epsf = build_epsf(np.zeros((64, 64)), empty, fwhm_px=3.0)
     assert epsf.flags == ("no_psf_stars",) and epsf.n_stars == 0
-    assert epsf.evaluate(0.0, 0.0) == pytest.approx(pixel_integrated_profile(0.0, 0.0, fwhm_px=3.0), rel=1e-3)
+    assert epsf.evaluate(0.0, 0.0) == pytest.approx(
+        pixel_integrated_profile(0.0, 0.0, fwhm_px=3.0), rel=1e-3
+    )
     with pytest.raises(ValueError, match="fwhm_px"):
         build_epsf(np.zeros((64, 64)), empty, fwhm_px=float("nan"))

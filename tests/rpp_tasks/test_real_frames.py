@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from rpp_tasks import pipeline
 from rpp_tasks.config import config_from_dict, find_config
+from rpp_tasks.session import pipeline
 
 REPO = Path(__file__).resolve().parents[2]
 
-GENERIC = {"observatory": "generic", "camera": {"gain_e_per_adu": 1.0, "read_noise_e": 10.0,
-                                                "saturation_adu": 65000}}
+GENERIC = {
+    "observatory": "generic",
+    "camera": {"gain_e_per_adu": 1.0, "read_noise_e": 10.0, "saturation_adu": 65000},
+}
 
 # file -> (observatory config, expected outcome, min sources when ok)
 CASES = {
@@ -63,11 +65,18 @@ def test_real_frame_reduces_or_fails_clearly(real_data, rel, tmp_path):
 
 
 def test_sip_without_suffix_gives_sky_coordinates(real_data, tmp_path):
-    s = pipeline.reduce_frame(real_data / "huntsman/raw/science_0.fits", _obs("huntsman"), tmp_path / "h")
+    s = pipeline.reduce_frame(
+        real_data / "huntsman/raw/science_0.fits", _obs("huntsman"), tmp_path / "h"
+    )
     assert s["wcs_status"] == "valid-sip-fixed"
     cat = Table.read(s["catalog"])
     # the field centre is 65.1621 -54.9358; every source lies within the 16.8' field
-    assert np.nanmax(np.hypot((cat["ra"] - 65.1621) * np.cos(np.radians(54.9358)), cat["dec"] + 54.9358)) < 0.2
+    assert (
+        np.nanmax(
+            np.hypot((cat["ra"] - 65.1621) * np.cos(np.radians(54.9358)), cat["dec"] + 54.9358)
+        )
+        < 0.2
+    )
 
 
 def test_huntsman_session_builds_and_applies_masters(real_data, tmp_path):

@@ -1,4 +1,4 @@
-"""Tests of rpp_tasks.synthetic: the truth must be what an ideal measurement gets."""
+"""Tests of rpp_tasks.sim.synthetic: the truth must be what an ideal measurement gets."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from astropy.wcs import WCS
 from scipy.interpolate import CubicSpline
 from scipy.special import erf
 
-from rpp_tasks.synthetic import (
+from rpp_tasks.sim.synthetic import (
     make_calibration_frames,
     make_camera,
     make_star_field,
@@ -38,7 +38,7 @@ def test_moffat_stamps_match_brute_force_integration(fwhm):
     a2 = moffat_alpha_px(fwhm, beta) ** 2
     xs = (k[:, None] + t[None, :]).ravel() - dx[0]
     ys = (k[:, None] + t[None, :]).ravel() - dy[0]
-    ref = ((beta - 1) / (math.pi * a2) * (1 + (xs[None, :] ** 2 + ys[:, None] ** 2) / a2) ** -beta)
+    ref = (beta - 1) / (math.pi * a2) * (1 + (xs[None, :] ** 2 + ys[:, None] ** 2) / a2) ** -beta
     ref = ref.reshape(2 * h + 1, n, 2 * h + 1, n).mean(axis=(1, 3))
     assert np.abs(stamp - ref).max() < 1e-4 * ref.max()
     assert stamp.sum() == pytest.approx(ref.sum(), rel=1e-4)
@@ -49,8 +49,12 @@ def test_gaussian_stamps_are_exact_erf_integrals():
     sigma = fwhm / (2 * math.sqrt(2 * math.log(2)))
     stamp = render_psf_stamps([0.3], [-0.2], h, psf="gaussian", fwhm_px=fwhm)[0]
     # pixel (i, j) = (2, -1) relative to the central pixel
-    fx = 0.5 * (erf((2.5 - 0.3) / (math.sqrt(2) * sigma)) - erf((1.5 - 0.3) / (math.sqrt(2) * sigma)))
-    fy = 0.5 * (erf((-0.5 + 0.2) / (math.sqrt(2) * sigma)) - erf((-1.5 + 0.2) / (math.sqrt(2) * sigma)))
+    fx = 0.5 * (
+        erf((2.5 - 0.3) / (math.sqrt(2) * sigma)) - erf((1.5 - 0.3) / (math.sqrt(2) * sigma))
+    )
+    fy = 0.5 * (
+        erf((-0.5 + 0.2) / (math.sqrt(2) * sigma)) - erf((-1.5 + 0.2) / (math.sqrt(2) * sigma))
+    )
     assert stamp[h - 1, h + 2] == pytest.approx(fx * fy, rel=1e-12)
     assert stamp.sum() == pytest.approx(erf(8.5 / (math.sqrt(2) * sigma)) ** 2 - 0.0, abs=1e-6)
 
@@ -58,7 +62,9 @@ def test_gaussian_stamps_are_exact_erf_integrals():
 def test_encircled_energy_half_at_half_light_radius():
     # FWHM/2 is where the profile is half the peak; EE at r -> inf is 1
     assert psf_encircled_energy(1e6, psf="moffat", fwhm_px=3.5, beta=3.0) == pytest.approx(1.0)
-    assert psf_encircled_energy(3.5 / 2, psf="gaussian", fwhm_px=3.5) == pytest.approx(0.5, rel=1e-12)
+    assert psf_encircled_energy(3.5 / 2, psf="gaussian", fwhm_px=3.5) == pytest.approx(
+        0.5, rel=1e-12
+    )
 
 
 # ------------------------------------------------------------------------------ truth consistency
@@ -66,7 +72,9 @@ def test_encircled_energy_half_at_half_light_radius():
 
 @pytest.mark.parametrize("psf", ["gaussian", "moffat"])
 def test_noiseless_image_sums_to_rendered_fluxes_plus_sky(psf):
-    f = make_star_field((256, 256), n_stars=150, psf=psf, sky_adu=500.0, bias_adu=100.0, seed=3, **QUIET)
+    f = make_star_field(
+        (256, 256), n_stars=150, psf=psf, sky_adu=500.0, bias_adu=100.0, seed=3, **QUIET
+    )
     t = f.truth
     total = float(np.sum(f.model, dtype=float))
     expect = float(np.sum(t["flux_rendered_adu"])) + (500.0 + 100.0) * 256 * 256
@@ -82,8 +90,17 @@ def test_noiseless_image_sums_to_rendered_fluxes_plus_sky(psf):
 def test_single_star_flux_and_peak(psf):
     sky = 300.0
     stars = None
-    f = make_star_field((161, 161), n_stars=1, psf=psf, sky_adu=sky, border_px=78, mag_range=(16, 16),
-                        seed=1, stars=stars, **QUIET)
+    f = make_star_field(
+        (161, 161),
+        n_stars=1,
+        psf=psf,
+        sky_adu=sky,
+        border_px=78,
+        mag_range=(16, 16),
+        seed=1,
+        stars=stars,
+        **QUIET,
+    )
     row = f.truth[0]
     star = f.model.astype(float) - sky
     assert star.sum() == pytest.approx(row["flux_rendered_adu"], rel=1e-5)
@@ -100,9 +117,19 @@ def test_single_star_flux_and_peak(psf):
 def test_fwhm_of_oversampled_star_is_requested_fwhm(psf, beta):
     fwhm = 16.0
     n = 201
-    tab = Table({"ra": [150.0], "dec": [2.2], "mag": [15.0]})  # at the image centre = a pixel centre
-    f = make_star_field((n, n), psf=psf, fwhm_px=fwhm, beta=beta, sky_adu=0.0, stars=tab,
-                        saturation_adu=1e30, **QUIET)
+    tab = Table(
+        {"ra": [150.0], "dec": [2.2], "mag": [15.0]}
+    )  # at the image centre = a pixel centre
+    f = make_star_field(
+        (n, n),
+        psf=psf,
+        fwhm_px=fwhm,
+        beta=beta,
+        sky_adu=0.0,
+        stars=tab,
+        saturation_adu=1e30,
+        **QUIET,
+    )
     c = n // 2
     assert f.truth["x"][0] == pytest.approx(c, abs=1e-9)
     cut = f.model[c, c:].astype(float)
@@ -113,22 +140,41 @@ def test_fwhm_of_oversampled_star_is_requested_fwhm(psf, beta):
 
 
 def test_wcs_round_trip_of_truth_positions():
-    f = make_star_field((300, 400), n_stars=200, rotation_deg=30.0, pixel_scale_arcsec=0.6,
-                        wcs_center_deg=(250.0, 60.0), seed=2, **QUIET)
+    f = make_star_field(
+        (300, 400),
+        n_stars=200,
+        rotation_deg=30.0,
+        pixel_scale_arcsec=0.6,
+        wcs_center_deg=(250.0, 60.0),
+        seed=2,
+        **QUIET,
+    )
     w = WCS(f.header)
     x, y = w.world_to_pixel_values(f.truth["ra"], f.truth["dec"])
     assert np.allclose(x, f.truth["x"], atol=1e-6) and np.allclose(y, f.truth["y"], atol=1e-6)
     ra, dec = w.pixel_to_world_values((400 - 1) / 2, (300 - 1) / 2)
     assert (ra, dec) == pytest.approx((250.0, 60.0), abs=1e-9)
-    scales = np.sqrt((w.pixel_scale_matrix ** 2).sum(axis=0)) * 3600
+    scales = np.sqrt((w.pixel_scale_matrix**2).sum(axis=0)) * 3600
     assert scales == pytest.approx([0.6, 0.6], rel=1e-9)
 
 
 def test_header_has_observatory_keywords():
     h = make_star_field((64, 64), n_stars=5, exptime_s=30.0, filter_name="R", seed=0).header
     assert h["IMAGETYP"] == "Light Frame" and h["EXPTIME"] == 30.0 and h["FILTER"] == "R"
-    for key in ("DATE-OBS", "GAIN", "RDNOISE", "SATURATE", "OBJECT", "TELESCOP", "INSTRUME", "RA", "DEC",
-                "CTYPE1", "CRVAL1", "CRPIX1"):
+    for key in (
+        "DATE-OBS",
+        "GAIN",
+        "RDNOISE",
+        "SATURATE",
+        "OBJECT",
+        "TELESCOP",
+        "INSTRUME",
+        "RA",
+        "DEC",
+        "CTYPE1",
+        "CRVAL1",
+        "CRPIX1",
+    ):
         assert key in h, key
 
 
@@ -142,7 +188,9 @@ def test_seeded_determinism():
 
 
 def test_luminosity_function_slope():
-    f = make_star_field((512, 512), n_stars=6000, mag_range=(14, 22), mag_slope=0.3, seed=4, **QUIET)
+    f = make_star_field(
+        (512, 512), n_stars=6000, mag_range=(14, 22), mag_slope=0.3, seed=4, **QUIET
+    )
     counts, edges = np.histogram(f.truth["mag"], bins=8, range=(14, 22))
     slope = np.polyfit(0.5 * (edges[1:] + edges[:-1]), np.log10(counts), 1)[0]
     assert slope == pytest.approx(0.3, abs=0.03)
@@ -163,13 +211,23 @@ def test_min_separation_is_respected():
 
 def test_blank_field_noise_statistics():
     sky, g, rn = 800.0, 1.5, 8.0
-    f = make_star_field((512, 512), n_stars=0, sky_adu=sky, gain_e_per_adu=g, read_noise_e=rn, bias_adu=200.0,
-                        seed=9, **QUIET)
+    f = make_star_field(
+        (512, 512),
+        n_stars=0,
+        sky_adu=sky,
+        gain_e_per_adu=g,
+        read_noise_e=rn,
+        bias_adu=200.0,
+        seed=9,
+        **QUIET,
+    )
     d = f.data.astype(float)
     assert d.mean() == pytest.approx(sky + 200.0, abs=0.2)
     assert d.std() == pytest.approx(math.sqrt(sky / g + (rn / g) ** 2), rel=0.01)
     # low sky: Poisson (skewed), read noise dominated variance still right
-    f2 = make_star_field((512, 512), n_stars=0, sky_adu=2.0, gain_e_per_adu=g, read_noise_e=rn, seed=9, **QUIET)
+    f2 = make_star_field(
+        (512, 512), n_stars=0, sky_adu=2.0, gain_e_per_adu=g, read_noise_e=rn, seed=9, **QUIET
+    )
     assert f2.data.std() == pytest.approx(math.sqrt(2.0 / g + (rn / g) ** 2), rel=0.01)
 
 
@@ -180,15 +238,25 @@ def test_aperture_noise_and_crb_match_truth_columns():
     r = 1.0 * fwhm
     ap_flux, psf_flux = [], []
     for seed in range(n_real):
-        f = make_star_field((33, 33), stars=tab, fwhm_px=fwhm, sky_adu=sky, gain_e_per_adu=g, read_noise_e=rn,
-                            seed=seed, **QUIET)
+        f = make_star_field(
+            (33, 33),
+            stars=tab,
+            fwhm_px=fwhm,
+            sky_adu=sky,
+            gain_e_per_adu=g,
+            read_noise_e=rn,
+            seed=seed,
+            **QUIET,
+        )
         if seed == 0:
             row = f.truth[0]
             yy, xx = np.indices(f.data.shape)
             # exact-area aperture by 10x10 supersampling of each pixel
             s = (np.arange(10) + 0.5) / 10 - 0.5
-            sub = ((xx[..., None, None] + s[None, None, :, None] - row["x"]) ** 2
-                   + (yy[..., None, None] + s[None, None, None, :] - row["y"]) ** 2) <= r * r
+            sub = (
+                (xx[..., None, None] + s[None, None, :, None] - row["x"]) ** 2
+                + (yy[..., None, None] + s[None, None, None, :] - row["y"]) ** 2
+            ) <= r * r
             w_ap = sub.mean(axis=(2, 3))
             p = (f.model.astype(float) - sky) / row["flux_adu"]
             var = (row["flux_adu"] * p + sky) / g + (rn / g) ** 2
@@ -202,7 +270,9 @@ def test_aperture_noise_and_crb_match_truth_columns():
 
 
 def test_cosmic_rays_are_where_the_mask_says():
-    f = make_star_field((512, 512), n_stars=0, n_cosmic_rays=40, n_hot_pixels=0, sky_adu=500.0, seed=11)
+    f = make_star_field(
+        (512, 512), n_stars=0, n_cosmic_rays=40, n_hot_pixels=0, sky_adu=500.0, seed=11
+    )
     excess = f.data.astype(float) - f.model
     sigma = math.sqrt(500.0 / 1.5 + (8.0 / 1.5) ** 2)
     assert f.cr_mask.sum() >= 40
@@ -218,7 +288,9 @@ def test_cosmic_rays_are_where_the_mask_says():
 
 
 def test_hot_pixels_and_saturation():
-    f = make_star_field((256, 256), n_stars=80, mag_range=(10, 18), n_hot_pixels=25, n_cosmic_rays=0, seed=12)
+    f = make_star_field(
+        (256, 256), n_stars=80, mag_range=(10, 18), n_hot_pixels=25, n_cosmic_rays=0, seed=12
+    )
     assert f.hot_mask.sum() == 25
     assert np.all(f.model[f.hot_mask] > f.params["sky_adu"] + 90)
     assert f.data.max() <= 60000.0
@@ -246,10 +318,14 @@ def test_calibration_frames_statistics():
     assert [h["IMAGETYP"] for _, h in bias] == ["Bias Frame"] * 3
     b = np.stack([d for d, _ in bias]).astype(float)
     assert (b - cam.bias_adu).std() == pytest.approx(8.0 / 1.5, rel=0.02)
-    dark = make_calibration_frames(cam, "dark", n=1, exptime_s=300.0, cosmic_rate_per_mpx_s=0.0, seed=3)[0][0]
+    dark = make_calibration_frames(
+        cam, "dark", n=1, exptime_s=300.0, cosmic_rate_per_mpx_s=0.0, seed=3
+    )[0][0]
     cur = (dark.astype(float) - cam.bias_adu) * 1.5 / 300.0
     assert np.median(cur[~cam.hot_mask]) == pytest.approx(0.02, abs=0.01)
-    assert np.median(cur[cam.hot_mask] / cam.dark_e_per_s[cam.hot_mask]) == pytest.approx(1.0, abs=0.05)
+    assert np.median(cur[cam.hot_mask] / cam.dark_e_per_s[cam.hot_mask]) == pytest.approx(
+        1.0, abs=0.05
+    )
     flats = make_calibration_frames(cam, "flat", n=2, flat_level_adu=(20000.0, 10000.0), seed=4)
     assert [h["IMAGETYP"] for _, h in flats] == ["Flat Field"] * 2
     ratio = (flats[0][0] - cam.bias_adu) / 20000.0 / cam.flat_response
@@ -260,11 +336,28 @@ def test_calibration_frames_statistics():
 
 def test_write_synthetic_session(tmp_path):
     raw, truth_dir = tmp_path / "incoming" / "night1", tmp_path / "truth"
-    out = write_synthetic_session(raw, truth_folder=truth_dir, n_science=2, n_bias=3, n_dark=2, n_flat=2,
-                                  shape=(128, 160), seed=5)
+    out = write_synthetic_session(
+        raw,
+        truth_folder=truth_dir,
+        n_science=2,
+        n_bias=3,
+        n_dark=2,
+        n_flat=2,
+        shape=(128, 160),
+        seed=5,
+    )
     names = sorted(p.name for p in raw.iterdir())
-    assert names == ["bias_001.fits", "bias_002.fits", "bias_003.fits", "dark_001.fits", "dark_002.fits",
-                     "demo_V_001.fits", "demo_V_002.fits", "flat_V_001.fits", "flat_V_002.fits"]
+    assert names == [
+        "bias_001.fits",
+        "bias_002.fits",
+        "bias_003.fits",
+        "dark_001.fits",
+        "dark_002.fits",
+        "demo_V_001.fits",
+        "demo_V_002.fits",
+        "flat_V_001.fits",
+        "flat_V_002.fits",
+    ]
     assert not any(p.suffix == ".ecsv" for p in raw.rglob("*"))
     with fits.open(out["science"][0]) as hdul:
         h = hdul[0].header
@@ -284,8 +377,16 @@ def test_write_synthetic_session(tmp_path):
     sky = t.meta["sky_adu"]
     assert np.median(cal) == pytest.approx(sky, rel=0.02)
     # the same seed writes identical files
-    out2 = write_synthetic_session(tmp_path / "again", truth_folder=tmp_path / "truth2", n_science=2, n_bias=3,
-                                   n_dark=2, n_flat=2, shape=(128, 160), seed=5)
+    out2 = write_synthetic_session(
+        tmp_path / "again",
+        truth_folder=tmp_path / "truth2",
+        n_science=2,
+        n_bias=3,
+        n_dark=2,
+        n_flat=2,
+        shape=(128, 160),
+        seed=5,
+    )
     assert out["science"][1].read_bytes() == out2["science"][1].read_bytes()
     with pytest.raises(ValueError, match="must not be inside"):
         write_synthetic_session(raw, truth_folder=raw / "truth", n_science=1, shape=(64, 64))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rpp_tasks.exceptions import ConfigError
-from rpp_tasks.twospot import (
+from rpp_tasks.inputs.twospot import (
     TwoSpotTarget,
     check_complete,
     expected_files,
@@ -53,8 +53,21 @@ def test_parse_last_obs_reads_every_target_in_order(tmp_path):
     targets = parse_last_obs(_write(tmp_path, LAST_OBS))
     assert [t.name for t in targets] == ["SS433", "HD 37795"]
     ss = targets[0]
-    assert ss == TwoSpotTarget("SS433", "SS433-", 6, "SS433_Neon-", 1, "Flat-", 20, "Dark", 0,
-                               "Offset", 0, None, key="SS433")
+    assert ss == TwoSpotTarget(
+        "SS433",
+        "SS433-",
+        6,
+        "SS433_Neon-",
+        1,
+        "Flat-",
+        20,
+        "Dark",
+        0,
+        "Offset",
+        0,
+        None,
+        key="SS433",
+    )
     hd = targets[1]
     assert hd.offset_prefix is None and hd.n_offset == 0
     assert hd.transmission_file == "trans_alpy.dat"
@@ -87,13 +100,16 @@ def test_check_complete_counts_shared_flats_once_and_ignores_case(tmp_path):
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ("SS433: [SS433, SS433-, six, N-, 1, F-, 1, D, 0, O, 0, none]\n",
-         r"last_obs.yaml: key 'SS433\[2\] \(n_science\)'.*non-negative integer.*'six'"),
-        ("SS433: [SS433, SS433-, 6, N-, -1, F-, 1, D, 0, O, 0, none]\n",
-         r"SS433\[4\] \(n_lamp\)"),
+        (
+            "SS433: [SS433, SS433-, six, N-, 1, F-, 1, D, 0, O, 0, none]\n",
+            r"last_obs.yaml: key 'SS433\[2\] \(n_science\)'.*non-negative integer.*'six'",
+        ),
+        ("SS433: [SS433, SS433-, 6, N-, -1, F-, 1, D, 0, O, 0, none]\n", r"SS433\[4\] \(n_lamp\)"),
         ("SS433: [SS433, SS433-, 6, N-, 1]\n", r"key 'SS433'.*12 items.*5 items"),
-        ("SS433: [SS433, SS433-, 6, none, 1, F-, 1, D, 0, O, 0, none]\n",
-         r"SS433\[3\] \(lamp_prefix\).*1 lamp frame"),
+        (
+            "SS433: [SS433, SS433-, 6, none, 1, F-, 1, D, 0, O, 0, none]\n",
+            r"SS433\[3\] \(lamp_prefix\).*1 lamp frame",
+        ),
         ("SS433: SS433-\n", r"key 'SS433'.*list of 12 items"),
         ("- a\n- b\n", r"top level.*mapping"),
         ("SS433: [unclosed\n", r"whole file.*valid YAML"),
@@ -106,14 +122,18 @@ def test_parse_last_obs_errors_name_file_target_and_position(tmp_path, text, mat
 
 
 def test_parse_last_obs_accepts_missing_transmission_and_empty_file(tmp_path):
-    (t,) = parse_last_obs(_write(tmp_path, "V404: [V404 Cyg, V404-, '3', N-, 1, F-, 5, D, 0, O, 0]\n"))
+    (t,) = parse_last_obs(
+        _write(tmp_path, "V404: [V404 Cyg, V404-, '3', N-, 1, F-, 5, D, 0, O, 0]\n")
+    )
     assert t.key == "V404" and t.name == "V404 Cyg" and t.n_science == 3
     assert t.transmission_file is None
     assert parse_last_obs(_write(tmp_path, "# nothing tonight\n")) == []
 
 
 def test_parse_setup_config(tmp_path):
-    path = _write(tmp_path, """\
+    path = _write(
+        tmp_path,
+        """\
 working_path: /data/2spot/tonight   # dossier de travail
 batch_name: last_obs        # nom du fichier batch (obligatoire)
 file_extension: 1           # 0: .fits, 1: .fit
@@ -121,7 +141,9 @@ calib_mode: 4
 # posy: 549
 bin_size: 16
 trim: yes
-""", "setup_config.yaml")
+""",
+        "setup_config.yaml",
+    )
     setup = parse_setup_config(path)
     assert setup.batch_name == "last_obs" and setup.obs_file_name == "last_obs.yaml"
     assert setup.file_extension == ".fit" and setup.bin_size == 16 and setup.calib_mode == 4

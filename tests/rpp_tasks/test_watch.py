@@ -17,7 +17,7 @@ from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
 from rpp_tasks.exceptions import ConfigError
-from rpp_tasks.watch import (
+from rpp_tasks.ops.watch import (
     AirflowTrigger,
     Declaration,
     SessionRule,
@@ -95,10 +95,21 @@ class FakeAirflow:
                         return self._send(401, {"detail": "Token Expired"})
                     body = self._body()
                     # TriggerDAGRunPostBody: logical_date is required (nullable), extra keys 422
-                    if not (isinstance(body, dict) and "logical_date" in body
-                            and set(body) <= {"dag_run_id", "logical_date", "conf", "note",
-                                              "run_after", "data_interval_start",
-                                              "data_interval_end", "partition_key"}):
+                    if not (
+                        isinstance(body, dict)
+                        and "logical_date" in body
+                        and set(body)
+                        <= {
+                            "dag_run_id",
+                            "logical_date",
+                            "conf",
+                            "note",
+                            "run_after",
+                            "data_interval_start",
+                            "data_interval_end",
+                            "partition_key",
+                        }
+                    ):
                         return self._send(422, {"detail": "validation error"})
                     run_id = body["dag_run_id"]
                     with fake.lock:
@@ -108,12 +119,20 @@ class FakeAirflow:
                             return self._send(503, {"detail": "Service Unavailable"})
                         if (dag_id, run_id) in fake.runs:
                             fake.posts.append((time.time(), dag_id, run_id, 409))
-                            return self._send(409, {"detail": {
-                                "reason": "Unique constraint violation"}})
+                            return self._send(
+                                409, {"detail": {"reason": "Unique constraint violation"}}
+                            )
                         fake.runs[(dag_id, run_id)] = body["conf"]
                         fake.posts.append((time.time(), dag_id, run_id, 200))
-                    return self._send(200, {"dag_run_id": run_id, "dag_id": dag_id,
-                                            "state": "queued", "conf": body["conf"]})
+                    return self._send(
+                        200,
+                        {
+                            "dag_run_id": run_id,
+                            "dag_id": dag_id,
+                            "state": "queued",
+                            "conf": body["conf"],
+                        },
+                    )
                 return self._send(404, {"detail": "Not Found"})
 
             def do_PATCH(self):
@@ -136,8 +155,9 @@ class FakeAirflow:
         self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever,
-                                       kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.thread.start()
 
     def created(self, dag_id=None):
@@ -198,8 +218,15 @@ def _watcher(tmp_path, trigger, rule, **kw):
     kw.setdefault("rescan_s", 2.0)
     kw.setdefault("retry_initial_s", 0.2)
     kw.setdefault("retry_max_s", 1.0)
-    return SessionWatcher("demo", tmp_path / "incoming", "rpp_demo", rule,
-                          tmp_path / "work" / "watch_state.json", trigger, **kw)
+    return SessionWatcher(
+        "demo",
+        tmp_path / "incoming",
+        "rpp_demo",
+        rule,
+        tmp_path / "work" / "watch_state.json",
+        trigger,
+        **kw,
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -267,10 +294,18 @@ def test_first_snapshot_is_never_ready():
     assert not r.ready and r.recheck_at == 10.5
 
 
-@pytest.mark.parametrize("name", [
-    "a.fits.part", "b.tmp", "~c.fits", ".syncthing.d.fits.tmp", ".e.fits.Ab3xY9", "f.fits.filepart",
-    "sub/.g.fits.q1w2e3",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "a.fits.part",
+        "b.tmp",
+        "~c.fits",
+        ".syncthing.d.fits.tmp",
+        ".e.fits.Ab3xY9",
+        "f.fits.filepart",
+        "sub/.g.fits.q1w2e3",
+    ],
+)
 def test_partial_files_block_readiness(name):
     rule = SessionRule("quiet", quiet_seconds=0, settle_seconds=0)
     entries = [("a.fits", 10, 0.0), (name, 10, 0.0)]
@@ -282,8 +317,11 @@ def test_partial_files_block_readiness(name):
 
 def test_hidden_and_os_litter_are_ignored():
     rule = SessionRule("quiet", quiet_seconds=0, settle_seconds=0)
-    snap = _snap(1.0, [(".DS_Store", 1, 0.0), ("Thumbs.db", 1, 0.0), (".stfolder/x", 1, 0.0),
-                       ("a.fits", 1, 0.0)], rule)
+    snap = _snap(
+        1.0,
+        [(".DS_Store", 1, 0.0), ("Thumbs.db", 1, 0.0), (".stfolder/x", 1, 0.0), ("a.fits", 1, 0.0)],
+        rule,
+    )
     assert [e.relpath for e in snap.files] == ["a.fits"] and snap.partial == ()
     assert not evaluate_session(_snap(1.0, [(".DS_Store", 1, 0.0)], rule), None, rule, 9.0).ready
 
@@ -297,8 +335,10 @@ def test_empty_session_is_not_ready():
 def test_marker_rule():
     rule = SessionRule("marker", marker_file="transfer.done", settle_seconds=2)
     data = [("a.fits", 10, 0.0)]
-    assert "waiting for marker" in evaluate_session(_snap(1.0, data), _snap(0.0, data), rule,
-                                                    9.0).reason
+    assert (
+        "waiting for marker"
+        in evaluate_session(_snap(1.0, data), _snap(0.0, data), rule, 9.0).reason
+    )
     with_marker = data + [("transfer.done", 0, 5.0)]
     first = _snap(5.0, with_marker)
     r = evaluate_session(first, None, rule, 5.0)
@@ -347,7 +387,9 @@ def test_twospot_rule_with_real_files(tmp_path):
     c = assess_session("2024-07-30", d, rule, previous=None, now=100.0)
     assert not c.ready and "settling" in c.readiness.reason  # not read while just written
     c = assess_session("2024-07-30", d, rule, previous=c.baseline, now=100.6)
-    assert not c.ready and "1 of 6 declared files missing (first: SS433-3.fits)" in c.readiness.reason
+    assert (
+        not c.ready and "1 of 6 declared files missing (first: SS433-3.fits)" in c.readiness.reason
+    )
 
     (d / "SS433-3.fits").write_bytes(FITS_BLOCK)
     c = assess_session("2024-07-30", d, rule, previous=c.baseline, now=101.0)
@@ -362,8 +404,14 @@ def test_twospot_rule_uses_setup_config_extension_and_reports_bad_yaml(tmp_path)
     d.mkdir()
     (d / "setup_config.yaml").write_text("batch_name: tonight\nfile_extension: 1\nbin_size: 16\n")
     (d / "tonight.yaml").write_text(LAST_OBS.replace("- 3\n", "- x3\n", 1))
-    for name in ("SS433-1.fit", "SS433-2.fit", "SS433-3.fit", "SS433_Neon-1.fit", "Flat-1.fit",
-                 "Flat-2.fit"):
+    for name in (
+        "SS433-1.fit",
+        "SS433-2.fit",
+        "SS433-3.fit",
+        "SS433_Neon-1.fit",
+        "Flat-1.fit",
+        "Flat-2.fit",
+    ):
         (d / name).write_bytes(FITS_BLOCK)
     c = assess_session("night", d, rule, previous=None, now=1.0)
     c = assess_session("night", d, rule, previous=c.baseline, now=2.0)
@@ -382,8 +430,7 @@ def test_twospot_declaration_in_pure_form():
     r = evaluate_session(_snap(2.0, files), _snap(1.0, files), rule, 2.0, declaration=decl)
     assert not r.ready and "1 of 2" in r.reason
     files.append(("a-2.FITS", 1, 0.0))
-    assert evaluate_session(_snap(2.0, files), _snap(1.0, files), rule, 2.0,
-                            declaration=decl).ready
+    assert evaluate_session(_snap(2.0, files), _snap(1.0, files), rule, 2.0, declaration=decl).ready
 
 
 def test_scan_incoming_and_find_ready_untriggered(tmp_path):
@@ -403,8 +450,11 @@ def test_scan_incoming_and_find_ready_untriggered(tmp_path):
     state.save()
     ready = find_ready_untriggered(incoming, rule, tmp_path / "state.json")
     assert [c.session_id for c in ready] == ["2024-07-30"]
-    assert ready[0].conf("demo") == {"observatory": "demo", "session_id": "2024-07-30",
-                                     "session_dir": str(incoming / "2024-07-30")}
+    assert ready[0].conf("demo") == {
+        "observatory": "demo",
+        "session_id": "2024-07-30",
+        "session_dir": str(incoming / "2024-07-30"),
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -445,8 +495,9 @@ def test_bad_password_fails_without_leaking_it(airflow, caplog):
 
 def test_unreachable_api_is_a_failed_outcome_not_an_exception():
     port = _refusing_socket()
-    trig = AirflowTrigger(f"http://127.0.0.1:{port.getsockname()[1]}/api/v2", USER, PASSWORD,
-                          timeout=1.0)
+    trig = AirflowTrigger(
+        f"http://127.0.0.1:{port.getsockname()[1]}/api/v2", USER, PASSWORD, timeout=1.0
+    )
     out = trig.trigger("rpp_demo", "session__x", {})
     port.close()
     assert out.result == "failed" and out.status is None and "unreachable" in out.message
@@ -470,10 +521,16 @@ def test_file_written_slowly_is_not_triggered_early(tmp_path, airflow, use_polli
     quiet = 0.8
     rule = SessionRule("quiet", quiet_seconds=quiet, settle_seconds=0.3)
     (tmp_path / "incoming").mkdir()
-    w = _watcher(tmp_path, _trigger(airflow), rule, use_polling=use_polling,
-                 poll_interval_s=0.2, rescan_s=30.0)
+    w = _watcher(
+        tmp_path,
+        _trigger(airflow),
+        rule,
+        use_polling=use_polling,
+        poll_interval_s=0.2,
+        rescan_s=30.0,
+    )
     session = tmp_path / "incoming" / "2024-07-30"
-    session.mkdir()   # before the spy starts: inotify must already watch it when the writer opens the file
+    session.mkdir()  # before the spy starts: inotify must already watch it when the writer opens the file
     w.start()
     opened = []  # who opens the FITS file: only the writer may (the watcher only stat()s)
     spy = Observer()
@@ -505,12 +562,14 @@ def test_file_written_slowly_is_not_triggered_early(tmp_path, airflow, use_polli
     assert len(airflow.posts_for("session__2024-07-30")) == 1
     assert t_post >= last_write[-1] + quiet - 0.05
     latency = t_post - (last_write[-1] + quiet)
-    logging.getLogger(__name__).warning("latency quiet rule (%s): %.3f s after the quiet period",
-                                        "polling" if use_polling else "inotify", latency)
+    logging.getLogger(__name__).warning(
+        "latency quiet rule (%s): %.3f s after the quiet period",
+        "polling" if use_polling else "inotify",
+        latency,
+    )
     assert latency < (3.0 if use_polling else 2.0)
     conf = airflow.runs[("rpp_demo", "session__2024-07-30")]
-    assert conf == {"observatory": "demo", "session_id": "2024-07-30",
-                    "session_dir": str(session)}
+    assert conf == {"observatory": "demo", "session_id": "2024-07-30", "session_dir": str(session)}
     rec = WatchState.load(tmp_path / "work" / "watch_state.json").sessions["2024-07-30"]
     assert rec["confirmed"] and rec["result"] == "created" and rec["attempts"] == 1
 
@@ -528,7 +587,7 @@ def test_burst_and_duplicate_events_give_one_run(tmp_path, airflow, caplog):
         for _ in range(100):  # and 100 events on one file
             os.utime(session / "f000.fits")
         assert _wait_for(lambda: airflow.created(), timeout=10)
-        with caplog.at_level(logging.WARNING, logger="rpp_tasks.watch"):
+        with caplog.at_level(logging.WARNING, logger="rpp_tasks.ops.watch"):
             (session / "late.fits").write_bytes(FITS_BLOCK)  # after the trigger
             time.sleep(1.5)  # several rescans and re-evaluations
     finally:
@@ -596,8 +655,10 @@ def test_api_refusing_connections_queue_survives_restart(tmp_path):
     w1.start()
     state_path = tmp_path / "work" / "watch_state.json"
     try:
-        assert _wait_for(lambda: state_path.exists()
-                         and len(WatchState.load(state_path).pending()) == 2, timeout=10)
+        assert _wait_for(
+            lambda: state_path.exists() and len(WatchState.load(state_path).pending()) == 2,
+            timeout=10,
+        )
         time.sleep(0.5)  # a few refused retries
     finally:
         w1.stop()
@@ -683,8 +744,20 @@ def test_watch_main_once(tmp_path, airflow, monkeypatch):
     monkeypatch.setenv("RPP_AIRFLOW_API_URL", airflow.url)
     monkeypatch.setenv("RPP_AIRFLOW_USER", USER)
     monkeypatch.setenv("RPP_AIRFLOW_PASSWORD", PASSWORD)
-    rc = watch_main(["--observatory", "demo", "--incoming", str(tmp_path / "incoming"),
-                     "--state", str(tmp_path / "state.json"), "--quiet-seconds", "0.2",
-                     "--settle-seconds", "0.2", "--once"])
+    rc = watch_main(
+        [
+            "--observatory",
+            "demo",
+            "--incoming",
+            str(tmp_path / "incoming"),
+            "--state",
+            str(tmp_path / "state.json"),
+            "--quiet-seconds",
+            "0.2",
+            "--settle-seconds",
+            "0.2",
+            "--once",
+        ]
+    )
     assert rc == 0
     assert list(airflow.runs) == [("rpp_demo", "session__2024-07-30")]

@@ -1,0 +1,278 @@
+"""``rpp`` command line.
+
+rpp reduce PATH --observatory NAME    reduce one frame or a session folder without Airflow
+rpp demo                              write a synthetic session for the demo observatory and reduce it
+rpp config [NAME]                     validate observatory configurations and print a summary
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from rpp_tasks.exceptions import ConfigError
+
+log = logging.getLogger("rpp")
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    if verbose < 2:
+        import astropy  # noqa: F401  astropy installs its own Logger class: import it before touching its logger
+
+        for noisy in ("astropy", "matplotlib", "PIL"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _print_session(summary: dict) -> None:
+    print(
+        f"\nSession {summary['session_id']} ({summary['observatory']}): "
+        f"{summary['n_ok']}/{summary['n_science']} science frames reduced in {summary.get('wall_s', 0):.1f} s"
+    )
+    print(
+        "%-32s %-9s %7s %6s %8s %7s %6s"  # noqa: UP031 - a table header
+        % ("frame", "status", "sources", "FWHM", "bkg ADU", "lim mag", "CPU s")
+    )
+    for f in summary["frames"]:
+        fwhm = f.get("fwhm_arcsec") or f.get("fwhm_px")
+        print(
+            f"{f['frame'][:32]:32s} {f['status']:9s} {f.get('n_sources') or 0:7d} "
+            f"{fwhm if fwhm is not None else float('nan'):6.2f} "
+            f"{f.get('background_adu') if f.get('background_adu') is not None else float('nan'):8.1f} "
+            f"{f.get('limiting_mag_inst') if f.get('limiting_mag_inst') is not None else float('nan'):7.2f} "
+            f"{f.get('cpu_s_total') or 0:6.2f}"
+        )
+        if f["status"] != "ok":
+            print(f"    -> {f.get('failed_stage')}: {f.get('reason')}")
+    for name, info in (summary.get("rejected_files") or {}).items():
+        print(f"    file {name}: {info.get('reason')}")
+    print(f"\nProducts: {summary['workdir']}")
+    if summary.get("report"):
+        print(f"Report:   {summary['report']}")
+    if summary.get("products_zip"):
+        print(f"ZIP:      {summary['products_zip']}")
+
+
+def _with_report(summary: dict, obs) -> dict:
+    """Build the session report and products ZIP (a report failure never hides the products)."""
+    from rpp_tasks.outputs import report
+    from rpp_tasks.session.workdir import Session
+
+    try:
+        rep = report.run_report(Session.load(summary["workdir"]), obs)
+        summary = {
+            **summary,
+            "report": rep.get("html_path"),
+            "products_zip": rep.get("products_zip"),
+        }
+    except Exception as exc:
+        log.warning("session report not built: %s", exc)
+    return summary
+
+
+def cmd_reduce(args) -> int:
+    from rpp_tasks.config import find_config
+    from rpp_tasks.session import pipeline
+
+    obs = find_config(args.observatory)
+    path = Path(args.path)
+    if not path.exists():
+        print(f"rpp reduce: {path}: no such file or folder", file=sys.stderr)
+        return 2
+    work_root = Path(args.work) if args.work else obs.resolve_path("work")
+    if path.is_dir():
+        summary = _with_report(
+            pipeline.reduce_session(path, obs, work_root=work_root, workers=args.workers), obs
+        )
+        _print_session(summary)
+        return 0 if summary["n_ok"] > 0 or summary["n_science"] == 0 else 1
+    t0 = time.perf_counter()
+    outdir = work_root / "single" / pipeline._stem(path)
+    s = pipeline.reduce_frame(path, obs, outdir)
+    print(
+        f"{s['frame']}: {s['status']}"
+        + (
+            f" at {s['failed_stage']}: {s['reason']}"
+            if s["status"] != "ok"
+            else f", {s['n_sources']} sources, FWHM {s['fwhm_px']:.2f} px, {s['cpu_s_total']:.2f} CPU-s"
+        )
+    )
+    print(f"Products: {outdir}  ({time.perf_counter() - t0:.1f} s)")
+    return 0 if s["status"] == "ok" else 1
+
+
+def cmd_demo(args) -> int:
+    from rpp_tasks.config import find_config
+    from rpp_tasks.session import pipeline
+    from rpp_tasks.sim import synthetic
+
+    obs = find_config("demo")
+    night = args.night
+    raw_dir = obs.resolve_path("incoming") / night
+    truth_dir = obs.resolve_path("work").parent / "demo_truth" / night
+    print(f"Writing a synthetic session ({args.frames} science frames + calibrations) to {raw_dir}")
+    synthetic.write_synthetic_session(
+        raw_dir, truth_folder=truth_dir, n_science=args.frames, seed=args.seed
+    )
+    summary = _with_report(pipeline.reduce_session(raw_dir, obs, workers=args.workers), obs)
+    _print_session(summary)
+    return 0 if summary["n_ok"] == summary["n_science"] else 1
+
+
+def cmd_up(args, rest) -> int:
+    from rpp_tasks.ops.up import up_main
+
+    return up_main(rest)
+
+
+def cmd_watch(args) -> int:
+    """Watch every configured observatory's incoming folder (or the named ones) and trigger its DAG."""
+    import signal
+    import threading
+
+    from rpp_tasks.config import default_config_dir, find_config, load_observatory_configs
+    from rpp_tasks.ops import watch
+
+    if args.observatory:
+        configs = [find_config(n) for n in args.observatory]
+    else:
+        configs, errors = load_observatory_configs(default_config_dir(), strict=False)
+        for err in errors.values():
+            log.error("skipping an observatory: %s", err)
+    trigger = watch.AirflowTrigger.from_env(args.api_url)
+    watchers = []
+    for obs in configs:
+        incoming = obs.resolve_path("incoming")
+        incoming.mkdir(parents=True, exist_ok=True)
+        w = watch.SessionWatcher(
+            obs.name,
+            incoming,
+            obs.dag_id,
+            watch.rule_from_config(obs),
+            obs.resolve_path("work") / "watch_state.json",
+            trigger,
+            use_polling=obs.session.use_polling,
+            unpause=args.unpause,
+        )
+        if args.once:
+            w.run_once()
+            time.sleep(obs.session.settle_seconds)
+            w.run_once()
+            continue
+        w.start()
+        watchers.append(w)
+        log.info(
+            "watching %s (%s rule, %s) -> DAG %s",
+            incoming,
+            obs.session.ready_rule,
+            "polling" if obs.session.use_polling else "inotify",
+            obs.dag_id,
+        )
+    if args.once:
+        return 0
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    for w in watchers:
+        w.stop()
+    return 0
+
+
+def cmd_config(args) -> int:
+    from rpp_tasks.config import default_config_dir, find_config, load_observatory_configs
+
+    if args.name:
+        obs = find_config(args.name)
+        configs, errors = [obs], {}
+    else:
+        configs, errors = load_observatory_configs(default_config_dir(), strict=False)
+    for c in configs:
+        print(
+            f"ok     {c.name:16s} dag rpp_{c.name:16s} camera {c.camera.name} "
+            f"(gain {c.camera.gain_e_per_adu} e-/ADU, RN {c.camera.read_noise_e} e-)  incoming "
+            f"{c.resolve_path('incoming')}"
+        )
+    for err in errors.values():
+        print(f"ERROR  {err}")
+    return 1 if errors else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="rpp", description="Nightly reduction of remote-telescope FITS data."
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=1)
+    parser.add_argument("-q", "--quiet", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("reduce", help="reduce one frame or a session folder (no Airflow needed)")
+    p.add_argument("path", help="a FITS frame or a folder with a night's frames and calibrations")
+    p.add_argument(
+        "--observatory", "-o", required=True, help="name in config/observatories, or a YAML path"
+    )
+    p.add_argument("--work", help="work root (default: the observatory's paths.work)")
+    p.add_argument(
+        "--workers", type=int, default=None, help="parallel frames (default RPP_WORKERS or 2)"
+    )
+    p.set_defaults(func=cmd_reduce)
+
+    p = sub.add_parser(
+        "demo", help="write a synthetic session for the demo observatory and reduce it"
+    )
+    p.add_argument("--frames", type=int, default=4)
+    p.add_argument("--night", default="2025-01-15")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "up",
+        help="start Airflow standalone + watcher and run the demo night (rpp up --help)",
+        add_help=False,
+    )
+    p.set_defaults(func=cmd_up, passthrough=True)
+
+    p = sub.add_parser(
+        "watch", help="watch the observatories' incoming folders and trigger their DAGs"
+    )
+    p.add_argument(
+        "--observatory", "-o", action="append", help="only these (repeatable); default: all"
+    )
+    p.add_argument(
+        "--api-url",
+        help="Airflow API (default $RPP_AIRFLOW_API_URL); credentials from "
+        "RPP_AIRFLOW_USER / RPP_AIRFLOW_PASSWORD or RPP_AIRFLOW_TOKEN",
+    )
+    p.add_argument("--once", action="store_true", help="scan twice, trigger what is ready, exit")
+    p.add_argument("--unpause", action="store_true", help="unpause a DAG at its first trigger")
+    p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("config", help="validate observatory configurations")
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=cmd_config)
+
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "passthrough", False):
+        return args.func(args, rest)
+    if rest:
+        parser.error("unrecognized arguments: " + " ".join(rest))
+    _setup_logging(0 if args.quiet else args.verbose)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"rpp: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""A session: one night's frames of one observatory, its work folder and its manifest.
+
+The work folder layout is documented in ``docs/ARCHITECTURE.md``. Tasks hand each other the
+session folder (a string); everything else is read from it. Writing is atomic (temporary file +
+``os.replace``) so a task killed half-way never leaves a truncated JSON behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Session", "session_id_for", "write_json_atomic", "read_json", "json_default"]
+
+log = logging.getLogger(__name__)
+
+
+def session_id_for(
+    raw_dir: str | os.PathLike, incoming_root: str | os.PathLike | None = None
+) -> str:
+    """Deterministic session id of a session folder: the watcher's id (`rpp_tasks.ops.watch.session_id_for`)
+    of its path relative to the incoming root, or of its name when it is outside it. ``rpp reduce``
+    and the DAG run the watcher triggers therefore share one work folder for the same night.
+    """
+    from rpp_tasks.ops.watch import session_id_for as _watch_session_id
+
+    raw_dir = Path(raw_dir).resolve()
+    rel = None
+    if incoming_root is not None:
+        try:
+            rel = raw_dir.relative_to(Path(incoming_root).resolve())
+        except ValueError:
+            rel = None
+    return _watch_session_id(rel.as_posix() if rel is not None and rel.parts else raw_dir.name)
+
+
+def json_default(obj: Any):
+    """JSON encoder fallback for numpy scalars/arrays, paths and tuples."""
+    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, (Path, os.PathLike)):
+        return str(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _sanitize(obj):
+    """Replace NaN/inf by None so the JSON is strict (readable by any JSON parser)."""
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return {k: _sanitize(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_sanitize(v) for v in obj]
+    return obj
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
+    """Write ``data`` as indented, strict JSON atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(
+        _sanitize(json.loads(json.dumps(data, default=json_default))), indent=2, sort_keys=False
+    )
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_json(path: str | os.PathLike, default: Any = None) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        return default
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+@dataclass(frozen=True)
+class Session:
+    """Handle on a session work folder. Cheap to create; holds no data.
+
+    Parameters
+    ----------
+    workdir : Path
+        ``<work_root>/<session_id>``.
+    observatory : str
+    session_id : str
+    raw_dir : Path
+        The synced folder with the raw frames (read-only for us).
+    """
+
+    workdir: Path
+    observatory: str
+    session_id: str
+    raw_dir: Path
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def create(
+        cls,
+        raw_dir,
+        *,
+        observatory: str,
+        work_root,
+        session_id: str | None = None,
+        incoming_root=None,
+    ) -> Session:
+        raw_dir = Path(raw_dir).resolve()
+        sid = session_id or session_id_for(raw_dir, incoming_root)
+        workdir = Path(work_root).resolve() / sid
+        workdir.mkdir(parents=True, exist_ok=True)
+        s = cls(workdir=workdir, observatory=observatory, session_id=sid, raw_dir=raw_dir)
+        write_json_atomic(
+            workdir / "session.json",
+            {
+                "observatory": observatory,
+                "session_id": sid,
+                "raw_dir": str(raw_dir),
+                "workdir": str(workdir),
+            },
+        )
+        return s
+
+    @classmethod
+    def load(cls, workdir) -> Session:
+        """Re-open a session from its work folder (what Airflow tasks receive)."""
+        workdir = Path(workdir)
+        info = read_json(workdir / "session.json")
+        if info is None:
+            raise FileNotFoundError(f"{workdir}: not a session work folder (no session.json)")
+        return cls(
+            workdir=workdir,
+            observatory=info["observatory"],
+            session_id=info["session_id"],
+            raw_dir=Path(info["raw_dir"]),
+        )
+
+    # ------------------------------------------------------------------ paths and files
+    def path(self, *parts: str) -> Path:
+        return self.workdir.joinpath(*parts)
+
+    def frame_dir(self, stem: str) -> Path:
+        d = self.workdir / "frames" / stem
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def masters_dir(self) -> Path:
+        d = self.workdir / "masters"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def write_json(self, name: str, data: Any) -> Path:
+        return write_json_atomic(self.workdir / name, data)
+
+    def read_json(self, name: str, default: Any = None) -> Any:
+        return read_json(self.workdir / name, default)
+
+    def frame_stems(self) -> list[str]:
+        """Science frames that are still in play (not rejected), in manifest order."""
+        manifest = self.read_json("manifest.json", {})
+        rejected = set(self.rejected())
+        return [f["stem"] for f in manifest.get("science", []) if f["stem"] not in rejected]
+
+    def rejected(self) -> dict[str, dict]:
+        """Frames that stopped, with reason and stage: files rejected while grouping the session
+        (``rejected.json``) plus frames rejected by a stage (``frames/<stem>/rejected.json``)."""
+        rej = dict(self.read_json("rejected.json", {}) or {})
+        for p in sorted((self.workdir / "frames").glob("*/rejected.json")):
+            rej[p.parent.name] = read_json(p)
+        return rej
+
+    def reject(self, stem: str, *, reason: str, stage: str, path: str | None = None) -> None:
+        """Record that a frame stops here. Each frame writes its own file, so frames processed in
+        parallel processes never race on a shared file."""
+        write_json_atomic(
+            self.frame_dir(stem) / "rejected.json", {"reason": reason, "stage": stage, "path": path}
+        )
+        log.warning("[%s] frame %s rejected at %s: %s", self.session_id, stem, stage, reason)
+
+    def unreject(self, stem: str) -> None:
+        """Forget a stage rejection (a re-run starts clean)."""
+        (self.workdir / "frames" / stem / "rejected.json").unlink(missing_ok=True)

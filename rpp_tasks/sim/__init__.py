@@ -1,0 +1,1 @@
+"""Synthetic frames and sessions with known truth, and the measurements against it (tests and bench)."""

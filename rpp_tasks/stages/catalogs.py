@@ -1,0 +1,947 @@
+"""Reference catalogues behind one adapter: Gaia DR3 (TAP, VizieR), Pan-STARRS DR1/DR2, SkyMapper DR4.
+
+Design
+------
+* **One normalised table** whatever the service: ``ra``, ``dec`` (deg, ICRS), ``ref_id`` (str),
+  ``gaia_source_id`` (int, 0 when not Gaia), ``mag_<band>`` / ``mag_err_<band>`` for each band the
+  service gives (Gaia ``G``, ``BP``, ``RP``; PS1 ``g r i z y``; SkyMapper ``g r i z``). Bands a
+  catalogue does not have are derived from Gaia by `gaia_transform` (Johnson-Cousins ``B V R I``,
+  Sloan ``g r i``; Riello et al. 2021 polynomials, ~0.03-0.07 mag scatter; ``B`` approximate).
+* **Fallback chain.** `fetch_reference` tries the band's catalogue (PS1/SkyMapper only inside their
+  sky coverage), then the Gaia services in the configured order (``gaia_tap`` -> ``gaia_vizier``), and
+  transforms Gaia when the band is not native. Every attempt is recorded as a `ServiceStatus`.
+* **Timeouts, bounded retries with exponential backoff** (timeouts, connection refused, HTTP 5xx);
+  no retry for HTTP 4xx, malformed replies or name-resolution failure (offline machine); a
+  per-process circuit breaker stops asking a host that just failed, so an offline night costs
+  milliseconds per frame, not timeouts.
+* **On-disk cache** ``<cache_dir>/<catalog>/<ra>_<dec>_<radius>.ecsv``: a request is served from any
+  cached cone of the same catalogue that contains it, so a re-run or a neighbouring session with an
+  overlapping pointing needs no network.
+
+Every service address is configurable (``catalogs.services`` in the observatory YAML); the tests
+point them at loopback servers that answer in the services' real formats.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_SERVICES",
+    "ServiceStatus",
+    "ReferenceResult",
+    "ServiceError",
+    "ServiceClient",
+    "parse_service_table",
+    "normalize_reference",
+    "gaia_transform",
+    "fetch_reference",
+    "CatalogCache",
+    "angular_sep_deg",
+    "match_catalogs",
+    "client_from_config",
+]
+
+log = logging.getLogger(__name__)
+
+#: Default service addresses (every one can be overridden in ``catalogs.services``).
+DEFAULT_SERVICES = {
+    "gaia_tap": "https://gea.esac.esa.int/tap-server/tap",
+    "gaia_vizier": "https://vizier.cds.unistra.fr/viz-bin/votable",
+    "vizier": "https://vizier.cds.unistra.fr/viz-bin/votable",
+    "ps1": "https://catalogs.mast.stsci.edu/api/v0.1/panstarrs",
+    "skymapper": "https://api.skymapper.nci.org.au/public/tap",
+    "simbad": "https://simbad.cds.unistra.fr/simbad/sim-tap",
+    "skybot": "https://ssp.imcce.fr/webservices/skybot/api/conesearch.php",
+    "colibri": "https://astro-colibri.science",
+}
+
+#: Bands each catalogue measures natively.
+NATIVE_BANDS = {
+    "gaia": ("G", "BP", "RP"),
+    "ps1": ("g", "r", "i", "z", "y"),
+    "skymapper": ("g", "r", "i", "z"),
+}
+GAIA_DERIVED = ("B", "V", "R", "I", "g", "r", "i")
+_GAIA_SERVICES = ("gaia_tap", "gaia_vizier")
+
+
+# =============================================================================== results
+@dataclass(frozen=True)
+class ServiceStatus:
+    """Outcome of one service call: ``status`` is ``ok``, ``cached``, ``empty``, ``skipped`` or ``failed``."""
+
+    service: str
+    status: str
+    reason: str | None = None
+    n_rows: int = 0
+    attempts: int = 0
+    wall_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "service": self.service,
+            "status": self.status,
+            "reason": self.reason,
+            "n_rows": self.n_rows,
+            "attempts": self.attempts,
+            "wall_s": round(self.wall_s, 4),
+        }
+
+
+@dataclass(frozen=True)
+class ReferenceResult:
+    """A normalised reference table and how it was obtained.
+
+    ``table`` is empty (but has ``ra``, ``dec``, ``ref_id``) with flag ``"no_reference"`` when every
+    service failed; ``catalog`` names the catalogue actually used (``gaia``, ``ps1``, ``skymapper``),
+    ``band``/``ref_band`` the requested band and the column used (``mag_<ref_band>``),
+    ``transformed`` whether the band was derived from Gaia.
+    """
+
+    table: object
+    catalog: str | None
+    band: str | None
+    source: str | None  # "cache" | "network" | None
+    transformed: bool = False
+    statuses: tuple[ServiceStatus, ...] = ()
+    flags: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.catalog is not None and len(self.table) > 0
+
+    def to_dict(self) -> dict:
+        return {
+            "catalog": self.catalog,
+            "band": self.band,
+            "source": self.source,
+            "transformed": self.transformed,
+            "n_rows": len(self.table),
+            "services": [s.to_dict() for s in self.statuses],
+            "flags": list(self.flags),
+        }
+
+
+class ServiceError(Exception):
+    """A service call failed; ``kind`` is ``timeout``, ``refused``, ``unreachable``, ``http``, ``malformed``."""
+
+    def __init__(self, kind: str, message: str, *, circuit_open: bool = False):
+        super().__init__(message)
+        self.kind = kind
+        #: True when the host was not asked at all because it failed moments ago: the failure was
+        #: already logged as a warning once, so callers log this one at INFO (no warning per frame).
+        self.circuit_open = circuit_open
+
+
+# =============================================================================== HTTP client
+_BREAKER: dict[str, float] = {}
+_BREAKER_LOCK = threading.Lock()
+
+
+def _host(url: str) -> str:
+    m = re.match(r"^\w+://([^/]+)", url)
+    return m.group(1) if m else url
+
+
+class ServiceClient:
+    """HTTP GET/POST with a timeout, bounded retries with exponential backoff, and a circuit breaker.
+
+    Parameters
+    ----------
+    timeout_s : float
+        Connect and read timeout of each attempt.
+    max_retries : int
+        Retries after the first attempt for timeouts, refused connections and HTTP 5xx.
+    backoff_s : float
+        Sleep before retry ``k`` is ``backoff_s * 2**k``.
+    breaker_s : float
+        After a failure that exhausted its retries, the host is not asked again for this long
+        (in this process); 0 disables the breaker.
+    """
+
+    def __init__(
+        self,
+        *,
+        timeout_s: float = 10.0,
+        max_retries: int = 2,
+        backoff_s: float = 0.5,
+        breaker_s: float = 120.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        if timeout_s <= 0 or max_retries < 0 or backoff_s < 0:
+            raise ValueError("timeout_s must be > 0, max_retries and backoff_s >= 0")
+        self.timeout_s, self.max_retries, self.backoff_s, self.breaker_s = (
+            timeout_s,
+            max_retries,
+            backoff_s,
+            breaker_s,
+        )
+        self._sleep = sleep
+
+    def request(
+        self,
+        url: str,
+        *,
+        params: dict | None = None,
+        data: dict | None = None,
+        json_body: dict | None = None,
+        headers: dict | None = None,
+    ) -> tuple[bytes, int]:
+        """Return ``(content, attempts)``; raise `ServiceError` when every attempt failed."""
+        import requests
+
+        host = _host(url)
+        if self.breaker_s > 0:
+            with _BREAKER_LOCK:
+                until = _BREAKER.get(host, 0.0)
+            if until > time.monotonic():
+                raise ServiceError(
+                    "unreachable",
+                    f"{host} failed moments ago (circuit open), not asked again",
+                    circuit_open=True,
+                )
+        last: ServiceError | None = None
+        attempts = 0
+        for k in range(self.max_retries + 1):
+            if k:
+                self._sleep(self.backoff_s * 2 ** (k - 1))
+            attempts += 1
+            try:
+                if data is None and json_body is None:
+                    r = requests.get(url, params=params, headers=headers, timeout=self.timeout_s)
+                else:
+                    r = requests.post(
+                        url,
+                        params=params,
+                        data=data,
+                        json=json_body,
+                        headers=headers,
+                        timeout=self.timeout_s,
+                    )
+            except requests.exceptions.Timeout as exc:
+                last = ServiceError(
+                    "timeout", f"timeout after {self.timeout_s:g} s ({type(exc).__name__})"
+                )
+                continue
+            except requests.exceptions.ConnectionError as exc:
+                text = str(exc)
+                if (
+                    "NameResolution" in text
+                    or "Name or service not known" in text
+                    or "getaddrinfo" in text
+                ):
+                    last = ServiceError(
+                        "unreachable", f"name resolution failed for {host} (offline?)"
+                    )
+                    break  # an offline machine: retrying cannot help
+                last = ServiceError("refused", f"connection failed: {' '.join(text.split())[:160]}")
+                continue
+            except requests.exceptions.RequestException as exc:
+                last = ServiceError("http", f"{type(exc).__name__}: {exc}"[:200])
+                break
+            if r.status_code >= 500:
+                last = ServiceError("http", f"HTTP {r.status_code}")
+                continue
+            if r.status_code >= 400:
+                raise ServiceError("http", f"HTTP {r.status_code}: {r.text[:160]!r}")
+            with _BREAKER_LOCK:
+                _BREAKER.pop(host, None)
+            return r.content, attempts
+        if self.breaker_s > 0:
+            with _BREAKER_LOCK:
+                _BREAKER[host] = time.monotonic() + self.breaker_s
+        assert last is not None
+        last.attempts = attempts  # type: ignore[attr-defined]
+        raise last
+
+
+def reset_circuit_breaker() -> None:
+    """Forget every failed host (tests, or a long-running process after the network came back)."""
+    with _BREAKER_LOCK:
+        _BREAKER.clear()
+
+
+# =============================================================================== parsing
+def parse_service_table(content: bytes):
+    """Parse a service reply into an astropy Table: VOTable (incl. ``vot:`` prefixed), ECSV, TAP JSON
+    (``metadata`` + ``data``), MAST JSON (``info`` + ``data``) or CSV, sniffed from the content.
+
+    Raises `ServiceError` (``malformed``) for anything else, an error VOTable, or an HTML page.
+    """
+    from astropy.table import Table
+
+    head = content.lstrip()[:400]
+    try:
+        if head.startswith(b"<"):
+            if b"<html" in head.lower() or b"<!doctype html" in head.lower():
+                raise ServiceError(
+                    "malformed", "HTML page instead of a table (service error page?)"
+                )
+            from astropy.io.votable import parse
+            from astropy.io.votable.exceptions import VOWarning
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", VOWarning)
+                warnings.simplefilter("ignore", UserWarning)
+                vot = parse(io.BytesIO(content), verify="ignore")
+            for res in vot.resources:
+                for info in list(res.infos):
+                    if info.name == "QUERY_STATUS" and str(info.value).upper() == "ERROR":
+                        raise ServiceError(
+                            "malformed", f"service error: {(info.content or '')[:160]}"
+                        )
+            for info in vot.infos:
+                if info.name == "QUERY_STATUS" and str(info.value).upper() == "ERROR":
+                    raise ServiceError("malformed", f"service error: {(info.content or '')[:160]}")
+            tables = list(vot.iter_tables())
+            if not tables:
+                return Table()
+            best = max(tables, key=lambda t: len(t.array))
+            tab = best.to_table(use_names_over_ids=True)
+            for (
+                name
+            ) in tab.colnames:  # masked -> plain with NaN / '' (simpler and faster downstream)
+                col = tab[name]
+                if hasattr(col, "mask") and not np.any(col.mask):
+                    tab[name] = np.asarray(col.data if hasattr(col, "data") else col)
+                elif hasattr(col, "mask"):
+                    if col.dtype.kind == "f":
+                        tab[name] = np.asarray(col.filled(np.nan))
+                    elif col.dtype.kind in "iu":
+                        tab[name] = np.asarray(col.filled(0))
+                    else:
+                        tab[name] = np.asarray(col.filled(""))
+            return Table(tab, masked=False)
+        if head.startswith(b"# %ECSV"):
+            return Table.read(content.decode(), format="ascii.ecsv")
+        if head.startswith(b"{"):
+            doc = json.loads(content)
+            if "data" in doc and ("metadata" in doc or "info" in doc):
+                names = [c["name"] for c in doc.get("metadata") or doc.get("info")]
+                rows = doc["data"]
+                cols = list(zip(*rows)) if rows else [[] for _ in names]
+                out = Table()
+                for n, c in zip(names, cols):
+                    out[n] = _column(c)
+                return out
+            raise ServiceError("malformed", "JSON without metadata/info + data")
+        if head and b"," in head.split(b"\n", 1)[0]:
+            return Table.read(content.decode(), format="ascii.csv")
+    except ServiceError:
+        raise
+    except Exception as exc:  # every parser error means the same thing here
+        raise ServiceError(
+            "malformed", f"unparsable reply ({type(exc).__name__}: {str(exc)[:120]})"
+        ) from None
+    raise ServiceError("malformed", f"unrecognised reply starting with {content[:40]!r}")
+
+
+def _column(values):
+    vals = [np.nan if v is None else v for v in values]
+    try:
+        arr = np.asarray(vals)
+        if arr.dtype.kind in "OU":
+            try:
+                return np.asarray(vals, dtype=float)
+            except (TypeError, ValueError):
+                return np.asarray(
+                    [
+                        "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+                        for v in values
+                    ]
+                )
+        return arr
+    except Exception:
+        return np.asarray([str(v) for v in values])
+
+
+def _col(tab, *names, default=np.nan):
+    lower = {c.lower(): c for c in tab.colnames}
+    for n in names:
+        c = lower.get(n.lower())
+        if c is not None:
+            try:
+                return np.asarray(tab[c], dtype=float)
+            except (TypeError, ValueError):
+                return np.asarray(tab[c])
+    return np.full(len(tab), default)
+
+
+def _strcol(tab, *names):
+    lower = {c.lower(): c for c in tab.colnames}
+    for n in names:
+        c = lower.get(n.lower())
+        if c is not None:
+            return np.asarray([str(v).strip() for v in np.asarray(tab[c])])
+    return np.full(len(tab), "", dtype="<U1")
+
+
+def normalize_reference(tab, catalog: str):
+    """Map a service table to the normalised reference columns (see module docstring).
+
+    Raises `ServiceError` (``malformed``) when the coordinates are missing.
+    """
+    from astropy.table import Table
+
+    out = Table()
+    if catalog == "gaia":
+        ra, dec = _col(tab, "ra", "RA_ICRS", "RAJ2000"), _col(tab, "dec", "DE_ICRS", "DEJ2000")
+        sid = _col(tab, "source_id", "Source", default=0)
+        out["ra"], out["dec"] = ra, dec
+        sid_int = (
+            np.where(np.isfinite(sid), sid, 0).astype(np.int64)
+            if sid.dtype.kind == "f"
+            else sid.astype(np.int64)
+        )
+        # float64 cannot hold 19-digit ids: re-read as integers when the column is integer
+        lower = {c.lower(): c for c in tab.colnames}
+        for n in ("source_id", "source"):
+            if n in lower and np.asarray(tab[lower[n]]).dtype.kind in "iu":
+                sid_int = np.asarray(tab[lower[n]], dtype=np.int64)
+        out["ref_id"] = np.asarray([f"Gaia DR3 {s}" for s in sid_int])
+        out["gaia_source_id"] = sid_int
+        for band, names, snr_names in (
+            ("G", ("phot_g_mean_mag", "Gmag"), ("phot_g_mean_flux_over_error",)),
+            ("BP", ("phot_bp_mean_mag", "BPmag"), ("phot_bp_mean_flux_over_error",)),
+            ("RP", ("phot_rp_mean_mag", "RPmag"), ("phot_rp_mean_flux_over_error",)),
+        ):
+            out[f"mag_{band}"] = _col(tab, *names)
+            err = _col(tab, f"e_{names[1]}")
+            if not np.isfinite(err).any():
+                snr = _col(tab, *snr_names)
+                err = 1.0857 / snr
+            floor = 0.0028 if band == "G" else 0.004  # DR3 calibration floor
+            out[f"mag_err_{band}"] = np.hypot(np.where(np.isfinite(err), err, 0.02), floor)
+        out["pmra"] = _col(tab, "pmra", "pmRA")
+        out["pmdec"] = _col(tab, "pmdec", "pmDE")
+    elif catalog == "ps1":
+        out["ra"], out["dec"] = (
+            _col(tab, "raMean", "ra", "RAJ2000"),
+            _col(tab, "decMean", "dec", "DEJ2000"),
+        )
+        out["ref_id"] = _strcol(tab, "objID", "objName")
+        out["gaia_source_id"] = np.zeros(len(tab), np.int64)
+        for b in NATIVE_BANDS["ps1"]:
+            m = _col(tab, f"{b}MeanPSFMag", f"{b}mag")
+            e = _col(tab, f"{b}MeanPSFMagErr", f"e_{b}mag")
+            bad = ~(m > -50)  # MAST uses -999 for missing
+            out[f"mag_{b}"] = np.where(bad, np.nan, m)
+            out[f"mag_err_{b}"] = np.where(bad | ~(e > -50), np.nan, e)
+    elif catalog == "skymapper":
+        out["ra"], out["dec"] = _col(tab, "raj2000", "ra"), _col(tab, "dej2000", "dec")
+        out["ref_id"] = _strcol(tab, "object_id")
+        out["gaia_source_id"] = np.zeros(len(tab), np.int64)
+        for b in NATIVE_BANDS["skymapper"]:
+            out[f"mag_{b}"] = _col(tab, f"{b}_psf")
+            out[f"mag_err_{b}"] = _col(tab, f"e_{b}_psf")
+    else:
+        raise ValueError(f"unknown catalogue {catalog!r}")
+    if len(out) and not (np.isfinite(out["ra"]).any() and np.isfinite(out["dec"]).any()):
+        raise ServiceError("malformed", f"{catalog} reply has no usable ra/dec columns")
+    good = np.isfinite(out["ra"]) & np.isfinite(out["dec"])
+    out = out[good]
+    out.meta["catalog"] = catalog
+    return out
+
+
+# Riello et al. (2021, A&A 649, A3) Table C.2: G - X = poly(BP - RP), valid ranges approx.
+_GAIA_POLY = {
+    "V": ((-0.02704, 0.01424, -0.2156, 0.01426), (-0.5, 5.0), 0.0302),
+    "R": ((-0.02275, 0.3961, -0.1243, -0.01396, 0.003775), (-0.5, 4.0), 0.0317),
+    "I": ((0.01753, 0.76, -0.0991), (-0.5, 4.5), 0.0337),
+    "g": ((0.2199, -0.6365, -0.1548, 0.0064), (0.3, 3.0), 0.0745),
+    "r": ((-0.09837, 0.08592, 0.1907, -0.1701, 0.02263), (0.0, 3.0), 0.0379),
+    "i": ((-0.293, 0.6404, -0.09609, -0.002104), (0.5, 2.0), 0.0409),
+}
+
+
+def gaia_transform(ref):
+    """Add ``mag_<X>``/``mag_err_<X>`` for X in ``B V R I g r i`` derived from Gaia G, BP, RP.
+
+    Outside a relation's colour range the value is NaN. ``B`` comes from V and the Gaia DR2
+    ``G - V = f(B - V)`` relation (Evans et al. 2018) inverted on a grid (approximate, ~0.1 mag).
+    The relation's scatter is added in quadrature to the error.
+    """
+    ref = ref.copy(copy_data=False)
+    g = np.asarray(ref["mag_G"], float)
+    x = np.asarray(ref["mag_BP"], float) - np.asarray(ref["mag_RP"], float)
+    eg = np.asarray(ref["mag_err_G"], float)
+    for band, (coef, (lo, hi), sig) in _GAIA_POLY.items():
+        gx = np.polynomial.polynomial.polyval(x, coef)
+        m = np.where((x >= lo) & (x <= hi), g - gx, np.nan)
+        if f"mag_{band}" in ref.colnames and np.isfinite(ref[f"mag_{band}"]).any():
+            continue  # never overwrite a native band
+        ref[f"mag_{band}"] = m
+        ref[f"mag_err_{band}"] = np.hypot(eg, sig)
+    if "mag_V" in ref.colnames:
+        bv_grid = np.linspace(-0.1, 2.0, 400)
+        gv_grid = -0.02907 - 0.02385 * bv_grid - 0.2297 * bv_grid**2 - 0.001768 * bv_grid**3
+        gv = g - np.asarray(ref["mag_V"], float)
+        bv = np.interp(
+            -gv, -gv_grid, bv_grid, left=np.nan, right=np.nan
+        )  # gv_grid decreases with B-V
+        ref["mag_B"] = np.asarray(ref["mag_V"], float) + bv
+        ref["mag_err_B"] = np.hypot(eg, 0.1)
+    ref.meta["transformed_from"] = "gaia"
+    return ref
+
+
+# =============================================================================== geometry
+def angular_sep_deg(ra1, dec1, ra2, dec2):
+    """Great-circle separation in degrees (haversine, arrays broadcast)."""
+    ra1, dec1, ra2, dec2 = (np.radians(np.asarray(v, float)) for v in (ra1, dec1, ra2, dec2))
+    s = np.sin((dec2 - dec1) / 2) ** 2 + np.cos(dec1) * np.cos(dec2) * np.sin((ra2 - ra1) / 2) ** 2
+    return np.degrees(2 * np.arcsin(np.sqrt(np.clip(s, 0, 1))))
+
+
+def _unit(ra, dec):
+    ra, dec = np.radians(np.asarray(ra, float)), np.radians(np.asarray(dec, float))
+    return np.column_stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)])
+
+
+def match_catalogs(ra1, dec1, ra2, dec2, *, radius_arcsec: float):
+    """Nearest neighbour of each (ra1, dec1) in (ra2, dec2) within ``radius_arcsec``.
+
+    Returns ``(index, sep_arcsec)``: index -1 (and NaN separation) where there is no match or the
+    position is not finite.
+    """
+    from scipy.spatial import cKDTree
+
+    ra1, dec1 = np.asarray(ra1, float), np.asarray(dec1, float)
+    idx = np.full(ra1.size, -1, dtype=np.int64)
+    sep = np.full(ra1.size, np.nan)
+    ok1 = np.isfinite(ra1) & np.isfinite(dec1)
+    ra2, dec2 = np.asarray(ra2, float), np.asarray(dec2, float)
+    ok2 = np.flatnonzero(np.isfinite(ra2) & np.isfinite(dec2))
+    if not ok1.any() or ok2.size == 0:
+        return idx, sep
+    tree = cKDTree(_unit(ra2[ok2], dec2[ok2]))
+    chord = 2 * np.sin(np.radians(radius_arcsec / 3600.0) / 2)
+    d, j = tree.query(_unit(ra1[ok1], dec1[ok1]), distance_upper_bound=chord)
+    hit = np.isfinite(d)
+    sel = np.flatnonzero(ok1)
+    idx[sel[hit]] = ok2[j[hit]]
+    sep[sel[hit]] = np.degrees(2 * np.arcsin(d[hit] / 2)) * 3600.0
+    return idx, sep
+
+
+# =============================================================================== cache
+class CatalogCache:
+    """Cones of one catalogue/service on disk: ``<root>/<name>/<ra>_<dec>_<radius>[_<tag>].ecsv``.
+
+    `get` returns the rows inside the requested cone from any cached cone (same name and tag) that
+    contains it; `put` writes atomically.
+    """
+
+    _NAME = re.compile(
+        r"^(?P<ra>-?\d+\.\d+)_(?P<dec>[-+]\d+\.\d+)_(?P<r>\d+\.\d+)(?:_(?P<tag>[\w.-]+))?\.ecsv$"
+    )
+
+    def __init__(self, root: str | os.PathLike | None):
+        self.root = Path(root) if root else None
+
+    def get(
+        self, name: str, ra_deg: float, dec_deg: float, radius_deg: float, *, tag: str | None = None
+    ):
+        if self.root is None or not (self.root / name).is_dir():
+            return None
+        from astropy.table import Table
+
+        best = None
+        for p in (self.root / name).iterdir():
+            m = self._NAME.match(p.name)
+            if not m or (m.group("tag") or None) != (tag or None):
+                continue
+            rc = float(m.group("r"))
+            sep = float(
+                angular_sep_deg(ra_deg, dec_deg, float(m.group("ra")), float(m.group("dec")))
+            )
+            if sep + radius_deg <= rc + 2e-5 and (
+                best is None or rc < best[0]
+            ):  # 2e-5 deg: name rounding
+                best = (rc, p)
+        if best is None:
+            return None
+        try:
+            tab = Table.read(best[1], format="ascii.ecsv")
+        except Exception as exc:  # a corrupt cache file is ignored (and re-fetched)
+            log.warning("catalog cache: unreadable %s (%s), ignored", best[1], exc)
+            return None
+        if len(tab) and "ra" in tab.colnames:
+            keep = angular_sep_deg(ra_deg, dec_deg, tab["ra"], tab["dec"]) <= radius_deg
+            tab = tab[keep]
+        tab.meta["cache_file"] = str(best[1])
+        return tab
+
+    def put(
+        self,
+        name: str,
+        ra_deg: float,
+        dec_deg: float,
+        radius_deg: float,
+        table,
+        *,
+        tag: str | None = None,
+    ) -> Path | None:
+        if self.root is None:
+            return None
+        d = self.root / name
+        d.mkdir(parents=True, exist_ok=True)
+        suffix = "_" + re.sub(r"[^\w.-]", "-", tag) if tag else ""
+        path = d / f"{ra_deg % 360:.6f}_{dec_deg:+.6f}_{radius_deg:.6f}{suffix}.ecsv"
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        out = table.copy(copy_data=False)
+        out.meta = {k: v for k, v in table.meta.items() if isinstance(v, (str, int, float, bool))}
+        out.write(tmp, format="ascii.ecsv", overwrite=True)
+        os.replace(tmp, path)
+        return path
+
+
+# =============================================================================== queries
+def _adql_cone(ra_col, dec_col, ra, dec, r):
+    return f"1=CONTAINS(POINT('ICRS',{ra_col},{dec_col}),CIRCLE('ICRS',{ra:.7f},{dec:.7f},{r:.6f}))"
+
+
+def query_gaia_tap(
+    client: ServiceClient,
+    url: str,
+    ra_deg,
+    dec_deg,
+    radius_deg,
+    *,
+    max_rows=5000,
+    mag_limit=20.0,
+    fmt="json",
+):
+    """Gaia DR3 cone from the ESA archive TAP sync endpoint (``<url>/sync``), brightest first."""
+    q = (
+        f"SELECT TOP {int(max_rows)} source_id, ra, dec, pmra, pmdec, phot_g_mean_mag, phot_bp_mean_mag, "
+        "phot_rp_mean_mag, phot_g_mean_flux_over_error, phot_bp_mean_flux_over_error, "
+        f"phot_rp_mean_flux_over_error FROM gaiadr3.gaia_source WHERE {_adql_cone('ra', 'dec', ra_deg, dec_deg, radius_deg)}"
+        f" AND phot_g_mean_mag < {mag_limit:.2f} ORDER BY phot_g_mean_mag"
+    )
+    content, n = client.request(
+        url.rstrip("/") + "/sync",
+        data={"REQUEST": "doQuery", "LANG": "ADQL", "FORMAT": fmt, "QUERY": q},
+    )
+    return parse_service_table(content), n
+
+
+def query_vizier(
+    client: ServiceClient,
+    url: str,
+    source: str,
+    ra_deg,
+    dec_deg,
+    radius_deg,
+    *,
+    columns=("**",),
+    max_rows=5000,
+    extra: dict | None = None,
+):
+    """VizieR ASU cone search (VOTable): ``-source``, ``-c``, ``-c.rd``, ``-out``, ``-out.max``."""
+    params = {
+        "-source": source,
+        "-c": f"{ra_deg:.7f} {dec_deg:+.7f}",
+        "-c.rd": f"{radius_deg:.6f}",
+        "-out": ",".join(columns),
+        "-out.max": str(int(max_rows)),
+        "-out.add": "_r",
+        "-sort": "_r",
+    }
+    params.update(extra or {})
+    content, n = client.request(url, params=params)
+    return parse_service_table(content), n
+
+
+def query_ps1(
+    client: ServiceClient, url: str, ra_deg, dec_deg, radius_deg, *, release="dr2", max_rows=5000
+):
+    """Pan-STARRS mean-object cone from the MAST Catalogs API (``<url>/<release>/mean.json``)."""
+    cols = ["objID", "raMean", "decMean", "nDetections"] + [
+        f"{b}MeanPSFMag{e}" for b in "grizy" for e in ("", "Err")
+    ]
+    params = {
+        "ra": f"{ra_deg:.7f}",
+        "dec": f"{dec_deg:.7f}",
+        "radius": f"{radius_deg:.6f}",
+        "columns": "[" + ",".join(cols) + "]",
+        "nDetections.gte": "2",
+        "pagesize": str(int(max_rows)),
+    }
+    content, n = client.request(f"{url.rstrip('/')}/{release}/mean.json", params=params)
+    return parse_service_table(content), n
+
+
+def query_skymapper(client: ServiceClient, url: str, ra_deg, dec_deg, radius_deg, *, max_rows=5000):
+    """SkyMapper DR4 ``dr4.master`` cone from its TAP sync endpoint."""
+    cols = "object_id, raj2000, dej2000, " + ", ".join(f"{b}_psf, e_{b}_psf" for b in "griz")
+    q = (
+        f"SELECT TOP {int(max_rows)} {cols} FROM dr4.master WHERE "
+        f"{_adql_cone('raj2000', 'dej2000', ra_deg, dec_deg, radius_deg)}"
+    )
+    content, n = client.request(
+        url.rstrip("/") + "/sync",
+        data={"REQUEST": "doQuery", "LANG": "ADQL", "FORMAT": "votable", "QUERY": q},
+    )
+    return parse_service_table(content), n
+
+
+def _in_coverage(catalog: str, dec_deg: float) -> bool:
+    if catalog == "ps1":
+        return dec_deg >= -30.0
+    if catalog == "skymapper":
+        return dec_deg <= 2.0
+    return True
+
+
+@dataclass(frozen=True)
+class ServicesSetup:
+    """Everything `fetch_reference` and `rpp_tasks.stages.enrich` need to reach services (no config object)."""
+
+    urls: dict = field(default_factory=lambda: dict(DEFAULT_SERVICES))
+    client: ServiceClient | None = None
+    cache_dir: str | None = None
+    gaia_order: tuple[str, ...] = _GAIA_SERVICES
+    max_rows: int = 5000
+    mag_limit: float = 20.0
+    ps1_release: str = "dr2"
+    gaia_tap_format: str = "json"
+    enabled: tuple[str, ...] = ()  # enrichment services switched on
+    colibri_uid: str | None = field(default=None, repr=False)  # a secret: never in repr/logs
+
+
+def client_from_config(cfg) -> ServicesSetup:
+    """`ServicesSetup` from a ``CatalogsConfig`` (``obs.catalogs``)."""
+    urls = dict(DEFAULT_SERVICES)
+    urls.update(cfg.services or {})
+    cache = cfg.cache_dir
+    if cache and not os.path.isabs(os.path.expanduser(os.path.expandvars(cache))):
+        from rpp_tasks.config import REPO_ROOT
+
+        cache = str(Path(os.environ.get("RPP_DATA_ROOT", REPO_ROOT)) / cache)
+    return ServicesSetup(
+        urls=urls,
+        client=ServiceClient(
+            timeout_s=cfg.timeout_s,
+            max_retries=cfg.max_retries,
+            backoff_s=cfg.backoff_s,
+            breaker_s=cfg.breaker_s,
+        ),
+        cache_dir=cache,
+        gaia_order=tuple(cfg.gaia_order),
+        max_rows=cfg.max_rows,
+        mag_limit=cfg.mag_limit,
+        ps1_release=cfg.ps1_release,
+        enabled=tuple(cfg.enrichment),
+        colibri_uid=os.environ.get("RPP_ASTRO_COLIBRI_UID"),
+    )
+
+
+def _fetch_one(service: str, setup: ServicesSetup, ra, dec, r):
+    client = setup.client or ServiceClient()
+    url = setup.urls.get(service)
+    if not url:
+        raise ServiceError("unreachable", f"no address configured for {service}")
+    if service == "gaia_tap":
+        tab, n = query_gaia_tap(
+            client,
+            url,
+            ra,
+            dec,
+            r,
+            max_rows=setup.max_rows,
+            mag_limit=setup.mag_limit,
+            fmt=setup.gaia_tap_format,
+        )
+        return normalize_reference(tab, "gaia"), n
+    if service == "gaia_vizier":
+        cols = (
+            "Source",
+            "RA_ICRS",
+            "DE_ICRS",
+            "pmRA",
+            "pmDE",
+            "Gmag",
+            "e_Gmag",
+            "BPmag",
+            "e_BPmag",
+            "RPmag",
+            "e_RPmag",
+        )
+        tab, n = query_vizier(
+            client,
+            url,
+            "I/355/gaiadr3",
+            ra,
+            dec,
+            r,
+            columns=cols,
+            max_rows=setup.max_rows,
+            extra={"Gmag": f"<{setup.mag_limit:.2f}"},
+        )
+        return normalize_reference(tab, "gaia"), n
+    if service == "ps1":
+        tab, n = query_ps1(
+            client, url, ra, dec, r, release=setup.ps1_release, max_rows=setup.max_rows
+        )
+        return normalize_reference(tab, "ps1"), n
+    if service == "skymapper":
+        tab, n = query_skymapper(client, url, ra, dec, r, max_rows=setup.max_rows)
+        return normalize_reference(tab, "skymapper"), n
+    raise ValueError(f"unknown reference service {service!r}")
+
+
+_CATALOG_OF = {"gaia_tap": "gaia", "gaia_vizier": "gaia", "ps1": "ps1", "skymapper": "skymapper"}
+
+
+def fetch_reference(
+    ra_deg: float,
+    dec_deg: float,
+    radius_deg: float,
+    *,
+    catalog: str = "gaia",
+    band: str = "G",
+    setup: ServicesSetup | None = None,
+    offline: bool = False,
+) -> ReferenceResult:
+    """
+    Reference stars in a cone for photometric and astrometric calibration, with fallbacks and cache.
+
+    Parameters
+    ----------
+    ra_deg, dec_deg, radius_deg : float
+        Cone (ICRS degrees).
+    catalog : {"gaia", "ps1", "skymapper"}
+        Preferred catalogue for ``band``. PS1/SkyMapper are tried only inside their coverage; then
+        the Gaia services in ``setup.gaia_order``; bands Gaia lacks are derived by `gaia_transform`.
+    band : str
+        Reference band (column ``mag_<band>`` of the result).
+    setup : ServicesSetup, optional
+        Addresses, HTTP client (timeouts, retries) and cache folder.
+    offline : bool
+        Use the cache only.
+
+    Returns
+    -------
+    ReferenceResult
+        With the per-service statuses; an empty table and flag ``"no_reference"`` when nothing answered.
+    """
+    if not (np.isfinite(ra_deg) and np.isfinite(dec_deg)) or not radius_deg > 0:
+        raise ValueError(f"invalid cone ra={ra_deg} dec={dec_deg} radius={radius_deg}")
+    if catalog not in NATIVE_BANDS:
+        raise ValueError(f"unknown catalogue {catalog!r}; expected one of {sorted(NATIVE_BANDS)}")
+    setup = setup or ServicesSetup()
+    cache = CatalogCache(setup.cache_dir)
+    chain: list[str] = []
+    if catalog in ("ps1", "skymapper"):
+        chain.append(catalog)
+    chain += [s for s in setup.gaia_order if s in _GAIA_SERVICES]
+    statuses: list[ServiceStatus] = []
+    for service in chain:
+        cat = _CATALOG_OF[service]
+        if cat != "gaia" and not _in_coverage(cat, dec_deg):
+            statuses.append(
+                ServiceStatus(service, "skipped", f"Dec {dec_deg:+.1f} outside {cat} coverage")
+            )
+            continue
+        if cat != "gaia" and band not in NATIVE_BANDS[cat]:
+            statuses.append(ServiceStatus(service, "skipped", f"{cat} has no band {band}"))
+            continue
+        t0 = time.perf_counter()
+        tab = cache.get(cat, ra_deg, dec_deg, radius_deg)
+        if tab is not None:
+            statuses.append(
+                ServiceStatus(
+                    service,
+                    "cached",
+                    tab.meta.get("cache_file"),
+                    len(tab),
+                    0,
+                    time.perf_counter() - t0,
+                )
+            )
+            res = _finish(tab, cat, band, "cache", statuses)
+            if res is not None:
+                return res
+            continue
+        if offline:
+            statuses.append(ServiceStatus(service, "skipped", "offline and not in the cache"))
+            continue
+        try:
+            tab, n = _fetch_one(service, setup, ra_deg, dec_deg, radius_deg)
+        except ServiceError as exc:
+            statuses.append(
+                ServiceStatus(
+                    service,
+                    "failed",
+                    f"{exc.kind}: {exc}",
+                    0,
+                    getattr(exc, "attempts", 1),
+                    time.perf_counter() - t0,
+                )
+            )
+            log.log(
+                logging.INFO if exc.circuit_open else logging.WARNING,
+                "reference %s failed (%s: %s); trying the next service",
+                service,
+                exc.kind,
+                exc,
+            )
+            continue
+        if len(tab):
+            tab = tab[angular_sep_deg(ra_deg, dec_deg, tab["ra"], tab["dec"]) <= radius_deg]
+        if len(tab) == 0:
+            statuses.append(
+                ServiceStatus(
+                    service,
+                    "empty",
+                    "no rows in the cone (no coverage?)",
+                    0,
+                    n,
+                    time.perf_counter() - t0,
+                )
+            )
+            continue
+        cache.put(cat, ra_deg, dec_deg, radius_deg, tab)
+        statuses.append(ServiceStatus(service, "ok", None, len(tab), n, time.perf_counter() - t0))
+        res = _finish(tab, cat, band, "network", statuses)
+        if res is not None:
+            return res
+    from astropy.table import Table
+
+    empty = Table(
+        {
+            "ra": np.zeros(0),
+            "dec": np.zeros(0),
+            "ref_id": np.zeros(0, dtype="<U1"),
+            "gaia_source_id": np.zeros(0, np.int64),
+        }
+    )
+    return ReferenceResult(empty, None, band, None, False, tuple(statuses), ("no_reference",))
+
+
+def _finish(tab, cat, band, source, statuses):
+    transformed = False
+    if f"mag_{band}" not in tab.colnames:
+        if cat == "gaia" and band in GAIA_DERIVED:
+            tab = gaia_transform(tab)
+            transformed = True
+        else:
+            statuses.append(ServiceStatus(cat, "skipped", f"band {band} not available from {cat}"))
+            return None
+    return ReferenceResult(tab, cat, band, source, transformed, tuple(statuses))

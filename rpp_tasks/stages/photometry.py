@@ -1,0 +1,1051 @@
+"""Aperture and PSF photometry, and per-source quality flags.
+
+Aperture photometry (`aperture_photometry`) sums circular apertures with SEP (exact C
+overlap), subtracts a sigma-clipped local annulus background on top of the 2-D background, and
+reports the error model of ARCHITECTURE.md ("Error model"):
+
+    var = flux / gain + n_pix * rms^2 + n_pix^2 * rms^2 / n_annulus
+
+PSF photometry (`psf_photometry`) fits the effective PSF (`rpp_tasks.stages.psf.EPSFModel`) to all
+sources at once: one global, sparse, weighted linear least-squares problem in which the stars
+whose footprints overlap are solved together (blends are deblended by the fit). The steps are
+
+1. fluxes at the detection centroids (weights ``1 / rms^2``);
+2. one Gauss-Newton step for the positions, with unknowns ``(f, f dx, f dy)`` per star (the ePSF
+   gradient is analytic), weights ``1 / (rms^2 + model / gain)`` from step 1's *model*;
+3. the final fluxes at the refined positions with weights from the step-2 model. Using the model
+   rather than the data for the source shot noise keeps fluxes and errors unbiased.
+
+The normal matrix is split into its connected components (groups of mutually overlapping stars),
+and each component is solved and inverted densely, batched by component size, so flux errors are
+the exact diagonal of the inverse normal matrix, including blend covariance.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from astropy.stats import sigma_clip  # noqa: F401  (documented alternative; clipping is vectorised below)
+from astropy.table import Table
+from scipy import sparse
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
+
+from rpp_tasks import __version__
+
+__all__ = [
+    "APERTURE_LABELS",
+    "aperture_photometry",
+    "psf_photometry",
+    "psf_photometry_with_residual_detection",
+    "PsfPassResult",
+    "quality_flags",
+]
+
+log = logging.getLogger(__name__)
+
+#: Aperture labels of the catalogue columns.
+APERTURE_LABELS = ("1p1fwhm", "1p3fwhm", "fixed")
+_MAG_K = 2.5 / math.log(10.0)
+_MAX_DENSE = (
+    1200  # unknowns in one overlapping group solved densely; larger -> sparse + approx errors
+)
+
+
+def _check_inputs(data_sub, rms, mask, func):
+    data = np.asarray(data_sub)
+    if data.ndim != 2:
+        raise ValueError(f"{func}: data_sub must be 2-D, got shape {data.shape}")
+    if np.ndim(rms) == 0:
+        rms = np.full(data.shape, float(rms))
+    rms = np.asarray(rms)
+    if rms.shape != data.shape:
+        raise ValueError(
+            f"{func}: rms shape {rms.shape} does not match data_sub shape {data.shape}"
+        )
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != data.shape:
+            raise ValueError(
+                f"{func}: mask shape {mask.shape} does not match data_sub shape {data.shape}"
+            )
+    return data, rms, mask
+
+
+def _xy(sources, func):
+    for xc, yc in (("x_centroid", "y_centroid"), ("xcentroid", "ycentroid"), ("x", "y")):
+        if xc in sources.colnames and yc in sources.colnames:
+            return np.asarray(sources[xc], np.float64), np.asarray(sources[yc], np.float64)
+    raise ValueError(
+        f"{func}: sources need x_centroid and y_centroid columns, got {sources.colnames}"
+    )
+
+
+def _mags(flux, flux_err, exptime_s):
+    flux = np.asarray(flux, float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pos = flux > 0
+        mag = np.where(pos, -2.5 * np.log10(np.where(pos, flux, 1.0) / exptime_s), np.nan)
+        mag_err = np.where(pos, _MAG_K * flux_err / np.where(pos, flux, 1.0), np.nan)
+        snr = np.where(flux_err > 0, flux / flux_err, np.nan)
+    return mag, mag_err, snr
+
+
+def _check_positive(func, **kw):
+    for k, v in kw.items():
+        if v is None or not np.isfinite(v) or v <= 0:
+            raise ValueError(f"{func}: {k} must be a positive number, got {v!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# aperture photometry
+# --------------------------------------------------------------------------------------------
+
+
+def _row_median(sorted_vals, lo, hi):
+    """Median of ``sorted_vals[i, lo[i]:hi[i]]`` per row (NaN for an empty run)."""
+    n = hi - lo
+    rows = np.arange(sorted_vals.shape[0])
+    ncol = sorted_vals.shape[1]
+    a = np.clip(lo + (n - 1) // 2, 0, ncol - 1)
+    b = np.clip(lo + n // 2, 0, ncol - 1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        med = 0.5 * (sorted_vals[rows, a] + sorted_vals[rows, b])
+    return np.where(n > 0, med, np.nan)
+
+
+def _annulus_background(data, var, bad, x, y, r_in, r_out, *, clip_sigma=3.0, n_iter=3):
+    """Sigma-clipped mean, its pixel count and the mean variance in annuli (vectorised)."""
+    ny, nx = data.shape
+    half = int(math.ceil(r_out)) + 1
+    k = np.arange(-half, half + 1)
+    ix = np.rint(x).astype(int)
+    iy = np.rint(y).astype(int)
+    n = x.size
+    bkg = np.full(n, np.nan)
+    n_ann = np.zeros(n, np.int64)
+    var_mean = np.full(n, np.nan)
+    # only the offsets that can fall in the annulus for any sub-pixel centre
+    oy, ox = np.meshgrid(k, k, indexing="ij")
+    rad = np.hypot(ox, oy).ravel()
+    ring = (rad >= r_in - 0.7072) & (rad <= r_out + 0.7072)
+    ox, oy = ox.ravel()[ring], oy.ravel()[ring]
+    chunk = 512
+    for a in range(0, n, chunk):
+        b = min(n, a + chunk)
+        px = ix[a:b, None] + ox[None, :]
+        py = iy[a:b, None] + oy[None, :]
+        r2 = (px - x[a:b, None]) ** 2 + (py - y[a:b, None]) ** 2
+        use = (r2 >= r_in**2) & (r2 <= r_out**2) & (px >= 0) & (px < nx) & (py >= 0) & (py < ny)
+        pxc = np.clip(px, 0, nx - 1)
+        pyc = np.clip(py, 0, ny - 1)
+        vals = data[pyc, pxc].astype(np.float64)
+        vv = var[pyc, pxc]
+        if bad is not None:
+            use &= ~bad[pyc, pxc]
+        use &= np.isfinite(vals)
+        inside = use
+        # one sort per star; a clip around the median keeps a contiguous run of the sorted values
+        big = np.finfo(np.float64).max
+        sv = np.sort(np.where(use, vals, big), axis=1)
+        ntot = use.sum(axis=1)
+        sig_pix = np.sqrt(
+            _row_median(np.sort(np.where(use, vv, big), axis=1), np.zeros_like(ntot), ntot)
+        )
+        lo = np.zeros_like(ntot)
+        hi = ntot.copy()
+        for _ in range(n_iter):
+            med = _row_median(sv, lo, hi)
+            new_lo = np.sum(sv < (med - clip_sigma * sig_pix)[:, None], axis=1)
+            new_hi = np.minimum(np.sum(sv <= (med + clip_sigma * sig_pix)[:, None], axis=1), ntot)
+            if np.array_equal(new_lo, lo) and np.array_equal(new_hi, hi):
+                break
+            lo, hi = new_lo, np.maximum(new_hi, new_lo)
+        rows = np.arange(b - a)
+        use = (
+            inside
+            & (hi > lo)[:, None]
+            & (vals >= sv[rows, np.minimum(lo, sv.shape[1] - 1)][:, None])
+            & (vals <= sv[rows, np.maximum(hi - 1, 0)][:, None])
+        )
+        cnt = use.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            bkg[a:b] = np.where(cnt > 0, np.sum(np.where(use, vals, 0.0), axis=1) / cnt, np.nan)
+            var_mean[a:b] = np.where(cnt > 0, np.sum(np.where(use, vv, 0.0), axis=1) / cnt, np.nan)
+        n_ann[a:b] = cnt
+    return bkg, n_ann, var_mean
+
+
+def _own_model_sums(sources, x, y, epsf, radii):
+    """Aperture sums (per label) of each source's own fitted PSF model, apertures at ``(x, y)``.
+
+    The unit-flux model stamps are laid side by side in a mosaic and summed with the same exact
+    SEP apertures as the image.
+    """
+    import sep
+
+    n = x.size
+    xp = np.asarray(sources["x_psf"], float)
+    yp = np.asarray(sources["y_psf"], float)
+    fp = np.asarray(sources["flux_psf"], float)
+    ok = np.isfinite(xp) & np.isfinite(yp) & np.isfinite(fp) & np.isfinite(x) & np.isfinite(y)
+    ok &= np.hypot(xp - x, yp - y) < 3.0
+    out = {lab: np.zeros(n) for lab in radii}
+    if not np.any(ok):
+        return out
+    half = int(math.ceil(max(radii.values()))) + 2
+    size = 2 * half + 1
+    idx = np.flatnonzero(ok)
+    ix = np.rint(x[idx]).astype(np.int64)
+    iy = np.rint(y[idx]).astype(np.int64)
+    st = epsf.stamps(xp[idx], yp[idx], half, ix=ix, iy=iy)  # (m, S, S), unit flux
+    m = idx.size
+    ncol = int(math.ceil(math.sqrt(m)))
+    nrow = int(math.ceil(m / ncol))
+    mosaic = np.zeros((nrow, ncol, size, size))
+    mosaic.reshape(nrow * ncol, size, size)[:m] = st
+    mosaic = np.ascontiguousarray(mosaic.transpose(0, 2, 1, 3).reshape(nrow * size, ncol * size))
+    tile = np.arange(m)
+    xm = (tile % ncol) * size + half + (x[idx] - ix)
+    ym = (tile // ncol) * size + half + (y[idx] - iy)
+    for lab, r in radii.items():
+        out[lab][idx] = fp[idx] * sep.sum_circle(mosaic, xm, ym, r, subpix=0)[0]
+    return out
+
+
+def aperture_photometry(
+    data_sub,
+    rms,
+    sources,
+    *,
+    fwhm_px,
+    fixed_radius_px,
+    annulus_fwhm=(3.0, 5.0),
+    gain_e_per_adu,
+    exptime_s,
+    mask=None,
+    local_background=True,
+    psf_model=None,
+    epsf=None,
+):
+    """
+    Circular-aperture photometry with a local annulus background.
+
+    With ``psf_model`` and ``epsf`` (the model image and the ePSF of a PSF fit of the same
+    sources), each star is measured on the image with its *neighbours* subtracted: the apertures
+    and the annulus are summed on ``data_sub - psf_model`` and the star's own model inside each
+    aperture (``flux_psf`` times the aperture sum of the ePSF at ``x_psf, y_psf``) is added back.
+    The wings of neighbours (and the star's own wings in the annulus) then no longer bias the
+    flux or add scatter; the error model is unchanged.
+
+    Parameters
+    ----------
+    data_sub : array_like
+        Background-subtracted image (ADU).
+    rms : array_like or float
+        Background RMS map (ADU, read noise included).
+    sources : `~astropy.table.Table`
+        Sources with ``x_centroid``, ``y_centroid`` (0-based px); other columns are kept.
+    fwhm_px : float
+        PSF FWHM; apertures of radius 1.1 and 1.3 FWHM and the annulus scale with it.
+    fixed_radius_px : float
+        Radius of the ``fixed`` aperture (px).
+    annulus_fwhm : tuple of float, optional
+        Inner and outer annulus radius in FWHM units.
+    gain_e_per_adu : float
+        Gain (e-/ADU): source shot noise ``flux / gain``.
+    exptime_s : float
+        Exposure time for magnitudes per second.
+    mask : array_like of bool, optional
+        Bad pixels: excluded from apertures (flagged in ``flag_aper``) and from the annulus.
+    local_background : bool, optional
+        Subtract the sigma-clipped annulus mean ``bkg_local`` (default True).
+    psf_model : array_like, optional
+        Fitted model image of all sources (e.g. `PsfPassResult.model`); needs ``epsf`` and the
+        columns ``x_psf``, ``y_psf``, ``flux_psf`` in ``sources``.
+    epsf : `rpp_tasks.stages.psf.EPSFModel`, optional
+        The ePSF of that fit.
+
+    Returns
+    -------
+    table : `~astropy.table.Table`
+        A copy of ``sources`` plus ``bkg_local`` (ADU/px), ``n_annulus``, ``flag_aper`` and for each
+        label ``L`` in `APERTURE_LABELS`: ``flux_L``, ``flux_err_L``, ``mag_L``, ``mag_err_L``,
+        ``snr_L``. ``meta`` gains the radii (px), FWHM, exptime, gain and the rpp_tasks version.
+
+    Raises
+    ------
+    ValueError
+        Shape mismatch, missing position columns, non-positive FWHM/radius/gain/exptime.
+    """
+    import sep
+
+    func = "aperture_photometry"
+    data, rms, mask = _check_inputs(data_sub, rms, mask, func)
+    _check_positive(
+        func,
+        fwhm_px=fwhm_px,
+        fixed_radius_px=fixed_radius_px,
+        gain_e_per_adu=gain_e_per_adu,
+        exptime_s=exptime_s,
+    )
+    r_in, r_out = (float(annulus_fwhm[0]) * fwhm_px, float(annulus_fwhm[1]) * fwhm_px)
+    if not 0 < r_in < r_out:
+        raise ValueError(
+            f"{func}: annulus_fwhm must be (inner, outer) with 0 < inner < outer, got {annulus_fwhm}"
+        )
+    radii = {"1p1fwhm": 1.1 * fwhm_px, "1p3fwhm": 1.3 * fwhm_px, "fixed": float(fixed_radius_px)}
+    out = Table(sources, copy=True)
+    out.meta.update(
+        aperture_radii_px={k: float(v) for k, v in radii.items()},
+        annulus_px=[r_in, r_out],
+        fwhm_px=float(fwhm_px),
+        exptime_s=float(exptime_s),
+        gain_e_per_adu=float(gain_e_per_adu),
+        rpp_tasks_version=__version__,
+    )
+    n = len(out)
+    if n == 0:
+        for name, dt in (("bkg_local", float), ("n_annulus", np.int64), ("flag_aper", np.int64)):
+            out[name] = np.zeros(0, dt)
+        for lab in APERTURE_LABELS:
+            for c in ("flux", "flux_err", "mag", "mag_err", "snr"):
+                out[f"{c}_{lab}"] = np.zeros(0)
+        out.meta["no_sources"] = True
+        return out
+    x, y = _xy(sources, func)
+
+    dt = np.float32 if data.dtype == np.float32 else np.float64
+    bad = ~np.isfinite(data)
+    if mask is not None:
+        bad = bad | mask
+    own = None
+    if psf_model is not None:
+        if epsf is None or not all(c in sources.colnames for c in ("x_psf", "y_psf", "flux_psf")):
+            raise ValueError(f"{func}: psf_model needs epsf and the x_psf, y_psf, flux_psf columns")
+        psf_model = np.asarray(psf_model)
+        if psf_model.shape != data.shape:
+            raise ValueError(
+                f"{func}: psf_model shape {psf_model.shape} does not match {data.shape}"
+            )
+        data = data - psf_model.astype(dt, copy=False)
+        own = _own_model_sums(sources, x, y, epsf, radii)
+    work = np.ascontiguousarray(np.where(bad, dt(0.0), data), dtype=dt)
+    rms_c = np.asarray(rms, dtype=dt)
+    var = np.ascontiguousarray(rms_c * rms_c)
+    bad_u8 = np.ascontiguousarray(bad, dtype=np.uint8)
+    if local_background:
+        bkg, n_ann, var_ann = _annulus_background(work, var, bad, x, y, r_in, r_out)
+    else:
+        bkg, n_ann, var_ann = np.zeros(n), np.full(n, np.iinfo(np.int64).max // 4), np.zeros(n)
+    bkg_used = np.where(np.isfinite(bkg), bkg, 0.0)
+    flag_all = np.zeros(n, np.int64)
+    ones = None
+    for lab, r in radii.items():
+        # SEP replaces masked pixels by the mean of the unmasked ones in the aperture (sum and
+        # variance), so the effective area is the geometric one, less what falls off the image
+        s, serr, flg = sep.sum_circle(work, x, y, r, var=var, mask=bad_u8, maskthresh=0.0, subpix=0)
+        svar = serr**2
+        area = np.full(n, math.pi * r * r)
+        trunc = (flg & sep.APER_TRUNC) != 0
+        if np.any(trunc):
+            if ones is None:
+                ones = np.ones(data.shape, dtype=dt)
+            area[trunc] = sep.sum_circle(ones, x[trunc], y[trunc], r, subpix=0)[0]
+        flux = s - bkg_used * area
+        if own is not None:
+            flux = flux + own[lab]
+        var_star = np.maximum(flux, 0.0) / gain_e_per_adu
+        mean_var = np.where(area > 0, svar / np.maximum(area, 1e-12), np.nan)
+        var_bkg_mean = (
+            np.where(n_ann > 0, area**2 * mean_var / np.maximum(n_ann, 1), np.inf)
+            if local_background
+            else 0.0
+        )
+        err = np.sqrt(var_star + svar + var_bkg_mean)
+        mag, mag_err, snr = _mags(flux, err, exptime_s)
+        out[f"flux_{lab}"] = flux
+        out[f"flux_err_{lab}"] = err
+        out[f"mag_{lab}"] = mag
+        out[f"mag_err_{lab}"] = mag_err
+        out[f"snr_{lab}"] = snr
+        flag_all |= flg.astype(np.int64)
+    out["bkg_local"] = bkg
+    out["n_annulus"] = n_ann
+    out["flag_aper"] = flag_all
+    out.meta["no_sources"] = False
+    del var_ann
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# PSF photometry
+# --------------------------------------------------------------------------------------------
+
+
+def _solve_groups(nmat, rhs, comp, ncomp):
+    """Solve N x = rhs and return x, diag(N^-1); N is block-diagonal by component ``comp``."""
+    nun = rhs.size
+    x = np.full(nun, np.nan)
+    dinv = np.full(nun, np.nan)
+    big = np.zeros(nun, bool)
+    sizes = np.bincount(comp, minlength=ncomp)
+    order = np.argsort(comp, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    pos = np.empty(nun, np.int64)
+    pos[order] = np.arange(nun) - starts[comp[order]]
+    coo = nmat.tocoo()
+    r, c, v = coo.row, coo.col, coo.data
+    size_r = sizes[comp[r]]
+    size_u = sizes[comp]
+    for m in np.unique(sizes):
+        if m == 0:
+            continue
+        cm = np.flatnonzero(sizes == m)
+        units = np.flatnonzero(size_u == m)
+        if m > _MAX_DENSE:
+            sub = nmat.tocsr()[units][:, units].tocsc()
+            from scipy.sparse.linalg import spsolve
+
+            x[units] = spsolve(sub, rhs[units])
+            dinv[units] = 1.0 / sub.diagonal()
+            big[units] = True
+            continue
+        slot = np.full(ncomp, -1, np.int64)
+        slot[cm] = np.arange(cm.size)
+        blocks = np.zeros((cm.size, m, m))
+        e = size_r == m
+        blocks[slot[comp[r[e]]], pos[r[e]], pos[c[e]]] = v[e]
+        vec = np.zeros((cm.size, m))
+        vec[slot[comp[units]], pos[units]] = rhs[units]
+        # scale to unit diagonal for conditioning
+        d = np.sqrt(np.einsum("kii->ki", blocks))
+        d = np.where(d > 0, d, 1.0)
+        bs = blocks / d[:, :, None] / d[:, None, :]
+        try:
+            inv = np.linalg.inv(bs)
+        except np.linalg.LinAlgError:
+            inv = np.linalg.pinv(bs)
+        inv = inv / d[:, :, None] / d[:, None, :]
+        sol = np.einsum("kij,kj->ki", inv, vec)
+        x[units] = sol[slot[comp[units]], pos[units]]
+        dinv[units] = inv[slot[comp[units]], pos[units], pos[units]]
+    return x, dinv, big
+
+
+def _empty_psf_columns(out):
+    for name in (
+        "x_psf",
+        "y_psf",
+        "flux_psf",
+        "flux_err_psf",
+        "mag_psf",
+        "mag_err_psf",
+        "snr_psf",
+        "qfit_psf",
+        "chi2_psf",
+    ):
+        out[name] = np.zeros(0)
+    out["npix_psf"] = np.zeros(0, np.int64)
+    out["flag_psf"] = np.zeros(0, np.int64)
+    out["group_size_psf"] = np.zeros(0, np.int64)
+    return out
+
+
+def psf_photometry(
+    data_sub,
+    rms,
+    sources,
+    epsf,
+    *,
+    gain_e_per_adu,
+    exptime_s,
+    mask=None,
+    fit_shape=None,
+    refine_positions=True,
+    max_shift_px=1.0,
+    min_snr_refine=3.0,
+):
+    """
+    Simultaneous PSF-fitting photometry of all sources with an effective PSF.
+
+    Parameters
+    ----------
+    data_sub : array_like
+        Background-subtracted image (ADU).
+    rms : array_like or float
+        Background RMS map (ADU, read noise included).
+    sources : `~astropy.table.Table`
+        Sources with ``x_centroid``, ``y_centroid`` (0-based px); other columns are kept.
+    epsf : `rpp_tasks.stages.psf.EPSFModel`
+        Effective PSF (unit total flux).
+    gain_e_per_adu : float
+        Gain, for the source shot-noise term ``model / gain`` of the variance.
+    exptime_s : float
+        Exposure time for magnitudes per second.
+    mask : array_like of bool, optional
+        Pixels excluded from the fit.
+    fit_shape : int, optional
+        Width (odd, px) of the fitted footprint of each star; default ``2 * round(2 * FWHM) + 1``
+        (at least 7), capped by the ePSF footprint.
+    refine_positions : bool, optional
+        Do the Gauss-Newton position step (otherwise positions stay at the centroids).
+    max_shift_px : float, optional
+        Position updates are clipped to this length.
+    min_snr_refine : float, optional
+        Only stars with a step-1 flux S/N above this get a position update.
+
+    Returns
+    -------
+    table : `~astropy.table.Table`
+        A copy of ``sources`` plus ``x_psf``, ``y_psf``, ``flux_psf``, ``flux_err_psf``,
+        ``mag_psf``, ``mag_err_psf``, ``snr_psf``, ``qfit_psf`` (sum |residual| / flux over the
+        footprint, as photutils), ``chi2_psf`` (reduced chi^2), ``npix_psf`` (fitted pixels),
+        ``group_size_psf`` (stars fitted together) and ``flag_psf`` (1: no usable pixel,
+        2: position not refined, 4: footprint truncated by the edge or mask, 8: very large
+        group, errors approximate).
+
+    Raises
+    ------
+    ValueError
+        Shape mismatch, missing position columns, non-positive gain or exptime.
+    """
+    func = "psf_photometry"
+    data, rms, mask = _check_inputs(data_sub, rms, mask, func)
+    _check_positive(func, gain_e_per_adu=gain_e_per_adu, exptime_s=exptime_s)
+    out = Table(sources, copy=True)
+    out.meta.update(
+        psf_fwhm_px=float(epsf.fwhm_px),
+        psf_oversampling=int(epsf.oversampling),
+        psf_n_stars=int(epsf.n_stars),
+        exptime_s=float(exptime_s),
+        gain_e_per_adu=float(gain_e_per_adu),
+        rpp_tasks_version=__version__,
+    )
+    n = len(out)
+    if n == 0:
+        out.meta["no_sources"] = True
+        return _empty_psf_columns(out)
+    x0, y0 = _xy(sources, func)
+    ny, nx = data.shape
+    if fit_shape is None:
+        fit_shape = 2 * int(round(2.0 * epsf.fwhm_px)) + 1
+    fit_shape = max(7, int(fit_shape) | 1)
+    if epsf.size_px:
+        fit_shape = min(fit_shape, int(epsf.size_px) | 1)
+    half = fit_shape // 2
+
+    finite = (
+        np.isfinite(x0)
+        & np.isfinite(y0)
+        & (x0 > -0.5)
+        & (y0 > -0.5)
+        & (x0 < nx - 0.5)
+        & (y0 < ny - 0.5)
+    )
+    x = np.where(finite, x0, 0.0)
+    y = np.where(finite, y0, 0.0)
+    ix = np.rint(x).astype(np.int64)
+    iy = np.rint(y).astype(np.int64)
+    k = np.arange(-half, half + 1)
+    px = (ix[:, None] + k)[:, None, :] + 0 * k[None, :, None]
+    py = (iy[:, None] + k)[:, :, None] + 0 * k[None, None, :]
+    valid = (px >= 0) & (px < nx) & (py >= 0) & (py < ny) & finite[:, None, None]
+    flat = np.where(valid, py * nx + px, 0)
+    dat_all = np.asarray(data).ravel()  # gathered, then converted: no full-frame copies
+    valid &= np.isfinite(dat_all[flat])
+    if mask is not None:
+        valid &= ~mask.ravel()[flat]
+    rms_all = np.asarray(rms).ravel()
+    r_flat = rms_all[flat]
+    valid &= np.isfinite(r_flat) & (r_flat > 0)
+
+    sel_star, sel_r, sel_c = np.nonzero(valid)
+    pix = flat[sel_star, sel_r, sel_c]
+    upix, row = np.unique(pix, return_inverse=True)
+    d = dat_all[upix].astype(np.float64)
+    v_bkg = rms_all[upix].astype(np.float64) ** 2
+    npix_star = valid.sum(axis=(1, 2))
+    flag = np.zeros(n, np.int64)
+    flag[npix_star == 0] |= 1
+    flag[(npix_star > 0) & (npix_star < fit_shape**2)] |= 4
+    nrow = upix.size
+
+    # overlap groups: stars sharing a pixel
+    inc = sparse.csr_matrix((np.ones(pix.size), (row, sel_star)), shape=(nrow, n))
+    adj = (inc.T @ inc).tocsr()
+    ncomp, comp = connected_components(adj, directed=False)
+    group_size = np.bincount(comp, minlength=ncomp)[comp]
+
+    def design(xs, ys, deriv):
+        return epsf.stamps(xs, ys, half, ix=ix, iy=iy, derivatives=deriv)
+
+    def solve_flux(p_vals, w):
+        a = sparse.csr_matrix((p_vals[sel_star, sel_r, sel_c], (row, sel_star)), shape=(nrow, n))
+        aw = sparse.diags(w) @ a
+        nmat = (a.T @ aw).tocsr()
+        rhs = aw.T @ d
+        diag = nmat.diagonal()
+        ok = diag > 0
+        nmat = nmat + sparse.diags(np.where(ok, 0.0, 1.0))
+        f, dinv, big = _solve_groups(nmat, np.where(ok, rhs, 0.0), comp, ncomp)
+        f[~ok] = np.nan
+        dinv[~ok] = np.nan
+        return f, dinv, big, a
+
+    # step 1: fluxes at the centroids, background-only weights
+    p0 = design(x, y, False)
+    w0 = 1.0 / v_bkg
+    f1, dinv1, big, a0 = solve_flux(p0, w0)
+    model = a0 @ np.nan_to_num(f1)
+    xs, ys = x.copy(), y.copy()
+
+    if refine_positions:
+        w1 = 1.0 / (v_bkg + np.maximum(model, 0.0) / gain_e_per_adu)
+        val, gx, gy = design(x, y, True)
+        cols = np.concatenate([3 * sel_star, 3 * sel_star + 1, 3 * sel_star + 2])
+        vals = np.concatenate(
+            [val[sel_star, sel_r, sel_c], gx[sel_star, sel_r, sel_c], gy[sel_star, sel_r, sel_c]]
+        )
+        rows3 = np.concatenate([row, row, row])
+        a3 = sparse.csr_matrix((vals, (rows3, cols)), shape=(nrow, 3 * n))
+        aw3 = sparse.diags(w1) @ a3
+        nmat3 = (a3.T @ aw3).tocsr()
+        rhs3 = aw3.T @ d
+        diag3 = nmat3.diagonal()
+        ok3 = diag3 > 0
+        nmat3 = nmat3 + sparse.diags(np.where(ok3, 0.0, 1.0))
+        comp3 = np.repeat(comp, 3)
+        sol, _, _ = _solve_groups(nmat3, np.where(ok3, rhs3, 0.0), comp3, ncomp)
+        f_gn = sol[0::3]
+        snr1 = f1 / np.sqrt(dinv1)
+        can = np.isfinite(f_gn) & (f_gn > 0) & (snr1 > min_snr_refine) & ok3[0::3]
+        fsafe = np.where(can, f_gn, 1.0)
+        dx = np.where(can, sol[1::3] / fsafe, 0.0)
+        dy = np.where(can, sol[2::3] / fsafe, 0.0)
+        shift = np.hypot(dx, dy)
+        scale = np.where(shift > max_shift_px, max_shift_px / np.maximum(shift, 1e-12), 1.0)
+        xs = x + dx * scale
+        ys = y + dy * scale
+        flag[~can] |= 2
+        f_w = np.where(can, f_gn, f1)
+    else:
+        flag |= 2
+        f_w = f1
+
+    # final fluxes at (xs, ys), weights from the model of the refined positions
+    p2 = design(xs, ys, False)
+    a_w = sparse.csr_matrix((p2[sel_star, sel_r, sel_c], (row, sel_star)), shape=(nrow, n))
+    model = a_w @ np.nan_to_num(f_w)
+    w2 = 1.0 / (v_bkg + np.maximum(model, 0.0) / gain_e_per_adu)
+    f2, dinv2, big2, a2 = solve_flux(p2, w2)
+    flag[big | big2] |= 8
+    err2 = np.sqrt(dinv2)
+    model2 = a2 @ np.nan_to_num(f2)
+    resid = d - model2
+    abs_res = np.bincount(sel_star, np.abs(resid[row]), minlength=n)
+    chi2 = np.bincount(sel_star, (resid[row] ** 2 * w2[row]), minlength=n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        qfit = abs_res / f2
+        chi2r = chi2 / np.maximum(npix_star - 1, 1)
+    nofit = ~finite | (npix_star == 0)
+    for arr in (f2, err2, qfit, chi2r):
+        arr[nofit] = np.nan
+    xs = np.where(finite, xs, np.nan)
+    ys = np.where(finite, ys, np.nan)
+    mag, mag_err, snr = _mags(f2, err2, exptime_s)
+    out["x_psf"] = xs
+    out["y_psf"] = ys
+    out["flux_psf"] = f2
+    out["flux_err_psf"] = err2
+    out["mag_psf"] = mag
+    out["mag_err_psf"] = mag_err
+    out["snr_psf"] = snr
+    out["qfit_psf"] = qfit
+    out["chi2_psf"] = chi2r
+    out["npix_psf"] = npix_star.astype(np.int64)
+    out["group_size_psf"] = group_size.astype(np.int64)
+    out["flag_psf"] = flag
+    out.meta.update(psf_fit_shape_px=fit_shape, no_sources=False, psf_n_groups=int(ncomp))
+    log.info(
+        "psf_photometry: %d sources, %d overlap groups (largest %d), fit shape %d px",
+        n,
+        ncomp,
+        int(group_size.max()),
+        fit_shape,
+    )
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class PsfPassResult:
+    """Outcome of `psf_photometry_with_residual_detection`.
+
+    Attributes
+    ----------
+    table : `~astropy.table.Table`
+        PSF photometry of the input sources followed by the sources found on the residual
+        (``flag`` bit `rpp_tasks.stages.detection.FLAG_RESIDUAL`); columns as `psf_photometry`.
+    model : `numpy.ndarray`
+        Image of the fitted model of every source in ``table`` (float64, ADU).
+    n_added : int
+        Sources found on the residual image and added.
+    n_refit : int
+        Sources fitted again together with the added ones (added ones included).
+
+    The input sources dropped by the refit (see ``prune_snr``) are not in ``table``.
+    """
+
+    table: Table
+    model: np.ndarray
+    n_added: int
+    n_refit: int
+
+    def to_dict(self) -> dict:
+        """JSON-safe summary (without the table and the image)."""
+        return {
+            "n_sources": len(self.table),
+            "n_added": int(self.n_added),
+            "n_refit": int(self.n_refit),
+        }
+
+
+def _fit_xy(table):
+    x = np.asarray(table["x_psf"], float)
+    y = np.asarray(table["y_psf"], float)
+    xc, yc = _xy(table, "psf_photometry_with_residual_detection")
+    bad = ~(np.isfinite(x) & np.isfinite(y))
+    return np.where(bad, xc, x), np.where(bad, yc, y)
+
+
+def psf_photometry_with_residual_detection(
+    data_sub,
+    rms,
+    sources,
+    epsf,
+    *,
+    gain_e_per_adu,
+    exptime_s,
+    mask=None,
+    min_snr=5.0,
+    candidate_snr=4.0,
+    model_error_frac=0.03,
+    refit_iterations=3,
+    prune_snr=2.0,
+    merge_radius_px=1.0,
+    **psf_kwargs,
+):
+    """
+    PSF photometry, then detection on the fit residual and a joint refit with the new sources.
+
+    1. `psf_photometry` of ``sources``;
+    2. the fitted model of all sources is subtracted and
+       `rpp_tasks.stages.detection.detect_residual_sources` searches the residual with the noise
+       ``rms^2 + model / gain + (model_error_frac * model)^2`` (the last term keeps the
+       imperfections of the PSF model in bright cores from making stars) and the same
+       matched-filter S/N cut as the detection stage (``min_snr``);
+    3. the new sources and every old source whose footprint can overlap theirs are fitted again
+       together (one extra pass, a few position steps) on the image with the model of all other
+       sources subtracted; refitted sources left without significant flux, or on top of a brighter
+       one, are dropped.
+
+    This recovers faint stars 2-8 px from brighter ones that the segmentation of
+    `rpp_tasks.stages.detection.detect_sources` merges into the bright star.
+
+    Parameters
+    ----------
+    data_sub, rms, sources, epsf, gain_e_per_adu, exptime_s, mask
+        As in `psf_photometry`.
+    min_snr : float, optional
+        Minimum local-plane matched-filter S/N of an added source.
+    candidate_snr : float, optional
+        Threshold of the residual S/N map for candidate peaks.
+    model_error_frac : float, optional
+        Relative PSF-model error added to the residual variance.
+    refit_iterations : int, optional
+        Position steps of the joint refit (each clipped to ``max_shift_px``).
+    prune_snr, merge_radius_px : float, optional
+        After the refit, a refitted source whose PSF flux S/N is below ``prune_snr``, or that lies
+        within ``merge_radius_px`` of a brighter refitted source, is dropped (the lobes of a
+        merged pair that the first fit placed between the two stars) and the rest fitted again.
+    **psf_kwargs
+        Passed to `psf_photometry` (``fit_shape``, ``refine_positions``, ...).
+
+    Returns
+    -------
+    result : `PsfPassResult`
+
+    Raises
+    ------
+    ValueError
+        As `psf_photometry`.
+    """
+    from scipy.spatial import cKDTree
+
+    from rpp_tasks.stages.detection import detect_residual_sources
+
+    func = "psf_photometry_with_residual_detection"
+    data, rms, mask = _check_inputs(data_sub, rms, mask, func)
+    t1 = psf_photometry(
+        data,
+        rms,
+        sources,
+        epsf,
+        gain_e_per_adu=gain_e_per_adu,
+        exptime_s=exptime_s,
+        mask=mask,
+        **psf_kwargs,
+    )
+    shape = data.shape
+    if len(t1) == 0:
+        return PsfPassResult(t1, np.zeros(shape), 0, 0)
+    x1, y1 = _fit_xy(t1)
+    f1 = np.nan_to_num(np.asarray(t1["flux_psf"], float))
+    model = epsf.render(shape, x1, y1, f1)
+    resid = np.asarray(data, np.float64) - model
+    mpos = np.maximum(model, 0.0).astype(np.float32)
+    rms32 = np.asarray(rms, np.float32)
+    var = rms32 * rms32
+    var += mpos * np.float32(1.0 / gain_e_per_adu)
+    mpos *= np.float32(model_error_frac)
+    var += mpos * mpos
+    del mpos
+    new = detect_residual_sources(
+        resid,
+        var,
+        fwhm_px=epsf.fwhm_px,
+        mask=mask,
+        min_snr=min_snr,
+        candidate_snr=candidate_snr,
+        exclude_xy=(x1, y1),
+    )
+    if len(new) == 0:
+        t1.meta.update(n_residual_sources=0, n_refit_psf=0)
+        return PsfPassResult(t1, model, 0, 0)
+
+    # old sources whose fit footprint can overlap a new one's are refitted with them
+    half = int(t1.meta.get("psf_fit_shape_px", 2 * int(round(2.0 * epsf.fwhm_px)) + 1)) // 2
+    xn, yn = _xy(new, func)
+    hits = cKDTree(np.column_stack([xn, yn])).query_ball_point(
+        np.column_stack([np.nan_to_num(x1, nan=-1e9), np.nan_to_num(y1, nan=-1e9)]),
+        r=2.0 * half + 2.0,
+        return_length=True,
+    )
+    sub = np.flatnonzero(hits > 0)
+    src_cols = [c for c in sources.colnames if c in new.colnames]
+    refit = Table()
+    for c in src_cols:
+        old_vals = np.asarray(t1[c])[sub]
+        if c == "x_centroid":
+            old_vals = x1[sub]
+        elif c == "y_centroid":
+            old_vals = y1[sub]
+        refit[c] = np.concatenate([old_vals, np.asarray(new[c]).astype(old_vals.dtype)])
+    sub_model = epsf.render(shape, x1[sub], y1[sub], f1[sub])
+    others = model - sub_model
+    oth = np.maximum(others, 0.0).astype(np.float32)
+    oth *= np.float32(1.0 / gain_e_per_adu)
+    oth += rms32 * rms32
+    rms_refit = np.sqrt(oth, out=oth)
+    resid += sub_model  # in place: the image with the model of all other sources removed
+    data_refit = resid
+    del resid, var
+    n_new = len(new)
+    is_new = np.concatenate([np.zeros(sub.size, bool), np.ones(n_new, bool)])
+    origin = np.concatenate([sub, np.arange(n_new)])  # row in t1 (old) or in ``new``
+
+    def fit(tab):
+        return psf_photometry(
+            data_refit,
+            rms_refit,
+            tab,
+            epsf,
+            gain_e_per_adu=gain_e_per_adu,
+            exptime_s=exptime_s,
+            mask=mask,
+            **psf_kwargs,
+        )
+
+    # a merged pair leaves two lobes around the first fit: positions need a few steps to move
+    # (each step is clipped to max_shift_px), then sources that lost their flux or sit on top of a
+    # brighter one are dropped and the rest fitted once more
+    t2 = fit(refit)
+    for _ in range(max(0, int(refit_iterations) - 1)):
+        refit["x_centroid"], refit["y_centroid"] = _fit_xy(t2)
+        t2 = fit(refit)
+    f2 = np.asarray(t2["flux_psf"], float)
+    e2 = np.asarray(t2["flux_err_psf"], float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snr2 = f2 / e2
+    x2, y2 = _fit_xy(t2)
+    drop = ~(snr2 >= prune_snr)
+    rank = np.empty(f2.size, np.int64)
+    rank[np.argsort(-np.nan_to_num(f2, nan=-np.inf), kind="stable")] = np.arange(f2.size)
+    pts = np.column_stack([np.nan_to_num(x2, nan=-1e9), np.nan_to_num(y2, nan=-1e9)])
+    pairs = cKDTree(pts).query_pairs(merge_radius_px, output_type="ndarray")
+    if pairs.size:
+        drop[np.where(rank[pairs[:, 0]] > rank[pairs[:, 1]], pairs[:, 0], pairs[:, 1])] = True
+    if np.any(drop):
+        refit = refit[~drop]
+        is_new, origin = is_new[~drop], origin[~drop]
+        refit["x_centroid"], refit["y_centroid"] = x2[~drop], y2[~drop]
+        t2 = fit(refit)
+    keep_old = np.ones(len(t1), bool)
+    keep_old[sub[~np.isin(sub, origin[~is_new])]] = False
+    psf_cols = [c for c in t2.colnames if c not in src_cols]
+    old_rows = np.flatnonzero(~is_new)
+    for c in psf_cols:
+        if c in t1.colnames:
+            t1[c][origin[old_rows]] = t2[c][old_rows]
+    # append the new sources (all columns of t1; detection columns from the residual search;
+    # their x_centroid / y_centroid are the PSF-fit positions)
+    new_rows = np.flatnonzero(is_new)
+    new_kept = new[origin[new_rows]]
+    xn2, yn2 = _fit_xy(t2[new_rows])
+    new_kept["x_centroid"], new_kept["y_centroid"] = xn2, yn2
+    n_add = len(new_kept)
+    add = {}
+    next_id = int(np.max(t1["id"])) + 1 if "id" in t1.colnames and len(t1) else 1
+    for c in t1.colnames:
+        col = t1[c]
+        if c == "id":
+            add[c] = np.arange(next_id, next_id + n_add, dtype=col.dtype)
+        elif c in psf_cols:
+            add[c] = np.asarray(t2[c][new_rows]).astype(col.dtype)
+        elif c in new_kept.colnames:
+            add[c] = np.asarray(new_kept[c]).astype(col.dtype)
+        else:
+            fill = np.nan if col.dtype.kind == "f" else (0 if col.dtype.kind in "iub" else "")
+            add[c] = np.full(n_add, fill, dtype=col.dtype)
+    out = Table(
+        {c: np.concatenate([np.asarray(t1[c])[keep_old], add[c]]) for c in t1.colnames},
+        meta=t1.meta,
+    )
+    for c in t1.colnames:
+        if t1[c].unit is not None:
+            out[c].unit = t1[c].unit
+    x2, y2 = _fit_xy(t2)
+    f2 = np.nan_to_num(np.asarray(t2["flux_psf"], float))
+    model = others + epsf.render(shape, x2, y2, f2)
+    n_dropped = int((~keep_old).sum())
+    out.meta.update(n_residual_sources=n_add, n_refit_psf=int(len(t2)), n_dropped_psf=n_dropped)
+    log.info(
+        "%s: %d sources added from the residual, %d refitted, %d dropped",
+        func,
+        n_add,
+        len(t2),
+        n_dropped,
+    )
+    return PsfPassResult(out, model, n_add, len(t2))
+
+
+# --------------------------------------------------------------------------------------------
+# flags
+# --------------------------------------------------------------------------------------------
+
+
+def quality_flags(
+    table,
+    *,
+    saturation_adu,
+    shape,
+    fwhm_px,
+    edge_px=None,
+    peak_col="peak",
+    data=None,
+    blend_radius_fwhm=2.0,
+):
+    """
+    Add per-source S/N class and booleans ``saturated``, ``near_edge`` and ``blended``.
+
+    Parameters
+    ----------
+    table : `~astropy.table.Table`
+        Photometry table (``x_centroid``/``y_centroid``, and ``snr_psf`` and/or ``snr_1p3fwhm``).
+    saturation_adu : float
+        Saturation level of the raw pixels (ADU).
+    shape : tuple of int
+        Image shape ``(ny, nx)``.
+    fwhm_px : float
+        PSF FWHM.
+    edge_px : float, optional
+        Distance to the border below which a source is ``near_edge``; default ``2 * fwhm_px``.
+    peak_col : str, optional
+        Column with the peak value, used when ``data`` is not given (compared to
+        ``saturation_adu``; being background-subtracted it underestimates saturation).
+    data : array_like, optional
+        The calibrated image *with* its background; the 3x3 maximum around each source is compared
+        to ``saturation_adu`` (preferred).
+    blend_radius_fwhm : float, optional
+        A source with another source closer than this many FWHM is ``blended``; SEP's merged
+        flag (bit 1 of ``flag``) also sets it.
+
+    Returns
+    -------
+    table : `~astropy.table.Table`
+        A copy with ``snr`` (``snr_psf`` when finite, else ``snr_1p3fwhm``), ``quality``
+        (``"poor"`` S/N <= 5, ``"marginal"`` 5 < S/N <= 10, ``"good"`` S/N > 10), ``saturated``,
+        ``near_edge``, ``blended``.
+    """
+    out = Table(table, copy=True)
+    n = len(out)
+    ny, nx = (int(shape[0]), int(shape[1]))
+    if edge_px is None:
+        edge_px = 2.0 * float(fwhm_px)
+    if n == 0:
+        out["snr"] = np.zeros(0)
+        out["quality"] = np.zeros(0, dtype="U8")
+        for c in ("saturated", "near_edge", "blended"):
+            out[c] = np.zeros(0, bool)
+        return out
+    x, y = _xy(out, "quality_flags")
+    snr = np.full(n, np.nan)
+    if "snr_psf" in out.colnames:
+        snr = np.asarray(out["snr_psf"], float).copy()
+    if "snr_1p3fwhm" in out.colnames:
+        alt = np.asarray(out["snr_1p3fwhm"], float)
+        snr = np.where(np.isfinite(snr), snr, alt)
+    quality = np.where(snr > 10, "good", np.where(snr > 5, "marginal", "poor")).astype("U8")
+    if data is not None:
+        img = np.asarray(data)
+        if img.shape != (ny, nx):
+            raise ValueError(
+                f"quality_flags: data shape {img.shape} does not match shape {(ny, nx)}"
+            )
+        ixc = np.clip(np.rint(np.nan_to_num(x)).astype(int), 0, nx - 1)
+        iyc = np.clip(np.rint(np.nan_to_num(y)).astype(int), 0, ny - 1)
+        mx = np.full(n, -np.inf)
+        for ddy in (-1, 0, 1):
+            for ddx in (-1, 0, 1):
+                mx = np.maximum(
+                    mx, img[np.clip(iyc + ddy, 0, ny - 1), np.clip(ixc + ddx, 0, nx - 1)]
+                )
+        saturated = mx >= saturation_adu
+    elif peak_col in out.colnames:
+        saturated = np.asarray(out[peak_col], float) >= saturation_adu
+    else:
+        saturated = np.zeros(n, bool)
+    near_edge = (
+        (x < edge_px - 0.5)
+        | (y < edge_px - 0.5)
+        | (x > nx - 0.5 - edge_px)
+        | (y > ny - 0.5 - edge_px)
+    )
+    near_edge |= ~(np.isfinite(x) & np.isfinite(y))
+    pts = np.column_stack([np.nan_to_num(x, nan=-1e9), np.nan_to_num(y, nan=-1e9)])
+    tree = cKDTree(pts)
+    pairs = tree.query_pairs(blend_radius_fwhm * float(fwhm_px), output_type="ndarray")
+    blended = np.zeros(n, bool)
+    if pairs.size:
+        blended[pairs.ravel()] = True
+    if "flag" in out.colnames:
+        blended |= (np.asarray(out["flag"]) & 1) != 0
+    out["snr"] = snr
+    out["quality"] = quality
+    out["saturated"] = saturated
+    out["near_edge"] = near_edge
+    out["blended"] = blended
+    return out
