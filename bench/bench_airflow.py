@@ -123,34 +123,25 @@ def bench_parse(n_configs: int, repeat: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- overhead
-def _dag_stage_tasks() -> dict:
-    """``STAGE_TASKS`` of dags/rpp_reduction.py (task id -> per-frame stages), read without importing it."""
-    import ast
+def _stage_tasks(obs) -> tuple[str, ...]:
+    """The DAG's stage tasks: the stage table of the observatory (one task per stage)."""
+    from rpp_tasks.session.table import table_for
 
-    tree = ast.parse((REPO / "dags" / "rpp_reduction.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(
-            getattr(t, "id", None) == "STAGE_TASKS" for t in node.targets
-        ):
-            return ast.literal_eval(node.value)
-    raise SystemExit("STAGE_TASKS not found in dags/rpp_reduction.py")
+    return table_for(obs).names
 
 
 def plain_run(raw_dir: Path, obs, work_root: Path) -> float:
-    """The DAG's work up to and including ``products`` (validate, every stage task, summary, report and
-    ZIP), in one process with the same frame pool, without Airflow."""
-    from rpp_tasks.outputs import report
-    from rpp_tasks.session import pipeline
+    """The DAG's work up to and including ``products`` (validate, every stage task, summary, report
+    and ZIP), in one process with the same lifecycle functions and frame pool, without Airflow."""
+    from rpp_tasks.session import lifecycle
 
     t0 = time.perf_counter()
-    s = pipeline.open_session(raw_dir, obs, work_root=work_root, session_id="plain")
-    pipeline.prepare_masters(s, obs)
-    for stages in _dag_stage_tasks().values():
-        pipeline.run_stage(s, obs, tuple(stages))
-    summary = pipeline.summarize_session(s, obs)
-    report.run_report(s, obs)
+    s = lifecycle.open_session(raw_dir, obs, work_root=work_root, session_id="plain")
+    for stage in _stage_tasks(obs):
+        lifecycle.run_stage(s, obs, stage)
+    summary, _ = lifecycle.finish(s, obs)
     wall = time.perf_counter() - t0
-    print(f"plain Python: {summary['n_ok']}/{summary['n_science']} frames in {wall:.1f} s")
+    print(f"plain Python: {summary.n_ok}/{summary.n_science} frames in {wall:.1f} s")
     return wall
 
 
@@ -220,13 +211,15 @@ def bench_overhead(args) -> dict:
     # which makes the plain-vs-Airflow difference above noisy): time between tasks, and time inside
     # the stage tasks that is not run_stage's own work (process start, DAG parse, imports, XCom).
     durs = af["task_durations_s"]
-    upto = [t for t in ("validate", *_dag_stage_tasks(), "products") if durs.get(t) is not None]
+    upto = [t for t in ("validate", *_stage_tasks(obs), "products") if durs.get(t) is not None]
     gaps = af_wall - sum(durs[t] for t in upto)
     summary = json.loads(
         (obs.resolve_path("work") / f"bench-{stamp}" / "session_summary.json").read_text()
     )
     in_task = sum(
-        durs[t] - summary["stage_runs"][t]["wall_s"] for t in _dag_stage_tasks() if t != "calibrate"
+        durs[t] - summary["stage_runs"][t]["wall_s"]
+        for t in _stage_tasks(obs)
+        if "wall_s" in summary["stage_runs"][t]  # (session stages report no frame-pool time)
     )
     return {
         "frames": args.frames,

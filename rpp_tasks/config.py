@@ -85,6 +85,8 @@ class CameraConfig:
     binning: tuple[int, int] = (1, 1)
     bayer_pattern: str | None = None
     telescope: str | None = None
+    #: instrument kind: picks the stage table of the DAG (rpp_tasks.session.table.TABLES)
+    kind: Literal["imaging", "spectroscopy"] = "imaging"
 
 
 @dataclass(frozen=True)
@@ -307,7 +309,6 @@ class ObservatoryConfig:
 
     observatory: str
     title: str = ""
-    schedule: str | None = None
     site: SiteConfig = field(default_factory=SiteConfig)
     camera: CameraConfig = field(default_factory=CameraConfig)
     filters: FiltersConfig = field(default_factory=FiltersConfig)
@@ -338,16 +339,6 @@ class ObservatoryConfig:
         if not p.is_absolute():
             p = Path(os.environ.get("RPP_DATA_ROOT", REPO_ROOT)) / p
         return p
-
-    def band_for(self, filter_raw: str | None) -> str | None:
-        """Band for a header FILTER value via the aliases (case-insensitive), else the default band."""
-        if filter_raw is None or not str(filter_raw).strip():
-            return self.filters.default_band
-        key = str(filter_raw).strip().lower()
-        for alias, band in self.filters.aliases.items():
-            if alias.strip().lower() == key:
-                return band
-        return str(filter_raw).strip()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -622,8 +613,21 @@ def default_config_dir() -> Path:
     return Path(os.environ.get("RPP_CONFIG_DIR", REPO_ROOT / "config"))
 
 
+#: Keys that were removed, with what to do instead (a null value is accepted and ignored).
+REMOVED_KEYS = {
+    "schedule": "no key 'schedule' any more: runs are triggered per session by the watcher, and "
+    "the rpp_reconcile DAG (every 15 minutes) triggers any ready session the watcher missed; "
+    "remove the key",
+}
+
+
 def config_from_dict(data: dict, *, source: str = "<dict>") -> ObservatoryConfig:
     """Validate a merged mapping and build the frozen `ObservatoryConfig`."""
+    for key, why in REMOVED_KEYS.items():
+        if key in data:
+            if data[key] is not None:
+                raise ConfigError(source, key, why, data[key])
+            data = {k: v for k, v in data.items() if k != key}
     cfg = _build(ObservatoryConfig, data, source)
     _check_values(cfg, source)
     digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]

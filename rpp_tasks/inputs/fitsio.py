@@ -50,6 +50,7 @@ from astropy.time import Time
 from astropy.wcs import WCS
 
 from rpp_tasks.exceptions import FrameRejected
+from rpp_tasks.jsonsafe import json_safe
 
 __all__ = [
     "RawFrame",
@@ -134,19 +135,6 @@ _GAIN_MAX_PLAUSIBLE_E_PER_ADU = 30.0
 # ----------------------------------------------------------------------------------------------
 # Data types
 # ----------------------------------------------------------------------------------------------
-def _json_safe(value):
-    """Turn tuples into lists and non-finite floats into None, recursively."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, (tuple, list)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    return value
-
-
 @dataclass(frozen=True)
 class RawFrame:
     """One frame as read from disk (see `read_frame`).
@@ -212,7 +200,7 @@ class FrameMeta:
 
     def to_dict(self) -> dict:
         """JSON-safe dict (tuples as lists, NaN as None); inverse of `from_dict`."""
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
     @classmethod
     def from_dict(cls, d: Mapping) -> FrameMeta:
@@ -254,7 +242,7 @@ class WcsCheck:
 
     def to_dict(self) -> dict:
         """JSON-safe summary (the WCS object itself is left out)."""
-        return _json_safe(
+        return json_safe(
             {
                 "status": self.status,
                 "pixel_scale_arcsec": self.pixel_scale_arcsec,
@@ -281,7 +269,7 @@ class ImageCheck:
     notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
 
 # ----------------------------------------------------------------------------------------------

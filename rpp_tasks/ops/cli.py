@@ -33,55 +33,40 @@ def _setup_logging(verbose: int) -> None:
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _print_session(summary: dict) -> None:
+def _print_session(summary, made: dict) -> None:
+    """The session's outcome as a table (``summary``: a `SessionSummary`)."""
     print(
-        f"\nSession {summary['session_id']} ({summary['observatory']}): "
-        f"{summary['n_ok']}/{summary['n_science']} science frames reduced in {summary.get('wall_s', 0):.1f} s"
+        f"\nSession {summary.session_id} ({summary.observatory}): {summary.n_ok}/"
+        f"{summary.n_science} science frames reduced in {summary.wall_s or 0:.1f} s"
     )
     print(
         "%-32s %-9s %7s %6s %8s %7s %6s"  # noqa: UP031 - a table header
         % ("frame", "status", "sources", "FWHM", "bkg ADU", "lim mag", "CPU s")
     )
-    for f in summary["frames"]:
-        fwhm = f.get("fwhm_arcsec") or f.get("fwhm_px")
+    nan = float("nan")
+    for f in summary.frames:
+        fwhm = f.fwhm_arcsec or f.fwhm_px
         print(
-            f"{f['frame'][:32]:32s} {f['status']:9s} {f.get('n_sources') or 0:7d} "
-            f"{fwhm if fwhm is not None else float('nan'):6.2f} "
-            f"{f.get('background_adu') if f.get('background_adu') is not None else float('nan'):8.1f} "
-            f"{f.get('limiting_mag_inst') if f.get('limiting_mag_inst') is not None else float('nan'):7.2f} "
-            f"{f.get('cpu_s_total') or 0:6.2f}"
+            f"{f.frame[:32]:32s} {f.status:9s} {f.n_sources or 0:7d} "
+            f"{fwhm if fwhm is not None else nan:6.2f} "
+            f"{f.background_adu if f.background_adu is not None else nan:8.1f} "
+            f"{f.limiting_mag_inst if f.limiting_mag_inst is not None else nan:7.2f} "
+            f"{f.cpu_s_total or 0:6.2f}"
         )
-        if f["status"] != "ok":
-            print(f"    -> {f.get('failed_stage')}: {f.get('reason')}")
-    for name, info in (summary.get("rejected_files") or {}).items():
+        if not f.ok:
+            print(f"    -> {f.failed_stage}: {f.reason}")
+    for name, info in (summary.rejected_files or {}).items():
         print(f"    file {name}: {info.get('reason')}")
-    print(f"\nProducts: {summary['workdir']}")
-    if summary.get("report"):
-        print(f"Report:   {summary['report']}")
-    if summary.get("products_zip"):
-        print(f"ZIP:      {summary['products_zip']}")
-
-
-def _with_report(summary: dict, obs) -> dict:
-    """Build the session report and products ZIP (a report failure never hides the products)."""
-    from rpp_tasks.outputs import report
-    from rpp_tasks.session.workdir import Session
-
-    try:
-        rep = report.run_report(Session.load(summary["workdir"]), obs)
-        summary = {
-            **summary,
-            "report": rep.get("html_path"),
-            "products_zip": rep.get("products_zip"),
-        }
-    except Exception as exc:
-        log.warning("session report not built: %s", exc)
-    return summary
+    print(f"\nProducts: {summary.workdir}")
+    if made.get("report"):
+        print(f"Report:   {made['report']}")
+    if made.get("products_zip"):
+        print(f"ZIP:      {made['products_zip']}")
 
 
 def cmd_reduce(args) -> int:
     from rpp_tasks.config import find_config
-    from rpp_tasks.session import pipeline
+    from rpp_tasks.session import lifecycle, pipeline
 
     obs = find_config(args.observatory)
     path = Path(args.path)
@@ -90,20 +75,21 @@ def cmd_reduce(args) -> int:
         return 2
     work_root = Path(args.work) if args.work else obs.resolve_path("work")
     if path.is_dir():
-        summary = _with_report(
-            pipeline.reduce_session(path, obs, work_root=work_root, workers=args.workers), obs
+        summary, made = lifecycle.reduce_session(
+            path, obs, work_root=work_root, workers=args.workers
         )
-        _print_session(summary)
-        return 0 if summary["n_ok"] > 0 or summary["n_science"] == 0 else 1
+        _print_session(summary, made)
+        return 0 if summary.n_ok > 0 or summary.n_science == 0 else 1
     t0 = time.perf_counter()
-    outdir = work_root / "single" / pipeline._stem(path)
+    outdir = work_root / "single" / pipeline.frame_stem(path)
     s = pipeline.reduce_frame(path, obs, outdir)
     print(
         f"{s['frame']}: {s['status']}"
         + (
             f" at {s['failed_stage']}: {s['reason']}"
             if s["status"] != "ok"
-            else f", {s['n_sources']} sources, FWHM {s['fwhm_px']:.2f} px, {s['cpu_s_total']:.2f} CPU-s"
+            else f", {s['n_sources']} sources, FWHM {s['fwhm_px']:.2f} px, "
+            f"{s['cpu_s_total']:.2f} CPU-s"
         )
     )
     print(f"Products: {outdir}  ({time.perf_counter() - t0:.1f} s)")
@@ -112,7 +98,7 @@ def cmd_reduce(args) -> int:
 
 def cmd_demo(args) -> int:
     from rpp_tasks.config import find_config
-    from rpp_tasks.session import pipeline
+    from rpp_tasks.session import lifecycle
     from rpp_tasks.sim import synthetic
 
     obs = find_config("demo")
@@ -123,9 +109,9 @@ def cmd_demo(args) -> int:
     synthetic.write_synthetic_session(
         raw_dir, truth_folder=truth_dir, n_science=args.frames, seed=args.seed
     )
-    summary = _with_report(pipeline.reduce_session(raw_dir, obs, workers=args.workers), obs)
-    _print_session(summary)
-    return 0 if summary["n_ok"] == summary["n_science"] else 1
+    summary, made = lifecycle.reduce_session(raw_dir, obs, workers=args.workers)
+    _print_session(summary, made)
+    return 0 if summary.n_ok == summary.n_science else 1
 
 
 def cmd_up(args, rest) -> int:

@@ -19,7 +19,6 @@ import datetime as _dt
 import html
 import json
 import logging
-import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
@@ -38,7 +37,7 @@ class SessionEntry:
     observatory: str
     dag_id: str
     session_id: str
-    night: str | None  # first frame's DATE-OBS date (UTC), when known
+    night: str | None  # the local night of the first frame (SessionSummary.night_date)
     n_science: int
     n_ok: int
     n_rejected: int
@@ -54,44 +53,33 @@ class SessionEntry:
         return asdict(self)
 
 
-def _median(values):
-    vals = sorted(v for v in values if isinstance(v, (int, float)) and math.isfinite(v))
-    if not vals:
-        return None
-    n = len(vals)
-    return vals[n // 2] if n % 2 else 0.5 * (vals[n // 2 - 1] + vals[n // 2])
-
-
 def _entry(obs, workdir: Path) -> SessionEntry | None:
+    from rpp_tasks.session.summary import SessionSummary
+
     path = workdir / "session_summary.json"
     try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
+        summary = SessionSummary.from_dict(json.loads(path.read_text(encoding="utf-8")))
         mtime = path.stat().st_mtime
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError) as exc:
         log.warning("browse: skipping %s: %s", path, exc)
         return None
-    frames = [f for f in summary.get("frames", []) if isinstance(f, dict)]
-    ok = [f for f in frames if f.get("status") == "ok"]
-    dates = sorted(str(f["date_obs"]) for f in frames if f.get("date_obs"))
+    h = summary.headline
     zips = sorted(p.name for p in workdir.glob("*_products.zip"))
-    fwhm = summary.get("median_fwhm_arcsec")
     return SessionEntry(
         observatory=obs.name,
         dag_id=obs.dag_id,
-        session_id=str(summary.get("session_id") or workdir.name),
-        night=dates[0][:10] if dates else None,
-        n_science=int(summary.get("n_science") or len(frames)),
-        n_ok=int(summary.get("n_ok") or len(ok)),
-        n_rejected=int(summary.get("n_rejected") or 0),
-        median_fwhm_arcsec=float(fwhm)
-        if isinstance(fwhm, (int, float)) and math.isfinite(fwhm)
-        else None,
-        median_zp_mag=_median([f.get("zp_mag") for f in ok]),
-        n_transient_candidates=int(sum(int(f.get("n_transient_candidates") or 0) for f in ok)),
+        session_id=summary.session_id or workdir.name,
+        night=summary.night_date,
+        n_science=h.n_science,
+        n_ok=h.n_ok,
+        n_rejected=h.n_rejected,
+        median_fwhm_arcsec=h.median_fwhm_arcsec,
+        median_zp_mag=h.median_zp_mag,
+        n_transient_candidates=h.n_transient_candidates or 0,
         has_report=(workdir / REPORT_DIR / "report.html").is_file(),
         products_zip=zips[0] if zips else None,
         updated_utc=_dt.datetime.fromtimestamp(mtime, _dt.UTC).isoformat(timespec="seconds"),
-        run_id=(summary.get("airflow") or {}).get("run_id"),
+        run_id=(summary.airflow or {}).get("run_id"),
     )
 
 
@@ -187,7 +175,7 @@ tr.ok td:first-child {{ border-left: 4px solid #2a2; }}
 <h1>{esc(title)}</h1>
 <p>{len(entries)} session(s), most recent first. FWHM and zero point are medians over the reduced frames;
 the zero point is in magnitudes for 1 ADU/s.</p>
-<table><thead><tr><th>observatory</th><th>session</th><th>night (UTC)</th><th>frames ok</th><th>rejected</th>
+<table><thead><tr><th>observatory</th><th>session</th><th>night</th><th>frames ok</th><th>rejected</th>
 <th>FWHM ″</th><th>ZP mag</th><th>transient cand.</th><th>products</th><th>Airflow</th><th>updated (UTC)</th></tr></thead>
 <tbody>
 {body}

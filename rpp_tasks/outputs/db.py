@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
-import json
 import logging
 import math
 import os
@@ -70,6 +69,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from rpp_tasks.exceptions import ConfigError
+from rpp_tasks.jsonsafe import dumps, json_safe
 
 __all__ = [
     "FRAME_FIELDS",
@@ -354,30 +354,8 @@ def _finite_or_none(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON tree: numpy scalars/arrays unwrapped, NaN/inf -> None, paths and dates -> str."""
-    if obj is None or isinstance(obj, (str, bool, int)):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (dt.datetime, dt.date)):
-        return obj.isoformat()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if hasattr(obj, "tolist"):  # numpy arrays and scalars, without importing numpy
-        return _jsonable(obj.tolist())
-    if hasattr(obj, "to_dict"):  # our frozen result dataclasses
-        return _jsonable(obj.to_dict())
-    msg = f"cannot store {type(obj).__name__} {obj!r} as JSON"
-    raise TypeError(msg)
-
-
 def _json_dumps(obj: Any) -> str:
-    return json.dumps(_jsonable(obj), allow_nan=False, sort_keys=True)
+    return dumps(obj, sort_keys=True)
 
 
 def _as_date(value: dt.date | str, name: str) -> dt.date:
@@ -656,7 +634,7 @@ class ResultsDB:
         if n_rejected is not None:
             values["n_rejected"] = int(n_rejected)
         if summary is not None:
-            values["summary"] = _jsonable(summary)
+            values["summary"] = json_safe(summary)
         now = _utcnow()
         stmt = self._insert(SessionRow).values(
             observatory=observatory,

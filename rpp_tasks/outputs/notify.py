@@ -28,7 +28,6 @@ import logging
 import re
 import smtplib
 import ssl as _ssl
-import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from typing import Any
 from urllib.parse import quote
 
 from rpp_tasks.exceptions import RppError
+from rpp_tasks.session.summary import SessionSummary
 from rpp_tasks.session.workdir import Session, read_json, write_json_atomic
 
 __all__ = [
@@ -594,41 +594,21 @@ def _f(value, fmt="{:.2f}", missing="—") -> str:
     return fmt.format(v) if v == v and abs(v) != float("inf") else missing
 
 
-def _session_facts(
-    summary: Mapping[str, Any], per_frame: Mapping[str, Mapping] | None = None
-) -> dict:
-    """Headline numbers; ``per_frame`` is the report's frame record (calibrated limit, candidates)."""
-    frames = list(summary.get("frames") or [])
-    ok = [f for f in frames if f.get("status") == "ok"]
-    per_frame = per_frame or {}
-    lim = []
-    for f in ok:
-        cal = f.get(
-            "limiting_mag_cal", (per_frame.get(str(f.get("frame"))) or {}).get("limiting_mag_cal")
-        )
-        if cal is not None:
-            lim.append(("cal", cal))
-        elif f.get("limiting_mag_inst") is not None:
-            lim.append(("inst", f["limiting_mag_inst"]))
-    calibrated = bool(lim) and all(k == "cal" for k, _ in lim)
-    if not calibrated:
-        lim = [(k, v) for k, v in lim if k == "inst"]
-    bkg = [float(f["background_adu"]) for f in ok if f.get("background_adu") is not None]
+def _session_facts(summary: SessionSummary) -> dict:
+    """The headline of a session (`~rpp_tasks.session.summary.Headline`) as the messages show it."""
+    h = summary.headline
     return {
-        "n_science": int(summary.get("n_science", len(frames)) or 0),
-        "n_ok": len(ok),
-        "rejected": [f for f in frames if f.get("status") != "ok"],
-        "fwhm_arcsec": summary.get("median_fwhm_arcsec"),
-        "fwhm_px": summary.get("median_fwhm_px"),
-        "sky_adu": statistics.median(bkg)
-        if bkg
-        else None,  # the report's median, not the upper one
-        "limit": (max(v for _, v in lim), "calibrated" if calibrated else "instrumental")
-        if lim
-        else (None, ""),
-        "objects": sorted({str(f["object"]) for f in frames if f.get("object")}),
-        "bands": sorted({str(f["band"]) for f in frames if f.get("band")}),
-        "n_sources": sum(int(f.get("n_sources") or 0) for f in ok),
+        "n_science": h.n_science,
+        "n_ok": h.n_ok,
+        "rejected": [f.to_dict() for f in summary.frames if not f.ok],
+        "fwhm_arcsec": h.median_fwhm_arcsec,
+        "fwhm_px": h.median_fwhm_px,
+        "sky_adu": h.median_sky_adu,
+        "limit": (h.limiting_mag, h.limiting_mag_kind or ""),
+        "objects": list(h.objects),
+        "bands": list(h.bands),
+        "n_sources": h.n_sources,
+        "n_candidates": h.n_transient_candidates,
     }
 
 
@@ -641,8 +621,6 @@ def compose_session_email(
     products_path: str | None = None,
     inline_cid: str | None = "night_plot",
     report_attached: bool = True,
-    n_candidates: int | None = None,
-    per_frame: Mapping[str, Mapping] | None = None,
 ) -> tuple[str, str, str]:
     """
     Subject, HTML body and text body of the morning e-mail of a session.
@@ -651,9 +629,11 @@ def compose_session_email(
     -------
     subject, html_body, text_body : str
     """
-    s = _session_facts(summary, per_frame)
-    name = title or summary.get("observatory", "")
-    sid = summary.get("session_id", "?")
+    summary = SessionSummary.coerce(summary)
+    s = _session_facts(summary)
+    name = title or summary.observatory
+    sid = summary.session_id or "?"
+    n_candidates = s["n_candidates"]
     fwhm = (
         f"FWHM {_f(s['fwhm_arcsec'])}\u2033"
         if s["fwhm_arcsec"] is not None
@@ -663,7 +643,7 @@ def compose_session_email(
     )
     flag = "" if s["n_ok"] == s["n_science"] and s["n_science"] else " [frames rejected]"
     subject = (
-        f"[RPP {summary.get('observatory', '')}] night {sid}: {s['n_ok']}/{s['n_science']} frames reduced"
+        f"[RPP {summary.observatory}] night {sid}: {s['n_ok']}/{s['n_science']} frames reduced"
         + (f", {fwhm}" if fwhm else "")
         + flag
     )
@@ -724,7 +704,7 @@ def compose_session_email(
 <table style="border-collapse:collapse;font-size:14px">{table}</table>
 {rej}{img}
 <p style="font-size:13px">{attached}{" · ".join(links)}</p>
-<p style="font-size:12px;color:#5b6575">Sent by the RPP nightly pipeline (rpp_tasks {html.escape(str(summary.get("rpp_version", "")))}).</p>
+<p style="font-size:12px;color:#5b6575">Sent by the RPP nightly pipeline (rpp_tasks {html.escape(str(summary.rpp_version or ""))}).</p>
 </body></html>"""
     text_lines = [f"{name} — night {sid}", ""] + [f"{k}: {v}" for k, v in rows]
     if s["rejected"]:
@@ -744,14 +724,14 @@ def compose_session_telegram(
     *,
     title: str | None = None,
     report_url: str | None = None,
-    n_candidates: int | None = None,
-    per_frame: Mapping[str, Mapping] | None = None,
 ) -> tuple[str, str]:
     """Short Telegram message (HTML parse mode) and photo caption of a session."""
-    s = _session_facts(summary, per_frame)
+    summary = SessionSummary.coerce(summary)
+    s = _session_facts(summary)
+    n_candidates = s["n_candidates"]
     e = html.escape
-    name = title or summary.get("observatory", "")
-    sid = summary.get("session_id", "?")
+    name = title or summary.observatory
+    sid = summary.session_id or "?"
     icon = "\u2705" if s["n_ok"] == s["n_science"] and s["n_science"] else "\u26a0\ufe0f"
     fwhm = (
         f"{_f(s['fwhm_arcsec'])}\u2033"
@@ -960,11 +940,6 @@ def run_notify(
             info = {}
     plots = {k: Path(v) for k, v in (info.get("plot_paths") or {}).items() if Path(v).is_file()}
     zip_path = info.get("products_zip")
-    per_frame = info.get("frames") or {}
-    counts = [
-        v.get("n_candidates") for v in per_frame.values() if v.get("n_candidates") is not None
-    ]
-    n_cand = sum(counts) if counts else None
     title = getattr(obs, "title", None) or obs.name
     cfg = obs.notifications
     done = _delivered(notify_path, run_key)
@@ -996,8 +971,6 @@ def run_notify(
             products_path=zip_path,
             inline_cid="night_plot" if inline else None,
             report_attached=attach,
-            n_candidates=n_cand,
-            per_frame=per_frame,
         )
         attachments = (
             [
@@ -1037,9 +1010,7 @@ def run_notify(
         if getattr(cfg, "telegram_conn_id", None):
             notices.append(_skipped("telegram", "session", (), "no Telegram settings", run_key))
     else:
-        text, caption = compose_session_telegram(
-            summary, title=title, report_url=report_url, n_candidates=n_cand, per_frame=per_frame
-        )
+        text, caption = compose_session_telegram(summary, title=title, report_url=report_url)
         chat = (str(telegram.chat_id),)
         if ("telegram", "session", chat) in done:
             notices.append(

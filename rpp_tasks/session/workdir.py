@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Session", "session_id_for", "write_json_atomic", "read_json", "json_default"]
+from rpp_tasks.jsonsafe import json_safe
+
+__all__ = ["Session", "session_id_for", "write_json_atomic", "read_json"]
 
 log = logging.getLogger(__name__)
 
@@ -39,37 +41,11 @@ def session_id_for(
     return _watch_session_id(rel.as_posix() if rel is not None and rel.parts else raw_dir.name)
 
 
-def json_default(obj: Any):
-    """JSON encoder fallback for numpy scalars/arrays, paths and tuples."""
-    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, (Path, os.PathLike)):
-        return str(obj)
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def _sanitize(obj):
-    """Replace NaN/inf by None so the JSON is strict (readable by any JSON parser)."""
-    if isinstance(obj, float):
-        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
-    if isinstance(obj, dict):
-        return {k: _sanitize(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_sanitize(v) for v in obj]
-    return obj
-
-
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
-    """Write ``data`` as indented, strict JSON atomically."""
+    """Write ``data`` as indented, strict JSON (`rpp_tasks.jsonsafe.json_safe`) atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(
-        _sanitize(json.loads(json.dumps(data, default=json_default))), indent=2, sort_keys=False
-    )
+    text = json.dumps(json_safe(data), indent=2, allow_nan=False)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:

@@ -70,6 +70,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from astropy.table import Table
 
+from rpp_tasks.jsonsafe import json_safe
+
 __all__ = [
     "TruthMatch",
     "PhotometryFidelity",
@@ -316,7 +318,7 @@ class PhotometryFidelity:
         d = asdict(self)
         d["bins"] = [dict(b) for b in self.bins]
         d["flags"] = list(self.flags)
-        return _json_safe(d)
+        return json_safe(d)
 
 
 @dataclass(frozen=True)
@@ -359,21 +361,7 @@ class FidelityReport:
         d["position_offset_px"] = list(self.position_offset_px)
         d["flags"] = list(self.flags)
         d["photometry"] = {p.flux_col: p.to_dict() for p in self.photometry}
-        return _json_safe(d)
-
-
-def _json_safe(obj):
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return None if not math.isfinite(float(obj)) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
+        return json_safe(d)
 
 
 def _meta_get(meta, *keys, default=None):

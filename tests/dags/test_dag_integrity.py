@@ -23,8 +23,10 @@ REPO = Path(__file__).resolve().parents[2]
 DAGS = REPO / "dags"
 CHAIN = (
     "validate",
+    "masters",
     "calibrate",
-    "cosmic_rays",
+    "cosmics",
+    "background",
     "detect",
     "astrometry",
     "photometry",
@@ -111,7 +113,7 @@ def test_reduction_dags_shape(dagbag):
             assert dag.get_task(up).downstream_task_ids == {down}, (name, up)
         assert dag.get_task("products").downstream_task_ids == {"archive", "notify"}
         assert dag.get_task("validate").upstream_task_ids == set()
-        for tid in ("calibrate", "cosmic_rays", "detect", "photometry"):
+        for tid in ("calibrate", "cosmics", "detect", "photometry"):
             assert dag.get_task(tid).pool == "rpp_heavy"
         assert all(t.on_failure_callback for t in dag.tasks)
         assert dag.on_failure_callback
@@ -176,10 +178,13 @@ def test_parsing_imports_no_science_stack():
     assert res.returncode == 0, res.stderr[-3000:]
     mods = set(json.loads(res.stdout.strip().splitlines()[-1]))
     assert not (HEAVY & mods), HEAVY & mods
-    # only the light config layer of rpp_tasks is imported at parse time
+    # only the light config layer of rpp_tasks (and the stage table, standard library only) is
+    # imported at parse time
     assert {m for m in mods if m.startswith("rpp_tasks.")} <= {
         "rpp_tasks.config",
         "rpp_tasks.exceptions",
+        "rpp_tasks.session",
+        "rpp_tasks.session.table",
     }
 
 
@@ -204,8 +209,9 @@ def reduction_module():
     return _load_module(DAGS / "rpp_reduction.py", "rpp_reduction_under_test")
 
 
-def test_failure_callback_records_and_calls_notifier(reduction_module, tmp_path, monkeypatch):
+def test_failure_callback_records_and_calls_notifier(tmp_path, monkeypatch):
     from rpp_tasks.config import find_config
+    from rpp_tasks.session import connections, lifecycle
 
     monkeypatch.setenv("RPP_DATA_ROOT", str(tmp_path))
     obs = find_config("demo")
@@ -228,15 +234,17 @@ def test_failure_callback_records_and_calls_notifier(reduction_module, tmp_path,
         "exception": RuntimeError("boom"),
         "params": {},
     }
-    info = reduction_module.failure_info(ctx)
+    info = connections.failure_info(ctx)
     assert info["task_id"] == "detect" and info["session_id"] == "n1" and "boom" in info["error"]
-    path = reduction_module.record_failure(info, obs)
+    path = lifecycle.record_failure(info, obs)
     assert path == tmp_path / "data/work/demo" / "failures.jsonl"
     assert json.loads(path.read_text().splitlines()[-1])["run_id"] == "session__n1"
     assert calls and calls[0][1] is obs
 
 
-def test_retry_forgets_only_its_own_rejections(reduction_module, tmp_path):
+def test_retry_forgets_only_its_own_rejections(tmp_path):
+    from rpp_tasks.session.lifecycle import forget_rejections
+    from rpp_tasks.session.table import IMAGING
     from rpp_tasks.session.workdir import Session
 
     s = Session.create(
@@ -245,9 +253,9 @@ def test_retry_forgets_only_its_own_rejections(reduction_module, tmp_path):
     s.reject("a", reason="x", stage="calibrate")
     s.reject("b", reason="x", stage="detect")
     s.reject("c", reason="x", stage="read")  # a checking step inside the calibrate task
-    reduction_module._forget_rejections_of(s, ("background", "detect"))
+    forget_rejections(s, ("background", "detect"), table=IMAGING)
     assert set(s.rejected()) == {"a", "c"}
-    reduction_module._forget_rejections_of(s, ("calibrate",))
+    forget_rejections(s, ("calibrate",), table=IMAGING)
     assert set(s.rejected()) == set()
 
 

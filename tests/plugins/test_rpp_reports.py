@@ -37,8 +37,7 @@ def reduced(tmp_path_factory):
     os.environ["RPP_DATA_ROOT"] = str(root)
     try:
         from rpp_tasks.config import find_config
-        from rpp_tasks.outputs import report
-        from rpp_tasks.session import pipeline
+        from rpp_tasks.session import lifecycle
         from rpp_tasks.sim.synthetic import write_synthetic_session
 
         obs = find_config("demo")
@@ -53,13 +52,13 @@ def reduced(tmp_path_factory):
             shape=(256, 256),
             seed=11,
         )
-        session = pipeline.open_session(raw, obs, session_id=SESSION)
-        pipeline.prepare_masters(session, obs)
-        pipeline.run_stage(session, obs, pipeline.FRAME_STAGES, workers=1)
-        summary = pipeline.summarize_session(
-            session, obs, extra={"airflow": {"dag_id": obs.dag_id, "run_id": RUN_ID}}
+        session = lifecycle.open_session(raw, obs, session_id=SESSION)
+        for stage in lifecycle.table_for(obs).names:  # task by task, as the DAG runs them
+            lifecycle.run_stage(session, obs, stage, workers=1)
+        summary, made = lifecycle.finish(
+            session, obs, airflow={"dag_id": obs.dag_id, "run_id": RUN_ID}
         )
-        rep = report.run_report(session, obs)
+        summary, rep = summary.to_dict(), lifecycle.make_report(session, obs)
         yield {
             "root": root,
             "obs": obs,

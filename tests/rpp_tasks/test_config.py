@@ -45,11 +45,34 @@ def test_shipped_configs_load_and_merge_defaults():
 
 
 def test_filter_aliases_are_case_insensitive_with_default_band():
+    from astropy.io import fits
+
+    from rpp_tasks.inputs import fitsio
+
     obs = find_config("demo", REPO / "config")
-    assert obs.band_for("johnson v") == "V"
-    assert obs.band_for("LUM") == "Clear"
-    assert obs.band_for(None) == "Clear"
-    assert obs.band_for("Halpha") == "Halpha"  # unknown filter keeps its own name
+
+    def band_for(filter_raw):  # the frame's band as the pipeline normalises its header
+        hdr = fits.Header({"DATE-OBS": "2025-01-15T20:00:00", "EXPTIME": 10.0})
+        if filter_raw is not None:
+            hdr["FILTER"] = filter_raw
+        kwargs = fitsio.normalize_kwargs_from_config(obs)
+        return fitsio.normalize_header(hdr, required=(), **kwargs).band
+
+    assert band_for("johnson v") == "V"
+    assert band_for("LUM") == "Clear"
+    assert band_for(None) == "Clear"
+    assert band_for("Halpha") == "Halpha"  # unknown filter keeps its own name
+
+
+def test_schedule_key_was_removed_with_a_clear_message(tmp_path):
+    """Runs come from the watcher and rpp_reconcile: a cron ``schedule`` is refused with the reason
+    (it never did anything); ``schedule: null`` of older defaults files is accepted."""
+    p = _write_cfg(tmp_path, "obs1", "observatory: obs1\nschedule: '*/10 * * * *'\n")
+    with pytest.raises(ConfigError, match=r"obs1\.yaml: key 'schedule'.*rpp_reconcile"):
+        load_observatory_config(p)
+    p = _write_cfg(tmp_path, "obs1", "observatory: obs1\nschedule: null\n")
+    assert load_observatory_config(p).dag_id == "rpp_obs1"
+    assert not hasattr(load_observatory_config(p), "schedule")
 
 
 def test_unknown_key_names_file_and_key(tmp_path):

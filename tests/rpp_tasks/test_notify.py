@@ -476,7 +476,9 @@ def dag_module():
     return mod
 
 
-def test_connection_conventions(dag_module):
+def test_connection_conventions():
+    from rpp_tasks.session import connections
+
     smtp_conn = SimpleNamespace(
         host="smtp.example.org",
         port=587,
@@ -484,7 +486,7 @@ def test_connection_conventions(dag_module):
         password=PASSWORD,
         extra_dejson={"from_email": "night@example.org", "disable_ssl": True},
     )
-    st = dag_module.smtp_settings_from_connection(smtp_conn)
+    st = connections.smtp_settings_from_connection(smtp_conn)
     assert (st.host, st.port, st.from_addr, st.ssl, st.starttls, st.password) == (
         "smtp.example.org",
         587,
@@ -493,17 +495,19 @@ def test_connection_conventions(dag_module):
         True,
         PASSWORD,
     )
-    tg = dag_module.telegram_settings_from_connection(
+    tg = connections.telegram_settings_from_connection(
         SimpleNamespace(host=None, password=TOKEN, extra_dejson={"chat_id": -1001})
     )
     assert tg.token == TOKEN and tg.chat_id == "-1001" and tg.api_base == "https://api.telegram.org"
-    tg2 = dag_module.telegram_settings_from_connection(
+    tg2 = connections.telegram_settings_from_connection(
         SimpleNamespace(host="4242", password=TOKEN, extra_dejson={})
     )
     assert tg2.chat_id == "4242"
 
 
-def test_notify_settings_resolves_only_configured_channels(dag_module):
+def test_notify_settings_resolves_only_configured_channels():
+    from rpp_tasks.session import connections
+
     conns = {
         "rpp_smtp": SimpleNamespace(
             host="h",
@@ -517,9 +521,9 @@ def test_notify_settings_resolves_only_configured_channels(dag_module):
     def get(conn_id):
         return conns[conn_id]
 
-    settings, errors = dag_module.notify_settings(_obs(), get_connection=get)
+    settings, errors = connections.notify_settings(_obs(), get_connection=get)
     assert set(settings) == {"smtp"} and "rpp_telegram" in errors["telegram"]
-    settings, errors = dag_module.notify_settings(
+    settings, errors = connections.notify_settings(
         _obs(email_to=[], telegram_conn_id=None), get_connection=get
     )
     assert settings == {} and errors == {}
@@ -624,9 +628,9 @@ def _airflow3_ti(task_id="detect", run_id="manual__2025-01-16T03:00:00+00:00", t
     )
 
 
-def test_failure_alert_links_the_airflow3_task_log(
-    dag_module, tmp_path, smtp_server, bot_api, monkeypatch
-):
+def test_failure_alert_links_the_airflow3_task_log(tmp_path, smtp_server, bot_api, monkeypatch):
+    from rpp_tasks.session import connections
+
     monkeypatch.setenv("AIRFLOW__API__BASE_URL", "https://airflow.example.org/rpp/")
     ctx = {
         "ti": _airflow3_ti(),
@@ -634,7 +638,7 @@ def test_failure_alert_links_the_airflow3_task_log(
         "dag_run": SimpleNamespace(conf={"observatory": "demo", "session_id": "2025-01-15"}),
         "params": {},
     }
-    info = dag_module.failure_info(ctx)
+    info = connections.failure_info(ctx)
     url = (
         "https://airflow.example.org/rpp/dags/rpp_demo/runs/manual__2025-01-16T03%3A00%3A00%2B00%3A00"
         "/tasks/detect?try_number=2"

@@ -14,7 +14,7 @@ from astropy.table import Table
 
 from rpp_tasks.config import config_from_dict, find_config
 from rpp_tasks.ops.cli import main as rpp_main
-from rpp_tasks.session import pipeline
+from rpp_tasks.session import lifecycle, pipeline
 from rpp_tasks.session.workdir import Session
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,6 +55,11 @@ def raw_session(tmp_path_factory):
     return raw, paths
 
 
+def _reduce(raw, obs, **kwargs) -> dict:
+    """``rpp reduce`` of a folder (without the report): the session summary as a dict."""
+    return lifecycle.reduce_session(raw, obs, report=False, **kwargs)[0].to_dict()
+
+
 def _checksums(folder: Path) -> dict[str, str]:
     return {p.name: _sha(p) for p in sorted(folder.iterdir()) if p.is_file()}
 
@@ -62,7 +67,7 @@ def _checksums(folder: Path) -> dict[str, str]:
 def test_session_reduces_and_rejects_bad_files_with_reasons(raw_session, obs, tmp_path):
     raw, paths = raw_session
     before = _checksums(raw)
-    summary = pipeline.reduce_session(raw, obs, work_root=tmp_path / "work", workers=1)
+    summary = _reduce(raw, obs, work_root=tmp_path / "work", workers=1)
 
     assert summary["n_science"] == 3 and summary["n_ok"] == 3, summary["frames"]
     rej = summary["rejected_files"]
@@ -115,8 +120,8 @@ def test_session_reduces_and_rejects_bad_files_with_reasons(raw_session, obs, tm
 
 def test_rerun_replaces_products(raw_session, obs, tmp_path):
     raw, _ = raw_session
-    s1 = pipeline.reduce_session(raw, obs, work_root=tmp_path / "work", workers=1)
-    s2 = pipeline.reduce_session(raw, obs, work_root=tmp_path / "work", workers=1)
+    s1 = _reduce(raw, obs, work_root=tmp_path / "work", workers=1)
+    s2 = _reduce(raw, obs, work_root=tmp_path / "work", workers=1)
     assert s1["session_id"] == s2["session_id"] == "2025-01-15"
     frames_dir = Path(s2["workdir"]) / "frames"
     assert sorted(p.name for p in frames_dir.iterdir()) == sorted(f["frame"] for f in s2["frames"])
@@ -129,14 +134,14 @@ def test_rerun_replaces_products(raw_session, obs, tmp_path):
 def test_per_stage_driver_matches_in_memory_chain(raw_session, obs, tmp_path):
     """What Airflow runs (one stage per task, checkpoints on disk) equals the one-process chain."""
     raw, _ = raw_session
-    chained = pipeline.reduce_session(raw, obs, work_root=tmp_path / "a", workers=1)
+    chained = _reduce(raw, obs, work_root=tmp_path / "a", workers=1)
 
-    session = pipeline.open_session(raw, obs, work_root=tmp_path / "b")
-    pipeline.prepare_masters(session, obs)
+    session = lifecycle.open_session(raw, obs, work_root=tmp_path / "b")
+    lifecycle.run_stage(session, obs, "masters")
     for stage in pipeline.FRAME_STAGES:
-        out = pipeline.run_stage(session.workdir, obs, stage, workers=2)
+        out = lifecycle.run_stage(session.workdir, obs, stage, workers=2)
         assert out["n_ok"] == 3, out
-    staged = pipeline.summarize_session(session, obs)
+    staged = lifecycle.summarise(session, obs).to_dict()
     for fa, fb in zip(chained["frames"], staged["frames"]):
         ca, cb = Table.read(fa["catalog"]), Table.read(fb["catalog"])
         assert len(ca) == len(cb)
@@ -154,7 +159,7 @@ def test_frame_without_exptime_is_rejected_and_others_go_on(raw_session, obs, tm
     for key in ("EXPTIME", "EXPOSURE", "EXP_TIME"):  # every keyword an exposure time is read from
         hdul[0].header.remove(key, ignore_missing=True)
     hdul.writeto(victim, overwrite=True)
-    summary = pipeline.reduce_session(night, obs, work_root=tmp_path / "work", workers=1)
+    summary = _reduce(night, obs, work_root=tmp_path / "work", workers=1)
     by_name = {f["frame"]: f for f in summary["frames"]}
     stem = victim.name.removesuffix(".fits")
     rejected = {
@@ -234,12 +239,12 @@ def test_frame_pool_does_not_rerun_the_callers_main_script(raw_session, obs, tmp
         "import sys\n"
         "if __name__ != '__main__':\n"
         "    raise SystemExit('the main script was re-run in a worker')\n"
-        "from rpp_tasks.session import pipeline\n"
+        "from rpp_tasks.session import lifecycle\n"
         "from rpp_tasks.config import find_config\n"
         "obs = find_config('demo')\n"
-        f"s = pipeline.open_session({str(raw)!r}, obs, work_root={str(tmp_path / 'w')!r})\n"
-        "pipeline.prepare_masters(s, obs)\n"
-        "out = pipeline.run_stage(s, obs, ('calibrate', 'cosmics'), workers=2)\n"
+        f"s = lifecycle.open_session({str(raw)!r}, obs, work_root={str(tmp_path / 'w')!r})\n"
+        "lifecycle.run_stage(s, obs, 'masters')\n"
+        "out = lifecycle.run_stage(s, obs, ('calibrate', 'cosmics'), workers=2)\n"
         "print('n_ok', out['n_ok'])\n"
     )
     proc = subprocess.run(
@@ -256,7 +261,7 @@ def test_session_is_recorded_in_the_results_database(raw_session, obs, tmp_path,
     url = f"sqlite:///{tmp_path / 'results.sqlite'}"
     monkeypatch.setenv("RPP_RESULTS_DB_URL", url)
     for _ in range(2):  # a re-run updates, it does not duplicate
-        summary = pipeline.reduce_session(raw, obs, work_root=tmp_path / "work", workers=1)
+        summary = _reduce(raw, obs, work_root=tmp_path / "work", workers=1)
     with ResultsDB(url) as rdb:
         sess = rdb.get_session("demo", summary["session_id"])
         assert sess["status"] == "done" and sess["n_rejected"] == 0

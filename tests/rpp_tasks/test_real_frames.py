@@ -12,7 +12,7 @@ import pytest
 from astropy.table import Table
 
 from rpp_tasks.config import config_from_dict, find_config
-from rpp_tasks.session import pipeline
+from rpp_tasks.session import lifecycle, pipeline
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -85,7 +85,8 @@ def test_huntsman_session_builds_and_applies_masters(real_data, tmp_path):
     for name in ("bias_0.fits", "dark_0.fits", "flat_0.fits", "science_0.fits"):
         shutil.copy(real_data / "huntsman/raw" / name, night / name)
     obs = find_config("huntsman", REPO / "config")
-    summary = pipeline.reduce_session(night, obs, work_root=tmp_path / "work", workers=1)
+    summary = lifecycle.reduce_session(night, obs, work_root=tmp_path / "work", workers=1)[0]
+    summary = summary.to_dict()
     assert summary["n_calibration"] == {"bias": 1, "dark": 1, "flat": 1}
     assert summary["n_ok"] == 1, summary["frames"]
     frame = summary["frames"][0]

@@ -14,7 +14,9 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from rpp_tasks.outputs import report
+from rpp_tasks.outputs import plots, report, report_html
+from rpp_tasks.session import adapters, lifecycle
+from rpp_tasks.session.frame import FrameWork, frame_summary
 from rpp_tasks.session.workdir import Session
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -115,75 +117,76 @@ def make_fake_session(
                 cat[f"mag_cal_{t}"] = cat["mag_psf"] + off - k_mag * airmass + zp_psf
                 cat[f"mag_cal_err_{t}"] = np.hypot(mag_err, 0.012)
         cat.write(d / "catalog.ecsv", format="ascii.ecsv")
-        summary = {
-            "frame": stem,
-            "status": "ok",
-            "reason": None,
-            "failed_stage": None,
+        # the stages' results, from which the pipeline's producer writes the frame summary
+        fw = FrameWork(stem=stem, raw_path=s.raw_dir / f"{stem}.fits", outdir=d)
+        fw.meta = {
             "object": "M 42",
             "band": "V",
             "exptime_s": 60.0,
             "date_obs": hdr["DATE-OBS"],
-            "n_sources": n,
-            "fwhm_px": 3.2 + 0.1 * i,
-            "fwhm_arcsec": 3.52 + 0.11 * i,
             "pixel_scale_arcsec": 1.1,
-            "background_adu": 500.0 + 5 * i,
-            "limiting_mag_inst": -2.5 - 0.05 * i,
-            "calibrated": str(d / "calibrated.fits"),
-            "catalog": str(d / "catalog.ecsv"),
         }
+        fw.results = {
+            "background": {"background_adu": 500.0 + 5 * i, "background_rms_adu": 8.0},
+            "photometry": {
+                "n_sources": n,
+                "fwhm_px": 3.2 + 0.1 * i,
+                "fwhm_arcsec": 3.52 + 0.11 * i,
+                "limiting_mag_inst": -2.5 - 0.05 * i,
+            },
+        }
+        record = None
         if zeropoint is True:
             n_zp = int(np.sum(cat["zp_star"]))
-            summary.update(zp_mag=zp_psf, zp_err_mag=0.012, n_zp_stars=n_zp, airmass=airmass)
             types = {
                 t: {"zp_mag": zp_psf + off, "zp_err_mag": 0.012, "n_used": n_zp, "flags": []}
                 for t, off in (("psf", 0.0), ("1p3fwhm", -0.01))
             }
-            (d / "zeropoint.json").write_text(
-                json.dumps(
-                    {
-                        "band": "V",
-                        "ref_catalog": "gaia",
-                        "airmass": airmass,
-                        "extinction_k_mag": k_mag,
-                        "zp_mag": zp_psf,
-                        "zp_err_mag": 0.012,
-                        "n_zp_stars": n_zp,
-                        "types": types,
-                        "flags": [],
-                    }
-                )
-            )
+            record = {
+                "band": "V",
+                "ref_catalog": "gaia",
+                "airmass": airmass,
+                "extinction_k_mag": k_mag,
+                "zp_mag": zp_psf,
+                "zp_err_mag": 0.012,
+                "n_zp_stars": n_zp,
+                "types": types,
+                "flags": [],
+            }
         elif zeropoint == "no_reference":
-            summary.update(zp_mag=None, zp_err_mag=None, n_zp_stars=0)
-            (d / "zeropoint.json").write_text(
-                json.dumps(
-                    {
-                        "zp_mag": None,
-                        "zp_err_mag": None,
-                        "n_zp_stars": 0,
-                        "types": {},
-                        "flags": ["no_reference"],
-                        "reference": {
-                            "services": [
-                                {
-                                    "service": "gaia_tap",
-                                    "status": "failed",
-                                    "reason": "unreachable: name resolution failed (offline?)",
-                                }
-                            ]
-                        },
-                    }
-                )
-            )
+            record = {
+                "zp_mag": None,
+                "zp_err_mag": None,
+                "n_zp_stars": 0,
+                "types": {},
+                "flags": ["no_reference"],
+                "reference": {
+                    "services": [
+                        {
+                            "service": "gaia_tap",
+                            "status": "failed",
+                            "reason": "unreachable: name resolution failed (offline?)",
+                        }
+                    ]
+                },
+            }
+        if record is not None:
+            (d / "zeropoint.json").write_text(json.dumps(record))
+            fw.results["zero_point"] = {
+                "zp_mag": record["zp_mag"],
+                "zp_err_mag": record["zp_err_mag"],
+                "n_zp_stars": record["n_zp_stars"],
+                "airmass": record.get("airmass"),
+                "extinction_k_mag": record.get("extinction_k_mag"),
+                "flags": record["flags"],
+                "reason": adapters._zp_unavailable_reason(record),
+                "zp_by_type": {t: v["zp_mag"] for t, v in record["types"].items()},
+            }
         if candidates is True:
             (d / "cutouts").mkdir()
-            from rpp_tasks.outputs.report import _figure, _png
-
-            fig = _figure(0.64, 0.64)
+            fig = plots.figure(0.64, 0.64)
             fig.add_subplot().imshow(img[:16, :16], cmap="gray")
-            (d / "cutouts" / "cand_1.png").write_bytes(_png(fig))
+            (d / "cutouts" / "cand_1.png").write_bytes(plots.png(fig))
             t = Table(
                 {
                     "id": [1],
@@ -199,52 +202,31 @@ def make_fake_session(
             )
             t.meta = {"frame": stem, "n_candidates": 1, "flags": []}
             t.write(d / "candidates.ecsv", format="ascii.ecsv")
+            fw.results["transients"] = {"n_candidates": 1, "flags": []}
         elif candidates == "no_reference":
             t = Table(
                 {"id": np.zeros(0, int), "x_centroid": np.zeros(0), "y_centroid": np.zeros(0)}
             )
             t.meta = {"frame": stem, "n_candidates": 0, "flags": ["no_reference"]}
             t.write(d / "candidates.ecsv", format="ascii.ecsv")
+            fw.results["transients"] = {"n_candidates": 0, "flags": ["no_reference"]}
+        summary = frame_summary(fw, FAKE_OBS)
         (d / "summary.json").write_text(json.dumps(summary))
         (d / "background.fits").write_bytes(b"checkpoint, not a product")
         (d / "sources.ecsv").write_text("# checkpoint\n")
         frames.append(summary)
     if rejected:
-        frames.append(
-            {
-                "frame": "demo_V_bad",
-                "status": "rejected",
-                "reason": "truncated FITS file",
-                "failed_stage": "read",
-            }
-        )
+        frames.append({"frame": "demo_V_bad"})
         s.reject("demo_V_bad", reason="truncated FITS file", stage="read")
-    ok = [f for f in frames if f["status"] == "ok"]
     s.write_json("manifest.json", {"science": [{"stem": f["frame"]} for f in frames]})
-    s.write_json(
-        "session_summary.json",
-        {
-            "observatory": "demo",
-            "session_id": session_id,
-            "workdir": str(s.workdir),
-            "rpp_version": "0.1.0",
-            "config_hash": "abc123",
-            "n_science": len(frames),
-            "n_ok": len(ok),
-            "n_rejected": len(frames) - len(ok),
-            "n_calibration": {"bias": 5, "dark": 3, "flat": 5},
-            "rejected_files": {},
-            "median_fwhm_arcsec": float(np.median([f["fwhm_arcsec"] for f in ok])) if ok else None,
-            "median_fwhm_px": float(np.median([f["fwhm_px"] for f in ok])) if ok else None,
-            "frames": frames,
-        },
-    )
+    lifecycle.summarise(s, FAKE_OBS)  # the pipeline's producer of session_summary.json
     return s
 
 
 FAKE_OBS = SimpleNamespace(
     name="demo",
     observatory="demo",
+    config_hash="abc123",
     title="Demo observatory",
     site=SimpleNamespace(
         name="Demo site", latitude_deg=43.75, longitude_deg=6.92, elevation_m=1270.0
@@ -336,10 +318,11 @@ def test_zero_point_residuals_come_from_the_calibrated_catalogue(tmp_path):
     s = make_fake_session(tmp_path, zeropoint=True)
     cat = Table.read(s.workdir / "frames/demo_V_001/catalog.ecsv")
     zp = json.loads((s.workdir / "frames/demo_V_001/zeropoint.json").read_text())
-    stars = report.zeropoint_stars_from_catalog(cat, zp)
+    zp_by_type = {t: v["zp_mag"] for t, v in zp["types"].items()}
+    stars = plots.zeropoint_stars_from_catalog(cat, zp_by_type)
     assert stars.meta["phot_type"] == "psf" and len(stars) == np.isfinite(cat["ref_mag"]).sum()
     assert abs(np.median(stars["residual_mag"])) < 0.03 and np.std(stars["residual_mag"]) < 0.06
-    assert report.zeropoint_stars_from_catalog(cat[["x_centroid"]], zp) is None
+    assert plots.zeropoint_stars_from_catalog(cat[["x_centroid"]], zp_by_type) is None
 
 
 def test_unreachable_reference_says_why_instead_of_zero_candidates(tmp_path):
@@ -385,7 +368,7 @@ def test_html_escapes_header_values(tmp_path):
             }
         ],
     }
-    page = report.render_report_html(summary)
+    page = report_html.render_report_html(summary)
     assert "<script>" not in page and "&lt;script&gt;" in page
 
 
@@ -394,19 +377,19 @@ def test_zscale_limits_and_bad_input():
     rng = np.random.default_rng(0)
     img = rng.normal(100, 5, (64, 64))
     img[10, 10] = 1e6
-    lo, hi = report.zscale_limits(img)
+    lo, hi = plots.zscale_limits(img)
     assert 80 < lo < 100 < hi < 130
     with pytest.raises(ValueError, match="2-D"):
-        report.zscale_limits(np.zeros(10))
+        plots.zscale_limits(np.zeros(10))
     with pytest.raises(ValueError, match="no finite"):
-        report.zscale_limits(np.full((4, 4), np.nan))
+        plots.zscale_limits(np.full((4, 4), np.nan))
 
 
 def test_plot_functions_return_png():
     rng = np.random.default_rng(0)
     img = rng.normal(100, 5, (80, 120))
-    cands = Table({"x": [10.0], "y": [20.0], "name": ["AT1"]})
-    assert report.plot_frame_preview(img, candidates=cands, title="t").startswith(PNG)
+    cands = Table({"x_centroid": [10.0], "y_centroid": [20.0], "id": [1]})
+    assert plots.plot_frame_preview(img, candidates=cands, title="t").startswith(PNG)
     cat = Table(
         {
             "mag_psf": [-8.0, -6.0, np.nan],
@@ -415,7 +398,7 @@ def test_plot_functions_return_png():
             "mag_err_1p3fwhm": [0.01, 0.05, 0.2],
         }
     )
-    assert report.plot_mag_error({"a": cat}).startswith(PNG)
+    assert plots.plot_mag_error({"a": cat}).startswith(PNG)
     frames = [
         {
             "status": "ok",
@@ -426,35 +409,15 @@ def test_plot_functions_return_png():
             "limiting_mag_inst": -3.0,
         }
     ]
-    assert report.plot_night_trends(frames).startswith(PNG)
+    assert plots.plot_night_trends(frames).startswith(PNG)
     with pytest.raises(ValueError, match="no reduced frame"):
-        report.plot_night_trends([{"status": "rejected"}])
-
-
-def test_zeropoint_stars_accepts_row_lists_and_columns():
-    rows = report.zeropoint_stars(
-        {
-            "zp_mag": 20.0,
-            "stars": [
-                {"ref_mag": 12.0, "mag_inst": -8.1},
-                {"ref_mag": 13.0, "mag_inst": -6.9, "clipped": True},
-            ],
-        }
-    )
-    assert list(np.round(rows["residual_mag"], 3)) == [0.1, -0.1] and list(rows["used"]) == [
-        True,
-        False,
-    ]
-    cols = report.zeropoint_stars({"matched": {"mag_ref": [12.0], "residual_mag": [0.02]}})
-    assert len(cols) == 1 and cols["used"][0]
-    assert report.zeropoint_stars({"zp_mag": 20.0}) is None
-    assert report.zeropoint_stars(None) is None
+        plots.plot_night_trends([{"status": "rejected"}])
 
 
 def test_header_facts_collects_distinct_values_and_weather():
     h1 = fits.Header({"OBJECT": "M 42", "OBSERVER": "Ann", "HUMIDITY": 70.0})
     h2 = fits.Header({"OBJECT": "M 43", "OBSERVER": "Ann", "HUMIDITY": 80.0})
-    facts = report.header_facts({"a": h1, "b": h2, "c": None})
+    facts = report_html.header_facts({"a": h1, "b": h2, "c": None})
     assert facts["facts"]["object"] == ["M 42", "M 43"] and facts["facts"]["observer"] == ["Ann"]
     assert (
         facts["weather"]["HUMIDITY"]["median"] == 75.0

@@ -1,0 +1,454 @@
+"""The life of a session, step by step: what ``rpp reduce`` and every DAG task call.
+
+::
+
+    open_session ─► run_stage (masters, calibrate, ..., transients) ─► summarise ─► record_results
+                                                                         │
+                                                       make_report ◄─────┘─► archive, notify
+    record_failure (any task or run that fails)
+
+* `open_session` groups the raw folder into a manifest and starts fresh: outputs of an earlier
+  run of the same session (``frames/``, ``session_summary.json``) are removed, the same way for
+  ``rpp reduce`` and the DAG. Later steps re-open the session from its work folder
+  (`~rpp_tasks.session.workdir.Session.load`): tasks hand each other that path only.
+* `run_stage` runs one stage of the table (or consecutive stages) for the session's frames, or a
+  chunk of them; a retried stage first forgets the rejections it made itself in an earlier try.
+* `summarise` writes ``session_summary.json`` (`~rpp_tasks.session.summary.SessionSummary`);
+  `record_results` upserts it into the results database (a failure there is recorded in the
+  summary, never a lost night); `make_report`, `archive` and `notify` read the summary.
+* `record_failure` appends a failure to ``<paths.work>/failures.jsonl`` and alerts the operators.
+
+`reduce_session` chains the first four for ``rpp reduce`` in one process (the frame stages in
+memory, without checkpoints); the DAG runs the same functions one task each.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from rpp_tasks import __version__
+from rpp_tasks.session import connections
+from rpp_tasks.session.summary import (
+    FrameSummary,
+    SessionSummary,
+    file_outcomes,
+    headline,
+    night_date_for,
+)
+from rpp_tasks.session.table import StageTable, table_for
+from rpp_tasks.session.workdir import Session, read_json
+
+__all__ = [
+    "resolve_session_dir",
+    "open_session",
+    "describe",
+    "run_stage",
+    "forget_rejections",
+    "summarise",
+    "record_results",
+    "make_report",
+    "finish",
+    "archive",
+    "notify",
+    "record_failure",
+    "reduce_session",
+]
+
+log = logging.getLogger(__name__)
+
+#: Outputs of an earlier run that a fresh run removes (raw files and masters are never touched).
+STALE_OUTPUTS = ("frames", "session_summary.json")
+
+
+# =============================================================================== open
+def resolve_session_dir(value, obs, observatory: str | None = None) -> Path:
+    """The raw folder of a session from a run's ``session_dir`` (absolute, or relative to the
+    observatory's incoming folder). Raises `ValueError` with what to do, also when the run's
+    ``observatory`` is another one."""
+    if observatory not in (None, "", obs.name):
+        raise ValueError(
+            f"run conf is for observatory {observatory!r}, this DAG reduces {obs.name!r}"
+        )
+    raw = str(value or "").strip()
+    if not raw:
+        raise ValueError(
+            "no session_dir in the run conf: trigger with "
+            '{"session_dir": "<folder with the night\'s frames>"}'
+        )
+    raw_dir = Path(raw).expanduser()
+    if not raw_dir.is_absolute():
+        raw_dir = obs.resolve_path("incoming") / raw_dir
+    if not raw_dir.is_dir():
+        raise ValueError(f"session folder {raw_dir} does not exist")
+    return raw_dir
+
+
+def open_session(
+    raw_dir: str | os.PathLike,
+    obs,
+    *,
+    work_root=None,
+    session_id: str | None = None,
+) -> Session:
+    """Open a session afresh: work folder, manifest of frames by type, band, exposure, binning.
+
+    Only headers are read. Files that are not readable FITS are listed in ``rejected.json`` with
+    the reason (stage ``validate``); they never stop the session. Outputs of an earlier run of the
+    same session are removed first (`STALE_OUTPUTS`), so a re-run replaces its products.
+    """
+    from rpp_tasks.inputs import frames
+    from rpp_tasks.session.pipeline import frame_stem
+
+    raw_dir = Path(raw_dir)
+    session = Session.create(
+        raw_dir,
+        observatory=obs.name,
+        work_root=Path(work_root) if work_root is not None else obs.resolve_path("work"),
+        session_id=session_id,
+        incoming_root=obs.resolve_path("incoming"),
+    )
+    for name in STALE_OUTPUTS:
+        p = session.workdir / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    exts = tuple(e.lower() for e in obs.session.extensions)
+    paths = sorted(
+        p
+        for p in raw_dir.rglob("*")
+        if p.is_file() and p.name.lower().endswith(exts) and not p.name.startswith(".")
+    )
+    manifest = frames.group_session(paths, obs).to_dict()
+    manifest["science"] = [
+        dict(f, stem=frame_stem(f["path"]))
+        for f in manifest.get("frames", [])
+        if f.get("imagetyp") == "science"
+    ]
+    for kind in ("bias", "dark", "flat"):
+        manifest[kind] = [
+            f["path"] for f in manifest.get("frames", []) if f.get("imagetyp") == kind
+        ]
+    session.write_json("manifest.json", manifest)
+    session.write_json(
+        "rejected.json",
+        {
+            frame_stem(r["path"]): {"reason": r["reason"], "stage": "validate", "path": r["path"]}
+            for r in manifest.get("rejected", [])
+        },
+    )
+    log.info(
+        "[%s] session opened: %d science, %d bias, %d dark, %d flat, %d rejected files",
+        session.session_id,
+        len(manifest["science"]),
+        len(manifest["bias"]),
+        len(manifest["dark"]),
+        len(manifest["flat"]),
+        len(manifest.get("rejected", [])),
+    )
+    return session
+
+
+def describe(session: Session) -> dict:
+    """Small description of an opened session (the validate task's result)."""
+    manifest = session.read_json("manifest.json", {})
+    return {
+        "workdir": str(session.workdir),
+        "session_id": session.session_id,
+        "raw_dir": str(session.raw_dir),
+        "n_science": len(manifest.get("science", [])),
+        "n_calibration": {k: len(manifest.get(k, [])) for k in ("bias", "dark", "flat")},
+        "n_rejected_files": len(manifest.get("rejected", [])),
+    }
+
+
+# =============================================================================== stages
+def forget_rejections(
+    session: Session,
+    stages: Sequence[str],
+    *,
+    table: StageTable,
+    frames: Sequence[str] | None = None,
+) -> None:
+    """Un-reject the frames that ``stages`` themselves rejected in an earlier try (a retried
+    stage starts clean; rejections by earlier stages stand). The first frame stage of the table
+    also owns rejections recorded under names that are not stages (its reading/checking steps);
+    files rejected while opening the session (``validate``) always stand."""
+    owned = set(stages)
+    first = table.frame_stages[0] if table.frame_stages else None
+    for stem, rec in session.rejected().items():
+        if frames is not None and stem not in frames:
+            continue
+        stage = (rec or {}).get("stage")
+        if stage == "validate":
+            continue
+        if stage in owned or (first in owned and stage not in table):
+            session.unreject(stem)
+
+
+def run_stage(
+    session: Session | str | os.PathLike,
+    obs,
+    stages: str | Sequence[str],
+    *,
+    frames: Sequence[str] | None = None,
+    workers: int | None = None,
+    keep_intermediate: bool = True,
+    table: StageTable | None = None,
+) -> dict:
+    """Run a stage (or consecutive stages) of the table for the session.
+
+    Frame stages run for every frame still in play, or for the chunk ``frames`` (stems), in a
+    process pool (``workers``); session stages run once. Before running, the rejections these
+    stages made in an earlier try are forgotten (`forget_rejections`). ``keep_intermediate=False``
+    saves only products and what later stages read (the one-process run of `reduce_session`).
+
+    Returns
+    -------
+    result : dict
+        ``stages``; for frame stages ``n_frames``, ``n_ok``, ``n_rejected``, ``n_failed``,
+        ``wall_s``, ``rejected``; for a session stage its result under its name.
+    """
+    from rpp_tasks.session import pipeline
+
+    session = session if isinstance(session, Session) else Session.load(session)
+    table = table or table_for(obs)
+    chain = table.chain(stages)
+    names = [s.name for s in chain]
+    forget_rejections(session, names, table=table, frames=frames)
+    out: dict = {"stages": names}
+    i = 0
+    while i < len(chain):
+        if chain[i].scope == "session":
+            t0 = time.perf_counter()
+            out[chain[i].name] = chain[i].function()(session, obs)
+            log.info(
+                "[%s] %s done in %.1f s",
+                session.session_id,
+                chain[i].name,
+                time.perf_counter() - t0,
+            )
+            i += 1
+            continue
+        j = i
+        while j < len(chain) and chain[j].scope == "frame":
+            j += 1
+        res = pipeline.run_frames(
+            session,
+            obs,
+            names[i:j],
+            frames=frames,
+            workers=workers,
+            keep_intermediate=keep_intermediate,
+            table=table,
+        )
+        out.update({k: v for k, v in res.items() if k != "stages"})
+        i = j
+    return out
+
+
+# =============================================================================== summary
+def summarise(session: Session, obs, **extra) -> SessionSummary:
+    """Collect the frame summaries into ``session_summary.json`` and return it.
+
+    ``extra`` sets the optional fields of `SessionSummary` (``airflow``, ``stage_runs``,
+    ``wall_s``, ``run``).
+    """
+    manifest = session.read_json("manifest.json", {})
+    rejected = session.rejected()
+    frames = []
+    for f in manifest.get("science", []):
+        s = read_json(session.path("frames", f["stem"], "summary.json"))
+        if s is None:
+            rej = rejected.get(f["stem"], {})
+            s = {
+                "frame": f["stem"],
+                "raw_path": f.get("path"),
+                "status": "rejected" if rej else "pending",
+                "reason": rej.get("reason"),
+                "failed_stage": rej.get("stage"),
+            }
+        frames.append(FrameSummary.from_dict(s))
+    masters = session.read_json("masters.json", {}) or {}
+    head = headline(frames)
+    mjds = [f.mjd_obs for f in frames if f.mjd_obs is not None]
+    summary = SessionSummary(
+        observatory=obs.name,
+        session_id=session.session_id,
+        raw_dir=str(session.raw_dir),
+        workdir=str(session.workdir),
+        rpp_version=__version__,
+        config_hash=obs.config_hash,
+        night_date=night_date_for(min(mjds), obs.site.longitude_deg) if mjds else None,
+        n_science=head.n_science,
+        n_ok=head.n_ok,
+        n_rejected=head.n_rejected,
+        n_calibration={k: len(manifest.get(k, [])) for k in ("bias", "dark", "flat")},
+        rejected_files=session.read_json("rejected.json", {}) or {},
+        median_fwhm_arcsec=head.median_fwhm_arcsec,
+        median_fwhm_px=head.median_fwhm_px,
+        headline=head,
+        masters=masters,
+        frames=tuple(frames),
+        files=file_outcomes(manifest, frames, masters),
+        **extra,
+    )
+    session.write_json("session_summary.json", summary.to_dict())
+    if head.n_science and not head.n_ok:
+        log.warning("[%s] no frame of the session could be reduced", session.session_id)
+    return summary
+
+
+def record_results(
+    session: Session, summary: SessionSummary, obs, *, url: str | None = None
+) -> SessionSummary:
+    """Upsert the session into the results database (`rpp_tasks.outputs.results.record_session`).
+
+    The database is a record, never a reason to lose the products: an error is logged and kept in
+    the summary (``results_db_error``, written back to ``session_summary.json``).
+    """
+    from rpp_tasks.outputs import db, results
+
+    try:
+        url = url or db.results_url_from_env(db.default_results_url(obs.resolve_path("work")))
+        results.record_session(summary, url)
+    except Exception as exc:
+        log.error("[%s] results database not updated: %s", session.session_id, exc)
+        summary = summary.replace(results_db_error=str(exc))
+        session.write_json("session_summary.json", summary.to_dict())
+    return summary
+
+
+# =============================================================================== products
+def make_report(session: Session, obs) -> dict:
+    """The morning report and products ZIP (`rpp_tasks.outputs.report.run_report`); a failure is
+    returned as ``{"report_error": ...}`` (the products and the archive do not depend on it)."""
+    from rpp_tasks.outputs import report
+
+    try:
+        return report.run_report(session, obs)
+    except Exception as exc:
+        log.warning("[%s] session report not built: %s", session.session_id, exc, exc_info=True)
+        return {"report_error": str(exc)[:500]}
+
+
+def finish(session: Session, obs, *, report: bool = True, **extra) -> tuple[SessionSummary, dict]:
+    """After the stages: `summarise` (``extra``: its optional fields), `record_results` and
+    `make_report`. Returns the summary and a small dict of what was made (the products task's
+    result: counts, summary path, report and ZIP, or the report error)."""
+    summary = record_results(session, summarise(session, obs, **extra), obs)
+    made = {
+        "workdir": str(session.workdir),
+        "session_id": session.session_id,
+        "n_science": summary.n_science,
+        "n_ok": summary.n_ok,
+        "n_rejected": summary.n_rejected,
+        "median_fwhm_px": summary.median_fwhm_px,
+        "session_summary": str(session.path("session_summary.json")),
+    }
+    if report:
+        rep = make_report(session, obs)
+        if "html_path" in rep:
+            made.update(report=rep["html_path"], products_zip=rep["products_zip"])
+        else:
+            made.update(rep)
+    return summary, made
+
+
+def archive(session: Session, obs, *, url: str) -> dict | None:
+    """Upsert one ObsCore row per reduced frame (`rpp_tasks.outputs.archive.archive_session`);
+    None when the session has no reduced frame."""
+    from rpp_tasks.outputs import archive as rpp_archive
+
+    summary = SessionSummary.from_dict(session.read_json("session_summary.json", {"frames": []}))
+    if not summary.ok_frames:
+        return None
+    base = obs.archive.base_url
+    return rpp_archive.archive_session(
+        summary,
+        url=url,
+        obs_collection=obs.archive.obs_collection or obs.name,
+        publisher_authority=obs.archive.publisher_authority,
+        access_url_base=None if base in ("", "file://") else base,
+        products_root=session.workdir if base not in ("", "file://") else None,
+        facility_name=obs.camera.telescope,
+        instrument_name=obs.camera.name,
+    )
+
+
+def notify(
+    session: Session,
+    obs,
+    *,
+    get_connection=None,
+    mask=connections._no_mask,
+    run_key: str | None = None,
+) -> dict:
+    """Tell the observers (`rpp_tasks.outputs.notify.run_notify`) with the channels' settings
+    resolved from the connections named in the configuration."""
+    from rpp_tasks.outputs import notify as rpp_notify
+
+    settings, errors = connections.notify_settings(obs, get_connection=get_connection, mask=mask)
+    return rpp_notify.run_notify(session, obs, **settings, config_errors=errors, run_key=run_key)
+
+
+def record_failure(
+    info: dict, obs, *, get_connection=None, mask=connections._no_mask
+) -> Path | None:
+    """Log a failure, append it to ``<paths.work>/failures.jsonl`` and alert the operators
+    (`rpp_tasks.outputs.notify.notify_failure`, which never raises; errors are logged here)."""
+    log.error("RPP failure: %s", json.dumps(info, default=str))
+    path = None
+    if obs is not None:
+        try:
+            path = obs.resolve_path("work") / "failures.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(info, default=str) + "\n")
+        except OSError as exc:
+            log.warning("could not record the failure in %s: %s", path, exc)
+            path = None
+    try:  # (import_module honours a notifier replaced in sys.modules)
+        hook = importlib.import_module("rpp_tasks.outputs.notify").notify_failure
+        settings, errors = (
+            connections.notify_settings(
+                obs, operators=True, get_connection=get_connection, mask=mask
+            )
+            if obs is not None
+            else ({}, {})
+        )
+        for channel, err in errors.items():
+            log.warning("operators' %s alert unavailable: %s", channel, err)
+        hook(info, obs, **settings) if settings else hook(info, obs)
+    except Exception:  # a broken notifier must not hide the original failure
+        log.exception("rpp_tasks.outputs.notify.notify_failure failed")
+    return path
+
+
+# =============================================================================== one process
+def reduce_session(
+    raw_dir: str | os.PathLike,
+    obs,
+    *,
+    work_root=None,
+    session_id: str | None = None,
+    workers: int | None = None,
+    table: StageTable | None = None,
+    report: bool = True,
+) -> tuple[SessionSummary, dict]:
+    """``rpp reduce FOLDER``: `open_session`, every stage (frames in memory, no checkpoints),
+    `finish` (summary, results database, report). Returns what `finish` returns."""
+    t0 = time.perf_counter()
+    table = table or table_for(obs)
+    session = open_session(raw_dir, obs, work_root=work_root, session_id=session_id)
+    run = run_stage(
+        session, obs, table.names, workers=workers, keep_intermediate=False, table=table
+    )
+    return finish(session, obs, report=report, wall_s=round(time.perf_counter() - t0, 3), run=run)

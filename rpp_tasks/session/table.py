@@ -1,0 +1,304 @@
+"""The stage table: every reduction stage declared once.
+
+A `Stage` has one name, used everywhere: the Airflow task id, the stage recorded in a frame's
+summary and timings, the stage of a rejection, the results-database stage run. It names its adapter
+(a thin function in `rpp_tasks.session.adapters` calling the science in `rpp_tasks.stages`), the
+named artefacts it reads and writes, its scope (``frame``: runs for each frame of the session, in a
+process pool; ``session``: runs once, like the masters) and whether its task takes a slot of the
+heavy Airflow pool.
+
+`IMAGING` is the table of imaging observatories. The drivers (`rpp_tasks.session.pipeline`,
+`rpp_tasks.session.lifecycle`) and the DAG factory (``dags/rpp_reduction.py``) read the table: the
+checkpoints a stage reloads come from its ``reads``, what a chain of stages saves from the
+``writes`` and from what later stages read, and the DAG's task list is the table's order. A second
+table (long-slit spectroscopy: mostly session-scope stages) registers in `TABLES` under its
+instrument kind (``camera.kind`` of the observatory configuration) and runs through the same
+factory and lifecycle.
+
+This module is imported by the DAG file at parse time: standard library only. Adapters are named
+``"module:function"`` and imported when a stage runs (a plain function works too, e.g. in tests).
+
+Adding a stage is one entry here and one adapter function: see ``docs/ARCHITECTURE.md``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from rpp_tasks.exceptions import ConfigError
+
+__all__ = [
+    "Artefact",
+    "Stage",
+    "StageTable",
+    "ARTEFACTS",
+    "IMAGING",
+    "TABLES",
+    "table_for",
+]
+
+Scope = Literal["frame", "session"]
+
+
+@dataclass(frozen=True)
+class Artefact:
+    """A named file (or files) a stage hands to later stages.
+
+    ``product`` artefacts are kept in the frame folder for the observers (calibrated image,
+    catalogue, the normalised header); the others are checkpoints between tasks, written only
+    when a later stage in another process reads them (or when intermediates are kept). Each
+    artefact has exactly one save and one load (`rpp_tasks.session.frame.ARTEFACT_IO`).
+    """
+
+    name: str
+    files: tuple[str, ...]
+    product: bool
+    scope: Scope = "frame"
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: its name, adapter, inputs, outputs, scope and pool.
+
+    Attributes
+    ----------
+    name : str
+        Task id, stage, rejection stage and results-database stage name.
+    adapter : str or callable
+        ``"module:function"`` (imported when the stage runs) or a function. Frame scope:
+        ``fn(fw, obs) -> dict`` on a `rpp_tasks.session.frame.FrameWork`; session scope:
+        ``fn(session, obs) -> dict``. The dict is the stage's small JSON-safe result.
+    reads, writes : tuple of str
+        Artefact names (`ARTEFACTS`). ``raw`` means the stage starts from the raw frame.
+    scope : {"frame", "session"}
+    heavy : bool
+        The task takes a slot of the heavy Airflow pool (it runs a process pool of CPU work).
+    doc : str
+        One line for the DAG's documentation.
+    """
+
+    name: str
+    adapter: str | Callable
+    reads: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
+    scope: Scope = "frame"
+    heavy: bool = True
+    doc: str = ""
+
+    def function(self) -> Callable:
+        """The adapter function (imported on first use)."""
+        if callable(self.adapter):
+            return self.adapter
+        module, _, name = self.adapter.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
+class StageTable:
+    """An ordered list of stages with the artefacts they exchange."""
+
+    kind: str
+    stages: tuple[Stage, ...]
+    artefacts: Mapping[str, Artefact] = field(default_factory=dict)
+
+    def __post_init__(self):
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            msg = f"stage table {self.kind!r}: duplicate stage names in {names}"
+            raise ValueError(msg)
+        available = {a for a, art in self.artefacts.items() if a == "raw"}
+        for s in self.stages:
+            unknown = [a for a in s.reads + s.writes if a not in self.artefacts]
+            if unknown:
+                msg = f"stage {s.name!r} uses undeclared artefacts {unknown}"
+                raise ValueError(msg)
+            missing = [a for a in s.reads if a not in available]
+            if missing:
+                msg = f"stage {s.name!r} reads {missing}, which no earlier stage writes"
+                raise ValueError(msg)
+            available.update(s.writes)
+
+    # ---- lookup
+    def __iter__(self) -> Iterator[Stage]:
+        return iter(self.stages)
+
+    def __getitem__(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        msg = f"no stage {name!r} in the {self.kind} table (stages: {', '.join(self.names)})"
+        raise KeyError(msg)
+
+    def __contains__(self, name: object) -> bool:
+        return any(s.name == name for s in self.stages)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.stages)
+
+    @property
+    def frame_stages(self) -> tuple[str, ...]:
+        """Names of the per-frame stages, in order."""
+        return tuple(s.name for s in self.stages if s.scope == "frame")
+
+    def index(self, name: str) -> int:
+        return self.names.index(self[name].name)
+
+    def chain(self, names: str | tuple[str, ...] | list[str]) -> tuple[Stage, ...]:
+        """The stages ``names`` (one name or consecutive names of the table), checked."""
+        names = (names,) if isinstance(names, str) else tuple(names)
+        if not names:
+            raise ValueError("no stage given")
+        i0 = self.index(names[0])
+        if names != self.names[i0 : i0 + len(names)]:
+            msg = f"stages must be consecutive in {self.names}, got {names}"
+            raise ValueError(msg)
+        return tuple(self[n] for n in names)
+
+    def read_after(self, name: str) -> set[str]:
+        """Artefacts read by the stages after ``name``."""
+        i = self.index(name)
+        return {a for s in self.stages[i + 1 :] for a in s.reads}
+
+    # ---- extension
+    def with_stage(self, stage: Stage, *, after: str) -> StageTable:
+        """A new table with ``stage`` inserted after the stage ``after``."""
+        i = self.index(after)
+        return replace(self, stages=self.stages[: i + 1] + (stage,) + self.stages[i + 1 :])
+
+    def with_artefact(self, artefact: Artefact) -> StageTable:
+        """A new table that also declares ``artefact`` (its I/O must be registered too)."""
+        return replace(self, artefacts={**self.artefacts, artefact.name: artefact})
+
+
+# --------------------------------------------------------------------------------- artefacts
+ARTEFACTS: dict[str, Artefact] = {
+    a.name: a
+    for a in (
+        Artefact("raw", (), product=False, doc="the raw frame (read only, never written)"),
+        Artefact(
+            "masters",
+            ("masters.json",),
+            product=True,
+            scope="session",
+            doc="master bias/dark/flat used (files under masters/)",
+        ),
+        Artefact("check", ("check.json",), product=True, doc="normalised header (FrameMeta)"),
+        Artefact(
+            "calibrated",
+            ("calibrated.fits",),
+            product=True,
+            doc="float32 image, header + WCS + HISTORY, MASK extension",
+        ),
+        Artefact("background", ("background.fits",), product=False, doc="sky BKG and RMS images"),
+        Artefact("sources", ("sources.ecsv",), product=False, doc="detections"),
+        Artefact(
+            "catalog", ("catalog.ecsv", "catalog.fits"), product=True, doc="photometry catalogue"
+        ),
+    )
+}
+
+_A = "rpp_tasks.session.adapters:"
+
+#: The imaging stages, in the order they run (BANZAI-style ordered list). astrometry writes the WCS
+#: into the calibrated header before photometry computes RA/Dec; zero_point, enrich and transients
+#: update the catalogue and never stop a frame when a service is down.
+IMAGING = StageTable(
+    "imaging",
+    (
+        Stage(
+            "masters",
+            _A + "build_masters",
+            reads=(),
+            writes=("masters",),
+            scope="session",
+            doc="master bias/dark/flat from the session, else the master library",
+        ),
+        Stage(
+            "calibrate",
+            _A + "step_calibrate",
+            reads=("raw", "masters"),
+            writes=("check", "calibrated"),
+            doc="read + check the raw frame, subtract bias/dark, divide by the flat",
+        ),
+        Stage(
+            "cosmics",
+            _A + "step_cosmics",
+            reads=("check", "calibrated"),
+            writes=("calibrated",),
+            doc="cosmic rays (astroscrappy) cleaned and masked",
+        ),
+        Stage(
+            "background",
+            _A + "step_background",
+            reads=("check", "calibrated"),
+            writes=("background",),
+            doc="2-D sky background and RMS",
+        ),
+        Stage(
+            "detect",
+            _A + "step_detect",
+            reads=("check", "calibrated", "background"),
+            writes=("sources",),
+            doc="source detection (SEP / DAOStarFinder)",
+        ),
+        Stage(
+            "astrometry",
+            _A + "step_astrometry",
+            reads=("check", "calibrated", "sources"),
+            writes=("check", "calibrated"),
+            doc="plate solve when needed, WCS refined against Gaia",
+        ),
+        Stage(
+            "photometry",
+            _A + "step_photometry",
+            reads=("check", "calibrated", "background", "sources"),
+            writes=("catalog",),
+            doc="FWHM, aperture and PSF photometry, S/N flags, RA/Dec",
+        ),
+        Stage(
+            "zero_point",
+            _A + "step_zero_point",
+            reads=("check", "calibrated", "catalog"),
+            writes=("catalog",),
+            doc="zero point against Gaia / Pan-STARRS / SkyMapper",
+        ),
+        Stage(
+            "enrich",
+            _A + "step_enrich",
+            reads=("check", "calibrated", "catalog"),
+            writes=("catalog",),
+            doc="SIMBAD, SkyBoT, VSX, Milliquas, Astro-Colibri columns",
+        ),
+        Stage(
+            "transients",
+            _A + "step_transients",
+            reads=("check", "calibrated", "background", "catalog"),
+            writes=(),
+            doc="transient candidates and their cutouts",
+        ),
+    ),
+    ARTEFACTS,
+)
+
+#: Stage tables by instrument kind (``camera.kind`` of the observatory configuration).
+TABLES: dict[str, StageTable] = {"imaging": IMAGING}
+
+
+def table_for(obs) -> StageTable:
+    """The stage table of an observatory (by ``obs.camera.kind``; ``imaging`` by default).
+
+    Raises
+    ------
+    ConfigError
+        No table is registered for the instrument kind.
+    """
+    kind = getattr(getattr(obs, "camera", None), "kind", None) or "imaging"
+    if kind not in TABLES:
+        expected = "an instrument kind with a stage table: " + ", ".join(sorted(TABLES))
+        raise ConfigError(getattr(obs, "source", "") or "<config>", "camera.kind", expected, kind)
+    return TABLES[kind]

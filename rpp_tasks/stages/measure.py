@@ -1,0 +1,176 @@
+"""The photometry stage of one frame: FWHM, ePSF, PSF and aperture photometry, flags, RA/Dec.
+
+`measure_frame` chains the science functions of `rpp_tasks.stages.psf` and
+`rpp_tasks.stages.photometry` over one background-subtracted image and returns the catalogue and
+a small JSON-safe result; the adapter `rpp_tasks.session.adapters.step_photometry` only hands it
+the frame's arrays and configuration.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rpp_tasks import __version__
+from rpp_tasks.exceptions import FrameRejected
+
+__all__ = ["measure_frame", "add_sky_coordinates", "LIMITING_MAG_DEFINITION"]
+
+LIMITING_MAG_DEFINITION = (
+    "5-sigma point source in a 1.3 FWHM aperture from the background RMS, "
+    "instrumental (per second, before zero point)"
+)
+
+
+def measure_frame(
+    data,
+    background,
+    rms,
+    sources,
+    *,
+    mask,
+    header,
+    meta: dict,
+    background_adu: float,
+    background_rms_adu: float,
+    cfg,
+    provenance: dict | None = None,
+    frame: str = "",
+    path: str | None = None,
+):
+    """
+    Measure the catalogue of one calibrated frame.
+
+    Parameters
+    ----------
+    data, background, rms : numpy.ndarray
+        Calibrated image, sky background and sky RMS (ADU).
+    sources : `~astropy.table.Table`
+        Detections (`rpp_tasks.stages.detection.detect_sources`).
+    mask : numpy.ndarray of bool
+    header : `~astropy.io.fits.Header`
+        Gives RA/Dec through its WCS (NaN without a valid one).
+    meta : dict
+        The frame's normalised header (``gain_e_per_adu``, ``exptime_s``, ``saturation_adu``,
+        ``pixel_scale_arcsec``, ``band``).
+    background_adu, background_rms_adu : float
+        Global sky level and RMS (saturation relative to the sky, limiting magnitude).
+    cfg : `~rpp_tasks.config.PhotometryConfig`
+    provenance : dict, optional
+        Added to the catalogue ``meta`` (observatory, config hash).
+    frame : str, optional
+        Frame name (catalogue ``meta``).
+    path : str, optional
+        Raw file, for the rejection.
+
+    Returns
+    -------
+    catalog : `~astropy.table.Table`
+    result : dict
+        FWHM, counts by S/N class, instrumental limiting magnitude, ePSF facts.
+
+    Raises
+    ------
+    FrameRejected
+        The FWHM could not be measured.
+    """
+    from rpp_tasks.stages import photometry, psf
+
+    data_sub = data - background
+    gain, exptime = meta["gain_e_per_adu"], meta["exptime_s"]
+    sat_above_sky = meta["saturation_adu"] - float(background_adu)
+    fwhm = psf.measure_fwhm(data_sub, sources, rms=rms, mask=mask, saturation_adu=sat_above_sky)
+    if not np.isfinite(fwhm.fwhm_px):
+        raise FrameRejected(
+            "FWHM could not be measured (no isolated unsaturated stars)",
+            path=path,
+            stage="photometry",
+        )
+    epsf_info = {}
+    psf_model, epsf = None, None
+    if cfg.psf:
+        epsf = psf.build_epsf(
+            data_sub,
+            sources,
+            fwhm_px=fwhm.fwhm_px,
+            oversampling=cfg.epsf_oversampling,
+            max_stars=cfg.epsf_max_stars,
+            mask=mask,
+            beta=fwhm.beta,
+            saturation_adu=sat_above_sky,
+        )
+        fit = photometry.psf_photometry_with_residual_detection(
+            data_sub, rms, sources, epsf, gain_e_per_adu=gain, exptime_s=exptime, mask=mask
+        )
+        sources, psf_model = fit.table, fit.model
+        epsf_info = {"epsf_n_stars": int(epsf.n_stars), "n_residual_sources": int(fit.n_added)}
+    cat = photometry.aperture_photometry(
+        data_sub,
+        rms,
+        sources,
+        fwhm_px=fwhm.fwhm_px,
+        fixed_radius_px=cfg.fixed_radius_px,
+        annulus_fwhm=cfg.annulus_fwhm,
+        gain_e_per_adu=gain,
+        exptime_s=exptime,
+        mask=mask,
+        psf_model=psf_model,
+        epsf=epsf,
+    )  # neighbours' fitted models subtracted
+    cat = photometry.quality_flags(
+        cat,
+        saturation_adu=meta["saturation_adu"],
+        shape=data.shape,
+        fwhm_px=fwhm.fwhm_px,
+        data=data,
+    )
+    add_sky_coordinates(cat, header)
+    scale = meta.get("pixel_scale_arcsec")
+    r_lim = 1.3 * fwhm.fwhm_px
+    noise = background_rms_adu * np.sqrt(np.pi) * r_lim
+    lim_mag = (
+        float(-2.5 * np.log10(5.0 * noise / exptime)) if exptime and noise > 0 else float("nan")
+    )
+    cat.meta.update(
+        {
+            "rpp_version": __version__,
+            "fwhm_px": float(fwhm.fwhm_px),
+            "exptime_s": exptime,
+            "gain_e_per_adu": gain,
+            **(provenance or {}),
+            "frame": frame,
+            "band": meta.get("band"),
+        }
+    )
+    q = np.asarray(cat["quality"]).astype(str)
+    return cat, {
+        "fwhm_px": float(fwhm.fwhm_px),
+        "fwhm_err_px": float(getattr(fwhm, "fwhm_err_px", np.nan)),
+        "fwhm_arcsec": float(fwhm.fwhm_px * scale) if scale else None,
+        "fwhm_n_stars": int(fwhm.n_stars),
+        "n_sources": len(cat),
+        "n_good": int(np.sum(q == "good")),
+        "n_marginal": int(np.sum(q == "marginal")),
+        "n_poor": int(np.sum(q == "poor")),
+        "limiting_mag_inst": lim_mag,
+        "limiting_mag_definition": LIMITING_MAG_DEFINITION,
+        **epsf_info,
+    }
+
+
+def add_sky_coordinates(cat, header) -> None:
+    """RA/Dec columns from the header WCS when it is valid (NaN otherwise), at the PSF position
+    when fitted, else the centroid."""
+    from rpp_tasks.inputs import fitsio
+
+    check = fitsio.header_wcs(header)
+    ra = np.full(len(cat), np.nan)
+    dec = np.full(len(cat), np.nan)
+    if check.wcs is not None:
+        x = cat["x_psf"] if "x_psf" in cat.colnames else cat["x_centroid"]
+        y = cat["y_psf"] if "y_psf" in cat.colnames else cat["y_centroid"]
+        x = np.where(np.isfinite(x), x, cat["x_centroid"])
+        y = np.where(np.isfinite(y), y, cat["y_centroid"])
+        ra, dec = check.wcs.all_pix2world(np.asarray(x, float), np.asarray(y, float), 0)
+    cat["ra"] = ra
+    cat["dec"] = dec
+    cat.meta["wcs_status"] = check.status
