@@ -27,7 +27,7 @@ SETTLE_SECONDS = float(os.environ.get("RPP_RECONCILE_SETTLE_S", "5"))
 
 def session_rule(obs):
     """The watcher's readiness rule for an observatory configuration."""
-    from rpp_tasks.ops.watch import rule_from_config
+    from rpp_tasks.ops.readiness import rule_from_config
 
     return rule_from_config(obs, settle_seconds=SETTLE_SECONDS)
 

@@ -141,6 +141,8 @@ def cmd_watch(args) -> int:
 
     from rpp_tasks.config import default_config_dir, find_config, load_observatory_configs
     from rpp_tasks.ops import watch
+    from rpp_tasks.ops.airflow_api import AirflowClient
+    from rpp_tasks.ops.readiness import rule_from_config
 
     if args.observatory:
         configs = [find_config(n) for n in args.observatory]
@@ -148,7 +150,7 @@ def cmd_watch(args) -> int:
         configs, errors = load_observatory_configs(default_config_dir(), strict=False)
         for err in errors.values():
             log.error("skipping an observatory: %s", err)
-    trigger = watch.AirflowTrigger.from_env(args.api_url)
+    trigger = AirflowClient.from_env(args.api_url)
     watchers = []
     for obs in configs:
         incoming = obs.resolve_path("incoming")
@@ -157,7 +159,7 @@ def cmd_watch(args) -> int:
             obs.name,
             incoming,
             obs.dag_id,
-            watch.rule_from_config(obs),
+            rule_from_config(obs),
             obs.resolve_path("work") / "watch_state.json",
             trigger,
             use_polling=obs.session.use_polling,
