@@ -39,7 +39,6 @@ HEAVY = {
     "astropy",
     "photutils",
     "sep",
-    "stdpipe",
     "astroscrappy",
     "matplotlib",
     "astroquery",
