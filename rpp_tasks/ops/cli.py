@@ -152,6 +152,7 @@ def cmd_watch(args) -> int:
             log.error("skipping an observatory: %s", err)
     trigger = AirflowClient.from_env(args.api_url)
     watchers = []
+    rc = 0
     for obs in configs:
         incoming = obs.resolve_path("incoming")
         incoming.mkdir(parents=True, exist_ok=True)
@@ -165,12 +166,15 @@ def cmd_watch(args) -> int:
             use_polling=obs.session.use_polling,
             unpause=args.unpause,
         )
-        if args.once:
-            w.run_once()
-            time.sleep(obs.session.settle_seconds)
-            w.run_once()
+        try:
+            if args.once:
+                rc = max(rc, 0 if w.scan_once() else 1)  # 1: a trigger is still queued
+                continue
+            w.start()
+        except watch.WatcherLocked as exc:
+            log.error("%s", exc)
+            rc = 3
             continue
-        w.start()
         watchers.append(w)
         log.info(
             "watching %s (%s rule, %s) -> DAG %s",
@@ -179,15 +183,15 @@ def cmd_watch(args) -> int:
             "polling" if obs.session.use_polling else "inotify",
             obs.dag_id,
         )
-    if args.once:
-        return 0
+    if args.once or not watchers:
+        return rc
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     done.wait()
     for w in watchers:
         w.stop()
-    return 0
+    return rc
 
 
 def cmd_config(args) -> int:

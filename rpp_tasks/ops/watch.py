@@ -9,26 +9,23 @@ small JSON state file (`WatchState`) written atomically, and queued with a bound
 backoff while the API is down, so a restart never triggers a session twice and a pending trigger
 survives a restart. When a session is ready is decided by `rpp_tasks.ops.readiness`.
 
-`find_ready_untriggered` is the reconcile DAG's safety net; `watch_main` the config-free command
-line. The module never imports Airflow.
+`find_ready_untriggered` is the reconcile DAG's safety net; ``rpp watch`` (`rpp_tasks.ops.cli`)
+runs one watcher per configured observatory. The module never imports Airflow.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime as dt
 import json
 import logging
 import os
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rpp_tasks.exceptions import ConfigError, RppError
-from rpp_tasks.ops.airflow_api import AirflowClient
 from rpp_tasks.ops.readiness import (
     SessionCandidate,
     SessionRule,
@@ -44,7 +41,6 @@ __all__ = [
     "SessionWatcher",
     "WatcherLocked",
     "find_ready_untriggered",
-    "watch_main",
 ]
 
 log = logging.getLogger(__name__)
@@ -294,6 +290,22 @@ class SessionWatcher:
         """Block until `stop` is called (from a signal handler or another thread)."""
         while not self._stop.wait(1.0):
             pass
+
+    def scan_once(self) -> bool:
+        """Catch up without watching (``rpp watch --once``): lock the state file, scan twice
+        ``rule.settle_seconds`` apart, deliver what is ready, release the lock.
+
+        Returns True when no trigger is left queued. Raises `WatcherLocked` while a running
+        watcher holds the state file.
+        """
+        self._acquire_lock()
+        try:
+            self.run_once()
+            time.sleep(self.rule.settle_seconds)
+            self.run_once()
+        finally:
+            self._release_lock()
+        return not self.state.pending()
 
     def _acquire_lock(self):
         import fcntl
@@ -612,92 +624,3 @@ class SessionWatcher:
                 self._wake.clear()
                 # coalesce a burst of events (a file copied in many writes)
                 self._stop.wait(0.05)
-
-
-# --------------------------------------------------------------------------------------------
-# Command line (wired into ``rpp watch`` by rpp_tasks.ops.cli)
-# --------------------------------------------------------------------------------------------
-
-
-def watch_main(argv=None) -> int:
-    """
-    ``rpp watch`` without a config file: watch one incoming folder until SIGINT / SIGTERM.
-
-    Credentials come from the environment only (``RPP_AIRFLOW_API_URL``, ``RPP_AIRFLOW_USER``,
-    ``RPP_AIRFLOW_PASSWORD`` or ``RPP_AIRFLOW_TOKEN``), never from the command line.
-    """
-    p = argparse.ArgumentParser(prog="rpp watch", description=watch_main.__doc__.split("\n")[1])
-    p.add_argument("--observatory", required=True)
-    p.add_argument("--incoming", required=True, help="the observatory's incoming folder")
-    p.add_argument("--state", required=True, help="state file, e.g. <work>/watch_state.json")
-    p.add_argument("--dag-id", help="default rpp_<observatory>")
-    p.add_argument("--rule", choices=("quiet", "marker", "twospot"), default="quiet")
-    p.add_argument("--quiet-seconds", type=float, default=600.0)
-    p.add_argument("--settle-seconds", type=float, default=5.0)
-    p.add_argument("--marker-file")
-    p.add_argument("--twospot-obs-file", default="last_obs.yaml")
-    p.add_argument("--no-trust-mtime", action="store_true")
-    p.add_argument("--polling", action="store_true", help="polling observer (network mounts)")
-    p.add_argument("--rescan-s", type=float, default=60.0)
-    p.add_argument("--unpause", action="store_true", help="unpause the DAG at the first trigger")
-    p.add_argument(
-        "--once",
-        action="store_true",
-        help="scan twice (settle time apart), trigger what is ready, exit",
-    )
-    p.add_argument("--api-url", help="default $RPP_AIRFLOW_API_URL or http://localhost:8080")
-    p.add_argument("-v", "--verbose", action="store_true")
-    args = p.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.DEBUG if args.verbose else logging.INFO,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
-    try:
-        rule = SessionRule(
-            kind=args.rule,
-            quiet_seconds=args.quiet_seconds,
-            marker_file=args.marker_file,
-            twospot_obs_file=args.twospot_obs_file,
-            settle_seconds=args.settle_seconds,
-            trust_mtime=not args.no_trust_mtime,
-        )
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
-    trigger = AirflowClient.from_env(args.api_url)
-    watcher = SessionWatcher(
-        args.observatory,
-        args.incoming,
-        args.dag_id or f"rpp_{args.observatory}",
-        rule,
-        args.state,
-        trigger,
-        use_polling=args.polling,
-        rescan_s=args.rescan_s,
-        unpause=args.unpause,
-    )
-    if args.once:
-        watcher._acquire_lock()
-        try:
-            watcher.run_once()
-            time.sleep(rule.settle_seconds)
-            watcher.run_once()
-        finally:
-            watcher._release_lock()
-        return 1 if watcher.state.pending() else 0
-    try:
-        watcher.start()
-    except WatcherLocked as exc:
-        log.error("%s", exc)
-        return 3
-
-    def _stop(signum, _frame):
-        log.info("signal %d: stopping the watcher", signum)
-        watcher._stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _stop)
-    watcher.wait()
-    watcher.stop()
-    return 0

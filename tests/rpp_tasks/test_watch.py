@@ -33,9 +33,9 @@ from rpp_tasks.ops.watch import (
     WatcherLocked,
     WatchState,
     find_ready_untriggered,
-    watch_main,
 )
 
+REPO = Path(__file__).resolve().parents[2]
 USER, PASSWORD = "rpp", "s3cret-pw"
 FITS_BLOCK = b"SIMPLE  =                    T" + b" " * 50 + b"\0" * 2800  # 2880 bytes
 
@@ -833,26 +833,29 @@ def test_missing_incoming_folder_is_waited_for(tmp_path, airflow):
         w.stop()
 
 
-def test_watch_main_once(tmp_path, airflow, monkeypatch):
-    _write_session(tmp_path / "incoming", "2024-07-30")
+def test_rpp_watch_once(tmp_path, airflow, monkeypatch):
+    """``rpp watch -o demo --once``: the configured observatory's incoming folder is scanned
+    twice, the ready session triggered, exit 0; a second watcher on the same state is refused."""
+    from rpp_tasks.ops import cli
+
+    cfg = tmp_path / "config"
+    (cfg / "observatories").mkdir(parents=True)
+    (cfg / "defaults.yaml").write_text((REPO / "config" / "defaults.yaml").read_text())
+    demo = (REPO / "config" / "observatories" / "demo.yaml").read_text()
+    demo = demo.replace("quiet_seconds: 30", "quiet_seconds: 0.2\n  settle_seconds: 0.2")
+    (cfg / "observatories" / "demo.yaml").write_text(demo)
+    monkeypatch.setenv("RPP_CONFIG_DIR", str(cfg))
+    monkeypatch.setenv("RPP_DATA_ROOT", str(tmp_path))
+    _write_session(tmp_path / "data" / "incoming" / "demo", "2024-07-30")
     time.sleep(0.3)
     monkeypatch.setenv("RPP_AIRFLOW_API_URL", airflow.url)
     monkeypatch.setenv("RPP_AIRFLOW_USER", USER)
     monkeypatch.setenv("RPP_AIRFLOW_PASSWORD", PASSWORD)
-    rc = watch_main(
-        [
-            "--observatory",
-            "demo",
-            "--incoming",
-            str(tmp_path / "incoming"),
-            "--state",
-            str(tmp_path / "state.json"),
-            "--quiet-seconds",
-            "0.2",
-            "--settle-seconds",
-            "0.2",
-            "--once",
-        ]
-    )
+    rc = cli.main(["watch", "-o", "demo", "--once"])
     assert rc == 0
     assert list(airflow.runs) == [("rpp_demo", "session__2024-07-30")]
+    state_path = tmp_path / "data" / "work" / "demo" / "watch_state.json"
+    assert WatchState.load(state_path).sessions["2024-07-30"]["confirmed"] is True
+    incoming = tmp_path / "data" / "incoming" / "demo"
+    with SessionWatcher("demo", incoming, "rpp_demo", SessionRule(), state_path, _trigger(airflow)):
+        assert cli.main(["watch", "-o", "demo", "--once"]) == 3  # the running one holds the lock
