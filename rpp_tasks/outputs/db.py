@@ -12,10 +12,11 @@ with delete + insert. Stage runs are appended.
 Backends are SQLite (the default, one file per installation, see `default_results_url`) and
 PostgreSQL (``postgresql://user@host/db``), opened by `rpp_tasks.outputs.sql.make_engine`: for
 SQLite the connection uses WAL journaling, a busy timeout and ``BEGIN IMMEDIATE`` for writes, so
-that several processes (e.g. Airflow tasks of one session) can write at the same time. Timestamps are timezone-aware and stored as UTC; they come
-back as aware `datetime` objects in UTC on both backends. JSON columns use the portable SQLAlchemy
-``JSON`` type (``JSONB`` on PostgreSQL); NaN and infinities are stored as SQL ``NULL`` / JSON
-``null`` so that both backends hold the same values.
+that several processes (e.g. Airflow tasks of one session) can write at the same time.
+Timestamps are timezone-aware and stored as UTC; they come back as aware `datetime` objects in UTC
+on both backends. JSON columns use the portable SQLAlchemy ``JSON`` type (``JSONB`` on
+PostgreSQL); NaN and infinities are stored as SQL ``NULL`` / JSON ``null`` so that both backends
+hold the same values.
 
 This module imports only SQLAlchemy and the standard library: Airflow tasks may import it, and it
 never imports Airflow.
