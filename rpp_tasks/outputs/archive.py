@@ -127,18 +127,10 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 
 
 def _engine(url):
-    """SQLAlchemy engine for a URL (``postgres://`` Airflow URIs and bare SQLite paths accepted)."""
-    from sqlalchemy import create_engine
-    from sqlalchemy.pool import NullPool
+    """One-shot engine (no pool) for a URL: `rpp_tasks.outputs.sql.make_engine`."""
+    from rpp_tasks.outputs.sql import make_engine
 
-    text = str(url)
-    if "://" not in text:
-        text = f"sqlite:///{Path(text).expanduser().resolve()}"
-    if text.startswith("postgres://"):
-        text = "postgresql://" + text[len("postgres://") :]
-    if text.startswith("postgresql://"):
-        text = "postgresql+psycopg2://" + text[len("postgresql://") :]
-    return create_engine(text, poolclass=NullPool)
+    return make_engine(url, one_shot=True)
 
 
 def _table_name(table, dialect) -> str:

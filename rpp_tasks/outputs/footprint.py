@@ -297,7 +297,7 @@ def celestial_footprint(header, *, shape=None, points_per_side=None) -> Footprin
     -------
     footprint : `Footprint` or None
         None when there is no usable celestial WCS (absent, rejected by
-        `rpp_tasks.inputs.fitsio.header_wcs` -- e.g. no CDELT/CD scale, singular matrix, pixel scale
+        `rpp_tasks.inputs.wcs.header_wcs` -- e.g. no CDELT/CD scale, singular matrix, pixel scale
         above 1800"/px --, not 2-D, non-finite corners, or a field larger than 90 deg): never a
         guessed footprint.
     """
@@ -312,7 +312,7 @@ def celestial_footprint(header, *, shape=None, points_per_side=None) -> Footprin
     # The pipeline's own WCS check first (the one the astrometry stage uses): it rejects what
     # astropy would silently accept, e.g. a pointing-only CTYPE/CRVAL/CRPIX header without
     # CDELT/CD, which astropy reads as 1 deg/px (a 40x30 px frame would get a 47 deg footprint).
-    from rpp_tasks.inputs.fitsio import header_wcs
+    from rpp_tasks.inputs.wcs import header_wcs
 
     check_h = h.copy()
     if "NAXIS1" not in check_h or "NAXIS2" not in check_h:

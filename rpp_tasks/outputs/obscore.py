@@ -3,7 +3,7 @@
 A row is built from the product's FITS header (its WCS gives the footprint, through
 `rpp_tasks.outputs.footprint`) and, for the pipeline's own frames, from the normalised header facts
 of the frame summary (``meta``: time, exposure, pointing, band, target, telescope, instrument),
-which win over the header: the archive never re-parses what `rpp_tasks.inputs.fitsio` normalised.
+which win over the header: the archive never re-parses what `rpp_tasks.inputs.header` normalised.
 Wavelengths come from `rpp_tasks.outputs.bandpasses` or a 1-D spectral WCS; the publisher DID is
 stable across re-processing.
 """
@@ -354,7 +354,7 @@ def to_obscore_row(
     o_ucd, preview, session_id : str, optional
         ``o_ucd`` (default from ``BUNIT``), preview URL, and the reduction session id.
     meta : FrameMeta, frame summary or dict, optional
-        Normalised header facts (`rpp_tasks.inputs.fitsio.normalize_header`): ``mjd_obs``,
+        Normalised header facts (`rpp_tasks.inputs.header.normalize_header`): ``mjd_obs``,
         ``date_obs``, ``exptime_s``, ``band``, ``object``, ``ra_deg``, ``dec_deg`` win over the
         header (never re-parsed); ``telescope`` and ``instrument`` are used where the header lacks
         them. The header's own ``DATE-OBS`` string still names the default ``obs_id`` (a stable

@@ -86,15 +86,16 @@ def masters_brief(masters: dict) -> dict:
 # =============================================================================== frame scope
 def read_raw(path, obs) -> tuple:
     """``(data, header, meta)`` of a raw frame: Bayer -> luminance, MEF amplifiers mosaicked,
-    header normalised (`~rpp_tasks.inputs.fitsio.FrameMeta` as a dict, with the reading notes).
+    header normalised (`~rpp_tasks.inputs.header.FrameMeta` as a dict, with the reading notes).
 
     Raises `FrameRejected` with a clear reason (unreadable file, missing EXPTIME, constant image...).
     """
-    from rpp_tasks.inputs import fitsio
+    from rpp_tasks.inputs.header import normalize_header, normalize_kwargs_from_config
+    from rpp_tasks.inputs.reader import read_frame
 
-    raw = fitsio.read_frame(path, bayer_pattern=obs.camera.bayer_pattern)
-    meta = fitsio.normalize_header(
-        raw.header, path=str(path), **fitsio.normalize_kwargs_from_config(obs)
+    raw = read_frame(path, bayer_pattern=obs.camera.bayer_pattern)
+    meta = normalize_header(
+        raw.header, path=str(path), **normalize_kwargs_from_config(obs)
     ).to_dict()
     meta["notes"] = list(raw.notes)
     return raw.data, raw.header, meta
@@ -331,9 +332,9 @@ def reference_for_band(obs, band: str | None) -> tuple[str, str]:
 
 
 def _field_cone(header, shape):
-    from rpp_tasks.inputs import fitsio
+    from rpp_tasks.inputs.wcs import header_wcs
 
-    chk = fitsio.header_wcs(header)
+    chk = header_wcs(header)
     if chk.wcs is None:
         return None
     ny, nx = shape
@@ -368,7 +369,7 @@ def _mid_mjd(meta):
 @_guarded("astrometry")
 def step_astrometry(fw, obs) -> dict:
     """Plate solve when needed, refine against Gaia; the WCS goes into ``fw.header``."""
-    from rpp_tasks.inputs import fitsio
+    from rpp_tasks.inputs.wcs import header_wcs
     from rpp_tasks.stages import astrometry
 
     cfg = obs.stages.astrometry
@@ -384,7 +385,7 @@ def step_astrometry(fw, obs) -> dict:
         frame=fw.stem,
     )
     write_json_atomic(fw.outdir / "astrometry.json", res.to_dict())
-    chk = fitsio.header_wcs(fw.header)
+    chk = header_wcs(fw.header)
     if chk.pixel_scale_arcsec:
         fw.meta["pixel_scale_arcsec"] = chk.pixel_scale_arcsec
     fw.meta["wcs_status"] = chk.status

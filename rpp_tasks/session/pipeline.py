@@ -40,7 +40,7 @@ FRAME_STAGES = IMAGING.frame_stages
 
 def frame_stem(path) -> str:
     """Name of a frame's folder (``frames/<stem>``) for its raw file."""
-    from rpp_tasks.inputs.fitsio import frame_stem as _stem
+    from rpp_tasks.inputs.header import frame_stem as _stem
 
     return _stem(Path(path))
 

@@ -160,9 +160,9 @@ def measure_frame(
 def add_sky_coordinates(cat, header) -> None:
     """RA/Dec columns from the header WCS when it is valid (NaN otherwise), at the PSF position
     when fitted, else the centroid."""
-    from rpp_tasks.inputs import fitsio
+    from rpp_tasks.inputs.wcs import header_wcs
 
-    check = fitsio.header_wcs(header)
+    check = header_wcs(header)
     ra = np.full(len(cat), np.nan)
     dec = np.full(len(cat), np.nan)
     if check.wcs is not None:

@@ -47,7 +47,7 @@ def test_shipped_configs_load_and_merge_defaults():
 def test_filter_aliases_are_case_insensitive_with_default_band():
     from astropy.io import fits
 
-    from rpp_tasks.inputs import fitsio
+    from rpp_tasks.inputs.header import normalize_header, normalize_kwargs_from_config
 
     obs = find_config("demo", REPO / "config")
 
@@ -55,8 +55,8 @@ def test_filter_aliases_are_case_insensitive_with_default_band():
         hdr = fits.Header({"DATE-OBS": "2025-01-15T20:00:00", "EXPTIME": 10.0})
         if filter_raw is not None:
             hdr["FILTER"] = filter_raw
-        kwargs = fitsio.normalize_kwargs_from_config(obs)
-        return fitsio.normalize_header(hdr, required=(), **kwargs).band
+        kwargs = normalize_kwargs_from_config(obs)
+        return normalize_header(hdr, required=(), **kwargs).band
 
     assert band_for("johnson v") == "V"
     assert band_for("LUM") == "Clear"
