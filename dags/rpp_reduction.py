@@ -41,7 +41,7 @@ DEFAULT_ARGS = {
 
 
 def dag_id_for_stem(stem: str) -> str:
-    """DAG id of a config file stem (also for a broken file whose ``observatory`` key is unusable)."""
+    """DAG id of a config file stem (also of a broken file whose ``observatory`` is unusable)."""
     return "rpp_" + (re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("_") or "unnamed")
 
 
@@ -224,7 +224,8 @@ def build_config_error_dag(stem: str, source: str, error: ConfigError | Exceptio
         tags=["rpp", stem, "config-error"],
         default_args={"owner": "rpp", "retries": 0, "on_failure_callback": on_failure},
         doc_md=f"### Configuration error in `{source}`\n\n```\n{text}\n```\n\n"
-        "Fix the YAML (`rpp config` validates it); the real DAG replaces this one at the next parse.",
+        "Fix the YAML (`rpp config` validates it); the real DAG replaces this one at the next "
+        "parse.",
         params={
             "session_dir": Param("", type="string"),
             "session_id": Param(None, type=["null", "string"]),

@@ -3,7 +3,8 @@
 Adds a **Night reports** entry to the UI's *Browse* menu. It opens the index of every reduced
 session of every observatory (newest first: frames reduced and rejected, median FWHM and zero point,
 transient candidates) with links to each session's HTML report, its products ZIP and the Airflow run
-that made it. Every DAG run also gets a **Night report** tab showing the report of its session. The page and the files are served by a small FastAPI app mounted on Airflow's own API
+that made it. Every DAG run also gets a **Night report** tab showing the report of its session.
+The page and the files are served by a small FastAPI app mounted on Airflow's own API
 server at ``/rpp-reports/``; they need an Airflow login (the same session cookie or bearer token as
 the rest of the UI).
 
@@ -34,7 +35,7 @@ def _authenticated():
 
 
 def create_app(*, auth_dependency=None) -> FastAPI:
-    """The FastAPI app of the plugin (``auth_dependency`` replaces Airflow's login check in tests)."""
+    """The FastAPI app of the plugin (``auth_dependency`` replaces Airflow's login in tests)."""
     from rpp_tasks.outputs import browse
 
     app = FastAPI(
@@ -57,7 +58,9 @@ def create_app(*, auth_dependency=None) -> FastAPI:
         e = browse.session_for_run(_configs(), dag_id, run_id)
         if e is None or not e.has_report:
             return HTMLResponse(
-                "<p style='font-family: sans-serif'>No night report for this run yet: it is written by the "
+                "<p style='font-family: sans-serif'>No night report for this run yet: it is "
+                "written "
+                "by the "
                 "<code>products</code> task. <a href='../../'>All night reports</a></p>",
                 status_code=404,
             )

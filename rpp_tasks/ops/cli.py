@@ -1,7 +1,7 @@
 """``rpp`` command line.
 
 rpp reduce PATH --observatory NAME    reduce one frame or a session folder without Airflow
-rpp demo                              write a synthetic session for the demo observatory and reduce it
+rpp demo                              write a synthetic session for the demo observatory, reduce it
 rpp config [NAME]                     validate observatory configurations and print a summary
 """
 
@@ -27,7 +27,8 @@ def _setup_logging(verbose: int) -> None:
         stream=sys.stderr,
     )
     if verbose < 2:
-        import astropy  # noqa: F401  astropy installs its own Logger class: import it before touching its logger
+        # astropy installs its own Logger class: import it before touching its logger
+        import astropy  # noqa: F401
 
         for noisy in ("astropy", "matplotlib", "PIL"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -121,7 +122,7 @@ def cmd_up(args, rest) -> int:
 
 
 def cmd_watch(args) -> int:
-    """Watch every configured observatory's incoming folder (or the named ones) and trigger its DAG."""
+    """Watch every configured observatory's incoming folder (or the named ones), trigger its DAG."""
     import signal
     import threading
 

@@ -281,7 +281,8 @@ def upsert_obscore(rows, url, *, table=DEFAULT_TABLE) -> UpsertResult:
                 n_ins += inserted
                 n_upd += not inserted
     except (ProgrammingError, OperationalError) as exc:
-        msg = f"archive: upsert into {name} ({dialect}) failed: {exc.orig if hasattr(exc, 'orig') else exc}"
+        cause = exc.orig if hasattr(exc, "orig") else exc
+        msg = f"archive: upsert into {name} ({dialect}) failed: {cause}"
         raise RppError(msg) from exc
     finally:
         engine.dispose()

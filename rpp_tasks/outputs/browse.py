@@ -95,7 +95,8 @@ def session_index(configs, *, limit: int | None = 500) -> list[SessionEntry]:
     Returns
     -------
     list of `SessionEntry`
-        Sessions are the folders ``<paths.work>/<session_id>/`` that hold a ``session_summary.json``;
+        Sessions are the folders ``<paths.work>/<session_id>/`` that hold a
+        ``session_summary.json``;
         an unreadable summary is skipped with a warning, never an error.
     """
     out = []
@@ -135,11 +136,9 @@ def render_index_html(
             else "<i>no report</i>"
         )
         zip_link = f" · <a href='{base}{quote(e.products_zip)}'>ZIP</a>" if e.products_zip else ""
-        run = (
-            f"<a target='_top' href='{airflow_base}dags/{quote(e.dag_id)}/runs/{quote(e.run_id)}'>run</a>"
-            if e.run_id
-            else ""
-        )
+        run_url = f"{airflow_base}dags/{quote(e.dag_id)}/runs/{quote(e.run_id or '')}"
+        run = f"<a target='_top' href='{run_url}'>run</a>" if e.run_id else ""
+        updated = e.updated_utc.replace("T", " ").removesuffix("+00:00")
         status = (
             "ok"
             if e.n_rejected == 0 and e.n_ok == e.n_science
@@ -148,9 +147,11 @@ def render_index_html(
         rows.append(
             f"<tr class='{status}'><td>{esc(e.observatory)}</td><td>{esc(e.session_id)}</td>"
             f"<td>{esc(e.night or '–')}</td><td class='n'>{e.n_ok}/{e.n_science}</td>"
-            f"<td class='n'>{e.n_rejected}</td><td class='n'>{_fmt(e.median_fwhm_arcsec, '.2f')}</td>"
-            f"<td class='n'>{_fmt(e.median_zp_mag, '.3f')}</td><td class='n'>{e.n_transient_candidates}</td>"
-            f"<td>{report}{zip_link}</td><td>{run}</td><td>{esc(e.updated_utc.replace('T', ' ').removesuffix('+00:00'))}</td></tr>"
+            f"<td class='n'>{e.n_rejected}</td>"
+            f"<td class='n'>{_fmt(e.median_fwhm_arcsec, '.2f')}</td>"
+            f"<td class='n'>{_fmt(e.median_zp_mag, '.3f')}</td>"
+            f"<td class='n'>{e.n_transient_candidates}</td>"
+            f"<td>{report}{zip_link}</td><td>{run}</td><td>{esc(updated)}</td></tr>"
         )
     body = (
         "\n".join(rows)
@@ -173,10 +174,12 @@ tr.failed td:first-child {{ border-left: 4px solid #c00; }}
 tr.ok td:first-child {{ border-left: 4px solid #2a2; }}
 </style></head><body>
 <h1>{esc(title)}</h1>
-<p>{len(entries)} session(s), most recent first. FWHM and zero point are medians over the reduced frames;
-the zero point is in magnitudes for 1 ADU/s.</p>
-<table><thead><tr><th>observatory</th><th>session</th><th>night</th><th>frames ok</th><th>rejected</th>
-<th>FWHM ″</th><th>ZP mag</th><th>transient cand.</th><th>products</th><th>Airflow</th><th>updated (UTC)</th></tr></thead>
+<p>{len(entries)} session(s), most recent first. FWHM and zero point are medians over the reduced
+frames; the zero point is in magnitudes for 1 ADU/s; the night is the local night of the first
+frame.</p>
+<table><thead><tr><th>observatory</th><th>session</th><th>night</th><th>frames ok</th>
+<th>rejected</th><th>FWHM ″</th><th>ZP mag</th><th>transient cand.</th><th>products</th>
+<th>Airflow</th><th>updated (UTC)</th></tr></thead>
 <tbody>
 {body}
 </tbody></table></body></html>

@@ -57,7 +57,7 @@ _BOT_TOKEN = re.compile(r"\b\d{5,}:[A-Za-z0-9_-]{20,}\b")
 
 
 class NotificationError(RppError):
-    """Raised by the DAG's notify task when a notification could not be delivered (already recorded)."""
+    """Raised by the DAG's notify task when a notification could not be delivered (recorded)."""
 
 
 # =============================================================================== settings
@@ -88,7 +88,7 @@ class SmtpSettings:
 
 @dataclass(frozen=True)
 class TelegramSettings:
-    """Bot API access (filled by the DAG from an Airflow connection). ``token`` is left out of ``repr``."""
+    """Bot API access (filled from an Airflow connection); ``token`` is not in ``repr``."""
 
     token: str = field(repr=False)
     chat_id: str = ""
@@ -110,7 +110,7 @@ class TelegramSettings:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Bounded retries: ``attempts`` tries in all, waits ``backoff_s * factor**k`` (capped) in between."""
+    """Bounded retries: ``attempts`` tries in all, waits ``backoff_s * factor**k`` (capped)."""
 
     attempts: int = 3
     backoff_s: float = 2.0

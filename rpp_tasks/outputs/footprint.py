@@ -369,7 +369,8 @@ def celestial_footprint(header, *, shape=None, points_per_side=None) -> Footprin
     if radesys in ("FK5", "FK4", "FK4-NO-E"):
         from astropy.coordinates import FK4, FK5, SkyCoord
 
-        equinox = f"{'J' if radesys == 'FK5' else 'B'}{float(h.get('EQUINOX', 2000.0 if radesys == 'FK5' else 1950.0))}"
+        fk5 = radesys == "FK5"
+        equinox = f"{'J' if fk5 else 'B'}{float(h.get('EQUINOX', 2000.0 if fk5 else 1950.0))}"
         frame = FK5(equinox=equinox) if radesys == "FK5" else FK4(equinox=equinox)
         icrs = SkyCoord(ra, dec, unit="deg", frame=frame).icrs
         ra, dec = icrs.ra.deg, icrs.dec.deg

@@ -150,7 +150,8 @@ def compose_session_email(
     rej = ""
     if s["rejected"]:
         items = "".join(
-            f"<li><b>{html.escape(str(f.get('frame')))}</b>: {html.escape(str(f.get('failed_stage') or ''))}"
+            f"<li><b>{html.escape(str(f.get('frame')))}</b>: "
+            f"{html.escape(str(f.get('failed_stage') or ''))}"
             f" — {html.escape(str(f.get('reason') or 'no reason recorded'))}</li>"
             for f in s["rejected"][:20]
         )
@@ -170,16 +171,19 @@ def compose_session_email(
             f"Products ZIP on the pipeline host: <code>{html.escape(str(products_path))}</code>"
         )
     img = (
-        f"<p><img src='cid:{inline_cid}' alt='night trends' style='max-width:100%;border:1px solid #e3e7ee'></p>"
+        f"<p><img src='cid:{inline_cid}' alt='night trends' "
+        "style='max-width:100%;border:1px solid #e3e7ee'></p>"
         if inline_cid
         else ""
     )
-    html_body = f"""<html><body style="font-family:Segoe UI,Roboto,Helvetica,Arial,sans-serif;color:#1d2430">
+    font = "font-family:Segoe UI,Roboto,Helvetica,Arial,sans-serif;color:#1d2430"
+    version = html.escape(str(summary.rpp_version or ""))
+    html_body = f"""<html><body style="{font}">
 <h2 style="color:#283593;margin-bottom:4px">{html.escape(name)} — night {html.escape(str(sid))}</h2>
 <table style="border-collapse:collapse;font-size:14px">{table}</table>
 {rej}{img}
 <p style="font-size:13px">{attached}{" · ".join(links)}</p>
-<p style="font-size:12px;color:#5b6575">Sent by the RPP nightly pipeline (rpp_tasks {html.escape(str(summary.rpp_version or ""))}).</p>
+<p style="font-size:12px;color:#5b6575">Sent by the RPP nightly pipeline (rpp_tasks {version}).</p>
 </body></html>"""
     text_lines = [f"{name} — night {sid}", ""] + [f"{k}: {v}" for k, v in rows]
     if s["rejected"]:
@@ -216,10 +220,12 @@ def compose_session_telegram(
     lim, lim_kind = s["limit"]
     lines = [
         f"\U0001f52d <b>{e(name)}</b> — night {e(str(sid))}",
-        f"{icon} {s['n_ok']}/{s['n_science']} frames reduced · FWHM {fwhm} · sky {_f(s['sky_adu'], '{:.0f}')} ADU",
+        f"{icon} {s['n_ok']}/{s['n_science']} frames reduced · FWHM {fwhm} · "
+        f"sky {_f(s['sky_adu'], '{:.0f}')} ADU",
         f"Objects: {e(', '.join(s['objects']) or '—')} · bands: {e(', '.join(s['bands']) or '—')}",
         f"Deepest 5σ limit: {_f(lim)} ({lim_kind})" if lim is not None else "Limiting magnitude: —",
-        f"Transient candidates: {n_candidates if n_candidates is not None else 'not available yet'}",
+        "Transient candidates: "
+        + (str(n_candidates) if n_candidates is not None else "not available yet"),
     ]
     for f in s["rejected"][:5]:
         lines.append(f"\u274c {e(str(f.get('frame')))}: {e(str(f.get('reason') or '?'))}")
@@ -243,7 +249,8 @@ def compose_failure_alert(info: Mapping[str, Any]) -> tuple[str, str, str, str]:
     ----------
     info : mapping
         ``dag_id``, ``task_id``, ``run_id``, ``try_number``, ``max_tries``, ``observatory``,
-        ``session_id``, ``session_dir``, ``error``, ``log_url``, ``at`` (the DAG's ``failure_info``).
+        ``session_id``, ``session_dir``, ``error``, ``log_url``, ``at``
+        (`rpp_tasks.session.connections.failure_info`).
     """
     e = html.escape
     dag, task = info.get("dag_id") or "?", info.get("task_id")
@@ -279,20 +286,24 @@ def compose_failure_alert(info: Mapping[str, Any]) -> tuple[str, str, str, str]:
     td = "padding:4px 12px;border-bottom:1px solid #e3e7ee;vertical-align:top"
     table = "".join(
         f"<tr><td style='{td};color:#5b6575'>{e(k)}</td><td style='{td}'>"
-        f"{'<pre style=margin:0;white-space:pre-wrap>' + e(v) + '</pre>' if k == 'error' else e(v)}</td></tr>"
+        + (f"<pre style=margin:0;white-space:pre-wrap>{e(v)}</pre>" if k == "error" else e(v))
+        + "</td></tr>"
         for k, v in rows
     )
     link = (
-        f"<p><a href='{e(log_url)}'>Open the task log</a><br><span style='font-size:12px;color:#5b6575'>"
+        f"<p><a href='{e(log_url)}'>Open the task log</a><br>"
+        "<span style='font-size:12px;color:#5b6575'>"
         f"{e(log_url)}</span></p>"
         if log_url
         else "<p>(no log link available)</p>"
     )
     html_body = (
         f"<html><body style='font-family:Segoe UI,Roboto,Helvetica,Arial,sans-serif'>"
-        f"<h2 style='color:#c62828'>{e(subject)}</h2><table style='border-collapse:collapse;font-size:14px'>"
+        f"<h2 style='color:#c62828'>{e(subject)}</h2>"
+        "<table style='border-collapse:collapse;font-size:14px'>"
         f"{table}</table>{link}<p style='font-size:12px;color:#5b6575'>Products of the session's "
-        f"other frames and tasks are kept; clear the failed task in Airflow to retry it.</p></body></html>"
+        "other frames and tasks are kept; clear the failed task in Airflow to retry it.</p>"
+        "</body></html>"
     )
     text = "\n".join(
         [subject, ""] + [f"{k}: {v}" for k, v in rows] + ([f"log: {log_url}"] if log_url else [])
@@ -559,7 +570,8 @@ def notify_failure(
     Telegram via the operators' settings). Never raises.
 
     The notices are appended to ``<paths.work>/<session_id>/notify.json`` when that session folder
-    exists, else to ``<paths.work>/notify.json``; their ``run_key`` is ``run_id|task_id|try_number``,
+    exists, else to ``<paths.work>/notify.json``; their ``run_key`` is
+    ``run_id|task_id|try_number``,
     and a failure already alerted on a channel (the task's callback and the run's callback report
     the same failure) is not sent again.
 

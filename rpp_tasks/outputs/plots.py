@@ -92,7 +92,7 @@ def _col(table, name: str):
 
 
 def _has_calibrated(table) -> bool:
-    """True when the catalogue has finite calibrated magnitudes (``mag_cal_*`` of the zero-point stage)."""
+    """True when the catalogue has finite calibrated magnitudes (``mag_cal_*``)."""
     for t in ("psf", "1p3fwhm"):
         v = _col(table, C.mag(t, calibrated=True))
         if v is not None and np.isfinite(v).any():
@@ -556,8 +556,9 @@ def plot_night_trends(
     Parameters
     ----------
     frames : sequence of mapping
-        Frame summaries (``date_obs``, ``fwhm_px``/``fwhm_arcsec``, ``background_adu``, ``n_sources``,
-        ``limiting_mag_inst``, optional ``limiting_mag_cal``). Frames without ``date_obs`` are placed
+        Frame summaries (``date_obs``, ``fwhm_px``/``fwhm_arcsec``, ``background_adu``,
+        ``n_sources``, ``limiting_mag_inst``, optional ``limiting_mag_cal``). Frames without
+        ``date_obs`` are placed
         by order.
 
     Returns

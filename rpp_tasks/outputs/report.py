@@ -64,7 +64,8 @@ class ReportResult:
         ``zeropoint``, ``field``).
     frames : dict
         Frame name -> ``zp_mag``, ``zp_err_mag``, ``n_zp_stars``, ``limiting_mag_cal`` (calibrated
-        5-sigma limit or None) and ``n_candidates`` (None when the transient search had no reference).
+        5-sigma limit or None) and ``n_candidates`` (None when the transient search had no
+        reference).
     n_frames, n_ok : int
     preview_frame : str or None
         Frame shown in the preview (best FWHM).
@@ -391,7 +392,8 @@ def zip_products(
     """
     Write a ZIP of the session's products (written atomically; a re-run replaces it).
 
-    Contents, under ``<session_id>/``: the session files (``session_summary.json``, ``manifest.json``,
+    Contents, under ``<session_id>/``: the session files (``session_summary.json``,
+    ``manifest.json``,
     ``masters.json``, ``rejected.json``), ``report/`` (HTML and PNGs) and, per frame,
     ``frames/<stem>/`` with the calibrated image, catalogues, summary, zero point and candidates.
     Raw frames and intermediate checkpoints (``background.fits``, ``sources.ecsv``) are left out.
@@ -433,7 +435,8 @@ def zip_products(
     tmp = out.with_name(f".{out.name}.tmp")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
         for path, arc in members:
-            # float32 images barely compress (noise) and deflating GBs would dominate the task: store them
+            # float32 images barely compress (noise) and deflating GBs would dominate the task:
+            # store them
             zf.write(
                 path,
                 arc,
@@ -467,7 +470,8 @@ def site_facts(obs) -> dict:
 
 def run_report(session: Session, obs) -> dict:
     """
-    Adapter: build ``<workdir>/report/report.html`` (+ PNGs) and ``<workdir>/<session>_products.zip``.
+    Adapter: build ``<workdir>/report/report.html`` (+ PNGs) and
+    ``<workdir>/<session>_products.zip``.
 
     Parameters
     ----------

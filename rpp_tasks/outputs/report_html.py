@@ -152,7 +152,8 @@ _CSS = """
 :root { --ok:#1a7f37; --bad:#c62828; --warn:#b26a00; --ink:#1d2430; --muted:#5b6575; --line:#e3e7ee;
         --card:#f6f8fb; --accent:#283593; }
 * { box-sizing: border-box; }
-body { margin:0; font-family: -apple-system, "Segoe UI", Roboto, "DejaVu Sans", Helvetica, Arial, sans-serif;
+body { margin:0;
+       font-family: -apple-system, "Segoe UI", Roboto, "DejaVu Sans", Helvetica, Arial, sans-serif;
        color:var(--ink); background:#fff; line-height:1.45; font-size:15px; }
 header { background: linear-gradient(120deg, #0b1033 0%, #1b2a6b 55%, #3949ab 100%); color:#fff;
          padding:28px 36px 22px; }
@@ -161,16 +162,21 @@ header .sub { opacity:.85; font-size:14px; }
 main { max-width:1180px; margin:0 auto; padding:8px 28px 40px; }
 h2 { font-size:19px; margin:30px 0 10px; padding-bottom:6px; border-bottom:2px solid var(--line);
      color:var(--accent); }
-.cards { display:grid; grid-template-columns:repeat(auto-fit, minmax(165px, 1fr)); gap:12px; margin:20px 0 6px; }
-.card { background:var(--card); border:1px solid var(--line); border-radius:10px; padding:12px 14px; }
+.cards { display:grid; grid-template-columns:repeat(auto-fit, minmax(165px, 1fr)); gap:12px;
+         margin:20px 0 6px; }
+.card { background:var(--card); border:1px solid var(--line); border-radius:10px;
+        padding:12px 14px; }
 .card .v { font-size:24px; font-weight:650; }
 .card .l { color:var(--muted); font-size:12.5px; text-transform:uppercase; letter-spacing:.4px; }
 .card .s { color:var(--muted); font-size:12.5px; }
-.pill { display:inline-block; padding:1px 9px; border-radius:10px; font-size:12.5px; font-weight:600; }
-.pill.ok { background:#e6f4ea; color:var(--ok); } .pill.bad { background:#fdecea; color:var(--bad); }
+.pill { display:inline-block; padding:1px 9px; border-radius:10px; font-size:12.5px;
+        font-weight:600; }
+.pill.ok { background:#e6f4ea; color:var(--ok); }
+.pill.bad { background:#fdecea; color:var(--bad); }
 .pill.na { background:#eef0f4; color:var(--muted); }
 table { border-collapse:collapse; width:100%; font-size:13.5px; }
-th, td { padding:6px 9px; border-bottom:1px solid var(--line); text-align:left; vertical-align:top; }
+th, td { padding:6px 9px; border-bottom:1px solid var(--line); text-align:left;
+         vertical-align:top; }
 th { background:var(--card); font-weight:600; color:#2b3445; position:sticky; top:0; }
 td.n, th.n { text-align:right; font-variant-numeric: tabular-nums; }
 td.n { white-space:nowrap; }
@@ -183,7 +189,8 @@ figcaption { color:var(--muted); font-size:13px; margin-top:4px; }
 .na { color:var(--muted); font-style:italic; background:var(--card); border:1px dashed #c9d0db;
       border-radius:8px; padding:10px 14px; }
 .reason { color:var(--bad); font-size:12.5px; }
-footer { color:var(--muted); font-size:12px; border-top:1px solid var(--line); margin-top:36px; padding-top:10px; }
+footer { color:var(--muted); font-size:12px; border-top:1px solid var(--line); margin-top:36px;
+         padding-top:10px; }
 code { background:var(--card); padding:1px 4px; border-radius:4px; font-size:12.5px; }
 @media (max-width: 760px) { .facts { grid-template-columns: 1fr; } main { padding:8px 12px; } }
 """
@@ -397,7 +404,10 @@ def render_report_html(
             f"<th>header comment</th></tr>{wrows}</table>"
         )
     else:
-        weather_html = "<p class='na'>No weather keywords in the headers (e.g. AMBTEMP, HUMIDITY, SKYQUAL).</p>"
+        weather_html = (
+            "<p class='na'>No weather keywords in the headers (e.g. AMBTEMP, HUMIDITY, "
+            "SKYQUAL).</p>"
+        )
 
     # --- per-frame table
     rows = []
@@ -454,12 +464,17 @@ def render_report_html(
             ) + f"{f['fwhm_px']:.2f} px"
         t = _parse_time(f.get("date_obs"))
         rows.append(
-            f"<tr class='{'' if good else 'rejected'}'><td><b>{_esc(f.get('frame'))}</b>{reason}</td><td>{pill}</td>"
-            f"<td>{_esc(t.strftime('%H:%M:%S') if t else '—')}</td><td>{_esc(f.get('object') or '—')}</td>"
-            f"<td>{_esc(f.get('band') or '—')}</td><td class='n'>{_esc(_fmt(f.get('exptime_s'), '{:g}'))}</td>"
-            f"<td class='n'>{_esc(f.get('n_sources') if f.get('n_sources') is not None else '—')}</td>"
-            f"<td class='n'>{fwhm}</td><td class='n'>{_esc(_fmt(f.get('background_adu'), '{:.0f}'))}</td>"
-            f"<td class='n'>{zp_txt}</td><td class='n'>{lim}</td><td class='n'>{_esc(cand)}</td></tr>"
+            f"<tr class='{'' if good else 'rejected'}'><td><b>{_esc(f.get('frame'))}</b>{reason}"
+            f"</td><td>{pill}</td>"
+            f"<td>{_esc(t.strftime('%H:%M:%S') if t else '—')}</td>"
+            f"<td>{_esc(f.get('object') or '—')}</td>"
+            f"<td>{_esc(f.get('band') or '—')}</td>"
+            f"<td class='n'>{_esc(_fmt(f.get('exptime_s'), '{:g}'))}</td>"
+            f"<td class='n'>{_esc(f.get('n_sources') if f.get('n_sources') is not None else '—')}"
+            f"</td><td class='n'>{fwhm}</td>"
+            f"<td class='n'>{_esc(_fmt(f.get('background_adu'), '{:.0f}'))}</td>"
+            f"<td class='n'>{zp_txt}</td><td class='n'>{lim}</td><td class='n'>{_esc(cand)}</td>"
+            "</tr>"
         )
     table_html = (
         "<table><tr><th>frame</th><th>status</th><th>UTC</th><th>object</th><th>band</th>"
@@ -486,7 +501,8 @@ def render_report_html(
     # --- candidates
     if not has_cand:
         why = (
-            f"the transient search had no reference catalogue ({_esc(candidates_reason)}), so no source "
+            "the transient search had no reference catalogue "
+            f"({_esc(candidates_reason)}), so no source "
             "could be called new"
             if candidates_reason
             else "the transient search has not run on this session"
@@ -508,7 +524,8 @@ def render_report_html(
                 cid = str(get(C.ID))
                 png = (cutouts or {}).get((frame, cid))
                 img = (
-                    f"<img src=\"{_data_uri(png)}\" alt='cutout' style='height:72px;image-rendering:pixelated'>"
+                    f"<img src=\"{_data_uri(png)}\" alt='cutout' "
+                    "style='height:72px;image-rendering:pixelated'>"
                     if png
                     else ""
                 )
@@ -523,14 +540,16 @@ def render_report_html(
                     f"<td>{_esc(get(C.SIMBAD_ID) or '')}</td></tr>"
                 )
         cand_html = (
-            "<table><tr><th>cutout</th><th>frame</th><th>id</th><th class='n'>RA (°)</th><th class='n'>Dec (°)</th>"
-            "<th class='n'>x, y (px)</th><th class='n'>mag</th><th class='n'>S/N</th><th>note</th></tr>"
+            "<table><tr><th>cutout</th><th>frame</th><th>id</th><th class='n'>RA (°)</th>"
+            "<th class='n'>Dec (°)</th><th class='n'>x, y (px)</th><th class='n'>mag</th>"
+            "<th class='n'>S/N</th><th>note</th></tr>"
             f"{''.join(crow)}</table>"
         )
 
     preview_caption = (
         (
-            f"Frame <b>{_esc(preview_frame)}</b> (best FWHM of the night), zscale. Circles: detections "
+            f"Frame <b>{_esc(preview_frame)}</b> (best FWHM of the night), zscale. "
+            "Circles: detections "
             "coloured by S/N class (green &gt; 10, amber 5–10, red &le; 5)"
             + (
                 "; magenta squares: transient candidates."
@@ -570,6 +589,42 @@ def render_report_html(
         if x
     )
     page_title = f"{title or obs_name} — night {session_id}"
+    figs = {
+        "trends": _figure_html(
+            plots.get("trends"),
+            "night trends",
+            "Seeing, sky, number of sources and limiting magnitude through the night (limiting "
+            "magnitude: up = deeper).",
+            missing="Night trends: no reduced frame.",
+        ),
+        "preview": _figure_html(
+            plots.get("preview"),
+            "frame preview",
+            preview_caption,
+            missing="Frame preview: no reduced frame to show.",
+        ),
+        "mag_error": _figure_html(
+            plots.get("mag_error"),
+            "magnitude vs error",
+            "Magnitude against its error for every measured source (PSF photometry where the fit "
+            "succeeded, else the 1.3 FWHM aperture). Dashed: S/N 10 and 5.",
+            missing="Photometry: no catalogue with magnitudes.",
+        ),
+        "zeropoint": _figure_html(
+            plots.get("zeropoint"),
+            "zero-point residuals",
+            "Reference minus calibrated magnitude of the zero-point stars; grey band: RMS.",
+            missing=zp_missing,
+        ),
+        "field": _figure_html(
+            plots.get("field"),
+            "FWHM and background across the field",
+            "FWHM in a 3×3 grid (stacked fit of the stars in each cell) and the sky background of "
+            f"frame {_esc(preview_frame or '')}. Corner-to-centre FWHM differences show tilt, "
+            "field curvature or coma.",
+            missing="FWHM and background across the field: no reduced frame.",
+        ),
+    }
     body = f"""
 <header><h1>{_esc(page_title)}</h1><div class="sub">{_esc(sub)}</div></header>
 <main>
@@ -577,19 +632,19 @@ def render_report_html(
 
 <h2>The night</h2>
 <div class="facts"><div><table>{facts_html}</table></div><div>{weather_html}</div></div>
-{_figure_html(plots.get("trends"), "night trends", "Seeing, sky, number of sources and limiting magnitude through the night (limiting magnitude: up = deeper).", missing="Night trends: no reduced frame.")}
+{figs["trends"]}
 
 <h2>Frame preview</h2>
-{_figure_html(plots.get("preview"), "frame preview", preview_caption, missing="Frame preview: no reduced frame to show.")}
+{figs["preview"]}
 
 <h2>Photometry</h2>
-{_figure_html(plots.get("mag_error"), "magnitude vs error", "Magnitude against its error for every measured source (PSF photometry where the fit succeeded, else the 1.3 FWHM aperture). Dashed: S/N 10 and 5.", missing="Photometry: no catalogue with magnitudes.")}
+{figs["mag_error"]}
 
 <h2>Zero point</h2>
-{_figure_html(plots.get("zeropoint"), "zero-point residuals", "Reference minus calibrated magnitude of the zero-point stars; grey band: RMS.", missing=zp_missing)}
+{figs["zeropoint"]}
 
 <h2>Across the field</h2>
-{_figure_html(plots.get("field"), "FWHM and background across the field", f"FWHM in a 3×3 grid (stacked fit of the stars in each cell) and the sky background of frame {_esc(preview_frame or '')}. Corner-to-centre FWHM differences show tilt, field curvature or coma.", missing="FWHM and background across the field: no reduced frame.")}
+{figs["field"]}
 
 <h2>Transient candidates</h2>
 {cand_html}
@@ -608,5 +663,6 @@ def render_report_html(
     return (
         f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
-        f"<title>{_esc(page_title)}</title><style>{_CSS}</style></head><body>{body}\n</body></html>\n"
+        f"<title>{_esc(page_title)}</title><style>{_CSS}</style></head>"
+        f"<body>{body}\n</body></html>\n"
     )

@@ -88,7 +88,8 @@ def read_raw(path, obs) -> tuple:
     """``(data, header, meta)`` of a raw frame: Bayer -> luminance, MEF amplifiers mosaicked,
     header normalised (`~rpp_tasks.inputs.header.FrameMeta` as a dict, with the reading notes).
 
-    Raises `FrameRejected` with a clear reason (unreadable file, missing EXPTIME, constant image...).
+    Raises `FrameRejected` with a clear reason (unreadable file, missing EXPTIME, constant
+    image...).
     """
     from rpp_tasks.inputs.header import normalize_header, normalize_kwargs_from_config
     from rpp_tasks.inputs.reader import read_frame
@@ -105,8 +106,8 @@ _MASTER_CACHE: dict[str, tuple] = {}
 
 
 def _load_master(entry: dict | None) -> tuple:
-    """``(image, header, mask)`` of a masters.json entry (``(None, None, None)`` when absent), cached
-    per process since every frame of a session shares its masters."""
+    """``(image, header, mask)`` of a masters.json entry (``(None, None, None)`` when absent),
+    cached per process since every frame of a session shares its masters."""
     if not entry or not entry.get("path"):
         return None, None, None
     path = entry["path"]
@@ -320,7 +321,7 @@ def services_setup(obs):
 
 
 def reference_for_band(obs, band: str | None) -> tuple[str, str]:
-    """(catalogue, reference band) for a frame band from ``catalogs.bands`` (Gaia G when unknown)."""
+    """(catalogue, reference band) of a frame band from ``catalogs.bands`` (Gaia G if unknown)."""
     spec = obs.catalogs.bands.get(band or "") if band else None
     if spec is None and band:
         low = {k.lower(): v for k, v in obs.catalogs.bands.items()}
@@ -532,7 +533,7 @@ def step_enrich(fw, obs) -> dict:
 
 @_guarded("transients")
 def step_transients(fw, obs) -> dict:
-    """Candidates absent from Gaia (after SSO/edge/flag removal) -> candidates.ecsv + PNG cutouts."""
+    """Candidates absent from Gaia (after SSO/edge/flag removal) -> candidates.ecsv + cutouts."""
     from rpp_tasks.stages import transients
 
     cfg = obs.stages.transients

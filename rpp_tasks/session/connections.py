@@ -33,7 +33,8 @@ def _no_mask(secret: str) -> None:
 
 def smtp_settings_from_connection(conn, *, mask: Mask = _no_mask):
     """`~rpp_tasks.outputs.notify.SmtpSettings` from an SMTP connection (the Airflow smtp
-    provider's conventions: extras ``from_email``, ``disable_ssl``, ``disable_tls``, ``timeout``)."""
+    provider's conventions: extras ``from_email``, ``disable_ssl``, ``disable_tls``,
+    ``timeout``)."""
     from rpp_tasks.outputs.notify import SmtpSettings
 
     extra = dict(getattr(conn, "extra_dejson", None) or {})

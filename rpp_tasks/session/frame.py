@@ -220,7 +220,8 @@ def run_chain(
     the chain, the artefacts it wrote are saved: products always, checkpoints when a later stage
     of the table reads them or ``keep_intermediate``. ``FrameRejected`` and other errors propagate
     (the caller records them); ``fw.results`` holds the timings and results of the stages that ran.
-    ``time_write`` records the saving as a ``write`` step (the one-process chain of ``reduce_frame``).
+    ``time_write`` records the saving as a ``write`` step (the one-process chain of
+    ``reduce_frame``).
     """
     stages = table.chain(tuple(names))
     if "raw" not in stages[0].reads:  # resume: earlier stages' results and timings

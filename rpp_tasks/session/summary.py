@@ -400,7 +400,8 @@ class SessionSummary:
 
 
 def file_outcomes(manifest: Mapping, frames: Iterable[FrameSummary], masters: Mapping):
-    """Every input file of a session with its outcome (science, calibration, unreadable, ignored)."""
+    """Every input file of a session with its outcome (science, calibration, unreadable,
+    ignored)."""
     by_path = {f.raw_path: f for f in frames if f.raw_path}
     used = set()
     entries = [masters.get("bias"), masters.get("dark"), *(masters.get("flat") or {}).values()]
