@@ -30,6 +30,10 @@ CONFIG_DIR = rpp_config.default_config_dir()
 #: Airflow pool that bounds the CPU-heavy stage tasks (created by the launcher, ``rpp up``).
 HEAVY_POOL = os.environ.get("RPP_AIRFLOW_POOL", "rpp_heavy")
 START_DATE = _dt.datetime(2025, 1, 1, tzinfo=_dt.UTC)
+_DOC = (
+    "Triggered per session by the watcher or rpp_reconcile; by hand, with `session_dir` (absolute, "
+    "or in the incoming folder). A re-run replaces the session's products. Tasks: validate ->"
+)
 DEFAULT_ARGS = {
     "owner": "rpp",
     "retries": 2,
@@ -58,7 +62,7 @@ def _mask(secret: str) -> None:  # Airflow's log masker, in a task
 
 
 def _make_failure_callback(obs: ObservatoryConfig | None):
-    def rpp_on_failure(context):
+    def rpp_on_failure(context):  # failures.jsonl + operators' alert
         from rpp_tasks.session import connections, lifecycle
 
         info = connections.failure_info(context)
@@ -71,17 +75,6 @@ def _session(prev: dict):
     from rpp_tasks.session.workdir import Session
 
     return Session.load(prev["workdir"])
-
-
-def _doc_md(obs: ObservatoryConfig, table: StageTable) -> str:
-    return (
-        f"### {obs.title or obs.name} (`{obs.dag_id}`, {table.kind})\n\nConfiguration "
-        f"`{obs.source}` (hash `{obs.config_hash}`); sessions in `{obs.resolve_path('incoming')}`, "
-        f"work folders in `{obs.resolve_path('work')}`. Triggered by the watcher or rpp_reconcile; "
-        "by hand with `session_dir`. A re-run replaces the session's products.\n\nvalidate ->\n"
-        + "".join(f"* **{s.name}**: {s.doc}\n" for s in table)
-        + "* **products** -> (**archive**, **notify**)\n"
-    )
 
 
 def build_reduction_dag(obs: ObservatoryConfig, table: StageTable | None = None):
@@ -101,7 +94,7 @@ def build_reduction_dag(obs: ObservatoryConfig, table: StageTable | None = None)
         tags=["rpp", obs.name],
         default_args={**DEFAULT_ARGS, "on_failure_callback": on_failure},
         on_failure_callback=on_failure,
-        doc_md=_doc_md(obs, table),
+        doc_md=f"### {obs.title or obs.name} (`{obs.dag_id}`)\n\n{_DOC}\n\n{table.describe()}",
         params={
             "observatory": Param(obs.name, type="string", enum=[obs.name]),
             "session_dir": Param("", type="string", description=f"absolute, or in {incoming}"),
@@ -117,19 +110,13 @@ def build_reduction_dag(obs: ObservatoryConfig, table: StageTable | None = None)
 
             from rpp_tasks.session import lifecycle
 
-            p = context["params"]
             try:
-                raw_dir = lifecycle.resolve_session_dir(
-                    p.get("session_dir"), obs, p.get("observatory")
-                )
+                out = lifecycle.open_from_conf(context["params"], obs)
             except ValueError as exc:
                 raise AirflowFailException(str(exc)) from None
-            out = lifecycle.describe(
-                lifecycle.open_session(raw_dir, obs, session_id=p.get("session_id") or None)
-            )
             if out["n_science"] == 0:
                 raise AirflowSkipException(
-                    f"session {out['session_id']}: no science frames in {raw_dir} "
+                    f"session {out['session_id']}: no science frames in {out['raw_dir']} "
                     f"({out['n_calibration']}); nothing to reduce"
                 )
             return out

@@ -48,6 +48,7 @@ from rpp_tasks.session.workdir import Session, read_json
 __all__ = [
     "resolve_session_dir",
     "open_session",
+    "open_from_conf",
     "describe",
     "run_stage",
     "forget_rejections",
@@ -154,6 +155,13 @@ def open_session(
         len(manifest.get("rejected", [])),
     )
     return session
+
+
+def open_from_conf(conf, obs) -> dict:
+    """The DAG's validate step: `open_session` from a run's conf (``session_dir``, ``session_id``,
+    ``observatory``); returns `describe` of it. Raises `ValueError` for a conf to fix."""
+    raw_dir = resolve_session_dir(conf.get("session_dir"), obs, conf.get("observatory"))
+    return describe(open_session(raw_dir, obs, session_id=conf.get("session_id") or None))
 
 
 def describe(session: Session) -> dict:

@@ -159,6 +159,11 @@ class StageTable:
             raise ValueError(msg)
         return tuple(self[n] for n in names)
 
+    def describe(self) -> str:
+        """Markdown list of the stages (the DAG's documentation)."""
+        lines = [f"* **{s.name}** ({s.scope}): {s.doc}" for s in self.stages]
+        return "\n".join([*lines, "* **products** -> (**archive**, **notify**)"])
+
     def read_after(self, name: str) -> set[str]:
         """Artefacts read by the stages after ``name``."""
         i = self.index(name)
