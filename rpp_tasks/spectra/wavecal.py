@@ -1,0 +1,593 @@
+"""Wavelength solution from an arc lamp: line identification, polynomial fit, resolving power.
+
+1. **Lamp lines** (`measure_lamp_lines`): peaks of the lamp spectrum (extracted along the
+   star's trace, so the slit tilt and curvature are the star's) above ``min_snr`` robust sigma;
+   each is fitted with a Gaussian for its centre, width and amplitude.
+2. **Catalogue**: the shipped laboratory lines of the lamp's elements
+   (`rpp_tasks.spectra.linelists`, air wavelengths) in the range the configuration allows;
+   lines closer than 1.5 resolution elements to a comparable line are unresolved blends at this
+   resolution and are dropped (a blend's centroid depends on the lamp).
+3. **Identification** (`identify_lines`): hypotheses from pairs of nearby bright peaks and pairs
+   of catalogue lines whose spacing agrees with the configured dispersion (within
+   ``dispersion_tolerance``) and, when given, with the central wavelength; each hypothesis is
+   grown outwards: match peaks within a tolerance, refit (linear, then quadratic, then the full
+   degree), widen the window until it covers the detector. The hypothesis that ends with most
+   lines (then lowest RMS) wins. Without a central wavelength every placement is tried (an
+   automatic matcher in the spirit of rascal's Hough transform, restricted by the known
+   dispersion); if nothing matches with the configured sign of the dispersion the opposite sign
+   is tried and flagged.
+4. **Fit** (`solve_wavelength`): polynomial of ``degree`` in ``x - x_c`` with 3-sigma clipping;
+   RMS in A and in px; the range actually constrained by lines is recorded so that
+   extrapolation can be flagged.
+5. **Resolving power**: ``R = lambda / (FWHM_px * |d lambda / dx|)`` per identified line (the
+   observed FWHM, pixel sampling included), median and robust scatter.
+
+specreduce's ``WavelengthCalibration1D`` was not used: its line lists come from a download at
+run time (no network here) and its matcher does not take the configured dispersion as a prior.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rpp_tasks.spectra.linelists import lamp_lines
+from rpp_tasks.spectra.trace import find_peaks_1d, gauss_centroid
+
+__all__ = [
+    "LampLines",
+    "WavelengthSolution",
+    "measure_lamp_lines",
+    "catalogue_lines",
+    "identify_lines",
+    "solve_wavelength",
+]
+
+log = logging.getLogger(__name__)
+_MAD = 1.482602218505602
+_FWHM = 2.0 * math.sqrt(2.0 * math.log(2.0))
+
+
+@dataclass(frozen=True)
+class LampLines:
+    """Emission lines measured on a 1-D lamp spectrum (brightest first)."""
+
+    x_px: np.ndarray
+    x_err_px: np.ndarray
+    fwhm_px: np.ndarray
+    amplitude: np.ndarray
+    snr: np.ndarray
+    noise: float
+
+    def __len__(self) -> int:
+        return int(self.x_px.size)
+
+
+def measure_lamp_lines(spec, *, min_snr=5.0, max_lines=80, fwhm_guess_px=3.0):
+    """
+    Detect and fit the emission lines of a lamp spectrum.
+
+    Parameters
+    ----------
+    spec : 1-D array
+        Lamp spectrum per column.
+    min_snr : float, optional
+    max_lines : int, optional
+        Keep the brightest lines.
+    fwhm_guess_px : float, optional
+
+    Returns
+    -------
+    lines : `LampLines`
+    """
+    spec = np.asarray(spec, dtype=float)
+    idx, height, noise = find_peaks_1d(spec, min_snr=min_snr, min_separation_px=2)
+    xs, errs, fw, amps, snr = [], [], [], [], []
+    half = max(4.0, 1.6 * fwhm_guess_px)
+    for i, h in zip(idx[: 2 * max_lines], height[: 2 * max_lines]):
+        fit = gauss_centroid(spec, i, half, sigma0=fwhm_guess_px / _FWHM)
+        if fit is None or abs(fit[0] - i) > 1.5:
+            continue
+        mu, sig, amp, err = fit
+        xs.append(mu)
+        errs.append(err)
+        fw.append(sig * _FWHM)
+        amps.append(amp)
+        snr.append(h / noise)
+        if len(xs) >= max_lines:
+            break
+    return LampLines(
+        x_px=np.asarray(xs),
+        x_err_px=np.asarray(errs),
+        fwhm_px=np.asarray(fw),
+        amplitude=np.asarray(amps),
+        snr=np.asarray(snr),
+        noise=float(noise),
+    )
+
+
+def catalogue_lines(elements, *, wavelength_range_a=None, resolution_a=None):
+    """
+    Laboratory lines usable at a given resolution.
+
+    Lines with a neighbour closer than ``1.5 * resolution_a`` whose intensity exceeds 5 % of
+    theirs are dropped as unresolved blends (a much brighter line keeps its place).
+
+    Returns
+    -------
+    wavelength_a, intensity : numpy.ndarray
+        Sorted by wavelength.
+    labels : list of str
+    """
+    lines = lamp_lines(elements, wavelength_range_a=wavelength_range_a)
+    if not lines:
+        return np.array([]), np.array([]), []
+    lam = np.array([t[0] for t in lines])
+    inten = np.array([float(t[1]) for t in lines])
+    labels = [t[2] for t in lines]
+    if resolution_a:
+        keep = np.ones(lam.size, bool)
+        for i in range(lam.size):
+            near = np.abs(lam - lam[i]) < 1.5 * resolution_a
+            near[i] = False
+            if np.any(inten[near] > 0.05 * inten[i]):
+                keep[i] = False
+        lam, inten = lam[keep], inten[keep]
+        labels = [lb for lb, k in zip(labels, keep) if k]
+    return lam, inten, labels
+
+
+def _match(x, lam_model, cat, tol_a):
+    """Nearest catalogue line to each model wavelength; index or -1 beyond ``tol_a``."""
+    j = np.clip(np.searchsorted(cat, lam_model), 1, cat.size - 1)
+    left, right = cat[j - 1], cat[j]
+    jj = np.where(np.abs(lam_model - left) <= np.abs(right - lam_model), j - 1, j)
+    d = np.abs(cat[jj] - lam_model)
+    out = np.where(d <= tol_a, jj, -1)
+    # one peak per catalogue line: keep the closest
+    for k in np.unique(out[out >= 0]):
+        dup = np.flatnonzero(out == k)
+        if dup.size > 1:
+            best = dup[np.argmin(d[dup])]
+            out[dup[dup != best]] = -1
+    return out
+
+
+def _grow(x, cat, a, b, x_pair, nx, x_c, *, tol_px, degree):
+    """Grow a linear hypothesis around ``x_pair`` to the whole detector; matches and coeffs."""
+    coeffs = np.array([a, b])
+    half = max(nx / 8.0, 2.0 * abs(x_pair[1] - x_pair[0]))
+    centre = 0.5 * (x_pair[0] + x_pair[1])
+    m = np.full(x.size, -1)
+    for _ in range(12):
+        win = np.abs(x - centre) <= half
+        lam = np.polynomial.polynomial.polyval(x - x_c, coeffs)
+        m = np.where(win, _match(x, lam, cat, tol_px * abs(coeffs[1])), -1)
+        ok = m >= 0
+        n_ok = int(ok.sum())
+        if n_ok < 2:
+            return m, coeffs
+        span = np.ptp(x[ok]) if n_ok > 1 else 0.0
+        deg = 1
+        if n_ok >= 6 and span > nx / 3:
+            deg = 2
+        if n_ok >= degree + 5 and span > nx / 2:
+            deg = degree
+        c = np.polynomial.polynomial.polyfit(x[ok] - x_c, cat[m[ok]], deg)
+        coeffs = c
+        if half >= nx:
+            break
+        half *= 1.6
+    lam = np.polynomial.polynomial.polyval(x - x_c, coeffs)
+    m = _match(x, lam, cat, tol_px * abs(coeffs[1]))
+    return m, coeffs
+
+
+def identify_lines(
+    x,
+    strength,
+    cat,
+    cat_strength,
+    *,
+    nx,
+    dispersion_a_per_px,
+    central_wavelength_a=None,
+    dispersion_tolerance=0.15,
+    central_tolerance_a=None,
+    tol_px=2.0,
+    degree=3,
+    n_bright=14,
+    n_cat=30,
+):
+    """
+    Match measured line positions to laboratory wavelengths.
+
+    Parameters
+    ----------
+    x, strength : 1-D arrays
+        Line centres (px) and amplitudes.
+    cat, cat_strength : 1-D arrays
+        Laboratory wavelengths (sorted) and intensities.
+    nx : int
+        Detector columns.
+    dispersion_a_per_px : float
+        Approximate dispersion, signed (negative: wavelength decreases with x).
+    central_wavelength_a : float, optional
+        Approximate wavelength of the central column.
+    dispersion_tolerance : float, optional
+        Relative tolerance on the dispersion.
+    central_tolerance_a : float, optional
+        Tolerance on the central wavelength; default 15 % of the detector's span.
+    tol_px : float, optional
+        Match tolerance in px.
+    degree : int, optional
+    n_bright, n_cat : int, optional
+        Peaks and catalogue lines used to form hypotheses.
+
+    Returns
+    -------
+    matches : numpy.ndarray
+        Catalogue index per peak (-1: unmatched).
+    coeffs : numpy.ndarray
+        Polynomial in ``x - x_c`` of the best hypothesis.
+    """
+    x = np.asarray(x, float)
+    cat = np.asarray(cat, float)
+    x_c = (nx - 1) / 2.0
+    empty = (np.full(x.size, -1), np.array([np.nan, np.nan]))
+    if x.size < 2 or cat.size < 2:
+        return empty
+    span = abs(dispersion_a_per_px) * nx
+    ctol = 0.15 * span if central_tolerance_a is None else central_tolerance_a
+    bright = np.argsort(-np.asarray(strength))[:n_bright]
+    cat_b = np.sort(np.argsort(-np.asarray(cat_strength))[:n_cat])
+    best = (0, np.inf, *empty)
+    tried = 0
+    hyps = []
+    for i, j in itertools.combinations(bright, 2):
+        dx = x[j] - x[i]
+        if abs(dx) < 5 or abs(dx) > nx / 2.5:
+            continue
+        for k, l in itertools.combinations(cat_b, 2):
+            b = (cat[l] - cat[k]) / dx
+            if abs(b / dispersion_a_per_px - 1) > dispersion_tolerance:
+                continue
+            a = cat[k] - b * (x[i] - x_c)
+            if central_wavelength_a is not None and abs(a - central_wavelength_a) > ctol:
+                continue
+            lam = a + b * (x - x_c)
+            n = int(np.count_nonzero(_match(x, lam, cat, tol_px * abs(b)) >= 0))
+            hyps.append((n, a, b, (x[i], x[j])))
+    hyps.sort(key=lambda h: -h[0])
+    for _n0, a, b, pair in hyps[:40]:
+        tried += 1
+        m, coeffs = _grow(x, cat, a, b, pair, nx, x_c, tol_px=tol_px, degree=degree)
+        ok = m >= 0
+        n_ok = int(ok.sum())
+        if n_ok < 3:
+            continue
+        lam = np.polynomial.polynomial.polyval(x[ok] - x_c, coeffs)
+        rms = float(np.sqrt(np.mean((lam - cat[m[ok]]) ** 2)))
+        if n_ok > best[0] or (n_ok == best[0] and rms < best[1]):
+            best = (n_ok, rms, m, coeffs)
+    log.debug("identify: %d hypotheses, %d grown, best %d lines", len(hyps), tried, best[0])
+    return best[2], best[3]
+
+
+@dataclass(frozen=True)
+class WavelengthSolution:
+    """Dispersion solution ``lambda(x) = sum c_k (x - x_c)^k`` (air A) on the trace.
+
+    Attributes
+    ----------
+    ok : bool
+    coeffs : tuple of float
+    x_c : float
+    nx : int
+    degree : int
+    rms_a, rms_px : float
+        RMS of the residuals of the lines used.
+    n_lines : int
+        Lines used in the final fit.
+    n_detected : int
+        Lamp lines detected.
+    resolving_power : float
+        Median ``lambda / FWHM`` of the identified lines.
+    resolving_power_scatter : float
+    fwhm_a : float
+        Median FWHM of the lines (A).
+    lines : tuple of dict
+        ``x_px, x_err_px, wavelength_a, fit_a, residual_a, residual_px, fwhm_px, R, label,
+        used``.
+    calibrated_range_a : (float, float)
+        Wavelengths of the first and last line used.
+    elements : tuple of str
+    reason : str or None
+    flags : tuple of str
+    """
+
+    ok: bool
+    coeffs: tuple[float, ...] = ()
+    x_c: float = 0.0
+    nx: int = 0
+    degree: int = 0
+    rms_a: float = float("nan")
+    rms_px: float = float("nan")
+    n_lines: int = 0
+    n_detected: int = 0
+    resolving_power: float = float("nan")
+    resolving_power_scatter: float = float("nan")
+    fwhm_a: float = float("nan")
+    lines: tuple = field(default=(), repr=False)
+    calibrated_range_a: tuple[float, float] = (float("nan"), float("nan"))
+    elements: tuple[str, ...] = ()
+    reason: str | None = None
+    flags: tuple[str, ...] = ()
+
+    def wavelength(self, x):
+        """Air wavelength (A) at column(s) ``x``."""
+        d = np.asarray(x, dtype=float) - self.x_c
+        return np.polynomial.polynomial.polyval(d, np.asarray(self.coeffs))
+
+    def dispersion(self, x):
+        """d lambda / d x (A/px) at column(s) ``x``."""
+        d = np.asarray(x, dtype=float) - self.x_c
+        der = np.polynomial.polynomial.polyder(np.asarray(self.coeffs))
+        return np.polynomial.polynomial.polyval(d, der)
+
+    @property
+    def range_a(self) -> tuple[float, float]:
+        """Wavelengths of the first and last column (sorted)."""
+        if not self.ok:
+            return (float("nan"), float("nan"))
+        w = self.wavelength(np.array([0.0, self.nx - 1.0]))
+        return (float(w.min()), float(w.max()))
+
+    def to_dict(self) -> dict:
+        """JSON-safe summary (the lines as a list of dicts)."""
+        return {
+            "ok": self.ok,
+            "coeffs": list(self.coeffs),
+            "x_c": self.x_c,
+            "nx": self.nx,
+            "degree": self.degree,
+            "rms_a": self.rms_a,
+            "rms_px": self.rms_px,
+            "n_lines": self.n_lines,
+            "n_detected": self.n_detected,
+            "resolving_power": self.resolving_power,
+            "resolving_power_scatter": self.resolving_power_scatter,
+            "fwhm_a": self.fwhm_a,
+            "dispersion_a_per_px": float(self.dispersion(self.x_c)) if self.ok else None,
+            "range_a": list(self.range_a),
+            "calibrated_range_a": list(self.calibrated_range_a),
+            "elements": list(self.elements),
+            "reason": self.reason,
+            "flags": list(self.flags),
+            "lines": [dict(r) for r in self.lines],
+        }
+
+
+def _fail(reason, *, nx, n_detected=0, elements=(), flags=()):
+    log.warning("wavelength solution failed: %s", reason)
+    return WavelengthSolution(
+        ok=False,
+        nx=nx,
+        x_c=(nx - 1) / 2.0,
+        n_detected=n_detected,
+        elements=tuple(elements),
+        reason=reason,
+        flags=tuple(flags),
+    )
+
+
+def solve_wavelength(
+    lamp_spec,
+    *,
+    elements,
+    dispersion_a_per_px,
+    central_wavelength_a=None,
+    wavelength_range_a=None,
+    degree=3,
+    min_lines=5,
+    min_snr=5.0,
+    dispersion_tolerance=0.15,
+    tol_px=2.0,
+    clip_sigma=3.0,
+    allow_flip=True,
+):
+    """
+    Identify the lamp's lines and fit the dispersion polynomial.
+
+    Parameters
+    ----------
+    lamp_spec : 1-D array
+        Lamp spectrum extracted along the target's trace.
+    elements : sequence of str
+        Lamp elements (``["Ne"]``, ``["Ar", "Ne"]``).
+    dispersion_a_per_px : float
+        Approximate dispersion (A/px), negative when the wavelength decreases with x.
+    central_wavelength_a : float, optional
+        Approximate wavelength at the central column.
+    wavelength_range_a : (float, float), optional
+        Approximate range covered (used for the central wavelength when that is not given).
+    degree : int, optional
+        Polynomial degree of the final fit (lowered when lines are few).
+    min_lines : int, optional
+        Fewer identified lines: the solution fails (``ok=False`` with the reason).
+    min_snr : float, optional
+    dispersion_tolerance : float, optional
+    tol_px : float, optional
+        Identification tolerance (px).
+    clip_sigma : float, optional
+    allow_flip : bool, optional
+        Try the opposite sign of the dispersion when the configured one finds nothing.
+
+    Returns
+    -------
+    solution : `WavelengthSolution`
+    """
+    spec = np.asarray(lamp_spec, dtype=float)
+    nx = spec.size
+    x_c = (nx - 1) / 2.0
+    elements = tuple(elements)
+    if central_wavelength_a is None and wavelength_range_a is not None:
+        central_wavelength_a = 0.5 * (wavelength_range_a[0] + wavelength_range_a[1])
+    ll = measure_lamp_lines(spec, min_snr=min_snr)
+    if len(ll) < min_lines:
+        return _fail(
+            f"lamp: {len(ll)} emission line(s) above S/N {min_snr:g} (need {min_lines})",
+            nx=nx,
+            n_detected=len(ll),
+            elements=elements,
+        )
+    fwhm_px = float(np.median(ll.fwhm_px))
+    res_a = fwhm_px * abs(dispersion_a_per_px)
+    span = abs(dispersion_a_per_px) * nx * (1 + dispersion_tolerance)
+    if central_wavelength_a is not None:
+        rng = (central_wavelength_a - 0.65 * span, central_wavelength_a + 0.65 * span)
+    else:
+        rng = None
+    cat, cat_i, labels = catalogue_lines(elements, wavelength_range_a=rng, resolution_a=res_a)
+    if cat.size < min_lines:
+        return _fail(
+            f"only {cat.size} resolved {'+'.join(elements)} lines in the expected range",
+            nx=nx,
+            n_detected=len(ll),
+            elements=elements,
+        )
+    flags = []
+    signs = [1.0, -1.0] if allow_flip else [1.0]
+    m = coeffs = None
+    for sgn in signs:
+        m, coeffs = identify_lines(
+            ll.x_px,
+            ll.amplitude,
+            cat,
+            cat_i,
+            nx=nx,
+            dispersion_a_per_px=sgn * dispersion_a_per_px,
+            central_wavelength_a=central_wavelength_a,
+            dispersion_tolerance=dispersion_tolerance,
+            tol_px=tol_px,
+            degree=degree,
+        )
+        if np.count_nonzero(m >= 0) >= min_lines:
+            if sgn < 0:
+                flags.append("dispersion_sign_flipped")
+            break
+    ok = m >= 0
+    if ok.sum() < min_lines:
+        return _fail(
+            f"lamp: {len(ll)} lines detected but only {int(ok.sum())} identified with "
+            f"{'+'.join(elements)} laboratory lines (need {min_lines}); check the lamp element, "
+            "the dispersion and the central wavelength",
+            nx=nx,
+            n_detected=len(ll),
+            elements=elements,
+        )
+    x = ll.x_px
+    lab = np.where(ok, cat[np.clip(m, 0, None)], np.nan)
+    use = ok.copy()
+    deg = min(degree, int(use.sum()) - 3)
+    deg = max(deg, 1)
+    for _ in range(8):
+        c = np.polynomial.polynomial.polyfit(x[use] - x_c, lab[use], deg)
+        # re-match every detected line with the current solution (finds lines missed earlier)
+        lam = np.polynomial.polynomial.polyval(x - x_c, c)
+        disp = np.abs(
+            np.polynomial.polynomial.polyval(x - x_c, np.polynomial.polynomial.polyder(c))
+        )
+        mm = _match(x, lam, cat, 1.0 * np.median(disp) * min(tol_px, 1.5))
+        lab_new = np.where(mm >= 0, cat[np.clip(mm, 0, None)], np.nan)
+        resid = lab_new - lam
+        s = max(_MAD * np.nanmedian(np.abs(resid[mm >= 0])), 0.02 * np.median(disp))
+        new = (mm >= 0) & (np.abs(resid) <= clip_sigma * s)
+        lab = lab_new
+        if np.array_equal(new, use):
+            break
+        if new.sum() < deg + 2:
+            break
+        use = new
+        m = mm
+    if use.sum() < min_lines:
+        return _fail(
+            f"only {int(use.sum())} lines survive the clipping (need {min_lines})",
+            nx=nx,
+            n_detected=len(ll),
+            elements=elements,
+        )
+    c = np.polynomial.polynomial.polyfit(x[use] - x_c, lab[use], deg)
+    fit = np.polynomial.polynomial.polyval(x - x_c, c)
+    disp = np.polynomial.polynomial.polyval(x - x_c, np.polynomial.polynomial.polyder(c))
+    resid_a = lab - fit
+    resid_px = resid_a / disp
+    rms_a = float(np.sqrt(np.mean(resid_a[use] ** 2)))
+    rms_px = float(np.sqrt(np.mean(resid_px[use] ** 2)))
+    fwhm_a = np.abs(ll.fwhm_px * disp)
+    r_each = lab / fwhm_a
+    r_med = float(np.median(r_each[use]))
+    r_sc = float(_MAD * np.median(np.abs(r_each[use] - r_med)))
+    lines = []
+    order = np.argsort(x)
+    for i in order:
+        if not np.isfinite(lab[i]):
+            continue
+        lines.append(
+            {
+                "x_px": float(x[i]),
+                "x_err_px": float(ll.x_err_px[i]),
+                "wavelength_a": float(lab[i]),
+                "fit_a": float(fit[i]),
+                "residual_a": float(resid_a[i]),
+                "residual_px": float(resid_px[i]),
+                "fwhm_px": float(ll.fwhm_px[i]),
+                "R": float(r_each[i]),
+                "label": labels[int(np.flatnonzero(cat == lab[i])[0])] if lab[i] in cat else "",
+                "used": bool(use[i]),
+            }
+        )
+    used_lab = lab[use]
+    cal = (float(used_lab.min()), float(used_lab.max()))
+    w_ends = np.polynomial.polynomial.polyval(np.array([0.0, nx - 1.0]) - x_c, c)
+    lo, hi = float(w_ends.min()), float(w_ends.max())
+    unconstrained = (cal[0] - lo) + (hi - cal[1])
+    if unconstrained > 0.2 * (hi - lo):
+        flags.append("extrapolated")
+    sol = WavelengthSolution(
+        ok=True,
+        coeffs=tuple(float(v) for v in c),
+        x_c=x_c,
+        nx=nx,
+        degree=deg,
+        rms_a=rms_a,
+        rms_px=rms_px,
+        n_lines=int(use.sum()),
+        n_detected=len(ll),
+        resolving_power=r_med,
+        resolving_power_scatter=r_sc,
+        fwhm_a=float(np.median(fwhm_a[use])),
+        lines=tuple(lines),
+        calibrated_range_a=cal,
+        elements=elements,
+        flags=tuple(flags),
+    )
+    log.info(
+        "wavelength solution: %d/%d lines, degree %d, RMS %.3f A = %.3f px, %.1f-%.1f A "
+        "(lines %.1f-%.1f A), R = %.0f",
+        sol.n_lines,
+        sol.n_detected,
+        deg,
+        rms_a,
+        rms_px,
+        lo,
+        hi,
+        cal[0],
+        cal[1],
+        r_med,
+    )
+    return sol
