@@ -315,6 +315,7 @@ def extract_spectrum(
     n_iter=4,
     n_chunks=8,
     min_profile_snr=3.0,
+    profile_error=0.05,
 ):
     """
     Extract the spectrum along the trace: Horne optimal extraction, boxcar as a fallback.
@@ -342,6 +343,8 @@ def extract_spectrum(
     n_iter : int, optional
     n_chunks : int, optional
         Chunks along the dispersion in which the spatial profile is measured.
+    profile_error : float, optional
+        Relative uncertainty of the profile model added to the variance in the outlier test.
     min_profile_snr : float, optional
         The optimal extraction needs the boxcar S/N to reach this in enough columns to measure
         the profile; otherwise the boxcar is used (flag ``"boxcar_fallback"``).
@@ -418,7 +421,10 @@ def extract_spectrum(
         if it == n_iter:
             f = f_new
             break
-        resid2 = np.where(use, (d - f_new[None, :] * p) ** 2 / v, 0.0)
+        # a pixel is an outlier against the noise *and* the profile's own uncertainty
+        # (profile_error of the model), so that bright spectra do not lose their cores
+        v_rej = v + (profile_error * f_new[None, :] * p) ** 2
+        resid2 = np.where(use, (d - f_new[None, :] * p) ** 2 / v_rej, 0.0)
         worst = np.argmax(resid2, axis=0)
         cols = np.arange(nx)
         bad = resid2[worst, cols] > clip_sigma**2
@@ -436,11 +442,11 @@ def extract_spectrum(
         var = np.sum(np.where(use, p, 0.0), axis=0) / den
         wn = w / den[None, :]  # weights with sum(wn * p) = 1
         var = var + np.sum(wn, axis=0) ** 2 * np.nanmean(np.where(inap, skyv, np.nan), axis=0)
-    lost = np.sum(np.where(use, p, 0.0), axis=0) < 0.5
-    f = np.where(lost, np.nan, f)
-    var = np.where(lost, np.nan, var)
+    lost = (np.sum(np.where(use, p, 0.0), axis=0) < 0.5) | ~np.isfinite(f) | ~np.isfinite(var)
     if lost.any():
-        flags.append(f"{int(lost.sum())}_columns_masked")
+        f = np.where(lost, fbox, f)
+        var = np.where(lost, vbox, var)
+        flags.append(f"{int(lost.sum())}_columns_boxcar")
     return _result(f, var, sky, inap, "optimal", fwhm, n_rej, aperture_half_px, flags)
 
 

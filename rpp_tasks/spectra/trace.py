@@ -244,6 +244,14 @@ def find_trace(
             snr=peak_snr,
             n_bins=n_bins,
         )
+    # width of the collapsed profile sets the fitting window (broad or double-peaked traces)
+    above = smooth >= 0.5 * peak_snr
+    lo_h, hi_h = y0, y0
+    while lo_h > r0 and above[lo_h - 1]:
+        lo_h -= 1
+    while hi_h < r1 - 1 and above[hi_h + 1]:
+        hi_h += 1
+    w = int(max(8, 1.5 * (hi_h - lo_h + 1)))
     # follow the spectrum from the bin nearest the centre outwards
     order = np.argsort(np.abs(np.arange(n_bins) - (n_bins - 1) / 2.0))
     centres = np.full(n_bins, np.nan)
@@ -260,15 +268,23 @@ def find_trace(
                 j = min(near, key=lambda j: abs(j - i))
                 guess = centres[j]
         prof = profiles[i]
-        w = 12
         a, b = max(0, int(guess - w)), min(ny, int(guess + w) + 1)
         if b - a < 5:
             continue
         peak = a + int(np.argmax(prof[a:b]))
         if not prof[peak] >= min_snr * noise[i]:
             continue
-        fit = gauss_centroid(prof, peak, 8)
-        if fit is None or abs(fit[0] - guess) > w:
+        fit = gauss_centroid(prof, peak, w, sigma0=max(1.0, w / 4.0))
+        if fit is None:
+            # not Gaussian (flat-topped, double): flux-weighted centroid above half maximum
+            c0, c1 = max(0, peak - w), min(ny, peak + w + 1)
+            seg = prof[c0:c1]
+            wts = np.clip(seg - 0.5 * prof[peak], 0, None)
+            if not wts.sum() > 0:
+                continue
+            yc = c0 + float(np.sum(wts * np.arange(seg.size)) / wts.sum())
+            fit = (yc, float(np.count_nonzero(wts) / _FWHM))
+        if abs(fit[0] - guess) > w:
             continue
         centres[i], sigmas[i] = fit[0], fit[1]
     good = np.isfinite(centres)

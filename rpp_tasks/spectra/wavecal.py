@@ -45,6 +45,8 @@ __all__ = [
     "catalogue_lines",
     "identify_lines",
     "solve_wavelength",
+    "ZeroPointShift",
+    "measure_zero_point_shift",
 ]
 
 log = logging.getLogger(__name__)
@@ -87,8 +89,10 @@ def measure_lamp_lines(spec, *, min_snr=5.0, max_lines=80, fwhm_guess_px=3.0):
     spec = np.asarray(spec, dtype=float)
     idx, height, noise = find_peaks_1d(spec, min_snr=min_snr, min_separation_px=2)
     xs, errs, fw, amps, snr = [], [], [], [], []
-    half = max(4.0, 1.6 * fwhm_guess_px)
     for i, h in zip(idx[: 2 * max_lines], height[: 2 * max_lines]):
+        others = np.abs(idx[idx != i] - i)
+        gap = float(others.min()) if others.size else np.inf
+        half = max(2.5, min(max(4.0, 1.6 * fwhm_guess_px), 0.6 * gap))
         fit = gauss_centroid(spec, i, half, sigma0=fwhm_guess_px / _FWHM)
         if fit is None or abs(fit[0] - i) > 1.5:
             continue
@@ -110,12 +114,13 @@ def measure_lamp_lines(spec, *, min_snr=5.0, max_lines=80, fwhm_guess_px=3.0):
     )
 
 
-def catalogue_lines(elements, *, wavelength_range_a=None, resolution_a=None):
+def catalogue_lines(elements, *, wavelength_range_a=None, resolution_a=None, max_shift=0.05):
     """
     Laboratory lines usable at a given resolution.
 
-    Lines with a neighbour closer than ``1.5 * resolution_a`` whose intensity exceeds 5 % of
-    theirs are dropped as unresolved blends (a much brighter line keeps its place).
+    A line is dropped as an unresolved blend when its neighbours (weighted by their NIST
+    intensity and a Gaussian line profile of FWHM ``resolution_a``) would pull its centroid by
+    more than ``max_shift`` resolution elements, or when a neighbour is closer than 0.2 sigma.
 
     Returns
     -------
@@ -130,11 +135,16 @@ def catalogue_lines(elements, *, wavelength_range_a=None, resolution_a=None):
     inten = np.array([float(t[1]) for t in lines])
     labels = [t[2] for t in lines]
     if resolution_a:
+        sig = resolution_a / _FWHM
         keep = np.ones(lam.size, bool)
         for i in range(lam.size):
-            near = np.abs(lam - lam[i]) < 1.5 * resolution_a
-            near[i] = False
-            if np.any(inten[near] > 0.05 * inten[i]):
+            d = lam - lam[i]
+            near = (np.abs(d) < 2.0 * resolution_a) & (d != 0)
+            if not near.any():
+                continue
+            g = inten[near] / inten[i] * np.exp(-0.5 * (d[near] / sig) ** 2)
+            shift = float(np.sum(g * d[near]) / (1.0 + np.sum(g)))
+            if abs(shift) > max_shift * resolution_a or np.any(np.abs(d[near]) < 0.2 * sig):
                 keep[i] = False
         lam, inten = lam[keep], inten[keep]
         labels = [lb for lb, k in zip(labels, keep) if k]
@@ -591,3 +601,141 @@ def solve_wavelength(
         r_med,
     )
     return sol
+
+
+#: Sharp blue edges (band heads) of the telluric O2 bands, air A (B band, A band).
+TELLURIC_HEADS_A = (("O2 B", 6867.19), ("O2 A", 7593.70))
+#: Night-sky and light-pollution emission lines usable for a zero-point check, air A.
+SKY_LINES_A = (("[OI]", 5577.34), ("[OI]", 6300.30), ("Hg", 5460.74), ("Hg", 4358.33))
+
+
+@dataclass(frozen=True)
+class ZeroPointShift:
+    """Wavelength zero-point shift between the lamp and the target frame (flexure, slit
+    centring), measured on telluric band heads and sky emission lines of the target frame.
+
+    ``shift_a`` is added to the lamp solution's wavelengths (0 when nothing was measured).
+    """
+
+    shift_a: float
+    shift_err_a: float
+    n_features: int
+    features: tuple = ()
+    applied: bool = False
+    reason: str | None = None
+
+    def to_dict(self) -> dict:
+        """JSON-safe summary."""
+        return {
+            "shift_a": self.shift_a,
+            "shift_err_a": self.shift_err_a,
+            "n_features": self.n_features,
+            "features": [dict(f) for f in self.features],
+            "applied": self.applied,
+            "reason": self.reason,
+        }
+
+
+def measure_zero_point_shift(
+    wavelength_a, flux, *, sky=None, resolution_a, max_shift_a=None, min_shift_sigma=3.0
+):
+    """
+    Zero-point shift of a target's wavelength scale from telluric O2 band heads (in the star's
+    spectrum) and sky emission lines (in the sky under it).
+
+    The band head is located as the steepest rise of the flux towards shorter wavelengths
+    (the minimum of dF/dlambda) within ``max_shift_a`` of its laboratory wavelength; a sky line
+    by a Gaussian fit. The shift is the median of the features' offsets; it is applied only when
+    it exceeds ``min_shift_sigma`` times its error (else reported, ``applied=False``).
+
+    Parameters
+    ----------
+    wavelength_a : 1-D array
+        Wavelength of each column from the lamp solution (either direction).
+    flux : 1-D array
+        Extracted target spectrum.
+    sky : 1-D array, optional
+        Sky spectrum under the aperture.
+    resolution_a : float
+        FWHM of the lines (A).
+    max_shift_a : float, optional
+        Search half-window; default 3 resolution elements.
+
+    Returns
+    -------
+    shift : `ZeroPointShift`
+    """
+    lam = np.asarray(wavelength_a, float)
+    order = np.argsort(lam)
+    lam = lam[order]
+    f = np.asarray(flux, float)[order]
+    win = 3.0 * resolution_a if max_shift_a is None else max_shift_a
+    step = float(np.median(np.diff(lam)))
+    feats = []
+    for name, w0 in TELLURIC_HEADS_A:
+        if not (lam[0] + 2 * win < w0 < lam[-1] - 2 * win):
+            continue
+        sel = (lam > w0 - win) & (lam < w0 + win)
+        if sel.sum() < 5:
+            continue
+        ff = ndimage_smooth(f, max(1.0, 0.25 * resolution_a / step))
+        d = np.gradient(ff, lam)
+        idx = np.flatnonzero(sel)
+        i = idx[np.argmin(d[idx])]
+        # the head must be a real edge: the drop across it is significant
+        left = np.median(f[(lam > w0 - 2 * win) & (lam < w0 - win)])
+        right = np.median(f[(lam > w0 + 0.2 * win) & (lam < w0 + win)])
+        if not (left > 0 and right < 0.97 * left) or i in (0, lam.size - 1):
+            continue
+        a, b, c = d[i - 1], d[i], d[i + 1]
+        den = a - 2 * b + c
+        off = 0.5 * (a - c) / den if den > 0 else 0.0
+        pos = float(np.interp(i + off, np.arange(lam.size), lam))
+        feats.append({"feature": name, "lab_a": w0, "measured_a": pos, "offset_a": pos - w0})
+    if sky is not None:
+        s = np.asarray(sky, float)[order]
+        base = np.median(s)
+        noise = _MAD * np.median(np.abs(np.diff(s))) / math.sqrt(2.0)
+        for name, w0 in SKY_LINES_A:
+            if not (lam[0] + win < w0 < lam[-1] - win):
+                continue
+            idx = np.flatnonzero((lam > w0 - win) & (lam < w0 + win))
+            i = idx[np.argmax(s[idx])]
+            if not s[i] - base > 8 * max(noise, 1e-9):
+                continue
+            fit = gauss_centroid(s, i, max(3.0, resolution_a / step))
+            if fit is None:
+                continue
+            pos = float(np.interp(fit[0], np.arange(lam.size), lam))
+            feats.append({"feature": name, "lab_a": w0, "measured_a": pos, "offset_a": pos - w0})
+    if not feats:
+        return ZeroPointShift(0.0, float("nan"), 0, reason="no telluric band head or sky line")
+    offs = np.array([ft["offset_a"] for ft in feats])
+    shift = float(np.median(offs))
+    err = float(
+        max(0.1 * resolution_a, _MAD * np.median(np.abs(offs - shift)))
+        / math.sqrt(max(1, offs.size - 1) if offs.size > 1 else 1)
+    )
+    applied = abs(shift) > min_shift_sigma * err
+    log.info(
+        "wavelength zero point: %+.2f +- %.2f A from %s%s",
+        shift,
+        err,
+        ", ".join(f"{ft['feature']} {ft['offset_a']:+.1f}" for ft in feats),
+        "" if applied else " (not significant: not applied)",
+    )
+    return ZeroPointShift(
+        shift_a=shift if applied else 0.0,
+        shift_err_a=err,
+        n_features=len(feats),
+        features=tuple(feats),
+        applied=applied,
+        reason=None if applied else f"measured {shift:+.2f} A not significant",
+    )
+
+
+def ndimage_smooth(v, sigma):
+    """Gaussian smoothing of a 1-D array (sigma in samples)."""
+    from scipy.ndimage import gaussian_filter1d
+
+    return gaussian_filter1d(np.asarray(v, float), sigma, mode="nearest")
