@@ -191,7 +191,7 @@ def frames_from_headers(paths, *, lamp_patterns=(), frame_types=None):
     for p in sorted(str(p) for p in paths):
         name = Path(p).name.lower()
         try:
-            header = read_header(p)
+            header = read_header(p, debayer=False)[0]
         except Exception as exc:  # unreadable file: recorded, the others go on
             rejected.append((p, f"unreadable: {exc}"))
             continue
@@ -402,8 +402,9 @@ def _reduce_target(name, frames, masters, *, spec, camera, site, out_dir, night,
         frac = float(np.count_nonzero((c.saturated & core).any(axis=0)) / nx)
         if frac > spec.max_saturated_fraction:
             raise FrameRejected(
-                f"saturated spectrum: {Path(p).name} has saturated pixels in the trace core over "
-                f"{100 * frac:.1f} % of the columns (limit {100 * spec.max_saturated_fraction:g} %)",
+                f"saturated spectrum: {Path(p).name} has saturated pixels in the trace core "
+                f"over {100 * frac:.1f} % of the columns "
+                f"(limit {100 * spec.max_saturated_fraction:g} %)",
                 stage="saturation",
             )
     # cosmic rays on the band that the sky and the extraction use
@@ -541,7 +542,7 @@ def _reduce_target(name, frames, masters, *, spec, camera, site, out_dir, night,
         flags.append("no_heliocentric_correction")
     applied_vhel = 0.0
     with timer("resample"):
-        lam_exp = lam_cols + zp_shift
+        lam_exp = lam_cols - zp_shift  # features measured zp_shift too red: move them back
         if spec.heliocentric == "apply" and v_hel is not None:
             lam_exp = lam_exp * (1.0 + v_hel / _C_KMS)
             applied_vhel = v_hel
@@ -604,7 +605,7 @@ def _reduce_target(name, frames, masters, *, spec, camera, site, out_dir, night,
             "WAV_RMSP": (round(sol.rms_px, 4), "[px] lamp solution RMS"),
             "WAV_NLIN": (sol.n_lines, "lamp lines used"),
             "WAV_DEG": (sol.degree, "polynomial degree"),
-            "WAV_ZP": (round(zp_shift, 3), "[Angstrom] zero-point (flexure) shift applied"),
+            "WAV_ZP": (round(-zp_shift, 3), "[A] zero-point (flexure) correction added"),
             "WAV_LAMP": ("+".join(sol.elements), "lamp elements"),
             "SNR": (round(comb.snr_median, 1), "median S/N per pixel"),
             "FLUXCAL": (calibrated_flux, "instrumental response applied"),

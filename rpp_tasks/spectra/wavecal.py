@@ -614,7 +614,8 @@ class ZeroPointShift:
     """Wavelength zero-point shift between the lamp and the target frame (flexure, slit
     centring), measured on telluric band heads and sky emission lines of the target frame.
 
-    ``shift_a`` is added to the lamp solution's wavelengths (0 when nothing was measured).
+    ``shift_a`` is how much too red the target's features fall on the lamp solution's scale:
+    the corrected wavelengths are ``lambda_lamp - shift_a`` (0 when nothing was measured).
     """
 
     shift_a: float
