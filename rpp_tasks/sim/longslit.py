@@ -11,6 +11,9 @@ A night is a set of raw frames by role -- target exposures, one arc lamp (Ne + A
 * **Spectrum trace**: ``y_t(x) = y0 + a1 (x - x_c) + a2 (x - x_c)^2`` with a Gaussian spatial
   profile whose width varies across the detector.
 * **Line spread function**: Gaussian of ``line_fwhm_px``; lines are integrated over the pixel.
+* **Lamp**: every Ne/Ar line of the shipped lists in range, with flux proportional to
+  ``(I / I_max)^0.8`` of the NIST relative intensity times a random factor 0.7-1.4 (real lamps
+  differ from NIST's intensities), so the weak neighbours of strong lines make real blends.
 * **Star**: a smooth continuum with Balmer lines, narrow "metal" lines at known wavelengths and
   telluric O2 bands; **sky**: continuum plus emission lines ([O I], Na D, Hg light pollution).
 * **Detector**: bias level with a column pattern, dark current with hot pixels, pixel response
@@ -353,7 +356,7 @@ def make_longslit_night(
     imax = max(i for _, i, _ in lines) if lines else 1
     peak_to_total = (line_fwhm_px / 2.3548) * math.sqrt(2 * math.pi)
     lamp = tuple(
-        (w, float(lamp_peak_e * peak_to_total * (i / imax) ** 0.5 * rng.uniform(0.6, 1.4)))
+        (w, float(lamp_peak_e * peak_to_total * (i / imax) ** 0.8 * rng.uniform(0.7, 1.4)))
         for w, i, _ in lines
     )
     sky_flux = 40.0 * sky_e_per_px * peak_to_total

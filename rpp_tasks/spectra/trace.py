@@ -356,7 +356,11 @@ def find_peaks_1d(spec, *, min_snr=5.0, min_separation_px=3.0, baseline_px=51):
     fill = np.where(np.isfinite(s), s, np.nanmedian(s))
     base = ndimage.median_filter(fill, size=baseline_px, mode="nearest")
     r = fill - base
-    noise = _robust_sigma(np.diff(r)) / math.sqrt(2.0)
+    # noise from the pixel-to-pixel differences between line-free pixels (a dense arc has
+    # lines over much of the spectrum, whose slopes would inflate a plain estimate)
+    quiet = r < np.percentile(r, 40)
+    pair = quiet[:-1] & quiet[1:]
+    noise = _robust_sigma(np.diff(r)[pair] if pair.sum() > 20 else np.diff(r)) / math.sqrt(2.0)
     if not noise > 0:
         noise = _robust_sigma(r) or 1.0
     is_max = np.zeros(r.size, bool)

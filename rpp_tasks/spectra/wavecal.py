@@ -11,12 +11,13 @@
    of catalogue lines whose spacing agrees with the configured dispersion (within
    ``dispersion_tolerance``) and, when given, with the central wavelength; each hypothesis is
    grown outwards: match peaks within a tolerance, refit (linear, then quadratic, then the full
-   degree), widen the window until it covers the detector. The hypothesis that ends with most
-   lines (then lowest RMS) wins. Without a central wavelength every placement is tried (an
-   automatic matcher in the spirit of rascal's Hough transform, restricted by the known
-   dispersion); if nothing matches with the configured sign of the dispersion the opposite sign
-   is tried and flagged.
-4. **Fit** (`solve_wavelength`): polynomial of ``degree`` in ``x - x_c`` with 3-sigma clipping;
+   degree), widen the window in small steps until it covers the detector. The hypothesis with
+   the highest soft count of matched lines (each counts ``1 - (residual / tolerance)^2``) wins.
+   Without a central wavelength every placement is tried (an automatic matcher in the spirit of
+   rascal's Hough transform, restricted by the known dispersion); if nothing matches with the
+   configured sign of the dispersion the opposite sign is tried and flagged.
+4. **Fit** (`solve_wavelength`): polynomial of ``degree`` in ``x - x_c`` with 2.5-sigma clipping
+   (robust sigma); lines whose FWHM is off the median by more than 30 % (blends) are not fitted;
    RMS in A and in px; the range actually constrained by lines is recorded so that
    extrapolation can be flagged.
 5. **Resolving power**: ``R = lambda / (FWHM_px * |d lambda / dx|)`` per identified line (the
@@ -114,7 +115,7 @@ def measure_lamp_lines(spec, *, min_snr=5.0, max_lines=80, fwhm_guess_px=3.0):
     )
 
 
-def catalogue_lines(elements, *, wavelength_range_a=None, resolution_a=None, max_shift=0.05):
+def catalogue_lines(elements, *, wavelength_range_a=None, resolution_a=None, max_shift=0.03):
     """
     Laboratory lines usable at a given resolution.
 
@@ -173,7 +174,7 @@ def _grow(x, cat, a, b, x_pair, nx, x_c, *, tol_px, degree):
     half = max(nx / 8.0, 2.0 * abs(x_pair[1] - x_pair[0]))
     centre = 0.5 * (x_pair[0] + x_pair[1])
     m = np.full(x.size, -1)
-    for _ in range(12):
+    for _ in range(20):
         win = np.abs(x - centre) <= half
         lam = np.polynomial.polynomial.polyval(x - x_c, coeffs)
         m = np.where(win, _match(x, lam, cat, tol_px * abs(coeffs[1])), -1)
@@ -185,13 +186,13 @@ def _grow(x, cat, a, b, x_pair, nx, x_c, *, tol_px, degree):
         deg = 1
         if n_ok >= 6 and span > nx / 3:
             deg = 2
-        if n_ok >= degree + 5 and span > nx / 2:
+        if n_ok >= degree + 5 and span > 0.8 * nx:
             deg = degree
         c = np.polynomial.polynomial.polyfit(x[ok] - x_c, cat[m[ok]], deg)
         coeffs = c
         if half >= nx:
             break
-        half *= 1.6
+        half *= 1.3  # small steps: the fit is never extrapolated far
     lam = np.polynomial.polynomial.polyval(x - x_c, coeffs)
     m = _match(x, lam, cat, tol_px * abs(coeffs[1]))
     return m, coeffs
@@ -278,13 +279,16 @@ def identify_lines(
         m, coeffs = _grow(x, cat, a, b, pair, nx, x_c, tol_px=tol_px, degree=degree)
         ok = m >= 0
         n_ok = int(ok.sum())
-        if n_ok < 3:
+        if n_ok < 3 or abs(coeffs[1] / dispersion_a_per_px - 1) > dispersion_tolerance:
             continue
         lam = np.polynomial.polynomial.polyval(x[ok] - x_c, coeffs)
-        rms = float(np.sqrt(np.mean((lam - cat[m[ok]]) ** 2)))
-        if n_ok > best[0] or (n_ok == best[0] and rms < best[1]):
-            best = (n_ok, rms, m, coeffs)
-    log.debug("identify: %d hypotheses, %d grown, best %d lines", len(hyps), tried, best[0])
+        r_px = (lam - cat[m[ok]]) / abs(coeffs[1])
+        # soft count: a line matched at the tolerance counts 0, a perfect match 1 (a shifted,
+        # wrong identification matches as many lines, but loosely)
+        score = float(np.sum(np.clip(1.0 - (r_px / tol_px) ** 2, 0, None)))
+        if score > best[0]:
+            best = (score, 0.0, m, coeffs)
+    log.debug("identify: %d hypotheses, %d grown, best score %.1f", len(hyps), tried, best[0])
     return best[2], best[3]
 
 
@@ -407,7 +411,7 @@ def solve_wavelength(
     min_snr=5.0,
     dispersion_tolerance=0.15,
     tol_px=2.0,
-    clip_sigma=3.0,
+    clip_sigma=2.5,
     allow_flip=True,
 ):
     """
@@ -502,7 +506,10 @@ def solve_wavelength(
         )
     x = ll.x_px
     lab = np.where(ok, cat[np.clip(m, 0, None)], np.nan)
-    use = ok.copy()
+    # a line much broader or narrower than the others is a blend (or not a line): listed, not fitted
+    fw_med = float(np.median(ll.fwhm_px))
+    shape_ok = (ll.fwhm_px > 0.7 * fw_med) & (ll.fwhm_px < 1.3 * fw_med)
+    use = ok & shape_ok
     deg = min(degree, int(use.sum()) - 3)
     deg = max(deg, 1)
     for _ in range(8):
@@ -516,7 +523,7 @@ def solve_wavelength(
         lab_new = np.where(mm >= 0, cat[np.clip(mm, 0, None)], np.nan)
         resid = lab_new - lam
         s = max(_MAD * np.nanmedian(np.abs(resid[mm >= 0])), 0.02 * np.median(disp))
-        new = (mm >= 0) & (np.abs(resid) <= clip_sigma * s)
+        new = (mm >= 0) & (np.abs(resid) <= clip_sigma * s) & shape_ok
         lab = lab_new
         if np.array_equal(new, use):
             break
