@@ -444,6 +444,9 @@ def _coerce(tp, value, source: str, key: str):
             if type(None) in args:
                 return None
             raise fail
+        sections = [a for a in args if dataclasses.is_dataclass(a)]
+        if len(sections) == 1 and isinstance(value, dict):
+            return _coerce(sections[0], value, source, key)  # errors name the inner key
         for a in args:
             if a is type(None):
                 continue

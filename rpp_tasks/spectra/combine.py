@@ -174,8 +174,8 @@ def combine_exposures(fluxes, variances, *, clip_sigma=4.0, scale=True):
     Inverse-variance weighted mean of exposures with outlier rejection.
 
     Each exposure is first scaled to the level of the highest-S/N one (median ratio over the
-    pixels valid in both); a pixel further than ``clip_sigma`` from the weighted mean of the
-    others (in units of the combined error) is rejected, one pass per exposure.
+    pixels valid in both); with three exposures or more, a pixel further than ``clip_sigma``
+    of its own error from the median of the exposures at that pixel is rejected.
 
     Parameters
     ----------
@@ -205,17 +205,13 @@ def combine_exposures(fluxes, variances, *, clip_sigma=4.0, scale=True):
     use = ok.copy()
     n_rej = 0
     if k >= 3:
-        w = np.where(use, 1.0 / np.where(ok, vs, 1.0), 0.0)
-        sw = w.sum(axis=0)
-        swf = (w * np.where(use, fs, 0.0)).sum(axis=0)
-        for i in range(k):
-            wo = sw - w[i]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                mean_o = (swf - w[i] * np.where(use[i], fs[i], 0.0)) / wo
-                z = (fs[i] - mean_o) / np.sqrt(vs[i] + 1.0 / wo)
-            out = use[i] & (np.abs(z) > clip_sigma)
-            n_rej += int(out.sum())
-            use[i] &= ~out
+        # against the per-pixel median of the exposures (robust to the outlier itself)
+        with np.errstate(invalid="ignore"):
+            med = np.nanmedian(np.where(ok, fs, np.nan), axis=0)
+            z = (fs - med[None, :]) / np.sqrt(np.where(ok, vs, np.inf))
+        out = use & (np.abs(z) > clip_sigma)
+        n_rej = int(out.sum())
+        use &= ~out
     w = np.where(use, 1.0 / np.where(ok, vs, 1.0), 0.0)
     sw = w.sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):

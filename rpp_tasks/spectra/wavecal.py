@@ -29,6 +29,7 @@ run time (no network here) and its matcher does not take the configured dispersi
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -121,7 +122,9 @@ def catalogue_lines(elements, *, wavelength_range_a=None, resolution_a=None, max
 
     A line is dropped as an unresolved blend when its neighbours (weighted by their NIST
     intensity and a Gaussian line profile of FWHM ``resolution_a``) would pull its centroid by
-    more than ``max_shift`` resolution elements, or when a neighbour is closer than 0.2 sigma.
+    more than ``max_shift`` resolution elements, or when a neighbour of at least 30 % of its
+    intensity is closer than half a sigma (one unresolved peak whose centroid depends on the
+    lamp's actual intensity ratio).
 
     Returns
     -------
@@ -145,7 +148,8 @@ def catalogue_lines(elements, *, wavelength_range_a=None, resolution_a=None, max
                 continue
             g = inten[near] / inten[i] * np.exp(-0.5 * (d[near] / sig) ** 2)
             shift = float(np.sum(g * d[near]) / (1.0 + np.sum(g)))
-            if abs(shift) > max_shift * resolution_a or np.any(np.abs(d[near]) < 0.2 * sig):
+            close = (np.abs(d[near]) < 0.5 * sig) & (inten[near] > 0.3 * inten[i])
+            if abs(shift) > max_shift * resolution_a or np.any(close):
                 keep[i] = False
         lam, inten = lam[keep], inten[keep]
         labels = [lb for lb, k in zip(labels, keep) if k]
@@ -413,6 +417,7 @@ def solve_wavelength(
     tol_px=2.0,
     clip_sigma=2.5,
     allow_flip=True,
+    max_rms_px=0.35,
 ):
     """
     Identify the lamp's lines and fit the dispersion polynomial.
@@ -439,12 +444,64 @@ def solve_wavelength(
         Identification tolerance (px).
     clip_sigma : float, optional
     allow_flip : bool, optional
-        Try the opposite sign of the dispersion when the configured one finds nothing.
+        Try the opposite sign of the dispersion when the configured one gives no consistent
+        solution (flag ``"dispersion_sign_flipped"``).
+    max_rms_px : float, optional
+        A solution whose RMS exceeds this is not a consistent identification (a wrong placement
+        can match a handful of lines of a dense list loosely): it fails.
 
     Returns
     -------
     solution : `WavelengthSolution`
     """
+    kw = dict(
+        elements=elements,
+        dispersion_a_per_px=dispersion_a_per_px,
+        central_wavelength_a=central_wavelength_a,
+        wavelength_range_a=wavelength_range_a,
+        degree=degree,
+        min_lines=min_lines,
+        min_snr=min_snr,
+        dispersion_tolerance=dispersion_tolerance,
+        tol_px=tol_px,
+        clip_sigma=clip_sigma,
+    )
+    first = _solve_one(lamp_spec, sign=1.0, **kw)
+    if first.ok and first.rms_px <= max_rms_px:
+        return first
+    if allow_flip and first.n_detected >= min_lines:
+        second = _solve_one(lamp_spec, sign=-1.0, **kw)
+        if second.ok and second.rms_px <= max_rms_px:
+            log.warning("wavelength solution: the dispersion runs the other way than configured")
+            return dataclasses.replace(second, flags=(*second.flags, "dispersion_sign_flipped"))
+    if first.ok:
+        return _fail(
+            f"no consistent line identification: the best has RMS {first.rms_px:.2f} px "
+            f"> {max_rms_px:g} px with {first.n_lines} lines; check the lamp element, the "
+            "dispersion and the central wavelength",
+            nx=first.nx,
+            n_detected=first.n_detected,
+            elements=first.elements,
+        )
+    return first
+
+
+def _solve_one(
+    lamp_spec,
+    *,
+    elements,
+    dispersion_a_per_px,
+    central_wavelength_a=None,
+    wavelength_range_a=None,
+    degree=3,
+    min_lines=5,
+    min_snr=5.0,
+    dispersion_tolerance=0.15,
+    tol_px=2.0,
+    clip_sigma=2.5,
+    sign=1.0,
+):
+    """One identification + fit with the dispersion multiplied by ``sign``."""
     spec = np.asarray(lamp_spec, dtype=float)
     nx = spec.size
     x_c = (nx - 1) / 2.0
@@ -475,9 +532,8 @@ def solve_wavelength(
             elements=elements,
         )
     flags = []
-    signs = [1.0, -1.0] if allow_flip else [1.0]
     m = coeffs = None
-    for sgn in signs:
+    for sgn in (sign,):
         m, coeffs = identify_lines(
             ll.x_px,
             ll.amplitude,
@@ -491,8 +547,6 @@ def solve_wavelength(
             degree=degree,
         )
         if np.count_nonzero(m >= 0) >= min_lines:
-            if sgn < 0:
-                flags.append("dispersion_sign_flipped")
             break
     ok = m >= 0
     if ok.sum() < min_lines:

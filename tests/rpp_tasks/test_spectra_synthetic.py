@@ -352,7 +352,7 @@ def test_bad_targets_are_rejected_and_the_night_goes_on(tmp_path):
         )
         for n in names
     }
-    obs = _obs()
+    obs = _obs(dispersion_a_per_px=4.0)  # 3600 A over 900 px
     res = reduce_longslit_session(
         targets,
         spec=dataclasses.replace(obs.spectrograph),
@@ -362,6 +362,7 @@ def test_bad_targets_are_rejected_and_the_night_goes_on(tmp_path):
     )
     by = {o.name: o for o in res.outcomes}
     assert by["GOOD"].ok and (tmp_path / "out" / "GOOD").is_dir()
+    assert by["GOOD"].summary["wavelength"]["rms_px"] < 0.2
     assert by["NOLINES"].stage == "wavelength" and "lamp" in by["NOLINES"].reason
     assert by["NOTRACE"].stage == "trace" and "trace not found" in by["NOTRACE"].reason
     assert by["SATURATED"].stage == "saturation" and "saturated" in by["SATURATED"].reason
