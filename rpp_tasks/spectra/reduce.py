@@ -182,8 +182,8 @@ def frames_from_headers(paths, *, lamp_patterns=(), frame_types=None):
     import fnmatch
     import re
 
-    from rpp_tasks.inputs.fitsio import read_header
     from rpp_tasks.inputs.frames import classify_frame
+    from rpp_tasks.inputs.reader import read_header
 
     roles = {"lamp": [], "flat": [], "dark": [], "offset": []}
     science: dict[str, list[str]] = {}
@@ -237,7 +237,7 @@ class _Timer:
 
 
 def _read(paths, dispersion_axis):
-    from rpp_tasks.inputs.fitsio import read_frame
+    from rpp_tasks.inputs.reader import read_frame
     from rpp_tasks.spectra.calib import orient
 
     out = []
@@ -248,7 +248,7 @@ def _read(paths, dispersion_axis):
 
 
 def _meta(header, path, camera):
-    from rpp_tasks.inputs.fitsio import normalize_header
+    from rpp_tasks.inputs.header import normalize_header
 
     return normalize_header(
         header,
