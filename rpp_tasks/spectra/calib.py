@@ -15,6 +15,7 @@ runs along NAXIS2 into that layout.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,9 +23,9 @@ from scipy import ndimage
 
 from rpp_tasks.stages.calibration import (
     MasterFrame,
-    combine_frames,
     make_master_bias,
     make_master_dark,
+    make_master_flat,
 )
 
 __all__ = [
@@ -99,7 +100,7 @@ def make_longslit_flat(
     Flat from flat-lamp exposures, normalised along the dispersion.
 
     Each flat is bias- and dark-corrected and scaled to its median, the flats are combined
-    (`~rpp_tasks.stages.calibration.combine_frames`), then every column is divided by the lamp's
+    (`~rpp_tasks.stages.calibration.make_master_flat`), then every column is divided by the lamp's
     spectral shape: the median over the illuminated rows, smoothed along x with a running median
     and a Gaussian of ``smooth_px``. What remains is the pixel-to-pixel response and the slit
     illumination along the slit, normalised to median 1 over the illuminated rows. Rows outside
@@ -125,34 +126,25 @@ def make_longslit_flat(
     if not frames:
         msg = "no flat frame to combine"
         raise ValueError(msg)
+    # offset/dark subtraction, per-flat level scaling and clipped combination: the imaging master
+    # flat (its mask: dead pixels)
+    m = make_master_flat(
+        frames,
+        master_bias=master_bias,
+        master_dark_rate=master_dark_rate,
+        exptimes_s=exptimes_s,
+        method=method,
+        clip_sigma=clip_sigma,
+        min_response=1e-3,  # only dead pixels: a flat lamp is faint at the blue end
+    )
+    image = np.where(m.mask, np.nan, m.image).astype(np.float32)
+    flags = list(m.flags)
+    n, n_rej, levels = m.n_frames, m.n_rejected_px, m.levels_adu
     t = np.asarray(exptimes_s, dtype=float).ravel()
-    if t.size != len(frames):
-        msg = f"exptimes_s must have {len(frames)} values, got {t.size}"
-        raise ValueError(msg)
-    flags = []
-    bias = np.float32(0) if master_bias is None else np.asarray(master_bias, np.float32)
-    if master_bias is None:
-        flags.append("no_bias")
-    if master_dark_rate is None:
-        flags.append("no_dark")
-    corrected, levels, scale = [], [], []
-    for i, f in enumerate(frames):
-        c = f - bias
-        if master_dark_rate is not None:
-            c = c - np.asarray(master_dark_rate, np.float32) * np.float32(t[i])
-        level = float(np.nanmedian(c))
-        if not level > 0:
-            flags.append(f"dropped_{i}_non_positive_level")
-            continue
-        corrected.append(c)
-        levels.append(level)
-        scale.append(1.0 / level)
-    if not corrected:
-        msg = "no flat has a positive level after offset/dark subtraction"
-        raise ValueError(msg)
-    image, n, n_rej = combine_frames(corrected, method=method, clip_sigma=clip_sigma, scale=scale)
-    row_level = np.nanmedian(image, axis=1)
-    lit = row_level > 0.2 * np.nanmax(row_level)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows outside the slit
+        row_level = np.nanmedian(image, axis=1)
+    lit = np.nan_to_num(row_level) > 0.2 * np.nanmax(row_level)
     rows = np.flatnonzero(lit)
     if rows.size < 3:
         msg = "flat: fewer than 3 illuminated rows"
@@ -164,13 +156,11 @@ def make_longslit_flat(
     with np.errstate(invalid="ignore", divide="ignore"):
         norm = image / shape_x[None, :]
     norm /= np.float32(np.nanmedian(norm[r0:r1]))
-    bad = ~np.isfinite(norm)
-    bad[r0:r1] |= norm[r0:r1] < min_response
+    bad = np.zeros(norm.shape, bool)
+    bad[r0:r1] = ~np.isfinite(norm[r0:r1]) | (norm[r0:r1] < min_response)
     norm[bad] = 1.0
-    norm[:r0] = 1.0
+    norm[:r0] = 1.0  # outside the slit image: nothing to correct
     norm[r1:] = 1.0
-    if n == 1:
-        flags.append("single_frame")
     master = MasterFrame(
         "flat",
         norm.astype(np.float32),
