@@ -121,13 +121,14 @@ def solve(real=None):
     from astropy.table import Table
 
     from rpp_tasks.config import find_config
-    from rpp_tasks.inputs import fitsio
+    from rpp_tasks.inputs.reader import read_frame
+    from rpp_tasks.inputs.wcs import header_wcs
     from rpp_tasks.session import pipeline
     from rpp_tasks.stages import astrometry, catalogs
 
     src = real / "seestar_s50/Light_NGC7023_10.0s_IRCUT_20240730-224459.fit"
-    raw = fitsio.read_frame(src, bayer_pattern="GRBG")
-    orig = fitsio.header_wcs(raw.header)
+    raw = read_frame(src, bayer_pattern="GRBG")
+    orig = header_wcs(raw.header)
     tmp = Path(tempfile.mkdtemp())
     obs = find_config("seestar_s50")
     pipeline.reduce_frame(src, obs, tmp / "o", keep_intermediate=True)

@@ -17,9 +17,11 @@ from pathlib import Path
 
 from airflow.sdk import dag, get_parsing_context, task
 
+from rpp_tasks.config import default_config_dir
+
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(os.environ.get("RPP_CONFIG_DIR", Path(__file__).resolve().parents[1] / "config"))
+CONFIG_DIR = default_config_dir()  # RPP_CONFIG_DIR, else <repo>/config
 DAG_ID = "rpp_reconcile"
 #: Seconds between the two snapshots of a session folder (files must not change in between).
 SETTLE_SECONDS = float(os.environ.get("RPP_RECONCILE_SETTLE_S", "5"))
@@ -27,7 +29,7 @@ SETTLE_SECONDS = float(os.environ.get("RPP_RECONCILE_SETTLE_S", "5"))
 
 def session_rule(obs):
     """The watcher's readiness rule for an observatory configuration."""
-    from rpp_tasks.ops.watch import rule_from_config
+    from rpp_tasks.ops.readiness import rule_from_config
 
     return rule_from_config(obs, settle_seconds=SETTLE_SECONDS)
 

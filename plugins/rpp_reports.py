@@ -14,23 +14,17 @@ Wiring only: the listing and the path checks are `rpp_tasks.outputs.browse` (no 
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 
-REPO = Path(__file__).resolve().parents[1]
 URL_PREFIX = "/rpp-reports"
 
 
 def _configs():
-    from rpp_tasks.config import load_observatory_configs
+    from rpp_tasks.config import default_config_dir, load_observatory_configs
 
-    configs, _errors = load_observatory_configs(
-        os.environ.get("RPP_CONFIG_DIR", REPO / "config"), strict=False
-    )
+    configs, _errors = load_observatory_configs(default_config_dir(), strict=False)
     return configs
 
 

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rpp_tasks.exceptions import FrameRejected
-from rpp_tasks.inputs.fitsio import (
+from rpp_tasks.inputs.header import (
     FrameMeta,
     normalize_header,
     normalize_imagetyp,
     normalize_kwargs_from_config,
-    read_header,
 )
+from rpp_tasks.inputs.reader import read_header
 
 __all__ = [
     "FRAME_KINDS",
@@ -114,7 +114,7 @@ def classify_frame(meta_or_imagetyp, path, *, patterns=None):
 
     Parameters
     ----------
-    meta_or_imagetyp : `~rpp_tasks.inputs.fitsio.FrameMeta` or str or None
+    meta_or_imagetyp : `~rpp_tasks.inputs.header.FrameMeta` or str or None
         The normalised header, or a raw/normalised IMAGETYP value (then rule 3 is skipped).
     path : str or Path
         The file (only its name is used).
@@ -221,7 +221,7 @@ class SessionPlan:
     ----------
     groups : tuple of `FrameGroup`
         Sorted by kind (bias, dark, flat, science, unknown) then key.
-    frames : tuple of `~rpp_tasks.inputs.fitsio.FrameMeta`
+    frames : tuple of `~rpp_tasks.inputs.header.FrameMeta`
         Every accepted frame, sorted by path; ``imagetyp`` is the classified kind.
     rejected : tuple of `RejectedFile`
         Files that are not usable frames (bad FITS, missing keywords ...).
@@ -328,7 +328,7 @@ def group_session(paths, obs=None, *, normalize_kwargs=None, patterns=None, igno
         Supplies ``normalize_kwargs`` (camera, filter aliases) and ``patterns``
         (``session.frame_types``) when those are not given.
     normalize_kwargs : Mapping, optional
-        Keyword arguments of `~rpp_tasks.inputs.fitsio.normalize_header` (``filter_aliases``,
+        Keyword arguments of `~rpp_tasks.inputs.header.normalize_header` (``filter_aliases``,
         ``default_band``, ``gain_e_per_adu``, ``bayer_pattern`` ...).
     patterns : Mapping[str, list of str], optional
         File-name globs per kind, see `classify_frame`.

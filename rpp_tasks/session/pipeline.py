@@ -109,12 +109,11 @@ def check_frame(path: Path, obs: ObservatoryConfig) -> tuple[Any, dict]:
 
     Raises `FrameRejected` with a clear reason (unreadable file, missing EXPTIME, constant image...).
     """
-    from rpp_tasks.inputs import fitsio
+    from rpp_tasks.inputs.header import normalize_header, normalize_kwargs_from_config
+    from rpp_tasks.inputs.reader import read_frame
 
-    raw = fitsio.read_frame(path, bayer_pattern=obs.camera.bayer_pattern)
-    meta = fitsio.normalize_header(
-        raw.header, path=str(path), **fitsio.normalize_kwargs_from_config(obs)
-    )
+    raw = read_frame(path, bayer_pattern=obs.camera.bayer_pattern)
+    meta = normalize_header(raw.header, path=str(path), **normalize_kwargs_from_config(obs))
     md = meta.to_dict()
     md["notes"] = list(raw.notes)
     return (raw.data, raw.header), md
@@ -372,9 +371,9 @@ def step_photometry(fw: FrameWork, obs: ObservatoryConfig) -> dict:
 
 def _add_sky_coordinates(cat, header) -> None:
     """RA/Dec columns from the header WCS when it is valid (NaN otherwise)."""
-    from rpp_tasks.inputs import fitsio
+    from rpp_tasks.inputs.wcs import header_wcs
 
-    check = fitsio.header_wcs(header)
+    check = header_wcs(header)
     ra = np.full(len(cat), np.nan)
     dec = np.full(len(cat), np.nan)
     if check.wcs is not None:
@@ -631,7 +630,7 @@ def reduce_frame(
 
 
 def _stem(path: Path) -> str:
-    from rpp_tasks.inputs.fitsio import frame_stem
+    from rpp_tasks.inputs.header import frame_stem
 
     return frame_stem(path)
 

@@ -23,11 +23,11 @@ log = logging.getLogger(__name__)
 def session_id_for(
     raw_dir: str | os.PathLike, incoming_root: str | os.PathLike | None = None
 ) -> str:
-    """Deterministic session id of a session folder: the watcher's id (`rpp_tasks.ops.watch.session_id_for`)
+    """Deterministic session id of a session folder: the watcher's id (`rpp_tasks.ops.readiness.session_id_for`)
     of its path relative to the incoming root, or of its name when it is outside it. ``rpp reduce``
     and the DAG run the watcher triggers therefore share one work folder for the same night.
     """
-    from rpp_tasks.ops.watch import session_id_for as _watch_session_id
+    from rpp_tasks.ops.readiness import session_id_for as _watch_session_id
 
     raw_dir = Path(raw_dir).resolve()
     rel = None

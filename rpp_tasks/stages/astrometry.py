@@ -342,11 +342,11 @@ def run_astrometry(
         ``solve`` (when a solve was needed): ``status``, ``method`` (the solver that succeeded),
         ``reason``, ``wall_s``, ``hint`` and ``attempts`` (one entry per solver tried, in order).
     """
-    from rpp_tasks.inputs import fitsio
+    from rpp_tasks.inputs.wcs import header_wcs
     from rpp_tasks.stages import catalogs
 
     ny, nx = shape
-    check = fitsio.header_wcs(header)
+    check = header_wcs(header)
     flags: list[str] = []
     wcs = check.wcs if check.is_valid else None
     source = "header" if wcs is not None else "none"
@@ -450,7 +450,7 @@ def run_astrometry(
         write_wcs_to_header(header, wcs, source=source, rms_arcsec=rms_arcsec, n_matches=n_match)
     elif wcs is not None:
         header["WCSSRC"] = ("header", "origin of the WCS (rpp astrometry)")
-    new_check = fitsio.header_wcs(header)
+    new_check = header_wcs(header)
     result = AstrometryResult(
         source,
         new_check.status,

@@ -945,7 +945,7 @@ def run_masters(
     bands : sequence of str, optional
         Science bands that need a flat; default the manifest's ``bands``.
     read_kwargs : dict, optional
-        Passed to `rpp_tasks.inputs.fitsio.read_frame` (e.g. ``bayer_pattern`` from the camera config,
+        Passed to `rpp_tasks.inputs.reader.read_frame` (e.g. ``bayer_pattern`` from the camera config,
         so that calibration frames are debayered exactly like the science frames).
 
     Returns
@@ -1106,21 +1106,14 @@ def _has_key(path, key):
 
 
 def _read_stack(paths, kind, read_kwargs=None):
-    """Read frames (rpp_tasks.inputs.fitsio.read_frame when available); keep the majority shape."""
-    try:
-        from rpp_tasks.inputs.fitsio import read_frame
-    except ImportError:  # pragma: no cover - fitsio is part of the package
-        read_frame = None
+    """Read frames with `rpp_tasks.inputs.reader.read_frame`; keep the majority shape."""
+    from rpp_tasks.inputs.reader import read_frame
+
     data, headers, used = [], [], []
     for p in paths:
-        if read_frame is not None:
-            raw = read_frame(p, imagetyp=kind, **(read_kwargs or {}))
-            d, h = raw.data, raw.header
-        else:  # pragma: no cover
-            with fits.open(p, mode="readonly", memmap=False) as hdul:
-                d, h = np.asarray(hdul[0].data, dtype=np.float32), hdul[0].header.copy()
-        data.append(d)
-        headers.append(h)
+        raw = read_frame(p, imagetyp=kind, **(read_kwargs or {}))
+        data.append(raw.data)
+        headers.append(raw.header)
         used.append(str(p))
     shapes = [d.shape for d in data]
     common = max(set(shapes), key=shapes.count)

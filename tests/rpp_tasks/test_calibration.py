@@ -388,7 +388,8 @@ def test_huntsman_lsst_mef_masters_as_library_entries(real_data, tmp_path):
 
 @pytest.mark.realdata
 def test_session_manifest_then_library_fallback(real_data, tmp_path):
-    frames = pytest.importorskip("rpp_tasks.inputs.frames")
+    from rpp_tasks.inputs import frames
+
     raw = real_data / "huntsman" / "raw"
     manifest = frames.group_session(sorted(raw.glob("*.fits"))).to_dict()
     first = run_masters(

@@ -1,10 +1,12 @@
-"""Tests of rpp_tasks.inputs.fitsio: real frames of every layout, header conventions, WCS checks, bad inputs."""
+"""Tests of FITS input (rpp_tasks.inputs.reader, amplifiers, bayer, header, wcs): real frames of
+every layout, header conventions, WCS checks, bad inputs."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import re
+import shutil
 import warnings
 
 import numpy as np
@@ -13,19 +15,11 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from rpp_tasks.exceptions import FrameRejected
-from rpp_tasks.inputs.fitsio import (
-    FrameMeta,
-    check_image,
-    debayer_to_luminance,
-    frame_stem,
-    header_wcs,
-    mosaic_amplifiers,
-    normalize_header,
-    normalize_imagetyp,
-    read_frame,
-    read_header,
-    run_check,
-)
+from rpp_tasks.inputs.amplifiers import mosaic_amplifiers
+from rpp_tasks.inputs.bayer import debayer_to_luminance
+from rpp_tasks.inputs.header import FrameMeta, frame_stem, normalize_header, normalize_imagetyp
+from rpp_tasks.inputs.reader import check_image, read_frame, read_header
+from rpp_tasks.inputs.wcs import header_wcs
 
 SEESTAR_NGC = "seestar_s50/Light_NGC7023_10.0s_IRCUT_20240730-224459.fit"
 SEESTAR_M94 = "seestar_s50/Light_M94_10.0s_IRCUT_20250326-212046.fit"
@@ -290,18 +284,20 @@ def test_header_wcs_of_real_frames(real_data):
     assert absent.status == "absent" and absent.wcs is None
 
 
-def test_run_check_writes_check_json(real_data, tmp_path):
-    obs = {
-        "camera": {
-            "gain_e_per_adu": 1.145,
-            "read_noise_e": 2.4,
-            "saturation_adu": 4094,
-            "pixel_scale_arcsec": 1.26,
-        },
-        "filters": {"aliases": {"g_band": "g"}, "default_band": "Clear"},
-    }
-    out = run_check(real_data / "huntsman/raw/science_0.fits", obs, tmp_path)
-    written = json.loads((tmp_path / "frames" / "science_0" / "check.json").read_text())
+def test_check_json_is_the_normalised_header_the_pipeline_writes(real_data, tmp_path):
+    """The calibrate stage of a session writes ``frames/<stem>/check.json``: the `FrameMeta` of
+    `pipeline.check_frame` (config fallbacks and filter aliases applied) plus the read notes."""
+    from rpp_tasks.config import find_config
+    from rpp_tasks.session import pipeline
+
+    obs = find_config("huntsman")  # gain 1.145, RN 2.4, 4094 ADU, 1.26"/px, g_band -> g
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    shutil.copy(real_data / "huntsman/raw/science_0.fits", raw)
+    _, out = pipeline.check_frame(raw / "science_0.fits", obs)
+    session = pipeline.open_session(raw, obs, work_root=tmp_path / "work")
+    pipeline.run_stage(session, obs, "calibrate", workers=1)
+    written = json.loads((session.frame_dir("science_0") / "check.json").read_text())
     assert written == out
     assert written["band"] == "g" and written["wcs_status"] == "valid-sip-fixed"
     meta = FrameMeta.from_dict({k: v for k, v in written.items() if k != "notes"})

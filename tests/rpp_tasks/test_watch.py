@@ -17,23 +17,25 @@ from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
 from rpp_tasks.exceptions import ConfigError
-from rpp_tasks.ops.watch import (
-    AirflowTrigger,
+from rpp_tasks.ops.airflow_api import AirflowApiError, AirflowClient
+from rpp_tasks.ops.readiness import (
     Declaration,
     SessionRule,
-    SessionWatcher,
     Snapshot,
-    WatcherLocked,
-    WatchState,
     assess_session,
     evaluate_session,
-    find_ready_untriggered,
     run_id_for,
     scan_incoming,
     session_id_for,
-    watch_main,
+)
+from rpp_tasks.ops.watch import (
+    SessionWatcher,
+    WatcherLocked,
+    WatchState,
+    find_ready_untriggered,
 )
 
+REPO = Path(__file__).resolve().parents[2]
 USER, PASSWORD = "rpp", "s3cret-pw"
 FITS_BLOCK = b"SIMPLE  =                    T" + b" " * 50 + b"\0" * 2800  # 2880 bytes
 
@@ -54,6 +56,9 @@ class FakeAirflow:
         self.valid_tokens = set()
         self.fail_next = 0
         self.paused = {}
+        self.pools = {}  # name -> {"slots", "description"}
+        self.healthy = True
+        self.reject_as_invalid_jwt = False  # answer 403 "Invalid JWT token" to stale tokens
         self.lock = threading.Lock()
         fake = self
 
@@ -78,6 +83,11 @@ class FakeAirflow:
                 with fake.lock:
                     return auth.startswith("Bearer ") and auth[7:] in fake.valid_tokens
 
+            def _refuse(self, detail):
+                if fake.reject_as_invalid_jwt:
+                    return self._send(403, {"detail": "Invalid JWT token"})
+                return self._send(401, {"detail": detail})
+
             def do_POST(self):
                 parts = self.path.strip("/").split("/")
                 if self.path == "/auth/token":
@@ -89,10 +99,22 @@ class FakeAirflow:
                         token = f"jwt-{fake.token_requests}"
                         fake.valid_tokens.add(token)
                     return self._send(201, {"access_token": token})
+                if parts == ["api", "v2", "pools"]:
+                    if not self._authorized():
+                        return self._refuse("Token Expired")
+                    body = self._body()
+                    with fake.lock:
+                        if body["name"] in fake.pools:
+                            return self._send(409, {"detail": "pool exists"})
+                        fake.pools[body["name"]] = {
+                            "slots": body["slots"],
+                            "description": body["description"],
+                        }
+                    return self._send(201, body)
                 if parts[:3] == ["api", "v2", "dags"] and parts[4:] == ["dagRuns"]:
                     dag_id = parts[3]
                     if not self._authorized():
-                        return self._send(401, {"detail": "Token Expired"})
+                        return self._refuse("Token Expired")
                     body = self._body()
                     # TriggerDAGRunPostBody: logical_date is required (nullable), extra keys 422
                     if not (
@@ -138,18 +160,42 @@ class FakeAirflow:
             def do_PATCH(self):
                 parts = self.path.strip("/").split("/")
                 if not self._authorized():
-                    return self._send(401, {"detail": "Not authenticated"})
+                    return self._refuse("Not authenticated")
                 body = self._body()
+                if parts[:3] == ["api", "v2", "pools"]:
+                    if body.get("slots", 0) < 0:
+                        return self._send(400, {"detail": "slots must be >= 0"})
+                    with fake.lock:
+                        fake.pools[parts[3]] = {
+                            "slots": body["slots"],
+                            "description": body["description"],
+                        }
+                    return self._send(200, body)
                 with fake.lock:
                     fake.paused[parts[3]] = body["is_paused"]
                 return self._send(200, {"dag_id": parts[3], "is_paused": body["is_paused"]})
 
             def do_GET(self):
                 parts = self.path.strip("/").split("/")
+                if parts == ["api", "v2", "monitor", "health"]:  # no login needed
+                    status = "healthy" if fake.healthy else "unhealthy"
+                    return self._send(
+                        200,
+                        {
+                            "metadatabase": {"status": "healthy"},
+                            "scheduler": {"status": status},
+                        },
+                    )
                 if not self._authorized():
-                    return self._send(401, {"detail": "Not authenticated"})
+                    return self._refuse("Not authenticated")
+                if len(parts) == 4 and parts[:3] == ["api", "v2", "dags"]:
+                    known = any(d == parts[3] for d, _ in fake.runs) or parts[3] in fake.paused
+                    return self._send(200 if known else 404, {"dag_id": parts[3]})
                 if len(parts) == 6 and (parts[3], parts[5]) in fake.runs:
-                    return self._send(200, {"dag_run_id": parts[5]})
+                    return self._send(200, {"dag_run_id": parts[5], "state": "queued"})
+                if parts[6:] == ["taskInstances"] and (parts[3], parts[5]) in fake.runs:
+                    tis = [{"task_id": "open_session", "state": "success"}]
+                    return self._send(200, {"task_instances": tis, "total_entries": 1})
                 return self._send(404, {"detail": "not found"})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
@@ -211,7 +257,7 @@ def _write_session(root: Path, name: str, n=3, size=2880):
 
 
 def _trigger(airflow, **kw):
-    return AirflowTrigger(airflow.url, USER, PASSWORD, timeout=2.0, **kw)
+    return AirflowClient(airflow.url, USER, PASSWORD, timeout=2.0, **kw)
 
 
 def _watcher(tmp_path, trigger, rule, **kw):
@@ -485,7 +531,7 @@ def test_token_fetched_once_and_refreshed_on_401(airflow):
 
 
 def test_bad_password_fails_without_leaking_it(airflow, caplog):
-    trig = AirflowTrigger(airflow.url, USER, "wrong-password", timeout=2.0)
+    trig = AirflowClient(airflow.url, USER, "wrong-password", timeout=2.0)
     with caplog.at_level(logging.DEBUG):
         out = trig.trigger("rpp_demo", "session__x", {})
     assert out.result == "failed" and out.status == 401
@@ -495,12 +541,61 @@ def test_bad_password_fails_without_leaking_it(airflow, caplog):
 
 def test_unreachable_api_is_a_failed_outcome_not_an_exception():
     port = _refusing_socket()
-    trig = AirflowTrigger(
+    trig = AirflowClient(
         f"http://127.0.0.1:{port.getsockname()[1]}/api/v2", USER, PASSWORD, timeout=1.0
     )
     out = trig.trigger("rpp_demo", "session__x", {})
     port.close()
     assert out.result == "failed" and out.status is None and "unreachable" in out.message
+
+
+def test_invalid_jwt_403_refreshes_the_token_once(airflow):
+    """An API server restarted with a new JWT secret answers 403 "Invalid JWT token": one new
+    login, then the call goes through (the watcher and rpp up share this path)."""
+    client = _trigger(airflow)
+    assert client.trigger("rpp_demo", "session__a", {}).result == "created"
+    airflow.reject_as_invalid_jwt = True
+    airflow.expire_tokens()
+    assert client.trigger("rpp_demo", "session__b", {}).result == "created"
+    airflow.expire_tokens()
+    assert client.run_state("rpp_demo", "session__b") == "queued"
+    assert airflow.token_requests == 3 and client.n_token_fetches == 3
+
+
+def test_rpp_up_calls_health_pool_dag_and_run_state(airflow):
+    client = _trigger(airflow)
+    assert client.healthy() is True
+    airflow.healthy = False
+    assert client.healthy() is False
+    client.ensure_pool("rpp_heavy", 2, "CPU-heavy")
+    client.ensure_pool("rpp_heavy", 3, "CPU-heavy, resized")  # 409 -> PATCH
+    assert airflow.pools == {"rpp_heavy": {"slots": 3, "description": "CPU-heavy, resized"}}
+    with pytest.raises(AirflowApiError, match="cannot create pool rpp_heavy: HTTP 400") as err:
+        client.ensure_pool("rpp_heavy", -1, "bad")
+    assert err.value.status == 400
+    assert client.dag_registered("rpp_demo") is False
+    assert client.trigger("rpp_demo", "session__n1", {}).result == "created"
+    assert client.dag_registered("rpp_demo") is True
+    assert client.run_state("rpp_demo", "session__n1") == "queued"
+    assert client.run_state("rpp_demo", "session__none") is None
+    assert client.task_states("rpp_demo", "session__n1") == {"open_session": "success"}
+    assert client.task_states("rpp_demo", "session__none") == {}
+
+
+def test_unreachable_api_raises_one_error_type_for_the_other_calls():
+    port = _refusing_socket()
+    url = f"http://127.0.0.1:{port.getsockname()[1]}"
+    client = AirflowClient(url, USER, PASSWORD, timeout=1.0)
+    try:
+        assert client.healthy() is False
+        assert client.run_exists("rpp_demo", "session__x") is None
+        out = client.unpause("rpp_demo")
+        assert out.result == "failed" and out.status is None and "unreachable" in out.message
+        with pytest.raises(AirflowApiError, match="unreachable .*connection refused") as err:
+            client.dag_registered("rpp_demo")
+        assert err.value.status is None
+    finally:
+        port.close()
 
 
 def _refusing_socket():
@@ -651,7 +746,7 @@ def test_api_refusing_connections_queue_survives_restart(tmp_path):
     refusing = _refusing_socket()
     port = refusing.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    w1 = _watcher(tmp_path, AirflowTrigger(url, USER, PASSWORD, timeout=1.0), rule)
+    w1 = _watcher(tmp_path, AirflowClient(url, USER, PASSWORD, timeout=1.0), rule)
     w1.start()
     state_path = tmp_path / "work" / "watch_state.json"
     try:
@@ -668,7 +763,7 @@ def test_api_refusing_connections_queue_survives_restart(tmp_path):
     refusing.close()
     airflow = FakeAirflow(port=port)  # the API server comes back on the same address
     try:
-        w2 = _watcher(tmp_path, AirflowTrigger(url, USER, PASSWORD, timeout=1.0), rule)
+        w2 = _watcher(tmp_path, AirflowClient(url, USER, PASSWORD, timeout=1.0), rule)
         w2.start()
         try:
             assert _wait_for(lambda: len(airflow.created()) == 2, timeout=10)
@@ -738,26 +833,29 @@ def test_missing_incoming_folder_is_waited_for(tmp_path, airflow):
         w.stop()
 
 
-def test_watch_main_once(tmp_path, airflow, monkeypatch):
-    _write_session(tmp_path / "incoming", "2024-07-30")
+def test_rpp_watch_once(tmp_path, airflow, monkeypatch):
+    """``rpp watch -o demo --once``: the configured observatory's incoming folder is scanned
+    twice, the ready session triggered, exit 0; a second watcher on the same state is refused."""
+    from rpp_tasks.ops import cli
+
+    cfg = tmp_path / "config"
+    (cfg / "observatories").mkdir(parents=True)
+    (cfg / "defaults.yaml").write_text((REPO / "config" / "defaults.yaml").read_text())
+    demo = (REPO / "config" / "observatories" / "demo.yaml").read_text()
+    demo = demo.replace("quiet_seconds: 30", "quiet_seconds: 0.2\n  settle_seconds: 0.2")
+    (cfg / "observatories" / "demo.yaml").write_text(demo)
+    monkeypatch.setenv("RPP_CONFIG_DIR", str(cfg))
+    monkeypatch.setenv("RPP_DATA_ROOT", str(tmp_path))
+    _write_session(tmp_path / "data" / "incoming" / "demo", "2024-07-30")
     time.sleep(0.3)
     monkeypatch.setenv("RPP_AIRFLOW_API_URL", airflow.url)
     monkeypatch.setenv("RPP_AIRFLOW_USER", USER)
     monkeypatch.setenv("RPP_AIRFLOW_PASSWORD", PASSWORD)
-    rc = watch_main(
-        [
-            "--observatory",
-            "demo",
-            "--incoming",
-            str(tmp_path / "incoming"),
-            "--state",
-            str(tmp_path / "state.json"),
-            "--quiet-seconds",
-            "0.2",
-            "--settle-seconds",
-            "0.2",
-            "--once",
-        ]
-    )
+    rc = cli.main(["watch", "-o", "demo", "--once"])
     assert rc == 0
     assert list(airflow.runs) == [("rpp_demo", "session__2024-07-30")]
+    state_path = tmp_path / "data" / "work" / "demo" / "watch_state.json"
+    assert WatchState.load(state_path).sessions["2024-07-30"]["confirmed"] is True
+    incoming = tmp_path / "data" / "incoming" / "demo"
+    with SessionWatcher("demo", incoming, "rpp_demo", SessionRule(), state_path, _trigger(airflow)):
+        assert cli.main(["watch", "-o", "demo", "--once"]) == 3  # the running one holds the lock
