@@ -173,7 +173,7 @@ def small_fields(n_seeds=20, real=None):
     import solve_cases as sc
     from service_peers import Peer, add_gaia_routes
 
-    from rpp_tasks.inputs import fitsio
+    from rpp_tasks.inputs.wcs import header_wcs
     from rpp_tasks.session import pipeline
     from rpp_tasks.stages import catalogs
 
@@ -199,7 +199,7 @@ def small_fields(n_seeds=20, real=None):
         att = solve["attempts"][0]
         if not s["wcs_source"].startswith("gaia-asterism"):
             return None, att["wall_s"], att["reason"]
-        w = fitsio.header_wcs(fits.getheader(s["calibrated"])).wcs
+        w = header_wcs(fits.getheader(s["calibrated"])).wcs
         return sc.wcs_error_arcsec(w, case.truth, case.shape), att["wall_s"], None
 
     print("small fields, catalogue solver (scale hint +-10 %, Gaia density to G=20 per deg2):")

@@ -157,7 +157,7 @@ def pointing_hint(meta: dict, check=None, targets=None) -> tuple[float, float, s
 
     In order: the header pointing (``meta["ra_deg"/"dec_deg"]``, from RA/DEC, OBJCTRA/OBJCTDEC,
     RA_OBS/DEC_OBS, TELRA/TELDEC, CAT-RA/CAT-DEC, RA-MNT/DEC-MNT), the centre of a header WCS that
-    failed the checks (``check``, a `~rpp_tasks.inputs.fitsio.header_wcs` result), then
+    failed the checks (``check``, a `~rpp_tasks.inputs.wcs.header_wcs` result), then
     ``targets[OBJECT]`` (names compared without case, spaces, ``-`` or ``_``).
     """
     ra, dec = meta.get("ra_deg"), meta.get("dec_deg")

@@ -150,7 +150,7 @@ def synthetic_case(
     """
     from astropy.coordinates import Angle
 
-    from rpp_tasks.inputs import fitsio
+    from rpp_tasks.inputs.wcs import header_wcs
     from rpp_tasks.sim.synthetic import make_star_field
 
     rng = np.random.default_rng(seed + 1000)
@@ -176,7 +176,7 @@ def synthetic_case(
         seed=seed,
     )
     data, hdr = fld.data, fld.header.copy()
-    truth = fitsio.header_wcs(hdr).wcs
+    truth = header_wcs(hdr).wcs
     if flip:  # mirror image (a diagonal, a Newtonian, a camera read out the other way)
         data = data[:, ::-1]
         from astropy.wcs import WCS
@@ -300,13 +300,15 @@ def real_case(
 
     ``hint_offset_arcmin``: replace the header pointing by the true centre moved this far (the
     Feder thumbnail is a 256x256 cut 25 arcmin from the pointing of the 4k frame it comes from)."""
-    from rpp_tasks.inputs import fitsio
+    from rpp_tasks.inputs.header import normalize_header
+    from rpp_tasks.inputs.reader import read_frame
+    from rpp_tasks.inputs.wcs import header_wcs
     from rpp_tasks.stages.catalogs import angular_sep_deg
 
     rel, bayer = REAL[name]
     src = real_data / rel
-    frame = fitsio.read_frame(src, bayer_pattern=bayer) if bayer else fitsio.read_frame(src)
-    chk = fitsio.header_wcs(frame.header)
+    frame = read_frame(src, bayer_pattern=bayer) if bayer else read_frame(src)
+    chk = header_wcs(frame.header)
     truth, shape = chk.wcs, frame.data.shape
     with fits.open(src) as h:
         hdr, data = h[0].header.copy(), h[0].data
@@ -319,7 +321,7 @@ def real_case(
     suffix = "" if hint_offset_arcmin is None else f"_hint{hint_offset_arcmin:g}"
     out = tmp / (Path(rel).name.replace(".gz", "").replace(".fit", suffix + ".fit"))
     fits.PrimaryHDU(data, hdr).writeto(out, overwrite=True)
-    meta_hint = fitsio.normalize_header(hdr)
+    meta_hint = normalize_header(hdr)
     hint = (meta_hint.ra_deg, meta_hint.dec_deg)
     off = float(angular_sep_deg(hint[0], hint[1], chk.center_ra_deg, chk.center_dec_deg)) * 60
     astrometry = {"solvers": ["catalog"]}
