@@ -183,6 +183,16 @@ class AstrometryConfig:
     search_radius_deg: float = 3.0  # around the header pointing
     index_dirs: list[str] = field(default_factory=list)  # extra astrometry.net index folders
     max_stars: int = 200
+    # solvers tried in order when a solve is needed: "catalog" (asterism matching against the Gaia
+    # cone around the pointing hint: any field size, needs a pointing and a pixel-scale hint) and
+    # "astrometry.net" (local solve-field: blind or hinted; the Tycho-2 indexes solve wide fields)
+    solvers: list[Literal["catalog", "astrometry.net"]] = field(
+        default_factory=lambda: ["catalog", "astrometry.net"]
+    )
+    hint_error_arcmin: float = 15.0  # how far the field centre may be from the pointing hint
+    # pointing of the observatory's targets by OBJECT (or FIELD/OBJNAME) name: [RA, Dec] in degrees,
+    # the hint for frames whose header has no RA/DEC (names compared without case, spaces, - or _)
+    targets: dict[str, tuple[float, float]] = field(default_factory=dict)
     refine: bool = True
     sip_degree: int = 2  # 0: plain TAN
     match_radius_arcsec: float = 3.0
@@ -710,6 +720,15 @@ def _check_values(cfg: ObservatoryConfig, source: str) -> None:
             st.photometry.epsf_oversampling,
         )
     positive("stages.astrometry.solve_timeout_s", st.astrometry.solve_timeout_s)
+    positive("stages.astrometry.hint_error_arcmin", st.astrometry.hint_error_arcmin)
+    for name, (ra, dec) in st.astrometry.targets.items():
+        if not (0.0 <= ra < 360.0 and -90.0 <= dec <= 90.0):
+            raise ConfigError(
+                source,
+                f"stages.astrometry.targets.{name}",
+                "[RA, Dec] in degrees (0 <= RA < 360, -90 <= Dec <= 90)",
+                [ra, dec],
+            )
     positive("catalogs.timeout_s", cfg.catalogs.timeout_s)
     if cfg.catalogs.max_retries < 0 or cfg.catalogs.max_retries > 10:
         raise ConfigError(
