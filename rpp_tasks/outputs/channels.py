@@ -41,6 +41,7 @@ __all__ = [
     "RetryPolicy",
     "Notice",
     "scrub",
+    "printable",
     "build_email",
     "send_email",
     "send_telegram_message",
@@ -193,6 +194,33 @@ def scrub(text: Any, secrets: Iterable[str | None] = ()) -> str:
     return _BOT_TOKEN.sub("***", out)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(value: Any, *, one_line: bool = True, limit: int | None = None) -> str:
+    """
+    Text safe for an e-mail header, an HTML or Telegram message and a log line.
+
+    Control characters (and with ``one_line`` also CR, LF and TAB) are shown as escapes (``\\n``,
+    ``\\x1b``), as are undecodable bytes of file names (lone surrogates: ``\\udce9``): an odd
+    session id or header value is shown as it is, never a reason to drop a message (an e-mail
+    header with a line break is refused by the mail library). ``limit`` cuts with an ellipsis.
+    """
+    out = "" if value is None else str(value)
+    out = out.encode("utf-8", "backslashreplace").decode("utf-8")
+    if one_line:
+        out = out.replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t")
+    else:
+        out = out.replace("\r\n", "\n").replace("\r", "\\r")
+    out = _CONTROL.sub(
+        lambda m: (
+            f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}"
+        ),
+        out,
+    )
+    return _cut(out, limit) if limit else out
+
+
 class _ScrubFilter(logging.Filter):
     """Masks ``/bot<token>/`` in records of urllib3 (its debug lines carry the request path)."""
 
@@ -300,7 +328,7 @@ def build_email(
     attachments : sequence of (filename, bytes, mime type), optional
     """
     msg = EmailMessage()
-    msg["Subject"] = subject
+    msg["Subject"] = printable(subject, limit=250)  # a line break would make the header invalid
     msg["From"] = from_addr
     msg["To"] = ", ".join(to)
     msg["Date"] = formatdate(localtime=False, usegmt=True)
@@ -512,7 +540,7 @@ def send_telegram_message(
         raise ValueError("send_telegram_message: empty text")
     data = {
         "chat_id": str(settings.chat_id),
-        "text": _cut(text, TELEGRAM_TEXT_MAX),
+        "text": printable(text, one_line=False, limit=TELEGRAM_TEXT_MAX),
         "disable_web_page_preview": "true",
     }
     if parse_mode:
@@ -553,7 +581,7 @@ def send_telegram_photo(
         raise ValueError("send_telegram_photo: empty photo")
     data = {"chat_id": str(settings.chat_id)}
     if caption:
-        data["caption"] = _cut(caption, TELEGRAM_CAPTION_MAX)
+        data["caption"] = printable(caption, one_line=False, limit=TELEGRAM_CAPTION_MAX)
         if parse_mode:
             data["parse_mode"] = parse_mode
     mime = "image/png" if _image_subtype(photo) == "png" else "image/jpeg"

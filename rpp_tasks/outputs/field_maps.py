@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rpp_tasks.outputs.plots import _downsample, _finite, figure, png
+from rpp_tasks.outputs.plots import _downsample, _finite, figure, literal_text, png
 from rpp_tasks.stages import columns as C
 
 __all__ = ["FieldMaps", "measure_field_maps", "plot_field_maps"]
@@ -137,6 +137,7 @@ def measure_field_maps(
     )
 
 
+@literal_text
 def plot_field_maps(
     maps: FieldMaps,
     *,

@@ -30,6 +30,7 @@ from rpp_tasks.outputs.channels import (
     TelegramSettings,
     _cut,
     _now,
+    printable,
     scrub,
     send_email,
     send_telegram_message,
@@ -46,6 +47,7 @@ __all__ = [
     "RetryPolicy",
     "Notice",
     "scrub",
+    "printable",
     "send_email",
     "send_telegram_message",
     "send_telegram_photo",
@@ -253,10 +255,18 @@ def compose_failure_alert(info: Mapping[str, Any]) -> tuple[str, str, str, str]:
         (`rpp_tasks.session.connections.failure_info`).
     """
     e = html.escape
+    # every value shown as it is but printable: a newline or control character in a session id
+    # or a header value must not make the alert undeliverable (the error keeps its line breaks)
+    info = {
+        k: printable(v, one_line=k != "error", limit=4000 if k == "error" else 300)
+        if isinstance(v, str)
+        else v
+        for k, v in dict(info).items()
+    }
     dag, task = info.get("dag_id") or "?", info.get("task_id")
     session = info.get("session_id") or info.get("session_dir") or "?"
     what = f"task {task}" if task else "run"
-    subject = f"[RPP FAILURE] {dag} / {session}: {what} failed"
+    subject = printable(f"[RPP FAILURE] {dag} / {session}: {what} failed", limit=200)
     rows = [
         ("DAG", dag),
         ("session", session),
@@ -587,11 +597,15 @@ def notify_failure(
     path = None
     if obs is not None:
         try:
+            from rpp_tasks.outputs.browse import safe_name
+
             work = obs.resolve_path("work")
             sid = info.get("session_id")
+            # only a plain folder name: '../x' or an odd id must not put the notices elsewhere
+            in_session = isinstance(sid, str) and safe_name(sid)
             path = (
                 work / sid / "notify.json"
-                if sid and (work / sid / "session.json").is_file()
+                if in_session and (work / sid / "session.json").is_file()
                 else work / "notify.json"
             )
         except Exception as exc:
@@ -614,8 +628,13 @@ def notify_failure(
             done = set()
     try:
         subject, body, text, tg = compose_failure_alert(info)
-        cfg = getattr(obs, "notifications", None)
-        to = tuple(getattr(cfg, "operators_email_to", None) or ())
+    except Exception as exc:  # an alert must never hide the original failure
+        log.error("failure alert could not be composed: %s", scrub(exc, secrets))
+        subject = f"[RPP FAILURE] {printable(info.get('dag_id'), limit=100)}"
+        body = text = tg = f"{subject}\n(the alert could not be composed: {type(exc).__name__})"
+    cfg = getattr(obs, "notifications", None)
+    to = tuple(getattr(cfg, "operators_email_to", None) or ())
+    try:  # each channel on its own: one that cannot send must not silence the other
         if to and smtp is not None:
             if ("email", to) in done:
                 log.info("failure alert for %s already e-mailed to %s", key, ", ".join(to))
@@ -635,6 +654,9 @@ def notify_failure(
                 )
         elif to:
             notices.append(_skipped("email", "failure", to, "no SMTP settings", key))
+    except Exception as exc:
+        log.error("failure alert could not be e-mailed: %s", scrub(exc, secrets))
+    try:
         if telegram is not None:
             if ("telegram", (str(telegram.chat_id),)) in done:
                 log.info("failure alert for %s already sent to chat %s", key, telegram.chat_id)
@@ -645,7 +667,7 @@ def notify_failure(
                     )
                 )
     except Exception as exc:  # an alert must never hide the original failure
-        log.error("failure alert could not be sent: %s", scrub(exc, secrets))
+        log.error("failure alert could not be sent to Telegram: %s", scrub(exc, secrets))
     if path is not None and notices:
         try:
             record_notices(path, notices)

@@ -12,6 +12,7 @@ matplotlib is imported lazily and used through ``matplotlib.figure.Figure`` with
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import io
 import math
 from collections.abc import Mapping, Sequence
@@ -45,6 +46,21 @@ def _finite(value) -> float | None:
     except (TypeError, ValueError):
         return None
     return v if math.isfinite(v) else None
+
+
+def literal_text(plot):
+    """Run a plot function with matplotlib's mathtext off: the plots draw file names, OBJECT and
+    other header values, which are never TeX (``M42_$1_$2.fits`` made matplotlib parse ``1_`` as
+    math and lose the preview, magnitude-error and zero-point plots)."""
+
+    @functools.wraps(plot)
+    def wrapper(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return plot(*args, **kwargs)
+
+    return wrapper
 
 
 def figure(width_in: float, height_in: float):
@@ -190,6 +206,7 @@ class _quiet_nan_warnings:
 
 
 # =============================================================================== plots
+@literal_text
 def plot_frame_preview(
     data,
     *,
@@ -337,6 +354,7 @@ def plot_frame_preview(
     return png(fig, palette_colors=96)
 
 
+@literal_text
 def plot_mag_error(
     catalogs: Mapping[str, Any], *, width_in: float = 8.0, height_in: float = 4.6
 ) -> bytes:
@@ -470,6 +488,7 @@ def zeropoint_stars_from_catalog(catalog, zp_by_type: Mapping[str, Any] | None =
     return None
 
 
+@literal_text
 def plot_zeropoint_residuals(
     stars: Mapping[str, Any],
     *,
@@ -547,6 +566,7 @@ def _parse_time(value) -> _dt.datetime | None:
     return t if t.tzinfo else t.replace(tzinfo=_dt.UTC)
 
 
+@literal_text
 def plot_night_trends(
     frames: Sequence[Mapping[str, Any]], *, width_in: float = 9.0, height_in: float = 5.2
 ) -> bytes:

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rpp_tasks import __version__
+from rpp_tasks.exceptions import ConfigError
 from rpp_tasks.session import connections
 from rpp_tasks.session.summary import (
     FrameSummary,
@@ -160,6 +161,13 @@ def open_session(
 def open_from_conf(conf, obs) -> dict:
     """The DAG's validate step: `open_session` from a run's conf (``session_dir``, ``session_id``,
     ``observatory``); returns `describe` of it. Raises `ValueError` for a conf to fix."""
+    try:
+        table_for(obs, strict=True)
+    except ConfigError as exc:
+        raise ValueError(
+            f"{exc}: sessions of this observatory are not reduced by this DAG yet "
+            "(long-slit spectra: rpp_tasks.spectra.reduce.run_spectra)"
+        ) from None
     raw_dir = resolve_session_dir(conf.get("session_dir"), obs, conf.get("observatory"))
     return describe(open_session(raw_dir, obs, session_id=conf.get("session_id") or None))
 
@@ -454,7 +462,7 @@ def reduce_session(
     """``rpp reduce FOLDER``: `open_session`, every stage (frames in memory, no checkpoints),
     `finish` (summary, results database, report). Returns what `finish` returns."""
     t0 = time.perf_counter()
-    table = table or table_for(obs)
+    table = table or table_for(obs, strict=True)
     session = open_session(raw_dir, obs, work_root=work_root, session_id=session_id)
     run = run_stage(
         session, obs, table.names, workers=workers, keep_intermediate=False, table=table

@@ -12,7 +12,7 @@ heavy Airflow pool.
 checkpoints a stage reloads come from its ``reads``, what a chain of stages saves from the
 ``writes`` and from what later stages read, and the DAG's task list is the table's order. A second
 table (long-slit spectroscopy: mostly session-scope stages) registers in `TABLES` under its
-instrument kind (``camera.kind`` of the observatory configuration) and runs through the same
+instrument kind (``instrument_kind`` of the observatory configuration) and runs through the same
 factory and lifecycle.
 
 This module is imported by the DAG file at parse time: standard library only. Adapters are named
@@ -290,20 +290,28 @@ IMAGING = StageTable(
     ARTEFACTS,
 )
 
-#: Stage tables by instrument kind (``camera.kind`` of the observatory configuration).
+#: Stage tables by instrument kind (``instrument_kind`` of the observatory configuration, one of
+#: `rpp_tasks.config.INSTRUMENT_KINDS`).
 TABLES: dict[str, StageTable] = {"imaging": IMAGING}
 
 
-def table_for(obs) -> StageTable:
-    """The stage table of an observatory (by ``obs.camera.kind``; ``imaging`` by default).
+def table_for(obs, *, strict: bool = False) -> StageTable:
+    """The stage table of an observatory (by ``obs.instrument_kind``; ``imaging`` by default).
+
+    A kind without a registered table (``longslit`` until its table lands) gets the imaging
+    table's shape for the DAG, as before the table existed; with ``strict`` (what reducing a
+    session uses) it is refused instead of being reduced with the wrong stages.
 
     Raises
     ------
     ConfigError
-        No table is registered for the instrument kind.
+        ``strict`` and no table is registered for the instrument kind.
     """
-    kind = getattr(getattr(obs, "camera", None), "kind", None) or "imaging"
+    kind = getattr(obs, "instrument_kind", None) or "imaging"
+    if kind not in TABLES and not strict:
+        return IMAGING
     if kind not in TABLES:
         expected = "an instrument kind with a stage table: " + ", ".join(sorted(TABLES))
-        raise ConfigError(getattr(obs, "source", "") or "<config>", "camera.kind", expected, kind)
+        source = getattr(obs, "source", "") or "<config>"
+        raise ConfigError(source, "instrument_kind", expected, kind)
     return TABLES[kind]

@@ -133,10 +133,32 @@ def test_table_checks_what_stages_read_and_write():
     }
 
 
-def test_instrument_kind_picks_the_table(obs):
+def test_instrument_kind_picks_the_table(obs, monkeypatch, tmp_path):
+    """A table registered for a kind is the DAG's; a kind without one keeps the imaging DAG's
+    shape but its sessions are refused, never reduced with the imaging stages."""
     import dataclasses
 
+    from rpp_tasks.session import table as table_module
+
     assert table_for(obs) is IMAGING
-    spectro = dataclasses.replace(obs, camera=dataclasses.replace(obs.camera, kind="spectroscopy"))
-    with pytest.raises(ConfigError, match="camera.kind.*stage table: imaging"):
-        table_for(spectro)
+    spectro = dataclasses.replace(obs, instrument_kind="longslit")
+    assert table_for(spectro) is IMAGING
+    with pytest.raises(ConfigError, match="instrument_kind.*stage table: imaging"):
+        table_for(spectro, strict=True)
+    with pytest.raises(ValueError, match="not reduced by this DAG yet"):
+        lifecycle.open_from_conf({"session_dir": str(tmp_path)}, spectro)
+    one = StageTable("longslit", (Stage("masters", "m:f", scope="session"),), IMAGING.artefacts)
+    monkeypatch.setitem(table_module.TABLES, "longslit", one)
+    assert table_for(spectro, strict=True) is one
+    spec = importlib.util.spec_from_file_location(
+        "rpp_reduction_kind", REPO / "dags/rpp_reduction.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.build_reduction_dag(spectro).task_ids == [
+        "validate",
+        "masters",
+        "products",
+        "archive",
+        "notify",
+    ]
