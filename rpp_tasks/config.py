@@ -117,6 +117,7 @@ class SessionConfig:
     marker_file: str | None = None
     twospot_obs_file: str = "last_obs.yaml"
     settle_seconds: float = 5.0
+    stall_seconds: float = 3600.0
     use_polling: bool = False
     frame_types: dict[str, list[str]] = field(
         default_factory=lambda: {
