@@ -26,6 +26,7 @@ The process that acts on it (events, state file, triggers) is `rpp_tasks.ops.wat
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import logging
 import os
@@ -350,14 +351,18 @@ def check_run_conf(obs, conf) -> tuple[Path, str | None]:
     return raw_dir, (validate_session_id(sid) if sid not in (None, "") else None)
 
 
+@functools.lru_cache(maxsize=64)
+def _compiled(patterns: tuple[str, ...]) -> re.Pattern:
+    """One regular expression for a tuple of globs (``re:`` prefix: a regex, anchored at the
+    start like ``re.match``): a folder of thousands of files is classified at C speed."""
+    parts = [
+        f"(?:{p[3:]})" if p.startswith("re:") else f"(?:{fnmatch.translate(p)})" for p in patterns
+    ]
+    return re.compile("|".join(parts) or r"(?!)")
+
+
 def _match(name: str, patterns) -> bool:
-    for pat in patterns:
-        if pat.startswith("re:"):
-            if re.match(pat[3:], name):
-                return True
-        elif fnmatch.fnmatchcase(name, pat):
-            return True
-    return False
+    return _compiled(tuple(patterns)).match(name) is not None
 
 
 # --------------------------------------------------------------------------------------------

@@ -124,18 +124,28 @@ class WatchState:
         return cls(path, sessions, doc.get("observatory"), doc.get("dag_id"))
 
     def save(self):
-        """Write atomically (temporary file in the same folder, fsync, ``os.replace``)."""
+        """Write atomically (temporary file in the same folder, fsync, ``os.replace``).
+
+        One line per session (readable with ``grep``; written by the C JSON encoder: an indented
+        dump goes through the pure-Python one, 3x slower on a large state file).
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        doc = {
+        head = {
             "version": STATE_VERSION,
             "observatory": self.observatory,
             "dag_id": self.dag_id,
             "updated_at": _iso(time.time()),
-            "sessions": self.sessions,
         }
+        lines = [f"{json.dumps(k)}: {json.dumps(v)}" for k, v in head.items()]
+        rows = [
+            f"  {json.dumps(sid)}: {json.dumps(self.sessions[sid], sort_keys=True)}"
+            for sid in sorted(self.sessions)
+        ]
+        sessions = "{\n" + ",\n".join(rows) + "\n }" if rows else "{}"
+        text = "{" + ", ".join(lines) + ',\n "sessions": ' + sessions + "}\n"
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=1, sort_keys=True)
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
