@@ -141,44 +141,177 @@ def _warning_note(w: warnings.WarningMessage) -> str:
 
 @contextlib.contextmanager
 def _capture(collector: _Collector, path: Path):
-    """Record astropy warnings as notes; raise FrameRejected for those that mean a broken file."""
+    """Record astropy warnings as notes; raise FrameRejected for those that mean a broken file.
+
+    astropy warns "non-ASCII characters are present" both for a header that holds such bytes and
+    for bytes after the last HDU that it tried to read as one more header: `_scan_structure` tells
+    the two apart (trailing bytes are noted and ignored; non-ASCII bytes in a keyword or a value
+    of a real header reject the file; in a comment they are noted).
+    """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield
+    non_ascii = False
     for w in caught:
         text = str(w.message)
         if "non-ASCII characters are present" in text:
-            msg = (
-                "header contains non-ASCII bytes (FITS headers must be 7-bit ASCII; "
-                "astropy replaced them with '?')"
-            )
-            raise FrameRejected(msg, path=path, stage=CHECK_STAGE)
+            non_ascii = True
+            continue
         if "may have been truncated" in text:
             raise FrameRejected(
                 f"truncated FITS file ({' '.join(text.split())})", path=path, stage=CHECK_STAGE
             )
+        if "extra bytes after the last HDU" in text or "Error validating header for HDU" in text:
+            continue  # described by _scan_structure below
         collector.add(_warning_note(w))
+    if non_ascii or any("extra bytes after the last HDU" in str(w.message) for w in caught):
+        _explain_structure(path, collector)
+
+
+def _explain_structure(path: Path, collector: _Collector) -> None:
+    scan = _scan_structure(path)
+    bad = [c for c in scan.non_ascii if c[1] != "comment"]
+    if bad:
+        where = ", ".join(f"{key or '(blank)'} ({part})" for key, part in bad[:5])
+        msg = (
+            f"header contains non-ASCII bytes in {where} "
+            "(FITS headers must be 7-bit ASCII; astropy replaced them with '?')"
+        )
+        raise FrameRejected(msg, path=path, stage=CHECK_STAGE)
+    if scan.non_ascii:
+        keys = ", ".join(sorted({k or "(blank)" for k, _ in scan.non_ascii}))
+        collector.add(f"non-ASCII bytes in the comments of {keys}: replaced by '?' (ignored)")
+    if scan.trailing_bytes:
+        collector.add(
+            f"{scan.trailing_bytes} bytes after the last HDU are not FITS: ignored "
+            "(the file was written or copied with extra bytes at its end)"
+        )
+
+
+@dataclass(frozen=True)
+class _Structure:
+    n_hdus: int
+    trailing_bytes: int
+    non_ascii: tuple[tuple[str, str], ...]  # (keyword, "keyword"|"value"|"comment")
+
+
+def _card_parts(card: bytes) -> tuple[str, list[tuple[str, bytes]]]:
+    """Keyword and (part, bytes) of one 80-byte card: keyword, value, comment."""
+    key = card[:8].decode("ascii", "replace").strip()
+    if card[8:10] != b"= " or key in ("COMMENT", "HISTORY", ""):
+        return key, [("keyword", card[:8]), ("comment", card[8:])]
+    rest = card[10:]
+    # a quoted string may hold '/', and '' is an escaped quote
+    i, in_str = 0, False
+    while i < len(rest):
+        c = rest[i : i + 1]
+        if c == b"'":
+            if in_str and rest[i + 1 : i + 2] == b"'":
+                i += 2
+                continue
+            in_str = not in_str
+        elif c == b"/" and not in_str:
+            break
+        i += 1
+    return key, [("keyword", card[:8]), ("value", rest[:i]), ("comment", rest[i:])]
+
+
+def _scan_structure(path: Path) -> _Structure:
+    """Walk the HDUs of a FITS file block by block (headers read, data skipped).
+
+    Returns the number of HDUs, the bytes after the last one that are not an HDU, and the cards
+    whose bytes are not printable ASCII (keyword and which part of the card).
+    """
+    opener = gzip.open if _read_head(path)[:2] == b"\x1f\x8b" else open
+    n_hdus, non_ascii, trailing = 0, [], 0
+    with opener(path, "rb") as fh:
+        while True:
+            block = fh.read(2880)
+            if not block:
+                break
+            start = b"SIMPLE  =" if n_hdus == 0 else b"XTENSION="
+            if not block.startswith(start) or len(block) < 2880:
+                trailing = len(block) + len(fh.read())
+                break
+            cards: dict[str, bytes] = {}
+            done = False
+            while not done:
+                for i in range(0, 2880, 80):
+                    card = block[i : i + 80]
+                    if any(b < 32 or b > 126 for b in card):
+                        key, parts = _card_parts(card)
+                        for part, raw in parts:
+                            if any(b < 32 or b > 126 for b in raw):
+                                non_ascii.append((key, part))
+                                break
+                    key = card[:8].decode("ascii", "replace").strip()
+                    if key == "END":
+                        done = True
+                        break
+                    cards.setdefault(key, card[10:].split(b"/")[0].strip())
+                if not done:
+                    block = fh.read(2880)
+                    if len(block) < 2880:
+                        return _Structure(n_hdus, 0, tuple(non_ascii))
+            n_hdus += 1
+
+            def num(key, default=0, cards=cards):
+                try:
+                    return int(float(cards.get(key, b"").decode("ascii", "replace")))
+                except ValueError:
+                    return default
+
+            naxis = num("NAXIS")
+            n = 0
+            if naxis > 0:
+                n = 1
+                for i in range(1, naxis + 1):
+                    n *= num(f"NAXIS{i}")
+                if n_hdus == 1 and num("NAXIS1") == 0 and naxis > 1:  # random groups
+                    n = int(np.prod([num(f"NAXIS{i}") for i in range(2, naxis + 1)]))
+            size = abs(num("BITPIX", 8)) // 8 * num("GCOUNT", 1) * (num("PCOUNT") + n)
+            size = -(-size // 2880) * 2880
+            if size:
+                skipped = len(fh.read(size)) if opener is gzip.open else None
+                if skipped is None:
+                    here = fh.tell()
+                    fh.seek(0, 2)
+                    end = fh.tell()
+                    if here + size > end:
+                        break
+                    fh.seek(here + size)
+                elif skipped < size:
+                    break
+    return _Structure(n_hdus, trailing, tuple(non_ascii))
 
 
 def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise FrameRejected("file does not exist", path=path, stage=CHECK_STAGE)
-    if not path.is_file():
-        raise FrameRejected("not a regular file", path=path, stage=CHECK_STAGE)
-    if path.stat().st_size == 0:
-        raise FrameRejected("empty file (zero bytes)", path=path, stage=CHECK_STAGE)
-    head = _read_head(path)
+    try:
+        if not path.exists():
+            raise FrameRejected("file does not exist", path=path, stage=CHECK_STAGE)
+        if not path.is_file():
+            raise FrameRejected("not a regular file", path=path, stage=CHECK_STAGE)
+        if path.stat().st_size == 0:
+            raise FrameRejected("empty file (zero bytes)", path=path, stage=CHECK_STAGE)
+        head = _read_head(path)
+    except OSError as exc:
+        raise FrameRejected(
+            f"cannot read the file ({_describe(exc)})", path=path, stage=CHECK_STAGE
+        ) from None
     if head[:2] == b"\x1f\x8b":  # gzip: astropy decompresses transparently
         try:
             with gzip.open(path, "rb") as fh:
                 head = fh.read(16)
-        except OSError as exc:
+        except Exception as exc:  # OSError, EOFError, zlib.error: all mean a broken gzip stream
             raise FrameRejected(
-                f"corrupt gzip file ({exc})", path=path, stage=CHECK_STAGE
+                f"corrupt gzip file ({_describe(exc)})", path=path, stage=CHECK_STAGE
             ) from None
     if not head.startswith(b"SIMPLE  ="):
+        what = "gzip-compressed data" if _read_head(path)[:2] == b"\x1f\x8b" else "file"
         raise FrameRejected(
-            "not a FITS file (no SIMPLE card at the start)", path=path, stage=CHECK_STAGE
+            f"not a FITS file (no SIMPLE card at the start of the {what})",
+            path=path,
+            stage=CHECK_STAGE,
         )
 
 
@@ -199,9 +332,9 @@ def _open(path: Path, collector: _Collector):
             hdul = fits.open(path, mode="readonly", memmap=False, lazy_load_hdus=False)
     except FrameRejected:
         raise
-    except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
+    except Exception as exc:  # any error while parsing one file rejects that file, nothing more
         raise FrameRejected(
-            f"unreadable FITS file ({type(exc).__name__}: {exc})", path=path, stage=CHECK_STAGE
+            f"unreadable FITS file ({_describe(exc)})", path=path, stage=CHECK_STAGE
         ) from None
     try:
         yield hdul
@@ -280,7 +413,41 @@ def _merge_headers(primary: fits.Header, ext: fits.Header | None) -> fits.Header
 # ----------------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------------
-def _read(path, *, with_data, bayer_pattern, debayer, overscan):
+def _describe(exc: BaseException) -> str:
+    """``zlib.error: Error -3 ...``: the exception's type and message on one line."""
+    kind = type(exc).__name__
+    if type(exc).__module__ not in ("builtins", None):
+        kind = f"{type(exc).__module__.split('.')[0]}.{kind}"
+    text = " ".join(str(exc).split())
+    return f"{kind}: {text[:300]}" if text else kind
+
+
+def _read(path, **kw):
+    """`_read_unchecked`, with any error turned into a `FrameRejected` naming the file.
+
+    One bad file must never stop a session: whatever astropy, zlib or numpy raise while one file
+    is opened, parsed or decoded (``zlib.error`` from a corrupt gzip stream, ``MemoryError`` from
+    a header that declares a huge image, ...) becomes the rejection of that file.
+    """
+    path = Path(path)
+    try:
+        return _read_unchecked(path, **kw)
+    except FrameRejected:
+        raise
+    except MemoryError:
+        raise FrameRejected(
+            "not enough memory to read the image (declared size too large?)",
+            path=path,
+            stage=CHECK_STAGE,
+        ) from None
+    except Exception as exc:
+        log.debug("reading %s failed", path, exc_info=True)
+        raise FrameRejected(
+            f"unreadable FITS file ({_describe(exc)})", path=path, stage=CHECK_STAGE
+        ) from None
+
+
+def _read_unchecked(path, *, with_data, bayer_pattern, debayer, overscan):
     path = Path(path)
     col = _Collector()
     with _open(path, col) as hdul:
@@ -332,10 +499,8 @@ def _read(path, *, with_data, bayer_pattern, debayer, overscan):
                 if with_data:
                     try:
                         raw = first.data
-                    except (OSError, ValueError, TypeError) as exc:
-                        msg = (
-                            f"cannot read the pixels of HDU {idxs[0]} ({type(exc).__name__}: {exc})"
-                        )
+                    except Exception as exc:
+                        msg = f"cannot read the pixels of HDU {idxs[0]} ({_describe(exc)})"
                         raise FrameRejected(msg, path=path, stage=CHECK_STAGE) from None
                     if raw is None:
                         raise FrameRejected(
@@ -525,8 +690,11 @@ def read_frame(
     Raises
     ------
     FrameRejected
-        ``stage="check"``: zero-byte, truncated or non-FITS file, non-ASCII header bytes, no image
-        data, 1-D data, all-NaN image, constant image (except a bias).
+        ``stage="check"``: zero-byte, truncated or non-FITS file, corrupt gzip or tile
+        compression, non-ASCII bytes in a header keyword or value, no image data, 1-D data,
+        all-NaN image, constant image (except a bias). Nothing else: any other error raised
+        while the file is read becomes a `FrameRejected` naming the file and the error.
+        Bytes after the last HDU and non-ASCII bytes in a comment are noted, not rejected.
     """
     path = Path(path)
     data, header, idx, notes = _read(
