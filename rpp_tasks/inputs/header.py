@@ -42,7 +42,19 @@ __all__ = [
 
 # IMAGETYP-like values, lower-cased, trailing " frame" removed.
 _IMAGETYP_MAP = {
-    "science": ("light", "object", "science", "sci", "expose", "target", "lightframe"),
+    "science": (
+        "light",
+        "object",
+        "science",
+        "sci",
+        "expose",
+        "target",
+        "lightframe",
+        "standard",  # LCO/Liverpool standard-star fields
+        "std",
+        "snapshot",  # NINA
+        "tricolor image",  # MaxIm DL colour frames
+    ),
     "bias": ("bias", "offset", "zero", "biasframe"),
     "dark": ("dark", "darkframe", "darkflat", "dark flat", "flatdark", "flat dark"),
     "flat": (
@@ -336,7 +348,8 @@ def _two_digit_year(date: str, m, header, path) -> tuple[str | None, str]:
         why = "and no reading agrees with the file's other dates ("
         why += ", ".join(n for n, _ in refs[:4]) + ")"
     else:
-        why = f"and several readings agree with the file's other dates ({', '.join(sorted(confirmed))})"
+        agree = ", ".join(sorted(confirmed))
+        why = f"and several readings agree with the file's other dates ({agree})"
     opts = " or ".join(sorted(candidates)) or "no valid date"
     return None, f"DATE-OBS '{date}' has a 2-digit year ({opts}?) {why}"
 

@@ -392,13 +392,14 @@ def test_session_manifest_then_library_fallback(real_data, tmp_path):
 
     raw = real_data / "huntsman" / "raw"
     manifest = frames.group_session(sorted(raw.glob("*.fits"))).to_dict()
+    assert manifest["bands"] == ["g"]  # FILTER='g_band' read as the standard band g
     first = run_masters(
         manifest, out_dir=tmp_path / "s1", camera="TESTCAM03", library_root=tmp_path / "lib"
     )
     assert first["binning"] == [1, 1] and first["flags"] == []
     assert first["bias"]["source"] == first["dark"]["source"] == "session"
     assert first["dark"]["inputs"] == [str(raw / "dark_0.fits")]
-    assert first["flat"]["g_band"]["source"] == "session"
+    assert first["flat"]["g"]["source"] == "session"
 
     # a later night with science frames only: every master comes from the library
     science_only = {
@@ -412,7 +413,7 @@ def test_session_manifest_then_library_fallback(real_data, tmp_path):
     sci_mjd = science_only["frames"][0]["mjd_obs"]
     for entry, master_mjd in (
         (second["bias"], first["bias"]["mjd"]),
-        (second["flat"]["g_band"], first["flat"]["g_band"]["mjd"]),
+        (second["flat"]["g"], first["flat"]["g"]["mjd"]),
     ):
         assert entry["source"] == "library"
         assert entry["delta_days"] == pytest.approx(sci_mjd - master_mjd, abs=1e-6)
@@ -426,5 +427,5 @@ def test_session_manifest_then_library_fallback(real_data, tmp_path):
         max_age_days=5.0,
     )
     assert third["bias"] is None and third["dark"] is None and third["flat"] == {}
-    assert third["flags"] == ["no_bias", "no_dark", "flat_missing_g_band"]
+    assert third["flags"] == ["no_bias", "no_dark", "flat_missing_g"]
     assert not (tmp_path / "s2").exists() or not any((tmp_path / "s2").iterdir())
