@@ -37,6 +37,7 @@ __all__ = [
     "normalize_header",
     "normalize_imagetyp",
     "normalize_kwargs_from_config",
+    "saturation_level",
     "frame_stem",
 ]
 
@@ -502,6 +503,32 @@ def _filter_band(header, filter_aliases, default_band, warns) -> tuple[str | Non
     return filter_raw, filter_raw
 
 
+def saturation_level(header, default=None) -> tuple[float | None, str | None]:
+    """
+    Native saturation level of a raw frame in ADU, and where it comes from.
+
+    SATURATE, SATLEVEL or DATAMAX of the header (a positive number), else ``default`` (the camera
+    config), else ``2**BITDEPTH - 1``, else None. The level is per native pixel: for a
+    software-binned frame (``RPPBIN``) `normalize_header` multiplies it by the binning squared.
+
+    Returns
+    -------
+    level : float or None
+    source : str or None
+        The keyword, ``"config"`` or ``"BITDEPTH"``.
+    """
+    key, sat = first_value(header, "SATURATE", "SATLEVEL", "DATAMAX")
+    sat = to_float(sat)
+    if sat is not None and sat > 0:
+        return sat, key
+    if default is not None and math.isfinite(float(default)) and float(default) > 0:
+        return float(default), "config"
+    depth = to_float(first_value(header, "BITDEPTH")[1])
+    if depth and 1 <= depth <= 32:
+        return float(2 ** int(depth) - 1), "BITDEPTH"
+    return None, None
+
+
 def _binning(header) -> tuple[int, int]:
     _, bx = first_value(header, "XBINNING", "CCDXBIN", "XBIN", "BINX", "HBIN")
     _, by = first_value(header, "YBINNING", "CCDYBIN", "YBIN", "BINY", "VBIN")
@@ -671,23 +698,16 @@ def normalize_header(
         if read_noise_e is None:
             warns.append("no read noise in header or config")
 
-    _, sat = first_value(header, "SATURATE", "SATLEVEL", "DATAMAX")
-    sat = to_float(sat)
-    if sat is None or sat <= 0:
-        if saturation_adu is not None:
-            sat = float(saturation_adu)
-        else:
-            _, depth = first_value(header, "BITDEPTH")
-            depth = to_float(depth)
-            sat = float(2 ** int(depth) - 1) if depth else float("nan")
-            warns.append(
-                "no saturation level in header or config"
-                + (f": 2**BITDEPTH-1 = {sat:g} ADU used" if depth else "")
-            )
+    sat, sat_source = saturation_level(header, saturation_adu)
+    if sat is None:
+        sat = float("nan")
+        warns.append("no saturation level in header or config")
+    elif sat_source == "BITDEPTH":
+        warns.append(f"no saturation level in header or config: 2**BITDEPTH-1 = {sat:g} ADU used")
     if sw_bin > 1 and sat == sat:
         # a software-binned super-pixel is the sum of sw_bin**2 native pixels: it saturates at
-        # sw_bin**2 times the native level (a cell with only some of its pixels saturated is below
-        # that and is caught by the photometry's peak test only when its sum reaches it)
+        # sw_bin**2 times the native level; a cell with only some of its native pixels saturated
+        # is lifted to that level by read_frame (rpp_tasks.inputs.bayer.superpixel_max)
         sat = sat * sw_bin * sw_bin
         warns.append(
             f"saturation level scaled by {sw_bin * sw_bin} for {sw_bin}x{sw_bin} software binning"

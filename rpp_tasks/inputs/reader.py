@@ -36,9 +36,14 @@ from astropy.io import fits
 
 from rpp_tasks.exceptions import FrameRejected
 from rpp_tasks.inputs.amplifiers import mosaic_amplifiers, mosaic_shape
-from rpp_tasks.inputs.bayer import bayer_pattern_from_header, bin_header, debayer_to_luminance
+from rpp_tasks.inputs.bayer import (
+    bayer_pattern_from_header,
+    bin_header,
+    debayer_to_luminance,
+    lift_saturated_superpixels,
+)
 from rpp_tasks.inputs.cards import CHECK_STAGE, json_safe, set_shape
-from rpp_tasks.inputs.header import normalize_imagetyp
+from rpp_tasks.inputs.header import normalize_imagetyp, saturation_level
 
 __all__ = ["RawFrame", "ImageCheck", "read_frame", "read_header", "check_image"]
 
@@ -447,7 +452,7 @@ def _read(path, **kw):
         ) from None
 
 
-def _read_unchecked(path, *, with_data, bayer_pattern, debayer, overscan):
+def _read_unchecked(path, *, with_data, bayer_pattern, debayer, overscan, saturation_adu=None):
     path = Path(path)
     col = _Collector()
     with _open(path, col) as hdul:
@@ -538,7 +543,17 @@ def _read_unchecked(path, *, with_data, bayer_pattern, debayer, overscan):
     if pattern is not None and debayer:
         binned = (shape[0] // 2, shape[1] // 2)
         if data is not None:
-            data = debayer_to_luminance(data, pattern)
+            raw_mosaic = data
+            data = debayer_to_luminance(raw_mosaic, pattern)
+            level, source = saturation_level(header, saturation_adu)
+            if level is not None:
+                n = lift_saturated_superpixels(data, raw_mosaic, level)
+                if n:
+                    col.add(
+                        f"{n} super-pixels with a saturated raw pixel (>= {level:g} ADU, {source}) "
+                        f"set to the 2x2 saturation level {4 * level:g} ADU"
+                    )
+            del raw_mosaic
         for n in bin_header(header, 2, binned):
             col.add(n)
         header["RPPDEBAY"] = (pattern, "Bayer 2x2 super-pixel sum by rpp_tasks")
@@ -647,7 +662,14 @@ def check_image(data, imagetyp=None, *, allow_constant=None, path=None):
 
 
 def read_frame(
-    path, *, bayer_pattern=None, debayer=True, imagetyp=None, allow_constant=None, overscan="median"
+    path,
+    *,
+    bayer_pattern=None,
+    debayer=True,
+    imagetyp=None,
+    allow_constant=None,
+    overscan="median",
+    saturation_adu=None,
 ):
     """
     Read one raw frame into a float32 image in ADU, whatever the file layout.
@@ -682,6 +704,12 @@ def read_frame(
         See `check_image`.
     overscan : {"median", "row"}, optional
         See `mosaic_amplifiers`.
+    saturation_adu : float, optional
+        Native saturation level from the camera config, used when the header has none
+        (`~rpp_tasks.inputs.header.saturation_level`). For a Bayer frame, super-pixels with a
+        saturated raw pixel are raised to 4 times that level
+        (`~rpp_tasks.inputs.bayer.lift_saturated_superpixels`), so that the saturation survives
+        the 2x2 sum.
 
     Returns
     -------
@@ -698,7 +726,12 @@ def read_frame(
     """
     path = Path(path)
     data, header, idx, notes = _read(
-        path, with_data=True, bayer_pattern=bayer_pattern, debayer=debayer, overscan=overscan
+        path,
+        with_data=True,
+        bayer_pattern=bayer_pattern,
+        debayer=debayer,
+        overscan=overscan,
+        saturation_adu=saturation_adu,
     )
     if imagetyp is None:
         imagetyp = normalize_imagetyp(header)[0]

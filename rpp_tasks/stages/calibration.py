@@ -16,7 +16,10 @@ Calibration model (all images in ADU, float32)::
   by its own median before the combination, the result is divided by its median again. Pixels with
   a response below ``min_response`` (or not finite) are set to 1 and flagged in a bad-pixel mask.
 * **Saturation** is detected on the raw frame, before any arithmetic (``raw >= saturation_adu``),
-  and kept in the output mask.
+  and kept in the output mask. A saturated pixel also keeps a calibrated value of at least
+  ``saturation_adu``: its true value is unknown (at least what was measured), and every later
+  level test (the catalogue's ``saturated`` flag, the choice of PSF stars, L.A.Cosmic's
+  ``satlevel``) must still see it saturated after the bias was subtracted or the flat divided.
 * Missing masters are allowed: the frame is still reduced and the result says what was skipped
   (``"no_bias"``, ``"no_dark"``, ``"flat_missing"``).
 
@@ -526,6 +529,11 @@ def calibrate_image(
         steps.append("flat divided")
     else:
         flags.append("flat_missing")
+    if n_sat:
+        # bias/dark subtraction and the flat moved the saturated pixels below the level: keep them
+        # at or above it, so that every later level test still sees them saturated
+        np.maximum(image, np.float32(saturation_adu), out=image, where=sat)
+        steps.append(f"saturated pixels kept >= {saturation_adu:g} ADU")
     if bad_pixel_mask is not None:
         mask |= np.asarray(bad_pixel_mask, dtype=bool)
     return CalibrationResult(
