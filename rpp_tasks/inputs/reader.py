@@ -515,26 +515,20 @@ def _read_unchecked(path, *, with_data, bayer_pattern, debayer, overscan, satura
                 if "BIASSEC" in hdr and len(shape) == 2:
                     col.add("BIASSEC present in a single-HDU frame: overscan left to calibration")
             if data is not None:
-                if 1 in data.shape:
-                    data = np.squeeze(data)
-                if data.ndim > 2:
-                    if data.ndim == 3 and data.shape[0] == 3:
-                        col.add("3-plane colour cube summed to luminance")
-                        data = data.astype(np.float32).sum(axis=0)
-                if data.dtype != np.float32:
-                    data = data.astype(np.float32)
+                squeezed = _squeeze_shape(data.shape)
+                if squeezed != data.shape:
+                    data = data.reshape(squeezed)
+                if data.ndim == 3 and data.shape[0] == 3:
+                    col.add("3-plane colour cube summed to luminance")
+                    data = data.astype(np.float32).sum(axis=0)
                 shape = data.shape
+                if len(shape) == 2 and data.dtype != np.float32:
+                    data = data.astype(np.float32)
             elif kind != "amps":
-                shape = tuple(s for s in shape if s != 1) or shape
+                shape = _squeeze_shape(shape)
                 if len(shape) == 3 and shape[0] == 3:
                     shape = shape[1:]
-    if len(shape) != 2:
-        what = (
-            "1-D data (a spectrum or a table row?)"
-            if len(shape) == 1
-            else f"{len(shape)}-D data {shape}"
-        )
-        raise FrameRejected(f"{what}: expected a 2-D image", path=path, stage=CHECK_STAGE)
+    _check_shape(shape, path)
     set_shape(header, shape)
 
     pattern = bayer_pattern_from_header(header)
@@ -565,6 +559,28 @@ def _read_unchecked(path, *, with_data, bayer_pattern, debayer, overscan, satura
     elif pattern is not None:
         col.add(f"bayer {pattern} mosaic left as is (debayer=False)")
     return data, header, idxs[0], tuple(col.notes)
+
+
+def _squeeze_shape(shape) -> tuple[int, ...]:
+    """Drop length-1 axes of a cube (NAXIS3=1) until it is 2-D; a 2-D shape is kept as is."""
+    s = tuple(int(v) for v in shape)
+    while len(s) > 2 and 1 in s:
+        i = s.index(1)
+        s = s[:i] + s[i + 1 :]
+    return s
+
+
+def _check_shape(shape, path) -> None:
+    """Reject what is not a 2-D image of at least 2x2 pixels, saying what it is."""
+    if len(shape) == 2 and min(shape) >= 2:
+        return
+    if len(shape) == 2 and max(shape) == 1:
+        what = "a single pixel (1x1 image)"
+    elif len(shape) == 2 or len(shape) == 1:
+        what = f"1-D data of {max(shape)} pixels (a spectrum or a table row?)"
+    else:
+        what = f"{len(shape)}-D data {shape}"
+    raise FrameRejected(f"{what}: expected a 2-D image", path=path, stage=CHECK_STAGE)
 
 
 def read_header(path, *, bayer_pattern=None, debayer=True):

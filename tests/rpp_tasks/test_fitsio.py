@@ -760,3 +760,23 @@ def test_read_header_matches_read_frame_without_reading_pixels(real_data):
         assert (header["NAXIS2"], header["NAXIS1"]) == frame.data.shape, rel
         assert idx == frame.hdu_index, rel
         assert header_wcs(header).status == header_wcs(frame.header).status, rel
+
+
+def test_degenerate_shapes_are_named(tmp_path):
+    def write(name, data):
+        h = fits.Header()
+        h["EXPTIME"], h["DATE-OBS"] = 1.0, "2025-01-15T22:00:00"
+        fits.PrimaryHDU(data, header=h).writeto(tmp_path / name)
+        return tmp_path / name
+
+    rng = np.random.default_rng(0)
+    one = write("one.fits", np.array([[500]], np.uint16))
+    for read in (read_header, read_frame):
+        with pytest.raises(FrameRejected, match=r"a single pixel \(1x1 image\)"):
+            read(one)
+    cube1 = write("cube1.fits", rng.normal(100, 5, (1, 20, 30)).astype(np.float32))
+    assert read_header(cube1)[0]["NAXIS1"] == 30 and read_frame(cube1).data.shape == (20, 30)
+    cube5 = write("cube5.fits", rng.normal(100, 5, (5, 20, 30)).astype(np.float32))
+    for read in (read_header, read_frame):
+        with pytest.raises(FrameRejected, match=r"3-D data \(5, 20, 30\): expected a 2-D image"):
+            read(cube5)
