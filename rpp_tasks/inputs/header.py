@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 from astropy import units as u
+from astropy.io import fits
 from astropy.time import Time
 from erfa import ErfaWarning
 
@@ -223,6 +224,9 @@ def _exposure(header) -> tuple[float | None, str | None, str | None]:
     for key in _EXPTIME_KEYS:
         k, raw = first_value(header, key)
         if k is None:
+            bad = _unparsable_card(header, key)
+            if bad is not None:
+                problems.append((key, f"{key}={bad} is not a valid FITS value"))
             continue
         if isinstance(raw, bool) or not isinstance(raw, (int, float, np.number, str)):
             problems.append((k, f"{k}={raw!r} is not a number"))
@@ -252,6 +256,21 @@ def _exposure(header) -> tuple[float | None, str | None, str | None]:
     if problems:
         return None, problems[0][1], problems[0][0]
     return None, None, None
+
+
+def _unparsable_card(header, key) -> str | None:
+    """The raw value text of a card astropy cannot parse (``EXPTIME = NaN``), else None."""
+    try:
+        header.get(key)
+        return None
+    except (ValueError, fits.VerifyError):
+        pass
+    try:
+        image = str(getattr(header.cards[key], "_image", "") or "")
+    except (KeyError, IndexError, ValueError, fits.VerifyError):
+        return None
+    text = image[10:].split("/")[0].strip()
+    return text or "(empty)"
 
 
 _ISO_RE = re.compile(

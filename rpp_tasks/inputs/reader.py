@@ -24,6 +24,7 @@ Keywords added to the header `read_frame` returns (all in the returned copy only
 
 from __future__ import annotations
 
+import bz2
 import contextlib
 import gzip
 import logging
@@ -227,7 +228,7 @@ def _scan_structure(path: Path) -> _Structure:
     Returns the number of HDUs, the bytes after the last one that are not an HDU, and the cards
     whose bytes are not printable ASCII (keyword and which part of the card).
     """
-    opener = gzip.open if _read_head(path)[:2] == b"\x1f\x8b" else open
+    opener = _COMPRESSED.get(_compression(_read_head(path)), (None, open))[1]
     n_hdus, non_ascii, trailing = 0, [], 0
     with opener(path, "rb") as fh:
         while True:
@@ -277,7 +278,7 @@ def _scan_structure(path: Path) -> _Structure:
             size = abs(num("BITPIX", 8)) // 8 * num("GCOUNT", 1) * (num("PCOUNT") + n)
             size = -(-size // 2880) * 2880
             if size:
-                skipped = len(fh.read(size)) if opener is gzip.open else None
+                skipped = len(fh.read(size)) if opener is not open else None
                 if skipped is None:
                     here = fh.tell()
                     fh.seek(0, 2)
@@ -303,21 +304,34 @@ def _check_file(path: Path) -> None:
         raise FrameRejected(
             f"cannot read the file ({_describe(exc)})", path=path, stage=CHECK_STAGE
         ) from None
-    if head[:2] == b"\x1f\x8b":  # gzip: astropy decompresses transparently
+    kind = _compression(head)
+    if kind is not None:  # gzip, bzip2: astropy decompresses transparently
+        name, opener = _COMPRESSED[kind]
         try:
-            with gzip.open(path, "rb") as fh:
+            with opener(path, "rb") as fh:
                 head = fh.read(16)
-        except Exception as exc:  # OSError, EOFError, zlib.error: all mean a broken gzip stream
+        except Exception as exc:  # OSError, EOFError, zlib.error: all mean a broken stream
             raise FrameRejected(
-                f"corrupt gzip file ({_describe(exc)})", path=path, stage=CHECK_STAGE
+                f"corrupt {name} file ({_describe(exc)})", path=path, stage=CHECK_STAGE
             ) from None
     if not head.startswith(b"SIMPLE  ="):
-        what = "gzip-compressed data" if _read_head(path)[:2] == b"\x1f\x8b" else "file"
+        what = f"{_COMPRESSED[kind][0]}-compressed data" if kind else "file"
         raise FrameRejected(
             f"not a FITS file (no SIMPLE card at the start of the {what})",
             path=path,
             stage=CHECK_STAGE,
         )
+
+
+_COMPRESSED = {"gzip": ("gzip", gzip.open), "bzip2": ("bzip2", bz2.open)}
+
+
+def _compression(head: bytes) -> str | None:
+    if head[:2] == b"\x1f\x8b":
+        return "gzip"
+    if head[:3] == b"BZh":
+        return "bzip2"
+    return None
 
 
 def _read_head(path: Path) -> bytes:

@@ -403,7 +403,8 @@ def make_master_flat(
 
 def _check_same_shape(frames, master, name):
     if any(np.shape(f) != master.shape for f in frames):
-        msg = f"{name} shape {master.shape} differs from the frames {sorted({np.shape(f) for f in frames})}"
+        shapes = sorted({np.shape(f) for f in frames})
+        msg = f"{name} shape {master.shape} differs from the frames {shapes}"
         raise ValueError(msg)
 
 
@@ -549,7 +550,8 @@ def write_master(
     Write a `MasterFrame` as FITS: float32 primary image (+ ``MASK`` uint8 extension if any).
 
     The header carries ``IMAGETYP='MASTER BIAS'`` (DARK, FLAT), ``BUNIT``, ``NCOMBINE``,
-    ``INSTRUME`` (camera), ``XBINNING``/``YBINNING``, ``FILTER``, ``MJD-OBS``, ``EXPTIME`` and HISTORY
+    ``INSTRUME`` (camera), ``XBINNING``/``YBINNING``, ``FILTER``, ``MJD-OBS``, ``EXPTIME`` and
+    HISTORY
     lines with the method, clipping and input file names.
 
     Returns
@@ -719,7 +721,8 @@ class MasterLibrary:
     """
     A folder of master calibrations with a JSON index, for sessions without calibration frames.
 
-    Layout: ``<root>/index.json`` and ``<root>/<kind>/<kind>_<camera>_<bx>x<by>[_<band>]_<mjd>.fits``.
+    Layout: ``<root>/index.json`` and
+    ``<root>/<kind>/<kind>_<camera>_<bx>x<by>[_<band>]_<mjd>.fits``.
     Masters added from a path are copied in, so the library does not depend on session folders.
     The index is rewritten atomically under an exclusive file lock (concurrent tasks may add).
 
@@ -953,8 +956,8 @@ def run_masters(
     bands : sequence of str, optional
         Science bands that need a flat; default the manifest's ``bands``.
     read_kwargs : dict, optional
-        Passed to `rpp_tasks.inputs.reader.read_frame` (e.g. ``bayer_pattern`` from the camera config,
-        so that calibration frames are debayered exactly like the science frames).
+        Passed to `rpp_tasks.inputs.reader.read_frame` (e.g. ``bayer_pattern`` from the camera
+        config, so that calibration frames are debayered exactly like the science frames).
 
     Returns
     -------
@@ -1144,7 +1147,10 @@ def run_masters(
 
 
 def _plan_frames(frames, binning, bands):
-    """Normalise the adapter input to ({"bias": [...], "dark": [...], "flat": {band: [...]}}, ...)."""
+    """Normalise the adapter input.
+
+    Returns ({"bias": [...], "dark": [...], "flat": {band: [...]}}, bands, binning, mjd_by_path).
+    """
     by_kind = {"bias": [], "dark": [], "flat": {}}
     mjd_by_path = {}
     if "groups" in frames:  # a SessionPlan manifest

@@ -1,5 +1,7 @@
-"""Saturation survives the Bayer 2x2 sum (issue 12): a star whose green pixels saturate while its red
-and blue ones do not sums to less than 4x the native level, and was not flagged saturated."""
+"""Saturation survives the Bayer 2x2 sum (issue 12).
+
+A star whose green pixels saturate while its red and blue ones do not sums to less than 4x the
+native level, and was not flagged saturated."""
 
 from __future__ import annotations
 

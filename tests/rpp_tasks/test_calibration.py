@@ -468,7 +468,8 @@ def _bad_calibration_night(tmp_path):
 
 
 def test_bad_calibration_frames_are_dropped_from_their_masters(tmp_path):
-    """issue 12: an all-NaN/all-zero flat or a 1x1 dark raised FrameRejected out of reduce_session."""
+    """issue 12: an all-NaN/all-zero flat or a 1x1 dark raised FrameRejected out of
+    reduce_session."""
     from rpp_tasks.config import find_config
     from rpp_tasks.session import pipeline
 

@@ -780,3 +780,16 @@ def test_degenerate_shapes_are_named(tmp_path):
     for read in (read_header, read_frame):
         with pytest.raises(FrameRejected, match=r"3-D data \(5, 20, 30\): expected a 2-D image"):
             read(cube5)
+
+
+def test_bzip2_files_are_read_and_corrupt_ones_rejected(real_data, tmp_path):
+    import bz2
+
+    good = (real_data / "feder_observatory/sip-wcs.fit").read_bytes()
+    p = tmp_path / "sip.fits.bz2"
+    p.write_bytes(bz2.compress(good))
+    assert read_frame(p).data.shape == (50, 100)  # was "not a FITS file": bzip2 magic unknown
+    bad = tmp_path / "bad.fits.bz2"
+    bad.write_bytes(b"BZh91AY&SY" + bytes(range(256)))
+    with pytest.raises(FrameRejected, match=r"bad\.fits\.bz2: \[check\] corrupt bzip2 file"):
+        read_header(bad)

@@ -184,3 +184,21 @@ def test_real_lco_frame_band_from_filter_with_air_wheels(real_data):
     m = normalize_header(header)
     assert (m.filter_raw, m.band) == ("w", "w")
     assert np.isclose(m.mjd_obs, 59495.0800082, atol=1e-6)
+
+
+def test_exptime_card_astropy_cannot_parse_is_named():
+    h = fits.Header.fromstring(
+        "".join(
+            c.ljust(80)
+            for c in (
+                "SIMPLE  =                    T",
+                "BITPIX  =                   16",
+                "NAXIS   =                    0",
+                "DATE-OBS= '2025-01-15T22:10:00'",
+                "EXPTIME =                  NaN",
+                "END",
+            )
+        )
+    )
+    with pytest.raises(FrameRejected, match=r"EXPTIME=NaN is not a valid FITS value"):
+        normalize_header(h)
