@@ -16,8 +16,8 @@ What it does, in order:
    session into the demo incoming folder (atomically: written under a hidden name, then renamed),
    waits until the DAG run ``session__<night>`` finishes, and prints the UI address, the login and
    where the products are;
-5. keeps Airflow and the watcher running until Ctrl-C (``--exit-when-done`` stops after the run,
-   for CI).
+5. keeps Airflow and the watcher running until Ctrl-C, SIGTERM or SIGHUP, which stop Airflow's
+   whole process group (``--exit-when-done`` stops after the run, for CI).
 
 This module never imports Airflow: it runs the ``airflow`` command and speaks HTTP to the API.
 """
@@ -224,8 +224,10 @@ class AirflowProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> AirflowProcess:
-        airflow = shutil.which("airflow", path=self.env.get("PATH")) or str(
-            Path(sys.executable).with_name("airflow")
+        airflow = (
+            self.env.get("RPP_AIRFLOW_CMD")  # another launcher (a wrapper script; the tests)
+            or shutil.which("airflow", path=self.env.get("PATH"))
+            or str(Path(sys.executable).with_name("airflow"))
         )
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         out = None if self.echo else open(self.log_path, "ab")
@@ -494,6 +496,35 @@ def _redact(url: str) -> str:
     return url
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals=STOP_SIGNALS):
+    """SIGTERM (a service manager stopping ``rpp up``) and SIGHUP (its terminal closed) stop it as
+    Ctrl-C does: a KeyboardInterrupt in the main thread, so the ``finally`` blocks stop the watcher
+    and Airflow's whole process group. The first signal switches the others off, so a second one
+    cannot interrupt that cleanup. (Before, either killed ``rpp up`` and left Airflow running.)"""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        for sig in signals:
+            signal.signal(sig, signal.SIG_IGN)
+        print(f"rpp up: {signal.Signals(signum).name} received, stopping", flush=True)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def up_main(argv: list[str] | None = None) -> int:
     """Command line of ``rpp up`` (the lead wires it as a subcommand: ``return up_main(argv)``)."""
     p = argparse.ArgumentParser(
@@ -523,16 +554,20 @@ def up_main(argv: list[str] | None = None) -> int:
             datefmt="%H:%M:%S",
         )
     settings = UpSettings(home=Path(args.home) if args.home else None, port=args.port)
-    return run_up(
-        settings,
-        observatory=args.observatory,
-        night=args.night,
-        n_science=args.frames,
-        exit_when_done=args.exit_when_done,
-        timeout_s=args.timeout,
-        demo=not args.no_demo,
-        echo=args.echo,
-    )
+    with stop_on_signals():
+        try:
+            return run_up(
+                settings,
+                observatory=args.observatory,
+                night=args.night,
+                n_science=args.frames,
+                exit_when_done=args.exit_when_done,
+                timeout_s=args.timeout,
+                demo=not args.no_demo,
+                echo=args.echo,
+            )
+        except KeyboardInterrupt:  # before Airflow was started: nothing to stop
+            return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -63,6 +63,20 @@ def _sanitize(obj):
     return obj
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (Linux); else set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
     """Write ``data`` as indented, strict JSON atomically."""
     path = Path(path)
@@ -74,6 +88,7 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text + "\n")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; products share the FITS mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
