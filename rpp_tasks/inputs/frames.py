@@ -188,6 +188,16 @@ def _shutter_closed(header) -> str | None:
     return None
 
 
+def _type_keyword(header, raw) -> str:
+    """Which of IMAGETYP, IMAGETYPE, FRAME, FRAMETYP, OBSTYPE holds the decisive value."""
+    if raw is not None:
+        for key in ("IMAGETYP", "IMAGETYPE", "FRAME", "FRAMETYP", "OBSTYPE"):
+            _, value = first_value(header, key)
+            if value is not None and str(value) == str(raw):
+                return key
+    return "IMAGETYP"
+
+
 def classify_frame_reason(meta_or_imagetyp, path, *, patterns=None, header=None, root=None):
     """
     Frame type of one file and the reason, by the session rule (``docs/inputs.md``).
@@ -237,12 +247,13 @@ def classify_frame_reason(meta_or_imagetyp, path, *, patterns=None, header=None,
     """
     kind = _meta_kind(meta_or_imagetyp)
     meta = meta_or_imagetyp if isinstance(meta_or_imagetyp, FrameMeta) else None
-    raw_type = None
+    raw_type, type_key = None, "IMAGETYP"
     if header is not None:
         _, raw_type = normalize_imagetyp(header)
+        type_key = _type_keyword(header, raw_type)
     elif isinstance(meta_or_imagetyp, str):
         raw_type = meta_or_imagetyp
-    said = f"IMAGETYP={raw_type!r}" if raw_type is not None else "no IMAGETYP"
+    said = f"{type_key}={raw_type!r}" if raw_type is not None else "no IMAGETYP"
     if kind in ("bias", "dark", "flat"):
         return kind, f"header {said}"
     by_name = _match_patterns(Path(path).name, patterns)

@@ -82,7 +82,7 @@ def _meta(**cards):
         # header types still win
         ({**SKY, "IMAGETYP": "Light Frame"}, "x.fits", "science", "header IMAGETYP='Light Frame'"),
         ({**SKY, "IMAGETYP": "Dark"}, "Light_1.fits", "dark", "header IMAGETYP='Dark'"),
-        ({**SKY, "OBSTYPE": "STANDARD"}, "x.fits", "science", "header IMAGETYP='STANDARD'"),
+        ({**SKY, "OBSTYPE": "STANDARD"}, "x.fits", "science", "header OBSTYPE='STANDARD'"),
     ],
 )
 def test_classification_rule(cards, name, kind, why):
