@@ -126,8 +126,21 @@ class SessionConfig:
             "flat": ["flat*"],
         }
     )
-    extensions: list[str] = field(
-        default_factory=lambda: [".fits", ".fit", ".fts", ".fits.fz", ".fit.gz", ".fits.gz"]
+    extensions: list[str] = field(  # case-insensitive; same list as config/defaults.yaml
+        default_factory=lambda: [
+            ".fits",
+            ".fit",
+            ".fts",
+            ".fits.fz",
+            ".fit.fz",
+            ".fts.fz",
+            ".fz",
+            ".fits.gz",
+            ".fit.gz",
+            ".fts.gz",
+            ".fits.bz2",
+            ".fit.bz2",
+        ]
     )
 
 
