@@ -94,7 +94,9 @@ def read_raw(path, obs) -> tuple:
     from rpp_tasks.inputs.header import normalize_header, normalize_kwargs_from_config
     from rpp_tasks.inputs.reader import read_frame
 
-    raw = read_frame(path, bayer_pattern=obs.camera.bayer_pattern)
+    raw = read_frame(
+        path, bayer_pattern=obs.camera.bayer_pattern, saturation_adu=obs.camera.saturation_adu
+    )
     meta = normalize_header(
         raw.header, path=str(path), **normalize_kwargs_from_config(obs)
     ).to_dict()

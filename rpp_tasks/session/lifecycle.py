@@ -47,7 +47,6 @@ from rpp_tasks.session.table import StageTable, table_for
 from rpp_tasks.session.workdir import Session, read_json
 
 __all__ = [
-    "resolve_session_dir",
     "open_session",
     "open_from_conf",
     "describe",
@@ -70,28 +69,6 @@ STALE_OUTPUTS = ("frames", "session_summary.json")
 
 
 # =============================================================================== open
-def resolve_session_dir(value, obs, observatory: str | None = None) -> Path:
-    """The raw folder of a session from a run's ``session_dir`` (absolute, or relative to the
-    observatory's incoming folder). Raises `ValueError` with what to do, also when the run's
-    ``observatory`` is another one."""
-    if observatory not in (None, "", obs.name):
-        raise ValueError(
-            f"run conf is for observatory {observatory!r}, this DAG reduces {obs.name!r}"
-        )
-    raw = str(value or "").strip()
-    if not raw:
-        raise ValueError(
-            "no session_dir in the run conf: trigger with "
-            '{"session_dir": "<folder with the night\'s frames>"}'
-        )
-    raw_dir = Path(raw).expanduser()
-    if not raw_dir.is_absolute():
-        raw_dir = obs.resolve_path("incoming") / raw_dir
-    if not raw_dir.is_dir():
-        raise ValueError(f"session folder {raw_dir} does not exist")
-    return raw_dir
-
-
 def open_session(
     raw_dir: str | os.PathLike,
     obs,
@@ -101,8 +78,9 @@ def open_session(
 ) -> Session:
     """Open a session afresh: work folder, manifest of frames by type, band, exposure, binning.
 
-    Only headers are read. Files that are not readable FITS are listed in ``rejected.json`` with
-    the reason (stage ``validate``); they never stop the session. Outputs of an earlier run of the
+    Only headers are read. Every file of the folder gets an outcome in the manifest
+    (`rpp_tasks.inputs.frames.group_session`); files that are not usable frames are listed in
+    ``rejected.json`` with the reason (stage ``validate``); they never stop the session. Outputs of an earlier run of the
     same session are removed first (`STALE_OUTPUTS`), so a re-run replaces its products.
     """
     from rpp_tasks.inputs import frames
@@ -122,15 +100,11 @@ def open_session(
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
-    exts = tuple(e.lower() for e in obs.session.extensions)
-    paths = sorted(
-        p
-        for p in raw_dir.rglob("*")
-        if p.is_file() and p.name.lower().endswith(exts) and not p.name.startswith(".")
-    )
-    manifest = frames.group_session(paths, obs).to_dict()
+    # every file of the folder gets an outcome in the plan (frames, rejected with the reason, or
+    # ignored with the reason: session.extensions, ignore patterns); stems are unique
+    manifest = frames.group_session(raw_dir, obs).to_dict()
     manifest["science"] = [
-        dict(f, stem=frame_stem(f["path"]))
+        dict(f, stem=f.get("stem") or frame_stem(f["path"]))
         for f in manifest.get("frames", [])
         if f.get("imagetyp") == "science"
     ]
@@ -142,7 +116,11 @@ def open_session(
     session.write_json(
         "rejected.json",
         {
-            frame_stem(r["path"]): {"reason": r["reason"], "stage": "validate", "path": r["path"]}
+            r.get("stem") or frame_stem(r["path"]): {
+                "reason": r["reason"],
+                "stage": "validate",
+                "path": r["path"],
+            }
             for r in manifest.get("rejected", [])
         },
     )
@@ -159,8 +137,12 @@ def open_session(
 
 
 def open_from_conf(conf, obs) -> dict:
-    """The DAG's validate step: `open_session` from a run's conf (``session_dir``, ``session_id``,
-    ``observatory``); returns `describe` of it. Raises `ValueError` for a conf to fix."""
+    """The DAG's validate step: the run's conf checked before anything is written
+    (`rpp_tasks.ops.readiness.check_run_conf`: observatory, ``session_dir`` inside the incoming
+    folder when relative, a plain ``session_id``), then `open_session`; returns `describe` of it.
+    Raises `ValueError` for a conf to fix."""
+    from rpp_tasks.ops.readiness import check_run_conf
+
     try:
         table_for(obs, strict=True)
     except ConfigError as exc:
@@ -168,8 +150,8 @@ def open_from_conf(conf, obs) -> dict:
             f"{exc}: sessions of this observatory are not reduced by this DAG yet "
             "(long-slit spectra: rpp_tasks.spectra.reduce.run_spectra)"
         ) from None
-    raw_dir = resolve_session_dir(conf.get("session_dir"), obs, conf.get("observatory"))
-    return describe(open_session(raw_dir, obs, session_id=conf.get("session_id") or None))
+    raw_dir, session_id = check_run_conf(obs, conf)
+    return describe(open_session(raw_dir, obs, session_id=session_id))
 
 
 def describe(session: Session) -> dict:

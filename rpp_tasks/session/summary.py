@@ -401,14 +401,48 @@ class SessionSummary:
 
 def file_outcomes(manifest: Mapping, frames: Iterable[FrameSummary], masters: Mapping):
     """Every input file of a session with its outcome (science, calibration, unreadable,
-    ignored)."""
+    ignored): from the manifest's ``files`` (the plan's outcome and reason of every file) when it
+    has them, else from its frames, rejected and ignored lists."""
     by_path = {f.raw_path: f for f in frames if f.raw_path}
+    left_out = {str(r.get("path")): r.get("reason") for r in masters.get("rejected") or ()}
     used = set()
     entries = [masters.get("bias"), masters.get("dark"), *(masters.get("flat") or {}).values()]
     for e in entries:
         if isinstance(e, Mapping):
             used.update(str(p) for p in e.get("inputs") or ())
     out = []
+    if manifest.get("files"):  # the plan's outcome of every file (rpp_tasks.inputs.frames)
+        for m in manifest["files"]:
+            path, kind, why = str(m.get("path")), str(m.get("outcome")), m.get("reason")
+            if kind == "science":
+                f = by_path.get(path)
+                status = f.status if f is not None else "pending"
+                outcome = {"ok": "reduced"}.get(status, status)
+                out.append(
+                    FileOutcome(
+                        path,
+                        kind,
+                        outcome,
+                        f.reason if f is not None and not f.ok else None,
+                        f.failed_stage if f is not None else None,
+                    )
+                )
+            elif kind in ("bias", "dark", "flat"):
+                used_ = path in used
+                why_not = left_out.get(path) or "not combined into a master"
+                out.append(
+                    FileOutcome(
+                        path,
+                        kind,
+                        "calibration used" if used_ else "not used",
+                        None if used_ else why_not,
+                    )
+                )
+            elif kind == "rejected":
+                out.append(FileOutcome(path, "unreadable", "rejected", why, "validate"))
+            else:
+                out.append(FileOutcome(path, "ignored", "ignored", why))
+        return tuple(sorted(out, key=lambda o: o.path))
     for m in manifest.get("frames") or ():
         path, kind = str(m.get("path")), str(m.get("imagetyp") or "unknown")
         if kind == "science":
