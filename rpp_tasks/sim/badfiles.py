@@ -11,7 +11,7 @@ calibration frames, and files that are not frames at all.
 
 Each file comes with a `BadFile`: the outcome the session must give it and a piece of the reason.
 The test ``tests/rpp_tasks/test_bad_corpus.py`` runs the whole folder as one session through
-`rpp_tasks.session.pipeline.reduce_session` and checks every file; no raw byte may change.
+`rpp_tasks.session.lifecycle.reduce_session` and checks every file; no raw byte may change.
 
 Outcomes (`EXPECTATIONS`):
 

@@ -471,11 +471,12 @@ def test_bad_calibration_frames_are_dropped_from_their_masters(tmp_path):
     """issue 12: an all-NaN/all-zero flat or a 1x1 dark raised FrameRejected out of
     reduce_session."""
     from rpp_tasks.config import find_config
-    from rpp_tasks.session import pipeline
+    from rpp_tasks.session import lifecycle
 
     raw, paths = _bad_calibration_night(tmp_path)
     obs = find_config("demo")
-    summary = pipeline.reduce_session(raw, obs, work_root=tmp_path / "work", workers=1)
+    summary = lifecycle.reduce_session(raw, obs, work_root=tmp_path / "work", workers=1)
+    summary = summary[0].to_dict()
     assert summary["n_ok"] == 2, summary["frames"]
     masters = summary["masters"]
     reasons = {Path(r["path"]).name: r["reason"] for r in masters["rejected"]}
