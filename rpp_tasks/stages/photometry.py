@@ -468,6 +468,7 @@ def psf_photometry(
     refine_positions=True,
     max_shift_px=1.0,
     min_snr_refine=3.0,
+    extended_wings=True,
 ):
     """
     Simultaneous PSF-fitting photometry of all sources with an effective PSF.
@@ -497,6 +498,12 @@ def psf_photometry(
         Position updates are clipped to this length.
     min_snr_refine : float, optional
         Only stars with a step-1 flux S/N above this get a position update.
+    extended_wings : bool, optional
+        With a model that knows its footprint (`rpp_tasks.stages.psf.FieldPSF`), the wings of
+        bright stars beyond the fitted footprint (out to where they fall below 2 % of the
+        background noise) are subtracted from their neighbours' pixels as a fixed contribution
+        (from the step-1 fluxes, then the final ones): without it, a star 3-4 FWHM from a
+        brighter one takes some of that star's wing light.
 
     Returns
     -------
@@ -583,11 +590,28 @@ def psf_photometry(
     def design(xs, ys, deriv):
         return epsf.stamps(xs, ys, half, ix=ix, iy=iy, derivatives=deriv)
 
+    # wings of bright stars beyond their fitted footprint (subtracted as a fixed contribution)
+    tail_ok = hasattr(epsf, "_footprint_halves") and extended_wings
+    rms_typ = float(np.median(np.sqrt(v_bkg))) if tail_ok and nrow else float("nan")
+
+    geo = None
+
+    def tails(xs_, ys_, f_):
+        nonlocal geo
+        if not tail_ok:
+            return 0.0
+        if geo is None:
+            geo = _tail_geometry(epsf, xs_, ys_, f_, half, rms_typ, upix, nx, ny)
+            log.debug("psf_photometry: %d wing-tail pixel entries", geo[0].size)
+        return _tail_values(epsf, geo, xs_, ys_, f_, nrow)
+
+    tail = 0.0
+
     def solve_flux(p_vals, w):
         a = sparse.csr_matrix((p_vals[sel_star, sel_r, sel_c], (row, sel_star)), shape=(nrow, n))
         aw = sparse.diags(w) @ a
         nmat = (a.T @ aw).tocsr()
-        rhs = aw.T @ d
+        rhs = aw.T @ (d - tail)
         diag = nmat.diagonal()
         ok = diag > 0
         nmat = nmat + sparse.diags(np.where(ok, 0.0, 1.0))
@@ -597,15 +621,19 @@ def psf_photometry(
         return f, dinv, big, a
 
     # step 1: fluxes at the centroids, background-only weights
-    p0 = design(x, y, False)
+    if refine_positions:
+        p0, gx, gy = design(x, y, True)
+    else:
+        p0 = design(x, y, False)
     w0 = 1.0 / v_bkg
     f1, dinv1, big, a0 = solve_flux(p0, w0)
     model = a0 @ np.nan_to_num(f1)
     xs, ys = x.copy(), y.copy()
 
+    tail = tails(x, y, f1)
     if refine_positions:
-        w1 = 1.0 / (v_bkg + np.maximum(model, 0.0) / gain_e_per_adu)
-        val, gx, gy = design(x, y, True)
+        w1 = 1.0 / (v_bkg + np.maximum(model + tail, 0.0) / gain_e_per_adu)
+        val = p0
         cols = np.concatenate([3 * sel_star, 3 * sel_star + 1, 3 * sel_star + 2])
         vals = np.concatenate(
             [val[sel_star, sel_r, sel_c], gx[sel_star, sel_r, sel_c], gy[sel_star, sel_r, sel_c]]
@@ -614,7 +642,7 @@ def psf_photometry(
         a3 = sparse.csr_matrix((vals, (rows3, cols)), shape=(nrow, 3 * n))
         aw3 = sparse.diags(w1) @ a3
         nmat3 = (a3.T @ aw3).tocsr()
-        rhs3 = aw3.T @ d
+        rhs3 = aw3.T @ (d - tail)
         diag3 = nmat3.diagonal()
         ok3 = diag3 > 0
         nmat3 = nmat3 + sparse.diags(np.where(ok3, 0.0, 1.0))
@@ -639,13 +667,18 @@ def psf_photometry(
     # final fluxes at (xs, ys), weights from the model of the refined positions
     p2 = design(xs, ys, False)
     a_w = sparse.csr_matrix((p2[sel_star, sel_r, sel_c], (row, sel_star)), shape=(nrow, n))
+    if tail_ok:
+        tail = tails(xs, ys, f_w)
     model = a_w @ np.nan_to_num(f_w)
-    w2 = 1.0 / (v_bkg + np.maximum(model, 0.0) / gain_e_per_adu)
+    w2 = 1.0 / (v_bkg + np.maximum(model + tail, 0.0) / gain_e_per_adu)
     f2, dinv2, big2, a2 = solve_flux(p2, w2)
+    if tail_ok:
+        tail = tails(xs, ys, f2)
+        f2, dinv2, big2, a2 = solve_flux(p2, w2)
     flag[big | big2] |= 8
     err2 = np.sqrt(dinv2)
     model2 = a2 @ np.nan_to_num(f2)
-    resid = d - model2
+    resid = d - tail - model2
     abs_res = np.bincount(sel_star, np.abs(resid[row]), minlength=n)
     chi2 = np.bincount(sel_star, (resid[row] ** 2 * w2[row]), minlength=n)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -678,6 +711,68 @@ def psf_photometry(
         fit_shape,
     )
     return out
+
+
+def _render(model, shape, x, y, flux, rms_typ):
+    """Model image; footprints follow the brightness when the model supports it."""
+    if hasattr(model, "_footprint_halves"):
+        return model.render(shape, x, y, flux, rms=rms_typ)
+    return model.render(shape, x, y, flux)
+
+
+def _tail_geometry(model, x, y, flux, half, rms_typ, upix, nx, ny):
+    """Where the wings of bright stars beyond their ``half`` footprint fall on fitted pixels.
+
+    Only stars whose wings reach another source are kept. Returns ``(star, pos, px, py)``:
+    star index, index into ``upix`` and pixel coordinates of each (star, pixel) pair.
+    """
+    empty = (np.zeros(0, np.int64),) * 4
+    ok = np.isfinite(x) & np.isfinite(y) & np.isfinite(flux) & (flux > 0)
+    if not np.any(ok) or not np.isfinite(rms_typ) or rms_typ <= 0 or upix.size == 0:
+        return empty
+    idx = np.flatnonzero(ok)
+    halves = model._footprint_halves(x[idx], y[idx], flux[idx], rms_typ, 2 * half)
+    big = halves > half
+    idx, halves = idx[big], halves[big]
+    if idx.size == 0:
+        return empty
+    pts = np.column_stack([np.where(ok, x, -1e9), np.where(ok, y, -1e9)])
+    reach = cKDTree(pts).query_ball_point(pts[idx], (halves + half) * 1.415, return_length=True)
+    idx, halves = idx[reach > 1], halves[reach > 1]
+    upy, upx = np.divmod(upix, nx)
+    stars, poss = [], []
+    for i, h in zip(idx, halves):
+        cy, cx = int(round(y[i])), int(round(x[i]))
+        lo = np.searchsorted(upix, max(0, cy - h) * nx)
+        hi = np.searchsorted(upix, (min(ny - 1, cy + h) + 1) * nx)
+        if hi <= lo:
+            continue
+        px, py = upx[lo:hi], upy[lo:hi]
+        use = (np.abs(px - cx) <= h) & ((np.abs(px - cx) > half) | (np.abs(py - cy) > half))
+        pos = np.flatnonzero(use) + lo
+        if pos.size:
+            stars.append(np.full(pos.size, i))
+            poss.append(pos)
+    if not stars:
+        return empty
+    star = np.concatenate(stars)
+    pos = np.concatenate(poss)
+    return star, pos, upx[pos], upy[pos]
+
+
+def _tail_values(model, geo, x, y, flux, nrow):
+    """Light of the wings of `_tail_geometry` at the fitted pixels for positions/fluxes."""
+    from rpp_tasks.stages.psf import _ell_pix
+
+    star, pos, px, py = geo
+    out = np.zeros(nrow)
+    if star.size == 0:
+        return out
+    us, inv = np.unique(star, return_inverse=True)
+    a, b, c, u = (v[inv] for v in model.params_at(x[us], y[us]))
+    f = np.nan_to_num(flux[star])
+    val = _ell_pix(px - x[star], py - y[star], a, b, c, u, integrate=False)
+    return np.bincount(pos, f * np.nan_to_num(val), minlength=nrow)
 
 
 @dataclass(frozen=True, eq=False)
@@ -804,7 +899,8 @@ def psf_photometry_with_residual_detection(
         return PsfPassResult(t1, np.zeros(shape), 0, 0)
     x1, y1 = _fit_xy(t1)
     f1 = np.nan_to_num(np.asarray(t1["flux_psf"], float))
-    model = epsf.render(shape, x1, y1, f1)
+    rms_typ = float(np.median(np.asarray(rms)[::8, ::8]))
+    model = _render(epsf, shape, x1, y1, f1, rms_typ)
     resid = np.asarray(data, np.float64) - model
     mpos = np.maximum(model, 0.0).astype(np.float32)
     rms32 = np.asarray(rms, np.float32)
@@ -844,7 +940,7 @@ def psf_photometry_with_residual_detection(
         elif c == "y_centroid":
             old_vals = y1[sub]
         refit[c] = np.concatenate([old_vals, np.asarray(new[c]).astype(old_vals.dtype)])
-    sub_model = epsf.render(shape, x1[sub], y1[sub], f1[sub])
+    sub_model = _render(epsf, shape, x1[sub], y1[sub], f1[sub], rms_typ)
     others = model - sub_model
     oth = np.maximum(others, 0.0).astype(np.float32)
     oth *= np.float32(1.0 / gain_e_per_adu)
@@ -929,7 +1025,7 @@ def psf_photometry_with_residual_detection(
             out[c].unit = t1[c].unit
     x2, y2 = _fit_xy(t2)
     f2 = np.nan_to_num(np.asarray(t2["flux_psf"], float))
-    model = others + epsf.render(shape, x2, y2, f2)
+    model = others + _render(epsf, shape, x2, y2, f2, rms_typ)
     n_dropped = int((~keep_old).sum())
     out.meta.update(n_residual_sources=n_add, n_refit_psf=int(len(t2)), n_dropped_psf=n_dropped)
     log.info(
@@ -1049,3 +1145,573 @@ def quality_flags(
     out["near_edge"] = near_edge
     out["blended"] = blended
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# aperture corrections and the model-mismatch term
+# --------------------------------------------------------------------------------------------
+
+
+def apply_aperture_corrections(table, psf_model, *, exptime_s):
+    """
+    Turn the aperture fluxes of ``table`` into total fluxes with the local PSF model (in place).
+
+    For each star the fraction of its light inside each aperture is the exact aperture sum of its
+    own unit-flux model (the PSF at its position, centred where the PSF fit put the star, the
+    aperture where the aperture photometry put it); ``apcorr_L = 1 / fraction`` multiplies
+    ``flux_L`` and ``flux_err_L``, and ``mag_L`` becomes a total magnitude. The factors are
+    kept in the columns ``apcorr_<label>`` and ``meta["aperture_corrected"]`` is set.
+
+    Parameters
+    ----------
+    table : `~astropy.table.Table`
+        Output of `aperture_photometry` (``meta["aperture_radii_px"]``) with PSF positions
+        ``x_psf``, ``y_psf`` (the centroid is used where they are missing).
+    psf_model : `rpp_tasks.stages.psf.FieldPSF`
+        The PSF model with ``aperture_fractions``.
+    exptime_s : float
+
+    Returns
+    -------
+    summary : dict
+        Per label: the median correction (mag) and its 1st-99th percentile range over the frame.
+    """
+    radii = table.meta.get("aperture_radii_px") or {}
+    n = len(table)
+    if n == 0 or not radii:
+        table.meta["aperture_corrected"] = True
+        for lab in radii:
+            table[f"apcorr_{lab}"] = np.zeros(0)
+        return {}
+    xc, yc = _xy(table, "apply_aperture_corrections")
+    xs = np.asarray(table["x_psf"], float) if "x_psf" in table.colnames else xc
+    ys = np.asarray(table["y_psf"], float) if "y_psf" in table.colnames else yc
+    bad = ~(np.isfinite(xs) & np.isfinite(ys)) | (np.hypot(xs - xc, ys - yc) >= 3.0)
+    xs = np.where(bad, xc, xs)
+    ys = np.where(bad, yc, ys)
+    frac = psf_model.aperture_fractions(xs, ys, radii, x_ap=xc, y_ap=yc)
+    summary = {}
+    for lab in radii:
+        fr = np.asarray(frac[lab], float)
+        corr = np.where(np.isfinite(fr) & (fr > 0.05), 1.0 / np.where(fr > 0, fr, 1.0), np.nan)
+        for c in ("flux", "flux_err"):
+            table[f"{c}_{lab}"] = np.asarray(table[f"{c}_{lab}"], float) * corr
+        mag, mag_err, snr = _mags(table[f"flux_{lab}"], table[f"flux_err_{lab}"], exptime_s)
+        table[f"mag_{lab}"] = mag
+        table[f"mag_err_{lab}"] = mag_err
+        table[f"snr_{lab}"] = snr
+        table[f"apcorr_{lab}"] = corr
+        ok = np.isfinite(corr)
+        if ok.any():
+            m = 2.5 * np.log10(corr[ok])
+            summary[lab] = {
+                "radius_px": round(float(radii[lab]), 3),
+                "median_mag": round(float(np.median(m)), 4),
+                "p01_mag": round(float(np.percentile(m, 1)), 4),
+                "p99_mag": round(float(np.percentile(m, 99)), 4),
+            }
+    table.meta["aperture_corrected"] = True
+    return summary
+
+
+def _ml_mismatch(d, var, flux, *, max_frac=0.2):
+    """Relative error ``eta`` maximising the Gaussian likelihood of ``d ~ N(0, var + (eta F)^2)``
+    (4-sigma outliers left out); 0 when the noise explains the scatter."""
+    ok = np.isfinite(d) & np.isfinite(var) & (var > 0) & np.isfinite(flux) & (flux > 0)
+    d, var, flux = d[ok], var[ok], flux[ok]
+    if d.size < 5:
+        return float("nan"), int(d.size)
+    d = d - np.median(d)
+    grid = np.concatenate([[0.0], np.geomspace(1e-4, max_frac, 120)])
+    keep = np.ones(d.size, bool)
+    for _ in range(3):
+        tot = var[keep, None] + (grid[None, :] * flux[keep, None]) ** 2
+        nll = np.sum(d[keep, None] ** 2 / tot + np.log(tot), axis=0)
+        eta = float(grid[int(np.argmin(nll))])
+        z = d / np.sqrt(var + (eta * flux) ** 2)
+        new = np.abs(z) < 4.0
+        if np.array_equal(new, keep) or new.sum() < 5:
+            break
+        keep = new
+    return eta, int(keep.sum())
+
+
+def _reference_stars(table, radius_px, fwhm, min_snr):
+    """Rows usable as flux references: isolated, unmasked, well fitted, PSF S/N > min_snr."""
+    n = len(table)
+    x, y = _fit_xy(table)
+    fpsf = np.asarray(table["flux_psf"], float)
+    epsf = np.asarray(table["flux_err_psf"], float)
+    sel = np.isfinite(fpsf) & (fpsf > 0) & np.isfinite(epsf) & (fpsf > min_snr * epsf)
+    if "bkg_local" in table.colnames:
+        sel &= np.isfinite(np.asarray(table["bkg_local"], float))
+    if "flag_aper" in table.colnames:
+        sel &= np.asarray(table["flag_aper"]) == 0
+    if "flag_psf" in table.colnames:
+        sel &= (np.asarray(table["flag_psf"]) & 0b1101) == 0
+    pts = np.column_stack([np.nan_to_num(x, nan=-1e9), np.nan_to_num(y, nan=-1e9)])
+    tree = cKDTree(pts)
+    f_any = np.nan_to_num(fpsf, nan=0.0)
+    cand = np.flatnonzero(sel)
+    for i, nb in zip(cand, tree.query_ball_point(pts[cand], radius_px + 2.0 * fwhm)):
+        others = [j for j in nb if j != i]
+        if others and np.max(f_any[others]) > 0.01 * f_any[i]:
+            sel[i] = False
+    return np.flatnonzero(sel), x, y, n
+
+
+def _large_aperture_fluxes(
+    table, idx, x, y, resid, rms, psf_model, *, radius_px, gain, mask, flux_model=None
+):
+    """Total flux of stars ``idx`` from the data in a large aperture, and the variance of its
+    difference to the PSF flux.
+
+    ``resid`` is the image with every fitted star subtracted: the light of a star within the
+    aperture is its PSF flux times the model's aperture fraction plus the residual sum there
+    (minus the local sky), so ``F_big = F_psf + (sum(resid) - sky * area) / frac``: the model
+    only enters through the small fraction of light beyond the aperture.
+    """
+    import sep
+
+    img = np.ascontiguousarray(np.asarray(resid, np.float32))
+    var = np.ascontiguousarray(np.asarray(rms, np.float32) ** 2)
+    bad = None if mask is None else np.ascontiguousarray(np.asarray(mask, np.uint8))
+    s_res, e_res, flg = sep.sum_circle(
+        img, x[idx], y[idx], radius_px, var=var, mask=bad, maskthresh=0.0, subpix=0
+    )
+    area = math.pi * radius_px**2
+    bkg = np.asarray(table["bkg_local"], float)[idx] if "bkg_local" in table.colnames else 0.0
+    n_ann = (
+        np.asarray(table["n_annulus"], float)[idx]
+        if "n_annulus" in table.colnames
+        else np.full(idx.size, np.inf)
+    )
+    s_res = s_res - bkg * area
+    frac = psf_model.aperture_fractions(x[idx], y[idx], {"big": radius_px})["big"]
+    fpsf = np.asarray(table["flux_psf"] if flux_model is None else flux_model, float)[idx]
+    epsf = np.asarray(table["flux_err_psf"], float)[idx]
+    f_big = fpsf + s_res / frac
+    # var(F_big) ~ star Poisson inside + sky in the aperture + annulus mean; the PSF fit is the
+    # efficient estimator from (mostly) the same pixels: var(F_psf - F_big) = var(F_big) - var(F_psf)
+    mean_var = e_res**2 / area
+    v_big = (np.maximum(fpsf * frac, 0.0) / gain + e_res**2 + area**2 * mean_var / n_ann) / frac**2
+    v_d = np.maximum(v_big - epsf**2, 0.03 * v_big)
+    ok = (flg == 0) & np.isfinite(f_big) & (f_big > 0) & np.isfinite(v_d)
+    return f_big, v_d, v_big, mean_var, n_ann, ok
+
+
+def _smooth_fit(x, y, d, var, shape, *, max_order):
+    """Weighted polynomial fit of ``d(x, y)`` with the order chosen by AIC, 4-sigma clipped.
+
+    Returns ``(coefficients, order, norm, covariance)`` (evaluate with `_smooth_eval`); the
+    covariance is scaled by the reduced chi^2 when that exceeds 1.
+    """
+    ny, nx = shape
+    norm = ((nx - 1) / 2.0, (ny - 1) / 2.0, max(nx / 2.0, 1.0), max(ny / 2.0, 1.0))
+    from rpp_tasks.stages.psf import _poly_basis
+
+    w = 1.0 / var
+    keep = np.ones(d.size, bool)
+    best = (np.zeros(1), 0, np.zeros((1, 1)))
+    for _ in range(3):
+        best_aic = np.inf
+        for order in range(int(max_order) + 1):
+            terms = (order + 1) * (order + 2) // 2
+            if keep.sum() < 4 * terms:
+                break
+            bas = _poly_basis(x[keep], y[keep], order, norm)
+            sw = np.sqrt(w[keep])
+            a = bas * sw[:, None]
+            coef, *_ = np.linalg.lstsq(a, d[keep] * sw, rcond=None)
+            chi2 = float(np.sum(w[keep] * (d[keep] - bas @ coef) ** 2))
+            aic = chi2 + 2.0 * terms
+            if aic < best_aic:
+                chi2_red = chi2 / max(int(keep.sum()) - terms, 1)
+                cov = np.linalg.pinv(a.T @ a) * max(chi2_red, 1.0)
+                best_aic, best = aic, (coef, order, cov)
+        z = (d - _poly_basis(x, y, best[1], norm) @ best[0]) * np.sqrt(w)
+        new = np.abs(z) < 4.0
+        if np.array_equal(new, keep) or new.sum() < 4:
+            break
+        keep = new
+    return best[0], best[1], norm, best[2]
+
+
+def _smooth_eval(coef, order, norm, x, y):
+    from rpp_tasks.stages.psf import _poly_basis
+
+    return _poly_basis(x, y, order, norm) @ coef
+
+
+def calibrate_to_large_aperture(
+    table,
+    resid,
+    rms,
+    psf_model,
+    *,
+    gain_e_per_adu,
+    exptime_s,
+    mask=None,
+    radius_fwhm=2.5,
+    min_snr=30.0,
+    max_order=3,
+):
+    """
+    Tie the PSF and the corrected aperture fluxes to large-aperture fluxes across the field.
+
+    Whatever the PSF model gets wrong -- its shape where the polynomials cannot follow the optics,
+    its wings -- biases the PSF fluxes and the aperture corrections by a factor that changes
+    smoothly over the field. On isolated bright stars the flux in a large aperture
+    (``radius_fwhm`` FWHM, see `_large_aperture_fluxes`: the model only enters through the light
+    beyond it) is compared with the PSF flux and with each corrected aperture flux; the ratios are
+    fitted by a smooth polynomial of the position (order <= ``max_order`` chosen by AIC, weighted
+    by their noise, 4-sigma clipped) and every star's flux is divided by it (DAOPHOT's aperture
+    correction of PSF magnitudes, made to follow the field). Modifies ``table`` in place.
+
+    Returns
+    -------
+    info : dict
+        Per flux type: polynomial order, median and range of the correction (mag) and the stars
+        used; ``{}`` when fewer than 10 reference stars.
+    """
+    n = len(table)
+    if n == 0 or "flux_psf" not in table.colnames:
+        return {}
+    fwhm = float(table.meta.get("fwhm_px", psf_model.fwhm_px))
+    r_in = float((table.meta.get("annulus_px") or [3.0 * fwhm])[0])
+    radius = min(radius_fwhm * fwhm, 0.95 * r_in)
+    idx, x, y, _ = _reference_stars(table, radius, fwhm, min_snr)
+    if idx.size < 10:
+        return {"n_stars": int(idx.size), "applied": False}
+    f_big, v_d, v_big, mean_var, n_ann, ok = _large_aperture_fluxes(
+        table, idx, x, y, resid, rms, psf_model, radius_px=radius, gain=gain_e_per_adu, mask=mask
+    )
+    table.meta["_flux_psf_subtracted"] = np.asarray(table["flux_psf"], float).copy()
+    if ok.sum() < 10:
+        return {"n_stars": int(ok.sum()), "applied": False}
+    shape = psf_model.shape
+    info = {"n_stars": int(ok.sum()), "radius_px": round(radius, 3), "applied": True}
+    xr, yr = x[idx][ok], y[idx][ok]
+    xs_all, ys_all = _fit_xy(table)
+    radii = table.meta.get("aperture_radii_px") or {}
+    for lab in ["psf"] + [
+        k for k in radii if radii[k] < radius and f"apcorr_{k}" in table.colnames
+    ]:
+        f = np.asarray(table[f"flux_{lab}"], float)
+        fi = f[idx][ok]
+        if lab == "psf":
+            var = v_d[ok]
+        else:
+            k = np.asarray(table[f"apcorr_{lab}"], float)[idx][ok]
+            el = np.asarray(table[f"flux_err_{lab}"], float)[idx][ok] / k
+            r = float(radii[lab])
+            area_s = math.pi * r * r
+            s_small = fi / k
+            cov = np.maximum(s_small, 0.0) / gain_e_per_adu + area_s * mean_var[ok]
+            cov = cov + area_s * math.pi * radius**2 * mean_var[ok] / n_ann[ok]
+            frac = psf_model.aperture_fractions(xr, yr, {"b": radius})["b"]
+            var = k**2 * el**2 + v_big[ok] - 2.0 * k / frac * cov
+            var = np.maximum(var, 0.05 * (k**2 * el**2 + v_big[ok]))
+        good = np.isfinite(fi) & (fi > 0) & np.isfinite(var) & (var > 0)
+        if good.sum() < 10:
+            continue
+        fb = f_big[ok][good]
+        d = fi[good] / fb - 1.0
+        coef, order, norm, cov = _smooth_fit(
+            xr[good], yr[good], d, var[good] / fb**2, shape, max_order=max_order
+        )
+        from rpp_tasks.stages.psf import _poly_basis
+
+        bas_all = _poly_basis(xs_all, ys_all, order, norm)
+        corr = np.clip(1.0 + bas_all @ coef, 0.8, 1.25)
+        # the correction is known to sigma_cal (relative): part of each star's error
+        sig_cal = np.sqrt(np.maximum(np.einsum("ni,ij,nj->n", bas_all, cov, bas_all), 0.0))
+        table[f"flux_{lab}"] = f / corr
+        err = np.asarray(table[f"flux_err_{lab}"], float) / corr
+        table[f"flux_err_{lab}"] = np.sqrt(
+            err**2 + (sig_cal * np.abs(np.nan_to_num(f / corr))) ** 2
+        )
+        mag, mag_err, snr = _mags(table[f"flux_{lab}"], table[f"flux_err_{lab}"], exptime_s)
+        table[f"mag_{lab}"] = mag
+        table[f"mag_err_{lab}"] = mag_err
+        table[f"snr_{lab}"] = snr
+        if f"apcorr_{lab}" in table.colnames:
+            table[f"apcorr_{lab}"] = np.asarray(table[f"apcorr_{lab}"], float) / corr
+        m = 2.5 * np.log10(corr[np.isfinite(corr)])
+        info[lab] = {
+            "order": int(order),
+            "sigma_median_mag": round(float(_MAG_K * np.median(sig_cal)), 5),
+            "median_mag": round(float(np.median(m)), 5),
+            "p01_mag": round(float(np.percentile(m, 1)), 5),
+            "p99_mag": round(float(np.percentile(m, 99)), 5),
+        }
+    table.meta["flux_calibration"] = info
+    return info
+
+
+def measure_model_mismatch(
+    table, resid, rms, psf_model, *, gain_e_per_adu, mask=None, radius_fwhm=2.5, min_snr=30.0
+):
+    """
+    Measure what the PSF fluxes and corrected aperture fluxes still get wrong, on isolated stars.
+
+    The same large-aperture reference as `calibrate_to_large_aperture`. For the PSF flux and each
+    corrected aperture flux, the differences to it are compared with their expected noise (the
+    PSF fit is the efficient estimator, so ``var(F_psf - F_big) = var(F_big) - var(F_psf)``;
+    nested apertures share their inner pixels) and the relative error ``eta`` that makes them
+    consistent is found by maximum likelihood. The reported errors then need ``(eta F)^2`` added
+    (`add_mismatch_errors`).
+
+    Returns
+    -------
+    result : dict
+        ``{"psf": eta, "<label>": eta, ..., "n_stars": n}``.
+    """
+    out = {"n_stars": 0}
+    n = len(table)
+    if n == 0 or "flux_psf" not in table.colnames:
+        return out
+    fwhm = float(table.meta.get("fwhm_px", psf_model.fwhm_px))
+    r_in = float((table.meta.get("annulus_px") or [3.0 * fwhm])[0])
+    radius = min(radius_fwhm * fwhm, 0.95 * r_in)
+    idx, x, y, _ = _reference_stars(table, radius, fwhm, min_snr)
+    if idx.size < 5:
+        out["n_stars"] = int(idx.size)
+        return out
+    f_big, v_d, v_big, mean_var, n_ann, ok = _large_aperture_fluxes(
+        table,
+        idx,
+        x,
+        y,
+        resid,
+        rms,
+        psf_model,
+        radius_px=radius,
+        gain=gain_e_per_adu,
+        mask=mask,
+        flux_model=table.meta.pop("_flux_psf_subtracted", None),
+    )
+    fp = np.asarray(table["flux_psf"], float)[idx]
+    eta, n_used = _ml_mismatch((fp - f_big)[ok], v_d[ok], f_big[ok])
+    out.update(n_stars=int(n_used), radius_px=round(float(radius), 3), psf=eta)
+    radii = table.meta.get("aperture_radii_px") or {}
+    xr, yr = x[idx], y[idx]
+    frac = psf_model.aperture_fractions(xr, yr, {"b": radius})["b"]
+    for lab, r in radii.items():
+        if r >= radius or f"apcorr_{lab}" not in table.colnames:
+            continue
+        k = np.asarray(table[f"apcorr_{lab}"], float)[idx]
+        fl = np.asarray(table[f"flux_{lab}"], float)[idx]
+        el = np.asarray(table[f"flux_err_{lab}"], float)[idx] / k
+        area_s = math.pi * r * r
+        cov = np.maximum(fl / k, 0.0) / gain_e_per_adu + area_s * mean_var
+        cov = cov + area_s * math.pi * radius**2 * mean_var / n_ann
+        v_dl = k**2 * el**2 + v_big - 2.0 * k / frac * cov
+        v_dl = np.maximum(v_dl, 0.05 * (k**2 * el**2 + v_big))
+        good = ok & np.isfinite(fl) & np.isfinite(k)
+        eta_l, _ = _ml_mismatch((fl - f_big)[good], v_dl[good], f_big[good])
+        out[lab] = eta_l
+    return out
+
+
+def add_mismatch_errors(table, mismatch, *, exptime_s):
+    """Add ``(eta F)^2`` of `measure_model_mismatch` to the flux variances (in place)."""
+    labels = [k for k in mismatch if k == "psf" or f"flux_{k}" in table.colnames]
+    for lab in labels:
+        eta = mismatch.get(lab)
+        if eta is None or not np.isfinite(eta) or eta <= 0 or f"flux_{lab}" not in table.colnames:
+            continue
+        f = np.asarray(table[f"flux_{lab}"], float)
+        e = np.asarray(table[f"flux_err_{lab}"], float)
+        e = np.sqrt(e**2 + (eta * np.abs(np.nan_to_num(f))) ** 2)
+        table[f"flux_err_{lab}"] = e
+        mag, mag_err, snr = _mags(f, e, exptime_s)
+        table[f"mag_err_{lab}"] = mag_err
+        table[f"snr_{lab}"] = snr
+    table.meta["model_error_frac"] = {
+        k: (float(v) if v is not None and np.isfinite(v) else None)
+        for k, v in mismatch.items()
+        if k == "psf" or f"flux_{k}" in table.colnames
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# the photometry of one frame
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class FramePhotometry:
+    """Outcome of `measure_frame`.
+
+    Attributes
+    ----------
+    catalog : `~astropy.table.Table`
+        Sources with aperture (total, aperture-corrected) and PSF photometry, per-star PSF
+        (``psf_fwhm_px``, ``psf_ellipticity``) and quality flags.
+    psf : `rpp_tasks.stages.psf.FieldPSF` or None
+    fwhm_px : float
+        Median FWHM over the frame (the aperture radii are 1.1 and 1.3 times it).
+    info : dict
+        Small JSON-safe summary for the frame's ``summary.json``.
+    """
+
+    catalog: Table
+    psf: object
+    fwhm_px: float
+    info: dict
+
+    def to_dict(self) -> dict:
+        return dict(self.info)
+
+
+def measure_frame(
+    data_sub,
+    rms,
+    sources,
+    *,
+    gain_e_per_adu,
+    exptime_s,
+    saturation_adu,
+    fixed_radius_px,
+    annulus_fwhm=(3.0, 5.0),
+    mask=None,
+    image=None,
+    psf=True,
+    psf_max_order=3,
+    psf_max_stars=250,
+    frame="",
+):
+    """
+    Photometry of one frame: PSF model, PSF and aperture photometry, corrections, honest errors.
+
+    1. `rpp_tasks.stages.psf.fit_field_psf`: a PSF varying across the field (elliptical Moffat
+       with polynomial shape; the order follows the number and spread of the PSF stars);
+    2. with ``psf``: `psf_photometry_with_residual_detection` (every source fitted with its local
+       PSF, faint stars found on the residual);
+    3. `aperture_photometry` on the neighbour-subtracted image, then
+       `apply_aperture_corrections`: aperture magnitudes are total magnitudes everywhere;
+    4. `measure_model_mismatch` on isolated stars and `add_mismatch_errors`: reported errors
+       include what the model does not explain;
+    5. `quality_flags`.
+
+    Parameters
+    ----------
+    data_sub : array_like
+        Background-subtracted image (ADU, float32).
+    rms : array_like
+        Background RMS map (ADU).
+    sources : `~astropy.table.Table`
+        Detections (`rpp_tasks.stages.detection.detect_sources`).
+    gain_e_per_adu, exptime_s : float
+    saturation_adu : float
+        Saturation of the *raw* pixels (ADU); the level in ``data_sub`` is estimated from
+        ``image - data_sub`` when ``image`` is given.
+    fixed_radius_px : float
+    annulus_fwhm : (float, float)
+    mask : array_like of bool, optional
+    image : array_like, optional
+        The calibrated image with its background (for the saturation flags).
+    psf : bool
+        Run the PSF photometry (the PSF model is fitted in any case: it gives the FWHM and the
+        aperture corrections).
+    psf_max_order, psf_max_stars : int
+        See `rpp_tasks.stages.psf.fit_field_psf`.
+    frame : str
+        Frame name for the log.
+
+    Returns
+    -------
+    result : `FramePhotometry`
+        ``psf`` is None and ``fwhm_px`` NaN when no PSF star qualifies (the caller decides).
+    """
+    from rpp_tasks.stages.psf import fit_field_psf
+
+    data = np.asarray(data_sub)
+    bkg_level = 0.0
+    if image is not None:
+        bkg_level = float(np.median(np.asarray(image)[::16, ::16] - data[::16, ::16]))
+    sat_sub = float(saturation_adu) - bkg_level
+    info = {}
+    model = fit_field_psf(
+        data,
+        sources,
+        rms=rms,
+        mask=mask,
+        gain_e_per_adu=gain_e_per_adu,
+        saturation_adu=sat_sub,
+        max_order=psf_max_order,
+        max_stars=psf_max_stars,
+    )
+    if model is None:
+        log.warning("measure_frame %s: no PSF star; no photometry", frame)
+        return FramePhotometry(Table(sources, copy=True), None, float("nan"), {"psf_model": None})
+    fwhm = float(model.fwhm_px)
+    info["psf_model"] = model.to_dict()
+    sources_fit, psf_image = sources, None
+    if psf:
+        fit = psf_photometry_with_residual_detection(
+            data,
+            rms,
+            sources,
+            model,
+            gain_e_per_adu=gain_e_per_adu,
+            exptime_s=exptime_s,
+            mask=mask,
+        )
+        sources_fit, psf_image = fit.table, fit.model
+        info["n_residual_sources"] = int(fit.n_added)
+    cat = aperture_photometry(
+        data,
+        rms,
+        sources_fit,
+        fwhm_px=fwhm,
+        fixed_radius_px=fixed_radius_px,
+        annulus_fwhm=annulus_fwhm,
+        gain_e_per_adu=gain_e_per_adu,
+        exptime_s=exptime_s,
+        mask=mask,
+        psf_model=psf_image,
+        epsf=model if psf else None,
+    )
+    info["aperture_corrections"] = apply_aperture_corrections(cat, model, exptime_s=exptime_s)
+    if psf:
+        resid = np.subtract(data, psf_image, dtype=np.float32)
+        info["flux_calibration"] = calibrate_to_large_aperture(
+            cat,
+            resid,
+            rms,
+            model,
+            gain_e_per_adu=gain_e_per_adu,
+            exptime_s=exptime_s,
+            mask=mask,
+        )
+        mism = measure_model_mismatch(
+            cat, resid, rms, model, gain_e_per_adu=gain_e_per_adu, mask=mask
+        )
+        del resid
+        add_mismatch_errors(cat, mism, exptime_s=exptime_s)
+        info["model_error_frac"] = _json_num(mism)
+    xs = np.asarray(cat["x_psf"], float) if "x_psf" in cat.colnames else _xy(cat, "m")[0]
+    ys = np.asarray(cat["y_psf"], float) if "y_psf" in cat.colnames else _xy(cat, "m")[1]
+    xc, yc = _xy(cat, "measure_frame")
+    xs = np.where(np.isfinite(xs), xs, xc)
+    ys = np.where(np.isfinite(ys), ys, yc)
+    loc = model.shape_at(xs, ys)
+    cat["psf_fwhm_px"] = loc["fwhm_px"]
+    cat["psf_ellipticity"] = loc["ellipticity"]
+    cat = quality_flags(
+        cat,
+        saturation_adu=saturation_adu,
+        shape=data.shape,
+        fwhm_px=fwhm,
+        data=image,
+    )
+    cat.meta["fwhm_px"] = fwhm
+    info["fwhm_px"] = fwhm
+    info["fwhm_n_stars"] = int(model.n_stars)
+    return FramePhotometry(cat, model, fwhm, info)
+
+
+def _json_num(d):
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
