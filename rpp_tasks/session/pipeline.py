@@ -263,6 +263,7 @@ def step_detect(fw: FrameWork, obs: ObservatoryConfig) -> dict:
         min_area_px=cfg.min_area_px,
         deblend_cont=cfg.deblend_cont,
         peak_search=not obs.stages.photometry.psf,
+        saturation_adu=fw.meta["saturation_adu"] - float(fw.bkg_summary["background_adu"]),
     )
     n = len(fw.sources)
     if n == 0:
@@ -295,6 +296,7 @@ def step_photometry(fw: FrameWork, obs: ObservatoryConfig) -> dict:
         image=fw.data,
         psf=cfg.psf,
         psf_max_stars=max(cfg.epsf_max_stars, 250),
+        overwrite=True,
         frame=fw.stem,
     )
     del data_sub

@@ -850,8 +850,9 @@ def make_star_field(
     n_bright, bright_mag_range : int, (float, float)
         Extra bright (saturated) stars with magnitudes uniform in this range.
     bleed_trails : bool
-        Charge above the full well (``saturation_adu * gain`` electrons) spills along the columns
-        (half up, half down) before the read-out; the filled pixels are in ``bleed_mask``.
+        Charge above the full well (``1.1 * saturation_adu * gain`` electrons: saturated pixels read
+        the ADC maximum) spills along the columns (half up, half down) before the read-out; the
+        filled pixels are in ``bleed_mask``.
     max_half_width_px : int, optional
         Largest stamp half-width (default 64 px, or 160 px with ``psf_variation``, so the wings of
         very bright stars -- their halos -- are rendered far out).
@@ -1030,8 +1031,9 @@ def make_star_field(
     del expected_e
     bleed_mask = np.zeros((ny, nx), dtype=bool)
     if bleed_trails:
-        full_well_e = (saturation_adu - float(np.median(bias))) * gain_e_per_adu
-        hot = np.flatnonzero(peak + sky_star >= saturation_adu - float(np.median(bias)))
+        # the full well holds a little more than the ADC range: saturated pixels read the maximum
+        full_well_e = 1.1 * (saturation_adu - float(np.median(bias))) * gain_e_per_adu
+        hot = np.flatnonzero(peak + sky_star >= 1.1 * (saturation_adu - float(np.median(bias))))
         if hot.size:
             bleed_mask = _bleed_columns(
                 electrons,

@@ -27,6 +27,9 @@ __all__ = [
     "empty_source_table",
     "FLAG_PEAK_FINDER",
     "FLAG_RESIDUAL",
+    "FLAG_SATURATED",
+    "find_saturated_stars",
+    "saturation_exclusion_mask",
 ]
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,7 @@ SOURCE_COLUMNS = (
 _DEFAULT_FWHM_PX = 3.0
 FLAG_PEAK_FINDER = 0x1000  #: ``flag`` bit of sources added by the matched-filter peak search
 FLAG_RESIDUAL = 0x2000  #: ``flag`` bit of sources found on the PSF-fit residual image
+FLAG_SATURATED = 0x4000  #: ``flag`` bit of a saturated star (one source per saturated region)
 
 
 def empty_source_table(*, method="sep", threshold_sigma=np.nan):
@@ -127,6 +131,7 @@ def detect_sources(
     edge_px=2.0,
     min_snr=5.0,
     peak_search=True,
+    saturation_adu=None,
     frame="",
 ):
     """
@@ -164,6 +169,11 @@ def detect_sources(
         farther than ``0.6 * fwhm_px`` from every SEP detection: faint stars on
         the wings of bright ones that SEP's segmentation does not deblend. They get the flag bit
         `FLAG_PEAK_FINDER`, a Gaussian-fit ``flux`` and ``npix = 0``.
+    saturation_adu : float, optional
+        Saturation level in the units of ``data_sub`` (raw saturation minus sky). With it, every
+        saturated region of ``mask`` (core and bleed trails) becomes one source (`FLAG_SATURATED`,
+        see `find_saturated_stars`) and the detections on its bleed trails and halo are dropped
+        (``meta["n_dropped_saturated"]``).
     frame : str, optional
         Frame name used in log messages.
 
@@ -245,6 +255,18 @@ def detect_sources(
         return empty_source_table(method=method, threshold_sigma=threshold_sigma)
 
     ny, nx = data.shape
+    sat_tab, n_drop_sat = None, 0
+    if saturation_adu is not None and mask is not None and np.isfinite(saturation_adu):
+        sat_tab, zone = find_saturated_stars(
+            data, mask, saturation_adu=float(saturation_adu), rms=err, fwhm_px=fwhm
+        )
+        if len(sat_tab):
+            ix = np.clip(np.rint(cols["x_centroid"]).astype(int), 0, nx - 1)
+            iy = np.clip(np.rint(cols["y_centroid"]).astype(int), 0, ny - 1)
+            inz = zone[iy, ix]
+            n_drop_sat = int(inz.sum())
+            cols = {k: v[~inz] for k, v in cols.items()}
+        del zone
     x, y = cols["x_centroid"], cols["y_centroid"]
     keep = np.isfinite(x) & np.isfinite(y)
     keep &= (
@@ -266,9 +288,14 @@ def detect_sources(
     if max_sources is not None:
         order = order[: int(max_sources)]
     tab = Table()
-    tab["id"] = np.arange(1, order.size + 1, dtype=np.int64)
     for name, dt in SOURCE_COLUMNS[1:]:
         tab[name] = np.asarray(cols[name])[order].astype(dt)
+    tab["halo_radius_px"] = np.zeros(len(tab))
+    if sat_tab is not None and len(sat_tab):
+        from astropy.table import vstack
+
+        tab = vstack([sat_tab[tab.colnames], tab])  # saturated stars first (brightest)
+    tab.add_column(np.arange(1, len(tab) + 1, dtype=np.int64), name="id", index=0)
     tab.meta.update(
         method=method,
         threshold_sigma=float(threshold_sigma),
@@ -277,6 +304,8 @@ def detect_sources(
         min_snr=float(min_snr or 0.0),
         n_sources=len(tab),
         n_rejected_snr=n_rej,
+        n_saturated_sources=0 if sat_tab is None else len(sat_tab),
+        n_dropped_saturated=n_drop_sat,
         no_sources=len(tab) == 0,
     )
     log.info(
@@ -289,6 +318,159 @@ def detect_sources(
         min_snr or 0.0,
     )
     return tab
+
+
+def _saturated_pixels(data, mask, saturation_adu):
+    """Masked pixels at or above half the saturation level (saturated cores, bleed trails)."""
+    return np.asarray(mask, bool) & (np.asarray(data) >= np.float32(0.5 * saturation_adu))
+
+
+def find_saturated_stars(
+    data_sub, mask, *, saturation_adu, rms, fwhm_px, halo_snr=20.0, halo_beta=2.5, min_pixels=1
+):
+    """
+    Saturated stars: one source per connected saturated region, and the zone they spoil.
+
+    The saturated pixels are the masked pixels at or above half of ``saturation_adu`` (the mask
+    of the calibration stage marks the raw saturated pixels; their values stay high). Each
+    8-connected region (core plus bleed trails along the columns) is one star: ``x`` is the mean
+    column weighted by the saturated pixels per column, ``y`` the middle of the saturated run in
+    the star's column (charge bleeds equally up and down). The star is saturated out to
+    ``r_sat``, half the saturated width of its row; beyond, a Moffat wing falls as
+    ``r**(-2 beta)``, so its halo stays above ``halo_snr`` times the noise out to
+    ``r_halo = r_sat (saturation / (halo_snr rms))**(1 / (2 halo_beta))`` (``halo_beta`` = 2.5 is
+    a conservative, shallow wing).
+
+    Parameters
+    ----------
+    data_sub : array_like
+        Background-subtracted image (ADU).
+    mask : array_like of bool
+        Bad pixels, including the saturated ones.
+    saturation_adu : float
+        Saturation level in the units of ``data_sub``.
+    rms : array_like or float
+        Background noise (ADU).
+    fwhm_px : float
+
+    Returns
+    -------
+    sources : `~astropy.table.Table`
+        Columns of `SOURCE_COLUMNS` (without ``id``) plus ``halo_radius_px``; ``flag`` =
+        `FLAG_SATURATED`, ``snr_det`` = inf, ``peak`` = ``saturation_adu``.
+    zone : numpy.ndarray of bool
+        The halo discs (within them the star's own light exceeds ``halo_snr`` times the noise) and
+        the saturated pixels grown by ``0.75 FWHM + 1`` px (the sides and ends of the bleed
+        trails): no detection there is trusted as a star of its own.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
+    data = np.asarray(data_sub)
+    ny, nx = data.shape
+    sat = _saturated_pixels(data, mask, saturation_adu)
+    py, px = np.nonzero(sat)
+    zone = np.zeros(data.shape, bool)
+    cols = {name: [] for name, _ in SOURCE_COLUMNS[1:]}
+    cols["halo_radius_px"] = []
+    if px.size:
+        # bleed trails run along the columns and may have gaps: bridge up to 4 px vertically
+        pairs = cKDTree(np.column_stack([px, py / 3.0])).query_pairs(1.5, output_type="ndarray")
+        g = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(px.size, px.size))
+        ncomp, lab = connected_components(g, directed=False)
+        rms_typ = float(np.median(np.asarray(rms)[::16, ::16])) if np.ndim(rms) else float(rms)
+        # the bleed trails, widened by about one FWHM: the masked band cut through the halo
+        # leaves ridges on both sides that look like stars to a matched filter
+        _trail_band(zone, px, py, fwhm_px)
+        for c in range(ncomp):
+            sel = lab == c
+            if sel.sum() < min_pixels:
+                continue
+            cx_, cy_ = px[sel], py[sel]
+            ucol, cnt = np.unique(cx_, return_counts=True)
+            x = float(np.sum(ucol * cnt) / np.sum(cnt))
+            col = int(ucol[np.argmax(cnt)])
+            ys = cy_[cx_ == col]
+            y = 0.5 * (float(ys.min()) + float(ys.max()))
+            row = cx_[cy_ == int(round(y))]
+            width = float(row.max() - row.min() + 1) if row.size else float(cnt.max() ** 0.5)
+            r_sat = max(0.5 * width, 1.0)
+            r_halo = r_sat * (saturation_adu / max(halo_snr * rms_typ, 1e-30)) ** (
+                1.0 / (2.0 * halo_beta)
+            )
+            r_halo = float(min(max(r_halo, r_sat + 1.5 * fwhm_px), 0.25 * max(nx, ny)))
+            # halo disc
+            r_i = int(math.ceil(r_halo))
+            x0, x1 = max(0, int(x) - r_i), min(nx, int(x) + r_i + 2)
+            y0, y1 = max(0, int(y) - r_i), min(ny, int(y) + r_i + 2)
+            gx, gy = np.meshgrid(np.arange(x0, x1), np.arange(y0, y1))
+            zone[y0:y1, x0:x1] |= (gx - x) ** 2 + (gy - y) ** 2 <= r_halo**2
+            flux = float(np.sum(data[cy_, cx_]))
+            for name, val in (
+                ("x_centroid", x),
+                ("y_centroid", y),
+                ("flux", flux),
+                ("peak", float(saturation_adu)),
+                ("npix", int(sel.sum())),
+                ("a_px", r_sat),
+                ("b_px", r_sat),
+                ("theta_rad", 0.0),
+                ("flag", FLAG_SATURATED),
+                ("snr_det", np.inf),
+                ("halo_radius_px", r_halo),
+            ):
+                cols[name].append(val)
+    tab = Table()
+    for name, dt in SOURCE_COLUMNS[1:]:
+        tab[name] = np.asarray(cols[name], dtype=dt)
+    tab["halo_radius_px"] = np.asarray(cols["halo_radius_px"], dtype=float)
+    if len(tab):
+        log.info("find_saturated_stars: %d saturated stars", len(tab))
+    return tab, zone
+
+
+def _trail_band(zone, px, py, fwhm_px):
+    """Mark the saturated pixels grown by ``0.75 FWHM + 1`` px (in place): the sides of the bleed
+    trails and their ends, where the last, partly filled pixel is bright but not saturated."""
+    ny, nx = zone.shape
+    grow = max(2, int(math.ceil(0.75 * fwhm_px)) + 1)
+    for oy in range(-grow, grow + 1):
+        yy = np.clip(py + oy, 0, ny - 1)
+        for ox in range(-grow, grow + 1):
+            if ox * ox + oy * oy <= grow * grow:
+                zone[yy, np.clip(px + ox, 0, nx - 1)] = True
+
+
+def saturation_exclusion_mask(shape, sources, data_sub=None, mask=None, *, saturation_adu=None):
+    """The zone spoiled by the saturated stars of a source table (see `find_saturated_stars`):
+    halo discs of the rows flagged `FLAG_SATURATED` (radius ``halo_radius_px``) and, with
+    ``data_sub``, ``mask`` and ``saturation_adu``, the widened bleed trails."""
+    ny, nx = int(shape[0]), int(shape[1])
+    zone = np.zeros((ny, nx), bool)
+    if data_sub is not None and mask is not None and saturation_adu is not None:
+        py, px = np.nonzero(_saturated_pixels(data_sub, mask, saturation_adu))
+        if px.size:
+            _trail_band(zone, px, py, float(sources.meta.get("fwhm_px", 3.0) or 3.0))
+    if sources is None or len(sources) == 0 or "flag" not in sources.colnames:
+        return zone
+    satrow = (np.asarray(sources["flag"]) & FLAG_SATURATED) != 0
+    if not np.any(satrow):
+        return zone
+    xs = np.asarray(sources["x_centroid"], float)[satrow]
+    ys = np.asarray(sources["y_centroid"], float)[satrow]
+    rh = (
+        np.asarray(sources["halo_radius_px"], float)[satrow]
+        if "halo_radius_px" in sources.colnames
+        else np.full(xs.size, 10.0)
+    )
+    for x, y, r in zip(xs, ys, rh):
+        r_i = int(math.ceil(r))
+        x0, x1 = max(0, int(x) - r_i), min(nx, int(x) + r_i + 2)
+        y0, y1 = max(0, int(y) - r_i), min(ny, int(y) + r_i + 2)
+        gx, gy = np.meshgrid(np.arange(x0, x1), np.arange(y0, y1))
+        zone[y0:y1, x0:x1] |= (gx - x) ** 2 + (gy - y) ** 2 <= r * r
+    return zone
 
 
 def _run_sep(work, err, bad, *, threshold_sigma, fwhm, min_area_px, deblend_cont, deblend_nthresh):

@@ -830,7 +830,8 @@ def psf_photometry_with_residual_detection(
     model_error_frac=0.03,
     refit_iterations=3,
     prune_snr=2.0,
-    merge_radius_px=1.0,
+    merge_radius_px=None,
+    exclude_mask=None,
     **psf_kwargs,
 ):
     """
@@ -863,9 +864,13 @@ def psf_photometry_with_residual_detection(
     refit_iterations : int, optional
         Position steps of the joint refit (each clipped to ``max_shift_px``).
     prune_snr, merge_radius_px : float, optional
-        After the refit, a refitted source whose PSF flux S/N is below ``prune_snr``, or that lies
-        within ``merge_radius_px`` of a brighter refitted source, is dropped (the lobes of a
-        merged pair that the first fit placed between the two stars) and the rest fitted again.
+        After the refit, a refitted source whose PSF flux S/N is below ``prune_snr`` (a new one:
+        below ``min_snr - 1``), or that lies
+        within ``merge_radius_px`` (default ``max(1, 0.75 FWHM)``) of a brighter refitted source,
+        is dropped (the lobes of a merged pair that the first fit placed between the two stars,
+        or a second detection of one star) and the rest fitted again.
+    exclude_mask : array_like of bool, optional
+        No source is searched for there (halos and bleed trails of saturated stars).
     **psf_kwargs
         Passed to `psf_photometry` (``fit_shape``, ``refine_positions``, ...).
 
@@ -909,15 +914,22 @@ def psf_photometry_with_residual_detection(
     mpos *= np.float32(model_error_frac)
     var += mpos * mpos
     del mpos
+    if merge_radius_px is None:
+        merge_radius_px = max(1.0, 0.75 * float(epsf.fwhm_px))
+    rmask = mask
+    if exclude_mask is not None:
+        rmask = exclude_mask if mask is None else (mask | exclude_mask)
     new = detect_residual_sources(
         resid,
         var,
         fwhm_px=epsf.fwhm_px,
-        mask=mask,
+        mask=rmask,
         min_snr=min_snr,
         candidate_snr=candidate_snr,
         exclude_xy=(x1, y1),
+        exclude_radius_px=max(1.5, 0.8 * float(epsf.fwhm_px)),
     )
+    del rmask
     if len(new) == 0:
         t1.meta.update(n_residual_sources=0, n_refit_psf=0)
         return PsfPassResult(t1, model, 0, 0)
@@ -977,7 +989,9 @@ def psf_photometry_with_residual_detection(
     with np.errstate(invalid="ignore", divide="ignore"):
         snr2 = f2 / e2
     x2, y2 = _fit_xy(t2)
-    drop = ~(snr2 >= prune_snr)
+    # a source found on the residual must stay significant in the PSF fit (noise peaks of the
+    # matched filter lose their flux); older sources only need to keep some flux
+    drop = ~(snr2 >= np.where(is_new, max(prune_snr, min_snr - 1.0), prune_snr))
     rank = np.empty(f2.size, np.int64)
     rank[np.argsort(-np.nan_to_num(f2, nan=-np.inf), kind="stable")] = np.arange(f2.size)
     pts = np.column_stack([np.nan_to_num(x2, nan=-1e9), np.nan_to_num(y2, nan=-1e9)])
@@ -1536,6 +1550,125 @@ def add_mismatch_errors(table, mismatch, *, exptime_s):
 
 
 # --------------------------------------------------------------------------------------------
+# saturated stars
+# --------------------------------------------------------------------------------------------
+
+#: ``flag_psf`` bit: flux of a saturated star from a fit of its unsaturated wings
+FLAG_PSF_WINGS = 16
+
+
+def fit_saturated_stars(
+    data_sub, rms, mask, sources, psf_model, *, gain_e_per_adu, exptime_s, saturation_adu
+):
+    """
+    Fluxes of saturated stars from their unsaturated wings, and the image of their models.
+
+    For each source (rows of `rpp_tasks.stages.detection.find_saturated_stars`: ``a_px`` is the
+    saturated radius, ``halo_radius_px`` the halo) the local PSF model is fitted to the
+    unmasked, unsaturated pixels between ``r_sat + 1`` px and ``r_sat + 4 FWHM`` (flux and
+    position, three Gauss-Newton steps, weights ``1 / (rms^2 + model / gain)``). The model of each
+    star is then drawn out to where it falls below 2 % of the noise (at most 256 px), so that its
+    halo can be subtracted from its neighbours.
+
+    Returns
+    -------
+    table : `~astropy.table.Table`
+        ``sources`` plus the PSF columns of `psf_photometry` (``flag_psf`` has `FLAG_PSF_WINGS`).
+    image : numpy.ndarray
+        float32 model image of the saturated stars.
+    """
+    data = np.asarray(data_sub)
+    ny, nx = data.shape
+    out = Table(sources, copy=True)
+    n = len(out)
+    image = np.zeros(data.shape, np.float32)
+    cols = {
+        k: np.full(n, np.nan)
+        for k in ("x_psf", "y_psf", "flux_psf", "flux_err_psf", "qfit_psf", "chi2_psf")
+    }
+    npix = np.zeros(n, np.int64)
+    flag = np.full(n, FLAG_PSF_WINGS, np.int64)
+    fwhm = float(psf_model.fwhm_px)
+    rms_arr = np.broadcast_to(np.asarray(rms, np.float32), data.shape)
+    rms_typ = float(np.median(rms_arr[::16, ::16]))
+    for i in range(n):
+        x, y = float(out["x_centroid"][i]), float(out["y_centroid"][i])
+        r_sat = float(out["a_px"][i]) if "a_px" in out.colnames else 2.0
+        r_in, r_out = r_sat + 1.0, r_sat + 4.0 * fwhm
+        h = int(math.ceil(r_out)) + 1
+        ix, iy = int(round(x)), int(round(y))
+        k = np.arange(-h, h + 1)
+        px = ix + k[None, :] + 0 * k[:, None]
+        py = iy + k[:, None] + 0 * k[None, :]
+        inside = (px >= 0) & (px < nx) & (py >= 0) & (py < ny)
+        pxc, pyc = np.clip(px, 0, nx - 1), np.clip(py, 0, ny - 1)
+        d = data[pyc, pxc].astype(np.float64)
+        v0 = rms_arr[pyc, pxc].astype(np.float64) ** 2
+        use = inside & np.isfinite(d) & (d < 0.5 * saturation_adu)
+        if mask is not None:
+            use &= ~np.asarray(mask)[pyc, pxc]
+        f = np.nan
+        for _ in range(3):
+            r2 = (px - x) ** 2 + (py - y) ** 2
+            sel = use & (r2 >= r_in**2) & (r2 <= r_out**2)
+            if sel.sum() < 10:
+                flag[i] |= 1
+                break
+            val, gx, gy = psf_model.stamps(
+                np.array([x]),
+                np.array([y]),
+                h,
+                ix=np.array([ix]),
+                iy=np.array([iy]),
+                derivatives=True,
+            )
+            val, gx, gy = val[0][sel], gx[0][sel], gy[0][sel]
+            w = 1.0 / (
+                v0[sel] + (np.maximum(f * val, 0.0) / gain_e_per_adu if np.isfinite(f) else 0.0)
+            )
+            a = np.column_stack([val, gx, gy])
+            nmat = a.T @ (a * w[:, None])
+            rhs = a.T @ (d[sel] * w)
+            try:
+                cov = np.linalg.inv(nmat)
+            except np.linalg.LinAlgError:
+                flag[i] |= 1
+                break
+            sol = cov @ rhs
+            f = float(sol[0])
+            if not f > 0:
+                flag[i] |= 1
+                break
+            step = np.clip(sol[1:] / f, -1.0, 1.0)
+            x, y = x + float(step[0]), y + float(step[1])
+        if not (np.isfinite(f) and f > 0) or flag[i] & 1:
+            continue
+        resid = d[sel] - f * val
+        cols["x_psf"][i], cols["y_psf"][i] = x, y
+        cols["flux_psf"][i] = f
+        cols["flux_err_psf"][i] = math.sqrt(max(cov[0, 0], 0.0))
+        cols["qfit_psf"][i] = float(np.sum(np.abs(resid)) / f)
+        cols["chi2_psf"][i] = float(np.sum(resid**2 * w) / max(sel.sum() - 3, 1))
+        npix[i] = int(sel.sum())
+        # draw the star out to where it fades below 2 % of the noise
+        hh = int(
+            psf_model._footprint_halves(np.array([x]), np.array([y]), np.array([f]), rms_typ, 32)[0]
+        )
+        hh = int(min(max(hh, h), 256))
+        image += psf_model.render(data.shape, [x], [y], [f], half=hh, dtype=np.float32)
+    mag, mag_err, snr = _mags(cols["flux_psf"], cols["flux_err_psf"], exptime_s)
+    for key, arr in cols.items():
+        out[key] = arr
+    out["mag_psf"] = mag
+    out["mag_err_psf"] = mag_err
+    out["snr_psf"] = snr
+    out["npix_psf"] = npix
+    out["group_size_psf"] = np.ones(n, np.int64)
+    out["flag_psf"] = flag
+    return out, image
+
+
+# --------------------------------------------------------------------------------------------
 # the photometry of one frame
 # --------------------------------------------------------------------------------------------
 
@@ -1580,6 +1713,7 @@ def measure_frame(
     psf=True,
     psf_max_order=3,
     psf_max_stars=250,
+    overwrite=False,
     frame="",
 ):
     """
@@ -1617,6 +1751,8 @@ def measure_frame(
         aperture corrections).
     psf_max_order, psf_max_stars : int
         See `rpp_tasks.stages.psf.fit_field_psf`.
+    overwrite : bool
+        ``data_sub`` (float32) may be modified in place (saves a full-frame copy).
     frame : str
         Frame name for the log.
 
@@ -1649,18 +1785,61 @@ def measure_frame(
     fwhm = float(model.fwhm_px)
     info["psf_model"] = model.to_dict()
     sources_fit, psf_image = sources, None
+    from rpp_tasks.stages.detection import FLAG_SATURATED, saturation_exclusion_mask
+
+    is_sat = (
+        (np.asarray(sources["flag"]) & FLAG_SATURATED) != 0
+        if "flag" in sources.colnames
+        else np.zeros(len(sources), bool)
+    )
+    zone = None
+    if psf and np.any(is_sat):
+        zone = saturation_exclusion_mask(data.shape, sources, data, mask, saturation_adu=sat_sub)
+        sat_tab, sat_image = fit_saturated_stars(
+            data,
+            rms,
+            mask,
+            sources[is_sat],
+            model,
+            gain_e_per_adu=gain_e_per_adu,
+            exptime_s=exptime_s,
+            saturation_adu=sat_sub,
+        )
+        # their halos are subtracted from the image everything else is measured on
+        data = np.subtract(data, sat_image, out=data if overwrite else None, dtype=np.float32)
+        del sat_image
+        info["n_saturated"] = int(is_sat.sum())
     if psf:
         fit = psf_photometry_with_residual_detection(
             data,
             rms,
-            sources,
+            sources[~is_sat] if np.any(is_sat) else sources,
             model,
             gain_e_per_adu=gain_e_per_adu,
             exptime_s=exptime_s,
             mask=mask,
+            exclude_mask=zone,
         )
         sources_fit, psf_image = fit.table, fit.model
+        del zone
+        if np.any(is_sat):
+            from astropy.table import vstack
+
+            sat_tab = Table(sat_tab, copy=False)
+            for c in sources_fit.colnames:
+                if c not in sat_tab.colnames:
+                    col = sources_fit[c]
+                    fill = (
+                        np.nan if col.dtype.kind == "f" else (0 if col.dtype.kind in "iub" else "")
+                    )
+                    sat_tab[c] = np.full(len(sat_tab), fill, dtype=col.dtype)
+            meta = dict(sources_fit.meta)
+            sources_fit = vstack(
+                [sat_tab[sources_fit.colnames], sources_fit], metadata_conflicts="silent"
+            )
+            sources_fit.meta.update(meta)
         info["n_residual_sources"] = int(fit.n_added)
+        _adopt_psf_positions(sources_fit)
     cat = aperture_photometry(
         data,
         rms,
@@ -1711,6 +1890,24 @@ def measure_frame(
     info["fwhm_px"] = fwhm
     info["fwhm_n_stars"] = int(model.n_stars)
     return FramePhotometry(cat, model, fwhm, info)
+
+
+def _adopt_psf_positions(table):
+    """``x_centroid, y_centroid`` become the PSF-fit positions where the fit refined them (a
+    detection centroid is pulled by neighbours); the detection centroids stay in ``x_det,
+    y_det``. In place."""
+    if "x_psf" not in table.colnames or len(table) == 0:
+        return
+    xc, yc = _xy(table, "measure_frame")
+    xp = np.asarray(table["x_psf"], float)
+    yp = np.asarray(table["y_psf"], float)
+    ok = np.isfinite(xp) & np.isfinite(yp) & (np.hypot(xp - xc, yp - yc) < 3.0)
+    if "flag_psf" in table.colnames:
+        ok &= (np.asarray(table["flag_psf"]) & 3) == 0
+    table["x_det"] = xc
+    table["y_det"] = yc
+    table["x_centroid"] = np.where(ok, xp, xc)
+    table["y_centroid"] = np.where(ok, yp, yc)
 
 
 def _json_num(d):
