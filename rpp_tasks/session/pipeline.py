@@ -264,6 +264,7 @@ def step_detect(fw: FrameWork, obs: ObservatoryConfig) -> dict:
         deblend_cont=cfg.deblend_cont,
         peak_search=not obs.stages.photometry.psf,
         saturation_adu=fw.meta["saturation_adu"] - float(fw.bkg_summary["background_adu"]),
+        overwrite=True,  # data_sub is ours
     )
     n = len(fw.sources)
     if n == 0:
@@ -281,10 +282,9 @@ def step_photometry(fw: FrameWork, obs: ObservatoryConfig) -> dict:
 
     cfg = obs.stages.photometry
     meta = fw.meta
-    data_sub = fw.data - fw.background
     gain, exptime = meta["gain_e_per_adu"], meta["exptime_s"]
     res = photometry.measure_frame(
-        data_sub,
+        None,  # made from image - background inside, freed as soon as possible
         fw.rms,
         fw.sources,
         gain_e_per_adu=gain,
@@ -294,12 +294,11 @@ def step_photometry(fw: FrameWork, obs: ObservatoryConfig) -> dict:
         annulus_fwhm=cfg.annulus_fwhm,
         mask=fw.mask,
         image=fw.data,
+        background=fw.background,
         psf=cfg.psf,
         psf_max_stars=max(cfg.epsf_max_stars, 250),
-        overwrite=True,
         frame=fw.stem,
     )
-    del data_sub
     if res.psf is None:
         raise FrameRejected(
             "FWHM could not be measured (no isolated unsaturated stars)",

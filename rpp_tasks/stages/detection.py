@@ -30,6 +30,7 @@ __all__ = [
     "FLAG_SATURATED",
     "find_saturated_stars",
     "saturation_exclusion_mask",
+    "ModelVariance",
 ]
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def _gauss_kernel(fwhm_px):
     return (ker / ker.sum()).astype(np.float32)
 
 
-def _matched_snr(data, var, mask, x, y, fwhm_px):
+def _matched_snr(data, var, mask, x, y, fwhm_px, *, var_is_err=False):
     """Matched-filter S/N of point sources at (x, y) with a local plane as nuisance.
 
     Weighted least squares of ``d = a K + b0 + bx dx + by dy`` on a stamp (``K`` a unit-peak
@@ -96,7 +97,9 @@ def _matched_snr(data, var, mask, x, y, fwhm_px):
     ddy = py - y[:, None]
     ker = np.exp(-0.5 * ddy**2 / sig**2)[:, :, None] * np.exp(-0.5 * ddx**2 / sig**2)[:, None, :]
     d = data[pyc[:, :, None], pxc[:, None, :]].astype(np.float64)
-    v = var[pyc[:, :, None], pxc[:, None, :]]
+    v = var[pyc[:, :, None], pxc[:, None, :]].astype(np.float64)
+    if var_is_err:  # the noise map is an rms: square only the gathered stamps
+        v = v * v
     w = (iny[:, :, None] & inx[:, None, :]) / np.where(v > 0, v, np.inf)
     if mask is not None:
         w = w * ~mask[pyc[:, :, None], pxc[:, None, :]]
@@ -132,6 +135,7 @@ def detect_sources(
     min_snr=5.0,
     peak_search=True,
     saturation_adu=None,
+    overwrite=False,
     frame="",
 ):
     """
@@ -174,6 +178,9 @@ def detect_sources(
         saturated region of ``mask`` (core and bleed trails) becomes one source (`FLAG_SATURATED`,
         see `find_saturated_stars`) and the detections on its bleed trails and halo are dropped
         (``meta["n_dropped_saturated"]``).
+    overwrite : bool, optional
+        ``data_sub`` (C-contiguous float32) may be used as the work image and modified in place
+        (masked pixels set to 0): saves a full-frame copy.
     frame : str, optional
         Frame name used in log messages.
 
@@ -192,6 +199,9 @@ def detect_sources(
     ValueError
         Shape mismatch between ``data_sub``, ``rms`` and ``mask``, non-2-D input, unknown method.
     """
+    from rpp_tasks.stages.background import release_freed_memory
+
+    release_freed_memory()
     data = np.asarray(data_sub)
     if data.ndim != 2:
         raise ValueError(f"detect_sources: data_sub must be 2-D, got shape {data.shape}")
@@ -216,18 +226,34 @@ def detect_sources(
     assumed = fwhm_px is None or not np.isfinite(fwhm_px) or fwhm_px <= 0
     fwhm = _DEFAULT_FWHM_PX if assumed else float(fwhm_px)
 
-    # C-contiguous float32 copies (SEP requirement); masked / non-finite pixels -> 0
-    work = np.ascontiguousarray(data, dtype=np.float32).copy()
-    bad = ~np.isfinite(work)
-    bad |= ~np.isfinite(rms) | (rms <= 0)
+    # saturated stars first: they need the values of the masked pixels
+    sat_tab, zone = None, None
+    if saturation_adu is not None and mask is not None and np.isfinite(saturation_adu):
+        sat_tab, zone = find_saturated_stars(
+            data, mask, saturation_adu=float(saturation_adu), rms=rms, fwhm_px=fwhm
+        )
+
+    # C-contiguous float32 (SEP requirement); masked / non-finite pixels -> 0
+    if overwrite and data.dtype == np.float32 and data.flags.c_contiguous and data.flags.writeable:
+        work = data
+    else:
+        work = np.array(data, dtype=np.float32, order="C")
+    bad = np.isfinite(work)
+    np.logical_not(bad, out=bad)
     if mask is not None:
         bad |= mask
+    err = np.ascontiguousarray(rms, dtype=np.float32)
+    bad_err = np.isfinite(err)
+    bad_err &= err > 0
+    np.logical_not(bad_err, out=bad_err)
+    if bad_err.any():
+        bad |= bad_err
+        err = err.copy()
+        good_err = err[~bad]
+        err[bad] = float(np.median(good_err)) if good_err.size else 1.0
+    del bad_err
     work[bad] = 0.0
-    err = np.ascontiguousarray(rms, dtype=np.float32).copy()
-    good_err = err[~bad]
-    fill = float(np.median(good_err)) if good_err.size else 1.0
-    err[bad] = fill
-    if not np.any(~bad):
+    if bad.all():
         return empty_source_table(method=method, threshold_sigma=threshold_sigma)
 
     if method == "sep":
@@ -255,18 +281,14 @@ def detect_sources(
         return empty_source_table(method=method, threshold_sigma=threshold_sigma)
 
     ny, nx = data.shape
-    sat_tab, n_drop_sat = None, 0
-    if saturation_adu is not None and mask is not None and np.isfinite(saturation_adu):
-        sat_tab, zone = find_saturated_stars(
-            data, mask, saturation_adu=float(saturation_adu), rms=err, fwhm_px=fwhm
-        )
-        if len(sat_tab):
-            ix = np.clip(np.rint(cols["x_centroid"]).astype(int), 0, nx - 1)
-            iy = np.clip(np.rint(cols["y_centroid"]).astype(int), 0, ny - 1)
-            inz = zone[iy, ix]
-            n_drop_sat = int(inz.sum())
-            cols = {k: v[~inz] for k, v in cols.items()}
-        del zone
+    n_drop_sat = 0
+    if sat_tab is not None and len(sat_tab):
+        ix = np.clip(np.rint(cols["x_centroid"]).astype(int), 0, nx - 1)
+        iy = np.clip(np.rint(cols["y_centroid"]).astype(int), 0, ny - 1)
+        inz = zone[iy, ix]
+        n_drop_sat = int(inz.sum())
+        cols = {k: v[~inz] for k, v in cols.items()}
+    del zone
     x, y = cols["x_centroid"], cols["y_centroid"]
     keep = np.isfinite(x) & np.isfinite(y)
     keep &= (
@@ -275,9 +297,8 @@ def detect_sources(
         & (x <= nx - 0.5 - edge_px)
         & (y <= ny - 0.5 - edge_px)
     )
-    var = err.astype(np.float64) ** 2
     snr = np.full(x.size, np.nan)
-    snr[keep] = _matched_snr(work, var, bad, x[keep], y[keep], fwhm)
+    snr[keep] = _matched_snr(work, err, bad, x[keep], y[keep], fwhm, var_is_err=True)
     cols["snr_det"] = snr
     n_before = int(keep.sum())
     if min_snr and min_snr > 0:
@@ -333,10 +354,10 @@ def find_saturated_stars(
 
     The saturated pixels are the masked pixels at or above half of ``saturation_adu`` (the mask
     of the calibration stage marks the raw saturated pixels; their values stay high). Each
-    8-connected region (core plus bleed trails along the columns) is one star: ``x`` is the mean
-    column weighted by the saturated pixels per column, ``y`` the middle of the saturated run in
-    the star's column (charge bleeds equally up and down). The star is saturated out to
-    ``r_sat``, half the saturated width of its row; beyond, a Moffat wing falls as
+    region (core plus bleed trails along the columns, gaps of up to 4 px bridged) is one star,
+    centred on the rows where the region is widest (the saturated core is a disc, the trails are
+    narrower), at the mean column of those rows. The star is saturated out to ``r_sat``, half
+    the widest saturated row; beyond, a Moffat wing falls as
     ``r**(-2 beta)``, so its halo stays above ``halo_snr`` times the noise out to
     ``r_halo = r_sat (saturation / (halo_snr rms))**(1 / (2 halo_beta))`` (``halo_beta`` = 2.5 is
     a conservative, shallow wing).
@@ -388,13 +409,14 @@ def find_saturated_stars(
             if sel.sum() < min_pixels:
                 continue
             cx_, cy_ = px[sel], py[sel]
-            ucol, cnt = np.unique(cx_, return_counts=True)
-            x = float(np.sum(ucol * cnt) / np.sum(cnt))
-            col = int(ucol[np.argmax(cnt)])
-            ys = cy_[cx_ == col]
-            y = 0.5 * (float(ys.min()) + float(ys.max()))
-            row = cx_[cy_ == int(round(y))]
-            width = float(row.max() - row.min() + 1) if row.size else float(cnt.max() ** 0.5)
+            # the saturated core is a disc, the bleed trails are narrower: the star sits in the
+            # rows where the region is widest (a trail cut by the frame edge does not bias it)
+            urow, rcnt = np.unique(cy_, return_counts=True)
+            core_rows = urow[rcnt >= max(1, 0.5 * rcnt.max())]
+            y = float(np.mean(core_rows))
+            in_core = np.isin(cy_, core_rows)
+            x = float(np.mean(cx_[in_core]))
+            width = float(rcnt.max())
             r_sat = max(0.5 * width, 1.0)
             r_halo = r_sat * (saturation_adu / max(halo_snr * rms_typ, 1e-30)) ** (
                 1.0 / (2.0 * halo_beta)
@@ -471,6 +493,51 @@ def saturation_exclusion_mask(shape, sources, data_sub=None, mask=None, *, satur
         gx, gy = np.meshgrid(np.arange(x0, x1), np.arange(y0, y1))
         zone[y0:y1, x0:x1] |= (gx - x) ** 2 + (gy - y) ** 2 <= r * r
     return zone
+
+
+class ModelVariance:
+    """The variance of a fit residual, ``rms^2 + max(model, 0) / gain + (frac model)^2``,
+    evaluated only where it is indexed (no full-frame array).
+
+    Parameters
+    ----------
+    rms, model : numpy.ndarray
+        Background noise and the fitted model image (ADU), same shape.
+    gain_e_per_adu, model_error_frac : float
+    """
+
+    def __init__(self, rms, model, gain_e_per_adu, model_error_frac):
+        self.rms = rms
+        self.model = model
+        self.inv_gain = 1.0 / float(gain_e_per_adu)
+        self.frac = float(model_error_frac)
+        self.shape = np.shape(model)
+
+    def __getitem__(self, idx):
+        r = np.asarray(self.rms[idx], np.float64)
+        m = np.asarray(self.model[idx], np.float64)
+        return r * r + np.maximum(m, 0.0) * self.inv_gain + (self.frac * m) ** 2
+
+    def min_valid(self):
+        """A lower bound of the variance over the frame."""
+        rmin = float(np.nanmin(self.rms[::4, ::4]))
+        return rmin * rmin if rmin > 0 else 1e-30
+
+
+def _separable_filter(image, k1, strip=256):
+    """``correlate1d`` along both axes (zero outside the image), one row strip at a time."""
+    from scipy import ndimage
+
+    ny = image.shape[0]
+    h = k1.size // 2
+    out = np.empty(image.shape, dtype=np.float32)
+    for r0 in range(0, ny, strip):
+        r1 = min(ny, r0 + strip)
+        a, b = max(0, r0 - h), min(ny, r1 + h)
+        tmp = ndimage.correlate1d(image[a:b], k1, axis=1, mode="constant")
+        tmp = ndimage.correlate1d(tmp, k1, axis=0, mode="constant")
+        out[r0:r1] = tmp[r0 - a : r0 - a + (r1 - r0)]
+    return out
 
 
 def _run_sep(work, err, bad, *, threshold_sigma, fwhm, min_area_px, deblend_cont, deblend_nthresh):
@@ -628,6 +695,7 @@ def detect_residual_sources(
     exclude_xy=None,
     exclude_radius_px=None,
     edge_px=2.0,
+    overwrite=False,
 ):
     """
     Point sources on a residual image (data minus the fitted model of the known sources).
@@ -644,7 +712,7 @@ def detect_residual_sources(
     ----------
     resid : array_like
         2-D residual image (ADU), background and fitted sources subtracted.
-    var : array_like
+    var : array_like or `ModelVariance`
         Per-pixel variance of ``resid`` (ADU^2): background variance plus the shot noise (and any
         model-error term) of the subtracted sources.
     fwhm_px : float
@@ -662,6 +730,8 @@ def detect_residual_sources(
         Default ``max(1.5, 0.6 * fwhm_px)``.
     edge_px : float, optional
         Candidates closer than this to the border are dropped.
+    overwrite : bool, optional
+        ``resid`` (C-contiguous float32) may be modified in place (bad pixels set to 0).
 
     Returns
     -------
@@ -675,45 +745,55 @@ def detect_residual_sources(
     ValueError
         Shape mismatch or non-positive ``fwhm_px``.
     """
-    from scipy import ndimage
     from scipy.spatial import cKDTree
 
     res = np.asarray(resid)
-    var = np.asarray(var)
+    lazy = isinstance(var, ModelVariance)
+    if not lazy:
+        var = np.asarray(var)
     if res.ndim != 2 or var.shape != res.shape:
         raise ValueError(
             f"detect_residual_sources: resid {res.shape} and var {var.shape} must be the same 2-D shape"
         )
     if not (fwhm_px is not None and np.isfinite(fwhm_px) and fwhm_px > 0):
         raise ValueError(f"detect_residual_sources: fwhm_px must be positive, got {fwhm_px!r}")
-    bad = ~np.isfinite(res) | ~np.isfinite(var) | (var <= 0)
     if mask is not None:
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != res.shape:
             raise ValueError(
                 f"detect_residual_sources: mask shape {mask.shape} does not match {res.shape}"
             )
+    # float32 work image with bad pixels at 0 (in place with ``overwrite``)
+    if overwrite and res.dtype == np.float32 and res.flags.c_contiguous and res.flags.writeable:
+        work = res
+    else:
+        work = np.array(res, dtype=np.float32, order="C")
+    bad = np.isfinite(work)
+    np.logical_not(bad, out=bad)
+    if not lazy:
+        vbad = np.isfinite(var)
+        vbad &= var > 0
+        np.logical_not(vbad, out=vbad)
+        bad |= vbad
+        del vbad
+    if mask is not None:
         bad |= mask
-    work = np.where(bad, np.float32(0.0), res.astype(np.float32, copy=False))
+    work[bad] = 0.0
     sig = float(fwhm_px) / 2.3548
     half = int(math.ceil(3.0 * sig))
     k1 = np.exp(-0.5 * (np.arange(-half, half + 1) / sig) ** 2)
     k1 /= k1.sum()
     k2d = np.outer(k1, k1)
     s2 = float(np.sum(k2d**2))
-    # matched-filter numerator sum(K r) over the frame (float32, separable); the noise
-    # sqrt(sum(K^2 var)) is computed only at the local maxima above a lower bound of it
-    num = ndimage.correlate1d(
-        ndimage.correlate1d(work, k1.astype(np.float32), axis=0, mode="constant"),
-        k1.astype(np.float32),
-        axis=1,
-        mode="constant",
-    )
-    good_var = var[~bad]
+    # matched-filter numerator sum(K r) over the frame (float32, separable, in row strips so
+    # only one strip-sized temporary exists); the noise sqrt(sum(K^2 var)) is computed only at
+    # the local maxima above a lower bound of it
+    num = _separable_filter(work, k1.astype(np.float32))
     empty = empty_source_table(method="residual", threshold_sigma=candidate_snr)
-    if good_var.size == 0:
+    min_var = var.min_valid() if lazy else float(np.min(var, where=~bad, initial=np.inf))
+    if not np.isfinite(min_var):
         return empty
-    num_min = np.float32(candidate_snr * math.sqrt(s2 * float(np.min(good_var))))
+    num_min = np.float32(candidate_snr * math.sqrt(s2 * min_var))
     ny, nx = res.shape
     e = max(1, int(math.ceil(edge_px)))
     cand = num[e : ny - e, e : nx - e] >= num_min

@@ -117,8 +117,9 @@ def _row_median(sorted_vals, lo, hi):
     return np.where(n > 0, med, np.nan)
 
 
-def _annulus_background(data, var, bad, x, y, r_in, r_out, *, clip_sigma=3.0, n_iter=3):
-    """Sigma-clipped mean, its pixel count and the mean variance in annuli (vectorised)."""
+def _annulus_background(data, err_map, bad, x, y, r_in, r_out, *, clip_sigma=3.0, n_iter=3):
+    """Sigma-clipped mean, its pixel count and the mean variance in annuli (vectorised);
+    ``err_map`` is the per-pixel noise (rms)."""
     ny, nx = data.shape
     half = int(math.ceil(r_out)) + 1
     k = np.arange(-half, half + 1)
@@ -143,7 +144,7 @@ def _annulus_background(data, var, bad, x, y, r_in, r_out, *, clip_sigma=3.0, n_
         pxc = np.clip(px, 0, nx - 1)
         pyc = np.clip(py, 0, ny - 1)
         vals = data[pyc, pxc].astype(np.float64)
-        vv = var[pyc, pxc]
+        vv = err_map[pyc, pxc].astype(np.float64) ** 2
         if bad is not None:
             use &= ~bad[pyc, pxc]
         use &= np.isfinite(vals)
@@ -177,6 +178,25 @@ def _annulus_background(data, var, bad, x, y, r_in, r_out, *, clip_sigma=3.0, n_
             var_mean[a:b] = np.where(cnt > 0, np.sum(np.where(use, vv, 0.0), axis=1) / cnt, np.nan)
         n_ann[a:b] = cnt
     return bkg, n_ann, var_mean
+
+
+def _area_inside(x, y, r, shape):
+    """Area (px^2) of circles of radius ``r`` at ``(x, y)`` inside an image of ``shape``
+    (exact pixel overlaps of a local image of ones with the outside zeroed)."""
+    import sep
+
+    ny, nx = shape
+    h = int(math.ceil(r)) + 2
+    size = 2 * h + 1
+    out = np.empty(np.size(x))
+    for i, (xi, yi) in enumerate(zip(np.atleast_1d(x), np.atleast_1d(y))):
+        ix, iy = int(round(xi)), int(round(yi))
+        k = np.arange(-h, h + 1)
+        inside = ((iy + k) >= 0)[:, None] & ((iy + k) < ny)[:, None]
+        inside = inside & ((ix + k) >= 0)[None, :] & ((ix + k) < nx)[None, :]
+        local = np.ascontiguousarray(inside, dtype=np.float64).reshape(size, size)
+        out[i] = sep.sum_circle(local, [h + xi - ix], [h + yi - iy], r, subpix=0)[0][0]
+    return out
 
 
 def _own_model_sums(sources, x, y, epsf, radii):
@@ -230,6 +250,8 @@ def aperture_photometry(
     local_background=True,
     psf_model=None,
     epsf=None,
+    residual=False,
+    overwrite=False,
 ):
     """
     Circular-aperture photometry with a local annulus background.
@@ -266,8 +288,13 @@ def aperture_photometry(
     psf_model : array_like, optional
         Fitted model image of all sources (e.g. `PsfPassResult.model`); needs ``epsf`` and the
         columns ``x_psf``, ``y_psf``, ``flux_psf`` in ``sources``.
-    epsf : `rpp_tasks.stages.psf.EPSFModel`, optional
-        The ePSF of that fit.
+    epsf : `rpp_tasks.stages.psf.EPSFModel` or `rpp_tasks.stages.psf.FieldPSF`, optional
+        The PSF model of that fit.
+    residual : bool, optional
+        ``data_sub`` already has the fitted model of every source subtracted (as
+        ``data_sub - psf_model``); the stars' own models are added back as with ``psf_model``.
+    overwrite : bool, optional
+        ``data_sub`` may be modified in place (bad pixels set to 0): no full-frame copy.
 
     Returns
     -------
@@ -319,42 +346,47 @@ def aperture_photometry(
     x, y = _xy(sources, func)
 
     dt = np.float32 if data.dtype == np.float32 else np.float64
-    bad = ~np.isfinite(data)
-    if mask is not None:
-        bad = bad | mask
     own = None
-    if psf_model is not None:
+    if psf_model is not None or residual:
         if epsf is None or not all(c in sources.colnames for c in ("x_psf", "y_psf", "flux_psf")):
-            raise ValueError(f"{func}: psf_model needs epsf and the x_psf, y_psf, flux_psf columns")
-        psf_model = np.asarray(psf_model)
-        if psf_model.shape != data.shape:
             raise ValueError(
-                f"{func}: psf_model shape {psf_model.shape} does not match {data.shape}"
+                f"{func}: psf_model / residual need epsf and the x_psf, y_psf, flux_psf columns"
             )
-        data = data - psf_model.astype(dt, copy=False)
+        if psf_model is not None:
+            psf_model = np.asarray(psf_model)
+            if psf_model.shape != data.shape:
+                raise ValueError(
+                    f"{func}: psf_model shape {psf_model.shape} does not match {data.shape}"
+                )
+            data = np.subtract(data, psf_model, dtype=dt)
+            overwrite = True  # a temporary of ours
         own = _own_model_sums(sources, x, y, epsf, radii)
-    work = np.ascontiguousarray(np.where(bad, dt(0.0), data), dtype=dt)
-    rms_c = np.asarray(rms, dtype=dt)
-    var = np.ascontiguousarray(rms_c * rms_c)
-    bad_u8 = np.ascontiguousarray(bad, dtype=np.uint8)
+    # work image: C-contiguous, bad pixels at 0 (in place when allowed)
+    if overwrite and data.dtype == dt and data.flags.c_contiguous and data.flags.writeable:
+        work = data
+    else:
+        work = np.array(data, dtype=dt, order="C")
+    bad = np.isfinite(work)
+    np.logical_not(bad, out=bad)
+    if mask is not None:
+        bad |= mask
+    work[bad] = 0.0
+    err_map = np.ascontiguousarray(rms, dtype=dt)
     if local_background:
-        bkg, n_ann, var_ann = _annulus_background(work, var, bad, x, y, r_in, r_out)
+        bkg, n_ann, var_ann = _annulus_background(work, err_map, bad, x, y, r_in, r_out)
     else:
         bkg, n_ann, var_ann = np.zeros(n), np.full(n, np.iinfo(np.int64).max // 4), np.zeros(n)
     bkg_used = np.where(np.isfinite(bkg), bkg, 0.0)
     flag_all = np.zeros(n, np.int64)
-    ones = None
     for lab, r in radii.items():
         # SEP replaces masked pixels by the mean of the unmasked ones in the aperture (sum and
         # variance), so the effective area is the geometric one, less what falls off the image
-        s, serr, flg = sep.sum_circle(work, x, y, r, var=var, mask=bad_u8, maskthresh=0.0, subpix=0)
+        s, serr, flg = sep.sum_circle(work, x, y, r, err=err_map, mask=bad, subpix=0)
         svar = serr**2
         area = np.full(n, math.pi * r * r)
         trunc = (flg & sep.APER_TRUNC) != 0
         if np.any(trunc):
-            if ones is None:
-                ones = np.ones(data.shape, dtype=dt)
-            area[trunc] = sep.sum_circle(ones, x[trunc], y[trunc], r, subpix=0)[0]
+            area[trunc] = _area_inside(x[trunc], y[trunc], r, work.shape)
         flux = s - bkg_used * area
         if own is not None:
             flux = flux + own[lab]
@@ -469,6 +501,7 @@ def psf_photometry(
     max_shift_px=1.0,
     min_snr_refine=3.0,
     extended_wings=True,
+    max_elements=None,
 ):
     """
     Simultaneous PSF-fitting photometry of all sources with an effective PSF.
@@ -504,6 +537,10 @@ def psf_photometry(
         background noise) are subtracted from their neighbours' pixels as a fixed contribution
         (from the step-1 fluxes, then the final ones): without it, a star 3-4 FWHM from a
         brighter one takes some of that star's wing light.
+    max_elements : int, optional
+        Memory bound: when the stars' footprints hold more pixels than this (default: a thirtieth
+        of the frame), the frame is fitted in horizontal bands of equal star counts, each with a
+        64 px margin of neighbours fitted along (their results are taken from their own band).
 
     Returns
     -------
@@ -544,6 +581,31 @@ def psf_photometry(
     if epsf.size_px:
         fit_shape = min(fit_shape, int(epsf.size_px) | 1)
     half = fit_shape // 2
+    if max_elements is None:
+        max_elements = max(50_000, data.size // 30)
+    margin = 64
+    if n * fit_shape**2 > max_elements and ny > 8 * margin:
+        return _psf_photometry_bands(
+            data,
+            rms,
+            sources,
+            epsf,
+            out,
+            y0,
+            n_bands=int(math.ceil(n * fit_shape**2 / max_elements)),
+            margin=margin,
+            kwargs=dict(
+                gain_e_per_adu=gain_e_per_adu,
+                exptime_s=exptime_s,
+                mask=mask,
+                fit_shape=fit_shape,
+                refine_positions=refine_positions,
+                max_shift_px=max_shift_px,
+                min_snr_refine=min_snr_refine,
+                extended_wings=extended_wings,
+                max_elements=np.inf,
+            ),
+        )
 
     finite = (
         np.isfinite(x0)
@@ -562,6 +624,7 @@ def psf_photometry(
     py = (iy[:, None] + k)[:, :, None] + 0 * k[None, None, :]
     valid = (px >= 0) & (px < nx) & (py >= 0) & (py < ny) & finite[:, None, None]
     flat = np.where(valid, py * nx + px, 0)
+    del px, py
     dat_all = np.asarray(data).ravel()  # gathered, then converted: no full-frame copies
     valid &= np.isfinite(dat_all[flat])
     if mask is not None:
@@ -570,9 +633,11 @@ def psf_photometry(
     r_flat = rms_all[flat]
     valid &= np.isfinite(r_flat) & (r_flat > 0)
 
-    sel_star, sel_r, sel_c = np.nonzero(valid)
+    sel_star, sel_r, sel_c = (v.astype(np.int32) for v in np.nonzero(valid))
     pix = flat[sel_star, sel_r, sel_c]
+    del flat, r_flat
     upix, row = np.unique(pix, return_inverse=True)
+    row = row.astype(np.int32)
     d = dat_all[upix].astype(np.float64)
     v_bkg = rms_all[upix].astype(np.float64) ** 2
     npix_star = valid.sum(axis=(1, 2))
@@ -582,9 +647,12 @@ def psf_photometry(
     nrow = upix.size
 
     # overlap groups: stars sharing a pixel
-    inc = sparse.csr_matrix((np.ones(pix.size), (row, sel_star)), shape=(nrow, n))
+    inc = sparse.csr_matrix((np.ones(pix.size, np.float32), (row, sel_star)), shape=(nrow, n))
+    del pix
     adj = (inc.T @ inc).tocsr()
+    del inc
     ncomp, comp = connected_components(adj, directed=False)
+    del adj
     group_size = np.bincount(comp, minlength=ncomp)[comp]
 
     def design(xs, ys, deriv):
@@ -628,26 +696,40 @@ def psf_photometry(
     w0 = 1.0 / v_bkg
     f1, dinv1, big, a0 = solve_flux(p0, w0)
     model = a0 @ np.nan_to_num(f1)
+    del a0, w0
     xs, ys = x.copy(), y.copy()
 
     tail = tails(x, y, f1)
     if refine_positions:
         w1 = 1.0 / (v_bkg + np.maximum(model + tail, 0.0) / gain_e_per_adu)
         val = p0
-        cols = np.concatenate([3 * sel_star, 3 * sel_star + 1, 3 * sel_star + 2])
-        vals = np.concatenate(
-            [val[sel_star, sel_r, sel_c], gx[sel_star, sel_r, sel_c], gy[sel_star, sel_r, sel_c]]
-        )
-        rows3 = np.concatenate([row, row, row])
-        a3 = sparse.csr_matrix((vals, (rows3, cols)), shape=(nrow, 3 * n))
+        # CSR of [P, dP/dx, dP/dy] per star, built row-sorted without COO temporaries
+        order = np.argsort(row, kind="stable")
+        nnz = row.size
+        vals = np.empty(3 * nnz)
+        cols = np.empty(3 * nnz, np.int32)
+        s3, r3, c3 = sel_star[order], sel_r[order], sel_c[order]
+        vals[0::3] = val[s3, r3, c3]
+        vals[1::3] = gx[s3, r3, c3]
+        vals[2::3] = gy[s3, r3, c3]
+        cols[0::3] = 3 * s3
+        cols[1::3] = 3 * s3 + 1
+        cols[2::3] = 3 * s3 + 2
+        del s3, r3, c3, gx, gy, order
+        indptr = np.zeros(nrow + 1, np.int64)
+        np.cumsum(np.bincount(row, minlength=nrow) * 3, out=indptr[1:])
+        a3 = sparse.csr_matrix((vals, cols, indptr), shape=(nrow, 3 * n))
+        del vals, cols, indptr
         aw3 = sparse.diags(w1) @ a3
         nmat3 = (a3.T @ aw3).tocsr()
         rhs3 = aw3.T @ (d - tail)
+        del a3, aw3
         diag3 = nmat3.diagonal()
         ok3 = diag3 > 0
         nmat3 = nmat3 + sparse.diags(np.where(ok3, 0.0, 1.0))
         comp3 = np.repeat(comp, 3)
         sol, _, _ = _solve_groups(nmat3, np.where(ok3, rhs3, 0.0), comp3, ncomp)
+        del nmat3
         f_gn = sol[0::3]
         snr1 = f1 / np.sqrt(dinv1)
         can = np.isfinite(f_gn) & (f_gn > 0) & (snr1 > min_snr_refine) & ok3[0::3]
@@ -665,6 +747,7 @@ def psf_photometry(
         f_w = f1
 
     # final fluxes at (xs, ys), weights from the model of the refined positions
+    del p0
     p2 = design(xs, ys, False)
     a_w = sparse.csr_matrix((p2[sel_star, sel_r, sel_c], (row, sel_star)), shape=(nrow, n))
     if tail_ok:
@@ -713,11 +796,59 @@ def psf_photometry(
     return out
 
 
-def _render(model, shape, x, y, flux, rms_typ):
-    """Model image; footprints follow the brightness when the model supports it."""
+def _psf_photometry_bands(data, rms, sources, epsf, out, y0, *, n_bands, margin, kwargs):
+    """`psf_photometry` band by band (equal star counts), each with a margin of neighbours."""
+    n = len(sources)
+    yy = np.where(np.isfinite(y0), y0, -1.0)
+    edges = np.quantile(yy, np.linspace(0.0, 1.0, n_bands + 1))
+    edges[0], edges[-1] = -np.inf, np.inf
+    cols = None
+    n_groups = 0
+    for a, b in zip(edges[:-1], edges[1:]):
+        own = (yy >= a) & (yy < b) if np.isfinite(b) else (yy >= a)
+        if not np.any(own):
+            continue
+        ctx = (yy >= a - margin) & (yy < b + margin)
+        idx = np.flatnonzero(ctx)
+        t = psf_photometry(data, rms, sources[idx], epsf, **kwargs)
+        n_groups += int(t.meta.get("psf_n_groups", 0))
+        if cols is None:
+            cols = {
+                c: np.zeros(n, dtype=t[c].dtype) for c in t.colnames if c not in sources.colnames
+            }
+        keep = own[idx]
+        for c in cols:
+            cols[c][idx[keep]] = np.asarray(t[c])[keep]
+        meta_fit = t.meta.get("psf_fit_shape_px")
+    for c, v in cols.items():
+        out[c] = v
+    out.meta.update(
+        psf_fit_shape_px=meta_fit, no_sources=False, psf_n_groups=n_groups, psf_n_bands=n_bands
+    )
+    return out
+
+
+def _render(model, shape, x, y, flux, rms_typ, out=None):
+    """float32 model image (added into ``out`` when given); footprints follow the brightness
+    when the model supports it."""
     if hasattr(model, "_footprint_halves"):
-        return model.render(shape, x, y, flux, rms=rms_typ)
-    return model.render(shape, x, y, flux)
+        return model.render(shape, x, y, flux, rms=rms_typ, out=out)
+    img = model.render(shape, x, y, flux)
+    if out is None:
+        return img.astype(np.float32)
+    out += img.astype(np.float32)
+    return out
+
+
+def _strip_map(func, a, b, strip=256):
+    """``func(a, b)`` evaluated row strip by row strip into a float32 array (no full-frame
+    temporaries); ``b`` may be a scalar."""
+    out = np.empty(np.shape(a), np.float32)
+    b = np.broadcast_to(np.asarray(b, np.float32), out.shape)
+    for r0 in range(0, out.shape[0], strip):
+        sl = slice(r0, r0 + strip)
+        out[sl] = func(np.asarray(a[sl], np.float32), b[sl])
+    return out
 
 
 def _tail_geometry(model, x, y, flux, half, rms_typ, upix, nx, ny):
@@ -784,20 +915,25 @@ class PsfPassResult:
     table : `~astropy.table.Table`
         PSF photometry of the input sources followed by the sources found on the residual
         (``flag`` bit `rpp_tasks.stages.detection.FLAG_RESIDUAL`); columns as `psf_photometry`.
-    model : `numpy.ndarray`
-        Image of the fitted model of every source in ``table`` (float64, ADU).
+    model : `numpy.ndarray` or None
+        Image of the fitted model of every source in ``table`` (float32, ADU); None when not
+        kept (``keep_model=False``).
     n_added : int
         Sources found on the residual image and added.
     n_refit : int
         Sources fitted again together with the added ones (added ones included).
+    residual : `numpy.ndarray` or None
+        With ``overwrite``: the input image with the model of every source subtracted (the
+        input array itself, float32).
 
     The input sources dropped by the refit (see ``prune_snr``) are not in ``table``.
     """
 
     table: Table
-    model: np.ndarray
+    model: np.ndarray | None
     n_added: int
     n_refit: int
+    residual: np.ndarray | None = None
 
     def to_dict(self) -> dict:
         """JSON-safe summary (without the table and the image)."""
@@ -832,6 +968,8 @@ def psf_photometry_with_residual_detection(
     prune_snr=2.0,
     merge_radius_px=None,
     exclude_mask=None,
+    overwrite=False,
+    keep_model=True,
     **psf_kwargs,
 ):
     """
@@ -871,6 +1009,12 @@ def psf_photometry_with_residual_detection(
         or a second detection of one star) and the rest fitted again.
     exclude_mask : array_like of bool, optional
         No source is searched for there (halos and bleed trails of saturated stars).
+    overwrite : bool, optional
+        ``data_sub`` (C-contiguous float32) is consumed: it becomes the residual image (data
+        minus the model of every source; bad pixels at 0), returned as ``residual``. Saves two
+        full-frame arrays.
+    keep_model : bool, optional
+        Return the model image (``False``: ``model`` is None, one full-frame array less).
     **psf_kwargs
         Passed to `psf_photometry` (``fit_shape``, ``refine_positions``, ...).
 
@@ -889,6 +1033,9 @@ def psf_photometry_with_residual_detection(
 
     func = "psf_photometry_with_residual_detection"
     data, rms, mask = _check_inputs(data_sub, rms, mask, func)
+    overwrite_ok = bool(
+        overwrite and data.dtype == np.float32 and data.flags.c_contiguous and data.flags.writeable
+    )
     t1 = psf_photometry(
         data,
         rms,
@@ -901,19 +1048,17 @@ def psf_photometry_with_residual_detection(
     )
     shape = data.shape
     if len(t1) == 0:
-        return PsfPassResult(t1, np.zeros(shape), 0, 0)
+        return PsfPassResult(t1, np.zeros(shape, np.float32), 0, 0, data if overwrite_ok else None)
     x1, y1 = _fit_xy(t1)
     f1 = np.nan_to_num(np.asarray(t1["flux_psf"], float))
     rms_typ = float(np.median(np.asarray(rms)[::8, ::8]))
     model = _render(epsf, shape, x1, y1, f1, rms_typ)
-    resid = np.asarray(data, np.float64) - model
-    mpos = np.maximum(model, 0.0).astype(np.float32)
-    rms32 = np.asarray(rms, np.float32)
-    var = rms32 * rms32
-    var += mpos * np.float32(1.0 / gain_e_per_adu)
-    mpos *= np.float32(model_error_frac)
-    var += mpos * mpos
-    del mpos
+    resid = np.subtract(data, model, out=data if overwrite_ok else None, dtype=np.float32)
+    del data
+    from rpp_tasks.stages.detection import ModelVariance
+
+    rms_arr = np.broadcast_to(np.asarray(rms, np.float32), shape)
+    var = ModelVariance(rms_arr, model, gain_e_per_adu, model_error_frac)
     if merge_radius_px is None:
         merge_radius_px = max(1.0, 0.75 * float(epsf.fwhm_px))
     rmask = mask
@@ -928,11 +1073,14 @@ def psf_photometry_with_residual_detection(
         candidate_snr=candidate_snr,
         exclude_xy=(x1, y1),
         exclude_radius_px=max(1.5, 0.8 * float(epsf.fwhm_px)),
+        overwrite=True,  # resid: bad pixels -> 0 (they are left out of every fit anyway)
     )
-    del rmask
+    del rmask, var
     if len(new) == 0:
         t1.meta.update(n_residual_sources=0, n_refit_psf=0)
-        return PsfPassResult(t1, model, 0, 0)
+        return PsfPassResult(
+            t1, model if keep_model else None, 0, 0, resid if overwrite_ok else None
+        )
 
     # old sources whose fit footprint can overlap a new one's are refitted with them
     half = int(t1.meta.get("psf_fit_shape_px", 2 * int(round(2.0 * epsf.fwhm_px)) + 1)) // 2
@@ -953,14 +1101,16 @@ def psf_photometry_with_residual_detection(
             old_vals = y1[sub]
         refit[c] = np.concatenate([old_vals, np.asarray(new[c]).astype(old_vals.dtype)])
     sub_model = _render(epsf, shape, x1[sub], y1[sub], f1[sub], rms_typ)
-    others = model - sub_model
-    oth = np.maximum(others, 0.0).astype(np.float32)
-    oth *= np.float32(1.0 / gain_e_per_adu)
-    oth += rms32 * rms32
-    rms_refit = np.sqrt(oth, out=oth)
+    model -= sub_model  # in place: the model of the sources not refitted
+    rms_refit = _strip_map(
+        lambda m, r: np.sqrt(r * r + np.maximum(m, 0.0) * np.float32(1.0 / gain_e_per_adu)),
+        model,
+        rms,
+    )
     resid += sub_model  # in place: the image with the model of all other sources removed
+    del sub_model
     data_refit = resid
-    del resid, var
+    del resid
     n_new = len(new)
     is_new = np.concatenate([np.zeros(sub.size, bool), np.ones(n_new, bool)])
     origin = np.concatenate([sub, np.arange(n_new)])  # row in t1 (old) or in ``new``
@@ -1039,7 +1189,17 @@ def psf_photometry_with_residual_detection(
             out[c].unit = t1[c].unit
     x2, y2 = _fit_xy(t2)
     f2 = np.nan_to_num(np.asarray(t2["flux_psf"], float))
-    model = others + _render(epsf, shape, x2, y2, f2, rms_typ)
+    rms_refit = None  # noqa: F841  (frees a full-frame array)
+    if keep_model:
+        part = _render(epsf, shape, x2, y2, f2, rms_typ)
+        model += part
+        if overwrite_ok:
+            data_refit -= part
+        del part
+    elif overwrite_ok:
+        _render(epsf, shape, x2, y2, -f2, rms_typ, out=data_refit)
+    if not keep_model:
+        model = None
     n_dropped = int((~keep_old).sum())
     out.meta.update(n_residual_sources=n_add, n_refit_psf=int(len(t2)), n_dropped_psf=n_dropped)
     log.info(
@@ -1049,7 +1209,7 @@ def psf_photometry_with_residual_detection(
         len(t2),
         n_dropped,
     )
-    return PsfPassResult(out, model, n_add, len(t2))
+    return PsfPassResult(out, model, n_add, len(t2), data_refit if overwrite_ok else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1557,6 +1717,17 @@ def add_mismatch_errors(table, mismatch, *, exptime_s):
 FLAG_PSF_WINGS = 16
 
 
+def _shifted_beta(psf_model, du):
+    """The model with ``u = 1/beta`` shifted by ``du`` everywhere (a `FieldPSF`)."""
+    if not du or not hasattr(psf_model, "coeffs"):
+        return psf_model
+    from dataclasses import replace
+
+    coeffs = np.array(psf_model.coeffs, float)
+    coeffs[3, 0] += du
+    return replace(psf_model, coeffs=coeffs)
+
+
 def fit_saturated_stars(
     data_sub, rms, mask, sources, psf_model, *, gain_e_per_adu, exptime_s, saturation_adu
 ):
@@ -1565,15 +1736,18 @@ def fit_saturated_stars(
 
     For each source (rows of `rpp_tasks.stages.detection.find_saturated_stars`: ``a_px`` is the
     saturated radius, ``halo_radius_px`` the halo) the local PSF model is fitted to the
-    unmasked, unsaturated pixels between ``r_sat + 1`` px and ``r_sat + 4 FWHM`` (flux and
-    position, three Gauss-Newton steps, weights ``1 / (rms^2 + model / gain)``). The model of each
+    unmasked, unsaturated pixels between ``r_sat + 1`` px and ``r_sat + 4 FWHM``, two pixels away
+    from any masked one (flux, position, a shift of the model's ``1/beta`` -- far wings are very
+    sensitive to it -- and a sky offset; four Gauss-Newton steps, weights
+    ``1 / (rms^2 + model / gain)``). The model of each
     star is then drawn out to where it falls below 2 % of the noise (at most 256 px), so that its
     halo can be subtracted from its neighbours.
 
     Returns
     -------
     table : `~astropy.table.Table`
-        ``sources`` plus the PSF columns of `psf_photometry` (``flag_psf`` has `FLAG_PSF_WINGS`).
+        ``sources`` plus the PSF columns of `psf_photometry` (``flag_psf`` has `FLAG_PSF_WINGS`);
+        ``halo_radius_px`` grows to where 5 % of the fitted model is still 3 times the noise.
     image : numpy.ndarray
         float32 model image of the saturated stars.
     """
@@ -1588,6 +1762,7 @@ def fit_saturated_stars(
     }
     npix = np.zeros(n, np.int64)
     flag = np.full(n, FLAG_PSF_WINGS, np.int64)
+    r_excl = np.zeros(n)
     fwhm = float(psf_model.fwhm_px)
     rms_arr = np.broadcast_to(np.asarray(rms, np.float32), data.shape)
     rms_typ = float(np.median(rms_arr[::16, ::16]))
@@ -1606,27 +1781,29 @@ def fit_saturated_stars(
         v0 = rms_arr[pyc, pxc].astype(np.float64) ** 2
         use = inside & np.isfinite(d) & (d < 0.5 * saturation_adu)
         if mask is not None:
-            use &= ~np.asarray(mask)[pyc, pxc]
-        f = np.nan
-        for _ in range(3):
+            # masked pixels and their neighbours (ends and sides of bleed trails)
+            from scipy.ndimage import binary_dilation
+
+            use &= ~binary_dilation(np.asarray(mask)[pyc, pxc], iterations=2)
+        f, du, bk = np.nan, 0.0, 0.0
+        for _ in range(4):
             r2 = (px - x) ** 2 + (py - y) ** 2
             sel = use & (r2 >= r_in**2) & (r2 <= r_out**2)
-            if sel.sum() < 10:
+            if sel.sum() < 20:
                 flag[i] |= 1
                 break
-            val, gx, gy = psf_model.stamps(
-                np.array([x]),
-                np.array([y]),
-                h,
-                ix=np.array([ix]),
-                iy=np.array([iy]),
-                derivatives=True,
-            )
-            val, gx, gy = val[0][sel], gx[0][sel], gy[0][sel]
+            # far wings are very sensitive to the model's beta: u = 1/beta is fitted too, and a
+            # local sky offset (the sky map is biased by a big halo)
+            wing = _shifted_beta(psf_model, du)
+            one = (np.array([x]), np.array([y]), h)
+            pos = dict(ix=np.array([ix]), iy=np.array([iy]))
+            val, gx, gy = wing.stamps(*one, **pos, derivatives=True)
+            dval = (_shifted_beta(psf_model, du + 0.004).stamps(*one, **pos) - val) / 0.004
+            val, gx, gy, dval = val[0][sel], gx[0][sel], gy[0][sel], dval[0][sel]
             w = 1.0 / (
                 v0[sel] + (np.maximum(f * val, 0.0) / gain_e_per_adu if np.isfinite(f) else 0.0)
             )
-            a = np.column_stack([val, gx, gy])
+            a = np.column_stack([val, gx, gy, dval, np.ones_like(val)])
             nmat = a.T @ (a * w[:, None])
             rhs = a.T @ (d[sel] * w)
             try:
@@ -1639,11 +1816,13 @@ def fit_saturated_stars(
             if not f > 0:
                 flag[i] |= 1
                 break
-            step = np.clip(sol[1:] / f, -1.0, 1.0)
+            step = np.clip(sol[1:3] / f, -1.0, 1.0)
             x, y = x + float(step[0]), y + float(step[1])
+            du = float(np.clip(du + sol[3] / f, -0.15, 0.15))
+            bk = float(sol[4])
         if not (np.isfinite(f) and f > 0) or flag[i] & 1:
             continue
-        resid = d[sel] - f * val
+        resid = d[sel] - f * val - bk
         cols["x_psf"][i], cols["y_psf"][i] = x, y
         cols["flux_psf"][i] = f
         cols["flux_err_psf"][i] = math.sqrt(max(cov[0, 0], 0.0))
@@ -1655,7 +1834,13 @@ def fit_saturated_stars(
             psf_model._footprint_halves(np.array([x]), np.array([y]), np.array([f]), rms_typ, 32)[0]
         )
         hh = int(min(max(hh, h), 256))
-        image += psf_model.render(data.shape, [x], [y], [f], half=hh, dtype=np.float32)
+        wing = _shifted_beta(psf_model, du)
+        wing.render(data.shape, [x], [y], [f], half=hh, out=image)
+        # where 5 % of the model (its accuracy near a saturated core) exceeds 3 sigma, nothing
+        # found on the residual can be trusted
+        r_excl[i] = float(wing.radius_below([x], [y], [f], 60.0 * rms_typ)[0])
+        if cols["chi2_psf"][i] > 5.0:  # a poor fit (a neighbour in the wings): its residual too
+            r_excl[i] = max(r_excl[i], r_sat + 2.5 * fwhm)
     mag, mag_err, snr = _mags(cols["flux_psf"], cols["flux_err_psf"], exptime_s)
     for key, arr in cols.items():
         out[key] = arr
@@ -1665,6 +1850,8 @@ def fit_saturated_stars(
     out["npix_psf"] = npix
     out["group_size_psf"] = np.ones(n, np.int64)
     out["flag_psf"] = flag
+    if "halo_radius_px" in out.colnames:
+        out["halo_radius_px"] = np.maximum(np.asarray(out["halo_radius_px"], float), r_excl)
     return out, image
 
 
@@ -1714,6 +1901,7 @@ def measure_frame(
     psf_max_order=3,
     psf_max_stars=250,
     overwrite=False,
+    background=None,
     frame="",
 ):
     """
@@ -1731,8 +1919,9 @@ def measure_frame(
 
     Parameters
     ----------
-    data_sub : array_like
-        Background-subtracted image (ADU, float32).
+    data_sub : array_like or None
+        Background-subtracted image (ADU, float32); None: ``image - background`` is made here
+        (and freed as soon as it is not needed: the lowest peak memory).
     rms : array_like
         Background RMS map (ADU).
     sources : `~astropy.table.Table`
@@ -1753,6 +1942,8 @@ def measure_frame(
         See `rpp_tasks.stages.psf.fit_field_psf`.
     overwrite : bool
         ``data_sub`` (float32) may be modified in place (saves a full-frame copy).
+    background : array_like, optional
+        Sky map (with ``image``, when ``data_sub`` is None).
     frame : str
         Frame name for the log.
 
@@ -1761,9 +1952,20 @@ def measure_frame(
     result : `FramePhotometry`
         ``psf`` is None and ``fwhm_px`` NaN when no PSF star qualifies (the caller decides).
     """
+    from rpp_tasks.stages.background import release_freed_memory
     from rpp_tasks.stages.psf import fit_field_psf
 
-    data = np.asarray(data_sub)
+    release_freed_memory()
+    if data_sub is None:
+        if image is None or background is None:
+            raise ValueError("measure_frame: give data_sub, or image and background")
+        data = np.subtract(image, background, dtype=np.float32)
+        overwrite = True  # our own array
+    else:
+        data = np.asarray(data_sub)
+        if overwrite and not (data.dtype == np.float32 and data.flags.writeable):
+            overwrite = False
+    shape = data.shape
     bkg_level = 0.0
     if image is not None:
         bkg_level = float(np.median(np.asarray(image)[::16, ::16] - data[::16, ::16]))
@@ -1784,8 +1986,12 @@ def measure_frame(
         return FramePhotometry(Table(sources, copy=True), None, float("nan"), {"psf_model": None})
     fwhm = float(model.fwhm_px)
     info["psf_model"] = model.to_dict()
-    sources_fit, psf_image = sources, None
+    sources_fit = sources
     from rpp_tasks.stages.detection import FLAG_SATURATED, saturation_exclusion_mask
+
+    if psf and not overwrite:
+        data = np.array(data, dtype=np.float32)  # the caller's image stays as it is
+        overwrite = True
 
     is_sat = (
         (np.asarray(sources["flag"]) & FLAG_SATURATED) != 0
@@ -1794,7 +2000,9 @@ def measure_frame(
     )
     zone = None
     if psf and np.any(is_sat):
-        zone = saturation_exclusion_mask(data.shape, sources, data, mask, saturation_adu=sat_sub)
+        trails = saturation_exclusion_mask(
+            data.shape, sources[:0], data, mask, saturation_adu=sat_sub
+        )
         sat_tab, sat_image = fit_saturated_stars(
             data,
             rms,
@@ -1807,7 +2015,11 @@ def measure_frame(
         )
         # their halos are subtracted from the image everything else is measured on
         data = np.subtract(data, sat_image, out=data if overwrite else None, dtype=np.float32)
+        overwrite = True  # from here on ``data`` is ours either way
         del sat_image
+        zone = saturation_exclusion_mask(data.shape, sat_tab)
+        zone |= trails
+        del trails
         info["n_saturated"] = int(is_sat.sum())
     if psf:
         fit = psf_photometry_with_residual_detection(
@@ -1819,9 +2031,11 @@ def measure_frame(
             exptime_s=exptime_s,
             mask=mask,
             exclude_mask=zone,
+            overwrite=True,  # ``data`` becomes the residual image
+            keep_model=False,
         )
-        sources_fit, psf_image = fit.table, fit.model
-        del zone
+        sources_fit, resid = fit.table, fit.residual
+        del zone, data
         if np.any(is_sat):
             from astropy.table import vstack
 
@@ -1840,8 +2054,14 @@ def measure_frame(
             sources_fit.meta.update(meta)
         info["n_residual_sources"] = int(fit.n_added)
         _adopt_psf_positions(sources_fit)
+        # ``resid``: the image with every fitted star removed: apertures (each star's own model
+        # added back), the large-aperture references and the mismatch term all use it
+        del fit
+    else:
+        resid = data
+        del data
     cat = aperture_photometry(
-        data,
+        resid,
         rms,
         sources_fit,
         fwhm_px=fwhm,
@@ -1850,12 +2070,12 @@ def measure_frame(
         gain_e_per_adu=gain_e_per_adu,
         exptime_s=exptime_s,
         mask=mask,
-        psf_model=psf_image,
         epsf=model if psf else None,
+        residual=psf,
+        overwrite=psf or overwrite,
     )
     info["aperture_corrections"] = apply_aperture_corrections(cat, model, exptime_s=exptime_s)
     if psf:
-        resid = np.subtract(data, psf_image, dtype=np.float32)
         info["flux_calibration"] = calibrate_to_large_aperture(
             cat,
             resid,
@@ -1868,9 +2088,10 @@ def measure_frame(
         mism = measure_model_mismatch(
             cat, resid, rms, model, gain_e_per_adu=gain_e_per_adu, mask=mask
         )
-        del resid
         add_mismatch_errors(cat, mism, exptime_s=exptime_s)
         info["model_error_frac"] = _json_num(mism)
+    del resid
+    release_freed_memory()
     xs = np.asarray(cat["x_psf"], float) if "x_psf" in cat.colnames else _xy(cat, "m")[0]
     ys = np.asarray(cat["y_psf"], float) if "y_psf" in cat.colnames else _xy(cat, "m")[1]
     xc, yc = _xy(cat, "measure_frame")
@@ -1882,7 +2103,7 @@ def measure_frame(
     cat = quality_flags(
         cat,
         saturation_adu=saturation_adu,
-        shape=data.shape,
+        shape=shape,
         fwhm_px=fwhm,
         data=image,
     )

@@ -1279,7 +1279,7 @@ class FieldPSF:
         split = integrate is True and hc < half
         kc = np.arange(-hc, hc + 1, dtype=float)
         core = slice(half - hc, half + hc + 1)
-        chunk = max(1, 400_000 // (s * s))
+        chunk = max(1, 60_000 // (s * s))  # bounds the temporaries of the quadrature
         for i0 in range(0, n, chunk):
             sl = slice(i0, min(n, i0 + chunk))
             ox = (ix[sl] - x[sl])[:, None, None]
@@ -1310,13 +1310,14 @@ class FieldPSF:
     def _lmin(a, b, c):
         return 0.5 * (a + c) - np.sqrt(0.25 * (a - c) ** 2 + b * b)
 
-    def render(self, shape, x, y, flux, *, half=None, rms=None, dtype=np.float32):
+    def render(self, shape, x, y, flux, *, half=None, rms=None, dtype=np.float32, out=None):
         """
         Image of stars at ``(x, y)`` with total fluxes ``flux`` (the model of a PSF fit).
 
         Each star is drawn over ``half`` px (default ``size_px // 2``); with ``rms`` (a typical
         background noise, ADU) faint stars are drawn only as far as their model exceeds
         ``0.02 * rms`` (bright ones up to 4x ``size_px``), which keeps the render cheap.
+        With ``out`` (a C-contiguous array of ``shape``) the stars are added into it.
         """
         ny, nx = int(shape[0]), int(shape[1])
         x = np.asarray(x, float)
@@ -1331,13 +1332,17 @@ class FieldPSF:
             & (x < nx - 0.5)
             & (y < ny - 0.5)
         )
-        out = np.zeros(ny * nx, dtype=dtype)
+        if out is None:
+            out = np.zeros((ny, nx), dtype=dtype)
+        result = out
+        out = out.reshape(-1)  # a view: added to in place
+        dtype = out.dtype
         if not np.any(ok):
-            return out.reshape(ny, nx)
+            return result
         x, y, flux = x[ok], y[ok], flux[ok]
         h0 = max(1, int(self.size_px) // 2) if half is None else int(half)
         if rms is not None and half is None and np.isfinite(rms) and rms > 0:
-            halves = self._footprint_halves(x, y, flux, float(rms), h0)
+            halves = self._footprint_halves(x, y, np.abs(flux), float(rms), h0)
         else:
             halves = np.full(x.size, h0)
         for h in np.unique(halves):
@@ -1345,7 +1350,7 @@ class FieldPSF:
             ix = np.rint(x[sel]).astype(np.int64)
             iy = np.rint(y[sel]).astype(np.int64)
             k = np.arange(-h, h + 1)
-            chunk = max(1, 2_000_000 // k.size**2)
+            chunk = max(1, 200_000 // k.size**2)
             for i0 in range(0, sel.size, chunk):
                 ss = slice(i0, i0 + chunk)
                 s_idx = sel[ss]
@@ -1355,7 +1360,24 @@ class FieldPSF:
                 py = iy[ss, None, None] + k[None, :, None]
                 inside = (px >= 0) & (px < nx) & (py >= 0) & (py < ny)
                 np.add.at(out, (py * nx + px)[inside], val[inside].astype(dtype, copy=False))
-        return out.reshape(ny, nx)
+        return result
+
+    def radius_below(self, x, y, flux, level):
+        """Radius (px, along the major axis) beyond which stars of ``flux`` at ``(x, y)`` fall
+        below ``level`` (ADU per pixel; continuous profile)."""
+        a, b, c, u = self.params_at(np.asarray(x, float), np.asarray(y, float))
+        lmin = 0.5 * (a + c) - np.sqrt(0.25 * (a - c) ** 2 + b * b)
+        fwhm_major = 1.0 / np.sqrt(np.maximum(lmin, 1e-12))
+        kap = 4.0 * (np.exp2(u) - 1.0)
+        peak = (
+            np.asarray(flux, float)
+            * kap
+            * (1.0 / u - 1.0)
+            * np.sqrt(np.maximum(a * c - b * b, 1e-30))
+            / math.pi
+        )
+        ratio = np.clip(float(level) / np.maximum(peak, 1e-30), 1e-30, 1.0)
+        return fwhm_major * np.sqrt(np.maximum((ratio ** (-u) - 1.0) / kap, 0.0))
 
     def _footprint_halves(self, x, y, flux, rms, h0):
         """Per-star half-width where the model falls below ``0.02 rms`` (a few sizes)."""
