@@ -987,6 +987,7 @@ _GL2_NODES = tuple(
     zip(0.5 * np.polynomial.legendre.leggauss(2)[0], 0.5 * np.polynomial.legendre.leggauss(2)[1])
 )
 _PARAM_NAMES = ("fwhm_px", "e1", "e2", "u")
+_FWHM_MIN_PX = 0.5
 
 
 def _abc_from_shape(s, e1, e2):
@@ -996,7 +997,8 @@ def _abc_from_shape(s, e1, e2):
     e1 = np.asarray(e1, float)
     e2 = np.asarray(e2, float)
     e = np.minimum(np.hypot(e1, e2), 0.9)
-    inv2 = 0.5 / np.maximum(s, 1e-3) ** 2
+    # a PSF narrower than half a pixel is not measurable (pixel integration dominates)
+    inv2 = 0.5 / np.maximum(s, _FWHM_MIN_PX) ** 2
     tr = (1.0 - e) + 1.0 / (1.0 - e)
     k = (2.0 - e) / (1.0 - e)
     return inv2 * (tr - e1 * k), -inv2 * e2 * k, inv2 * (tr + e1 * k)
@@ -1724,10 +1726,17 @@ def fit_field_psf(
     data = np.asarray(data_sub)
     ny, nx = data.shape
     guess0 = fwhm_guess_px
+    if guess0 is None and len(sources) and {"a_px", "b_px", "flux"} <= set(sources.colnames):
+        # detection second moments of the brighter sources (as `measure_fwhm`)
+        bright = np.argsort(-np.asarray(sources["flux"], float))[: max(10, len(sources) // 5)]
+        ab = np.asarray(sources["a_px"], float)[bright] * np.asarray(sources["b_px"], float)[bright]
+        ab = ab[np.isfinite(ab) & (ab > 0)]
+        if ab.size:
+            guess0 = float(np.clip(2.3548 * math.sqrt(float(np.median(ab))), 1.0, 30.0))
     half = (
         int(stamp_half_px)
         if stamp_half_px
-        else int(min(max(math.ceil(2.0 * (guess0 or 3.5)), 5), 30))
+        else int(min(max(math.ceil(2.0 * (guess0 or 3.5)), 4), 30))
     )
     idx = _select_psf_stars(
         data,
