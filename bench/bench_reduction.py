@@ -93,13 +93,42 @@ def _rss_bytes():
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def child_main(frame, outdir, observatory, use_tracemalloc):
-    """Reduce one frame in this (fresh) process; print a JSON line with CPU and memory figures."""
+def _peak_rss_bytes():
+    """Peak RSS of this process image (VmHWM). ``ru_maxrss`` is not used: Linux carries the RSS
+    of the forked parent into it across exec, so a child of a big bench process would report
+    the parent's size."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child_main(frame, outdir, observatory, use_tracemalloc, code=None):
+    """Reduce one frame in this (fresh) process; print a JSON line with CPU and memory figures.
+
+    ``code``: a folder holding another ``rpp_tasks`` (e.g. ``git archive <commit>``) to reduce
+    with, for before/after figures on the same fields.
+    """
     import warnings
 
+    if code:
+        sys.path.insert(0, str(Path(code).resolve()))
+        for name in [m for m in sys.modules if m == "rpp_tasks" or m.startswith("rpp_tasks.")]:
+            del sys.modules[name]
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
     # modules the stages import on first use: loaded before the memory baseline is taken
+    import astropy.io.fits  # noqa: F401
+    import astropy.table  # noqa: F401
+    import astropy.wcs  # noqa: F401
+    import scipy.ndimage  # noqa: F401
+    import scipy.optimize  # noqa: F401
+    import scipy.sparse.csgraph  # noqa: F401
+    import scipy.spatial  # noqa: F401
+    import sep  # noqa: F401
+
+    import rpp_tasks.session.skycal  # noqa: F401
     import rpp_tasks.stages.background  # noqa: F401
     import rpp_tasks.stages.calibration  # noqa: F401
     import rpp_tasks.stages.cosmics  # noqa: F401
@@ -123,7 +152,7 @@ def child_main(frame, outdir, observatory, use_tracemalloc):
     if use_tracemalloc:
         traced_peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    maxrss = _peak_rss_bytes()
     print(
         "BENCH_CHILD "
         + json.dumps(
@@ -143,12 +172,13 @@ def child_main(frame, outdir, observatory, use_tracemalloc):
     return 0
 
 
-def reduce_in_child(path, outdir, observatory, *, use_tracemalloc=False):
+def reduce_in_child(path, outdir, observatory, *, use_tracemalloc=False, code=None):
     """Run `child_main` in a new interpreter; whole-process CPU from the children's rusage."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", str(path), str(outdir)]
     cmd += [observatory] + (["--tracemalloc"] if use_tracemalloc else [])
+    cmd += ["--code", str(code)] if code else []
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
@@ -165,7 +195,9 @@ def reduce_in_child(path, outdir, observatory, *, use_tracemalloc=False):
 # ------------------------------------------------------------------------------ one frame
 
 
-def run_one(shape, kind, seed, observatory, workdir, *, use_tracemalloc=False, score=True):
+def run_one(
+    shape, kind, seed, observatory, workdir, *, use_tracemalloc=False, score=True, code=None
+):
     """Make, write, reduce (child process) and score one field; a flat dict of figures."""
     from astropy.table import Table
 
@@ -178,7 +210,7 @@ def run_one(shape, kind, seed, observatory, workdir, *, use_tracemalloc=False, s
     path = Path(workdir) / f"bench_{kind}_{nx}x{ny}_{seed}.fits"
     _write_raw(path, field)
     outdir = Path(workdir) / f"work_{kind}_{nx}x{ny}_{seed}"
-    child = reduce_in_child(path, outdir, observatory, use_tracemalloc=use_tracemalloc)
+    child = reduce_in_child(path, outdir, observatory, use_tracemalloc=use_tracemalloc, code=code)
     summary = json.loads(Path(child["summary_path"]).read_text())
     if summary.get("status") != "ok":
         raise SystemExit(
@@ -205,6 +237,7 @@ def run_one(shape, kind, seed, observatory, workdir, *, use_tracemalloc=False, s
         if child.get("traced_peak_bytes")
         else float("nan"),
         "psf": summary["stages"].get("photometry", {}).get("psf_model"),
+        "model_error_frac": summary["stages"].get("photometry", {}).get("model_error_frac"),
     }
     if not score:
         return out
@@ -227,7 +260,9 @@ def run_one(shape, kind, seed, observatory, workdir, *, use_tracemalloc=False, s
     def worst(p, key, dev=False):
         if p is None:
             return nan
-        vals = [b[key] for b in p.bins if b["snr_hi"] <= 500 or key == "error_ratio"]
+        vals = [
+            b[key] for b in p.bins if (b["snr_hi"] <= 500 or key == "error_ratio") and b["n"] >= 15
+        ]
         vals = [abs(v - 1.0) if dev else v for v in vals if v is not None and np.isfinite(v)]
         return max(vals) if vals else nan
 
@@ -262,6 +297,7 @@ def run_one(shape, kind, seed, observatory, workdir, *, use_tracemalloc=False, s
             "ap_bins": list(ap.bins) if ap else [],
             "psf_bins": list(ps.bins) if ps else [],
             "completeness_bins": list(rep.completeness_bins),
+            "_fid": {"ap": ap, "psf": ps},  # per-star samples, pooled over the repeats
         }
     )
     return out
@@ -284,15 +320,6 @@ def _check(value, op, thr):
 
 def _bin_label(lo, hi):
     return f">{lo:g}" if not np.isfinite(hi) else f"{lo:g}-{hi:g}"
-
-
-def _bin_median(rows, key, lo, field):
-    vals = []
-    for r in rows:
-        for b in r.get(key, []):
-            if b["snr_lo"] == lo and b.get(field) is not None and np.isfinite(b[field]):
-                vals.append(b[field])
-    return float(np.median(vals)) if vals else float("nan")
 
 
 def report(rows):
@@ -355,24 +382,39 @@ def report(rows):
                 if isinstance(v, dict)
             )
         )
+    from rpp_tasks.sim.evaluate import pooled_bins
+
+    pooled = {}
+    for key in ("ap", "psf"):
+        fids = [r["_fid"][key] for r in rows if r.get("_fid", {}).get(key) is not None]
+        pooled[key] = pooled_bins(fids, SNR_BINS) if fids else ([], float("nan"))
+    print(
+        f"  per S/N bin, stars of all {len(rows)} frame(s) pooled; aperture = 1.3 FWHM, corrected "
+        f"to total (floors: aperture {pooled['ap'][1]:.4f}, PSF {pooled['psf'][1]:.4f} mag)"
+    )
     print(
         f"  {'S/N bin':<10}{'n':>6}{'compl.':>8}{'ap n':>6}{'ap sc/PN':>9}{'ap err':>8}"
-        f"{'ap mag':>8}{'psf n':>6}{'psf sc/CR':>10}{'psf err':>8}{'psf mag':>8}{'exp mag':>8}"
+        f"{'ap mag':>8}{'psf n':>6}{'psf sc/CR':>10}{'psf err':>8}{'psf mag':>8}{'CR mag':>8}"
     )
-    for lo, hi in zip(SNR_BINS[:-1], SNR_BINS[1:]):
+    nan = float("nan")
+    for k, (lo, hi) in enumerate(zip(SNR_BINS[:-1], SNR_BINS[1:])):
+        n_true = sum(
+            b["n_true"] for r in rows for b in r.get("completeness_bins", []) if b["snr_lo"] == lo
+        )
+        n_det = sum(
+            b["n_detected"]
+            for r in rows
+            for b in r.get("completeness_bins", [])
+            if b["snr_lo"] == lo
+        )
+        ab = pooled["ap"][0][k] if pooled["ap"][0] else {}
+        pb = pooled["psf"][0][k] if pooled["psf"][0] else {}
         print(
-            f"  {_bin_label(lo, hi):<10}"
-            f"{_bin_median(rows, 'completeness_bins', lo, 'n_true'):6.0f}"
-            f"{_bin_median(rows, 'completeness_bins', lo, 'completeness'):8.3f}"
-            f"{_bin_median(rows, 'ap_bins', lo, 'n'):6.0f}"
-            f"{_bin_median(rows, 'ap_bins', lo, 'scatter_ratio'):9.3f}"
-            f"{_bin_median(rows, 'ap_bins', lo, 'error_ratio'):8.3f}"
-            f"{_bin_median(rows, 'ap_bins', lo, 'scatter_mag'):8.4f}"
-            f"{_bin_median(rows, 'psf_bins', lo, 'n'):6.0f}"
-            f"{_bin_median(rows, 'psf_bins', lo, 'scatter_ratio'):10.3f}"
-            f"{_bin_median(rows, 'psf_bins', lo, 'error_ratio'):8.3f}"
-            f"{_bin_median(rows, 'psf_bins', lo, 'scatter_mag'):8.4f}"
-            f"{_bin_median(rows, 'psf_bins', lo, 'expected_mag'):8.4f}"
+            f"  {_bin_label(lo, hi):<10}{n_true:6d}{(n_det / n_true if n_true else nan):8.3f}"
+            f"{ab.get('n', 0):6d}{ab.get('scatter_ratio', nan):9.3f}{ab.get('error_ratio', nan):8.3f}"
+            f"{ab.get('scatter_mag', nan):8.4f}"
+            f"{pb.get('n', 0):6d}{pb.get('scatter_ratio', nan):10.3f}{pb.get('error_ratio', nan):8.3f}"
+            f"{pb.get('scatter_mag', nan):8.4f}{pb.get('expected_mag', nan):8.4f}"
         )
     extra = ("ap_offset_mag", "psf_offset_mag", "fwhm_measured_px", "position_rms_px")
     print("  also: " + ", ".join(f"{k}={_median(rows, k):.4g}" for k in extra))
@@ -385,7 +427,8 @@ def _median_stage(rows, stage):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "--_child":
-        return child_main(argv[1], argv[2], argv[3], "--tracemalloc" in argv)
+        code = argv[argv.index("--code") + 1] if "--code" in argv else None
+        return child_main(argv[1], argv[2], argv[3], "--tracemalloc" in argv, code)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[2048], help="square image sizes (px)")
     p.add_argument(
@@ -408,6 +451,12 @@ def main(argv=None):
     p.add_argument("--workdir", default=None, help="keep frames and products here")
     p.add_argument("--json", default=None, help="write all per-frame figures to this JSON file")
     p.add_argument("--seed", type=int, default=100)
+    p.add_argument(
+        "--code",
+        default=None,
+        help="reduce with the rpp_tasks in this folder (e.g. `git archive <commit> | tar -x -C DIR`)"
+        "; fields and scoring stay those of this tree (before/after figures)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.fields, args.repeat = [2048], ["optics"], 1
@@ -446,6 +495,7 @@ def main(argv=None):
                                 args.observatory,
                                 workdir,
                                 use_tracemalloc=args.tracemalloc,
+                                code=args.code,
                             )
                         )
                         for f in workdir.glob("*.fits"):
@@ -457,7 +507,8 @@ def main(argv=None):
             tmp.cleanup()
     print(f"\nload average at the end: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     if args.json:
-        Path(args.json).write_text(json.dumps(all_rows, indent=1, default=float))
+        rows_json = [{k: v for k, v in r.items() if k != "_fid"} for r in all_rows]
+        Path(args.json).write_text(json.dumps(rows_json, indent=1, default=float))
         print(f"per-frame figures written to {args.json}")
     return 0
 

@@ -1057,24 +1057,57 @@ def _ell_pix(dx, dy, a, b, c, u, *, derivs=False, integrate=True):
         nodes = _GL2_NODES
     else:
         nodes = ((0.0, 1.0),)
+    # t = 1 + kap q with q = a ex^2 + 2 b ex ey + c ey^2, assembled from the parts that depend
+    # on one node coordinate only (small arrays), then in place on full-size buffers
+    ka, kb2, kc = kap * a, 2.0 * kap * b, kap * c
+    t = np.empty(shape)
+    f = np.empty(shape)
+    if derivs:
+        lt, rt, g, tmp = (np.empty(shape) for _ in range(4))
     for xi, wi in nodes:
         ex = dx + xi
+        tx = ka * ex * ex
+        bx = kb2 * ex
         for yj, wj in nodes:
             ey = dy + yj
-            q = a * ex * ex + 2.0 * b * ex * ey + c * ey * ey
-            t = 1.0 + kap * q
-            lt = np.log(t)
-            f = np.exp(-inv_u * lt)
+            np.multiply(bx, ey, out=t)
+            t += tx
+            t += 1.0 + kc * ey * ey
             wgt = wi * wj
-            val += wgt * f
-            if derivs:
-                g = wgt * f * (-inv_u * kap) / t  # d f / d q, weighted
-                acc["x"] += g * (2.0 * (a * ex + b * ey))
-                acc["y"] += g * (2.0 * (b * ex + c * ey))
-                acc["a"] += g * ex * ex
-                acc["b"] += g * 2.0 * ex * ey
-                acc["c"] += g * ey * ey
-                acc["u"] += wgt * f * (lt * inv_u * inv_u - inv_u * dkap * q / t)
+            if not derivs:
+                np.log(t, out=f)
+                f *= -inv_u
+                np.exp(f, out=f)
+                f *= wgt
+                val += f
+                continue
+            np.log(t, out=lt)
+            np.multiply(lt, -inv_u, out=f)
+            np.exp(f, out=f)
+            f *= wgt  # the weighted profile at this node
+            val += f
+            np.divide(1.0, t, out=rt)
+            # d f / d q = f (-kap / u) / t, weighted
+            np.multiply(f, rt, out=g)
+            g *= -inv_u * kap
+            np.multiply(g, 2.0 * (a * ex) + 2.0 * (b * ey), out=tmp)
+            acc["x"] += tmp
+            np.multiply(g, 2.0 * (b * ex) + 2.0 * (c * ey), out=tmp)
+            acc["y"] += tmp
+            np.multiply(g, ex * ex, out=tmp)
+            acc["a"] += tmp
+            np.multiply(g, 2.0 * ex, out=tmp)
+            tmp *= ey
+            acc["b"] += tmp
+            np.multiply(g, ey * ey, out=tmp)
+            acc["c"] += tmp
+            # d f / d u = f (ln t / u^2 - (dkap / kap) (1 - 1/t) / u)
+            np.subtract(1.0, rt, out=tmp)
+            tmp *= -inv_u * dkap / kap
+            lt *= inv_u * inv_u
+            tmp += lt
+            tmp *= f
+            acc["u"] += tmp
     val = val * norm
     if not derivs:
         return val
