@@ -23,7 +23,15 @@ What is simulated, in order (all in electrons, then converted to ADU):
    short straight tracks (3-15 px), 1 000-20 000 e per pixel. Their pixels are in ``cr_mask``.
 5. Clipping at ``saturation_adu``.
 
-The truth table describes what an ideal measurement would give (see `make_star_field`).
+Fields built like real optics (`make_optics_field`, `optics_field_kwargs`): a PSF varying across the
+field (`PsfVariation`: elliptical Moffat whose FWHM, beta, ellipticity and orientation are smooth but
+not polynomial functions of the position), a sky gradient, gain 0.8, close pairs, bright saturated
+stars whose charge above the full well bleeds along the columns and whose wings (halos) are drawn
+out to 160 px, plus the cosmic rays and hot pixels above. The one-PSF fields are unchanged (the
+new options draw from their own random stream).
+
+The truth table describes what an ideal measurement would give (see `make_star_field`), including
+each star's local PSF and sky.
 """
 
 from __future__ import annotations

@@ -230,8 +230,17 @@ def detect_sources(
     sat_tab, zone = None, None
     if saturation_adu is not None and mask is not None and np.isfinite(saturation_adu):
         sat_tab, zone = find_saturated_stars(
-            data, mask, saturation_adu=float(saturation_adu), rms=rms, fwhm_px=fwhm
+            data,
+            mask,
+            saturation_adu=float(saturation_adu),
+            rms=rms,
+            fwhm_px=fwhm,
+            trail_band=False,
         )
+        sat_px = _saturated_pixels(data, mask, float(saturation_adu))
+        sat_px |= _trail_ends(data, sat_px, float(saturation_adu))
+        trail_y, trail_x = np.nonzero(sat_px)
+        del sat_px
 
     # C-contiguous float32 (SEP requirement); masked / non-finite pixels -> 0
     if overwrite and data.dtype == np.float32 and data.flags.c_contiguous and data.flags.writeable:
@@ -255,12 +264,21 @@ def detect_sources(
     work[bad] = 0.0
     if bad.all():
         return empty_source_table(method=method, threshold_sigma=threshold_sigma)
+    sep_bad = bad
+    if sat_tab is not None:
+        # saturated cores and bleed trails are interpolated across along the rows and shown to
+        # SEP as data (a star on a trail stays one object, the trail's sides make no ridges);
+        # they stay masked for the S/N and the centroids
+        sep_bad = bad.copy()
+        sep_bad[trail_y, trail_x] = False
+        bad[trail_y, trail_x] = True
+        _inpaint_rows(work, trail_y, trail_x)
 
     if method == "sep":
         cols = _run_sep(
             work,
             err,
-            bad,
+            sep_bad,
             threshold_sigma=threshold_sigma,
             fwhm=fwhm,
             min_area_px=min_area_px,
@@ -347,7 +365,16 @@ def _saturated_pixels(data, mask, saturation_adu):
 
 
 def find_saturated_stars(
-    data_sub, mask, *, saturation_adu, rms, fwhm_px, halo_snr=20.0, halo_beta=2.5, min_pixels=1
+    data_sub,
+    mask,
+    *,
+    saturation_adu,
+    rms,
+    fwhm_px,
+    halo_snr=20.0,
+    halo_beta=2.5,
+    min_pixels=1,
+    trail_band=True,
 ):
     """
     Saturated stars: one source per connected saturated region, and the zone they spoil.
@@ -382,7 +409,8 @@ def find_saturated_stars(
     zone : numpy.ndarray of bool
         The halo discs (within them the star's own light exceeds ``halo_snr`` times the noise) and
         the saturated pixels grown by ``0.75 FWHM + 1`` px (the sides and ends of the bleed
-        trails): no detection there is trusted as a star of its own.
+        trails; with ``trail_band=False`` only the ends): no detection there is trusted as a
+        star of its own.
     """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
@@ -401,9 +429,16 @@ def find_saturated_stars(
         g = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(px.size, px.size))
         ncomp, lab = connected_components(g, directed=False)
         rms_typ = float(np.median(np.asarray(rms)[::16, ::16])) if np.ndim(rms) else float(rms)
-        # the bleed trails, widened by about one FWHM: the masked band cut through the halo
-        # leaves ridges on both sides that look like stars to a matched filter
-        _trail_band(zone, px, py, fwhm_px)
+        if trail_band:
+            # the bleed trails, widened by about one FWHM: the masked band cut through the halo
+            # leaves ridges on both sides that look like stars to a matched filter
+            _trail_band(zone, px, py, fwhm_px)
+        else:
+            # the ends of the trails (the last, partly filled pixels) and the trails themselves
+            # (interpolated for SEP; a detection centred on them is a piece of the trail)
+            ends = _trail_ends(data, sat, saturation_adu)
+            _trail_band(zone, *np.nonzero(ends)[::-1], fwhm_px)
+            zone |= sat
         for c in range(ncomp):
             sel = lab == c
             if sel.sum() < min_pixels:
@@ -450,6 +485,46 @@ def find_saturated_stars(
     if len(tab):
         log.info("find_saturated_stars: %d saturated stars", len(tab))
     return tab, zone
+
+
+def _trail_ends(data, sat, saturation_adu, reach=2):
+    """Unsaturated pixels within ``reach`` px above or below a saturated one in the same column
+    and brighter than 5 % of saturation: the partly filled ends of bleed trails."""
+    ny = sat.shape[0]
+    ends = np.zeros(sat.shape, bool)
+    py, px = np.nonzero(sat)
+    for o in range(1, reach + 1):
+        for yy in (py + o, py - o):
+            ok = (yy >= 0) & (yy < ny)
+            yy, xx = yy[ok], px[ok]
+            hit = ~sat[yy, xx] & (np.asarray(data)[yy, xx] > 0.05 * saturation_adu)
+            ends[yy[hit], xx[hit]] = True
+    return ends
+
+
+def _inpaint_rows(work, bad_y, bad_x, max_gap=8):
+    """Replace pixels ``(bad_y, bad_x)`` of ``work`` (in place) by a linear interpolation along
+    their row between the nearest good pixels, for gaps up to ``max_gap`` px (else 0): a masked
+    bleed trail then leaves no ridges on its sides, and a star on the trail keeps a core."""
+    if bad_x.size == 0:
+        return
+    ny, nx = work.shape
+    is_bad = np.zeros(work.shape, bool)
+    is_bad[bad_y, bad_x] = True
+    for y in np.unique(bad_y):
+        row_bad = is_bad[y]
+        xs = np.flatnonzero(row_bad)
+        # runs of consecutive bad pixels
+        starts = xs[np.r_[True, np.diff(xs) > 1]]
+        stops = xs[np.r_[np.diff(xs) > 1, True]]
+        for a, b in zip(starts, stops):
+            left, right = a - 1, b + 1
+            if b - a + 1 > max_gap or left < 0 or right >= nx:
+                work[y, a : b + 1] = 0.0
+                continue
+            vl, vr = work[y, left], work[y, right]
+            t = (np.arange(a, b + 1) - left) / (right - left)
+            work[y, a : b + 1] = vl + t * (vr - vl)
 
 
 def _trail_band(zone, px, py, fwhm_px):
