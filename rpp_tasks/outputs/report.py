@@ -265,6 +265,19 @@ def build_report(
                     pixel_scale_arcsec=_finite(best.pixel_scale_arcsec),
                 ),
             )
+            psf_model = (best.stages.get("photometry") or {}).get("psf_model")
+            if psf_model and cat is not None:
+                from rpp_tasks.outputs.psf_plots import plot_psf_map
+
+                attempt(
+                    "psf_map",
+                    lambda: plot_psf_map(
+                        psf_model,
+                        image=data,
+                        catalog=cat,
+                        pixel_scale_arcsec=_finite(best.pixel_scale_arcsec),
+                    ),
+                )
         else:
             flags.append("no_calibrated_image")
         step = max(1, int(math.ceil(len(ok) / max_catalogs)))

@@ -616,6 +616,15 @@ def render_report_html(
             "Reference minus calibrated magnitude of the zero-point stars; grey band: RMS.",
             missing=zp_missing,
         ),
+        "psf_map": _figure_html(
+            plots.get("psf_map"),
+            "PSF model across the field",
+            f"PSF model of frame {_esc(preview_frame or '')}: FWHM (colour) and ellipticity "
+            "(whisker length, along the major axis) across the field, the stars it was fitted on, "
+            "and what is left when the model is subtracted from an isolated star near the centre, "
+            "the edges and the corners (a good model leaves noise).",
+            missing="PSF model across the field: no PSF model for this frame.",
+        ),
         "field": _figure_html(
             plots.get("field"),
             "FWHM and background across the field",
@@ -644,6 +653,7 @@ def render_report_html(
 {figs["zeropoint"]}
 
 <h2>Across the field</h2>
+{figs["psf_map"]}
 {figs["field"]}
 
 <h2>Transient candidates</h2>

@@ -249,6 +249,8 @@ def step_detect(fw, obs) -> dict:
         min_area_px=cfg.min_area_px,
         deblend_cont=cfg.deblend_cont,
         peak_search=not obs.stages.photometry.psf,
+        saturation_adu=fw.meta["saturation_adu"] - float(fw.bkg_summary["background_adu"]),
+        overwrite=True,  # the background-subtracted copy is ours
     )
     if len(fw.sources) == 0:
         raise FrameRejected(
@@ -263,7 +265,7 @@ def step_photometry(fw, obs) -> dict:
     """FWHM, aperture (1.1, 1.3 FWHM and fixed radius) and ePSF photometry, S/N flags, RA/Dec."""
     from rpp_tasks.stages import measure
 
-    fw.catalog, result = measure.measure_frame(
+    fw.catalog, result = measure.measure_catalog(
         fw.data,
         fw.background,
         fw.rms,
@@ -271,7 +273,6 @@ def step_photometry(fw, obs) -> dict:
         mask=fw.mask,
         header=fw.header,
         meta=fw.meta,
-        background_adu=fw.bkg_summary["background_adu"],
         background_rms_adu=fw.bkg_summary["background_rms_adu"],
         cfg=obs.stages.photometry,
         provenance={"observatory": obs.name, "config_hash": obs.config_hash},

@@ -1,9 +1,10 @@
-"""The photometry stage of one frame: FWHM, ePSF, PSF and aperture photometry, flags, RA/Dec.
+"""The photometry stage of one frame: the catalogue with RA/Dec and the limiting magnitude.
 
-`measure_frame` chains the science functions of `rpp_tasks.stages.psf` and
-`rpp_tasks.stages.photometry` over one background-subtracted image and returns the catalogue and
-a small JSON-safe result; the adapter `rpp_tasks.session.adapters.step_photometry` only hands it
-the frame's arrays and configuration.
+`measure_catalog` runs `rpp_tasks.stages.photometry.measure_frame` (field PSF, PSF and aperture
+photometry, S/N flags) on one calibrated image, adds RA/Dec from the header WCS, the provenance
+and the instrumental 5-sigma limiting magnitude, and returns the catalogue and a small JSON-safe
+result; the adapter `rpp_tasks.session.adapters.step_photometry` only hands it the frame's arrays
+and configuration.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 from rpp_tasks import __version__
 from rpp_tasks.exceptions import FrameRejected
 
-__all__ = ["measure_frame", "add_sky_coordinates", "LIMITING_MAG_DEFINITION"]
+__all__ = ["measure_catalog", "add_sky_coordinates", "LIMITING_MAG_DEFINITION"]
 
 LIMITING_MAG_DEFINITION = (
     "5-sigma point source in a 1.3 FWHM aperture from the background RMS, "
@@ -21,7 +22,7 @@ LIMITING_MAG_DEFINITION = (
 )
 
 
-def measure_frame(
+def measure_catalog(
     data,
     background,
     rms,
@@ -30,7 +31,6 @@ def measure_frame(
     mask,
     header,
     meta: dict,
-    background_adu: float,
     background_rms_adu: float,
     cfg,
     provenance: dict | None = None,
@@ -52,8 +52,8 @@ def measure_frame(
     meta : dict
         The frame's normalised header (``gain_e_per_adu``, ``exptime_s``, ``saturation_adu``,
         ``pixel_scale_arcsec``, ``band``).
-    background_adu, background_rms_adu : float
-        Global sky level and RMS (saturation relative to the sky, limiting magnitude).
+    background_rms_adu : float
+        Global sky RMS (limiting magnitude).
     cfg : `~rpp_tasks.config.PhotometryConfig`
     provenance : dict, optional
         Added to the catalogue ``meta`` (observatory, config hash).
@@ -66,7 +66,7 @@ def measure_frame(
     -------
     catalog : `~astropy.table.Table`
     result : dict
-        FWHM, counts by S/N class, instrumental limiting magnitude, ePSF facts.
+        FWHM, counts by S/N class, instrumental limiting magnitude, field-PSF facts.
 
     Raises
     ------
@@ -75,58 +75,41 @@ def measure_frame(
     """
     from rpp_tasks.stages import photometry, psf
 
-    data_sub = data - background
     gain, exptime = meta["gain_e_per_adu"], meta["exptime_s"]
-    sat_above_sky = meta["saturation_adu"] - float(background_adu)
-    fwhm = psf.measure_fwhm(data_sub, sources, rms=rms, mask=mask, saturation_adu=sat_above_sky)
-    if not np.isfinite(fwhm.fwhm_px):
+    res = photometry.measure_frame(
+        None,  # made from image - background inside, freed as soon as possible
+        rms,
+        sources,
+        gain_e_per_adu=gain,
+        exptime_s=exptime,
+        saturation_adu=meta["saturation_adu"],
+        fixed_radius_px=cfg.fixed_radius_px,
+        annulus_fwhm=cfg.annulus_fwhm,
+        mask=mask,
+        image=data,
+        background=background,
+        psf=cfg.psf,
+        psf_max_stars=max(cfg.epsf_max_stars, 250),
+        frame=frame,
+    )
+    if res.psf is None:
         raise FrameRejected(
             "FWHM could not be measured (no isolated unsaturated stars)",
             path=path,
             stage="photometry",
         )
-    epsf_info = {}
-    psf_model, epsf = None, None
-    if cfg.psf:
-        epsf = psf.build_epsf(
-            data_sub,
-            sources,
-            fwhm_px=fwhm.fwhm_px,
-            oversampling=cfg.epsf_oversampling,
-            max_stars=cfg.epsf_max_stars,
-            mask=mask,
-            beta=fwhm.beta,
-            saturation_adu=sat_above_sky,
-        )
-        fit = photometry.psf_photometry_with_residual_detection(
-            data_sub, rms, sources, epsf, gain_e_per_adu=gain, exptime_s=exptime, mask=mask
-        )
-        sources, psf_model = fit.table, fit.model
-        epsf_info = {"epsf_n_stars": int(epsf.n_stars), "n_residual_sources": int(fit.n_added)}
-    cat = photometry.aperture_photometry(
-        data_sub,
-        rms,
-        sources,
-        fwhm_px=fwhm.fwhm_px,
-        fixed_radius_px=cfg.fixed_radius_px,
-        annulus_fwhm=cfg.annulus_fwhm,
-        gain_e_per_adu=gain,
-        exptime_s=exptime,
-        mask=mask,
-        psf_model=psf_model,
-        epsf=epsf,
-    )  # neighbours' fitted models subtracted
-    cat = photometry.quality_flags(
-        cat,
-        saturation_adu=meta["saturation_adu"],
-        shape=data.shape,
-        fwhm_px=fwhm.fwhm_px,
-        data=data,
+    cat, fwhm = (
+        res.catalog,
+        psf.FwhmResult(
+            res.fwhm_px, float("nan"), res.psf.n_stars, float("nan"), res.psf.beta, "field PSF"
+        ),
     )
+    epsf_info = {k: v for k, v in res.info.items() if k not in ("fwhm_px",)}
     add_sky_coordinates(cat, header)
     scale = meta.get("pixel_scale_arcsec")
     r_lim = 1.3 * fwhm.fwhm_px
-    noise = background_rms_adu * np.sqrt(np.pi) * r_lim
+    apc = (res.info.get("aperture_corrections") or {}).get("1p3fwhm", {}).get("median_mag", 0.0)
+    noise = background_rms_adu * np.sqrt(np.pi) * r_lim * 10 ** (0.4 * apc)
     lim_mag = (
         float(-2.5 * np.log10(5.0 * noise / exptime)) if exptime and noise > 0 else float("nan")
     )
