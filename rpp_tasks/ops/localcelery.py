@@ -8,7 +8,7 @@ process of this machine in its own process group, its output in
 * ``airflow db migrate`` first (the metadata schema in PostgreSQL);
 * ``api-server``, ``scheduler``, ``dag-processor``, ``triggerer``;
 * ``log-server``: Airflow's worker log server, once for every local worker (they share this
-  machine's ``AIRFLOW_HOME/logs``; a worker that dies does not take the running tasks' logs with it);
+  machine's ``AIRFLOW_HOME/logs``; a dying worker does not take the running tasks' logs with it);
 * ``worker1`` ... ``workerN``: ``airflow celery worker --skip-serve-logs`` named
   ``worker<k>@<host>`` in Celery; each records the host name ``127.0.0.<k>`` on the task
   instances it runs (``RPP_WORKER_HOSTNAME``, `rpp_tasks.ops.deploy.worker_hostname`), so the UI and

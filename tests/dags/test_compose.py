@@ -1,5 +1,5 @@
-"""docker-compose.yaml (the scaled-out deployment) against the Airflow that is locked in this project
-and against `rpp_tasks.ops.deploy`, the one source of its settings (and of ``rpp up --executor
+"""docker-compose.yaml (the scaled-out deployment) against the Airflow locked in this project and
+against `rpp_tasks.ops.deploy`, the one source of its settings (and of ``rpp up --executor
 celery``, the same deployment as local processes: tests/integration/test_celery.py runs it).
 
 Docker is not available on the CI machine, so the containers are not started here; what can be
@@ -189,7 +189,7 @@ def test_no_default_passwords_and_every_secret_is_required():
     assert "airflow:airflow@" not in text  # the old built-in database password
 
 
-# ----------------------------------------------------------------------------- one source of settings
+# --------------------------------------------------------------------------- one source of settings
 def test_compose_settings_are_generated_from_the_library():
     """The file's environment block is exactly what rpp_tasks.ops.deploy renders (regenerate with
     `python -m rpp_tasks.ops.deploy --write-compose`)."""

@@ -53,7 +53,8 @@ def test_rpp_up_celery_starts_every_component_and_sigterm_stops_them_all(tmp_pat
     cmd = [
         sys.executable, "-m", "rpp_tasks.ops.up", "--no-demo", "--home", str(tmp_path / "home"),
         "--port", str(free_port()), "--executor", "celery", "--workers", "3",
-        "--db", "postgresql+psycopg2://nobody@127.0.0.1:9/none", "--broker", "redis://127.0.0.1:9/0",
+        "--db", "postgresql+psycopg2://nobody@127.0.0.1:9/none",
+        "--broker", "redis://127.0.0.1:9/0",
     ]  # fmt: skip
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
