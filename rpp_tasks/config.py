@@ -117,6 +117,7 @@ class SessionConfig:
     marker_file: str | None = None
     twospot_obs_file: str = "last_obs.yaml"
     settle_seconds: float = 5.0
+    stall_seconds: float = 3600.0
     use_polling: bool = False
     frame_types: dict[str, list[str]] = field(
         default_factory=lambda: {
@@ -125,8 +126,21 @@ class SessionConfig:
             "flat": ["flat*"],
         }
     )
-    extensions: list[str] = field(
-        default_factory=lambda: [".fits", ".fit", ".fts", ".fits.fz", ".fit.gz", ".fits.gz"]
+    extensions: list[str] = field(  # case-insensitive; same list as config/defaults.yaml
+        default_factory=lambda: [
+            ".fits",
+            ".fit",
+            ".fts",
+            ".fits.fz",
+            ".fit.fz",
+            ".fts.fz",
+            ".fz",
+            ".fits.gz",
+            ".fit.gz",
+            ".fts.gz",
+            ".fits.bz2",
+            ".fit.bz2",
+        ]
     )
 
 

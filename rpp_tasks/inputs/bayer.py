@@ -2,6 +2,7 @@
 
 * `bayer_pattern_from_header` -- the pattern a header names (``BAYERPAT``, ``COLORTYP``, ...).
 * `debayer_to_luminance` -- a raw mosaic as a half-resolution, flux-conserving luminance image.
+* `superpixel_max` -- the brightest raw pixel of each 2x2 super-pixel (saturation after the sum).
 * `bin_header` -- a header copy's WCS, read noise and shape adjusted for software binning; it
   records the factor in ``RPPBIN`` (`rpp_tasks.inputs.header.normalize_header` scales the
   camera-config read noise and pixel scale by it).
@@ -16,7 +17,14 @@ from astropy.io import fits
 
 from rpp_tasks.inputs.cards import first_value, set_shape
 
-__all__ = ["BAYER_PATTERNS", "bayer_pattern_from_header", "debayer_to_luminance", "bin_header"]
+__all__ = [
+    "BAYER_PATTERNS",
+    "bayer_pattern_from_header",
+    "debayer_to_luminance",
+    "superpixel_max",
+    "lift_saturated_superpixels",
+    "bin_header",
+]
 
 BAYER_PATTERNS = ("RGGB", "BGGR", "GRBG", "GBRG")
 
@@ -77,6 +85,68 @@ def debayer_to_luminance(data, pattern):
         raise ValueError(msg)
     d = data[:ny, :nx].astype(np.float32)
     return (d[0::2, 0::2] + d[0::2, 1::2] + d[1::2, 0::2] + d[1::2, 1::2]).astype(np.float32)
+
+
+def superpixel_max(data):
+    """
+    The brightest raw pixel of each 2x2 super-pixel of `debayer_to_luminance`.
+
+    A super-pixel is saturated as soon as one of its four raw pixels is, even when the sum of the
+    four stays below four times the saturation level (the red and blue pixels of a star that
+    saturates the green ones): compare this maximum, not the sum, to the native level.
+
+    Parameters
+    ----------
+    data : array_like
+        2-D raw mosaic.
+
+    Returns
+    -------
+    ndarray
+        Shape ``(ny // 2, nx // 2)``, the dtype of ``data`` (an odd last row or column dropped).
+    """
+    data = np.asarray(data)
+    if data.ndim != 2:
+        msg = f"data must be 2-D, got {data.ndim}-D with shape {data.shape}"
+        raise ValueError(msg)
+    ny, nx = (data.shape[0] // 2) * 2, (data.shape[1] // 2) * 2
+    d = data[:ny, :nx]
+    return np.maximum(
+        np.maximum(d[0::2, 0::2], d[0::2, 1::2]), np.maximum(d[1::2, 0::2], d[1::2, 1::2])
+    )
+
+
+def lift_saturated_superpixels(luminance, raw, saturation_adu):
+    """
+    Mark saturation in a 2x2 luminance image by its value (in place).
+
+    Super-pixels whose brightest raw pixel reached ``saturation_adu`` (the native level) are
+    raised to at least ``4 * saturation_adu``, the level of the binned image
+    (`~rpp_tasks.inputs.header.normalize_header` scales the saturation level by 4 after the
+    Bayer sum). Every later test of a pixel against the saturation level -- the calibration mask,
+    the ``saturated`` flag of the catalogue, the choice of PSF stars -- then sees the cell as
+    saturated. Its true value is unknown anyway (at least what was measured).
+
+    Parameters
+    ----------
+    luminance : ndarray
+        Output of `debayer_to_luminance` (float32), modified in place.
+    raw : array_like
+        The raw mosaic it was made from.
+    saturation_adu : float
+        Native saturation level.
+
+    Returns
+    -------
+    n_lifted : int
+        Super-pixels with a saturated raw pixel.
+    """
+    level = float(saturation_adu)
+    sat = superpixel_max(raw) >= level
+    n = int(np.count_nonzero(sat))
+    if n:
+        np.maximum(luminance, np.float32(4.0 * level), out=luminance, where=sat)
+    return n
 
 
 _SIP_RE = re.compile(r"^(A|B|AP|BP)_(\d+)_(\d+)$")

@@ -24,6 +24,7 @@ Keywords added to the header `read_frame` returns (all in the returned copy only
 
 from __future__ import annotations
 
+import bz2
 import contextlib
 import gzip
 import logging
@@ -36,9 +37,14 @@ from astropy.io import fits
 
 from rpp_tasks.exceptions import FrameRejected
 from rpp_tasks.inputs.amplifiers import mosaic_amplifiers, mosaic_shape
-from rpp_tasks.inputs.bayer import bayer_pattern_from_header, bin_header, debayer_to_luminance
+from rpp_tasks.inputs.bayer import (
+    bayer_pattern_from_header,
+    bin_header,
+    debayer_to_luminance,
+    lift_saturated_superpixels,
+)
 from rpp_tasks.inputs.cards import CHECK_STAGE, json_safe, set_shape
-from rpp_tasks.inputs.header import normalize_imagetyp
+from rpp_tasks.inputs.header import normalize_imagetyp, saturation_level
 
 __all__ = ["RawFrame", "ImageCheck", "read_frame", "read_header", "check_image"]
 
@@ -141,45 +147,191 @@ def _warning_note(w: warnings.WarningMessage) -> str:
 
 @contextlib.contextmanager
 def _capture(collector: _Collector, path: Path):
-    """Record astropy warnings as notes; raise FrameRejected for those that mean a broken file."""
+    """Record astropy warnings as notes; raise FrameRejected for those that mean a broken file.
+
+    astropy warns "non-ASCII characters are present" both for a header that holds such bytes and
+    for bytes after the last HDU that it tried to read as one more header: `_scan_structure` tells
+    the two apart (trailing bytes are noted and ignored; non-ASCII bytes in a keyword or a value
+    of a real header reject the file; in a comment they are noted).
+    """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield
+    non_ascii = False
     for w in caught:
         text = str(w.message)
         if "non-ASCII characters are present" in text:
-            msg = (
-                "header contains non-ASCII bytes (FITS headers must be 7-bit ASCII; "
-                "astropy replaced them with '?')"
-            )
-            raise FrameRejected(msg, path=path, stage=CHECK_STAGE)
+            non_ascii = True
+            continue
         if "may have been truncated" in text:
             raise FrameRejected(
                 f"truncated FITS file ({' '.join(text.split())})", path=path, stage=CHECK_STAGE
             )
+        if "extra bytes after the last HDU" in text or "Error validating header for HDU" in text:
+            continue  # described by _scan_structure below
         collector.add(_warning_note(w))
+    if non_ascii or any("extra bytes after the last HDU" in str(w.message) for w in caught):
+        _explain_structure(path, collector)
+
+
+def _explain_structure(path: Path, collector: _Collector) -> None:
+    scan = _scan_structure(path)
+    bad = [c for c in scan.non_ascii if c[1] != "comment"]
+    if bad:
+        where = ", ".join(f"{key or '(blank)'} ({part})" for key, part in bad[:5])
+        msg = (
+            f"header contains non-ASCII bytes in {where} "
+            "(FITS headers must be 7-bit ASCII; astropy replaced them with '?')"
+        )
+        raise FrameRejected(msg, path=path, stage=CHECK_STAGE)
+    if scan.non_ascii:
+        keys = ", ".join(sorted({k or "(blank)" for k, _ in scan.non_ascii}))
+        collector.add(f"non-ASCII bytes in the comments of {keys}: replaced by '?' (ignored)")
+    if scan.trailing_bytes:
+        collector.add(
+            f"{scan.trailing_bytes} bytes after the last HDU are not FITS: ignored "
+            "(the file was written or copied with extra bytes at its end)"
+        )
+
+
+@dataclass(frozen=True)
+class _Structure:
+    n_hdus: int
+    trailing_bytes: int
+    non_ascii: tuple[tuple[str, str], ...]  # (keyword, "keyword"|"value"|"comment")
+
+
+def _card_parts(card: bytes) -> tuple[str, list[tuple[str, bytes]]]:
+    """Keyword and (part, bytes) of one 80-byte card: keyword, value, comment."""
+    key = card[:8].decode("ascii", "replace").strip()
+    if card[8:10] != b"= " or key in ("COMMENT", "HISTORY", ""):
+        return key, [("keyword", card[:8]), ("comment", card[8:])]
+    rest = card[10:]
+    # a quoted string may hold '/', and '' is an escaped quote
+    i, in_str = 0, False
+    while i < len(rest):
+        c = rest[i : i + 1]
+        if c == b"'":
+            if in_str and rest[i + 1 : i + 2] == b"'":
+                i += 2
+                continue
+            in_str = not in_str
+        elif c == b"/" and not in_str:
+            break
+        i += 1
+    return key, [("keyword", card[:8]), ("value", rest[:i]), ("comment", rest[i:])]
+
+
+def _scan_structure(path: Path) -> _Structure:
+    """Walk the HDUs of a FITS file block by block (headers read, data skipped).
+
+    Returns the number of HDUs, the bytes after the last one that are not an HDU, and the cards
+    whose bytes are not printable ASCII (keyword and which part of the card).
+    """
+    opener = _COMPRESSED.get(_compression(_read_head(path)), (None, open))[1]
+    n_hdus, non_ascii, trailing = 0, [], 0
+    with opener(path, "rb") as fh:
+        while True:
+            block = fh.read(2880)
+            if not block:
+                break
+            start = b"SIMPLE  =" if n_hdus == 0 else b"XTENSION="
+            if not block.startswith(start) or len(block) < 2880:
+                trailing = len(block) + len(fh.read())
+                break
+            cards: dict[str, bytes] = {}
+            done = False
+            while not done:
+                for i in range(0, 2880, 80):
+                    card = block[i : i + 80]
+                    if any(b < 32 or b > 126 for b in card):
+                        key, parts = _card_parts(card)
+                        for part, raw in parts:
+                            if any(b < 32 or b > 126 for b in raw):
+                                non_ascii.append((key, part))
+                                break
+                    key = card[:8].decode("ascii", "replace").strip()
+                    if key == "END":
+                        done = True
+                        break
+                    cards.setdefault(key, card[10:].split(b"/")[0].strip())
+                if not done:
+                    block = fh.read(2880)
+                    if len(block) < 2880:
+                        return _Structure(n_hdus, 0, tuple(non_ascii))
+            n_hdus += 1
+
+            def num(key, default=0, cards=cards):
+                try:
+                    return int(float(cards.get(key, b"").decode("ascii", "replace")))
+                except ValueError:
+                    return default
+
+            naxis = num("NAXIS")
+            n = 0
+            if naxis > 0:
+                n = 1
+                for i in range(1, naxis + 1):
+                    n *= num(f"NAXIS{i}")
+                if n_hdus == 1 and num("NAXIS1") == 0 and naxis > 1:  # random groups
+                    n = int(np.prod([num(f"NAXIS{i}") for i in range(2, naxis + 1)]))
+            size = abs(num("BITPIX", 8)) // 8 * num("GCOUNT", 1) * (num("PCOUNT") + n)
+            size = -(-size // 2880) * 2880
+            if size:
+                skipped = len(fh.read(size)) if opener is not open else None
+                if skipped is None:
+                    here = fh.tell()
+                    fh.seek(0, 2)
+                    end = fh.tell()
+                    if here + size > end:
+                        break
+                    fh.seek(here + size)
+                elif skipped < size:
+                    break
+    return _Structure(n_hdus, trailing, tuple(non_ascii))
 
 
 def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise FrameRejected("file does not exist", path=path, stage=CHECK_STAGE)
-    if not path.is_file():
-        raise FrameRejected("not a regular file", path=path, stage=CHECK_STAGE)
-    if path.stat().st_size == 0:
-        raise FrameRejected("empty file (zero bytes)", path=path, stage=CHECK_STAGE)
-    head = _read_head(path)
-    if head[:2] == b"\x1f\x8b":  # gzip: astropy decompresses transparently
+    try:
+        if not path.exists():
+            raise FrameRejected("file does not exist", path=path, stage=CHECK_STAGE)
+        if not path.is_file():
+            raise FrameRejected("not a regular file", path=path, stage=CHECK_STAGE)
+        if path.stat().st_size == 0:
+            raise FrameRejected("empty file (zero bytes)", path=path, stage=CHECK_STAGE)
+        head = _read_head(path)
+    except OSError as exc:
+        raise FrameRejected(
+            f"cannot read the file ({_describe(exc)})", path=path, stage=CHECK_STAGE
+        ) from None
+    kind = _compression(head)
+    if kind is not None:  # gzip, bzip2: astropy decompresses transparently
+        name, opener = _COMPRESSED[kind]
         try:
-            with gzip.open(path, "rb") as fh:
+            with opener(path, "rb") as fh:
                 head = fh.read(16)
-        except OSError as exc:
+        except Exception as exc:  # OSError, EOFError, zlib.error: all mean a broken stream
             raise FrameRejected(
-                f"corrupt gzip file ({exc})", path=path, stage=CHECK_STAGE
+                f"corrupt {name} file ({_describe(exc)})", path=path, stage=CHECK_STAGE
             ) from None
     if not head.startswith(b"SIMPLE  ="):
+        what = f"{_COMPRESSED[kind][0]}-compressed data" if kind else "file"
         raise FrameRejected(
-            "not a FITS file (no SIMPLE card at the start)", path=path, stage=CHECK_STAGE
+            f"not a FITS file (no SIMPLE card at the start of the {what})",
+            path=path,
+            stage=CHECK_STAGE,
         )
+
+
+_COMPRESSED = {"gzip": ("gzip", gzip.open), "bzip2": ("bzip2", bz2.open)}
+
+
+def _compression(head: bytes) -> str | None:
+    if head[:2] == b"\x1f\x8b":
+        return "gzip"
+    if head[:3] == b"BZh":
+        return "bzip2"
+    return None
 
 
 def _read_head(path: Path) -> bytes:
@@ -199,9 +351,9 @@ def _open(path: Path, collector: _Collector):
             hdul = fits.open(path, mode="readonly", memmap=False, lazy_load_hdus=False)
     except FrameRejected:
         raise
-    except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
+    except Exception as exc:  # any error while parsing one file rejects that file, nothing more
         raise FrameRejected(
-            f"unreadable FITS file ({type(exc).__name__}: {exc})", path=path, stage=CHECK_STAGE
+            f"unreadable FITS file ({_describe(exc)})", path=path, stage=CHECK_STAGE
         ) from None
     try:
         yield hdul
@@ -280,7 +432,41 @@ def _merge_headers(primary: fits.Header, ext: fits.Header | None) -> fits.Header
 # ----------------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------------
-def _read(path, *, with_data, bayer_pattern, debayer, overscan):
+def _describe(exc: BaseException) -> str:
+    """``zlib.error: Error -3 ...``: the exception's type and message on one line."""
+    kind = type(exc).__name__
+    if type(exc).__module__ not in ("builtins", None):
+        kind = f"{type(exc).__module__.split('.')[0]}.{kind}"
+    text = " ".join(str(exc).split())
+    return f"{kind}: {text[:300]}" if text else kind
+
+
+def _read(path, **kw):
+    """`_read_unchecked`, with any error turned into a `FrameRejected` naming the file.
+
+    One bad file must never stop a session: whatever astropy, zlib or numpy raise while one file
+    is opened, parsed or decoded (``zlib.error`` from a corrupt gzip stream, ``MemoryError`` from
+    a header that declares a huge image, ...) becomes the rejection of that file.
+    """
+    path = Path(path)
+    try:
+        return _read_unchecked(path, **kw)
+    except FrameRejected:
+        raise
+    except MemoryError:
+        raise FrameRejected(
+            "not enough memory to read the image (declared size too large?)",
+            path=path,
+            stage=CHECK_STAGE,
+        ) from None
+    except Exception as exc:
+        log.debug("reading %s failed", path, exc_info=True)
+        raise FrameRejected(
+            f"unreadable FITS file ({_describe(exc)})", path=path, stage=CHECK_STAGE
+        ) from None
+
+
+def _read_unchecked(path, *, with_data, bayer_pattern, debayer, overscan, saturation_adu=None):
     path = Path(path)
     col = _Collector()
     with _open(path, col) as hdul:
@@ -332,10 +518,8 @@ def _read(path, *, with_data, bayer_pattern, debayer, overscan):
                 if with_data:
                     try:
                         raw = first.data
-                    except (OSError, ValueError, TypeError) as exc:
-                        msg = (
-                            f"cannot read the pixels of HDU {idxs[0]} ({type(exc).__name__}: {exc})"
-                        )
+                    except Exception as exc:
+                        msg = f"cannot read the pixels of HDU {idxs[0]} ({_describe(exc)})"
                         raise FrameRejected(msg, path=path, stage=CHECK_STAGE) from None
                     if raw is None:
                         raise FrameRejected(
@@ -345,26 +529,20 @@ def _read(path, *, with_data, bayer_pattern, debayer, overscan):
                 if "BIASSEC" in hdr and len(shape) == 2:
                     col.add("BIASSEC present in a single-HDU frame: overscan left to calibration")
             if data is not None:
-                if 1 in data.shape:
-                    data = np.squeeze(data)
-                if data.ndim > 2:
-                    if data.ndim == 3 and data.shape[0] == 3:
-                        col.add("3-plane colour cube summed to luminance")
-                        data = data.astype(np.float32).sum(axis=0)
-                if data.dtype != np.float32:
-                    data = data.astype(np.float32)
+                squeezed = _squeeze_shape(data.shape)
+                if squeezed != data.shape:
+                    data = data.reshape(squeezed)
+                if data.ndim == 3 and data.shape[0] == 3:
+                    col.add("3-plane colour cube summed to luminance")
+                    data = data.astype(np.float32).sum(axis=0)
                 shape = data.shape
+                if len(shape) == 2 and data.dtype != np.float32:
+                    data = data.astype(np.float32)
             elif kind != "amps":
-                shape = tuple(s for s in shape if s != 1) or shape
+                shape = _squeeze_shape(shape)
                 if len(shape) == 3 and shape[0] == 3:
                     shape = shape[1:]
-    if len(shape) != 2:
-        what = (
-            "1-D data (a spectrum or a table row?)"
-            if len(shape) == 1
-            else f"{len(shape)}-D data {shape}"
-        )
-        raise FrameRejected(f"{what}: expected a 2-D image", path=path, stage=CHECK_STAGE)
+    _check_shape(shape, path)
     set_shape(header, shape)
 
     pattern = bayer_pattern_from_header(header)
@@ -373,7 +551,17 @@ def _read(path, *, with_data, bayer_pattern, debayer, overscan):
     if pattern is not None and debayer:
         binned = (shape[0] // 2, shape[1] // 2)
         if data is not None:
-            data = debayer_to_luminance(data, pattern)
+            raw_mosaic = data
+            data = debayer_to_luminance(raw_mosaic, pattern)
+            level, source = saturation_level(header, saturation_adu)
+            if level is not None:
+                n = lift_saturated_superpixels(data, raw_mosaic, level)
+                if n:
+                    col.add(
+                        f"{n} super-pixels with a saturated raw pixel (>= {level:g} ADU, {source}) "
+                        f"set to the 2x2 saturation level {4 * level:g} ADU"
+                    )
+            del raw_mosaic
         for n in bin_header(header, 2, binned):
             col.add(n)
         header["RPPDEBAY"] = (pattern, "Bayer 2x2 super-pixel sum by rpp_tasks")
@@ -385,6 +573,28 @@ def _read(path, *, with_data, bayer_pattern, debayer, overscan):
     elif pattern is not None:
         col.add(f"bayer {pattern} mosaic left as is (debayer=False)")
     return data, header, idxs[0], tuple(col.notes)
+
+
+def _squeeze_shape(shape) -> tuple[int, ...]:
+    """Drop length-1 axes of a cube (NAXIS3=1) until it is 2-D; a 2-D shape is kept as is."""
+    s = tuple(int(v) for v in shape)
+    while len(s) > 2 and 1 in s:
+        i = s.index(1)
+        s = s[:i] + s[i + 1 :]
+    return s
+
+
+def _check_shape(shape, path) -> None:
+    """Reject what is not a 2-D image of at least 2x2 pixels, saying what it is."""
+    if len(shape) == 2 and min(shape) >= 2:
+        return
+    if len(shape) == 2 and max(shape) == 1:
+        what = "a single pixel (1x1 image)"
+    elif len(shape) == 2 or len(shape) == 1:
+        what = f"1-D data of {max(shape)} pixels (a spectrum or a table row?)"
+    else:
+        what = f"{len(shape)}-D data {shape}"
+    raise FrameRejected(f"{what}: expected a 2-D image", path=path, stage=CHECK_STAGE)
 
 
 def read_header(path, *, bayer_pattern=None, debayer=True):
@@ -482,7 +692,14 @@ def check_image(data, imagetyp=None, *, allow_constant=None, path=None):
 
 
 def read_frame(
-    path, *, bayer_pattern=None, debayer=True, imagetyp=None, allow_constant=None, overscan="median"
+    path,
+    *,
+    bayer_pattern=None,
+    debayer=True,
+    imagetyp=None,
+    allow_constant=None,
+    overscan="median",
+    saturation_adu=None,
 ):
     """
     Read one raw frame into a float32 image in ADU, whatever the file layout.
@@ -517,6 +734,12 @@ def read_frame(
         See `check_image`.
     overscan : {"median", "row"}, optional
         See `mosaic_amplifiers`.
+    saturation_adu : float, optional
+        Native saturation level from the camera config, used when the header has none
+        (`~rpp_tasks.inputs.header.saturation_level`). For a Bayer frame, super-pixels with a
+        saturated raw pixel are raised to 4 times that level
+        (`~rpp_tasks.inputs.bayer.lift_saturated_superpixels`), so that the saturation survives
+        the 2x2 sum.
 
     Returns
     -------
@@ -525,12 +748,20 @@ def read_frame(
     Raises
     ------
     FrameRejected
-        ``stage="check"``: zero-byte, truncated or non-FITS file, non-ASCII header bytes, no image
-        data, 1-D data, all-NaN image, constant image (except a bias).
+        ``stage="check"``: zero-byte, truncated or non-FITS file, corrupt gzip or tile
+        compression, non-ASCII bytes in a header keyword or value, no image data, 1-D data,
+        all-NaN image, constant image (except a bias). Nothing else: any other error raised
+        while the file is read becomes a `FrameRejected` naming the file and the error.
+        Bytes after the last HDU and non-ASCII bytes in a comment are noted, not rejected.
     """
     path = Path(path)
     data, header, idx, notes = _read(
-        path, with_data=True, bayer_pattern=bayer_pattern, debayer=debayer, overscan=overscan
+        path,
+        with_data=True,
+        bayer_pattern=bayer_pattern,
+        debayer=debayer,
+        overscan=overscan,
+        saturation_adu=saturation_adu,
     )
     if imagetyp is None:
         imagetyp = normalize_imagetyp(header)[0]

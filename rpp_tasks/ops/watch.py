@@ -9,6 +9,14 @@ small JSON state file (`WatchState`) written atomically, and queued with a bound
 backoff while the API is down, so a restart never triggers a session twice and a pending trigger
 survives a restart. When a session is ready is decided by `rpp_tasks.ops.readiness`.
 
+Right before a trigger the folder is snapshotted again: if it changed since it was found ready
+(or while the trigger was queued), the trigger is withdrawn until the folder is ready again.
+When data files are added or changed after a run was triggered (a copy that stalled longer than
+the quiet time, a late file), the session is triggered again once ready, as a new **revision**
+with its own deterministic run id ``session__<session_id>__r<N>`` (conf ``"revision": N``), after
+the previous revision's run has finished. Each revision's content is kept in the state file, so a
+restart never triggers the same revision twice.
+
 `find_ready_untriggered` is the reconcile DAG's safety net; ``rpp watch`` (`rpp_tasks.ops.cli`)
 runs one watcher per configured observatory. The module never imports Airflow.
 """
@@ -26,14 +34,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rpp_tasks.exceptions import ConfigError, RppError
+from rpp_tasks.ops.airflow_api import TriggerOutcome
 from rpp_tasks.ops.readiness import (
     SessionCandidate,
     SessionRule,
     Snapshot,
     assess_session,
+    content_digests,
     list_session_dirs,
     scan_incoming,
     session_id_for,
+    take_snapshot,
+    validate_session_id,
 )
 
 __all__ = [
@@ -41,11 +53,15 @@ __all__ = [
     "SessionWatcher",
     "WatcherLocked",
     "find_ready_untriggered",
+    "revision_for",
+    "ACTIVE_RUN_STATES",
 ]
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+#: Airflow DAG run states of a run that is not finished: a next revision waits for it.
+ACTIVE_RUN_STATES = ("queued", "running")
 
 
 class WatcherLocked(RppError):
@@ -67,10 +83,14 @@ def _iso(t: float | None) -> str | None:
 class WatchState:
     """The watcher's memory of one observatory, kept in a small JSON file.
 
-    ``sessions[session_id]`` holds ``run_id``, ``session_dir``, ``ready_at``, ``ready_reason``,
-    ``confirmed`` (the API created the run or answered 409), ``result``, ``http_status``,
-    ``attempts``, ``last_attempt_at``, ``next_attempt_at`` (epoch), ``confirmed_at`` and
-    ``last_error``. A session present with ``confirmed: false`` is queued.
+    ``sessions[session_id]`` describes the session's latest revision: ``revision``, ``run_id``,
+    ``previous_run_id``, ``session_dir``, ``ready_at``, ``ready_reason``, ``confirmed`` (the API
+    created the run or answered 409), ``result``, ``http_status``, ``attempts``,
+    ``last_attempt_at``, ``next_attempt_at`` (epoch), ``confirmed_at``, ``last_error``,
+    ``waiting_for`` (the previous revision's run, while it is not finished), ``snapshot_digest``
+    (the folder when it was found ready: checked again right before the trigger), ``files``
+    (one digest per data file: what the revision reduces) and ``history`` (the earlier
+    revisions' records). A session present with ``confirmed: false`` is queued.
     """
 
     path: Path
@@ -91,21 +111,41 @@ class WatchState:
             ) from exc
         if not isinstance(doc, dict) or not isinstance(doc.get("sessions", {}), dict):
             raise ConfigError(path, "sessions", "a mapping of session id -> record")
-        return cls(path, dict(doc.get("sessions", {})), doc.get("observatory"), doc.get("dag_id"))
+        sessions = {}
+        for sid, rec in dict(doc.get("sessions", {})).items():
+            try:
+                validate_session_id(sid)
+                if not isinstance(rec, dict):
+                    raise ValueError("its record is not a mapping")
+            except ValueError as exc:
+                log.error("%s: ignoring session record %r: %s", path, sid[:80], exc)
+                continue
+            sessions[sid] = rec
+        return cls(path, sessions, doc.get("observatory"), doc.get("dag_id"))
 
     def save(self):
-        """Write atomically (temporary file in the same folder, fsync, ``os.replace``)."""
+        """Write atomically (temporary file in the same folder, fsync, ``os.replace``).
+
+        One line per session (readable with ``grep``; written by the C JSON encoder: an indented
+        dump goes through the pure-Python one, 3x slower on a large state file).
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        doc = {
+        head = {
             "version": STATE_VERSION,
             "observatory": self.observatory,
             "dag_id": self.dag_id,
             "updated_at": _iso(time.time()),
-            "sessions": self.sessions,
         }
+        lines = [f"{json.dumps(k)}: {json.dumps(v)}" for k, v in head.items()]
+        rows = [
+            f"  {json.dumps(sid)}: {json.dumps(self.sessions[sid], sort_keys=True)}"
+            for sid in sorted(self.sessions)
+        ]
+        sessions = "{\n" + ",\n".join(rows) + "\n }" if rows else "{}"
+        text = "{" + ", ".join(lines) + ',\n "sessions": ' + sessions + "}\n"
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=1, sort_keys=True)
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
@@ -116,6 +156,49 @@ class WatchState:
         return sorted(ids, key=lambda s: (self.sessions[s].get("ready_at_epoch") or 0, s))
 
 
+def revision_for(rec: dict | None, snapshot: Snapshot, rule: SessionRule) -> tuple[str, int]:
+    """
+    What a session folder's current content means for its runs.
+
+    Parameters
+    ----------
+    rec : dict or None
+        The session's record in the state file.
+    snapshot : `Snapshot`
+        The folder now.
+    rule : `SessionRule`
+        Its ``data_suffixes`` say which files count, ``max_revisions`` caps the revisions.
+
+    Returns
+    -------
+    status, revision : str, int
+        ``("new", 1)``: never triggered. ``("pending", n)``: revision ``n`` is queued.
+        ``("same", n)``: the data files are those revision ``n`` was triggered with.
+        ``("changed", n + 1)``: a data file was added or changed since revision ``n``: the
+        next revision. ``("removed", n)``: data files were only removed (a re-run would delete
+        products; not triggered by itself). ``("limit", n)``: changed, but ``n`` is
+        ``rule.max_revisions``. ``("unknown", n)``: the record predates revisions (no
+        ``files``).
+    """
+    if rec is None:
+        return "new", 1
+    revision = int(rec.get("revision") or 1)
+    if not rec.get("confirmed"):
+        return "pending", revision
+    files = rec.get("files")
+    if files is None:
+        return "unknown", revision
+    now = set(content_digests(snapshot, rule))
+    before = set(files)
+    if now == before:
+        return "same", revision
+    if now <= before:
+        return "removed", revision
+    if revision >= rule.max_revisions:
+        return "limit", revision
+    return "changed", revision + 1
+
+
 def find_ready_untriggered(
     incoming_dir, rule: SessionRule, state_path, *, settle_seconds: float | None = None
 ) -> list[SessionCandidate]:
@@ -124,8 +207,10 @@ def find_ready_untriggered(
 
     Scans twice, ``settle_seconds`` (default ``rule.settle_seconds``) apart, and returns the
     ready sessions whose trigger is not confirmed in the state file (absent, or still queued
-    because the API was down). Triggering them again is safe: the run id is deterministic, so
-    a session that already has a run answers 409.
+    because the API was down), and those whose data files changed after their last confirmed
+    revision (as the next revision, `revision_for`). Triggering them again is safe: the run id
+    is deterministic, so a revision that already has a run answers 409. A candidate with a
+    ``previous_run_id`` must not be triggered while that run is still queued or running.
 
     Parameters
     ----------
@@ -146,9 +231,11 @@ def find_ready_untriggered(
     state = WatchState.load(state_path)
     out = []
     for cand in scan_incoming(incoming_dir, rule, previous=first):
-        rec = state.sessions.get(cand.session_id)
-        if cand.ready and not (rec and rec.get("confirmed")):
-            out.append(cand)
+        if not cand.ready:
+            continue
+        status, revision = revision_for(state.sessions.get(cand.session_id), cand.snapshot, rule)
+        if status in ("new", "pending", "changed"):
+            out.append(cand.with_revision(revision))
     return out
 
 
@@ -191,6 +278,9 @@ class SessionWatcher:
         ``retry_max_s``.
     unpause : bool, optional
         Unpause the DAG (once, at the first trigger) so that created runs start.
+    previous_run_poll_s : float, optional
+        How often a next revision asks whether the previous revision's run has finished
+        (``trigger.run_state``; a trigger without it does not wait).
     """
 
     def __init__(
@@ -208,6 +298,7 @@ class SessionWatcher:
         retry_initial_s=5.0,
         retry_max_s=300.0,
         unpause=False,
+        previous_run_poll_s=30.0,
     ):
         self.observatory = str(observatory)
         self.incoming_dir = Path(incoming_dir)
@@ -221,6 +312,7 @@ class SessionWatcher:
         self.retry_initial_s = float(retry_initial_s)
         self.retry_max_s = float(retry_max_s)
         self.unpause = bool(unpause)
+        self.previous_run_poll_s = float(previous_run_poll_s)
         self._unpaused = False
         self.state = WatchState.load(self.state_path)
         self.state.observatory = self.state.observatory or self.observatory
@@ -234,7 +326,7 @@ class SessionWatcher:
         self._observer = None
         self._lock_fh = None
         self._next_full = 0.0
-        self._warned_late: set[str] = set()
+        self._told: set = set()  # (session, what, state) already logged once
         self._missing_logged = False
         self.n_scans = 0
 
@@ -452,16 +544,8 @@ class SessionWatcher:
         for rel, path in folders.items():
             sid = session_id_for(rel)
             rec = self.state.sessions.get(sid)
-            if rec is not None:
-                if rel in dirty and sid not in self._warned_late and rec.get("confirmed"):
-                    self._warned_late.add(sid)
-                    log.warning(
-                        "session %s: files changed after its run %s was triggered; not "
-                        "triggered again (re-run it by hand if needed)",
-                        sid,
-                        rec.get("run_id"),
-                    )
-                continue
+            if rec is not None and not rec.get("confirmed"):
+                continue  # queued: checked again right before its trigger (_deliver)
             track = self._track.setdefault(sid, _Track())
             due = track.recheck_at is not None and track.recheck_at <= t0
             if not (full or rel in dirty or due or track.baseline is None):
@@ -474,6 +558,11 @@ class SessionWatcher:
             self.n_scans += 1
             track.baseline = cand.baseline
             track.recheck_at = cand.readiness.recheck_at
+            status, revision = revision_for(rec, cand.snapshot, self.rule)
+            if status in ("same", "removed", "limit", "unknown"):
+                track.recheck_at = None  # nothing to trigger until the data files change
+                self._after_run(sid, rec, cand, status)
+                continue
             if cand.readiness.reason != track.reason:
                 log.log(
                     logging.WARNING if cand.readiness.problem else logging.DEBUG,
@@ -483,30 +572,94 @@ class SessionWatcher:
                 )
                 track.reason = cand.readiness.reason
             out.append(cand)
+            if status == "changed":
+                self._once(
+                    (sid, "changed", revision),
+                    logging.INFO,
+                    "session %s: data files changed after run %s (revision %d) was triggered: "
+                    "revision %d will be triggered once the session is ready again",
+                    sid,
+                    rec.get("run_id"),
+                    revision - 1,
+                    revision,
+                )
             if cand.ready:
-                self._enqueue(cand, cand.snapshot.taken_at)
+                self._enqueue(cand.with_revision(revision), cand.snapshot.taken_at)
         for sid in set(self._track) - {session_id_for(r) for r in folders}:
             del self._track[sid]  # folder removed or renamed
         self._deliver_due(time.time() if now is None else now)
         return out
 
+    def _once(self, key, level, msg, *args):
+        if key not in self._told:
+            self._told.add(key)
+            log.log(level, msg, *args)
+
+    def _after_run(self, sid: str, rec: dict, cand: SessionCandidate, status: str):
+        """A session whose data files are those of its last run, or changed in a way that is
+        not triggered by itself."""
+        state = cand.snapshot.digest()
+        if status == "unknown":  # a record from before revisions: adopt what is there now
+            rec["files"] = content_digests(cand.snapshot, self.rule)
+            rec.setdefault("revision", 1)
+            self.state.save()
+            log.info(
+                "session %s: run %s recorded without its files (older state file); its "
+                "current %d files are taken as what it reduced",
+                sid,
+                rec.get("run_id"),
+                len(rec["files"]),
+            )
+        elif status == "removed":
+            self._once(
+                (sid, "removed", state),
+                logging.WARNING,
+                "session %s: data files removed after run %s was triggered; not triggered "
+                "again (a re-run would delete their products): re-run it by hand if needed",
+                sid,
+                rec.get("run_id"),
+            )
+        elif status == "limit":
+            self._once(
+                (sid, "limit", state),
+                logging.WARNING,
+                "session %s: data files changed after run %s, its revision %d = max_revisions: "
+                "not triggered again (re-run it by hand if needed)",
+                sid,
+                rec.get("run_id"),
+                int(rec.get("revision") or 1),
+            )
+
     def _enqueue(self, cand: SessionCandidate, t: float):
         log.info(
-            "session %s ready (%s): queueing run %s of DAG %s",
+            "session %s ready (%s): queueing run %s (revision %d) of DAG %s",
             cand.session_id,
             cand.readiness.reason,
             cand.run_id,
+            cand.revision,
             self.dag_id,
         )
+        old = self.state.sessions.get(cand.session_id)
+        history = []
+        if old is not None:
+            history = list(old.pop("history", None) or [])
+            for h in history:
+                h.pop("files", None)  # only the latest earlier revision keeps its file list
+            history.append(old)
         self.state.sessions[cand.session_id] = {
+            "revision": cand.revision,
             "run_id": cand.run_id,
+            "previous_run_id": cand.previous_run_id,
             "session_dir": cand.session_dir,
             "relpath": cand.relpath,
             "ready_at": _iso(t),
             "ready_at_epoch": t,
             "ready_reason": cand.readiness.reason,
             "n_files": len(cand.snapshot.files),
+            "n_incomplete": len(cand.snapshot.incomplete),
             "total_bytes": sum(e.size for e in cand.snapshot.files),
+            "snapshot_digest": cand.snapshot.digest(),
+            "files": content_digests(cand.snapshot, self.rule),
             "confirmed": False,
             "result": "pending",
             "http_status": None,
@@ -515,9 +668,28 @@ class SessionWatcher:
             "next_attempt_at": t,
             "confirmed_at": None,
             "last_error": None,
+            "waiting_for": None,
+            "history": history,
         }
         self.state.save()  # before the request: a crash in between means a retry (-> 409)
         self._track.pop(cand.session_id, None)
+
+    def _withdraw(self, sid: str, rec: dict, why: str, level=logging.INFO):
+        """Take a queued revision back (the folder changed or went away): the session returns
+        to its previous revision, or to not triggered, and is evaluated afresh."""
+        history = list(rec.get("history") or [])
+        if history:
+            prev = history.pop()
+            prev["history"] = history
+            self.state.sessions[sid] = prev
+        else:
+            del self.state.sessions[sid]
+        self.state.save()
+        self._track.pop(sid, None)
+        with self._dirty_lock:
+            self._dirty.add(rec.get("relpath") or sid)
+        self._wake.set()
+        log.log(level, "session %s: run %s not triggered: %s", sid, rec.get("run_id"), why)
 
     def _deliver_due(self, now: float):
         pending = self.state.pending()
@@ -527,21 +699,95 @@ class SessionWatcher:
         while progressed:
             progressed = False
             for sid in self.state.pending():
-                rec = self.state.sessions[sid]
+                rec = self.state.sessions.get(sid)
+                if rec is None or rec.get("confirmed"):
+                    continue
                 if (rec.get("next_attempt_at") or 0) > now:
                     continue
-                if self._deliver(sid, rec):
+                result = self._deliver(sid, rec, now)
+                if result == "delivered":
                     progressed = True  # the API is back: also try the others now
                     for other in self.state.pending():
-                        self.state.sessions[other]["next_attempt_at"] = 0
-                else:
+                        if not self.state.sessions[other].get("waiting_for"):
+                            self.state.sessions[other]["next_attempt_at"] = 0
+                elif result == "failed":
                     return  # API down: do not hammer it with the rest of the queue
 
-    def _deliver(self, sid: str, rec: dict) -> bool:
+    def _recheck(self, sid: str, rec: dict) -> bool:
+        """The folder right before its trigger: unchanged since it was found ready?"""
+        expected = rec.get("snapshot_digest")
+        if expected is None:
+            return True  # queued by an older watcher: nothing to compare with
+        folder = Path(rec["session_dir"])
+        try:
+            snap = take_snapshot(folder, self.rule) if folder.is_dir() else None
+        except OSError as exc:
+            log.warning("session %s: cannot check %s again: %s", sid, folder, exc)
+            snap = None
+        if snap is None:
+            self._withdraw(sid, rec, f"its folder {folder} is gone", logging.WARNING)
+            return False
+        if snap.digest() != expected:
+            incomplete = snap.incomplete
+            why = "its files changed since it was found ready; waiting for it to be ready again"
+            if incomplete:
+                why += f" ({len(incomplete)} unfinished, e.g. {incomplete[0].relpath})"
+            self._withdraw(sid, rec, why)
+            return False
+        return True
+
+    def _previous_running(self, sid: str, rec: dict, now: float) -> TriggerOutcome | bool:
+        """True while the previous revision's run is not finished (the next one waits: both
+        would rebuild the same work folder); a failed outcome when its state is unknown."""
+        prev_run = rec.get("previous_run_id")
+        if not prev_run or not hasattr(self.trigger, "run_state"):
+            return False
+        try:
+            state = self.trigger.run_state(self.dag_id, prev_run)
+        except Exception as exc:  # AirflowApiError, or any client error: retry with backoff
+            return TriggerOutcome(
+                "failed",
+                getattr(exc, "status", None),
+                f"cannot read the state of the previous run {prev_run}: {exc}",
+            )
+        if state in ACTIVE_RUN_STATES:
+            if rec.get("waiting_for") != prev_run:
+                log.info(
+                    "session %s: run %s waits until the previous revision's run %s (%s) "
+                    "has finished",
+                    sid,
+                    rec["run_id"],
+                    prev_run,
+                    state,
+                )
+            rec["waiting_for"] = prev_run
+            rec["next_attempt_at"] = now + self.previous_run_poll_s
+            self.state.save()
+            return True
+        rec["waiting_for"] = None
+        return False
+
+    def _deliver(self, sid: str, rec: dict, now: float | None = None) -> str:
+        """Trigger one queued revision: ``"delivered"``, ``"failed"`` (retry with backoff),
+        ``"deferred"`` (the previous revision's run is not finished) or ``"withdrawn"``."""
+        now = time.time() if now is None else now
+        try:
+            validate_session_id(sid)
+        except ValueError as exc:
+            log.error("session record %r dropped: %s", sid[:80], exc)
+            del self.state.sessions[sid]
+            self.state.save()
+            return "withdrawn"
+        if not self._recheck(sid, rec):
+            return "withdrawn"
+        waiting = self._previous_running(sid, rec, now)
+        if waiting is True:
+            return "deferred"
         conf = {
             "observatory": self.observatory,
             "session_id": sid,
             "session_dir": rec["session_dir"],
+            "revision": int(rec.get("revision") or 1),
         }
         if self.unpause and not self._unpaused and hasattr(self.trigger, "unpause"):
             res = self.trigger.unpause(self.dag_id)
@@ -551,7 +797,10 @@ class SessionWatcher:
             else:
                 log.warning("DAG %s: could not unpause: %s", self.dag_id, res.message)
         t0 = time.time()
-        outcome = self.trigger.trigger(self.dag_id, rec["run_id"], conf)
+        if isinstance(waiting, TriggerOutcome):
+            outcome = waiting
+        else:
+            outcome = self.trigger.trigger(self.dag_id, rec["run_id"], conf)
         t1 = time.time()
         rec["attempts"] = int(rec.get("attempts") or 0) + 1
         rec["last_attempt_at"] = _iso(t1)
@@ -595,7 +844,7 @@ class SessionWatcher:
                 delay,
             )
         self.state.save()
-        return outcome.delivered
+        return "delivered" if outcome.delivered else "failed"
 
     def _next_wake(self, now: float) -> float:
         times = [self._next_full]

@@ -270,7 +270,12 @@ def test_reconcile_finds_ready_untriggered_sessions(tmp_path, monkeypatch):
         {
             "trigger_dag_id": "rpp_obs1",
             "trigger_run_id": "session__2025-01-15",
-            "conf": {"observatory": "obs1", "session_id": "2025-01-15", "session_dir": str(night)},
+            "conf": {
+                "observatory": "obs1",
+                "session_id": "2025-01-15",
+                "session_dir": str(night),
+                "revision": 1,
+            },
         }
     ]
     assert mod.find_missing_runs(cfg, run_exists=lambda d, r: True) == []
