@@ -200,6 +200,9 @@ class LocalCelery:
                     os.kill(pid, sig)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.procs[name].wait(10)
+        deadline = time.monotonic() + 10  # SIGKILL is delivered asynchronously
+        while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
         log.warning("worker %s killed (%d processes)", name, len(pids))
         return pids
 
@@ -268,7 +271,7 @@ def pid_alive(pid: int) -> bool:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return False
-    return state != "Z"
+    return state not in ("Z", "X")  # zombie (nobody may reap it in a container), dead
 
 
 # ================================================================================ scratch resources

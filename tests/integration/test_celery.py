@@ -182,7 +182,8 @@ def test_lost_worker_mid_stage_costs_a_retry_not_the_night(cluster):
     t_kill = time.time()
     killed = dep.celery.kill_worker(victim)
     assert len(killed) >= 4  # celery main, pool child, task supervisor, task process (+ frames)
-    assert not any(pid_alive(p) for p in killed)  # nothing of the lost worker lives on
+    alive = {p: Path(f"/proc/{p}/stat").read_text()[:80] for p in killed if pid_alive(p)}
+    assert alive == {}  # nothing of the lost worker lives on
     print(f"\nkilled {victim} ({len(killed)} processes) with {done}/{N_KILL} catalogues written")
 
     state = dep.wait_run(DAG, night["run_id"], timeout=1200)
