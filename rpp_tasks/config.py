@@ -693,7 +693,8 @@ def _check_targets(tc: TargetsConfig, source: str) -> None:
 
 # --------------------------------------------------------------------------- angles
 def _sexagesimal(text: str) -> tuple[float, bool]:
-    """``"10:00:24.5"``, ``"10 00 24.5"``, ``"10h00m24.5s"``, ``"-02d12m00s"`` -> (value, sexagesimal?)."""
+    """``"10:00:24.5"``, ``"10 00 24.5"``, ``"10h00m24.5s"``, ``"-02d12m00s"``
+    -> (value, sexagesimal?)."""
     t = text.strip().lower()
     for ch in "hdms:'\"\u00b0":
         t = t.replace(ch, " ")
@@ -730,7 +731,8 @@ def parse_ra_deg(value: float | str) -> float:
 
 
 def parse_dec_deg(value: float | str) -> float:
-    """Declination in degrees from a number or a string (``"+02:12:00"``, ``"-5d23m28s"``, ``"2.2"``)."""
+    """Declination in degrees from a number or a string (``"+02:12:00"``, ``"-5d23m28s"``,
+    ``"2.2"``)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         deg = float(value)
     elif isinstance(value, str):

@@ -757,7 +757,8 @@ def client_from_config(cfg) -> ServicesSetup:
 
 
 def _data_path(path: str) -> str:
-    """``path`` with ``~``/``$VARS`` expanded; relative paths under ``RPP_DATA_ROOT`` (else the repo)."""
+    """``path`` with ``~``/``$VARS`` expanded; relative paths are under ``RPP_DATA_ROOT`` (else
+    the repository)."""
     p = os.path.expanduser(os.path.expandvars(path))
     if os.path.isabs(p):
         return p
@@ -857,8 +858,9 @@ def fetch_reference(
 
     Notes
     -----
-    ``"local"`` in ``setup.gaia_order`` is the local reference catalogue (`rpp_tasks.stages.localcat`,
-    files in ``setup.local_paths``; no status at all when none is configured). It answers like
+    ``"local"`` in ``setup.gaia_order`` is the local reference catalogue
+    (`rpp_tasks.stages.localcat`, files in ``setup.local_paths``; no status at all when none is
+    configured). It answers like
     the online Gaia (``source="local"``) when its files cover the whole cone; a missing or
     unreadable file, or a cone it does not cover, is recorded (``failed``/``partial``) and the next
     service is asked. For a PS1/SkyMapper band, a local catalogue that has the band natively
@@ -987,7 +989,7 @@ def _finish(tab, cat, band, source, statuses):
 
 
 class _LocalLookup:
-    """The local catalogue's answer for one cone, read once and used at its place(s) in the chain."""
+    """The local catalogue's answer for one cone: read once, used at its place(s) in the chain."""
 
     def __init__(self, setup: ServicesSetup, ra, dec, r):
         self.setup, self.cone = setup, (ra, dec, r)

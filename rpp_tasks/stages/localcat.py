@@ -288,7 +288,8 @@ def _read_rc2(path: Path):
     first = text.split("\n", 1)[0]
     if len(first.split(",")) != len(REFCAT2_COLUMNS):
         raise LocalCatalogError(
-            f"{path.name}: {len(first.split(','))} columns, a RefCat2 tile has {len(REFCAT2_COLUMNS)}"
+            f"{path.name}: {len(first.split(','))} columns, "
+            f"a RefCat2 tile has {len(REFCAT2_COLUMNS)}"
         )
     tab = ascii.read(
         text,

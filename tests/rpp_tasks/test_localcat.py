@@ -72,7 +72,7 @@ def refcat2_tile_text(sky: Table, *, g_offset=0.0) -> str:
 
 
 def write_refcat2_tiles(folder, sky: Table, **kw) -> list:
-    """Split ``sky`` into one-square-degree tiles named like the distributed ones (``ddd+dd.rc2``)."""
+    """Split ``sky`` into one-square-degree tiles named as distributed (``ddd+dd.rc2``)."""
     folder.mkdir(parents=True, exist_ok=True)
     ra0 = np.floor(np.asarray(sky["ra"], float)).astype(int)
     dec0 = np.floor(np.asarray(sky["dec"], float)).astype(int)
