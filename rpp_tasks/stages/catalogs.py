@@ -1010,7 +1010,12 @@ class _LocalLookup:
             )
             self._wall = time.perf_counter() - t0
             if self._ans.status in ("failed", "partial"):
-                log.warning("local reference catalogue %s: %s", self._ans.status, self._ans.reason)
+                log.log(
+                    logging.WARNING if self._ans.status == "failed" else logging.INFO,
+                    "local reference catalogue %s: %s",
+                    self._ans.status,
+                    self._ans.reason,
+                )
         return self._ans
 
     def answer(self, band: str, *, native_only: bool, statuses: list) -> ReferenceResult | None:

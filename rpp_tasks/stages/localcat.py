@@ -152,8 +152,9 @@ def _region_from_name(path: Path) -> _Region | None:
 
 
 def _region_from_meta(meta) -> _Region | None:
+    low = {str(k).lower(): v for k, v in (meta or {}).items()}  # FITS keys come back upper case
     try:
-        ra, dec, r = (float(meta[k]) for k in ("cone_ra_deg", "cone_dec_deg", "cone_radius_deg"))
+        ra, dec, r = (float(low[k]) for k in ("cone_ra_deg", "cone_dec_deg", "cone_radius_deg"))
     except (KeyError, TypeError, ValueError):
         return None
     return _Region("cap", ra % 360.0, dec, r) if r > 0 else None
