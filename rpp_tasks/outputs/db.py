@@ -1158,7 +1158,13 @@ class ResultsDB:
         return out
 
     def record_photometry(
-        self, observatory: str, session_id: str, rows: list[Mapping[str, Any]]
+        self,
+        observatory: str,
+        session_id: str,
+        rows: list[Mapping[str, Any]],
+        *,
+        frames: Mapping[str, Mapping[str, Any]] | None = None,
+        batch_rows: int = 500,
     ) -> int:
         """
         Insert or update the photometry of objects in the frames of one session.
@@ -1166,11 +1172,18 @@ class ResultsDB:
         Parameters
         ----------
         observatory, session_id : str
-            The session, whose frames must have been recorded (`upsert_frame`).
+            The session (recorded with `upsert_session`).
         rows : list of mapping
             ``object_pk`` (from `upsert_objects`), ``frame`` (frame stem) and any of
             `PHOTOMETRY_FIELDS` (``status`` required: detected, upper_limit, outside_field,
-            no_wcs). NaN is stored as ``NULL``; ``by_type`` is JSON.
+            no_wcs). NaN is stored as ``NULL``; ``by_type`` is JSON. A repeated (object, frame)
+            keeps its last row.
+        frames : mapping, optional
+            ``{stem: {"band", "mjd_obs", "exptime_s"}}``: frames of ``rows`` the database does
+            not hold yet are inserted with these values (science, status ok) in the same
+            transaction; without it an unknown frame raises `ValueError`.
+        batch_rows : int
+            Rows per multi-row ``INSERT ... ON CONFLICT DO UPDATE`` statement.
 
         Returns
         -------
@@ -1180,22 +1193,41 @@ class ResultsDB:
         if not rows:
             return 0
         now = _utcnow()
+        t = FrameRow.__table__
         with self._write() as conn:
             session_pk = self._session_pk(conn, observatory, session_id)
-            frames = dict(
-                conn.execute(
-                    select(FrameRow.frame_stem, FrameRow.id).where(
-                        FrameRow.session_pk == session_pk
+            q = select(t.c.frame_stem, t.c.id).where(t.c.session_pk == session_pk)
+            known = dict(conn.execute(q).all())
+            missing = sorted({r["frame"] for r in rows} - set(known))
+            if missing and frames is not None:
+                new = []
+                for stem in missing:
+                    info = frames.get(stem) or {}
+                    new.append(
+                        {
+                            "session_pk": session_pk,
+                            "frame_stem": _check_key(stem, "frame_stem"),
+                            "imagetyp": "science",
+                            "status": "ok",
+                            "band": info.get("band"),
+                            "mjd_obs": _finite_or_none(info.get("mjd_obs")),
+                            "exptime_s": _finite_or_none(info.get("exptime_s")),
+                            "created_utc": now,
+                            "updated_utc": now,
+                        }
                     )
-                ).all()
-            )
-            values = []
+                stmt = self._insert(FrameRow).values(new)
+                conn.execute(
+                    stmt.on_conflict_do_nothing(index_elements=["session_pk", "frame_stem"])
+                )
+                known = dict(conn.execute(q).all())
+            by_key: dict[tuple[int, int], dict] = {}
             for r in rows:
                 unknown = set(r) - set(PHOTOMETRY_FIELDS) - {"object_pk", "frame"}
                 if unknown:
                     msg = f"unknown photometry field(s) {sorted(unknown)}"
                     raise ValueError(msg)
-                if r["frame"] not in frames:
+                if r["frame"] not in known:
                     msg = f"unknown frame {r['frame']!r} of {observatory}/{session_id}"
                     raise ValueError(msg)
                 v = {k: r.get(k) for k in PHOTOMETRY_FIELDS}
@@ -1205,15 +1237,17 @@ class ResultsDB:
                 v["by_type"] = _jsonable(v["by_type"]) if v["by_type"] is not None else None
                 if v["flags"] is not None and not isinstance(v["flags"], str):
                     v["flags"] = ",".join(v["flags"])[:255]
-                v.update(object_pk=int(r["object_pk"]), frame_pk=frames[r["frame"]])
+                v.update(object_pk=int(r["object_pk"]), frame_pk=known[r["frame"]])
                 v["updated_utc"] = now
-                values.append(v)
-            stmt = self._insert(PhotometryRow)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=[PhotometryRow.object_pk, PhotometryRow.frame_pk],
-                set_={c: stmt.excluded[c] for c in (*PHOTOMETRY_FIELDS, "updated_utc")},
-            )
-            conn.execute(stmt, values)
+                by_key[(v["object_pk"], v["frame_pk"])] = v
+            values = list(by_key.values())
+            for i in range(0, len(values), max(1, int(batch_rows))):
+                stmt = self._insert(PhotometryRow).values(values[i : i + batch_rows])
+                stmt = stmt.on_conflict_do_update(
+                    index_elements=[PhotometryRow.object_pk, PhotometryRow.frame_pk],
+                    set_={c: stmt.excluded[c] for c in (*PHOTOMETRY_FIELDS, "updated_utc")},
+                )
+                conn.execute(stmt)
         log.debug(
             "results db: %d photometry rows of %s/%s recorded", len(values), observatory, session_id
         )
@@ -1230,7 +1264,8 @@ class ResultsDB:
     ) -> list[dict[str, Any]]:
         """
         Objects by key, or within ``radius_arcsec`` of a position (nearest first, with
-        ``sep_arcsec``). The position search uses the ``(dec_deg, ra_deg)`` index.
+        ``sep_arcsec``), or every object of ``kind``. The position search uses the
+        ``(dec_deg, ra_deg)`` index.
         """
         t = ObjectRow.__table__
         stmt = select(t)
@@ -1250,12 +1285,12 @@ class ResultsDB:
                 stmt = stmt.where(t.c.ra_deg.between(lo, hi))
             else:
                 stmt = stmt.where((t.c.ra_deg >= lo) | (t.c.ra_deg <= hi))
-        else:
-            msg = "give key, or ra_deg and dec_deg"
+        elif kind is None:
+            msg = "give key, or ra_deg and dec_deg, or kind (every object of that kind)"
             raise ValueError(msg)
         with self._read() as conn:
             rows = [dict(r) for r in conn.execute(stmt).mappings()]
-        if key is None:
+        if key is None and ra_deg is not None and dec_deg is not None:
             for row in rows:
                 row["sep_arcsec"] = _sep_arcsec(ra_deg, dec_deg, row["ra_deg"], row["dec_deg"])
             rows = sorted(

@@ -63,6 +63,25 @@ _TS_COLUMNS = (
 )
 
 
+_DESCRIPTIONS = {
+    "bjd_tdb": "BJD_TDB of mid-exposure (d)",
+    "mjd": "MJD (UTC) of mid-exposure (d)",
+    "mag": "calibrated magnitude against the reference catalogue (mag)",
+    "mag_err": "its error, zero point included (mag)",
+    "mag_diff": "differential magnitude against the night's comparison ensemble (mag)",
+    "mag_diff_err": "its error: target, error floor and ensemble (mag)",
+    "upper_limit": "not detected: limit_mag is the 5-sigma limit at the position",
+    "limit_mag": "5-sigma limiting magnitude at the position, calibrated (mag)",
+    "limit_diff_mag": "the same on the differential scale (mag)",
+    "snr": "signal-to-noise ratio",
+    "airmass": "airmass at mid-exposure",
+    "match_sep_arcsec": "distance from the target position to the catalogue source (arcsec)",
+    "n_comp": "comparison stars used in the frame",
+    "zp_rel_mag": "the frame's relative zero point from the ensemble (mag)",
+    "exptime_s": "exposure time (s)",
+}
+
+
 @dataclass(frozen=True)
 class LightCurve:
     """A light curve: ``table`` is a `~astropy.timeseries.TimeSeries` (columns above), ``objects``
@@ -87,7 +106,7 @@ class LightCurve:
             "n_points": len(t),
             "n_detected": int(det.sum()),
             "n_upper_limits": int((~det).sum()),
-            "bands": sorted(set(np.asarray(t["band"]).astype(str))) if len(t) else [],
+            "bands": sorted({str(b) for b in t["band"]}) if len(t) else [],
             "n_nights": len(set(np.asarray(t["night_date"]).astype(str))) if len(t) else 0,
         }
 
@@ -139,25 +158,13 @@ def record_session_photometry(
             night_date or dt.datetime.now(dt.UTC).date().isoformat(),
             status="done",
         )
-    known = {r["frame_stem"] for r in rdb.frame_rows(observatory, session_id)}
-    for stem in sorted({r["frame"] for r in rows} - known):
-        info = (frames or {}).get(stem, {})
-        rdb.upsert_frame(
-            observatory,
-            session_id,
-            stem,
-            imagetyp="science",
-            band=info.get("band"),
-            mjd_obs=info.get("mjd_obs"),
-            exptime_s=info.get("exptime_s"),
-        )
     pks = rdb.upsert_objects(objects)
     out = []
     for r in rows:
         r = dict(r)
         r["object_pk"] = pks[r.pop("object_key")]
         out.append(r)
-    return rdb.record_photometry(observatory, session_id, out)
+    return rdb.record_photometry(observatory, session_id, out, frames=frames or {})
 
 
 # =============================================================================== reading
@@ -179,7 +186,7 @@ def light_curve(
     ----------
     rdb : `rpp_tasks.outputs.db.ResultsDB`
     query : str or (ra_deg, dec_deg)
-        A target name (recorded name, configured name or alias; otherwise resolved like a target,
+        A target name (recorded name or alias, configured name; otherwise resolved like a target,
         `rpp_tasks.stages.target.resolve_target`) or coordinates. Every object within
         ``radius_arcsec`` of the position is gathered (targets first; a catalogue source when no
         target was recorded there).
@@ -203,7 +210,12 @@ def light_curve(
         label = f"{ra:.6f} {dec:+.6f}"
     else:
         label = str(query)
-        by_key = rdb.find_objects(key="target:" + normalize_name(label))
+        key = normalize_name(label)
+        by_key = rdb.find_objects(key="target:" + key) or [
+            o
+            for o in rdb.find_objects(kind="target")
+            if key in {normalize_name(a) for a in ((o.get("info") or {}).get("aliases") or ())}
+        ]
         if by_key:
             ra, dec = by_key[0]["ra_deg"], by_key[0]["dec_deg"]
         else:
@@ -246,11 +258,9 @@ def _to_timeseries(rows, objs, label):
         bjd = np.where(np.isfinite(bjd), bjd, cols["mjd"].data + 2400000.5)
     time = Time(bjd if n else np.zeros(0), format="jd", scale="tdb")
     ts = TimeSeries(time=time, data=[cols[c] for c, _ in _TS_COLUMNS])
-    for c in ("mag", "mag_err", "mag_diff", "mag_diff_err", "limit_mag", "limit_diff_mag"):
-        ts[c].unit = "mag"
-    ts["bjd_tdb"].unit = ts["mjd"].unit = "d"
-    ts["exptime_s"].unit = "s"
-    ts["match_sep_arcsec"].unit = "arcsec"
+    # plain columns (no units: a TimeSeries would turn them into Quantities), described instead
+    for c, text in _DESCRIPTIONS.items():
+        ts[c].info.description = text
     ts.meta.update(
         {
             "object": objs[0]["name"] if objs else label,

@@ -185,6 +185,7 @@ def write_nights(
     density_per_deg2: float = 8000.0,
     catalog_mag_limit: float = 19.0,
     calibration_every_night: bool = False,
+    cloud_nights: dict | None = None,
     object_name: str = "SYNTH-FIELD",
     seed: int = 0,
 ) -> NightsTruth:
@@ -217,6 +218,8 @@ def write_nights(
         A field variable listed in ``truth/vsx.ecsv`` (0 for none).
     calibration_every_night : bool
         Write bias/dark/flat every night (default: first night only).
+    cloud_nights : dict, optional
+        ``{night index: magnitudes}``: thick clouds over every frame of those nights.
 
     Returns
     -------
@@ -392,7 +395,7 @@ def write_nights(
                 center[0], center[1], mjd_mid, latitude_deg=site[0], longitude_deg=site[1]
             )
             cloud = float(nrng.exponential(0.08)) if nrng.uniform() < cloud_fraction else 0.0
-            cloud = min(cloud, 0.5)
+            cloud = min(cloud, 0.5) + float((cloud_nights or {}).get(night_index, 0.0))
             zp = zero_point_mag - extinction_mag_per_airmass * x_air - cloud
             frame_mags = mags.copy()
             bjd_var = float(

@@ -19,7 +19,9 @@ catalogue), farther than ``exclude_radius_arcsec`` from every target, measured i
 Outliers are then removed night by night: single measurements further than ``clip_sigma`` from the
 model (a cosmic ray, a satellite), then, one at a time, the star whose own light curve has the
 largest reduced chi^2 when it exceeds ``max_chi2`` times the median of the ensemble (a variable
-star unknown to VSX).
+star unknown to VSX), and the star furthest from its catalogue magnitude when it is further than
+4 robust sigma (at least 0.05 mag) from the others' offset (a variable steady tonight but at another
+phase, a blend, a mismatch).
 
 Errors: the night's stars tell how much they scatter beyond their photometric errors: the floor
 ``f`` that brings their chi^2 to the degrees of freedom (flat-field and PSF residuals; 0 when the
@@ -31,6 +33,7 @@ uncertainty (``anchor_err_mag``), common to every frame of the night; it is repo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -111,6 +114,8 @@ def solve_ensemble(
     max_chi2: float = 4.0,
     min_stars: int = 3,
     floor_mag: float | None = None,
+    max_offset_sigma: float = 4.0,
+    min_offset_mag: float = 0.05,
     max_iter: int = 100,
 ) -> EnsembleSolution:
     """
@@ -133,6 +138,11 @@ def solve_ensemble(
         Extra error added in quadrature to every measurement (flat field, PSF residuals). By
         default it is estimated from the kept stars: the value that brings their chi^2 to the
         number of degrees of freedom (0 when the errors already explain the scatter).
+    max_offset_sigma, min_offset_mag : float
+        A star whose magnitude tonight is further from its catalogue value than the others'
+        (``max(max_offset_sigma * robust scatter, min_offset_mag)`` from their median offset) is
+        rejected: steady tonight, but a variable at another phase, a blend or a mismatch (it would
+        shift the night's tie to the catalogue).
 
     Returns
     -------
@@ -191,6 +201,20 @@ def solve_ensemble(
                 used[worst] = False
                 rejected[worst] = (
                     f"variable: reduced chi2 {chi2[worst]:.1f} > {max_chi2:g} x {med:.2f}"
+                )
+                continue
+            # a star steady tonight but far from its catalogue magnitude (relative to the others):
+            # a variable at another phase, a blend or a mismatch
+            d = np.where(cand, ref - M, np.nan)
+            dmed = float(np.nanmedian(d))
+            scatter = 1.4826 * float(np.nanmedian(np.abs(d - dmed)))
+            lim = max(max_offset_sigma * scatter, min_offset_mag)
+            off = np.abs(np.nan_to_num(d - dmed, nan=0.0))
+            worst = int(np.argmax(off))
+            if off[worst] > lim:
+                used[worst] = False
+                rejected[worst] = (
+                    f"off its catalogue magnitude by {-(d[worst] - dmed):+.3f} (> {lim:.3f})"
                 )
                 continue
         break
@@ -266,6 +290,7 @@ class EnsembleResult:
     reason: str | None = None
     flags: tuple[str, ...] = ()
     floor_mag: float = 0.0
+    removed: dict = dataclasses.field(default_factory=dict)  # candidate rows removed, by criterion
 
     def to_dict(self) -> dict:
         def f(v):
@@ -286,6 +311,7 @@ class EnsembleResult:
             "rejected": reasons,
             "anchor_err_mag": f(self.anchor_err_mag),
             "floor_mag": f(self.floor_mag),
+            "removed": dict(self.removed),
             "frames": {
                 fr: {"zp_rel_mag": f(z), "zp_rel_err_mag": f(e), "n_comp": int(n)}
                 for fr, z, e, n in zip(self.frames, self.zp_rel, self.zp_rel_err, self.n_comp)
@@ -436,14 +462,15 @@ def differential_ensemble(
             "failed",
             reason,
             ("no_comparison_stars",),
+            removed=counts_all,
         )
 
     n_cand = [int(m.sum()) for m in masks]
+    lost = "removed: " + (", ".join(f"{k} {v}" for k, v in counts_all.items() if v) or "nothing")
     if nf == 0 or max(n_cand, default=0) < min_stars:
-        lost = ", ".join(f"{k} {v}" for k, v in counts_all.items() if v)
         return failed(
             f"no comparison stars: at most {max(n_cand, default=0)} usable per frame, "
-            f"{min_stars} needed (removed: {lost or 'nothing'})"
+            f"{min_stars} needed ({lost})"
         )
     # master list: the frame with the most candidates; every frame matched to it by position
     k0 = int(np.argmax(n_cand))
@@ -490,7 +517,7 @@ def differential_ensemble(
     if sel.size < min_stars:
         return failed(
             f"no comparison stars: {sel.size} measured in >= {min_frame_fraction:.0%} of the "
-            f"{nf} frames, {min_stars} needed",
+            f"{nf} frames, {min_stars} needed ({lost})",
             stars,
         )
     sol = solve_ensemble(
@@ -509,7 +536,9 @@ def differential_ensemble(
         stars["reason"][sel[i]] = why[:64]
     n_used = int(sol.used.sum())
     if n_used < min_stars:
-        return failed(f"no comparison stars: {n_used} left after rejecting variables", stars)
+        return failed(
+            f"no comparison stars: {n_used} left after rejecting variables ({lost})", stars
+        )
     status, why = "ok", None
     if not np.isfinite(sol.Z).any():
         status, why = "failed", f"no frame has {min_stars} comparison stars measured"
@@ -533,4 +562,5 @@ def differential_ensemble(
         why,
         sol.flags,
         sol.floor_mag,
+        counts_all,
     )

@@ -43,6 +43,7 @@ import math
 import os
 import re
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -312,6 +313,19 @@ def _read_text(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 
 
+def _read_any(path: Path, name: str):
+    """(raw table, RefCat2-scaled?) of one file, by its extension."""
+    from astropy.table import Table
+
+    if name.endswith(".rc2"):
+        return _read_rc2(path), True
+    if name.endswith((".fits", ".fit", ".fits.gz", ".fit.gz")):
+        return Table.read(path, format="fits", hdu=1 if _has_table_hdu(path) else None), False
+    if name.endswith((".ecsv", ".ecsv.gz")):
+        return Table.read(path, format="ascii.ecsv"), False
+    return Table.read(_read_text(path), format="ascii.csv"), False
+
+
 def read_local_table(path: str | os.PathLike):
     """Read one local catalogue file into the normalised reference columns.
 
@@ -323,7 +337,6 @@ def read_local_table(path: str | os.PathLike):
     LocalCatalogError
         The file cannot be parsed or has no usable RA/Dec/magnitude columns.
     """
-    from astropy.table import Table
 
     from rpp_tasks.stages.catalogs import ServiceError, normalize_reference
 
@@ -335,15 +348,9 @@ def read_local_table(path: str | os.PathLike):
         return hit
     name = path.name.lower()
     try:
-        if name.endswith(".rc2"):
-            raw, scaled = _read_rc2(path), True
-        elif name.endswith((".fits", ".fit", ".fits.gz", ".fit.gz")):
-            raw = Table.read(path, format="fits", hdu=1 if _has_table_hdu(path) else None)
-            scaled = False
-        elif name.endswith((".ecsv", ".ecsv.gz")):
-            raw, scaled = Table.read(path, format="ascii.ecsv"), False
-        else:
-            raw, scaled = Table.read(_read_text(path), format="ascii.csv"), False
+        with warnings.catch_warnings():  # a broken file is reported as such, not as warnings
+            warnings.simplefilter("ignore")
+            raw, scaled = _read_any(path, name)
     except LocalCatalogError:
         raise
     except Exception as exc:  # every parser error means the same: this file is unusable

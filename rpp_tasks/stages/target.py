@@ -528,8 +528,11 @@ class TargetMeasurement:
 def _num(row, cat, name):
     if name not in cat.colnames:
         return float("nan")
+    v = row[name]
+    if np.ma.is_masked(v):
+        return float("nan")
     try:
-        return float(row[name])
+        return float(v)
     except (TypeError, ValueError):
         return float("nan")
 
@@ -897,6 +900,8 @@ def run_targets(
 
     c0, w0 = time.process_time(), time.perf_counter()
     workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise FileNotFoundError(f"session folder {workdir} not found")
     cfg = obs.targets
     out_path = workdir / "targets.json"
     if not cfg.enabled:
@@ -922,8 +927,9 @@ def run_targets(
         match_radius_arcsec=cfg.match_radius_arcsec,
     )
     for r in resolutions:
-        if not r.ok:
-            log.warning("[%s] target %s (%s): %s", session_id, r.query, r.named_by, r.reason)
+        if not r.ok:  # an OBJECT that is a field name, not a target, is no surprise
+            level = logging.INFO if r.named_by == "header" else logging.WARNING
+            log.log(level, "[%s] target %s (%s): %s", session_id, r.query, r.named_by, r.reason)
     ens_cfg = cfg.ensemble
     rows: list[dict] = []
     source_rows: list[dict] = []
@@ -961,9 +967,12 @@ def run_targets(
             comp_tables.append(st)
         ensembles_out[band or "none"] = {t: e.to_dict() for t, e in ens.items()}
         primary = cfg.phot_type
-        if primary == "auto":
-            psf_ok = "psf" in ens and ens["psf"].status == "ok"
-            primary = "psf" if psf_ok or ("psf" in types and "1p3fwhm" not in types) else "1p3fwhm"
+        if primary == "auto":  # as the zero point stage: PSF when measured, else 1.3 FWHM
+            has_psf = any(
+                "mag_psf" in c.colnames and np.isfinite(np.asarray(c["mag_psf"], float)).any()
+                for c in cats
+            )
+            primary = "psf" if has_psf else "1p3fwhm"
         for k, (f, cat) in enumerate(zip(group, cats)):
             wcs, shape, _ = geo[f["frame"]]
             zpj = _read_json(Path(f["_dir"]) / "zeropoint.json", {}) or {}
