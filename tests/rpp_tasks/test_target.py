@@ -336,3 +336,38 @@ def test_bjd_tdb_agrees_with_astropy(site):
     assert np.all(np.abs(diff_s) < 1e-4), diff_s  # 0.1 ms (the light time is up to 499 s)
     assert abs(bjd_tdb(60690.875, ra, dec) - (60690.875 + 2400000.5)) > 0.001  # not a no-op
     assert math.isnan(bjd_tdb(float("nan"), ra, dec))
+
+
+# ----------------------------------------------------------------------------- configuration
+@pytest.mark.parametrize(
+    "targets, key",
+    [
+        ({"objects": [{"name": "A", "ra": "25:00:00", "dec": 10}]}, "targets.objects[0].ra"),
+        ({"objects": [{"name": "A", "ra": 10.0, "dec": "+95:00:00"}]}, "targets.objects[0].dec"),
+        ({"objects": [{"name": "A", "ra": 10.0}]}, "targets.objects[0].ra"),
+        ({"objects": [{"name": "A"}, {"name": "B", "aliases": ["a"]}]}, "targets.objects[1].name"),
+        ({"objects": [{"name": " "}]}, "targets.objects[0].name"),
+        ({"ensemble": {"min_stars": 5, "max_stars": 3}}, "targets.ensemble.max_stars"),
+        ({"phot_type": "big"}, "targets.phot_type"),
+        ({"objects": [{"name": "A", "colour": "red"}]}, "targets.objects[0].colour"),
+    ],
+)
+def test_bad_target_configuration_names_the_key(targets, key):
+    from rpp_tasks.config import config_from_dict
+    from rpp_tasks.exceptions import ConfigError
+
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict({"observatory": "x", "targets": targets})
+    assert key in str(exc.value)
+
+
+def test_catalogue_order_and_local_paths_are_validated():
+    from rpp_tasks.config import config_from_dict
+    from rpp_tasks.exceptions import ConfigError
+
+    obs = config_from_dict({"observatory": "x", "catalogs": {"local": ["data/catalogs"]}})
+    assert obs.catalogs.gaia_order == ["local", "gaia_tap", "gaia_vizier"]
+    setup = catalogs.client_from_config(obs.catalogs)
+    assert setup.local_paths[0].endswith("data/catalogs") and setup.local_paths[0].startswith("/")
+    with pytest.raises(ConfigError, match=r"catalogs.gaia_order\[1\]"):
+        config_from_dict({"observatory": "x", "catalogs": {"gaia_order": ["local", "simbad"]}})

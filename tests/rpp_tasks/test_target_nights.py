@@ -80,6 +80,7 @@ def _obs(root, truth, *, enrichment=("vsx",), resolve_online=False):
                     },
                 ],
                 "resolve_online": resolve_online,
+                "store_all_sources": True,
             },
         }
     )
@@ -195,6 +196,22 @@ def test_field_variables_are_kept_out_of_the_ensemble(nights):
     for s in summaries.values():
         assert s["ensembles"]["V"]["psf"]["status"] == "ok"
         assert s["ensembles"]["V"]["psf"]["n_used"] >= 10
+
+
+def test_every_catalogue_source_has_its_light_curve_too(nights):
+    """``targets.store_all_sources``: the light curve of any catalogue-matched star is one query."""
+    root, truth, url, _ = nights
+    with db.ResultsDB(url) as rdb:
+        sources = rdb.find_objects(kind="source")
+        assert len(sources) > 50
+        fv = next(v for v in truth.targets["field_variables"] if not v["in_vsx"])
+        lc = lightcurve.light_curve(rdb, (fv["ra_deg"], fv["dec_deg"]))
+    assert lc.objects[0]["kind"] == "source" and lc.objects[0]["key"].startswith("ref:Gaia DR3 ")
+    t = lc.table
+    assert len(t) >= 150
+    true_mag = {f["frame"]: f["field_variables"][fv["name"]] for f in truth.frames}
+    d = np.asarray(t["mag_diff"]) - np.asarray([true_mag[f] for f in t["frame"]])
+    assert np.nanstd(d) < 0.02 and abs(np.nanmedian(d)) < 0.01  # it follows its true variation
 
 
 def test_bad_input_is_recorded_and_the_session_goes_on(tmp_path):
