@@ -1306,13 +1306,17 @@ class ResultsDB:
         observatory: str | None = None,
         band: str | None = None,
         include_rejected_frames: bool = False,
-    ) -> list[dict[str, Any]]:
+        fields: tuple[str, ...] | None = None,
+        columns: bool = False,
+    ) -> list[dict[str, Any]] | dict[str, list]:
         """
         The photometry of objects over every session: one query, ordered by time.
 
-        Each row has the `PHOTOMETRY_FIELDS` plus ``object_key``, ``object_name``, ``frame``
-        (stem), ``session_id``, ``observatory``, ``night_date``, ``exptime_s``. Frames rejected by
-        a later re-run are left out unless ``include_rejected_frames``.
+        Each row has the `PHOTOMETRY_FIELDS` (or only ``fields``) plus ``object_key``,
+        ``object_name``, ``frame`` (stem), ``session_id``, ``observatory``, ``night_date``,
+        ``exptime_s``. Frames rejected by a later re-run are left out unless
+        ``include_rejected_frames``. ``columns=True`` returns ``{name: [values]}`` instead of a
+        list of row dicts (much faster for long light curves).
         """
         p, f, s, o = (
             PhotometryRow.__table__,
@@ -1322,7 +1326,7 @@ class ResultsDB:
         )
         stmt = (
             select(
-                *[p.c[c] for c in PHOTOMETRY_FIELDS],
+                *[p.c[c] for c in (fields or PHOTOMETRY_FIELDS)],
                 o.c.key.label("object_key"),
                 o.c.name.label("object_name"),
                 f.c.frame_stem.label("frame"),
@@ -1343,7 +1347,13 @@ class ResultsDB:
         if not include_rejected_frames:
             stmt = stmt.where(f.c.status == "ok")
         with self._read() as conn:
-            return [dict(r) for r in conn.execute(stmt).mappings()]
+            result = conn.execute(stmt)
+            names = list(result.keys())
+            if columns:
+                data = result.all()
+                cols = list(zip(*data)) if data else [() for _ in names]
+                return {n: list(c) for n, c in zip(names, cols)}
+            return [dict(zip(names, r)) for r in result]
 
 
 def _sep_arcsec(ra1: float, dec1: float, ra2: float, dec2: float) -> float:

@@ -111,10 +111,6 @@ class LightCurve:
         }
 
 
-def _f(v):
-    return float("nan") if v is None else float(v)
-
-
 # =============================================================================== writing
 def record_session_photometry(
     rdb,
@@ -227,32 +223,59 @@ def light_curve(
     if not objs:
         objs = rdb.find_objects(ra_deg=ra, dec_deg=dec, radius_arcsec=radius_arcsec, kind="source")
         objs = objs[:1]
-    rows = (
-        rdb.photometry_rows([o["id"] for o in objs], observatory=observatory, band=band)
+    data = (
+        rdb.photometry_rows(
+            [o["id"] for o in objs],
+            observatory=observatory,
+            band=band,
+            fields=_DB_FIELDS,
+            columns=True,
+        )
         if objs
-        else []
+        else {}
     )
-    return LightCurve(_to_timeseries(rows, objs, label), tuple(objs), label)
+    return LightCurve(_to_timeseries(data, objs, label), tuple(objs), label)
 
 
-def _to_timeseries(rows, objs, label):
+_DB_FIELDS = (
+    "status",
+    "band",
+    "phot_type",
+    "mjd_mid",
+    "bjd_tdb",
+    "airmass",
+    "mag",
+    "mag_err",
+    "mag_diff",
+    "mag_diff_err",
+    "snr",
+    "limit_mag",
+    "limit_diff_mag",
+    "match_sep_arcsec",
+    "zp_rel_mag",
+    "n_comp",
+    "flags",
+)
+
+
+def _to_timeseries(data: dict, objs, label):
     from astropy.table import Column
     from astropy.time import Time
     from astropy.timeseries import TimeSeries
 
-    n = len(rows)
+    n = len(data.get("status", ()))
     cols = {}
     for name, typ in _TS_COLUMNS:
-        key = {"mjd": "mjd_mid"}.get(name, name)
+        raw = data.get({"mjd": "mjd_mid"}.get(name, name), ())
         if name == "upper_limit":
-            vals = np.asarray([r["status"] == "upper_limit" for r in rows], bool)
+            vals = np.asarray(data.get("status", ()), dtype=object) == "upper_limit"
         elif typ is float:
-            vals = np.asarray([_f(r.get(key)) for r in rows], float)
+            vals = np.array(raw, dtype=float) if n else np.zeros(0)  # None -> NaN
         elif typ is int:
-            vals = np.asarray([int(r.get(key) or 0) for r in rows], int)
+            vals = np.array([v or 0 for v in raw], dtype=int) if n else np.zeros(0, int)
         else:
-            vals = np.asarray(["" if r.get(key) is None else str(r.get(key)) for r in rows], str)
-        cols[name] = Column(vals, name=name)
+            vals = np.array(["" if v is None else str(v) for v in raw], dtype=str)
+        cols[name] = Column(vals.astype(bool) if name == "upper_limit" else vals, name=name)
     bjd = cols["bjd_tdb"].data
     if n and not np.isfinite(bjd).all():  # no position -> fall back to the UTC time, flagged
         bjd = np.where(np.isfinite(bjd), bjd, cols["mjd"].data + 2400000.5)
