@@ -65,7 +65,7 @@ for i in range(repeat):
     t = time.perf_counter()
     b1 = DagBag(dag_folder=os.path.join(dags, "rpp_reduction.py"))
     one.append(time.perf_counter() - t)
-heavy = sorted({"numpy", "astropy", "photutils", "scipy", "sep", "stdpipe"} & {m.split(".")[0] for m in sys.modules})
+heavy = sorted({"numpy", "astropy", "photutils", "scipy", "sep"} & {m.split(".")[0] for m in sys.modules})
 print("RESULT " + json.dumps({"airflow_import_s": t_import, "folder_s": folder, "per_file_s": per_file,
                               "n_dags": len(bag.dags), "task_parse_s": one, "task_dags": sorted(b1.dags),
                               "heavy_modules": heavy}))
@@ -159,17 +159,17 @@ def airflow_run(
 ) -> dict:
     from datetime import datetime
 
-    from rpp_tasks.ops.up import ApiClient
+    from rpp_tasks.ops.airflow_api import AirflowClient
 
-    api = ApiClient(base_url, user, password)
+    api = AirflowClient(base_url, user, password)
     run_id = f"bench__{session_id}"
-    code = api.trigger(
+    out = api.trigger(
         obs.dag_id,
         run_id,
         {"observatory": obs.name, "session_id": session_id, "session_dir": str(raw_dir)},
     )
-    if code not in (200, 201):
-        raise SystemExit(f"trigger failed: HTTP {code}")
+    if out.result != "created":
+        raise SystemExit(f"trigger failed: {out.message}")
     while api.run_state(obs.dag_id, run_id) not in ("success", "failed"):
         time.sleep(1.0)
     run = api.request("GET", f"/dags/{obs.dag_id}/dagRuns/{run_id}").json()
@@ -258,20 +258,15 @@ def bench_latency(args) -> dict:
 
     os.environ.setdefault("RPP_DATA_ROOT", str(REPO))
     from rpp_tasks.config import find_config
-    from rpp_tasks.ops.up import ApiClient
-    from rpp_tasks.ops.watch import (
-        AirflowTrigger,
-        SessionRule,
-        SessionWatcher,
-        WatchState,
-        run_id_for,
-    )
+    from rpp_tasks.ops.airflow_api import AirflowClient
+    from rpp_tasks.ops.readiness import SessionRule, run_id_for
+    from rpp_tasks.ops.watch import SessionWatcher, WatchState
     from rpp_tasks.sim.synthetic import write_synthetic_session
 
     logging.basicConfig(level=logging.WARNING)
     obs = find_config("demo")
     password = _password(args)
-    api = ApiClient(args.api_url, "admin", password)
+    api = AirflowClient(args.api_url, "admin", password)
 
     def ts(s):
         return datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp() if s else None
@@ -292,7 +287,7 @@ def bench_latency(args) -> dict:
     for kind, rule in rules.items():
         incoming = root / kind
         incoming.mkdir(parents=True)
-        trigger = AirflowTrigger(args.api_url, "admin", password, timeout=10.0)
+        trigger = AirflowClient(args.api_url, "admin", password, timeout=10.0)
         w = SessionWatcher(
             obs.name,
             incoming,

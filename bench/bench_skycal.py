@@ -4,9 +4,13 @@
   1024x1024 frame rendered from a sky that loopback Gaia/SIMBAD/SkyBoT/VizieR peers answer with
   (first run fills the cache, the timed runs need no network);
 * plate solving: wall and CPU (solve-field children) of a hinted and of a blind solve of the real
-  Seestar NGC 7023 frame (our detections as x/y list), and the centre offset vs its original WCS.
+  Seestar NGC 7023 frame (our detections as x/y list), and the centre offset vs its original WCS;
+* small fields (issue 12): the catalogue (asterism) solver through the pipeline on synthetic
+  5'/10'/20' fields over seeds (random rotation, mirror flip, hint kind, pointing 3-12' off, scale
+  hint +-10 %) and on the real frames of tests/rpp_tasks/solve_cases.py: success rate, accuracy
+  against the truth / original WCS (arcsec, RMS and max over the image), time per solve.
 
-Run: ``.venv/bin/python bench/bench_skycal.py``
+Run: ``.venv/bin/python bench/bench_skycal.py [warm] [solve] [small]`` (all three by default).
 """
 
 from __future__ import annotations
@@ -117,13 +121,14 @@ def solve(real=None):
     from astropy.table import Table
 
     from rpp_tasks.config import find_config
-    from rpp_tasks.inputs import fitsio
+    from rpp_tasks.inputs.reader import read_frame
+    from rpp_tasks.inputs.wcs import header_wcs
     from rpp_tasks.session import pipeline
     from rpp_tasks.stages import astrometry, catalogs
 
     src = real / "seestar_s50/Light_NGC7023_10.0s_IRCUT_20240730-224459.fit"
-    raw = fitsio.read_frame(src, bayer_pattern="GRBG")
-    orig = fitsio.header_wcs(raw.header)
+    raw = read_frame(src, bayer_pattern="GRBG")
+    orig = header_wcs(raw.header)
     tmp = Path(tempfile.mkdtemp())
     obs = find_config("seestar_s50")
     pipeline.reduce_frame(src, obs, tmp / "o", keep_intermediate=True)
@@ -161,6 +166,94 @@ def solve(real=None):
         )
 
 
+def small_fields(n_seeds=20, real=None):
+    import json
+    import logging
+
+    import solve_cases as sc
+    from service_peers import Peer, add_gaia_routes
+
+    from rpp_tasks.inputs.wcs import header_wcs
+    from rpp_tasks.session import pipeline
+    from rpp_tasks.stages import catalogs
+
+    logging.disable(logging.WARNING)
+    real = real or Path(os.environ.get("RPP_REAL_DATA", REPO.parent / "shared" / "data" / "real"))
+    tmp = Path(tempfile.mkdtemp())
+
+    def run(case):
+        from astropy.io import fits
+
+        peer = Peer()
+        add_gaia_routes(peer, case.sky)
+        catalogs.reset_circuit_breaker()
+        try:
+            obs = sc.case_config(case, peer.url, tmp / "cache")
+            out = tmp / ("o_" + case.path.stem)
+            s = pipeline.reduce_frame(case.path, obs, out)
+        finally:
+            peer.close()
+        if s["status"] != "ok":
+            return None, None, s.get("reason")
+        solve = json.loads((out / "astrometry.json").read_text())["solve"]
+        att = solve["attempts"][0]
+        if not s["wcs_source"].startswith("gaia-asterism"):
+            return None, att["wall_s"], att["reason"]
+        w = header_wcs(fits.getheader(s["calibrated"])).wcs
+        return sc.wcs_error_arcsec(w, case.truth, case.shape), att["wall_s"], None
+
+    print("small fields, catalogue solver (scale hint +-10 %, Gaia density to G=20 per deg2):")
+    rows = (
+        (5, 0.6, 3000, (3, 12)),
+        (10, 1.2, 3000, (3, 12)),
+        (20, 1.5, 3000, (3, 12)),
+        (5, 0.6, 20000, (10, 15)),  # crowded, pointing near the 15' hint error
+    )
+    for fov, scale, density, (off_lo, off_hi) in rows:
+        errs, times, fails = [], [], []
+        for seed in range(n_seeds):
+            rng = np.random.default_rng(seed)
+            case = sc.synthetic_case(
+                tmp,
+                fov,
+                scale_arcsec=scale,
+                rotation_deg=float(rng.uniform(0, 360)),
+                flip=bool(seed % 3 == 2),
+                hint=("RA/DEC", "OBJCTRA", "target")[seed % 3],
+                hint_offset_arcmin=float(rng.uniform(off_lo, off_hi)),
+                scale_error=float(rng.uniform(-0.1, 0.1)),
+                density_per_deg2=density,
+                seed=100 * fov + seed,
+            )
+            err, t, why = run(case)
+            times += [t] if t is not None else []
+            (errs.append(err) if err is not None else fails.append(why))
+        rms = [e[0] for e in errs]
+        worst = [e[1] for e in errs]
+        print(
+            f"  {fov:>2}' ({int(fov * 60 / scale)} px, {scale}\"/px, {density}/deg2, "
+            f"pointing {off_lo}-{off_hi}' off): "
+            f"solved {len(errs)}/{n_seeds}; "
+            f'RMS median {np.median(rms):.3f}" (worst {max(rms):.3f}"), max error worst '
+            f'{max(worst):.3f}"; solve {np.median(times):.2f} s median, {max(times):.2f} s max'
+            + (f"; failures: {fails}" if fails else "")
+        )
+    print("real frames, WCS removed (errors against the original WCS):")
+    for name, hint in (("huntsman", None), ("seestar", None), ("feder", 3.0), ("feder", None)):
+        case = sc.real_case(name, real, tmp, hint_offset_arcmin=hint)
+        if case is None:
+            print(f"  {name}: reference not available here (query-starkd / Tycho-2 index)")
+            continue
+        err, t, why = run(case)
+        res = f'RMS {err[0]:.3f}", max {err[1]:.3f}"' if err else f"not solved ({why})"
+        print(f"  {case.name}: {res}; solve {t:.2f} s  [{case.note}]")
+
+
 if __name__ == "__main__":
-    warm_cache()
-    solve()
+    parts = set(sys.argv[1:]) or {"warm", "solve", "small"}
+    if "warm" in parts:
+        warm_cache()
+    if "solve" in parts:
+        solve()
+    if "small" in parts:
+        small_fields()

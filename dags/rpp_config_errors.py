@@ -9,13 +9,12 @@ cleanly and Airflow shows nothing. (Airflow only parses files that mention both 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from rpp_tasks.config import load_observatory_configs
+from rpp_tasks.config import default_config_dir, load_observatory_configs
 from rpp_tasks.exceptions import ConfigError
 
-CONFIG_DIR = Path(os.environ.get("RPP_CONFIG_DIR", Path(__file__).resolve().parents[1] / "config"))
+CONFIG_DIR = default_config_dir()  # RPP_CONFIG_DIR, else <repo>/config
 
 
 class ObservatoryConfigErrors(ConfigError):

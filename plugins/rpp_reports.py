@@ -5,30 +5,26 @@ session of every observatory (newest first: frames reduced and rejected, median 
 transient candidates) with links to each session's HTML report, its products ZIP and the Airflow run
 that made it. Every DAG run also gets a **Night report** tab showing the report of its session. The page and the files are served by a small FastAPI app mounted on Airflow's own API
 server at ``/rpp-reports/``; they need an Airflow login (the same session cookie or bearer token as
-the rest of the UI).
+the rest of the UI). FastAPI's own ``/docs``, ``/redoc`` and ``/openapi.json`` are switched off
+(they would be served without that check). Only regular files that resolve inside the session's
+``report/`` folder, and the products ZIP, are served; a malformed path answers 400, never 500.
 
 Wiring only: the listing and the path checks are `rpp_tasks.outputs.browse` (no Airflow there).
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 
-REPO = Path(__file__).resolve().parents[1]
 URL_PREFIX = "/rpp-reports"
 
 
 def _configs():
-    from rpp_tasks.config import load_observatory_configs
+    from rpp_tasks.config import default_config_dir, load_observatory_configs
 
-    configs, _errors = load_observatory_configs(
-        os.environ.get("RPP_CONFIG_DIR", REPO / "config"), strict=False
-    )
+    configs, _errors = load_observatory_configs(default_config_dir(), strict=False)
     return configs
 
 
@@ -43,8 +39,13 @@ def create_app(*, auth_dependency=None) -> FastAPI:
     """The FastAPI app of the plugin (``auth_dependency`` replaces Airflow's login check in tests)."""
     from rpp_tasks.outputs import browse
 
+    # no /docs, /redoc or /openapi.json: FastAPI serves them without the routes' login check
     app = FastAPI(
-        title="RPP night reports", description="Session reports of the RPP reduction DAGs"
+        title="RPP night reports",
+        description="Session reports of the RPP reduction DAGs",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     deps = [Depends(auth_dependency or _authenticated())]
 
@@ -79,6 +80,8 @@ def create_app(*, auth_dependency=None) -> FastAPI:
     def product(observatory: str, session_id: str, relpath: str) -> FileResponse:
         try:
             path = browse.product_path(_configs(), observatory, session_id, relpath)
+        except ValueError as exc:  # NUL, control characters, "..", over-long names
+            raise HTTPException(status_code=400, detail=str(exc)) from None
         except PermissionError as exc:
             raise HTTPException(status_code=403, detail=str(exc)) from None
         except FileNotFoundError as exc:

@@ -51,6 +51,9 @@ __all__ = [
     "StagesConfig",
     "NotificationsConfig",
     "ArchiveConfig",
+    "SpectrographConfig",
+    "INSTRUMENT_KINDS",
+    "LAMP_ELEMENTS",
     "ObservatoryConfig",
     "default_config_dir",
     "load_observatory_config",
@@ -119,6 +122,7 @@ class SessionConfig:
     marker_file: str | None = None
     twospot_obs_file: str = "last_obs.yaml"
     settle_seconds: float = 5.0
+    stall_seconds: float = 3600.0
     use_polling: bool = False
     frame_types: dict[str, list[str]] = field(
         default_factory=lambda: {
@@ -127,8 +131,21 @@ class SessionConfig:
             "flat": ["flat*"],
         }
     )
-    extensions: list[str] = field(
-        default_factory=lambda: [".fits", ".fit", ".fts", ".fits.fz", ".fit.gz", ".fits.gz"]
+    extensions: list[str] = field(  # case-insensitive; same list as config/defaults.yaml
+        default_factory=lambda: [
+            ".fits",
+            ".fit",
+            ".fts",
+            ".fits.fz",
+            ".fit.fz",
+            ".fts.fz",
+            ".fz",
+            ".fits.gz",
+            ".fit.gz",
+            ".fts.gz",
+            ".fits.bz2",
+            ".fit.bz2",
+        ]
     )
 
 
@@ -185,6 +202,16 @@ class AstrometryConfig:
     search_radius_deg: float = 3.0  # around the header pointing
     index_dirs: list[str] = field(default_factory=list)  # extra astrometry.net index folders
     max_stars: int = 200
+    # solvers tried in order when a solve is needed: "catalog" (asterism matching against the Gaia
+    # cone around the pointing hint: any field size, needs a pointing and a pixel-scale hint) and
+    # "astrometry.net" (local solve-field: blind or hinted; the Tycho-2 indexes solve wide fields)
+    solvers: list[Literal["catalog", "astrometry.net"]] = field(
+        default_factory=lambda: ["catalog", "astrometry.net"]
+    )
+    hint_error_arcmin: float = 15.0  # how far the field centre may be from the pointing hint
+    # pointing of the observatory's targets by OBJECT (or FIELD/OBJNAME) name: [RA, Dec] in degrees,
+    # the hint for frames whose header has no RA/DEC (names compared without case, spaces, - or _)
+    targets: dict[str, tuple[float, float]] = field(default_factory=dict)
     refine: bool = True
     sip_degree: int = 2  # 0: plain TAN
     match_radius_arcsec: float = 3.0
@@ -356,6 +383,50 @@ class TargetsConfig:
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
 
+#: Instrument kinds an observatory can declare; each has its stage table in the DAG factory.
+INSTRUMENT_KINDS = ("imaging", "longslit")
+#: Lamp elements with a shipped line list (`rpp_tasks.spectra.linelists.LAMP_LINES`).
+LAMP_ELEMENTS = ("Ne", "Ar", "He", "Hg")
+
+
+@dataclass(frozen=True)
+class SpectrographConfig:
+    """Long-slit spectrograph setup (``instrument_kind: longslit``); see docs/spectra.md.
+
+    2SPOT's ``setup_config.yaml`` overrides ``bin_size_px`` (``bin_size``) and
+    ``spectrum_y_px`` (``posy``) for the night.
+    """
+
+    name: str = "spectrograph"
+    dispersion_a_per_px: float = 2.4  # approximate; negative: wavelength decreases with x
+    central_wavelength_a: float | None = None  # at the central column of the dispersion axis
+    wavelength_range_a: tuple[float, float] | None = None  # alternative to the central value
+    dispersion_axis: int = 1  # FITS axis along which the wavelength changes (1: NAXIS1)
+    spectrum_y_px: float | None = None  # 0-based row of the spectrum (null: automatic)
+    bin_size_px: int = 16  # extraction aperture height (2SPOT bin_size)
+    lamp_elements: list[str] = field(default_factory=lambda: ["Ne"])
+    resolving_power: float | None = None  # expected R (a measured R far from it is flagged)
+    poly_degree: int = 3
+    min_lamp_lines: int = 5
+    dispersion_tolerance: float = 0.15
+    extraction: Literal["optimal", "boxcar"] = "optimal"
+    sky_offset_px: float = 15.0  # sky windows start this far from the trace ...
+    sky_width_px: float = 30.0  # ... and are this wide, on both sides
+    flat_smooth_px: int = 31
+    max_saturated_fraction: float = 0.01  # of the trace's columns
+    zero_point: Literal["auto", "off"] = "auto"  # telluric/sky zero-point (flexure) correction
+    heliocentric: Literal["record", "apply"] = "record"
+    resample_step_a: float | None = None  # BeSS grid step (default: the mean dispersion)
+    reference_star: str | None = None  # target whose known spectrum gives the response
+    reference_spectrum: str | None = None  # its spectrum (ECSV or BeSS FITS)
+    lamp_patterns: list[str] = field(
+        default_factory=lambda: ["*neon*", "*_ne-*", "*arc*", "*lamp*", "*calib*", "*argon*"]
+    )
+    bss_inst: str | None = None  # BeSS instrument label (default: "<telescope> + <name>")
+    bss_site: str | None = None
+    observer: str | None = None
+
+
 @dataclass(frozen=True)
 class ObservatoryConfig:
     """One observatory = one YAML file = one Airflow DAG (``rpp_<name>``)."""
@@ -373,6 +444,8 @@ class ObservatoryConfig:
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
     catalogs: CatalogsConfig = field(default_factory=CatalogsConfig)
     targets: TargetsConfig = field(default_factory=TargetsConfig)
+    instrument_kind: Literal["imaging", "longslit"] = "imaging"
+    spectrograph: SpectrographConfig | None = None
     source: str = ""  # the YAML path (filled by the loader)
     config_hash: str = ""  # sha256[:12] of the merged mapping (provenance of products)
 
@@ -451,6 +524,9 @@ def _coerce(tp, value, source: str, key: str):
             if type(None) in args:
                 return None
             raise fail
+        sections = [a for a in args if dataclasses.is_dataclass(a)]
+        if len(sections) == 1 and isinstance(value, dict):
+            return _coerce(sections[0], value, source, key)  # errors name the inner key
         for a in args:
             if a is type(None):
                 continue
@@ -525,6 +601,101 @@ def _build(cls, data: dict, source: str, prefix: str = ""):
     return cls(**kwargs)
 
 
+def _check_spectrograph(cfg: ObservatoryConfig, source: str, positive) -> None:
+    """The long-slit section: present for ``longslit``, values in range."""
+    sp = cfg.spectrograph
+    if cfg.instrument_kind == "longslit" and sp is None:
+        raise ConfigError(
+            source, "spectrograph", "a spectrograph section when instrument_kind is longslit"
+        )
+    if sp is None:
+        return
+    if not sp.dispersion_a_per_px or abs(sp.dispersion_a_per_px) > 100:
+        raise ConfigError(
+            source,
+            "spectrograph.dispersion_a_per_px",
+            "a non-zero dispersion in A/px (negative when the wavelength decreases)",
+            sp.dispersion_a_per_px,
+        )
+    if sp.dispersion_axis not in (1, 2):
+        raise ConfigError(
+            source, "spectrograph.dispersion_axis", "1 (NAXIS1) or 2 (NAXIS2)", sp.dispersion_axis
+        )
+    if sp.central_wavelength_a is None and sp.wavelength_range_a is None:
+        raise ConfigError(
+            source,
+            "spectrograph.central_wavelength_a",
+            "the approximate central wavelength (or spectrograph.wavelength_range_a)",
+        )
+    if sp.central_wavelength_a is not None and not 1000 < sp.central_wavelength_a < 30000:
+        raise ConfigError(
+            source,
+            "spectrograph.central_wavelength_a",
+            "a wavelength in Angstrom between 1000 and 30000",
+            sp.central_wavelength_a,
+        )
+    if sp.wavelength_range_a is not None:
+        lo, hi = sp.wavelength_range_a
+        if not 1000 < lo < hi < 30000:
+            raise ConfigError(
+                source,
+                "spectrograph.wavelength_range_a",
+                "[min, max] in Angstrom with 1000 < min < max < 30000",
+                list(sp.wavelength_range_a),
+            )
+    if not sp.lamp_elements:
+        raise ConfigError(source, "spectrograph.lamp_elements", "at least one lamp element")
+    for i, el in enumerate(sp.lamp_elements):
+        if el not in LAMP_ELEMENTS:
+            raise ConfigError(
+                source,
+                f"spectrograph.lamp_elements[{i}]",
+                "one of " + ", ".join(LAMP_ELEMENTS) + " (a shipped line list)",
+                el,
+            )
+    if sp.bin_size_px < 1:
+        raise ConfigError(source, "spectrograph.bin_size_px", "an integer >= 1", sp.bin_size_px)
+    if not 1 <= sp.poly_degree <= 6:
+        raise ConfigError(
+            source, "spectrograph.poly_degree", "an integer from 1 to 6", sp.poly_degree
+        )
+    if sp.min_lamp_lines < sp.poly_degree + 2:
+        raise ConfigError(
+            source,
+            "spectrograph.min_lamp_lines",
+            f"at least poly_degree + 2 = {sp.poly_degree + 2}",
+            sp.min_lamp_lines,
+        )
+    positive("spectrograph.sky_offset_px", sp.sky_offset_px)
+    positive("spectrograph.sky_width_px", sp.sky_width_px)
+    positive("spectrograph.resolving_power", sp.resolving_power)
+    positive("spectrograph.resample_step_a", sp.resample_step_a)
+    if not 0 < sp.dispersion_tolerance < 1:
+        raise ConfigError(
+            source,
+            "spectrograph.dispersion_tolerance",
+            "a fraction between 0 and 1",
+            sp.dispersion_tolerance,
+        )
+    if not 0 <= sp.max_saturated_fraction <= 1:
+        raise ConfigError(
+            source,
+            "spectrograph.max_saturated_fraction",
+            "a fraction between 0 and 1",
+            sp.max_saturated_fraction,
+        )
+    if sp.spectrum_y_px is not None and sp.spectrum_y_px < 0:
+        raise ConfigError(
+            source, "spectrograph.spectrum_y_px", "a row >= 0 or null", sp.spectrum_y_px
+        )
+    if (sp.reference_star is None) != (sp.reference_spectrum is None):
+        raise ConfigError(
+            source,
+            "spectrograph.reference_spectrum",
+            "both reference_star and reference_spectrum, or neither",
+        )
+
+
 def _check_values(cfg: ObservatoryConfig, source: str) -> None:
     """Range checks that types alone cannot express."""
 
@@ -575,6 +746,7 @@ def _check_values(cfg: ObservatoryConfig, source: str) -> None:
             "one of RGGB, GRBG, GBRG, BGGR or null",
             cfg.camera.bayer_pattern,
         )
+    _check_spectrograph(cfg, source, positive)
     positive("session.quiet_seconds", cfg.session.quiet_seconds)
     if cfg.session.ready_rule == "marker" and not cfg.session.marker_file:
         raise ConfigError(
@@ -618,6 +790,15 @@ def _check_values(cfg: ObservatoryConfig, source: str) -> None:
             st.photometry.epsf_oversampling,
         )
     positive("stages.astrometry.solve_timeout_s", st.astrometry.solve_timeout_s)
+    positive("stages.astrometry.hint_error_arcmin", st.astrometry.hint_error_arcmin)
+    for name, (ra, dec) in st.astrometry.targets.items():
+        if not (0.0 <= ra < 360.0 and -90.0 <= dec <= 90.0):
+            raise ConfigError(
+                source,
+                f"stages.astrometry.targets.{name}",
+                "[RA, Dec] in degrees (0 <= RA < 360, -90 <= Dec <= 90)",
+                [ra, dec],
+            )
     positive("catalogs.timeout_s", cfg.catalogs.timeout_s)
     if cfg.catalogs.max_retries < 0 or cfg.catalogs.max_retries > 10:
         raise ConfigError(

@@ -1,1 +1,2 @@
-"""Reading raw frames: FITS reading and header normalisation, session grouping, 2SPOT session files."""
+"""Reading raw frames: files and pixels (`reader`, `amplifiers`, `bayer`), header normalisation
+(`header`, `wcs`, `cards`), session grouping (`frames`), 2SPOT session files (`twospot`)."""

@@ -1,44 +1,77 @@
-"""Classify the frames of a session and group them for calibration and reduction.
+"""Classify every file of a session and group the frames for calibration and reduction.
 
-* `classify_frame` -- ``bias``, ``dark``, ``flat``, ``science`` or ``unknown`` for one frame.
-* `group_session` -- `SessionPlan`: the session's files grouped by type and by the keys that
-  decide which master calibrates what (band, exposure time, binning); unreadable files are listed
-  with their reason instead of stopping the grouping. Only headers are read.
+* `classify_frame` / `classify_frame_reason` -- ``bias``, ``dark``, ``flat``, ``science`` or
+  ``unknown`` for one frame (with the reason), by the rule documented in ``docs/inputs.md``.
+* `group_session` -- `SessionPlan`: every file of the session with its outcome and reason
+  (`SessionPlan.files`), the frames grouped by type and by the keys that decide which master
+  calibrates what (band, exposure time, binning), a unique frame stem per file
+  (`assign_stems`); unreadable or unclassifiable files are rejected with their reason instead
+  of stopping the grouping. Only headers are read.
 
 The plan is what ``manifest.json`` holds (`SessionPlan.to_dict` / `SessionPlan.from_dict`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import hashlib
 import logging
+import os
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rpp_tasks.exceptions import FrameRejected
-from rpp_tasks.inputs.fitsio import (
+from rpp_tasks.inputs.cards import first_value, to_float
+from rpp_tasks.inputs.header import (
     FrameMeta,
+    frame_stem,
     normalize_header,
     normalize_imagetyp,
     normalize_kwargs_from_config,
-    read_header,
 )
+from rpp_tasks.inputs.reader import read_header
 
 __all__ = [
     "FRAME_KINDS",
+    "OUTCOMES",
     "DEFAULT_IGNORE",
+    "DEFAULT_EXTENSIONS",
     "FrameGroup",
     "RejectedFile",
+    "FileOutcome",
     "SessionPlan",
     "classify_frame",
+    "classify_frame_reason",
+    "assign_stems",
     "group_session",
 ]
 
 log = logging.getLogger(__name__)
 
 FRAME_KINDS = ("bias", "dark", "flat", "science", "unknown")
+
+#: What a file of a session ends as in the plan (`FileOutcome.outcome`).
+OUTCOMES = ("science", "bias", "dark", "flat", "rejected", "ignored")
+
+#: File names read as FITS (case-insensitive): plain, tile-compressed (fpack ``.fz``), gzip, bzip2.
+DEFAULT_EXTENSIONS = (
+    ".fits",
+    ".fit",
+    ".fts",
+    ".fits.fz",
+    ".fit.fz",
+    ".fts.fz",
+    ".fz",
+    ".fits.gz",
+    ".fit.gz",
+    ".fts.gz",
+    ".fits.bz2",
+    ".fit.bz2",
+)
 
 DEFAULT_IGNORE = (
     "*.yaml",
@@ -93,63 +126,198 @@ def _match_patterns(name: str, patterns: Mapping[str, Iterable[str]] | None) -> 
     return None
 
 
-def classify_frame(meta_or_imagetyp, path, *, patterns=None):
+# Words of a file or folder name that name a frame type (capture software conventions: NINA's
+# LIGHT/DARK/FLAT/BIAS folders, ASIAIR/KStars/SGP "Light_", "Dark_", "Flat_", "Bias_" prefixes).
+_NAME_TOKENS = {
+    "science": ("light", "lights", "science", "object", "sci"),
+    "bias": ("bias", "biases", "offset", "offsets", "zero", "zeros"),
+    "dark": ("dark", "darks", "darkflat", "darkflats", "flatdark", "flatdarks"),
+    "flat": ("flat", "flats", "skyflat", "skyflats", "domeflat", "domeflats", "twiflat"),
+}
+_TOKEN_KIND = {t: k for k, ts in _NAME_TOKENS.items() for t in ts}
+
+# IMAGETYP/OBSTYPE values of frames that are not imaging frames at all (spectroscopic lamps).
+_NOT_IMAGING = re.compile(r"^\s*(arc|lamp|comp|comparison|wave|wavecal|neon|argon|thar)\b", re.I)
+
+# Shutter-state keywords (INDI, SBIG, ESO-style) and the values that mean closed.
+_SHUTTER_KEYS = ("SHUTTER", "SHUTSTAT", "SHUTSTATE", "SHUTTERS", "SHUT_ST", "ESO INS SHUT ST")
+_SHUTTER_CLOSED = {"closed", "close", "c", "shut", "0", "false", "f"}
+
+
+def _meta_kind(meta_or_imagetyp):
+    if isinstance(meta_or_imagetyp, FrameMeta):
+        return meta_or_imagetyp.imagetyp
+    if meta_or_imagetyp is None:
+        return "unknown"
+    if isinstance(meta_or_imagetyp, str):
+        if meta_or_imagetyp in FRAME_KINDS:
+            return meta_or_imagetyp
+        return normalize_imagetyp(meta_or_imagetyp)[0]
+    msg = (
+        "meta_or_imagetyp must be a FrameMeta, a str or None, "
+        f"got {type(meta_or_imagetyp).__name__}"
+    )
+    raise TypeError(msg)
+
+
+def _name_tokens(path, root=None) -> list[tuple[str, str]]:
+    """(kind, word) for the frame-type words of the file name, then of its folders under root."""
+    p = Path(path)
+    parts = [frame_stem(p)]
+    if root is not None:
+        with contextlib.suppress(ValueError):
+            parts += list(reversed(p.parent.relative_to(root).parts))
+    out = []
+    for part in parts:
+        words = [w for w in re.split(r"[^a-z]+", part.lower()) if w]
+        kinds = {_TOKEN_KIND[w]: w for w in words if w in _TOKEN_KIND}
+        if len(kinds) == 1:
+            out.append(next(iter(kinds.items())))
+        if kinds:
+            break  # the file name decides before its folders; two kinds in one name: no decision
+    return out
+
+
+def _shutter_closed(header) -> str | None:
+    if header is None:
+        return None
+    for key in _SHUTTER_KEYS:
+        k, v = first_value(header, key)
+        if k is not None and str(v).strip().lower() in _SHUTTER_CLOSED:
+            return f"{k}={v!r}"
+    return None
+
+
+def _type_keyword(header, raw) -> str:
+    """Which of IMAGETYP, IMAGETYPE, FRAME, FRAMETYP, OBSTYPE holds the decisive value."""
+    if raw is not None:
+        for key in ("IMAGETYP", "IMAGETYPE", "FRAME", "FRAMETYP", "OBSTYPE"):
+            _, value = first_value(header, key)
+            if value is not None and str(value) == str(raw):
+                return key
+    return "IMAGETYP"
+
+
+def classify_frame_reason(meta_or_imagetyp, path, *, patterns=None, header=None, root=None):
     """
-    Frame type of one file: ``bias``, ``dark``, ``flat``, ``science`` or ``unknown``.
+    Frame type of one file and the reason, by the session rule (``docs/inputs.md``).
 
-    Order of the rules:
+    1. The header type (IMAGETYP, IMAGETYPE, FRAME, FRAMETYP, OBSTYPE; a zero-second dark is a
+       bias) when it is a calibration type: ``bias``, ``dark``, ``flat`` are trusted.
+    2. A configured file-name pattern (``session.frame_types``: case-insensitive globs on the file
+       name) overrides a science or missing header type: how an operator fixes software that
+       writes every frame as ``Light``.
+    3. An OBJECT/FIELD naming a calibration: ``flat``, ``skyflat``, ``twilight flat``, ``domeflat``
+       ... -> flat; ``bias``, ``zero``, ``offset`` -> bias (the Huntsman flats say
+       ``IMAGETYP='Light Frame'``, ``FIELD='FlatDither00'``). Darks are never inferred from
+       object names ("Dark Doodad Nebula").
+    4. A header science type (``Light``, ``Object``, ``EXPOSE``, ``Snapshot``, ...) -> science.
+    5. No usable header type (IMAGETYP missing, or a value such as ``'Focus'`` or ``'Test'``):
 
-    1. The header type (``FrameMeta.imagetyp``, i.e. IMAGETYP/FRAME/OBSTYPE, a zero-second dark
-       counting as a bias) when it is a calibration type: ``bias``, ``dark`` or ``flat`` are trusted.
-    2. Otherwise (header says science, or nothing usable) a configured file-name pattern overrides
-       it: ``patterns = {"bias": ["bias*", "offset*"], "dark": ["dark*"], "flat": ["flat*"]}``
-       matched case-insensitively against the file name (``session.frame_types`` in the
-       observatory YAML). This is how an operator fixes software that writes every frame as
-       ``Light``.
-    3. Otherwise an OBJECT/FIELD that names a calibration: starting with ``flat``, ``skyflat``,
-       ``twilight flat``, ``domeflat`` ... -> flat; ``bias``, ``zero``, ``offset`` -> bias.
-       The Huntsman flats say ``IMAGETYP='Light Frame'`` but ``FIELD='FlatDither00'``: they are
-       flats by this rule. Darks are not inferred from object names ("Dark Doodad Nebula").
-    4. Otherwise the header type (``science`` or ``unknown``).
+       a. a frame-type word of the file name, else of its folders below the session root
+          (``Light_M31_300s.fit``, ``DARK/...``, ``Flat_L_0001.fits``; ``darkflat`` counts as
+          a dark);
+       b. the exposure: ``EXPTIME=0`` -> bias;
+       c. a shutter keyword saying closed (SHUTTER, SHUTSTAT, ...) -> dark;
+       d. a positive exposure and a sign that the frame looks at the sky (OBJECT/FIELD, a
+          pointing RA/DEC, or a valid WCS) -> science;
+       e. else ``unknown``: the session rejects the file with the returned reason.
+
+    A spectroscopic lamp (IMAGETYP ``ARC``, ``LAMP``, ``COMP``) is ``unknown``: it is not an
+    imaging frame.
 
     Parameters
     ----------
-    meta_or_imagetyp : `~rpp_tasks.inputs.fitsio.FrameMeta` or str or None
-        The normalised header, or a raw/normalised IMAGETYP value (then rule 3 is skipped).
+    meta_or_imagetyp : `~rpp_tasks.inputs.header.FrameMeta` or str or None
+        The normalised header, or a raw/normalised IMAGETYP value (then rules 3 and 5b-d are
+        skipped).
     path : str or Path
-        The file (only its name is used).
+        The file.
     patterns : Mapping[str, list of str], optional
         Kind -> case-insensitive globs on the file name.
+    header : `~astropy.io.fits.Header`, optional
+        The raw header (raw IMAGETYP value, shutter keywords).
+    root : str or Path, optional
+        Session folder: folder names below it count in rule 5a.
 
     Returns
     -------
-    str
+    kind : str
+    reason : str
     """
-    obj = None
-    if isinstance(meta_or_imagetyp, FrameMeta):
-        kind = meta_or_imagetyp.imagetyp
-        obj = meta_or_imagetyp.object
-    elif meta_or_imagetyp is None:
-        kind = "unknown"
+    kind = _meta_kind(meta_or_imagetyp)
+    meta = meta_or_imagetyp if isinstance(meta_or_imagetyp, FrameMeta) else None
+    raw_type, type_key = None, "IMAGETYP"
+    if header is not None:
+        _, raw_type = normalize_imagetyp(header)
+        type_key = _type_keyword(header, raw_type)
     elif isinstance(meta_or_imagetyp, str):
-        kind = (
-            meta_or_imagetyp
-            if meta_or_imagetyp in FRAME_KINDS
-            else normalize_imagetyp(meta_or_imagetyp)[0]
-        )
-    else:
-        msg = f"meta_or_imagetyp must be a FrameMeta, a str or None, got {type(meta_or_imagetyp).__name__}"
-        raise TypeError(msg)
+        raw_type = meta_or_imagetyp
+    said = f"{type_key}={raw_type!r}" if raw_type is not None else "no IMAGETYP"
     if kind in ("bias", "dark", "flat"):
-        return kind
+        return kind, f"header {said}"
     by_name = _match_patterns(Path(path).name, patterns)
     if by_name is not None:
-        return by_name
+        pat = _matching_pattern(Path(path).name, patterns, by_name)
+        return by_name, f"file name matches {pat!r} (session.frame_types); header {said}"
+    obj = meta.object if meta is not None else None
     if obj:
         for k, rx in _OBJECT_RULES:
             if rx.match(obj):
-                return k
-    return kind if kind in FRAME_KINDS else "unknown"
+                return k, f"OBJECT/FIELD {obj!r} names a {k}; header {said}"
+    if kind == "science":
+        return "science", f"header {said}"
+    if raw_type is not None and _NOT_IMAGING.match(str(raw_type)):
+        return "unknown", f"{said} is a spectroscopic lamp frame, not an imaging frame"
+    what = f"{said} is not a frame type" if raw_type is not None else said
+    tokens = _name_tokens(path, root)
+    if tokens:
+        k, word = tokens[0]
+        return k, f"{what}; the name says {word!r}"
+    if meta is None:
+        return "unknown", f"{what} and the file name names no frame type"
+    exptime = meta.exptime_s
+    if exptime == 0.0:
+        return "bias", f"{what}; EXPTIME=0 s: a zero-second exposure is a bias"
+    closed = _shutter_closed(header)
+    if closed and exptime is not None:
+        return "dark", f"{what}; shutter closed ({closed}) with a {exptime:g} s exposure: a dark"
+    sky = []
+    if obj:
+        sky.append(f"OBJECT/FIELD {obj!r}")
+    if meta.ra_deg is not None:
+        sky.append("a pointing RA/DEC")
+    if str(meta.wcs_status).startswith("valid"):
+        sky.append("a valid WCS")
+    if exptime is not None and exptime > 0 and sky:
+        return "science", f"{what}; a {exptime:g} s exposure with {' and '.join(sky)}: a sky frame"
+    lacks = " and ".join(
+        ([] if sky else ["no OBJECT, pointing or WCS"])
+        + (["no usable exposure time"] if exptime is None else [])
+    )
+    return "unknown", (
+        f"frame type unknown: {what}, the file name names no frame type and the header has "
+        f"{lacks} (set IMAGETYP, or add a file-name pattern to session.frame_types)"
+    )
+
+
+def classify_frame(meta_or_imagetyp, path, *, patterns=None, header=None, root=None):
+    """
+    Frame type of one file: ``bias``, ``dark``, ``flat``, ``science`` or ``unknown``.
+
+    `classify_frame_reason` without the reason (same rule, same parameters).
+    """
+    return classify_frame_reason(
+        meta_or_imagetyp, path, patterns=patterns, header=header, root=root
+    )[0]
+
+
+def _matching_pattern(name: str, patterns, kind: str) -> str:
+    low = name.lower()
+    for pat in patterns.get(kind, ()) or ():
+        if fnmatch.fnmatchcase(low, str(pat).lower()):
+            return str(pat)
+    return "?"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,35 +372,88 @@ class FrameGroup:
 
 @dataclass(frozen=True)
 class RejectedFile:
-    """A file that could not be used, with the reason in plain words."""
+    """A file that could not be used, with the reason in plain words (and its frame stem)."""
 
     path: str
     reason: str
+    stem: str | None = None
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "reason": self.reason}
+        d = {"path": self.path, "reason": self.reason}
+        if self.stem is not None:
+            d["stem"] = self.stem
+        return d
+
+
+@dataclass(frozen=True)
+class FileOutcome:
+    """What one file of the session ends as in the plan, and why.
+
+    Attributes
+    ----------
+    path : str
+    outcome : str
+        ``science``, ``bias``, ``dark``, ``flat`` (a frame to use), ``rejected`` (a frame that
+        cannot be used) or ``ignored`` (not a frame: text, previews, a name outside
+        ``session.extensions``).
+    reason : str
+        How the type was decided (``"header IMAGETYP='Light'"``, ``"no IMAGETYP; a 120 s exposure
+        with OBJECT ...: a sky frame"``) or why the file is rejected or ignored.
+    stem : str or None
+        The frame's folder name under ``frames/`` (unique in the session); None when ignored.
+    warnings : tuple of str
+        The header normalisation warnings (guesses made).
+    """
+
+    path: str
+    outcome: str
+    reason: str
+    stem: str | None = None
+    warnings: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "stem": self.stem,
+            "warnings": list(self.warnings),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> FileOutcome:
+        return cls(
+            path=d["path"],
+            outcome=d["outcome"],
+            reason=d["reason"],
+            stem=d.get("stem"),
+            warnings=tuple(d.get("warnings") or ()),
+        )
 
 
 @dataclass(frozen=True)
 class SessionPlan:
-    """The frames of one session, grouped (see `group_session`).
+    """The files of one session, classified and grouped (see `group_session`).
 
     Attributes
     ----------
     groups : tuple of `FrameGroup`
-        Sorted by kind (bias, dark, flat, science, unknown) then key.
-    frames : tuple of `~rpp_tasks.inputs.fitsio.FrameMeta`
+        Sorted by kind (bias, dark, flat, science) then key.
+    frames : tuple of `~rpp_tasks.inputs.header.FrameMeta`
         Every accepted frame, sorted by path; ``imagetyp`` is the classified kind.
     rejected : tuple of `RejectedFile`
-        Files that are not usable frames (bad FITS, missing keywords ...).
+        Files that are not usable frames (bad FITS, missing keywords, unknown type ...).
     ignored : tuple of str
-        Files skipped by the ignore patterns (text, YAML, previews ...).
+        Files that are not frames (ignore patterns, names outside ``session.extensions``).
+    files : tuple of `FileOutcome`
+        Every file, sorted by path, with its outcome and reason.
     """
 
     groups: tuple[FrameGroup, ...]
     frames: tuple[FrameMeta, ...]
     rejected: tuple[RejectedFile, ...] = ()
     ignored: tuple[str, ...] = ()
+    files: tuple[FileOutcome, ...] = ()
 
     def by_kind(self, kind: str) -> tuple[FrameGroup, ...]:
         """The groups of one kind."""
@@ -246,6 +467,15 @@ class SessionPlan:
         return tuple(sorted(p for g in self.by_kind(kind) for p in g.paths))
 
     @property
+    def stems(self) -> dict[str, str]:
+        """Path -> frame stem of every frame and rejected file (unique in the session)."""
+        return {f.path: f.stem for f in self.files if f.stem is not None}
+
+    def stem_of(self, path) -> str:
+        """The frame stem of one file of the plan (`frame_stem` for a file outside it)."""
+        return self.stems.get(str(path)) or frame_stem(path)
+
+    @property
     def counts(self) -> dict[str, int]:
         out = {k: len(self.paths(k)) for k in FRAME_KINDS}
         out["rejected"] = len(self.rejected)
@@ -257,43 +487,191 @@ class SessionPlan:
         return tuple(sorted({g.band for g in self.by_kind("science") if g.band is not None}))
 
     def to_dict(self) -> dict:
-        """JSON-safe dict for ``manifest.json``; `from_dict` inverts it."""
+        """JSON-safe dict for ``manifest.json``; `from_dict` inverts it.
+
+        ``frames`` entries carry their ``stem`` next to the `FrameMeta` fields.
+        """
+        stems = self.stems
         return {
             "counts": self.counts,
             "bands": list(self.bands),
             "groups": [g.to_dict() for g in self.groups],
-            "frames": [m.to_dict() for m in self.frames],
+            "frames": [
+                {**m.to_dict(), "stem": stems.get(m.path) or frame_stem(m.path)}
+                for m in self.frames
+            ],
             "rejected": [r.to_dict() for r in self.rejected],
             "ignored": list(self.ignored),
+            "files": [f.to_dict() for f in self.files],
         }
 
     @classmethod
     def from_dict(cls, d: Mapping) -> SessionPlan:
         return cls(
             groups=tuple(FrameGroup.from_dict(g) for g in d.get("groups", ())),
-            frames=tuple(FrameMeta.from_dict(m) for m in d.get("frames", ())),
-            rejected=tuple(RejectedFile(r["path"], r["reason"]) for r in d.get("rejected", ())),
+            frames=tuple(
+                FrameMeta.from_dict({k: v for k, v in m.items() if k != "stem"})
+                for m in d.get("frames", ())
+            ),
+            rejected=tuple(
+                RejectedFile(r["path"], r["reason"], r.get("stem")) for r in d.get("rejected", ())
+            ),
             ignored=tuple(d.get("ignored", ())),
+            files=tuple(FileOutcome.from_dict(f) for f in d.get("files", ())),
         )
 
 
-def _expand(paths) -> list[Path]:
-    """Files from paths and folders (recursively), sorted, without duplicates."""
+# ----------------------------------------------------------------------------------------------
+# Frame stems
+# ----------------------------------------------------------------------------------------------
+_MAX_STEM = 120
+
+
+def _safe_stem(text: str) -> str:
+    """A folder name: letters, digits and ``._+-`` kept, anything else (separators, spaces,
+    ``$``, control characters) ``_``; never empty, never ``.``/``..``, at most 120 characters."""
+    out = re.sub(r"[^\w.+-]+", "_", unicodedata.normalize("NFC", text))
+    if set(out) <= {"."}:
+        out = "frame" + out.replace(".", "_")
+    if out.startswith(("-", ".")):
+        out = "_" + out
+    if len(out) > _MAX_STEM:
+        digest = hashlib.sha1(out.encode()).hexdigest()[:8]
+        out = f"{out[: _MAX_STEM - 9]}-{digest}"
+    return out
+
+
+def _rel(path: Path, root: Path | None) -> str:
+    if root is not None:
+        with contextlib.suppress(ValueError):
+            return Path(path).relative_to(root).as_posix()
+    return Path(path).name
+
+
+def assign_stems(paths, root=None) -> dict[str, str]:
+    """
+    Unique, deterministic frame stems (folder names under ``frames/``) for the files of a session.
+
+    A file's stem is its name without the FITS/compression suffixes (`frame_stem`), made safe as a
+    folder name. Files whose stems collide (``x.fits`` and ``x.fit``, ``a/x.fits`` and
+    ``b/x.fits``, ``X.fits`` and ``x.fits`` on a case-insensitive disk) are told apart by their
+    path relative to ``root``: first the folders (``a__x``, ``b__x``), then, for those still alike,
+    the full relative name with its suffix (``x.fits``, ``x.fit``), then that plus 8 hex digits of
+    its SHA-1. The result
+    depends only on the set of relative paths: a re-run of the same session gives the same stems.
+
+    Parameters
+    ----------
+    paths : iterable of str or Path
+    root : str or Path, optional
+        The session folder (default: the common folder of the paths).
+
+    Returns
+    -------
+    dict
+        ``str(path)`` -> stem; stems are unique case-insensitively.
+    """
+    paths = sorted({str(p) for p in paths})
+    if not paths:
+        return {}
+    if root is None:
+        root = os.path.commonpath([str(Path(p).parent) for p in paths])
+    root = Path(root)
+    rel = {p: _rel(Path(p), root) for p in paths}
+    base = {p: _safe_stem(frame_stem(p)) for p in paths}
+    groups: dict[str, list[str]] = {}
+    for p in paths:
+        groups.setdefault(base[p].casefold(), []).append(p)
+    out = {p: base[p] for p in paths}
+
+    def folders_form(p):
+        parts = rel[p].split("/")[:-1]
+        return "__".join([*(_safe_stem(f) for f in parts), base[p]])
+
+    def name_form(p):
+        return "__".join(_safe_stem(f) for f in rel[p].split("/"))
+
+    def hashed_form(p):
+        digest = hashlib.sha1(rel[p].encode("utf-8", "surrogateescape")).hexdigest()[:8]
+        return _safe_stem(f"{name_form(p)[: _MAX_STEM - 9]}-{digest}")
+
+    for members in groups.values():
+        if len(members) == 1:
+            continue
+        # each form is tried on the members the previous one left ambiguous
+        todo = members
+        for form in (folders_form, name_form, hashed_form):
+            cand = {p: form(p) for p in todo}
+            counts: dict[str, int] = {}
+            for c in cand.values():
+                counts[c.casefold()] = counts.get(c.casefold(), 0) + 1
+            for p, c in cand.items():
+                out[p] = c
+            todo = [p for p in todo if counts[cand[p].casefold()] > 1]
+            if not todo:
+                break
+    # a disambiguated stem may equal another file's plain stem (a file named 'a__x.fits'): hash
+    seen: dict[str, str] = {}
+    for p in paths:
+        key = out[p].casefold()
+        if key in seen:
+            out[p] = hashed_form(p)
+            key = out[p].casefold()
+        seen[key] = p
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Session plan
+# ----------------------------------------------------------------------------------------------
+def _expand(paths) -> tuple[list[Path], Path | None]:
+    """Files from paths and folders (recursively), sorted, without duplicates; and the root."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
+    paths = [Path(p) for p in paths]
     out = set()
     for p in paths:
-        p = Path(p)
         if p.is_dir():
-            out.update(q for q in p.rglob("*") if q.is_file())
+            out.update(q for q in p.rglob("*") if q.is_file() or q.is_symlink())
         else:
             out.add(p)
-    return sorted(out)
+    root = None
+    if len(paths) == 1 and paths[0].is_dir():
+        root = paths[0]
+    elif out:
+        root = Path(os.path.commonpath([str(q.parent) for q in out]))
+    return sorted(out), root
 
 
-def _ignored(path: Path, ignore) -> bool:
+def _ignored(path: Path, ignore) -> str | None:
     name = path.name.lower()
-    return any(fnmatch.fnmatchcase(name, str(pat).lower()) for pat in ignore)
+    for pat in ignore:
+        if fnmatch.fnmatchcase(name, str(pat).lower()):
+            return str(pat)
+    return None
+
+
+def _hidden_folder(path: Path, root: Path | None) -> str | None:
+    """The first folder below root whose name starts with '.' (``.stversions``, ``.sync``)."""
+    if root is None:
+        return None
+    try:
+        parts = path.relative_to(root).parts[:-1]
+    except ValueError:
+        return None
+    return next((p for p in parts if p.startswith(".")), None)
+
+
+def _has_extension(path: Path, extensions) -> bool:
+    name = path.name.lower()
+    return any(name.endswith(str(e).lower()) for e in extensions)
+
+
+def _looks_like_fits(path: Path) -> bool:
+    with contextlib.suppress(OSError):
+        with path.open("rb") as fh:
+            return fh.read(9) == b"SIMPLE  ="
+    return False
 
 
 def _round_exptime(exptime_s):
@@ -316,63 +694,152 @@ def _sort_key(key):
     return (band is not None, band or "", exptime is not None, exptime or 0.0, binning)
 
 
-def group_session(paths, obs=None, *, normalize_kwargs=None, patterns=None, ignore=DEFAULT_IGNORE):
+# What each kind needs from the header: science frames a time and an exposure (magnitudes per
+# second, the night, light curves), darks an exposure (scaling); biases and flats nothing more.
+_REQUIRED = {
+    "science": ("DATE-OBS", "EXPTIME"),
+    "dark": ("EXPTIME",),
+    "flat": (),
+    "bias": (),
+}
+
+
+def _session_setting(obs, name):
+    if obs is None:
+        return None
+    session = obs.get("session") if isinstance(obs, Mapping) else getattr(obs, "session", None)
+    if session is None:
+        return None
+    return session.get(name) if isinstance(session, Mapping) else getattr(session, name, None)
+
+
+def _classify_one(path: Path, root, kw, patterns, bayer):
+    """(kind or "rejected", reason, meta or None) for one file: never raises."""
+    try:
+        header, _, _ = read_header(path, bayer_pattern=bayer)
+        meta = normalize_header(header, path=path, required=(), **kw)
+        kind, why = classify_frame_reason(meta, path, patterns=patterns, header=header, root=root)
+        if kind == "unknown":
+            missing = []
+            for req in ("DATE-OBS", "EXPTIME"):
+                try:
+                    normalize_header(header, path=path, required=(req,), **kw)
+                except FrameRejected as exc:
+                    missing.append(exc.reason)
+            return "rejected", "; ".join([*missing, why]), None
+        if _REQUIRED[kind]:
+            meta = normalize_header(header, path=path, required=_REQUIRED[kind], **kw)
+        if kind == "science" and meta.exptime_s == 0.0:
+            raw = to_float(first_value(header, "EXPTIME", "EXPOSURE", "EXP_TIME", "ITIME")[1])
+            return (
+                "rejected",
+                f"EXPTIME={raw:g} s for a science frame ({why}): a sky frame needs a positive "
+                "exposure time (a zero-second exposure is a bias)",
+                None,
+            )
+        return kind, why, meta
+    except FrameRejected as exc:
+        return "rejected", exc.reason, None
+    except Exception as exc:  # one odd file never stops the grouping
+        log.exception("session grouping: %s", path)
+        return (
+            "rejected",
+            f"unexpected error while reading the header ({type(exc).__name__}: {exc})",
+            None,
+        )
+
+
+def group_session(
+    paths,
+    obs=None,
+    *,
+    normalize_kwargs=None,
+    patterns=None,
+    ignore=DEFAULT_IGNORE,
+    extensions=None,
+):
     """
-    Group a session's files by frame type and calibration key, reading headers only.
+    Classify every file of a session and group the frames, reading headers only.
 
     Parameters
     ----------
     paths : str, Path or iterable of them
-        Files and/or folders (searched recursively).
+        Files and/or folders (searched recursively). A single folder is the session root (frame
+        stems and folder-name rules are relative to it).
     obs : `~rpp_tasks.config.ObservatoryConfig`, optional
-        Supplies ``normalize_kwargs`` (camera, filter aliases) and ``patterns``
-        (``session.frame_types``) when those are not given.
+        Supplies ``normalize_kwargs`` (camera, filter aliases), ``patterns``
+        (``session.frame_types``) and ``extensions`` (``session.extensions``) when those are not
+        given.
     normalize_kwargs : Mapping, optional
-        Keyword arguments of `~rpp_tasks.inputs.fitsio.normalize_header` (``filter_aliases``,
+        Keyword arguments of `~rpp_tasks.inputs.header.normalize_header` (``filter_aliases``,
         ``default_band``, ``gain_e_per_adu``, ``bayer_pattern`` ...).
     patterns : Mapping[str, list of str], optional
-        File-name globs per kind, see `classify_frame`.
+        File-name globs per kind, see `classify_frame_reason`.
     ignore : iterable of str, optional
-        Case-insensitive globs of file names that are not frames (skipped silently, listed in
-        ``SessionPlan.ignored``).
+        Case-insensitive globs of file names that are not frames (``ignored``, with the pattern).
+    extensions : iterable of str, optional
+        File-name endings read as FITS (case-insensitive); default `DEFAULT_EXTENSIONS`. Other
+        files are ``ignored`` with the reason.
 
     Returns
     -------
     `SessionPlan`
-        Deterministic: files, groups and rejected entries are sorted. A bad file lands in
-        ``rejected`` with the reason; it never stops the grouping.
+        Deterministic: files, groups and rejected entries are sorted. Every file is in
+        ``files`` with its outcome and reason; a bad file lands in ``rejected`` with the reason,
+        it never stops the grouping.
     """
     kw = dict(normalize_kwargs_from_config(obs)) if obs is not None else {}
     kw.update(normalize_kwargs or {})
-    if patterns is None and obs is not None:
-        session = obs.get("session") if isinstance(obs, Mapping) else getattr(obs, "session", None)
-        ft = (
-            session.get("frame_types")
-            if isinstance(session, Mapping)
-            else getattr(session, "frame_types", None)
-        )
-        patterns = dict(ft or {})
+    if patterns is None:
+        patterns = dict(_session_setting(obs, "frame_types") or {})
+    if extensions is None:
+        extensions = tuple(_session_setting(obs, "extensions") or DEFAULT_EXTENSIONS)
     bayer = kw.get("bayer_pattern")
 
+    files, root = _expand(paths)
+    outcomes: list[tuple[str, str, str, FrameMeta | None]] = []  # path, outcome, reason, meta
+    for path in files:
+        hidden = _hidden_folder(path, root)
+        if hidden is not None:
+            why = f"inside the hidden folder {hidden!r} (sync-tool versions, caches)"
+            outcomes.append((str(path), "ignored", why, None))
+            continue
+        pat = _ignored(path, ignore)
+        if pat is not None:
+            outcomes.append(
+                (str(path), "ignored", f"file name matches the ignore pattern {pat!r}", None)
+            )
+            continue
+        if not _has_extension(path, extensions):
+            why = f"file name does not end with a FITS extension ({', '.join(extensions)})"
+            if _looks_like_fits(path):
+                why += ": FITS content, add its extension to session.extensions to reduce it"
+            outcomes.append((str(path), "ignored", why, None))
+            continue
+        kind, reason, meta = _classify_one(path, root, kw, patterns, bayer)
+        outcomes.append((str(path), kind, reason, meta))
+
+    stems = assign_stems([p for p, o, _, _ in outcomes if o != "ignored"], root=root)
     groups: dict[tuple[str, tuple], list[str]] = {}
-    frames, rejected, ignored = [], [], []
-    for path in _expand(paths):
-        if _ignored(path, ignore):
-            ignored.append(str(path))
-            continue
-        try:
-            header, _, _ = read_header(path, bayer_pattern=bayer)
-            meta = normalize_header(header, path=path, **kw)
-        except FrameRejected as exc:
-            rejected.append(RejectedFile(str(path), exc.reason))
-            log.warning("session grouping: %s rejected: %s", path.name, exc.reason)
-            continue
-        kind = classify_frame(meta, path, patterns=patterns)
-        if kind != meta.imagetyp:
-            warns = (*meta.warnings, f"classified as {kind} (header type {meta.imagetyp})")
-            meta = FrameMeta(**{**meta.__dict__, "imagetyp": kind, "warnings": warns})
-        frames.append(meta)
-        groups.setdefault((kind, _group_key(kind, meta)), []).append(str(path))
+    frames, rejected, ignored, file_out = [], [], [], []
+    for path, outcome, reason, meta in outcomes:
+        stem = stems.get(path)
+        if outcome == "ignored":
+            ignored.append(path)
+        elif outcome == "rejected":
+            rejected.append(RejectedFile(path, reason, stem))
+            log.warning("session grouping: %s rejected: %s", Path(path).name, reason)
+        else:
+            if outcome != meta.imagetyp:
+                note = f"classified as {outcome} (header type {meta.imagetyp}): {reason}"
+                meta = replace(meta, imagetyp=outcome, warnings=(*meta.warnings, note))
+            frames.append(meta)
+            groups.setdefault((outcome, _group_key(outcome, meta)), []).append(path)
+        file_out.append(
+            FileOutcome(
+                path, outcome, reason, stem, tuple(meta.warnings) if meta is not None else ()
+            )
+        )
 
     order = {k: i for i, k in enumerate(FRAME_KINDS)}
     plan_groups = tuple(
@@ -388,6 +855,7 @@ def group_session(paths, obs=None, *, normalize_kwargs=None, patterns=None, igno
         frames=tuple(sorted(frames, key=lambda m: m.path)),
         rejected=tuple(sorted(rejected, key=lambda r: r.path)),
         ignored=tuple(sorted(ignored)),
+        files=tuple(sorted(file_out, key=lambda f: f.path)),
     )
     log.info("session grouping: %s", ", ".join(f"{k}={v}" for k, v in plan.counts.items()))
     return plan

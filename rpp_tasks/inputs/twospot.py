@@ -35,6 +35,8 @@ __all__ = [
     "parse_setup_config",
     "expected_files",
     "check_complete",
+    "ROLES",
+    "frame_roles",
 ]
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,14 @@ class TwoSpotSetup:
     calib_mode: int | None = None
     posy: int | None = None
     extra: dict = field(default_factory=dict)
+
+    def spectrograph_overrides(self) -> dict:
+        """Values of the night's setup that override the observatory's spectrograph section:
+        ``bin_size`` -> ``bin_size_px``, ``posy`` -> ``spectrum_y_px`` (when given)."""
+        out = {"bin_size_px": int(self.bin_size)} if self.bin_size else {}
+        if self.posy is not None:
+            out["spectrum_y_px"] = float(self.posy)
+        return out
 
     @property
     def obs_file_name(self) -> str:
@@ -352,3 +362,36 @@ def check_complete(targets, present_names, *, extension: str = ".fits") -> Compl
         n_present=len(expected) - len(missing),
         missing=missing,
     )
+
+
+#: Frame role of each kind of ``last_obs.yaml`` (science frames are the target's exposures).
+ROLES = {"science": "target", "lamp": "lamp", "flat": "flat", "dark": "dark", "offset": "offset"}
+
+
+def frame_roles(targets, *, extension: str = ".fits") -> dict[str, list[tuple[str, str]]]:
+    """
+    Role of every file a 2SPOT session declares.
+
+    Parameters
+    ----------
+    targets : iterable of `TwoSpotTarget`
+    extension : str, optional
+        ``".fits"`` or ``".fit"`` (``setup_config.yaml`` ``file_extension``).
+
+    Returns
+    -------
+    roles : dict
+        Lower-case file name -> list of ``(role, target key)``, role among ``target``, ``lamp``,
+        ``flat``, ``dark``, ``offset``. A calibration file shared by several targets (same
+        prefix) lists every target it serves.
+    """
+    out: dict[str, list[tuple[str, str]]] = {}
+    for t in targets:
+        for kind, prefix_field, count_field in _KINDS:
+            prefix = getattr(t, prefix_field)
+            for i in range(1, getattr(t, count_field) + 1):
+                name = f"{prefix}{i}{extension}".lower()
+                entry = (ROLES[kind], t.key or t.name)
+                if entry not in out.setdefault(name, []):
+                    out[name].append(entry)
+    return out

@@ -142,6 +142,8 @@ def cmd_watch(args) -> int:
 
     from rpp_tasks.config import default_config_dir, find_config, load_observatory_configs
     from rpp_tasks.ops import watch
+    from rpp_tasks.ops.airflow_api import AirflowClient
+    from rpp_tasks.ops.readiness import rule_from_config
 
     if args.observatory:
         configs = [find_config(n) for n in args.observatory]
@@ -149,8 +151,9 @@ def cmd_watch(args) -> int:
         configs, errors = load_observatory_configs(default_config_dir(), strict=False)
         for err in errors.values():
             log.error("skipping an observatory: %s", err)
-    trigger = watch.AirflowTrigger.from_env(args.api_url)
+    trigger = AirflowClient.from_env(args.api_url)
     watchers = []
+    rc = 0
     for obs in configs:
         incoming = obs.resolve_path("incoming")
         incoming.mkdir(parents=True, exist_ok=True)
@@ -158,18 +161,21 @@ def cmd_watch(args) -> int:
             obs.name,
             incoming,
             obs.dag_id,
-            watch.rule_from_config(obs),
+            rule_from_config(obs),
             obs.resolve_path("work") / "watch_state.json",
             trigger,
             use_polling=obs.session.use_polling,
             unpause=args.unpause,
         )
-        if args.once:
-            w.run_once()
-            time.sleep(obs.session.settle_seconds)
-            w.run_once()
+        try:
+            if args.once:
+                rc = max(rc, 0 if w.scan_once() else 1)  # 1: a trigger is still queued
+                continue
+            w.start()
+        except watch.WatcherLocked as exc:
+            log.error("%s", exc)
+            rc = 3
             continue
-        w.start()
         watchers.append(w)
         log.info(
             "watching %s (%s rule, %s) -> DAG %s",
@@ -178,15 +184,15 @@ def cmd_watch(args) -> int:
             "polling" if obs.session.use_polling else "inotify",
             obs.dag_id,
         )
-    if args.once:
-        return 0
+    if args.once or not watchers:
+        return rc
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     done.wait()
     for w in watchers:
         w.stop()
-    return 0
+    return rc
 
 
 def cmd_config(args) -> int:

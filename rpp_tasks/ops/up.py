@@ -16,8 +16,8 @@ What it does, in order:
    session into the demo incoming folder (atomically: written under a hidden name, then renamed),
    waits until the DAG run ``session__<night>`` finishes, and prints the UI address, the login and
    where the products are;
-5. keeps Airflow and the watcher running until Ctrl-C (``--exit-when-done`` stops after the run,
-   for CI).
+5. keeps Airflow and the watcher running until Ctrl-C, SIGTERM or SIGHUP, which stop Airflow's
+   whole process group (``--exit-when-done`` stops after the run, for CI).
 
 This module never imports Airflow: it runs the ``airflow`` command and speaks HTTP to the API.
 """
@@ -39,13 +39,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rpp_tasks.config import REPO_ROOT, default_config_dir
+from rpp_tasks.ops.airflow_api import AirflowApiError, AirflowClient
 
 __all__ = [
     "UpSettings",
     "airflow_env",
     "prepare_home",
     "AirflowProcess",
-    "ApiClient",
     "run_up",
     "up_main",
 ]
@@ -224,8 +224,10 @@ class AirflowProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> AirflowProcess:
-        airflow = shutil.which("airflow", path=self.env.get("PATH")) or str(
-            Path(sys.executable).with_name("airflow")
+        airflow = (
+            self.env.get("RPP_AIRFLOW_CMD")  # another launcher (a wrapper script; the tests)
+            or shutil.which("airflow", path=self.env.get("PATH"))
+            or str(Path(sys.executable).with_name("airflow"))
         )
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         out = None if self.echo else open(self.log_path, "ab")
@@ -262,94 +264,6 @@ class AirflowProcess:
                 continue
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGTERM)  # leftovers of the group (task processes)
-
-
-class ApiClient:
-    """Tiny Airflow REST client (``/api/v2``) with the simple auth manager's JWT."""
-
-    def __init__(self, base_url: str, user: str, password: str, timeout: float = 10.0):
-        import requests
-
-        self.base_url = base_url.rstrip("/")
-        self.user, self._password = user, password
-        self.timeout = timeout
-        self._http = requests.Session()
-        self._token: str | None = None
-        self.requests = requests
-
-    def healthy(self) -> bool:
-        try:
-            r = self._http.get(f"{self.base_url}/api/v2/monitor/health", timeout=self.timeout)
-        except self.requests.RequestException:
-            return False
-        if r.status_code != 200:
-            return False
-        h = r.json()
-        return all(
-            (h.get(k) or {}).get("status") == "healthy" for k in ("metadatabase", "scheduler")
-        )
-
-    def _auth(self, refresh: bool = False) -> dict:
-        if self._token is None or refresh:
-            r = self._http.post(
-                f"{self.base_url}/auth/token",
-                json={"username": self.user, "password": self._password},
-                timeout=self.timeout,
-            )
-            r.raise_for_status()
-            self._token = r.json()["access_token"]
-        return {"Authorization": f"Bearer {self._token}"}
-
-    def request(self, method: str, path: str, body: dict | None = None):
-        url = f"{self.base_url}/api/v2{path}"
-        r = self._http.request(method, url, json=body, headers=self._auth(), timeout=self.timeout)
-        if r.status_code == 401:
-            r = self._http.request(
-                method, url, json=body, headers=self._auth(refresh=True), timeout=self.timeout
-            )
-        return r
-
-    def ensure_pool(self, name: str, slots: int, description: str) -> None:
-        r = self.request(
-            "POST", "/pools", {"name": name, "slots": slots, "description": description}
-        )
-        if r.status_code == 409:
-            r = self.request(
-                "PATCH",
-                f"/pools/{name}",
-                {
-                    "name": name,
-                    "slots": slots,
-                    "description": description,
-                    "include_deferred": False,
-                },
-            )
-        if r.status_code not in (200, 201):
-            raise RuntimeError(f"cannot create pool {name}: HTTP {r.status_code} {r.text[:300]}")
-
-    def dag_registered(self, dag_id: str) -> bool:
-        return self.request("GET", f"/dags/{dag_id}").status_code == 200
-
-    def unpause(self, dag_id: str) -> None:
-        self.request("PATCH", f"/dags/{dag_id}", {"is_paused": False})
-
-    def trigger(self, dag_id: str, run_id: str, conf: dict) -> int:
-        r = self.request(
-            "POST",
-            f"/dags/{dag_id}/dagRuns",
-            {"dag_run_id": run_id, "logical_date": None, "conf": conf},
-        )
-        return r.status_code
-
-    def run_state(self, dag_id: str, run_id: str) -> str | None:
-        r = self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}")
-        return r.json().get("state") if r.status_code == 200 else None
-
-    def task_states(self, dag_id: str, run_id: str) -> dict:
-        r = self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")
-        if r.status_code != 200:
-            return {}
-        return {t["task_id"]: t.get("state") for t in r.json().get("task_instances", [])}
 
 
 def _wait(predicate, timeout: float, interval: float, what: str, alive=None):
@@ -432,7 +346,7 @@ def run_up(
         )
         return 2
     af = AirflowProcess(env, settings.home / "standalone.log", echo=echo).start()
-    api = ApiClient(settings.base_url, ADMIN_USER, secrets_["password"])
+    api = AirflowClient(settings.base_url, ADMIN_USER, secrets_["password"])
     watcher = None
     t_start = time.monotonic()
     try:
@@ -451,48 +365,31 @@ def run_up(
         if not demo:
             _print_banner(settings, secrets_, obs, None)
             return _serve(af, watcher, exit_when_done)
-        run_id = None
-        try:
-            from rpp_tasks.ops import watch
-        except ImportError:
-            watch = None
-        if watch is not None:
-            rule = watch.rule_from_config(obs, settle_seconds=2.0)
-            trigger = watch.AirflowTrigger(settings.base_url, ADMIN_USER, secrets_["password"])
-            watcher = watch.SessionWatcher(
-                obs.name,
-                obs.resolve_path("incoming"),
-                obs.dag_id,
-                rule,
-                obs.resolve_path("work") / "watch_state.json",
-                trigger,
-                use_polling=obs.session.use_polling,
-                rescan_s=10.0,
-                unpause=True,
-            )
-            obs.resolve_path("incoming").mkdir(parents=True, exist_ok=True)
-            watcher.start()
+        from rpp_tasks.ops.readiness import rule_from_config, run_id_for, session_id_for
+        from rpp_tasks.ops.watch import SessionWatcher
+
+        watcher = SessionWatcher(
+            obs.name,
+            obs.resolve_path("incoming"),
+            obs.dag_id,
+            rule_from_config(obs, settle_seconds=2.0),
+            obs.resolve_path("work") / "watch_state.json",
+            AirflowClient(settings.base_url, ADMIN_USER, secrets_["password"]),
+            use_polling=obs.session.use_polling,
+            rescan_s=10.0,
+            unpause=True,
+        )
+        obs.resolve_path("incoming").mkdir(parents=True, exist_ok=True)
+        watcher.start()
         session_dir = write_demo_session(obs, night, n_science=n_science)
-        session_id = watch.session_id_for(night) if watch is not None else night
-        run_id = f"session__{session_id}"
+        session_id = session_id_for(night)
+        run_id = run_id_for(session_id)
         print(f"Demo session written to {session_dir}", flush=True)
-        if watch is None:
-            code = api.trigger(
-                obs.dag_id,
-                run_id,
-                {
-                    "observatory": obs.name,
-                    "session_id": session_id,
-                    "session_dir": str(session_dir),
-                },
-            )
-            print(f"triggered {obs.dag_id} run {run_id} (HTTP {code})", flush=True)
-        else:
-            print(
-                f"watcher: waiting for the session to be quiet for {obs.session.quiet_seconds:g} s, "
-                f"then it triggers {obs.dag_id} run {run_id}",
-                flush=True,
-            )
+        print(
+            f"watcher: waiting for the session to be quiet for {obs.session.quiet_seconds:g} s, "
+            f"then it triggers {obs.dag_id} run {run_id}",
+            flush=True,
+        )
         state = _follow_run(api, obs.dag_id, run_id, timeout_s, alive=af.alive)
         wall = time.monotonic() - t_start
         _print_banner(
@@ -510,7 +407,7 @@ def run_up(
             return 0 if state == "success" else 1
         rc = _serve(af, watcher, exit_when_done=False)
         return rc if state == "success" else 1
-    except (RuntimeError, TimeoutError) as exc:
+    except (RuntimeError, TimeoutError, AirflowApiError) as exc:
         print(f"rpp up: {exc}\n(see {settings.home / 'standalone.log'})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -522,7 +419,7 @@ def run_up(
         af.stop()
 
 
-def _follow_run(api: ApiClient, dag_id: str, run_id: str, timeout_s: float, alive) -> str:
+def _follow_run(api: AirflowClient, dag_id: str, run_id: str, timeout_s: float, alive) -> str:
     t0 = time.monotonic()
     last = None
     while time.monotonic() - t0 < timeout_s:
@@ -599,6 +496,35 @@ def _redact(url: str) -> str:
     return url
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals=STOP_SIGNALS):
+    """SIGTERM (a service manager stopping ``rpp up``) and SIGHUP (its terminal closed) stop it as
+    Ctrl-C does: a KeyboardInterrupt in the main thread, so the ``finally`` blocks stop the watcher
+    and Airflow's whole process group. The first signal switches the others off, so a second one
+    cannot interrupt that cleanup. (Before, either killed ``rpp up`` and left Airflow running.)"""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        for sig in signals:
+            signal.signal(sig, signal.SIG_IGN)
+        print(f"rpp up: {signal.Signals(signum).name} received, stopping", flush=True)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def up_main(argv: list[str] | None = None) -> int:
     """Command line of ``rpp up`` (the lead wires it as a subcommand: ``return up_main(argv)``)."""
     p = argparse.ArgumentParser(
@@ -628,16 +554,20 @@ def up_main(argv: list[str] | None = None) -> int:
             datefmt="%H:%M:%S",
         )
     settings = UpSettings(home=Path(args.home) if args.home else None, port=args.port)
-    return run_up(
-        settings,
-        observatory=args.observatory,
-        night=args.night,
-        n_science=args.frames,
-        exit_when_done=args.exit_when_done,
-        timeout_s=args.timeout,
-        demo=not args.no_demo,
-        echo=args.echo,
-    )
+    with stop_on_signals():
+        try:
+            return run_up(
+                settings,
+                observatory=args.observatory,
+                night=args.night,
+                n_science=args.frames,
+                exit_when_done=args.exit_when_done,
+                timeout_s=args.timeout,
+                demo=not args.no_demo,
+                echo=args.echo,
+            )
+        except KeyboardInterrupt:  # before Airflow was started: nothing to stop
+            return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -529,7 +529,7 @@ def celestial_footprint(header, *, shape=None, points_per_side=None) -> Footprin
     -------
     footprint : `Footprint` or None
         None when there is no usable celestial WCS (absent, rejected by
-        `rpp_tasks.inputs.fitsio.header_wcs` -- e.g. no CDELT/CD scale, singular matrix, pixel scale
+        `rpp_tasks.inputs.wcs.header_wcs` -- e.g. no CDELT/CD scale, singular matrix, pixel scale
         above 1800"/px --, not 2-D, non-finite corners, or a field larger than 90 deg): never a
         guessed footprint.
     """
@@ -544,7 +544,7 @@ def celestial_footprint(header, *, shape=None, points_per_side=None) -> Footprin
     # The pipeline's own WCS check first (the one the astrometry stage uses): it rejects what
     # astropy would silently accept, e.g. a pointing-only CTYPE/CRVAL/CRPIX header without
     # CDELT/CD, which astropy reads as 1 deg/px (a 40x30 px frame would get a 47 deg footprint).
-    from rpp_tasks.inputs.fitsio import header_wcs
+    from rpp_tasks.inputs.wcs import header_wcs
 
     check_h = h.copy()
     if "NAXIS1" not in check_h or "NAXIS2" not in check_h:
@@ -1051,18 +1051,10 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 
 
 def _engine(url):
-    """SQLAlchemy engine for a URL (``postgres://`` Airflow URIs and bare SQLite paths accepted)."""
-    from sqlalchemy import create_engine
-    from sqlalchemy.pool import NullPool
+    """One-shot engine (no pool) for a URL: `rpp_tasks.outputs.sql.make_engine`."""
+    from rpp_tasks.outputs.sql import make_engine
 
-    text = str(url)
-    if "://" not in text:
-        text = f"sqlite:///{Path(text).expanduser().resolve()}"
-    if text.startswith("postgres://"):
-        text = "postgresql://" + text[len("postgres://") :]
-    if text.startswith("postgresql://"):
-        text = "postgresql+psycopg2://" + text[len("postgresql://") :]
-    return create_engine(text, poolclass=NullPool)
+    return make_engine(url, one_shot=True)
 
 
 def _table_name(table, dialect) -> str:

@@ -20,7 +20,7 @@ import html
 import json
 import logging
 import math
-import os
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote
@@ -206,16 +206,32 @@ def session_for_run(configs, dag_id: str, run_id: str) -> SessionEntry | None:
             continue
         work = obs.resolve_path("work")
         guess = run_id[len("session__") :] if run_id.startswith("session__") else None
-        candidates = (
-            [work / guess] if guess and "/" not in guess and guess not in (".", "..") else []
-        )
+        candidates = [work / guess] if guess and safe_name(guess) else []
         candidates += sorted(work.iterdir()) if work.is_dir() else []
         for d in candidates:
-            if (d / "session_summary.json").is_file():
+            try:
+                has_summary = (d / "session_summary.json").is_file()
+            except (OSError, ValueError):
+                has_summary = False
+            if has_summary:
                 e = _entry(obs, d)
                 if e is not None and e.run_id == run_id:
                     return e
     return None
+
+
+_MAX_NAME_BYTES = 255  # one path component (NAME_MAX of the usual file systems)
+_MAX_PATH_CHARS = 1024
+
+
+def safe_name(name: str) -> bool:
+    """True for a plain file or folder name: not empty, ``.`` or ``..``, no ``/``, ``\\``, NUL or
+    other control character, at most 255 bytes in UTF-8."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        return False
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return False
+    return len(name.encode("utf-8", "surrogatepass")) <= _MAX_NAME_BYTES
 
 
 def product_path(configs, observatory: str, session_id: str, relpath: str) -> Path:
@@ -231,41 +247,63 @@ def product_path(configs, observatory: str, session_id: str, relpath: str) -> Pa
     Returns
     -------
     pathlib.Path
-        An existing regular file inside ``<paths.work>/<session_id>/``.
+        A regular file that resolves inside the session's ``report/`` folder, or the ZIP itself.
 
     Raises
     ------
+    ValueError
+        A malformed request: a session id or path part that is not a plain name (``..``, NUL or
+        control characters, more than 255 bytes), an absolute path.
     FileNotFoundError
-        Unknown observatory or session, or no such product.
+        Unknown observatory or session, no such product, or not a regular file.
     PermissionError
-        A path outside the session's published products (``..``, absolute paths, symlinks that leave
-        the work folder, raw or intermediate files).
+        Not a published product (raw or intermediate files), or a symbolic link that resolves
+        outside ``report/`` (or a ZIP that is a link to elsewhere).
     """
     by_name = {obs.name: obs for obs in configs}
     obs = by_name.get(observatory)
     if obs is None:
-        raise FileNotFoundError(f"unknown observatory {observatory!r}")
-    if not session_id or session_id in (".", "..") or "/" in session_id or os.sep in session_id:
-        raise PermissionError(f"invalid session id {session_id!r}")
-    work = obs.resolve_path("work").resolve()
-    workdir = work / session_id
-    if not (workdir / "session_summary.json").is_file():
-        raise FileNotFoundError(
-            f"no reduced session {session_id!r} for observatory {observatory!r}"
-        )
+        raise FileNotFoundError(f"unknown observatory {observatory!r:.80}")
+    if not safe_name(session_id):
+        raise ValueError(f"invalid session id {session_id!r:.80}")
     rel = PurePosixPath(relpath)
-    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
-        raise PermissionError(f"invalid product path {relpath!r}")
+    if (
+        len(relpath) > _MAX_PATH_CHARS
+        or rel.is_absolute()
+        or not rel.parts
+        or not all(safe_name(p) for p in rel.parts)
+    ):
+        raise ValueError(f"invalid product path {relpath!r:.80}")
     published = (rel.parts[0] == REPORT_DIR and len(rel.parts) >= 2) or (
         len(rel.parts) == 1 and rel.name.endswith("_products.zip")
     )
     if not published:
         raise PermissionError(
-            f"{relpath!r} is not a published product (report/... or the products ZIP)"
+            f"{relpath!r:.80} is not a published product (report/... or the products ZIP)"
         )
-    target = (workdir / Path(*rel.parts)).resolve()
-    if not target.is_relative_to(workdir.resolve()):
-        raise PermissionError(f"{relpath!r} leaves the session folder")
-    if not target.is_file():
-        raise FileNotFoundError(f"no product {relpath!r} in session {session_id!r}")
+    missing = FileNotFoundError(f"no product {relpath!r:.80} in session {session_id!r}")
+    try:
+        work = obs.resolve_path("work").resolve()
+        workdir = (work / session_id).resolve(strict=True)
+        if not workdir.is_relative_to(work) or not (workdir / "session_summary.json").is_file():
+            raise FileNotFoundError(
+                f"no reduced session {session_id!r} for observatory {observatory!r}"
+            )
+        if rel.parts[0] == REPORT_DIR:
+            base = (workdir / REPORT_DIR).resolve(strict=True)
+            if base.parent != workdir:
+                raise PermissionError(f"{REPORT_DIR}/ of session {session_id!r} is a link")
+            target = (workdir / Path(*rel.parts)).resolve(strict=True)
+            inside = target.is_relative_to(base)
+        else:
+            target = (workdir / rel.name).resolve(strict=True)
+            inside = target.parent == workdir and target.name == rel.name
+        if not inside:
+            raise PermissionError(f"{relpath!r:.80} is a link that leaves {REPORT_DIR}/")
+        if not stat.S_ISREG(target.stat().st_mode):
+            raise missing
+    except (FileNotFoundError, PermissionError):
+        raise
+    except (OSError, RuntimeError, ValueError):  # ENAMETOOLONG, ELOOP, a link loop...
+        raise missing from None
     return target

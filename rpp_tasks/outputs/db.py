@@ -10,12 +10,13 @@ session + frame stem; session + master kind), as BANZAI's ``add_or_update_record
 with delete + insert. Stage runs are appended.
 
 Backends are SQLite (the default, one file per installation, see `default_results_url`) and
-PostgreSQL (``postgresql://user@host/db``). For SQLite the connection uses WAL journaling, a busy
-timeout and ``BEGIN IMMEDIATE`` for writes, so that several processes (e.g. Airflow tasks of one
-session) can write at the same time. Timestamps are timezone-aware and stored as UTC; they come
-back as aware `datetime` objects in UTC on both backends. JSON columns use the portable SQLAlchemy
-``JSON`` type (``JSONB`` on PostgreSQL); NaN and infinities are stored as SQL ``NULL`` / JSON
-``null`` so that both backends hold the same values.
+PostgreSQL (``postgresql://user@host/db``), opened by `rpp_tasks.outputs.sql.make_engine`: for
+SQLite the connection uses WAL journaling, a busy timeout and ``BEGIN IMMEDIATE`` for writes, so
+that several processes (e.g. Airflow tasks of one session) can write at the same time.
+Timestamps are timezone-aware and stored as UTC; they come back as aware `datetime` objects in UTC
+on both backends. JSON columns use the portable SQLAlchemy ``JSON`` type (``JSONB`` on
+PostgreSQL); NaN and infinities are stored as SQL ``NULL`` / JSON ``null`` so that both backends
+hold the same values.
 
 This module imports only SQLAlchemy and the standard library: Airflow tasks may import it, and it
 never imports Airflow.
@@ -37,8 +38,6 @@ import json
 import logging
 import math
 import os
-import sqlite3
-import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -59,17 +58,15 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
-    create_engine,
-    event,
     func,
     select,
     text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from rpp_tasks.exceptions import ConfigError
+from rpp_tasks.outputs.sql import make_engine, normalize_url, write_transaction
 
 __all__ = [
     "FRAME_FIELDS",
@@ -97,8 +94,6 @@ FRAME_STATUSES = ("ok", "rejected")
 STAGE_RUN_STATUSES = ("running", "success", "failed", "rejected", "skipped")
 FRAME_TYPES = ("bias", "dark", "flat", "science", "unknown")
 
-# SQLite waits this long for another writer before failing with "database is locked".
-SQLITE_BUSY_TIMEOUT_MS = 60_000
 # Arbitrary constant key of the PostgreSQL advisory lock that serialises create_schema().
 _PG_SCHEMA_LOCK_KEY = 0x52505044  # "RPPD"
 
@@ -518,70 +513,6 @@ def _session_dict(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# Engine
-# --------------------------------------------------------------------------------------------
-
-
-def _normalise_url(url: str) -> str:
-    # Airflow's Connection.get_uri() and Heroku-style DSNs use the "postgres" scheme, which
-    # SQLAlchemy 2 refuses.
-    if url.startswith("postgres://"):
-        return "postgresql://" + url[len("postgres://") :]
-    return url
-
-
-def _enable_wal(cursor) -> str:
-    """Switch the database file to WAL (persistent) and return the journal mode now in force.
-
-    Switching needs an exclusive lock and SQLite does not always call the busy handler for it:
-    two processes opening a fresh file at once can get "database is locked" immediately. Retry
-    with back-off until the busy timeout; once the file is in WAL mode only a read is needed.
-    """
-    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
-    delay_s = 0.005
-    while True:
-        try:
-            mode = cursor.execute("PRAGMA journal_mode").fetchone()[0].lower()
-            if mode in ("wal", "memory"):
-                return mode
-            return cursor.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower()
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
-                raise
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(delay_s)
-            delay_s = min(2 * delay_s, 0.25)
-
-
-def _install_sqlite_listeners(engine: Engine) -> None:
-    """WAL + busy timeout + foreign keys; BEGIN IMMEDIATE for writes, plain BEGIN for reads.
-
-    pysqlite's own transaction handling is switched off (``isolation_level = None``) so the
-    ``begin`` event decides how each transaction starts (SQLAlchemy's documented recipe). A write
-    transaction takes the write lock up front: a deferred one that read first could otherwise
-    fail with SQLITE_BUSY without waiting when another process committed in between.
-    """
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn, _record):
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-        mode = _enable_wal(cur)
-        if mode not in ("wal", "memory"):
-            log.warning("results db: SQLite journal_mode is %s, not WAL", mode)
-        cur.execute("PRAGMA synchronous = NORMAL")
-        cur.execute("PRAGMA foreign_keys = ON")
-        cur.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn):
-        immediate = conn.get_execution_options().get("rpp_write", False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
-
-# --------------------------------------------------------------------------------------------
 # ResultsDB
 # --------------------------------------------------------------------------------------------
 
@@ -610,25 +541,17 @@ class ResultsDB:
     """
 
     def __init__(self, url: str, *, echo: bool = False):
-        url = _normalise_url(str(url))
-        parsed = make_url(url)
+        parsed = normalize_url(url)
         backend = parsed.get_backend_name()
         if backend not in ("sqlite", "postgresql"):
-            msg = f"unsupported results database backend {backend!r} in {parsed!r}: use sqlite or postgresql"
+            msg = (
+                f"unsupported results database backend {backend!r} in {parsed!r}: "
+                "use sqlite or postgresql"
+            )
             raise ValueError(msg)
         self.url = parsed.render_as_string(hide_password=True)
-        if backend == "sqlite":
-            database = parsed.database
-            if database and database != ":memory:" and not database.startswith("file:"):
-                Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            self._engine = create_engine(parsed, echo=echo, json_serializer=_json_dumps)
-            _install_sqlite_listeners(self._engine)
-            self._insert = sqlite.insert
-        else:
-            self._engine = create_engine(
-                parsed, echo=echo, json_serializer=_json_dumps, pool_pre_ping=True
-            )
-            self._insert = postgresql.insert
+        self._engine = make_engine(parsed, echo=echo, json_serializer=_json_dumps)
+        self._insert = sqlite.insert if backend == "sqlite" else postgresql.insert
         self.dialect = backend
         log.debug("results db: opened %s", self.url)
 
@@ -655,10 +578,8 @@ class ResultsDB:
     @contextlib.contextmanager
     def _write(self) -> Iterator[Connection]:
         """One write transaction (BEGIN IMMEDIATE on SQLite)."""
-        with self._engine.connect() as conn:
-            conn.execution_options(rpp_write=True)
-            with conn.begin():
-                yield conn
+        with write_transaction(self._engine) as conn:
+            yield conn
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[Connection]:

@@ -48,6 +48,7 @@ __all__ = [
     "RetryPolicy",
     "Notice",
     "scrub",
+    "printable",
     "send_email",
     "send_telegram_message",
     "send_telegram_photo",
@@ -205,6 +206,33 @@ def scrub(text: Any, secrets: Iterable[str | None] = ()) -> str:
     return _BOT_TOKEN.sub("***", out)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(value: Any, *, one_line: bool = True, limit: int | None = None) -> str:
+    """
+    Text safe for an e-mail header, an HTML or Telegram message and a log line.
+
+    Control characters (and with ``one_line`` also CR, LF and TAB) are shown as escapes (``\\n``,
+    ``\\x1b``), as are undecodable bytes of file names (lone surrogates: ``\\udce9``): an odd
+    session id or header value is shown as it is, never a reason to drop a message (an e-mail
+    header with a line break is refused by the mail library). ``limit`` cuts with an ellipsis.
+    """
+    out = "" if value is None else str(value)
+    out = out.encode("utf-8", "backslashreplace").decode("utf-8")
+    if one_line:
+        out = out.replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t")
+    else:
+        out = out.replace("\r\n", "\n").replace("\r", "\\r")
+    out = _CONTROL.sub(
+        lambda m: (
+            f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}"
+        ),
+        out,
+    )
+    return _cut(out, limit) if limit else out
+
+
 class _ScrubFilter(logging.Filter):
     """Masks ``/bot<token>/`` in records of urllib3 (its debug lines carry the request path)."""
 
@@ -312,7 +340,7 @@ def build_email(
     attachments : sequence of (filename, bytes, mime type), optional
     """
     msg = EmailMessage()
-    msg["Subject"] = subject
+    msg["Subject"] = printable(subject, limit=250)  # a line break would make the header invalid
     msg["From"] = from_addr
     msg["To"] = ", ".join(to)
     msg["Date"] = formatdate(localtime=False, usegmt=True)
@@ -524,7 +552,7 @@ def send_telegram_message(
         raise ValueError("send_telegram_message: empty text")
     data = {
         "chat_id": str(settings.chat_id),
-        "text": _cut(text, TELEGRAM_TEXT_MAX),
+        "text": printable(text, one_line=False, limit=TELEGRAM_TEXT_MAX),
         "disable_web_page_preview": "true",
     }
     if parse_mode:
@@ -565,7 +593,7 @@ def send_telegram_photo(
         raise ValueError("send_telegram_photo: empty photo")
     data = {"chat_id": str(settings.chat_id)}
     if caption:
-        data["caption"] = _cut(caption, TELEGRAM_CAPTION_MAX)
+        data["caption"] = printable(caption, one_line=False, limit=TELEGRAM_CAPTION_MAX)
         if parse_mode:
             data["parse_mode"] = parse_mode
     mime = "image/png" if _image_subtype(photo) == "png" else "image/jpeg"
@@ -791,10 +819,18 @@ def compose_failure_alert(info: Mapping[str, Any]) -> tuple[str, str, str, str]:
         ``session_id``, ``session_dir``, ``error``, ``log_url``, ``at`` (the DAG's ``failure_info``).
     """
     e = html.escape
+    # every value shown as it is but printable: a newline or control character in a session id
+    # or a header value must not make the alert undeliverable (the error keeps its line breaks)
+    info = {
+        k: printable(v, one_line=k != "error", limit=4000 if k == "error" else 300)
+        if isinstance(v, str)
+        else v
+        for k, v in dict(info).items()
+    }
     dag, task = info.get("dag_id") or "?", info.get("task_id")
     session = info.get("session_id") or info.get("session_dir") or "?"
     what = f"task {task}" if task else "run"
-    subject = f"[RPP FAILURE] {dag} / {session}: {what} failed"
+    subject = printable(f"[RPP FAILURE] {dag} / {session}: {what} failed", limit=200)
     rows = [
         ("DAG", dag),
         ("session", session),
@@ -1129,11 +1165,15 @@ def notify_failure(
     path = None
     if obs is not None:
         try:
+            from rpp_tasks.outputs.browse import safe_name
+
             work = obs.resolve_path("work")
             sid = info.get("session_id")
+            # only a plain folder name: '../x' or an odd id must not put the notices elsewhere
+            in_session = isinstance(sid, str) and safe_name(sid)
             path = (
                 work / sid / "notify.json"
-                if sid and (work / sid / "session.json").is_file()
+                if in_session and (work / sid / "session.json").is_file()
                 else work / "notify.json"
             )
         except Exception as exc:
@@ -1156,8 +1196,13 @@ def notify_failure(
             done = set()
     try:
         subject, body, text, tg = compose_failure_alert(info)
-        cfg = getattr(obs, "notifications", None)
-        to = tuple(getattr(cfg, "operators_email_to", None) or ())
+    except Exception as exc:  # an alert must never hide the original failure
+        log.error("failure alert could not be composed: %s", scrub(exc, secrets))
+        subject = f"[RPP FAILURE] {printable(info.get('dag_id'), limit=100)}"
+        body = text = tg = f"{subject}\n(the alert could not be composed: {type(exc).__name__})"
+    cfg = getattr(obs, "notifications", None)
+    to = tuple(getattr(cfg, "operators_email_to", None) or ())
+    try:  # each channel on its own: one that cannot send must not silence the other
         if to and smtp is not None:
             if ("email", to) in done:
                 log.info("failure alert for %s already e-mailed to %s", key, ", ".join(to))
@@ -1177,6 +1222,9 @@ def notify_failure(
                 )
         elif to:
             notices.append(_skipped("email", "failure", to, "no SMTP settings", key))
+    except Exception as exc:
+        log.error("failure alert could not be e-mailed: %s", scrub(exc, secrets))
+    try:
         if telegram is not None:
             if ("telegram", (str(telegram.chat_id),)) in done:
                 log.info("failure alert for %s already sent to chat %s", key, telegram.chat_id)
@@ -1187,7 +1235,7 @@ def notify_failure(
                     )
                 )
     except Exception as exc:  # an alert must never hide the original failure
-        log.error("failure alert could not be sent: %s", scrub(exc, secrets))
+        log.error("failure alert could not be sent to Telegram: %s", scrub(exc, secrets))
     if path is not None and notices:
         try:
             record_notices(path, notices)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
+import functools
 import html
 import io
 import logging
@@ -142,6 +143,21 @@ def _fmt(value, fmt: str = "{:.2f}", missing: str = "—") -> str:
 
 def _esc(value) -> str:
     return html.escape("" if value is None else str(value), quote=True)
+
+
+def _literal_text(plot):
+    """Run a plot function with matplotlib's mathtext off: the plots draw file names, OBJECT and
+    other header values, which are never TeX (``M42_$1_$2.fits`` made matplotlib parse ``1_`` as
+    math and lose the preview, magnitude-error and zero-point plots)."""
+
+    @functools.wraps(plot)
+    def wrapper(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return plot(*args, **kwargs)
+
+    return wrapper
 
 
 def _figure(width_in: float, height_in: float):
@@ -290,6 +306,7 @@ class _quiet_nan_warnings:
 
 
 # =============================================================================== plots
+@_literal_text
 def plot_frame_preview(
     data,
     *,
@@ -445,6 +462,7 @@ def plot_frame_preview(
     return _png(fig, palette_colors=96)
 
 
+@_literal_text
 def plot_mag_error(
     catalogs: Mapping[str, Any], *, width_in: float = 8.0, height_in: float = 4.6
 ) -> bytes:
@@ -672,6 +690,7 @@ def _unavailable_reason(zp_record: Mapping[str, Any] | None) -> str:
     return "; ".join(dict.fromkeys(parts))
 
 
+@_literal_text
 def plot_zeropoint_residuals(
     stars: Mapping[str, Any],
     *,
@@ -860,6 +879,7 @@ def measure_field_maps(
     )
 
 
+@_literal_text
 def plot_field_maps(
     maps: FieldMaps,
     *,
@@ -940,6 +960,7 @@ def _parse_time(value) -> _dt.datetime | None:
     return t if t.tzinfo else t.replace(tzinfo=_dt.UTC)
 
 
+@_literal_text
 def plot_night_trends(
     frames: Sequence[Mapping[str, Any]], *, width_in: float = 9.0, height_in: float = 5.2
 ) -> bytes:

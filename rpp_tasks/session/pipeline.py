@@ -109,12 +109,13 @@ def check_frame(path: Path, obs: ObservatoryConfig) -> tuple[Any, dict]:
 
     Raises `FrameRejected` with a clear reason (unreadable file, missing EXPTIME, constant image...).
     """
-    from rpp_tasks.inputs import fitsio
+    from rpp_tasks.inputs.header import normalize_header, normalize_kwargs_from_config
+    from rpp_tasks.inputs.reader import read_frame
 
-    raw = fitsio.read_frame(path, bayer_pattern=obs.camera.bayer_pattern)
-    meta = fitsio.normalize_header(
-        raw.header, path=str(path), **fitsio.normalize_kwargs_from_config(obs)
+    raw = read_frame(
+        path, bayer_pattern=obs.camera.bayer_pattern, saturation_adu=obs.camera.saturation_adu
     )
+    meta = normalize_header(raw.header, path=str(path), **normalize_kwargs_from_config(obs))
     md = meta.to_dict()
     md["notes"] = list(raw.notes)
     return (raw.data, raw.header), md
@@ -372,9 +373,9 @@ def step_photometry(fw: FrameWork, obs: ObservatoryConfig) -> dict:
 
 def _add_sky_coordinates(cat, header) -> None:
     """RA/Dec columns from the header WCS when it is valid (NaN otherwise)."""
-    from rpp_tasks.inputs import fitsio
+    from rpp_tasks.inputs.wcs import header_wcs
 
-    check = fitsio.header_wcs(header)
+    check = header_wcs(header)
     ra = np.full(len(cat), np.nan)
     dec = np.full(len(cat), np.nan)
     if check.wcs is not None:
@@ -631,7 +632,7 @@ def reduce_frame(
 
 
 def _stem(path: Path) -> str:
-    from rpp_tasks.inputs.fitsio import frame_stem
+    from rpp_tasks.inputs.header import frame_stem
 
     return frame_stem(path)
 
@@ -660,16 +661,12 @@ def open_session(
         session_id=session_id,
         incoming_root=obs.resolve_path("incoming"),
     )
-    exts = tuple(e.lower() for e in obs.session.extensions)
-    paths = sorted(
-        p
-        for p in raw_dir.rglob("*")
-        if p.is_file() and p.name.lower().endswith(exts) and not p.name.startswith(".")
-    )
-    plan = frames.group_session(paths, obs)
+    # every file of the folder gets an outcome in the plan (frames, rejected with the reason, or
+    # ignored with the reason: session.extensions, ignore patterns); stems are unique
+    plan = frames.group_session(raw_dir, obs)
     manifest = plan.to_dict()
     manifest["science"] = [
-        dict(f, stem=_stem(Path(f["path"])))
+        dict(f, stem=f.get("stem") or _stem(Path(f["path"])))
         for f in manifest.get("frames", [])
         if f.get("imagetyp") == "science"
     ]
@@ -681,7 +678,11 @@ def open_session(
     session.write_json(
         "rejected.json",
         {
-            _stem(Path(r["path"])): {"reason": r["reason"], "stage": "validate", "path": r["path"]}
+            r.get("stem") or _stem(Path(r["path"])): {
+                "reason": r["reason"],
+                "stage": "validate",
+                "path": r["path"],
+            }
             for r in manifest.get("rejected", [])
         },
     )

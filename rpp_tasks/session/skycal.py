@@ -88,9 +88,9 @@ def reference_for_band(obs, band: str | None) -> tuple[str, str]:
 
 
 def _field_cone(header, shape):
-    from rpp_tasks.inputs import fitsio
+    from rpp_tasks.inputs.wcs import header_wcs
 
-    chk = fitsio.header_wcs(header)
+    chk = header_wcs(header)
     if chk.wcs is None:
         return None
     ny, nx = shape
@@ -142,9 +142,9 @@ def step_astrometry(fw, obs) -> dict:
     )
     out = res.to_dict()
     write_json_atomic(fw.outdir / "astrometry.json", out)
-    from rpp_tasks.inputs import fitsio
+    from rpp_tasks.inputs.wcs import header_wcs
 
-    chk = fitsio.header_wcs(fw.header)
+    chk = header_wcs(fw.header)
     if chk.pixel_scale_arcsec:
         fw.meta["pixel_scale_arcsec"] = chk.pixel_scale_arcsec
     fw.meta["wcs_status"] = chk.status

@@ -23,11 +23,11 @@ log = logging.getLogger(__name__)
 def session_id_for(
     raw_dir: str | os.PathLike, incoming_root: str | os.PathLike | None = None
 ) -> str:
-    """Deterministic session id of a session folder: the watcher's id (`rpp_tasks.ops.watch.session_id_for`)
+    """Deterministic session id of a session folder: the watcher's id (`rpp_tasks.ops.readiness.session_id_for`)
     of its path relative to the incoming root, or of its name when it is outside it. ``rpp reduce``
     and the DAG run the watcher triggers therefore share one work folder for the same night.
     """
-    from rpp_tasks.ops.watch import session_id_for as _watch_session_id
+    from rpp_tasks.ops.readiness import session_id_for as _watch_session_id
 
     raw_dir = Path(raw_dir).resolve()
     rel = None
@@ -63,6 +63,20 @@ def _sanitize(obj):
     return obj
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (Linux); else set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
     """Write ``data`` as indented, strict JSON atomically."""
     path = Path(path)
@@ -74,6 +88,7 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text + "\n")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; products share the FITS mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -16,7 +16,10 @@ Calibration model (all images in ADU, float32)::
   by its own median before the combination, the result is divided by its median again. Pixels with
   a response below ``min_response`` (or not finite) are set to 1 and flagged in a bad-pixel mask.
 * **Saturation** is detected on the raw frame, before any arithmetic (``raw >= saturation_adu``),
-  and kept in the output mask.
+  and kept in the output mask. A saturated pixel also keeps a calibrated value of at least
+  ``saturation_adu``: its true value is unknown (at least what was measured), and every later
+  level test (the catalogue's ``saturated`` flag, the choice of PSF stars, L.A.Cosmic's
+  ``satlevel``) must still see it saturated after the bias was subtracted or the flat divided.
 * Missing masters are allowed: the frame is still reduced and the result says what was skipped
   (``"no_bias"``, ``"no_dark"``, ``"flat_missing"``).
 
@@ -400,7 +403,8 @@ def make_master_flat(
 
 def _check_same_shape(frames, master, name):
     if any(np.shape(f) != master.shape for f in frames):
-        msg = f"{name} shape {master.shape} differs from the frames {sorted({np.shape(f) for f in frames})}"
+        shapes = sorted({np.shape(f) for f in frames})
+        msg = f"{name} shape {master.shape} differs from the frames {shapes}"
         raise ValueError(msg)
 
 
@@ -526,6 +530,11 @@ def calibrate_image(
         steps.append("flat divided")
     else:
         flags.append("flat_missing")
+    if n_sat:
+        # bias/dark subtraction and the flat moved the saturated pixels below the level: keep them
+        # at or above it, so that every later level test still sees them saturated
+        np.maximum(image, np.float32(saturation_adu), out=image, where=sat)
+        steps.append(f"saturated pixels kept >= {saturation_adu:g} ADU")
     if bad_pixel_mask is not None:
         mask |= np.asarray(bad_pixel_mask, dtype=bool)
     return CalibrationResult(
@@ -541,7 +550,8 @@ def write_master(
     Write a `MasterFrame` as FITS: float32 primary image (+ ``MASK`` uint8 extension if any).
 
     The header carries ``IMAGETYP='MASTER BIAS'`` (DARK, FLAT), ``BUNIT``, ``NCOMBINE``,
-    ``INSTRUME`` (camera), ``XBINNING``/``YBINNING``, ``FILTER``, ``MJD-OBS``, ``EXPTIME`` and HISTORY
+    ``INSTRUME`` (camera), ``XBINNING``/``YBINNING``, ``FILTER``, ``MJD-OBS``, ``EXPTIME`` and
+    HISTORY
     lines with the method, clipping and input file names.
 
     Returns
@@ -711,7 +721,8 @@ class MasterLibrary:
     """
     A folder of master calibrations with a JSON index, for sessions without calibration frames.
 
-    Layout: ``<root>/index.json`` and ``<root>/<kind>/<kind>_<camera>_<bx>x<by>[_<band>]_<mjd>.fits``.
+    Layout: ``<root>/index.json`` and
+    ``<root>/<kind>/<kind>_<camera>_<bx>x<by>[_<band>]_<mjd>.fits``.
     Masters added from a path are copied in, so the library does not depend on session folders.
     The index is rewritten atomically under an exclusive file lock (concurrent tasks may add).
 
@@ -945,15 +956,24 @@ def run_masters(
     bands : sequence of str, optional
         Science bands that need a flat; default the manifest's ``bands``.
     read_kwargs : dict, optional
-        Passed to `rpp_tasks.inputs.fitsio.read_frame` (e.g. ``bayer_pattern`` from the camera config,
-        so that calibration frames are debayered exactly like the science frames).
+        Passed to `rpp_tasks.inputs.reader.read_frame` (e.g. ``bayer_pattern`` from the camera
+        config, so that calibration frames are debayered exactly like the science frames).
 
     Returns
     -------
     summary : dict
-        ``{"bias": entry|None, "dark": entry|None, "flat": {band: entry}, "flags": [...]}``, each entry
-        ``{"path", "source": "session"|"library", "n_frames", "mjd", ...}`` (``inputs``, the raw
-        files, for session masters; ``delta_days`` for library masters). JSON-safe; the pipeline writes it to ``masters.json``.
+        ``{"bias": entry|None, "dark": entry|None, "flat": {band: entry}, "flags": [...],
+        "rejected": [...]}``, each entry ``{"path", "source": "session"|"library", "n_frames",
+        "mjd", ...}`` (``inputs``, the raw files used, and ``n_rejected_inputs`` for session
+        masters; ``delta_days`` for library masters, and ``reason`` when the library replaces
+        session frames that were all unusable). ``rejected`` lists the calibration frames left
+        out, ``{"path", "kind", "band"?, "reason"}``. JSON-safe; the pipeline writes it to
+        ``masters.json``.
+
+    A bad calibration frame never stops the session: an unreadable, all-NaN, constant or
+    wrongly shaped frame (not the science frames' shape) is left out with its reason and the
+    master is built from the others; when none is usable, or the master cannot be built, the
+    library master is used (recorded with the reason), else the kind is flagged missing.
     """
     out_dir = Path(out_dir)
     if library is None and library_root is not None:
@@ -995,65 +1015,121 @@ def run_masters(
         )
         return {**match.to_dict(), "source": "library"}
 
+    rejected = summary["rejected"] = []  # calibration frames left out, with the reason
+    shape = _science_shape(frames)
+
+    def build(kind, paths, make, out_name, band=None, library_ok=True):
+        """Read the usable frames of one master and combine them; None when none is usable."""
+        try:
+            n0 = len(rejected)
+            data, headers, mjds, used = _read_stack(
+                paths, kind, read_kwargs, shape=shape, rejected=rejected
+            )
+            if band is not None:
+                for r in rejected[n0:]:
+                    r["band"] = band
+            read_mjds.extend(mjds)
+            if not data:
+                return None, None
+            master = make(data, headers, used)
+        except Exception as exc:  # never lose the night for one master: library or none
+            log.exception("masters: %s%s not built", kind, f" {band}" if band else "")
+            summary["flags"].append(f"{kind}{'_' + _safe(band) if band else ''}_not_built")
+            summary.setdefault("errors", []).append(
+                {"kind": kind, "band": band, "reason": f"{type(exc).__name__}: {exc}"}
+            )
+            return None, None
+        lib = library if library_ok(master) else None
+        entry = _save(master, out_dir / out_name, used, mjds, camera, binning, band, lib)
+        n_bad = len(paths) - len(used)
+        if n_bad:
+            entry["n_rejected_inputs"] = n_bad
+        return entry, master
+
+    def fallback(kind, paths, band=None):
+        entry = from_library(kind, band)
+        if entry is not None and paths:
+            n = sum(1 for r in rejected if r["kind"] == kind and r.get("band") == band)
+            entry["reason"] = (
+                f"none of the {len(paths)} session {kind} frames"
+                f"{' of band ' + str(band) if band else ''} is usable ({n} rejected): "
+                "library master used"
+            )
+        return entry
+
     # bias
     bias_img = None
+    entry = None
     if by_kind.get("bias"):
-        data, _, mjds, paths = _read_stack(by_kind["bias"], "bias", read_kwargs)
-        read_mjds += mjds
-        master = make_master_bias(data, method=combine, clip_sigma=clip_sigma)
-        summary["bias"] = _save(
-            master, out_dir / "bias.fits", paths, mjds, camera, binning, None, library
+        entry, master = build(
+            "bias",
+            by_kind["bias"],
+            lambda data, headers, used: make_master_bias(
+                data, method=combine, clip_sigma=clip_sigma
+            ),
+            "bias.fits",
+            library_ok=lambda m: True,
         )
-        bias_img = master.image
-    else:
-        summary["bias"] = from_library("bias")
-        if summary["bias"]:
-            bias_img = load_master(summary["bias"]["path"])[0]
-    if summary["bias"] is None:
+        bias_img = master.image if master is not None else None
+    if entry is None:
+        entry = fallback("bias", by_kind.get("bias"))
+        if entry:
+            bias_img = load_master(entry["path"])[0]
+    summary["bias"] = entry
+    if entry is None:
         summary["flags"].append("no_bias")
+
     # dark
     dark_img = None
+    entry = None
     if by_kind.get("dark"):
-        data, headers, mjds, paths = _read_stack(by_kind["dark"], "dark", read_kwargs)
-        read_mjds += mjds
-        t = [_exptime(h, p) for h, p in zip(headers, paths)]
-        master = make_master_dark(
-            data, exptimes_s=t, master_bias=bias_img, method=combine, clip_sigma=clip_sigma
+
+        def make_dark(data, headers, used):
+            bias = bias_img if bias_img is not None and bias_img.shape == data[0].shape else None
+            t = [_exptime(h, p) for h, p in zip(headers, used)]
+            return make_master_dark(
+                data, exptimes_s=t, master_bias=bias, method=combine, clip_sigma=clip_sigma
+            )
+
+        entry, master = build(
+            "dark",
+            by_kind["dark"],
+            make_dark,
+            "dark.fits",
+            library_ok=lambda m: "dark_includes_bias" not in m.flags,
         )
-        summary["dark"] = _save(
-            master,
-            out_dir / "dark.fits",
-            paths,
-            mjds,
-            camera,
-            binning,
-            None,
-            library if "dark_includes_bias" not in master.flags else None,
-        )
-        dark_img = master.image
-    else:
-        summary["dark"] = from_library("dark")
-        if summary["dark"]:
-            dark_img = load_master(summary["dark"]["path"])[0]
-    if summary["dark"] is None:
+        dark_img = master.image if master is not None else None
+    if entry is None:
+        entry = fallback("dark", by_kind.get("dark"))
+        if entry:
+            dark_img = load_master(entry["path"])[0]
+    summary["dark"] = entry
+    if entry is None:
         summary["flags"].append("no_dark")
+
     # flats
     for band, paths_b in sorted(by_kind.get("flat", {}).items(), key=lambda kv: str(kv[0])):
-        data, headers, mjds, paths = _read_stack(paths_b, "flat", read_kwargs)
-        read_mjds += mjds
-        t = [_exptime(h, p, default=0.0) for h, p in zip(headers, paths)]
-        master = make_master_flat(
-            data,
-            master_bias=bias_img,
-            master_dark_rate=dark_img,
-            exptimes_s=t,
-            method=combine,
-            clip_sigma=clip_sigma,
-        )
+
+        def make_flat(data, headers, used):
+            same = data[0].shape
+            t = [_exptime(h, p, default=0.0) for h, p in zip(headers, used)]
+            return make_master_flat(
+                data,
+                master_bias=bias_img if bias_img is not None and bias_img.shape == same else None,
+                master_dark_rate=dark_img
+                if dark_img is not None and dark_img.shape == same
+                else None,
+                exptimes_s=t,
+                method=combine,
+                clip_sigma=clip_sigma,
+            )
+
         name = f"flat_{_safe(band)}.fits" if band else "flat.fits"
-        summary["flat"][band or ""] = _save(
-            master, out_dir / name, paths, mjds, camera, binning, band, library
-        )
+        entry, _ = build("flat", paths_b, make_flat, name, band=band, library_ok=lambda m: True)
+        if entry is None:
+            entry = fallback("flat", paths_b, band)
+        if entry is not None:
+            summary["flat"][band or ""] = entry
     for band in bands or ():
         if band not in summary["flat"]:
             entry = from_library("flat", band)
@@ -1061,11 +1137,20 @@ def run_masters(
                 summary["flat"][band] = entry
             else:
                 summary["flags"].append(f"flat_missing_{band}")
+    if rejected:
+        log.warning(
+            "masters: %d calibration frames left out: %s",
+            len(rejected),
+            "; ".join(f"{Path(r['path']).name}: {r['reason']}" for r in rejected),
+        )
     return summary
 
 
 def _plan_frames(frames, binning, bands):
-    """Normalise the adapter input to ({"bias": [...], "dark": [...], "flat": {band: [...]}}, ...)."""
+    """Normalise the adapter input.
+
+    Returns ({"bias": [...], "dark": [...], "flat": {band: [...]}}, bands, binning, mjd_by_path).
+    """
     by_kind = {"bias": [], "dark": [], "flat": {}}
     mjd_by_path = {}
     if "groups" in frames:  # a SessionPlan manifest
@@ -1101,37 +1186,78 @@ def _plan_frames(frames, binning, bands):
 
 
 def _has_key(path, key):
-    with fits.open(path, mode="readonly", memmap=False) as hdul:
-        return key in hdul[0].header
-
-
-def _read_stack(paths, kind, read_kwargs=None):
-    """Read frames (rpp_tasks.inputs.fitsio.read_frame when available); keep the majority shape."""
     try:
-        from rpp_tasks.inputs.fitsio import read_frame
-    except ImportError:  # pragma: no cover - fitsio is part of the package
-        read_frame = None
+        with fits.open(path, mode="readonly", memmap=False) as hdul:
+            return key in hdul[0].header
+    except Exception:  # an unreadable flat is rejected with its reason when the stack is read
+        return False
+
+
+def _science_shape(frames):
+    """Majority (ny, nx) of the science frames of a manifest, or None."""
+    if not isinstance(frames, dict) or "frames" not in frames:
+        return None
+    shapes = [
+        tuple(int(v) for v in m["shape"])
+        for m in frames.get("frames", [])
+        if m.get("imagetyp") == "science" and m.get("shape") and min(m["shape"]) > 0
+    ]
+    if not shapes:
+        return None
+    return max(sorted(set(shapes)), key=shapes.count)
+
+
+def _read_stack(paths, kind, read_kwargs=None, *, shape=None, rejected=None):
+    """Read the usable calibration frames of one master with `~rpp_tasks.inputs.reader.read_frame`.
+
+    A frame that cannot be read or checked (all-NaN, constant, truncated, ...), a dark without a
+    positive exposure, or a frame whose shape is not ``shape`` (the science frames'; default the
+    majority shape of the stack) is left out and appended to ``rejected`` as
+    ``{"path", "kind", "reason"}``: one bad calibration frame never stops the master.
+    """
+    from rpp_tasks.exceptions import FrameRejected
+    from rpp_tasks.inputs.reader import read_frame
+
+    rejected = rejected if rejected is not None else []
+
+    def reject(p, reason):
+        rejected.append({"path": str(p), "kind": kind, "reason": reason})
+        log.warning("masters: %s frame %s left out: %s", kind, Path(p).name, reason)
+
     data, headers, used = [], [], []
     for p in paths:
-        if read_frame is not None:
+        try:
             raw = read_frame(p, imagetyp=kind, **(read_kwargs or {}))
-            d, h = raw.data, raw.header
-        else:  # pragma: no cover
-            with fits.open(p, mode="readonly", memmap=False) as hdul:
-                d, h = np.asarray(hdul[0].data, dtype=np.float32), hdul[0].header.copy()
-        data.append(d)
-        headers.append(h)
+        except FrameRejected as exc:
+            reject(p, exc.reason)
+            continue
+        except Exception as exc:
+            reject(p, f"unreadable ({type(exc).__name__}: {exc})")
+            continue
+        if kind == "dark":
+            try:
+                t = _exptime(raw.header, p)
+            except ValueError:
+                t = None
+            if t is None or not np.isfinite(t) or t <= 0:
+                reject(p, f"a dark needs a positive exposure time (EXPTIME={t})")
+                continue
+        data.append(raw.data)
+        headers.append(raw.header)
         used.append(str(p))
     shapes = [d.shape for d in data]
-    common = max(set(shapes), key=shapes.count)
-    if len(set(shapes)) > 1:
-        log.warning(
-            "masters: %s frames of shape %s skipped (majority %s)",
-            kind,
-            sorted(set(shapes) - {common}),
-            common,
-        )
-    keep = [i for i, s in enumerate(shapes) if s == common]
+    common = (
+        shape
+        if shape is not None
+        else (max(sorted(set(shapes)), key=shapes.count) if shapes else None)
+    )
+    keep = []
+    for i, sh in enumerate(shapes):
+        if sh == tuple(common):
+            keep.append(i)
+        else:
+            whose = "the science frames'" if shape is not None else "the other frames'"
+            reject(used[i], f"shape {sh[1]}x{sh[0]} differs from {whose} {common[1]}x{common[0]}")
     mjds = [_mjd(headers[i]) for i in keep]
     return [data[i] for i in keep], [headers[i] for i in keep], mjds, [used[i] for i in keep]
 

@@ -826,7 +826,7 @@ def _frame_wcs(summary: dict):
     """(WCS or None, (ny, nx), cone) of a reduced frame from its calibrated image header."""
     from astropy.io import fits
 
-    from rpp_tasks.inputs import fitsio
+    from rpp_tasks.inputs.wcs import header_wcs
 
     path = summary.get("calibrated") or str(Path(summary["_dir"]) / "calibrated.fits")
     try:
@@ -834,7 +834,7 @@ def _frame_wcs(summary: dict):
     except (OSError, KeyError):
         return None, None, None
     shape = (int(hdr.get("NAXIS2", 0)), int(hdr.get("NAXIS1", 0)))
-    chk = fitsio.header_wcs(hdr)
+    chk = header_wcs(hdr)
     if chk.wcs is None:
         return None, shape, None
     scale = chk.pixel_scale_arcsec or 1.0

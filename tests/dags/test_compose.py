@@ -91,7 +91,8 @@ def test_services_run_real_commands(tmp_path):
 
 def test_urls_and_ports_agree():
     port = ENV["AIRFLOW__API__PORT"]
-    assert SERVICES["airflow-apiserver"]["ports"] == [f"{port}:{port}"]
+    (mapping,) = SERVICES["airflow-apiserver"]["ports"]
+    assert mapping.endswith(f":{port}:{port}")  # [bind address:]host port:container port
     assert (
         ENV["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"]
         == f"http://airflow-apiserver:{port}/execution/"
@@ -119,3 +120,63 @@ def test_urls_and_ports_agree():
 def test_dockerfile_copies_what_exists(line):
     for src in line.split()[1:-1]:
         assert (REPO / src).exists(), line
+
+
+# ----------------------------------------------------------------------------- secrets and exposure
+_VAR = re.compile(r"\$\{(\w+)(?::([-?])([^}]*))?\}")
+
+
+def interpolate(text: str, env: dict) -> str:
+    """Compose's variable substitution for the forms this file uses: ``${VAR}``, ``${VAR:-default}``
+    (default when unset or empty) and ``${VAR:?message}`` (error when unset or empty)."""
+
+    def sub(m):
+        name, op, arg = m.group(1), m.group(2), m.group(3)
+        value = env.get(name) or ""
+        if op == "-":
+            return value or arg
+        if op == "?" and not value:
+            raise KeyError(f"{name}: {arg}")
+        return value
+
+    return _VAR.sub(sub, text)
+
+
+def _env_example() -> dict:
+    out = {}
+    for line in (REPO / ".env.example").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            k, _, v = line.partition("=")
+            out[k.strip()] = v.strip()
+    return out
+
+
+def test_ui_is_published_on_loopback_unless_told_otherwise():
+    (mapping,) = SERVICES["airflow-apiserver"]["ports"]
+    port = ENV["AIRFLOW__API__PORT"]
+    assert interpolate(mapping, {}) == f"127.0.0.1:{port}:{port}"
+    assert interpolate(mapping, {"RPP_UI_BIND": "0.0.0.0"}) == f"0.0.0.0:{port}:{port}"
+    # no other service publishes a port (PostgreSQL and Redis stay on the compose network)
+    assert [n for n, s in SERVICES.items() if s.get("ports")] == ["airflow-apiserver"]
+    assert "RPP_UI_BIND" in _env_example()
+
+
+def test_no_default_passwords_and_every_secret_is_required():
+    example = _env_example()
+    secrets = [k for k in example if re.search(r"PASSWORD|SECRET", k)]
+    assert {"RPP_AIRFLOW_PASSWORD", "RPP_POSTGRES_PASSWORD", "RPP_JWT_SECRET"} <= set(secrets)
+    assert {k: example[k] for k in secrets if example[k]} == {}  # nothing like 'change-me'
+    text = (REPO / "docker-compose.yaml").read_text()
+    for name in secrets:
+        uses = re.findall(r"\$\{" + name + r"(:[-?][^}]*)?\}", text)
+        assert uses and all(u.startswith(":?") for u in uses), (name, uses)
+    # with .env copied from the example as it is, compose refuses to start
+    with pytest.raises(KeyError, match="RPP_AIRFLOW_PASSWORD|RPP_POSTGRES_PASSWORD|RPP_JWT"):
+        interpolate(text, example)
+    filled = {**example, **{k: "x" * 64 for k in secrets}}
+    rendered = yaml.safe_load(interpolate(text, filled))
+    pg = rendered["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"]
+    conn = rendered["services"]["airflow-scheduler"]["environment"]
+    assert pg == "x" * 64 and f":{pg}@postgres:5432/" in conn["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+    assert f":{pg}@postgres:5432/" in conn["AIRFLOW__CELERY__RESULT_BACKEND"]
+    assert "airflow:airflow@" not in text  # the old built-in database password

@@ -39,7 +39,6 @@ HEAVY = {
     "astropy",
     "photutils",
     "sep",
-    "stdpipe",
     "astroscrappy",
     "matplotlib",
     "astroquery",
@@ -252,7 +251,6 @@ def test_retry_forgets_only_its_own_rejections(reduction_module, tmp_path):
 
 
 def test_reconcile_finds_ready_untriggered_sessions(tmp_path, monkeypatch):
-    pytest.importorskip("rpp_tasks.ops.watch")
     cfg = tmp_path / "config"
     (cfg / "observatories").mkdir(parents=True)
     shutil.copy(REPO / "config" / "defaults.yaml", cfg / "defaults.yaml")
@@ -272,7 +270,12 @@ def test_reconcile_finds_ready_untriggered_sessions(tmp_path, monkeypatch):
         {
             "trigger_dag_id": "rpp_obs1",
             "trigger_run_id": "session__2025-01-15",
-            "conf": {"observatory": "obs1", "session_id": "2025-01-15", "session_dir": str(night)},
+            "conf": {
+                "observatory": "obs1",
+                "session_id": "2025-01-15",
+                "session_dir": str(night),
+                "revision": 1,
+            },
         }
     ]
     assert mod.find_missing_runs(cfg, run_exists=lambda d, r: True) == []

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
 
 from rpp_tasks.ops.up import UpSettings, airflow_env, prepare_home, write_env_script
 
@@ -46,3 +55,88 @@ def test_airflow_env(tmp_path):
         and sec["secret_key"] not in script
         and "Pa55-unique-xyz" not in script
     )
+
+
+# ----------------------------------------------------------------------------- stopping
+_FAKE_STANDALONE = """#!{python}
+# stands in for `airflow standalone`: a component in its process group, stops on SIGINT
+# (leaving that component behind, as a scheduler's task process may be)
+import os, pathlib, signal, subprocess, sys, time
+child = subprocess.Popen(["sleep", "600"])
+signal.signal(signal.SIGINT, lambda *a: sys.exit(0))
+pathlib.Path(os.environ["FAKE_AIRFLOW_PIDS"]).write_text(f"{{os.getpid()}} {{child.pid}}")
+while True:
+    time.sleep(1)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != "Z"  # a zombie is dead (nobody may reap it in a container)
+
+
+def _free_port_block() -> int:
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < 65000 and all(socket.socket().connect_ex(("127.0.0.1", p)) != 0 for p in
+                                (port + 2, port + 3)):  # fmt: skip
+            return port
+    raise RuntimeError("no free port")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_rpp_up_stops_airflow_and_its_process_group_on(sig, tmp_path):
+    """`rpp up` in a real subprocess, `airflow standalone` replaced by a script that starts a
+    component in its process group: SIGTERM (a service manager) or SIGHUP (the terminal closed)
+    stop `rpp up`, the standalone and the component. Before, `rpp up` died at once and both were
+    left running, orphaned."""
+    fake = tmp_path / "airflow"
+    fake.write_text(_FAKE_STANDALONE.format(python=sys.executable))
+    fake.chmod(0o755)
+    pids_file = tmp_path / "pids"
+    env = {
+        **os.environ,
+        "RPP_AIRFLOW_CMD": str(fake),
+        "FAKE_AIRFLOW_PIDS": str(pids_file),
+        "RPP_DATA_ROOT": str(tmp_path / "data"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    cmd = [sys.executable, "-m", "rpp_tasks.ops.up", "--no-demo", "--home", str(tmp_path / "home")]
+    proc = subprocess.Popen(
+        [*cmd, "--port", str(_free_port_block())],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    started = []
+    try:
+        deadline = time.monotonic() + 120
+        while not pids_file.is_file() or len(pids_file.read_text().split()) < 2:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "the fake standalone never started"
+            time.sleep(0.2)
+        started = [int(p) for p in pids_file.read_text().split()]
+        assert all(_running(p) for p in started)
+        time.sleep(0.5)  # rpp up is now waiting for the API to become healthy
+        proc.send_signal(sig)
+        rc = proc.wait(60)
+        out = proc.stdout.read()
+        assert rc == 0, out
+        assert f"{sig.name} received, stopping" in out and "stopping Airflow" in out
+        deadline = time.monotonic() + 20
+        while any(_running(p) for p in started) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_running(p) for p in started), "Airflow's process group outlived rpp up"
+    finally:
+        for pid in [proc.pid, *started]:  # only what this test started
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

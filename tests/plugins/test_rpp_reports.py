@@ -162,10 +162,10 @@ def test_only_published_products_inside_the_session_are_served(client, reduced):
     cases = {
         f"/demo/{SESSION}/manifest.json": 403,  # intermediate file, not published
         f"/demo/{SESSION}/frames/{reduced['summary']['frames'][0]['frame']}/catalog.ecsv": 403,
-        f"/demo/{SESSION}/report/..%2Fmanifest.json": 403,  # traversal, encoded
+        f"/demo/{SESSION}/report/..%2Fmanifest.json": 400,  # traversal, encoded
         f"/demo/{SESSION}/report/escape.txt": 403,  # symlink out of the work folder
         f"/demo/{SESSION}/report/missing.png": 404,
-        "/demo/..%2F..%2Fincoming/report/report.html": 403,
+        "/demo/..%2F..%2Fincoming/report/report.html": 400,
         "/demo/1999-01-01/report/report.html": 404,
         f"/nowhere/{SESSION}/report/report.html": 404,
     }
@@ -213,3 +213,79 @@ print("RESULT " + json.dumps({"errors": {str(k): str(v) for k, v in errors.items
     by_dest = {v["destination"]: v for v in out["views"]}
     assert by_dest["nav"]["href"] == "rpp-reports/" and by_dest["nav"]["category"] == "browse"
     assert by_dest["dag_run"]["href"] == "rpp-reports/run/{DAG_ID}/{RUN_ID}"
+
+
+def test_symlinks_in_report_resolve_inside_report_only(client, reduced):
+    """A link inside report/ to a file of the session outside report/ (the summary, a raw frame's
+    products) is refused, a link to a folder is no product, a link to another report file is
+    served. (Before: anything inside the session folder was served through a link.)"""
+    rep = reduced["workdir"] / "report"
+    png = sorted(rep.glob("*.png"))[0]
+    links = {
+        "summary_link.json": reduced["workdir"] / "session_summary.json",
+        "frames_link": reduced["workdir"] / "frames",
+        "plot_link.png": png,
+        "dir_link": rep / "a_folder",
+    }
+    (rep / "a_folder").mkdir()
+    for name, target in links.items():
+        (rep / name).symlink_to(target)
+    try:
+        got = {n: client.get(f"/demo/{SESSION}/report/{n}").status_code for n in links}
+        got["a_folder"] = client.get(f"/demo/{SESSION}/report/a_folder").status_code
+        assert got == {
+            "summary_link.json": 403,
+            "frames_link": 403,
+            "plot_link.png": 200,
+            "dir_link": 404,
+            "a_folder": 404,
+        }
+        r = client.get(f"/demo/{SESSION}/report/plot_link.png")
+        assert r.content == png.read_bytes()
+    finally:
+        for name in links:
+            (rep / name).unlink()
+        (rep / "a_folder").rmdir()
+
+
+def test_odd_paths_give_400_or_404_never_500(plugin, reduced):
+    """NUL bytes, control characters, over-long names and traversal in any part of the URL."""
+    from fastapi.testclient import TestClient
+
+    raw = TestClient(
+        plugin.create_app(auth_dependency=lambda: None),
+        follow_redirects=False,
+        raise_server_exceptions=False,
+    )
+    long = "a" * 256
+    cases = {
+        f"/demo/{SESSION}/report/%00": 400,
+        f"/demo/{SESSION}/report/report.html%00.png": 400,
+        f"/demo/{SESSION}%00/report/report.html": 400,
+        f"/demo%00/{SESSION}/report/report.html": 404,
+        f"/demo/{SESSION}/report/{long}.png": 400,
+        f"/demo/{long}/report/report.html": 400,
+        f"/demo/{SESSION}/report/{'b' * 5000}": 400,
+        f"/demo/{SESSION}/report/%0Aevil.png": 404,  # the route does not match a newline
+        f"/demo/{SESSION}/report/a%01b.png": 400,
+        f"/demo/{SESSION}/report/%2e%2e/%2e%2e/%2e%2e/etc/passwd": 400,
+        f"/demo/{SESSION}/report/sub%5c..%5creport.html": 400,
+        "/run/rpp_demo/session__%00": 404,
+        f"/run/rpp_demo/session__{long}": 404,
+        "/run/rpp_demo/session__..": 404,
+    }
+    got = {url: raw.get(url).status_code for url in cases}
+    assert got == cases
+
+
+def test_api_docs_of_the_plugin_are_not_served(plugin, client):
+    """FastAPI's /docs, /redoc and /openapi.json were served without a login (they list every
+    route); the plugin app has none, logged in or not."""
+    from fastapi.testclient import TestClient
+
+    anon = TestClient(plugin.RppReportsPlugin.fastapi_apps[0]["app"], follow_redirects=False)
+    for url in ("/docs", "/redoc", "/openapi.json"):
+        assert anon.get(url).status_code in (401, 404), url
+        assert client.get(url).status_code == 404, url
+    r = client.get("/docs/oauth2-redirect")  # only the session route's trailing-slash redirect
+    assert r.status_code == 307 and "swagger" not in r.text.lower()

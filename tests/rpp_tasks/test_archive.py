@@ -544,7 +544,7 @@ def test_run_archive_on_pipeline_frame_summary_as_the_dag_calls_it(tmp_path):
     from pathlib import Path
 
     from rpp_tasks.config import find_config
-    from rpp_tasks.inputs import fitsio
+    from rpp_tasks.inputs.wcs import header_wcs
     from rpp_tasks.session import pipeline
     from rpp_tasks.sim import synthetic
 
@@ -575,7 +575,7 @@ def test_run_archive_on_pipeline_frame_summary_as_the_dag_calls_it(tmp_path):
     )
     res = run_archive([str(frame_dir / "summary.json")], **kwargs)
     assert (res["n_rows"], res["n_inserted"], res["no_footprint"], res["skipped"]) == (1, 1, [], [])
-    wcs = fitsio.header_wcs(fits.getheader(calibrated))
+    wcs = header_wcs(fits.getheader(calibrated))
     (hit,) = covering_query(url, wcs.center_ra_deg, wcs.center_dec_deg)
     assert hit["access_url"] == calibrated.resolve().as_uri()
     assert hit["access_estsize"] == math.ceil(calibrated.stat().st_size / 1024)

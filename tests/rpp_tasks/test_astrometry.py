@@ -13,7 +13,8 @@ from astropy.table import Table
 from service_peers import Peer, add_gaia_routes, make_sky
 
 from rpp_tasks.config import config_from_dict, find_config
-from rpp_tasks.inputs import fitsio
+from rpp_tasks.inputs.reader import read_frame
+from rpp_tasks.inputs.wcs import header_wcs
 from rpp_tasks.session import pipeline
 from rpp_tasks.stages import astrometry, catalogs
 
@@ -126,7 +127,7 @@ def test_refine_recovers_sip_distortion():
         n_matches=r.n_matches,
     )
     assert hdr["CTYPE1"] == "RA---TAN-SIP" and hdr["A_ORDER"] == 2 and "AP_ORDER" in hdr
-    back = fitsio.header_wcs(hdr).wcs
+    back = header_wcs(hdr).wcs
     assert _grid_rms_px(back, truth, n, n) < 0.05
 
 
@@ -156,7 +157,7 @@ def test_end_to_end_refinement_of_a_bad_header_wcs(tmp_path):
         n_hot_pixels=0,
         seed=5,
     )
-    truth = fitsio.header_wcs(fld.header).wcs
+    truth = header_wcs(fld.header).wcs
     hdr = _strip_wcs(fld.header.copy())
     hdr.update(
         _make_wcs(
@@ -187,7 +188,7 @@ def test_end_to_end_refinement_of_a_bad_header_wcs(tmp_path):
     assert s["status"] == "ok", s["reason"]
     assert s["wcs_source"] == "header+refined"
     out_hdr = fits.getheader(s["calibrated"])
-    refined = fitsio.header_wcs(out_hdr).wcs
+    refined = header_wcs(out_hdr).wcs
     rms_truth = _grid_rms_px(refined, truth, 512, 512)
     assert rms_truth <= 0.05, rms_truth
     assert 0 < s["astrometric_rms_arcsec"] < 0.2 and out_hdr["ASTRMS"] == pytest.approx(
@@ -202,9 +203,9 @@ def test_end_to_end_refinement_of_a_bad_header_wcs(tmp_path):
     assert summary["wcs_source"] == "header+refined"
     astro = json.loads((tmp_path / "out" / "astrometry.json").read_text())
     assert astro["astrometric_rms_arcsec"] == pytest.approx(out_hdr["ASTRMS"], abs=1e-4)
-    assert astro["refine"]["rms_px"] * fitsio.header_wcs(
-        out_hdr
-    ).pixel_scale_arcsec == pytest.approx(out_hdr["ASTRMS"], rel=0.01)
+    assert astro["refine"]["rms_px"] * header_wcs(out_hdr).pixel_scale_arcsec == pytest.approx(
+        out_hdr["ASTRMS"], rel=0.01
+    )
     cat = Table.read(s["catalog"])
     idx, sep = catalogs.match_catalogs(
         cat["ra"], cat["dec"], sky["ra"], sky["dec"], radius_arcsec=1.0
@@ -263,14 +264,14 @@ def test_forced_solve_failure_keeps_the_header_wcs():
     cfg = config_from_dict(
         {"observatory": "x", "stages": {"astrometry": {"solve": "always", "solve_timeout_s": 3}}}
     ).stages.astrometry
-    before = fitsio.header_wcs(fld.header).wcs
+    before = header_wcs(fld.header).wcs
     hdr, res = astrometry.run_astrometry(
         fld.header.copy(), sources, (128, 128), meta={}, cfg=cfg, setup=None
     )
     assert res.solve["status"] in ("failed", "timeout") and res.solve["wall_s"] < 3 + 6
     assert res.wcs_source == "header" and res.wcs_status == "valid" and hdr["WCSSRC"] == "header"
     assert "forced_solve_failed_kept_header_wcs" in res.flags
-    assert _grid_rms_px(fitsio.header_wcs(hdr).wcs, before, 128, 128) < 1e-9
+    assert _grid_rms_px(header_wcs(hdr).wcs, before, 128, 128) < 1e-9
 
 
 @pytest.mark.skipif(
@@ -299,8 +300,8 @@ def test_solver_timeout_is_hard():
 )
 def test_seestar_ngc7023_without_wcs_is_solved_within_2_arcsec(real_data, tmp_path):
     src = real_data / NGC7023
-    raw = fitsio.read_frame(src, bayer_pattern="GRBG")
-    orig = fitsio.header_wcs(raw.header)
+    raw = read_frame(src, bayer_pattern="GRBG")
+    orig = header_wcs(raw.header)
     with fits.open(src) as h:
         hdr, data = h[0].header.copy(), h[0].data
     fits.PrimaryHDU(data, _strip_wcs(hdr)).writeto(tmp_path / "nowcs.fit")
@@ -315,7 +316,7 @@ def test_seestar_ngc7023_without_wcs_is_solved_within_2_arcsec(real_data, tmp_pa
     ):
         pytest.skip("no astrometry.net index files installed (astrometry-data-tycho2-*)")
     assert st["solve_status"] == "solved" and s["wcs_source"].startswith("astrometry.net")
-    new = fitsio.header_wcs(fits.getheader(s["calibrated"]))
+    new = header_wcs(fits.getheader(s["calibrated"]))
     sep = catalogs.angular_sep_deg(
         orig.center_ra_deg, orig.center_dec_deg, new.center_ra_deg, new.center_dec_deg
     )

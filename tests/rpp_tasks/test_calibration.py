@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -354,6 +355,8 @@ def test_huntsman_masters_and_calibration(real_data, tmp_path):
     # independent expectation: equal 300 s exposures, so bias + rate * t is the raw dark itself
     flat_expected = (flat_raw - dark_raw) / np.median(flat_raw - dark_raw)
     expected = (sci - dark_raw) / flat_expected
+    sat = sci >= 4094.0  # saturated pixels stay at or above the level (issue 12)
+    expected[sat] = np.maximum(expected[sat], 4094.0)
     np.testing.assert_allclose(cal.image, expected, rtol=1e-4, atol=1e-3)
     assert np.median(cal.image) == pytest.approx(
         (np.median(sci) - 32.0 - np.median(dark) * texp) / 1.0, abs=2.0
@@ -388,16 +391,18 @@ def test_huntsman_lsst_mef_masters_as_library_entries(real_data, tmp_path):
 
 @pytest.mark.realdata
 def test_session_manifest_then_library_fallback(real_data, tmp_path):
-    frames = pytest.importorskip("rpp_tasks.inputs.frames")
+    from rpp_tasks.inputs import frames
+
     raw = real_data / "huntsman" / "raw"
     manifest = frames.group_session(sorted(raw.glob("*.fits"))).to_dict()
+    assert manifest["bands"] == ["g"]  # FILTER='g_band' read as the standard band g
     first = run_masters(
         manifest, out_dir=tmp_path / "s1", camera="TESTCAM03", library_root=tmp_path / "lib"
     )
     assert first["binning"] == [1, 1] and first["flags"] == []
     assert first["bias"]["source"] == first["dark"]["source"] == "session"
     assert first["dark"]["inputs"] == [str(raw / "dark_0.fits")]
-    assert first["flat"]["g_band"]["source"] == "session"
+    assert first["flat"]["g"]["source"] == "session"
 
     # a later night with science frames only: every master comes from the library
     science_only = {
@@ -411,7 +416,7 @@ def test_session_manifest_then_library_fallback(real_data, tmp_path):
     sci_mjd = science_only["frames"][0]["mjd_obs"]
     for entry, master_mjd in (
         (second["bias"], first["bias"]["mjd"]),
-        (second["flat"]["g_band"], first["flat"]["g_band"]["mjd"]),
+        (second["flat"]["g"], first["flat"]["g"]["mjd"]),
     ):
         assert entry["source"] == "library"
         assert entry["delta_days"] == pytest.approx(sci_mjd - master_mjd, abs=1e-6)
@@ -425,5 +430,101 @@ def test_session_manifest_then_library_fallback(real_data, tmp_path):
         max_age_days=5.0,
     )
     assert third["bias"] is None and third["dark"] is None and third["flat"] == {}
-    assert third["flags"] == ["no_bias", "no_dark", "flat_missing_g_band"]
+    assert third["flags"] == ["no_bias", "no_dark", "flat_missing_g"]
     assert not (tmp_path / "s2").exists() or not any((tmp_path / "s2").iterdir())
+
+
+# ----------------------------------------------------------------------------------------------
+# bad calibration frames never take the night down (issue 12)
+# ----------------------------------------------------------------------------------------------
+def _bad_calibration_night(tmp_path):
+    from rpp_tasks.sim import synthetic
+
+    raw = tmp_path / "2025-01-15"
+    paths = synthetic.write_synthetic_session(
+        raw,
+        truth_folder=tmp_path / "truth",
+        n_science=2,
+        n_bias=3,
+        n_dark=2,
+        n_flat=3,
+        shape=(256, 256),
+        seed=21,
+    )
+    template = fits.getheader(paths["flat"][0])
+    nan_flat = np.full((256, 256), np.nan, np.float32)
+    fits.PrimaryHDU(nan_flat, header=template).writeto(raw / "flat_V_nan.fits")
+    fits.PrimaryHDU(np.zeros((256, 256), np.uint16), header=template).writeto(
+        raw / "flat_V_zero.fits"
+    )
+    dark_h = fits.getheader(paths["dark"][0])
+    fits.PrimaryHDU(np.array([[500]], np.uint16), header=dark_h).writeto(raw / "dark_1x1.fits")
+    noise = np.random.default_rng(1).normal(500, 5, (16, 16)).astype(np.uint16)
+    fits.PrimaryHDU(noise, header=dark_h).writeto(raw / "dark_16x16.fits")
+    fits.PrimaryHDU(
+        np.full((256, 256), np.nan, np.float32), header=fits.getheader(paths["bias"][0])
+    ).writeto(raw / "bias_nan.fits")
+    return raw, paths
+
+
+def test_bad_calibration_frames_are_dropped_from_their_masters(tmp_path):
+    """issue 12: an all-NaN/all-zero flat or a 1x1 dark raised FrameRejected out of
+    reduce_session."""
+    from rpp_tasks.config import find_config
+    from rpp_tasks.session import pipeline
+
+    raw, paths = _bad_calibration_night(tmp_path)
+    obs = find_config("demo")
+    summary = pipeline.reduce_session(raw, obs, work_root=tmp_path / "work", workers=1)
+    assert summary["n_ok"] == 2, summary["frames"]
+    masters = summary["masters"]
+    reasons = {Path(r["path"]).name: r["reason"] for r in masters["rejected"]}
+    assert set(reasons) == {
+        "flat_V_nan.fits",
+        "flat_V_zero.fits",
+        "dark_16x16.fits",
+        "bias_nan.fits",
+    }
+    assert "no finite pixel" in reasons["flat_V_nan.fits"]
+    assert "constant image" in reasons["flat_V_zero.fits"]
+    # the 1x1 dark is rejected from its header already, when the session is grouped
+    dark_1x1 = summary["rejected_files"]["dark_1x1"]
+    assert dark_1x1["reason"].startswith("a single pixel (1x1 image)")
+    assert reasons["dark_16x16.fits"] == "shape 16x16 differs from the science frames' 256x256"
+    assert all(r["band"] == "V" for r in masters["rejected"] if r["kind"] == "flat")
+    assert masters["bias"]["n_frames"] == 3 and masters["bias"]["n_rejected_inputs"] == 1
+    assert masters["dark"]["n_frames"] == 2 and masters["dark"]["n_rejected_inputs"] == 1
+    assert masters["flat"]["V"]["n_frames"] == 3 and masters["flat"]["V"]["n_rejected_inputs"] == 2
+    assert sorted(masters["flat"]["V"]["inputs"]) == sorted(str(p) for p in paths["flat"])
+    for f in summary["frames"]:
+        assert f["stages"]["calibrate"]["flags"] == [], f["stages"]["calibrate"]
+
+
+def test_unusable_session_flats_fall_back_on_the_library_with_the_reason(tmp_path):
+    raw, paths = _bad_calibration_night(tmp_path)
+    from rpp_tasks.inputs import frames
+
+    lib = tmp_path / "library"
+    good = frames.group_session(raw).to_dict()
+    first = run_masters(good, out_dir=tmp_path / "m1", camera="SYNTH", library_root=lib)
+    assert first["flat"]["V"]["source"] == "session"
+    # a later night whose flats are all broken: the library flat, with the reason
+    bad = {
+        **good,
+        "groups": [
+            g
+            if g["kind"] != "flat"
+            else {**g, "paths": [str(raw / "flat_V_nan.fits"), str(raw / "flat_V_zero.fits")]}
+            for g in good["groups"]
+        ],
+    }
+    second = run_masters(bad, out_dir=tmp_path / "m2", camera="SYNTH", library_root=lib)
+    flat = second["flat"]["V"]
+    assert flat["source"] == "library"
+    assert flat["reason"] == (
+        "none of the 2 session flat frames of band V is usable (2 rejected): library master used"
+    )
+    # no library: the band is flagged, nothing raised
+    third = run_masters(bad, out_dir=tmp_path / "m3", camera="SYNTH")
+    assert "V" not in third["flat"] and "flat_missing_V" in third["flags"]
+    assert len(third["rejected"]) == 4

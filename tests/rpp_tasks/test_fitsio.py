@@ -1,10 +1,13 @@
-"""Tests of rpp_tasks.inputs.fitsio: real frames of every layout, header conventions, WCS checks, bad inputs."""
+"""Tests of FITS input (rpp_tasks.inputs.reader, amplifiers, bayer, header, wcs): real frames of
+every layout, header conventions, WCS checks, bad inputs."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import re
+import shutil
 import warnings
 
 import numpy as np
@@ -13,19 +16,11 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from rpp_tasks.exceptions import FrameRejected
-from rpp_tasks.inputs.fitsio import (
-    FrameMeta,
-    check_image,
-    debayer_to_luminance,
-    frame_stem,
-    header_wcs,
-    mosaic_amplifiers,
-    normalize_header,
-    normalize_imagetyp,
-    read_frame,
-    read_header,
-    run_check,
-)
+from rpp_tasks.inputs.amplifiers import mosaic_amplifiers
+from rpp_tasks.inputs.bayer import debayer_to_luminance
+from rpp_tasks.inputs.header import FrameMeta, frame_stem, normalize_header, normalize_imagetyp
+from rpp_tasks.inputs.reader import check_image, read_frame, read_header
+from rpp_tasks.inputs.wcs import header_wcs
 
 SEESTAR_NGC = "seestar_s50/Light_NGC7023_10.0s_IRCUT_20240730-224459.fit"
 SEESTAR_M94 = "seestar_s50/Light_M94_10.0s_IRCUT_20250326-212046.fit"
@@ -290,18 +285,20 @@ def test_header_wcs_of_real_frames(real_data):
     assert absent.status == "absent" and absent.wcs is None
 
 
-def test_run_check_writes_check_json(real_data, tmp_path):
-    obs = {
-        "camera": {
-            "gain_e_per_adu": 1.145,
-            "read_noise_e": 2.4,
-            "saturation_adu": 4094,
-            "pixel_scale_arcsec": 1.26,
-        },
-        "filters": {"aliases": {"g_band": "g"}, "default_band": "Clear"},
-    }
-    out = run_check(real_data / "huntsman/raw/science_0.fits", obs, tmp_path)
-    written = json.loads((tmp_path / "frames" / "science_0" / "check.json").read_text())
+def test_check_json_is_the_normalised_header_the_pipeline_writes(real_data, tmp_path):
+    """The calibrate stage of a session writes ``frames/<stem>/check.json``: the `FrameMeta` of
+    `pipeline.check_frame` (config fallbacks and filter aliases applied) plus the read notes."""
+    from rpp_tasks.config import find_config
+    from rpp_tasks.session import pipeline
+
+    obs = find_config("huntsman")  # gain 1.145, RN 2.4, 4094 ADU, 1.26"/px, g_band -> g
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    shutil.copy(real_data / "huntsman/raw/science_0.fits", raw)
+    _, out = pipeline.check_frame(raw / "science_0.fits", obs)
+    session = pipeline.open_session(raw, obs, work_root=tmp_path / "work")
+    pipeline.run_stage(session, obs, "calibrate", workers=1)
+    written = json.loads((session.frame_dir("science_0") / "check.json").read_text())
     assert written == out
     assert written["band"] == "g" and written["wcs_status"] == "valid-sip-fixed"
     meta = FrameMeta.from_dict({k: v for k, v in written.items() if k != "notes"})
@@ -411,6 +408,78 @@ def test_non_ascii_header_bytes(real_data, tmp_path):
     with pytest.raises(
         FrameRejected, match=r"latin1\.fits: \[check\] header contains non-ASCII bytes"
     ):
+        read_frame(p)
+
+
+def test_non_ascii_bytes_in_a_comment_are_noted_not_rejected(real_data, tmp_path):
+    raw = (real_data / "feder_observatory/sip-wcs.fit").read_bytes()
+    assert raw.count(b"setpoint in C ") == 1
+    p = tmp_path / "degree.fits"
+    p.write_bytes(raw.replace(b"setpoint in C ", "setpoint in °C".encode("latin-1")))
+    frame = read_frame(p)
+    assert any("non-ASCII bytes in the comments of SET-TEMP" in n for n in frame.notes)
+    assert frame.header["SET-TEMP"] == pytest.approx(-18.9)
+
+
+def test_non_ascii_value_names_the_keyword(real_data, tmp_path):
+    raw = bytearray((real_data / "feder_observatory/sip-wcs.fit").read_bytes())
+    i = raw.find(b"OBSERVER= 'Matt Craig'")
+    raw[i + 11 : i + 15] = "Mätt".encode("latin-1")
+    p = tmp_path / "latin1.fits"
+    p.write_bytes(bytes(raw))
+    with pytest.raises(FrameRejected, match=r"non-ASCII bytes in OBSERVER \(value\)"):
+        read_header(p)
+
+
+def test_valid_fits_with_trailing_bytes_is_read(real_data, tmp_path):
+    # issue 12: was rejected as "header contains non-ASCII bytes" (astropy parses the tail as one
+    # more header and warns about its bytes)
+    good = (real_data / "feder_observatory/sip-wcs.fit").read_bytes()
+    p = tmp_path / "trailing.fit"
+    p.write_bytes(good + b"\x00\xff garbage from a resumed copy \xfe" * 40)
+    frame = read_frame(p)
+    assert frame.data.shape == (50, 100)
+    assert any("bytes after the last HDU are not FITS: ignored" in n for n in frame.notes)
+    np.testing.assert_array_equal(
+        frame.data, read_frame(real_data / "feder_observatory/sip-wcs.fit").data
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "reason"),
+    [
+        # gzip magic + garbage: zlib.error escaped _check_file before issue 12
+        ("magic.fits.gz", lambda good: b"\x1f\x8b\x08\x00" + bytes(range(256)) * 8, "gzip"),
+        ("half.fit.gz", lambda good: good[: len(good) // 2], "FITS file"),
+        (
+            "flipped.fit.gz",
+            lambda good: bytes(
+                b ^ 0x55 if 3000 < i < len(good) - 50 and i % 13 == 0 else b
+                for i, b in enumerate(good)
+            ),
+            "zlib.error",
+        ),
+        ("text.fits.gz", lambda good: gzip.compress(b"observing log\n" * 50), "not a FITS file"),
+    ],
+)
+def test_corrupt_gzip_files_are_rejected_with_the_reason(real_data, tmp_path, name, make, reason):
+    good = (real_data / "feder_observatory/thumbnail-image.fit.gz").read_bytes()
+    p = tmp_path / name
+    p.write_bytes(make(good))
+    for read in (read_header, read_frame):
+        with pytest.raises(FrameRejected) as exc:
+            read(p)
+        assert exc.value.path == str(p) and exc.value.stage == "check"
+        assert reason in exc.value.reason, exc.value.reason
+
+
+def test_corrupt_tile_compressed_pixels_are_rejected(real_data, tmp_path):
+    raw = bytearray((real_data / "panoptes/solved.fits.fz").read_bytes())
+    for i in range(40000, 500000, 7):
+        raw[i] = (raw[i] * 31 + 7) % 256
+    p = tmp_path / "corrupt.fits.fz"
+    p.write_bytes(bytes(raw))
+    with pytest.raises(FrameRejected, match=r"corrupt\.fits\.fz: \[check\] cannot read the pixels"):
         read_frame(p)
 
 
@@ -691,3 +760,36 @@ def test_read_header_matches_read_frame_without_reading_pixels(real_data):
         assert (header["NAXIS2"], header["NAXIS1"]) == frame.data.shape, rel
         assert idx == frame.hdu_index, rel
         assert header_wcs(header).status == header_wcs(frame.header).status, rel
+
+
+def test_degenerate_shapes_are_named(tmp_path):
+    def write(name, data):
+        h = fits.Header()
+        h["EXPTIME"], h["DATE-OBS"] = 1.0, "2025-01-15T22:00:00"
+        fits.PrimaryHDU(data, header=h).writeto(tmp_path / name)
+        return tmp_path / name
+
+    rng = np.random.default_rng(0)
+    one = write("one.fits", np.array([[500]], np.uint16))
+    for read in (read_header, read_frame):
+        with pytest.raises(FrameRejected, match=r"a single pixel \(1x1 image\)"):
+            read(one)
+    cube1 = write("cube1.fits", rng.normal(100, 5, (1, 20, 30)).astype(np.float32))
+    assert read_header(cube1)[0]["NAXIS1"] == 30 and read_frame(cube1).data.shape == (20, 30)
+    cube5 = write("cube5.fits", rng.normal(100, 5, (5, 20, 30)).astype(np.float32))
+    for read in (read_header, read_frame):
+        with pytest.raises(FrameRejected, match=r"3-D data \(5, 20, 30\): expected a 2-D image"):
+            read(cube5)
+
+
+def test_bzip2_files_are_read_and_corrupt_ones_rejected(real_data, tmp_path):
+    import bz2
+
+    good = (real_data / "feder_observatory/sip-wcs.fit").read_bytes()
+    p = tmp_path / "sip.fits.bz2"
+    p.write_bytes(bz2.compress(good))
+    assert read_frame(p).data.shape == (50, 100)  # was "not a FITS file": bzip2 magic unknown
+    bad = tmp_path / "bad.fits.bz2"
+    bad.write_bytes(b"BZh91AY&SY" + bytes(range(256)))
+    with pytest.raises(FrameRejected, match=r"bad\.fits\.bz2: \[check\] corrupt bzip2 file"):
+        read_header(bad)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from rpp_tasks.inputs.fitsio import normalize_header, read_header
 from rpp_tasks.inputs.frames import FrameGroup, SessionPlan, classify_frame, group_session
+from rpp_tasks.inputs.header import normalize_header
+from rpp_tasks.inputs.reader import read_header
 
 PATTERNS = {"bias": ["bias*", "offset*"], "dark": ["dark*"], "flat": ["flat*"]}
 HUNTSMAN_KW = {

@@ -666,3 +666,60 @@ def test_failure_alert_flags_a_relative_log_link():
     assert "href=" not in body and "href=" not in tg  # no dead link in the mail or the chat
     assert "not an absolute URL: set Airflow's [api] base_url" in text and "[api] base_url" in tg
     assert "/dags/rpp_demo/runs/r1/tasks/detect" in body
+
+
+def test_failure_alert_with_newlines_and_control_characters_is_sanitised_not_dropped(
+    tmp_path, smtp_server, bot_api, monkeypatch
+):
+    """A session id with a newline (an e-mail header may not hold one: the whole alert was
+    dropped, e-mail and Telegram), control characters, a non-UTF-8 file name (surrogates) and a
+    header value with a carriage return: both channels deliver, the odd characters shown escaped."""
+    inbox, smtp = smtp_server()
+    obs = _obs(operators_telegram_conn_id="rpp_ops")
+    monkeypatch.setattr(obs, "resolve_path", lambda which: tmp_path / "work", raising=False)
+    (tmp_path / "work").mkdir()
+    info = {
+        "dag_id": "rpp_demo",
+        "task_id": "detect\r\nBcc: victim@example.org",
+        "run_id": "manual__x",
+        "try_number": 1,
+        "observatory": "demo",
+        "session_id": "night\n2025-01-15\x00\x1b[31m",
+        "session_dir": "/in/caf\udce9",  # os.fsdecode of a Latin-1 name
+        "error": "FrameRejected: OBJECT='M\x0851'\nsecond line",
+        "log_url": "http://airflow.local/log",
+    }
+    res = notify.notify_failure(info, obs, smtp=smtp, telegram=bot_api.settings, policy=FAST)
+    assert res["status"] == "ok", res
+    (got,) = inbox.messages
+    subject = got["msg"]["Subject"]
+    assert "\n" not in subject and "\r" not in subject and "\x00" not in subject
+    assert subject.startswith("[RPP FAILURE] rpp_demo / night\\n2025-01-15\\x00\\x1b[31m")
+    assert got["to"] == ["ops@example.org"]  # no header injection
+    assert got["msg"]["Bcc"] is None
+    text = got["msg"].get_body(("plain",)).get_content().replace("\r\n", "\n")
+    assert "task: detect\\r\\nBcc: victim@example.org" in text
+    assert "session folder: /in/caf\\udce9" in text
+    assert "error: FrameRejected: OBJECT='M\\x0851'\nsecond line" in text  # newlines kept here
+    (call,) = bot_api.calls
+    tg = call[2]["text"]
+    assert "night\\n2025-01-15\\x00" in tg and "\x00" not in tg and "\x1b" not in tg
+    # the odd session id is no path: the notices go to the work folder's notify.json
+    assert Path(res["notify_json"]) == tmp_path / "work" / "notify.json"
+
+
+def test_failure_alert_session_id_never_leaves_the_work_folder(tmp_path, smtp_server, monkeypatch):
+    """notify.json is written in <work>/<session_id>/ only when the id is a plain folder name:
+    '../<elsewhere>' with a session.json there wrote the notices into another folder."""
+    inbox, smtp = smtp_server()
+    obs = _obs()
+    work = tmp_path / "work"
+    elsewhere = tmp_path / "elsewhere"
+    for d in (work, elsewhere):
+        d.mkdir()
+    (elsewhere / "session.json").write_text("{}")
+    monkeypatch.setattr(obs, "resolve_path", lambda which: work, raising=False)
+    info = {"dag_id": "rpp_demo", "task_id": "t", "session_id": "../elsewhere"}
+    res = notify.notify_failure(info, obs, smtp=smtp, policy=FAST)
+    assert res["status"] == "ok" and Path(res["notify_json"]) == work / "notify.json"
+    assert not (elsewhere / "notify.json").exists()

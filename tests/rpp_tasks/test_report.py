@@ -40,6 +40,8 @@ def make_fake_session(
     zeropoint: bool | str = False,
     candidates: bool | str = False,
     session_id: str = "2025-01-15",
+    stem_prefix: str = "demo_V_",
+    object_name: str = "M 42",
 ) -> Session:
     """A small session work folder shaped like the pipeline's output (no reduction run: fast).
 
@@ -58,7 +60,7 @@ def make_fake_session(
     )
     frames = []
     for i in range(n_ok):
-        stem = f"demo_V_{i + 1:03d}"
+        stem = f"{stem_prefix}{i + 1:03d}"
         d = s.frame_dir(stem)
         n = 40
         xs, ys = rng.uniform(12, SHAPE[1] - 12, n), rng.uniform(12, SHAPE[0] - 12, n)
@@ -66,7 +68,7 @@ def make_fake_session(
         img = _star_image(rng, xs, ys, fluxes)
         hdr = fits.Header(
             {
-                "OBJECT": "M 42",
+                "OBJECT": object_name,
                 "EXPTIME": 60.0,
                 "DATE-OBS": f"2025-01-15T20:{30 + 2 * i}:00",
                 "TELESCOP": "Demo 0.4 m",
@@ -120,7 +122,7 @@ def make_fake_session(
             "status": "ok",
             "reason": None,
             "failed_stage": None,
-            "object": "M 42",
+            "object": object_name,
             "band": "V",
             "exptime_s": 60.0,
             "date_obs": hdr["DATE-OBS"],
@@ -499,3 +501,36 @@ def test_run_report_needs_a_session_summary(tmp_path):
     )
     with pytest.raises(FileNotFoundError, match="session_summary.json"):
         report.run_report(s, FAKE_OBS)
+
+
+def test_dollar_signs_in_file_names_and_header_values_lose_no_plot(tmp_path, monkeypatch):
+    """`M42_$1_$2.fits` (a shell template that was not expanded) made matplotlib read `1_` as TeX:
+    the preview, magnitude-error and zero-point plots were lost. Every plot is drawn, and the
+    names and OBJECT values are drawn as they are (no mathtext), e.g. not an alpha for $\\alpha$."""
+    from matplotlib.text import Text
+
+    drawn = []
+    original = Text.draw
+
+    def spy(self, renderer):
+        if "$" in self.get_text():
+            drawn.append((self.get_text(), self.get_parse_math()))
+        return original(self, renderer)
+
+    monkeypatch.setattr(Text, "draw", spy)
+    s = make_fake_session(
+        tmp_path,
+        zeropoint=True,
+        candidates=True,
+        stem_prefix="M42_$1_$2_",
+        object_name="M$42$^ x$\\alpha$",
+    )
+    res = report.build_report(
+        s.read_json("session_summary.json"), workdir=s.workdir, site=report.site_facts(FAKE_OBS)
+    )
+    assert res.flags == ()
+    assert set(res.plot_paths) == {"trends", "preview", "mag_error", "field", "zeropoint"}
+    texts = {t for t, _ in drawn}
+    assert any("M42_$1_$2_001" in t for t in texts)  # a legend entry
+    assert any("x$\\alpha$" in t for t in texts)  # the preview title
+    assert drawn and not any(parse for _, parse in drawn)

@@ -3,178 +3,39 @@ a loopback HTTP server speaking the Airflow 3 REST API shape)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from airflow_peer import FITS_BLOCK, PASSWORD, USER, FakeAirflow
+from airflow_peer import wait_for as _wait_for
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
 from rpp_tasks.exceptions import ConfigError
-from rpp_tasks.ops.watch import (
-    AirflowTrigger,
+from rpp_tasks.ops.airflow_api import AirflowApiError, AirflowClient
+from rpp_tasks.ops.readiness import (
     Declaration,
     SessionRule,
-    SessionWatcher,
     Snapshot,
-    WatcherLocked,
-    WatchState,
     assess_session,
     evaluate_session,
-    find_ready_untriggered,
     run_id_for,
     scan_incoming,
     session_id_for,
-    watch_main,
+)
+from rpp_tasks.ops.watch import (
+    SessionWatcher,
+    WatcherLocked,
+    WatchState,
+    find_ready_untriggered,
 )
 
-USER, PASSWORD = "rpp", "s3cret-pw"
-FITS_BLOCK = b"SIMPLE  =                    T" + b" " * 50 + b"\0" * 2800  # 2880 bytes
-
-
-# ------------------------------------------------------------------------------------------
-# A loopback server with the Airflow 3 REST API shape (POST /auth/token, /api/v2/...)
-# ------------------------------------------------------------------------------------------
-
-
-class FakeAirflow:
-    """Just enough of the Airflow 3 API server: JWT login, trigger (409 on a repeat), unpause,
-    get run. ``fail_next`` answers 503 to the next N trigger requests."""
-
-    def __init__(self, port=0):
-        self.runs = {}  # (dag_id, run_id) -> conf
-        self.posts = []  # (time, dag_id, run_id, status)
-        self.token_requests = 0
-        self.valid_tokens = set()
-        self.fail_next = 0
-        self.paused = {}
-        self.lock = threading.Lock()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, status, doc):
-                body = json.dumps(doc).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def _body(self):
-                n = int(self.headers.get("Content-Length") or 0)
-                return json.loads(self.rfile.read(n) or b"null")
-
-            def _authorized(self):
-                auth = self.headers.get("Authorization", "")
-                with fake.lock:
-                    return auth.startswith("Bearer ") and auth[7:] in fake.valid_tokens
-
-            def do_POST(self):
-                parts = self.path.strip("/").split("/")
-                if self.path == "/auth/token":
-                    body = self._body()
-                    with fake.lock:
-                        fake.token_requests += 1
-                        if body != {"username": USER, "password": PASSWORD}:
-                            return self._send(401, {"detail": "Invalid credentials"})
-                        token = f"jwt-{fake.token_requests}"
-                        fake.valid_tokens.add(token)
-                    return self._send(201, {"access_token": token})
-                if parts[:3] == ["api", "v2", "dags"] and parts[4:] == ["dagRuns"]:
-                    dag_id = parts[3]
-                    if not self._authorized():
-                        return self._send(401, {"detail": "Token Expired"})
-                    body = self._body()
-                    # TriggerDAGRunPostBody: logical_date is required (nullable), extra keys 422
-                    if not (
-                        isinstance(body, dict)
-                        and "logical_date" in body
-                        and set(body)
-                        <= {
-                            "dag_run_id",
-                            "logical_date",
-                            "conf",
-                            "note",
-                            "run_after",
-                            "data_interval_start",
-                            "data_interval_end",
-                            "partition_key",
-                        }
-                    ):
-                        return self._send(422, {"detail": "validation error"})
-                    run_id = body["dag_run_id"]
-                    with fake.lock:
-                        if fake.fail_next > 0:
-                            fake.fail_next -= 1
-                            fake.posts.append((time.time(), dag_id, run_id, 503))
-                            return self._send(503, {"detail": "Service Unavailable"})
-                        if (dag_id, run_id) in fake.runs:
-                            fake.posts.append((time.time(), dag_id, run_id, 409))
-                            return self._send(
-                                409, {"detail": {"reason": "Unique constraint violation"}}
-                            )
-                        fake.runs[(dag_id, run_id)] = body["conf"]
-                        fake.posts.append((time.time(), dag_id, run_id, 200))
-                    return self._send(
-                        200,
-                        {
-                            "dag_run_id": run_id,
-                            "dag_id": dag_id,
-                            "state": "queued",
-                            "conf": body["conf"],
-                        },
-                    )
-                return self._send(404, {"detail": "Not Found"})
-
-            def do_PATCH(self):
-                parts = self.path.strip("/").split("/")
-                if not self._authorized():
-                    return self._send(401, {"detail": "Not authenticated"})
-                body = self._body()
-                with fake.lock:
-                    fake.paused[parts[3]] = body["is_paused"]
-                return self._send(200, {"dag_id": parts[3], "is_paused": body["is_paused"]})
-
-            def do_GET(self):
-                parts = self.path.strip("/").split("/")
-                if not self._authorized():
-                    return self._send(401, {"detail": "Not authenticated"})
-                if len(parts) == 6 and (parts[3], parts[5]) in fake.runs:
-                    return self._send(200, {"dag_run_id": parts[5]})
-                return self._send(404, {"detail": "not found"})
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self.thread.start()
-
-    def created(self, dag_id=None):
-        with self.lock:
-            return [p for p in self.posts if p[3] == 200 and (dag_id is None or p[1] == dag_id)]
-
-    def posts_for(self, run_id):
-        with self.lock:
-            return [p for p in self.posts if p[2] == run_id]
-
-    def expire_tokens(self):
-        with self.lock:
-            self.valid_tokens.clear()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -193,15 +54,6 @@ class _OpenSpy(FileSystemEventHandler):
             self.opened.append(event.src_path)
 
 
-def _wait_for(cond, timeout=10.0, step=0.02):
-    end = time.time() + timeout
-    while time.time() < end:
-        if cond():
-            return True
-        time.sleep(step)
-    return cond()
-
-
 def _write_session(root: Path, name: str, n=3, size=2880):
     d = root / name
     d.mkdir(parents=True, exist_ok=True)
@@ -211,7 +63,7 @@ def _write_session(root: Path, name: str, n=3, size=2880):
 
 
 def _trigger(airflow, **kw):
-    return AirflowTrigger(airflow.url, USER, PASSWORD, timeout=2.0, **kw)
+    return AirflowClient(airflow.url, USER, PASSWORD, timeout=2.0, **kw)
 
 
 def _watcher(tmp_path, trigger, rule, **kw):
@@ -259,7 +111,7 @@ def _snap(t, entries, rule=None):
 
 def test_quiet_rule_waits_for_the_quiet_period():
     rule = SessionRule("quiet", quiet_seconds=60, settle_seconds=5)
-    files = [("a.fits", 100, 1000.0), ("b.fits", 200, 1010.0)]
+    files = [("a.fits", 2880, 1000.0), ("b.fits", 5760, 1010.0)]
     first = _snap(1011.0, files)
     r = evaluate_session(first, None, rule, 1011.0)
     assert not r.ready and r.recheck_at == 1070.0  # last change 1010 + 60
@@ -271,17 +123,17 @@ def test_quiet_rule_waits_for_the_quiet_period():
 
 def test_quiet_rule_growing_file_restarts_the_clock():
     rule = SessionRule("quiet", quiet_seconds=60, settle_seconds=5)
-    prev = _snap(2000.0, [("a.fits", 100, 1000.0)])
-    grown = _snap(2001.0, [("a.fits", 5000, 1000.0)])  # same mtime (preserved), bigger
+    prev = _snap(2000.0, [("a.fits", 2880, 1000.0)])
+    grown = _snap(2001.0, [("a.fits", 14400, 1000.0)])  # same mtime (preserved), bigger
     r = evaluate_session(grown, prev, rule, 2001.0)
     # the mtime claims quiet since 1000, but it changed: wait settle_seconds from this snapshot
     assert not r.ready and r.recheck_at == 2006.0
-    assert evaluate_session(_snap(2006.0, [("a.fits", 5000, 1000.0)]), grown, rule, 2006.0).ready
+    assert evaluate_session(_snap(2006.0, [("a.fits", 14400, 1000.0)]), grown, rule, 2006.0).ready
 
 
 def test_quiet_rule_without_trusting_mtime_counts_only_observed_time():
     rule = SessionRule("quiet", quiet_seconds=60, settle_seconds=5, trust_mtime=False)
-    files = [("a.fits", 100, 0.0)]
+    files = [("a.fits", 2880, 0.0)]
     first = _snap(1000.0, files)
     assert not evaluate_session(_snap(1030.0, files), first, rule, 1030.0).ready
     assert evaluate_session(_snap(1060.0, files), first, rule, 1060.0).ready
@@ -289,7 +141,7 @@ def test_quiet_rule_without_trusting_mtime_counts_only_observed_time():
 
 def test_first_snapshot_is_never_ready():
     rule = SessionRule("quiet", quiet_seconds=0, settle_seconds=0.5)
-    snap = _snap(10.0, [("a.fits", 1, 0.0)])
+    snap = _snap(10.0, [("a.fits", 2880, 0.0)])
     r = evaluate_session(snap, None, rule, 10.0)
     assert not r.ready and r.recheck_at == 10.5
 
@@ -308,7 +160,7 @@ def test_first_snapshot_is_never_ready():
 )
 def test_partial_files_block_readiness(name):
     rule = SessionRule("quiet", quiet_seconds=0, settle_seconds=0)
-    entries = [("a.fits", 10, 0.0), (name, 10, 0.0)]
+    entries = [("a.fits", 2880, 0.0), (name, 10, 0.0)]
     prev = _snap(100.0, entries, rule)
     assert [e.relpath for e in prev.partial] == [name]
     r = evaluate_session(_snap(200.0, entries, rule), prev, rule, 200.0)
@@ -334,7 +186,7 @@ def test_empty_session_is_not_ready():
 
 def test_marker_rule():
     rule = SessionRule("marker", marker_file="transfer.done", settle_seconds=2)
-    data = [("a.fits", 10, 0.0)]
+    data = [("a.fits", 2880, 0.0)]
     assert (
         "waiting for marker"
         in evaluate_session(_snap(1.0, data), _snap(0.0, data), rule, 9.0).reason
@@ -425,11 +277,11 @@ def test_twospot_rule_uses_setup_config_extension_and_reports_bad_yaml(tmp_path)
 
 def test_twospot_declaration_in_pure_form():
     rule = SessionRule("twospot", settle_seconds=0)
-    files = [("last_obs.yaml", 10, 0.0), ("A-1.fits", 1, 0.0)]
+    files = [("last_obs.yaml", 10, 0.0), ("A-1.fits", 2880, 0.0)]
     decl = Declaration("last_obs.yaml", expected=("A-1.fits", "A-2.fits"))
     r = evaluate_session(_snap(2.0, files), _snap(1.0, files), rule, 2.0, declaration=decl)
     assert not r.ready and "1 of 2" in r.reason
-    files.append(("a-2.FITS", 1, 0.0))
+    files.append(("a-2.FITS", 2880, 0.0))
     assert evaluate_session(_snap(2.0, files), _snap(1.0, files), rule, 2.0, declaration=decl).ready
 
 
@@ -454,6 +306,7 @@ def test_scan_incoming_and_find_ready_untriggered(tmp_path):
         "observatory": "demo",
         "session_id": "2024-07-30",
         "session_dir": str(incoming / "2024-07-30"),
+        "revision": 1,
     }
 
 
@@ -485,7 +338,7 @@ def test_token_fetched_once_and_refreshed_on_401(airflow):
 
 
 def test_bad_password_fails_without_leaking_it(airflow, caplog):
-    trig = AirflowTrigger(airflow.url, USER, "wrong-password", timeout=2.0)
+    trig = AirflowClient(airflow.url, USER, "wrong-password", timeout=2.0)
     with caplog.at_level(logging.DEBUG):
         out = trig.trigger("rpp_demo", "session__x", {})
     assert out.result == "failed" and out.status == 401
@@ -495,12 +348,61 @@ def test_bad_password_fails_without_leaking_it(airflow, caplog):
 
 def test_unreachable_api_is_a_failed_outcome_not_an_exception():
     port = _refusing_socket()
-    trig = AirflowTrigger(
+    trig = AirflowClient(
         f"http://127.0.0.1:{port.getsockname()[1]}/api/v2", USER, PASSWORD, timeout=1.0
     )
     out = trig.trigger("rpp_demo", "session__x", {})
     port.close()
     assert out.result == "failed" and out.status is None and "unreachable" in out.message
+
+
+def test_invalid_jwt_403_refreshes_the_token_once(airflow):
+    """An API server restarted with a new JWT secret answers 403 "Invalid JWT token": one new
+    login, then the call goes through (the watcher and rpp up share this path)."""
+    client = _trigger(airflow)
+    assert client.trigger("rpp_demo", "session__a", {}).result == "created"
+    airflow.reject_as_invalid_jwt = True
+    airflow.expire_tokens()
+    assert client.trigger("rpp_demo", "session__b", {}).result == "created"
+    airflow.expire_tokens()
+    assert client.run_state("rpp_demo", "session__b") == "queued"
+    assert airflow.token_requests == 3 and client.n_token_fetches == 3
+
+
+def test_rpp_up_calls_health_pool_dag_and_run_state(airflow):
+    client = _trigger(airflow)
+    assert client.healthy() is True
+    airflow.healthy = False
+    assert client.healthy() is False
+    client.ensure_pool("rpp_heavy", 2, "CPU-heavy")
+    client.ensure_pool("rpp_heavy", 3, "CPU-heavy, resized")  # 409 -> PATCH
+    assert airflow.pools == {"rpp_heavy": {"slots": 3, "description": "CPU-heavy, resized"}}
+    with pytest.raises(AirflowApiError, match="cannot create pool rpp_heavy: HTTP 400") as err:
+        client.ensure_pool("rpp_heavy", -1, "bad")
+    assert err.value.status == 400
+    assert client.dag_registered("rpp_demo") is False
+    assert client.trigger("rpp_demo", "session__n1", {}).result == "created"
+    assert client.dag_registered("rpp_demo") is True
+    assert client.run_state("rpp_demo", "session__n1") == "queued"
+    assert client.run_state("rpp_demo", "session__none") is None
+    assert client.task_states("rpp_demo", "session__n1") == {"open_session": "success"}
+    assert client.task_states("rpp_demo", "session__none") == {}
+
+
+def test_unreachable_api_raises_one_error_type_for_the_other_calls():
+    port = _refusing_socket()
+    url = f"http://127.0.0.1:{port.getsockname()[1]}"
+    client = AirflowClient(url, USER, PASSWORD, timeout=1.0)
+    try:
+        assert client.healthy() is False
+        assert client.run_exists("rpp_demo", "session__x") is None
+        out = client.unpause("rpp_demo")
+        assert out.result == "failed" and out.status is None and "unreachable" in out.message
+        with pytest.raises(AirflowApiError, match="unreachable .*connection refused") as err:
+            client.dag_registered("rpp_demo")
+        assert err.value.status is None
+    finally:
+        port.close()
 
 
 def _refusing_socket():
@@ -569,15 +471,22 @@ def test_file_written_slowly_is_not_triggered_early(tmp_path, airflow, use_polli
     )
     assert latency < (3.0 if use_polling else 2.0)
     conf = airflow.runs[("rpp_demo", "session__2024-07-30")]
-    assert conf == {"observatory": "demo", "session_id": "2024-07-30", "session_dir": str(session)}
+    assert conf == {
+        "observatory": "demo",
+        "session_id": "2024-07-30",
+        "session_dir": str(session),
+        "revision": 1,
+    }
     rec = WatchState.load(tmp_path / "work" / "watch_state.json").sessions["2024-07-30"]
     assert rec["confirmed"] and rec["result"] == "created" and rec["attempts"] == 1
 
 
 def test_burst_and_duplicate_events_give_one_run(tmp_path, airflow, caplog):
+    """100 files and 100 events on one: one run. A file added after the trigger: one second
+    revision (run ``session__burst__r2``), started after the first run has finished."""
     rule = SessionRule("quiet", quiet_seconds=0.5, settle_seconds=0.2)
     (tmp_path / "incoming").mkdir()
-    w = _watcher(tmp_path, _trigger(airflow), rule, rescan_s=0.5)
+    w = _watcher(tmp_path, _trigger(airflow), rule, rescan_s=0.5, previous_run_poll_s=0.2)
     w.start()
     try:
         session = tmp_path / "incoming" / "burst"
@@ -587,13 +496,23 @@ def test_burst_and_duplicate_events_give_one_run(tmp_path, airflow, caplog):
         for _ in range(100):  # and 100 events on one file
             os.utime(session / "f000.fits")
         assert _wait_for(lambda: airflow.created(), timeout=10)
-        with caplog.at_level(logging.WARNING, logger="rpp_tasks.ops.watch"):
+        with caplog.at_level(logging.INFO, logger="rpp_tasks.ops.watch"):
             (session / "late.fits").write_bytes(FITS_BLOCK)  # after the trigger
-            time.sleep(1.5)  # several rescans and re-evaluations
+            time.sleep(1.5)  # several rescans and re-evaluations; the first run is "queued"
+            assert airflow.posts_for("session__burst__r2") == []
+            airflow.states[("rpp_demo", "session__burst")] = "success"
+            assert _wait_for(lambda: airflow.posts_for("session__burst__r2"), timeout=10)
+            time.sleep(1.0)
     finally:
         w.stop()
     assert len(airflow.posts_for("session__burst")) == 1
-    assert "files changed after its run session__burst was triggered" in caplog.text
+    assert len(airflow.posts_for("session__burst__r2")) == 1
+    assert airflow.runs[("rpp_demo", "session__burst__r2")]["revision"] == 2
+    assert "data files changed after run session__burst (revision 1)" in caplog.text
+    assert "waits until the previous revision's run session__burst (queued)" in caplog.text
+    rec = w.state.sessions["burst"]
+    assert rec["revision"] == 2 and rec["n_files"] == 101 and rec["confirmed"]
+    assert rec["history"][0]["run_id"] == "session__burst" and rec["history"][0]["n_files"] == 100
 
 
 def test_restart_mid_night_each_session_runs_exactly_once(tmp_path, airflow):
@@ -651,7 +570,7 @@ def test_api_refusing_connections_queue_survives_restart(tmp_path):
     refusing = _refusing_socket()
     port = refusing.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    w1 = _watcher(tmp_path, AirflowTrigger(url, USER, PASSWORD, timeout=1.0), rule)
+    w1 = _watcher(tmp_path, AirflowClient(url, USER, PASSWORD, timeout=1.0), rule)
     w1.start()
     state_path = tmp_path / "work" / "watch_state.json"
     try:
@@ -668,7 +587,7 @@ def test_api_refusing_connections_queue_survives_restart(tmp_path):
     refusing.close()
     airflow = FakeAirflow(port=port)  # the API server comes back on the same address
     try:
-        w2 = _watcher(tmp_path, AirflowTrigger(url, USER, PASSWORD, timeout=1.0), rule)
+        w2 = _watcher(tmp_path, AirflowClient(url, USER, PASSWORD, timeout=1.0), rule)
         w2.start()
         try:
             assert _wait_for(lambda: len(airflow.created()) == 2, timeout=10)
@@ -738,26 +657,29 @@ def test_missing_incoming_folder_is_waited_for(tmp_path, airflow):
         w.stop()
 
 
-def test_watch_main_once(tmp_path, airflow, monkeypatch):
-    _write_session(tmp_path / "incoming", "2024-07-30")
+def test_rpp_watch_once(tmp_path, airflow, monkeypatch):
+    """``rpp watch -o demo --once``: the configured observatory's incoming folder is scanned
+    twice, the ready session triggered, exit 0; a second watcher on the same state is refused."""
+    from rpp_tasks.ops import cli
+
+    cfg = tmp_path / "config"
+    (cfg / "observatories").mkdir(parents=True)
+    (cfg / "defaults.yaml").write_text((REPO / "config" / "defaults.yaml").read_text())
+    demo = (REPO / "config" / "observatories" / "demo.yaml").read_text()
+    demo = demo.replace("quiet_seconds: 30", "quiet_seconds: 0.2\n  settle_seconds: 0.2")
+    (cfg / "observatories" / "demo.yaml").write_text(demo)
+    monkeypatch.setenv("RPP_CONFIG_DIR", str(cfg))
+    monkeypatch.setenv("RPP_DATA_ROOT", str(tmp_path))
+    _write_session(tmp_path / "data" / "incoming" / "demo", "2024-07-30")
     time.sleep(0.3)
     monkeypatch.setenv("RPP_AIRFLOW_API_URL", airflow.url)
     monkeypatch.setenv("RPP_AIRFLOW_USER", USER)
     monkeypatch.setenv("RPP_AIRFLOW_PASSWORD", PASSWORD)
-    rc = watch_main(
-        [
-            "--observatory",
-            "demo",
-            "--incoming",
-            str(tmp_path / "incoming"),
-            "--state",
-            str(tmp_path / "state.json"),
-            "--quiet-seconds",
-            "0.2",
-            "--settle-seconds",
-            "0.2",
-            "--once",
-        ]
-    )
+    rc = cli.main(["watch", "-o", "demo", "--once"])
     assert rc == 0
     assert list(airflow.runs) == [("rpp_demo", "session__2024-07-30")]
+    state_path = tmp_path / "data" / "work" / "demo" / "watch_state.json"
+    assert WatchState.load(state_path).sessions["2024-07-30"]["confirmed"] is True
+    incoming = tmp_path / "data" / "incoming" / "demo"
+    with SessionWatcher("demo", incoming, "rpp_demo", SessionRule(), state_path, _trigger(airflow)):
+        assert cli.main(["watch", "-o", "demo", "--once"]) == 3  # the running one holds the lock
