@@ -1229,6 +1229,7 @@ class ResultsDB:
         include_rejected_frames: bool = False,
         fields: tuple[str, ...] | None = None,
         columns: bool = False,
+        statuses: tuple[str, ...] | None = None,
     ) -> list[dict[str, Any]] | dict[str, list]:
         """
         The photometry of objects over every session: one query, ordered by time.
@@ -1237,7 +1238,7 @@ class ResultsDB:
         ``object_name``, ``frame`` (stem), ``session_id``, ``observatory``, ``night_date``,
         ``exptime_s``. Frames rejected by a later re-run are left out unless
         ``include_rejected_frames``. ``columns=True`` returns ``{name: [values]}`` instead of a
-        list of row dicts (much faster for long light curves).
+        list of row dicts (much faster for long light curves); ``statuses`` keeps only these.
         """
         p, f, s, o = (
             PhotometryRow.__table__,
@@ -1267,6 +1268,8 @@ class ResultsDB:
             stmt = stmt.where(s.c.observatory == observatory)
         if not include_rejected_frames:
             stmt = stmt.where(f.c.status == "ok")
+        if statuses is not None:
+            stmt = stmt.where(p.c.status.in_(list(statuses)))
         with self._read() as conn:
             result = conn.execute(stmt)
             names = list(result.keys())

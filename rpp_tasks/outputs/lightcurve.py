@@ -230,6 +230,7 @@ def light_curve(
             band=band,
             fields=_DB_FIELDS,
             columns=True,
+            statuses=("detected", "upper_limit"),
         )
         if objs
         else {}

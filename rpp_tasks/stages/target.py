@@ -936,9 +936,7 @@ def run_targets(
     source_objects: dict[str, dict] = {}
     ensembles_out: dict = {}
     comp_tables = []
-    bands = sorted({f.get("band") or "" for f in frames})
-    for band in bands:
-        group = [f for f in frames if (f.get("band") or "") == band]
+    for label, band, group in _frame_groups(frames, geo):
         cats = [_read_catalog(Path(f["_dir"])) for f in group]
         stems = [f["frame"] for f in group]
         types = [t for t in PHOT_TYPES if any(f"mag_{t}" in c.colnames for c in cats)]
@@ -961,11 +959,11 @@ def run_targets(
                 ref_mag_range=ens_cfg.ref_mag_range,
             )
             if ens[t].status != "ok":
-                log.warning("[%s] band %s %s ensemble: %s", session_id, band, t, ens[t].reason)
+                log.warning("[%s] %s %s ensemble: %s", session_id, label, t, ens[t].reason)
             st = ens[t].stars.copy()
-            st["band"], st["phot_type"] = band, t
+            st["band"], st["phot_type"], st["group"] = band, t, label
             comp_tables.append(st)
-        ensembles_out[band or "none"] = {t: e.to_dict() for t, e in ens.items()}
+        ensembles_out[label] = {t: e.to_dict() for t, e in ens.items()}
         primary = cfg.phot_type
         if primary == "auto":  # as the zero point stage: PSF when measured, else 1.3 FWHM
             has_psf = any(
@@ -1148,6 +1146,39 @@ def run_targets(
         summary["cpu_s"],
     )
     return summary
+
+
+def _frame_groups(frames: list[dict], geo: dict) -> list[tuple[str, str, list[dict]]]:
+    """The night's frames by band and field: one comparison ensemble each.
+
+    Frames whose centres are within half a field radius of a group's first frame share its field
+    (an observer may image several fields a night); frames without a WCS form their own group.
+    Returns ``(label, band, frames)``: the label is the band (``"none"`` without one), with
+    ``" field <k>"`` when the band has several fields.
+    """
+    from rpp_tasks.stages.catalogs import angular_sep_deg
+
+    out = []
+    for band in sorted({f.get("band") or "" for f in frames}):
+        fields: list[tuple[tuple | None, list[dict]]] = []
+        for f in (f for f in frames if (f.get("band") or "") == band):
+            cone = geo[f["frame"]][2]
+            for c0, members in fields:
+                if cone is None and c0 is None:
+                    members.append(f)
+                    break
+                if cone is not None and c0 is not None:
+                    if float(angular_sep_deg(cone[0], cone[1], c0[0], c0[1])) <= 0.5 * c0[2]:
+                        members.append(f)
+                        break
+            else:
+                fields.append((cone, [f]))
+        for k, (_, members) in enumerate(fields, start=1):
+            label = band or "none"
+            if len(fields) > 1:
+                label += f" field {k}"
+            out.append((label, band, members))
+    return out
 
 
 def _site_set(obs) -> bool:
@@ -1342,7 +1373,13 @@ def _record(obs, session_id, sess, frames, tlist, rows, source_objects, source_r
         for t in tlist
     ]
     keep = set(db.PHOTOMETRY_FIELDS) | {"object_key", "frame"}
-    prow = [{k: v for k, v in r.items() if k in keep} for r in rows]
+    # a light curve holds measurements and limits; frames that did not contain the target (or had
+    # no WCS) are in targets.json with the reason, not in the database
+    prow = [
+        {k: v for k, v in r.items() if k in keep}
+        for r in rows
+        if r["status"] in ("detected", "upper_limit")
+    ]
     info = {
         f["frame"]: {
             "band": f.get("band"),

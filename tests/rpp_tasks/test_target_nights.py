@@ -266,3 +266,53 @@ def test_bad_input_is_recorded_and_the_session_goes_on(tmp_path):
     with db.ResultsDB(url) as rdb:
         rows = rdb.frame_rows("nights", sids[1])
         assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
+
+
+def test_two_fields_in_one_night_get_their_own_ensembles(tmp_path):
+    """An observer images two fields in a night: each field (and band) has its own comparison
+    ensemble; a target is measured where it is and recorded as outside the other field."""
+    import shutil
+
+    a = write_nights(
+        tmp_path / "a",
+        n_nights=1,
+        frames_per_night=3,
+        shape=(256, 256),
+        density_per_deg2=16000,
+        seed=7,
+    )
+    b = write_nights(
+        tmp_path / "b",
+        n_nights=1,
+        frames_per_night=3,
+        shape=(256, 256),
+        density_per_deg2=16000,
+        center_deg=(121.0, 26.0),
+        object_name="FIELD-B",
+        seed=8,
+    )
+    night = a.nights[0]
+    for p in b.nights[0].glob("FIELD-B_*.fits"):
+        shutil.copy(p, night / p.name)
+    obs = _obs(tmp_path / "a", a, enrichment=())
+    obs = config_from_dict(
+        {
+            **{k: v for k, v in obs.to_dict().items() if k not in ("source", "config_hash")},
+            "catalogs": {
+                **obs.to_dict()["catalogs"],
+                "local": [str(tmp_path / "a" / "catalogs"), str(tmp_path / "b" / "catalogs")],
+            },
+        }
+    )
+    catalogs.reset_circuit_breaker()
+    s = pipeline.reduce_session(night, obs, work_root=tmp_path / "work", workers=1)
+    assert s["n_ok"] == s["n_science"] == 6
+    url = db.default_results_url(tmp_path)
+    out = run_targets(s["workdir"], obs, results_url=url)
+    ens = out["ensembles"]
+    assert set(ens) == {"V field 1", "V field 2"}
+    assert all(e["psf"]["status"] == "ok" and e["psf"]["n_used"] >= 5 for e in ens.values())
+    var = next(t for t in out["targets"] if t["name"] == "SYN-VAR")
+    assert var["n_detected"] == 3 and var["n_outside_field"] == 3
+    t = _lc(url, "SYN-VAR").table
+    assert len(t) == 3 and np.isfinite(np.asarray(t["mag_diff"])).all()  # no outside-field rows
