@@ -1542,6 +1542,7 @@ def render_report_html(
 {_figure_html(plots.get("zeropoint"), "zero-point residuals", "Reference minus calibrated magnitude of the zero-point stars; grey band: RMS.", missing=zp_missing)}
 
 <h2>Across the field</h2>
+{_figure_html(plots.get("psf_map"), "PSF model across the field", f"PSF model of frame {_esc(preview_frame or '')}: FWHM (colour) and ellipticity (whisker length, along the major axis) across the field, the stars it was fitted on, and what is left when the model is subtracted from an isolated star near the centre, the edges and the corners (a good model leaves noise).", missing="PSF model across the field: no PSF model for this frame.")}
 {_figure_html(plots.get("field"), "FWHM and background across the field", f"FWHM in a 3×3 grid (stacked fit of the stars in each cell) and the sky background of frame {_esc(preview_frame or '')}. Corner-to-centre FWHM differences show tilt, field curvature or coma.", missing="FWHM and background across the field: no reduced frame.")}
 
 <h2>Transient candidates</h2>
@@ -1835,6 +1836,19 @@ def build_report(
                 )
 
             attempt("field", field_plot)
+            psf_model = ((best.get("stages") or {}).get("photometry") or {}).get("psf_model")
+            if psf_model and cat is not None:
+                from rpp_tasks.outputs.psf_plots import plot_psf_map
+
+                attempt(
+                    "psf_map",
+                    lambda: plot_psf_map(
+                        psf_model,
+                        image=data,
+                        catalog=cat,
+                        pixel_scale_arcsec=_finite(best.get("pixel_scale_arcsec")),
+                    ),
+                )
         else:
             flags.append("no_calibrated_image")
         step = max(1, int(math.ceil(len(ok) / max_catalogs)))

@@ -264,6 +264,8 @@ def step_detect(fw: FrameWork, obs: ObservatoryConfig) -> dict:
         min_area_px=cfg.min_area_px,
         deblend_cont=cfg.deblend_cont,
         peak_search=not obs.stages.photometry.psf,
+        saturation_adu=fw.meta["saturation_adu"] - float(fw.bkg_summary["background_adu"]),
+        overwrite=True,  # data_sub is ours
     )
     n = len(fw.sources)
     if n == 0:
@@ -281,63 +283,41 @@ def step_photometry(fw: FrameWork, obs: ObservatoryConfig) -> dict:
 
     cfg = obs.stages.photometry
     meta = fw.meta
-    data_sub = fw.data - fw.background
     gain, exptime = meta["gain_e_per_adu"], meta["exptime_s"]
-    fwhm = psf.measure_fwhm(
-        data_sub,
+    res = photometry.measure_frame(
+        None,  # made from image - background inside, freed as soon as possible
+        fw.rms,
         fw.sources,
-        rms=fw.rms,
+        gain_e_per_adu=gain,
+        exptime_s=exptime,
+        saturation_adu=meta["saturation_adu"],
+        fixed_radius_px=cfg.fixed_radius_px,
+        annulus_fwhm=cfg.annulus_fwhm,
         mask=fw.mask,
-        saturation_adu=meta["saturation_adu"] - float(fw.bkg_summary["background_adu"]),
+        image=fw.data,
+        background=fw.background,
+        psf=cfg.psf,
+        psf_max_stars=max(cfg.epsf_max_stars, 250),
+        frame=fw.stem,
     )
-    if not np.isfinite(fwhm.fwhm_px):
+    if res.psf is None:
         raise FrameRejected(
             "FWHM could not be measured (no isolated unsaturated stars)",
             path=str(fw.raw_path),
             stage="photometry",
         )
-    epsf_info = {}
-    sources, psf_model, epsf = fw.sources, None, None
-    if cfg.psf:
-        epsf = psf.build_epsf(
-            data_sub,
-            fw.sources,
-            fwhm_px=fwhm.fwhm_px,
-            oversampling=cfg.epsf_oversampling,
-            max_stars=cfg.epsf_max_stars,
-            mask=fw.mask,
-            beta=fwhm.beta,
-            saturation_adu=meta["saturation_adu"] - float(fw.bkg_summary["background_adu"]),
-        )
-        fit = photometry.psf_photometry_with_residual_detection(
-            data_sub, fw.rms, fw.sources, epsf, gain_e_per_adu=gain, exptime_s=exptime, mask=fw.mask
-        )
-        sources, psf_model = fit.table, fit.model
-        epsf_info = {"epsf_n_stars": int(epsf.n_stars), "n_residual_sources": int(fit.n_added)}
-    cat = photometry.aperture_photometry(
-        data_sub,
-        fw.rms,
-        sources,
-        fwhm_px=fwhm.fwhm_px,
-        fixed_radius_px=cfg.fixed_radius_px,
-        annulus_fwhm=cfg.annulus_fwhm,
-        gain_e_per_adu=gain,
-        exptime_s=exptime,
-        mask=fw.mask,
-        psf_model=psf_model,
-        epsf=epsf,
-    )  # neighbours' fitted models subtracted
-    cat = photometry.quality_flags(
-        cat,
-        saturation_adu=meta["saturation_adu"],
-        shape=fw.data.shape,
-        fwhm_px=fwhm.fwhm_px,
-        data=fw.data,
+    cat, fwhm = (
+        res.catalog,
+        psf.FwhmResult(
+            res.fwhm_px, float("nan"), res.psf.n_stars, float("nan"), res.psf.beta, "field PSF"
+        ),
     )
+    epsf_info = {k: v for k, v in res.info.items() if k not in ("fwhm_px",)}
     _add_sky_coordinates(cat, fw.header)
     scale = meta.get("pixel_scale_arcsec")
     r_lim = 1.3 * fwhm.fwhm_px
-    noise = fw.bkg_summary["background_rms_adu"] * np.sqrt(np.pi) * r_lim
+    apc = (res.info.get("aperture_corrections") or {}).get("1p3fwhm", {}).get("median_mag", 0.0)
+    noise = fw.bkg_summary["background_rms_adu"] * np.sqrt(np.pi) * r_lim * 10 ** (0.4 * apc)
     lim_mag = (
         float(-2.5 * np.log10(5.0 * noise / exptime)) if exptime and noise > 0 else float("nan")
     )

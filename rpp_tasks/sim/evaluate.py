@@ -48,6 +48,24 @@ Bright-star floor
     (robust std of ``dm - offset``), ``bright_expected_mag`` (rms of the expected errors) and
     ``bright_floor_mag = sqrt(max(0, scatter**2 - expected**2))``: what is left when photon
     noise is taken out (flat-field, PSF-model, centring and background errors).
+Spurious breakdown (``spurious_breakdown``)
+    Every unmatched detection is put in one class, in this order: ``duplicate`` (a matched true
+    star lies within ``duplicate_radius_fwhm`` FWHM and no unmatched true star within twice the
+    matching radius: a second detection of a star already found), ``saturated`` (within
+    ``saturated_halo_fwhm`` FWHM of a saturated star, or within ``exclude_radius_px`` of a bleed
+    trail pixel), ``defect`` (within ``exclude_radius_px`` of a cosmic-ray or hot pixel),
+    ``other``. ``spurious_fraction_raw`` counts them all.
+Varying PSF and sky
+    When the truth has the per-star columns ``fwhm_px``, ``beta`` and ``sky_adu`` (fields made
+    with a PSF or sky varying across the field), the aperture expectation uses each star's own
+    sky and encircled energy (circular Moffat of the local FWHM and beta), and the FWHM is
+    compared in zones (``fwhm_zones``: the centre, within 15 % of the half-diagonal of the frame
+    centre, and each corner, within 25 % of it), with the catalogue's per-star model FWHM
+    (column ``psf_fwhm_px``) when present, else its single ``fwhm_px``.
+Aperture-corrected fluxes
+    When the catalogue has a column ``apcorr_<label>`` (the factor that turned the aperture flux
+    into a total flux), the star's aperture flux is ``F_meas / apcorr`` and its expected error
+    ``apcorr * sigma_ap(c F_true / apcorr)``; the ideal offset is then 0.
 FWHM error
     ``fwhm_rel_err = measured / true - 1`` against the continuous PSF FWHM (``truth.meta``), and
     ``fwhm_rel_err_pixelated`` against the FWHM of the pixel-integrated PSF (the continuous PSF
@@ -65,7 +83,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 from astropy.table import Table
@@ -77,6 +95,7 @@ __all__ = [
     "match_to_truth",
     "fidelity_report",
     "robust_std",
+    "pooled_bins",
     "expected_aperture_error_adu",
     "pixelated_fwhm_px",
     "DEFAULT_FLUX_COLS",
@@ -311,9 +330,10 @@ class PhotometryFidelity:
     n_bright: int
     bins: tuple = ()
     flags: tuple[str, ...] = ()
+    samples: dict = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "samples"}
         d["bins"] = [dict(b) for b in self.bins]
         d["flags"] = list(self.flags)
         return _json_safe(d)
@@ -345,6 +365,8 @@ class FidelityReport:
     photometry: tuple[PhotometryFidelity, ...] = ()
     flags: tuple[str, ...] = ()
     params: dict = field(default_factory=dict)
+    spurious_breakdown: dict = field(default_factory=dict)
+    fwhm_zones: dict = field(default_factory=dict)
 
     def for_column(self, flux_col: str) -> PhotometryFidelity:
         """The `PhotometryFidelity` of one flux column (KeyError if it was not evaluated)."""
@@ -453,6 +475,8 @@ def fidelity_report(
     nonlinear_frac=0.9,
     n_bright=20,
     offset_err_max_mag=0.02,
+    bleed_mask=None,
+    duplicate_radius_fwhm=2.0,
 ) -> FidelityReport:
     """
     Completeness, spurious detections, photometric scatter vs photon noise, error honesty, FWHM.
@@ -486,8 +510,11 @@ def fidelity_report(
         S/N threshold of ``snr_expected`` for completeness and the photometry sample.
     snr_bins : sequence of float
         Bin edges in ``snr_expected`` for the binned figures.
-    cr_mask, hot_mask : numpy.ndarray, optional
-        Pixels hit by cosmic rays / hot pixels (excuse spurious detections near them).
+    cr_mask, hot_mask, bleed_mask : numpy.ndarray, optional
+        Pixels hit by cosmic rays / hot pixels / bleed trails (excuse spurious detections near
+        them; bleed trails class them as ``saturated`` in the breakdown).
+    duplicate_radius_fwhm : float
+        See "Spurious breakdown" in the module docstring.
     exclude_radius_px, saturated_halo_fwhm, isolation_fwhm, neighbour_flux_frac, nonlinear_frac,
     n_bright, offset_err_max_mag
         See the module docstring.
@@ -597,6 +624,21 @@ def fidelity_report(
     n_spur = int((~excused).sum())
     spurious = n_spur / n_cat if n_cat else float("nan")
     spurious_raw = un.size / n_cat if n_cat else float("nan")
+    breakdown = _spurious_breakdown(
+        cx[un],
+        cy[un],
+        tx,
+        ty,
+        detected,
+        tsat,
+        fwhm_ref=fwhm_ref,
+        match_radius=radius_px,
+        duplicate_radius_fwhm=duplicate_radius_fwhm,
+        saturated_halo_fwhm=saturated_halo_fwhm,
+        exclude_radius_px=exclude_radius_px,
+        defect_masks=(cr_mask, hot_mask),
+        bleed_mask=bleed_mask,
+    )
 
     # positions
     pos_sel = above[match.truth_index]
@@ -616,7 +658,14 @@ def fidelity_report(
         if "peak_adu" in truth.colnames
         else np.zeros(len(truth))
     )
-    base = (~tsat) & (peak + sky + bias < nonlinear_frac * sat) & iso & (frac_in >= 0.999) & above
+    sky_star = (
+        np.asarray(truth["sky_adu"], float)
+        if "sky_adu" in truth.colnames and sky_adu is None
+        else np.full(len(truth), sky)
+    )
+    base = (
+        (~tsat) & (peak + sky_star + bias < nonlinear_frac * sat) & iso & (frac_in >= 0.999) & above
+    )
     if n_annulus is None and "n_annulus" in catalog.colnames:
         n_ann_col = np.asarray(catalog["n_annulus"], float)
     else:
@@ -639,7 +688,7 @@ def fidelity_report(
                 base,
                 g=g,
                 rn=rn,
-                sky=sky,
+                sky=sky_star,
                 psf=psf,
                 fwhm_true=fwhm_true,
                 beta=beta,
@@ -662,6 +711,8 @@ def fidelity_report(
         flags.append("no_true_fwhm")
     if not math.isfinite(fwhm_meas):
         flags.append("no_measured_fwhm")
+
+    zones = _fwhm_zones(catalog, truth, fwhm_meas, x_col=x_col, y_col=y_col)
 
     params = {
         "radius_px": radius_px,
@@ -702,7 +753,154 @@ def fidelity_report(
         photometry=tuple(phot),
         flags=tuple(flags),
         params=params,
+        spurious_breakdown=breakdown,
+        fwhm_zones=zones,
     )
+
+
+def pooled_bins(fidelities, snr_bins, *, n_bright=20):
+    """Per-S/N-bin figures pooled over several frames (`PhotometryFidelity` of one column each).
+
+    Returns a list of dicts (``snr_lo``, ``snr_hi``, ``n``, ``scatter_ratio``, ``error_ratio``,
+    ``scatter_mag``, ``expected_mag``) and the pooled bright-star floor over the ``n_bright``
+    brightest stars of every frame: ``(bins, floor_mag)``.
+    """
+    keys = ("snr_expected", "z", "z_reported", "dm", "expected_mag")
+    cat = {
+        k: np.concatenate([np.asarray(f.samples.get(k, []), float) for f in fidelities])
+        for k in keys
+    }
+    edges = np.asarray(snr_bins, float)
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        b = (cat["snr_expected"] > lo) & (cat["snr_expected"] <= hi)
+        out.append(
+            {
+                "snr_lo": float(lo),
+                "snr_hi": float(hi),
+                "n": int(b.sum()),
+                "scatter_ratio": robust_std(cat["z"][b]),
+                "error_ratio": robust_std(cat["z_reported"][b]),
+                "scatter_mag": robust_std(cat["dm"][b]),
+                "expected_mag": float(np.sqrt(np.mean(cat["expected_mag"][b] ** 2)))
+                if b.any()
+                else float("nan"),
+            }
+        )
+    floors = []
+    dms, exps = [], []
+    for f in fidelities:
+        sn = np.asarray(f.samples.get("snr_expected", []), float)
+        if sn.size < 5:
+            continue
+        top = np.argsort(-sn)[:n_bright]
+        dms.append(np.asarray(f.samples["dm"])[top])
+        exps.append(np.asarray(f.samples["expected_mag"])[top])
+    if dms:
+        dm, ex = np.concatenate(dms), np.concatenate(exps)
+        sc = robust_std(dm)
+        floors = math.sqrt(max(0.0, sc**2 - float(np.mean(ex**2))))
+    else:
+        floors = float("nan")
+    return out, floors
+
+
+def _spurious_breakdown(
+    ux,
+    uy,
+    tx,
+    ty,
+    detected,
+    tsat,
+    *,
+    fwhm_ref,
+    match_radius,
+    duplicate_radius_fwhm,
+    saturated_halo_fwhm,
+    exclude_radius_px,
+    defect_masks,
+    bleed_mask,
+):
+    """Classes of the unmatched detections (see "Spurious breakdown" in the module docstring)."""
+    from scipy.spatial import cKDTree
+
+    out = {"duplicate": 0, "saturated": 0, "defect": 0, "other": 0}
+    ok = np.isfinite(ux) & np.isfinite(uy)
+    out["other"] += int((~ok).sum())
+    ux, uy = ux[ok], uy[ok]
+    n = ux.size
+    if n == 0:
+        return out
+    fw = fwhm_ref if math.isfinite(fwhm_ref) else 3.0
+    cls = np.full(n, "other", dtype="U10")
+    pts = np.column_stack([ux, uy])
+    if detected.any() and tx.size:
+        d_det, _ = cKDTree(np.column_stack([tx[detected], ty[detected]])).query(pts)
+        near_un = np.zeros(n, bool)
+        if (~detected).any():
+            d_un, _ = cKDTree(np.column_stack([tx[~detected], ty[~detected]])).query(pts)
+            near_un = d_un <= 2.0 * match_radius
+        cls[(d_det <= duplicate_radius_fwhm * fw) & ~near_un] = "duplicate"
+    todo = cls == "other"
+    sat_near = np.zeros(n, bool)
+    if np.any(tsat):
+        d_sat, _ = cKDTree(np.column_stack([tx[tsat], ty[tsat]])).query(pts)
+        sat_near |= d_sat <= saturated_halo_fwhm * fw
+    if bleed_mask is not None:
+        sat_near |= _near_mask(ux, uy, bleed_mask, exclude_radius_px)
+    cls[todo & sat_near] = "saturated"
+    todo = cls == "other"
+    defect = np.zeros(n, bool)
+    for m in defect_masks:
+        if m is not None:
+            defect |= _near_mask(ux, uy, m, exclude_radius_px)
+    cls[todo & defect] = "defect"
+    for k in ("duplicate", "saturated", "defect", "other"):
+        out[k] += int(np.sum(cls == k))
+    return out
+
+
+def _fwhm_zones(catalog, truth, fwhm_meas, *, x_col, y_col):
+    """Measured / true FWHM - 1 at the centre and in the corners (see the module docstring)."""
+    if "fwhm_px" not in truth.colnames or len(truth) == 0:
+        return {}
+    tx, ty = np.asarray(truth["x"], float), np.asarray(truth["y"], float)
+    tf = np.asarray(truth["fwhm_px"], float)
+    shape = truth.meta.get("shape")
+    if shape is None:
+        ny, nx = float(np.nanmax(ty)) + 1, float(np.nanmax(tx)) + 1
+    else:
+        ny, nx = float(shape[0]), float(shape[1])
+    half_diag = 0.5 * math.hypot(nx, ny)
+    per_star = "psf_fwhm_px" in catalog.colnames
+    if per_star:
+        match = match_to_truth(catalog, truth, radius_px=1.5, x_col=x_col, y_col=y_col)
+        meas = np.full(len(truth), np.nan)
+        meas[match.truth_index] = np.asarray(catalog["psf_fwhm_px"], float)[match.catalog_index]
+    else:
+        meas = np.full(len(truth), float(fwhm_meas))
+    zones = {
+        "centre": ((nx - 1) / 2.0, (ny - 1) / 2.0, 0.15),
+        "corner_ll": (0.0, 0.0, 0.25),
+        "corner_lr": (nx - 1.0, 0.0, 0.25),
+        "corner_ul": (0.0, ny - 1.0, 0.25),
+        "corner_ur": (nx - 1.0, ny - 1.0, 0.25),
+    }
+    out = {"source": "psf_fwhm_px" if per_star else "fwhm_px"}
+    for name, (zx, zy, frac) in zones.items():
+        sel = (np.hypot(tx - zx, ty - zy) <= frac * half_diag) & np.isfinite(meas) & np.isfinite(tf)
+        if sel.sum() < 3:
+            out[name] = None
+            continue
+        out[name] = {
+            "n": int(sel.sum()),
+            "fwhm_true_px": float(np.median(tf[sel])),
+            "fwhm_measured_px": float(np.median(meas[sel])),
+            "rel_err": float(np.median(meas[sel] / tf[sel]) - 1.0),
+        }
+    errs = [abs(v["rel_err"]) for k, v in out.items() if isinstance(v, dict)]
+    out["max_abs_rel_err"] = max(errs) if errs else None
+    return out
 
 
 def _photometry_fidelity(
@@ -742,6 +940,13 @@ def _photometry_fidelity(
         flags.append("no_error_column")
     f_true = np.asarray(truth["flux_adu"], float)[ti]
     sel = base[ti] & np.isfinite(f_meas) & (f_meas > 0)
+    apcorr = None
+    if not is_psf and f"apcorr_{label}" in catalog.colnames:
+        apcorr = np.asarray(catalog[f"apcorr_{label}"], float)[ci]
+        sel &= np.isfinite(apcorr) & (apcorr > 0)
+        apcorr = np.where(np.isfinite(apcorr) & (apcorr > 0), apcorr, 1.0)
+        flags.append("aperture_corrected")
+    sky = np.asarray(sky)[ti] if np.ndim(sky) else sky
 
     if is_psf:
         radius = float("nan")
@@ -755,12 +960,24 @@ def _photometry_fidelity(
         radius = _aperture_radius(label, catalog.meta, fwhm_meas, aperture_radii_px)
         if not math.isfinite(radius):
             flags.append("unknown_aperture_radius")
-        ee = (
-            float(encircled(radius, psf=psf, fwhm_px=fwhm_true, beta=beta))
-            if math.isfinite(radius)
-            else np.nan
-        )
+        if "fwhm_px" in truth.colnames and "beta" in truth.colnames and psf == "moffat":
+            from rpp_tasks.sim.synthetic import moffat_alpha_px
+
+            bt = np.asarray(truth["beta"], float)[ti]
+            al = np.array(
+                [moffat_alpha_px(f, b) for f, b in zip(np.asarray(truth["fwhm_px"], float)[ti], bt)]
+            )
+            ee_star = 1.0 - (1.0 + (radius / al) ** 2) ** (1.0 - bt)
+            ee = float(np.median(ee_star[sel])) if sel.any() else float("nan")
+        else:
+            ee = (
+                float(encircled(radius, psf=psf, fwhm_px=fwhm_true, beta=beta))
+                if math.isfinite(radius)
+                else np.nan
+            )
         offset_ideal = -2.5 * math.log10(ee) if ee > 0 else float("nan")
+        if apcorr is not None:
+            offset_ideal = 0.0
 
     dm = -2.5 * np.log10(np.where(sel, f_meas, np.nan) / f_true)
     n_used = int(sel.sum())
@@ -794,6 +1011,15 @@ def _photometry_fidelity(
             n_ann = n_annulus
             if n_ann is None:
                 flags.append("annulus_term_omitted")
+        if apcorr is not None:
+            return apcorr * expected_aperture_error_adu(
+                c * f_true / apcorr,
+                radius_px=radius,
+                sky_adu=sky,
+                gain_e_per_adu=g,
+                read_noise_e=rn,
+                n_annulus=n_ann,
+            )
         return expected_aperture_error_adu(
             c * f_true,
             radius_px=radius,
@@ -863,4 +1089,13 @@ def _photometry_fidelity(
         n_bright=int(bright.size),
         bins=tuple(bins),
         flags=tuple(dict.fromkeys(flags)),
+        samples={
+            "snr_expected": tsnr[sel],
+            "z": z[sel],
+            "z_reported": z_rep[sel],
+            "dm": dm[sel] - offset,
+            "expected_mag": sig_mag[sel],
+            "x": np.asarray(truth["x"], float)[ti][sel],
+            "y": np.asarray(truth["y"], float)[ti][sel],
+        },
     )

@@ -23,7 +23,15 @@ What is simulated, in order (all in electrons, then converted to ADU):
    short straight tracks (3-15 px), 1 000-20 000 e per pixel. Their pixels are in ``cr_mask``.
 5. Clipping at ``saturation_adu``.
 
-The truth table describes what an ideal measurement would give (see `make_star_field`).
+Fields built like real optics (`make_optics_field`, `optics_field_kwargs`): a PSF varying across the
+field (`PsfVariation`: elliptical Moffat whose FWHM, beta, ellipticity and orientation are smooth but
+not polynomial functions of the position), a sky gradient, gain 0.8, close pairs, bright saturated
+stars whose charge above the full well bleeds along the columns and whose wings (halos) are drawn
+out to 160 px, plus the cosmic rays and hot pixels above. The one-PSF fields are unchanged (the
+new options draw from their own random stream).
+
+The truth table describes what an ideal measurement would give (see `make_star_field`), including
+each star's local PSF and sky.
 """
 
 from __future__ import annotations
@@ -42,11 +50,15 @@ from scipy.special import erf
 __all__ = [
     "SyntheticField",
     "SyntheticCamera",
+    "PsfVariation",
     "make_star_field",
+    "make_optics_field",
+    "optics_field_kwargs",
     "make_camera",
     "make_calibration_frames",
     "write_synthetic_session",
     "render_psf_stamps",
+    "render_elliptical_moffat_stamps",
     "psf_encircled_energy",
     "moffat_alpha_px",
     "SNR_RADIUS_FWHM",
@@ -76,6 +88,12 @@ _TRUTH_COLUMNS = (
     "flux_rendered_adu",
     "frac_in_image",
     "saturated",
+    "fwhm_px",
+    "beta",
+    "ellipticity",
+    "theta_deg",
+    "sky_adu",
+    "pair",
 )
 
 
@@ -104,6 +122,9 @@ class SyntheticField:
         bool masks of the pixels hit by cosmic rays and of the hot pixels.
     params : dict
         The parameters the field was made with (JSON-safe).
+    bleed_mask : numpy.ndarray
+        bool mask of the pixels filled by bleed trails of saturated stars (all False without
+        ``bleed_trails``).
     """
 
     data: np.ndarray
@@ -113,6 +134,7 @@ class SyntheticField:
     cr_mask: np.ndarray
     hot_mask: np.ndarray
     params: dict = field(default_factory=dict)
+    bleed_mask: np.ndarray | None = None
 
     def to_dict(self) -> dict:
         """Small JSON-safe summary (no arrays)."""
@@ -327,6 +349,249 @@ def _render_stars(shape, x, y, flux_adu, *, psf, fwhm_px, beta, sky_var_adu2, ga
 
 
 # --------------------------------------------------------------------------------------------
+# PSF varying across the field (real optics)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PsfVariation:
+    """A PSF that changes smoothly across the field, as the optics of a small telescope make it.
+
+    Everywhere an elliptical Moffat profile. At a normalised distance ``r`` from the optical axis
+    (``r = 1`` at half the frame diagonal; the axis sits ``axis_offset_frac`` of the frame size
+    away from the frame centre) and polar angle ``phi`` around it:
+
+    * FWHM (geometric mean of the major- and minor-axis FWHM)
+      ``fwhm_px * (1 + fwhm_corner_frac * ((1 - q) r**2 + q r**4) + fwhm_tilt_frac * t)`` with
+      ``q = fwhm_quartic_share``, ``t`` in [-0.5, 0.5] the position across the frame along
+      ``tilt_angle_deg`` (field curvature plus a tilted sensor);
+    * ``beta = beta_centre + (beta_corner - beta_centre) * r**beta_power`` (wings change too);
+    * ellipticity ``1 - b/a = ellipticity_corner * r**ellipticity_power`` (coma, astigmatism);
+    * major axis at ``phi + angle_offset_deg + angle_twist_deg * r`` from the x axis, so the
+      orientation turns around the field.
+
+    None of these is a low-order polynomial of ``(x, y)``: a model built from polynomials is
+    tested against something it cannot represent exactly, as on real optics.
+    """
+
+    fwhm_px: float = 3.5
+    fwhm_corner_frac: float = 0.13
+    fwhm_quartic_share: float = 0.25
+    fwhm_tilt_frac: float = 0.04
+    tilt_angle_deg: float = 30.0
+    beta_centre: float = 3.3
+    beta_corner: float = 2.75
+    beta_power: float = 1.5
+    ellipticity_corner: float = 0.10
+    ellipticity_power: float = 1.5
+    angle_offset_deg: float = 0.0
+    angle_twist_deg: float = 40.0
+    axis_offset_frac: tuple[float, float] = (0.06, -0.04)
+
+    def params_at(self, x, y, shape):
+        """Local PSF at pixel positions ``(x, y)`` of a frame of ``shape = (ny, nx)``.
+
+        Returns
+        -------
+        fwhm_px, beta, ellipticity, theta_rad : numpy.ndarray
+            FWHM (geometric mean of the axes, continuous PSF), Moffat beta, ``1 - b/a`` and the
+            major-axis angle counter-clockwise from +x (radians).
+        """
+        ny, nx = (int(shape[0]), int(shape[1]))
+        x = np.asarray(x, dtype=float)
+        y = np.asarray(y, dtype=float)
+        cx = (nx - 1) / 2.0 + self.axis_offset_frac[0] * nx
+        cy = (ny - 1) / 2.0 + self.axis_offset_frac[1] * ny
+        rnorm = 0.5 * math.hypot(nx, ny)
+        r = np.hypot(x - cx, y - cy) / rnorm
+        phi = np.arctan2(y - cy, x - cx)
+        ta = math.radians(self.tilt_angle_deg)
+        t = (
+            (x / max(nx - 1, 1) - 0.5) * math.cos(ta) + (y / max(ny - 1, 1) - 0.5) * math.sin(ta)
+        ) / (abs(math.cos(ta)) + abs(math.sin(ta)))
+        qs = self.fwhm_quartic_share
+        curv = (1.0 - qs) * r**2 + qs * r**4
+        fwhm = self.fwhm_px * (1.0 + self.fwhm_corner_frac * curv + self.fwhm_tilt_frac * t)
+        beta = self.beta_centre + (self.beta_corner - self.beta_centre) * r**self.beta_power
+        ell = np.clip(self.ellipticity_corner * r**self.ellipticity_power, 0.0, 0.9)
+        theta = phi + math.radians(self.angle_offset_deg) + math.radians(self.angle_twist_deg) * r
+        return fwhm, beta, ell, np.mod(theta, math.pi)
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["axis_offset_frac"] = list(self.axis_offset_frac)
+        return d
+
+
+def _moffat_shape(fwhm_px, beta, ellipticity, theta_rad):
+    """Quadratic-form coefficients ``(A, B, C)`` (1/px**2) and the unit-flux normalisation.
+
+    ``I(dx, dy) = norm * (1 + A dx**2 + 2 B dx dy + C dy**2) ** -beta``.
+    """
+    fwhm = np.asarray(fwhm_px, float)
+    beta = np.asarray(beta, float)
+    e = np.asarray(ellipticity, float)
+    th = np.asarray(theta_rad, float)
+    k = 2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0)
+    aa = fwhm / np.sqrt(1.0 - e) / k  # alpha along the major axis
+    ab = fwhm * np.sqrt(1.0 - e) / k
+    c, s = np.cos(th), np.sin(th)
+    ia, ib = 1.0 / aa**2, 1.0 / ab**2
+    a_ = c * c * ia + s * s * ib
+    c_ = s * s * ia + c * c * ib
+    b_ = c * s * (ia - ib)
+    norm = (beta - 1.0) / (math.pi * aa * ab)
+    return a_, b_, c_, norm, aa
+
+
+def render_elliptical_moffat_stamps(
+    dx_px, dy_px, half_width_px, *, fwhm_px, beta, ellipticity=0.0, theta_rad=0.0
+):
+    """
+    Pixel-integrated, unit-flux elliptical Moffat stamps with per-star shapes.
+
+    Parameters
+    ----------
+    dx_px, dy_px : array_like
+        Offsets of the star centres from the central pixel centre, shape (n,).
+    half_width_px : int
+        Stamp half-width h; stamps are (n, 2h+1, 2h+1) as in `render_psf_stamps`.
+    fwhm_px, beta, ellipticity, theta_rad : float or array_like
+        Per star (broadcast to (n,)): FWHM (geometric mean of the axes), Moffat beta,
+        ``1 - b/a`` and major-axis angle from +x (radians).
+
+    Returns
+    -------
+    stamps : numpy.ndarray
+        (n, 2h+1, 2h+1) float64; Gauss-Legendre quadrature over each pixel, 4x4 nodes within one
+        major-axis FWHM of the centre, 2x2 elsewhere.
+    """
+    dx = np.atleast_1d(np.asarray(dx_px, dtype=float))
+    dy = np.atleast_1d(np.asarray(dy_px, dtype=float))
+    n = dx.size
+    fw, bt, el, th = (
+        np.broadcast_to(np.asarray(v, float), (n,)) for v in (fwhm_px, beta, ellipticity, theta_rad)
+    )
+    if np.any(~(fw > 0)) or np.any(~(bt > 1.0)) or np.any((el < 0) | (el >= 1)):
+        msg = "need fwhm_px > 0, beta > 1 and 0 <= ellipticity < 1 for every star"
+        raise ValueError(msg)
+    a_, b_, c_, norm, _ = _moffat_shape(fw, bt, el, th)
+    h = int(half_width_px)
+
+    def integrate(kk, nodes, weights):
+        m = nodes.size
+        off = (kk[:, None] + 0.5 * nodes[None, :]).ravel()
+        xs = off[None, :] - dx[:, None]
+        ys = off[None, :] - dy[:, None]
+        q = (
+            a_[:, None, None] * (xs * xs)[:, None, :]
+            + (2.0 * b_)[:, None, None] * ys[:, :, None] * xs[:, None, :]
+            + c_[:, None, None] * (ys * ys)[:, :, None]
+        )
+        np.log1p(q, out=q)
+        q *= -bt[:, None, None]
+        np.exp(q, out=q)
+        q *= norm[:, None, None]
+        w = np.outer(0.5 * weights, 0.5 * weights)
+        size = kk.size
+        return (q.reshape(n, size, m, size, m) * w[None, None, :, None, :]).sum(axis=(2, 4))
+
+    stamps = integrate(np.arange(-h, h + 1, dtype=float), *_GL2)
+    fmax = float(np.max(fw / np.sqrt(1.0 - el)))
+    hc = min(h, max(1, math.ceil(fmax)))
+    stamps[:, h - hc : h + hc + 1, h - hc : h + hc + 1] = integrate(
+        np.arange(-hc, hc + 1, dtype=float), *_GL4
+    )
+    return stamps
+
+
+def _render_stars_varying(
+    shape, x, y, flux_adu, *, fwhm, beta, ell, theta, sky_adu, rn_var_adu2, gain, max_half
+):
+    """`_render_stars` with a per-star elliptical Moffat and a per-star sky (CRB)."""
+    ny, nx = shape
+    n = x.size
+    rendered = np.zeros(n)
+    peak = np.zeros(n)
+    crb_err = np.full(n, np.nan)
+    if n == 0:
+        return np.zeros(shape), rendered, peak, crb_err
+    _, _, _, _, alpha_major = _moffat_shape(fwhm, beta, ell, theta)
+    frac = np.clip(np.minimum(5e-3, _MAX_MISSING_ADU / np.maximum(flux_adu, 1e-30)), 1e-9, None)
+    r_need = alpha_major * np.sqrt(frac ** (1.0 / (1.0 - beta)) - 1.0)
+    half = np.clip(np.ceil(r_need - 0.5), 2, max_half).astype(int)
+    half = np.minimum(4 * np.ceil(half / 4.0).astype(int), max_half)  # a few stamp sizes
+    ix = np.rint(x).astype(np.int64)
+    iy = np.rint(y).astype(np.int64)
+    all_idx, all_vals = [], []
+    for h in np.unique(half):
+        members = np.flatnonzero(half == h)
+        size = 2 * h + 1
+        kk = np.arange(-h, h + 1)
+        chunk = max(1, _CHUNK_ELEMENTS // (size * size * 4))
+        for start in range(0, members.size, chunk):
+            sel = members[start : start + chunk]
+            stamps = render_elliptical_moffat_stamps(
+                x[sel] - ix[sel],
+                y[sel] - iy[sel],
+                h,
+                fwhm_px=fwhm[sel],
+                beta=beta[sel],
+                ellipticity=ell[sel],
+                theta_rad=theta[sel],
+            )
+            f = flux_adu[sel]
+            var_pix = (f[:, None, None] * stamps + sky_adu[sel, None, None]) / gain + rn_var_adu2
+            crb_err[sel] = 1.0 / np.sqrt(np.sum(stamps**2 / var_pix, axis=(1, 2)))
+            peak[sel] = f * stamps.reshape(sel.size, -1).max(axis=1)
+            px = ix[sel, None, None] + kk[None, None, :]
+            py = iy[sel, None, None] + kk[None, :, None]
+            inside = (px >= 0) & (px < nx) & (py >= 0) & (py < ny)
+            vals = stamps * f[:, None, None]
+            rendered[sel] = np.where(inside, vals, 0.0).sum(axis=(1, 2))
+            all_idx.append((py * nx + px)[inside])
+            all_vals.append(vals[inside])
+    image = np.bincount(
+        np.concatenate(all_idx), weights=np.concatenate(all_vals), minlength=ny * nx
+    )
+    return image.reshape(shape), rendered, peak, crb_err
+
+
+def _bleed_columns(electrons, full_well_e, ix, iy, half):
+    """Spill the charge above ``full_well_e`` along the columns, half up and half down (in place).
+
+    Only the columns within ``half`` px of the saturated stars ``(ix, iy)`` are looked at.
+    Returns the mask of the pixels filled by the bleed (outside the saturated cores).
+    """
+    ny, nx = electrons.shape
+    bleed = np.zeros(electrons.shape, dtype=bool)
+    fw = np.float32(full_well_e)
+    for cx, cy, h in zip(ix, iy, half):
+        y0, y1 = max(0, cy - h), min(ny, cy + h + 1)
+        for c in range(max(0, cx - h), min(nx, cx + h + 1)):
+            col = electrons[:, c]
+            over = np.flatnonzero(col[y0:y1] > fw) + y0
+            if over.size == 0:
+                continue
+            excess = float(np.sum(col[over] - fw))
+            col[over] = fw
+            for start, step, amount in (
+                (int(over.max()) + 1, 1, 0.5 * excess),
+                (int(over.min()) - 1, -1, 0.5 * excess),
+            ):
+                j = start
+                while amount > 0 and 0 <= j < ny:
+                    room = float(fw - col[j])
+                    if room > 0:
+                        add = min(room, amount)
+                        col[j] += np.float32(add)
+                        amount -= add
+                        bleed[j, c] = True
+                    j += step
+    return bleed
+
+
+# --------------------------------------------------------------------------------------------
 # Star lists, WCS, defects
 # --------------------------------------------------------------------------------------------
 
@@ -377,6 +642,60 @@ def _draw_positions(rng, n, shape, border_px, min_separation_px):
         )
     idx = np.flatnonzero(accepted)
     return cx[idx], cy[idx]
+
+
+def _add_pairs_and_bright(
+    rng,
+    x,
+    y,
+    mag,
+    *,
+    shape,
+    border_px,
+    fwhm_px,
+    mag_range,
+    n_close_pairs,
+    pair_separation_fwhm,
+    pair_dmag_max,
+    n_bright,
+    bright_mag_range,
+):
+    """Append close companions and bright stars; returns x, y, mag and the pair number per star."""
+    ny, nx = shape
+    pair = np.zeros(x.size, np.int64)
+    if n_close_pairs > 0 and x.size:
+        lo, hi = sorted(float(m) for m in mag_range)
+        cand = np.flatnonzero(mag <= lo + 0.6 * (hi - lo))
+        if cand.size == 0:
+            cand = np.arange(x.size)
+        prim = rng.choice(cand, size=min(n_close_pairs, cand.size), replace=False)
+        sep = rng.uniform(*pair_separation_fwhm, prim.size) * float(fwhm_px)
+        ang = rng.uniform(0.0, 2.0 * math.pi, prim.size)
+        cx = x[prim] + sep * np.cos(ang)
+        cy = y[prim] + sep * np.sin(ang)
+        cmag = np.minimum(mag[prim] + rng.uniform(0.0, pair_dmag_max, prim.size), hi)
+        inside = (
+            (cx >= border_px - 0.5)
+            & (cx < nx - 0.5 - border_px)
+            & (cy >= border_px - 0.5)
+            & (cy < ny - 0.5 - border_px)
+        )
+        prim, cx, cy, cmag = prim[inside], cx[inside], cy[inside], cmag[inside]
+        pair[prim] = np.arange(1, prim.size + 1)
+        x = np.concatenate([x, cx])
+        y = np.concatenate([y, cy])
+        mag = np.concatenate([mag, cmag])
+        pair = np.concatenate([pair, np.arange(1, prim.size + 1)])
+    if n_bright > 0:
+        margin = max(float(border_px), 0.05 * min(nx, ny))
+        bx = rng.uniform(margin, nx - 1 - margin, n_bright)
+        by = rng.uniform(margin, ny - 1 - margin, n_bright)
+        bmag = rng.uniform(*sorted(bright_mag_range), n_bright)
+        x = np.concatenate([x, bx])
+        y = np.concatenate([y, by])
+        mag = np.concatenate([mag, bmag])
+        pair = np.concatenate([pair, np.zeros(n_bright, np.int64)])
+    return x, y, mag, pair
 
 
 def _make_wcs(shape, center_deg, pixel_scale_arcsec, rotation_deg):
@@ -470,6 +789,16 @@ def make_star_field(
     filter_name="V",
     object_name="SYNTH-FIELD",
     date_obs="2025-01-15T21:00:00.000",
+    psf_variation=None,
+    sky_gradient_frac=0.0,
+    sky_gradient_angle_deg=30.0,
+    n_close_pairs=0,
+    pair_separation_fwhm=(1.2, 4.0),
+    pair_dmag_max=2.5,
+    n_bright=0,
+    bright_mag_range=(9.0, 12.5),
+    bleed_trails=False,
+    max_half_width_px=None,
     seed=0,
 ) -> SyntheticField:
     """
@@ -516,8 +845,28 @@ def make_star_field(
         perfectly flat-fielded frame shows (the response has median 1).
     filter_name, object_name, date_obs : str
         Header values.
+    psf_variation : `PsfVariation`, optional
+        A PSF that changes across the field (elliptical Moffat; ``psf``, ``fwhm_px`` and
+        ``beta`` are then ignored). Default: one PSF everywhere.
+    sky_gradient_frac, sky_gradient_angle_deg : float
+        The sky changes linearly by this fraction of ``sky_adu`` from one side of the frame to the
+        other, along this direction (counter-clockwise from +x).
+    n_close_pairs : int
+        Companions added next to random stars of the brighter 60 % of the magnitude range, at
+        ``pair_separation_fwhm`` FWHM (uniform) and up to ``pair_dmag_max`` mag fainter (truth
+        column ``pair``: the pair number, 0 for single stars).
+    n_bright, bright_mag_range : int, (float, float)
+        Extra bright (saturated) stars with magnitudes uniform in this range.
+    bleed_trails : bool
+        Charge above the full well (``1.1 * saturation_adu * gain`` electrons: saturated pixels read
+        the ADC maximum) spills along the columns (half up, half down) before the read-out; the
+        filled pixels are in ``bleed_mask``.
+    max_half_width_px : int, optional
+        Largest stamp half-width (default 64 px, or 160 px with ``psf_variation``, so the wings of
+        very bright stars -- their halos -- are rendered far out).
     seed : int
-        Seed of `numpy.random.default_rng`; the same arguments give the same field.
+        Seed of `numpy.random.default_rng`; the same arguments give the same field. The options
+        above draw from a separate stream, so fields made without them are unchanged.
 
     Returns
     -------
@@ -533,8 +882,12 @@ def make_star_field(
         ``var = (flux P + sky)/g + (rn/g)**2`` in ADU**2), ``flux_rendered_adu`` (noiseless flux
         that landed in the image: stamp truncation and image edges), ``frac_in_image``
         (``flux_rendered_adu / flux_adu``) and ``saturated`` (noiseless peak + sky + bias reaches
-        ``saturation_adu``). ``truth.meta`` holds the simulation parameters (``psf``, ``fwhm_px``,
-        ``beta``, ``sky_adu``, ``gain_e_per_adu``, ``read_noise_e``, ``exptime_s``, ...).
+        ``saturation_adu``), then the local truth of each star: ``fwhm_px``, ``beta``
+        (``inf`` for a Gaussian), ``ellipticity``, ``theta_deg`` (the PSF at the star),
+        ``sky_adu`` (the sky at the star) and ``pair``. With a varying PSF or sky,
+        ``snr_expected`` and ``flux_err_crb_adu`` use the local PSF and sky. ``truth.meta`` holds
+        the simulation parameters (``psf``, ``fwhm_px``, ``beta``, ``sky_adu``,
+        ``gain_e_per_adu``, ``read_noise_e``, ``exptime_s``, ``psf_variation``, ...).
     """
     _check_psf(psf, fwhm_px, beta)
     ny, nx = (int(shape[0]), int(shape[1]))
@@ -555,11 +908,29 @@ def make_star_field(
         raise ValueError(msg)
 
     rng = np.random.default_rng(seed)
+    # the options added for fields like real optics draw from their own stream
+    extra = np.random.default_rng(np.random.SeedSequence([int(seed or 0), 0x5EED]))
     wcs = _make_wcs((ny, nx), wcs_center_deg, pixel_scale_arcsec, rotation_deg)
+    pair = None
 
     if stars is None:
         x, y = _draw_positions(rng, int(n_stars), (ny, nx), border_px, min_separation_px)
         mag = _draw_magnitudes(rng, x.size, mag_range, mag_slope)
+        x, y, mag, pair = _add_pairs_and_bright(
+            extra,
+            x,
+            y,
+            mag,
+            shape=(ny, nx),
+            border_px=border_px,
+            fwhm_px=psf_variation.fwhm_px if psf_variation is not None else fwhm_px,
+            mag_range=mag_range,
+            n_close_pairs=int(n_close_pairs),
+            pair_separation_fwhm=pair_separation_fwhm,
+            pair_dmag_max=pair_dmag_max,
+            n_bright=int(n_bright),
+            bright_mag_range=bright_mag_range,
+        )
         ra, dec = wcs.pixel_to_world_values(x, y)
     else:
         ra_in = np.asarray(stars["ra"], dtype=float)
@@ -575,19 +946,72 @@ def make_star_field(
         mag = np.asarray(stars["mag"], dtype=float)[keep]
         ra, dec = ra_in[keep], dec_in[keep]
     flux = exptime_s * 10.0 ** (-0.4 * (mag - zero_point_mag))
+    if pair is None:
+        pair = np.zeros(x.size, np.int64)
 
     sky_var = (sky_adu, (read_noise_e / gain_e_per_adu) ** 2)
-    stars_img, rendered, peak, crb_err = _render_stars(
-        (ny, nx),
-        x,
-        y,
-        flux,
-        psf=psf,
-        fwhm_px=fwhm_px,
-        beta=beta,
-        sky_var_adu2=sky_var,
-        gain_e_per_adu=gain_e_per_adu,
-    )
+    sky_img = sky_adu
+    sky_star = np.full(x.size, float(sky_adu))
+    if sky_gradient_frac:
+        ga = math.radians(sky_gradient_angle_deg)
+        norm_g = abs(math.cos(ga)) + abs(math.sin(ga))
+
+        def ramp(xx, yy):
+            return sky_adu * (
+                1.0
+                + sky_gradient_frac
+                * (
+                    (xx / max(nx - 1, 1) - 0.5) * math.cos(ga)
+                    + (yy / max(ny - 1, 1) - 0.5) * math.sin(ga)
+                )
+                / norm_g
+            )
+
+        sky_img = ramp(np.arange(nx)[None, :], np.arange(ny)[:, None])
+        sky_star = ramp(x, y)
+    if psf_variation is not None:
+        if not isinstance(psf_variation, PsfVariation):
+            msg = f"psf_variation must be a PsfVariation, got {type(psf_variation).__name__}"
+            raise TypeError(msg)
+        psf, fwhm_px, beta = "moffat", psf_variation.fwhm_px, psf_variation.beta_centre
+        s_fwhm, s_beta, s_ell, s_theta = psf_variation.params_at(x, y, (ny, nx))
+    else:
+        s_fwhm = np.full(x.size, float(fwhm_px))
+        s_beta = np.full(x.size, float(beta) if psf == "moffat" else np.inf)
+        s_ell = np.zeros(x.size)
+        s_theta = np.zeros(x.size)
+    if max_half_width_px is None:
+        max_half_width_px = 160 if psf_variation is not None else _MAX_HALF_WIDTH_PX
+    if psf_variation is not None or sky_gradient_frac or max_half_width_px != _MAX_HALF_WIDTH_PX:
+        if psf == "gaussian":
+            msg = "sky_gradient_frac / max_half_width_px need psf='moffat' or a psf_variation"
+            raise ValueError(msg)
+        stars_img, rendered, peak, crb_err = _render_stars_varying(
+            (ny, nx),
+            x,
+            y,
+            flux,
+            fwhm=s_fwhm,
+            beta=s_beta,
+            ell=s_ell,
+            theta=s_theta,
+            sky_adu=sky_star,
+            rn_var_adu2=sky_var[1],
+            gain=gain_e_per_adu,
+            max_half=int(max_half_width_px),
+        )
+    else:
+        stars_img, rendered, peak, crb_err = _render_stars(
+            (ny, nx),
+            x,
+            y,
+            flux,
+            psf=psf,
+            fwhm_px=fwhm_px,
+            beta=beta,
+            sky_var_adu2=sky_var,
+            gain_e_per_adu=gain_e_per_adu,
+        )
 
     # expected electrons, then noise
     if camera is None:
@@ -608,9 +1032,24 @@ def make_star_field(
         hot_adu = 0.0
         bias = camera.bias_adu.astype(float)
 
-    expected_e = (response * (stars_img + sky_adu) + hot_adu) * gain_e_per_adu + dark_e
+    expected_e = (response * (stars_img + sky_img) + hot_adu) * gain_e_per_adu + dark_e
+    del stars_img
     model = (expected_e / gain_e_per_adu + bias).astype(np.float32)
     electrons = rng.poisson(expected_e).astype(np.float32)
+    del expected_e
+    bleed_mask = np.zeros((ny, nx), dtype=bool)
+    if bleed_trails:
+        # the full well holds a little more than the ADC range: saturated pixels read the maximum
+        full_well_e = 1.1 * (saturation_adu - float(np.median(bias))) * gain_e_per_adu
+        hot = np.flatnonzero(peak + sky_star >= 1.1 * (saturation_adu - float(np.median(bias))))
+        if hot.size:
+            bleed_mask = _bleed_columns(
+                electrons,
+                full_well_e,
+                np.rint(x[hot]).astype(int),
+                np.rint(y[hot]).astype(int),
+                np.full(hot.size, int(max_half_width_px)),
+            )
     electrons += rng.standard_normal((ny, nx), dtype=np.float32) * np.float32(read_noise_e)
     n_cr = _scaled_default(n_cosmic_rays, 0.2, (ny, nx), factor=exptime_s)
     cr_adu, cr_mask = _add_cosmic_rays(rng, (ny, nx), n_cr, gain_e_per_adu)
@@ -626,12 +1065,18 @@ def make_star_field(
             np.clip(np.rint(y).astype(int), 0, ny - 1), np.clip(np.rint(x).astype(int), 0, nx - 1)
         ]
     )
-    saturated = peak + sky_adu + bias_at_star >= saturation_adu
+    saturated = peak + sky_star + bias_at_star >= saturation_adu
 
-    r_snr = SNR_RADIUS_FWHM * fwhm_px
-    f_ap = flux * psf_encircled_energy(r_snr, psf=psf, fwhm_px=fwhm_px, beta=beta)
+    r_snr = SNR_RADIUS_FWHM * s_fwhm
+    if psf == "gaussian":
+        ee = psf_encircled_energy(r_snr, psf=psf, fwhm_px=fwhm_px, beta=beta)
+    else:
+        ee = 1.0 - (1.0 + (r_snr / _moffat_shape(s_fwhm, s_beta, 0.0, 0.0)[4]) ** 2) ** (
+            1.0 - s_beta
+        )
+    f_ap = flux * ee
     snr = f_ap / np.sqrt(
-        f_ap / gain_e_per_adu + math.pi * r_snr**2 * (sky_adu / gain_e_per_adu + sky_var[1])
+        f_ap / gain_e_per_adu + math.pi * r_snr**2 * (sky_star / gain_e_per_adu + sky_var[1])
     )
 
     params = {
@@ -656,10 +1101,21 @@ def make_star_field(
         "rotation_deg": float(rotation_deg),
         "min_separation_px": None if min_separation_px is None else float(min_separation_px),
         "border_px": float(border_px),
-        "snr_radius_px": float(r_snr),
+        "snr_radius_px": float(SNR_RADIUS_FWHM * fwhm_px),
         "camera": camera is not None,
         "seed": int(seed) if seed is not None else None,
     }
+    if psf_variation is not None or sky_gradient_frac or n_close_pairs or n_bright or bleed_trails:
+        params.update(
+            psf_varying=psf_variation is not None,
+            psf_variation=psf_variation.to_dict() if psf_variation is not None else None,
+            sky_gradient_frac=float(sky_gradient_frac),
+            sky_gradient_angle_deg=float(sky_gradient_angle_deg),
+            n_close_pairs=int(n_close_pairs),
+            n_bright=int(n_bright),
+            bleed_trails=bool(bleed_trails),
+            n_bleed_pixels=int(np.count_nonzero(bleed_mask)),
+        )
     truth = Table(
         [
             np.arange(1, x.size + 1),
@@ -675,6 +1131,12 @@ def make_star_field(
             rendered,
             rendered / flux if x.size else rendered,
             saturated,
+            s_fwhm,
+            s_beta,
+            s_ell,
+            np.degrees(s_theta),
+            sky_star,
+            pair,
         ],
         names=_TRUTH_COLUMNS,
         meta={k: v for k, v in params.items()},
@@ -689,6 +1151,9 @@ def make_star_field(
         ("peak_adu", "adu"),
         ("flux_err_crb_adu", "adu"),
         ("flux_rendered_adu", "adu"),
+        ("fwhm_px", "pix"),
+        ("theta_deg", "deg"),
+        ("sky_adu", "adu"),
     ):
         truth[name].unit = unit
 
@@ -712,6 +1177,8 @@ def make_star_field(
     header["SYN_BETA"] = (float(beta), "synthetic Moffat beta")
     header["SYN_SKY"] = (float(sky_adu), "[adu] synthetic sky level")
     header["SYN_SEED"] = (int(seed) if seed is not None else -1, "synthetic seed")
+    if psf_variation is not None:
+        header["SYN_PVAR"] = (True, "synthetic PSF varies across the field")
     log.debug(
         "synthetic field %dx%d: %d stars, %d CRs, %d hot px",
         ny,
@@ -728,7 +1195,45 @@ def make_star_field(
         cr_mask=cr_mask,
         hot_mask=hot_mask,
         params=params,
+        bleed_mask=bleed_mask,
     )
+
+
+def optics_field_kwargs(shape=(2048, 2048), **overrides) -> dict:
+    """
+    Keyword arguments of `make_star_field` for a field built like real small-telescope data.
+
+    Per 2048x2048: 2000 stars (magnitudes 13-22, ``dN/dm ∝ 10**(0.3 m)``), 45 close pairs
+    (1.2-4 FWHM, up to 2.5 mag fainter), 8 bright saturated stars (mag 9-12.5) with bleed trails
+    and halos (wings rendered out to 160 px); a PSF varying across the field (`PsfVariation`:
+    FWHM 3.5 px at the axis, about +15 % in the corners, beta 3.3 -> 2.7, ellipticity up to
+    about 0.1 with an orientation that turns around the field); sky 800 ADU with a 4 % gradient;
+    gain 0.8 e-/ADU, read noise 6 e-, saturation 60 000 ADU; cosmic rays (0.2 per megapixel per
+    second) and hot pixels (10 per megapixel). ``overrides`` replace any of these.
+    """
+    scale = shape[0] * shape[1] / 2048**2
+    kw = dict(
+        n_stars=int(round(2000 * scale)),
+        psf_variation=PsfVariation(),
+        sky_adu=800.0,
+        sky_gradient_frac=0.04,
+        gain_e_per_adu=0.8,
+        read_noise_e=6.0,
+        saturation_adu=60000.0,
+        mag_range=(13.0, 22.0),
+        mag_slope=0.3,
+        n_close_pairs=int(round(45 * scale)),
+        n_bright=max(1, int(round(8 * scale))),
+        bright_mag_range=(9.0, 12.5),
+        bleed_trails=True,
+    )
+    kw.update(overrides)
+    return kw
+
+
+def make_optics_field(shape=(2048, 2048), *, seed=0, **overrides) -> SyntheticField:
+    """A `make_star_field` field built like real optics (see `optics_field_kwargs`)."""
+    return make_star_field(shape, seed=seed, **optics_field_kwargs(shape, **overrides))
 
 
 def _base_header(ny, nx, *, imagetyp, exptime_s, date_obs, gain, rn, sat, camera, filter_name=None):

@@ -27,6 +27,10 @@ __all__ = [
     "empty_source_table",
     "FLAG_PEAK_FINDER",
     "FLAG_RESIDUAL",
+    "FLAG_SATURATED",
+    "find_saturated_stars",
+    "saturation_exclusion_mask",
+    "ModelVariance",
 ]
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,7 @@ SOURCE_COLUMNS = (
 _DEFAULT_FWHM_PX = 3.0
 FLAG_PEAK_FINDER = 0x1000  #: ``flag`` bit of sources added by the matched-filter peak search
 FLAG_RESIDUAL = 0x2000  #: ``flag`` bit of sources found on the PSF-fit residual image
+FLAG_SATURATED = 0x4000  #: ``flag`` bit of a saturated star (one source per saturated region)
 
 
 def empty_source_table(*, method="sep", threshold_sigma=np.nan):
@@ -68,7 +73,7 @@ def _gauss_kernel(fwhm_px):
     return (ker / ker.sum()).astype(np.float32)
 
 
-def _matched_snr(data, var, mask, x, y, fwhm_px):
+def _matched_snr(data, var, mask, x, y, fwhm_px, *, var_is_err=False):
     """Matched-filter S/N of point sources at (x, y) with a local plane as nuisance.
 
     Weighted least squares of ``d = a K + b0 + bx dx + by dy`` on a stamp (``K`` a unit-peak
@@ -92,7 +97,9 @@ def _matched_snr(data, var, mask, x, y, fwhm_px):
     ddy = py - y[:, None]
     ker = np.exp(-0.5 * ddy**2 / sig**2)[:, :, None] * np.exp(-0.5 * ddx**2 / sig**2)[:, None, :]
     d = data[pyc[:, :, None], pxc[:, None, :]].astype(np.float64)
-    v = var[pyc[:, :, None], pxc[:, None, :]]
+    v = var[pyc[:, :, None], pxc[:, None, :]].astype(np.float64)
+    if var_is_err:  # the noise map is an rms: square only the gathered stamps
+        v = v * v
     w = (iny[:, :, None] & inx[:, None, :]) / np.where(v > 0, v, np.inf)
     if mask is not None:
         w = w * ~mask[pyc[:, :, None], pxc[:, None, :]]
@@ -127,6 +134,8 @@ def detect_sources(
     edge_px=2.0,
     min_snr=5.0,
     peak_search=True,
+    saturation_adu=None,
+    overwrite=False,
     frame="",
 ):
     """
@@ -164,6 +173,14 @@ def detect_sources(
         farther than ``0.6 * fwhm_px`` from every SEP detection: faint stars on
         the wings of bright ones that SEP's segmentation does not deblend. They get the flag bit
         `FLAG_PEAK_FINDER`, a Gaussian-fit ``flux`` and ``npix = 0``.
+    saturation_adu : float, optional
+        Saturation level in the units of ``data_sub`` (raw saturation minus sky). With it, every
+        saturated region of ``mask`` (core and bleed trails) becomes one source (`FLAG_SATURATED`,
+        see `find_saturated_stars`) and the detections on its bleed trails and halo are dropped
+        (``meta["n_dropped_saturated"]``).
+    overwrite : bool, optional
+        ``data_sub`` (C-contiguous float32) may be used as the work image and modified in place
+        (masked pixels set to 0): saves a full-frame copy.
     frame : str, optional
         Frame name used in log messages.
 
@@ -182,6 +199,9 @@ def detect_sources(
     ValueError
         Shape mismatch between ``data_sub``, ``rms`` and ``mask``, non-2-D input, unknown method.
     """
+    from rpp_tasks.stages.background import release_freed_memory
+
+    release_freed_memory()
     data = np.asarray(data_sub)
     if data.ndim != 2:
         raise ValueError(f"detect_sources: data_sub must be 2-D, got shape {data.shape}")
@@ -206,25 +226,59 @@ def detect_sources(
     assumed = fwhm_px is None or not np.isfinite(fwhm_px) or fwhm_px <= 0
     fwhm = _DEFAULT_FWHM_PX if assumed else float(fwhm_px)
 
-    # C-contiguous float32 copies (SEP requirement); masked / non-finite pixels -> 0
-    work = np.ascontiguousarray(data, dtype=np.float32).copy()
-    bad = ~np.isfinite(work)
-    bad |= ~np.isfinite(rms) | (rms <= 0)
+    # saturated stars first: they need the values of the masked pixels
+    sat_tab, zone = None, None
+    if saturation_adu is not None and mask is not None and np.isfinite(saturation_adu):
+        sat_tab, zone = find_saturated_stars(
+            data,
+            mask,
+            saturation_adu=float(saturation_adu),
+            rms=rms,
+            fwhm_px=fwhm,
+            trail_band=False,
+        )
+        sat_px = _saturated_pixels(data, mask, float(saturation_adu))
+        sat_px |= _trail_ends(data, sat_px, float(saturation_adu))
+        trail_y, trail_x = np.nonzero(sat_px)
+        del sat_px
+
+    # C-contiguous float32 (SEP requirement); masked / non-finite pixels -> 0
+    if overwrite and data.dtype == np.float32 and data.flags.c_contiguous and data.flags.writeable:
+        work = data
+    else:
+        work = np.array(data, dtype=np.float32, order="C")
+    bad = np.isfinite(work)
+    np.logical_not(bad, out=bad)
     if mask is not None:
         bad |= mask
+    err = np.ascontiguousarray(rms, dtype=np.float32)
+    bad_err = np.isfinite(err)
+    bad_err &= err > 0
+    np.logical_not(bad_err, out=bad_err)
+    if bad_err.any():
+        bad |= bad_err
+        err = err.copy()
+        good_err = err[~bad]
+        err[bad] = float(np.median(good_err)) if good_err.size else 1.0
+    del bad_err
     work[bad] = 0.0
-    err = np.ascontiguousarray(rms, dtype=np.float32).copy()
-    good_err = err[~bad]
-    fill = float(np.median(good_err)) if good_err.size else 1.0
-    err[bad] = fill
-    if not np.any(~bad):
+    if bad.all():
         return empty_source_table(method=method, threshold_sigma=threshold_sigma)
+    sep_bad = bad
+    if sat_tab is not None:
+        # saturated cores and bleed trails are interpolated across along the rows and shown to
+        # SEP as data (a star on a trail stays one object, the trail's sides make no ridges);
+        # they stay masked for the S/N and the centroids
+        sep_bad = bad.copy()
+        sep_bad[trail_y, trail_x] = False
+        bad[trail_y, trail_x] = True
+        _inpaint_rows(work, trail_y, trail_x)
 
     if method == "sep":
         cols = _run_sep(
             work,
             err,
-            bad,
+            sep_bad,
             threshold_sigma=threshold_sigma,
             fwhm=fwhm,
             min_area_px=min_area_px,
@@ -245,6 +299,14 @@ def detect_sources(
         return empty_source_table(method=method, threshold_sigma=threshold_sigma)
 
     ny, nx = data.shape
+    n_drop_sat = 0
+    if sat_tab is not None and len(sat_tab):
+        ix = np.clip(np.rint(cols["x_centroid"]).astype(int), 0, nx - 1)
+        iy = np.clip(np.rint(cols["y_centroid"]).astype(int), 0, ny - 1)
+        inz = zone[iy, ix]
+        n_drop_sat = int(inz.sum())
+        cols = {k: v[~inz] for k, v in cols.items()}
+    del zone
     x, y = cols["x_centroid"], cols["y_centroid"]
     keep = np.isfinite(x) & np.isfinite(y)
     keep &= (
@@ -253,9 +315,8 @@ def detect_sources(
         & (x <= nx - 0.5 - edge_px)
         & (y <= ny - 0.5 - edge_px)
     )
-    var = err.astype(np.float64) ** 2
     snr = np.full(x.size, np.nan)
-    snr[keep] = _matched_snr(work, var, bad, x[keep], y[keep], fwhm)
+    snr[keep] = _matched_snr(work, err, bad, x[keep], y[keep], fwhm, var_is_err=True)
     cols["snr_det"] = snr
     n_before = int(keep.sum())
     if min_snr and min_snr > 0:
@@ -266,9 +327,14 @@ def detect_sources(
     if max_sources is not None:
         order = order[: int(max_sources)]
     tab = Table()
-    tab["id"] = np.arange(1, order.size + 1, dtype=np.int64)
     for name, dt in SOURCE_COLUMNS[1:]:
         tab[name] = np.asarray(cols[name])[order].astype(dt)
+    tab["halo_radius_px"] = np.zeros(len(tab))
+    if sat_tab is not None and len(sat_tab):
+        from astropy.table import vstack
+
+        tab = vstack([sat_tab[tab.colnames], tab])  # saturated stars first (brightest)
+    tab.add_column(np.arange(1, len(tab) + 1, dtype=np.int64), name="id", index=0)
     tab.meta.update(
         method=method,
         threshold_sigma=float(threshold_sigma),
@@ -277,6 +343,8 @@ def detect_sources(
         min_snr=float(min_snr or 0.0),
         n_sources=len(tab),
         n_rejected_snr=n_rej,
+        n_saturated_sources=0 if sat_tab is None else len(sat_tab),
+        n_dropped_saturated=n_drop_sat,
         no_sources=len(tab) == 0,
     )
     log.info(
@@ -289,6 +357,262 @@ def detect_sources(
         min_snr or 0.0,
     )
     return tab
+
+
+def _saturated_pixels(data, mask, saturation_adu):
+    """Masked pixels at or above half the saturation level (saturated cores, bleed trails)."""
+    return np.asarray(mask, bool) & (np.asarray(data) >= np.float32(0.5 * saturation_adu))
+
+
+def find_saturated_stars(
+    data_sub,
+    mask,
+    *,
+    saturation_adu,
+    rms,
+    fwhm_px,
+    halo_snr=20.0,
+    halo_beta=2.5,
+    min_pixels=1,
+    trail_band=True,
+):
+    """
+    Saturated stars: one source per connected saturated region, and the zone they spoil.
+
+    The saturated pixels are the masked pixels at or above half of ``saturation_adu`` (the mask
+    of the calibration stage marks the raw saturated pixels; their values stay high). Each
+    region (core plus bleed trails along the columns, gaps of up to 4 px bridged) is one star,
+    centred on the rows where the region is widest (the saturated core is a disc, the trails are
+    narrower), at the mean column of those rows. The star is saturated out to ``r_sat``, half
+    the widest saturated row; beyond, a Moffat wing falls as
+    ``r**(-2 beta)``, so its halo stays above ``halo_snr`` times the noise out to
+    ``r_halo = r_sat (saturation / (halo_snr rms))**(1 / (2 halo_beta))`` (``halo_beta`` = 2.5 is
+    a conservative, shallow wing).
+
+    Parameters
+    ----------
+    data_sub : array_like
+        Background-subtracted image (ADU).
+    mask : array_like of bool
+        Bad pixels, including the saturated ones.
+    saturation_adu : float
+        Saturation level in the units of ``data_sub``.
+    rms : array_like or float
+        Background noise (ADU).
+    fwhm_px : float
+
+    Returns
+    -------
+    sources : `~astropy.table.Table`
+        Columns of `SOURCE_COLUMNS` (without ``id``) plus ``halo_radius_px``; ``flag`` =
+        `FLAG_SATURATED`, ``snr_det`` = inf, ``peak`` = ``saturation_adu``.
+    zone : numpy.ndarray of bool
+        The halo discs (within them the star's own light exceeds ``halo_snr`` times the noise) and
+        the saturated pixels grown by ``0.75 FWHM + 1`` px (the sides and ends of the bleed
+        trails; with ``trail_band=False`` only the ends): no detection there is trusted as a
+        star of its own.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
+    data = np.asarray(data_sub)
+    ny, nx = data.shape
+    sat = _saturated_pixels(data, mask, saturation_adu)
+    py, px = np.nonzero(sat)
+    zone = np.zeros(data.shape, bool)
+    cols = {name: [] for name, _ in SOURCE_COLUMNS[1:]}
+    cols["halo_radius_px"] = []
+    if px.size:
+        # bleed trails run along the columns and may have gaps: bridge up to 4 px vertically
+        pairs = cKDTree(np.column_stack([px, py / 3.0])).query_pairs(1.5, output_type="ndarray")
+        g = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(px.size, px.size))
+        ncomp, lab = connected_components(g, directed=False)
+        rms_typ = float(np.median(np.asarray(rms)[::16, ::16])) if np.ndim(rms) else float(rms)
+        if trail_band:
+            # the bleed trails, widened by about one FWHM: the masked band cut through the halo
+            # leaves ridges on both sides that look like stars to a matched filter
+            _trail_band(zone, px, py, fwhm_px)
+        else:
+            # the ends of the trails (the last, partly filled pixels) and the trails themselves
+            # (interpolated for SEP; a detection centred on them is a piece of the trail)
+            ends = _trail_ends(data, sat, saturation_adu)
+            _trail_band(zone, *np.nonzero(ends)[::-1], fwhm_px)
+            zone |= sat
+        for c in range(ncomp):
+            sel = lab == c
+            if sel.sum() < min_pixels:
+                continue
+            cx_, cy_ = px[sel], py[sel]
+            # the saturated core is a disc, the bleed trails are narrower: the star sits in the
+            # rows where the region is widest (a trail cut by the frame edge does not bias it)
+            urow, rcnt = np.unique(cy_, return_counts=True)
+            core_rows = urow[rcnt >= max(1, 0.5 * rcnt.max())]
+            y = float(np.mean(core_rows))
+            in_core = np.isin(cy_, core_rows)
+            x = float(np.mean(cx_[in_core]))
+            width = float(rcnt.max())
+            r_sat = max(0.5 * width, 1.0)
+            r_halo = r_sat * (saturation_adu / max(halo_snr * rms_typ, 1e-30)) ** (
+                1.0 / (2.0 * halo_beta)
+            )
+            r_halo = float(min(max(r_halo, r_sat + 1.5 * fwhm_px), 0.25 * max(nx, ny)))
+            # halo disc
+            r_i = int(math.ceil(r_halo))
+            x0, x1 = max(0, int(x) - r_i), min(nx, int(x) + r_i + 2)
+            y0, y1 = max(0, int(y) - r_i), min(ny, int(y) + r_i + 2)
+            gx, gy = np.meshgrid(np.arange(x0, x1), np.arange(y0, y1))
+            zone[y0:y1, x0:x1] |= (gx - x) ** 2 + (gy - y) ** 2 <= r_halo**2
+            flux = float(np.sum(data[cy_, cx_]))
+            for name, val in (
+                ("x_centroid", x),
+                ("y_centroid", y),
+                ("flux", flux),
+                ("peak", float(saturation_adu)),
+                ("npix", int(sel.sum())),
+                ("a_px", r_sat),
+                ("b_px", r_sat),
+                ("theta_rad", 0.0),
+                ("flag", FLAG_SATURATED),
+                ("snr_det", np.inf),
+                ("halo_radius_px", r_halo),
+            ):
+                cols[name].append(val)
+    tab = Table()
+    for name, dt in SOURCE_COLUMNS[1:]:
+        tab[name] = np.asarray(cols[name], dtype=dt)
+    tab["halo_radius_px"] = np.asarray(cols["halo_radius_px"], dtype=float)
+    if len(tab):
+        log.info("find_saturated_stars: %d saturated stars", len(tab))
+    return tab, zone
+
+
+def _trail_ends(data, sat, saturation_adu, reach=2):
+    """Unsaturated pixels within ``reach`` px above or below a saturated one in the same column
+    and brighter than 5 % of saturation: the partly filled ends of bleed trails."""
+    ny = sat.shape[0]
+    ends = np.zeros(sat.shape, bool)
+    py, px = np.nonzero(sat)
+    for o in range(1, reach + 1):
+        for yy in (py + o, py - o):
+            ok = (yy >= 0) & (yy < ny)
+            yy, xx = yy[ok], px[ok]
+            hit = ~sat[yy, xx] & (np.asarray(data)[yy, xx] > 0.05 * saturation_adu)
+            ends[yy[hit], xx[hit]] = True
+    return ends
+
+
+def _inpaint_rows(work, bad_y, bad_x, max_gap=8):
+    """Replace pixels ``(bad_y, bad_x)`` of ``work`` (in place) by a linear interpolation along
+    their row between the nearest good pixels, for gaps up to ``max_gap`` px (else 0): a masked
+    bleed trail then leaves no ridges on its sides, and a star on the trail keeps a core."""
+    if bad_x.size == 0:
+        return
+    ny, nx = work.shape
+    is_bad = np.zeros(work.shape, bool)
+    is_bad[bad_y, bad_x] = True
+    for y in np.unique(bad_y):
+        row_bad = is_bad[y]
+        xs = np.flatnonzero(row_bad)
+        # runs of consecutive bad pixels
+        starts = xs[np.r_[True, np.diff(xs) > 1]]
+        stops = xs[np.r_[np.diff(xs) > 1, True]]
+        for a, b in zip(starts, stops):
+            left, right = a - 1, b + 1
+            if b - a + 1 > max_gap or left < 0 or right >= nx:
+                work[y, a : b + 1] = 0.0
+                continue
+            vl, vr = work[y, left], work[y, right]
+            t = (np.arange(a, b + 1) - left) / (right - left)
+            work[y, a : b + 1] = vl + t * (vr - vl)
+
+
+def _trail_band(zone, px, py, fwhm_px):
+    """Mark the saturated pixels grown by ``0.75 FWHM + 1`` px (in place): the sides of the bleed
+    trails and their ends, where the last, partly filled pixel is bright but not saturated."""
+    ny, nx = zone.shape
+    grow = max(2, int(math.ceil(0.75 * fwhm_px)) + 1)
+    for oy in range(-grow, grow + 1):
+        yy = np.clip(py + oy, 0, ny - 1)
+        for ox in range(-grow, grow + 1):
+            if ox * ox + oy * oy <= grow * grow:
+                zone[yy, np.clip(px + ox, 0, nx - 1)] = True
+
+
+def saturation_exclusion_mask(shape, sources, data_sub=None, mask=None, *, saturation_adu=None):
+    """The zone spoiled by the saturated stars of a source table (see `find_saturated_stars`):
+    halo discs of the rows flagged `FLAG_SATURATED` (radius ``halo_radius_px``) and, with
+    ``data_sub``, ``mask`` and ``saturation_adu``, the widened bleed trails."""
+    ny, nx = int(shape[0]), int(shape[1])
+    zone = np.zeros((ny, nx), bool)
+    if data_sub is not None and mask is not None and saturation_adu is not None:
+        py, px = np.nonzero(_saturated_pixels(data_sub, mask, saturation_adu))
+        if px.size:
+            _trail_band(zone, px, py, float(sources.meta.get("fwhm_px", 3.0) or 3.0))
+    if sources is None or len(sources) == 0 or "flag" not in sources.colnames:
+        return zone
+    satrow = (np.asarray(sources["flag"]) & FLAG_SATURATED) != 0
+    if not np.any(satrow):
+        return zone
+    xs = np.asarray(sources["x_centroid"], float)[satrow]
+    ys = np.asarray(sources["y_centroid"], float)[satrow]
+    rh = (
+        np.asarray(sources["halo_radius_px"], float)[satrow]
+        if "halo_radius_px" in sources.colnames
+        else np.full(xs.size, 10.0)
+    )
+    for x, y, r in zip(xs, ys, rh):
+        r_i = int(math.ceil(r))
+        x0, x1 = max(0, int(x) - r_i), min(nx, int(x) + r_i + 2)
+        y0, y1 = max(0, int(y) - r_i), min(ny, int(y) + r_i + 2)
+        gx, gy = np.meshgrid(np.arange(x0, x1), np.arange(y0, y1))
+        zone[y0:y1, x0:x1] |= (gx - x) ** 2 + (gy - y) ** 2 <= r * r
+    return zone
+
+
+class ModelVariance:
+    """The variance of a fit residual, ``rms^2 + max(model, 0) / gain + (frac model)^2``,
+    evaluated only where it is indexed (no full-frame array).
+
+    Parameters
+    ----------
+    rms, model : numpy.ndarray
+        Background noise and the fitted model image (ADU), same shape.
+    gain_e_per_adu, model_error_frac : float
+    """
+
+    def __init__(self, rms, model, gain_e_per_adu, model_error_frac):
+        self.rms = rms
+        self.model = model
+        self.inv_gain = 1.0 / float(gain_e_per_adu)
+        self.frac = float(model_error_frac)
+        self.shape = np.shape(model)
+
+    def __getitem__(self, idx):
+        r = np.asarray(self.rms[idx], np.float64)
+        m = np.asarray(self.model[idx], np.float64)
+        return r * r + np.maximum(m, 0.0) * self.inv_gain + (self.frac * m) ** 2
+
+    def min_valid(self):
+        """A lower bound of the variance over the frame."""
+        rmin = float(np.nanmin(self.rms[::4, ::4]))
+        return rmin * rmin if rmin > 0 else 1e-30
+
+
+def _separable_filter(image, k1, strip=256):
+    """``correlate1d`` along both axes (zero outside the image), one row strip at a time."""
+    from scipy import ndimage
+
+    ny = image.shape[0]
+    h = k1.size // 2
+    out = np.empty(image.shape, dtype=np.float32)
+    for r0 in range(0, ny, strip):
+        r1 = min(ny, r0 + strip)
+        a, b = max(0, r0 - h), min(ny, r1 + h)
+        tmp = ndimage.correlate1d(image[a:b], k1, axis=1, mode="constant")
+        tmp = ndimage.correlate1d(tmp, k1, axis=0, mode="constant")
+        out[r0:r1] = tmp[r0 - a : r0 - a + (r1 - r0)]
+    return out
 
 
 def _run_sep(work, err, bad, *, threshold_sigma, fwhm, min_area_px, deblend_cont, deblend_nthresh):
@@ -446,6 +770,7 @@ def detect_residual_sources(
     exclude_xy=None,
     exclude_radius_px=None,
     edge_px=2.0,
+    overwrite=False,
 ):
     """
     Point sources on a residual image (data minus the fitted model of the known sources).
@@ -462,7 +787,7 @@ def detect_residual_sources(
     ----------
     resid : array_like
         2-D residual image (ADU), background and fitted sources subtracted.
-    var : array_like
+    var : array_like or `ModelVariance`
         Per-pixel variance of ``resid`` (ADU^2): background variance plus the shot noise (and any
         model-error term) of the subtracted sources.
     fwhm_px : float
@@ -480,6 +805,8 @@ def detect_residual_sources(
         Default ``max(1.5, 0.6 * fwhm_px)``.
     edge_px : float, optional
         Candidates closer than this to the border are dropped.
+    overwrite : bool, optional
+        ``resid`` (C-contiguous float32) may be modified in place (bad pixels set to 0).
 
     Returns
     -------
@@ -493,45 +820,55 @@ def detect_residual_sources(
     ValueError
         Shape mismatch or non-positive ``fwhm_px``.
     """
-    from scipy import ndimage
     from scipy.spatial import cKDTree
 
     res = np.asarray(resid)
-    var = np.asarray(var)
+    lazy = isinstance(var, ModelVariance)
+    if not lazy:
+        var = np.asarray(var)
     if res.ndim != 2 or var.shape != res.shape:
         raise ValueError(
             f"detect_residual_sources: resid {res.shape} and var {var.shape} must be the same 2-D shape"
         )
     if not (fwhm_px is not None and np.isfinite(fwhm_px) and fwhm_px > 0):
         raise ValueError(f"detect_residual_sources: fwhm_px must be positive, got {fwhm_px!r}")
-    bad = ~np.isfinite(res) | ~np.isfinite(var) | (var <= 0)
     if mask is not None:
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != res.shape:
             raise ValueError(
                 f"detect_residual_sources: mask shape {mask.shape} does not match {res.shape}"
             )
+    # float32 work image with bad pixels at 0 (in place with ``overwrite``)
+    if overwrite and res.dtype == np.float32 and res.flags.c_contiguous and res.flags.writeable:
+        work = res
+    else:
+        work = np.array(res, dtype=np.float32, order="C")
+    bad = np.isfinite(work)
+    np.logical_not(bad, out=bad)
+    if not lazy:
+        vbad = np.isfinite(var)
+        vbad &= var > 0
+        np.logical_not(vbad, out=vbad)
+        bad |= vbad
+        del vbad
+    if mask is not None:
         bad |= mask
-    work = np.where(bad, np.float32(0.0), res.astype(np.float32, copy=False))
+    work[bad] = 0.0
     sig = float(fwhm_px) / 2.3548
     half = int(math.ceil(3.0 * sig))
     k1 = np.exp(-0.5 * (np.arange(-half, half + 1) / sig) ** 2)
     k1 /= k1.sum()
     k2d = np.outer(k1, k1)
     s2 = float(np.sum(k2d**2))
-    # matched-filter numerator sum(K r) over the frame (float32, separable); the noise
-    # sqrt(sum(K^2 var)) is computed only at the local maxima above a lower bound of it
-    num = ndimage.correlate1d(
-        ndimage.correlate1d(work, k1.astype(np.float32), axis=0, mode="constant"),
-        k1.astype(np.float32),
-        axis=1,
-        mode="constant",
-    )
-    good_var = var[~bad]
+    # matched-filter numerator sum(K r) over the frame (float32, separable, in row strips so
+    # only one strip-sized temporary exists); the noise sqrt(sum(K^2 var)) is computed only at
+    # the local maxima above a lower bound of it
+    num = _separable_filter(work, k1.astype(np.float32))
     empty = empty_source_table(method="residual", threshold_sigma=candidate_snr)
-    if good_var.size == 0:
+    min_var = var.min_valid() if lazy else float(np.min(var, where=~bad, initial=np.inf))
+    if not np.isfinite(min_var):
         return empty
-    num_min = np.float32(candidate_snr * math.sqrt(s2 * float(np.min(good_var))))
+    num_min = np.float32(candidate_snr * math.sqrt(s2 * min_var))
     ny, nx = res.shape
     e = max(1, int(math.ceil(edge_px)))
     cand = num[e : ny - e, e : nx - e] >= num_min

@@ -43,6 +43,16 @@ __all__ = [
     "psf_photometry_with_residual_detection",
     "PsfPassResult",
     "quality_flags",
+    "measure_frame",
+    "FramePhotometry",
+    "apply_aperture_corrections",
+    "calibrate_to_large_aperture",
+    "measure_model_mismatch",
+    "add_mismatch_errors",
+    "fit_saturated_stars",
+    "repeatability",
+    "Repeatability",
+    "REPEATABILITY_SNR_BINS",
 ]
 
 log = logging.getLogger(__name__)
@@ -117,8 +127,9 @@ def _row_median(sorted_vals, lo, hi):
     return np.where(n > 0, med, np.nan)
 
 
-def _annulus_background(data, var, bad, x, y, r_in, r_out, *, clip_sigma=3.0, n_iter=3):
-    """Sigma-clipped mean, its pixel count and the mean variance in annuli (vectorised)."""
+def _annulus_background(data, err_map, bad, x, y, r_in, r_out, *, clip_sigma=3.0, n_iter=3):
+    """Sigma-clipped mean, its pixel count and the mean variance in annuli (vectorised);
+    ``err_map`` is the per-pixel noise (rms)."""
     ny, nx = data.shape
     half = int(math.ceil(r_out)) + 1
     k = np.arange(-half, half + 1)
@@ -143,7 +154,7 @@ def _annulus_background(data, var, bad, x, y, r_in, r_out, *, clip_sigma=3.0, n_
         pxc = np.clip(px, 0, nx - 1)
         pyc = np.clip(py, 0, ny - 1)
         vals = data[pyc, pxc].astype(np.float64)
-        vv = var[pyc, pxc]
+        vv = err_map[pyc, pxc].astype(np.float64) ** 2
         if bad is not None:
             use &= ~bad[pyc, pxc]
         use &= np.isfinite(vals)
@@ -177,6 +188,25 @@ def _annulus_background(data, var, bad, x, y, r_in, r_out, *, clip_sigma=3.0, n_
             var_mean[a:b] = np.where(cnt > 0, np.sum(np.where(use, vv, 0.0), axis=1) / cnt, np.nan)
         n_ann[a:b] = cnt
     return bkg, n_ann, var_mean
+
+
+def _area_inside(x, y, r, shape):
+    """Area (px^2) of circles of radius ``r`` at ``(x, y)`` inside an image of ``shape``
+    (exact pixel overlaps of a local image of ones with the outside zeroed)."""
+    import sep
+
+    ny, nx = shape
+    h = int(math.ceil(r)) + 2
+    size = 2 * h + 1
+    out = np.empty(np.size(x))
+    for i, (xi, yi) in enumerate(zip(np.atleast_1d(x), np.atleast_1d(y))):
+        ix, iy = int(round(xi)), int(round(yi))
+        k = np.arange(-h, h + 1)
+        inside = ((iy + k) >= 0)[:, None] & ((iy + k) < ny)[:, None]
+        inside = inside & ((ix + k) >= 0)[None, :] & ((ix + k) < nx)[None, :]
+        local = np.ascontiguousarray(inside, dtype=np.float64).reshape(size, size)
+        out[i] = sep.sum_circle(local, [h + xi - ix], [h + yi - iy], r, subpix=0)[0][0]
+    return out
 
 
 def _own_model_sums(sources, x, y, epsf, radii):
@@ -230,6 +260,8 @@ def aperture_photometry(
     local_background=True,
     psf_model=None,
     epsf=None,
+    residual=False,
+    overwrite=False,
 ):
     """
     Circular-aperture photometry with a local annulus background.
@@ -266,8 +298,13 @@ def aperture_photometry(
     psf_model : array_like, optional
         Fitted model image of all sources (e.g. `PsfPassResult.model`); needs ``epsf`` and the
         columns ``x_psf``, ``y_psf``, ``flux_psf`` in ``sources``.
-    epsf : `rpp_tasks.stages.psf.EPSFModel`, optional
-        The ePSF of that fit.
+    epsf : `rpp_tasks.stages.psf.EPSFModel` or `rpp_tasks.stages.psf.FieldPSF`, optional
+        The PSF model of that fit.
+    residual : bool, optional
+        ``data_sub`` already has the fitted model of every source subtracted (as
+        ``data_sub - psf_model``); the stars' own models are added back as with ``psf_model``.
+    overwrite : bool, optional
+        ``data_sub`` may be modified in place (bad pixels set to 0): no full-frame copy.
 
     Returns
     -------
@@ -319,42 +356,47 @@ def aperture_photometry(
     x, y = _xy(sources, func)
 
     dt = np.float32 if data.dtype == np.float32 else np.float64
-    bad = ~np.isfinite(data)
-    if mask is not None:
-        bad = bad | mask
     own = None
-    if psf_model is not None:
+    if psf_model is not None or residual:
         if epsf is None or not all(c in sources.colnames for c in ("x_psf", "y_psf", "flux_psf")):
-            raise ValueError(f"{func}: psf_model needs epsf and the x_psf, y_psf, flux_psf columns")
-        psf_model = np.asarray(psf_model)
-        if psf_model.shape != data.shape:
             raise ValueError(
-                f"{func}: psf_model shape {psf_model.shape} does not match {data.shape}"
+                f"{func}: psf_model / residual need epsf and the x_psf, y_psf, flux_psf columns"
             )
-        data = data - psf_model.astype(dt, copy=False)
+        if psf_model is not None:
+            psf_model = np.asarray(psf_model)
+            if psf_model.shape != data.shape:
+                raise ValueError(
+                    f"{func}: psf_model shape {psf_model.shape} does not match {data.shape}"
+                )
+            data = np.subtract(data, psf_model, dtype=dt)
+            overwrite = True  # a temporary of ours
         own = _own_model_sums(sources, x, y, epsf, radii)
-    work = np.ascontiguousarray(np.where(bad, dt(0.0), data), dtype=dt)
-    rms_c = np.asarray(rms, dtype=dt)
-    var = np.ascontiguousarray(rms_c * rms_c)
-    bad_u8 = np.ascontiguousarray(bad, dtype=np.uint8)
+    # work image: C-contiguous, bad pixels at 0 (in place when allowed)
+    if overwrite and data.dtype == dt and data.flags.c_contiguous and data.flags.writeable:
+        work = data
+    else:
+        work = np.array(data, dtype=dt, order="C")
+    bad = np.isfinite(work)
+    np.logical_not(bad, out=bad)
+    if mask is not None:
+        bad |= mask
+    work[bad] = 0.0
+    err_map = np.ascontiguousarray(rms, dtype=dt)
     if local_background:
-        bkg, n_ann, var_ann = _annulus_background(work, var, bad, x, y, r_in, r_out)
+        bkg, n_ann, var_ann = _annulus_background(work, err_map, bad, x, y, r_in, r_out)
     else:
         bkg, n_ann, var_ann = np.zeros(n), np.full(n, np.iinfo(np.int64).max // 4), np.zeros(n)
     bkg_used = np.where(np.isfinite(bkg), bkg, 0.0)
     flag_all = np.zeros(n, np.int64)
-    ones = None
     for lab, r in radii.items():
         # SEP replaces masked pixels by the mean of the unmasked ones in the aperture (sum and
         # variance), so the effective area is the geometric one, less what falls off the image
-        s, serr, flg = sep.sum_circle(work, x, y, r, var=var, mask=bad_u8, maskthresh=0.0, subpix=0)
+        s, serr, flg = sep.sum_circle(work, x, y, r, err=err_map, mask=bad, subpix=0)
         svar = serr**2
         area = np.full(n, math.pi * r * r)
         trunc = (flg & sep.APER_TRUNC) != 0
         if np.any(trunc):
-            if ones is None:
-                ones = np.ones(data.shape, dtype=dt)
-            area[trunc] = sep.sum_circle(ones, x[trunc], y[trunc], r, subpix=0)[0]
+            area[trunc] = _area_inside(x[trunc], y[trunc], r, work.shape)
         flux = s - bkg_used * area
         if own is not None:
             flux = flux + own[lab]
@@ -468,6 +510,8 @@ def psf_photometry(
     refine_positions=True,
     max_shift_px=1.0,
     min_snr_refine=3.0,
+    extended_wings=True,
+    max_elements=None,
 ):
     """
     Simultaneous PSF-fitting photometry of all sources with an effective PSF.
@@ -497,6 +541,16 @@ def psf_photometry(
         Position updates are clipped to this length.
     min_snr_refine : float, optional
         Only stars with a step-1 flux S/N above this get a position update.
+    extended_wings : bool, optional
+        With a model that knows its footprint (`rpp_tasks.stages.psf.FieldPSF`), the wings of
+        bright stars beyond the fitted footprint (out to where they fall below 2 % of the
+        background noise) are subtracted from their neighbours' pixels as a fixed contribution
+        (from the step-1 fluxes, then the final ones): without it, a star 3-4 FWHM from a
+        brighter one takes some of that star's wing light.
+    max_elements : int, optional
+        Memory bound: when the stars' footprints hold more pixels than this (default: a thirtieth
+        of the frame), the frame is fitted in horizontal bands of equal star counts, each with a
+        64 px margin of neighbours fitted along (their results are taken from their own band).
 
     Returns
     -------
@@ -537,6 +591,31 @@ def psf_photometry(
     if epsf.size_px:
         fit_shape = min(fit_shape, int(epsf.size_px) | 1)
     half = fit_shape // 2
+    if max_elements is None:
+        max_elements = max(50_000, data.size // 30)
+    margin = 64
+    if n * fit_shape**2 > max_elements and ny > 8 * margin:
+        return _psf_photometry_bands(
+            data,
+            rms,
+            sources,
+            epsf,
+            out,
+            y0,
+            n_bands=int(math.ceil(n * fit_shape**2 / max_elements)),
+            margin=margin,
+            kwargs=dict(
+                gain_e_per_adu=gain_e_per_adu,
+                exptime_s=exptime_s,
+                mask=mask,
+                fit_shape=fit_shape,
+                refine_positions=refine_positions,
+                max_shift_px=max_shift_px,
+                min_snr_refine=min_snr_refine,
+                extended_wings=extended_wings,
+                max_elements=np.inf,
+            ),
+        )
 
     finite = (
         np.isfinite(x0)
@@ -555,6 +634,7 @@ def psf_photometry(
     py = (iy[:, None] + k)[:, :, None] + 0 * k[None, None, :]
     valid = (px >= 0) & (px < nx) & (py >= 0) & (py < ny) & finite[:, None, None]
     flat = np.where(valid, py * nx + px, 0)
+    del px, py
     dat_all = np.asarray(data).ravel()  # gathered, then converted: no full-frame copies
     valid &= np.isfinite(dat_all[flat])
     if mask is not None:
@@ -563,9 +643,11 @@ def psf_photometry(
     r_flat = rms_all[flat]
     valid &= np.isfinite(r_flat) & (r_flat > 0)
 
-    sel_star, sel_r, sel_c = np.nonzero(valid)
+    sel_star, sel_r, sel_c = (v.astype(np.int32) for v in np.nonzero(valid))
     pix = flat[sel_star, sel_r, sel_c]
+    del flat, r_flat
     upix, row = np.unique(pix, return_inverse=True)
+    row = row.astype(np.int32)
     d = dat_all[upix].astype(np.float64)
     v_bkg = rms_all[upix].astype(np.float64) ** 2
     npix_star = valid.sum(axis=(1, 2))
@@ -575,19 +657,39 @@ def psf_photometry(
     nrow = upix.size
 
     # overlap groups: stars sharing a pixel
-    inc = sparse.csr_matrix((np.ones(pix.size), (row, sel_star)), shape=(nrow, n))
+    inc = sparse.csr_matrix((np.ones(pix.size, np.float32), (row, sel_star)), shape=(nrow, n))
+    del pix
     adj = (inc.T @ inc).tocsr()
+    del inc
     ncomp, comp = connected_components(adj, directed=False)
+    del adj
     group_size = np.bincount(comp, minlength=ncomp)[comp]
 
     def design(xs, ys, deriv):
         return epsf.stamps(xs, ys, half, ix=ix, iy=iy, derivatives=deriv)
 
+    # wings of bright stars beyond their fitted footprint (subtracted as a fixed contribution)
+    tail_ok = hasattr(epsf, "_footprint_halves") and extended_wings
+    rms_typ = float(np.median(np.sqrt(v_bkg))) if tail_ok and nrow else float("nan")
+
+    geo = None
+
+    def tails(xs_, ys_, f_):
+        nonlocal geo
+        if not tail_ok:
+            return 0.0
+        if geo is None:
+            geo = _tail_geometry(epsf, xs_, ys_, f_, half, rms_typ, upix, nx, ny)
+            log.debug("psf_photometry: %d wing-tail pixel entries", geo[0].size)
+        return _tail_values(epsf, geo, xs_, ys_, f_, nrow)
+
+    tail = 0.0
+
     def solve_flux(p_vals, w):
         a = sparse.csr_matrix((p_vals[sel_star, sel_r, sel_c], (row, sel_star)), shape=(nrow, n))
         aw = sparse.diags(w) @ a
         nmat = (a.T @ aw).tocsr()
-        rhs = aw.T @ d
+        rhs = aw.T @ (d - tail)
         diag = nmat.diagonal()
         ok = diag > 0
         nmat = nmat + sparse.diags(np.where(ok, 0.0, 1.0))
@@ -597,29 +699,47 @@ def psf_photometry(
         return f, dinv, big, a
 
     # step 1: fluxes at the centroids, background-only weights
-    p0 = design(x, y, False)
+    if refine_positions:
+        p0, gx, gy = design(x, y, True)
+    else:
+        p0 = design(x, y, False)
     w0 = 1.0 / v_bkg
     f1, dinv1, big, a0 = solve_flux(p0, w0)
     model = a0 @ np.nan_to_num(f1)
+    del a0, w0
     xs, ys = x.copy(), y.copy()
 
+    tail = tails(x, y, f1)
     if refine_positions:
-        w1 = 1.0 / (v_bkg + np.maximum(model, 0.0) / gain_e_per_adu)
-        val, gx, gy = design(x, y, True)
-        cols = np.concatenate([3 * sel_star, 3 * sel_star + 1, 3 * sel_star + 2])
-        vals = np.concatenate(
-            [val[sel_star, sel_r, sel_c], gx[sel_star, sel_r, sel_c], gy[sel_star, sel_r, sel_c]]
-        )
-        rows3 = np.concatenate([row, row, row])
-        a3 = sparse.csr_matrix((vals, (rows3, cols)), shape=(nrow, 3 * n))
+        w1 = 1.0 / (v_bkg + np.maximum(model + tail, 0.0) / gain_e_per_adu)
+        val = p0
+        # CSR of [P, dP/dx, dP/dy] per star, built row-sorted without COO temporaries
+        order = np.argsort(row, kind="stable")
+        nnz = row.size
+        vals = np.empty(3 * nnz)
+        cols = np.empty(3 * nnz, np.int32)
+        s3, r3, c3 = sel_star[order], sel_r[order], sel_c[order]
+        vals[0::3] = val[s3, r3, c3]
+        vals[1::3] = gx[s3, r3, c3]
+        vals[2::3] = gy[s3, r3, c3]
+        cols[0::3] = 3 * s3
+        cols[1::3] = 3 * s3 + 1
+        cols[2::3] = 3 * s3 + 2
+        del s3, r3, c3, gx, gy, order
+        indptr = np.zeros(nrow + 1, np.int64)
+        np.cumsum(np.bincount(row, minlength=nrow) * 3, out=indptr[1:])
+        a3 = sparse.csr_matrix((vals, cols, indptr), shape=(nrow, 3 * n))
+        del vals, cols, indptr
         aw3 = sparse.diags(w1) @ a3
         nmat3 = (a3.T @ aw3).tocsr()
-        rhs3 = aw3.T @ d
+        rhs3 = aw3.T @ (d - tail)
+        del a3, aw3
         diag3 = nmat3.diagonal()
         ok3 = diag3 > 0
         nmat3 = nmat3 + sparse.diags(np.where(ok3, 0.0, 1.0))
         comp3 = np.repeat(comp, 3)
         sol, _, _ = _solve_groups(nmat3, np.where(ok3, rhs3, 0.0), comp3, ncomp)
+        del nmat3
         f_gn = sol[0::3]
         snr1 = f1 / np.sqrt(dinv1)
         can = np.isfinite(f_gn) & (f_gn > 0) & (snr1 > min_snr_refine) & ok3[0::3]
@@ -637,15 +757,21 @@ def psf_photometry(
         f_w = f1
 
     # final fluxes at (xs, ys), weights from the model of the refined positions
+    del p0
     p2 = design(xs, ys, False)
     a_w = sparse.csr_matrix((p2[sel_star, sel_r, sel_c], (row, sel_star)), shape=(nrow, n))
+    if tail_ok:
+        tail = tails(xs, ys, f_w)
     model = a_w @ np.nan_to_num(f_w)
-    w2 = 1.0 / (v_bkg + np.maximum(model, 0.0) / gain_e_per_adu)
+    w2 = 1.0 / (v_bkg + np.maximum(model + tail, 0.0) / gain_e_per_adu)
     f2, dinv2, big2, a2 = solve_flux(p2, w2)
+    if tail_ok:
+        tail = tails(xs, ys, f2)
+        f2, dinv2, big2, a2 = solve_flux(p2, w2)
     flag[big | big2] |= 8
     err2 = np.sqrt(dinv2)
     model2 = a2 @ np.nan_to_num(f2)
-    resid = d - model2
+    resid = d - tail - model2
     abs_res = np.bincount(sel_star, np.abs(resid[row]), minlength=n)
     chi2 = np.bincount(sel_star, (resid[row] ** 2 * w2[row]), minlength=n)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -680,6 +806,116 @@ def psf_photometry(
     return out
 
 
+def _psf_photometry_bands(data, rms, sources, epsf, out, y0, *, n_bands, margin, kwargs):
+    """`psf_photometry` band by band (equal star counts), each with a margin of neighbours."""
+    n = len(sources)
+    yy = np.where(np.isfinite(y0), y0, -1.0)
+    edges = np.quantile(yy, np.linspace(0.0, 1.0, n_bands + 1))
+    edges[0], edges[-1] = -np.inf, np.inf
+    cols = None
+    n_groups = 0
+    for a, b in zip(edges[:-1], edges[1:]):
+        own = (yy >= a) & (yy < b) if np.isfinite(b) else (yy >= a)
+        if not np.any(own):
+            continue
+        ctx = (yy >= a - margin) & (yy < b + margin)
+        idx = np.flatnonzero(ctx)
+        t = psf_photometry(data, rms, sources[idx], epsf, **kwargs)
+        n_groups += int(t.meta.get("psf_n_groups", 0))
+        if cols is None:
+            cols = {
+                c: np.zeros(n, dtype=t[c].dtype) for c in t.colnames if c not in sources.colnames
+            }
+        keep = own[idx]
+        for c in cols:
+            cols[c][idx[keep]] = np.asarray(t[c])[keep]
+        meta_fit = t.meta.get("psf_fit_shape_px")
+    for c, v in cols.items():
+        out[c] = v
+    out.meta.update(
+        psf_fit_shape_px=meta_fit, no_sources=False, psf_n_groups=n_groups, psf_n_bands=n_bands
+    )
+    return out
+
+
+def _render(model, shape, x, y, flux, rms_typ, out=None):
+    """float32 model image (added into ``out`` when given); footprints follow the brightness
+    when the model supports it."""
+    if hasattr(model, "_footprint_halves"):
+        return model.render(shape, x, y, flux, rms=rms_typ, out=out)
+    img = model.render(shape, x, y, flux)
+    if out is None:
+        return img.astype(np.float32)
+    out += img.astype(np.float32)
+    return out
+
+
+def _strip_map(func, a, b, strip=256):
+    """``func(a, b)`` evaluated row strip by row strip into a float32 array (no full-frame
+    temporaries); ``b`` may be a scalar."""
+    out = np.empty(np.shape(a), np.float32)
+    b = np.broadcast_to(np.asarray(b, np.float32), out.shape)
+    for r0 in range(0, out.shape[0], strip):
+        sl = slice(r0, r0 + strip)
+        out[sl] = func(np.asarray(a[sl], np.float32), b[sl])
+    return out
+
+
+def _tail_geometry(model, x, y, flux, half, rms_typ, upix, nx, ny):
+    """Where the wings of bright stars beyond their ``half`` footprint fall on fitted pixels.
+
+    Only stars whose wings reach another source are kept. Returns ``(star, pos, px, py)``:
+    star index, index into ``upix`` and pixel coordinates of each (star, pixel) pair.
+    """
+    empty = (np.zeros(0, np.int64),) * 4
+    ok = np.isfinite(x) & np.isfinite(y) & np.isfinite(flux) & (flux > 0)
+    if not np.any(ok) or not np.isfinite(rms_typ) or rms_typ <= 0 or upix.size == 0:
+        return empty
+    idx = np.flatnonzero(ok)
+    halves = model._footprint_halves(x[idx], y[idx], flux[idx], rms_typ, 2 * half)
+    big = halves > half
+    idx, halves = idx[big], halves[big]
+    if idx.size == 0:
+        return empty
+    pts = np.column_stack([np.where(ok, x, -1e9), np.where(ok, y, -1e9)])
+    reach = cKDTree(pts).query_ball_point(pts[idx], (halves + half) * 1.415, return_length=True)
+    idx, halves = idx[reach > 1], halves[reach > 1]
+    upy, upx = np.divmod(upix, nx)
+    stars, poss = [], []
+    for i, h in zip(idx, halves):
+        cy, cx = int(round(y[i])), int(round(x[i]))
+        lo = np.searchsorted(upix, max(0, cy - h) * nx)
+        hi = np.searchsorted(upix, (min(ny - 1, cy + h) + 1) * nx)
+        if hi <= lo:
+            continue
+        px, py = upx[lo:hi], upy[lo:hi]
+        use = (np.abs(px - cx) <= h) & ((np.abs(px - cx) > half) | (np.abs(py - cy) > half))
+        pos = np.flatnonzero(use) + lo
+        if pos.size:
+            stars.append(np.full(pos.size, i))
+            poss.append(pos)
+    if not stars:
+        return empty
+    star = np.concatenate(stars)
+    pos = np.concatenate(poss)
+    return star, pos, upx[pos], upy[pos]
+
+
+def _tail_values(model, geo, x, y, flux, nrow):
+    """Light of the wings of `_tail_geometry` at the fitted pixels for positions/fluxes."""
+    from rpp_tasks.stages.psf import _ell_pix
+
+    star, pos, px, py = geo
+    out = np.zeros(nrow)
+    if star.size == 0:
+        return out
+    us, inv = np.unique(star, return_inverse=True)
+    a, b, c, u = (v[inv] for v in model.params_at(x[us], y[us]))
+    f = np.nan_to_num(flux[star])
+    val = _ell_pix(px - x[star], py - y[star], a, b, c, u, integrate=False)
+    return np.bincount(pos, f * np.nan_to_num(val), minlength=nrow)
+
+
 @dataclass(frozen=True, eq=False)
 class PsfPassResult:
     """Outcome of `psf_photometry_with_residual_detection`.
@@ -689,20 +925,25 @@ class PsfPassResult:
     table : `~astropy.table.Table`
         PSF photometry of the input sources followed by the sources found on the residual
         (``flag`` bit `rpp_tasks.stages.detection.FLAG_RESIDUAL`); columns as `psf_photometry`.
-    model : `numpy.ndarray`
-        Image of the fitted model of every source in ``table`` (float64, ADU).
+    model : `numpy.ndarray` or None
+        Image of the fitted model of every source in ``table`` (float32, ADU); None when not
+        kept (``keep_model=False``).
     n_added : int
         Sources found on the residual image and added.
     n_refit : int
         Sources fitted again together with the added ones (added ones included).
+    residual : `numpy.ndarray` or None
+        With ``overwrite``: the input image with the model of every source subtracted (the
+        input array itself, float32).
 
     The input sources dropped by the refit (see ``prune_snr``) are not in ``table``.
     """
 
     table: Table
-    model: np.ndarray
+    model: np.ndarray | None
     n_added: int
     n_refit: int
+    residual: np.ndarray | None = None
 
     def to_dict(self) -> dict:
         """JSON-safe summary (without the table and the image)."""
@@ -732,10 +973,13 @@ def psf_photometry_with_residual_detection(
     mask=None,
     min_snr=5.0,
     candidate_snr=4.0,
-    model_error_frac=0.03,
+    model_error_frac=0.05,
     refit_iterations=3,
     prune_snr=2.0,
-    merge_radius_px=1.0,
+    merge_radius_px=None,
+    exclude_mask=None,
+    overwrite=False,
+    keep_model=True,
     **psf_kwargs,
 ):
     """
@@ -768,9 +1012,19 @@ def psf_photometry_with_residual_detection(
     refit_iterations : int, optional
         Position steps of the joint refit (each clipped to ``max_shift_px``).
     prune_snr, merge_radius_px : float, optional
-        After the refit, a refitted source whose PSF flux S/N is below ``prune_snr``, or that lies
-        within ``merge_radius_px`` of a brighter refitted source, is dropped (the lobes of a
-        merged pair that the first fit placed between the two stars) and the rest fitted again.
+        After the refit, a refitted source whose PSF flux S/N is below ``prune_snr`` (a new one:
+        below ``min_snr - 1``), or that lies
+        within ``merge_radius_px`` (default ``max(1, 0.9 FWHM)``) of a brighter refitted source,
+        is dropped (the lobes of a merged pair that the first fit placed between the two stars,
+        or a second detection of one star) and the rest fitted again.
+    exclude_mask : array_like of bool, optional
+        No source is searched for there (halos and bleed trails of saturated stars).
+    overwrite : bool, optional
+        ``data_sub`` (C-contiguous float32) is consumed: it becomes the residual image (data
+        minus the model of every source; bad pixels at 0), returned as ``residual``. Saves two
+        full-frame arrays.
+    keep_model : bool, optional
+        Return the model image (``False``: ``model`` is None, one full-frame array less).
     **psf_kwargs
         Passed to `psf_photometry` (``fit_shape``, ``refine_positions``, ...).
 
@@ -789,6 +1043,9 @@ def psf_photometry_with_residual_detection(
 
     func = "psf_photometry_with_residual_detection"
     data, rms, mask = _check_inputs(data_sub, rms, mask, func)
+    overwrite_ok = bool(
+        overwrite and data.dtype == np.float32 and data.flags.c_contiguous and data.flags.writeable
+    )
     t1 = psf_photometry(
         data,
         rms,
@@ -801,30 +1058,39 @@ def psf_photometry_with_residual_detection(
     )
     shape = data.shape
     if len(t1) == 0:
-        return PsfPassResult(t1, np.zeros(shape), 0, 0)
+        return PsfPassResult(t1, np.zeros(shape, np.float32), 0, 0, data if overwrite_ok else None)
     x1, y1 = _fit_xy(t1)
     f1 = np.nan_to_num(np.asarray(t1["flux_psf"], float))
-    model = epsf.render(shape, x1, y1, f1)
-    resid = np.asarray(data, np.float64) - model
-    mpos = np.maximum(model, 0.0).astype(np.float32)
-    rms32 = np.asarray(rms, np.float32)
-    var = rms32 * rms32
-    var += mpos * np.float32(1.0 / gain_e_per_adu)
-    mpos *= np.float32(model_error_frac)
-    var += mpos * mpos
-    del mpos
+    rms_typ = float(np.median(np.asarray(rms)[::8, ::8]))
+    model = _render(epsf, shape, x1, y1, f1, rms_typ)
+    resid = np.subtract(data, model, out=data if overwrite_ok else None, dtype=np.float32)
+    del data
+    from rpp_tasks.stages.detection import ModelVariance
+
+    rms_arr = np.broadcast_to(np.asarray(rms, np.float32), shape)
+    var = ModelVariance(rms_arr, model, gain_e_per_adu, model_error_frac)
+    if merge_radius_px is None:
+        merge_radius_px = max(1.0, 0.9 * float(epsf.fwhm_px))
+    rmask = mask
+    if exclude_mask is not None:
+        rmask = exclude_mask if mask is None else (mask | exclude_mask)
     new = detect_residual_sources(
         resid,
         var,
         fwhm_px=epsf.fwhm_px,
-        mask=mask,
+        mask=rmask,
         min_snr=min_snr,
         candidate_snr=candidate_snr,
         exclude_xy=(x1, y1),
+        exclude_radius_px=max(1.5, 1.0 * float(epsf.fwhm_px)),
+        overwrite=True,  # resid: bad pixels -> 0 (they are left out of every fit anyway)
     )
+    del rmask, var
     if len(new) == 0:
         t1.meta.update(n_residual_sources=0, n_refit_psf=0)
-        return PsfPassResult(t1, model, 0, 0)
+        return PsfPassResult(
+            t1, model if keep_model else None, 0, 0, resid if overwrite_ok else None
+        )
 
     # old sources whose fit footprint can overlap a new one's are refitted with them
     half = int(t1.meta.get("psf_fit_shape_px", 2 * int(round(2.0 * epsf.fwhm_px)) + 1)) // 2
@@ -844,15 +1110,17 @@ def psf_photometry_with_residual_detection(
         elif c == "y_centroid":
             old_vals = y1[sub]
         refit[c] = np.concatenate([old_vals, np.asarray(new[c]).astype(old_vals.dtype)])
-    sub_model = epsf.render(shape, x1[sub], y1[sub], f1[sub])
-    others = model - sub_model
-    oth = np.maximum(others, 0.0).astype(np.float32)
-    oth *= np.float32(1.0 / gain_e_per_adu)
-    oth += rms32 * rms32
-    rms_refit = np.sqrt(oth, out=oth)
+    sub_model = _render(epsf, shape, x1[sub], y1[sub], f1[sub], rms_typ)
+    model -= sub_model  # in place: the model of the sources not refitted
+    rms_refit = _strip_map(
+        lambda m, r: np.sqrt(r * r + np.maximum(m, 0.0) * np.float32(1.0 / gain_e_per_adu)),
+        model,
+        rms,
+    )
     resid += sub_model  # in place: the image with the model of all other sources removed
+    del sub_model
     data_refit = resid
-    del resid, var
+    del resid
     n_new = len(new)
     is_new = np.concatenate([np.zeros(sub.size, bool), np.ones(n_new, bool)])
     origin = np.concatenate([sub, np.arange(n_new)])  # row in t1 (old) or in ``new``
@@ -881,13 +1149,23 @@ def psf_photometry_with_residual_detection(
     with np.errstate(invalid="ignore", divide="ignore"):
         snr2 = f2 / e2
     x2, y2 = _fit_xy(t2)
-    drop = ~(snr2 >= prune_snr)
+    # a source found on the residual must stay significant in the PSF fit (noise peaks of the
+    # matched filter lose their flux); older sources only need to keep some flux
+    drop = ~(snr2 >= np.where(is_new, max(prune_snr, min_snr - 1.0), prune_snr))
     rank = np.empty(f2.size, np.int64)
     rank[np.argsort(-np.nan_to_num(f2, nan=-np.inf), kind="stable")] = np.arange(f2.size)
     pts = np.column_stack([np.nan_to_num(x2, nan=-1e9), np.nan_to_num(y2, nan=-1e9)])
-    pairs = cKDTree(pts).query_pairs(merge_radius_px, output_type="ndarray")
+    tree2 = cKDTree(pts)
+    pairs = tree2.query_pairs(merge_radius_px, output_type="ndarray")
     if pairs.size:
         drop[np.where(rank[pairs[:, 0]] > rank[pairs[:, 1]], pairs[:, 0], pairs[:, 1])] = True
+    # a new source within 1.5 FWHM of a star 20 times brighter lives where a few percent of the
+    # bright star's model error outshines it: a fit residual, not a star
+    fnn = np.nan_to_num(f2, nan=0.0)
+    for i in np.flatnonzero(is_new & ~drop):
+        near = tree2.query_ball_point(pts[i], 1.5 * float(epsf.fwhm_px))
+        if any(j != i and fnn[j] > 20.0 * max(fnn[i], 0.0) for j in near):
+            drop[i] = True
     if np.any(drop):
         refit = refit[~drop]
         is_new, origin = is_new[~drop], origin[~drop]
@@ -929,7 +1207,17 @@ def psf_photometry_with_residual_detection(
             out[c].unit = t1[c].unit
     x2, y2 = _fit_xy(t2)
     f2 = np.nan_to_num(np.asarray(t2["flux_psf"], float))
-    model = others + epsf.render(shape, x2, y2, f2)
+    rms_refit = None  # noqa: F841  (frees a full-frame array)
+    if keep_model:
+        part = _render(epsf, shape, x2, y2, f2, rms_typ)
+        model += part
+        if overwrite_ok:
+            data_refit -= part
+        del part
+    elif overwrite_ok:
+        _render(epsf, shape, x2, y2, -f2, rms_typ, out=data_refit)
+    if not keep_model:
+        model = None
     n_dropped = int((~keep_old).sum())
     out.meta.update(n_residual_sources=n_add, n_refit_psf=int(len(t2)), n_dropped_psf=n_dropped)
     log.info(
@@ -939,7 +1227,7 @@ def psf_photometry_with_residual_detection(
         len(t2),
         n_dropped,
     )
-    return PsfPassResult(out, model, n_add, len(t2))
+    return PsfPassResult(out, model, n_add, len(t2), data_refit if overwrite_ok else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1049,3 +1337,1084 @@ def quality_flags(
     out["near_edge"] = near_edge
     out["blended"] = blended
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# aperture corrections and the model-mismatch term
+# --------------------------------------------------------------------------------------------
+
+
+def apply_aperture_corrections(table, psf_model, *, exptime_s):
+    """
+    Turn the aperture fluxes of ``table`` into total fluxes with the local PSF model (in place).
+
+    For each star the fraction of its light inside each aperture is the exact aperture sum of its
+    own unit-flux model (the PSF at its position, centred where the PSF fit put the star, the
+    aperture where the aperture photometry put it); ``apcorr_L = 1 / fraction`` multiplies
+    ``flux_L`` and ``flux_err_L``, and ``mag_L`` becomes a total magnitude. The factors are
+    kept in the columns ``apcorr_<label>`` and ``meta["aperture_corrected"]`` is set.
+
+    Parameters
+    ----------
+    table : `~astropy.table.Table`
+        Output of `aperture_photometry` (``meta["aperture_radii_px"]``) with PSF positions
+        ``x_psf``, ``y_psf`` (the centroid is used where they are missing).
+    psf_model : `rpp_tasks.stages.psf.FieldPSF`
+        The PSF model with ``aperture_fractions``.
+    exptime_s : float
+
+    Returns
+    -------
+    summary : dict
+        Per label: the median correction (mag) and its 1st-99th percentile range over the frame.
+    """
+    radii = table.meta.get("aperture_radii_px") or {}
+    n = len(table)
+    if n == 0 or not radii:
+        table.meta["aperture_corrected"] = True
+        for lab in radii:
+            table[f"apcorr_{lab}"] = np.zeros(0)
+        return {}
+    xc, yc = _xy(table, "apply_aperture_corrections")
+    xs = np.asarray(table["x_psf"], float) if "x_psf" in table.colnames else xc
+    ys = np.asarray(table["y_psf"], float) if "y_psf" in table.colnames else yc
+    bad = ~(np.isfinite(xs) & np.isfinite(ys)) | (np.hypot(xs - xc, ys - yc) >= 3.0)
+    xs = np.where(bad, xc, xs)
+    ys = np.where(bad, yc, ys)
+    frac = psf_model.aperture_fractions(xs, ys, radii, x_ap=xc, y_ap=yc)
+    summary = {}
+    for lab in radii:
+        fr = np.asarray(frac[lab], float)
+        corr = np.where(np.isfinite(fr) & (fr > 0.05), 1.0 / np.where(fr > 0, fr, 1.0), np.nan)
+        for c in ("flux", "flux_err"):
+            table[f"{c}_{lab}"] = np.asarray(table[f"{c}_{lab}"], float) * corr
+        mag, mag_err, snr = _mags(table[f"flux_{lab}"], table[f"flux_err_{lab}"], exptime_s)
+        table[f"mag_{lab}"] = mag
+        table[f"mag_err_{lab}"] = mag_err
+        table[f"snr_{lab}"] = snr
+        table[f"apcorr_{lab}"] = corr
+        ok = np.isfinite(corr)
+        if ok.any():
+            m = 2.5 * np.log10(corr[ok])
+            summary[lab] = {
+                "radius_px": round(float(radii[lab]), 3),
+                "median_mag": round(float(np.median(m)), 4),
+                "p01_mag": round(float(np.percentile(m, 1)), 4),
+                "p99_mag": round(float(np.percentile(m, 99)), 4),
+            }
+    table.meta["aperture_corrected"] = True
+    return summary
+
+
+def _ml_mismatch(d, var, flux, *, max_frac=0.2):
+    """Relative error ``eta`` maximising the Gaussian likelihood of ``d ~ N(0, var + (eta F)^2)``
+    (4-sigma outliers left out); 0 when the noise explains the scatter."""
+    ok = np.isfinite(d) & np.isfinite(var) & (var > 0) & np.isfinite(flux) & (flux > 0)
+    d, var, flux = d[ok], var[ok], flux[ok]
+    if d.size < 5:
+        return float("nan"), int(d.size)
+    d = d - np.median(d)
+    grid = np.concatenate([[0.0], np.geomspace(1e-4, max_frac, 120)])
+    keep = np.ones(d.size, bool)
+    for _ in range(3):
+        tot = var[keep, None] + (grid[None, :] * flux[keep, None]) ** 2
+        nll = np.sum(d[keep, None] ** 2 / tot + np.log(tot), axis=0)
+        eta = float(grid[int(np.argmin(nll))])
+        z = d / np.sqrt(var + (eta * flux) ** 2)
+        new = np.abs(z) < 4.0
+        if np.array_equal(new, keep) or new.sum() < 5:
+            break
+        keep = new
+    return eta, int(keep.sum())
+
+
+def _reference_stars(table, radius_px, fwhm, min_snr):
+    """Rows usable as flux references: isolated, unmasked, well fitted, PSF S/N > min_snr."""
+    n = len(table)
+    x, y = _fit_xy(table)
+    fpsf = np.asarray(table["flux_psf"], float)
+    epsf = np.asarray(table["flux_err_psf"], float)
+    sel = np.isfinite(fpsf) & (fpsf > 0) & np.isfinite(epsf) & (fpsf > min_snr * epsf)
+    if "bkg_local" in table.colnames:
+        sel &= np.isfinite(np.asarray(table["bkg_local"], float))
+    if "flag_aper" in table.colnames:
+        sel &= np.asarray(table["flag_aper"]) == 0
+    if "flag_psf" in table.colnames:
+        sel &= (np.asarray(table["flag_psf"]) & 0b1101) == 0
+    pts = np.column_stack([np.nan_to_num(x, nan=-1e9), np.nan_to_num(y, nan=-1e9)])
+    tree = cKDTree(pts)
+    f_any = np.nan_to_num(fpsf, nan=0.0)
+    cand = np.flatnonzero(sel)
+    for i, nb in zip(cand, tree.query_ball_point(pts[cand], radius_px + 2.0 * fwhm)):
+        others = [j for j in nb if j != i]
+        if others and np.max(f_any[others]) > 0.01 * f_any[i]:
+            sel[i] = False
+    return np.flatnonzero(sel), x, y, n
+
+
+def _large_aperture_fluxes(
+    table, idx, x, y, resid, rms, psf_model, *, radius_px, gain, mask, flux_model=None
+):
+    """Total flux of stars ``idx`` from the data in a large aperture, and the variance of its
+    difference to the PSF flux.
+
+    ``resid`` is the image with every fitted star subtracted: the light of a star within the
+    aperture is its PSF flux times the model's aperture fraction plus the residual sum there
+    (minus the local sky), so ``F_big = F_psf + (sum(resid) - sky * area) / frac``: the model
+    only enters through the small fraction of light beyond the aperture.
+    """
+    import sep
+
+    img = np.ascontiguousarray(np.asarray(resid, np.float32))
+    var = np.ascontiguousarray(np.asarray(rms, np.float32) ** 2)
+    bad = None if mask is None else np.ascontiguousarray(np.asarray(mask, np.uint8))
+    s_res, e_res, flg = sep.sum_circle(
+        img, x[idx], y[idx], radius_px, var=var, mask=bad, maskthresh=0.0, subpix=0
+    )
+    area = math.pi * radius_px**2
+    bkg = np.asarray(table["bkg_local"], float)[idx] if "bkg_local" in table.colnames else 0.0
+    n_ann = (
+        np.asarray(table["n_annulus"], float)[idx]
+        if "n_annulus" in table.colnames
+        else np.full(idx.size, np.inf)
+    )
+    s_res = s_res - bkg * area
+    frac = psf_model.aperture_fractions(x[idx], y[idx], {"big": radius_px})["big"]
+    fpsf = np.asarray(table["flux_psf"] if flux_model is None else flux_model, float)[idx]
+    epsf = np.asarray(table["flux_err_psf"], float)[idx]
+    f_big = fpsf + s_res / frac
+    # var(F_big) ~ star Poisson inside + sky in the aperture + annulus mean; the PSF fit is the
+    # efficient estimator from (mostly) the same pixels: var(F_psf - F_big) = var(F_big) - var(F_psf)
+    mean_var = e_res**2 / area
+    v_big = (np.maximum(fpsf * frac, 0.0) / gain + e_res**2 + area**2 * mean_var / n_ann) / frac**2
+    v_d = np.maximum(v_big - epsf**2, 0.03 * v_big)
+    ok = (flg == 0) & np.isfinite(f_big) & (f_big > 0) & np.isfinite(v_d)
+    return f_big, v_d, v_big, mean_var, n_ann, ok
+
+
+def _smooth_fit(x, y, d, var, shape, *, max_order):
+    """Weighted polynomial fit of ``d(x, y)`` with the order chosen by AIC, 4-sigma clipped.
+
+    Returns ``(coefficients, order, norm, covariance)`` (evaluate with `_smooth_eval`); the
+    covariance is scaled by the reduced chi^2 when that exceeds 1.
+    """
+    ny, nx = shape
+    norm = ((nx - 1) / 2.0, (ny - 1) / 2.0, max(nx / 2.0, 1.0), max(ny / 2.0, 1.0))
+    from rpp_tasks.stages.psf import _poly_basis
+
+    w = 1.0 / var
+    keep = np.ones(d.size, bool)
+    best = (np.zeros(1), 0, np.zeros((1, 1)))
+    for _ in range(3):
+        best_aic = np.inf
+        for order in range(int(max_order) + 1):
+            terms = (order + 1) * (order + 2) // 2
+            if keep.sum() < 4 * terms:
+                break
+            bas = _poly_basis(x[keep], y[keep], order, norm)
+            sw = np.sqrt(w[keep])
+            a = bas * sw[:, None]
+            coef, *_ = np.linalg.lstsq(a, d[keep] * sw, rcond=None)
+            chi2 = float(np.sum(w[keep] * (d[keep] - bas @ coef) ** 2))
+            aic = chi2 + 2.0 * terms
+            if aic < best_aic:
+                chi2_red = chi2 / max(int(keep.sum()) - terms, 1)
+                cov = np.linalg.pinv(a.T @ a) * max(chi2_red, 1.0)
+                best_aic, best = aic, (coef, order, cov)
+        z = (d - _poly_basis(x, y, best[1], norm) @ best[0]) * np.sqrt(w)
+        new = np.abs(z) < 4.0
+        if np.array_equal(new, keep) or new.sum() < 4:
+            break
+        keep = new
+    return best[0], best[1], norm, best[2]
+
+
+def _smooth_eval(coef, order, norm, x, y):
+    from rpp_tasks.stages.psf import _poly_basis
+
+    return _poly_basis(x, y, order, norm) @ coef
+
+
+def calibrate_to_large_aperture(
+    table,
+    resid,
+    rms,
+    psf_model,
+    *,
+    gain_e_per_adu,
+    exptime_s,
+    mask=None,
+    radius_fwhm=2.5,
+    min_snr=30.0,
+    max_order=3,
+):
+    """
+    Tie the PSF and the corrected aperture fluxes to large-aperture fluxes across the field.
+
+    Whatever the PSF model gets wrong -- its shape where the polynomials cannot follow the optics,
+    its wings -- biases the PSF fluxes and the aperture corrections by a factor that changes
+    smoothly over the field. On isolated bright stars the flux in a large aperture
+    (``radius_fwhm`` FWHM, see `_large_aperture_fluxes`: the model only enters through the light
+    beyond it) is compared with the PSF flux and with each corrected aperture flux; the ratios are
+    fitted by a smooth polynomial of the position (order <= ``max_order`` chosen by AIC, weighted
+    by their noise, 4-sigma clipped) and every star's flux is divided by it (DAOPHOT's aperture
+    correction of PSF magnitudes, made to follow the field). Modifies ``table`` in place.
+
+    Returns
+    -------
+    info : dict
+        Per flux type: polynomial order, median and range of the correction (mag) and the stars
+        used; ``{}`` when fewer than 10 reference stars.
+    """
+    n = len(table)
+    if n == 0 or "flux_psf" not in table.colnames:
+        return {}
+    fwhm = float(table.meta.get("fwhm_px", psf_model.fwhm_px))
+    r_in = float((table.meta.get("annulus_px") or [3.0 * fwhm])[0])
+    radius = min(radius_fwhm * fwhm, 0.95 * r_in)
+    idx, x, y, _ = _reference_stars(table, radius, fwhm, min_snr)
+    if idx.size < 10:
+        return {"n_stars": int(idx.size), "applied": False}
+    f_big, v_d, v_big, mean_var, n_ann, ok = _large_aperture_fluxes(
+        table, idx, x, y, resid, rms, psf_model, radius_px=radius, gain=gain_e_per_adu, mask=mask
+    )
+    table.meta["_flux_psf_subtracted"] = np.asarray(table["flux_psf"], float).copy()
+    if ok.sum() < 10:
+        return {"n_stars": int(ok.sum()), "applied": False}
+    shape = psf_model.shape
+    info = {"n_stars": int(ok.sum()), "radius_px": round(radius, 3), "applied": True}
+    xr, yr = x[idx][ok], y[idx][ok]
+    xs_all, ys_all = _fit_xy(table)
+    radii = table.meta.get("aperture_radii_px") or {}
+    for lab in ["psf"] + [
+        k for k in radii if radii[k] < radius and f"apcorr_{k}" in table.colnames
+    ]:
+        f = np.asarray(table[f"flux_{lab}"], float)
+        fi = f[idx][ok]
+        if lab == "psf":
+            var = v_d[ok]
+        else:
+            k = np.asarray(table[f"apcorr_{lab}"], float)[idx][ok]
+            el = np.asarray(table[f"flux_err_{lab}"], float)[idx][ok] / k
+            r = float(radii[lab])
+            area_s = math.pi * r * r
+            s_small = fi / k
+            cov = np.maximum(s_small, 0.0) / gain_e_per_adu + area_s * mean_var[ok]
+            cov = cov + area_s * math.pi * radius**2 * mean_var[ok] / n_ann[ok]
+            frac = psf_model.aperture_fractions(xr, yr, {"b": radius})["b"]
+            var = k**2 * el**2 + v_big[ok] - 2.0 * k / frac * cov
+            var = np.maximum(var, 0.05 * (k**2 * el**2 + v_big[ok]))
+        good = np.isfinite(fi) & (fi > 0) & np.isfinite(var) & (var > 0)
+        if good.sum() < 10:
+            continue
+        fb = f_big[ok][good]
+        d = fi[good] / fb - 1.0
+        coef, order, norm, cov = _smooth_fit(
+            xr[good], yr[good], d, var[good] / fb**2, shape, max_order=max_order
+        )
+        from rpp_tasks.stages.psf import _poly_basis
+
+        bas_all = _poly_basis(xs_all, ys_all, order, norm)
+        corr = np.clip(1.0 + bas_all @ coef, 0.8, 1.25)
+        # the correction is known to sigma_cal (relative): part of each star's error
+        sig_cal = np.sqrt(np.maximum(np.einsum("ni,ij,nj->n", bas_all, cov, bas_all), 0.0))
+        table[f"flux_{lab}"] = f / corr
+        err = np.asarray(table[f"flux_err_{lab}"], float) / corr
+        table[f"flux_err_{lab}"] = np.sqrt(
+            err**2 + (sig_cal * np.abs(np.nan_to_num(f / corr))) ** 2
+        )
+        mag, mag_err, snr = _mags(table[f"flux_{lab}"], table[f"flux_err_{lab}"], exptime_s)
+        table[f"mag_{lab}"] = mag
+        table[f"mag_err_{lab}"] = mag_err
+        table[f"snr_{lab}"] = snr
+        if f"apcorr_{lab}" in table.colnames:
+            table[f"apcorr_{lab}"] = np.asarray(table[f"apcorr_{lab}"], float) / corr
+        m = 2.5 * np.log10(corr[np.isfinite(corr)])
+        info[lab] = {
+            "order": int(order),
+            "sigma_median_mag": round(float(_MAG_K * np.median(sig_cal)), 5),
+            "median_mag": round(float(np.median(m)), 5),
+            "p01_mag": round(float(np.percentile(m, 1)), 5),
+            "p99_mag": round(float(np.percentile(m, 99)), 5),
+        }
+    table.meta["flux_calibration"] = info
+    return info
+
+
+def measure_model_mismatch(
+    table, resid, rms, psf_model, *, gain_e_per_adu, mask=None, radius_fwhm=2.5, min_snr=30.0
+):
+    """
+    Measure what the PSF fluxes and corrected aperture fluxes still get wrong, on isolated stars.
+
+    The same large-aperture reference as `calibrate_to_large_aperture`. For the PSF flux and each
+    corrected aperture flux, the differences to it are compared with their expected noise (the
+    PSF fit is the efficient estimator, so ``var(F_psf - F_big) = var(F_big) - var(F_psf)``;
+    nested apertures share their inner pixels) and the relative error ``eta`` that makes them
+    consistent is found by maximum likelihood. The reported errors then need ``(eta F)^2`` added
+    (`add_mismatch_errors`).
+
+    Returns
+    -------
+    result : dict
+        ``{"psf": eta, "<label>": eta, ..., "n_stars": n}``.
+    """
+    out = {"n_stars": 0}
+    n = len(table)
+    if n == 0 or "flux_psf" not in table.colnames:
+        return out
+    fwhm = float(table.meta.get("fwhm_px", psf_model.fwhm_px))
+    r_in = float((table.meta.get("annulus_px") or [3.0 * fwhm])[0])
+    radius = min(radius_fwhm * fwhm, 0.95 * r_in)
+    idx, x, y, _ = _reference_stars(table, radius, fwhm, min_snr)
+    if idx.size < 5:
+        out["n_stars"] = int(idx.size)
+        return out
+    f_big, v_d, v_big, mean_var, n_ann, ok = _large_aperture_fluxes(
+        table,
+        idx,
+        x,
+        y,
+        resid,
+        rms,
+        psf_model,
+        radius_px=radius,
+        gain=gain_e_per_adu,
+        mask=mask,
+        flux_model=table.meta.pop("_flux_psf_subtracted", None),
+    )
+    fp = np.asarray(table["flux_psf"], float)[idx]
+    eta, n_used = _ml_mismatch((fp - f_big)[ok], v_d[ok], f_big[ok])
+    out.update(n_stars=int(n_used), radius_px=round(float(radius), 3), psf=eta)
+    radii = table.meta.get("aperture_radii_px") or {}
+    xr, yr = x[idx], y[idx]
+    frac = psf_model.aperture_fractions(xr, yr, {"b": radius})["b"]
+    for lab, r in radii.items():
+        if r >= radius or f"apcorr_{lab}" not in table.colnames:
+            continue
+        k = np.asarray(table[f"apcorr_{lab}"], float)[idx]
+        fl = np.asarray(table[f"flux_{lab}"], float)[idx]
+        el = np.asarray(table[f"flux_err_{lab}"], float)[idx] / k
+        area_s = math.pi * r * r
+        cov = np.maximum(fl / k, 0.0) / gain_e_per_adu + area_s * mean_var
+        cov = cov + area_s * math.pi * radius**2 * mean_var / n_ann
+        v_dl = k**2 * el**2 + v_big - 2.0 * k / frac * cov
+        v_dl = np.maximum(v_dl, 0.05 * (k**2 * el**2 + v_big))
+        good = ok & np.isfinite(fl) & np.isfinite(k)
+        eta_l, _ = _ml_mismatch((fl - f_big)[good], v_dl[good], f_big[good])
+        out[lab] = eta_l
+    return out
+
+
+def add_mismatch_errors(table, mismatch, *, exptime_s):
+    """Add ``(eta F)^2`` of `measure_model_mismatch` to the flux variances (in place)."""
+    labels = [k for k in mismatch if k == "psf" or f"flux_{k}" in table.colnames]
+    for lab in labels:
+        eta = mismatch.get(lab)
+        if eta is None or not np.isfinite(eta) or eta <= 0 or f"flux_{lab}" not in table.colnames:
+            continue
+        f = np.asarray(table[f"flux_{lab}"], float)
+        e = np.asarray(table[f"flux_err_{lab}"], float)
+        e = np.sqrt(e**2 + (eta * np.abs(np.nan_to_num(f))) ** 2)
+        table[f"flux_err_{lab}"] = e
+        mag, mag_err, snr = _mags(f, e, exptime_s)
+        table[f"mag_err_{lab}"] = mag_err
+        table[f"snr_{lab}"] = snr
+    table.meta["model_error_frac"] = {
+        k: (float(v) if v is not None and np.isfinite(v) else None)
+        for k, v in mismatch.items()
+        if k == "psf" or f"flux_{k}" in table.colnames
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# saturated stars
+# --------------------------------------------------------------------------------------------
+
+#: ``flag_psf`` bit: flux of a saturated star from a fit of its unsaturated wings
+FLAG_PSF_WINGS = 16
+
+
+def _shifted_beta(psf_model, du):
+    """The model with ``u = 1/beta`` shifted by ``du`` everywhere (a `FieldPSF`)."""
+    if not du or not hasattr(psf_model, "coeffs"):
+        return psf_model
+    from dataclasses import replace
+
+    coeffs = np.array(psf_model.coeffs, float)
+    coeffs[3, 0] += du
+    return replace(psf_model, coeffs=coeffs)
+
+
+def fit_saturated_stars(
+    data_sub, rms, mask, sources, psf_model, *, gain_e_per_adu, exptime_s, saturation_adu
+):
+    """
+    Fluxes of saturated stars from their unsaturated wings, and the image of their models.
+
+    For each source (rows of `rpp_tasks.stages.detection.find_saturated_stars`: ``a_px`` is the
+    saturated radius, ``halo_radius_px`` the halo) the local PSF model is fitted to the
+    unmasked, unsaturated pixels between ``r_sat + 1`` px and ``r_sat + 4 FWHM``, two pixels away
+    from any masked one (flux, position, a shift of the model's ``1/beta`` -- far wings are very
+    sensitive to it -- and a sky offset; four Gauss-Newton steps, weights
+    ``1 / (rms^2 + model / gain)``). The model of each
+    star is then drawn out to where it falls below 2 % of the noise (at most 256 px), so that its
+    halo can be subtracted from its neighbours.
+
+    Returns
+    -------
+    table : `~astropy.table.Table`
+        ``sources`` plus the PSF columns of `psf_photometry` (``flag_psf`` has `FLAG_PSF_WINGS`);
+        ``halo_radius_px`` grows to where 5 % of the fitted model is still 3 times the noise.
+    image : numpy.ndarray
+        float32 model image of the saturated stars.
+    """
+    data = np.asarray(data_sub)
+    ny, nx = data.shape
+    out = Table(sources, copy=True)
+    n = len(out)
+    image = np.zeros(data.shape, np.float32)
+    cols = {
+        k: np.full(n, np.nan)
+        for k in ("x_psf", "y_psf", "flux_psf", "flux_err_psf", "qfit_psf", "chi2_psf")
+    }
+    npix = np.zeros(n, np.int64)
+    flag = np.full(n, FLAG_PSF_WINGS, np.int64)
+    r_excl = np.zeros(n)
+    fwhm = float(psf_model.fwhm_px)
+    rms_arr = np.broadcast_to(np.asarray(rms, np.float32), data.shape)
+    rms_typ = float(np.median(rms_arr[::16, ::16]))
+    for i in range(n):
+        x, y = float(out["x_centroid"][i]), float(out["y_centroid"][i])
+        r_sat = float(out["a_px"][i]) if "a_px" in out.colnames else 2.0
+        r_in, r_out = r_sat + 1.0, r_sat + 4.0 * fwhm
+        h = int(math.ceil(r_out)) + 1
+        ix, iy = int(round(x)), int(round(y))
+        k = np.arange(-h, h + 1)
+        px = ix + k[None, :] + 0 * k[:, None]
+        py = iy + k[:, None] + 0 * k[None, :]
+        inside = (px >= 0) & (px < nx) & (py >= 0) & (py < ny)
+        pxc, pyc = np.clip(px, 0, nx - 1), np.clip(py, 0, ny - 1)
+        d = data[pyc, pxc].astype(np.float64)
+        v0 = rms_arr[pyc, pxc].astype(np.float64) ** 2
+        use = inside & np.isfinite(d) & (d < 0.5 * saturation_adu)
+        if mask is not None:
+            # masked pixels and their neighbours (ends and sides of bleed trails)
+            from scipy.ndimage import binary_dilation
+
+            use &= ~binary_dilation(np.asarray(mask)[pyc, pxc], iterations=2)
+        f, du, bk = np.nan, 0.0, 0.0
+        for _ in range(4):
+            r2 = (px - x) ** 2 + (py - y) ** 2
+            sel = use & (r2 >= r_in**2) & (r2 <= r_out**2)
+            if sel.sum() < 20:
+                flag[i] |= 1
+                break
+            # far wings are very sensitive to the model's beta: u = 1/beta is fitted too, and a
+            # local sky offset (the sky map is biased by a big halo)
+            wing = _shifted_beta(psf_model, du)
+            one = (np.array([x]), np.array([y]), h)
+            pos = dict(ix=np.array([ix]), iy=np.array([iy]))
+            val, gx, gy = wing.stamps(*one, **pos, derivatives=True)
+            dval = (_shifted_beta(psf_model, du + 0.004).stamps(*one, **pos) - val) / 0.004
+            val, gx, gy, dval = val[0][sel], gx[0][sel], gy[0][sel], dval[0][sel]
+            w = 1.0 / (
+                v0[sel] + (np.maximum(f * val, 0.0) / gain_e_per_adu if np.isfinite(f) else 0.0)
+            )
+            a = np.column_stack([val, gx, gy, dval, np.ones_like(val)])
+            nmat = a.T @ (a * w[:, None])
+            rhs = a.T @ (d[sel] * w)
+            try:
+                cov = np.linalg.inv(nmat)
+            except np.linalg.LinAlgError:
+                flag[i] |= 1
+                break
+            sol = cov @ rhs
+            f = float(sol[0])
+            if not f > 0:
+                flag[i] |= 1
+                break
+            step = np.clip(sol[1:3] / f, -1.0, 1.0)
+            x, y = x + float(step[0]), y + float(step[1])
+            du = float(np.clip(du + sol[3] / f, -0.15, 0.15))
+            bk = float(sol[4])
+        if not (np.isfinite(f) and f > 0) or flag[i] & 1:
+            continue
+        resid = d[sel] - f * val - bk
+        cols["x_psf"][i], cols["y_psf"][i] = x, y
+        cols["flux_psf"][i] = f
+        cols["flux_err_psf"][i] = math.sqrt(max(cov[0, 0], 0.0))
+        cols["qfit_psf"][i] = float(np.sum(np.abs(resid)) / f)
+        cols["chi2_psf"][i] = float(np.sum(resid**2 * w) / max(sel.sum() - 3, 1))
+        npix[i] = int(sel.sum())
+        # draw the star out to where it fades below 2 % of the noise
+        hh = int(
+            psf_model._footprint_halves(np.array([x]), np.array([y]), np.array([f]), rms_typ, 32)[0]
+        )
+        hh = int(min(max(hh, h), 256))
+        wing = _shifted_beta(psf_model, du)
+        wing.render(data.shape, [x], [y], [f], half=hh, out=image)
+        # where 5 % of the model (its accuracy near a saturated core) exceeds 3 sigma, nothing
+        # found on the residual can be trusted
+        r_excl[i] = float(wing.radius_below([x], [y], [f], 60.0 * rms_typ)[0])
+        if cols["chi2_psf"][i] > 5.0:  # a poor fit (a neighbour in the wings): its residual too
+            r_excl[i] = max(r_excl[i], r_sat + 2.5 * fwhm)
+    mag, mag_err, snr = _mags(cols["flux_psf"], cols["flux_err_psf"], exptime_s)
+    for key, arr in cols.items():
+        out[key] = arr
+    out["mag_psf"] = mag
+    out["mag_err_psf"] = mag_err
+    out["snr_psf"] = snr
+    out["npix_psf"] = npix
+    out["group_size_psf"] = np.ones(n, np.int64)
+    out["flag_psf"] = flag
+    if "halo_radius_px" in out.colnames:
+        out["halo_radius_px"] = np.maximum(np.asarray(out["halo_radius_px"], float), r_excl)
+    return out, image
+
+
+# --------------------------------------------------------------------------------------------
+# the photometry of one frame
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class FramePhotometry:
+    """Outcome of `measure_frame`.
+
+    Attributes
+    ----------
+    catalog : `~astropy.table.Table`
+        Sources with aperture (total, aperture-corrected) and PSF photometry, per-star PSF
+        (``psf_fwhm_px``, ``psf_ellipticity``) and quality flags.
+    psf : `rpp_tasks.stages.psf.FieldPSF` or None
+    fwhm_px : float
+        Median FWHM over the frame (the aperture radii are 1.1 and 1.3 times it).
+    info : dict
+        Small JSON-safe summary for the frame's ``summary.json``.
+    """
+
+    catalog: Table
+    psf: object
+    fwhm_px: float
+    info: dict
+
+    def to_dict(self) -> dict:
+        return dict(self.info)
+
+
+def measure_frame(
+    data_sub,
+    rms,
+    sources,
+    *,
+    gain_e_per_adu,
+    exptime_s,
+    saturation_adu,
+    fixed_radius_px,
+    annulus_fwhm=(3.0, 5.0),
+    mask=None,
+    image=None,
+    psf=True,
+    psf_max_order=3,
+    psf_max_stars=250,
+    overwrite=False,
+    background=None,
+    frame="",
+):
+    """
+    Photometry of one frame: PSF model, PSF and aperture photometry, corrections, honest errors.
+
+    1. `rpp_tasks.stages.psf.fit_field_psf`: a PSF varying across the field (elliptical Moffat
+       with polynomial shape; the order follows the number and spread of the PSF stars);
+    2. with ``psf``: `psf_photometry_with_residual_detection` (every source fitted with its local
+       PSF, faint stars found on the residual);
+    3. `aperture_photometry` on the neighbour-subtracted image, then
+       `apply_aperture_corrections`: aperture magnitudes are total magnitudes everywhere;
+    4. `measure_model_mismatch` on isolated stars and `add_mismatch_errors`: reported errors
+       include what the model does not explain;
+    5. `quality_flags`.
+
+    Parameters
+    ----------
+    data_sub : array_like or None
+        Background-subtracted image (ADU, float32); None: ``image - background`` is made here
+        (and freed as soon as it is not needed: the lowest peak memory).
+    rms : array_like
+        Background RMS map (ADU).
+    sources : `~astropy.table.Table`
+        Detections (`rpp_tasks.stages.detection.detect_sources`).
+    gain_e_per_adu, exptime_s : float
+    saturation_adu : float
+        Saturation of the *raw* pixels (ADU); the level in ``data_sub`` is estimated from
+        ``image - data_sub`` when ``image`` is given.
+    fixed_radius_px : float
+    annulus_fwhm : (float, float)
+    mask : array_like of bool, optional
+    image : array_like, optional
+        The calibrated image with its background (for the saturation flags).
+    psf : bool
+        Run the PSF photometry (the PSF model is fitted in any case: it gives the FWHM and the
+        aperture corrections).
+    psf_max_order, psf_max_stars : int
+        See `rpp_tasks.stages.psf.fit_field_psf`.
+    overwrite : bool
+        ``data_sub`` (float32) may be modified in place (saves a full-frame copy).
+    background : array_like, optional
+        Sky map (with ``image``, when ``data_sub`` is None).
+    frame : str
+        Frame name for the log.
+
+    Returns
+    -------
+    result : `FramePhotometry`
+        ``psf`` is None and ``fwhm_px`` NaN when no PSF star qualifies (the caller decides).
+    """
+    from rpp_tasks.stages.background import release_freed_memory
+    from rpp_tasks.stages.psf import fit_field_psf
+
+    release_freed_memory()
+    if data_sub is None:
+        if image is None or background is None:
+            raise ValueError("measure_frame: give data_sub, or image and background")
+        data = np.subtract(image, background, dtype=np.float32)
+        overwrite = True  # our own array
+    else:
+        data = np.asarray(data_sub)
+        if overwrite and not (data.dtype == np.float32 and data.flags.writeable):
+            overwrite = False
+    shape = data.shape
+    bkg_level = 0.0
+    if image is not None:
+        bkg_level = float(np.median(np.asarray(image)[::16, ::16] - data[::16, ::16]))
+    sat_sub = float(saturation_adu) - bkg_level
+    info = {}
+    model = fit_field_psf(
+        data,
+        sources,
+        rms=rms,
+        mask=mask,
+        gain_e_per_adu=gain_e_per_adu,
+        saturation_adu=sat_sub,
+        max_order=psf_max_order,
+        max_stars=psf_max_stars,
+    )
+    if model is None:
+        log.warning("measure_frame %s: no PSF star; no photometry", frame)
+        return FramePhotometry(Table(sources, copy=True), None, float("nan"), {"psf_model": None})
+    fwhm = float(model.fwhm_px)
+    info["psf_model"] = model.to_dict()
+    sources_fit = sources
+    from rpp_tasks.stages.detection import FLAG_SATURATED, saturation_exclusion_mask
+
+    if psf and not overwrite:
+        data = np.array(data, dtype=np.float32)  # the caller's image stays as it is
+        overwrite = True
+
+    is_sat = (
+        (np.asarray(sources["flag"]) & FLAG_SATURATED) != 0
+        if "flag" in sources.colnames
+        else np.zeros(len(sources), bool)
+    )
+    zone = None
+    if psf and np.any(is_sat):
+        trails = saturation_exclusion_mask(
+            data.shape, sources[:0], data, mask, saturation_adu=sat_sub
+        )
+        sat_tab, sat_image = fit_saturated_stars(
+            data,
+            rms,
+            mask,
+            sources[is_sat],
+            model,
+            gain_e_per_adu=gain_e_per_adu,
+            exptime_s=exptime_s,
+            saturation_adu=sat_sub,
+        )
+        # their halos are subtracted from the image everything else is measured on
+        data = np.subtract(data, sat_image, out=data if overwrite else None, dtype=np.float32)
+        overwrite = True  # from here on ``data`` is ours either way
+        del sat_image
+        zone = saturation_exclusion_mask(data.shape, sat_tab)
+        zone |= trails
+        del trails
+        info["n_saturated"] = int(is_sat.sum())
+    if psf:
+        fit = psf_photometry_with_residual_detection(
+            data,
+            rms,
+            sources[~is_sat] if np.any(is_sat) else sources,
+            model,
+            gain_e_per_adu=gain_e_per_adu,
+            exptime_s=exptime_s,
+            mask=mask,
+            exclude_mask=zone,
+            overwrite=True,  # ``data`` becomes the residual image
+            keep_model=False,
+        )
+        sources_fit, resid = fit.table, fit.residual
+        del zone, data
+        if np.any(is_sat):
+            from astropy.table import vstack
+
+            sat_tab = Table(sat_tab, copy=False)
+            for c in sources_fit.colnames:
+                if c not in sat_tab.colnames:
+                    col = sources_fit[c]
+                    fill = (
+                        np.nan if col.dtype.kind == "f" else (0 if col.dtype.kind in "iub" else "")
+                    )
+                    sat_tab[c] = np.full(len(sat_tab), fill, dtype=col.dtype)
+            meta = dict(sources_fit.meta)
+            sources_fit = vstack(
+                [sat_tab[sources_fit.colnames], sources_fit], metadata_conflicts="silent"
+            )
+            sources_fit.meta.update(meta)
+        info["n_residual_sources"] = int(fit.n_added)
+        _adopt_psf_positions(sources_fit)
+        # ``resid``: the image with every fitted star removed: apertures (each star's own model
+        # added back), the large-aperture references and the mismatch term all use it
+        del fit
+    else:
+        resid = data
+        del data
+    cat = aperture_photometry(
+        resid,
+        rms,
+        sources_fit,
+        fwhm_px=fwhm,
+        fixed_radius_px=fixed_radius_px,
+        annulus_fwhm=annulus_fwhm,
+        gain_e_per_adu=gain_e_per_adu,
+        exptime_s=exptime_s,
+        mask=mask,
+        epsf=model if psf else None,
+        residual=psf,
+        overwrite=psf or overwrite,
+    )
+    info["aperture_corrections"] = apply_aperture_corrections(cat, model, exptime_s=exptime_s)
+    if psf:
+        info["flux_calibration"] = calibrate_to_large_aperture(
+            cat,
+            resid,
+            rms,
+            model,
+            gain_e_per_adu=gain_e_per_adu,
+            exptime_s=exptime_s,
+            mask=mask,
+        )
+        mism = measure_model_mismatch(
+            cat, resid, rms, model, gain_e_per_adu=gain_e_per_adu, mask=mask
+        )
+        add_mismatch_errors(cat, mism, exptime_s=exptime_s)
+        info["model_error_frac"] = _json_num(mism)
+    del resid
+    release_freed_memory()
+    xs = np.asarray(cat["x_psf"], float) if "x_psf" in cat.colnames else _xy(cat, "m")[0]
+    ys = np.asarray(cat["y_psf"], float) if "y_psf" in cat.colnames else _xy(cat, "m")[1]
+    xc, yc = _xy(cat, "measure_frame")
+    xs = np.where(np.isfinite(xs), xs, xc)
+    ys = np.where(np.isfinite(ys), ys, yc)
+    loc = model.shape_at(xs, ys)
+    cat["psf_fwhm_px"] = loc["fwhm_px"]
+    cat["psf_ellipticity"] = loc["ellipticity"]
+    cat = quality_flags(
+        cat,
+        saturation_adu=saturation_adu,
+        shape=shape,
+        fwhm_px=fwhm,
+        data=image,
+    )
+    cat.meta["fwhm_px"] = fwhm
+    info["fwhm_px"] = fwhm
+    info["fwhm_n_stars"] = int(model.n_stars)
+    return FramePhotometry(cat, model, fwhm, info)
+
+
+def _adopt_psf_positions(table):
+    """``x_centroid, y_centroid`` become the PSF-fit positions where the fit refined them (a
+    detection centroid is pulled by neighbours); the detection centroids stay in ``x_det,
+    y_det``. In place."""
+    if "x_psf" not in table.colnames or len(table) == 0:
+        return
+    xc, yc = _xy(table, "measure_frame")
+    xp = np.asarray(table["x_psf"], float)
+    yp = np.asarray(table["y_psf"], float)
+    ok = np.isfinite(xp) & np.isfinite(yp) & (np.hypot(xp - xc, yp - yc) < 3.0)
+    if "flag_psf" in table.colnames:
+        ok &= (np.asarray(table["flag_psf"]) & 3) == 0
+    table["x_det"] = xc
+    table["y_det"] = yc
+    table["x_centroid"] = np.where(ok, xp, xc)
+    table["y_centroid"] = np.where(ok, yp, yc)
+
+
+def _json_num(d):
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# repeatability across the frames of a session (no truth needed)
+# --------------------------------------------------------------------------------------------
+
+#: S/N bins of `repeatability` (median S/N of a star over the frames)
+REPEATABILITY_SNR_BINS = (10.0, 20.0, 50.0, 200.0, 500.0, math.inf)
+
+
+@dataclass(frozen=True)
+class Repeatability:
+    """Scatter of each star's magnitude across the frames of a session against its errors.
+
+    Attributes
+    ----------
+    kind : str
+        ``"psf"`` or an aperture label (``"1p3fwhm"``...).
+    n_frames, n_stars : int
+        Frames compared and stars seen in at least two of them.
+    ratio : float
+        Robust standard deviation of the normalised deviations of all stars with S/N > 10
+        (1.0: the reported errors describe the real frame-to-frame scatter; > 1: too small).
+    bins : tuple of dict
+        Per S/N bin: ``snr_lo``, ``snr_hi``, ``n_stars``, ``ratio``, ``scatter_mag`` (robust std
+        of the deviations in magnitudes), ``reported_mag`` (rms of the reported errors).
+    frame_offsets_mag : tuple of float
+        Magnitude offset of each frame against the first (transparency, airmass), subtracted.
+    flags : tuple of str
+    """
+
+    kind: str
+    n_frames: int
+    n_stars: int
+    ratio: float
+    bins: tuple = ()
+    frame_offsets_mag: tuple = ()
+    flags: tuple = ()
+
+    def to_dict(self) -> dict:
+        def clean(v):
+            if isinstance(v, float):
+                return v if math.isfinite(v) else None
+            if isinstance(v, dict):
+                return {k: clean(x) for k, x in v.items()}
+            if isinstance(v, (list, tuple)):
+                return [clean(x) for x in v]
+            return v
+
+        return clean(
+            {
+                "kind": self.kind,
+                "n_frames": self.n_frames,
+                "n_stars": self.n_stars,
+                "ratio": self.ratio,
+                "bins": list(self.bins),
+                "frame_offsets_mag": list(self.frame_offsets_mag),
+                "flags": list(self.flags),
+                "definition": "per star seen in >= 2 frames, after removing each frame's "
+                "magnitude offset: (m_k - weighted mean) / sqrt(err_k^2 - err_mean^2); "
+                "ratio = robust std of these deviations (1 = honest errors)",
+            }
+        )
+
+
+def _robust_std(v):
+    v = np.asarray(v, float)
+    v = v[np.isfinite(v)]
+    if v.size < 3:
+        return float("nan")
+    med = np.median(v)
+    s = 1.4826 * np.median(np.abs(v - med))
+    if s == 0:
+        return float(np.std(v))
+    for _ in range(10):
+        keep = np.abs(v - med) <= 4.0 * s
+        if keep.sum() < 3:
+            break
+        med = np.median(v[keep])
+        s_new = np.std(v[keep], ddof=1) / 0.998929
+        if math.isclose(s_new, s, rel_tol=1e-9):
+            break
+        s = s_new
+    return float(s)
+
+
+def _align_offset(ref_xy, xy, *, max_shift_px, n_bright=150):
+    """Shift ``d`` with ``xy + d ~ ref_xy`` from the brightest stars (histogram of pair offsets,
+    refined by the median of the matched pairs)."""
+    a = ref_xy[:n_bright]
+    b = xy[:n_bright]
+    if a.shape[0] < 3 or b.shape[0] < 3:
+        return np.zeros(2)
+    pairs = cKDTree(b).query_ball_point(a, max_shift_px)
+    dx = np.concatenate([a[i, 0] - b[js, 0] for i, js in enumerate(pairs) if js] or [[]])
+    dy = np.concatenate([a[i, 1] - b[js, 1] for i, js in enumerate(pairs) if js] or [[]])
+    if dx.size < 3:
+        return np.zeros(2)
+    nbin = max(8, int(2 * max_shift_px))
+    h, ex, ey = np.histogram2d(
+        dx, dy, bins=nbin, range=[[-max_shift_px, max_shift_px], [-max_shift_px, max_shift_px]]
+    )
+    i, j = np.unravel_index(np.argmax(h), h.shape)
+    d0 = np.array([0.5 * (ex[i] + ex[i + 1]), 0.5 * (ey[j] + ey[j + 1])])
+    near = np.hypot(dx - d0[0], dy - d0[1]) < 2.0 * (ex[1] - ex[0])
+    return np.array([np.median(dx[near]), np.median(dy[near])]) if near.any() else d0
+
+
+def repeatability(
+    catalogs,
+    *,
+    kind="psf",
+    match_radius_px=1.5,
+    max_shift_px=50.0,
+    snr_bins=REPEATABILITY_SNR_BINS,
+    min_snr=10.0,
+):
+    """
+    How well each star's reported magnitude error describes its scatter across frames.
+
+    For a session with several frames of one field, no truth is needed: the same star measured
+    ``n`` times should scatter around its mean as its reported errors say. The frames are
+    matched on sky coordinates when every catalogue has them (``ra``, ``dec``), else on pixel
+    positions after an offset found from the brightest stars (dithers up to ``max_shift_px``).
+    Each frame's magnitude offset against the first (clouds, airmass; median over stars with
+    S/N > 50) is removed; then for each star seen in at least two frames the deviations from
+    its weighted mean, ``(m_k - m) / sqrt(err_k^2 - err_m^2)``, are standard normal if the
+    errors are right. Pooled per S/N bin (the star's median S/N), their robust standard
+    deviation is the figure: 1 means honest errors, 2 errors twice too small.
+
+    Parameters
+    ----------
+    catalogs : sequence of `~astropy.table.Table`
+        Frame catalogues (``mag_<kind>``, ``mag_err_<kind>``, positions; ``quality``,
+        ``saturated``, ``blended`` are honoured when present).
+    kind : str
+        ``"psf"`` or an aperture label.
+    match_radius_px : float
+        Matching radius (px; on the sky: this many times the median pixel scale implied by the
+        catalogues' WCS, 1.5" when unknown).
+
+    Returns
+    -------
+    result : `Repeatability`
+        NaN figures and a flag when fewer than two frames or no common star.
+    """
+    cats = [c for c in catalogs if c is not None and len(c)]
+    mcol, ecol = f"mag_{kind}", f"mag_err_{kind}"
+    flags = []
+    empty = Repeatability(kind, len(cats), 0, float("nan"), (), (), ("too_few_frames",))
+    if len(cats) < 2:
+        return empty
+    if any(mcol not in c.colnames or ecol not in c.colnames for c in cats):
+        return Repeatability(kind, len(cats), 0, float("nan"), (), (), ("no_magnitudes",))
+
+    def prepare(c):
+        m = np.asarray(c[mcol], float)
+        e = np.asarray(c[ecol], float)
+        ok = np.isfinite(m) & np.isfinite(e) & (e > 0)
+        for name in ("saturated", "blended", "near_edge"):
+            if name in c.colnames:
+                ok &= ~np.asarray(c[name], bool)
+        xs, ys = _fit_xy(c) if "x_psf" in c.colnames else _xy(c, "repeatability")
+        ra = np.asarray(c["ra"], float) if "ra" in c.colnames else np.full(len(c), np.nan)
+        dec = np.asarray(c["dec"], float) if "dec" in c.colnames else np.full(len(c), np.nan)
+        order = np.argsort(np.where(ok, m, np.inf))  # brightest first
+        order = order[ok[order]]
+        return {
+            "m": m[order],
+            "e": e[order],
+            "xy": np.column_stack([xs, ys])[order],
+            "rd": np.column_stack([ra, dec])[order],
+        }
+
+    frames = [prepare(c) for c in cats]
+    use_sky = all(np.isfinite(f["rd"]).all() and len(f["rd"]) for f in frames)
+    ref = frames[0]
+    n0 = len(ref["m"])
+    if use_sky:
+        dec0 = np.deg2rad(np.nanmedian(ref["rd"][:, 1]))
+
+        def proj(rd):
+            return np.column_stack([rd[:, 0] * math.cos(dec0), rd[:, 1]]) * 3600.0
+
+        ref_pts = proj(ref["rd"])
+        radius = 1.5
+        flags.append("matched_on_sky")
+    else:
+        ref_pts = ref["xy"]
+        radius = float(match_radius_px)
+        flags.append("matched_on_pixels")
+    tree = cKDTree(ref_pts)
+    mags = np.full((len(frames), n0), np.nan)
+    errs = np.full((len(frames), n0), np.nan)
+    mags[0], errs[0] = ref["m"], ref["e"]
+    for k, f in enumerate(frames[1:], start=1):
+        if use_sky:
+            pts = proj(f["rd"])
+        else:
+            pts = f["xy"] + _align_offset(ref_pts, f["xy"], max_shift_px=max_shift_px)
+        d, j = tree.query(pts, distance_upper_bound=radius)
+        hit = np.isfinite(d)
+        # one-to-one: the closest claim wins
+        order = np.argsort(d[hit])
+        src = np.flatnonzero(hit)[order]
+        seen = np.zeros(n0, bool)
+        for i in src:
+            if not seen[j[i]]:
+                seen[j[i]] = True
+                mags[k, j[i]] = f["m"][i]
+                errs[k, j[i]] = f["e"][i]
+    # frame offsets from the well-measured common stars
+    offsets = [0.0]
+    for k in range(1, len(frames)):
+        both = np.isfinite(mags[k]) & np.isfinite(mags[0]) & (errs[0] < 0.0217) & (errs[k] < 0.0217)
+        if both.sum() < 3:
+            both = np.isfinite(mags[k]) & np.isfinite(mags[0])
+        off = float(np.median(mags[k, both] - mags[0, both])) if both.any() else 0.0
+        offsets.append(off)
+        mags[k] -= off
+    n_obs = np.sum(np.isfinite(mags), axis=0)
+    multi = n_obs >= 2
+    if not multi.any():
+        return Repeatability(
+            kind, len(frames), 0, float("nan"), (), tuple(offsets), ("no_common_stars",)
+        )
+    w = np.where(np.isfinite(errs), 1.0 / np.where(np.isfinite(errs), errs, 1.0) ** 2, 0.0)
+    mm = np.nansum(np.nan_to_num(mags) * w, axis=0) / np.maximum(w.sum(axis=0), 1e-300)
+    var_mean = 1.0 / np.maximum(w.sum(axis=0), 1e-300)
+    with np.errstate(invalid="ignore"):
+        z = (mags - mm) / np.sqrt(np.maximum(errs**2 - var_mean, 1e-12))
+    snr = _MAG_K / np.nanmedian(np.where(np.isfinite(errs), errs, np.nan), axis=0)
+    sel_all = multi & (snr > min_snr)
+    bins = []
+    edges = np.asarray(snr_bins, float)
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        b = multi & (snr > lo) & (snr <= hi)
+        zz = z[:, b][np.isfinite(z[:, b])]
+        dev = (mags - mm)[:, b]
+        dev = dev[np.isfinite(dev)]
+        bins.append(
+            {
+                "snr_lo": float(lo),
+                "snr_hi": float(hi),
+                "n_stars": int(b.sum()),
+                "ratio": _robust_std(zz),
+                "scatter_mag": _robust_std(dev)
+                * math.sqrt(np.nanmean(n_obs[b] / np.maximum(n_obs[b] - 1, 1)))
+                if b.any()
+                else float("nan"),
+                "reported_mag": float(np.sqrt(np.nanmean(errs[:, b] ** 2)))
+                if b.any()
+                else float("nan"),
+            }
+        )
+    zz = z[:, sel_all]
+    ratio = _robust_std(zz[np.isfinite(zz)])
+    log.info(
+        "repeatability (%s): %d frames, %d stars in >= 2 frames, ratio %.2f",
+        kind,
+        len(frames),
+        int(multi.sum()),
+        ratio,
+    )
+    return Repeatability(
+        kind, len(frames), int(multi.sum()), ratio, tuple(bins), tuple(offsets), tuple(flags)
+    )

@@ -196,3 +196,32 @@ def test_bad_input_raises(truth):
         fidelity_report(_catalog(truth), Table({"x": [1.0]}))
     with pytest.raises(ValueError, match="flux column"):
         fidelity_report(_catalog(truth), truth, flux_cols=("flux_nope",))
+
+
+def test_spurious_breakdown_and_fwhm_zones():
+    truth = Table(
+        {
+            "x": [100.0, 300.0, 500.0, 10.0],
+            "y": [100.0, 300.0, 500.0, 10.0],
+            "flux_adu": [1e5, 1e5, 1e7, 1e4],
+            "snr_expected": [200.0, 200.0, 5000.0, 50.0],
+            "saturated": [False, False, True, False],
+            "fwhm_px": [3.5, 3.6, 3.7, 4.0],
+        },
+        meta={"gain_e_per_adu": 1.0, "read_noise_e": 5.0, "sky_adu": 100.0, "shape": [600, 600]},
+    )
+    cr = np.zeros((600, 600), bool)
+    cr[200, 200] = True
+    cat = Table(
+        {
+            "x_centroid": [100.0, 104.0, 300.0, 510.0, 200.5, 50.0],
+            "y_centroid": [100.0, 100.0, 300.0, 505.0, 200.0, 400.0],
+            "flux_1p3fwhm": np.ones(6),
+            "psf_fwhm_px": [3.5, 3.5, 3.6, 3.7, 3.0, 3.0],
+        },
+        meta={"fwhm_px": 3.5},
+    )
+    rep = fidelity_report(cat, truth, cr_mask=cr, flux_cols=())
+    assert rep.spurious_breakdown == {"duplicate": 1, "saturated": 1, "defect": 1, "other": 1}
+    assert rep.spurious_fraction_raw == pytest.approx(4 / 6)
+    assert rep.fwhm_zones["source"] == "psf_fwhm_px"

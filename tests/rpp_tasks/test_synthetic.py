@@ -390,3 +390,66 @@ def test_write_synthetic_session(tmp_path):
     assert out["science"][1].read_bytes() == out2["science"][1].read_bytes()
     with pytest.raises(ValueError, match="must not be inside"):
         write_synthetic_session(raw, truth_folder=raw / "truth", n_science=1, shape=(64, 64))
+
+
+# ------------------------------------------------------------------------------ real optics (issue 11)
+
+
+def test_elliptical_moffat_stamps_match_brute_force_integration():
+    from rpp_tasks.sim.synthetic import _moffat_shape, render_elliptical_moffat_stamps
+
+    fw, beta, e, th, h = 3.8, 2.8, 0.1, 0.7, 10
+    stamp = render_elliptical_moffat_stamps(
+        [0.2], [-0.3], h, fwhm_px=fw, beta=beta, ellipticity=e, theta_rad=th
+    )[0]
+    n = 30
+    t = (np.arange(n) + 0.5) / n - 0.5
+    k = np.arange(-h, h + 1)
+    a, b, c, norm, _ = _moffat_shape(fw, beta, e, th)
+    xs = (k[:, None] + t[None, :]).ravel() - 0.2
+    ys = (k[:, None] + t[None, :]).ravel() + 0.3
+    q = a * xs[None, :] ** 2 + 2 * b * xs[None, :] * ys[:, None] + c * ys[:, None] ** 2
+    ref = (norm * (1 + q) ** -beta).reshape(2 * h + 1, n, 2 * h + 1, n).mean(axis=(1, 3))
+    assert np.abs(stamp - ref).max() < 1e-4 * ref.max()
+    # the major axis is along theta and 1 - b/a = e: second moments of a finely sampled star
+    yy, xx = np.mgrid[-h : h + 1, -h : h + 1] + 0.0
+    big = render_elliptical_moffat_stamps(
+        [0.0], [0.0], h, fwhm_px=fw, beta=9.0, ellipticity=e, theta_rad=th
+    )[0]
+    mxx, myy, mxy = (np.sum(big * v) for v in (xx * xx, yy * yy, xx * yy))
+    ang = 0.5 * math.atan2(2 * mxy, mxx - myy)
+    assert ang == pytest.approx(th, abs=0.02)
+
+
+def test_optics_field_truth_follows_the_psf_variation():
+    from rpp_tasks.sim.synthetic import PsfVariation, make_optics_field
+
+    f = make_optics_field((1024, 1024), seed=3)
+    t = f.truth
+    var = PsfVariation()
+    fw, beta, e, th = var.params_at(np.asarray(t["x"]), np.asarray(t["y"]), (1024, 1024))
+    assert np.allclose(t["fwhm_px"], fw) and np.allclose(t["beta"], beta)
+    assert np.allclose(t["ellipticity"], e)
+    assert 1.12 < np.max(fw) / np.min(fw) < 1.22  # about 15 % across the field
+    assert 2.6 < np.min(beta) and np.max(beta) <= 3.3 and 0.08 < np.max(e) < 0.13
+    # 4 % sky gradient, gain 0.8, close pairs (both members in the truth), bright saturated stars
+    assert np.max(t["sky_adu"]) / np.min(t["sky_adu"]) == pytest.approx(1.04, abs=0.01)
+    assert f.params["gain_e_per_adu"] == 0.8
+    pairs = np.asarray(t["pair"])
+    assert np.sum(pairs > 0) >= 20 and np.all(np.bincount(pairs[pairs > 0])[1:] == 2)
+    assert np.sum(t["saturated"]) >= 2
+    # bleed trails read the ADC maximum and run along the columns of the saturated stars
+    assert f.bleed_mask.sum() > 0
+    assert np.all(f.data[f.bleed_mask] >= 59999.0) or np.mean(f.data[f.bleed_mask] >= 59999.0) > 0.8
+    cols = np.unique(np.nonzero(f.bleed_mask)[1])
+    sat_x = np.rint(np.asarray(t["x"])[np.asarray(t["saturated"])]).astype(int)
+    assert all(np.min(np.abs(sat_x - c)) <= 12 for c in cols)
+    # the Cramer-Rao column uses the local PSF: at equal flux a broader star has a larger bound
+    assert np.all(np.isfinite(t["flux_err_crb_adu"]))
+
+
+def test_constant_psf_fields_are_unchanged_by_the_new_options():
+    a = make_star_field((128, 128), n_stars=50, psf="moffat", seed=7)
+    b = make_star_field((128, 128), n_stars=50, psf="moffat", seed=7, n_close_pairs=0, n_bright=0)
+    assert np.array_equal(a.data, b.data)
+    assert np.all(a.truth["fwhm_px"] == 3.5) and np.all(a.truth["ellipticity"] == 0)

@@ -1,0 +1,324 @@
+"""Photometry on fields built like real optics (issue 11): a PSF varying across the field, local
+aperture corrections, honest errors, saturated stars without spurious halos, repeatability.
+
+The end-to-end tests reduce one seeded 2048x2048 field of `rpp_tasks.sim.synthetic.make_optics_field`
+(FWHM +15 % in the corners, Moffat beta 3.3 -> 2.7, ellipticity up to 0.1 turning around the
+field, 4 % sky gradient, gain 0.8, close pairs, saturated stars with bleed trails and halos,
+cosmic rays, hot pixels) through the whole per-frame chain. On it the code before issue 11
+(one circular PSF, one aperture correction) gave PSF scatter / Cramer-Rao 1.2 / 1.9 / 3.4 / 24 in
+the S/N bins 10-20 / 20-50 / 50-200 / 200-500, reported PSF errors 2.4x too small, 45 duplicate
+detections, 143 spurious detections around saturated stars, a 7 % FWHM error in the corners
+and aperture magnitudes whose offset changes by 5 % from the centre to the corners.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+
+from rpp_tasks.config import find_config
+from rpp_tasks.session import pipeline
+from rpp_tasks.sim.evaluate import fidelity_report, match_to_truth, robust_std
+from rpp_tasks.sim.synthetic import (
+    PsfVariation,
+    make_optics_field,
+    make_star_field,
+    render_elliptical_moffat_stamps,
+)
+from rpp_tasks.stages.detection import FLAG_SATURATED, detect_sources, find_saturated_stars
+from rpp_tasks.stages.photometry import repeatability
+from rpp_tasks.stages.psf import FieldPSF, _poly_terms, fit_field_psf
+
+SNR_BINS = (10.0, 20.0, 50.0, 200.0, 500.0, math.inf)
+
+
+def _write(path, field):
+    raw = np.clip(np.rint(field.data), 0, 65535).astype(np.uint16)
+    fits.PrimaryHDU(raw, header=field.header).writeto(path, overwrite=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def optics(tmp_path_factory):
+    """One optics field reduced by the whole chain: (field, summary, catalogue, fidelity)."""
+    tmp = tmp_path_factory.mktemp("optics")
+    field = make_optics_field((2048, 2048), seed=2026)
+    s = pipeline.reduce_frame(_write(tmp / "optics.fits", field), find_config("demo"), tmp / "out")
+    assert s["status"] == "ok", s.get("reason")
+    cat = Table.read(s["catalog"])
+    rep = fidelity_report(
+        cat,
+        field.truth,
+        cr_mask=field.cr_mask,
+        hot_mask=field.hot_mask,
+        bleed_mask=field.bleed_mask,
+        fwhm_measured_px=s["fwhm_px"],
+        snr_bins=SNR_BINS,
+    )
+    return field, s, cat, rep
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+def test_psf_and_aperture_scatter_near_the_photon_limit_in_every_bin(optics):
+    _, _, _, rep = optics
+    for col in ("flux_psf", "flux_1p3fwhm"):
+        fid = rep.for_column(col)
+        # pooled over the sample, and bin by bin up to S/N 500 with room for the statistics of
+        # 30-200 stars per bin and for what the model still misses on the brightest (the code
+        # before issue 11: 1.9 / 3.4 / 24 in the 20-50 / 50-200 / 200-500 bins)
+        assert fid.scatter_ratio <= 1.15, (col, fid.scatter_ratio)
+        for b in fid.bins:
+            if b["snr_hi"] <= 500 and b["n"] >= 15:
+                assert b["scatter_ratio"] <= (1.2 if b["snr_hi"] <= 200 else 1.5), (col, b)
+        assert fid.bright_floor_mag <= 0.005, (col, fid.bright_floor_mag)
+
+
+def test_reported_errors_match_the_scatter(optics):
+    _, _, _, rep = optics
+    for col in ("flux_psf", "flux_1p3fwhm"):
+        fid = rep.for_column(col)
+        assert 0.85 <= fid.error_ratio <= 1.15, (col, fid.error_ratio)
+        for b in fid.bins:
+            if b["n"] >= 15:
+                assert 0.8 <= b["error_ratio"] <= 1.3, (col, b)
+
+
+def test_no_duplicates_few_spurious_and_complete(optics):
+    _, s, cat, rep = optics
+    assert rep.spurious_breakdown["duplicate"] == 0
+    assert rep.spurious_breakdown["saturated"] <= 3
+    assert rep.spurious_fraction_raw <= 0.01
+    assert rep.completeness >= 0.98
+    # every saturated star is found, once
+    assert rep.completeness_bins  # the S/N bins are filled
+    sat = np.flatnonzero(np.asarray(optics[0].truth["saturated"]))
+    m = match_to_truth(cat, optics[0].truth, radius_px=3.0)
+    found = np.isin(sat, m.truth_index)
+    assert found.mean() >= 0.9, f"{found.sum()} of {sat.size} saturated stars found"
+
+
+def test_fwhm_at_centre_and_corners_within_3_percent(optics):
+    _, s, _, rep = optics
+    z = rep.fwhm_zones
+    assert z["source"] == "psf_fwhm_px"
+    assert z["max_abs_rel_err"] <= 0.03, z
+    # the frame's PSF model is in summary.json, with its order and why
+    pm = s["stages"]["photometry"]["psf_model"]
+    assert pm["kind"] == "field_moffat" and pm["order"] >= 2
+    assert "cells covered" in pm["stats"]["order_reason"]
+    assert {"centre", "corner_ll", "corner_ur"} <= set(pm["at"])
+    assert pm["at"]["corner_ur"]["fwhm_px"] > 1.05 * pm["at"]["centre"]["fwhm_px"]
+
+
+def test_aperture_magnitudes_are_total_magnitudes_everywhere(optics):
+    """A bright star gives the same magnitude in the centre and in a corner (the old single
+    aperture correction left a centre-corner difference of several percent)."""
+    field, _, cat, _ = optics
+    m = match_to_truth(cat, field.truth)
+    t = field.truth[m.truth_index]
+    c = cat[m.catalog_index]
+    ok = (
+        (np.asarray(t["snr_expected"]) > 50)
+        & ~np.asarray(t["saturated"])
+        & ~np.asarray(c["blended"])
+        & np.isfinite(np.asarray(c["flux_1p3fwhm"], float))
+    )
+    ny, nx = field.data.shape
+    r = np.hypot(t["x"] - nx / 2, t["y"] - ny / 2) / (0.5 * math.hypot(nx, ny))
+    for col in ("flux_1p3fwhm", "flux_1p1fwhm", "flux_psf"):
+        dm = -2.5 * np.log10(np.asarray(c[col], float) / np.asarray(t["flux_adu"], float))
+        centre = np.median(dm[ok & (r < 0.4)])
+        corners = np.median(dm[ok & (r > 0.8)])
+        assert abs(corners - centre) < 0.01, (col, centre, corners)
+        assert abs(centre) < 0.02, (col, centre)  # total magnitudes: no aperture offset left
+    assert "apcorr_1p3fwhm" in cat.colnames and cat.meta["aperture_corrected"]
+    apc = np.asarray(cat["apcorr_1p3fwhm"], float)
+    assert 1.05 < np.nanmedian(apc) < 1.4  # a 1.3 FWHM aperture misses 10-25 % of a Moffat star
+
+
+# ------------------------------------------------------------------------------ PSF model
+
+
+def test_field_psf_stamps_are_normalised_with_exact_gradients():
+    coeffs = np.zeros((4, 3))
+    coeffs[:, 0] = [3.8, 0.05, -0.03, 0.33]
+    coeffs[0, 1] = 0.3  # FWHM grows along x
+    m = FieldPSF(coeffs, 1, (100.0, 100.0, 100.0, 100.0), (200, 200), 1, 31)
+    x, y = np.array([20.3, 150.6]), np.array([30.2, 170.9])
+    v = m.stamps(x, y, 30)
+    # unit total flux: what the stamp misses is the Moffat wing beyond 30 px
+    assert np.all(np.abs(v.sum(axis=(1, 2)) - 1) < 2e-3)
+    # position derivatives (at the local shape) against finite differences of a constant model
+    m0 = FieldPSF(coeffs[:, :1], 0, m.norm, m.shape, 1, 31)
+    v0, gx, gy = m0.stamps(x, y, 30, derivatives=True)
+    e = 1e-4  # central differences
+    ddx = (m0.stamps(x + e, y, 30) - m0.stamps(x - e, y, 30)) / (2 * e)
+    ddy = (m0.stamps(x, y + e, 30) - m0.stamps(x, y - e, 30)) / (2 * e)
+    assert np.allclose(ddx, gx, atol=1e-6 * v0.max())
+    assert np.allclose(ddy, gy, atol=1e-6 * v0.max())
+    sh = m.shape_at(x, y)
+    assert sh["fwhm_px"][1] > sh["fwhm_px"][0]
+    assert sh["ellipticity"] == pytest.approx(np.hypot(0.05, 0.03), abs=1e-9)
+    assert np.allclose(sh["beta"], 1 / 0.33)
+    # round trip through summary.json
+    m2 = FieldPSF.from_dict(m.to_dict())
+    assert np.array_equal(m2.stamps(x, y, 5), m.stamps(x, y, 5))
+
+
+def test_field_psf_matches_the_synthetic_renderer():
+    """The model and the synthetic truth describe the same elliptical Moffat."""
+    fw, beta, e, th = 3.9, 2.8, 0.08, 0.6
+    coeffs = np.zeros((4, 1))
+    coeffs[:, 0] = [fw, e * math.cos(2 * th), e * math.sin(2 * th), 1 / beta]
+    m = FieldPSF(coeffs, 0, (50.0, 50.0, 50.0, 50.0), (100, 100), 1, 31)
+    truth = render_elliptical_moffat_stamps(
+        [0.2], [-0.3], 12, fwhm_px=fw, beta=beta, ellipticity=e, theta_rad=th
+    )[0]
+    model = m.stamps(np.array([50.2]), np.array([49.7]), 12, ix=[50], iy=[50])[0]
+    assert np.abs(model - truth).max() < 2e-4 * truth.max()
+
+
+def test_fit_field_psf_follows_the_optics_and_stays_constant_when_it_should(tmp_path):
+    var = PsfVariation()
+    field = make_optics_field((1536, 1536), seed=5, n_bright=0, n_cosmic_rays=0, n_hot_pixels=0)
+    data = field.data.astype(np.float32) - np.asarray(field.truth["sky_adu"]).mean()
+    sky = float(field.params["sky_adu"])
+    rms = math.sqrt(sky / 0.8 + (6 / 0.8) ** 2)
+    src = detect_sources(data, rms, fwhm_px=3.5, peak_search=False)
+    m = fit_field_psf(data, src, rms=rms, gain_e_per_adu=0.8, saturation_adu=59000)
+    assert m.order >= 2
+    pts = np.array([[768, 768], [80, 80], [1456, 80], [80, 1456], [1456, 1456]], float)
+    true_fw, true_beta, true_e, _ = var.params_at(pts[:, 0], pts[:, 1], (1536, 1536))
+    sh = m.shape_at(pts[:, 0], pts[:, 1])
+    assert np.all(np.abs(sh["fwhm_px"] / true_fw - 1) < 0.03), (sh["fwhm_px"], true_fw)
+    assert np.all(np.abs(sh["ellipticity"] - true_e) < 0.03)
+    # one PSF everywhere: the AIC keeps order 0
+    flat = make_star_field((1024, 1024), n_stars=700, psf="moffat", seed=3, n_cosmic_rays=0)
+    d2 = flat.data.astype(np.float32) - 800.0
+    rms2 = math.sqrt(800 / 1.5 + (8 / 1.5) ** 2)
+    src2 = detect_sources(d2, rms2, fwhm_px=3.5, peak_search=False)
+    m2 = fit_field_psf(d2, src2, rms=rms2, gain_e_per_adu=1.5, saturation_adu=59000)
+    assert m2.order == 0 and m2.fwhm_px == pytest.approx(3.5, rel=0.01)
+    assert len(_poly_terms(m2.order)) == 1
+    # few stars: constant model, and the reason is recorded
+    m3 = fit_field_psf(d2, src2[:12], rms=rms2, gain_e_per_adu=1.5, saturation_adu=59000)
+    assert m3.order == 0 and "too few" in m3.stats["order_reason"]
+
+
+# ------------------------------------------------------------------------------ saturation
+
+
+def test_saturated_star_with_bleed_trail_is_one_source():
+    f = make_star_field(
+        (512, 512),
+        n_stars=60,
+        psf="moffat",
+        n_bright=1,
+        bright_mag_range=(9.5, 9.5),
+        bleed_trails=True,
+        max_half_width_px=160,
+        n_cosmic_rays=0,
+        n_hot_pixels=0,
+        seed=11,
+    )
+    assert f.bleed_mask.sum() > 50  # a long trail
+    data = f.data.astype(np.float32) - 800.0
+    mask = f.data >= 60000
+    rms = math.sqrt(800 / 1.5 + (8 / 1.5) ** 2)
+    sat, zone = find_saturated_stars(data, mask, saturation_adu=59200, rms=rms, fwhm_px=3.5)
+    bright = f.truth[np.argmin(f.truth["mag"])]
+    assert len(sat) == 1
+    assert math.hypot(sat["x_centroid"][0] - bright["x"], sat["y_centroid"][0] - bright["y"]) < 1.5
+    src = detect_sources(data, rms, fwhm_px=3.5, mask=mask, saturation_adu=59200, peak_search=False)
+    is_sat = (np.asarray(src["flag"]) & FLAG_SATURATED) != 0
+    assert is_sat.sum() == 1
+    # nothing else on the trail or in the halo
+    iy = np.clip(np.rint(src["y_centroid"]).astype(int), 0, 511)
+    ix = np.clip(np.rint(src["x_centroid"]).astype(int), 0, 511)
+    assert not zone[iy[~is_sat], ix[~is_sat]].any()
+
+
+# ------------------------------------------------------------------------------ repeatability
+
+
+def _session_catalogs(tmp_path, n_frames=3, err_scale=1.0):
+    from rpp_tasks.sim.synthetic import _draw_magnitudes  # noqa: F401  (documents the LF)
+
+    rng = np.random.default_rng(8)
+    stars = Table(
+        {
+            "ra": 150.0 + rng.uniform(-0.13, 0.13, 500),
+            "dec": 2.2 + rng.uniform(-0.13, 0.13, 500),
+            "mag": rng.uniform(14.0, 21.0, 500),
+        }
+    )
+    cats = []
+    for k in range(n_frames):
+        f = make_star_field(
+            (1024, 1024),
+            stars=stars,
+            psf="moffat",
+            wcs_center_deg=(150.0 + 2e-4 * k, 2.2 - 1e-4 * k),
+            seed=100 + k,
+        )
+        s = pipeline.reduce_frame(
+            _write(tmp_path / f"f{k}.fits", f), find_config("demo"), tmp_path / f"o{k}"
+        )
+        c = Table.read(s["catalog"])
+        c["mag_err_psf"] = np.asarray(c["mag_err_psf"]) * err_scale
+        cats.append(c)
+    return cats
+
+
+def test_repeatability_of_a_synthetic_session(tmp_path):
+    cats = _session_catalogs(tmp_path)
+    r = repeatability(cats, kind="psf")
+    assert r.n_frames == 3 and r.n_stars > 150
+    assert 0.85 <= r.ratio <= 1.15, r
+    assert "matched_on_sky" in r.flags
+    assert all(abs(o) < 0.01 for o in r.frame_offsets_mag)
+    for b in r.bins:
+        if b["n_stars"] >= 20:
+            assert 0.8 <= b["ratio"] <= 1.25, b
+    # errors reported half as large as they are: the figure says so
+    for c in cats:
+        c["mag_err_psf"] = np.asarray(c["mag_err_psf"]) * 0.5
+    assert repeatability(cats, kind="psf").ratio == pytest.approx(2.0 * r.ratio, rel=0.1)
+    # on pixel positions (no WCS) the dithers are found
+    for c in cats:
+        c["ra"] = np.nan
+    r2 = repeatability(cats, kind="psf")
+    assert "matched_on_pixels" in r2.flags and r2.n_stars >= 0.9 * r.n_stars
+    d = r.to_dict()
+    assert d["bins"] and "definition" in d
+
+
+def test_repeatability_of_the_real_seestar_m94_pair(real_data, tmp_path):
+    """Two consecutive 10 s Seestar S50 subs of M 94 (11 s apart): the stars' frame-to-frame
+    scatter against their reported errors (bench/README.md quotes the figure)."""
+    obs = find_config("seestar_s50")
+    cats = []
+    for stamp in ("212046", "212057"):
+        path = real_data / "seestar_s50" / f"Light_M94_10.0s_IRCUT_20250326-{stamp}.fit"
+        s = pipeline.reduce_frame(path, obs, tmp_path / stamp)
+        assert s["status"] == "ok", s["reason"]
+        cats.append(Table.read(s["catalog"]))
+    for kind in ("psf", "1p3fwhm"):
+        r = repeatability(cats, kind=kind)
+        assert r.n_frames == 2 and r.n_stars >= 25
+        # a finite, sensible figure: undersampled (FWHM ~1.2 px after the 2x2 Bayer binning)
+        # real stars scatter somewhat more than their errors say
+        assert 0.7 < r.ratio < 2.5, r
+        assert abs(r.frame_offsets_mag[1]) < 0.2
+
+
+def test_robust_std_of_repeatability_deviations_is_unit_for_pure_noise():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(5000)
+    assert robust_std(x) == pytest.approx(1.0, rel=0.03)
