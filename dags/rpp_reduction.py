@@ -72,9 +72,9 @@ def _make_failure_callback(obs: ObservatoryConfig | None):
 
 
 def _session(prev: dict):
-    from rpp_tasks.session.workdir import Session
+    from rpp_tasks.session import lifecycle
 
-    return Session.load(prev["workdir"])
+    return lifecycle.resume(prev["workdir"])
 
 
 def build_reduction_dag(obs: ObservatoryConfig, table: StageTable | None = None):

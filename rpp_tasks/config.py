@@ -45,6 +45,9 @@ __all__ = [
     "ZeroPointConfig",
     "TransientsConfig",
     "CatalogsConfig",
+    "TargetEntry",
+    "EnsembleConfig",
+    "TargetsConfig",
     "StagesConfig",
     "NotificationsConfig",
     "ArchiveConfig",
@@ -57,6 +60,8 @@ __all__ = [
     "load_observatory_configs",
     "find_config",
     "config_from_dict",
+    "parse_ra_deg",
+    "parse_dec_deg",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -313,7 +318,8 @@ class CatalogsConfig:
             "z": "ps1/z",
         }
     )  # band -> catalogue/reference band
-    gaia_order: list[str] = field(default_factory=lambda: ["gaia_tap", "gaia_vizier"])
+    # "local" = the local reference catalogue (`local`), tried where it stands in this order
+    gaia_order: list[str] = field(default_factory=lambda: ["local", "gaia_tap", "gaia_vizier"])
     enrichment: list[str] = field(
         default_factory=lambda: ["simbad", "skybot", "vsx", "milliquas", "colibri"]
     )
@@ -326,6 +332,55 @@ class CatalogsConfig:
     mag_limit: float = 19.0
     ps1_release: str = "dr2"
     colibri_conn_id: str | None = "astro_colibri"
+    # local reference catalogues: files or folders of Gaia DR3 extracts (FITS/ECSV/CSV) or
+    # ATLAS-RefCat2 tiles; `rpp catalog fetch` stores cones in the first folder
+    local: list[str] = field(default_factory=list)
+    local_fetch_radius_deg: float = 0.5
+
+
+@dataclass(frozen=True)
+class TargetEntry:
+    """One target of the observatory: ``ra``/``dec`` in degrees (numbers) or sexagesimal strings
+    (RA in hours ``"10:00:24.5"``, Dec in degrees ``"+02:12:00"``); without coordinates the name is
+    resolved online (Sesame, SIMBAD)."""
+
+    name: str
+    ra: float | str | None = None
+    dec: float | str | None = None
+    aliases: list[str] = field(default_factory=list)
+    pmra_mas_yr: float = 0.0  # proper motion (mu_alpha* = mu_alpha cos dec)
+    pmdec_mas_yr: float = 0.0
+    epoch_jyear: float = 2000.0  # epoch of ra/dec
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    """Comparison stars of the differential photometry (chosen automatically, night by night)."""
+
+    min_snr: float = 30.0
+    max_stars: int = 40
+    min_stars: int = 3
+    min_frame_fraction: float = 0.5  # measured on at least this fraction of the night's frames
+    clip_sigma: float = 5.0  # single measurements further than this from the star's model
+    max_chi2: float = 4.0  # reduced chi^2 of a star's own light curve above which it is variable
+    exclude_radius_arcsec: float = 15.0  # around the targets
+    ref_mag_range: tuple[float, float] = (8.0, 19.0)
+
+
+@dataclass(frozen=True)
+class TargetsConfig:
+    """The observer's targets: named by the frame (OBJECT), this list, or the run's parameters."""
+
+    enabled: bool = True
+    objects: list[TargetEntry] = field(default_factory=list)
+    use_object_header: bool = True  # the frame's OBJECT names a target
+    resolve_online: bool = True  # names not in ``objects``: Sesame, then SIMBAD (cached)
+    match_radius_arcsec: float = 2.0
+    detect_min_snr: float = 3.0  # fainter (or no source): an upper limit
+    phot_type: Literal["auto", "psf", "1p3fwhm", "1p1fwhm", "fixed"] = "auto"
+    edge_margin_px: float = 5.0
+    store_all_sources: bool = False  # results DB: also every catalogue-matched source
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
 
 #: Instrument kinds an observatory can declare; each has its stage table in the DAG factory.
@@ -387,6 +442,7 @@ class ObservatoryConfig:
     notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
     catalogs: CatalogsConfig = field(default_factory=CatalogsConfig)
+    targets: TargetsConfig = field(default_factory=TargetsConfig)
     instrument_kind: Literal["imaging", "longslit"] = "imaging"
     spectrograph: SpectrographConfig | None = None
     source: str = ""  # the YAML path (filled by the loader)
@@ -742,6 +798,13 @@ def _check_values(cfg: ObservatoryConfig, source: str) -> None:
             raise ConfigError(
                 source, f"catalogs.bands.{band}", "'<gaia|ps1|skymapper>/<band>'", ref
             )
+    for i, name in enumerate(cfg.catalogs.gaia_order):
+        if name not in ("local", "gaia_tap", "gaia_vizier"):
+            raise ConfigError(
+                source, f"catalogs.gaia_order[{i}]", "one of local, gaia_tap, gaia_vizier", name
+            )
+    positive("catalogs.local_fetch_radius_deg", cfg.catalogs.local_fetch_radius_deg)
+    _check_targets(cfg.targets, source)
     for key, addrs in (
         ("notifications.email_to", cfg.notifications.email_to),
         ("notifications.operators_email_to", cfg.notifications.operators_email_to),
@@ -749,6 +812,106 @@ def _check_values(cfg: ObservatoryConfig, source: str) -> None:
         for i, a in enumerate(addrs):
             if "@" not in a or a.startswith("@") or a.endswith("@"):
                 raise ConfigError(source, f"{key}[{i}]", "an e-mail address", a)
+
+
+def _check_targets(tc: TargetsConfig, source: str) -> None:
+    seen: dict[str, int] = {}
+    for i, t in enumerate(tc.objects):
+        key = f"targets.objects[{i}]"
+        if not t.name.strip():
+            raise ConfigError(source, f"{key}.name", "a non-empty name", t.name)
+        for n in (t.name, *t.aliases):
+            k = " ".join(n.lower().split())
+            if k in seen and seen[k] != i:
+                raise ConfigError(source, f"{key}.name", "a name used by one target only", n)
+            seen[k] = i
+        if (t.ra is None) != (t.dec is None):
+            raise ConfigError(source, f"{key}.ra", "both ra and dec, or neither", [t.ra, t.dec])
+        if t.ra is not None:
+            try:
+                parse_ra_deg(t.ra)
+            except ValueError as exc:
+                raise ConfigError(source, f"{key}.ra", f"an RA ({exc})", t.ra) from None
+            try:
+                parse_dec_deg(t.dec)
+            except ValueError as exc:
+                raise ConfigError(source, f"{key}.dec", f"a Dec ({exc})", t.dec) from None
+    for name in ("match_radius_arcsec", "detect_min_snr"):
+        if not getattr(tc, name) > 0:
+            raise ConfigError(source, f"targets.{name}", "a positive number", getattr(tc, name))
+    ens = tc.ensemble
+    if ens.min_stars < 1 or ens.max_stars < ens.min_stars:
+        raise ConfigError(
+            source,
+            "targets.ensemble.max_stars",
+            "max_stars >= min_stars >= 1",
+            [ens.min_stars, ens.max_stars],
+        )
+    if not 0 < ens.min_frame_fraction <= 1:
+        raise ConfigError(
+            source,
+            "targets.ensemble.min_frame_fraction",
+            "a fraction in (0, 1]",
+            ens.min_frame_fraction,
+        )
+    for name in ("min_snr", "clip_sigma", "max_chi2"):
+        if not getattr(ens, name) > 0:
+            raise ConfigError(
+                source, f"targets.ensemble.{name}", "a positive number", getattr(ens, name)
+            )
+
+
+# --------------------------------------------------------------------------- angles
+def _sexagesimal(text: str) -> tuple[float, bool]:
+    """``"10:00:24.5"``, ``"10 00 24.5"``, ``"10h00m24.5s"``, ``"-02d12m00s"``
+    -> (value, sexagesimal?)."""
+    t = text.strip().lower()
+    for ch in "hdms:'\"\u00b0":
+        t = t.replace(ch, " ")
+    parts = t.split()
+    if not parts or len(parts) > 3:
+        raise ValueError(f"cannot read {text!r}")
+    sign = -1.0 if parts[0].startswith("-") else 1.0
+    try:
+        vals = [abs(float(p)) for p in parts]
+    except ValueError:
+        raise ValueError(f"cannot read {text!r}") from None
+    if len(vals) > 1 and (vals[1] >= 60 or (len(vals) > 2 and vals[2] >= 60)):
+        raise ValueError(f"minutes and seconds must be < 60 in {text!r}")
+    value = (
+        vals[0] + (vals[1] / 60 if len(vals) > 1 else 0) + (vals[2] / 3600 if len(vals) > 2 else 0)
+    )
+    sexa = len(vals) > 1 or any(c in text.lower() for c in "hdms:")
+    return sign * value, sexa
+
+
+def parse_ra_deg(value: float | str) -> float:
+    """Right ascension in degrees from a number (degrees) or a string: sexagesimal hours
+    (``"10:00:24.5"``, ``"10h00m24.5s"``, ``"10 00 24.5"``) or decimal degrees (``"150.102"``)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        deg = float(value)
+    elif isinstance(value, str):
+        v, sexa = _sexagesimal(value)
+        deg = v * 15.0 if sexa else v
+    else:
+        raise ValueError(f"expected a number or a string, got {type(value).__name__}")
+    if not 0.0 <= deg < 360.0 or deg != deg:
+        raise ValueError(f"RA {value!r} is outside [0, 360) degrees / [0, 24) hours")
+    return deg
+
+
+def parse_dec_deg(value: float | str) -> float:
+    """Declination in degrees from a number or a string (``"+02:12:00"``, ``"-5d23m28s"``,
+    ``"2.2"``)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        deg = float(value)
+    elif isinstance(value, str):
+        deg, _ = _sexagesimal(value)
+    else:
+        raise ValueError(f"expected a number or a string, got {type(value).__name__}")
+    if not -90.0 <= deg <= 90.0:
+        raise ValueError(f"Dec {value!r} is outside [-90, 90] degrees")
+    return deg
 
 
 # --------------------------------------------------------------------------- loading

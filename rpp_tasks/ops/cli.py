@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from rpp_tasks.exceptions import ConfigError
+from rpp_tasks.ops import targets_cli
 
 log = logging.getLogger("rpp")
 
@@ -253,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("config", help="validate observatory configurations")
     p.add_argument("name", nargs="?")
     p.set_defaults(func=cmd_config)
+    targets_cli.add_parsers(sub)  # rpp catalog fetch, rpp lightcurve
 
     args, rest = parser.parse_known_args(argv)
     if getattr(args, "passthrough", False):

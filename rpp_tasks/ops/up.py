@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rpp_tasks.config import REPO_ROOT, default_config_dir
+from rpp_tasks.ops import deploy
 from rpp_tasks.ops.airflow_api import AirflowApiError, AirflowClient
 
 __all__ = [
@@ -54,7 +55,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8793
 ADMIN_USER = "admin"
-HEAVY_POOL = ("rpp_heavy", 2, "CPU-heavy RPP stage tasks (each runs a process pool of RPP_WORKERS)")
+DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 
 
 @dataclass
@@ -131,57 +132,68 @@ def prepare_home(settings: UpSettings, *, password: str | None = None) -> dict:
     }
 
 
-def airflow_env(settings: UpSettings, secrets_: dict, base: dict | None = None) -> dict:
+def local_site(settings: UpSettings, secrets_: dict, **urls) -> deploy.Site:
+    """Where the components of a deployment on this machine are (`rpp_tasks.ops.deploy.Site`);
+    ``urls``: ``metadata_db``, ``broker_url``, ``result_backend``."""
+    return deploy.Site(
+        airflow_home=str(settings.home),
+        code_root=str(settings.repo),
+        config_dir=str(settings.config_dir),
+        data_root=str(settings.data_root),
+        base_url=settings.base_url,
+        api_bind="127.0.0.1" if settings.host in ("localhost", "127.0.0.1") else "0.0.0.0",
+        api_port=settings.port,
+        execution_api_url=f"{settings.base_url}/execution/",
+        # the log servers default to 8793/8794: out of the API port's way
+        worker_log_port=settings.port + 2,
+        trigger_log_port=settings.port + 3,
+        jwt_secret=secrets_["jwt_secret"],
+        api_secret_key=secrets_["secret_key"],
+        passwords_file=secrets_["passwords_file"],
+        **urls,
+    )
+
+
+def airflow_env(
+    settings: UpSettings,
+    secrets_: dict,
+    base: dict | None = None,
+    *,
+    tuning: deploy.Tuning = deploy.STANDALONE,
+    broker_url: str | None = None,
+) -> dict:
     """The environment of every Airflow process (configuration by ``AIRFLOW__*`` variables).
 
-    A value already set in ``base`` for the metadata DB (``AIRFLOW__DATABASE__SQL_ALCHEMY_CONN``)
-    wins, so PostgreSQL works by configuration alone.
+    The settings are `rpp_tasks.ops.deploy.airflow_settings` of ``tuning`` (standalone by default)
+    on this machine. A value already set in ``base`` for the metadata DB
+    (``AIRFLOW__DATABASE__SQL_ALCHEMY_CONN``) wins, so PostgreSQL works by configuration alone;
+    so does ``RPP_WORKERS``.
     """
     env = dict(os.environ if base is None else base)
     home = settings.home
+    db = env.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN") or f"sqlite:///{home / 'airflow.db'}"
+    frames = env.get("RPP_WORKERS")
+    env.update(
+        deploy.airflow_settings(
+            local_site(settings, secrets_, metadata_db=db, broker_url=broker_url), tuning
+        )
+    )
     env.update(
         {
             "AIRFLOW_HOME": str(home),
-            "AIRFLOW__CORE__DAGS_FOLDER": str(settings.repo / "dags"),
-            "AIRFLOW__CORE__PLUGINS_FOLDER": str(settings.repo / "plugins"),
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-            "AIRFLOW__CORE__PARALLELISM": "4",
-            "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "4",
-            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": secrets_["passwords_file"],
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{settings.base_url}/execution/",
-            "AIRFLOW__API__PORT": str(settings.port),
-            "AIRFLOW__API__HOST": "127.0.0.1"
-            if settings.host in ("localhost", "127.0.0.1")
-            else "0.0.0.0",
-            "AIRFLOW__API__BASE_URL": settings.base_url,
-            "AIRFLOW__API__SECRET_KEY": secrets_["secret_key"],
-            "AIRFLOW__API__WORKERS": "1",
-            # the log servers default to 8793/8794: move them out of the API port's way
-            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(settings.port + 2),
-            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(settings.port + 3),
-            "AIRFLOW__API_AUTH__JWT_SECRET": secrets_["jwt_secret"],
-            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",  # new observatory YAML -> DAG within ~30 s
-            "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
-            "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "30",
-            "RPP_CONFIG_DIR": str(settings.config_dir),
-            "RPP_DATA_ROOT": str(settings.data_root),
-            "RPP_WORKERS": env.get("RPP_WORKERS", "2"),
+            "RPP_WORKERS": frames or env["RPP_WORKERS"],
             "RPP_AIRFLOW_API_URL": settings.base_url,
             "RPP_AIRFLOW_USER": ADMIN_USER,
             "PYTHONPATH": os.pathsep.join(
                 p for p in (str(settings.repo), env.get("PYTHONPATH", "")) if p
             ),
-            # `airflow standalone` starts its components as `airflow ...` subprocesses found on PATH: put this
-            # environment's bin first, so `.venv/bin/rpp up` works without an activated venv
+            # `airflow standalone` starts its components as `airflow ...` subprocesses found on
+            # PATH: this environment's bin first, so `.venv/bin/rpp up` works without a venv
             "PATH": os.pathsep.join(
                 p for p in (str(Path(sys.executable).parent), env.get("PATH", "")) if p
             ),
         }
     )
-    env.setdefault("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{home / 'airflow.db'}")
     env.update(settings.extra_env)
     return env
 
@@ -314,8 +326,15 @@ def run_up(
     demo: bool = True,
     echo: bool = False,
     password: str | None = None,
+    executor: str = "local",
+    workers: int = 2,
+    broker_url: str | None = None,
 ) -> int:
     """Start Airflow (standalone), the demo watcher and a demo session run; see the module docstring.
+
+    ``executor="celery"``: the CeleryExecutor deployment of docker-compose.yaml as local processes
+    instead (`rpp_tasks.ops.localcelery`, ``workers`` Celery workers; the metadata DB must be
+    PostgreSQL, the broker ``broker_url`` or ``AIRFLOW__CELERY__BROKER_URL``).
 
     Returns 0 when the demo run succeeded (or on Ctrl-C afterwards), 1 when it failed, 2 on a
     start-up problem.
@@ -324,7 +343,15 @@ def run_up(
 
     settings = settings or UpSettings()
     secrets_ = prepare_home(settings, password=password)
-    env = airflow_env(settings, secrets_)
+    celery = executor == "celery"
+    if celery:
+        broker_url = broker_url or os.environ.get("AIRFLOW__CELERY__BROKER_URL") or DEFAULT_BROKER
+    env = airflow_env(
+        settings,
+        secrets_,
+        tuning=deploy.CELERY if celery else deploy.STANDALONE,
+        broker_url=broker_url if celery else None,
+    )
     write_env_script(settings, env)
     # the watcher and synthetic data run in this process: same RPP_* settings as the tasks
     for k in ("RPP_CONFIG_DIR", "RPP_DATA_ROOT", "RPP_WORKERS"):
@@ -345,14 +372,35 @@ def run_up(
             file=sys.stderr,
         )
         return 2
-    af = AirflowProcess(env, settings.home / "standalone.log", echo=echo).start()
+    if celery:
+        from rpp_tasks.ops.localcelery import LocalCelery
+
+        try:
+            af = LocalCelery(env, settings.home, n_workers=workers, echo=echo)
+        except ValueError as exc:
+            print(f"rpp up: {exc}", file=sys.stderr)
+            return 2
+        print(
+            f"broker         {_redact(env['AIRFLOW__CELERY__BROKER_URL'])}\n"
+            f"workers        {workers} x {env['AIRFLOW__CELERY__WORKER_CONCURRENCY']} tasks "
+            f"({env['AIRFLOW__CELERY__POOL']} pool), output in {af.log_path}",
+            flush=True,
+        )
+    else:
+        af = AirflowProcess(env, settings.home / "standalone.log", echo=echo).start()
     api = AirflowClient(settings.base_url, ADMIN_USER, secrets_["password"])
     watcher = None
     t_start = time.monotonic()
     try:
+        if celery:
+            af.start()  # db migrate, then every component; stopped in `finally`
         dt = _wait(api.healthy, 600, 2.0, "the Airflow API to be healthy", alive=af.alive)
         print(f"Airflow API healthy after {dt:.0f} s at {settings.base_url}", flush=True)
-        api.ensure_pool(*HEAVY_POOL)
+        api.ensure_pool(
+            env["RPP_AIRFLOW_POOL"],
+            int(env["RPP_HEAVY_POOL_SLOTS"]),
+            deploy.HEAVY_POOL_DESCRIPTION,
+        )
         _wait(
             lambda: api.dag_registered(obs.dag_id),
             300,
@@ -407,8 +455,8 @@ def run_up(
             return 0 if state == "success" else 1
         rc = _serve(af, watcher, exit_when_done=False)
         return rc if state == "success" else 1
-    except (RuntimeError, TimeoutError, AirflowApiError) as exc:
-        print(f"rpp up: {exc}\n(see {settings.home / 'standalone.log'})", file=sys.stderr)
+    except (RuntimeError, TimeoutError, AirflowApiError, subprocess.TimeoutExpired) as exc:
+        print(f"rpp up: {exc}\n(see {af.log_path})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 0
@@ -546,7 +594,29 @@ def up_main(argv: list[str] | None = None) -> int:
     p.add_argument("--exit-when-done", action="store_true", help="stop after the demo run (CI)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the demo run")
     p.add_argument("--echo", action="store_true", help="show Airflow's own output on the console")
+    g = p.add_argument_group(
+        "scale-out", "the docker-compose.yaml deployment as local processes (no Docker needed)"
+    )
+    g.add_argument(
+        "--executor",
+        choices=("local", "celery"),
+        default="local",
+        help="local: airflow standalone (default); celery: api-server, scheduler, dag-processor, "
+        "triggerer and Celery workers, PostgreSQL metadata DB, Redis broker",
+    )
+    g.add_argument("--workers", type=int, default=2, help="Celery workers (default 2)")
+    g.add_argument(
+        "--db",
+        help="metadata DB, e.g. postgresql+psycopg2://airflow:airflow@127.0.0.1:5432/airflow "
+        "(default $AIRFLOW__DATABASE__SQL_ALCHEMY_CONN)",
+    )
+    g.add_argument(
+        "--broker",
+        help=f"Celery broker (default $AIRFLOW__CELERY__BROKER_URL or {DEFAULT_BROKER})",
+    )
     args = p.parse_args(argv)
+    if args.db:
+        os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = args.db
     if not logging.getLogger().handlers:
         logging.basicConfig(
             level=logging.INFO,
@@ -565,6 +635,9 @@ def up_main(argv: list[str] | None = None) -> int:
                 timeout_s=args.timeout,
                 demo=not args.no_demo,
                 echo=args.echo,
+                executor=args.executor,
+                workers=args.workers,
+                broker_url=args.broker,
             )
         except KeyboardInterrupt:  # before Airflow was started: nothing to stop
             return 0

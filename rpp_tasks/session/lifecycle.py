@@ -49,6 +49,7 @@ from rpp_tasks.session.workdir import Session, read_json
 __all__ = [
     "open_session",
     "open_from_conf",
+    "resume",
     "describe",
     "run_stage",
     "forget_rejections",
@@ -152,6 +153,15 @@ def open_from_conf(conf, obs) -> dict:
         ) from None
     raw_dir, session_id = check_run_conf(obs, conf)
     return describe(open_session(raw_dir, obs, session_id=session_id))
+
+
+def resume(workdir) -> Session:
+    """Re-open a session in a later task: the work folder checked first
+    (`rpp_tasks.ops.shared_storage.check_shared_storage`: a Celery worker that cannot see or
+    write the folder an earlier task wrote fails naming itself, the folder and the setting)."""
+    from rpp_tasks.ops.shared_storage import check_shared_storage
+
+    return Session.load(check_shared_storage(workdir))
 
 
 def describe(session: Session) -> dict:

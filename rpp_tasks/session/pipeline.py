@@ -159,6 +159,39 @@ def _main_module_without_path():
         main.__file__ = path
 
 
+@contextlib.contextmanager
+def _multiprocessing_main():
+    """Let the frame pool start in a task process that inherited a Celery pool child's identity.
+
+    A Celery prefork worker runs each task in a daemonic billiard pool child, and billiard makes
+    that child the standard library's ``current_process()`` too; Airflow's supervisor forks the
+    task process from it and the fork inherits that object. ``ProcessPoolExecutor`` then refused
+    to start (``AssertionError: daemonic processes are not allowed to have children``) and, past
+    that, could not hand billiard's authentication key to the forkserver (billiard's key type
+    refuses to be pickled by the standard library). The task process is not that pool child: it
+    is an ``os.fork`` of it, waited for by its supervisor, and the pool is shut down before
+    `run_frames` returns. So, only while the pool lives, the inherited process object says "not
+    daemonic" and carries the same key as a standard-library key; its settings are restored after.
+    """
+    from multiprocessing import process as mp_process
+
+    inherited = mp_process.current_process()
+    config = getattr(inherited, "_config", None)
+    if not isinstance(config, dict) or not config.get("daemon"):
+        yield
+        return
+    log.info("daemonic parent (a Celery prefork pool child): frame pool started all the same")
+    inherited._config = {
+        **config,
+        "daemon": False,
+        "authkey": mp_process.AuthenticationString(bytes(config["authkey"])),
+    }
+    try:
+        yield
+    finally:
+        inherited._config = config
+
+
 def run_frames(
     session: Session,
     obs: ObservatoryConfig,
@@ -203,6 +236,7 @@ def run_frames(
         ctx.set_forkserver_preload(["rpp_tasks.session.pipeline", "numpy", "astropy.io.fits"])
         with (
             _main_module_without_path(),
+            _multiprocessing_main(),
             ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool,
         ):
             futures = [pool.submit(_frame_job, *a) for a in args]

@@ -24,6 +24,7 @@ point them at loopback servers that answer in the services' real formats.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -65,6 +66,7 @@ DEFAULT_SERVICES = {
     "ps1": "https://catalogs.mast.stsci.edu/api/v0.1/panstarrs",
     "skymapper": "https://api.skymapper.nci.org.au/public/tap",
     "simbad": "https://simbad.cds.unistra.fr/simbad/sim-tap",
+    "sesame": "https://cds.unistra.fr/cgi-bin/nph-sesame",
     "skybot": "https://ssp.imcce.fr/webservices/skybot/api/conesearch.php",
     "colibri": "https://astro-colibri.science",
 }
@@ -716,7 +718,8 @@ class ServicesSetup:
     urls: dict = field(default_factory=lambda: dict(DEFAULT_SERVICES))
     client: ServiceClient | None = None
     cache_dir: str | None = None
-    gaia_order: tuple[str, ...] = _GAIA_SERVICES
+    gaia_order: tuple[str, ...] = ("local",) + _GAIA_SERVICES
+    local_paths: tuple[str, ...] = ()  # local reference catalogues (files or folders)
     max_rows: int = 5000
     mag_limit: float = 20.0
     ps1_release: str = "dr2"
@@ -735,6 +738,7 @@ def client_from_config(cfg) -> ServicesSetup:
 
         cache = str(Path(os.environ.get("RPP_DATA_ROOT", REPO_ROOT)) / cache)
     return ServicesSetup(
+        local_paths=tuple(_data_path(p) for p in getattr(cfg, "local", ()) or ()),
         urls=urls,
         client=ServiceClient(
             timeout_s=cfg.timeout_s,
@@ -750,6 +754,17 @@ def client_from_config(cfg) -> ServicesSetup:
         enabled=tuple(cfg.enrichment),
         colibri_uid=os.environ.get("RPP_ASTRO_COLIBRI_UID"),
     )
+
+
+def _data_path(path: str) -> str:
+    """``path`` with ``~``/``$VARS`` expanded; relative paths are under ``RPP_DATA_ROOT`` (else
+    the repository)."""
+    p = os.path.expanduser(os.path.expandvars(path))
+    if os.path.isabs(p):
+        return p
+    from rpp_tasks.config import REPO_ROOT
+
+    return str(Path(os.environ.get("RPP_DATA_ROOT", REPO_ROOT)) / p)
 
 
 def _fetch_one(service: str, setup: ServicesSetup, ra, dec, r):
@@ -832,14 +847,26 @@ def fetch_reference(
     band : str
         Reference band (column ``mag_<band>`` of the result).
     setup : ServicesSetup, optional
-        Addresses, HTTP client (timeouts, retries) and cache folder.
+        Addresses, HTTP client (timeouts, retries), cache folder and local catalogues.
     offline : bool
-        Use the cache only.
+        Use the cache and the local catalogues only.
 
     Returns
     -------
     ReferenceResult
         With the per-service statuses; an empty table and flag ``"no_reference"`` when nothing answered.
+
+    Notes
+    -----
+    ``"local"`` in ``setup.gaia_order`` is the local reference catalogue
+    (`rpp_tasks.stages.localcat`, files in ``setup.local_paths``; no status at all when none is
+    configured). It answers like
+    the online Gaia (``source="local"``) when its files cover the whole cone; a missing or
+    unreadable file, or a cone it does not cover, is recorded (``failed``/``partial``) and the next
+    service is asked. For a PS1/SkyMapper band, a local catalogue that has the band natively
+    (ATLAS-RefCat2 ``g r i z``) is asked first when ``local`` leads the order; otherwise it stands
+    at its place among the Gaia services. A partial local answer is used only when no other service
+    answered (status ``partial``: the transients stage then calls nothing a transient).
     """
     if not (np.isfinite(ra_deg) and np.isfinite(dec_deg)) or not radius_deg > 0:
         raise ValueError(f"invalid cone ra={ra_deg} dec={dec_deg} radius={radius_deg}")
@@ -847,12 +874,23 @@ def fetch_reference(
         raise ValueError(f"unknown catalogue {catalog!r}; expected one of {sorted(NATIVE_BANDS)}")
     setup = setup or ServicesSetup()
     cache = CatalogCache(setup.cache_dir)
+    order = [s for s in setup.gaia_order if s in _GAIA_SERVICES or s == "local"]
+    if not setup.local_paths:
+        order = [s for s in order if s != "local"]
     chain: list[str] = []
     if catalog in ("ps1", "skymapper"):
+        if order[:1] == ["local"]:
+            chain.append("local_native")
         chain.append(catalog)
-    chain += [s for s in setup.gaia_order if s in _GAIA_SERVICES]
+    chain += order
     statuses: list[ServiceStatus] = []
+    local = _LocalLookup(setup, ra_deg, dec_deg, radius_deg)
     for service in chain:
+        if service in ("local", "local_native"):
+            res = local.answer(band, native_only=service == "local_native", statuses=statuses)
+            if res is not None:
+                return res
+            continue
         cat = _CATALOG_OF[service]
         if cat != "gaia" and not _in_coverage(cat, dec_deg):
             statuses.append(
@@ -922,6 +960,9 @@ def fetch_reference(
         res = _finish(tab, cat, band, "network", statuses)
         if res is not None:
             return res
+    partial = local.partial_result(band, statuses)
+    if partial is not None:
+        return partial
     from astropy.table import Table
 
     empty = Table(
@@ -945,3 +986,64 @@ def _finish(tab, cat, band, source, statuses):
             statuses.append(ServiceStatus(cat, "skipped", f"band {band} not available from {cat}"))
             return None
     return ReferenceResult(tab, cat, band, source, transformed, tuple(statuses))
+
+
+class _LocalLookup:
+    """The local catalogue's answer for one cone: read once, used at its place(s) in the chain."""
+
+    def __init__(self, setup: ServicesSetup, ra, dec, r):
+        self.setup, self.cone = setup, (ra, dec, r)
+        self._ans = None
+        self._wall = 0.0
+        self._reported = False
+
+    def _get(self):
+        if self._ans is None:
+            from rpp_tasks.stages import localcat
+
+            t0 = time.perf_counter()
+            self._ans = localcat.query_local(
+                self.setup.local_paths,
+                *self.cone,
+                mag_limit=self.setup.mag_limit,
+                max_rows=self.setup.max_rows,
+            )
+            self._wall = time.perf_counter() - t0
+            if self._ans.status in ("failed", "partial"):
+                log.log(
+                    logging.WARNING if self._ans.status == "failed" else logging.INFO,
+                    "local reference catalogue %s: %s",
+                    self._ans.status,
+                    self._ans.reason,
+                )
+        return self._ans
+
+    def answer(self, band: str, *, native_only: bool, statuses: list) -> ReferenceResult | None:
+        ans = self._get()
+        if native_only and (ans.status != "ok" or band not in ans.native_bands):
+            return None  # asked again at its place among the Gaia services
+        if self._reported:
+            return None
+        self._reported = True
+        n = 0 if ans.table is None else len(ans.table)
+        if ans.status != "ok":
+            statuses.append(ServiceStatus("local", ans.status, ans.reason, n, 0, self._wall))
+            return None
+        statuses.append(ServiceStatus("local", "ok", ans.reason, n, 0, self._wall))
+        res = _finish(ans.table, "gaia", band, "local", statuses)
+        if res is None:
+            statuses[-1] = ServiceStatus(
+                "local", "skipped", f"band {band} not available from the local catalogue", n
+            )
+            return None
+        return dataclasses.replace(res, catalog=ans.catalog)
+
+    def partial_result(self, band: str, statuses: list) -> ReferenceResult | None:
+        ans = self._ans
+        if ans is None or ans.status != "partial" or ans.table is None or not len(ans.table):
+            return None
+        statuses.append(ServiceStatus("local", "partial", ans.reason, len(ans.table)))
+        res = _finish(ans.table, "gaia", band, "local", statuses)
+        if res is None:
+            return None
+        return dataclasses.replace(res, catalog=ans.catalog, flags=("partial_reference",))

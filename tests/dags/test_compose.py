@@ -1,4 +1,6 @@
-"""docker-compose.yaml (the scaled-out deployment) against the Airflow that is locked in this project.
+"""docker-compose.yaml (the scaled-out deployment) against the Airflow locked in this project and
+against `rpp_tasks.ops.deploy`, the one source of its settings (and of ``rpp up --executor
+celery``, the same deployment as local processes: tests/integration/test_celery.py runs it).
 
 Docker is not available on the CI machine, so the containers are not started here; what can be
 checked without them is: every ``AIRFLOW__SECTION__KEY`` is a real option of this Airflow (a typo
@@ -18,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from rpp_tasks.ops import deploy
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yaml").read_text())
@@ -86,7 +90,10 @@ def test_services_run_real_commands(tmp_path):
     from_dag = re.search(
         r'RPP_AIRFLOW_POOL", "([^"]+)"', (REPO / "dags" / "rpp_reduction.py").read_text()
     ).group(1)
-    assert f"airflow pools set {from_dag} " in init
+    # the pool name and size come from the generated settings ($$ = a literal $ for the shell)
+    assert 'airflow pools set "$$RPP_AIRFLOW_POOL" "$$RPP_HEAVY_POOL_SLOTS" ' in init
+    assert ENV["RPP_AIRFLOW_POOL"] == from_dag == deploy.HEAVY_POOL
+    assert int(ENV["RPP_HEAVY_POOL_SLOTS"]) == deploy.CELERY.heavy_pool_slots
 
 
 def test_urls_and_ports_agree():
@@ -180,3 +187,147 @@ def test_no_default_passwords_and_every_secret_is_required():
     assert pg == "x" * 64 and f":{pg}@postgres:5432/" in conn["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
     assert f":{pg}@postgres:5432/" in conn["AIRFLOW__CELERY__RESULT_BACKEND"]
     assert "airflow:airflow@" not in text  # the old built-in database password
+
+
+# --------------------------------------------------------------------------- one source of settings
+def test_compose_settings_are_generated_from_the_library():
+    """The file's environment block is exactly what rpp_tasks.ops.deploy renders (regenerate with
+    `python -m rpp_tasks.ops.deploy --write-compose`)."""
+    text = (REPO / "docker-compose.yaml").read_text()
+    assert deploy.render_compose(text) == text, (
+        "run: python -m rpp_tasks.ops.deploy --write-compose"
+    )
+    generated = deploy.airflow_settings(deploy.compose_site(), deploy.CELERY)
+    assert COMPOSE["x-airflow-common"]["environment"] == generated
+    for name in ("airflow-scheduler", "airflow-worker", "airflow-apiserver", "rpp-watcher"):
+        env = SERVICES[name]["environment"]
+        assert {k: env[k] for k in generated} == generated, name
+
+
+def test_local_celery_deployment_has_the_compose_settings(tmp_path):
+    """`rpp up --executor celery` runs with every setting of the compose file; only where things
+    are (hosts, paths, ports, secrets) differs."""
+    from rpp_tasks.ops.localcelery import LocalCelery
+    from rpp_tasks.ops.up import UpSettings, airflow_env, prepare_home
+
+    settings = UpSettings(home=tmp_path / "home", port=28793, data_root=tmp_path / "data")
+    pg = "postgresql+psycopg2://airflow:pw@127.0.0.1:5432/airflow"
+    env = airflow_env(
+        settings,
+        prepare_home(settings, password="x"),
+        base={"PATH": "/usr/bin", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": pg},
+        tuning=deploy.CELERY,
+        broker_url="redis://127.0.0.1:6379/3",
+    )
+    compose = COMPOSE["x-airflow-common"]["environment"]
+    assert set(compose) <= set(env)
+    same = set(compose) - deploy.TOPOLOGY_KEYS
+    assert {k: env[k] for k in same} == {k: compose[k] for k in same}
+    assert len(same) >= 20
+    # where things are: this machine instead of the compose network
+    assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] == pg
+    assert env["AIRFLOW__CELERY__RESULT_BACKEND"] == "db+" + pg
+    assert env["AIRFLOW__CELERY__BROKER_URL"] == "redis://127.0.0.1:6379/3"
+    assert env["AIRFLOW__API__BASE_URL"] == "http://localhost:28793"
+    assert env["RPP_DATA_ROOT"] == str(tmp_path / "data")
+    # the same commands as the compose services, plus one log server for the local workers
+    cmds = LocalCelery(env, settings.home, n_workers=3).commands()
+    assert list(cmds) == [
+        "api-server", "scheduler", "dag-processor", "triggerer", "log-server",
+        "worker1", "worker2", "worker3",
+    ]  # fmt: skip
+    for name in ("api-server", "scheduler", "dag-processor", "triggerer"):
+        assert (
+            cmds[name][0][1:]
+            == SERVICES[f"airflow-{name.replace('-server', 'server')}"]["command"][1:]
+        )
+    worker, extra = cmds["worker2"]
+    assert worker[1:4] == SERVICES["airflow-worker"]["command"][1:] + ["--skip-serve-logs"]
+    assert extra == {"RPP_WORKER_HOSTNAME": "127.0.0.2"}
+    with pytest.raises(ValueError, match="PostgreSQL"):
+        LocalCelery({**env, "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "sqlite:////x.db"}, tmp_path)
+
+
+def test_lost_worker_settings():
+    """A lost worker is noticed within the heartbeat timeout, not Airflow's 300 s; a running
+    task's message is never redelivered while it runs (visibility > execution_timeout 3 h)."""
+    assert int(ENV["AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT"]) <= 60
+    assert int(ENV["AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL"]) <= 10
+    dag_src = (REPO / "dags" / "rpp_reduction.py").read_text()
+    hours = int(re.search(r'"execution_timeout": _dt.timedelta\(hours=(\d+)\)', dag_src).group(1))
+    assert int(ENV["AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT"]) > hours * 3600
+    assert ENV["AIRFLOW__CELERY__TASK_ACKS_LATE"] == "True"
+    assert ENV["AIRFLOW__CELERY__WORKER_PREFETCH_MULTIPLIER"] == "1"
+    assert ENV["AIRFLOW__CELERY__POOL"] in ("prefork", "solo")
+    with pytest.raises(ValueError, match="threads"):
+        deploy.Tuning(worker_pool="threads")
+
+
+# ----------------------------------------------------------------------------- compose structure
+# The rules of the compose specification (compose-spec.json) this file can break; Docker itself
+# is not available on the CI machine to run `docker compose config`.
+TOP_LEVEL = {"version", "name", "services", "networks", "volumes", "configs", "secrets", "include"}
+SERVICE_KEYS = {
+    "build", "image", "restart", "environment", "env_file", "volumes", "depends_on", "command",
+    "entrypoint", "healthcheck", "ports", "expose", "stop_grace_period", "stop_signal", "user",
+    "working_dir", "hostname", "networks", "labels", "deploy", "profiles", "init", "extra_hosts",
+    "logging", "ulimits", "shm_size", "tmpfs", "container_name",
+}  # fmt: skip
+HEALTHCHECK_KEYS = {"test", "interval", "timeout", "retries", "start_period", "start_interval"}
+CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
+RESTART = {"no", "always", "on-failure", "unless-stopped"}
+DURATION = re.compile(r"^(\d+(\.\d+)?(us|ms|s|m|h))+$")
+
+
+def test_compose_structure_follows_the_compose_specification():
+    assert set(COMPOSE) - TOP_LEVEL <= {k for k in COMPOSE if k.startswith("x-")}
+    named_volumes = set(COMPOSE.get("volumes") or {})
+    for name, svc in SERVICES.items():
+        assert re.fullmatch(r"[a-zA-Z0-9._-]+", name), name
+        assert set(svc) <= SERVICE_KEYS, (name, set(svc) - SERVICE_KEYS)
+        assert "image" in svc or "build" in svc, name
+        assert str(svc.get("restart", "no")) in RESTART, name
+        env = svc.get("environment") or {}
+        assert isinstance(env, dict), name
+        bad = {k: v for k, v in env.items() if not isinstance(v, (str, int, float, bool))}
+        assert bad == {}, (name, bad)  # mapping values must be scalars
+        cmd = svc.get("command")
+        assert cmd is None or isinstance(cmd, str) or all(isinstance(c, str) for c in cmd), name
+        for dep_name, dep in (svc.get("depends_on") or {}).items():
+            assert dep_name in SERVICES and dep_name != name, (name, dep_name)
+            assert dep.get("condition") in CONDITIONS, (name, dep)
+            if dep["condition"] == "service_healthy":
+                assert "healthcheck" in SERVICES[dep_name], (name, dep_name)
+        hc = svc.get("healthcheck")
+        if hc:
+            assert set(hc) <= HEALTHCHECK_KEYS, name
+            assert hc["test"][0] in ("CMD", "CMD-SHELL", "NONE"), name
+            for k in ("interval", "timeout", "start_period", "start_interval"):
+                assert k not in hc or DURATION.match(str(hc[k])), (name, k, hc.get(k))
+        for k in ("stop_grace_period",):
+            assert k not in svc or DURATION.match(str(svc[k])), (name, k)
+        for v in svc.get("volumes") or []:
+            src = str(v).split(":")[0]
+            assert src.startswith((".", "/")) or src in named_volumes, (name, v)
+        for port in svc.get("ports", []) + svc.get("expose", []):
+            assert isinstance(port, str), (
+                name,
+                port,
+            )  # "a:b" unquoted would be base-60 in YAML 1.1
+
+    # in values, a `$` meant for the container's shell is written `$$`; every other `$` starts a
+    # braced compose variable (an unbraced $VAR would silently become "" from .env)
+    def strings(node):
+        if isinstance(node, dict):
+            for v in node.values():
+                yield from strings(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from strings(v)
+        elif isinstance(node, str):
+            yield node
+
+    for value in strings(COMPOSE):
+        for m in re.finditer(r"\$+", value):
+            run = m.group(0)
+            assert len(run) % 2 == 0 or value[m.end() : m.end() + 1] == "{", value

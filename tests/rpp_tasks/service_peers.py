@@ -55,6 +55,7 @@ class Peer:
         self.routes: dict = {}
         self.mode: dict = {}  # path prefix -> "ok" | "500" | "slow" | "malformed" | "empty"
         self.calls: list = []
+        self.raw_query = ""
         self.slow_s = 3.0
         peer = self
 
@@ -65,6 +66,7 @@ class Peer:
             def _serve(self, body: dict):
                 u = urlparse(self.path)
                 query = {k: v[0] for k, v in parse_qs(u.query).items()}
+                peer.raw_query = u.query  # e.g. Sesame's "?<name>" (no key=value pairs)
                 for prefix, fn in sorted(peer.routes.items(), key=lambda kv: -len(kv[0])):
                     if u.path.startswith(prefix):
                         peer.calls.append((prefix, query, body))
@@ -255,3 +257,70 @@ def add_gaia_routes(peer: Peer, stars: Table):
         "text/xml",
         skymapper_votable(stars[:0] if m == "empty" else stars),
     )
+
+
+# ----------------------------------------------------------------------------- name resolvers
+def sesame_text(query: str, hit: dict | None) -> bytes:
+    """A CDS Sesame plain-text reply (``nph-sesame/-oI/SNV?<name>``): ``%J`` position, ``%I.0``
+    main identifier, ``%C.0`` object type, ``%P`` proper motion; else a 'Nothing found' reply."""
+    if hit is None:
+        text = (
+            f"# {query}    #Q12345\n#=Si=Simbad, all IDs (via url):    0\n"
+            "#! *** Nothing found *** \n#=V=VizieR (local):    0\n#! *** Nothing found *** \n\n"
+            "#====Done (2025-Feb-01,12:00:00z)====\n"
+        )
+        return text.encode()
+    ra, dec = hit["ra"], hit["dec"]
+    lines = [
+        f"# {query}    #Q12345",
+        "#=Si=Simbad, all IDs (via url):    1     3ms",
+        "%@ 123456",
+        f"%I.0 {hit.get('main_id', query)}",
+        f"%C.0 {hit.get('otype', '*')}",
+        f"%J {ra:.9f} {dec:+.9f} = 00:00:00.00 +00:00:00.0",
+        "%J.E [0.01 0.01 90] A 2020yCat.1350....0G",
+    ]
+    if "pmra" in hit:
+        lines.append(f"%P {hit['pmra']:.3f} {hit['pmdec']:.3f} [0.02 0.02 0] A 2020yCat.1350....0G")
+    lines += ["", "#====Done (2025-Feb-01,12:00:00z)===="]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def simbad_ident_votable(hit: dict | None) -> bytes:
+    """SIMBAD TAP answer to the ``ident JOIN basic`` query (``main_id, ra, dec, otype, pmra,
+    pmdec``), empty when the identifier is unknown."""
+    rows = [hit] if hit else []
+    t = Table(
+        {
+            "main_id": np.asarray([h.get("main_id", "") for h in rows], dtype=str),
+            "ra": np.asarray([h["ra"] for h in rows], float),
+            "dec": np.asarray([h["dec"] for h in rows], float),
+            "otype": np.asarray([h.get("otype", "*") for h in rows], dtype=str),
+            "pmra": np.asarray([h.get("pmra", np.nan) for h in rows], float),
+            "pmdec": np.asarray([h.get("pmdec", np.nan) for h in rows], float),
+        }
+    )
+    return votable_bytes(t)
+
+
+def add_name_routes(peer: Peer, names: dict, *, simbad_names: dict | None = None):
+    """Sesame (``/sesame``) and SIMBAD TAP (``/simbad/sync``) answering for ``names``
+    (``{name: {"ra", "dec", "main_id", "otype", "pmra", "pmdec"}}``; SIMBAD knows
+    ``simbad_names`` when given, else the same names)."""
+    from urllib.parse import unquote
+
+    def sesame_route(q, b, m):
+        name = unquote(peer.raw_query)  # nph-sesame/-oI/SNV?<name>
+        return 200, "text/plain", sesame_text(name, names.get(name))
+
+    def simbad(q, b, m):
+        import re
+
+        query = b.get("QUERY", "")
+        hit = re.search(r"ident\.id = '((?:[^']|'')*)'", query)
+        name = hit.group(1).replace("''", "'") if hit else ""
+        known = simbad_names if simbad_names is not None else names
+        return 200, "text/xml", simbad_ident_votable(known.get(name))
+
+    peer.routes["/sesame"] = sesame_route
+    peer.routes["/simbad/sync"] = simbad
