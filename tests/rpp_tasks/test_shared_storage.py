@@ -12,7 +12,7 @@ from rpp_tasks.ops.shared_storage import SharedStorageError, check_shared_storag
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     """A session work folder as validate leaves it (open_session of a one-frame night)."""
-    from rpp_tasks.session.pipeline import open_session
+    from rpp_tasks.session.lifecycle import open_session
     from rpp_tasks.sim.synthetic import write_synthetic_session
 
     monkeypatch.setenv("RPP_DATA_ROOT", str(tmp_path / "shared"))
