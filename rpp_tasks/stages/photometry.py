@@ -1727,6 +1727,63 @@ def add_mismatch_errors(table, mismatch, *, exptime_s):
     }
 
 
+def add_psf_model_errors(table, psf_model, *, radius_px, exptime_s, min_snr=20.0):
+    """
+    Add what the PSF model's own uncertainty and the fit's misfit do to each flux (in place).
+
+    The total flux of a star is what is measured within some radius plus the model's share of
+    light beyond it: PSF fluxes and corrected aperture fluxes are both tied to the flux in a large
+    aperture of ``radius_px`` (`calibrate_to_large_aperture`), so the model enters through the
+    fraction of light it puts inside that circle. The statistical error of that fraction follows
+    from the covariance of the model's polynomial coefficients
+    (`rpp_tasks.stages.psf.FieldPSF.flux_fraction_sigma`): it is largest where the PSF stars
+    constrain the polynomials least (edges, corners) and matters for bright stars, whose photon
+    noise is smaller. ``(sigma_frac * F)^2`` is added to the variance of the PSF flux and of every
+    corrected aperture flux. The PSF flux error is also scaled by ``sqrt(chi2_psf)`` where the
+    star's own fit is worse than its noise (a misfit the error must include). Stars below
+    ``min_snr`` are left as they are (there the term is negligible).
+
+    Returns
+    -------
+    info : dict
+        Radius, median and 90th percentile of the relative term over the stars it was computed
+        for, their number (JSON-safe).
+    """
+    n = len(table)
+    if n == 0 or "flux_psf" not in table.colnames:
+        return {"n_stars": 0}
+    fpsf = np.asarray(table["flux_psf"], float)
+    epsf = np.asarray(table["flux_err_psf"], float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snr = fpsf / epsf
+    sel = np.isfinite(snr) & (snr > min_snr)
+    sig = np.zeros(n)
+    if np.any(sel) and getattr(psf_model, "cov", None) is not None:
+        x, y = _fit_xy(table)
+        sig[sel] = psf_model.flux_fraction_sigma(x[sel], y[sel], float(radius_px))
+    labels = ["psf"] + [k[len("apcorr_") :] for k in table.colnames if k.startswith("apcorr_")]
+    for lab in labels:
+        if f"flux_{lab}" not in table.colnames:
+            continue
+        f = np.asarray(table[f"flux_{lab}"], float)
+        e = np.asarray(table[f"flux_err_{lab}"], float)
+        if lab == "psf" and "chi2_psf" in table.colnames:
+            chi2 = np.nan_to_num(np.asarray(table["chi2_psf"], float), nan=1.0)
+            e = e * np.sqrt(np.maximum(chi2, 1.0))
+        e = np.sqrt(e**2 + (sig * np.abs(np.nan_to_num(f))) ** 2)
+        table[f"flux_err_{lab}"] = e
+        mag, mag_err, snr_l = _mags(f, e, exptime_s)
+        table[f"mag_err_{lab}"] = mag_err
+        table[f"snr_{lab}"] = snr_l
+    used = sig[sel]
+    info = {"radius_px": round(float(radius_px), 3), "n_stars": int(sel.sum())}
+    if used.size:
+        info["median_frac"] = round(float(np.median(used)), 6)
+        info["p90_frac"] = round(float(np.percentile(used, 90)), 6)
+    table.meta["psf_model_error"] = info
+    return info
+
+
 # --------------------------------------------------------------------------------------------
 # saturated stars
 # --------------------------------------------------------------------------------------------
@@ -2108,6 +2165,14 @@ def measure_frame(
         )
         add_mismatch_errors(cat, mism, exptime_s=exptime_s)
         info["model_error_frac"] = _json_num(mism)
+        info["psf_model_error"] = add_psf_model_errors(
+            cat,
+            model,
+            radius_px=(info["flux_calibration"] or {}).get("radius_px")
+            or mism.get("radius_px")
+            or 2.5 * fwhm,
+            exptime_s=exptime_s,
+        )
     del resid
     release_freed_memory()
     xs = np.asarray(cat["x_psf"], float) if "x_psf" in cat.colnames else _xy(cat, "m")[0]

@@ -1176,6 +1176,9 @@ class FieldPSF:
     flags: tuple = ()
     stats: dict = field(default_factory=dict)
     oversampling: int = 1  # duck-typing with EPSFModel (analytic model: no grid)
+    #: ``(4 T, 4 T)`` covariance of ``coeffs.ravel()`` from the fit (zeros for fixed terms);
+    #: None when unknown (e.g. a model rebuilt by `from_dict`)
+    cov: np.ndarray | None = None
 
     # ---------------------------------------------------------------- local parameters
     def shape_params_at(self, x, y):
@@ -1430,6 +1433,42 @@ class FieldPSF:
         idx = np.searchsorted(levels, r_need)
         return levels[np.minimum(idx, levels.size - 1)]
 
+    def flux_fraction_sigma(self, x, y, radius_px, *, chunk=256):
+        """Relative uncertainty that the model's statistical error gives the fraction of a star's
+        total flux inside a circle of ``radius_px`` (the extrapolation from a measured aperture,
+        or from a fitted footprint, to the total flux): ``sqrt(g^T C g)`` with ``C`` the
+        covariance of the polynomial coefficients (`cov`) and ``g`` the derivative of the log
+        fraction with respect to them, per star. Zeros when the covariance is unknown."""
+        x = np.atleast_1d(np.asarray(x, float))
+        y = np.atleast_1d(np.asarray(y, float))
+        out = np.zeros(x.size)
+        ok = np.isfinite(x) & np.isfinite(y)
+        if self.cov is None or not np.any(ok):
+            return out
+        cov = np.asarray(self.cov, float)
+        r = float(radius_px)
+        half = int(math.ceil(r)) + 1
+        k = np.arange(-half, half + 1, dtype=float)
+        idx = np.flatnonzero(ok)
+        for i0 in range(0, idx.size, chunk):
+            sl = idx[i0 : i0 + chunk]
+            ix, iy = np.rint(x[sl]), np.rint(y[sl])
+            dx0 = (ix - x[sl])[:, None, None] + k[None, None, :] + 0.0 * k[None, :, None]
+            dy0 = (iy - y[sl])[:, None, None] + k[None, :, None] + 0.0 * k[None, None, :]
+            bas = _poly_basis(x[sl], y[sl], self.order, self.norm)
+            zero = np.zeros(sl.size)
+            val, d = _field_model(dx0, dy0, zero, zero, bas, np.asarray(self.coeffs), derivs=True)
+            # pixel weights: the part of each pixel inside the circle (linear in the distance)
+            m = np.clip(r + 0.5 - np.hypot(dx0, dy0), 0.0, 1.0)
+            frac = np.maximum(np.sum(m * val, axis=(1, 2)), 1e-12)
+            g = np.stack(
+                [np.sum(m * d[key], axis=(1, 2)) / frac for key in ("fwhm_px", "e1", "e2", "u")],
+                1,
+            )
+            grad = (g[:, :, None] * bas[:, None, :]).reshape(sl.size, -1)
+            out[sl] = np.sqrt(np.maximum(np.einsum("ni,ij,nj->n", grad, cov, grad), 0.0))
+        return out
+
     def aperture_fractions(self, x, y, radii, *, x_ap=None, y_ap=None, half=None):
         """Fraction of each star's total flux inside circular apertures.
 
@@ -1671,13 +1710,38 @@ def _gn_field(
         # converged: the accepted step (same weights) improved chi^2 by a negligible amount
         if chi2 - chi2_new <= 0.02 + 1e-7 * chi2_new and lam <= 1e-3:
             break
-    val = _field_model(dx0, dy0, sx, sy, bas, theta)
+    val, d = _field_model(dx0, dy0, sx, sy, bas, theta, derivs=True)
     star = f[:, None, None] * val
     w = good / (var_bkg + (np.maximum(star, 0.0) / gain if gain else 0.0))
     r = stamps - star - bk[:, None, None]
     chi2_star = np.sum(r * r * w, axis=(1, 2))
     dof = np.maximum(np.sum(good, axis=(1, 2)) - 4, 1)
     state["iterations"] = n_done
+    # covariance of the free polynomial coefficients, the per-star unknowns marginalised
+    # (undamped Schur complement at the solution), scaled by the reduced chi^2 when above 1
+    jl = np.stack(
+        [val, np.ones_like(val), -f[:, None, None] * d["x"], -f[:, None, None] * d["y"]], 1
+    )
+    jp = np.stack([f[:, None, None] * d[k] for k in ("fwhm_px", "e1", "e2", "u")], 1)[:, free_rows]
+    uu = np.einsum("nisr,njsr,nsr->nij", jl, jl, w) + 1e-12 * np.eye(4)
+    if bkg_prior:
+        uu[:, 1, 1] += bkg_prior
+    wp = np.einsum("nisr,njsr,nsr->nij", jl, jp, w)
+    dd = np.einsum("nisr,njsr,nsr->nij", jp, jp, w)
+    try:
+        uinv = np.linalg.inv(uu)
+    except np.linalg.LinAlgError:
+        uinv = np.linalg.pinv(uu)
+    dred = dd - np.einsum("nji,njk,nkl->nil", wp, uinv, wp)
+    kf = free_rows.size
+    smat = np.einsum("nkl,nt,nv->ktlv", dred, bas, bas).reshape(kf * t, kf * t)
+    smat = smat[np.ix_(free_flat, free_flat)]
+    red = float(np.sum(chi2_star) / max(np.sum(dof), 1))
+    cov_free = np.linalg.pinv(smat) * max(red, 1.0)
+    cov = np.zeros((4 * t, 4 * t))
+    full_idx = (free_rows[:, None] * t + np.arange(t)[None, :]).ravel()[free_flat]
+    cov[np.ix_(full_idx, full_idx)] = cov_free
+    state["cov"] = cov
     return theta, chi2_star, dof
 
 
@@ -1881,10 +1945,10 @@ def fit_field_psf(
             }
         )
         if best is None or bic < best[0]:
-            best = (bic, order, th.copy(), sel.copy(), chi2_red)
+            best = (bic, order, th.copy(), sel.copy(), chi2_red, st.get("cov"))
         theta = th
     fw0 = float(theta[0, 0])
-    bic, order, theta, sel, chi2_red = best
+    bic, order, theta, sel, chi2_red, cov = best
     if size_px is None:
         size_px = 2 * int(math.ceil(3.0 * fw0)) + 1
     stats = {
@@ -1906,6 +1970,7 @@ def fit_field_psf(
         size_px=int(size_px) | 1,
         flags=tuple(flags),
         stats=stats,
+        cov=cov,
     )
     log.info(
         "fit_field_psf: %d stars, order %d (max %d: %s), FWHM %.3f px, chi2_red %.2f",
