@@ -2095,6 +2095,9 @@ def measure_frame(
         zone = saturation_exclusion_mask(data.shape, sat_tab)
         zone |= trails
         del trails
+        # the partly filled pixels along the sides and ends of the bleed trails are not a star's
+        # light: masked for the fits and apertures of the stars lying across a trail
+        mask = _grow_saturated(data, mask, sat_sub)
         info["n_saturated"] = int(is_sat.sum())
     if psf:
         fit = psf_photometry_with_residual_detection(
@@ -2194,6 +2197,25 @@ def measure_frame(
     info["fwhm_px"] = fwhm
     info["fwhm_n_stars"] = int(model.n_stars)
     return FramePhotometry(cat, model, fwhm, info)
+
+
+def _grow_saturated(data, mask, saturation_adu):
+    """``mask`` plus the saturated pixels (see `rpp_tasks.stages.detection`) grown by 1 px along
+    the rows and 2 px along the columns (a new array; ``mask`` when nothing is saturated)."""
+    from rpp_tasks.stages.detection import _saturated_pixels
+
+    if mask is None:
+        return mask
+    sat = _saturated_pixels(data, mask, saturation_adu)
+    py, px = np.nonzero(sat)
+    del sat
+    if px.size == 0:
+        return mask
+    out = np.array(mask, dtype=bool, copy=True)
+    ny, nx = out.shape
+    for ox, oy in ((-1, 0), (1, 0), (0, -1), (0, 1), (0, -2), (0, 2)):
+        out[np.clip(py + oy, 0, ny - 1), np.clip(px + ox, 0, nx - 1)] = True
+    return out
 
 
 def _adopt_psf_positions(table):
