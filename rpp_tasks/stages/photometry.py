@@ -1727,7 +1727,7 @@ def add_mismatch_errors(table, mismatch, *, exptime_s):
     }
 
 
-def add_psf_model_errors(table, psf_model, *, radius_px, exptime_s, min_snr=20.0):
+def add_psf_model_errors(table, psf_model, *, radius_px, exptime_s, min_snr=50.0):
     """
     Add what the PSF model's own uncertainty and the fit's misfit do to each flux (in place).
 

@@ -1456,8 +1456,19 @@ class FieldPSF:
             dx0 = (ix - x[sl])[:, None, None] + k[None, None, :] + 0.0 * k[None, :, None]
             dy0 = (iy - y[sl])[:, None, None] + k[None, :, None] + 0.0 * k[None, None, :]
             bas = _poly_basis(x[sl], y[sl], self.order, self.norm)
-            zero = np.zeros(sl.size)
-            val, d = _field_model(dx0, dy0, zero, zero, bas, np.asarray(self.coeffs), derivs=True)
+            p = bas @ np.asarray(self.coeffs, float).T
+            a, b, c = (v[:, None, None] for v in _abc_from_shape(p[:, 0], p[:, 1], p[:, 2]))
+            u = np.clip(p[:, 3], _U_MIN_FIELD, _U_MAX)[:, None, None]
+            # sampled at the pixel centres: a fraction within a circle of several pixels does not
+            # need the pixel integration (its derivatives change by < 1e-3 of themselves)
+            val, d = _ell_pix(dx0, dy0, a, b, c, u, derivs=True, integrate=False)
+            jac = _abc_jacobian(p[:, 0], p[:, 1], p[:, 2])
+            for j, name in enumerate(("fwhm_px", "e1", "e2")):
+                d[name] = (
+                    d["a"] * jac[:, 0, j, None, None]
+                    + d["b"] * jac[:, 1, j, None, None]
+                    + d["c"] * jac[:, 2, j, None, None]
+                )
             # pixel weights: the part of each pixel inside the circle (linear in the distance)
             m = np.clip(r + 0.5 - np.hypot(dx0, dy0), 0.0, 1.0)
             frac = np.maximum(np.sum(m * val, axis=(1, 2)), 1e-12)
@@ -1710,15 +1721,31 @@ def _gn_field(
         # converged: the accepted step (same weights) improved chi^2 by a negligible amount
         if chi2 - chi2_new <= 0.02 + 1e-7 * chi2_new and lam <= 1e-3:
             break
-    val, d = _field_model(dx0, dy0, sx, sy, bas, theta, derivs=True)
+    val = _field_model(dx0, dy0, sx, sy, bas, theta)
     star = f[:, None, None] * val
     w = good / (var_bkg + (np.maximum(star, 0.0) / gain if gain else 0.0))
     r = stamps - star - bk[:, None, None]
     chi2_star = np.sum(r * r * w, axis=(1, 2))
     dof = np.maximum(np.sum(good, axis=(1, 2)) - 4, 1)
     state["iterations"] = n_done
-    # covariance of the free polynomial coefficients, the per-star unknowns marginalised
-    # (undamped Schur complement at the solution), scaled by the reduced chi^2 when above 1
+    return theta, chi2_star, dof
+
+
+def _field_cov(stamps, var_bkg, good, dx0, dy0, bas, theta, state, *, gain, free, bkg_prior=0.0):
+    """Covariance ``(4 T, 4 T)`` of ``theta.ravel()`` at a solution of `_gn_field`: the inverse of
+    the undamped Schur complement (per-star flux, background and centre marginalised), scaled by
+    the reduced chi^2 when above 1; zeros for the fixed terms."""
+    t = bas.shape[1]
+    f, bk, sx, sy = state["f"], state["b"], state["sx"], state["sy"]
+    free = np.broadcast_to(np.asarray(free, bool).reshape(4, -1), (4, t))
+    free_rows = np.flatnonzero(free.any(axis=1))
+    free_flat = np.flatnonzero(free[free_rows].ravel())
+    val, d = _field_model(dx0, dy0, sx, sy, bas, theta, derivs=True)
+    star = f[:, None, None] * val
+    w = good / (var_bkg + (np.maximum(star, 0.0) / gain if gain else 0.0))
+    r = stamps - star - bk[:, None, None]
+    chi2 = float(np.sum(r * r * w))
+    dof = float(np.sum(np.maximum(np.sum(good, axis=(1, 2)) - 4, 1)))
     jl = np.stack(
         [val, np.ones_like(val), -f[:, None, None] * d["x"], -f[:, None, None] * d["y"]], 1
     )
@@ -1736,13 +1763,10 @@ def _gn_field(
     kf = free_rows.size
     smat = np.einsum("nkl,nt,nv->ktlv", dred, bas, bas).reshape(kf * t, kf * t)
     smat = smat[np.ix_(free_flat, free_flat)]
-    red = float(np.sum(chi2_star) / max(np.sum(dof), 1))
-    cov_free = np.linalg.pinv(smat) * max(red, 1.0)
     cov = np.zeros((4 * t, 4 * t))
     full_idx = (free_rows[:, None] * t + np.arange(t)[None, :]).ravel()[free_flat]
-    cov[np.ix_(full_idx, full_idx)] = cov_free
-    state["cov"] = cov
-    return theta, chi2_star, dof
+    cov[np.ix_(full_idx, full_idx)] = np.linalg.pinv(smat) * max(chi2 / max(dof, 1.0), 1.0)
+    return cov
 
 
 def fit_field_psf(
@@ -1945,10 +1969,24 @@ def fit_field_psf(
             }
         )
         if best is None or bic < best[0]:
-            best = (bic, order, th.copy(), sel.copy(), chi2_red, st.get("cov"))
+            best = (bic, order, th.copy(), sel.copy(), chi2_red, free_kt.copy(), bas)
         theta = th
     fw0 = float(theta[0, 0])
-    bic, order, theta, sel, chi2_red, cov = best
+    bic, order, theta, sel, chi2_red, free_best, bas_best = best
+    # the coefficients' covariance (per-star unknowns from the last fit: close to the best's)
+    cov = _field_cov(
+        stamps[sel],
+        var_bkg[sel],
+        good[sel],
+        dx0[sel],
+        dy0[sel],
+        bas_best[sel],
+        theta,
+        {key: state[key][sel] for key in ("f", "b", "sx", "sy")},
+        gain=gain_e_per_adu,
+        free=free_best,
+        bkg_prior=bkg_prior,
+    )
     if size_px is None:
         size_px = 2 * int(math.ceil(3.0 * fw0)) + 1
     stats = {
