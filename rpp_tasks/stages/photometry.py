@@ -1740,7 +1740,8 @@ def add_psf_model_errors(table, psf_model, *, radius_px, exptime_s, min_snr=50.0
     constrain the polynomials least (edges, corners) and matters for bright stars, whose photon
     noise is smaller. ``(sigma_frac * F)^2`` is added to the variance of the PSF flux and of every
     corrected aperture flux. The PSF flux error is also scaled by ``sqrt(chi2_psf)`` where the
-    star's own fit is worse than its noise (a misfit the error must include). Stars below
+    star's own fit is significantly worse than its noise (reduced chi^2 above 1 by more than twice
+    its own scatter, ``sqrt(2 / npix)``): a misfit the error must include. Stars below
     ``min_snr`` are left as they are (there the term is negligible).
 
     Returns
@@ -1769,7 +1770,14 @@ def add_psf_model_errors(table, psf_model, *, radius_px, exptime_s, min_snr=50.0
         e = np.asarray(table[f"flux_err_{lab}"], float)
         if lab == "psf" and "chi2_psf" in table.colnames:
             chi2 = np.nan_to_num(np.asarray(table["chi2_psf"], float), nan=1.0)
-            e = e * np.sqrt(np.maximum(chi2, 1.0))
+            npix = (
+                np.asarray(table["npix_psf"], float)
+                if "npix_psf" in table.colnames
+                else np.full(n, 50.0)
+            )
+            # only a misfit beyond the chi^2's own noise (2 sigma) scales the error
+            worse = chi2 > 1.0 + 2.0 * np.sqrt(2.0 / np.maximum(npix - 1.0, 1.0))
+            e = e * np.where(worse, np.sqrt(np.maximum(chi2, 1.0)), 1.0)
         e = np.sqrt(e**2 + (sig * np.abs(np.nan_to_num(f))) ** 2)
         table[f"flux_err_{lab}"] = e
         mag, mag_err, snr_l = _mags(f, e, exptime_s)
