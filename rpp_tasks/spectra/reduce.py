@@ -40,6 +40,8 @@ __all__ = [
     "frames_from_twospot",
     "frames_from_headers",
     "reduce_longslit_session",
+    "plan_session",
+    "build_masters",
     "run_spectra",
 ]
 
@@ -719,6 +721,7 @@ def reduce_longslit_session(
     night=None,
     response=None,
     weather=None,
+    masters=None,
 ):
     """
     Reduce a night of long-slit frames, each target independently.
@@ -744,6 +747,9 @@ def reduce_longslit_session(
         Instrumental response to apply (from `~rpp_tasks.spectra.combine.instrumental_response`).
     weather : mapping, optional
         Extra header keywords (weather) for the products.
+    masters : mapping, optional
+        Masters built beforehand (`build_masters`): ``(offset, dark, flat)`` file tuple ->
+        ``((bias, dark, flat, flat_mask, illum), info)``; sets not in it are built here.
 
     Returns
     -------
@@ -752,8 +758,8 @@ def reduce_longslit_session(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     timer = _Timer()
-    cache = {}
-    outcomes, masters_info = [], {}
+    cache = dict(masters or {})
+    outcomes, masters_info = [], {f"set{i + 1}": v[1] for i, v in enumerate(cache.values())}
     site = {"configured": True, "name": None, **dict(site)}
     cam = dict(camera)
     for name, frames in targets.items():
@@ -840,25 +846,30 @@ def reduce_longslit_session(
     return result
 
 
-def run_spectra(session_folder, obs, out_dir, *, night=None) -> dict:
+def plan_session(folder, obs):
     """
-    Adapter: reduce the long-slit session in ``session_folder`` for observatory ``obs``.
+    The targets of a long-slit session folder and the setup to reduce them with.
 
     Frames by role come from the 2SPOT files when the folder has them (``setup_config.yaml``
     overriding ``bin_size`` and ``posy``), else from headers and file-name patterns.
 
     Returns
     -------
-    summary : dict
-        `SpectraSessionResult.to_dict` (also written to ``<out_dir>/spectra_summary.json``).
+    targets : dict
+        Name -> `TargetFrames`.
+    spec : `~rpp_tasks.config.SpectrographConfig`
+        With the night's overrides.
+    missing : list of str
+        Declared files absent from the folder, or unreadable files with the reason.
+    site, camera : dict
+        What `reduce_longslit_session` takes.
 
     Raises
     ------
     FrameRejected
-        The session has no target at all, or no target could be reduced (a night with files but
-        nothing reduced is a failure).
+        The session has no target at all.
     """
-    folder = Path(session_folder)
+    folder = Path(folder)
     spec = obs.spectrograph
     if spec is None:
         raise ValueError(f"observatory {obs.observatory!r} has no spectrograph section")
@@ -889,6 +900,52 @@ def run_spectra(session_folder, obs, out_dir, *, night=None) -> dict:
         "saturation_adu": obs.camera.saturation_adu,
         "telescope": obs.camera.telescope,
     }
+    return targets, spec, missing, site, camera
+
+
+def build_masters(targets, spec, camera):
+    """The masters of every distinct calibration set of ``targets`` (``masters=`` of
+    `reduce_longslit_session`); a set that cannot be built is left out (its targets are then
+    rejected at stage ``masters`` with the reason)."""
+    out, errors = {}, {}
+    timer = _Timer()
+    for frames in targets.values():
+        key = (frames.offset, frames.dark, frames.flat)
+        if key in out or key in errors:
+            continue
+        try:
+            *m, info = _masters(
+                {"offset": frames.offset, "dark": frames.dark, "flat": frames.flat},
+                dict(camera),
+                spec,
+                timer,
+            )
+            out[key] = (tuple(m), info)
+        except Exception as exc:
+            errors[key] = f"calibration masters: {exc}"
+    return out, errors, dict(timer.t)
+
+
+def run_spectra(session_folder, obs, out_dir, *, night=None) -> dict:
+    """
+    Adapter: reduce the long-slit session in ``session_folder`` for observatory ``obs``.
+
+    Frames by role come from the 2SPOT files when the folder has them (``setup_config.yaml``
+    overriding ``bin_size`` and ``posy``), else from headers and file-name patterns.
+
+    Returns
+    -------
+    summary : dict
+        `SpectraSessionResult.to_dict` (also written to ``<out_dir>/spectra_summary.json``).
+
+    Raises
+    ------
+    FrameRejected
+        The session has no target at all, or no target could be reduced (a night with files but
+        nothing reduced is a failure).
+    """
+    folder = Path(session_folder)
+    targets, spec, missing, site, camera = plan_session(folder, obs)
     response = None
     if spec.reference_star and spec.reference_star in targets:
         response = _response_from_reference(targets, spec, camera, site, out_dir, night)
