@@ -163,7 +163,6 @@ def build_spectra_report(
         size_bytes=html_path.stat().st_size,
         flags=() if ok else ("no_reduced_spectrum",),
         frames={
-            s.target: {"snr_median": s.snr_median, "resolving_power": s.resolving_power}
-            for s in ok
+            s.target: {"snr_median": s.snr_median, "resolving_power": s.resolving_power} for s in ok
         },
     )

@@ -71,7 +71,7 @@ HEADER_KEYS = (
 
 
 def _targets_from_manifest(manifest: dict):
-    from rpp_tasks.spectra.reduce import TargetFrames
+    from rpp_tasks.spectra.plan import TargetFrames
 
     return {
         k: TargetFrames(**{r: (tuple(v) if isinstance(v, list) else v) for r, v in t.items()})
@@ -81,7 +81,7 @@ def _targets_from_manifest(manifest: dict):
 
 def _plan(session, obs):
     """(targets, spec, site, camera) of an opened session (the setup re-read from the folder)."""
-    from rpp_tasks.spectra.reduce import plan_session
+    from rpp_tasks.spectra.plan import plan_session
 
     _, spec, _, site, camera = plan_session(session.raw_dir, obs)
     return _targets_from_manifest(session.read_json("manifest.json", {})), spec, site, camera
@@ -93,7 +93,7 @@ def plan_manifest(raw_dir, obs, manifest: dict) -> dict:
     ``science`` = the targets' exposures, ``missing_files``; a folder without any target gets
     ``spectra_error`` and no science (the DAG's validate then skips the run with the reason)."""
     from rpp_tasks.session.pipeline import frame_stem
-    from rpp_tasks.spectra.reduce import plan_session
+    from rpp_tasks.spectra.plan import plan_session
 
     by_path = {f["path"]: f for f in manifest.get("frames", [])}
     try:
@@ -126,7 +126,7 @@ def _set_key(frames) -> tuple:
 
 def step_masters(session, obs) -> dict:
     """Stage ``masters``: the masters of each calibration set, saved for the ``spectra`` stage."""
-    from rpp_tasks.spectra.reduce import build_masters
+    from rpp_tasks.spectra.plan import build_masters
 
     t0 = time.process_time()
     targets, spec, _, camera = _plan(session, obs)

@@ -190,7 +190,7 @@ def test_twospot_night_through_the_dag(airflow_env):
             "from rpp_main order by target_name"
         ).fetchall()
     assert [r[:2] for r in rows] == [("HD 7", "spectrum"), ("HD 8", "spectrum")]
-    for (name, _, em_min, em_max, rpow, texp) in rows:
+    for name, _, em_min, em_max, rpow, texp in rows:
         s = by[name]
         assert em_min == pytest.approx(s["wavelength_min_a"] * 1e-10, rel=1e-3)
         assert em_max == pytest.approx(s["wavelength_max_a"] * 1e-10, rel=1e-3)

@@ -82,7 +82,9 @@ def write_night(folder: Path, *, seed=5):
     for p in paths["target"]["SATURATED"]:
         d = fits.getdata(p).astype(float)
         fits.writeto(
-            p, np.clip((d - 1000) * 40 + 1000, 0, 65535).astype(np.uint16), fits.getheader(p),
+            p,
+            np.clip((d - 1000) * 40 + 1000, 0, 65535).astype(np.uint16),
+            fits.getheader(p),
             overwrite=True,
         )
     return night, paths
