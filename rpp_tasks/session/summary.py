@@ -245,6 +245,7 @@ class SpectrumSummary:
     mjd_end: float | None = None
     ra_deg: float | None = None
     dec_deg: float | None = None
+    position_source: str | None = None  # header, or how the target name was resolved
     wavelength_min_a: float | None = None
     wavelength_max_a: float | None = None
     dispersion_a_per_px: float | None = None

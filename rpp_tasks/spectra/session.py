@@ -203,6 +203,7 @@ def step_spectra(session, obs) -> dict:
     doc = json.loads((out_dir / "spectra_summary.json").read_text(encoding="utf-8"))
     doc["targets"] = {k: t.to_dict() for k, t in targets.items()}
     doc["header_facts"] = facts
+    doc["positions"] = _positions(res.outcomes, obs)
     (out_dir / "spectra_summary.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
     return {
         "n_targets": len(res.outcomes),
@@ -211,6 +212,37 @@ def step_spectra(session, obs) -> dict:
         "rejected": {o.name: f"{o.stage}: {o.reason}" for o in res.outcomes if not o.ok},
         "cpu_s": {k: round(v, 3) for k, v in res.timings_cpu_s.items()},
     }
+
+
+def _positions(outcomes, obs) -> dict:
+    """Targets reduced without a header pointing: position from the target name (the
+    observatory's ``targets.objects``, the name cache, then Sesame/SIMBAD when
+    ``targets.resolve_online``), else the reason; used for the archive's s_ra/s_dec."""
+    out = {}
+    for o in outcomes:
+        if not o.ok or o.summary.get("ra_deg") is not None:
+            continue
+        try:
+            from rpp_tasks.session.adapters import services_setup
+            from rpp_tasks.stages.target import resolve_target
+
+            targets = getattr(obs, "targets", None)
+            res = resolve_target(
+                o.name,
+                named_by="header",
+                config_targets=getattr(targets, "objects", ()),
+                setup=services_setup(obs),
+                online=bool(getattr(targets, "resolve_online", False)),
+            )
+        except Exception as exc:  # a name service problem never costs the spectrum
+            out[o.name] = {"reason": f"{type(exc).__name__}: {exc}"}
+            continue
+        if res.target is None:
+            out[o.name] = {"reason": res.reason}
+        else:
+            t = res.target
+            out[o.name] = {"ra_deg": t.ra_deg, "dec_deg": t.dec_deg, "source": t.source}
+    return out
 
 
 # =============================================================================== summary
@@ -231,6 +263,7 @@ def spectrum_summaries(session) -> tuple[SpectrumSummary, ...]:
     doc = session.read_json(f"{SPECTRA_DIR}/spectra_summary.json", {}) or {}
     outcomes = {o["name"]: o for o in doc.get("outcomes", [])}
     facts = doc.get("header_facts") or {}
+    positions = doc.get("positions") or {}
     out = []
     for key, t in planned.items():
         o = outcomes.get(t.get("name") or key) or outcomes.get(key)
@@ -267,6 +300,10 @@ def spectrum_summaries(session) -> tuple[SpectrumSummary, ...]:
         exptimes = [e.get("exptime_s") or 0.0 for e in s.get("exposures") or ()]
         dates = [e.get("date_obs") for e in s.get("exposures") or () if e.get("date_obs")]
         ends = [_mjd(d) + (x or 0.0) / 86400.0 for d, x in zip(dates, exptimes) if d]
+        pos = positions.get(o["name"]) or {}
+        ra, dec = s.get("ra_deg"), s.get("dec_deg")
+        if ra is None or dec is None:  # from the target name, when it could be resolved
+            ra, dec = pos.get("ra_deg"), pos.get("dec_deg")
         out.append(
             SpectrumSummary(
                 **base,
@@ -277,8 +314,9 @@ def spectrum_summaries(session) -> tuple[SpectrumSummary, ...]:
                 date_obs=s.get("date_obs"),
                 mjd_start=_mjd(s.get("date_obs")),
                 mjd_end=max(ends) if ends else None,
-                ra_deg=s.get("ra_deg"),
-                dec_deg=s.get("dec_deg"),
+                ra_deg=ra,
+                dec_deg=dec,
+                position_source="header" if s.get("ra_deg") is not None else pos.get("source"),
                 wavelength_min_a=s.get("wavelength_min_a"),
                 wavelength_max_a=s.get("wavelength_max_a"),
                 dispersion_a_per_px=(s.get("grid") or {}).get("cdelt1"),

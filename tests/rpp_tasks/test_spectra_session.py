@@ -61,6 +61,10 @@ def make_obs(work: Path):
                 "bss_site": "2SPOT Chile",
             },
             "session": {"ready_rule": "twospot"},
+            "targets": {
+                "objects": [{"name": "GOOD", "ra": "10:00:00", "dec": "-20:30:00"}],
+                "resolve_online": False,
+            },
             "paths": {"work": str(work / "work"), "incoming": str(work / "incoming")},
             "notifications": {"email_to": ["team@example.org"]},
         }
@@ -74,7 +78,9 @@ def write_night(folder: Path, *, seed=5):
     )
     paths = write_longslit_session(folder, night)
     for i, p in enumerate(paths["target"]["GOOD"]):
-        with fits.open(p, mode="update") as h:
+        with fits.open(p, mode="update") as h:  # no pointing: position from the target name
+            for k in ("OBJCTRA", "OBJCTDEC", "RA", "DEC"):
+                h[0].header.remove(k, ignore_missing=True)
             h[0].header["AMBTEMP"] = (12.5 + i, "[C] ambient temperature")
             h[0].header["HUMIDITY"] = (40.0 + 2 * i, "[%] relative humidity")
     for p in paths["lamp"]["NOLAMP"]:
@@ -124,6 +130,8 @@ def test_targets_reduced_or_rejected_with_reason(reduced):
     assert 300 < g.resolving_power < 800 and g.snr_median > 50 and not g.flux_calibrated
     assert g.header["EXPTIME2"] == "2 x 600.0 s" and g.header["BSS_SITE"] == "2SPOT Chile"
     assert g.mjd_end > g.mjd_start + 1200 / 86400
+    assert (g.ra_deg, g.dec_deg, g.position_source) == (150.0, -20.5, "config")
+    assert "no_heliocentric_correction" in g.flags  # without a header pointing
     assert g.weather["AMBTEMP"]["min"] == 12.5 and g.weather["AMBTEMP"]["max"] == 13.5
     assert summary.night_date == "2025-03-14"
     # every input file has an outcome; the missing lamp is named by validate
@@ -187,6 +195,7 @@ def _rows(url):
         table = "rpp_main" if url.startswith("sqlite") else "rpp.main"
         q = (
             f"select dataproduct_type, target_name, em_min, em_max, em_res_power, t_min, t_max, "
+            f"s_ra, s_dec, "
             f"t_exptime, access_url, obs_publisher_did from {table} where rpp_session = :s"
         )
         return [dict(r._mapping) for r in c.execute(sa.text(q), {"s": "2025-03-14"})]
@@ -202,6 +211,7 @@ def _check_rows(rows, summary):
     assert row["t_min"] == pytest.approx(g.mjd_start, abs=1e-6)
     assert row["t_max"] == pytest.approx(g.mjd_end, abs=1e-6)
     assert row["t_exptime"] == 1200.0
+    assert (row["s_ra"], row["s_dec"]) == pytest.approx((150.0, -20.5))
     assert row["access_url"].endswith(".fits")
 
 
