@@ -290,3 +290,68 @@ def test_real_bess_spectrum_gets_an_obscore_row():
     assert row.em_min == pytest.approx(s.wavelength_a.min() * 1e-10, rel=1e-3)
     assert row.em_max == pytest.approx(s.wavelength_a.max() * 1e-10, rel=2e-3)
     assert row.t_min is not None and row.target_name
+
+
+@pytest.mark.integration
+def test_spectrum_row_found_by_dachs_tap(reduced):
+    """The spectrum's row, upserted as the pipeline role into DaCHS's table, is found by TAP in
+    ivoa.obscore (skips when DaCHS is not installed or not serving; archive/dachs/setup_dachs.sh)."""
+    import dataclasses
+    import shutil
+    import urllib.request
+    import warnings
+
+    import sqlalchemy as sa
+
+    dachs = os.environ.get("RPP_DACHS_URL", "http://localhost:8089").rstrip("/")
+    if shutil.which("dachs") is None:
+        pytest.skip("GAVO DaCHS is not installed: run 'sudo archive/dachs/setup_dachs.sh'")
+    try:
+        urllib.request.urlopen(dachs + "/", timeout=5).close()  # loopback only
+    except OSError as exc:
+        pytest.skip(f"DaCHS not answering at {dachs} ({exc}): run archive/dachs/setup_dachs.sh")
+    pipeline = os.environ.get(
+        "RPP_DACHS_PIPELINE_URL",
+        f"postgresql://rpp_pipeline:{os.environ.get('RPP_PIPELINE_PASSWORD', 'rpp-pipeline-dev')}"
+        "@127.0.0.1:5432/gavo",
+    )
+    admin = sa.create_engine(
+        os.environ.get("RPP_DACHS_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/gavo").replace(
+            "postgresql://", "postgresql+psycopg2://"
+        )
+    )
+    coll = "rpp-ci-spectra"
+
+    def clean():
+        with admin.begin() as c:
+            c.execute(sa.text("DELETE FROM rpp.main WHERE obs_collection = :c"), {"c": coll})
+
+    obs, summary, made = reduced[0], reduced[3], reduced[4]
+    obs = dataclasses.replace(obs, archive=dataclasses.replace(obs.archive, obs_collection=coll))
+    clean()
+    try:
+        s = lifecycle.resume(made["workdir"])
+        lifecycle.archive(s, obs, url=pipeline)
+        again = lifecycle.archive(s, obs, url=pipeline)
+        assert (again["n_inserted"], again["n_updated"]) == (0, 1)
+        import pyvo
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t = (
+                pyvo.dal.TAPService(dachs + "/tap")
+                .search(
+                    f"SELECT * FROM ivoa.obscore WHERE obs_collection = '{coll}' "
+                    "AND dataproduct_type = 'spectrum'"
+                )
+                .to_table()
+            )
+        g = summary.ok_spectra[0]
+        assert len(t) == 1 and t[0]["target_name"] == "GOOD"
+        assert t[0]["em_min"] == pytest.approx(g.wavelength_min_a * 1e-10, rel=1e-3)
+        assert t[0]["em_res_power"] == pytest.approx(g.resolving_power, rel=1e-6)
+        assert (t[0]["s_ra"], t[0]["s_dec"]) == pytest.approx((150.0, -20.5))
+        assert t[0]["t_exptime"] == pytest.approx(1200.0)
+    finally:
+        clean()
+        admin.dispose()
