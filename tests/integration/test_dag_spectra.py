@@ -195,3 +195,47 @@ def test_twospot_night_through_the_dag(airflow_env):
         assert em_min == pytest.approx(s["wavelength_min_a"] * 1e-10, rel=1e-3)
         assert em_max == pytest.approx(s["wavelength_max_a"] * 1e-10, rel=1e-3)
         assert rpow == pytest.approx(s["resolving_power"]) and texp == 1800.0
+
+
+def test_rpp_reduce_gives_the_dag_s_spectra(airflow_env):
+    """``rpp reduce`` runs the same lifecycle in one process: same targets, same outcomes, same
+    spectra (figures and BeSS data) and the same product files as the DAG."""
+    from astropy.io import fits
+
+    env, data, raw, _ = airflow_env
+    dag_dir = data / "work" / "synth2spot" / "2025-03-14"
+    if not (dag_dir / "session_summary.json").is_file():
+        conf = {"observatory": "synth2spot", "session_id": "2025-03-14", "session_dir": str(raw)}
+        assert _run(env, conf)["state"] == "success"
+    cli_root = data / "cli_work"
+    res = subprocess.run(
+        [sys.executable, "-m", "rpp_tasks.ops.cli", "-q", "reduce", str(raw), "-o", "synth2spot"]
+        + ["--work", str(cli_root)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=REPO,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "2/3 target spectra reduced" in res.stdout
+    cli_dir = cli_root / "2025-03-14"
+
+    def files(root):
+        return {
+            p.relative_to(root).as_posix()
+            for p in root.rglob("*")
+            if p.is_file() and not p.name.startswith(".")
+        }
+
+    assert files(cli_dir) == files(dag_dir) - {"notify.json"}
+    s_dag = json.loads((dag_dir / "session_summary.json").read_text())
+    s_cli = json.loads((cli_dir / "session_summary.json").read_text())
+    for a, b in zip(s_cli["spectra"], s_dag["spectra"], strict=True):
+        assert (a["target"], a["status"], a["reason"]) == (b["target"], b["status"], b["reason"])
+        for key in ("rms_px", "resolving_power", "snr_median", "wavelength_min_a"):
+            assert a[key] == pytest.approx(b[key], rel=1e-9), key
+        if a["status"] == "ok":
+            fa = fits.getdata(a["bess_fits"])
+            fb = fits.getdata(b["bess_fits"])
+            np.testing.assert_array_equal(fa, fb)
