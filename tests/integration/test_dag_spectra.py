@@ -233,9 +233,9 @@ def test_rpp_reduce_gives_the_dag_s_spectra(airflow_env):
     s_cli = json.loads((cli_dir / "session_summary.json").read_text())
     for a, b in zip(s_cli["spectra"], s_dag["spectra"], strict=True):
         assert (a["target"], a["status"], a["reason"]) == (b["target"], b["status"], b["reason"])
-        for key in ("rms_px", "resolving_power", "snr_median", "wavelength_min_a"):
-            assert a[key] == pytest.approx(b[key], rel=1e-9), key
         if a["status"] == "ok":
+            for key in ("rms_px", "resolving_power", "snr_median", "wavelength_min_a"):
+                assert a[key] == pytest.approx(b[key], rel=1e-9), key
             fa = fits.getdata(a["bess_fits"])
             fb = fits.getdata(b["bess_fits"])
             np.testing.assert_array_equal(fa, fb)
