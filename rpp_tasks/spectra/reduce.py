@@ -24,13 +24,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from rpp_tasks.exceptions import FrameRejected
+from rpp_tasks.jsonsafe import json_safe
 from rpp_tasks.spectra.plan import (  # noqa: F401 (re-exported: the planning moved to plan.py)
     TargetFrames,
     _masters,
@@ -139,6 +139,7 @@ def _jd(iso):
 # ----------------------------------------------------------------------------- one target
 def _reduce_target(name, frames, masters, *, spec, camera, site, out_dir, night, extra, timer):
     """Reduce one target; raises FrameRejected(reason, stage=...) when it cannot."""
+    import astropy.units as u
     from astropy.time import Time
 
     from rpp_tasks.spectra import calib, combine, products, wavecal
@@ -329,7 +330,7 @@ def _reduce_target(name, frames, masters, *, spec, camera, site, out_dir, night,
     mid_iso = None
     if dates:
         tt = Time(sorted(dates))
-        mid = tt[0] + (tt[-1] - tt[0]) / 2 + (exptimes[-1] / 2.0) / 86400.0 * _day()
+        mid = tt[0] + (tt[-1] - tt[0]) / 2 + (exptimes[-1] / 2.0) / 86400.0 * u.day
         mid_iso = mid.isot
     ra, dec = metas[0].ra_deg, metas[0].dec_deg
     v_hel = None
@@ -489,29 +490,8 @@ def _reduce_target(name, frames, masters, *, spec, camera, site, out_dir, night,
         "wavesol_png": str(tdir / f"{base}_wavesol.png"),
         "calibrated_2d": two_d,
     }
-    (tdir / "summary.json").write_text(json.dumps(_jsonable(summary), indent=1), encoding="utf-8")
+    (tdir / "summary.json").write_text(json.dumps(json_safe(summary), indent=1), encoding="utf-8")
     return prods, summary
-
-
-def _day():
-    import astropy.units as u
-
-    return u.day
-
-
-def _jsonable(v):
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, (np.floating, float)):
-        f = float(v)
-        return f if math.isfinite(f) else None
-    if isinstance(v, np.integer):
-        return int(v)
-    if isinstance(v, np.bool_):
-        return bool(v)
-    return v
 
 
 def reduce_longslit_session(
@@ -638,7 +618,7 @@ def reduce_longslit_session(
         out_dir=str(out_dir),
     )
     (out_dir / "spectra_summary.json").write_text(
-        json.dumps(_jsonable(result.to_dict()), indent=1), encoding="utf-8"
+        json.dumps(json_safe(result.to_dict()), indent=1), encoding="utf-8"
     )
     log.info(
         "spectra: %d of %d target(s) reduced, %d rejected",
