@@ -364,3 +364,16 @@ def test_spectrum_row_found_by_dachs_tap(reduced):
     finally:
         clean()
         admin.dispose()
+
+
+def test_a_folder_without_target_is_described_with_the_reason(tmp_path):
+    """Only calibration frames: no science to reduce, and the description says why (the DAG's
+    validate skips the run with it)."""
+    night = make_longslit_night(shape=(60, 200), targets=("X",), n_target=1, seed=2)
+    raw = tmp_path / "incoming" / "2025-03-15"
+    raw.mkdir(parents=True)
+    d, h = night.dark[0]
+    fits.PrimaryHDU(np.clip(d, 0, 65535).astype(np.uint16), h).writeto(raw / "Dark-1.fits")
+    out = lifecycle.describe(lifecycle.open_session(raw, make_obs(tmp_path)))
+    assert out["n_science"] == 0 and out["n_targets"] == 0
+    assert "no target exposure" in out["spectra_error"]
