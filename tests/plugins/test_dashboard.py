@@ -1,0 +1,440 @@
+"""The observers' dashboard of the Airflow UI plugin, on a night reduced as the DAG reduces it.
+
+Roles are decided by Airflow's own simple auth manager (``is_authorized_dag``) for users of each
+role; anonymous requests go through Airflow's real ``get_user`` (401). Decisions are checked in the
+results database and in the ObsCore table (SQLite here; PostgreSQL in
+tests/integration/test_dashboard_pg.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PLUGIN = REPO / "plugins" / "rpp_reports.py"
+SESSION = "2025-01-15"
+RUN_ID = f"session__{SESSION}"
+ROLES = ("viewer", "user", "op", "admin")
+
+os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="rpp_airflow_home_"))
+
+
+def _load_plugin():
+    spec = importlib.util.spec_from_file_location("rpp_reports_dash_under_test", PLUGIN)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def reduce_night(root: Path, *, n_science=3, session=SESSION, seed=11, archive=True):
+    """A synthetic night reduced task by task as the DAG does, then archived (SQLite ObsCore)."""
+    from rpp_tasks.config import find_config
+    from rpp_tasks.session import connections, lifecycle
+    from rpp_tasks.sim.synthetic import write_synthetic_session
+
+    obs = find_config("demo")
+    raw = root / "data" / "incoming" / "demo" / session
+    write_synthetic_session(
+        raw,
+        truth_folder=root / "truth",
+        n_science=n_science,
+        n_bias=2,
+        n_dark=2,
+        n_flat=2,
+        shape=(256, 256),
+        seed=seed,
+    )
+    s = lifecycle.open_session(raw, obs, session_id=session)
+    for stage in lifecycle.table_for(obs).names:
+        lifecycle.run_stage(s, obs, stage, workers=1)
+    summary, _ = lifecycle.finish(s, obs, airflow={"dag_id": obs.dag_id, "run_id": RUN_ID})
+    url = connections.archive_url(obs)
+    res = lifecycle.archive(s, obs, url=url) if archive else None
+    return {
+        "obs": obs,
+        "workdir": Path(s.workdir),
+        "summary": summary.to_dict(),
+        "url": url,
+        "archive": res,
+        "raw": raw,
+    }
+
+
+@pytest.fixture(scope="module")
+def night(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rpp_dash")
+    old = os.environ.get("RPP_DATA_ROOT")
+    os.environ["RPP_DATA_ROOT"] = str(root)
+    try:
+        yield {"root": root, **reduce_night(root)}
+    finally:
+        if old is None:
+            os.environ.pop("RPP_DATA_ROOT", None)
+        else:
+            os.environ["RPP_DATA_ROOT"] = old
+
+
+@pytest.fixture(scope="module")
+def plugin():
+    return _load_plugin()
+
+
+def _user_from_header(request_header: str | None = None):
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+    from fastapi import Header, HTTPException
+
+    def dep(x_test_user: str | None = Header(default=None)):  # noqa: B008
+        if not x_test_user:
+            raise HTTPException(status_code=401, detail="Not authenticated")
+        name, role = x_test_user.split(":")
+        return SimpleAuthManagerUser(username=name, role=role)
+
+    return dep
+
+
+@pytest.fixture(scope="module")
+def app(plugin, night):
+    from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
+
+    return plugin.create_app(
+        auth_dependency=lambda: None,
+        user_dependency=_user_from_header(),
+        auth_manager=SimpleAuthManager(),
+    )
+
+
+def client_as(app, role: str | None):
+    from fastapi.testclient import TestClient
+
+    headers = {"X-Test-User": f"{role}_1:{role}"} if role else {}
+    return TestClient(app, headers=headers, follow_redirects=False, raise_server_exceptions=False)
+
+
+def obscore_dids(url: str) -> set[str]:
+    import sqlalchemy as sa
+
+    eng = sa.create_engine(url)
+    try:
+        with eng.connect() as c:
+            return {r[0] for r in c.execute(sa.text("SELECT obs_publisher_did FROM rpp_main"))}
+    finally:
+        eng.dispose()
+
+
+def _frames(night):
+    return [f["frame"] for f in night["summary"]["frames"]]
+
+
+def _decide(c, body, session=SESSION):
+    return c.post(f"/dash/decide/demo/{session}", json=body)
+
+
+def test_anonymous_gets_401_from_airflows_login_on_every_dashboard_route(plugin, night):
+    from fastapi.testclient import TestClient
+
+    anon = TestClient(plugin.RppReportsPlugin.fastapi_apps[0]["app"], follow_redirects=False)
+    stem = _frames(night)[0]
+    for method, url in [
+        ("get", "/dash/"),
+        ("get", "/dash/?format=csv"),
+        ("get", "/dash/me"),
+        ("get", f"/dash/frame/demo/{SESSION}/{stem}"),
+        ("get", f"/dash/files/demo/{SESSION}/frames/{stem}/calibrated.fits"),
+        ("get", f"/dash/session/demo/{SESSION}"),
+        ("get", "/dash/target?name=demo"),
+        ("post", f"/dash/decide/demo/{SESSION}"),
+        ("post", f"/dash/delete/demo/{SESSION}"),
+    ]:
+        r = getattr(anon, method)(url)
+        assert r.status_code == 401, (url, r.status_code, r.text[:200])
+
+
+def test_levels_follow_the_simple_auth_managers_roles(app):
+    got = {role: client_as(app, role).get("/dash/me").json()["level"] for role in ROLES}
+    assert got == {"viewer": "viewer", "user": "observer", "op": "observer", "admin": "admin"}
+    assert client_as(app, None).get("/dash/me").status_code == 401
+
+
+def test_every_read_route_with_every_role(app, night):
+    stem = _frames(night)[0]
+    calibrated = (night["workdir"] / "frames" / stem / "calibrated.fits").read_bytes()
+    for role in ROLES:
+        c = client_as(app, role)
+        r = c.get("/dash/?name=demo&format=json")
+        assert r.status_code == 200 and r.json()["total"] == 3, (role, r.text[:300])
+        r = c.get(f"/dash/frame/demo/{SESSION}/{stem}")
+        assert r.status_code == 200 and f"Frame {stem}" in r.text
+        assert ("id='withdraw'" in r.text) == (role != "viewer"), role
+        r = c.get(f"/dash/files/demo/{SESSION}/frames/{stem}/calibrated.fits")
+        assert r.status_code == 200 and r.content == calibrated
+        r = c.get(f"/dash/session/demo/{SESSION}")
+        assert r.status_code == 200 and "Every file" in r.text
+        assert ("id='delete'" in r.text) == (role == "admin"), role
+        assert c.get("/dash/target?name=demo").status_code == 200
+
+
+def test_viewer_cannot_decide_or_delete_and_nothing_changes(app, night):
+    stem = _frames(night)[0]
+    before = obscore_dids(night["url"])
+    c = client_as(app, "viewer")
+    r = _decide(c, {"decision": "withdrawn", "reason": "clouds", "frames": [stem]})
+    assert r.status_code == 403 and "observer" in r.json()["detail"]
+    for role in ("viewer", "user", "op"):
+        r = client_as(app, role).post(f"/dash/delete/demo/{SESSION}")
+        assert r.status_code == 403 and "admin" in r.json()["detail"], role
+    assert obscore_dids(night["url"]) == before and len(before) == 3
+    assert (night["workdir"] / "frames" / stem / "calibrated.fits").is_file()
+
+
+def test_withdraw_and_validate_round_trip_in_obscore_and_results_db(app, night):
+    from rpp_tasks.outputs import db
+
+    stems = _frames(night)
+    all_dids = obscore_dids(night["url"])
+    assert len(all_dids) == 3
+    c = client_as(app, "user")
+    r = _decide(c, {"decision": "withdrawn", "reason": "satellite trail", "frames": [stems[1]]})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["archive_rows_removed"] == 1 and out["by"] == "user_1"
+    (did,) = out["dids"]
+    assert obscore_dids(night["url"]) == all_dids - {did}
+    with db.ResultsDB(db.default_results_url(night["obs"].resolve_path("work"))) as rdb:
+        (row,) = db.decisions(rdb, "demo", SESSION)
+        assert (row["frame_stem"], row["decision"], row["reason"], row["decided_by"]) == (
+            stems[1],
+            "withdrawn",
+            "satellite trail",
+            "user_1",
+        )
+    # search shows it as withdrawn; the frame page shows who and why
+    js = c.get("/dash/?status=withdrawn&format=json").json()
+    assert [x["frame_stem"] for x in js["rows"]] == [stems[1]]
+    page = c.get(f"/dash/frame/demo/{SESSION}/{stems[1]}").text
+    assert "satellite trail" in page and "user_1" in page
+
+    r = _decide(
+        c, {"decision": "validated", "reason": "trail is outside the target", "frames": [stems[1]]}
+    )
+    assert r.status_code == 200 and r.json()["archive_rows_added"] == 1
+    assert obscore_dids(night["url"]) == all_dids
+    with db.ResultsDB(db.default_results_url(night["obs"].resolve_path("work"))) as rdb:
+        (row,) = db.decisions(rdb, "demo", SESSION)
+        assert row["decision"] == "validated"
+        hist = db.decisions(rdb, "demo", SESSION, history=True)
+        assert [h["decision"] for h in hist] == ["withdrawn", "validated"]
+
+    # whole session, by an admin
+    r = _decide(client_as(app, "admin"), {"decision": "withdrawn", "reason": "bad night"})
+    assert r.status_code == 200 and r.json()["archive_rows_removed"] == 3
+    assert obscore_dids(night["url"]) == set()
+    assert client_as(app, "viewer").get("/dash/?status=withdrawn&format=json").json()["total"] == 3
+    r = _decide(c, {"decision": "validated", "reason": None, "frames": None})
+    assert r.status_code == 200 and obscore_dids(night["url"]) == all_dids
+
+
+def test_bad_decisions_are_4xx_with_a_message_and_change_nothing(app, night):
+    from rpp_tasks.outputs import db
+
+    stems = _frames(night)
+    c = client_as(app, "user")
+    url = db.default_results_url(night["obs"].resolve_path("work"))
+    with db.ResultsDB(url) as rdb:
+        before = db.decisions(rdb, "demo", SESSION, history=True)
+    dids = obscore_dids(night["url"])
+    cases = [
+        ({"decision": "withdrawn", "frames": [stems[0]]}, 400, "reason"),
+        ({"decision": "deleted", "reason": "x", "frames": [stems[0]]}, 400, "decision"),
+        ({"decision": "withdrawn", "reason": "x", "frames": ["nope"]}, 404, "no frame"),
+        ({"decision": "withdrawn", "reason": "x", "frames": ["../x"]}, 400, "invalid"),
+        ({"decision": "withdrawn", "reason": "x", "frames": ["a\x00b"]}, 400, "invalid"),
+        ({"decision": "withdrawn", "reason": "x", "frames": "all"}, 400, "frames"),
+        ({"decision": "withdrawn", "reason": "x", "extra": 1}, 400, "unknown"),
+    ]
+    for body, code, word in cases:
+        r = _decide(c, body)
+        assert r.status_code == code and word in r.json()["detail"], (body, r.status_code, r.text)
+    r = _decide(c, {"decision": "withdrawn", "reason": "x"}, session="1999-01-01")
+    assert r.status_code == 404
+    r = c.post(f"/dash/decide/nowhere/{SESSION}", json={"decision": "withdrawn", "reason": "x"})
+    assert r.status_code == 404
+    r = c.post(
+        f"/dash/decide/demo/{SESSION}",
+        content="decision=withdrawn&reason=x",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert r.status_code == 400 and "application/json" in r.json()["detail"]
+    r = c.post(
+        f"/dash/decide/demo/{SESSION}",
+        content=b"{not json",
+        headers={"Content-Type": "application/json"},
+    )
+    assert r.status_code == 400
+    with db.ResultsDB(url) as rdb:
+        assert db.decisions(rdb, "demo", SESSION, history=True) == before
+    assert obscore_dids(night["url"]) == dids
+
+
+def test_withdrawing_a_frame_that_is_not_archived_is_409(plugin, tmp_path, monkeypatch):
+    """A rejected frame (here: the summary says so) has no archive row: 409, nothing recorded."""
+    from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
+
+    from rpp_tasks.outputs import db
+
+    monkeypatch.setenv("RPP_DATA_ROOT", str(tmp_path))
+    n = reduce_night(tmp_path, n_science=2, archive=False)
+    path = n["workdir"] / "session_summary.json"
+    s = json.loads(path.read_text())
+    s["frames"][0].update(status="rejected", reason="fwhm 12 px > 8 px")
+    path.write_text(json.dumps(s))
+    app = plugin.create_app(
+        auth_dependency=lambda: None,
+        user_dependency=_user_from_header(),
+        auth_manager=SimpleAuthManager(),
+    )
+    c = client_as(app, "user")
+    stem = s["frames"][0]["frame"]
+    r = _decide(c, {"decision": "withdrawn", "reason": "x", "frames": [stem]})
+    assert r.status_code == 409 and "not archived" in r.json()["detail"]
+    with db.ResultsDB(db.default_results_url(n["obs"].resolve_path("work"))) as rdb:
+        assert db.decisions(rdb, "demo", SESSION, history=True) == []
+    # admin deletes the session's products: the work folder goes, the raw files stay
+    raw_files = sorted(p.name for p in n["raw"].iterdir())
+    r = client_as(app, "admin").post(f"/dash/delete/demo/{SESSION}")
+    assert r.status_code == 200, r.text
+    assert not n["workdir"].exists() and sorted(p.name for p in n["raw"].iterdir()) == raw_files
+    assert c.get(f"/dash/session/demo/{SESSION}").status_code == 404
+    assert c.get("/dash/?format=json").json()["total"] == 0
+
+
+def test_search_filters_paging_and_exports(app, night):
+    c = client_as(app, "viewer")
+    stems = _frames(night)
+    js = c.get("/dash/?format=json&per_page=2").json()
+    assert js["total"] == 3 and [r["frame_stem"] for r in js["rows"]] == stems[::-1][:2]
+    js = c.get("/dash/?format=json&per_page=2&page=2").json()
+    assert [r["frame_stem"] for r in js["rows"]] == [stems[0]]
+    f0 = night["summary"]["frames"][0]
+    js = c.get(
+        f"/dash/?format=json&ra={f0['ra_deg']}&dec={f0['dec_deg']}&radius_arcmin=0.05"
+    ).json()
+    assert [r["frame_stem"] for r in js["rows"]] == [stems[0]] and js["rows"][0][
+        "sep_arcmin"
+    ] < 0.05
+    assert c.get("/dash/?format=json&band=V").json()["total"] == 3
+    assert c.get("/dash/?format=json&band=R").json()["total"] == 0
+    assert c.get("/dash/?format=json&date_from=2025-01-15&date_to=2025-01-15").json()["total"] == 3
+    assert c.get("/dash/?format=json&date_from=2025-01-16").json()["total"] == 0
+    assert c.get("/dash/?format=json&observatory=demo&status=ok").json()["total"] == 3
+    js = c.get("/dash/?format=json&name=DEMO").json()  # the frames' OBJECT, case-insensitive
+    assert js["total"] == 3 and js["resolved"] is None
+    assert c.get("/dash/?format=json&name=M 31").json()["total"] == 0
+    r = c.get("/dash/?format=csv&band=V")
+    assert r.status_code == 200 and "attachment" in r.headers["content-disposition"]
+    rows = list(csv.DictReader(io.StringIO(r.text)))
+    assert [x["frame_stem"] for x in rows] == stems[::-1]
+    assert float(rows[-1]["fwhm_arcsec"]) == pytest.approx(f0["fwhm_arcsec"])
+    r = c.get("/dash/?format=votable")
+    from astropy.io.votable import parse_single_table
+
+    t = parse_single_table(io.BytesIO(r.content)).to_table()
+    assert sorted(t["frame_stem"]) == sorted(stems)
+    assert t["ra_deg"].unit == "deg"
+    page = c.get("/dash/?name=demo").text
+    assert page.count("<img loading='lazy'") == 3 and "3 frame(s)" in page
+    thumb = c.get(f"/dash/files/demo/{SESSION}/frames/{stems[0]}/thumb.png")
+    assert thumb.status_code == 200 and thumb.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_malformed_search_and_paths_are_4xx_never_500(app, night):
+    c = client_as(app, "user")
+    stem = _frames(night)[0]
+    cases = {
+        "/dash/?ra=abc&dec=1": 400,
+        "/dash/?ra=10": 400,
+        "/dash/?ra=400&dec=0": 400,
+        "/dash/?dec=nan&ra=1": 400,
+        "/dash/?radius_arcmin=-1&ra=1&dec=1": 400,
+        "/dash/?date_from=2025-13-01": 400,
+        "/dash/?date_from=2025-02-01&date_to=2025-01-01": 400,
+        "/dash/?page=0": 400,
+        "/dash/?per_page=100000": 400,
+        "/dash/?status=lost": 400,
+        "/dash/?format=xls": 400,
+        "/dash/?observatory=nowhere": 400,
+        "/dash/?name=%00": 400,
+        "/dash/?name=a&name=b": 400,
+        "/dash/?evil=1": 400,
+        f"/dash/frame/demo/{SESSION}/nope": 404,
+        f"/dash/frame/demo/{SESSION}/..": 404,
+        f"/dash/frame/demo/{SESSION}/a%00b": 400,
+        "/dash/frame/demo/..%2F..%2Fetc/x": 404,
+        f"/dash/frame/nowhere/{SESSION}/{stem}": 404,
+        f"/dash/frame/demo/1999-01-01/{stem}": 404,
+        f"/dash/files/demo/{SESSION}/frames/{stem}/summary.json": 403,
+        f"/dash/files/demo/{SESSION}/frames/{stem}/..%2F..%2Fmanifest.json": 404,
+        f"/dash/files/demo/{SESSION}/frames/{stem}/calibrated.fits%00": 400,
+        f"/dash/files/demo/{SESSION}/frames/..%2F{stem}/calibrated.fits": 404,
+        f"/dash/files/demo/{SESSION}/frames/%2E%2E/calibrated.fits": 400,
+        f"/dash/session/demo/{SESSION}%00": 400,
+        "/dash/session/demo/%2E%2E": 400,
+        f"/dash/session/demo/{SESSION}?format=xml": 400,
+        "/dash/target?name=%01": 400,
+    }
+    got = {u: c.get(u).status_code for u in cases}
+    assert got == cases
+    r = c.get("/dash/?ra=abc&dec=1")
+    assert "not a number" in r.json()["detail"]
+
+
+def test_access_url_of_an_archived_row_downloads_the_product(plugin, tmp_path, monkeypatch):
+    """archive.base_url = the dashboard's download route: the row's access_url, fetched with a
+    login, gives the product's bytes (file:// stays the embedded default)."""
+    import dataclasses
+
+    import sqlalchemy as sa
+    from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
+
+    from rpp_tasks.session import connections, lifecycle
+
+    monkeypatch.setenv("RPP_DATA_ROOT", str(tmp_path))
+    n = reduce_night(tmp_path, n_science=1, archive=False)
+    base = "http://testserver/rpp-reports/{observatory}/"
+    obs = dataclasses.replace(
+        n["obs"], archive=dataclasses.replace(n["obs"].archive, base_url=base)
+    )
+    from rpp_tasks.session.workdir import Session
+
+    lifecycle.archive(Session.load(n["workdir"]), obs, url=connections.archive_url(obs))
+    eng = sa.create_engine(connections.archive_url(obs))
+    with eng.connect() as con:
+        (access_url,) = con.execute(sa.text("SELECT access_url FROM rpp_main")).scalars().all()
+    eng.dispose()
+    stem = n["summary"]["frames"][0]["frame"]
+    assert (
+        access_url == f"http://testserver/rpp-reports/demo/{SESSION}/frames/{stem}/calibrated.fits"
+    )
+    app = plugin.create_app(
+        auth_dependency=lambda: None,
+        user_dependency=_user_from_header(),
+        auth_manager=SimpleAuthManager(),
+    )
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    outer = FastAPI()
+    outer.mount("/rpp-reports", app)
+    c = TestClient(outer, headers={"X-Test-User": "v:viewer"})
+    r = c.get(access_url)
+    assert r.status_code == 200
+    assert r.content == (n["workdir"] / "frames" / stem / "calibrated.fits").read_bytes()
+    anon = TestClient(outer)
+    assert anon.get(access_url, follow_redirects=True).status_code == 401
