@@ -203,6 +203,14 @@ def _add_dashboard(app: FastAPI, actor_dep, store_factory) -> None:
             reason=d["reason"],
         )
 
+    @app.get("/dash/moc/{observatory}.json")
+    def dash_moc(observatory: str, actor=Depends(actor_dep)) -> dict:  # noqa: B008
+        return _http_errors(views.moc_view, store(), actor, observatory)
+
+    @app.get("/dash/moc/{observatory}/{session_id}.json")
+    def dash_moc_session(observatory: str, session_id: str, actor=Depends(actor_dep)) -> dict:  # noqa: B008
+        return _http_errors(views.moc_view, store(), actor, observatory, session_id)
+
     @app.post("/dash/delete/{observatory}/{session_id}")
     def dash_delete(observatory: str, session_id: str, actor=Depends(actor_dep)) -> dict:  # noqa: B008
         return _http_errors(store().delete_products, actor, observatory, session_id)

@@ -150,6 +150,7 @@ def test_anonymous_gets_401_from_airflows_login_on_every_dashboard_route(plugin,
         ("get", f"/dash/files/demo/{SESSION}/frames/{stem}/calibrated.fits"),
         ("get", f"/dash/session/demo/{SESSION}"),
         ("get", "/dash/target?name=demo"),
+        ("get", "/dash/moc/demo.json"),
         ("post", f"/dash/decide/demo/{SESSION}"),
         ("post", f"/dash/delete/demo/{SESSION}"),
     ]:
@@ -438,3 +439,71 @@ def test_access_url_of_an_archived_row_downloads_the_product(plugin, tmp_path, m
     assert r.content == (n["workdir"] / "frames" / stem / "calibrated.fits").read_bytes()
     anon = TestClient(outer)
     assert anon.get(access_url, follow_redirects=True).status_code == 401
+
+
+def test_healpix_nested_numbering_matches_known_cells():
+    import numpy as np
+
+    from rpp_tasks.outputs.dashboard.moc import ang2pix_nest
+
+    # order 0: the 12 base cells (north cap 0-3, equator 4-7, south cap 8-11)
+    ra = np.array([45.0, 135, 225, 315, 0, 90, 180, 270, 45, 135, 225, 315])
+    dec = np.array([60.0, 60, 60, 60, 0, 0, 0, 0, -60, -60, -60, -60])
+    assert ang2pix_nest(0, ra, dec).tolist() == list(range(12))
+    # a cell's 4 children are the 4 quarter-cells: the parent is the child // 4 at every order
+    rng = np.random.default_rng(3)
+    r, d = rng.uniform(0, 360, 500), np.degrees(np.arcsin(rng.uniform(-1, 1, 500)))
+    for order in range(1, 12):
+        assert (ang2pix_nest(order, r, d) // 4 == ang2pix_nest(order - 1, r, d)).all()
+    assert ang2pix_nest(10, r, d).max() < 12 * 4**10
+
+
+def test_moc_per_session_and_observatory_covers_the_frames(app, night):
+    from rpp_tasks.outputs.dashboard.moc import contains
+
+    c = client_as(app, "viewer")
+    js = c.get(f"/dash/moc/demo/{SESSION}.json").json()
+    assert js["sessions"] == [SESSION] and js["order"] == 10 and js["n_cells"] > 0
+    whole = c.get("/dash/moc/demo.json").json()
+    assert set(js["moc"]["10"]) <= set(whole["moc"]["10"])
+    for f in night["summary"]["frames"]:
+        assert contains(js["moc"], f["ra_deg"], f["dec_deg"])
+    f0 = night["summary"]["frames"][0]
+    assert not contains(js["moc"], f0["ra_deg"] + 1.0, f0["dec_deg"])  # 256" field: 1 deg off
+    # a 256x256 1"/px field is ~0.0051 sq deg; an order-10 cell is ~0.0033 sq deg
+    assert 2 <= js["n_cells"] <= 20, js["n_cells"]
+    assert js["ascii"].startswith("10/")
+    assert c.get("/dash/moc/demo/1999-01-01.json").status_code == 404
+    assert c.get("/dash/moc/nowhere.json").status_code == 404
+
+
+def test_session_page_shows_progress_while_the_dag_runs(app, night):
+    """A session whose frames are half-way (no summary yet): frames done / total per stage."""
+    work = night["obs"].resolve_path("work")
+    run = work / "2025-01-16"
+    (run / "frames").mkdir(parents=True)
+    (run / "manifest.json").write_text(json.dumps({"counts": {"science": 3}}))
+    done = {"a": ["calibrate", "cosmics", "background"], "b": ["calibrate"], "c": []}
+    for stem, stages in done.items():
+        (run / "frames" / stem).mkdir()
+        st = {s: {"finished_utc": "2026-01-01T00:00:00+00:00"} for s in stages}
+        (run / "frames" / stem / "summary.json").write_text(json.dumps({"stages": st}))
+    try:
+        c = client_as(app, "viewer")
+        js = c.get("/dash/session/demo/2025-01-16?format=json").json()
+        prog = {s["stage"]: (s["done"], s["total"]) for s in js["progress"]["stages"]}
+        assert prog["calibrate"] == (2, 3) and prog["cosmics"] == (1, 3)
+        assert prog["background"] == (1, 3) and prog["detect"] == (0, 3)
+        assert js["progress"]["finished"] is False
+        page = c.get("/dash/session/demo/2025-01-16").text
+        assert "<b id='run-state'>running</b>" in page and "<td class='n'>2/3</td>" in page
+        fin = c.get(f"/dash/session/demo/{SESSION}?format=json").json()
+        assert fin["progress"]["finished"] is True
+        assert all(s["done"] == s["total"] == 3 for s in fin["progress"]["stages"]), fin
+        outcomes = {Path(x["path"]).name: x["outcome"] for x in fin["files"]}
+        assert outcomes["bias_001.fits"] == "calibration used"
+        assert sum(o == "reduced" for o in outcomes.values()) == 3
+    finally:
+        import shutil
+
+        shutil.rmtree(run)

@@ -213,3 +213,30 @@ def parse_decision(body: bytes, content_type: str | None) -> dict:
     if not isinstance(decision, str):
         raise ValueError("decision must be 'validated' or 'withdrawn'")
     return {"decision": decision, "reason": reason, "frames": frames}
+
+
+def moc_view(store: Store, actor: Actor, observatory: str, session_id: str | None = None) -> dict:
+    """The coverage MOC of an observatory's archived rows (or of one session): MOC 2.0 JSON plus
+    the ASCII form and the sessions it gathers."""
+    from rpp_tasks.outputs.browse import safe_name
+    from rpp_tasks.outputs.dashboard import moc
+
+    obs = store.obs(observatory)
+    actor.require("browse", obs.dag_id)
+    if session_id is not None and not safe_name(session_id):
+        raise ValueError(f"invalid session id {session_id!r:.80}")
+    by_session = moc.archive_mocs(store._archive_url(obs), obs.archive.obs_collection or obs.name)
+    if session_id is not None:
+        if session_id not in by_session:
+            raise LookupError(f"no archived footprint for session {observatory}/{session_id}")
+        by_session = {session_id: by_session[session_id]}
+    cells = set().union(*by_session.values()) if by_session else set()
+    return {
+        "observatory": observatory,
+        "session_id": session_id,
+        "sessions": sorted(by_session),
+        "order": moc.DEFAULT_ORDER,
+        "n_cells": len(cells),
+        "moc": moc.to_json(cells),
+        "ascii": moc.to_ascii(cells),
+    }
