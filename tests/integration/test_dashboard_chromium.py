@@ -271,6 +271,10 @@ def test_observer_logs_in_searches_withdraws_and_validates_in_chromium(airflow, 
                 timeout=90,
             )
             frame_img = await b.shot(SHOTS / "frame.png")
+            rect = await b.js(
+                "(() => { const r = document.getElementById('preview').getBoundingClientRect();"
+                " return [r.left, r.top, r.width, r.height].map(Math.round); })()"
+            )
             # control: the same page with the preview broken
             await b.js("document.getElementById('preview').src = 'broken.png'; true")
             await asyncio.sleep(1.0)
@@ -289,7 +293,7 @@ def test_observer_logs_in_searches_withdraws_and_validates_in_chromium(airflow, 
                 "document.getElementById('state') && "
                 "document.getElementById('state').textContent === 'withdrawn'"
             )
-            await b.shot(SHOTS / "frame_withdrawn.png")
+            withdrawn_img = await b.shot(SHOTS / "frame_withdrawn.png")
             text = await b.js("document.body.innerText")
             assert "satellite trail" in text and USER in text
 
@@ -300,18 +304,25 @@ def test_observer_logs_in_searches_withdraws_and_validates_in_chromium(airflow, 
             )
             await b.wait("document.getElementById('msg').textContent.includes('validated by')")
             back = _dids(airflow["url"])
-            return frame_img, control, gone, back
+            return frame_img, control, withdrawn_img, rect, gone, back
 
     try:
-        frame_img, control, gone, back = asyncio.run(run())
+        frame_img, control, withdrawn_img, rect, gone, back = asyncio.run(run())
     finally:
         chrome.terminate()
         chrome.wait(20)
     assert len(gone) == 2 and gone < all_dids
     assert back == all_dids
-    # the preview: zscale sky (grey) and detection circles (green) in the page, not the control
-    assert _grey(frame_img) > 100_000 and _green(frame_img) > 300, (
-        _grey(frame_img),
-        _green(frame_img),
-    )
-    assert _grey(control) < 5_000 and _green(control) < 20, (_grey(control), _green(control))
+    # the preview: zscale sky (grey) and detection circles (green) where the preview is, and
+    # neither in the control page whose preview is broken (same rectangle)
+    x, y, w, h = rect
+    assert w >= 600 and h >= 600, rect
+    shot, ctrl = frame_img[y : y + h, x : x + w], control[y : y + h, x : x + w]
+    assert _grey(shot) > 0.5 * w * h and _green(shot) > 300, (_grey(shot), _green(shot))
+    assert _grey(ctrl) < 0.1 * w * h and _green(ctrl) < 20, (_grey(ctrl), _green(ctrl))
+
+    # the red "withdrawn" badge shows after the withdrawal only
+    def red(img):
+        return int(np.count_nonzero(np.all(np.abs(img - np.array([238, 51, 51])) <= 30, axis=-1)))
+
+    assert red(withdrawn_img) > 200 and red(frame_img) < 20, (red(withdrawn_img), red(frame_img))

@@ -210,7 +210,8 @@ class Result:
 
 
 def _select(q: Query, names: list[str], pos, key):
-    """The SQL of one results database (frame index LEFT JOIN current decision)."""
+    """The SQL of one results database: the frame index, joined to the current decisions only when
+    the status filter is about them (else they are attached to the page's rows afterwards)."""
     from sqlalchemy import and_, func, or_, select
 
     t = rdb_mod.FrameIndexRow.__table__
@@ -232,6 +233,7 @@ def _select(q: Query, names: list[str], pos, key):
         ),
     )
     decision = func.coalesce(d.c.decision, ds.c.decision)
+    by_decision = q.status in ("pending", "validated", "withdrawn")
     cols = [
         t.c.observatory,
         t.c.session_id,
@@ -245,9 +247,6 @@ def _select(q: Query, names: list[str], pos, key):
         t.c.ra_deg,
         t.c.dec_deg,
         t.c.status,
-        decision.label("decision"),
-        func.coalesce(d.c.reason, ds.c.reason).label("decision_reason"),
-        func.coalesce(d.c.decided_by, ds.c.decided_by).label("decided_by"),
         t.c.fwhm_arcsec,
         t.c.zp_mag,
         t.c.limiting_mag,
@@ -281,7 +280,7 @@ def _select(q: Query, names: list[str], pos, key):
         where.append(t.c.object_key == key)
     else:
         where += geo
-    return select(*cols).select_from(joined).where(*where), t
+    return select(*cols).select_from(joined if by_decision else t).where(*where), t
 
 
 def search(store, q: Query, *, online: bool = False) -> Result:
@@ -301,22 +300,28 @@ def search(store, q: Query, *, online: bool = False) -> Result:
             pos = (float(res["ra"]) % 360.0, float(res["dec"]), r_deg)
     elif q.ra is not None:
         pos = (q.ra % 360.0, q.dec, (q.radius_arcmin or DEFAULT_NAME_RADIUS_ARCMIN) / 60.0)
-    want = q.page * q.per_page
-    total = 0
-    rows: list[dict] = []
+    groups = []
     for d, names in store.groups().values():
         if q.observatory:
             names = [n for n in names if n == q.observatory]
-        if not names:
-            continue
+        if names:
+            groups.append((d, names))
+    single = len(groups) == 1 and pos is None  # page in SQL
+    start = (q.page - 1) * q.per_page
+    total = 0
+    rows: list[dict] = []
+    for d, names in groups:
         stmt, t = _select(q, names, pos, key)
         with d.engine.connect() as conn:
             if pos is None:
                 total += conn.execute(select(func.count()).select_from(stmt.subquery())).scalar()
-                got = conn.execute(
-                    stmt.order_by(t.c.mjd_obs.desc(), t.c.frame_stem).limit(want)
-                ).mappings()
-                rows += [dict(r) for r in got]
+                page = stmt.order_by(t.c.mjd_obs.desc(), t.c.observatory, t.c.frame_stem)
+                page = (
+                    page.offset(start).limit(q.per_page)
+                    if single
+                    else page.limit(start + q.per_page)
+                )
+                rows += [{**r, "_db": d} for r in conn.execute(page).mappings()]
             else:  # exact distance on the box's rows
                 ra, dec, r = pos
                 for r_ in conn.execute(stmt).mappings():
@@ -327,12 +332,38 @@ def search(store, q: Query, *, online: bool = False) -> Result:
                     named = key is not None and row["object_name"] is not None
                     named = named and normalize_name(row["object_name"]) == key
                     if named or (sep is not None and sep <= r):
-                        rows.append(row)
+                        rows.append({**row, "_db": d})
     if pos is not None:
         total = len(rows)
     rows.sort(key=lambda r: (-(r["mjd_obs"] or 0.0), r["observatory"], r["frame_stem"]))
-    start = (q.page - 1) * q.per_page
-    return Result(q, total, rows[start : start + q.per_page])
+    rows = rows if single else rows[start : start + q.per_page]
+    _attach_decisions(rows)
+    return Result(q, total, rows)
+
+
+def _attach_decisions(rows: list[dict]) -> None:
+    """The current decision of each row (its own, else the session's), one query per database."""
+    from sqlalchemy import select, tuple_
+
+    d_t = rdb_mod.DecisionRow.__table__
+    by_db: dict[int, tuple] = {}
+    for r in rows:
+        by_db.setdefault(id(r["_db"]), (r["_db"], set()))[1].add(
+            (r["observatory"], r["session_id"])
+        )
+    found: dict[tuple, dict] = {}
+    for d, keys in by_db.values():
+        stmt = select(d_t).where(tuple_(d_t.c.observatory, d_t.c.session_id).in_(sorted(keys)))
+        with d.engine.connect() as conn:
+            for x in conn.execute(stmt).mappings():
+                found[(x["observatory"], x["session_id"], x["frame_stem"])] = dict(x)
+    for r in rows:
+        del r["_db"]
+        k = (r["observatory"], r["session_id"])
+        x = found.get((*k, r["frame_stem"])) or found.get((*k, rdb_mod.SESSION_WIDE))
+        r["decision"] = x["decision"] if x else None
+        r["decision_reason"] = x["reason"] if x else None
+        r["decided_by"] = x["decided_by"] if x else None
 
 
 def to_csv(result: Result) -> str:
