@@ -203,6 +203,26 @@ def _add_dashboard(app: FastAPI, actor_dep, store_factory) -> None:
             reason=d["reason"],
         )
 
+    @app.get("/dash/spectrum/{observatory}/{session_id}/{relpath:path}")
+    def dash_spectrum(observatory: str, session_id: str, relpath: str, actor=Depends(actor_dep)):  # noqa: B008
+        depth = "../" * (relpath.count("/") + 3)
+        html = _http_errors(
+            views.spectrum_view, store(), actor, observatory, session_id, relpath, base=depth
+        )
+        return HTMLResponse(html)
+
+    @app.get("/dash/spectrum-file/{observatory}/{session_id}/{relpath:path}")
+    def dash_spectrum_file(
+        observatory: str,
+        session_id: str,
+        relpath: str,
+        actor=Depends(actor_dep),  # noqa: B008
+    ):
+        path, media = _http_errors(
+            views.spectrum_file, store(), actor, observatory, session_id, relpath
+        )
+        return FileResponse(path, media_type=media, filename=path.name)
+
     @app.get("/dash/moc/{observatory}.json")
     def dash_moc(observatory: str, actor=Depends(actor_dep)) -> dict:  # noqa: B008
         return _http_errors(views.moc_view, store(), actor, observatory)

@@ -507,3 +507,53 @@ def test_session_page_shows_progress_while_the_dag_runs(app, night):
         import shutil
 
         shutil.rmtree(run)
+
+
+def test_spectrum_page_lists_plots_and_serves_the_spectra_of_a_session(app, night):
+    """The spectra stages write ``<base>.fits`` (BeSS), ``<base>.ecsv`` and ``<base>_spectrum.png``
+    (`rpp_tasks.spectra.products`); the session page links them and the spectrum page shows them."""
+    import numpy as np
+
+    from rpp_tasks.spectra import products
+
+    tdir = night["workdir"] / "spectra" / "hd8538"
+    tdir.mkdir(parents=True)
+    wl = np.linspace(6400.0, 6700.0, 300)
+    flux = 1.0 + 0.5 * np.exp(-0.5 * ((wl - 6563.0) / 3.0) ** 2)
+    base = tdir / "hd8538_20250115"
+    try:
+        from astropy.io import fits
+
+        hdu = fits.PrimaryHDU(flux)
+        hdu.header.update(CRVAL1=6400.0, CDELT1=wl[1] - wl[0], CRPIX1=1.0, OBJNAME="hd8538")
+        hdu.writeto(base.with_suffix(".fits"))
+        products.write_spectrum_ecsv(
+            base.with_suffix(".ecsv"), wavelength_a=wl, flux=flux, error=flux * 0.01
+        )
+        (tdir / "hd8538_20250115_spectrum.png").write_bytes(products.plot_spectrum(wl, flux))
+        (tdir / "notes.fits").write_bytes(b"not listed")
+        c = client_as(app, "viewer")
+        rel = "spectra/hd8538/hd8538_20250115"
+        page = c.get(f"/dash/session/demo/{SESSION}").text
+        assert f"spectrum/demo/{SESSION}/{rel}'" in page
+        r = c.get(f"/dash/spectrum/demo/{SESSION}/{rel}")
+        assert r.status_code == 200 and "Spectrum hd8538_20250115" in r.text
+        assert f"src='../../../../../spectrum-file/demo/{SESSION}/{rel}_spectrum.png'" in r.text
+        for suffix in (".fits", ".ecsv", "_spectrum.png"):
+            r = c.get(f"/dash/spectrum-file/demo/{SESSION}/{rel}{suffix}")
+            assert r.status_code == 200, suffix
+            assert r.content == (night["workdir"] / f"{rel}{suffix}").read_bytes()
+        bad = {
+            f"/dash/spectrum-file/demo/{SESSION}/spectra/hd8538/notes.fits": 403,
+            f"/dash/spectrum-file/demo/{SESSION}/session_summary.json": 403,
+            f"/dash/spectrum-file/demo/{SESSION}/spectra/%2E%2E/x.fits": 400,
+            f"/dash/spectrum-file/demo/{SESSION}/spectra/a%00.fits": 400,
+            f"/dash/spectrum/demo/{SESSION}/spectra/hd8538/nothing": 403,
+            f"/dash/spectrum/demo/{SESSION}/{rel}": 200,
+        }
+        assert {u: c.get(u).status_code for u in bad} == bad
+        assert client_as(app, None).get(f"/dash/spectrum/demo/{SESSION}/{rel}").status_code == 401
+    finally:
+        import shutil
+
+        shutil.rmtree(night["workdir"] / "spectra")

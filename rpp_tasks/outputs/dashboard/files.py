@@ -182,3 +182,36 @@ def progress(workdir: Path, stage_names, frame_stage_names) -> dict:
         "stages": [{"stage": n, "done": done[n], "total": total} for n in stage_names if n in done],
         "masters": (workdir / "masters.json").is_file(),
     }
+
+
+_SPECTRUM_SUFFIXES = {
+    ".fits": "application/fits",
+    ".ecsv": "text/plain; charset=utf-8",
+    "_spectrum.png": "image/png",
+}
+
+
+def spectrum_products(workdir: Path) -> list[str]:
+    """1-D spectra of a session (`rpp_tasks.spectra`: ``<base>.fits`` with its
+    ``<base>_spectrum.png`` plot), as ``<base>`` paths relative to the work folder."""
+    out = []
+    for png in sorted(workdir.glob("**/*_spectrum.png")):
+        base = png.with_name(png.name[: -len("_spectrum.png")])
+        if base.with_suffix(".fits").is_file() and CACHE_DIR not in png.parts:
+            out.append(base.relative_to(workdir).as_posix())
+    return out[:500]
+
+
+def spectrum_file(workdir: Path, relpath: str) -> tuple[Path, str]:
+    """A file of a listed spectrum (``<base>.fits``, ``.ecsv`` or ``_spectrum.png``) and its MIME
+    type; refuses anything else (PermissionError) and malformed paths (ValueError)."""
+    parts = relpath.split("/")
+    if len(relpath) > 1024 or not all(safe_name(p) for p in parts):
+        raise ValueError(f"invalid spectrum path {relpath!r:.80}")
+    for suffix, mime in _SPECTRUM_SUFFIXES.items():
+        if relpath.endswith(suffix):
+            base = relpath[: -len(suffix)]
+            if base in spectrum_products(workdir):
+                return _regular_inside(workdir / relpath, workdir), mime
+            break
+    raise PermissionError(f"{relpath!r:.80} is not a spectrum product of this session")

@@ -387,3 +387,14 @@ def target_page(
     if plot:
         body.append(f"<img alt='light curve' src='data:image/png;base64,{plot}'>")
     return _page(f"Light curve {name or ''}".strip(), "\n".join(body), base)
+
+
+def spectrum_page(*, base: str, obs: str, session: str, spectrum: str) -> str:
+    url = f"{base}spectrum-file/{quote(obs)}/{quote(session)}/{quote(spectrum)}"
+    body = (
+        f"<p>Session <a href='{base}session/{quote(obs)}/{quote(session)}'>{esc(obs)} / "
+        f"{esc(session)}</a></p><p><img id='spectrum' alt='spectrum' width='900' "
+        f"src='{url}_spectrum.png'></p><p>Download: <a href='{url}.fits'>FITS (BeSS)</a> · "
+        f"<a href='{url}.ecsv'>ECSV</a></p>"
+    )
+    return _page(f"Spectrum {spectrum.rsplit('/', 1)[-1]}", body, base)

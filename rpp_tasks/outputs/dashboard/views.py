@@ -84,12 +84,24 @@ def frame_file(
 
 
 def _spectra(workdir: Path) -> list[str]:
-    """Spectrum products of a session, whatever the spectra stages write (``*spectrum*.fits``)."""
-    return sorted(
-        str(p.relative_to(workdir))
-        for p in workdir.glob("**/*spectrum*.fits")
-        if p.is_file() and "dashboard" not in p.parts
-    )[:200]
+    return files.spectrum_products(workdir)
+
+
+def spectrum_view(
+    store: Store, actor: Actor, observatory: str, session_id: str, base_rel: str, *, base: str
+) -> str:
+    """The spectrum page: the pipeline's plot and the downloads (FITS, ECSV)."""
+    obs = store.obs(observatory)
+    actor.require("browse", obs.dag_id)
+    workdir = store.workdir(obs, session_id)
+    files.spectrum_file(workdir, base_rel + ".fits")  # checks the path and that it is listed
+    return pages.spectrum_page(base=base, obs=obs.name, session=session_id, spectrum=base_rel)
+
+
+def spectrum_file(store: Store, actor: Actor, observatory: str, session_id: str, relpath: str):
+    obs = store.obs(observatory)
+    actor.require("download", obs.dag_id)
+    return files.spectrum_file(store.workdir(obs, session_id), relpath)
 
 
 def _stage_names(obs):
