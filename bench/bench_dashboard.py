@@ -1,5 +1,5 @@
-"""Dashboard speed (issue 15): search over N synthetic frames on PostgreSQL and SQLite, and the frame
-page render.
+"""Dashboard speed (issue 15): search over N synthetic frames on PostgreSQL and SQLite, and the
+frame page render.
 
 The frames go straight into the dashboard's search index (``rpp_frame_index``, as
 `rpp_tasks.outputs.dashboard.store.Store.sync_index` fills it) spread over 5 observatories,

@@ -393,7 +393,8 @@ def archive(session: Session, obs, *, url: str, results_url: str | None = None) 
     frames = publishable_frames(stems, decided, obs.archive.publish)
     if len(frames) < len(stems):
         log.info(
-            "[%s] archive: %d of %d reduced frame(s) published (archive.publish: %s, %d decision(s))",
+            "[%s] archive: %d of %d reduced frame(s) published "
+            "(archive.publish: %s, %d decision(s))",
             session.session_id,
             len(frames),
             len(stems),

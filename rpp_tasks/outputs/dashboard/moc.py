@@ -3,8 +3,8 @@ observatory, from the footprints of the archived rows, so "which nights cover th
 look-up in a small map instead of a scan of the rows.
 
 The map is at one fixed order (`DEFAULT_ORDER` = 10: cells of 3.4'), computed here without any
-HEALPix dependency (`ang2pix_nest` is the standard NESTED numbering of Górski et al. 2005). A cell is
-in the map when a sample point of a footprint falls in it (points every third of a cell, and the
+HEALPix dependency (`ang2pix_nest` is the standard NESTED numbering of Górski et al. 2005). A cell
+is in the map when a sample point of a footprint falls in it (points every third of a cell, and the
 footprint's vertices), so partly covered cells at the edges are included. Serialised in the MOC 2.0
 JSON form (``{"10": [cells]}``) and the ASCII form (``10/1-3 7``).
 """

@@ -16,14 +16,16 @@ CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.2em; color: #222; }
 h1 { font-size: 1.4em; } h2 { font-size: 1.15em; margin-top: 1.4em; }
 table { border-collapse: collapse; font-size: 13px; }
-th, td { border-bottom: 1px solid #ddd; padding: 3px 7px; text-align: left; vertical-align: middle; }
+th, td { border-bottom: 1px solid #ddd; padding: 3px 7px; text-align: left;
+  vertical-align: middle; }
 th { background: #f4f4f4; }
 td.n { text-align: right; font-variant-numeric: tabular-nums; }
 form.search input, form.search select { margin: 0 .6em .4em 0; }
 .withdrawn { background: #fde8e8; } .validated { background: #e8f7e8; }
 .rejected { color: #888; }
 .badge { padding: 1px 6px; border-radius: 8px; font-size: 12px; background: #eee; }
-.badge.withdrawn { background: #e33; color: #fff; } .badge.validated { background: #2a2; color: #fff; }
+.badge.withdrawn { background: #e33; color: #fff; }
+.badge.validated { background: #2a2; color: #fff; }
 nav a { margin-right: 1em; }
 .bar { background: #eee; width: 220px; height: 12px; display: inline-block; }
 .bar span { background: #3a7; height: 12px; display: block; }
@@ -132,7 +134,8 @@ def search_page(result: Result, *, base: str, observatories, message: str | None
             if r["status"] == "ok"
             else ""
         )
-        badge = f"<span class='badge {esc(r.get('decision') or '')}'>{esc(r.get('decision') or 'pending')}</span>"
+        dec = r.get("decision") or ""
+        badge = f"<span class='badge {esc(dec)}'>{esc(dec or 'pending')}</span>"
         rows.append(
             f"<tr class='{esc(cls)}'><td>{thumb}</td>"
             f"<td><a class='frame' href='{_frame_url(base, r)}'>{esc(r['frame_stem'])}</a></td>"
@@ -146,7 +149,7 @@ def search_page(result: Result, *, base: str, observatories, message: str | None
             f"<td>{esc(r['status'])} {badge if r['status'] == 'ok' else ''}</td></tr>"
         )
     exports = " · ".join(
-        f"<a href='?{urlencode(q.params(format=f, page=None) | {'per_page': '500'})}'>{f.upper()}</a>"
+        f"<a href='?{urlencode(q.params(format=f, page=None, per_page=500))}'>{f.upper()}</a>"
         for f in ("csv", "votable", "json")
     )
     pages = []
@@ -192,8 +195,10 @@ def _decide_controls(base, obs, session, frames, can_decide) -> str:
     fr = json.dumps(frames).replace("'", "&#39;") if frames is not None else "null"
     return (
         "<p><label>Reason <input id='reason' size='50'></label> "
-        f"<button id='validate' onclick='rppDecide(\"{url}\", \"validated\", {fr})'>Validate</button> "
-        f"<button id='withdraw' onclick='rppDecide(\"{url}\", \"withdrawn\", {fr})'>Withdraw</button>"
+        f"<button id='validate' onclick='rppDecide(\"{url}\", \"validated\", {fr})'>"
+        "Validate</button> "
+        f"<button id='withdraw' onclick='rppDecide(\"{url}\", \"withdrawn\", {fr})'>"
+        "Withdraw</button>"
         " <span id='msg'></span></p>"
     )
 
@@ -234,16 +239,19 @@ def frame_page(
         ),
         (
             "limiting mag",
-            f"{_fmt(frame.get('limiting_mag_cal'))} (cal), {_fmt(frame.get('limiting_mag_inst'))} (inst)",
+            f"{_fmt(frame.get('limiting_mag_cal'))} (cal), "
+            f"{_fmt(frame.get('limiting_mag_inst'))} (inst)",
         ),
         (
             "astrometric RMS (″)",
-            f"{_fmt(frame.get('astrometric_rms_arcsec'), '.3f')} ({frame.get('wcs_source')}, {frame.get('wcs_status')})",
+            f"{_fmt(frame.get('astrometric_rms_arcsec'), '.3f')} "
+            f"({frame.get('wcs_source')}, {frame.get('wcs_status')})",
         ),
         ("sources", frame.get("n_sources")),
         (
             "background (ADU)",
-            f"{_fmt(frame.get('background_adu'), '.1f')} ± {_fmt(frame.get('background_rms_adu'), '.1f')}",
+            f"{_fmt(frame.get('background_adu'), '.1f')} ± "
+            f"{_fmt(frame.get('background_rms_adu'), '.1f')}",
         ),
     ]
     rows = "".join(
@@ -327,7 +335,8 @@ def session_page(
             st = d["decision"] if d else ("pending" if fr.get("status") == "ok" else "")
             frows.append(
                 f"<tr class='{esc(st)}'><td><a href='{base}frame/{quote(obs)}/{quote(session)}/"
-                f"{quote(fr['frame'])}'>{esc(fr['frame'])}</a></td><td>{esc(fr.get('status') or '')}</td>"
+                f"{quote(fr['frame'])}'>{esc(fr['frame'])}</a></td>"
+                f"<td>{esc(fr.get('status') or '')}</td>"
                 f"<td>{esc(st)}</td><td>{esc(fr.get('reason') or '')}</td>"
                 f"<td class='n'>{_fmt(fr.get('fwhm_arcsec'))}</td></tr>"
             )
@@ -336,7 +345,8 @@ def session_page(
             "<th>decision</th><th>reason</th><th>FWHM ″</th></tr>" + "".join(frows) + "</table>"
         )
         files = "".join(
-            f"<tr><td>{esc(str(x.get('path', '')).rsplit('/', 1)[-1])}</td><td>{esc(x.get('kind') or '')}</td>"
+            f"<tr><td>{esc(str(x.get('path', '')).rsplit('/', 1)[-1])}</td>"
+            f"<td>{esc(x.get('kind') or '')}</td>"
             f"<td>{esc(x.get('outcome') or '')}</td><td>{esc(x.get('reason') or '')}</td></tr>"
             for x in summary.get("files") or []
         )
@@ -348,18 +358,21 @@ def session_page(
         body.append(
             "<h2>Spectra</h2><ul>"
             + "".join(
-                f"<li><a href='{base}spectrum/{quote(obs)}/{quote(session)}/{quote(s)}'>{esc(s)}</a></li>"
+                f"<li><a href='{base}spectrum/{quote(obs)}/{quote(session)}/{quote(s)}'>"
+                f"{esc(s)}</a></li>"
                 for s in spectra
             )
             + "</ul>"
         )
     body.append(
-        f"<p>Coverage: <a href='{base}moc/{quote(obs)}/{quote(session)}.json'>MOC of this session</a></p>"
+        f"<p>Coverage: <a href='{base}moc/{quote(obs)}/{quote(session)}.json'>"
+        "MOC of this session</a></p>"
     )
     if can_delete:
         body.append(
             "<h2>Admin</h2><p><button id='delete' onclick=\"if(confirm('Delete every product of "
-            f"this session (raw files are kept)?')) fetch('{base}delete/{quote(obs)}/{quote(session)}',"
+            "this session (raw files are kept)?')) "
+            f"fetch('{base}delete/{quote(obs)}/{quote(session)}',"
             "{method:'POST',headers:{'Content-Type':'application/json'},body:'{}'}).then(r=>r.json())"
             ".then(d=>{document.getElementById('msg').textContent=JSON.stringify(d)})\">Delete "
             "products</button></p>"
