@@ -14,6 +14,7 @@ import io
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -557,3 +558,45 @@ def test_spectrum_page_lists_plots_and_serves_the_spectra_of_a_session(app, nigh
         import shutil
 
         shutil.rmtree(night["workdir"] / "spectra")
+
+
+def test_preview_marks_detections_and_the_measured_target(app, night):
+    """Green circles at the catalogue's sources; the magenta square where the target stage
+    measured the target (``targets.json``); redrawn when that file changes."""
+    import numpy as np
+    from astropy.table import Table
+    from matplotlib.image import imread
+
+    stem = _frames(night)[1]
+    c = client_as(app, "viewer")
+    url = f"/dash/files/demo/{SESSION}/frames/{stem}/preview.png"
+    targets = night["workdir"] / "targets.json"
+
+    def png(tmp):
+        r = c.get(url)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        p = Path(tempfile.mkdtemp()) / tmp
+        p.write_bytes(r.content)
+        return (imread(p)[..., :3] * 255).round().astype(int)
+
+    def count(img, rgb, tol=40):
+        return int(np.count_nonzero(np.all(np.abs(img - np.array(rgb)) <= tol, axis=-1)))
+
+    before = png("a.png")
+    n_src = len(Table.read(night["workdir"] / "frames" / stem / "catalog.ecsv"))
+    assert count(before, (0, 255, 0)) > 10 * n_src and count(before, (255, 0, 255)) < 5
+    time.sleep(0.01)
+    targets.write_text(
+        json.dumps(
+            {"measurements": [{"target": "SN X", "frame": stem, "x_px": 60.0, "y_px": 190.0}]}
+        )
+    )
+    try:
+        after = png("b.png")
+        mag = np.argwhere(np.all(np.abs(after - np.array([255, 0, 255])) <= 40, axis=-1))
+        assert len(mag) > 100
+        # 700 px image of 256 px: (60, 190) -> column ~164, row (from the top) ~180
+        cy, cx = np.median(mag, axis=0)
+        assert abs(cx - 60 * 700 / 256) < 40 and abs(cy - (256 - 190) * 700 / 256) < 40, (cx, cy)
+    finally:
+        targets.unlink()

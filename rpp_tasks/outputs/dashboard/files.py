@@ -80,18 +80,22 @@ def frame_product(workdir: Path, stem: str, name: str, *, frame: dict | None = N
 
 
 def _target_xy(fdir: Path, frame: dict):
-    """Pixel position of the frame's target: the target stage's measurement when there is one."""
-    for name in ("target.json", "targets.json"):
-        p = fdir / name
-        if p.is_file():
-            try:
-                d = json.loads(p.read_text())
-            except (OSError, ValueError):
-                continue
-            items = d if isinstance(d, list) else d.get("targets") or [d]
-            for t in items:
-                if isinstance(t, dict) and t.get("x_px") is not None and t.get("y_px") is not None:
-                    return float(t["x_px"]), float(t["y_px"]), str(t.get("name") or "target")
+    """Pixel position and name of the frame's target: the target stage's measurement in the
+    session's ``targets.json`` (`rpp_tasks.stages.target.run_targets`), when there is one."""
+    import math
+
+    path = fdir.parent.parent / "targets.json"
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    for m in d.get("measurements") or [] if isinstance(d, dict) else []:
+        if not isinstance(m, dict) or m.get("frame") != fdir.name:
+            continue
+        x, y = m.get("x_px"), m.get("y_px")
+        if isinstance(x, (int, float)) and isinstance(y, (int, float)):
+            if math.isfinite(x) and math.isfinite(y):
+                return float(x), float(y), str(m.get("target") or "target")
     return None
 
 
@@ -99,7 +103,9 @@ def frame_preview(fdir: Path, frame: dict, *, thumb: bool = False) -> Path:
     """The frame's preview PNG (cached; redrawn when the calibrated image is newer)."""
     src = _regular_inside(fdir / "calibrated.fits", fdir)
     out = fdir / CACHE_DIR / ("thumb.png" if thumb else "preview.png")
-    if out.is_file() and out.stat().st_mtime >= src.stat().st_mtime:
+    targets = fdir.parent.parent / "targets.json"
+    newest = max(src.stat().st_mtime, targets.stat().st_mtime if targets.is_file() else 0.0)
+    if out.is_file() and out.stat().st_mtime >= newest:
         return out
     import matplotlib
 
