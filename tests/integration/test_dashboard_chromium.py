@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -32,6 +33,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 SHOTS = Path(os.environ.get("RPP_SCREENSHOT_DIR", tempfile.gettempdir())) / "rpp_dashboard_shots"
 USER, PASSWORD = "obs1", "observer-pw-1"
+OTHERS = {"view1": ("viewer", "viewer-pw-1"), "adm1": ("admin", "admin-pw-1")}
 
 
 def _free_port() -> int:
@@ -69,7 +71,7 @@ def airflow(tmp_path_factory):
     home = root / "airflow_home"
     (home / "dags").mkdir(parents=True)
     pw = home / "passwords.json"
-    pw.write_text(json.dumps({USER: PASSWORD}))
+    pw.write_text(json.dumps({USER: PASSWORD, **{u: p for u, (_, p) in OTHERS.items()}}))
     port = _free_port()
     env = {
         **os.environ,
@@ -77,7 +79,9 @@ def airflow(tmp_path_factory):
         "AIRFLOW__CORE__AUTH_MANAGER": (
             "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
         ),
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USER}:user",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(
+            [f"{USER}:user", *(f"{u}:{r}" for u, (r, _) in OTHERS.items())]
+        ),
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(pw),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
         "AIRFLOW__CORE__DAGS_FOLDER": str(home / "dags"),
@@ -326,3 +330,45 @@ def test_observer_logs_in_searches_withdraws_and_validates_in_chromium(airflow, 
         return int(np.count_nonzero(np.all(np.abs(img - np.array([238, 51, 51])) <= 30, axis=-1)))
 
     assert red(withdrawn_img) > 200 and red(frame_img) < 20, (red(withdrawn_img), red(frame_img))
+
+
+def _api(base, method, path, *, token=None, body=None):
+    req = urllib.request.Request(base + path, method=method)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    data = None
+    if body is not None:
+        req.add_header("Content-Type", "application/json")
+        data = json.dumps(body).encode()
+    try:
+        with urllib.request.urlopen(req, data=data, timeout=60) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def test_roles_with_real_airflow_tokens(airflow):
+    """Bearer tokens from Airflow's own ``POST /auth/token`` for a viewer and an admin: the
+    dashboard's levels and refusals come from the running auth manager."""
+    base = airflow["base"]
+    tokens = {}
+    for user, (_, pw) in OTHERS.items():
+        code, js = _api(base, "POST", "/auth/token", body={"username": user, "password": pw})
+        assert code == 201, js
+        tokens[user] = js["access_token"]
+    assert _api(base, "GET", "/rpp-reports/dash/me", token=tokens["view1"])[1]["level"] == "viewer"
+    assert _api(base, "GET", "/rpp-reports/dash/me", token=tokens["adm1"])[1]["level"] == "admin"
+    assert _api(base, "GET", "/rpp-reports/dash/me")[0] == 401
+    assert _api(base, "GET", "/rpp-reports/dash/me", token="not-a-jwt")[0] in (401, 403)
+    stem = airflow["summary"]["frames"][0]["frame"]
+    sid = airflow["summary"]["session_id"]
+    before = _dids(airflow["url"])
+    body = {"decision": "withdrawn", "reason": "x", "frames": [stem]}
+    code, js = _api(
+        base, "POST", f"/rpp-reports/dash/decide/demo/{sid}", token=tokens["view1"], body=body
+    )
+    assert code == 403 and "observer" in js["detail"]
+    code, js = _api(base, "POST", f"/rpp-reports/dash/delete/demo/{sid}", token=tokens["view1"])
+    assert code == 403 and _dids(airflow["url"]) == before
+    code, js = _api(base, "GET", "/rpp-reports/dash/?name=demo&format=json", token=tokens["view1"])
+    assert code == 200 and js["total"] == 3
