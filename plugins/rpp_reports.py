@@ -33,6 +33,7 @@ URL_PREFIX = "/rpp-reports"
 ONLINE_NAMES_ENV = "RPP_DASHBOARD_ONLINE_NAMES"
 #: Comma-separated role names that may delete a session's products (default: admin).
 ADMIN_ROLES_ENV = "RPP_DASHBOARD_ADMIN_ROLES"
+CONFIG_TTL_S = 10.0
 
 
 def _configs():
@@ -255,12 +256,20 @@ def create_app(*, auth_dependency=None, user_dependency=None, auth_manager=None)
     stores: dict = {}
 
     def store_factory():
+        """The dashboard's store; the configurations are re-read at most every 10 s (reading
+        them costs ~0.1 s) or when ``RPP_DATA_ROOT`` changes."""
+        import time
+
+        now, root = time.monotonic(), os.environ.get("RPP_DATA_ROOT")
+        cached = stores.get("current")
+        if cached is not None and cached[1] == root and now - cached[0] < CONFIG_TTL_S:
+            return cached[2]
         configs = _configs()
-        key = tuple(sorted((o.name, str(o.resolve_path("work"))) for o in configs))
-        if key not in stores:
-            stores.clear()
-            stores[key] = Store(configs, archive_url=_archive_url)
-        return stores[key]
+        key = tuple(sorted((o.name, str(o.resolve_path("work")), o.config_hash) for o in configs))
+        store = cached[2] if cached is not None and cached[3] == key else None
+        store = store or Store(configs, archive_url=_archive_url)
+        stores["current"] = (now, root, store, key)
+        return store
 
     _add_dashboard(app, _actor_dependency(user_dependency, auth_manager), store_factory)
 
