@@ -600,3 +600,49 @@ def test_preview_marks_detections_and_the_measured_target(app, night):
         assert abs(cx - 60 * 700 / 256) < 40 and abs(cy - (256 - 190) * 700 / 256) < 40, (cx, cy)
     finally:
         targets.unlink()
+
+
+def test_target_page_shows_the_light_curve_and_name_search_uses_the_results_db(app, night):
+    """Photometry of a target recorded in the results database (as the target stage does):
+    the target page draws its light curve, and a name search resolves it offline from there."""
+    from rpp_tasks.outputs import db, lightcurve
+
+    frames = night["summary"]["frames"]
+    f0 = frames[0]
+    with db.ResultsDB(db.default_results_url(night["obs"].resolve_path("work"))) as rdb:
+        n = lightcurve.record_session_photometry(
+            rdb,
+            "demo",
+            SESSION,
+            objects=[
+                {
+                    "key": "target:sn test",
+                    "name": "SN Test",
+                    "kind": "target",
+                    "ra_deg": f0["ra_deg"],
+                    "dec_deg": f0["dec_deg"],
+                }
+            ],
+            rows=[
+                {
+                    "object_key": "target:sn test",
+                    "frame": f["frame"],
+                    "status": "detected",
+                    "band": "V",
+                    "mjd_mid": f["mjd_obs"],
+                    "mag": 15.0 + 0.1 * i,
+                    "mag_err": 0.02,
+                }
+                for i, f in enumerate(frames)
+            ],
+        )
+    assert n == 3
+    c = client_as(app, "viewer")
+    page = c.get("/dash/target?name=SN Test").text
+    assert "3 point(s), 3 detection(s), 0 upper limit(s), bands V, 1 night(s)" in page
+    assert "<img alt='light curve' src='data:image/png;base64," in page
+    js = c.get("/dash/?format=json&name=sn  TEST&radius_arcmin=0.05").json()
+    assert js["resolved"]["source"] == "results database" and js["resolved"]["name"] == "SN Test"
+    assert [r["frame_stem"] for r in js["rows"]] == [f0["frame"]]
+    unknown = c.get("/dash/target?name=Nothing Here")
+    assert unknown.status_code == 200 and "id='msg'" in unknown.text
