@@ -290,7 +290,14 @@ class ArchiveConfig:
     obs_collection: str | None = None
     publisher_authority: str = "ivo://rpp.example/archive"
     conn_id: str | None = None
+    # access_url of the rows: "file://" (embedded single-user default: the product's file URI) or
+    # the HTTP address of the observatory's work folder, e.g. the dashboard's download route
+    # "https://rpp.example.org/rpp-reports/{observatory}/" (placeholder filled in); the row's URL
+    # is that + "<session>/frames/<frame>/calibrated.fits".
     base_url: str = "file://"
+    # "always": every reduced frame not withdrawn; "on_validation": only frames an observer
+    # validated (the dashboard), the "with the observer's agreement" rule.
+    publish: Literal["always", "on_validation"] = "always"
 
 
 @dataclass(frozen=True)

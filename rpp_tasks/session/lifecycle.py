@@ -415,28 +415,42 @@ def finish(session: Session, obs, *, report: bool = True, **extra) -> tuple[Sess
     return summary, made
 
 
-def archive(session: Session, obs, *, url: str) -> dict | None:
+def archive(session: Session, obs, *, url: str, results_url: str | None = None) -> dict | None:
     """Upsert one ObsCore row per reduced frame or 1-D spectrum
-    (`rpp_tasks.outputs.archive.archive_session`);
-    None when the session has no reduced frame or spectrum."""
+    (`rpp_tasks.outputs.archive.archive_session`); None when the session has no reduced frame or
+    spectrum.
+
+    The observers' decisions (dashboard, results database) apply: a withdrawn frame is never
+    published, and with ``archive.publish: on_validation`` only validated frames are."""
     from rpp_tasks.outputs import archive as rpp_archive
+    from rpp_tasks.outputs import db
+    from rpp_tasks.outputs.dashboard.store import archive_kwargs, publishable_frames
 
     summary = SessionSummary.from_dict(session.read_json("session_summary.json", {"frames": []}))
     if not summary.ok_frames and not summary.ok_spectra:
         return None
-    base = obs.archive.base_url
-    return rpp_archive.archive_session(
-        summary,
-        url=url,
-        obs_collection=obs.archive.obs_collection or obs.name,
-        publisher_authority=obs.archive.publisher_authority,
-        access_url_base=None if base in ("", "file://") else base,
-        products_root=session.workdir if base not in ("", "file://") else None,
-        facility_name=obs.camera.telescope,
-        instrument_name=(
-            obs.spectrograph.name if summary.ok_spectra and obs.spectrograph else obs.camera.name
-        ),
+    results_url = results_url or db.results_url_from_env(
+        db.default_results_url(obs.resolve_path("work"))
     )
+    with db.ResultsDB(results_url) as rdb:
+        rdb.create_schema()
+        decided = db.decisions(rdb, obs.name, summary.session_id)
+    stems = [f.frame for f in summary.ok_frames] + [sp.target for sp in summary.ok_spectra]
+    frames = publishable_frames(stems, decided, obs.archive.publish)
+    if len(frames) < len(stems):
+        log.info(
+            "[%s] archive: %d of %d reduced frame(s) published "
+            "(archive.publish: %s, %d decision(s))",
+            session.session_id,
+            len(frames),
+            len(stems),
+            obs.archive.publish,
+            len(decided),
+        )
+    kwargs = archive_kwargs(obs, session.workdir)
+    if summary.ok_spectra and obs.spectrograph:
+        kwargs["instrument_name"] = obs.spectrograph.name
+    return rpp_archive.archive_session(summary, url=url, frames=frames, **kwargs)
 
 
 def notify(
