@@ -122,7 +122,7 @@ def _smooth_fit(x, y, d, var, shape, *, max_order):
     """
     ny, nx = shape
     norm = ((nx - 1) / 2.0, (ny - 1) / 2.0, max(nx / 2.0, 1.0), max(ny / 2.0, 1.0))
-    from rpp_tasks.stages.psf import _poly_basis
+    from rpp_tasks.stages.field_psf import _poly_basis
 
     w = 1.0 / var
     keep = np.ones(d.size, bool)
@@ -152,7 +152,7 @@ def _smooth_fit(x, y, d, var, shape, *, max_order):
 
 
 def _smooth_eval(coef, order, norm, x, y):
-    from rpp_tasks.stages.psf import _poly_basis
+    from rpp_tasks.stages.field_psf import _poly_basis
 
     return _poly_basis(x, y, order, norm) @ coef
 
@@ -234,7 +234,7 @@ def calibrate_to_large_aperture(
         coef, order, norm, cov = _smooth_fit(
             xr[good], yr[good], d, var[good] / fb**2, shape, max_order=max_order
         )
-        from rpp_tasks.stages.psf import _poly_basis
+        from rpp_tasks.stages.field_psf import _poly_basis
 
         bas_all = _poly_basis(xs_all, ys_all, order, norm)
         corr = np.clip(1.0 + bas_all @ coef, 0.8, 1.25)
@@ -358,7 +358,7 @@ def add_psf_model_errors(table, psf_model, *, radius_px, exptime_s, min_snr=50.0
     aperture of ``radius_px`` (`calibrate_to_large_aperture`), so the model enters through the
     fraction of light it puts inside that circle. The statistical error of that fraction follows
     from the covariance of the model's polynomial coefficients
-    (`rpp_tasks.stages.psf.FieldPSF.flux_fraction_sigma`): it is largest where the PSF stars
+    (`rpp_tasks.stages.field_psf.FieldPSF.flux_fraction_sigma`): it is largest where the PSF stars
     constrain the polynomials least (edges, corners) and matters for bright stars, whose photon
     noise is smaller. ``(sigma_frac * F)^2`` is added to the variance of the PSF flux and of every
     corrected aperture flux. The PSF flux error is also scaled by ``sqrt(chi2_psf)`` where the

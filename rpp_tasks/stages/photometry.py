@@ -6,7 +6,7 @@ reports the error model of ARCHITECTURE.md ("Error model"):
 
     var = flux / gain + n_pix * rms^2 + n_pix^2 * rms^2 / n_annulus
 
-PSF photometry (`psf_photometry`) fits the effective PSF (`rpp_tasks.stages.psf.EPSFModel`) to all
+PSF photometry (`psf_photometry`) fits the effective PSF (`rpp_tasks.stages.epsf.EPSFModel`) to all
 sources at once: one global, sparse, weighted linear least-squares problem in which the stars
 whose footprints overlap are solved together (blends are deblended by the fit). The steps are
 
@@ -292,7 +292,7 @@ def aperture_photometry(
     psf_model : array_like, optional
         Fitted model image of all sources (e.g. `PsfPassResult.model`); needs ``epsf`` and the
         columns ``x_psf``, ``y_psf``, ``flux_psf`` in ``sources``.
-    epsf : `rpp_tasks.stages.psf.EPSFModel` or `rpp_tasks.stages.psf.FieldPSF`, optional
+    epsf : `rpp_tasks.stages.epsf.EPSFModel` or `rpp_tasks.stages.field_psf.FieldPSF`, optional
         The PSF model of that fit.
     residual : bool, optional
         ``data_sub`` already has the fitted model of every source subtracted (as
@@ -518,7 +518,7 @@ def psf_photometry(
         Background RMS map (ADU, read noise included).
     sources : `~astropy.table.Table`
         Sources with ``x_centroid``, ``y_centroid`` (0-based px); other columns are kept.
-    epsf : `rpp_tasks.stages.psf.EPSFModel`
+    epsf : `rpp_tasks.stages.epsf.EPSFModel`
         Effective PSF (unit total flux).
     gain_e_per_adu : float
         Gain, for the source shot-noise term ``model / gain`` of the variance.
@@ -536,7 +536,7 @@ def psf_photometry(
     min_snr_refine : float, optional
         Only stars with a step-1 flux S/N above this get a position update.
     extended_wings : bool, optional
-        With a model that knows its footprint (`rpp_tasks.stages.psf.FieldPSF`), the wings of
+        With a model that knows its footprint (`rpp_tasks.stages.field_psf.FieldPSF`), the wings of
         bright stars beyond the fitted footprint (out to where they fall below 2 % of the
         background noise) are subtracted from their neighbours' pixels as a fixed contribution
         (from the step-1 fluxes, then the final ones): without it, a star 3-4 FWHM from a
@@ -897,7 +897,7 @@ def _tail_geometry(model, x, y, flux, half, rms_typ, upix, nx, ny):
 
 def _tail_values(model, geo, x, y, flux, nrow):
     """Light of the wings of `_tail_geometry` at the fitted pixels for positions/fluxes."""
-    from rpp_tasks.stages.psf import _ell_pix
+    from rpp_tasks.stages.field_psf import _ell_pix
 
     star, pos, px, py = geo
     out = np.zeros(nrow)
@@ -1353,7 +1353,7 @@ def apply_aperture_corrections(table, psf_model, *, exptime_s):
     table : `~astropy.table.Table`
         Output of `aperture_photometry` (``meta["aperture_radii_px"]``) with PSF positions
         ``x_psf``, ``y_psf`` (the centroid is used where they are missing).
-    psf_model : `rpp_tasks.stages.psf.FieldPSF`
+    psf_model : `rpp_tasks.stages.field_psf.FieldPSF`
         The PSF model with ``aperture_fractions``.
     exptime_s : float
 
@@ -1560,7 +1560,7 @@ class FramePhotometry:
     catalog : `~astropy.table.Table`
         Sources with aperture (total, aperture-corrected) and PSF photometry, per-star PSF
         (``psf_fwhm_px``, ``psf_ellipticity``) and quality flags.
-    psf : `rpp_tasks.stages.psf.FieldPSF` or None
+    psf : `rpp_tasks.stages.field_psf.FieldPSF` or None
     fwhm_px : float
         Median FWHM over the frame (the aperture radii are 1.1 and 1.3 times it).
     info : dict
@@ -1598,7 +1598,7 @@ def measure_frame(
     """
     Photometry of one frame: PSF model, PSF and aperture photometry, corrections, honest errors.
 
-    1. `rpp_tasks.stages.psf.fit_field_psf`: a PSF varying across the field (elliptical Moffat
+    1. `rpp_tasks.stages.field_psf_fit.fit_field_psf`: a PSF varying across the field (elliptical Moffat
        with polynomial shape; the order follows the number and spread of the PSF stars);
     2. with ``psf``: `psf_photometry_with_residual_detection` (every source fitted with its local
        PSF, faint stars found on the residual);
@@ -1630,7 +1630,7 @@ def measure_frame(
         Run the PSF photometry (the PSF model is fitted in any case: it gives the FWHM and the
         aperture corrections).
     psf_max_order, psf_max_stars : int
-        See `rpp_tasks.stages.psf.fit_field_psf`.
+        See `rpp_tasks.stages.field_psf_fit.fit_field_psf`.
     overwrite : bool
         ``data_sub`` (float32) may be modified in place (saves a full-frame copy).
     background : array_like, optional
@@ -1644,13 +1644,13 @@ def measure_frame(
         ``psf`` is None and ``fwhm_px`` NaN when no PSF star qualifies (the caller decides).
     """
     from rpp_tasks.stages.background import release_freed_memory
+    from rpp_tasks.stages.field_psf_fit import fit_field_psf
     from rpp_tasks.stages.flux_calibration import (
         add_mismatch_errors,
         add_psf_model_errors,
         calibrate_to_large_aperture,
         measure_model_mismatch,
     )
-    from rpp_tasks.stages.psf import fit_field_psf
 
     release_freed_memory()
     if data_sub is None:

@@ -30,8 +30,9 @@ from rpp_tasks.sim.synthetic import (
     render_elliptical_moffat_stamps,
 )
 from rpp_tasks.stages.detection import FLAG_SATURATED, detect_sources, find_saturated_stars
+from rpp_tasks.stages.field_psf import FieldPSF, _poly_terms
+from rpp_tasks.stages.field_psf_fit import fit_field_psf
 from rpp_tasks.stages.photometry import repeatability
-from rpp_tasks.stages.psf import FieldPSF, _poly_terms, fit_field_psf
 
 SNR_BINS = (10.0, 20.0, 50.0, 200.0, 500.0, math.inf)
 
@@ -110,7 +111,7 @@ def test_bright_star_errors_include_the_psf_model_uncertainty(optics):
     x = np.asarray(cat["x_psf"], float)
     y = np.asarray(cat["y_psf"], float)
     ok = np.isfinite(x) & np.isfinite(y)
-    from rpp_tasks.stages.psf import FieldPSF
+    from rpp_tasks.stages.field_psf import FieldPSF
 
     model = FieldPSF.from_dict(s["stages"]["photometry"]["psf_model"])
     assert model.cov is None  # not serialised: a rebuilt model adds nothing
