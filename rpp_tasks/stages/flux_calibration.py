@@ -18,7 +18,7 @@ import math
 import numpy as np
 from scipy.spatial import cKDTree
 
-from rpp_tasks.stages.photometry import _MAG_K, _fit_xy, _mags
+from rpp_tasks.stages.phot_common import _MAG_K, _fit_xy, _mags
 
 __all__ = [
     "calibrate_to_large_aperture",

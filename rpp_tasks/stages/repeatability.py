@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial import cKDTree
 
-from rpp_tasks.stages.photometry import _MAG_K, _fit_xy, _xy
+from rpp_tasks.stages.phot_common import _MAG_K, _fit_xy, _xy
 
 __all__ = ["repeatability", "Repeatability", "REPEATABILITY_SNR_BINS"]
 
