@@ -160,16 +160,18 @@ def build_reduction_dag(obs: ObservatoryConfig, table: StageTable | None = None)
         def chunk_task(task_id: str, names: tuple[str, ...], heavy: bool):
             @task(
                 task_id=task_id,
-                map_index_template="{{ rpp_chunk_label }}",
+                map_index_template="{{ rpp_chunk_label | default('') }}",
                 **({"pool": HEAVY_POOL} if heavy else {}),
             )
-            def run(job: dict, **context) -> dict:
+            def run(job: dict) -> dict:
                 """Run the frame stages for one chunk of the night's frames (lifecycle.run_chunk;
                 a retry redoes this chunk only)."""
+                from airflow.sdk import get_current_context
+
                 from rpp_tasks.session import lifecycle
 
                 chunk = job["chunk"]
-                context["rpp_chunk_label"] = lifecycle.chunk_label(chunk)
+                get_current_context()["rpp_chunk_label"] = lifecycle.chunk_label(chunk)
                 _with_colibri_key(obs, names)
                 return lifecycle.run_chunk(_session(job), obs, names, chunk, table=table)
 

@@ -124,7 +124,7 @@ def test_reduction_dags_shape(dagbag):
     for name in _observatories(REPO / "config"):
         dag = dagbag.dags[f"rpp_{name}"]
         assert set(dag.tags) == {"rpp", name}
-        for up, down in zip(CHAIN, CHAIN[1:]):
+        for down in CHAIN[1:]:
             # each task also reads validate's result (the session and its chunks)
             assert dag.get_task(down).upstream_task_ids == set(CHAIN[: CHAIN.index(down)]), (
                 name,
