@@ -36,23 +36,12 @@ _DOC = (
     "Triggered per session by the watcher or rpp_reconcile; by hand, with `session_dir` (absolute, "
     "or in the incoming folder). A re-run replaces the session's products. Tasks: validate ->"
 )
-DEFAULT_ARGS = {
+DEFAULT_ARGS = {  # + retries and retry_delay from the observatory's scheduling section
     "owner": "rpp",
-    "retry_exponential_backoff": 2.0,  # scheduling.retry_delay_s (10 s), 20 s, ... (capped below)
+    "retry_exponential_backoff": 2.0,  # retry_delay (10 s), 20 s, ... (capped below)
     "max_retry_delay": _dt.timedelta(minutes=10),
     "execution_timeout": _dt.timedelta(hours=3),
 }
-
-
-def default_args(obs: ObservatoryConfig, on_failure) -> dict:
-    """Task defaults of an observatory's DAG: retries and first retry delay from its config."""
-    sc = obs.scheduling
-    return {
-        **DEFAULT_ARGS,
-        "retries": sc.retries,
-        "retry_delay": _dt.timedelta(seconds=sc.retry_delay_s),
-        "on_failure_callback": on_failure,
-    }
 
 
 def dag_id_for_stem(stem: str) -> str:
@@ -113,7 +102,12 @@ def build_reduction_dag(obs: ObservatoryConfig, table: StageTable | None = None)
         max_active_runs=obs.scheduling.max_active_runs,  # 2 by default: a small host
         max_active_tasks=obs.scheduling.max_active_tasks,  # the rpp_heavy pool bounds the CPU
         tags=["rpp", obs.name],
-        default_args=default_args(obs, on_failure),
+        default_args={
+            **DEFAULT_ARGS,
+            "retries": obs.scheduling.retries,
+            "retry_delay": _dt.timedelta(seconds=obs.scheduling.retry_delay_s),
+            "on_failure_callback": on_failure,
+        },
         on_failure_callback=on_failure,
         doc_md=f"### {obs.title or obs.name} (`{obs.dag_id}`)\n\n{_DOC}\n\n{table.describe()}",
         params={
@@ -234,8 +228,7 @@ def build_reduction_dag(obs: ObservatoryConfig, table: StageTable | None = None)
                     last >> runs[n]
                     last = runs[n]
                 continue
-            tid = table.segment_task_id(names)
-            heavy = any(table[n].heavy for n in names)
+            tid, heavy = table.segment_task_id(names), any(table[n].heavy for n in names)
             runs[tid] = chunk_task(tid, names, heavy).expand(job=opened)
             last >> runs[tid]
             last = runs[tid]
