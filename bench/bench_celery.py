@@ -121,7 +121,7 @@ def run_once(
     covered = _union([(_ts(t["start_date"]), _ts(t["end_date"])) for t in ran])
     stage_runs = summary.get("stage_runs", {})
     durs = {_key(t): t["duration"] for t in ran}
-    inside = {k: v["wall_s"] for k, v in stage_runs.items() if k in durs}  # session stages
+    inside = {k: v["wall_s"] for k, v in stage_runs.items() if k in durs and "wall_s" in v}
     for k, v in stage_runs.items():  # mapped frame segments: one run_stage wall per chunk
         for i, w in enumerate(v.get("chunk_wall_s") or []):
             inside[f"{k}[{i}]"] = w
@@ -140,7 +140,7 @@ def run_once(
         "mean_busy_workers": round(total / wall, 3),  # 1.0 = one task at a time
         "idle_gaps_s": round(wall - covered, 1),
         "stage_task_overhead_s": round(in_task, 1),
-        "run_stage_s": round(sum(v["wall_s"] for v in stage_runs.values()), 1),
+        "run_stage_s": round(sum(v.get("wall_s", 0.0) for v in stage_runs.values()), 1),
         "overhead_share": round((wall - covered + in_task) / wall, 3),
         "chunks": frames_run.get("chunk_frames"),
         "chunk_task_s": [round(t["duration"], 1) for t in sorted(chunk_tis, key=_key)],
