@@ -134,6 +134,7 @@ def build_reduction_dag(obs: ObservatoryConfig, table: StageTable | None = None)
                 raise AirflowSkipException(
                     f"session {out['session_id']}: no science frames in {out['raw_dir']} "
                     f"({out['n_calibration']}); nothing to reduce"
+                    + (f" ({out['spectra_error']})" if out.get("spectra_error") else "")
                 )
             chunks = out.pop("chunks") or [[]]  # (a table of session stages only: no chunk)
             return [{**out, "n_chunks": len(chunks), "chunk": c} for c in chunks]

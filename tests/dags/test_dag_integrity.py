@@ -1,4 +1,5 @@
-"""DAG integrity: the DAG files import cleanly, one DAG per observatory, policy, order, broken YAML."""
+"""DAG integrity: the DAG files import cleanly, one DAG per observatory, policy, order, broken
+YAML."""
 
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ def dagbag():
 
 @pytest.fixture
 def broken_config_dir(tmp_path, monkeypatch):
-    """A copy of config/ where huntsman.yaml has an invalid value and one file is not YAML at all."""
+    """A copy of config/ where huntsman.yaml has an invalid value and one file is not YAML at
+    all."""
     cfg = tmp_path / "config"
     shutil.copytree(REPO / "config", cfg)
     hunts = cfg / "observatories" / "huntsman.yaml"
@@ -92,6 +94,10 @@ def test_dag_policy(dagbag):
         assert dag.max_active_runs <= 2 and dag.max_active_tasks <= 2, dag_id
 
 
+#: The long-slit observatories' chain (the ``longslit`` stage table).
+LONGSLIT_CHAIN = ("validate", "masters", "spectra", "products")
+
+
 def test_concurrency_and_retries_come_from_the_scheduling_section(tmp_path, monkeypatch):
     """scheduling.* of the observatory YAML sizes its DAG; a bad value is a config-error DAG
     naming the file and the key."""
@@ -121,25 +127,36 @@ def test_concurrency_and_retries_come_from_the_scheduling_section(tmp_path, monk
 
 
 def test_reduction_dags_shape(dagbag):
+    from rpp_tasks.config import find_config
+
+    kinds = set()
     for name in _observatories(REPO / "config"):
         dag = dagbag.dags[f"rpp_{name}"]
         assert set(dag.tags) == {"rpp", name}
-        for down in CHAIN[1:]:
+        kind = find_config(name, REPO / "config").instrument_kind
+        kinds.add(kind)
+        chain = LONGSLIT_CHAIN if kind == "longslit" else CHAIN
+        for down in chain[1:]:
             # each task also reads validate's result (the session and its chunks)
-            assert dag.get_task(down).upstream_task_ids == set(CHAIN[: CHAIN.index(down)]), (
+            assert dag.get_task(down).upstream_task_ids == set(chain[: chain.index(down)]), (
                 name,
                 down,
             )
-        assert set(dag.task_ids) == {*CHAIN, "archive", "notify"}
+        assert set(dag.task_ids) == {*chain, "archive", "notify"}
         assert dag.get_task("products").downstream_task_ids == {"archive", "notify"}
         assert dag.get_task("validate").upstream_task_ids == set()
-        frames = dag.get_task("frames")
-        assert frames.is_mapped  # one task instance per chunk of the night's frames
-        assert frames.pool == "rpp_heavy" and dag.get_task("masters").pool == "rpp_heavy"
+        heavy = ("spectra",) if kind == "longslit" else ("masters", "frames")
+        for tid in heavy:
+            assert dag.get_task(tid).pool == "rpp_heavy"
+        if kind == "imaging":  # one task instance per chunk of the night's frames
+            assert dag.get_task("frames").is_mapped
+        else:  # session stages only: nothing mapped
+            assert not any(t.is_mapped for t in dag.tasks)
         assert all(t.on_failure_callback for t in dag.tasks)
         assert dag.on_failure_callback
         assert {"session_dir", "session_id", "observatory"} <= set(dag.params.keys())
         assert dag.schedule is None if hasattr(dag, "schedule") else True
+    assert kinds == {"imaging", "longslit"}  # 2spot and ast325_st7 are long-slit
 
 
 def test_reconcile_dag(dagbag):
@@ -148,7 +165,8 @@ def test_reconcile_dag(dagbag):
     assert dag.get_task("find_missing_runs").downstream_task_ids == {"trigger_missing_runs"}
 
 
-# ----------------------------------------------------------------------------- broken configurations
+# ----------------------------------------------------------------------------- broken
+# configurations
 def test_broken_yaml_keeps_other_dags_and_names_file_and_key(broken_config_dir):
     bag = DagBag(dag_folder=str(DAGS))
     good = [n for n in _observatories(broken_config_dir) if n not in ("huntsman", "garbled")]
@@ -190,9 +208,11 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
 def test_parsing_imports_no_science_stack():
     code = (
         "import runpy, sys, json\n"
-        "for f in ('dags/rpp_reduction.py', 'dags/rpp_reconcile.py', 'dags/rpp_config_errors.py'):\n"
+        "for f in ('dags/rpp_reduction.py', 'dags/rpp_reconcile.py',\n"
+        "          'dags/rpp_config_errors.py'):\n"
         "    runpy.run_path(f)\n"
-        "mods = sorted({n.split('.')[0] for n in sys.modules} | {n for n in sys.modules if n.startswith('rpp_tasks')})\n"
+        "tops = {n.split('.')[0] for n in sys.modules}\n"
+        "mods = sorted(tops | {n for n in sys.modules if n.startswith('rpp_tasks')})\n"
         "print(json.dumps(mods))\n"
     )
     res = _run(code)
