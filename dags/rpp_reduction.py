@@ -23,7 +23,7 @@ from airflow.sdk import Param, dag, get_parsing_context, task
 
 from rpp_tasks import config as rpp_config
 from rpp_tasks.config import ObservatoryConfig
-from rpp_tasks.exceptions import ConfigError
+from rpp_tasks.exceptions import ConfigError, NothingReduced
 from rpp_tasks.session.table import StageTable, table_for
 
 CONFIG_DIR = rpp_config.default_config_dir()
@@ -111,15 +111,13 @@ def build_reduction_dag(obs: ObservatoryConfig, table: StageTable | None = None)
             from rpp_tasks.session import lifecycle
 
             try:
-                out = lifecycle.open_from_conf(context["params"], obs)
+                return lifecycle.open_from_conf(context["params"], obs)
             except ValueError as exc:
                 raise AirflowFailException(str(exc)) from None
-            if out["n_science"] == 0:
-                raise AirflowSkipException(
-                    f"session {out['session_id']}: no science frames in {out['raw_dir']} "
-                    f"({out['n_calibration']}); nothing to reduce"
-                )
-            return out
+            except NothingReduced as exc:  # files but no science frame: a failed night
+                if exc.empty:
+                    raise AirflowSkipException(str(exc)) from None
+                raise AirflowFailException(str(exc)) from None
 
         def stage_task(name: str, heavy: bool):
             @task(task_id=name, **({"pool": HEAVY_POOL} if heavy else {}))
@@ -139,13 +137,21 @@ def build_reduction_dag(obs: ObservatoryConfig, table: StageTable | None = None)
 
         @task(task_id="products")
         def products(prev: dict, **context) -> dict:
-            """Session summary, results database, morning report and products ZIP."""
+            """Session summary, results database, morning report and products ZIP; fails (after
+            writing them) when no science frame was reduced."""
+            from airflow.sdk.exceptions import AirflowFailException
+
             from rpp_tasks.session import lifecycle
 
             runs = {n: context["ti"].xcom_pull(task_ids=n) or {} for n in table.names}
             runs = {n: {k: v for k, v in r.items() if k != "workdir"} for n, r in runs.items()}
             airflow = {"dag_id": obs.dag_id, "run_id": context["run_id"]}
-            return lifecycle.finish(_session(prev), obs, airflow=airflow, stage_runs=runs)[1]
+            summary, made = lifecycle.finish(_session(prev), obs, airflow=airflow, stage_runs=runs)
+            try:  # summary and report are written; no frame reduced fails the night
+                lifecycle.require_reduced(summary)
+            except NothingReduced as exc:
+                raise AirflowFailException(str(exc)) from None
+            return made
 
         @task(task_id="archive")
         def archive(prev: dict) -> dict:
