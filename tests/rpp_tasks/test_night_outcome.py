@@ -61,6 +61,7 @@ def _constant_frames_folder(folder: Path, tmp: Path) -> Path:
             header = hdul[0].header.copy()
             shape = hdul[0].data.shape
         fits.PrimaryHDU(np.full(shape, 1000, np.uint16), header).writeto(p, overwrite=True)
+    (folder / "notes.fits").write_text("this is not a FITS file\n")
     return folder
 
 
@@ -156,9 +157,15 @@ def test_every_frame_rejected_fails_products_and_rpp_reduce(data_root, dag_modul
     with pytest.raises(AirflowFailException, match=r"0 of 2 science frames reduced") as info:
         products({"workdir": str(session.workdir)}, ti=ti, run_id="r1")
     assert "constant image" in str(info.value)
-    assert (session.workdir / "report" / "report.html").is_file()
     summary = json.loads((session.workdir / "session_summary.json").read_text())
     assert summary["n_ok"] == 0 and summary["n_science"] == 2
+    # the report lists every file with its outcome and reason
+    page = (session.workdir / "report" / "report.html").read_text()
+    section = page[page.index("Every file of the session") :]
+    assert "6 files</b>: 3 rejected, 3 calibration used" in section
+    for f in summary["files"]:
+        assert f"<code>{Path(f['path']).name}</code>" in section
+    assert "constant image" in section and "calibrate: " in section
 
     code = rpp_main(["-q", "reduce", str(raw), "-o", "demo", "--work", str(data_root / "cli")])
     assert code == 1
@@ -176,3 +183,36 @@ def test_rpp_reduce_of_files_without_science_exits_1(data_root, capsys):
     empty.mkdir()
     assert rpp_main(["-q", "reduce", str(empty), "-o", "demo", "--work", str(data_root / "w")]) == 0
     assert "no file in the folder" in capsys.readouterr().err
+
+
+def test_file_outcomes_name_calibration_frames_dropped_from_their_master():
+    from rpp_tasks.outputs.report_files import files_table_html
+    from rpp_tasks.session.summary import SessionSummary, file_outcomes
+
+    manifest = {
+        "files": [
+            {"path": "/n/bias1.fits", "outcome": "bias", "reason": "IMAGETYP"},
+            {"path": "/n/bias2.fits", "outcome": "bias", "reason": "IMAGETYP"},
+            {"path": "/n/flat_R.fits", "outcome": "flat", "reason": "IMAGETYP"},
+        ]
+    }
+    masters = {
+        "bias": {"inputs": ["/n/bias1.fits"]},
+        "rejected": [{"path": "/n/bias2.fits", "reason": "all-NaN frame"}],
+    }
+    out = {o.path: (o.outcome, o.reason) for o in file_outcomes(manifest, [], masters)}
+    assert out == {
+        "/n/bias1.fits": ("calibration used", None),
+        "/n/bias2.fits": ("calibration rejected", "all-NaN frame"),
+        "/n/flat_R.fits": ("not used", "not combined into a master"),
+    }
+    summary = SessionSummary(
+        observatory="demo",
+        session_id="n",
+        raw_dir="/n",
+        files=file_outcomes(manifest, [], masters),
+    )
+    page = files_table_html(summary)
+    # problems first: the dropped bias before the used one
+    assert page.index("bias2.fits") < page.index("flat_R.fits") < page.index("bias1.fits")
+    assert "masters: all-NaN frame" in page
