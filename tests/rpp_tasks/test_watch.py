@@ -24,16 +24,11 @@ from rpp_tasks.ops.readiness import (
     Snapshot,
     assess_session,
     evaluate_session,
-    run_id_for,
     scan_incoming,
-    session_id_for,
 )
-from rpp_tasks.ops.watch import (
-    SessionWatcher,
-    WatcherLocked,
-    WatchState,
-    find_ready_untriggered,
-)
+from rpp_tasks.ops.session_ids import run_id_for, session_id_for
+from rpp_tasks.ops.watch import SessionWatcher, WatcherLocked
+from rpp_tasks.ops.watch_state import WatchState, find_ready_untriggered
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -18,19 +18,22 @@ from airflow_peer import FITS_BLOCK, PASSWORD, USER, FakeAirflow, wait_for
 
 from rpp_tasks.ops.airflow_api import AirflowClient
 from rpp_tasks.ops.readiness import (
-    MAX_SESSION_ID_CHARS,
     SessionRule,
     Snapshot,
-    check_run_conf,
     content_digests,
     evaluate_session,
     implausible_size,
+)
+from rpp_tasks.ops.session_ids import (
+    MAX_SESSION_ID_CHARS,
+    check_run_conf,
     resolve_session_dir,
     run_id_for,
     session_id_for,
     validate_session_id,
 )
-from rpp_tasks.ops.watch import SessionWatcher, WatchState, find_ready_untriggered, revision_for
+from rpp_tasks.ops.watch import SessionWatcher
+from rpp_tasks.ops.watch_state import WatchState, find_ready_untriggered, revision_for
 
 BLOCK = 2880
 
