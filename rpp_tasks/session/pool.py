@@ -247,6 +247,9 @@ def _one_pool(fn, jobs, workers, ctx, on_done):
             except BrokenProcessPool:
                 lost.append(j)
                 continue
+            except Exception as exc:  # the job itself could not run (its errors are caught)
+                results[j.stem] = {"_error": f"{type(exc).__name__}: {exc}"}
+                continue
             on_done(j, results[j.stem])
     if not lost:
         return results, [], []
@@ -312,4 +315,8 @@ def run_supervised(
             results[j2.stem] = on_death(
                 j2, "the worker process died before starting the frame", "failed"
             )
+    for stem, res in list(results.items()):
+        if isinstance(res, dict) and "_error" in res:
+            job = next(j for j in [*shared, *alone] if j.stem == stem)
+            results[stem] = on_death(job, f"frame job failed: {res['_error']}", "failed")
     return results
