@@ -427,7 +427,8 @@ def test_file_written_slowly_is_not_triggered_early(tmp_path, airflow, use_polli
         rescan_s=30.0,
     )
     session = tmp_path / "incoming" / "2024-07-30"
-    session.mkdir()  # before the spy starts: inotify must already watch it when the writer opens the file
+    # before the spy starts: inotify must already watch it when the writer opens the file
+    session.mkdir()
     w.start()
     opened = []  # who opens the FITS file: only the writer may (the watcher only stat()s)
     spy = Observer()
