@@ -25,12 +25,14 @@ from rpp_tasks.jsonsafe import json_safe
 
 __all__ = [
     "FrameSummary",
+    "SpectrumSummary",
     "FileOutcome",
     "Headline",
     "SessionSummary",
     "night_date_for",
     "calibrated_limiting_mag",
     "headline",
+    "spectra_headline",
 ]
 
 
@@ -222,6 +224,85 @@ class FrameSummary:
 
 
 @dataclass(frozen=True)
+class SpectrumSummary:
+    """One target of a long-slit session: its 1-D spectrum's facts, or why it was rejected.
+
+    Written by `rpp_tasks.spectra.session` (``spectra/spectra_summary.json`` per target) and kept
+    in `SessionSummary.spectra`; the report, the notifications, the archive and the dashboard
+    read it. Wavelengths in Angstrom; ``mjd_start``/``mjd_end`` bracket the exposures.
+    """
+
+    target: str
+    status: str = "pending"  # ok | rejected
+    reason: str | None = None
+    failed_stage: str | None = None
+    object: str | None = None
+    n_exposures: int = 0
+    exptime_s: float | None = None
+    exptime2: str | None = None
+    date_obs: str | None = None
+    mjd_start: float | None = None
+    mjd_end: float | None = None
+    ra_deg: float | None = None
+    dec_deg: float | None = None
+    position_source: str | None = None  # header, or how the target name was resolved
+    wavelength_min_a: float | None = None
+    wavelength_max_a: float | None = None
+    dispersion_a_per_px: float | None = None
+    rms_a: float | None = None
+    rms_px: float | None = None
+    n_lamp_lines: int | None = None
+    resolving_power: float | None = None
+    snr_median: float | None = None
+    flux_calibrated: bool = False
+    v_helio_kms: float | None = None
+    flags: tuple[str, ...] = ()
+    raw_paths: tuple[str, ...] = ()
+    lamp_paths: tuple[str, ...] = ()
+    bess_fits: str | None = None
+    ecsv: str | None = None
+    lamp_solution: str | None = None
+    spectrum_png: str | None = None
+    wavesol_png: str | None = None
+    calibrated_2d: tuple[str, ...] = ()
+    header: dict = field(default_factory=dict)  # BeSS keywords of the product
+    facts: dict = field(default_factory=dict)  # who/what/where from the raw headers
+    weather: dict = field(default_factory=dict)  # weather keywords (min/median/max)
+    cpu_s: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_dict(self) -> dict:
+        return json_safe({f.name: getattr(self, f.name) for f in fields(self)})
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SpectrumSummary:
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        for k in ("flags", "raw_paths", "lamp_paths", "calibrated_2d"):
+            kw[k] = tuple(kw.get(k) or ())
+        return cls(**kw)
+
+
+def spectra_headline(spectra: Iterable[SpectrumSummary]) -> Headline:
+    """The headline of a long-slit session: targets instead of frames."""
+    spectra = list(spectra)
+    ok = [s for s in spectra if s.ok]
+    dates = sorted(str(s.date_obs) for s in spectra if s.date_obs)
+    return Headline(
+        n_science=len(spectra),
+        n_ok=len(ok),
+        n_rejected=len(spectra) - len(ok),
+        objects=tuple(sorted({str(s.object or s.target) for s in spectra})),
+        first_date_obs=dates[0] if dates else None,
+        last_date_obs=dates[-1] if dates else None,
+        total_exptime_s=float(sum(_finite(s.exptime_s) or 0.0 for s in ok)),
+    )
+
+
+@dataclass(frozen=True)
 class FileOutcome:
     """What became of one input file of the session."""
 
@@ -334,6 +415,8 @@ class SessionSummary:
     masters: dict = field(default_factory=dict)
     frames: tuple[FrameSummary, ...] = ()
     files: tuple[FileOutcome, ...] = ()
+    instrument_kind: str = "imaging"  # imaging | longslit (then ``spectra``, one per target)
+    spectra: tuple[SpectrumSummary, ...] = ()
     wall_s: float | None = None
     run: dict | None = None  # the one-process run of ``rpp reduce``
     airflow: dict | None = None  # {"dag_id", "run_id"} of the DAG run that made it
@@ -343,6 +426,10 @@ class SessionSummary:
     @property
     def ok_frames(self) -> tuple[FrameSummary, ...]:
         return tuple(f for f in self.frames if f.ok)
+
+    @property
+    def ok_spectra(self) -> tuple[SpectrumSummary, ...]:
+        return tuple(s for s in self.spectra if s.ok)
 
     def frame(self, name: str) -> FrameSummary:
         for f in self.frames:
@@ -375,6 +462,10 @@ class SessionSummary:
         kw["frames"] = frames
         kw["files"] = tuple(
             f if isinstance(f, FileOutcome) else FileOutcome(**f) for f in d.get("files") or ()
+        )
+        kw["spectra"] = tuple(
+            s if isinstance(s, SpectrumSummary) else SpectrumSummary.from_dict(s)
+            for s in d.get("spectra") or ()
         )
         h = d.get("headline")
         if isinstance(h, Headline):

@@ -36,6 +36,7 @@ __all__ = [
     "StageTable",
     "ARTEFACTS",
     "IMAGING",
+    "LONGSLIT",
     "TABLES",
     "table_for",
 ]
@@ -145,6 +146,30 @@ class StageTable:
         """Names of the per-frame stages, in order."""
         return tuple(s.name for s in self.stages if s.scope == "frame")
 
+    @property
+    def session_stages(self) -> tuple[str, ...]:
+        """Names of the session-wide stages (run once per session), in order."""
+        return tuple(s.name for s in self.stages if s.scope == "session")
+
+    def segments(self) -> tuple[tuple[Scope, tuple[str, ...]], ...]:
+        """The table cut into runs of consecutive stages of one scope, in order:
+        ``(("session", ("masters",)), ("frame", ("calibrate", ..., "transients")))`` for imaging.
+        The DAG runs a session segment as one task per stage and a frame segment as one task
+        mapped over chunks of the night's frames (the whole segment per chunk, in one process)."""
+        out: list[tuple[Scope, tuple[str, ...]]] = []
+        for s in self.stages:
+            if out and out[-1][0] == s.scope:
+                out[-1] = (s.scope, out[-1][1] + (s.name,))
+            else:
+                out.append((s.scope, (s.name,)))
+        return tuple(out)
+
+    def segment_task_id(self, names: tuple[str, ...]) -> str:
+        """Task id of a frame segment's mapped task: ``frames`` when the table has one frame
+        segment, else ``frames_<first stage>``."""
+        n_frame_segments = sum(scope == "frame" for scope, _ in self.segments())
+        return "frames" if n_frame_segments == 1 else f"frames_{names[0]}"
+
     def index(self, name: str) -> int:
         return self.names.index(self[name].name)
 
@@ -161,7 +186,16 @@ class StageTable:
 
     def describe(self) -> str:
         """Markdown list of the stages (the DAG's documentation)."""
-        lines = [f"* **{s.name}** ({s.scope}): {s.doc}" for s in self.stages]
+        lines = []
+        for scope, names in self.segments():
+            if scope == "session":
+                lines += [f"* **{n}** (session): {self[n].doc}" for n in names]
+                continue
+            lines.append(
+                f"* **{self.segment_task_id(names)}**: one task per chunk of the night's frames, "
+                "each running these frame stages in turn:"
+            )
+            lines += [f"  * **{n}**: {self[n].doc}" for n in names]
         return "\n".join([*lines, "* **products** -> (**archive**, **notify**)"])
 
     def read_after(self, name: str) -> set[str]:
@@ -290,17 +324,65 @@ IMAGING = StageTable(
     ARTEFACTS,
 )
 
+_S = "rpp_tasks.spectra.session:"
+
+#: The long-slit stages (2SPOT-like spectroscopy): session scope, one task each. ``spectra`` runs
+#: the per-target chain in memory (calibrate, trace and tilt, saturation, cosmic rays, slit
+#: curvature, wavelength solution, sky, optimal extraction, combination, heliocentric
+#: correction, BeSS products): a night has a few targets whose steps hand each other 2-D arrays,
+#: so checkpointing them between tasks would cost more I/O than the steps' CPU (per-step CPU
+#: seconds are kept in each target's ``cpu_s``).
+LONGSLIT = StageTable(
+    "longslit",
+    (
+        Stage(
+            "masters",
+            _S + "step_masters",
+            reads=(),
+            writes=("spectra_masters",),
+            scope="session",
+            doc="offset, dark (scaled by exposure) and long-slit flat masters per calibration set",
+        ),
+        Stage(
+            "spectra",
+            _S + "step_spectra",
+            reads=("raw", "spectra_masters"),
+            writes=("spectra",),
+            scope="session",
+            doc="per target: trace, cosmic rays, wavelength solution, optimal extraction, "
+            "combination, BeSS 1-D spectrum (a bad target is rejected, the others go on)",
+        ),
+    ),
+    {
+        "raw": ARTEFACTS["raw"],
+        "spectra_masters": Artefact(
+            "spectra_masters",
+            ("spectra/masters.json",),
+            product=True,
+            scope="session",
+            doc="masters of each calibration set (spectra/masters/set<k>.npz)",
+        ),
+        "spectra": Artefact(
+            "spectra",
+            ("spectra/spectra_summary.json",),
+            product=True,
+            scope="session",
+            doc="per target: BeSS FITS, ECSV, lamp solution, plots, 2-D calibrated frames",
+        ),
+    },
+)
+
 #: Stage tables by instrument kind (``instrument_kind`` of the observatory configuration, one of
 #: `rpp_tasks.config.INSTRUMENT_KINDS`).
-TABLES: dict[str, StageTable] = {"imaging": IMAGING}
+TABLES: dict[str, StageTable] = {"imaging": IMAGING, "longslit": LONGSLIT}
 
 
 def table_for(obs, *, strict: bool = False) -> StageTable:
     """The stage table of an observatory (by ``obs.instrument_kind``; ``imaging`` by default).
 
-    A kind without a registered table (``longslit`` until its table lands) gets the imaging
-    table's shape for the DAG, as before the table existed; with ``strict`` (what reducing a
-    session uses) it is refused instead of being reduced with the wrong stages.
+    A kind without a registered table gets the imaging table's shape for the DAG; with
+    ``strict`` (what reducing a session uses) it is refused instead of being reduced with the
+    wrong stages.
 
     Raises
     ------

@@ -304,6 +304,11 @@ def detect_sources(
         ix = np.clip(np.rint(cols["x_centroid"]).astype(int), 0, nx - 1)
         iy = np.clip(np.rint(cols["y_centroid"]).astype(int), 0, ny - 1)
         inz = zone[iy, ix]
+        if inz.any():
+            # a star lying on a bleed trail far from the saturated core keeps its detection
+            inz &= ~_stars_on_trails(
+                work, err, bad, cols["x_centroid"], cols["y_centroid"], inz, sat_tab, fwhm
+            )
         n_drop_sat = int(inz.sum())
         cols = {k: v[~inz] for k, v in cols.items()}
     del zone
@@ -485,6 +490,55 @@ def find_saturated_stars(
     if len(tab):
         log.info("find_saturated_stars: %d saturated stars", len(tab))
     return tab, zone
+
+
+def _stars_on_trails(work, err, bad, x, y, cand, sat_tab, fwhm_px, *, min_snr=5.0, max_width=8):
+    """Which candidate detections ``cand`` are stars lying across a bleed trail.
+
+    A detection centred on a masked trail pixel, outside every saturated star's halo disc, is a
+    star when the unmasked columns on *both* sides of the trail show a bump along the column
+    centred on its row (``min_snr`` sigma over the rows 2 FWHM away): a piece of trail or the
+    smooth halo beside it has no such bump. Returns a bool array of the length of ``x``.
+    """
+    ny, nx = work.shape
+    out = np.zeros(np.size(x), bool)
+    h = max(3, int(math.ceil(2.0 * fwhm_px)))
+    sx = np.asarray(sat_tab["x_centroid"], float)
+    sy = np.asarray(sat_tab["y_centroid"], float)
+    sr = np.asarray(sat_tab["halo_radius_px"], float) + fwhm_px
+    for i in np.flatnonzero(cand):
+        xi, yi = float(x[i]), float(y[i])
+        if not (np.isfinite(xi) and np.isfinite(yi)):
+            continue
+        if np.any(np.hypot(sx - xi, sy - yi) < sr):
+            continue
+        ix, iy = int(round(xi)), int(round(yi))
+        if iy - h < 0 or iy + h >= ny or not bad[iy, ix]:
+            continue
+        left = ix
+        while left > 0 and bad[iy, left - 1]:
+            left -= 1
+        right = ix
+        while right < nx - 1 and bad[iy, right + 1]:
+            right += 1
+        if right - left + 1 > max_width or left - 3 < 0 or right + 4 > nx:
+            continue
+        rows = slice(iy - h, iy + h + 1)
+        ok = True
+        for cs in (slice(left - 3, left), slice(right + 1, right + 4)):
+            if np.any(bad[rows, cs]):
+                ok = False
+                break
+            prof = np.sum(work[rows, cs], axis=1, dtype=float)
+            var = np.sum(np.asarray(err[rows, cs], float) ** 2, axis=1)
+            core = prof[h - 1 : h + 2].mean()
+            outer = np.r_[prof[:2], prof[-2:]].mean()
+            sig = math.sqrt(var[h - 1 : h + 2].mean() / 3.0 + np.r_[var[:2], var[-2:]].mean() / 4.0)
+            if not core - outer > min_snr * sig:
+                ok = False
+                break
+        out[i] = ok
+    return out
 
 
 def _trail_ends(data, sat, saturation_adu, reach=2):
