@@ -314,8 +314,9 @@ def run_frames(
                 s["status"],
             )
 
-        def on_death(job, reason, status):
-            return _give_up(session, obs, job, entries[job.stem], reason, status, names[0])
+        def on_death(job, reason, status, stage=None):
+            stage = stage if stage in names else names[0]
+            return _give_up(session, obs, job, entries[job.stem], reason, status, stage)
 
         with _main_module_without_path(), _multiprocessing_main():
             results = pool.run_supervised(

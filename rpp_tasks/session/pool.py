@@ -274,14 +274,14 @@ def run_supervised(
     ctx,
     budget_bytes: int,
     on_done: Callable[[PoolJob, dict], None],
-    on_death: Callable[[PoolJob, str, str], dict],
+    on_death: Callable[..., dict],
 ) -> dict[str, dict]:
     """Run ``fn(*job.args)`` for every job (``shared`` side by side in ``workers`` processes,
     then ``alone`` one at a time), surviving worker deaths: see the module docstring.
 
-    ``on_done(job, result)`` is called for every result; ``on_death(job, reason, status)``
-    records a frame given up after its worker died (status ``rejected``; ``failed`` when the
-    pool died before the frame started) and returns its result. Returns ``{stem: result}``."""
+    ``on_done(job, result)`` is called for every result; ``on_death(job, reason, status[, stage])``
+    records a frame given up after its worker died (status ``rejected``, at the stage it was
+    running; ``failed`` when the pool died before the frame started) and returns its result. Returns ``{stem: result}``."""
     results: dict[str, dict] = {}
     queue, retry = list(shared), []
     while queue:
@@ -310,7 +310,8 @@ def run_supervised(
         res, dead, rest = _one_pool(fn, [j], 1, ctx, on_done)
         results.update(res)
         for j2, info, code in dead:  # died alone: given up
-            results[j2.stem] = on_death(j2, _death_reason(j2, info, code, budget_bytes), "rejected")
+            reason = _death_reason(j2, info, code, budget_bytes)
+            results[j2.stem] = on_death(j2, reason, "rejected", info.get("stage"))
         for j2 in rest:
             results[j2.stem] = on_death(
                 j2, "the worker process died before starting the frame", "failed"

@@ -58,7 +58,11 @@ def test_killed_worker_frame_is_retried_alone_then_rejected(
     assert reason.startswith("worker killed (signal 9, SIGKILL) while reducing 128×128 frame")
     assert "at cosmics" in reason and "likely out of memory" in reason
     assert "retried alone" in reason  # it died twice: in the shared pool, then alone
-    assert session.rejected()[victim]["reason"] == reason
+    assert session.rejected()[victim] == {
+        "reason": reason,
+        "stage": "cosmics",  # the stage its worker was running
+        "path": session.read_json("manifest.json")["science"][1]["path"],
+    }
     # the others' results are kept and the night goes on: summary and report
     monkeypatch.delenv("RPP_TEST_KILL_FRAME")
     lifecycle.run_stage(session, obs, lifecycle.table_for(obs).names[3:], workers=2)
