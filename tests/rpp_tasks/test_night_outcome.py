@@ -153,9 +153,8 @@ def test_every_frame_rejected_fails_products_and_rpp_reduce(data_root, dag_modul
     assert lifecycle.require_science(session)["n_science"] == 2
     lifecycle.run_stage(session, obs, list(lifecycle.table_for(obs).names), workers=1)
     products = dag_module.build_reduction_dag(obs).get_task("products").python_callable
-    ti = SimpleNamespace(xcom_pull=lambda task_ids: {})
     with pytest.raises(AirflowFailException, match=r"0 of 2 science frames reduced") as info:
-        products({"workdir": str(session.workdir)}, ti=ti, run_id="r1")
+        products([{"workdir": str(session.workdir)}], {}, run_id="r1")
     assert "constant image" in str(info.value)
     summary = json.loads((session.workdir / "session_summary.json").read_text())
     assert summary["n_ok"] == 0 and summary["n_science"] == 2
