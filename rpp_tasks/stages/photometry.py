@@ -241,7 +241,7 @@ def fit_saturated_stars(
     """
     Fluxes of saturated stars from their unsaturated wings, and the image of their models.
 
-    For each source (rows of `rpp_tasks.stages.detection.find_saturated_stars`: ``a_px`` is the
+    For each source (rows of `rpp_tasks.stages.saturation.find_saturated_stars`: ``a_px`` is the
     saturated radius, ``halo_radius_px`` the halo) the local PSF model is fitted to the
     unmasked, unsaturated pixels between ``r_sat + 1`` px and ``r_sat + 4 FWHM``, two pixels away
     from any masked one (flux, position, a shift of the model's ``1/beta`` -- far wings are very
@@ -500,7 +500,8 @@ def measure_frame(
     fwhm = float(model.fwhm_px)
     info["psf_model"] = model.to_dict()
     sources_fit = sources
-    from rpp_tasks.stages.detection import FLAG_SATURATED, saturation_exclusion_mask
+    from rpp_tasks.stages.saturation import saturation_exclusion_mask
+    from rpp_tasks.stages.sources import FLAG_SATURATED
 
     if psf and not overwrite:
         data = np.array(data, dtype=np.float32)  # the caller's image stays as it is
@@ -640,7 +641,7 @@ def measure_frame(
 def _grow_saturated(data, mask, saturation_adu):
     """``mask`` plus the saturated pixels (see `rpp_tasks.stages.detection`) grown by 1 px along
     the rows and 2 px along the columns (a new array; ``mask`` when nothing is saturated)."""
-    from rpp_tasks.stages.detection import _saturated_pixels
+    from rpp_tasks.stages.saturation import _saturated_pixels
 
     if mask is None:
         return mask
