@@ -9,13 +9,14 @@ the frame stages as one task per chunk (`frames`, mapped) -> products -> (archiv
 
 Wiring only: Params, connections -> plain settings, skip/fail decisions and the factory over the
 stage table (`rpp_tasks.session.table`: its session- and frame-scope segments). Each task calls one
-`rpp_tasks.session.lifecycle` function, the same ones `rpp reduce` calls; tasks hand each other
-the work folder and a small dict. Concurrency and retries come from the observatory's
+function of `rpp_tasks.session.tasks` (over `rpp_tasks.session.lifecycle`, which `rpp reduce`
+calls too); tasks hand each other the work folder and a small dict. Concurrency and retries come from the observatory's
 `scheduling` section. A broken YAML becomes a small `rpp_<file stem>` DAG carrying the error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import re
@@ -25,7 +26,7 @@ from airflow.sdk import Param, dag, get_parsing_context, task
 
 from rpp_tasks import config as rpp_config
 from rpp_tasks.config import ObservatoryConfig
-from rpp_tasks.exceptions import ConfigError, NothingReduced
+from rpp_tasks.exceptions import ConfigError, TaskFailed, TaskSkipped
 from rpp_tasks.session.table import StageTable, table_for
 
 CONFIG_DIR = rpp_config.default_config_dir()
@@ -71,10 +72,16 @@ def _make_failure_callback(obs: ObservatoryConfig | None):
     return rpp_on_failure
 
 
-def _session(prev: dict | list):  # validate's result is the list of the night's chunks
-    from rpp_tasks.session import lifecycle
+@contextlib.contextmanager
+def _states():  # the library's outcomes -> Airflow task states (other errors are retried)
+    from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-    return lifecycle.resume((prev if isinstance(prev, dict) else prev[0])["workdir"])
+    try:
+        yield
+    except TaskSkipped as exc:
+        raise AirflowSkipException(str(exc)) from None
+    except TaskFailed as exc:
+        raise AirflowFailException(str(exc)) from None
 
 
 def _with_colibri_key(obs: ObservatoryConfig, names) -> None:
@@ -120,33 +127,20 @@ def build_reduction_dag(obs: ObservatoryConfig, table: StageTable | None = None)
     def reduction():
         @task(task_id="validate")
         def validate(**context) -> list[dict]:
-            """Open the session afresh (manifest of frames by type) and cut the night into chunks
-            of frames: one dict per chunk, the session's description + ``chunk`` (its stems)."""
-            from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+            """Open the session afresh and cut the night into chunks (tasks.validate)."""
+            from rpp_tasks.session import tasks
 
-            from rpp_tasks.session import lifecycle
-
-            try:
-                out = lifecycle.open_from_conf(context["params"], obs)
-            except ValueError as exc:
-                raise AirflowFailException(str(exc)) from None
-            except NothingReduced as exc:  # files but no science frame: a failed night
-                if exc.empty:
-                    raise AirflowSkipException(str(exc)) from None
-                raise AirflowFailException(str(exc)) from None
-            chunks = out.pop("chunks") or [[]]  # (a table of session stages only: no chunk)
-            return [{**out, "n_chunks": len(chunks), "chunk": c} for c in chunks]
+            with _states():
+                return tasks.validate(context["params"], obs)
 
         def stage_task(name: str, heavy: bool):
             @task(task_id=name, **({"pool": HEAVY_POOL} if heavy else {}))
             def run(prev: list) -> dict:
-                """Run this session stage once (lifecycle.run_stage; retries start clean)."""
-                from rpp_tasks.session import lifecycle
+                """Run this session stage once (tasks.run_stage; retries start clean)."""
+                from rpp_tasks.session import tasks
 
                 _with_colibri_key(obs, (name,))
-                res = lifecycle.run_stage(_session(prev), obs, name, table=table)
-                res.pop("stages", None)
-                return res
+                return tasks.run_stage(prev, obs, name, table)
 
             return run
 
@@ -157,76 +151,45 @@ def build_reduction_dag(obs: ObservatoryConfig, table: StageTable | None = None)
                 **({"pool": HEAVY_POOL} if heavy else {}),
             )
             def run(job: dict) -> dict:
-                """Run the frame stages for one chunk of the night's frames (lifecycle.run_chunk;
-                a retry redoes this chunk only)."""
+                """Run the frame stages for one chunk of the night's frames (tasks.run_chunk; a
+                retry redoes this chunk only)."""
                 from airflow.sdk import get_current_context
 
-                from rpp_tasks.session import lifecycle
+                from rpp_tasks.session import tasks
 
-                chunk = job["chunk"]
-                get_current_context()["rpp_chunk_label"] = lifecycle.chunk_label(chunk)
+                get_current_context()["rpp_chunk_label"] = tasks.chunk_label(job)
                 _with_colibri_key(obs, names)
-                return lifecycle.run_chunk(_session(job), obs, names, chunk, table=table)
+                return tasks.run_chunk(job, obs, names, table)
 
             return run
 
         @task(task_id="products")
         def products(prev: list, runs: dict, **context) -> dict:
-            """Session summary, results database, morning report and products ZIP; fails (after
-            writing them) when no science frame was reduced."""
-            from airflow.sdk.exceptions import AirflowFailException
+            """Session summary, results database, report, products ZIP (tasks.products)."""
+            from rpp_tasks.session import tasks
 
-            from rpp_tasks.session import lifecycle
-
-            stage_runs = lifecycle.merge_stage_runs(table, runs)
             airflow = {"dag_id": obs.dag_id, "run_id": context["run_id"]}
-            summary, made = lifecycle.finish(
-                _session(prev), obs, airflow=airflow, stage_runs=stage_runs
-            )
-            try:  # summary and report are written; no frame reduced fails the night
-                lifecycle.require_reduced(summary)
-            except NothingReduced as exc:
-                raise AirflowFailException(str(exc)) from None
-            return made
+            with _states():
+                return tasks.products(prev, obs, table, runs, airflow=airflow)
 
         @task(task_id="archive")
         def archive(prev: dict) -> dict:
-            """Upsert the session's ObsCore rows (skipped when disabled or nothing was reduced)."""
-            from airflow.sdk.exceptions import AirflowSkipException
+            """Upsert the session's ObsCore rows (tasks.archive)."""
+            from rpp_tasks.session import tasks
+            from rpp_tasks.session.connections import archive_url
 
-            from rpp_tasks.session import connections, lifecycle
-
-            if not obs.archive.enabled:
-                raise AirflowSkipException(f"archive disabled in {obs.source}")
-            url = connections.archive_url(obs, get_connection=_conn)
-            res = lifecycle.archive(_session(prev), obs, url=url)
-            if res is None:
-                raise AirflowSkipException(f"[{prev['session_id']}] no reduced frame to archive")
-            return {k: v for k, v in res.items() if not isinstance(v, list) or len(v) <= 50}
+            with _states():
+                return tasks.archive(prev, obs, url=lambda: archive_url(obs, get_connection=_conn))
 
         @task(task_id="notify")
         def notify(prev: dict, **context) -> dict:
-            """Tell the observers (e-mail, Telegram); a failed send fails this task only."""
-            from airflow.sdk.exceptions import AirflowSkipException
+            """Tell the observers; a failed send fails this task only (tasks.notify)."""
+            from rpp_tasks.session import tasks
 
-            from rpp_tasks.outputs.notify import NotificationError
-            from rpp_tasks.session import lifecycle
-
-            res = lifecycle.notify(
-                _session(prev), obs, get_connection=_conn, mask=_mask, run_key=context.get("run_id")
-            )
-            if res["status"] == "failed":
-                raise NotificationError(
-                    "notification failed (the products and the archive are not affected): "
-                    + "; ".join(res["failed"])
+            with _states():
+                return tasks.notify(
+                    prev, obs, get_connection=_conn, mask=_mask, run_key=context.get("run_id")
                 )
-            if res["status"] == "skipped":
-                why = "; ".join(f"{n['channel']}: {n['error']}" for n in res["notices"])
-                raise AirflowSkipException(
-                    "nothing sent: " + (why or "no notification channel configured")
-                )
-            keys = ("status", "n_ok", "n_failed", "n_skipped", "failed", "report", "products_zip")
-            return {k: res.get(k) for k in (*keys, "notify_json")}
 
         opened = validate()
         last, runs = opened, {}

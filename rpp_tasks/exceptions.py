@@ -5,12 +5,21 @@
   frames go on.
 * `NothingReduced` -- a session with files but no science frame reduced: a failed night (every
   file with its outcome and reason in the message), or an empty folder (``empty``).
+* `TaskSkipped`, `TaskFailed` -- outcomes of a DAG task that are not an ordinary (retried) failure:
+  nothing to do, or a failure no retry can cure (`rpp_tasks.session.tasks`).
 * `RppError`      -- base class.
 """
 
 from __future__ import annotations
 
-__all__ = ["RppError", "ConfigError", "FrameRejected", "NothingReduced"]
+__all__ = [
+    "RppError",
+    "ConfigError",
+    "FrameRejected",
+    "NothingReduced",
+    "TaskSkipped",
+    "TaskFailed",
+]
 
 
 class RppError(Exception):
@@ -115,3 +124,11 @@ class NothingReduced(RppError):
         more = len(self.files) - len(items)
         tail = f"; ... and {more} more (session_summary.json lists every file)" if more else ""
         return f"{head}: " + "; ".join(items) + tail
+
+
+class TaskSkipped(RppError):
+    """The task has nothing to do (the DAG marks it skipped; the message says why)."""
+
+
+class TaskFailed(RppError):
+    """A failure no retry can cure (a refused run conf, a night with nothing reduced)."""
