@@ -2,9 +2,9 @@
 
 ::
 
-    open_session ─► run_stage (masters, calibrate, ..., transients) ─► summarise ─► record_results
-                                                                         │
-                                                       make_report ◄─────┘─► archive, notify
+    open_session ─► run_stage (masters, ..., transients, targets) ─► summarise ─► record_results
+                                                                       │
+                                                     make_report ◄─────┘─► archive, notify
     record_failure (any task or run that fails)
 
 * `open_session` groups the raw folder into a manifest and starts fresh: outputs of an earlier
@@ -42,6 +42,7 @@ from rpp_tasks.session.summary import (
     file_outcomes,
     headline,
     night_date_for,
+    target_summaries,
 )
 from rpp_tasks.session.table import StageTable, table_for
 from rpp_tasks.session.workdir import Session, read_json
@@ -66,7 +67,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Outputs of an earlier run that a fresh run removes (raw files and masters are never touched).
-STALE_OUTPUTS = ("frames", "session_summary.json")
+STALE_OUTPUTS = (
+    "frames",
+    "session_summary.json",
+    "targets.json",
+    "targets.ecsv",
+    "comparison_stars.ecsv",
+    "targets_photometry.json",
+)
 
 
 # =============================================================================== open
@@ -76,8 +84,12 @@ def open_session(
     *,
     work_root=None,
     session_id: str | None = None,
+    targets: Sequence[str] = (),
 ) -> Session:
     """Open a session afresh: work folder, manifest of frames by type, band, exposure, binning.
+
+    ``targets``: the run's targets (names or coordinates, ``rpp reduce --target``), kept in the
+    manifest (``run_targets``) for the ``targets`` stage.
 
     Only headers are read. Every file of the folder gets an outcome in the manifest
     (`rpp_tasks.inputs.frames.group_session`); files that are not usable frames are listed in
@@ -113,6 +125,7 @@ def open_session(
         manifest[kind] = [
             f["path"] for f in manifest.get("frames", []) if f.get("imagetyp") == kind
         ]
+    manifest["run_targets"] = [str(t) for t in targets if str(t).strip()]
     session.write_json("manifest.json", manifest)
     session.write_json(
         "rejected.json",
@@ -285,6 +298,9 @@ def summarise(session: Session, obs, **extra) -> SessionSummary:
             }
         frames.append(FrameSummary.from_dict(s))
     masters = session.read_json("masters.json", {}) or {}
+    targets, unresolved = target_summaries(
+        (session.read_json("targets.json", {}) or {}).get("summary")
+    )
     head = headline(frames)
     mjds = [f.mjd_obs for f in frames if f.mjd_obs is not None]
     summary = SessionSummary(
@@ -306,6 +322,8 @@ def summarise(session: Session, obs, **extra) -> SessionSummary:
         masters=masters,
         frames=tuple(frames),
         files=file_outcomes(manifest, frames, masters),
+        targets=targets,
+        targets_unresolved=unresolved,
         **extra,
     )
     session.write_json("session_summary.json", summary.to_dict())
@@ -317,16 +335,20 @@ def summarise(session: Session, obs, **extra) -> SessionSummary:
 def record_results(
     session: Session, summary: SessionSummary, obs, *, url: str | None = None
 ) -> SessionSummary:
-    """Upsert the session into the results database (`rpp_tasks.outputs.results.record_session`).
+    """Upsert the session into the results database (`rpp_tasks.outputs.results.record_session`),
+    then its targets' photometry (`rpp_tasks.stages.target_session.record_target_photometry`:
+    the rows of the ``targets`` stage, so a target's light curve over the nights is one query).
 
     The database is a record, never a reason to lose the products: an error is logged and kept in
     the summary (``results_db_error``, written back to ``session_summary.json``).
     """
     from rpp_tasks.outputs import db, results
+    from rpp_tasks.stages.target_session import record_target_photometry
 
     try:
         url = url or db.results_url_from_env(db.default_results_url(obs.resolve_path("work")))
         results.record_session(summary, url)
+        record_target_photometry(session.workdir, obs, url=url, night_date=summary.night_date)
     except Exception as exc:
         log.error("[%s] results database not updated: %s", session.session_id, exc)
         summary = summary.replace(results_db_error=str(exc))
@@ -450,12 +472,15 @@ def reduce_session(
     workers: int | None = None,
     table: StageTable | None = None,
     report: bool = True,
+    targets: Sequence[str] = (),
 ) -> tuple[SessionSummary, dict]:
     """``rpp reduce FOLDER``: `open_session`, every stage (frames in memory, no checkpoints),
     `finish` (summary, results database, report). Returns what `finish` returns."""
     t0 = time.perf_counter()
     table = table or table_for(obs, strict=True)
-    session = open_session(raw_dir, obs, work_root=work_root, session_id=session_id)
+    session = open_session(
+        raw_dir, obs, work_root=work_root, session_id=session_id, targets=targets
+    )
     run = run_stage(
         session, obs, table.names, workers=workers, keep_intermediate=False, table=table
     )
