@@ -33,6 +33,7 @@ CHAIN = (
     "zero_point",
     "enrich",
     "transients",
+    "targets",
     "products",
 )
 HEAVY = {

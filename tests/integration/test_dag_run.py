@@ -107,6 +107,7 @@ def test_demo_dag_run_produces_products_and_reruns_idempotently(airflow_env):
         "zero_point",
         "enrich",
         "transients",
+        "targets",
         "products",
         "archive",
     ]
@@ -137,6 +138,7 @@ def test_demo_dag_run_produces_products_and_reruns_idempotently(airflow_env):
         "zero_point",
         "enrich",
         "transients",
+        "targets",
     }
 
     # a re-run of the same session replaces the products in the same work folder
