@@ -252,7 +252,8 @@ def bench_latency(args) -> dict:
     os.environ.setdefault("RPP_DATA_ROOT", str(REPO))
     from rpp_tasks.config import find_config
     from rpp_tasks.ops.airflow_api import AirflowClient
-    from rpp_tasks.ops.readiness import SessionRule, run_id_for
+    from rpp_tasks.ops.readiness import SessionRule
+    from rpp_tasks.ops.session_ids import run_id_for
     from rpp_tasks.ops.watch import SessionWatcher, WatchState
     from rpp_tasks.sim.synthetic import write_synthetic_session
 

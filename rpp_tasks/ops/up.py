@@ -412,7 +412,8 @@ def run_up(
         if not demo:
             _print_banner(settings, secrets_, obs, None)
             return _serve(af, watcher, exit_when_done)
-        from rpp_tasks.ops.readiness import rule_from_config, run_id_for, session_id_for
+        from rpp_tasks.ops.readiness import rule_from_config
+        from rpp_tasks.ops.session_ids import run_id_for, session_id_for
         from rpp_tasks.ops.watch import SessionWatcher
 
         watcher = SessionWatcher(

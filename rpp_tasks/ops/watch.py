@@ -43,10 +43,9 @@ from rpp_tasks.ops.readiness import (
     content_digests,
     list_session_dirs,
     scan_incoming,
-    session_id_for,
     take_snapshot,
-    validate_session_id,
 )
+from rpp_tasks.ops.session_ids import session_id_for, validate_session_id
 
 __all__ = [
     "WatchState",

@@ -50,10 +50,10 @@ def build_masters(session: Session, obs) -> dict:
     """Master bias/dark/flat from the session's calibration frames, else the nearest masters of the
     same camera and binning (and band, for flats) from the master library. Writes masters.json and
     returns which masters were used (source and frame count, small enough for XCom)."""
-    from rpp_tasks.stages import calibration
+    from rpp_tasks.stages import masters
 
     cfg = obs.stages.calibration
-    summary = calibration.run_masters(
+    summary = masters.run_masters(
         session.read_json("manifest.json", {}),
         out_dir=session.masters_dir(),
         camera=obs.camera.name,
@@ -149,11 +149,11 @@ def _load_master(entry: dict | None) -> tuple:
         return None, None, None
     path = entry["path"]
     if path not in _MASTER_CACHE:
-        from rpp_tasks.stages import calibration
+        from rpp_tasks.stages import master_library
 
         if len(_MASTER_CACHE) > 8:
             _MASTER_CACHE.clear()
-        _MASTER_CACHE[path] = calibration.load_master(path)
+        _MASTER_CACHE[path] = master_library.load_master(path)
     return _MASTER_CACHE[path]
 
 

@@ -152,10 +152,10 @@ def open_session(
 
 def open_from_conf(conf, obs) -> dict:
     """The DAG's validate step: the run's conf checked before anything is written
-    (`rpp_tasks.ops.readiness.check_run_conf`: observatory, ``session_dir`` inside the incoming
+    (`rpp_tasks.ops.session_ids.check_run_conf`: observatory, ``session_dir`` inside the incoming
     folder when relative, a plain ``session_id``), then `open_session`; returns `describe` of it.
     Raises `ValueError` for a conf to fix."""
-    from rpp_tasks.ops.readiness import check_run_conf
+    from rpp_tasks.ops.session_ids import check_run_conf
 
     try:
         table_for(obs, strict=True)

@@ -26,7 +26,7 @@ def session_id_for(
     raw_dir: str | os.PathLike, incoming_root: str | os.PathLike | None = None
 ) -> str:
     """Deterministic session id of a session folder: the watcher's id
-    (`rpp_tasks.ops.readiness.session_id_for`) of its path relative to the incoming root, or of
+    (`rpp_tasks.ops.session_ids.session_id_for`) of its path relative to the incoming root, or of
     its name when it is outside it. ``rpp reduce``
     and the DAG run the watcher triggers therefore share one work folder for the same night.
     """

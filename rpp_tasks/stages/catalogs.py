@@ -18,6 +18,12 @@ Design
   cached cone of the same catalogue that contains it, so a re-run or a neighbouring session with an
   overlapping pointing needs no network.
 
+Rooms: the HTTP client (timeouts, retries, circuit breaker) is `rpp_tasks.stages.services`;
+parsing replies, the normalised columns and the Gaia transformations are
+`rpp_tasks.stages.reftables`; positional matching is `rpp_tasks.stages.crossmatch`. This module
+holds the cache, the per-service queries and the fallback chain, and re-exports the names callers
+use with it.
+
 Every service address is configurable (``catalogs.services`` in the observatory YAML); the tests
 point them at loopback servers that answer in the services' real formats.
 """
@@ -25,20 +31,29 @@ point them at loopback servers that answer in the services' real formats.
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 import logging
-import math
 import os
 import re
-import threading
 import time
-import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from rpp_tasks.stages.crossmatch import angular_sep_deg, match_catalogs
+from rpp_tasks.stages.reftables import (
+    GAIA_DERIVED,
+    NATIVE_BANDS,
+    gaia_transform,
+    normalize_reference,
+    parse_service_table,
+)
+from rpp_tasks.stages.services import (
+    ServiceClient,
+    ServiceError,
+    ServiceStatus,
+    reset_circuit_breaker,
+)
 
 __all__ = [
     "DEFAULT_SERVICES",
@@ -54,6 +69,7 @@ __all__ = [
     "angular_sep_deg",
     "match_catalogs",
     "client_from_config",
+    "reset_circuit_breaker",
 ]
 
 log = logging.getLogger(__name__)
@@ -71,37 +87,10 @@ DEFAULT_SERVICES = {
     "colibri": "https://astro-colibri.science",
 }
 
-#: Bands each catalogue measures natively.
-NATIVE_BANDS = {
-    "gaia": ("G", "BP", "RP"),
-    "ps1": ("g", "r", "i", "z", "y"),
-    "skymapper": ("g", "r", "i", "z"),
-}
-GAIA_DERIVED = ("B", "V", "R", "I", "g", "r", "i")
 _GAIA_SERVICES = ("gaia_tap", "gaia_vizier")
 
 
 # =============================================================================== results
-@dataclass(frozen=True)
-class ServiceStatus:
-    """Outcome of one service call: ``status`` is ``ok``, ``cached``, ``empty``, ``skipped`` or ``failed``."""
-
-    service: str
-    status: str
-    reason: str | None = None
-    n_rows: int = 0
-    attempts: int = 0
-    wall_s: float = 0.0
-
-    def to_dict(self) -> dict:
-        return {
-            "service": self.service,
-            "status": self.status,
-            "reason": self.reason,
-            "n_rows": self.n_rows,
-            "attempts": self.attempts,
-            "wall_s": round(self.wall_s, 4),
-        }
 
 
 @dataclass(frozen=True)
@@ -136,409 +125,6 @@ class ReferenceResult:
             "services": [s.to_dict() for s in self.statuses],
             "flags": list(self.flags),
         }
-
-
-class ServiceError(Exception):
-    """A service call failed; ``kind`` is ``timeout``, ``refused``, ``unreachable``, ``http``, ``malformed``."""
-
-    def __init__(self, kind: str, message: str, *, circuit_open: bool = False):
-        super().__init__(message)
-        self.kind = kind
-        #: True when the host was not asked at all because it failed moments ago: the failure was
-        #: already logged as a warning once, so callers log this one at INFO (no warning per frame).
-        self.circuit_open = circuit_open
-
-
-# =============================================================================== HTTP client
-_BREAKER: dict[str, float] = {}
-_BREAKER_LOCK = threading.Lock()
-
-
-def _host(url: str) -> str:
-    m = re.match(r"^\w+://([^/]+)", url)
-    return m.group(1) if m else url
-
-
-class ServiceClient:
-    """HTTP GET/POST with a timeout, bounded retries with exponential backoff, and a circuit breaker.
-
-    Parameters
-    ----------
-    timeout_s : float
-        Connect and read timeout of each attempt.
-    max_retries : int
-        Retries after the first attempt for timeouts, refused connections and HTTP 5xx.
-    backoff_s : float
-        Sleep before retry ``k`` is ``backoff_s * 2**k``.
-    breaker_s : float
-        After a failure that exhausted its retries, the host is not asked again for this long
-        (in this process); 0 disables the breaker.
-    """
-
-    def __init__(
-        self,
-        *,
-        timeout_s: float = 10.0,
-        max_retries: int = 2,
-        backoff_s: float = 0.5,
-        breaker_s: float = 120.0,
-        sleep: Callable[[float], None] = time.sleep,
-    ):
-        if timeout_s <= 0 or max_retries < 0 or backoff_s < 0:
-            raise ValueError("timeout_s must be > 0, max_retries and backoff_s >= 0")
-        self.timeout_s, self.max_retries, self.backoff_s, self.breaker_s = (
-            timeout_s,
-            max_retries,
-            backoff_s,
-            breaker_s,
-        )
-        self._sleep = sleep
-
-    def request(
-        self,
-        url: str,
-        *,
-        params: dict | None = None,
-        data: dict | None = None,
-        json_body: dict | None = None,
-        headers: dict | None = None,
-    ) -> tuple[bytes, int]:
-        """Return ``(content, attempts)``; raise `ServiceError` when every attempt failed."""
-        import requests
-
-        host = _host(url)
-        if self.breaker_s > 0:
-            with _BREAKER_LOCK:
-                until = _BREAKER.get(host, 0.0)
-            if until > time.monotonic():
-                raise ServiceError(
-                    "unreachable",
-                    f"{host} failed moments ago (circuit open), not asked again",
-                    circuit_open=True,
-                )
-        last: ServiceError | None = None
-        attempts = 0
-        for k in range(self.max_retries + 1):
-            if k:
-                self._sleep(self.backoff_s * 2 ** (k - 1))
-            attempts += 1
-            try:
-                if data is None and json_body is None:
-                    r = requests.get(url, params=params, headers=headers, timeout=self.timeout_s)
-                else:
-                    r = requests.post(
-                        url,
-                        params=params,
-                        data=data,
-                        json=json_body,
-                        headers=headers,
-                        timeout=self.timeout_s,
-                    )
-            except requests.exceptions.Timeout as exc:
-                last = ServiceError(
-                    "timeout", f"timeout after {self.timeout_s:g} s ({type(exc).__name__})"
-                )
-                continue
-            except requests.exceptions.ConnectionError as exc:
-                text = str(exc)
-                if (
-                    "NameResolution" in text
-                    or "Name or service not known" in text
-                    or "getaddrinfo" in text
-                ):
-                    last = ServiceError(
-                        "unreachable", f"name resolution failed for {host} (offline?)"
-                    )
-                    break  # an offline machine: retrying cannot help
-                last = ServiceError("refused", f"connection failed: {' '.join(text.split())[:160]}")
-                continue
-            except requests.exceptions.RequestException as exc:
-                last = ServiceError("http", f"{type(exc).__name__}: {exc}"[:200])
-                break
-            if r.status_code >= 500:
-                last = ServiceError("http", f"HTTP {r.status_code}")
-                continue
-            if r.status_code >= 400:
-                raise ServiceError("http", f"HTTP {r.status_code}: {r.text[:160]!r}")
-            with _BREAKER_LOCK:
-                _BREAKER.pop(host, None)
-            return r.content, attempts
-        if self.breaker_s > 0:
-            with _BREAKER_LOCK:
-                _BREAKER[host] = time.monotonic() + self.breaker_s
-        assert last is not None
-        last.attempts = attempts  # type: ignore[attr-defined]
-        raise last
-
-
-def reset_circuit_breaker() -> None:
-    """Forget every failed host (tests, or a long-running process after the network came back)."""
-    with _BREAKER_LOCK:
-        _BREAKER.clear()
-
-
-# =============================================================================== parsing
-def parse_service_table(content: bytes):
-    """Parse a service reply into an astropy Table: VOTable (incl. ``vot:`` prefixed), ECSV, TAP JSON
-    (``metadata`` + ``data``), MAST JSON (``info`` + ``data``) or CSV, sniffed from the content.
-
-    Raises `ServiceError` (``malformed``) for anything else, an error VOTable, or an HTML page.
-    """
-    from astropy.table import Table
-
-    head = content.lstrip()[:400]
-    try:
-        if head.startswith(b"<"):
-            if b"<html" in head.lower() or b"<!doctype html" in head.lower():
-                raise ServiceError(
-                    "malformed", "HTML page instead of a table (service error page?)"
-                )
-            from astropy.io.votable import parse
-            from astropy.io.votable.exceptions import VOWarning
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", VOWarning)
-                warnings.simplefilter("ignore", UserWarning)
-                vot = parse(io.BytesIO(content), verify="ignore")
-            for res in vot.resources:
-                for info in list(res.infos):
-                    if info.name == "QUERY_STATUS" and str(info.value).upper() == "ERROR":
-                        raise ServiceError(
-                            "malformed", f"service error: {(info.content or '')[:160]}"
-                        )
-            for info in vot.infos:
-                if info.name == "QUERY_STATUS" and str(info.value).upper() == "ERROR":
-                    raise ServiceError("malformed", f"service error: {(info.content or '')[:160]}")
-            tables = list(vot.iter_tables())
-            if not tables:
-                return Table()
-            best = max(tables, key=lambda t: len(t.array))
-            tab = best.to_table(use_names_over_ids=True)
-            for (
-                name
-            ) in tab.colnames:  # masked -> plain with NaN / '' (simpler and faster downstream)
-                col = tab[name]
-                if hasattr(col, "mask") and not np.any(col.mask):
-                    tab[name] = np.asarray(col.data if hasattr(col, "data") else col)
-                elif hasattr(col, "mask"):
-                    if col.dtype.kind == "f":
-                        tab[name] = np.asarray(col.filled(np.nan))
-                    elif col.dtype.kind in "iu":
-                        tab[name] = np.asarray(col.filled(0))
-                    else:
-                        tab[name] = np.asarray(col.filled(""))
-            return Table(tab, masked=False)
-        if head.startswith(b"# %ECSV"):
-            return Table.read(content.decode(), format="ascii.ecsv")
-        if head.startswith(b"{"):
-            doc = json.loads(content)
-            if "data" in doc and ("metadata" in doc or "info" in doc):
-                names = [c["name"] for c in doc.get("metadata") or doc.get("info")]
-                rows = doc["data"]
-                cols = list(zip(*rows)) if rows else [[] for _ in names]
-                out = Table()
-                for n, c in zip(names, cols):
-                    out[n] = _column(c)
-                return out
-            raise ServiceError("malformed", "JSON without metadata/info + data")
-        if head and b"," in head.split(b"\n", 1)[0]:
-            return Table.read(content.decode(), format="ascii.csv")
-    except ServiceError:
-        raise
-    except Exception as exc:  # every parser error means the same thing here
-        raise ServiceError(
-            "malformed", f"unparsable reply ({type(exc).__name__}: {str(exc)[:120]})"
-        ) from None
-    raise ServiceError("malformed", f"unrecognised reply starting with {content[:40]!r}")
-
-
-def _column(values):
-    vals = [np.nan if v is None else v for v in values]
-    try:
-        arr = np.asarray(vals)
-        if arr.dtype.kind in "OU":
-            try:
-                return np.asarray(vals, dtype=float)
-            except (TypeError, ValueError):
-                return np.asarray(
-                    [
-                        "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
-                        for v in values
-                    ]
-                )
-        return arr
-    except Exception:
-        return np.asarray([str(v) for v in values])
-
-
-def _col(tab, *names, default=np.nan):
-    lower = {c.lower(): c for c in tab.colnames}
-    for n in names:
-        c = lower.get(n.lower())
-        if c is not None:
-            try:
-                return np.asarray(tab[c], dtype=float)
-            except (TypeError, ValueError):
-                return np.asarray(tab[c])
-    return np.full(len(tab), default)
-
-
-def _strcol(tab, *names):
-    lower = {c.lower(): c for c in tab.colnames}
-    for n in names:
-        c = lower.get(n.lower())
-        if c is not None:
-            return np.asarray([str(v).strip() for v in np.asarray(tab[c])])
-    return np.full(len(tab), "", dtype="<U1")
-
-
-def normalize_reference(tab, catalog: str):
-    """Map a service table to the normalised reference columns (see module docstring).
-
-    Raises `ServiceError` (``malformed``) when the coordinates are missing.
-    """
-    from astropy.table import Table
-
-    out = Table()
-    if catalog == "gaia":
-        ra, dec = _col(tab, "ra", "RA_ICRS", "RAJ2000"), _col(tab, "dec", "DE_ICRS", "DEJ2000")
-        sid = _col(tab, "source_id", "Source", default=0)
-        out["ra"], out["dec"] = ra, dec
-        sid_int = (
-            np.where(np.isfinite(sid), sid, 0).astype(np.int64)
-            if sid.dtype.kind == "f"
-            else sid.astype(np.int64)
-        )
-        # float64 cannot hold 19-digit ids: re-read as integers when the column is integer
-        lower = {c.lower(): c for c in tab.colnames}
-        for n in ("source_id", "source"):
-            if n in lower and np.asarray(tab[lower[n]]).dtype.kind in "iu":
-                sid_int = np.asarray(tab[lower[n]], dtype=np.int64)
-        out["ref_id"] = np.asarray([f"Gaia DR3 {s}" for s in sid_int])
-        out["gaia_source_id"] = sid_int
-        for band, names, snr_names in (
-            ("G", ("phot_g_mean_mag", "Gmag"), ("phot_g_mean_flux_over_error",)),
-            ("BP", ("phot_bp_mean_mag", "BPmag"), ("phot_bp_mean_flux_over_error",)),
-            ("RP", ("phot_rp_mean_mag", "RPmag"), ("phot_rp_mean_flux_over_error",)),
-        ):
-            out[f"mag_{band}"] = _col(tab, *names)
-            err = _col(tab, f"e_{names[1]}")
-            if not np.isfinite(err).any():
-                snr = _col(tab, *snr_names)
-                err = 1.0857 / snr
-            floor = 0.0028 if band == "G" else 0.004  # DR3 calibration floor
-            out[f"mag_err_{band}"] = np.hypot(np.where(np.isfinite(err), err, 0.02), floor)
-        out["pmra"] = _col(tab, "pmra", "pmRA")
-        out["pmdec"] = _col(tab, "pmdec", "pmDE")
-    elif catalog == "ps1":
-        out["ra"], out["dec"] = (
-            _col(tab, "raMean", "ra", "RAJ2000"),
-            _col(tab, "decMean", "dec", "DEJ2000"),
-        )
-        out["ref_id"] = _strcol(tab, "objID", "objName")
-        out["gaia_source_id"] = np.zeros(len(tab), np.int64)
-        for b in NATIVE_BANDS["ps1"]:
-            m = _col(tab, f"{b}MeanPSFMag", f"{b}mag")
-            e = _col(tab, f"{b}MeanPSFMagErr", f"e_{b}mag")
-            bad = ~(m > -50)  # MAST uses -999 for missing
-            out[f"mag_{b}"] = np.where(bad, np.nan, m)
-            out[f"mag_err_{b}"] = np.where(bad | ~(e > -50), np.nan, e)
-    elif catalog == "skymapper":
-        out["ra"], out["dec"] = _col(tab, "raj2000", "ra"), _col(tab, "dej2000", "dec")
-        out["ref_id"] = _strcol(tab, "object_id")
-        out["gaia_source_id"] = np.zeros(len(tab), np.int64)
-        for b in NATIVE_BANDS["skymapper"]:
-            out[f"mag_{b}"] = _col(tab, f"{b}_psf")
-            out[f"mag_err_{b}"] = _col(tab, f"e_{b}_psf")
-    else:
-        raise ValueError(f"unknown catalogue {catalog!r}")
-    if len(out) and not (np.isfinite(out["ra"]).any() and np.isfinite(out["dec"]).any()):
-        raise ServiceError("malformed", f"{catalog} reply has no usable ra/dec columns")
-    good = np.isfinite(out["ra"]) & np.isfinite(out["dec"])
-    out = out[good]
-    out.meta["catalog"] = catalog
-    return out
-
-
-# Riello et al. (2021, A&A 649, A3) Table C.2: G - X = poly(BP - RP), valid ranges approx.
-_GAIA_POLY = {
-    "V": ((-0.02704, 0.01424, -0.2156, 0.01426), (-0.5, 5.0), 0.0302),
-    "R": ((-0.02275, 0.3961, -0.1243, -0.01396, 0.003775), (-0.5, 4.0), 0.0317),
-    "I": ((0.01753, 0.76, -0.0991), (-0.5, 4.5), 0.0337),
-    "g": ((0.2199, -0.6365, -0.1548, 0.0064), (0.3, 3.0), 0.0745),
-    "r": ((-0.09837, 0.08592, 0.1907, -0.1701, 0.02263), (0.0, 3.0), 0.0379),
-    "i": ((-0.293, 0.6404, -0.09609, -0.002104), (0.5, 2.0), 0.0409),
-}
-
-
-def gaia_transform(ref):
-    """Add ``mag_<X>``/``mag_err_<X>`` for X in ``B V R I g r i`` derived from Gaia G, BP, RP.
-
-    Outside a relation's colour range the value is NaN. ``B`` comes from V and the Gaia DR2
-    ``G - V = f(B - V)`` relation (Evans et al. 2018) inverted on a grid (approximate, ~0.1 mag).
-    The relation's scatter is added in quadrature to the error.
-    """
-    ref = ref.copy(copy_data=False)
-    g = np.asarray(ref["mag_G"], float)
-    x = np.asarray(ref["mag_BP"], float) - np.asarray(ref["mag_RP"], float)
-    eg = np.asarray(ref["mag_err_G"], float)
-    for band, (coef, (lo, hi), sig) in _GAIA_POLY.items():
-        gx = np.polynomial.polynomial.polyval(x, coef)
-        m = np.where((x >= lo) & (x <= hi), g - gx, np.nan)
-        if f"mag_{band}" in ref.colnames and np.isfinite(ref[f"mag_{band}"]).any():
-            continue  # never overwrite a native band
-        ref[f"mag_{band}"] = m
-        ref[f"mag_err_{band}"] = np.hypot(eg, sig)
-    if "mag_V" in ref.colnames:
-        bv_grid = np.linspace(-0.1, 2.0, 400)
-        gv_grid = -0.02907 - 0.02385 * bv_grid - 0.2297 * bv_grid**2 - 0.001768 * bv_grid**3
-        gv = g - np.asarray(ref["mag_V"], float)
-        bv = np.interp(
-            -gv, -gv_grid, bv_grid, left=np.nan, right=np.nan
-        )  # gv_grid decreases with B-V
-        ref["mag_B"] = np.asarray(ref["mag_V"], float) + bv
-        ref["mag_err_B"] = np.hypot(eg, 0.1)
-    ref.meta["transformed_from"] = "gaia"
-    return ref
-
-
-# =============================================================================== geometry
-def angular_sep_deg(ra1, dec1, ra2, dec2):
-    """Great-circle separation in degrees (haversine, arrays broadcast)."""
-    ra1, dec1, ra2, dec2 = (np.radians(np.asarray(v, float)) for v in (ra1, dec1, ra2, dec2))
-    s = np.sin((dec2 - dec1) / 2) ** 2 + np.cos(dec1) * np.cos(dec2) * np.sin((ra2 - ra1) / 2) ** 2
-    return np.degrees(2 * np.arcsin(np.sqrt(np.clip(s, 0, 1))))
-
-
-def _unit(ra, dec):
-    ra, dec = np.radians(np.asarray(ra, float)), np.radians(np.asarray(dec, float))
-    return np.column_stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)])
-
-
-def match_catalogs(ra1, dec1, ra2, dec2, *, radius_arcsec: float):
-    """Nearest neighbour of each (ra1, dec1) in (ra2, dec2) within ``radius_arcsec``.
-
-    Returns ``(index, sep_arcsec)``: index -1 (and NaN separation) where there is no match or the
-    position is not finite.
-    """
-    from scipy.spatial import cKDTree
-
-    ra1, dec1 = np.asarray(ra1, float), np.asarray(dec1, float)
-    idx = np.full(ra1.size, -1, dtype=np.int64)
-    sep = np.full(ra1.size, np.nan)
-    ok1 = np.isfinite(ra1) & np.isfinite(dec1)
-    ra2, dec2 = np.asarray(ra2, float), np.asarray(dec2, float)
-    ok2 = np.flatnonzero(np.isfinite(ra2) & np.isfinite(dec2))
-    if not ok1.any() or ok2.size == 0:
-        return idx, sep
-    tree = cKDTree(_unit(ra2[ok2], dec2[ok2]))
-    chord = 2 * np.sin(np.radians(radius_arcsec / 3600.0) / 2)
-    d, j = tree.query(_unit(ra1[ok1], dec1[ok1]), distance_upper_bound=chord)
-    hit = np.isfinite(d)
-    sel = np.flatnonzero(ok1)
-    idx[sel[hit]] = ok2[j[hit]]
-    sep[sel[hit]] = np.degrees(2 * np.arcsin(d[hit] / 2)) * 3600.0
-    return idx, sep
 
 
 # =============================================================================== cache

@@ -162,11 +162,11 @@ def _region_from_meta(meta) -> _Region | None:
 
 
 def _region_from_data(tab) -> _Region | None:
-    from rpp_tasks.stages.catalogs import _unit, angular_sep_deg
+    from rpp_tasks.stages.crossmatch import angular_sep_deg, unit_vectors
 
     if len(tab) < 3:
         return None
-    v = _unit(tab["ra"], tab["dec"]).mean(axis=0)
+    v = unit_vectors(tab["ra"], tab["dec"]).mean(axis=0)
     norm = float(np.linalg.norm(v))
     if norm < 1e-6:
         return None
@@ -176,7 +176,7 @@ def _region_from_data(tab) -> _Region | None:
     r = float(np.max(angular_sep_deg(cra, cdec, tab["ra"], tab["dec"])))
     from scipy.spatial import cKDTree
 
-    xyz = _unit(tab["ra"], tab["dec"])
+    xyz = unit_vectors(tab["ra"], tab["dec"])
     d, _ = cKDTree(xyz).query(xyz, k=2)
     nn_deg = float(np.degrees(np.median(d[:, 1])))
     # mean spacing 1/sqrt(density): the median nearest-neighbour distance of a Poisson field is
@@ -443,10 +443,10 @@ def _covered(points, region: _Region, tab) -> np.ndarray:
         return inside
     from scipy.spatial import cKDTree
 
-    from rpp_tasks.stages.catalogs import _unit
+    from rpp_tasks.stages.crossmatch import unit_vectors
 
-    tree = cKDTree(_unit(tab["ra"], tab["dec"]))
-    d, _ = tree.query(_unit(points[:, 0], points[:, 1]))
+    tree = cKDTree(unit_vectors(tab["ra"], tab["dec"]))
+    d, _ = tree.query(unit_vectors(points[:, 0], points[:, 1]))
     near = np.degrees(2 * np.arcsin(np.clip(d / 2, 0, 1))) <= 3 * region.spacing_deg
     return inside & near
 
@@ -573,7 +573,7 @@ def _dedupe(tab):
     """Drop repeated stars of overlapping files (same Gaia id, else within 0.3 arcsec)."""
     from scipy.spatial import cKDTree
 
-    from rpp_tasks.stages.catalogs import _unit
+    from rpp_tasks.stages.crossmatch import unit_vectors
 
     sid = np.asarray(tab["gaia_source_id"], np.int64)
     keep = np.ones(len(tab), bool)
@@ -585,7 +585,7 @@ def _dedupe(tab):
         keep[np.flatnonzero(pos)] = k
     rest = np.flatnonzero(keep & ~pos)
     if rest.size > 1:
-        tree = cKDTree(_unit(tab["ra"][rest], tab["dec"][rest]))
+        tree = cKDTree(unit_vectors(tab["ra"][rest], tab["dec"][rest]))
         chord = 2 * math.sin(math.radians(0.3 / 3600) / 2)
         for i, j in sorted(tree.query_pairs(chord)):
             if keep[rest[i]]:

@@ -12,16 +12,14 @@ from astropy.io import fits
 
 from rpp_tasks.stages import calibration
 from rpp_tasks.stages.calibration import (
-    MasterLibrary,
     calibrate_image,
     combine_frames,
-    load_master,
     make_master_bias,
     make_master_dark,
     make_master_flat,
-    run_masters,
-    write_master,
 )
+from rpp_tasks.stages.master_library import MasterLibrary, load_master, write_master
+from rpp_tasks.stages.masters import run_masters
 
 SHAPE = (64, 80)
 

@@ -24,10 +24,9 @@ from rpp_tasks.ops.readiness import (
     Snapshot,
     assess_session,
     evaluate_session,
-    run_id_for,
     scan_incoming,
-    session_id_for,
 )
+from rpp_tasks.ops.session_ids import run_id_for, session_id_for
 from rpp_tasks.ops.watch import (
     SessionWatcher,
     WatcherLocked,

@@ -18,13 +18,15 @@ from airflow_peer import FITS_BLOCK, PASSWORD, USER, FakeAirflow, wait_for
 
 from rpp_tasks.ops.airflow_api import AirflowClient
 from rpp_tasks.ops.readiness import (
-    MAX_SESSION_ID_CHARS,
     SessionRule,
     Snapshot,
-    check_run_conf,
     content_digests,
     evaluate_session,
     implausible_size,
+)
+from rpp_tasks.ops.session_ids import (
+    MAX_SESSION_ID_CHARS,
+    check_run_conf,
     resolve_session_dir,
     run_id_for,
     session_id_for,
