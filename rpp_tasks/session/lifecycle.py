@@ -50,6 +50,7 @@ from rpp_tasks.session.workdir import Session, read_json
 __all__ = [
     "open_session",
     "open_from_conf",
+    "run_conf_targets",
     "resume",
     "describe",
     "run_stage",
@@ -153,8 +154,8 @@ def open_session(
 def open_from_conf(conf, obs) -> dict:
     """The DAG's validate step: the run's conf checked before anything is written
     (`rpp_tasks.ops.session_ids.check_run_conf`: observatory, ``session_dir`` inside the incoming
-    folder when relative, a plain ``session_id``), then `open_session`; returns `describe` of it.
-    Raises `ValueError` for a conf to fix."""
+    folder when relative, a plain ``session_id``; `run_conf_targets`: the run's ``targets``), then
+    `open_session`; returns `describe` of it. Raises `ValueError` for a conf to fix."""
     from rpp_tasks.ops.session_ids import check_run_conf
 
     try:
@@ -165,7 +166,25 @@ def open_from_conf(conf, obs) -> dict:
             "(long-slit spectra: rpp_tasks.spectra.reduce.run_spectra)"
         ) from None
     raw_dir, session_id = check_run_conf(obs, conf)
-    return describe(open_session(raw_dir, obs, session_id=session_id))
+    targets = run_conf_targets(conf)
+    return describe(open_session(raw_dir, obs, session_id=session_id, targets=targets))
+
+
+def run_conf_targets(conf) -> tuple[str, ...]:
+    """The run's targets from a DAG run conf (``targets``: a name or ``"RA DEC"``, or a list of
+    them; the ``targets`` stage resolves them). Raises `ValueError` for anything else."""
+    value = conf.get("targets") if conf else None
+    if value in (None, "", []):
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(
+        isinstance(t, str) and 0 < len(t.strip()) <= 200 for t in items
+    ):
+        raise ValueError(
+            "run conf 'targets' must be a target name or 'RA DEC' (at most 200 characters), or "
+            f"a list of them; got {str(value)[:100]!r}"
+        )
+    return tuple(t.strip() for t in items)
 
 
 def resume(workdir) -> Session:
