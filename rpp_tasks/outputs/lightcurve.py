@@ -437,6 +437,7 @@ def plot_light_curve(
                 )
         ax.invert_yaxis()
         ax.set_xlabel("BJD_TDB - 2400000 (d)")
+        ax.ticklabel_format(axis="x", useOffset=False)  # plain days, no "+6.07e4" offset
         kind = "differential" if use_diff else "calibrated"
         ax.set_ylabel(f"{kind} magnitude")
         ax.grid(alpha=0.3)
