@@ -254,7 +254,8 @@ def bench_latency(args) -> dict:
     from rpp_tasks.ops.airflow_api import AirflowClient
     from rpp_tasks.ops.readiness import SessionRule
     from rpp_tasks.ops.session_ids import run_id_for
-    from rpp_tasks.ops.watch import SessionWatcher, WatchState
+    from rpp_tasks.ops.watch import SessionWatcher
+    from rpp_tasks.ops.watch_state import WatchState
     from rpp_tasks.sim.synthetic import write_synthetic_session
 
     logging.basicConfig(level=logging.WARNING)

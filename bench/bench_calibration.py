@@ -60,7 +60,8 @@ def main(argv=None):
     field = make_star_field((2048, 2048), n_stars=2000, fwhm_px=3.0, n_cosmic_rays=100, seed=7)
     p = field.params
     print(
-        f"field: 2048x2048, {len(field.truth)} stars (FWHM 3.0 px), {p['n_cosmic_rays']} cosmic rays "
+        f"field: 2048x2048, {len(field.truth)} stars (FWHM 3.0 px), "
+        f"{p['n_cosmic_rays']} cosmic rays "
         f"({int(field.cr_mask.sum())} px), {int(field.hot_mask.sum())} hot px, "
         f"gain {p['gain_e_per_adu']} e-/ADU, read noise {p['read_noise_e']} e-"
     )

@@ -2,8 +2,8 @@
 
 Usage::
 
-    .venv/bin/python bench/bench_photometry_core.py [--size 2048] [--nstars 2000] [--psf moffat|gaussian]
-        [--fwhm 3.5] [--beta 3.0] [--seed 1]
+    .venv/bin/python bench/bench_photometry_core.py [--size 2048] [--nstars 2000]
+        [--psf moffat|gaussian] [--fwhm 3.5] [--beta 3.0] [--seed 1]
 
 Renders a pixel-integrated star field with an independent brute-force renderer (sub-pixel
 sampling, no rpp_tasks code), adds sky Poisson + read noise and masked cosmic rays, then times
@@ -181,7 +181,8 @@ def main():
     )
     print(
         f"FWHM: measured {fw.fwhm_px:.4f} +- {fw.fwhm_err_px:.4f} px (truth {args.fwhm}), "
-        f"error {100 * (fw.fwhm_px / args.fwhm - 1):+.2f}%, beta {fw.beta:.2f}, e {fw.ellipticity:.3f}, "
+        f"error {100 * (fw.fwhm_px / args.fwhm - 1):+.2f}%, beta {fw.beta:.2f}, "
+        f"e {fw.ellipticity:.3f}, "
         f"n {fw.n_stars}; ePSF from {epsf.n_stars} stars"
     )
 
@@ -203,7 +204,8 @@ def main():
     found = dt < 1.5
     hi = inside & (snr_true > 10)
     print(
-        f"detection: {len(tab)} sources; spurious {n_spur} ({100 * n_spur / max(len(tab), 1):.2f}%); "
+        f"detection: {len(tab)} sources; "
+        f"spurious {n_spur} ({100 * n_spur / max(len(tab), 1):.2f}%); "
         f"completeness S/N>10: {100 * found[hi].mean():.2f}% of {hi.sum()}; "
         f"S/N 5-10: {100 * found[inside & (snr_true > 5) & (snr_true <= 10)].mean():.1f}%"
     )
@@ -266,7 +268,8 @@ def main():
             )
     q = tab["quality"]
     print(
-        f"quality: good {np.sum(q == 'good')}, marginal {np.sum(q == 'marginal')}, poor {np.sum(q == 'poor')}; "
+        f"quality: good {np.sum(q == 'good')}, marginal {np.sum(q == 'marginal')}, "
+        f"poor {np.sum(q == 'poor')}; "
         f"blended {int(np.sum(tab['blended']))}, near_edge {int(np.sum(tab['near_edge']))}"
     )
 

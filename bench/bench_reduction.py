@@ -3,9 +3,9 @@
 
 For each field kind and size, ``--repeat`` seeded synthetic frames are made with
 ``rpp_tasks.sim.synthetic`` and written as 16-bit FITS like an observatory writes them; each is
-reduced by ``rpp_tasks.session.pipeline.reduce_frame`` (``demo`` observatory configuration, no master
-frames) **in a fresh Python process**, so the CPU time is the whole process, imports included, and
-the peak memory is the process's own. The catalogue is scored against the truth with
+reduced by ``rpp_tasks.session.pipeline.reduce_frame`` (``demo`` observatory configuration, no
+master frames) **in a fresh Python process**, so the CPU time is the whole process, imports
+included, and the peak memory is the process's own. The catalogue is scored against the truth with
 ``rpp_tasks.sim.evaluate.fidelity_report``; medians over the repeats are printed, per S/N bin.
 
 Field kinds:
@@ -335,7 +335,8 @@ def report(rows):
     print(
         f"  chain CPU-s {_median(rows, 'cpu_s'):.2f} (wall {_median(rows, 'wall_s'):.2f}); "
         f"whole process {_median(rows, 'process_cpu_s'):.2f} CPU-s incl. "
-        f"{_median(rows, 'cpu_imports_s'):.2f} for imports, {_median(rows, 'process_wall_s'):.2f} s wall; "
+        f"{_median(rows, 'cpu_imports_s'):.2f} for imports, "
+        f"{_median(rows, 'process_wall_s'):.2f} s wall; "
         f"field generation {_median(rows, 'make_wall_s'):.1f} s (not part of the chain)"
     )
     print(
@@ -377,7 +378,8 @@ def report(rows):
         print(
             f"  FWHM by zone (frame 1, {z.get('source')}): "
             + ", ".join(
-                f"{k} {v['fwhm_measured_px']:.3f}/{v['fwhm_true_px']:.3f} ({100 * v['rel_err']:+.1f}%)"
+                f"{k} {v['fwhm_measured_px']:.3f}/{v['fwhm_true_px']:.3f} "
+                f"({100 * v['rel_err']:+.1f}%)"
                 for k, v in z.items()
                 if isinstance(v, dict)
             )
@@ -411,9 +413,11 @@ def report(rows):
         pb = pooled["psf"][0][k] if pooled["psf"][0] else {}
         print(
             f"  {_bin_label(lo, hi):<10}{n_true:6d}{(n_det / n_true if n_true else nan):8.3f}"
-            f"{ab.get('n', 0):6d}{ab.get('scatter_ratio', nan):9.3f}{ab.get('error_ratio', nan):8.3f}"
+            f"{ab.get('n', 0):6d}{ab.get('scatter_ratio', nan):9.3f}"
+            f"{ab.get('error_ratio', nan):8.3f}"
             f"{ab.get('scatter_mag', nan):8.4f}"
-            f"{pb.get('n', 0):6d}{pb.get('scatter_ratio', nan):10.3f}{pb.get('error_ratio', nan):8.3f}"
+            f"{pb.get('n', 0):6d}{pb.get('scatter_ratio', nan):10.3f}"
+            f"{pb.get('error_ratio', nan):8.3f}"
             f"{pb.get('scatter_mag', nan):8.4f}{pb.get('expected_mag', nan):8.4f}"
         )
     extra = ("ap_offset_mag", "psf_offset_mag", "fwhm_measured_px", "position_rms_px")
@@ -454,8 +458,9 @@ def main(argv=None):
     p.add_argument(
         "--code",
         default=None,
-        help="reduce with the rpp_tasks in this folder (e.g. `git archive <commit> | tar -x -C DIR`)"
-        "; fields and scoring stay those of this tree (before/after figures)",
+        help="reduce with the rpp_tasks in this folder "
+        "(e.g. `git archive <commit> | tar -x -C DIR`); "
+        "fields and scoring stay those of this tree (before/after figures)",
     )
     args = p.parse_args(argv)
     if args.quick:

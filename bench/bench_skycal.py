@@ -1,7 +1,7 @@
 """Benchmark of the sky-calibration stages (issue 3).
 
-* warm cache: CPU seconds of astrometry (refinement) + zero point + enrichment per frame, on a synthetic
-  1024x1024 frame rendered from a sky that loopback Gaia/SIMBAD/SkyBoT/VizieR peers answer with
+* warm cache: CPU seconds of astrometry (refinement) + zero point + enrichment per frame, on a
+  synthetic 1024x1024 frame rendered from a sky that loopback Gaia/SIMBAD/SkyBoT/VizieR peers answer with
   (first run fills the cache, the timed runs need no network);
 * plate solving: wall and CPU (solve-field children) of a hinted and of a blind solve of the real
   Seestar NGC 7023 frame (our detections as x/y list), and the centre offset vs its original WCS;
@@ -103,7 +103,8 @@ def warm_cache(n_runs=3):
     warm = rows[1:]
     med = {k: float(np.median([r[k] for r in warm])) for k in warm[0]}
     print(
-        f"synthetic 1024x1024, {first['n_sources']} sources, {first['stages']['astrometry']['n_astrometric_matches']}"
+        f"synthetic 1024x1024, {first['n_sources']} sources, "
+        f"{first['stages']['astrometry']['n_astrometric_matches']}"
         f" astrometric matches, rms {first['astrometric_rms_arcsec']} arcsec"
     )
     print("cold (first run, loopback network):", rows[0])

@@ -4,7 +4,8 @@
 Raises an import error naming every broken `config/observatories/*.yaml` (file and key), so the
 error shows on Airflow's DAG list page ("Dag Import Errors") while `rpp_reduction.py` keeps building
 the DAGs of the valid observatories. This file defines no DAG: with valid configurations it imports
-cleanly and Airflow shows nothing. (Airflow only parses files that mention both "airflow" and "dag".)
+cleanly and Airflow shows nothing. (Airflow only parses files that mention both "airflow" and
+"dag".)
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ CONFIG_DIR = default_config_dir()  # RPP_CONFIG_DIR, else <repo>/config
 
 
 class ObservatoryConfigErrors(ConfigError):
-    """One or more observatory YAML files are invalid (their DAGs run as config-error placeholders)."""
+    """One or more observatory YAML files are invalid (their DAGs run as config-error
+    placeholders)."""
 
     def __init__(self, errors: dict):
         self.errors = dict(errors)

@@ -51,7 +51,7 @@ def find_missing_runs(
     from concurrent.futures import ThreadPoolExecutor
 
     from rpp_tasks.config import load_observatory_configs
-    from rpp_tasks.ops.watch import find_ready_untriggered
+    from rpp_tasks.ops.watch_state import find_ready_untriggered
 
     configs, errors = load_observatory_configs(config_dir, strict=False)
     for exc in errors.values():

@@ -1,7 +1,8 @@
 """Exceptions shared by every stage of ``rpp_tasks``.
 
 * `ConfigError`   -- an observatory YAML is invalid (names the file, the key and what was expected).
-* `FrameRejected` -- one frame cannot go further; the caller records the reason and the other frames go on.
+* `FrameRejected` -- one frame cannot go further; the caller records the reason and the other
+  frames go on.
 * `RppError`      -- base class.
 """
 

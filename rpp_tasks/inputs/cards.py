@@ -2,8 +2,8 @@
 
 The primitives the other `rpp_tasks.inputs` modules share: `first_value` (the first present,
 non-empty value among synonym keywords, skipping cards astropy cannot parse), `to_float` (a number
-from a card, including strings such as ``'300.0 s'``), `clean_str` and `set_shape` (the NAXIS keywords
-of a header copy). Nothing here writes a file.
+from a card, including strings such as ``'300.0 s'``), `clean_str` and `set_shape` (the NAXIS
+keywords of a header copy). Nothing here writes a file.
 """
 
 from __future__ import annotations

@@ -74,7 +74,8 @@ class Tuning:
         at a time in the worker process). Not ``threads``: Airflow's task supervisor installs
         signal handlers, which only the main thread may do.
     frame_processes : int
-        ``RPP_WORKERS``: frame processes of one stage task (`rpp_tasks.session.lifecycle.run_stage`).
+        ``RPP_WORKERS``: frame processes of one stage task
+        (`rpp_tasks.session.lifecycle.run_stage`).
     parallelism : int
         Task instances running at once in the whole deployment (``[core] parallelism``).
     heavy_pool_slots : int

@@ -10,15 +10,15 @@ A *session* is a direct sub-folder of an observatory's incoming folder
 * ``twospot`` -- a 2SPOT observation file (``last_obs.yaml``) is present and every file it
   declares is present (`rpp_tasks.inputs.twospot`).
 
-Whatever the rule, a session is not ready while a temporary / partial file of a sync tool is in
-it (``*.part``, ``*.tmp``, ``~*``, Syncthing ``.syncthing.*``, rsync ``.<name>.XXXXXX`` ...) or a
-FITS file whose size is not a whole number of 2880-byte blocks (a copy written in place and
-stalled), nor before two snapshots of its files taken ``settle_seconds`` apart are identical: files
-still being written are never read. Only when such an incomplete file has not changed for
-``stall_seconds`` does the session go ahead without it (so a killed transfer never blocks a night
-for ever); a copy that resumes later starts a new revision (`rpp_tasks.ops.watch`). Readiness is a pure function (`evaluate_session`) of two snapshots, the
-rule and the clock; `take_snapshot` and `scan_incoming` are the filesystem side (``os.stat``
-only, no file is opened except a settled 2SPOT declaration).
+Whatever the rule, a session is not ready while a temporary / partial file of a sync tool is in it
+(``*.part``, ``*.tmp``, ``~*``, Syncthing ``.syncthing.*``, rsync ``.<name>.XXXXXX`` ...) or a FITS
+file whose size is not a whole number of 2880-byte blocks (a copy written in place and stalled), nor
+before two snapshots of its files taken ``settle_seconds`` apart are identical: files still being
+written are never read. Only when such an incomplete file has not changed for ``stall_seconds`` does
+the session go ahead without it (so a killed transfer never blocks a night for ever); a copy that
+resumes later starts a new revision (`rpp_tasks.ops.watch`). Readiness is a pure function
+(`evaluate_session`) of two snapshots, the rule and the clock; `take_snapshot` and `scan_incoming`
+are the filesystem side (``os.stat`` only, no file is opened except a settled 2SPOT declaration).
 
 The process that acts on it (events, state file, triggers) is `rpp_tasks.ops.watch`.
 """

@@ -1,1 +1,2 @@
-"""What a reduced session produces and where it goes: report, notifications, ObsCore archive, results database, the Night reports listing."""
+"""What a reduced session produces and where it goes: report, notifications, ObsCore archive,
+results database, the Night reports listing."""

@@ -21,7 +21,8 @@ Sources of the edges (nanometres, rounded outwards to whole nm):
 Where two sources disagree, the union of their ranges is used. Project definitions:
 
 * ``Clear`` -- no filter on a silicon CCD/CMOS: 300-1100 nm (where silicon detectors have
-  non-negligible quantum efficiency). Aliases ``CLR``, ``None``, ``Open``, ``Empty``, ``Unfiltered``.
+  non-negligible quantum efficiency). Aliases ``CLR``, ``None``, ``Open``, ``Empty``,
+  ``Unfiltered``.
 * ``L`` -- luminance / UV-IR-cut filter (Baader L, Astronomik L-1/L-2/L-3, the Seestar "IRCUT"):
   390-710 nm; these pass about 400-700 nm at half maximum.
 * ``Red``, ``Green``, ``Blue`` -- amateur RGB imaging filters (type-2c and similar):

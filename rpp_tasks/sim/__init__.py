@@ -1,1 +1,2 @@
-"""Synthetic frames and sessions with known truth, and the measurements against it (tests and bench)."""
+"""Synthetic frames and sessions with known truth, and the measurements against it (tests and
+bench)."""

@@ -1,1 +1,3 @@
-"""Science stages: pure functions over arrays and tables (calibration, cosmic rays, background, detection, PSF, photometry, astrometry, reference catalogues, zero points, enrichment, transients)."""
+"""Science stages: pure functions over arrays and tables (calibration, cosmic rays, background,
+detection, PSF, photometry, astrometry, reference catalogues, zero points, enrichment,
+transients)."""

@@ -3,11 +3,11 @@
 The image is cut into ``box_size_px`` meshes; in each mesh the sky is estimated with SExtractor's
 clipped mode estimator (``2.5 median - 1.5 mean``, falling back to the median in crowded meshes),
 the mesh grid is median-filtered over ``filter_size`` meshes and interpolated back to every pixel
-with a bicubic spline. The RMS map is built the same way from the clipped standard deviation in
-each mesh: it is **measured on the image** and therefore contains everything that makes the sky
-scatter -- photon noise of the sky, read noise, dark-current noise and any residual pattern. That
-is the ``rms_bkg_adu`` of the aperture error model in ``docs/ARCHITECTURE.md``; do not add read noise
-to it a second time.
+with a bicubic spline. The RMS map is built the same way from the clipped standard deviation in each
+mesh: it is **measured on the image** and therefore contains everything that makes the sky scatter
+-- photon noise of the sky, read noise, dark-current noise and any residual pattern. That is the
+``rms_bkg_adu`` of the aperture error model in ``docs/ARCHITECTURE.md``; do not add read noise to it
+a second time.
 """
 
 from __future__ import annotations

@@ -25,12 +25,13 @@ Calibration model (all images in ADU, float32)::
 
 Master library
 --------------
-`rpp_tasks.stages.master_library.MasterLibrary` is a folder of master FITS files with an ``index.json`` (camera, kind, binning,
-band, exposure, MJD, number of frames, path). `rpp_tasks.stages.masters.run_masters` adds every master it builds to the
-library, and when a session has no calibration frames of a kind it takes the library master of the
-same camera and binning (and band, for flats) nearest in time, optionally within ``max_age_days``.
-The choice is recorded in the returned summary (``source="library"``, ``delta_days``), which the
-pipeline writes to ``masters.json``; a frame calibrated without any master carries the flags.
+`rpp_tasks.stages.master_library.MasterLibrary` is a folder of master FITS files with an
+``index.json`` (camera, kind, binning, band, exposure, MJD, number of frames, path).
+`rpp_tasks.stages.masters.run_masters` adds every master it builds to the library, and when a
+session has no calibration frames of a kind it takes the library master of the same camera and
+binning (and band, for flats) nearest in time, optionally within ``max_age_days``. The choice is
+recorded in the returned summary (``source="library"``, ``delta_days``), which the pipeline writes
+to ``masters.json``; a frame calibrated without any master carries the flags.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Reference catalogues behind one adapter: Gaia DR3 (TAP, VizieR), Pan-STARRS DR1/DR2, SkyMapper DR4.
+"""Reference catalogues behind one adapter: Gaia DR3 (TAP, VizieR), Pan-STARRS DR1/DR2, SkyMapper
+DR4.
 
 Design
 ------
@@ -8,8 +9,8 @@ Design
   catalogue does not have are derived from Gaia by `gaia_transform` (Johnson-Cousins ``B V R I``,
   Sloan ``g r i``; Riello et al. 2021 polynomials, ~0.03-0.07 mag scatter; ``B`` approximate).
 * **Fallback chain.** `fetch_reference` tries the band's catalogue (PS1/SkyMapper only inside their
-  sky coverage), then the Gaia services in the configured order (``gaia_tap`` -> ``gaia_vizier``), and
-  transforms Gaia when the band is not native. Every attempt is recorded as a `ServiceStatus`.
+  sky coverage), then the Gaia services in the configured order (``gaia_tap`` ->
+  ``gaia_vizier``), and transforms Gaia when the band is not native. Every attempt is recorded as a `ServiceStatus`.
 * **Timeouts, bounded retries with exponential backoff** (timeouts, connection refused, HTTP 5xx);
   no retry for HTTP 4xx, malformed replies or name-resolution failure (offline machine); a
   per-process circuit breaker stops asking a host that just failed, so an offline night costs
@@ -98,9 +99,9 @@ class ReferenceResult:
     """A normalised reference table and how it was obtained.
 
     ``table`` is empty (but has ``ra``, ``dec``, ``ref_id``) with flag ``"no_reference"`` when every
-    service failed; ``catalog`` names the catalogue actually used (``gaia``, ``ps1``, ``skymapper``),
-    ``band``/``ref_band`` the requested band and the column used (``mag_<ref_band>``),
-    ``transformed`` whether the band was derived from Gaia.
+    service failed; ``catalog`` names the catalogue actually used (``gaia``, ``ps1``,
+    ``skymapper``), ``band``/``ref_band`` the requested band and the column used
+    (``mag_<ref_band>``), ``transformed`` whether the band was derived from Gaia.
     """
 
     table: object
@@ -216,10 +217,12 @@ def query_gaia_tap(
     fmt="json",
 ):
     """Gaia DR3 cone from the ESA archive TAP sync endpoint (``<url>/sync``), brightest first."""
+    cone = _adql_cone("ra", "dec", ra_deg, dec_deg, radius_deg)
     q = (
-        f"SELECT TOP {int(max_rows)} source_id, ra, dec, pmra, pmdec, phot_g_mean_mag, phot_bp_mean_mag, "
-        "phot_rp_mean_mag, phot_g_mean_flux_over_error, phot_bp_mean_flux_over_error, "
-        f"phot_rp_mean_flux_over_error FROM gaiadr3.gaia_source WHERE {_adql_cone('ra', 'dec', ra_deg, dec_deg, radius_deg)}"
+        f"SELECT TOP {int(max_rows)} source_id, ra, dec, pmra, pmdec, phot_g_mean_mag, "
+        "phot_bp_mean_mag, phot_rp_mean_mag, phot_g_mean_flux_over_error, "
+        "phot_bp_mean_flux_over_error, phot_rp_mean_flux_over_error "
+        f"FROM gaiadr3.gaia_source WHERE {cone}"
         f" AND phot_g_mean_mag < {mag_limit:.2f} ORDER BY phot_g_mean_mag"
     )
     content, n = client.request(
@@ -299,7 +302,8 @@ def _in_coverage(catalog: str, dec_deg: float) -> bool:
 
 @dataclass(frozen=True)
 class ServicesSetup:
-    """Everything `fetch_reference` and `rpp_tasks.stages.enrich` need to reach services (no config object)."""
+    """Everything `fetch_reference` and `rpp_tasks.stages.enrich` need to reach services (no config
+    object)."""
 
     urls: dict = field(default_factory=lambda: dict(DEFAULT_SERVICES))
     client: ServiceClient | None = None
@@ -440,7 +444,8 @@ def fetch_reference(
     Returns
     -------
     ReferenceResult
-        With the per-service statuses; an empty table and flag ``"no_reference"`` when nothing answered.
+        With the per-service statuses; an empty table and flag ``"no_reference"`` when nothing
+        answered.
 
     Notes
     -----

@@ -396,7 +396,8 @@ def _keep_seeded(crmask, seeds):
 
 
 def _fill_masked_median(work, crmask, bad):
-    """Replace ``crmask`` pixels by the median of valid neighbours (5 x 5, else 7 x 7, else 11 x 11)."""
+    """Replace ``crmask`` pixels by the median of valid neighbours (5 x 5, else 7 x 7, else 11 x
+    11)."""
     out = work.copy()
     ys, xs = np.nonzero(crmask)
     if ys.size == 0:

@@ -1,4 +1,5 @@
-"""Positional cross-match on the sphere: separations and nearest-neighbour matching (KD-tree on unit vectors)."""
+"""Positional cross-match on the sphere: separations and nearest-neighbour matching (KD-tree on unit
+vectors)."""
 
 from __future__ import annotations
 

@@ -116,7 +116,8 @@ def _cached_query(name, setup, cache, ra0, dec0, r, fetch, *, tag=None, cacheabl
 
 
 def _scrub(value, secret):
-    """``value`` with ``secret`` (the Astro-Colibri key) masked, so it never reaches metadata or logs."""
+    """``value`` with ``secret`` (the Astro-Colibri key) masked, so it never reaches metadata or
+    logs."""
     if secret and isinstance(value, str) and secret in value:
         return value.replace(secret, "***")
     return value

@@ -1,4 +1,5 @@
-"""Service replies to one normalised reference table, and Gaia photometry transformed to other bands.
+"""Service replies to one normalised reference table, and Gaia photometry transformed to other
+bands.
 
 parse_service_table reads VOTable, ECSV, TAP JSON and CSV replies; normalize_reference gives every
 catalogue the same columns (ra, dec, ref_id, gaia_source_id, mag_<band>, mag_err_<band>);
@@ -36,8 +37,9 @@ GAIA_DERIVED = ("B", "V", "R", "I", "g", "r", "i")
 
 # =============================================================================== parsing
 def parse_service_table(content: bytes):
-    """Parse a service reply into an astropy Table: VOTable (incl. ``vot:`` prefixed), ECSV, TAP JSON
-    (``metadata`` + ``data``), MAST JSON (``info`` + ``data``) or CSV, sniffed from the content.
+    """Parse a service reply into an astropy Table: VOTable (incl. ``vot:`` prefixed), ECSV, TAP
+    JSON (``metadata`` + ``data``), MAST JSON (``info`` + ``data``) or CSV, sniffed from the
+    content.
 
     Raises `ServiceError` (``malformed``) for anything else, an error VOTable, or an HTML page.
     """

@@ -19,7 +19,8 @@ __all__ = ["ServiceStatus", "ServiceError", "ServiceClient", "reset_circuit_brea
 
 @dataclass(frozen=True)
 class ServiceStatus:
-    """Outcome of one service call: ``status`` is ``ok``, ``cached``, ``empty``, ``skipped`` or ``failed``."""
+    """Outcome of one service call: ``status`` is ``ok``, ``cached``, ``empty``, ``skipped`` or
+    ``failed``."""
 
     service: str
     status: str
@@ -40,7 +41,8 @@ class ServiceStatus:
 
 
 class ServiceError(Exception):
-    """A service call failed; ``kind`` is ``timeout``, ``refused``, ``unreachable``, ``http``, ``malformed``."""
+    """A service call failed; ``kind`` is ``timeout``, ``refused``, ``unreachable``, ``http``,
+    ``malformed``."""
 
     def __init__(self, kind: str, message: str, *, circuit_open: bool = False):
         super().__init__(message)
@@ -61,7 +63,8 @@ def _host(url: str) -> str:
 
 
 class ServiceClient:
-    """HTTP GET/POST with a timeout, bounded retries with exponential backoff, and a circuit breaker.
+    """HTTP GET/POST with a timeout, bounded retries with exponential backoff, and a circuit
+    breaker.
 
     Parameters
     ----------

@@ -84,7 +84,8 @@ def find_candidates(
 
 
 def write_png(path, image: np.ndarray) -> None:
-    """Write a 2-D uint8 array as an 8-bit greyscale PNG (row 0 at the bottom, as images are shown)."""
+    """Write a 2-D uint8 array as an 8-bit greyscale PNG (row 0 at the bottom, as images are
+    shown)."""
     img = np.ascontiguousarray(np.flipud(np.asarray(image, np.uint8)))
     h, w = img.shape
     raw = b"".join(b"\x00" + img[i].tobytes() for i in range(h))

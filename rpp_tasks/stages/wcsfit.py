@@ -49,7 +49,8 @@ class WcsRefinement:
 
 # =============================================================================== tangent plane
 def tan_project(ra_deg, dec_deg, ra0_deg, dec0_deg):
-    """Gnomonic (TAN) standard coordinates (xi, eta) in degrees about (ra0, dec0); xi positive east."""
+    """Gnomonic (TAN) standard coordinates (xi, eta) in degrees about (ra0, dec0); xi positive
+    east."""
     a, d = np.radians(np.asarray(ra_deg, float)), np.radians(np.asarray(dec_deg, float))
     a0, d0 = math.radians(ra0_deg), math.radians(dec0_deg)
     cosc = np.sin(d0) * np.sin(d) + np.cos(d0) * np.cos(d) * np.cos(a - a0)
@@ -147,7 +148,8 @@ def fit_tan_sip(x, y, ra, dec, *, crpix0, crval0, degree, weights):
 
 # =============================================================================== refinement
 def _vote_offset(xs, ys, xr, yr, max_offset_px, bin_px):
-    """Most common (dx, dy) = ref - source among pairs closer than max_offset_px (None if no peak)."""
+    """Most common (dx, dy) = ref - source among pairs closer than max_offset_px (None if no
+    peak)."""
     from scipy.spatial import cKDTree
 
     tree = cKDTree(np.column_stack([xr, yr]))
@@ -193,7 +195,8 @@ def refine_wcs(
     Parameters
     ----------
     x, y : array_like
-        0-based pixel positions of detections, brightest first preferred (``weights`` order is kept).
+        0-based pixel positions of detections, brightest first preferred (``weights`` order is
+        kept).
     ref_ra, ref_dec : array_like
         Reference positions (deg), brightest first (at the frame's epoch).
     wcs : astropy.wcs.WCS
@@ -206,8 +209,8 @@ def refine_wcs(
     weights : array_like, optional
         Relative weights of the detections (e.g. S/N**2); uniform when omitted.
     sip_degree : int
-        0 or 1 for a plain TAN, >= 2 adds SIP distortion of that order (used only with enough matches:
-        at least 6 per free parameter, else a lower order).
+        0 or 1 for a plain TAN, >= 2 adds SIP distortion of that order (used only with enough
+        matches: at least 6 per free parameter, else a lower order).
 
     Returns
     -------

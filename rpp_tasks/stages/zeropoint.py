@@ -1,12 +1,14 @@
-"""Photometric zero point for every photometry type (apertures and PSF) against a reference catalogue.
+"""Photometric zero point for every photometry type (apertures and PSF) against a reference
+catalogue.
 
 Model, for each photometry type ``t`` (``1p1fwhm``, ``1p3fwhm``, ``fixed``, ``psf``)::
 
     m_ref = m_inst_t - k * X + ZP_t + c_t * colour        (colour term optional)
 
 ``m_inst_t`` is the per-second instrumental magnitude of the catalogue, ``k`` the extinction
-coefficient of the band (mag/airmass, from the config), ``X`` the airmass computed from the site, the
-mid-exposure time and the field centre (precessed to the date, see `airmass`), so ``ZP_t`` is the zero point above the atmosphere.
+coefficient of the band (mag/airmass, from the config), ``X`` the airmass computed from the site,
+the mid-exposure time and the field centre (precessed to the date, see `airmass`), so ``ZP_t`` is
+the zero point above the atmosphere.
 
 The fit: pairs within ``match_radius_arcsec`` that are unsaturated, not near the edge, not blended,
 with S/N above ``min_snr`` and a reference magnitude in range -> iterative sigma clipping (median /
@@ -125,7 +127,8 @@ def measure_zero_point(
     colour_term: bool = False,
 ) -> ZeroPointResult:
     """
-    Zero point ``ref_mag - (instr_mag - extinction_mag)`` with clipping, a residual cut and a final fit.
+    Zero point ``ref_mag - (instr_mag - extinction_mag)`` with clipping, a residual cut and a final
+    fit.
 
     Parameters
     ----------
@@ -216,7 +219,8 @@ def airmass(
     ra_deg: float, dec_deg: float, mjd: float, *, latitude_deg: float, longitude_deg: float
 ) -> float:
     """
-    Airmass of an ICRS position at a time (MJD, UTC) and site (Kasten & Young 1989), NaN below the horizon.
+    Airmass of an ICRS position at a time (MJD, UTC) and site (Kasten & Young 1989), NaN below the
+    horizon.
 
     The position is moved to the true equator and equinox of the date (IAU 2006/2000A
     bias-precession-nutation, ``erfa.pnm06a``) and the hour angle taken from the Greenwich apparent

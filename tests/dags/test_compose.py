@@ -44,9 +44,13 @@ def test_every_airflow_setting_is_a_real_option(tmp_path):
     )
     assert len(keys) >= 20
     code = (
-        "import json, sys\nfrom airflow.configuration import conf\nd = conf.configuration_description\n"
-        "print('RESULT ' + json.dumps({k: k.split('__')[2].lower() in d.get(k.split('__')[1].lower(), {})"
-        ".get('options', {}) for k in json.loads(sys.argv[1])}))"
+        "import json, sys\n"
+        "from airflow.configuration import conf\n"
+        "d = conf.configuration_description\n"
+        "def known(k):\n"
+        "    section, option = k.split('__')[1].lower(), k.split('__')[2].lower()\n"
+        "    return option in d.get(section, {}).get('options', {})\n"
+        "print('RESULT ' + json.dumps({k: known(k) for k in json.loads(sys.argv[1])}))"
     )
     res = subprocess.run(
         [sys.executable, "-c", code, json.dumps(keys)],

@@ -1,4 +1,5 @@
-"""DAG integrity: the DAG files import cleanly, one DAG per observatory, policy, order, broken YAML."""
+"""DAG integrity: the DAG files import cleanly, one DAG per observatory, policy, order, broken
+YAML."""
 
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ def dagbag():
 
 @pytest.fixture
 def broken_config_dir(tmp_path, monkeypatch):
-    """A copy of config/ where huntsman.yaml has an invalid value and one file is not YAML at all."""
+    """A copy of config/ where huntsman.yaml has an invalid value and one file is not YAML at
+    all."""
     cfg = tmp_path / "config"
     shutil.copytree(REPO / "config", cfg)
     hunts = cfg / "observatories" / "huntsman.yaml"
@@ -127,7 +129,8 @@ def test_reconcile_dag(dagbag):
     assert dag.get_task("find_missing_runs").downstream_task_ids == {"trigger_missing_runs"}
 
 
-# ----------------------------------------------------------------------------- broken configurations
+# ----------------------------------------------------------------------------- broken
+# configurations
 def test_broken_yaml_keeps_other_dags_and_names_file_and_key(broken_config_dir):
     bag = DagBag(dag_folder=str(DAGS))
     good = [n for n in _observatories(broken_config_dir) if n not in ("huntsman", "garbled")]
@@ -169,9 +172,11 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
 def test_parsing_imports_no_science_stack():
     code = (
         "import runpy, sys, json\n"
-        "for f in ('dags/rpp_reduction.py', 'dags/rpp_reconcile.py', 'dags/rpp_config_errors.py'):\n"
+        "for f in ('dags/rpp_reduction.py', 'dags/rpp_reconcile.py',\n"
+        "          'dags/rpp_config_errors.py'):\n"
         "    runpy.run_path(f)\n"
-        "mods = sorted({n.split('.')[0] for n in sys.modules} | {n for n in sys.modules if n.startswith('rpp_tasks')})\n"
+        "tops = {n.split('.')[0] for n in sys.modules}\n"
+        "mods = sorted(tops | {n for n in sys.modules if n.startswith('rpp_tasks')})\n"
         "print(json.dumps(mods))\n"
     )
     res = _run(code)

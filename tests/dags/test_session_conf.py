@@ -39,8 +39,8 @@ def test_reconcile_triggers_a_changed_session_as_its_next_revision(obs1, tmp_pat
     """Files added after the watcher's confirmed run: the reconcile DAG triggers revision 2
     (``session__<id>__r2``) once the first run is no longer queued or running."""
     from rpp_tasks.config import find_config
-    from rpp_tasks.ops.readiness import rule_from_config, take_snapshot
-    from rpp_tasks.ops.watch import WatchState, content_digests
+    from rpp_tasks.ops.readiness import content_digests, rule_from_config, take_snapshot
+    from rpp_tasks.ops.watch_state import WatchState
 
     night = tmp_path / "data/incoming/obs1/2025-01-15"
     night.mkdir(parents=True)

@@ -1,4 +1,5 @@
-"""The stage table: adding a stage is one entry and one function (docs/ARCHITECTURE.md walk-through).
+"""The stage table: adding a stage is one entry and one function (docs/ARCHITECTURE.md
+walk-through).
 
 A toy stage is added after photometry; it runs through the session lifecycle (in one process as
 ``rpp reduce`` does, and task by task as the DAG does, on a chunk of the frames) and appears in the

@@ -37,7 +37,8 @@ GAIA_TAP_RECORDED = RESPONSES / "astroquery/gaia/cone_search.json"
 
 
 def require_recorded(path: Path = GAIA_TAP_RECORDED) -> Path:
-    """Skip the calling test (from the test's own thread) when a recorded reply is absent (fresh clone)."""
+    """Skip the calling test (from the test's own thread) when a recorded reply is absent (fresh
+    clone)."""
     if not path.is_file():
         import pytest
 
@@ -49,7 +50,8 @@ def require_recorded(path: Path = GAIA_TAP_RECORDED) -> Path:
 
 
 class Peer:
-    """HTTP server with ``routes[path_prefix] = handler(query: dict, body: dict) -> (status, ctype, bytes)``."""
+    """HTTP server with ``routes[path_prefix] = handler(query: dict, body: dict) -> (status, ctype,
+    bytes)``."""
 
     def __init__(self):
         self.routes: dict = {}
@@ -134,7 +136,8 @@ def _cone(tab, query, body, ra_key="ra", dec_key="dec"):
 
 
 def gaia_tap_json(stars: Table) -> bytes:
-    """The recorded Gaia TAP JSON (metadata + a template row) filled with ``stars`` (ra, dec, G, BP, RP)."""
+    """The recorded Gaia TAP JSON (metadata + a template row) filled with ``stars`` (ra, dec, G, BP,
+    RP)."""
     doc = json.loads(GAIA_TAP_RECORDED.read_text())
     names = [c["name"] for c in doc["metadata"]]
     tpl = list(doc["data"][0])
@@ -183,7 +186,8 @@ def vizier_gaia_votable(stars: Table) -> bytes:
 
 
 def ps1_json(stars: Table) -> bytes:
-    """MAST Catalogs JSON (``info`` + ``data``, as the recorded panstarrs.json) with mean PSF magnitudes."""
+    """MAST Catalogs JSON (``info`` + ``data``, as the recorded panstarrs.json) with mean PSF
+    magnitudes."""
     cols = ["objID", "raMean", "decMean", "nDetections"] + [
         f"{b}MeanPSFMag{e}" for b in "grizy" for e in ("", "Err")
     ]
@@ -236,7 +240,8 @@ def make_sky(ra0, dec0, *, n=300, radius_deg=0.1, seed=0, g_range=(11.0, 17.5)):
 
 
 def add_gaia_routes(peer: Peer, stars: Table):
-    require_recorded()  # in the test thread: a missing template must skip, not break the server thread
+    # in the test thread: a missing template must skip, not break the server thread
+    require_recorded()
     peer.routes["/tap/sync"] = lambda q, b, m: (
         200,
         "application/json",

@@ -89,8 +89,9 @@ def test_refine_recovers_offset_and_rotation_on_a_star_list():
 
 
 def test_refine_recovers_sip_distortion():
-    """Truth with a 2nd-order SIP distortion (~2.5 px at the corners), start TAN off by 30" and 0.5 deg:
-    the SIP fit reproduces the truth everywhere to < 0.05 px; a plain TAN fit cannot (> 0.5 px)."""
+    """Truth with a 2nd-order SIP distortion (~2.5 px at the corners), start TAN off by 30" and 0.5
+    deg: the SIP fit reproduces the truth everywhere to < 0.05 px; a plain TAN fit cannot (> 0.5
+    px)."""
     from astropy.wcs import Sip
 
     from rpp_tasks.sim.synthetic import _make_wcs
@@ -140,8 +141,9 @@ def test_refine_with_too_few_stars_is_flagged():
 
 
 def test_end_to_end_refinement_of_a_bad_header_wcs(tmp_path):
-    """Synthetic frame rendered from the sky the loopback Gaia answers with; its header WCS is off by
-    30 arcsec and rotated by 0.5 deg; after the astrometry stage the WCS matches the truth to < 0.05 px."""
+    """Synthetic frame rendered from the sky the loopback Gaia answers with; its header WCS is off
+    by 30 arcsec and rotated by 0.5 deg; after the astrometry stage the WCS matches the truth to <
+    0.05 px."""
     from rpp_tasks.sim.synthetic import _make_wcs, make_star_field
 
     sky = make_sky(150.0, 20.0, n=1500, radius_deg=0.16, seed=4, g_range=(13.0, 18.0))
@@ -253,8 +255,8 @@ def catalogs_refused():
     "astrometry-data-tycho2-07 ... -10-19)",
 )
 def test_forced_solve_failure_keeps_the_header_wcs():
-    """solve: always on a 2-arcmin field (far below the Tycho-2 indexes' ~30 arcmin): the real solve-field
-    fails; the valid header WCS is kept, untouched, and the failure recorded."""
+    """solve: always on a 2-arcmin field (far below the Tycho-2 indexes' ~30 arcmin): the real
+    solve-field fails; the valid header WCS is kept, untouched, and the failure recorded."""
     from rpp_tasks.sim.synthetic import make_star_field
 
     fld = make_star_field((128, 128), n_stars=40, mag_range=(13, 16), n_cosmic_rays=0, seed=1)

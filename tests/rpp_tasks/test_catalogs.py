@@ -208,7 +208,8 @@ def test_no_ps1_coverage_or_empty_ps1_uses_gaia_transformation(peer, sky, tmp_pa
 
 
 def _riello_r(g, bp, rp):
-    """Riello et al. (2021) Table C.2: G - r_SDSS = poly(BP - RP), written out independently here."""
+    """Riello et al. (2021) Table C.2: G - r_SDSS = poly(BP - RP), written out independently
+    here."""
     x = np.asarray(bp) - np.asarray(rp)
     return np.asarray(g) - (-0.09837 + 0.08592 * x + 0.1907 * x**2 - 0.1701 * x**3 + 0.02263 * x**4)
 
@@ -286,7 +287,8 @@ def test_skymapper_answers_in_the_south_and_is_skipped_in_the_north(tmp_path):
             and np.isfinite(north.table["mag_g"]).sum() > 10
         )
         assert not any(c[0] == "/skymapper/sync" for c in p.calls[n:])
-        # SkyMapper down (HTTP 500) in its own sky, nothing cached -> Gaia transformation, status recorded
+        # SkyMapper down (HTTP 500) in its own sky, nothing cached -> Gaia transformation, status
+        # recorded
         p.mode["/skymapper/sync"] = "500"
         (tmp_path / "other").mkdir()
         setup2 = _setup(tmp_path / "other", gaia_tap=p.url, vizier=p.url, skymapper=p.url)
@@ -312,7 +314,8 @@ def test_cache_serves_a_rerun_while_every_service_times_out(peer, sky, tmp_path)
     assert again.source == "cache" and [s.status for s in again.statuses] == ["cached"]
     assert len(peer.calls) == n  # no network at all
     assert np.allclose(np.sort(again.table["mag_V"]), np.sort(first.table["mag_V"]), equal_nan=True)
-    # a cone the cache does not contain: every service times out -> empty, flagged, statuses recorded
+    # a cone the cache does not contain: every service times out -> empty, flagged, statuses
+    # recorded
     miss = fetch_reference(RA0 + 3.0, DEC0, 0.05, catalog="gaia", band="V", setup=setup)
     assert miss.flags == ("no_reference",)
     assert [(s.service, s.status, s.reason.split(":")[0]) for s in miss.statuses] == [

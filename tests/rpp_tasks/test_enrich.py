@@ -201,7 +201,8 @@ def test_services_not_enabled_are_skipped_and_no_wcs_is_handled(field, tmp_path)
 
 def test_timeouts_are_bounded_recorded_and_only_their_columns_are_empty(field, tmp_path):
     """SkyBoT and VizieR answer after the client's timeout: each is retried once, recorded as a
-    timeout; SIMBAD and Gaia (answering) still fill their columns; a re-run is served from the cache."""
+    timeout; SIMBAD and Gaia (answering) still fill their columns; a re-run is served from the
+    cache."""
     import time as _time
 
     sky, sk, cat = field
@@ -256,9 +257,9 @@ def test_timeouts_are_bounded_recorded_and_only_their_columns_are_empty(field, t
 
 @pytest.mark.parametrize("mode", ["ok", "echo401", "500", "malformed", "refused"])
 def test_astro_colibri_key_never_reaches_logs_or_metadata(field, tmp_path, caplog, mode):
-    """The key is sent in the request body (checked on the peer) but appears nowhere in the catalogue
-    metadata, the written ECSV, the result, the ServicesSetup repr or any log record, even when the
-    service answers with an error page that echoes the request."""
+    """The key is sent in the request body (checked on the peer) but appears nowhere in the
+    catalogue metadata, the written ECSV, the result, the ServicesSetup repr or any log record, even
+    when the service answers with an error page that echoes the request."""
     import json
     import logging
 

@@ -1,5 +1,6 @@
-"""End-to-end reduction of synthetic sessions: products, rejections with reasons, idempotent re-runs,
-the per-stage (Airflow) driver agreeing with the in-memory chain, and raw files never modified."""
+"""End-to-end reduction of synthetic sessions: products, rejections with reasons, idempotent
+re-runs, the per-stage (Airflow) driver agreeing with the in-memory chain, and raw files never
+modified."""
 
 from __future__ import annotations
 
@@ -228,8 +229,8 @@ def test_cli_reduce_frame_and_folder(raw_session, tmp_path, capsys):
 
 
 def test_frame_pool_does_not_rerun_the_callers_main_script(raw_session, obs, tmp_path):
-    """Inside an Airflow task ``__main__`` is the ``airflow`` script; the frame pool's workers must not
-    re-run it (forkserver/spawn would, and every frame would die with BrokenProcessPool)."""
+    """Inside an Airflow task ``__main__`` is the ``airflow`` script; the frame pool's workers must
+    not re-run it (forkserver/spawn would, and every frame would die with BrokenProcessPool)."""
     import subprocess
     import sys
 

@@ -1,5 +1,6 @@
-"""Every real star-field frame in ../shared/data/real reduces, or stops with a documented clear reason;
-the Huntsman bias/dark/flat/science set builds masters and applies them; raw files stay byte-identical."""
+"""Every real star-field frame in ../shared/data/real reduces, or stops with a documented clear
+reason; the Huntsman bias/dark/flat/science set builds masters and applies them; raw files stay
+byte-identical."""
 
 from __future__ import annotations
 
@@ -51,8 +52,8 @@ def test_real_frame_reduces_or_fails_clearly(real_data, rel, tmp_path):
     if expected == "ok":
         assert s["status"] == "ok", f"{rel}: {s['failed_stage']}: {s['reason']}"
         assert s["n_sources"] >= min_sources
-        # the Feder thumbnail and the PANOPTES DSLR frames (10"/px, binned 2x2) are undersampled: the
-        # pixel-integrated PSF fit legitimately gives a FWHM below one pixel there
+        # the Feder thumbnail and the PANOPTES DSLR frames (10"/px, binned 2x2) are undersampled:
+        # the pixel-integrated PSF fit legitimately gives a FWHM below one pixel there
         assert 0.4 < s["fwhm_px"] < 15
         cat = Table.read(s["catalog"])
         assert np.isfinite(cat["flux_1p3fwhm"]).sum() >= min_sources

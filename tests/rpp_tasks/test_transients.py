@@ -1,6 +1,6 @@
-"""Transient candidates: a star absent from the loopback Gaia is found (with a PNG cutout), solar-system
-objects and flagged sources are removed, no reference -> no candidates; with every service down the
-catalogue is still written with the affected columns empty and flagged."""
+"""Transient candidates: a star absent from the loopback Gaia is found (with a PNG cutout),
+solar-system objects and flagged sources are removed, no reference -> no candidates; with every
+service down the catalogue is still written with the affected columns empty and flagged."""
 
 from __future__ import annotations
 

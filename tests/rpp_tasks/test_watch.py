@@ -27,12 +27,8 @@ from rpp_tasks.ops.readiness import (
     scan_incoming,
 )
 from rpp_tasks.ops.session_ids import run_id_for, session_id_for
-from rpp_tasks.ops.watch import (
-    SessionWatcher,
-    WatcherLocked,
-    WatchState,
-    find_ready_untriggered,
-)
+from rpp_tasks.ops.watch import SessionWatcher, WatcherLocked
+from rpp_tasks.ops.watch_state import WatchState, find_ready_untriggered
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -431,7 +427,8 @@ def test_file_written_slowly_is_not_triggered_early(tmp_path, airflow, use_polli
         rescan_s=30.0,
     )
     session = tmp_path / "incoming" / "2024-07-30"
-    session.mkdir()  # before the spy starts: inotify must already watch it when the writer opens the file
+    # before the spy starts: inotify must already watch it when the writer opens the file
+    session.mkdir()
     w.start()
     opened = []  # who opens the FITS file: only the writer may (the watcher only stat()s)
     spy = Observer()

@@ -32,7 +32,8 @@ from rpp_tasks.ops.session_ids import (
     session_id_for,
     validate_session_id,
 )
-from rpp_tasks.ops.watch import SessionWatcher, WatchState, find_ready_untriggered, revision_for
+from rpp_tasks.ops.watch import SessionWatcher
+from rpp_tasks.ops.watch_state import WatchState, find_ready_untriggered, revision_for
 
 BLOCK = 2880
 

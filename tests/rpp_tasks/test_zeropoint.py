@@ -1,5 +1,6 @@
-"""Zero point per photometry type: clipping, residual cut, colour term, extinction, error propagation,
-and end to end on a synthetic frame rendered from the sky the loopback Gaia answers with."""
+"""Zero point per photometry type: clipping, residual cut, colour term, extinction, error
+propagation, and end to end on a synthetic frame rendered from the sky the loopback Gaia answers
+with."""
 
 from __future__ import annotations
 
@@ -79,7 +80,8 @@ def test_airmass_zenith_and_horizon():
 
 
 def _astropy_airmass(ra, dec, isot, lat, lon):
-    """Independent airmass: astropy AltAz (no refraction, offline IERS) + the same Kasten & Young formula."""
+    """Independent airmass: astropy AltAz (no refraction, offline IERS) + the same Kasten & Young
+    formula."""
     import warnings
 
     import astropy.units as u
@@ -238,7 +240,8 @@ def test_end_to_end_zero_point_every_type_within_5_mmag(synthetic_frame, tmp_pat
         assert zp[t]["n_used"] >= 20
         assert np.isfinite(cat[f"mag_cal_{t}"]).sum() > 50
     assert s["zp_mag"] is not None and s["n_zp_stars"] >= 20
-    # calibrated magnitudes of the zero-point stars reproduce Gaia G; the zero-point error is propagated
+    # calibrated magnitudes of the zero-point stars reproduce Gaia G; the zero-point error is
+    # propagated
     sel = cat["zp_star"]
     assert np.median(np.abs(cat["mag_cal_psf"][sel] - cat["ref_mag"][sel])) < 0.02
     for t in ("1p1fwhm", "1p3fwhm", "fixed", "psf"):
@@ -265,7 +268,8 @@ def test_end_to_end_zero_point_every_type_within_5_mmag(synthetic_frame, tmp_pat
 @pytest.mark.parametrize("where", ["header", "nowhere"])
 def test_site_from_header_when_config_has_none_else_no_extinction(synthetic_frame, tmp_path, where):
     """An observatory YAML without ``site``: the airmass comes from the header's SITELAT/SITELONG;
-    with no site anywhere no airmass is guessed (flag ``site_not_configured``, no extinction term)."""
+    with no site anywhere no airmass is guessed (flag ``site_not_configured``, no extinction
+    term)."""
     import json
 
     from astropy.io import fits
