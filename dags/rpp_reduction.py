@@ -118,6 +118,7 @@ def build_reduction_dag(obs: ObservatoryConfig, table: StageTable | None = None)
                 raise AirflowSkipException(
                     f"session {out['session_id']}: no science frames in {out['raw_dir']} "
                     f"({out['n_calibration']}); nothing to reduce"
+                    + (f" ({out['spectra_error']})" if out.get("spectra_error") else "")
                 )
             return out
 

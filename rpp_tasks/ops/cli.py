@@ -44,8 +44,27 @@ def _frame_limit(f) -> float:
     return float("nan")
 
 
+def _print_spectra(summary, made: dict) -> None:
+    """A long-slit session's outcome: one line per target."""
+    from rpp_tasks.outputs.spectra_notify import spectrum_line
+
+    print(
+        f"\nSession {summary.session_id} ({summary.observatory}): {summary.n_ok}/"
+        f"{summary.n_science} target spectra reduced in {summary.wall_s or 0:.1f} s"
+    )
+    for s in summary.spectra:
+        print(f"  {spectrum_line(s)}")
+    print(f"\nProducts: {summary.workdir}/spectra")
+    for key in ("report", "products_zip"):
+        if made.get(key):
+            print(f"{'Report' if key == 'report' else 'ZIP':<9} {made[key]}")
+
+
 def _print_session(summary, made: dict) -> None:
     """The session's outcome as a table (``summary``: a `SessionSummary`)."""
+    if summary.instrument_kind == "longslit":
+        _print_spectra(summary, made)
+        return
     print(
         f"\nSession {summary.session_id} ({summary.observatory}): {summary.n_ok}/"
         f"{summary.n_science} science frames reduced in {summary.wall_s or 0:.1f} s"

@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from urllib.parse import quote
 
@@ -592,7 +592,10 @@ def archive_session(
     create_table=None,
 ) -> dict:
     """
-    Adapter: one ObsCore row per reduced frame of a session, upserted (the DAG's archive task).
+    Adapter: one ObsCore row per reduced frame of a session, upserted (the DAG's archive task);
+    for a long-slit session one row per 1-D spectrum (``dataproduct_type='spectrum'``, em_min/
+    em_max from its wavelength scale, ``em_res_power`` the measured resolving power, t_min/t_max
+    from the first exposure's start to the last one's end, ``t_exptime`` the total exposure).
 
     ``summary`` is a `~rpp_tasks.session.summary.SessionSummary` (or its dict). Each reduced
     frame's row takes its time, exposure, pointing, band, target and FWHM from the frame summary
@@ -624,6 +627,37 @@ def archive_session(
             rows.append(row)
             if row.s_region is None:
                 no_fp.append(str(product))
+    for sp in s.ok_spectra:  # long-slit: one row per combined 1-D spectrum (BeSS FITS)
+        if not sp.bess_fits:
+            skipped.append((sp.target, "no 1-D spectrum"))
+            continue
+        product = Path(sp.bess_fits)
+        meta = {
+            "object": sp.object or sp.target,
+            "date_obs": sp.date_obs,
+            "mjd_obs": sp.mjd_start,
+            "mjd_end": sp.mjd_end,
+            "exptime_s": sp.exptime_s,
+            "dataproduct_type": "spectrum",
+            "ra_deg": sp.ra_deg,
+            "dec_deg": sp.dec_deg,
+        }
+        row = _row(
+            product,
+            meta,
+            skipped,
+            access_url=_access_url(product, access_url_base, products_root),
+            obs_collection=obs_collection,
+            publisher_authority=publisher_authority,
+            facility_name=facility_name,
+            instrument_name=instrument_name,
+            session_id=s.session_id,
+            calib_level=calib_level,
+        )
+        if row is not None:
+            if sp.resolving_power:  # measured (the header's SPE_RPOW is rounded)
+                row = replace(row, em_res_power=float(sp.resolving_power))
+            rows.append(row)
     return _store(
         rows,
         no_fp,

@@ -447,6 +447,13 @@ def run_notify(
             log.error("[%s] report could not be built: %s", session.session_id, exc, exc_info=True)
             info = {}
     plots = {k: Path(v) for k, v in (info.get("plot_paths") or {}).items() if Path(v).is_file()}
+    email_text, telegram_text = compose_session_email, compose_session_telegram
+    if summary.get("instrument_kind") == "longslit":  # spectra: the first spectrum is the plot
+        from rpp_tasks.outputs import spectra_notify as sn
+
+        email_text, telegram_text = sn.compose_spectra_email, sn.compose_spectra_telegram
+        spectra = [v for k, v in plots.items() if k.startswith("spectrum_")]
+        plots = {"preview": spectra[0]} if spectra else {}
     zip_path = info.get("products_zip")
     title = getattr(obs, "title", None) or obs.name
     cfg = obs.notifications
@@ -471,7 +478,7 @@ def run_notify(
     else:
         inline = plots.get("trends") or plots.get("preview")
         attach = report_html.is_file() and report_html.stat().st_size <= attach_limit_bytes
-        subject, body, text = compose_session_email(
+        subject, body, text = email_text(
             summary,
             title=title,
             report_url=report_url,
@@ -518,7 +525,7 @@ def run_notify(
         if getattr(cfg, "telegram_conn_id", None):
             notices.append(_skipped("telegram", "session", (), "no Telegram settings", run_key))
     else:
-        text, caption = compose_session_telegram(summary, title=title, report_url=report_url)
+        text, caption = telegram_text(summary, title=title, report_url=report_url)
         chat = (str(telegram.chat_id),)
         if ("telegram", "session", chat) in done:
             notices.append(

@@ -173,6 +173,8 @@ def _t_max_mjd(header, meta, t_min, exptime_s) -> float | None:
     """End of the exposure: start + exposure for normalised facts, else DATE-END/MJD-END."""
     from astropy.time import Time
 
+    if _finite(meta.get("mjd_end")) is not None:  # several exposures (a combined spectrum)
+        return _finite(meta["mjd_end"])
     if _finite(meta.get("mjd_obs")) is not None and t_min is not None:
         return t_min + (exptime_s or 0.0) / 86400.0
     value = _first(header, "DATE-END")

@@ -478,6 +478,10 @@ def zip_products(
                 continue
             if (d / name).is_file():
                 members.append((d / name, f"{root}/frames/{d.name}/{name}"))
+    spectra = workdir / "spectra"  # long-slit products (masters' arrays left out)
+    for p in sorted(spectra.rglob("*")) if spectra.is_dir() else ():
+        if p.is_file() and p.suffix != ".npz" and not p.name.startswith("."):
+            members.append((p, f"{root}/{p.relative_to(workdir).as_posix()}"))
     tmp = out.with_name(f".{out.name}.tmp")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
         for path, arc in members:
@@ -551,14 +555,22 @@ def run_report(session: Session, obs) -> dict:
             f"{session.workdir}: no session_summary.json (run the products step first)"
         )
     zip_path = Path(session.workdir) / f"{session.session_id}_products.zip"
-    result = build_report(
+    build = build_report
+    kw = {
+        "saturation_adu": getattr(getattr(obs, "camera", None), "saturation_adu", None),
+        "results_url": _results_url(obs),  # the targets' light curves
+    }
+    if summary.get("instrument_kind") == "longslit":
+        from rpp_tasks.outputs.spectra_report import build_spectra_report as build
+
+        kw = {}
+    result = build(
         summary,
         workdir=session.workdir,
         title=getattr(obs, "title", None) or obs.name,
         site=site_facts(obs),
         products_zip=zip_path,
-        saturation_adu=getattr(getattr(obs, "camera", None), "saturation_adu", None),
-        results_url=_results_url(obs),
+        **kw,
     )
     zip_path = zip_products(session, out_path=zip_path)
     out = result.to_dict()

@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 #: Outputs of an earlier run that a fresh run removes (raw files and masters are never touched).
 STALE_OUTPUTS = (
     "frames",
+    "spectra",
     "session_summary.json",
     "targets.json",
     "targets.ecsv",
@@ -127,6 +128,10 @@ def open_session(
             f["path"] for f in manifest.get("frames", []) if f.get("imagetyp") == kind
         ]
     manifest["run_targets"] = [str(t) for t in targets if str(t).strip()]
+    if table_for(obs).kind == "longslit":  # targets by role (2SPOT files, else headers)
+        from rpp_tasks.spectra.session import plan_manifest
+
+        manifest = plan_manifest(raw_dir, obs, manifest)
     session.write_json("manifest.json", manifest)
     session.write_json(
         "rejected.json",
@@ -161,10 +166,7 @@ def open_from_conf(conf, obs) -> dict:
     try:
         table_for(obs, strict=True)
     except ConfigError as exc:
-        raise ValueError(
-            f"{exc}: sessions of this observatory are not reduced by this DAG yet "
-            "(long-slit spectra: rpp_tasks.spectra.reduce.run_spectra)"
-        ) from None
+        raise ValueError(f"{exc}: sessions of this observatory cannot be reduced") from None
     raw_dir, session_id = check_run_conf(obs, conf)
     targets = run_conf_targets(conf)
     return describe(open_session(raw_dir, obs, session_id=session_id, targets=targets))
@@ -199,7 +201,7 @@ def resume(workdir) -> Session:
 def describe(session: Session) -> dict:
     """Small description of an opened session (the validate task's result)."""
     manifest = session.read_json("manifest.json", {})
-    return {
+    out = {
         "workdir": str(session.workdir),
         "session_id": session.session_id,
         "raw_dir": str(session.raw_dir),
@@ -207,6 +209,13 @@ def describe(session: Session) -> dict:
         "n_calibration": {k: len(manifest.get(k, [])) for k in ("bias", "dark", "flat")},
         "n_rejected_files": len(manifest.get("rejected", [])),
     }
+    if "spectra_targets" in manifest:  # long-slit: targets, lamps, what is missing
+        out["n_targets"] = len(manifest["spectra_targets"])
+        out["n_calibration"]["lamp"] = len(manifest.get("lamp", []))
+        out["missing_files"] = manifest.get("missing_files", [])[:20]
+        if manifest.get("spectra_error"):
+            out["spectra_error"] = manifest["spectra_error"]
+    return out
 
 
 # =============================================================================== stages
@@ -301,6 +310,8 @@ def summarise(session: Session, obs, **extra) -> SessionSummary:
     ``extra`` sets the optional fields of `SessionSummary` (``airflow``, ``stage_runs``,
     ``wall_s``, ``run``).
     """
+    if table_for(obs).kind == "longslit":
+        return _summarise_spectra(session, obs, **extra)
     manifest = session.read_json("manifest.json", {})
     rejected = session.rejected()
     frames = []
@@ -348,6 +359,41 @@ def summarise(session: Session, obs, **extra) -> SessionSummary:
     session.write_json("session_summary.json", summary.to_dict())
     if head.n_science and not head.n_ok:
         log.warning("[%s] no frame of the session could be reduced", session.session_id)
+    return summary
+
+
+def _summarise_spectra(session: Session, obs, **extra) -> SessionSummary:
+    """`summarise` for a long-slit session: one `SpectrumSummary` per target."""
+    from rpp_tasks.session.summary import spectra_headline
+    from rpp_tasks.spectra import session as spectra_session
+
+    manifest = session.read_json("manifest.json", {}) or {}
+    spectra = spectra_session.spectrum_summaries(session)
+    head = spectra_headline(spectra)
+    mjds = [s.mjd_start for s in spectra if s.mjd_start is not None]
+    summary = SessionSummary(
+        observatory=obs.name,
+        session_id=session.session_id,
+        raw_dir=str(session.raw_dir),
+        workdir=str(session.workdir),
+        rpp_version=__version__,
+        config_hash=obs.config_hash,
+        night_date=night_date_for(min(mjds), obs.site.longitude_deg) if mjds else None,
+        n_science=head.n_science,
+        n_ok=head.n_ok,
+        n_rejected=head.n_rejected,
+        n_calibration={k: len(manifest.get(k, [])) for k in ("bias", "dark", "flat")},
+        rejected_files=session.read_json("rejected.json", {}) or {},
+        headline=head,
+        masters=session.read_json("spectra/masters.json", {}) or {},
+        files=spectra_session.file_outcomes(manifest, spectra),
+        instrument_kind="longslit",
+        spectra=spectra,
+        **extra,
+    )
+    session.write_json("session_summary.json", summary.to_dict())
+    if head.n_science and not head.n_ok:
+        log.warning("[%s] no target of the session could be reduced", session.session_id)
     return summary
 
 
@@ -412,12 +458,13 @@ def finish(session: Session, obs, *, report: bool = True, **extra) -> tuple[Sess
 
 
 def archive(session: Session, obs, *, url: str) -> dict | None:
-    """Upsert one ObsCore row per reduced frame (`rpp_tasks.outputs.archive.archive_session`);
-    None when the session has no reduced frame."""
+    """Upsert one ObsCore row per reduced frame or 1-D spectrum
+    (`rpp_tasks.outputs.archive.archive_session`);
+    None when the session has no reduced frame or spectrum."""
     from rpp_tasks.outputs import archive as rpp_archive
 
     summary = SessionSummary.from_dict(session.read_json("session_summary.json", {"frames": []}))
-    if not summary.ok_frames:
+    if not summary.ok_frames and not summary.ok_spectra:
         return None
     base = obs.archive.base_url
     return rpp_archive.archive_session(
@@ -428,7 +475,9 @@ def archive(session: Session, obs, *, url: str) -> dict | None:
         access_url_base=None if base in ("", "file://") else base,
         products_root=session.workdir if base not in ("", "file://") else None,
         facility_name=obs.camera.telescope,
-        instrument_name=obs.camera.name,
+        instrument_name=(
+            obs.spectrograph.name if summary.ok_spectra and obs.spectrograph else obs.camera.name
+        ),
     )
 
 

@@ -22,9 +22,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from rpp_tasks.jsonsafe import json_safe
+from rpp_tasks.session.target_summary import TargetBand, TargetSummary, target_summaries
 
 __all__ = [
     "FrameSummary",
+    "SpectrumSummary",
     "FileOutcome",
     "Headline",
     "TargetBand",
@@ -34,6 +36,7 @@ __all__ = [
     "night_date_for",
     "calibrated_limiting_mag",
     "headline",
+    "spectra_headline",
 ]
 
 
@@ -225,6 +228,85 @@ class FrameSummary:
 
 
 @dataclass(frozen=True)
+class SpectrumSummary:
+    """One target of a long-slit session: its 1-D spectrum's facts, or why it was rejected.
+
+    Written by `rpp_tasks.spectra.session` (``spectra/spectra_summary.json`` per target) and kept
+    in `SessionSummary.spectra`; the report, the notifications, the archive and the dashboard
+    read it. Wavelengths in Angstrom; ``mjd_start``/``mjd_end`` bracket the exposures.
+    """
+
+    target: str
+    status: str = "pending"  # ok | rejected
+    reason: str | None = None
+    failed_stage: str | None = None
+    object: str | None = None
+    n_exposures: int = 0
+    exptime_s: float | None = None
+    exptime2: str | None = None
+    date_obs: str | None = None
+    mjd_start: float | None = None
+    mjd_end: float | None = None
+    ra_deg: float | None = None
+    dec_deg: float | None = None
+    position_source: str | None = None  # header, or how the target name was resolved
+    wavelength_min_a: float | None = None
+    wavelength_max_a: float | None = None
+    dispersion_a_per_px: float | None = None
+    rms_a: float | None = None
+    rms_px: float | None = None
+    n_lamp_lines: int | None = None
+    resolving_power: float | None = None
+    snr_median: float | None = None
+    flux_calibrated: bool = False
+    v_helio_kms: float | None = None
+    flags: tuple[str, ...] = ()
+    raw_paths: tuple[str, ...] = ()
+    lamp_paths: tuple[str, ...] = ()
+    bess_fits: str | None = None
+    ecsv: str | None = None
+    lamp_solution: str | None = None
+    spectrum_png: str | None = None
+    wavesol_png: str | None = None
+    calibrated_2d: tuple[str, ...] = ()
+    header: dict = field(default_factory=dict)  # BeSS keywords of the product
+    facts: dict = field(default_factory=dict)  # who/what/where from the raw headers
+    weather: dict = field(default_factory=dict)  # weather keywords (min/median/max)
+    cpu_s: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_dict(self) -> dict:
+        return json_safe({f.name: getattr(self, f.name) for f in fields(self)})
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SpectrumSummary:
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        for k in ("flags", "raw_paths", "lamp_paths", "calibrated_2d"):
+            kw[k] = tuple(kw.get(k) or ())
+        return cls(**kw)
+
+
+def spectra_headline(spectra: Iterable[SpectrumSummary]) -> Headline:
+    """The headline of a long-slit session: targets instead of frames."""
+    spectra = list(spectra)
+    ok = [s for s in spectra if s.ok]
+    dates = sorted(str(s.date_obs) for s in spectra if s.date_obs)
+    return Headline(
+        n_science=len(spectra),
+        n_ok=len(ok),
+        n_rejected=len(spectra) - len(ok),
+        objects=tuple(sorted({str(s.object or s.target) for s in spectra})),
+        first_date_obs=dates[0] if dates else None,
+        last_date_obs=dates[-1] if dates else None,
+        total_exptime_s=float(sum(_finite(s.exptime_s) or 0.0 for s in ok)),
+    )
+
+
+@dataclass(frozen=True)
 class FileOutcome:
     """What became of one input file of the session."""
 
@@ -312,166 +394,6 @@ def headline(frames: Iterable[FrameSummary], *, n_science: int | None = None) ->
     )
 
 
-# =============================================================================== targets
-_PHOT_FACTS = ("mag", "mag_err", "mag_diff", "mag_diff_err", "snr")
-
-
-@dataclass(frozen=True)
-class TargetBand:
-    """A target in one band over the night (from the ``targets`` stage).
-
-    ``mag``/``mag_diff`` (± ``_err``) are the night's weighted means of the calibrated and the
-    differential magnitudes of the primary photometry type ``phot_type`` (errors scaled by the
-    scatter when it exceeds them); ``by_type`` the latest detection in every photometry type
-    (``mag``, ``mag_err``, ``mag_diff``, ``mag_diff_err``, ``snr``); ``latest`` that frame
-    (``frame``, ``mjd_mid``, ``mag``, ``mag_err``, ``mag_diff``, ``mag_diff_err``, ``snr``,
-    ``match_sep_arcsec``). Not detected in any frame: ``limit_mag`` is the deepest 5-sigma limit at
-    the target's position (``limit_kind``: calibrated or instrumental). ``ensemble`` is the
-    comparison ensemble's status (``ok`` or the reason it failed), ``n_comp`` its median number of
-    comparison stars per frame.
-    """
-
-    band: str
-    n_detected: int = 0
-    n_upper_limits: int = 0
-    phot_type: str | None = None
-    mag: float | None = None
-    mag_err: float | None = None
-    mag_diff: float | None = None
-    mag_diff_err: float | None = None
-    snr_median: float | None = None
-    match_sep_arcsec: float | None = None
-    n_comp: int | None = None
-    by_type: dict = field(default_factory=dict)
-    latest: dict = field(default_factory=dict)
-    limit_mag: float | None = None
-    limit_kind: str | None = None
-    ensemble: str | None = None
-
-    @property
-    def detected(self) -> bool:
-        return self.n_detected > 0
-
-    def to_dict(self) -> dict:
-        return json_safe(dataclasses.asdict(self))
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TargetBand:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-@dataclass(frozen=True)
-class TargetSummary:
-    """One of the night's targets: who it is, how it was named, and its photometry per band.
-
-    ``reason`` says why it has no measurement at all (outside every frame, no WCS).
-    """
-
-    name: str
-    ra_deg: float | None = None
-    dec_deg: float | None = None
-    named_by: str | None = None  # run | header | config
-    source: str | None = None  # where its position came from (config, sesame, simbad, ...)
-    n_frames: int = 0
-    n_detected: int = 0
-    n_upper_limits: int = 0
-    n_outside_field: int = 0
-    reason: str | None = None
-    bands: tuple[TargetBand, ...] = ()
-
-    @property
-    def measured(self) -> bool:
-        return bool(self.n_detected or self.n_upper_limits)
-
-    def to_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["bands"] = [b.to_dict() for b in self.bands]
-        return json_safe(d)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TargetSummary:
-        names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
-        kw["bands"] = tuple(
-            b if isinstance(b, TargetBand) else TargetBand.from_dict(b)
-            for b in d.get("bands") or ()
-        )
-        return cls(**kw)
-
-
-def _round(v, nd):
-    v = _finite(v)
-    return None if v is None else round(v, nd)
-
-
-def target_summaries(stage: Mapping[str, Any] | None) -> tuple[tuple[TargetSummary, ...], tuple]:
-    """The typed targets of a session from the ``targets`` stage's summary (``targets.json``'s
-    ``summary``): ``(targets, unresolved)``, unresolved as ``{query, named_by, reason}``. The one
-    place that file is read for the summary."""
-    if not isinstance(stage, Mapping):
-        return (), ()
-    ens = stage.get("ensembles") or {}
-    out = []
-    for t in stage.get("targets") or ():
-        bands = []
-        for band, b in (t.get("bands") or {}).items():
-            pt = b.get("phot_type")
-            e = {}
-            for label, by_t in ens.items():  # "V" or "V field 2": the band's ensemble(s)
-                if label == band or label.startswith(f"{band} field "):
-                    e = by_t.get(pt) or next(iter(by_t.values()), {}) if by_t else {}
-                    if e.get("status") == "ok":
-                        break
-            latest = dict(b.get("latest") or {})
-            bands.append(
-                TargetBand(
-                    band=band,
-                    n_detected=int(b.get("n_detected") or 0),
-                    n_upper_limits=int(b.get("n_upper_limits") or 0),
-                    phot_type=pt,
-                    mag=_round(b.get("mag"), 4),
-                    mag_err=_round(b.get("mag_err"), 4),
-                    mag_diff=_round(b.get("mag_diff"), 4),
-                    mag_diff_err=_round(b.get("mag_diff_err"), 4),
-                    snr_median=_round(b.get("snr_median"), 1),
-                    match_sep_arcsec=_round(b.get("match_sep_arcsec"), 3),
-                    n_comp=b.get("n_comp"),
-                    by_type={
-                        k: {f: _round(v.get(f), 4) for f in _PHOT_FACTS}
-                        for k, v in (b.get("by_type") or {}).items()
-                        if isinstance(v, Mapping)
-                    },
-                    latest=latest,
-                    limit_mag=_round(b.get("deepest_limit_mag"), 3),
-                    limit_kind=b.get("limit_kind"),
-                    ensemble=None
-                    if not e
-                    else ("ok" if e.get("status") == "ok" else e.get("reason") or e.get("status")),
-                )
-            )
-        out.append(
-            TargetSummary(
-                name=str(t.get("name")),
-                ra_deg=_finite(t.get("ra_deg")),
-                dec_deg=_finite(t.get("dec_deg")),
-                named_by=t.get("named_by"),
-                source=t.get("source"),
-                n_frames=int(t.get("n_frames") or 0),
-                n_detected=int(t.get("n_detected") or 0),
-                n_upper_limits=int(t.get("n_upper_limits") or 0),
-                n_outside_field=int(t.get("n_outside_field") or 0),
-                reason=t.get("reason"),
-                bands=tuple(bands),
-            )
-        )
-    unresolved = tuple(
-        {k: u.get(k) for k in ("query", "named_by", "reason")}
-        for u in stage.get("unresolved") or ()
-    )
-    return tuple(out), unresolved
-
-
 # =============================================================================== session
 @dataclass(frozen=True)
 class SessionSummary:
@@ -497,6 +419,8 @@ class SessionSummary:
     files: tuple[FileOutcome, ...] = ()
     targets: tuple[TargetSummary, ...] = ()  # the observer's targets (``targets`` stage)
     targets_unresolved: tuple[dict, ...] = ()  # names that did not resolve, with the reason
+    instrument_kind: str = "imaging"  # imaging | longslit (then ``spectra``, one per target)
+    spectra: tuple[SpectrumSummary, ...] = ()
     wall_s: float | None = None
     run: dict | None = None  # the one-process run of ``rpp reduce``
     airflow: dict | None = None  # {"dag_id", "run_id"} of the DAG run that made it
@@ -506,6 +430,10 @@ class SessionSummary:
     @property
     def ok_frames(self) -> tuple[FrameSummary, ...]:
         return tuple(f for f in self.frames if f.ok)
+
+    @property
+    def ok_spectra(self) -> tuple[SpectrumSummary, ...]:
+        return tuple(s for s in self.spectra if s.ok)
 
     def frame(self, name: str) -> FrameSummary:
         for f in self.frames:
@@ -544,6 +472,10 @@ class SessionSummary:
             for t in d.get("targets") or ()
         )
         kw["targets_unresolved"] = tuple(dict(u) for u in d.get("targets_unresolved") or ())
+        kw["spectra"] = tuple(
+            s if isinstance(s, SpectrumSummary) else SpectrumSummary.from_dict(s)
+            for s in d.get("spectra") or ()
+        )
         h = d.get("headline")
         if isinstance(h, Headline):
             kw["headline"] = h

@@ -36,6 +36,7 @@ __all__ = [
     "StageTable",
     "ARTEFACTS",
     "IMAGING",
+    "LONGSLIT",
     "TABLES",
     "table_for",
 ]
@@ -309,17 +310,65 @@ IMAGING = StageTable(
     ARTEFACTS,
 )
 
+_S = "rpp_tasks.spectra.session:"
+
+#: The long-slit stages (2SPOT-like spectroscopy): session scope, one task each. ``spectra`` runs
+#: the per-target chain in memory (calibrate, trace and tilt, saturation, cosmic rays, slit
+#: curvature, wavelength solution, sky, optimal extraction, combination, heliocentric
+#: correction, BeSS products): a night has a few targets whose steps hand each other 2-D arrays,
+#: so checkpointing them between tasks would cost more I/O than the steps' CPU (per-step CPU
+#: seconds are kept in each target's ``cpu_s``).
+LONGSLIT = StageTable(
+    "longslit",
+    (
+        Stage(
+            "masters",
+            _S + "step_masters",
+            reads=(),
+            writes=("spectra_masters",),
+            scope="session",
+            doc="offset, dark (scaled by exposure) and long-slit flat masters per calibration set",
+        ),
+        Stage(
+            "spectra",
+            _S + "step_spectra",
+            reads=("raw", "spectra_masters"),
+            writes=("spectra",),
+            scope="session",
+            doc="per target: trace, cosmic rays, wavelength solution, optimal extraction, "
+            "combination, BeSS 1-D spectrum (a bad target is rejected, the others go on)",
+        ),
+    ),
+    {
+        "raw": ARTEFACTS["raw"],
+        "spectra_masters": Artefact(
+            "spectra_masters",
+            ("spectra/masters.json",),
+            product=True,
+            scope="session",
+            doc="masters of each calibration set (spectra/masters/set<k>.npz)",
+        ),
+        "spectra": Artefact(
+            "spectra",
+            ("spectra/spectra_summary.json",),
+            product=True,
+            scope="session",
+            doc="per target: BeSS FITS, ECSV, lamp solution, plots, 2-D calibrated frames",
+        ),
+    },
+)
+
 #: Stage tables by instrument kind (``instrument_kind`` of the observatory configuration, one of
 #: `rpp_tasks.config.INSTRUMENT_KINDS`).
-TABLES: dict[str, StageTable] = {"imaging": IMAGING}
+TABLES: dict[str, StageTable] = {"imaging": IMAGING, "longslit": LONGSLIT}
 
 
 def table_for(obs, *, strict: bool = False) -> StageTable:
     """The stage table of an observatory (by ``obs.instrument_kind``; ``imaging`` by default).
 
-    A kind without a registered table (``longslit`` until its table lands) gets the imaging
-    table's shape for the DAG, as before the table existed; with ``strict`` (what reducing a
-    session uses) it is refused instead of being reduced with the wrong stages.
+    A kind without a registered table gets the imaging table's shape for the DAG; with
+    ``strict`` (what reducing a session uses) it is refused instead of being reduced with the
+    wrong stages.
 
     Raises
     ------

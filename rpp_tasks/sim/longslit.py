@@ -418,8 +418,11 @@ def make_longslit_night(
     w_sp = _spatial_weights(truth, x, rows)
     star_u = u_img[y_lo:y_hi]
 
-    def t_iso(minutes):
-        return f"{date}T{23 + minutes // 60:02d}:{minutes % 60:02d}:00"
+    def t_iso(minutes):  # from 23:00 UTC on ``date``, past midnight into the next day
+        import datetime as _dt
+
+        t0 = _dt.datetime.fromisoformat(f"{date}T23:00:00")
+        return (t0 + _dt.timedelta(minutes=int(minutes))).isoformat(timespec="seconds")
 
     n_cr = lambda t: int(round(cosmics_per_mpx_per_100s * ny * nx / 1e6 * t / 100.0))  # noqa: E731
     out_targets, star_true = {}, {}

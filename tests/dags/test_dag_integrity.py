@@ -107,20 +107,32 @@ def test_dag_policy(dagbag):
         assert dag.max_active_runs <= 2 and dag.max_active_tasks <= 2, dag_id
 
 
+#: The long-slit observatories' chain (the ``longslit`` stage table).
+LONGSLIT_CHAIN = ("validate", "masters", "spectra", "products")
+
+
 def test_reduction_dags_shape(dagbag):
+    from rpp_tasks.config import find_config
+
+    kinds = set()
     for name in _observatories(REPO / "config"):
         dag = dagbag.dags[f"rpp_{name}"]
         assert set(dag.tags) == {"rpp", name}
-        for up, down in zip(CHAIN, CHAIN[1:]):
+        kind = find_config(name, REPO / "config").instrument_kind
+        kinds.add(kind)
+        chain = LONGSLIT_CHAIN if kind == "longslit" else CHAIN
+        for up, down in zip(chain, chain[1:]):
             assert dag.get_task(up).downstream_task_ids == {down}, (name, up)
         assert dag.get_task("products").downstream_task_ids == {"archive", "notify"}
         assert dag.get_task("validate").upstream_task_ids == set()
-        for tid in ("calibrate", "cosmics", "detect", "photometry"):
+        heavy = ("spectra",) if kind == "longslit" else ("calibrate", "cosmics", "photometry")
+        for tid in heavy:
             assert dag.get_task(tid).pool == "rpp_heavy"
         assert all(t.on_failure_callback for t in dag.tasks)
         assert dag.on_failure_callback
         assert {"session_dir", "session_id", "observatory"} <= set(dag.params.keys())
         assert dag.schedule is None if hasattr(dag, "schedule") else True
+    assert kinds == {"imaging", "longslit"}  # 2spot and ast325_st7 are long-slit
 
 
 def test_reconcile_dag(dagbag):

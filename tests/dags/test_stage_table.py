@@ -143,10 +143,12 @@ def test_instrument_kind_picks_the_table(obs, monkeypatch, tmp_path):
 
     assert table_for(obs) is IMAGING
     spectro = dataclasses.replace(obs, instrument_kind="longslit")
+    assert table_for(spectro) is table_module.LONGSLIT
+    monkeypatch.delitem(table_module.TABLES, "longslit")
     assert table_for(spectro) is IMAGING
     with pytest.raises(ConfigError, match="instrument_kind.*stage table: imaging"):
         table_for(spectro, strict=True)
-    with pytest.raises(ValueError, match="not reduced by this DAG yet"):
+    with pytest.raises(ValueError, match="cannot be reduced"):
         lifecycle.open_from_conf({"session_dir": str(tmp_path)}, spectro)
     one = StageTable("longslit", (Stage("masters", "m:f", scope="session"),), IMAGING.artefacts)
     monkeypatch.setitem(table_module.TABLES, "longslit", one)
