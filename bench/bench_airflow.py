@@ -123,26 +123,42 @@ def bench_parse(n_configs: int, repeat: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- overhead
-def _stage_tasks(obs) -> tuple[str, ...]:
-    """The DAG's stage tasks: the stage table of the observatory (one task per stage)."""
+def _segments(obs):
+    """The DAG's stage tasks: the stage table's segments (session stages one task each, a run of
+    frame stages one task mapped over the night's chunks)."""
     from rpp_tasks.session.table import table_for
 
-    return table_for(obs).names
+    return table_for(obs).segments()
 
 
 def plain_run(raw_dir: Path, obs, work_root: Path) -> float:
-    """The DAG's work up to and including ``products`` (validate, every stage task, summary, report
-    and ZIP), in one process with the same lifecycle functions and frame pool, without Airflow."""
+    """The DAG's work up to and including ``products`` (validate, the session stages, the frame
+    stages over every frame in one pool, summary, report and ZIP), in one process with the same
+    lifecycle functions and frame pool, without Airflow."""
     from rpp_tasks.session import lifecycle
 
     t0 = time.perf_counter()
     s = lifecycle.open_session(raw_dir, obs, work_root=work_root, session_id="plain")
-    for stage in _stage_tasks(obs):
-        lifecycle.run_stage(s, obs, stage)
+    for _scope, names in _segments(obs):
+        lifecycle.run_stage(s, obs, list(names))
     summary, _ = lifecycle.finish(s, obs)
     wall = time.perf_counter() - t0
     print(f"plain Python: {summary.n_ok}/{summary.n_science} frames in {wall:.1f} s")
     return wall
+
+
+def _key(t: dict) -> str:
+    return t["task_id"] + (f"[{t['map_index']}]" if t.get("map_index", -1) >= 0 else "")
+
+
+def _union(intervals) -> float:
+    total, end = 0.0, None
+    for a, b in sorted(intervals):
+        if end is None or a > end:
+            total, end = total + b - a, b
+        elif b > end:
+            total, end = total + b - end, b
+    return total
 
 
 def airflow_run(
@@ -173,12 +189,18 @@ def airflow_run(
 
     t_q, t_end = ts(run.get("queued_at") or run.get("start_date")), ts(run.get("end_date"))
     products_end = next((ts(t.get("end_date")) for t in tis if t["task_id"] == "products"), None)
+    upto = [
+        (ts(t["start_date"]), ts(t["end_date"]))
+        for t in tis
+        if t.get("start_date") and t.get("end_date") and t["task_id"] not in ("archive", "notify")
+    ]
     return {
         "state": run["state"],
         "wall_s": t_end - t_q,
         "run_start_to_end_s": t_end - ts(run["start_date"]),
         "wall_to_products_s": (products_end - t_q) if products_end else None,
-        "task_durations_s": {t["task_id"]: t.get("duration") for t in tis},
+        "task_time_to_products_covered_s": _union(upto),  # wall with a task of the run running
+        "task_durations_s": {_key(t): t.get("duration") for t in tis},
     }
 
 
@@ -210,17 +232,20 @@ def bench_overhead(args) -> dict:
     # The same split measured inside the one Airflow run (robust to the load of a shared machine,
     # which makes the plain-vs-Airflow difference above noisy): time between tasks, and time inside
     # the stage tasks that is not run_stage's own work (process start, DAG parse, imports, XCom).
+    # Chunks run beside each other: the gaps are the wall time with no task of the run running,
+    # and the stage-task overhead is summed over the tasks (an upper bound when they overlap).
     durs = af["task_durations_s"]
-    upto = [t for t in ("validate", *_stage_tasks(obs), "products") if durs.get(t) is not None]
-    gaps = af_wall - sum(durs[t] for t in upto)
+    gaps = af_wall - af["task_time_to_products_covered_s"]
     summary = json.loads(
         (obs.resolve_path("work") / f"bench-{stamp}" / "session_summary.json").read_text()
     )
-    in_task = sum(
-        durs[t] - summary["stage_runs"][t]["wall_s"]
-        for t in _stage_tasks(obs)
-        if "wall_s" in summary["stage_runs"][t]  # (session stages report no frame-pool time)
-    )
+    inside = {}
+    for key, run in summary["stage_runs"].items():
+        if "chunk_wall_s" in run:  # a mapped frame segment: run_stage's wall per chunk
+            inside.update({f"{key}[{i}]": w for i, w in enumerate(run["chunk_wall_s"])})
+        elif "wall_s" in run:  # (session stages report no frame-pool time)
+            inside[key] = run["wall_s"]
+    in_task = sum(durs[k] - w for k, w in inside.items() if durs.get(k) is not None)
     return {
         "frames": args.frames,
         "shape": args.shape,
@@ -228,6 +253,7 @@ def bench_overhead(args) -> dict:
         "in_run_gaps_between_tasks_s": round(gaps, 2),
         "in_run_stage_task_overhead_s": round(in_task, 2),
         "in_run_overhead_share": round((gaps + in_task) / af_wall, 3),
+        "chunks": summary["stage_runs"].get("frames", {}).get("chunk_frames"),
         "airflow_wall_to_products_s": round(af_wall, 2),
         "airflow_wall_s": round(af["wall_s"], 2),
         "airflow_state": af["state"],

@@ -13,12 +13,19 @@ the REST API reports:
   time / wall: 1.0 means one task at a time whatever the number of workers);
 * **scheduling overhead**: wall time during which no task of the run was running (between tasks,
   queueing), and inside the stage tasks the time not spent in ``run_stage`` (process start, DAG
-  parse, imports, XCom), from ``session_summary.json``'s ``stage_runs``.
+  parse, imports, XCom), from ``session_summary.json``'s ``stage_runs`` (per chunk for the
+  mapped ``frames`` task).
+
+The night is cut into chunks by the demo observatory's ``scheduling`` section (default 64 Mpx per
+chunk: 2 chunks of 12 frames of 2048^2; ``--chunk-frames`` sets ``chunk_frames``). From the
+measured costs (per frame inside a chunk, per frame of validate and products, masters, per-task
+overhead) the script prints the expected wall time of a bigger night on more workers, each worker
+a machine like this one (``--project-frames``, ``--project-workers``).
 
 Usage::
 
     python bench/bench_celery.py                      # 24 frames 2048^2, 1 and 2 workers
-    python bench/bench_celery.py --frames 6 --shape 1024 --workers 2
+    python bench/bench_celery.py --frames 6 --shape 1024 --workers 2 --chunk-frames 3
 """
 
 from __future__ import annotations
@@ -56,7 +63,25 @@ def _union(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def run_once(raw: Path, n_workers: int, frame_processes: int, root: Path) -> dict:
+def _config(root: Path, chunk_frames: int | None, n_workers: int) -> Path:
+    """The project's configuration; the demo observatory runs max(2, workers) tasks at once."""
+    config = root / "config"
+    shutil.copytree(REPO / "config", config)
+    demo = config / "observatories" / "demo.yaml"
+    extra = f"chunk_frames: {chunk_frames}, " if chunk_frames else ""
+    demo.write_text(
+        demo.read_text() + f"\nscheduling: {{{extra}max_active_tasks: {max(2, n_workers)}}}\n"
+    )
+    return config
+
+
+def _key(t: dict) -> str:
+    return t["task_id"] + (f"[{t['map_index']}]" if t.get("map_index", -1) >= 0 else "")
+
+
+def run_once(
+    raw: Path, n_workers: int, frame_processes: int, root: Path, chunk_frames: int | None
+) -> dict:
     from rpp_tasks.ops import deploy
     from rpp_tasks.ops.localcelery import scratch_deployment
 
@@ -66,7 +91,11 @@ def run_once(raw: Path, n_workers: int, frame_processes: int, root: Path) -> dic
         frame_processes=frame_processes,
         heavy_pool_slots=max(2, n_workers),
     )
-    with scratch_deployment(root, n_workers=n_workers, tuning=tuning, dag_ids=(DAG,)) as dep:
+    root.mkdir(parents=True, exist_ok=True)
+    config = _config(root, chunk_frames, n_workers)
+    with scratch_deployment(
+        root, n_workers=n_workers, tuning=tuning, dag_ids=(DAG,), config_dir=config
+    ) as dep:
         print(f"[{n_workers} worker(s)] deployment up in {dep.started_s:.0f} s", flush=True)
         run_id = f"bench__celery{n_workers}"
         session_id = f"bench-celery{n_workers}"
@@ -91,8 +120,14 @@ def run_once(raw: Path, n_workers: int, frame_processes: int, root: Path) -> dic
     total = sum(busy.values())
     covered = _union([(_ts(t["start_date"]), _ts(t["end_date"])) for t in ran])
     stage_runs = summary.get("stage_runs", {})
-    durs = {t["task_id"]: t["duration"] for t in ran}
-    in_task = sum(durs[k] - v["wall_s"] for k, v in stage_runs.items() if k in durs)
+    durs = {_key(t): t["duration"] for t in ran}
+    inside = {k: v["wall_s"] for k, v in stage_runs.items() if k in durs and "wall_s" in v}
+    for k, v in stage_runs.items():  # mapped frame segments: one run_stage wall per chunk
+        for i, w in enumerate(v.get("chunk_wall_s") or []):
+            inside[f"{k}[{i}]"] = w
+    in_task = sum(durs[k] - w for k, w in inside.items() if k in durs)
+    frames_run = stage_runs.get("frames", {})
+    chunk_tis = [t for t in ran if t["task_id"] == "frames"]
     return {
         "workers": n_workers,
         "state": state,
@@ -105,9 +140,55 @@ def run_once(raw: Path, n_workers: int, frame_processes: int, root: Path) -> dic
         "mean_busy_workers": round(total / wall, 3),  # 1.0 = one task at a time
         "idle_gaps_s": round(wall - covered, 1),
         "stage_task_overhead_s": round(in_task, 1),
-        "run_stage_s": round(sum(v["wall_s"] for v in stage_runs.values()), 1),
+        "run_stage_s": round(sum(v.get("wall_s", 0.0) for v in stage_runs.values()), 1),
         "overhead_share": round((wall - covered + in_task) / wall, 3),
-        "tasks": {t["task_id"]: {"host": t["hostname"], "s": round(t["duration"], 1)} for t in ran},
+        "chunks": frames_run.get("chunk_frames"),
+        "chunk_task_s": [round(t["duration"], 1) for t in sorted(chunk_tis, key=_key)],
+        "chunk_hosts": [t["hostname"] for t in sorted(chunk_tis, key=_key)],
+        "tasks": {_key(t): {"host": t["hostname"], "s": round(t["duration"], 1)} for t in ran},
+    }
+
+
+def project(res: dict, n_frames: int, workers: list[int], shape: int) -> dict:
+    """Expected wall time of an ``n_frames`` night on ``workers`` machines like this one, from
+    the measured costs of one run: frame stages per frame (chunk task time / chunk frames),
+    validate and products per frame, masters once, and the scheduling overhead per task (idle
+    gaps + time outside run_stage, over the run's tasks). Chunks as `plan_chunks` cuts them
+    (64 Mpx default) and, for comparison, one chunk per worker."""
+    import math
+
+    t = res["tasks"]
+    n = res["frames"]
+    chunk_s = [s for s in res["chunk_task_s"]]
+    per_frame = sum(chunk_s) / n
+    validate_pf = t["validate"]["s"] / n
+    products_pf = t["products"]["s"] / n
+    masters = t["masters"]["s"]
+    n_tasks = len(t)
+    per_task = (res["idle_gaps_s"] + res["stage_task_overhead_s"]) / n_tasks
+    mpx = shape * shape / 1e6
+    out = {}
+    for w in workers:
+        row = {}
+        for label, n_chunks in (
+            ("default chunks", math.ceil(n_frames * mpx / 64.0)),
+            ("one chunk per worker", w),
+        ):
+            n_chunks = max(1, min(n_chunks, n_frames))
+            waves = math.ceil(n_chunks / w)
+            chunk_frames = math.ceil(n_frames / n_chunks)
+            serial = (validate_pf + products_pf) * n_frames + masters + t["archive"]["s"]
+            wall = serial + waves * (chunk_frames * per_frame + per_task) + 5 * per_task
+            row[label] = {"chunks": n_chunks, "waves": waves, "wall_s": round(wall)}
+        out[w] = row
+    return {
+        "frames": n_frames,
+        "per_frame_in_chunk_s": round(per_frame, 2),
+        "validate_per_frame_s": round(validate_pf, 3),
+        "products_per_frame_s": round(products_pf, 3),
+        "masters_s": masters,
+        "overhead_per_task_s": round(per_task, 2),
+        "by_workers": out,
     }
 
 
@@ -117,6 +198,9 @@ def main(argv=None) -> int:
     p.add_argument("--shape", type=int, default=2048)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--frame-processes", type=int, default=2, help="RPP_WORKERS per task")
+    p.add_argument("--chunk-frames", type=int, help="scheduling.chunk_frames (default: by Mpx)")
+    p.add_argument("--project-frames", type=int, default=400)
+    p.add_argument("--project-workers", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--keep", help="keep the scratch folders here")
     args = p.parse_args(argv)
 
@@ -137,13 +221,16 @@ def main(argv=None) -> int:
     results = []
     try:
         for n in args.workers:
-            res = run_once(raw, n, args.frame_processes, base / f"deploy{n}")
+            res = run_once(raw, n, args.frame_processes, base / f"deploy{n}", args.chunk_frames)
             print(json.dumps({k: v for k, v in res.items() if k != "tasks"}, indent=1), flush=True)
             results.append(res)
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
     print(json.dumps(results, indent=1))
+    one = min(results, key=lambda r: r["workers"])  # costs without a second chunk competing
+    print(f"\nprojection from the {one['workers']}-worker run (each worker a machine like this):")
+    print(json.dumps(project(one, args.project_frames, args.project_workers, args.shape), indent=1))
     return 0
 
 

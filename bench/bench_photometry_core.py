@@ -13,7 +13,7 @@ each function with ``time.process_time`` and compares with the truth:
 * FWHM error vs. truth;
 * aperture (1.3 FWHM) and PSF flux bias, scatter / expected noise, and error honesty
   (reported error / measured scatter), per magnitude bin, for the one-PSF ePSF and for the field
-  PSF model of the pipeline (`rpp_tasks.stages.psf.fit_field_psf`, order 0 on these fields).
+  PSF model of the pipeline (`rpp_tasks.stages.field_psf_fit.fit_field_psf`, order 0 on these fields).
 """
 
 from __future__ import annotations
@@ -118,8 +118,9 @@ def main():
     beta = None if args.psf == "gaussian" else args.beta
 
     from rpp_tasks.stages.detection import detect_sources
+    from rpp_tasks.stages.epsf import build_epsf
     from rpp_tasks.stages.photometry import aperture_photometry, psf_photometry, quality_flags
-    from rpp_tasks.stages.psf import build_epsf, measure_fwhm
+    from rpp_tasks.stages.psf import measure_fwhm
 
     t = time.process_time()
     data, rms, mask, truth = make_field(
@@ -160,7 +161,7 @@ def main():
     tab = quality_flags(tab, saturation_adu=60000, shape=data.shape, fwhm_px=fw.fwhm_px)
     cpu["quality_flags"] = time.process_time() - t
     # the PSF model of the pipeline (varying across the field; one PSF here, so order 0)
-    from rpp_tasks.stages.psf import fit_field_psf
+    from rpp_tasks.stages.field_psf_fit import fit_field_psf
 
     t = time.process_time()
     fpsf = fit_field_psf(data, src, rms=rms, mask=mask, gain_e_per_adu=gain, saturation_adu=60000)
@@ -218,9 +219,8 @@ def main():
     rms0 = float(rms[0, 0])
     print("photometry (isolated matched stars), per S/N bin: ratio = flux/true - 1")
     r13 = 1.3 * fw.fwhm_px
-    from rpp_tasks.stages.psf import (
-        pixel_integrated_profile,
-    )  # only for the enclosed energy of the truth PSF
+    # only for the enclosed energy of the truth PSF
+    from rpp_tasks.stages.psf import pixel_integrated_profile
 
     kk = np.arange(-int(r13) - 2, int(r13) + 3, dtype=float)
     # enclosed energy of the 1.3 FWHM aperture (centred star), for the aperture bias

@@ -4,12 +4,14 @@
 One DAG per `config/observatories/*.yaml` (`rpp_<observatory>`). A run reduces one **session** (a
 night's frames with its calibration frames), handed over by the watcher as the run conf
 `{"observatory", "session_id", "session_dir"}` (run id `session__<session_id>`), or typed into the
-trigger form: validate -> one task per stage of the stage table -> products -> (archive, notify).
+trigger form: validate (cuts the night into chunks of frames) -> the session stages (masters) ->
+the frame stages as one task per chunk (`frames`, mapped) -> products -> (archive, notify).
 
 Wiring only: Params, connections -> plain settings, skip/fail decisions and the factory over the
-stage table (`rpp_tasks.session.table`). Each task calls one `rpp_tasks.session.lifecycle`
-function, the same ones `rpp reduce` calls; tasks hand each other the work folder and a small dict.
-A broken YAML becomes a small `rpp_<file stem>` DAG carrying the error (see rpp_config_errors.py).
+stage table (`rpp_tasks.session.table`: its session- and frame-scope segments). Each task calls one
+`rpp_tasks.session.lifecycle` function, the same ones `rpp reduce` calls; tasks hand each other
+the work folder and a small dict. Concurrency and retries come from the observatory's
+`scheduling` section. A broken YAML becomes a small `rpp_<file stem>` DAG carrying the error.
 """
 
 from __future__ import annotations
@@ -34,11 +36,9 @@ _DOC = (
     "Triggered per session by the watcher or rpp_reconcile; by hand, with `session_dir` (absolute, "
     "or in the incoming folder). A re-run replaces the session's products. Tasks: validate ->"
 )
-DEFAULT_ARGS = {
+DEFAULT_ARGS = {  # + retries and retry_delay from the observatory's scheduling section
     "owner": "rpp",
-    "retries": 2,
-    "retry_delay": _dt.timedelta(seconds=30),
-    "retry_exponential_backoff": 2.0,  # 30 s, 60 s, ... (capped below)
+    "retry_exponential_backoff": 2.0,  # retry_delay (10 s), 20 s, ... (capped below)
     "max_retry_delay": _dt.timedelta(minutes=10),
     "execution_timeout": _dt.timedelta(hours=3),
 }
@@ -71,14 +71,24 @@ def _make_failure_callback(obs: ObservatoryConfig | None):
     return rpp_on_failure
 
 
-def _session(prev: dict):
+def _session(prev: dict | list):  # validate's result is the list of the night's chunks
     from rpp_tasks.session import lifecycle
 
-    return lifecycle.resume(prev["workdir"])
+    return lifecycle.resume((prev if isinstance(prev, dict) else prev[0])["workdir"])
+
+
+def _with_colibri_key(obs: ObservatoryConfig, names) -> None:
+    if "enrich" in names:
+        from rpp_tasks.session import connections
+
+        connections.colibri_key_to_env(
+            obs.catalogs.colibri_conn_id, get_connection=_conn, mask=_mask
+        )
 
 
 def build_reduction_dag(obs: ObservatoryConfig, table: StageTable | None = None):
-    """The `rpp_<observatory>` DAG of one valid configuration, one task per stage of ``table``."""
+    """The `rpp_<observatory>` DAG of one valid configuration: one task per session stage of
+    ``table``, one task mapped over the night's chunks per run of frame stages."""
     table = table or table_for(obs)
     on_failure = _make_failure_callback(obs)
     incoming = obs.resolve_path("incoming")
@@ -89,10 +99,15 @@ def build_reduction_dag(obs: ObservatoryConfig, table: StageTable | None = None)
         schedule=None,  # one run per session, from the watcher / rpp_reconcile
         start_date=START_DATE,
         catchup=False,
-        max_active_runs=2,  # sized for a small (2-core) host; the pool bounds the CPU work
-        max_active_tasks=2,
+        max_active_runs=obs.scheduling.max_active_runs,  # 2 by default: a small host
+        max_active_tasks=obs.scheduling.max_active_tasks,  # the rpp_heavy pool bounds the CPU
         tags=["rpp", obs.name],
-        default_args={**DEFAULT_ARGS, "on_failure_callback": on_failure},
+        default_args={
+            **DEFAULT_ARGS,
+            "retries": obs.scheduling.retries,
+            "retry_delay": _dt.timedelta(seconds=obs.scheduling.retry_delay_s),
+            "on_failure_callback": on_failure,
+        },
         on_failure_callback=on_failure,
         doc_md=f"### {obs.title or obs.name} (`{obs.dag_id}`)\n\n{_DOC}\n\n{table.describe()}",
         params={
@@ -104,8 +119,9 @@ def build_reduction_dag(obs: ObservatoryConfig, table: StageTable | None = None)
     )
     def reduction():
         @task(task_id="validate")
-        def validate(**context) -> dict:
-            """Open the session afresh: manifest of frames by type (lifecycle.open_session)."""
+        def validate(**context) -> list[dict]:
+            """Open the session afresh (manifest of frames by type) and cut the night into chunks
+            of frames: one dict per chunk, the session's description + ``chunk`` (its stems)."""
             from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
             from rpp_tasks.session import lifecycle
@@ -120,33 +136,50 @@ def build_reduction_dag(obs: ObservatoryConfig, table: StageTable | None = None)
                     f"({out['n_calibration']}); nothing to reduce"
                     + (f" ({out['spectra_error']})" if out.get("spectra_error") else "")
                 )
-            return out
+            chunks = out.pop("chunks") or [[]]  # (a table of session stages only: no chunk)
+            return [{**out, "n_chunks": len(chunks), "chunk": c} for c in chunks]
 
         def stage_task(name: str, heavy: bool):
             @task(task_id=name, **({"pool": HEAVY_POOL} if heavy else {}))
-            def run(prev: dict) -> dict:
-                """Run this stage for the session (lifecycle.run_stage; retries start clean)."""
-                from rpp_tasks.session import connections, lifecycle
+            def run(prev: list) -> dict:
+                """Run this session stage once (lifecycle.run_stage; retries start clean)."""
+                from rpp_tasks.session import lifecycle
 
-                if name == "enrich":
-                    connections.colibri_key_to_env(
-                        obs.catalogs.colibri_conn_id, get_connection=_conn, mask=_mask
-                    )
+                _with_colibri_key(obs, (name,))
                 res = lifecycle.run_stage(_session(prev), obs, name, table=table)
                 res.pop("stages", None)
-                return {"workdir": prev["workdir"], "session_id": prev["session_id"], **res}
+                return res
+
+            return run
+
+        def chunk_task(task_id: str, names: tuple[str, ...], heavy: bool):
+            @task(
+                task_id=task_id,
+                map_index_template="{{ rpp_chunk_label | default('') }}",
+                **({"pool": HEAVY_POOL} if heavy else {}),
+            )
+            def run(job: dict) -> dict:
+                """Run the frame stages for one chunk of the night's frames (lifecycle.run_chunk;
+                a retry redoes this chunk only)."""
+                from airflow.sdk import get_current_context
+
+                from rpp_tasks.session import lifecycle
+
+                chunk = job["chunk"]
+                get_current_context()["rpp_chunk_label"] = lifecycle.chunk_label(chunk)
+                _with_colibri_key(obs, names)
+                return lifecycle.run_chunk(_session(job), obs, names, chunk, table=table)
 
             return run
 
         @task(task_id="products")
-        def products(prev: dict, **context) -> dict:
+        def products(prev: list, runs: dict, **context) -> dict:
             """Session summary, results database, morning report and products ZIP."""
             from rpp_tasks.session import lifecycle
 
-            runs = {n: context["ti"].xcom_pull(task_ids=n) or {} for n in table.names}
-            runs = {n: {k: v for k, v in r.items() if k != "workdir"} for n, r in runs.items()}
+            stage_runs = lifecycle.merge_stage_runs(table, runs)
             airflow = {"dag_id": obs.dag_id, "run_id": context["run_id"]}
-            return lifecycle.finish(_session(prev), obs, airflow=airflow, stage_runs=runs)[1]
+            return lifecycle.finish(_session(prev), obs, airflow=airflow, stage_runs=stage_runs)[1]
 
         @task(task_id="archive")
         def archive(prev: dict) -> dict:
@@ -187,10 +220,21 @@ def build_reduction_dag(obs: ObservatoryConfig, table: StageTable | None = None)
             keys = ("status", "n_ok", "n_failed", "n_skipped", "failed", "report", "products_zip")
             return {k: res.get(k) for k in (*keys, "notify_json")}
 
-        prev = validate()
-        for stage in table:
-            prev = stage_task(stage.name, stage.heavy)(prev)
-        made = products(prev)
+        opened = validate()
+        last, runs = opened, {}
+        for scope, names in table.segments():
+            if scope == "session":
+                for n in names:
+                    runs[n] = stage_task(n, table[n].heavy)(opened)
+                    last >> runs[n]
+                    last = runs[n]
+                continue
+            tid, heavy = table.segment_task_id(names), any(table[n].heavy for n in names)
+            runs[tid] = chunk_task(tid, names, heavy).expand(job=opened)
+            last >> runs[tid]
+            last = runs[tid]
+        made = products(opened, runs)
+        last >> made
         archive(made)
         notify(made)
 

@@ -52,6 +52,7 @@ __all__ = [
     "NotificationsConfig",
     "ArchiveConfig",
     "SpectrographConfig",
+    "SchedulingConfig",
     "INSTRUMENT_KINDS",
     "LAMP_ELEMENTS",
     "ObservatoryConfig",
@@ -290,7 +291,14 @@ class ArchiveConfig:
     obs_collection: str | None = None
     publisher_authority: str = "ivo://rpp.example/archive"
     conn_id: str | None = None
+    # access_url of the rows: "file://" (embedded single-user default: the product's file URI) or
+    # the HTTP address of the observatory's work folder, e.g. the dashboard's download route
+    # "https://rpp.example.org/rpp-reports/{observatory}/" (placeholder filled in); the row's URL
+    # is that + "<session>/frames/<frame>/calibrated.fits".
     base_url: str = "file://"
+    # "always": every reduced frame not withdrawn; "on_validation": only frames an observer
+    # validated (the dashboard), the "with the observer's agreement" rule.
+    publish: Literal["always", "on_validation"] = "always"
 
 
 @dataclass(frozen=True)
@@ -383,6 +391,22 @@ class TargetsConfig:
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
 
+@dataclass(frozen=True)
+class SchedulingConfig:
+    """How a night is spread over the Airflow workers (docs/airflow.md, "Scaling out").
+
+    The night's science frames are cut into chunks; each chunk runs the per-frame stages as one
+    task (mapped over the chunks), so the chunks of one night run on different workers at once.
+    """
+
+    chunk_megapixels: float = 64.0  # pixels of one chunk: 15 frames of 2048^2 (or fewer, bigger)
+    chunk_frames: int | None = None  # at most this many frames per chunk (not by pixels)
+    max_active_runs: int = 2  # nights of this observatory reduced at once
+    max_active_tasks: int = 2  # tasks of one run at once (chunks of a night in parallel)
+    retries: int = 2  # tries after the first, per task (per chunk for the frame stages)
+    retry_delay_s: float = 10.0  # before the first retry (doubling, capped at 10 min)
+
+
 #: Instrument kinds an observatory can declare; each has its stage table in the DAG factory.
 INSTRUMENT_KINDS = ("imaging", "longslit")
 #: Lamp elements with a shipped line list (`rpp_tasks.spectra.linelists.LAMP_LINES`).
@@ -443,6 +467,7 @@ class ObservatoryConfig:
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
     catalogs: CatalogsConfig = field(default_factory=CatalogsConfig)
     targets: TargetsConfig = field(default_factory=TargetsConfig)
+    scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
     instrument_kind: Literal["imaging", "longslit"] = "imaging"
     spectrograph: SpectrographConfig | None = None
     source: str = ""  # the YAML path (filled by the loader)
@@ -685,6 +710,34 @@ def _check_spectrograph(cfg: ObservatoryConfig, source: str, positive) -> None:
         )
 
 
+def _check_scheduling(sc: SchedulingConfig, source: str) -> None:
+    """The ``scheduling`` section: chunk size and the DAG's concurrency, in range."""
+    if not 0 < sc.chunk_megapixels <= 100_000:
+        raise ConfigError(
+            source,
+            "scheduling.chunk_megapixels",
+            "a number of megapixels per chunk in (0, 100000]",
+            sc.chunk_megapixels,
+        )
+    if sc.chunk_frames is not None and not 1 <= sc.chunk_frames <= 100_000:
+        raise ConfigError(
+            source, "scheduling.chunk_frames", "an integer >= 1 or null", sc.chunk_frames
+        )
+    for key in ("max_active_runs", "max_active_tasks"):
+        v = getattr(sc, key)
+        if not 1 <= v <= 1024:
+            raise ConfigError(source, f"scheduling.{key}", "an integer from 1 to 1024", v)
+    if not 0 <= sc.retries <= 10:
+        raise ConfigError(source, "scheduling.retries", "an integer from 0 to 10", sc.retries)
+    if not 0 <= sc.retry_delay_s <= 3600:
+        raise ConfigError(
+            source,
+            "scheduling.retry_delay_s",
+            "seconds from 0 to 3600 before a retry",
+            sc.retry_delay_s,
+        )
+
+
 def _check_values(cfg: ObservatoryConfig, source: str) -> None:
     """Range checks that types alone cannot express."""
 
@@ -788,6 +841,7 @@ def _check_values(cfg: ObservatoryConfig, source: str) -> None:
                 "[RA, Dec] in degrees (0 <= RA < 360, -90 <= Dec <= 90)",
                 [ra, dec],
             )
+    _check_scheduling(cfg.scheduling, source)
     positive("catalogs.timeout_s", cfg.catalogs.timeout_s)
     if cfg.catalogs.max_retries < 0 or cfg.catalogs.max_retries > 10:
         raise ConfigError(

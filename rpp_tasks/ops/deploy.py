@@ -42,6 +42,8 @@ from pathlib import Path
 __all__ = [
     "HEAVY_POOL",
     "Tuning",
+    "OVERRIDES",
+    "tuning_from_env",
     "STANDALONE",
     "CELERY",
     "Site",
@@ -113,6 +115,44 @@ class Tuning:
             )
         if self.heartbeat_timeout_s < 4 * 5:  # the supervisor heartbeats every 5 s
             raise ValueError("heartbeat_timeout_s below 20 s would fail healthy busy tasks")
+
+
+#: Settings of a `Tuning` an operator may override in the launcher's environment (``rpp up``,
+#: ``rpp up --executor celery``): variable -> (field, lowest, highest, what it is).
+OVERRIDES = {
+    "RPP_HEAVY_POOL_SLOTS": ("heavy_pool_slots", 1, 1024, "slots of the rpp_heavy Airflow pool"),
+    "RPP_WORKER_CONCURRENCY": ("worker_concurrency", 1, 256, "tasks one Celery worker runs"),
+    "RPP_HEARTBEAT_TIMEOUT_S": (
+        "heartbeat_timeout_s",
+        20,
+        3600,
+        "seconds without a heartbeat before a task instance counts as lost",
+    ),
+}
+
+
+def tuning_from_env(tuning: Tuning, environ=None) -> Tuning:
+    """``tuning`` with the `OVERRIDES` set in ``environ`` (default ``os.environ``), checked.
+
+    Raises
+    ------
+    ValueError
+        A value that is not an integer in its range, naming the variable and what it sets.
+    """
+    environ = os.environ if environ is None else environ
+    changes = {}
+    for var, (name, lo, hi, what) in OVERRIDES.items():
+        raw = environ.get(var)
+        if raw in (None, ""):
+            continue
+        try:
+            value = int(raw)
+        except ValueError:
+            value = None
+        if value is None or not lo <= value <= hi:
+            raise ValueError(f"{var}={raw!r}: expected an integer from {lo} to {hi} ({what})")
+        changes[name] = value
+    return replace(tuning, **changes) if changes else tuning
 
 
 #: ``rpp up``: airflow standalone on one small machine.

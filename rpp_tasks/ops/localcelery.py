@@ -369,11 +369,10 @@ class ScratchDeployment:
         r.raise_for_status()
         return r.json()["task_instances"]
 
-    def tries(self, dag_id: str, run_id: str, task_id: str) -> list[dict]:
-        """Every try of one task instance (``.../taskInstances/{task_id}/tries``)."""
-        r = self.api.request(
-            "GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/tries"
-        )
+    def tries(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> list[dict]:
+        """Every try of one task instance (``.../taskInstances/{task_id}[/{map_index}]/tries``)."""
+        ti = task_id if map_index < 0 else f"{task_id}/{map_index}"
+        r = self.api.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{ti}/tries")
         r.raise_for_status()
         return sorted(r.json()["task_instances"], key=lambda t: t["try_number"])
 
@@ -398,10 +397,12 @@ def scratch_deployment(
     tuning=None,
     dag_ids: tuple[str, ...] = (),
     timeout: float = 600.0,
+    config_dir: Path | None = None,
 ):
     """Start the Celery deployment of `rpp_tasks.ops.deploy` in a private corner of this machine
     (tests, bench): a new PostgreSQL database, a free Redis database number, free ports,
-    ``AIRFLOW_HOME`` and ``RPP_DATA_ROOT`` under ``root``, the project's dags and config.
+    ``AIRFLOW_HOME`` and ``RPP_DATA_ROOT`` under ``root``, the project's dags and its config
+    (or ``config_dir``).
 
     Waits until the API is healthy, the ``rpp_heavy`` pool exists and ``dag_ids`` are parsed and
     unpaused. Yields a `ScratchDeployment`; stops every process and drops the database after.
@@ -415,7 +416,9 @@ def scratch_deployment(
     tuning = tuning or deploy.CELERY
     root = Path(root)
     with scratch_postgres_db() as db, scratch_redis_db() as broker:
-        settings = UpSettings(home=root / "home", port=free_port(), data_root=root / "data")
+        settings = UpSettings(
+            home=root / "home", port=free_port(), data_root=root / "data", config_dir=config_dir
+        )
         password = secrets.token_urlsafe(12)
         secrets_ = prepare_home(settings, password=password)
         base = {

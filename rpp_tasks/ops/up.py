@@ -169,9 +169,11 @@ def airflow_env(
     The settings are `rpp_tasks.ops.deploy.airflow_settings` of ``tuning`` (standalone by default)
     on this machine. A value already set in ``base`` for the metadata DB
     (``AIRFLOW__DATABASE__SQL_ALCHEMY_CONN``) wins, so PostgreSQL works by configuration alone;
-    so does ``RPP_WORKERS``.
+    so do ``RPP_WORKERS`` and the `rpp_tasks.ops.deploy.OVERRIDES` (``RPP_HEAVY_POOL_SLOTS``,
+    ``RPP_WORKER_CONCURRENCY``, ``RPP_HEARTBEAT_TIMEOUT_S``; checked, `ValueError` otherwise).
     """
     env = dict(os.environ if base is None else base)
+    tuning = deploy.tuning_from_env(tuning, env)
     home = settings.home
     db = env.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN") or f"sqlite:///{home / 'airflow.db'}"
     frames = env.get("RPP_WORKERS")
@@ -647,6 +649,9 @@ def up_main(argv: list[str] | None = None) -> int:
             )
         except KeyboardInterrupt:  # before Airflow was started: nothing to stop
             return 0
+        except ValueError as exc:  # a deployment setting out of range (deploy.OVERRIDES)
+            print(f"rpp up: {exc}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

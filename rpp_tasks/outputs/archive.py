@@ -69,6 +69,8 @@ __all__ = [
     "read_product_header",
     "run_archive",
     "archive_session",
+    "session_rows",
+    "delete_obscore",
 ]
 
 log = logging.getLogger(__name__)
@@ -577,36 +579,29 @@ def run_archive(
     )
 
 
-def archive_session(
+def session_rows(
     summary,
     *,
-    url,
     obs_collection,
     publisher_authority,
     access_url_base=None,
     products_root=None,
-    table=DEFAULT_TABLE,
     facility_name=None,
     instrument_name=None,
     calib_level=2,
-    create_table=None,
-) -> dict:
-    """
-    Adapter: one ObsCore row per reduced frame of a session, upserted (the DAG's archive task);
-    for a long-slit session one row per 1-D spectrum (``dataproduct_type='spectrum'``, em_min/
-    em_max from its wavelength scale, ``em_res_power`` the measured resolving power, t_min/t_max
-    from the first exposure's start to the last one's end, ``t_exptime`` the total exposure).
-
-    ``summary`` is a `~rpp_tasks.session.summary.SessionSummary` (or its dict). Each reduced
-    frame's row takes its time, exposure, pointing, band, target and FWHM from the frame summary
-    (the normalised header) and its footprint from the calibrated image's WCS. The other
-    parameters are those of `run_archive`; the session id goes into ``rpp_session``.
-    """
+    frames=None,
+) -> tuple[list[tuple[str, ObsCoreRow]], list[str], list[tuple[str, str]]]:
+    """The ObsCore rows of a session's reduced frames and 1-D spectra (``frames``: only these frame
+    stems or spectrum targets), built but not stored: ``([(frame stem or target, row)], products
+    without footprint, [(frame, why skipped)])``. The parameters are those of `archive_session`."""
     from rpp_tasks.session.summary import SessionSummary
 
     s = SessionSummary.coerce(summary)
+    wanted = None if frames is None else set(frames)
     rows, no_fp, skipped = [], [], []
     for f in s.ok_frames:
+        if wanted is not None and f.frame not in wanted:
+            continue
         if not f.calibrated:
             skipped.append((f.frame, "no calibrated image"))
             continue
@@ -624,10 +619,12 @@ def archive_session(
             calib_level=calib_level,
         )
         if row is not None:
-            rows.append(row)
+            rows.append((f.frame, row))
             if row.s_region is None:
                 no_fp.append(str(product))
     for sp in s.ok_spectra:  # long-slit: one row per combined 1-D spectrum (BeSS FITS)
+        if wanted is not None and sp.target not in wanted:
+            continue
         if not sp.bess_fits:
             skipped.append((sp.target, "no 1-D spectrum"))
             continue
@@ -657,9 +654,79 @@ def archive_session(
         if row is not None:
             if sp.resolving_power:  # measured (the header's SPE_RPOW is rounded)
                 row = replace(row, em_res_power=float(sp.resolving_power))
-            rows.append(row)
+            rows.append((sp.target, row))
+    return rows, no_fp, skipped
+
+
+def delete_obscore(dids, url, *, table=DEFAULT_TABLE) -> int:
+    """Delete the rows with these publisher DIDs (a withdrawn product); returns how many went.
+
+    A table that does not exist yet holds no row: 0, not an error."""
+    from sqlalchemy import inspect, text
+
+    dids = list(dids)
+    engine = _engine(url)
+    name = _table_name(table, engine.dialect.name)
+    n = 0
+    try:
+        schema, _, bare = name.rpartition(".")
+        if not dids or not inspect(engine).has_table(bare, schema=schema or None):
+            return 0
+        with engine.begin() as conn:
+            for did in dids:
+                n += conn.execute(
+                    text(f"DELETE FROM {name} WHERE obs_publisher_did = :d"), {"d": did}
+                ).rowcount
+    finally:
+        engine.dispose()
+    log.info("archive: %s: %d row(s) withdrawn", name, n)
+    return n
+
+
+def archive_session(
+    summary,
+    *,
+    url,
+    obs_collection,
+    publisher_authority,
+    access_url_base=None,
+    products_root=None,
+    table=DEFAULT_TABLE,
+    facility_name=None,
+    instrument_name=None,
+    calib_level=2,
+    create_table=None,
+    frames=None,
+) -> dict:
+    """
+    Adapter: one ObsCore row per reduced frame of a session, upserted (the DAG's archive task);
+    for a long-slit session one row per 1-D spectrum (``dataproduct_type='spectrum'``, em_min/
+    em_max from its wavelength scale, ``em_res_power`` the measured resolving power, t_min/t_max
+    from the first exposure's start to the last one's end, ``t_exptime`` the total exposure).
+
+    ``summary`` is a `~rpp_tasks.session.summary.SessionSummary` (or its dict). Each reduced
+    frame's row takes its time, exposure, pointing, band, target and FWHM from the frame summary
+    (the normalised header) and its footprint from the calibrated image's WCS. The other
+    parameters are those of `run_archive`; the session id goes into ``rpp_session``.
+    ``frames`` (frame stems), when given, limits the rows to those frames (the observers'
+    decisions: `rpp_tasks.outputs.dashboard.decide.publishable_frames`).
+    """
+    from rpp_tasks.session.summary import SessionSummary
+
+    s = SessionSummary.coerce(summary)
+    pairs, no_fp, skipped = session_rows(
+        s,
+        obs_collection=obs_collection,
+        publisher_authority=publisher_authority,
+        access_url_base=access_url_base,
+        products_root=products_root,
+        facility_name=facility_name,
+        instrument_name=instrument_name,
+        calib_level=calib_level,
+        frames=frames,
+    )
     return _store(
-        rows,
+        [row for _, row in pairs],
         no_fp,
         skipped,
         url=url,

@@ -1,7 +1,7 @@
 """Plots of the PSF model of a frame: how the PSF changes across the field, and how well it fits.
 
 `plot_psf_map` draws the model written by the photometry stage into the frame's
-``summary.json`` (``stages.photometry.psf_model``, see `rpp_tasks.stages.psf.FieldPSF.to_dict`):
+``summary.json`` (``stages.photometry.psf_model``, see `rpp_tasks.stages.field_psf.FieldPSF.to_dict`):
 
 * left: the FWHM across the field (colour), with whiskers along the major axis whose length is the
   ellipticity, and the PSF stars the model was fitted on;
@@ -34,7 +34,7 @@ _PLACES = (
 
 
 def _model(psf):
-    from rpp_tasks.stages.psf import FieldPSF
+    from rpp_tasks.stages.field_psf import FieldPSF
 
     if isinstance(psf, FieldPSF):
         return psf
@@ -49,7 +49,7 @@ def psf_residual_stamps(model, image, catalog, *, half=None, background=None):
 
     Parameters
     ----------
-    model : `rpp_tasks.stages.psf.FieldPSF`
+    model : `rpp_tasks.stages.field_psf.FieldPSF`
     image : numpy.ndarray
         Calibrated image (ADU, sky included).
     catalog : `~astropy.table.Table`
@@ -164,7 +164,7 @@ def plot_psf_map(
 
     Parameters
     ----------
-    psf : `rpp_tasks.stages.psf.FieldPSF` or dict
+    psf : `rpp_tasks.stages.field_psf.FieldPSF` or dict
         The model, or its ``to_dict()`` (``summary.json``: ``stages.photometry.psf_model``).
     image : numpy.ndarray, optional
         Calibrated image; with ``catalog``, the right panel shows residual stamps.

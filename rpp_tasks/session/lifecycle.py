@@ -13,6 +13,9 @@
   (`~rpp_tasks.session.workdir.Session.load`): tasks hand each other that path only.
 * `run_stage` runs one stage of the table (or consecutive stages) for the session's frames, or a
   chunk of them; a retried stage first forgets the rejections it made itself in an earlier try.
+  Under Airflow the night is cut into chunks (`plan_chunks`, in the validate task); after the
+  session stages (masters) each chunk runs the table's frame stages as one mapped task
+  (`run_chunk`) and the products task merges the chunks' results (`merge_chunk_runs`).
 * `summarise` writes ``session_summary.json`` (`~rpp_tasks.session.summary.SessionSummary`);
   `record_results` upserts it into the results database (a failure there is recorded in the
   summary, never a lost night); `make_report`, `archive` and `notify` read the summary.
@@ -55,6 +58,11 @@ __all__ = [
     "describe",
     "run_stage",
     "forget_rejections",
+    "plan_chunks",
+    "run_chunk",
+    "chunk_label",
+    "merge_chunk_runs",
+    "merge_stage_runs",
     "summarise",
     "record_results",
     "make_report",
@@ -160,16 +168,19 @@ def open_from_conf(conf, obs) -> dict:
     """The DAG's validate step: the run's conf checked before anything is written
     (`rpp_tasks.ops.session_ids.check_run_conf`: observatory, ``session_dir`` inside the incoming
     folder when relative, a plain ``session_id``; `run_conf_targets`: the run's ``targets``), then
-    `open_session`; returns `describe` of it. Raises `ValueError` for a conf to fix."""
+    `open_session`; returns `describe` of it with the night's ``chunks`` (`plan_chunks`).
+    Raises `ValueError` for a conf to fix."""
     from rpp_tasks.ops.session_ids import check_run_conf
 
     try:
-        table_for(obs, strict=True)
+        table = table_for(obs, strict=True)
     except ConfigError as exc:
         raise ValueError(f"{exc}: sessions of this observatory cannot be reduced") from None
     raw_dir, session_id = check_run_conf(obs, conf)
     targets = run_conf_targets(conf)
-    return describe(open_session(raw_dir, obs, session_id=session_id, targets=targets))
+    session = open_session(raw_dir, obs, session_id=session_id, targets=targets)
+    chunks = plan_chunks(session, obs) if table.frame_stages else []  # (no frame stage: none)
+    return {**describe(session), "chunks": chunks}
 
 
 def run_conf_targets(conf) -> tuple[str, ...]:
@@ -300,6 +311,99 @@ def run_stage(
         )
         out.update({k: v for k, v in res.items() if k != "stages"})
         i = j
+    return out
+
+
+# =============================================================================== chunks
+def plan_chunks(session: Session, obs) -> list[list[str]]:
+    """Cut the night's science frames still in play into chunks (lists of stems, manifest order).
+
+    The number of chunks is the night's megapixels (frame shapes from the manifest) over
+    ``scheduling.chunk_megapixels`` (or the frames over ``scheduling.chunk_frames``), and the
+    frames are shared out in order so that every chunk has about the same pixels: the chunks of
+    one night then take about the same time on different workers.
+    """
+    import math
+
+    sc = obs.scheduling
+    rejected = session.rejected()
+    frames = [
+        f for f in session.read_json("manifest.json", {}).get("science", [])
+        if f["stem"] not in rejected
+    ]  # fmt: skip
+    if not frames:
+        return []
+    mpx = []
+    for f in frames:
+        shape = f.get("shape") or (2048, 2048)
+        mpx.append(max(float(shape[0]) * float(shape[1]) / 1e6, 1e-3))
+    total = sum(mpx)
+    if sc.chunk_frames:
+        n_chunks = math.ceil(len(frames) / sc.chunk_frames)
+        mpx = [1.0] * len(frames)  # equal shares of frames
+        total = float(len(frames))
+    else:
+        n_chunks = math.ceil(total / sc.chunk_megapixels - 1e-9)
+    n_chunks = max(1, min(n_chunks, len(frames)))
+    target = total / n_chunks
+    chunks: list[list[str]] = [[] for _ in range(n_chunks)]
+    done = 0.0
+    for f, m in zip(frames, mpx):  # a frame goes to the chunk its pixel mid-point falls in
+        chunks[min(n_chunks - 1, int((done + m / 2) / target))].append(f["stem"])
+        done += m
+    return [c for c in chunks if c]
+
+
+def chunk_label(chunk: Sequence[str]) -> str:
+    """How a chunk is named in the Airflow UI (its mapped task's map index)."""
+    if not chunk:
+        return "no frame"
+    ends = chunk[0] if len(chunk) == 1 else f"{chunk[0]} .. {chunk[-1]}"
+    return f"{ends} ({len(chunk)} frame{'s' if len(chunk) > 1 else ''})"
+
+
+def run_chunk(
+    session: Session,
+    obs,
+    stages: Sequence[str],
+    chunk: Sequence[str],
+    *,
+    table: StageTable | None = None,
+    workers: int | None = None,
+) -> dict:
+    """One mapped task of the DAG: the frame stages ``stages`` for the frames ``chunk`` (stems),
+    in one process pool, each frame kept in memory from stage to stage (`run_stage` with
+    ``frames``; a retry forgets this chunk's own rejections and redoes its frames). Returns the
+    run's counts with ``chunk`` (the stems)."""
+    res = run_stage(session, obs, list(stages), frames=list(chunk), table=table, workers=workers)
+    res.pop("stages", None)
+    return {"chunk": list(chunk), **res}
+
+
+def merge_chunk_runs(stages: Sequence[str], chunk_runs: Sequence[dict]) -> dict:
+    """The chunks' results of one frame segment as one stage run (the summary's ``stage_runs``):
+    summed counts, the chunks' wall times and every rejected frame."""
+    runs = [r for r in chunk_runs if r]
+    out: dict = {"stages": list(stages), "n_chunks": len(runs)}
+    for key in ("n_frames", "n_ok", "n_rejected", "n_failed"):
+        out[key] = sum(int(r.get(key, 0)) for r in runs)
+    out["wall_s"] = round(sum(float(r.get("wall_s", 0.0)) for r in runs), 3)
+    out["chunk_wall_s"] = [r.get("wall_s") for r in runs]
+    out["chunk_frames"] = [len(r.get("chunk", [])) for r in runs]
+    out["rejected"] = {k: v for r in runs for k, v in (r.get("rejected") or {}).items()}
+    return out
+
+
+def merge_stage_runs(table: StageTable, runs: dict) -> dict:
+    """The DAG's task results as the summary's ``stage_runs``: one entry per session stage and
+    one per frame segment (its mapped task id, the chunks merged by `merge_chunk_runs`)."""
+    out = {}
+    for scope, names in table.segments():
+        if scope == "session":
+            out.update({n: dict(runs.get(n) or {}) for n in names})
+        else:
+            tid = table.segment_task_id(names)
+            out[tid] = merge_chunk_runs(names, list(runs.get(tid) or []))
     return out
 
 
@@ -457,28 +561,42 @@ def finish(session: Session, obs, *, report: bool = True, **extra) -> tuple[Sess
     return summary, made
 
 
-def archive(session: Session, obs, *, url: str) -> dict | None:
+def archive(session: Session, obs, *, url: str, results_url: str | None = None) -> dict | None:
     """Upsert one ObsCore row per reduced frame or 1-D spectrum
-    (`rpp_tasks.outputs.archive.archive_session`);
-    None when the session has no reduced frame or spectrum."""
+    (`rpp_tasks.outputs.archive.archive_session`); None when the session has no reduced frame or
+    spectrum.
+
+    The observers' decisions (dashboard, results database) apply: a withdrawn frame is never
+    published, and with ``archive.publish: on_validation`` only validated frames are."""
     from rpp_tasks.outputs import archive as rpp_archive
+    from rpp_tasks.outputs import db
+    from rpp_tasks.outputs.dashboard.store import archive_kwargs, publishable_frames
 
     summary = SessionSummary.from_dict(session.read_json("session_summary.json", {"frames": []}))
     if not summary.ok_frames and not summary.ok_spectra:
         return None
-    base = obs.archive.base_url
-    return rpp_archive.archive_session(
-        summary,
-        url=url,
-        obs_collection=obs.archive.obs_collection or obs.name,
-        publisher_authority=obs.archive.publisher_authority,
-        access_url_base=None if base in ("", "file://") else base,
-        products_root=session.workdir if base not in ("", "file://") else None,
-        facility_name=obs.camera.telescope,
-        instrument_name=(
-            obs.spectrograph.name if summary.ok_spectra and obs.spectrograph else obs.camera.name
-        ),
+    results_url = results_url or db.results_url_from_env(
+        db.default_results_url(obs.resolve_path("work"))
     )
+    with db.ResultsDB(results_url) as rdb:
+        rdb.create_schema()
+        decided = db.decisions(rdb, obs.name, summary.session_id)
+    stems = [f.frame for f in summary.ok_frames] + [sp.target for sp in summary.ok_spectra]
+    frames = publishable_frames(stems, decided, obs.archive.publish)
+    if len(frames) < len(stems):
+        log.info(
+            "[%s] archive: %d of %d reduced frame(s) published "
+            "(archive.publish: %s, %d decision(s))",
+            session.session_id,
+            len(frames),
+            len(stems),
+            obs.archive.publish,
+            len(decided),
+        )
+    kwargs = archive_kwargs(obs, session.workdir)
+    if summary.ok_spectra and obs.spectrograph:
+        kwargs["instrument_name"] = obs.spectrograph.name
+    return rpp_archive.archive_session(summary, url=url, frames=frames, **kwargs)
 
 
 def notify(

@@ -146,6 +146,30 @@ class StageTable:
         """Names of the per-frame stages, in order."""
         return tuple(s.name for s in self.stages if s.scope == "frame")
 
+    @property
+    def session_stages(self) -> tuple[str, ...]:
+        """Names of the session-wide stages (run once per session), in order."""
+        return tuple(s.name for s in self.stages if s.scope == "session")
+
+    def segments(self) -> tuple[tuple[Scope, tuple[str, ...]], ...]:
+        """The table cut into runs of consecutive stages of one scope, in order:
+        ``(("session", ("masters",)), ("frame", ("calibrate", ..., "transients")))`` for imaging.
+        The DAG runs a session segment as one task per stage and a frame segment as one task
+        mapped over chunks of the night's frames (the whole segment per chunk, in one process)."""
+        out: list[tuple[Scope, tuple[str, ...]]] = []
+        for s in self.stages:
+            if out and out[-1][0] == s.scope:
+                out[-1] = (s.scope, out[-1][1] + (s.name,))
+            else:
+                out.append((s.scope, (s.name,)))
+        return tuple(out)
+
+    def segment_task_id(self, names: tuple[str, ...]) -> str:
+        """Task id of a frame segment's mapped task: ``frames`` when the table has one frame
+        segment, else ``frames_<first stage>``."""
+        n_frame_segments = sum(scope == "frame" for scope, _ in self.segments())
+        return "frames" if n_frame_segments == 1 else f"frames_{names[0]}"
+
     def index(self, name: str) -> int:
         return self.names.index(self[name].name)
 
@@ -162,7 +186,16 @@ class StageTable:
 
     def describe(self) -> str:
         """Markdown list of the stages (the DAG's documentation)."""
-        lines = [f"* **{s.name}** ({s.scope}): {s.doc}" for s in self.stages]
+        lines = []
+        for scope, names in self.segments():
+            if scope == "session":
+                lines += [f"* **{n}** (session): {self[n].doc}" for n in names]
+                continue
+            lines.append(
+                f"* **{self.segment_task_id(names)}**: one task per chunk of the night's frames, "
+                "each running these frame stages in turn:"
+            )
+            lines += [f"  * **{n}**: {self[n].doc}" for n in names]
         return "\n".join([*lines, "* **products** -> (**archive**, **notify**)"])
 
     def read_after(self, name: str) -> set[str]:

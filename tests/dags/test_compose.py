@@ -265,6 +265,35 @@ def test_lost_worker_settings():
     assert ENV["AIRFLOW__CELERY__POOL"] in ("prefork", "solo")
     with pytest.raises(ValueError, match="threads"):
         deploy.Tuning(worker_pool="threads")
+    # the DAGs' first retry delay (scheduling.retry_delay_s) is 10 s: heartbeat timeout + 10 s
+    from rpp_tasks.config import SchedulingConfig
+
+    assert SchedulingConfig().retry_delay_s == 10
+
+
+def test_pool_size_and_timeouts_from_the_launchers_environment(tmp_path):
+    """RPP_HEAVY_POOL_SLOTS, RPP_WORKER_CONCURRENCY, RPP_HEARTBEAT_TIMEOUT_S override the
+    deployment's tuning (the defaults otherwise); a bad value names the variable."""
+    from rpp_tasks.ops.up import UpSettings, airflow_env
+
+    assert deploy.tuning_from_env(deploy.CELERY, {}) is deploy.CELERY
+    t = deploy.tuning_from_env(
+        deploy.CELERY, {"RPP_HEAVY_POOL_SLOTS": "16", "RPP_HEARTBEAT_TIMEOUT_S": "45"}
+    )
+    assert (t.heavy_pool_slots, t.heartbeat_timeout_s, t.worker_concurrency) == (16, 45, 2)
+    settings = UpSettings(home=tmp_path / "home", data_root=tmp_path / "data")
+    secrets_ = {"jwt_secret": "j" * 64, "secret_key": "k", "passwords_file": "p"}
+    env = airflow_env(settings, secrets_, {"RPP_HEAVY_POOL_SLOTS": "6"})
+    assert env["RPP_HEAVY_POOL_SLOTS"] == "6"  # what `rpp up` gives the rpp_heavy pool
+    assert airflow_env(settings, secrets_, {})["RPP_HEAVY_POOL_SLOTS"] == "2"  # standalone
+    for var, bad in (
+        ("RPP_HEAVY_POOL_SLOTS", "0"),
+        ("RPP_HEAVY_POOL_SLOTS", "many"),
+        ("RPP_WORKER_CONCURRENCY", "-1"),
+        ("RPP_HEARTBEAT_TIMEOUT_S", "5"),
+    ):
+        with pytest.raises(ValueError, match=f"{var}='{bad}': expected an integer from"):
+            deploy.tuning_from_env(deploy.STANDALONE, {var: bad})
 
 
 # ----------------------------------------------------------------------------- compose structure

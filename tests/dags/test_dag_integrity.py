@@ -22,21 +22,9 @@ except ImportError:  # pragma: no cover
 
 REPO = Path(__file__).resolve().parents[2]
 DAGS = REPO / "dags"
-CHAIN = (
-    "validate",
-    "masters",
-    "calibrate",
-    "cosmics",
-    "background",
-    "detect",
-    "astrometry",
-    "photometry",
-    "zero_point",
-    "enrich",
-    "transients",
-    "targets",
-    "products",
-)
+#: validate -> the session stages -> the frame stages mapped over chunks of frames -> the
+#: session-wide targets stage -> products
+CHAIN = ("validate", "masters", "frames", "targets", "products")
 HEAVY = {
     "numpy",
     "scipy",
@@ -111,6 +99,34 @@ def test_dag_policy(dagbag):
 LONGSLIT_CHAIN = ("validate", "masters", "spectra", "products")
 
 
+def test_concurrency_and_retries_come_from_the_scheduling_section(tmp_path, monkeypatch):
+    """scheduling.* of the observatory YAML sizes its DAG; a bad value is a config-error DAG
+    naming the file and the key."""
+    cfg = tmp_path / "config"
+    shutil.copytree(REPO / "config", cfg)
+    demo = cfg / "observatories" / "demo.yaml"
+    demo.write_text(
+        demo.read_text()
+        + "\nscheduling: {max_active_runs: 3, max_active_tasks: 16, retries: 4, retry_delay_s: 5}\n"
+    )
+    hunts = cfg / "observatories" / "huntsman.yaml"
+    hunts.write_text(hunts.read_text() + "\nscheduling: {max_active_tasks: 0}\n")
+    monkeypatch.setenv("RPP_CONFIG_DIR", str(cfg))
+    monkeypatch.setenv("RPP_DATA_ROOT", str(tmp_path / "data"))
+    bag = DagBag(dag_folder=str(DAGS))
+    demo_dag = bag.dags["rpp_demo"]
+    assert (demo_dag.max_active_runs, demo_dag.max_active_tasks) == (3, 16)
+    assert demo_dag.get_task("frames").retries == 4
+    assert demo_dag.get_task("frames").retry_delay.total_seconds() == 5
+    # the shipped defaults: 2 runs, 2 tasks, 2 retries, 10 s first delay (a lost worker)
+    seestar = bag.dags["rpp_seestar_s50"]
+    assert (seestar.max_active_runs, seestar.max_active_tasks) == (2, 2)
+    assert seestar.get_task("masters").retry_delay.total_seconds() == 10
+    hunts_dag = bag.dags["rpp_huntsman"]
+    assert "config-error" in hunts_dag.tags
+    assert "scheduling.max_active_tasks" in hunts_dag.doc_md and "1 to 1024" in hunts_dag.doc_md
+
+
 def test_reduction_dags_shape(dagbag):
     from rpp_tasks.config import find_config
 
@@ -121,13 +137,22 @@ def test_reduction_dags_shape(dagbag):
         kind = find_config(name, REPO / "config").instrument_kind
         kinds.add(kind)
         chain = LONGSLIT_CHAIN if kind == "longslit" else CHAIN
-        for up, down in zip(chain, chain[1:]):
-            assert dag.get_task(up).downstream_task_ids == {down}, (name, up)
+        for down in chain[1:]:
+            # each task also reads validate's result (the session and its chunks)
+            assert dag.get_task(down).upstream_task_ids == set(chain[: chain.index(down)]), (
+                name,
+                down,
+            )
+        assert set(dag.task_ids) == {*chain, "archive", "notify"}
         assert dag.get_task("products").downstream_task_ids == {"archive", "notify"}
         assert dag.get_task("validate").upstream_task_ids == set()
-        heavy = ("spectra",) if kind == "longslit" else ("calibrate", "cosmics", "photometry")
+        heavy = ("spectra",) if kind == "longslit" else ("masters", "frames")
         for tid in heavy:
             assert dag.get_task(tid).pool == "rpp_heavy"
+        if kind == "imaging":  # one task instance per chunk of the night's frames
+            assert dag.get_task("frames").is_mapped
+        else:  # session stages only: nothing mapped
+            assert not any(t.is_mapped for t in dag.tasks)
         assert all(t.on_failure_callback for t in dag.tasks)
         assert dag.on_failure_callback
         assert {"session_dir", "session_id", "observatory"} <= set(dag.params.keys())

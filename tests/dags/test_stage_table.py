@@ -87,33 +87,111 @@ def test_toy_stage_runs_in_the_one_process_lifecycle(night, obs, tmp_path):
 
 
 def test_toy_stage_runs_task_by_task_on_a_chunk(night, obs, tmp_path):
+    """As the DAG runs it: the session stages once, then the frame stages per chunk."""
     session = lifecycle.open_session(night, obs, work_root=tmp_path)
     stems = [f["stem"] for f in session.read_json("manifest.json")["science"]]
-    for name in TOY.names:
-        if name == "star_count":  # the scale-out case: this task handles one chunk of frames
-            out = lifecycle.run_stage(session, obs, name, frames=stems[:1], table=TOY, workers=1)
-            assert (out["n_frames"], out["n_ok"]) == (1, 1)
-            continue
-        lifecycle.run_stage(session, obs, name, table=TOY, workers=1)
+    (frame_segment,) = [names for scope, names in TOY.segments() if scope == "frame"]
+    assert TOY.segments() == (("session", ("masters",)), ("frame", frame_segment))
+    assert "star_count" in frame_segment and frame_segment[0] == "calibrate"
+    lifecycle.run_stage(session, obs, "masters", table=TOY, workers=1)
+    # the scale-out case: this task handles one chunk of frames (the first frame only)
+    out = lifecycle.run_chunk(session, obs, frame_segment, stems[:1], table=TOY, workers=1)
+    assert (out["chunk"], out["n_frames"], out["n_ok"]) == (stems[:1], 1, 1)
     summary = lifecycle.summarise(session, obs)
     counted = [f.frame for f in summary.frames if "star_count" in f.stages]
     assert counted == stems[:1]
     assert (session.path("frames", stems[0], "star_count.json")).is_file()
     assert not (session.path("frames", stems[1], "star_count.json")).is_file()
+    merged = lifecycle.merge_stage_runs(TOY, {"masters": {"masters": {}}, "frames": [out]})
+    assert merged["frames"]["n_chunks"] == 1 and merged["frames"]["n_ok"] == 1
 
 
 def test_toy_stage_is_a_task_of_the_dag(obs):
-    spec = importlib.util.spec_from_file_location(
-        "rpp_reduction_toy", REPO / "dags/rpp_reduction.py"
-    )
+    """A frame stage runs inside the mapped ``frames`` task; a session stage after the frame
+    stages is a task of its own, between two mapped frame segments."""
+    mod = _dag_module("rpp_reduction_toy")
+    dag = mod.build_reduction_dag(obs, table=TOY)
+    assert "star_count" in dag.doc_md  # listed under the frames task
+    assert dag.get_task("frames").is_mapped and dag.get_task("frames").pool == mod.HEAVY_POOL
+    night_stats = Stage("night_stats", "m:f", scope="session", heavy=False, doc="toy")
+    split = TOY.with_stage(night_stats, after="star_count")
+    assert [s for s, _ in split.segments()] == ["session", "frame", "session", "frame"]
+    dag = mod.build_reduction_dag(obs, table=split)
+    assert dag.get_task("frames_calibrate").is_mapped
+    assert dag.get_task("frames_zero_point").is_mapped
+    assert dag.get_task("night_stats").upstream_task_ids == {"validate", "frames_calibrate"}
+    assert dag.get_task("frames_zero_point").upstream_task_ids == {"validate", "night_stats"}
+    assert dag.get_task("night_stats").pool != mod.HEAVY_POOL  # heavy=False
+    assert dag.get_task("products").upstream_task_ids == {
+        "validate", "masters", "frames_calibrate", "night_stats", "frames_zero_point",
+    }  # fmt: skip
+
+
+def _dag_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "dags/rpp_reduction.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    dag = mod.build_reduction_dag(obs, table=TOY)
-    assert dag.get_task("photometry").downstream_task_ids == {"star_count"}
-    assert dag.get_task("star_count").downstream_task_ids == {"zero_point"}
-    assert dag.get_task("star_count").pool != mod.HEAVY_POOL  # heavy=False
-    assert dag.get_task("photometry").pool == mod.HEAVY_POOL
-    assert [t for t in TOY.names if t in dag.task_ids] == list(TOY.names)
+    return mod
+
+
+def _manifest_session(tmp_path, shapes):
+    from rpp_tasks.session.workdir import Session
+
+    session = Session.create(tmp_path / "raw", observatory="demo", work_root=tmp_path / "work")
+    science = [
+        {"stem": f"f{i:03d}", "path": f"/raw/f{i:03d}.fits", "shape": list(sh)}
+        for i, sh in enumerate(shapes)
+    ]
+    session.write_json("manifest.json", {"science": science})
+    session.write_json("rejected.json", {})
+    return session
+
+
+def test_plan_chunks_shares_the_night_out_by_pixels(obs, tmp_path):
+    import dataclasses
+
+    from rpp_tasks.config import SchedulingConfig
+
+    def plan(session, **kw):
+        o = dataclasses.replace(obs, scheduling=SchedulingConfig(**kw))
+        return lifecycle.plan_chunks(session, o)
+
+    night = _manifest_session(tmp_path / "a", [(2048, 2048)] * 24)
+    chunks = plan(night)  # 24 x 4.19 Mpx = 101 Mpx over 64 Mpx: 2 chunks of 12
+    assert [len(c) for c in chunks] == [12, 12]
+    assert [s for c in chunks for s in c] == [f"f{i:03d}" for i in range(24)]  # manifest order
+    eleven = [len(c) for c in plan(night, chunk_megapixels=10)]  # 101 Mpx / 10: 11 chunks
+    assert len(eleven) == 11 and set(eleven) == {2, 3} and sum(eleven) == 24
+    assert [len(c) for c in plan(night, chunk_frames=5)] == [5, 5, 4, 5, 5]  # at most 5, even
+    assert plan(night, chunk_megapixels=1e4) == [[f"f{i:03d}" for i in range(24)]]
+    # frames of different sizes: the chunks get about the same pixels, not the same frames
+    mixed = _manifest_session(tmp_path / "b", [(4096, 4096)] * 4 + [(1024, 1024)] * 16)
+    sizes = [len(c) for c in plan(mixed, chunk_megapixels=40)]
+    # 4 x 16.8 + 16 x 1.05 = 84 Mpx over 40: 3 chunks of ~28 Mpx; by pixel mid-points the
+    # chunks get 33.6, 16.8 and 33.6 Mpx (a 16.8 Mpx frame cannot be split)
+    assert sizes == [2, 1, 17], sizes
+    # a frame rejected before chunking is left out; no frames: no chunk
+    write_json_atomic(night.path("frames", "f000", "rejected.json"), {"reason": "x", "stage": "y"})
+    assert "f000" not in {s for c in plan(night) for s in c}
+    assert plan(_manifest_session(tmp_path / "c", []), chunk_frames=3) == []
+    assert lifecycle.chunk_label(["a", "b", "c"]) == "a .. c (3 frames)"
+
+
+def test_scheduling_section_is_validated(tmp_path):
+    from rpp_tasks.config import config_from_dict
+
+    base = {"observatory": "demo"}
+    for key, value, expected in (
+        ("chunk_megapixels", 0, "megapixels per chunk"),
+        ("chunk_frames", 0, "an integer >= 1 or null"),
+        ("max_active_tasks", 0, "from 1 to 1024"),
+        ("max_active_runs", 2000, "from 1 to 1024"),
+        ("retry_delay_s", -1, "seconds from 0 to 3600"),
+        ("retries", 11, "from 0 to 10"),
+        ("max_active_tasks", "many", "an integer"),
+    ):
+        with pytest.raises(ConfigError, match=f"scheduling.{key}.*{expected}"):
+            config_from_dict({**base, "scheduling": {key: value}}, source="demo.yaml")
 
 
 def test_table_checks_what_stages_read_and_write():
@@ -153,11 +231,7 @@ def test_instrument_kind_picks_the_table(obs, monkeypatch, tmp_path):
     one = StageTable("longslit", (Stage("masters", "m:f", scope="session"),), IMAGING.artefacts)
     monkeypatch.setitem(table_module.TABLES, "longslit", one)
     assert table_for(spectro, strict=True) is one
-    spec = importlib.util.spec_from_file_location(
-        "rpp_reduction_kind", REPO / "dags/rpp_reduction.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _dag_module("rpp_reduction_kind")
     assert mod.build_reduction_dag(spectro).task_ids == [
         "validate",
         "masters",

@@ -4,15 +4,17 @@
 (the settings of `rpp_tasks.ops.deploy`, the same that generate docker-compose.yaml): a private
 PostgreSQL database, a private Redis database number, free ports, the API server, scheduler, DAG
 processor, triggerer, a log server and **two Celery workers, prefork pool, concurrency 1 each**,
-``RPP_WORKERS=2`` frame processes per task (inside the prefork children). Synthetic sessions go in
-through the REST API trigger, as the watcher sends them.
+``RPP_WORKERS=2`` frame processes per task (inside the prefork children). The project's
+configuration, with the demo nights cut into chunks of 2 frames (``scheduling.chunk_frames``).
+Synthetic sessions go in through the REST API trigger, as the watcher sends them.
 
-1. A multi-frame night: every task's state, which worker (host name) ran each task instance,
-   one catalogue per frame, exactly one archive row per frame.
-2. A lost worker: while ``photometry`` is half-way through the frames, the worker running it is
+1. A multi-frame night: every task's state, which worker (host name) ran each task instance: the
+   night's two chunks ran on the two workers; one catalogue per frame, exactly one archive row
+   per frame.
+2. A lost worker: while the frame stages of a chunk are half-way, the worker running it is
    SIGKILLed with its whole process tree (as a machine dying). The scheduler notices the silent
-   task after the heartbeat timeout, the retry runs on the other worker and the night completes
-   with complete, non-duplicated products. What the loss cost is printed.
+   task after the heartbeat timeout, the retry of that chunk runs on the other worker and the
+   night completes with complete, non-duplicated products. What the loss cost is printed.
 
 Skipped with the reason when PostgreSQL (127.0.0.1:5432) or Redis (127.0.0.1:6379) is not reachable.
 """
@@ -38,13 +40,11 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 DAG = "rpp_demo"
-N_FIRST = 3  # frames of the first night
-N_KILL = 3  # frames of the night that loses a worker
+N_FIRST = 4  # frames of the first night: 2 chunks of 2
+N_KILL = 4  # frames of the night that loses a worker: 2 chunks of 2
+CHUNK = 2  # scheduling.chunk_frames of the demo observatory here
 TUNING = replace(deploy.CELERY, worker_concurrency=1, frame_processes=2, heavy_pool_slots=2)
-CHAIN = (
-    "validate", "masters", "calibrate", "cosmics", "background", "detect", "astrometry",
-    "photometry", "zero_point", "enrich", "transients", "products", "archive",
-)  # fmt: skip
+CHAIN = ("validate", "masters", "frames[0]", "frames[1]", "products", "archive")
 
 
 def _reachable(port: int) -> bool:
@@ -65,9 +65,15 @@ def cluster():
     from rpp_tasks.ops.localcelery import scratch_deployment
 
     root = Path(tempfile.mkdtemp(prefix="rpp_celery_"))
+    config = root / "config"
+    shutil.copytree(REPO / "config", config)
+    demo = config / "observatories" / "demo.yaml"
+    demo.write_text(demo.read_text() + f"\nscheduling: {{chunk_frames: {CHUNK}}}\n")
     t0 = time.monotonic()
     try:
-        with scratch_deployment(root, n_workers=2, tuning=TUNING, dag_ids=(DAG,)) as dep:
+        with scratch_deployment(
+            root, n_workers=2, tuning=TUNING, dag_ids=(DAG,), config_dir=config
+        ) as dep:
             print(f"\ndeployment up in {dep.started_s:.0f} s ({dep.base_url}, {root})")
             yield dep
     finally:
@@ -125,7 +131,8 @@ def _workers(dep) -> dict:
 
 
 def _by_task(tis: list[dict]) -> dict:
-    return {t["task_id"]: t for t in tis}
+    """``task_id`` (``task_id[i]`` for the i-th instance of a mapped task) -> task instance"""
+    return {t["task_id"] + (f"[{t['map_index']}]" if t["map_index"] >= 0 else ""): t for t in tis}
 
 
 def test_night_runs_on_celery_workers_with_prefork_pool(cluster):
@@ -156,6 +163,11 @@ def test_night_runs_on_celery_workers_with_prefork_pool(cluster):
     per_worker = {
         workers[h]: sorted(k for k, v in hosts.items() if v == h) for h in set(hosts.values())
     }
+    # one night spread over the workers: its two chunks ran on different workers, at once
+    chunks = [tis["frames[0]"], tis["frames[1]"]]
+    assert {t["hostname"] for t in chunks} == set(workers), per_worker
+    assert max(_ts(t["start_date"]) for t in chunks) < min(_ts(t["end_date"]) for t in chunks)
+    assert summary["stage_runs"]["frames"]["chunk_frames"] == [CHUNK, CHUNK]
     print(
         f"\nfirst night: {N_FIRST} frames, {state} in {wall:.0f} s (trigger -> done); "
         f"run_stage {sum(v.get('wall_s', 0) for v in summary['stage_runs'].values()):.1f} s; "
@@ -163,43 +175,65 @@ def test_night_runs_on_celery_workers_with_prefork_pool(cluster):
     )
 
 
+def _chunks(workdir: Path) -> list[list[str]]:
+    """The night's chunks as validate cut them (manifest order, CHUNK frames each)."""
+    science = json.loads((workdir / "manifest.json").read_text())["science"]
+    stems = [f["stem"] for f in science]
+    return [stems[i : i + CHUNK] for i in range(0, len(stems), CHUNK)]
+
+
 def test_lost_worker_mid_stage_costs_a_retry_not_the_night(cluster):
     dep = cluster
     night = _night(dep, "celery-kill", N_KILL, "2025-01-16", seed=22)
-    frames = night["workdir"] / "frames"
+    workdir, frames = night["workdir"], night["workdir"] / "frames"
     t0 = time.monotonic()
-    # wait until photometry is running and has written some frames' catalogues but not all
-    victim = None
-    while time.monotonic() - t0 < 900:
-        ti = _by_task(dep.task_instances(DAG, night["run_id"])).get("photometry", {})
-        done = len(list(frames.glob("*/catalog.ecsv"))) if frames.is_dir() else 0
-        if ti.get("state") == "running" and 1 <= done < N_KILL and ti.get("hostname"):
-            victim = _workers(dep)[ti["hostname"]]
-            break
-        assert ti.get("state") not in ("success", "failed"), "photometry ended before the kill"
+    # wait until a chunk is half-way through its frame stages: a frame of it calibrated, not
+    # every frame of it finished
+    victim = i = None
+    while victim is None and time.monotonic() - t0 < 900:
+        tis = _by_task(dep.task_instances(DAG, night["run_id"]))
+        assert tis.get("products", {}).get("state") is None, "the night ended before the kill"
+        for key in ("frames[0]", "frames[1]"):
+            ti = tis.get(key, {})
+            if ti.get("state") != "running" or not ti.get("hostname"):
+                continue
+            chunk = _chunks(workdir)[ti["map_index"]]
+            started = [s for s in chunk if (frames / s / "calibrated.fits").is_file()]
+            finished = [s for s in chunk if (frames / s / "summary.json").is_file()]
+            if started and len(finished) < len(chunk):
+                victim, i = _workers(dep)[ti["hostname"]], ti["map_index"]
+                break
         time.sleep(0.1)
-    assert victim is not None, "photometry never seen half-way"
+    assert victim is not None, "no chunk seen half-way"
     t_kill = time.time()
     killed = dep.celery.kill_worker(victim)
     assert len(killed) >= 4  # celery main, pool child, task supervisor, task process (+ frames)
     alive = {p: Path(f"/proc/{p}/stat").read_text()[:80] for p in killed if pid_alive(p)}
     assert alive == {}  # nothing of the lost worker lives on
-    print(f"\nkilled {victim} ({len(killed)} processes) with {done}/{N_KILL} catalogues written")
+    chunk = _chunks(workdir)[i]
+    print(
+        f"\nkilled {victim} ({len(killed)} processes) running chunk {i} {chunk}, "
+        f"{len(started)} of its frames calibrated, {len(finished)} finished"
+    )
 
     state = dep.wait_run(DAG, night["run_id"], timeout=1200)
     t_done = time.monotonic()
     tis = _by_task(dep.task_instances(DAG, night["run_id"]))
     assert state == "success", {k: (t["state"], t["try_number"]) for k, t in tis.items()}
     assert {t: tis[t]["state"] for t in CHAIN} == {t: "success" for t in CHAIN}
-    tries = dep.tries(DAG, night["run_id"], "photometry")
+    tries = dep.tries(DAG, night["run_id"], "frames", map_index=i)
     assert [t["try_number"] for t in tries] == [1, 2], tries
     first, retry = tries
     assert first["state"] == "failed" and retry["state"] == "success", tries
     assert first["hostname"] == dep.celery.worker_hostname(victim)
     assert retry["hostname"] != first["hostname"]  # the retry ran on the surviving worker
-    # the products are complete and not duplicated; the frames done before the kill were redone
-    _check_products(dep, night["workdir"], N_KILL)
-    assert all(p.stat().st_mtime > t_kill for p in frames.glob("*/catalog.ecsv"))
+    # retries are per chunk: the other chunk ran once
+    other = dep.tries(DAG, night["run_id"], "frames", map_index=1 - i)
+    assert [t["try_number"] for t in other] == [1], other
+    # the products are complete and not duplicated; the lost chunk's frames were redone
+    _check_products(dep, workdir, N_KILL)
+    for stem in chunk:
+        assert (frames / stem / "catalog.ecsv").stat().st_mtime > t_kill, stem
     noticed = _ts(first["end_date"]) - t_kill
     restarted = _ts(retry["start_date"]) - t_kill
     # the heartbeat timeout of deploy.py took effect (Airflow's default would notice after 300 s)
@@ -207,7 +241,7 @@ def test_lost_worker_mid_stage_costs_a_retry_not_the_night(cluster):
     print(
         f"lost worker: noticed {noticed:.0f} s after the kill (heartbeat timeout "
         f"{TUNING.heartbeat_timeout_s} s), retry started after {restarted:.0f} s on "
-        f"{retry['hostname']} (DAG retry_delay included), photometry redone in "
+        f"{retry['hostname']} (retry_delay 10 s included), chunk redone in "
         f"{retry['duration']:.0f} s (first try ran {t_kill - _ts(first['start_date']):.0f} s "
         f"before the kill); night done {t_done - t0:.0f} s after the trigger"
     )

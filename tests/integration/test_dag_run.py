@@ -34,7 +34,12 @@ conf = json.loads(sys.argv[2])
 t0 = time.perf_counter()
 dr = dag.test(run_conf=conf)
 wall = time.perf_counter() - t0
-tis = {ti.task_id: {"state": str(ti.state), "duration": ti.duration} for ti in dr.get_task_instances()}
+tis = {
+    ti.task_id + (f"[{ti.map_index}]" if ti.map_index >= 0 else ""): {
+        "state": str(ti.state), "duration": ti.duration, "map_index": ti.map_index
+    }
+    for ti in dr.get_task_instances()
+}
 print("RESULT " + json.dumps({"state": str(dr.state), "wall_s": wall, "tasks": tis}))
 """
 
@@ -44,9 +49,14 @@ def airflow_env():
     # A private folder, not pytest's tmp_path: pytest-of-<user> is shared by concurrent pytest
     # sessions, which prune each other's old folders while this long test runs.
     root = Path(tempfile.mkdtemp(prefix="rpp_dag_run_"))
-    home, data = root / "airflow_home", root / "data"
+    home, data, config = root / "airflow_home", root / "data", root / "config"
     home.mkdir()
     data.mkdir()
+    # the project's configuration, the demo night cut into chunks of at most 2 frames: the DAG
+    # runs the frame stages as 2 mapped tasks (2 + 1 frames), rpp reduce in one process
+    shutil.copytree(REPO / "config", config)
+    demo = config / "observatories" / "demo.yaml"
+    demo.write_text(demo.read_text() + "\nscheduling: {chunk_frames: 2}\n")
     env = {
         **os.environ,
         "AIRFLOW_HOME": str(home),
@@ -54,7 +64,7 @@ def airflow_env():
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-        "RPP_CONFIG_DIR": str(REPO / "config"),
+        "RPP_CONFIG_DIR": str(config),
         "RPP_DATA_ROOT": str(data),
         "RPP_WORKERS": "2",
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
@@ -84,6 +94,7 @@ def _run_dag(env, conf) -> dict:
 
 
 def test_demo_dag_run_produces_products_and_reruns_idempotently(airflow_env):
+    from rpp_tasks.session.table import IMAGING
     from rpp_tasks.sim.synthetic import write_synthetic_session
 
     env, data = airflow_env
@@ -98,19 +109,12 @@ def test_demo_dag_run_produces_products_and_reruns_idempotently(airflow_env):
     chain = [
         "validate",
         "masters",
-        "calibrate",
-        "cosmics",
-        "background",
-        "detect",
-        "astrometry",
-        "photometry",
-        "zero_point",
-        "enrich",
-        "transients",
+        "frames[0]",
+        "frames[1]",
         "targets",
         "products",
         "archive",
-    ]
+    ]  # 2 chunks
     assert first["state"] == "success", first
     assert {t: first["tasks"][t]["state"] for t in chain} == {t: "success" for t in chain}, first[
         "tasks"
@@ -127,19 +131,11 @@ def test_demo_dag_run_produces_products_and_reruns_idempotently(airflow_env):
     for f in summary["frames"]:
         assert (workdir / "frames" / f["frame"] / "catalog.ecsv").is_file()
         assert (workdir / "frames" / f["frame"] / "catalog.fits").is_file()
-    assert set(summary["stage_runs"]) == {
-        "masters",
-        "calibrate",
-        "cosmics",
-        "background",
-        "detect",
-        "astrometry",
-        "photometry",
-        "zero_point",
-        "enrich",
-        "transients",
-        "targets",
-    }
+    assert set(summary["stage_runs"]) == {"masters", "frames", "targets"}
+    frames_run = summary["stage_runs"]["frames"]
+    assert frames_run["stages"] == list(IMAGING.frame_stages)
+    assert (frames_run["n_chunks"], frames_run["n_frames"]) == (2, N_SCIENCE)
+    assert sorted(frames_run["chunk_frames"]) == [1, 2]
 
     # a re-run of the same session replaces the products in the same work folder
     mtime = (workdir / "session_summary.json").stat().st_mtime
@@ -169,8 +165,9 @@ def test_demo_dag_run_produces_products_and_reruns_idempotently(airflow_env):
 
 
 def test_rpp_reduce_and_the_dag_make_the_same_products(airflow_env):
-    """``rpp reduce`` (one process, frames in memory) and the DAG (one task per stage, checkpoints
-    on disk) run the same lifecycle: same frames, same product files, same catalogue values."""
+    """``rpp reduce`` (one process, all frames in one pool) and the DAG (masters, then the frame
+    stages as one mapped task per chunk of frames, checkpoints on disk) run the same lifecycle:
+    same frames, same product files, same catalogue values."""
     import numpy as np
     from astropy.io import fits
     from astropy.table import Table

@@ -160,7 +160,9 @@ def test_only_published_products_inside_the_session_are_served(client, reduced):
     (workdir / "report" / "escape.txt").symlink_to(secret)
     cases = {
         f"/demo/{SESSION}/manifest.json": 403,  # intermediate file, not published
-        f"/demo/{SESSION}/frames/{reduced['summary']['frames'][0]['frame']}/catalog.ecsv": 403,
+        # a frame's product: to the dashboard's download route (login and role checked there)
+        f"/demo/{SESSION}/frames/{reduced['summary']['frames'][0]['frame']}/catalog.ecsv": 307,
+        f"/demo/{SESSION}/frames/{reduced['summary']['frames'][0]['frame']}/x/summary.json": 403,
         f"/demo/{SESSION}/report/..%2Fmanifest.json": 400,  # traversal, encoded
         f"/demo/{SESSION}/report/escape.txt": 403,  # symlink out of the work folder
         f"/demo/{SESSION}/report/missing.png": 404,
@@ -209,8 +211,11 @@ print("RESULT " + json.dumps({"errors": {str(k): str(v) for k, v in errors.items
     out = json.loads(lines[-1][7:])
     assert out["errors"] == {} and out["found"]
     assert "/rpp-reports" in out["apps"]
-    by_dest = {v["destination"]: v for v in out["views"]}
-    assert by_dest["nav"]["href"] == "rpp-reports/" and by_dest["nav"]["category"] == "browse"
+    by_dest = {v["destination"]: v for v in out["views"] if v["destination"] != "nav"}
+    nav = {v["name"]: v for v in out["views"] if v["destination"] == "nav"}
+    assert nav["Night reports"]["href"] == "rpp-reports/"
+    assert nav["Observations"]["href"] == "rpp-reports/dash/"
+    assert {v["category"] for v in nav.values()} == {"browse"}
     assert by_dest["dag_run"]["href"] == "rpp-reports/run/{DAG_ID}/{RUN_ID}"
 
 

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
+from rpp_tasks.stages.epsf import EPSFModel, build_epsf
 from rpp_tasks.stages.photometry import (
     APERTURE_LABELS,
     aperture_photometry,
     psf_photometry,
     quality_flags,
 )
-from rpp_tasks.stages.psf import EPSFModel, build_epsf, pixel_integrated_profile
+from rpp_tasks.stages.psf import pixel_integrated_profile
 
 SKY_ADU, GAIN, RN_E, EXPTIME = 600.0, 1.5, 8.0, 30.0
 RMS = math.sqrt(SKY_ADU / GAIN + (RN_E / GAIN) ** 2)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from rpp_tasks.stages.psf import EPSFModel, build_epsf, measure_fwhm, pixel_integrated_profile
+from rpp_tasks.stages.epsf import EPSFModel, build_epsf
+from rpp_tasks.stages.psf import measure_fwhm, pixel_integrated_profile
 
 SKY_ADU, GAIN, RN_E = 800.0, 1.5, 8.0
 RMS = math.sqrt(SKY_ADU / GAIN + (RN_E / GAIN) ** 2)

@@ -6,7 +6,7 @@ import numpy as np
 from astropy.table import Table
 
 from rpp_tasks.outputs.psf_plots import plot_psf_map, psf_residual_stamps
-from rpp_tasks.stages.psf import FieldPSF
+from rpp_tasks.stages.field_psf import FieldPSF
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -1,0 +1,512 @@
+"""Fitting the PSF that varies across the field: the order chosen from the stars, then one Gauss-Newton fit.
+
+choose_psf_order picks the polynomial order from the number and spread of the PSF stars (a
+constant model when there are few, recorded). fit_field_psf fits every PSF star's stamp at once:
+the shape parameters (FWHM, e1, e2, 1/beta) are polynomials of position, each star keeps its own
+centre, flux and sky, solved by variable projection; the coefficients' covariance is kept for the
+model-error term of the photometry. The model itself is rpp_tasks.stages.field_psf.FieldPSF.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+from rpp_tasks.stages.field_psf import (
+    _U_MIN_FIELD,
+    FieldPSF,
+    _abc_from_shape,
+    _abc_jacobian,
+    _ell_pix,
+    _poly_basis,
+    _poly_terms,
+)
+from rpp_tasks.stages.psf import (
+    _U_MAX,
+    _check_image,
+    _gather_stamps,
+    _initial_fwhm,
+    _linear_flux_bkg,
+    _positions,
+    _select_psf_stars,
+)
+
+__all__ = ["choose_psf_order", "fit_field_psf"]
+
+log = logging.getLogger(__name__)
+
+
+def choose_psf_order(x, y, shape, *, max_order=3, stars_per_term=6, min_per_cell=2):
+    """
+    Highest polynomial order the PSF stars can support, and why.
+
+    Order ``o`` (``T = (o+1)(o+2)/2`` terms per shape parameter) needs at least
+    ``stars_per_term * T`` stars, and stars spread over the field: the frame cut into
+    ``(o+1) x (o+1)`` cells must have at least ``min_per_cell`` stars in every cell but at most
+    one (a polynomial is not extrapolated into an empty part of the frame).
+
+    Returns
+    -------
+    order : int
+    reason : str
+    """
+    ny, nx = (int(shape[0]), int(shape[1]))
+    x = np.asarray(x, float)
+    y = np.asarray(y, float)
+    n = x.size
+    for order in range(int(max_order), 0, -1):
+        t = (order + 1) * (order + 2) // 2
+        if n < stars_per_term * t:
+            continue
+        g = order + 1
+        cx = np.clip((x / nx * g).astype(int), 0, g - 1)
+        cy = np.clip((y / ny * g).astype(int), 0, g - 1)
+        counts = np.bincount(cy * g + cx, minlength=g * g)
+        if np.sum(counts < min_per_cell) <= 1:
+            return order, f"{n} stars, {int(np.sum(counts >= min_per_cell))}/{g * g} cells covered"
+    return 0, f"{n} stars: too few or too concentrated for a varying PSF"
+
+
+def _balanced_subset(x, y, peak, shape, max_stars, cells=6):
+    """Indices of at most ``max_stars`` stars, round-robin over a cells x cells grid, brightest
+    first in each cell (so the corners get their share)."""
+    ny, nx = shape
+    cx = np.clip((x / nx * cells).astype(int), 0, cells - 1)
+    cy = np.clip((y / ny * cells).astype(int), 0, cells - 1)
+    cell = cy * cells + cx
+    order = np.lexsort((-peak, cell))
+    rank = np.empty(x.size, int)
+    sorted_cells = cell[order]
+    starts = np.searchsorted(sorted_cells, sorted_cells, side="left")
+    rank[order] = np.arange(x.size) - starts
+    pick = np.lexsort((-peak, rank))
+    return pick[:max_stars]
+
+
+def _field_model(dx0, dy0, sx, sy, bas, theta, derivs=False):
+    """Stamps of the PSF stars: 2x2 nodes per pixel, 3x3 in the central 5x5 pixels.
+
+    With ``derivs``, the derivatives with respect to the shape parameters are returned as keys
+    ``fwhm_px``, ``e1``, ``e2`` and ``u`` (chain rule through `_abc_from_shape`).
+    """
+    p = bas @ theta.T
+    a, b, c = (v[:, None, None] for v in _abc_from_shape(p[:, 0], p[:, 1], p[:, 2]))
+    u = p[:, 3][:, None, None]
+    dx = dx0 - sx[:, None, None]
+    dy = dy0 - sy[:, None, None]
+    s = dx0.shape[1]
+    h = s // 2
+    hc = min(h, 2)
+    core = (slice(None), slice(h - hc, h + hc + 1), slice(h - hc, h + hc + 1))
+    out = _ell_pix(dx, dy, a, b, c, u, derivs=derivs, integrate=2 if hc < h else 3)
+    if hc < h:
+        oc = _ell_pix(dx[core], dy[core], a, b, c, u, derivs=derivs)
+        if derivs:
+            out[0][core] = oc[0]
+            for key in out[1]:
+                out[1][key][core] = oc[1][key]
+        else:
+            out[core] = oc
+    if derivs:
+        jac = _abc_jacobian(p[:, 0], p[:, 1], p[:, 2])  # (N, 3 [a b c], 3 [s e1 e2])
+        d = out[1]
+        for j, name in enumerate(("fwhm_px", "e1", "e2")):
+            d[name] = (
+                d["a"] * jac[:, 0, j, None, None]
+                + d["b"] * jac[:, 1, j, None, None]
+                + d["c"] * jac[:, 2, j, None, None]
+            )
+    return out
+
+
+def _gn_field(
+    stamps, var_bkg, good, dx0, dy0, bas, theta, state, *, gain, free, n_iter=25, bkg_prior=0.0
+):
+    """Levenberg-Marquardt fit of the polynomial shape ``theta`` (4, T) and, per star, flux,
+    background and centre shift (``state``: dict of f, b, sx, sy; updated in place).
+
+    The per-star unknowns are eliminated by a Schur complement star by star, so the cost is
+    linear in the number of stars. Weights ``1 / (rms^2 + model / gain)`` are updated from the
+    model at every iteration. Returns ``(theta, chi2 per star, dof per star)``.
+    """
+    n, s, _ = stamps.shape
+    t = bas.shape[1]
+    f, bk, sx, sy = state["f"], state["b"], state["sx"], state["sy"]
+    free = np.broadcast_to(np.asarray(free, bool).reshape(4, -1), (4, t))
+    free_rows = np.flatnonzero(free.any(axis=1))
+    free_flat = np.flatnonzero(free[free_rows].ravel())
+    nfree = free_flat.size
+    lam = 1e-3
+    n_done = 0
+    for _ in range(n_iter):
+        n_done += 1
+        val, d = _field_model(dx0, dy0, sx, sy, bas, theta, derivs=True)
+        star = f[:, None, None] * val
+        w = good / (var_bkg + (np.maximum(star, 0.0) / gain if gain else 0.0))
+        r = stamps - star - bk[:, None, None]
+        chi2 = float(np.sum(r * r * w))
+        jl = np.stack(
+            [val, np.ones_like(val), -f[:, None, None] * d["x"], -f[:, None, None] * d["y"]], 1
+        )
+        jp = np.stack([f[:, None, None] * d[k] for k in ("fwhm_px", "e1", "e2", "u")], 1)
+        jp = jp[:, free_rows]
+        rw = r * w
+        uu = np.einsum("nisr,njsr,nsr->nij", jl, jl, w)
+        if bkg_prior:
+            # Gaussian prior b ~ N(0, sigma_b^2): the sky is already subtracted
+            uu[:, 1, 1] += bkg_prior
+            gl_prior = -bkg_prior * bk
+        wp = np.einsum("nisr,njsr,nsr->nij", jl, jp, w)
+        dd = np.einsum("nisr,njsr,nsr->nij", jp, jp, w)
+        gl = np.einsum("nisr,nsr->ni", jl, rw)
+        if bkg_prior:
+            gl[:, 1] += gl_prior
+            chi2 += float(bkg_prior * np.sum(bk * bk))
+        gp = np.einsum("nisr,nsr->ni", jp, rw)
+        for _ in range(8):
+            ud = uu + lam * np.einsum("nii->ni", uu)[:, :, None] * np.eye(4)
+            ud += 1e-12 * np.eye(4)
+            try:
+                uinv = np.linalg.inv(ud)
+            except np.linalg.LinAlgError:
+                uinv = np.linalg.pinv(ud)
+            wt_ui = np.einsum("nji,njk->nik", wp, uinv)  # Wp^T U^-1
+            dred = dd - np.einsum("nik,nkj->nij", wt_ui, wp)
+            gred = gp - np.einsum("nik,nk->ni", wt_ui, gl)
+            kf = free_rows.size
+            smat = np.einsum("nkl,nt,nv->ktlv", dred, bas, bas).reshape(kf * t, kf * t)
+            rhs = np.einsum("nk,nt->kt", gred, bas).reshape(kf * t)
+            smat = smat[np.ix_(free_flat, free_flat)]
+            rhs = rhs[free_flat]
+            smat = (
+                smat + lam * np.diag(np.diag(smat)) + 1e-12 * np.trace(smat) / nfree * np.eye(nfree)
+            )
+            try:
+                sol = np.linalg.solve(smat, rhs)
+            except np.linalg.LinAlgError:
+                sol = np.linalg.lstsq(smat, rhs, rcond=None)[0]
+            dth = np.zeros(kf * t)
+            dth[free_flat] = sol
+            dth = dth.reshape(kf, t)
+            dpn = dth @ bas.T  # (kf, n)
+            dl = np.einsum("nij,nj->ni", uinv, gl - np.einsum("nij,jn->ni", wp, dpn))
+            th_new = theta.copy()
+            th_new[free_rows] += dth
+            f_new = f + dl[:, 0]
+            b_new = bk + dl[:, 1]
+            sx_new = sx + np.clip(dl[:, 2], -0.5, 0.5)
+            sy_new = sy + np.clip(dl[:, 3], -0.5, 0.5)
+            v2 = _field_model(dx0, dy0, sx_new, sy_new, bas, th_new)
+            r2 = stamps - f_new[:, None, None] * v2 - b_new[:, None, None]
+            chi2_new = float(np.sum(r2 * r2 * w)) + float(bkg_prior * np.sum(b_new * b_new))
+            if np.isfinite(chi2_new) and chi2_new <= chi2:
+                theta, f[:], bk[:], sx[:], sy[:] = th_new, f_new, b_new, sx_new, sy_new
+                lam = max(lam / 5.0, 1e-7)
+                break
+            lam *= 10.0
+        else:
+            break
+        # converged: the accepted step (same weights) improved chi^2 by a negligible amount
+        if chi2 - chi2_new <= 0.02 + 1e-7 * chi2_new and lam <= 1e-3:
+            break
+    val = _field_model(dx0, dy0, sx, sy, bas, theta)
+    star = f[:, None, None] * val
+    w = good / (var_bkg + (np.maximum(star, 0.0) / gain if gain else 0.0))
+    r = stamps - star - bk[:, None, None]
+    chi2_star = np.sum(r * r * w, axis=(1, 2))
+    dof = np.maximum(np.sum(good, axis=(1, 2)) - 4, 1)
+    state["iterations"] = n_done
+    return theta, chi2_star, dof
+
+
+def _field_cov(stamps, var_bkg, good, dx0, dy0, bas, theta, state, *, gain, free, bkg_prior=0.0):
+    """Covariance ``(4 T, 4 T)`` of ``theta.ravel()`` at a solution of `_gn_field`: the inverse of
+    the undamped Schur complement (per-star flux, background and centre marginalised), scaled by
+    the reduced chi^2 when above 1; zeros for the fixed terms."""
+    t = bas.shape[1]
+    f, bk, sx, sy = state["f"], state["b"], state["sx"], state["sy"]
+    free = np.broadcast_to(np.asarray(free, bool).reshape(4, -1), (4, t))
+    free_rows = np.flatnonzero(free.any(axis=1))
+    free_flat = np.flatnonzero(free[free_rows].ravel())
+    val, d = _field_model(dx0, dy0, sx, sy, bas, theta, derivs=True)
+    star = f[:, None, None] * val
+    w = good / (var_bkg + (np.maximum(star, 0.0) / gain if gain else 0.0))
+    r = stamps - star - bk[:, None, None]
+    chi2 = float(np.sum(r * r * w))
+    dof = float(np.sum(np.maximum(np.sum(good, axis=(1, 2)) - 4, 1)))
+    jl = np.stack(
+        [val, np.ones_like(val), -f[:, None, None] * d["x"], -f[:, None, None] * d["y"]], 1
+    )
+    jp = np.stack([f[:, None, None] * d[k] for k in ("fwhm_px", "e1", "e2", "u")], 1)[:, free_rows]
+    uu = np.einsum("nisr,njsr,nsr->nij", jl, jl, w) + 1e-12 * np.eye(4)
+    if bkg_prior:
+        uu[:, 1, 1] += bkg_prior
+    wp = np.einsum("nisr,njsr,nsr->nij", jl, jp, w)
+    dd = np.einsum("nisr,njsr,nsr->nij", jp, jp, w)
+    try:
+        uinv = np.linalg.inv(uu)
+    except np.linalg.LinAlgError:
+        uinv = np.linalg.pinv(uu)
+    dred = dd - np.einsum("nji,njk,nkl->nil", wp, uinv, wp)
+    kf = free_rows.size
+    smat = np.einsum("nkl,nt,nv->ktlv", dred, bas, bas).reshape(kf * t, kf * t)
+    smat = smat[np.ix_(free_flat, free_flat)]
+    cov = np.zeros((4 * t, 4 * t))
+    full_idx = (free_rows[:, None] * t + np.arange(t)[None, :]).ravel()[free_flat]
+    cov[np.ix_(full_idx, full_idx)] = np.linalg.pinv(smat) * max(chi2 / max(dof, 1.0), 1.0)
+    return cov
+
+
+def fit_field_psf(
+    data_sub,
+    sources,
+    *,
+    rms,
+    mask=None,
+    gain_e_per_adu=None,
+    saturation_adu=None,
+    fwhm_guess_px=None,
+    max_order=3,
+    max_stars=250,
+    min_peak_snr=10.0,
+    stamp_half_px=None,
+    stars_per_term=6,
+    model="moffat",
+    size_px=None,
+    bkg_sigma_adu=None,
+    criterion="aic",
+    beta_order=2,
+):
+    """
+    Fit a PSF that varies smoothly across the field from the isolated, unsaturated stars.
+
+    The model is an elliptical Moffat (`FieldPSF`; a Gaussian in the limit ``beta -> inf``)
+    integrated over the pixels, whose shape parameters ``a, b, c`` (the quadratic form of the
+    ellipse) and ``u = 1/beta`` are polynomials of the position. All PSF stars are fitted together:
+    the polynomial coefficients are shared, each star has its own flux, local background and
+    centre. The per-star unknowns are eliminated star by star (Schur complement), so a
+    Levenberg-Marquardt iteration costs one evaluation of the stamps and its derivatives.
+
+    The order is chosen in two steps: `choose_psf_order` caps it from the number and spread of
+    the stars; then orders 0, 1, ... up to the cap are fitted in turn (each starting from the
+    previous one) and a higher order is kept only when it lowers chi^2 by more than the BIC
+    penalty (``ln(n_pixels)`` per added coefficient). A field with one PSF thus gets order 0,
+    and a frame with few stars a constant model (recorded in ``stats["order_reason"]``).
+
+    Parameters
+    ----------
+    data_sub : array_like
+        Background-subtracted image (ADU).
+    sources : `~astropy.table.Table`
+        Detections (``x_centroid``, ``y_centroid``, ``flux``, ``flag``...).
+    rms : array_like or float
+        Background RMS (ADU).
+    mask : array_like of bool, optional
+        Bad pixels; stars touching one are not used.
+    gain_e_per_adu : float, optional
+        For the stars' own shot noise in the weights (``rms^2 + model / gain``).
+    saturation_adu : float, optional
+        Level of ``data_sub`` above which a star is not used (80 % of it).
+    fwhm_guess_px : float, optional
+        Starting FWHM.
+    max_order : int, optional
+        Highest polynomial order tried (0 forces one PSF for the whole frame).
+    max_stars : int, optional
+        Stars used (spread over the frame, brightest first in each part of it).
+    min_peak_snr : float, optional
+        Minimum peak / rms of a PSF star.
+    stamp_half_px : int, optional
+        Half-width of the fitted stamps (default ``ceil(2 FWHM)``, at least 5).
+    stars_per_term : int, optional
+        See `choose_psf_order`.
+    model : {"moffat", "gaussian"}
+        ``"gaussian"`` fixes ``u = 0``.
+    size_px : int, optional
+        Footprint width for rendering (default ``2 ceil(3 FWHM) + 1``).
+
+    Returns
+    -------
+    psf : `FieldPSF`
+        ``None`` when no star qualifies.
+    """
+    if model not in ("moffat", "gaussian"):
+        raise ValueError(f"model must be 'moffat' or 'gaussian', got {model!r}")
+    _check_image(data_sub, rms, mask)
+    data = np.asarray(data_sub)
+    ny, nx = data.shape
+    guess0 = fwhm_guess_px
+    if guess0 is None and len(sources) and {"a_px", "b_px", "flux"} <= set(sources.colnames):
+        # detection second moments of the brighter sources (as `measure_fwhm`)
+        bright = np.argsort(-np.asarray(sources["flux"], float))[: max(10, len(sources) // 5)]
+        ab = np.asarray(sources["a_px"], float)[bright] * np.asarray(sources["b_px"], float)[bright]
+        ab = ab[np.isfinite(ab) & (ab > 0)]
+        if ab.size:
+            guess0 = float(np.clip(2.3548 * math.sqrt(float(np.median(ab))), 1.0, 30.0))
+    half = (
+        int(stamp_half_px)
+        if stamp_half_px
+        else int(min(max(math.ceil(2.0 * (guess0 or 3.5)), 4), 30))
+    )
+    idx = _select_psf_stars(
+        data,
+        sources,
+        half=half,
+        fwhm_px=float(guess0 or 3.5),
+        rms=rms,
+        mask=mask,
+        saturation_adu=saturation_adu,
+        max_stars=100_000,
+        min_peak_snr=min_peak_snr,
+    )
+    if idx.size == 0:
+        return None
+    x, y = _positions(sources)
+    x, y = x[idx], y[idx]
+    ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
+    peak = data[iy, ix].astype(float)
+    pick = _balanced_subset(x, y, peak, (ny, nx), int(max_stars))
+    idx, x, y, ix, iy = idx[pick], x[pick], y[pick], ix[pick], iy[pick]
+    stamps = _gather_stamps(data, ix, iy, half).astype(float)
+    k = np.arange(-half, half + 1, dtype=float)
+    dx0 = (ix - x)[:, None, None] + k[None, None, :] + 0.0 * k[None, :, None]
+    dy0 = (iy - y)[:, None, None] + k[None, :, None] + 0.0 * k[None, None, :]
+    rms_arr = np.broadcast_to(np.asarray(rms, np.float32), data.shape)
+    var_bkg = _gather_stamps(rms_arr, ix, iy, half).astype(float) ** 2
+    good = np.isfinite(stamps) & (var_bkg > 0)
+    stamps = np.where(good, stamps, 0.0)
+    var_bkg = np.where(good, var_bkg, 1.0)
+    good = good.astype(float)
+
+    guess = _initial_fwhm(stamps, half)
+    if not (np.isfinite(guess) and guess > 0.8):
+        guess = float(guess0 or 3.0)
+    flags = []
+    norm = ((nx - 1) / 2.0, (ny - 1) / 2.0, max(nx / 2.0, 1.0), max(ny / 2.0, 1.0))
+    cap, reason = choose_psf_order(
+        x, y, (ny, nx), max_order=max_order, stars_per_term=stars_per_term
+    )
+    free = np.array([True, True, True, model == "moffat"])
+    u0 = 0.3 if model == "moffat" else _U_MIN_FIELD
+    state = {key: np.zeros(idx.size) for key in ("f", "b", "sx", "sy")}
+    theta = np.zeros((4, 1))
+    theta[:, 0] = [guess, 0.0, 0.0, u0]
+    val = _field_model(dx0, dy0, state["sx"], state["sy"], np.ones((idx.size, 1)), theta)
+    state["f"][:], state["b"][:] = _linear_flux_bkg(val, stamps, good / var_bkg)
+    keep = state["f"] > 0
+    n_pix_total = float(np.sum(good))
+    bkg_prior = 0.0 if bkg_sigma_adu is None else 1.0 / max(float(bkg_sigma_adu), 1e-6) ** 2
+    penalty = {"aic": 2.0, "max": -1e9}.get(criterion, math.log(max(n_pix_total, 2.0)))
+    orders = [0] + ([1] if cap == 1 else []) + list(range(2, cap + 1))
+    tried = []
+    best = None
+    for order in orders:
+        t_new = len(_poly_terms(order))
+        th = np.zeros((4, t_new))
+        th[:, : theta.shape[1]] = theta
+        bas = _poly_basis(x, y, order, norm)
+        # the wings (beta) change slowly and are the least constrained: lower order for u
+        deg = np.array([i + j for i, j in _poly_terms(order)])
+        free_kt = np.repeat(free[:, None], t_new, axis=1)
+        free_kt[3] &= deg <= min(order, int(beta_order))
+        for rej_pass in range(2 if order == 0 else 1):
+            sel = np.flatnonzero(keep)
+            st = {key: state[key][sel].copy() for key in ("f", "b", "sx", "sy")}
+            th, chi2_s, dof_s = _gn_field(
+                stamps[sel],
+                var_bkg[sel],
+                good[sel],
+                dx0[sel],
+                dy0[sel],
+                bas[sel],
+                th,
+                st,
+                gain=gain_e_per_adu,
+                free=free_kt,
+                n_iter=30 if order == 0 else 12,
+                bkg_prior=bkg_prior,
+            )
+            state["iterations"] = state.get("iterations", 0) + st["iterations"]
+            for key in ("f", "b", "sx", "sy"):
+                state[key][sel] = st[key]
+            if order == 0 and model == "moffat":
+                u_fit = float(th[3, 0])
+                if u_fit <= 1.5 * _U_MIN_FIELD or u_fit >= 0.999 * _U_MAX:
+                    # Gaussian limit or beta at its bound: beta stays constant over the field
+                    th[3, 0] = float(np.clip(u_fit, _U_MIN_FIELD, _U_MAX))
+                    free[3] = False
+                    flags.append("gaussian_limit" if u_fit < 0.5 else "beta_at_bound")
+            red = chi2_s / dof_s
+            med = float(np.median(red))
+            mad = 1.4826 * float(np.median(np.abs(red - med)))
+            bad = (red > med + 5.0 * max(mad, 0.05 * med)) | (st["f"] <= 0)
+            if rej_pass == 1 or order > 0 or not np.any(bad):
+                break
+            if sel.size - bad.sum() < max(5, sel.size // 2):
+                break
+            keep[sel[bad]] = False
+        chi2_tot = float(np.sum(chi2_s))
+        n_par = int(free_kt.sum())
+        bic = chi2_tot + n_par * penalty
+        chi2_red = float(chi2_tot / max(np.sum(dof_s), 1))
+        tried.append(
+            {
+                "order": order,
+                "n_stars": int(sel.size),
+                "chi2_red": round(chi2_red, 4),
+                "bic": round(bic, 1),
+            }
+        )
+        if best is None or bic < best[0]:
+            best = (bic, order, th.copy(), sel.copy(), chi2_red, free_kt.copy(), bas)
+        theta = th
+    fw0 = float(theta[0, 0])
+    bic, order, theta, sel, chi2_red, free_best, bas_best = best
+    # the coefficients' covariance (per-star unknowns from the last fit: close to the best's)
+    cov = _field_cov(
+        stamps[sel],
+        var_bkg[sel],
+        good[sel],
+        dx0[sel],
+        dy0[sel],
+        bas_best[sel],
+        theta,
+        {key: state[key][sel] for key in ("f", "b", "sx", "sy")},
+        gain=gain_e_per_adu,
+        free=free_best,
+        bkg_prior=bkg_prior,
+    )
+    if size_px is None:
+        size_px = 2 * int(math.ceil(3.0 * fw0)) + 1
+    stats = {
+        "order_max_allowed": int(cap),
+        "order_reason": reason if cap else reason,
+        "orders_tried": tried,
+        "chi2_red": round(chi2_red, 4),
+        "n_candidates": int(idx.size),
+        "stamp_half_px": int(half),
+        "iterations": int(state.get("iterations", 0)),
+        "psf_star_xy": [[round(float(a), 1), round(float(b), 1)] for a, b in zip(x[sel], y[sel])],
+    }
+    psf = FieldPSF(
+        coeffs=theta,
+        order=int(order),
+        norm=norm,
+        shape=(ny, nx),
+        n_stars=int(sel.size),
+        size_px=int(size_px) | 1,
+        flags=tuple(flags),
+        stats=stats,
+        cov=cov,
+    )
+    log.info(
+        "fit_field_psf: %d stars, order %d (max %d: %s), FWHM %.3f px, chi2_red %.2f",
+        sel.size,
+        order,
+        cap,
+        reason,
+        psf.fwhm_px,
+        chi2_red,
+    )
+    return psf

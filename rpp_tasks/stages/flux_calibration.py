@@ -1,0 +1,414 @@
+"""Flux calibration and honest errors of a frame's photometry (after the PSF and aperture fits).
+
+* `calibrate_to_large_aperture`: PSF and corrected aperture fluxes tied to large-aperture fluxes
+  by a smooth function of the position (what the PSF model gets wrong where its polynomials cannot
+  follow the optics);
+* `measure_model_mismatch` / `add_mismatch_errors`: the relative mismatch left on isolated stars,
+  added to the errors;
+* `add_psf_model_errors`: the PSF model's own statistical uncertainty (from the covariance of its
+  coefficients) and the star's misfit, added to the errors.
+
+Called by `rpp_tasks.stages.photometry.measure_frame` (which still gives the same names).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from rpp_tasks.stages.phot_common import _MAG_K, _fit_xy, _mags
+
+__all__ = [
+    "calibrate_to_large_aperture",
+    "measure_model_mismatch",
+    "add_mismatch_errors",
+    "add_psf_model_errors",
+]
+
+
+def _ml_mismatch(d, var, flux, *, max_frac=0.2):
+    """Relative error ``eta`` maximising the Gaussian likelihood of ``d ~ N(0, var + (eta F)^2)``
+    (4-sigma outliers left out); 0 when the noise explains the scatter."""
+    ok = np.isfinite(d) & np.isfinite(var) & (var > 0) & np.isfinite(flux) & (flux > 0)
+    d, var, flux = d[ok], var[ok], flux[ok]
+    if d.size < 5:
+        return float("nan"), int(d.size)
+    d = d - np.median(d)
+    grid = np.concatenate([[0.0], np.geomspace(1e-4, max_frac, 120)])
+    keep = np.ones(d.size, bool)
+    for _ in range(3):
+        tot = var[keep, None] + (grid[None, :] * flux[keep, None]) ** 2
+        nll = np.sum(d[keep, None] ** 2 / tot + np.log(tot), axis=0)
+        eta = float(grid[int(np.argmin(nll))])
+        z = d / np.sqrt(var + (eta * flux) ** 2)
+        new = np.abs(z) < 4.0
+        if np.array_equal(new, keep) or new.sum() < 5:
+            break
+        keep = new
+    return eta, int(keep.sum())
+
+
+def _reference_stars(table, radius_px, fwhm, min_snr):
+    """Rows usable as flux references: isolated, unmasked, well fitted, PSF S/N > min_snr."""
+    n = len(table)
+    x, y = _fit_xy(table)
+    fpsf = np.asarray(table["flux_psf"], float)
+    epsf = np.asarray(table["flux_err_psf"], float)
+    sel = np.isfinite(fpsf) & (fpsf > 0) & np.isfinite(epsf) & (fpsf > min_snr * epsf)
+    if "bkg_local" in table.colnames:
+        sel &= np.isfinite(np.asarray(table["bkg_local"], float))
+    if "flag_aper" in table.colnames:
+        sel &= np.asarray(table["flag_aper"]) == 0
+    if "flag_psf" in table.colnames:
+        sel &= (np.asarray(table["flag_psf"]) & 0b1101) == 0
+    pts = np.column_stack([np.nan_to_num(x, nan=-1e9), np.nan_to_num(y, nan=-1e9)])
+    tree = cKDTree(pts)
+    f_any = np.nan_to_num(fpsf, nan=0.0)
+    cand = np.flatnonzero(sel)
+    for i, nb in zip(cand, tree.query_ball_point(pts[cand], radius_px + 2.0 * fwhm)):
+        others = [j for j in nb if j != i]
+        if others and np.max(f_any[others]) > 0.01 * f_any[i]:
+            sel[i] = False
+    return np.flatnonzero(sel), x, y, n
+
+
+def _large_aperture_fluxes(
+    table, idx, x, y, resid, rms, psf_model, *, radius_px, gain, mask, flux_model=None
+):
+    """Total flux of stars ``idx`` from the data in a large aperture, and the variance of its
+    difference to the PSF flux.
+
+    ``resid`` is the image with every fitted star subtracted: the light of a star within the
+    aperture is its PSF flux times the model's aperture fraction plus the residual sum there
+    (minus the local sky), so ``F_big = F_psf + (sum(resid) - sky * area) / frac``: the model
+    only enters through the small fraction of light beyond the aperture.
+    """
+    import sep
+
+    img = np.ascontiguousarray(np.asarray(resid, np.float32))
+    var = np.ascontiguousarray(np.asarray(rms, np.float32) ** 2)
+    bad = None if mask is None else np.ascontiguousarray(np.asarray(mask, np.uint8))
+    s_res, e_res, flg = sep.sum_circle(
+        img, x[idx], y[idx], radius_px, var=var, mask=bad, maskthresh=0.0, subpix=0
+    )
+    area = math.pi * radius_px**2
+    bkg = np.asarray(table["bkg_local"], float)[idx] if "bkg_local" in table.colnames else 0.0
+    n_ann = (
+        np.asarray(table["n_annulus"], float)[idx]
+        if "n_annulus" in table.colnames
+        else np.full(idx.size, np.inf)
+    )
+    s_res = s_res - bkg * area
+    frac = psf_model.aperture_fractions(x[idx], y[idx], {"big": radius_px})["big"]
+    fpsf = np.asarray(table["flux_psf"] if flux_model is None else flux_model, float)[idx]
+    epsf = np.asarray(table["flux_err_psf"], float)[idx]
+    f_big = fpsf + s_res / frac
+    # var(F_big) ~ star Poisson inside + sky in the aperture + annulus mean; the PSF fit is the
+    # efficient estimator from (mostly) the same pixels: var(F_psf - F_big) = var(F_big) - var(F_psf)
+    mean_var = e_res**2 / area
+    v_big = (np.maximum(fpsf * frac, 0.0) / gain + e_res**2 + area**2 * mean_var / n_ann) / frac**2
+    v_d = np.maximum(v_big - epsf**2, 0.03 * v_big)
+    ok = (flg == 0) & np.isfinite(f_big) & (f_big > 0) & np.isfinite(v_d)
+    return f_big, v_d, v_big, mean_var, n_ann, ok
+
+
+def _smooth_fit(x, y, d, var, shape, *, max_order):
+    """Weighted polynomial fit of ``d(x, y)`` with the order chosen by AIC, 4-sigma clipped.
+
+    Returns ``(coefficients, order, norm, covariance)`` (evaluate with `_smooth_eval`); the
+    covariance is scaled by the reduced chi^2 when that exceeds 1.
+    """
+    ny, nx = shape
+    norm = ((nx - 1) / 2.0, (ny - 1) / 2.0, max(nx / 2.0, 1.0), max(ny / 2.0, 1.0))
+    from rpp_tasks.stages.field_psf import _poly_basis
+
+    w = 1.0 / var
+    keep = np.ones(d.size, bool)
+    best = (np.zeros(1), 0, np.zeros((1, 1)))
+    for _ in range(3):
+        best_aic = np.inf
+        for order in range(int(max_order) + 1):
+            terms = (order + 1) * (order + 2) // 2
+            if keep.sum() < 4 * terms:
+                break
+            bas = _poly_basis(x[keep], y[keep], order, norm)
+            sw = np.sqrt(w[keep])
+            a = bas * sw[:, None]
+            coef, *_ = np.linalg.lstsq(a, d[keep] * sw, rcond=None)
+            chi2 = float(np.sum(w[keep] * (d[keep] - bas @ coef) ** 2))
+            aic = chi2 + 2.0 * terms
+            if aic < best_aic:
+                chi2_red = chi2 / max(int(keep.sum()) - terms, 1)
+                cov = np.linalg.pinv(a.T @ a) * max(chi2_red, 1.0)
+                best_aic, best = aic, (coef, order, cov)
+        z = (d - _poly_basis(x, y, best[1], norm) @ best[0]) * np.sqrt(w)
+        new = np.abs(z) < 4.0
+        if np.array_equal(new, keep) or new.sum() < 4:
+            break
+        keep = new
+    return best[0], best[1], norm, best[2]
+
+
+def _smooth_eval(coef, order, norm, x, y):
+    from rpp_tasks.stages.field_psf import _poly_basis
+
+    return _poly_basis(x, y, order, norm) @ coef
+
+
+def calibrate_to_large_aperture(
+    table,
+    resid,
+    rms,
+    psf_model,
+    *,
+    gain_e_per_adu,
+    exptime_s,
+    mask=None,
+    radius_fwhm=2.5,
+    min_snr=30.0,
+    max_order=3,
+):
+    """
+    Tie the PSF and the corrected aperture fluxes to large-aperture fluxes across the field.
+
+    Whatever the PSF model gets wrong -- its shape where the polynomials cannot follow the optics,
+    its wings -- biases the PSF fluxes and the aperture corrections by a factor that changes
+    smoothly over the field. On isolated bright stars the flux in a large aperture
+    (``radius_fwhm`` FWHM, see `_large_aperture_fluxes`: the model only enters through the light
+    beyond it) is compared with the PSF flux and with each corrected aperture flux; the ratios are
+    fitted by a smooth polynomial of the position (order <= ``max_order`` chosen by AIC, weighted
+    by their noise, 4-sigma clipped) and every star's flux is divided by it (DAOPHOT's aperture
+    correction of PSF magnitudes, made to follow the field). Modifies ``table`` in place.
+
+    Returns
+    -------
+    info : dict
+        Per flux type: polynomial order, median and range of the correction (mag) and the stars
+        used; ``{}`` when fewer than 10 reference stars.
+    """
+    n = len(table)
+    if n == 0 or "flux_psf" not in table.colnames:
+        return {}
+    fwhm = float(table.meta.get("fwhm_px", psf_model.fwhm_px))
+    r_in = float((table.meta.get("annulus_px") or [3.0 * fwhm])[0])
+    radius = min(radius_fwhm * fwhm, 0.95 * r_in)
+    idx, x, y, _ = _reference_stars(table, radius, fwhm, min_snr)
+    if idx.size < 10:
+        return {"n_stars": int(idx.size), "applied": False}
+    f_big, v_d, v_big, mean_var, n_ann, ok = _large_aperture_fluxes(
+        table, idx, x, y, resid, rms, psf_model, radius_px=radius, gain=gain_e_per_adu, mask=mask
+    )
+    table.meta["_flux_psf_subtracted"] = np.asarray(table["flux_psf"], float).copy()
+    if ok.sum() < 10:
+        return {"n_stars": int(ok.sum()), "applied": False}
+    shape = psf_model.shape
+    info = {"n_stars": int(ok.sum()), "radius_px": round(radius, 3), "applied": True}
+    xr, yr = x[idx][ok], y[idx][ok]
+    xs_all, ys_all = _fit_xy(table)
+    radii = table.meta.get("aperture_radii_px") or {}
+    for lab in ["psf"] + [
+        k for k in radii if radii[k] < radius and f"apcorr_{k}" in table.colnames
+    ]:
+        f = np.asarray(table[f"flux_{lab}"], float)
+        fi = f[idx][ok]
+        if lab == "psf":
+            var = v_d[ok]
+        else:
+            k = np.asarray(table[f"apcorr_{lab}"], float)[idx][ok]
+            el = np.asarray(table[f"flux_err_{lab}"], float)[idx][ok] / k
+            r = float(radii[lab])
+            area_s = math.pi * r * r
+            s_small = fi / k
+            cov = np.maximum(s_small, 0.0) / gain_e_per_adu + area_s * mean_var[ok]
+            cov = cov + area_s * math.pi * radius**2 * mean_var[ok] / n_ann[ok]
+            frac = psf_model.aperture_fractions(xr, yr, {"b": radius})["b"]
+            var = k**2 * el**2 + v_big[ok] - 2.0 * k / frac * cov
+            var = np.maximum(var, 0.05 * (k**2 * el**2 + v_big[ok]))
+        good = np.isfinite(fi) & (fi > 0) & np.isfinite(var) & (var > 0)
+        if good.sum() < 10:
+            continue
+        fb = f_big[ok][good]
+        d = fi[good] / fb - 1.0
+        coef, order, norm, cov = _smooth_fit(
+            xr[good], yr[good], d, var[good] / fb**2, shape, max_order=max_order
+        )
+        from rpp_tasks.stages.field_psf import _poly_basis
+
+        bas_all = _poly_basis(xs_all, ys_all, order, norm)
+        corr = np.clip(1.0 + bas_all @ coef, 0.8, 1.25)
+        # the correction is known to sigma_cal (relative): part of each star's error
+        sig_cal = np.sqrt(np.maximum(np.einsum("ni,ij,nj->n", bas_all, cov, bas_all), 0.0))
+        table[f"flux_{lab}"] = f / corr
+        err = np.asarray(table[f"flux_err_{lab}"], float) / corr
+        table[f"flux_err_{lab}"] = np.sqrt(
+            err**2 + (sig_cal * np.abs(np.nan_to_num(f / corr))) ** 2
+        )
+        mag, mag_err, snr = _mags(table[f"flux_{lab}"], table[f"flux_err_{lab}"], exptime_s)
+        table[f"mag_{lab}"] = mag
+        table[f"mag_err_{lab}"] = mag_err
+        table[f"snr_{lab}"] = snr
+        if f"apcorr_{lab}" in table.colnames:
+            table[f"apcorr_{lab}"] = np.asarray(table[f"apcorr_{lab}"], float) / corr
+        m = 2.5 * np.log10(corr[np.isfinite(corr)])
+        info[lab] = {
+            "order": int(order),
+            "sigma_median_mag": round(float(_MAG_K * np.median(sig_cal)), 5),
+            "median_mag": round(float(np.median(m)), 5),
+            "p01_mag": round(float(np.percentile(m, 1)), 5),
+            "p99_mag": round(float(np.percentile(m, 99)), 5),
+        }
+    table.meta["flux_calibration"] = info
+    return info
+
+
+def measure_model_mismatch(
+    table, resid, rms, psf_model, *, gain_e_per_adu, mask=None, radius_fwhm=2.5, min_snr=30.0
+):
+    """
+    Measure what the PSF fluxes and corrected aperture fluxes still get wrong, on isolated stars.
+
+    The same large-aperture reference as `calibrate_to_large_aperture`. For the PSF flux and each
+    corrected aperture flux, the differences to it are compared with their expected noise (the
+    PSF fit is the efficient estimator, so ``var(F_psf - F_big) = var(F_big) - var(F_psf)``;
+    nested apertures share their inner pixels) and the relative error ``eta`` that makes them
+    consistent is found by maximum likelihood. The reported errors then need ``(eta F)^2`` added
+    (`add_mismatch_errors`).
+
+    Returns
+    -------
+    result : dict
+        ``{"psf": eta, "<label>": eta, ..., "n_stars": n}``.
+    """
+    out = {"n_stars": 0}
+    n = len(table)
+    if n == 0 or "flux_psf" not in table.colnames:
+        return out
+    fwhm = float(table.meta.get("fwhm_px", psf_model.fwhm_px))
+    r_in = float((table.meta.get("annulus_px") or [3.0 * fwhm])[0])
+    radius = min(radius_fwhm * fwhm, 0.95 * r_in)
+    idx, x, y, _ = _reference_stars(table, radius, fwhm, min_snr)
+    if idx.size < 5:
+        out["n_stars"] = int(idx.size)
+        return out
+    f_big, v_d, v_big, mean_var, n_ann, ok = _large_aperture_fluxes(
+        table,
+        idx,
+        x,
+        y,
+        resid,
+        rms,
+        psf_model,
+        radius_px=radius,
+        gain=gain_e_per_adu,
+        mask=mask,
+        flux_model=table.meta.pop("_flux_psf_subtracted", None),
+    )
+    fp = np.asarray(table["flux_psf"], float)[idx]
+    eta, n_used = _ml_mismatch((fp - f_big)[ok], v_d[ok], f_big[ok])
+    out.update(n_stars=int(n_used), radius_px=round(float(radius), 3), psf=eta)
+    radii = table.meta.get("aperture_radii_px") or {}
+    xr, yr = x[idx], y[idx]
+    frac = psf_model.aperture_fractions(xr, yr, {"b": radius})["b"]
+    for lab, r in radii.items():
+        if r >= radius or f"apcorr_{lab}" not in table.colnames:
+            continue
+        k = np.asarray(table[f"apcorr_{lab}"], float)[idx]
+        fl = np.asarray(table[f"flux_{lab}"], float)[idx]
+        el = np.asarray(table[f"flux_err_{lab}"], float)[idx] / k
+        area_s = math.pi * r * r
+        cov = np.maximum(fl / k, 0.0) / gain_e_per_adu + area_s * mean_var
+        cov = cov + area_s * math.pi * radius**2 * mean_var / n_ann
+        v_dl = k**2 * el**2 + v_big - 2.0 * k / frac * cov
+        v_dl = np.maximum(v_dl, 0.05 * (k**2 * el**2 + v_big))
+        good = ok & np.isfinite(fl) & np.isfinite(k)
+        eta_l, _ = _ml_mismatch((fl - f_big)[good], v_dl[good], f_big[good])
+        out[lab] = eta_l
+    return out
+
+
+def add_mismatch_errors(table, mismatch, *, exptime_s):
+    """Add ``(eta F)^2`` of `measure_model_mismatch` to the flux variances (in place)."""
+    labels = [k for k in mismatch if k == "psf" or f"flux_{k}" in table.colnames]
+    for lab in labels:
+        eta = mismatch.get(lab)
+        if eta is None or not np.isfinite(eta) or eta <= 0 or f"flux_{lab}" not in table.colnames:
+            continue
+        f = np.asarray(table[f"flux_{lab}"], float)
+        e = np.asarray(table[f"flux_err_{lab}"], float)
+        e = np.sqrt(e**2 + (eta * np.abs(np.nan_to_num(f))) ** 2)
+        table[f"flux_err_{lab}"] = e
+        mag, mag_err, snr = _mags(f, e, exptime_s)
+        table[f"mag_err_{lab}"] = mag_err
+        table[f"snr_{lab}"] = snr
+    table.meta["model_error_frac"] = {
+        k: (float(v) if v is not None and np.isfinite(v) else None)
+        for k, v in mismatch.items()
+        if k == "psf" or f"flux_{k}" in table.colnames
+    }
+
+
+def add_psf_model_errors(table, psf_model, *, radius_px, exptime_s, min_snr=50.0):
+    """
+    Add what the PSF model's own uncertainty and the fit's misfit do to each flux (in place).
+
+    The total flux of a star is what is measured within some radius plus the model's share of
+    light beyond it: PSF fluxes and corrected aperture fluxes are both tied to the flux in a large
+    aperture of ``radius_px`` (`calibrate_to_large_aperture`), so the model enters through the
+    fraction of light it puts inside that circle. The statistical error of that fraction follows
+    from the covariance of the model's polynomial coefficients
+    (`rpp_tasks.stages.field_psf.FieldPSF.flux_fraction_sigma`): it is largest where the PSF stars
+    constrain the polynomials least (edges, corners) and matters for bright stars, whose photon
+    noise is smaller. ``(sigma_frac * F)^2`` is added to the variance of the PSF flux and of every
+    corrected aperture flux. The PSF flux error is also scaled by ``sqrt(chi2_psf)`` where the
+    star's own fit is significantly worse than its noise (reduced chi^2 above 1 by more than twice
+    its own scatter, ``sqrt(2 / npix)``): a misfit the error must include. Stars below
+    ``min_snr`` are left as they are (there the term is negligible).
+
+    Returns
+    -------
+    info : dict
+        Radius, median and 90th percentile of the relative term over the stars it was computed
+        for, their number (JSON-safe).
+    """
+    n = len(table)
+    if n == 0 or "flux_psf" not in table.colnames:
+        return {"n_stars": 0}
+    fpsf = np.asarray(table["flux_psf"], float)
+    epsf = np.asarray(table["flux_err_psf"], float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snr = fpsf / epsf
+    sel = np.isfinite(snr) & (snr > min_snr)
+    sig = np.zeros(n)
+    if np.any(sel) and getattr(psf_model, "cov", None) is not None:
+        x, y = _fit_xy(table)
+        sig[sel] = psf_model.flux_fraction_sigma(x[sel], y[sel], float(radius_px))
+    labels = ["psf"] + [k[len("apcorr_") :] for k in table.colnames if k.startswith("apcorr_")]
+    for lab in labels:
+        if f"flux_{lab}" not in table.colnames:
+            continue
+        f = np.asarray(table[f"flux_{lab}"], float)
+        e = np.asarray(table[f"flux_err_{lab}"], float)
+        if lab == "psf" and "chi2_psf" in table.colnames:
+            chi2 = np.nan_to_num(np.asarray(table["chi2_psf"], float), nan=1.0)
+            npix = (
+                np.asarray(table["npix_psf"], float)
+                if "npix_psf" in table.colnames
+                else np.full(n, 50.0)
+            )
+            # only a misfit beyond the chi^2's own noise (2 sigma) scales the error
+            worse = chi2 > 1.0 + 2.0 * np.sqrt(2.0 / np.maximum(npix - 1.0, 1.0))
+            e = e * np.where(worse, np.sqrt(np.maximum(chi2, 1.0)), 1.0)
+        e = np.sqrt(e**2 + (sig * np.abs(np.nan_to_num(f))) ** 2)
+        table[f"flux_err_{lab}"] = e
+        mag, mag_err, snr_l = _mags(f, e, exptime_s)
+        table[f"mag_err_{lab}"] = mag_err
+        table[f"snr_{lab}"] = snr_l
+    used = sig[sel]
+    info = {"radius_px": round(float(radius_px), 3), "n_stars": int(sel.sum())}
+    if used.size:
+        info["median_frac"] = round(float(np.median(used)), 6)
+        info["p90_frac"] = round(float(np.percentile(used, 90)), 6)
+    table.meta["psf_model_error"] = info
+    return info
