@@ -25,7 +25,7 @@ from airflow.sdk import Param, dag, get_parsing_context, task
 
 from rpp_tasks import config as rpp_config
 from rpp_tasks.config import ObservatoryConfig
-from rpp_tasks.exceptions import ConfigError
+from rpp_tasks.exceptions import ConfigError, NothingReduced
 from rpp_tasks.session.table import StageTable, table_for
 
 CONFIG_DIR = rpp_config.default_config_dir()
@@ -130,12 +130,10 @@ def build_reduction_dag(obs: ObservatoryConfig, table: StageTable | None = None)
                 out = lifecycle.open_from_conf(context["params"], obs)
             except ValueError as exc:
                 raise AirflowFailException(str(exc)) from None
-            if out["n_science"] == 0:
-                raise AirflowSkipException(
-                    f"session {out['session_id']}: no science frames in {out['raw_dir']} "
-                    f"({out['n_calibration']}); nothing to reduce"
-                    + (f" ({out['spectra_error']})" if out.get("spectra_error") else "")
-                )
+            except NothingReduced as exc:  # files but no science frame: a failed night
+                if exc.empty:
+                    raise AirflowSkipException(str(exc)) from None
+                raise AirflowFailException(str(exc)) from None
             chunks = out.pop("chunks") or [[]]  # (a table of session stages only: no chunk)
             return [{**out, "n_chunks": len(chunks), "chunk": c} for c in chunks]
 
@@ -174,12 +172,22 @@ def build_reduction_dag(obs: ObservatoryConfig, table: StageTable | None = None)
 
         @task(task_id="products")
         def products(prev: list, runs: dict, **context) -> dict:
-            """Session summary, results database, morning report and products ZIP."""
+            """Session summary, results database, morning report and products ZIP; fails (after
+            writing them) when no science frame was reduced."""
+            from airflow.sdk.exceptions import AirflowFailException
+
             from rpp_tasks.session import lifecycle
 
             stage_runs = lifecycle.merge_stage_runs(table, runs)
             airflow = {"dag_id": obs.dag_id, "run_id": context["run_id"]}
-            return lifecycle.finish(_session(prev), obs, airflow=airflow, stage_runs=stage_runs)[1]
+            summary, made = lifecycle.finish(
+                _session(prev), obs, airflow=airflow, stage_runs=stage_runs
+            )
+            try:  # summary and report are written; no frame reduced fails the night
+                lifecycle.require_reduced(summary)
+            except NothingReduced as exc:
+                raise AirflowFailException(str(exc)) from None
+            return made
 
         @task(task_id="archive")
         def archive(prev: dict) -> dict:

@@ -125,6 +125,10 @@ class SessionConfig:
     settle_seconds: float = 5.0
     stall_seconds: float = 3600.0
     use_polling: bool = False
+    #: memory budget of one frame worker (null: 80 % of the machine's RAM / workers)
+    memory_per_worker_mb: float | None = None
+    #: peak bytes per pixel of the frame chain in a worker (bench/README.md, "Issue 12")
+    bytes_per_pixel: float = 40.0
     frame_types: dict[str, list[str]] = field(
         default_factory=lambda: {
             "bias": ["bias*", "offset*", "zero*"],

@@ -3,12 +3,14 @@
 * `ConfigError`   -- an observatory YAML is invalid (names the file, the key and what was expected).
 * `FrameRejected` -- one frame cannot go further; the caller records the reason and the other
   frames go on.
+* `NothingReduced` -- a session with files but no science frame reduced: a failed night (every
+  file with its outcome and reason in the message), or an empty folder (``empty``).
 * `RppError`      -- base class.
 """
 
 from __future__ import annotations
 
-__all__ = ["RppError", "ConfigError", "FrameRejected"]
+__all__ = ["RppError", "ConfigError", "FrameRejected", "NothingReduced"]
 
 
 class RppError(Exception):
@@ -64,3 +66,52 @@ class FrameRejected(RppError):
         if self.path:
             msg = f"{self.path}: {msg}"
         super().__init__(msg)
+
+
+class NothingReduced(RppError):
+    """A session of which no science frame was (or can be) reduced.
+
+    A folder with files but no reduced science frame is a failed night, not an empty one: the
+    DAG fails (the operators are alerted) and ``rpp reduce`` exits non-zero, with every file's
+    outcome and reason in the message. A folder without any file is ``empty`` (nothing to do: a
+    skipped run).
+
+    Parameters
+    ----------
+    session_id : str
+    files : sequence of dict
+        Every file of the session: ``path``, ``outcome``, ``reason``.
+    n_science : int
+        Science frames found (0 when none was recognised).
+    when : str
+        The step that found it (``validate``, ``products``).
+    """
+
+    #: Files named in the message (all of them are in ``files`` and ``session_summary.json``).
+    MAX_LISTED = 25
+
+    def __init__(self, session_id, files=(), *, n_science=0, when="validate"):
+        self.session_id = str(session_id)
+        self.files = [dict(f) for f in files]
+        self.n_science = int(n_science)
+        self.when = when
+        self.empty = not self.files
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        if self.empty:
+            return f"session {self.session_id}: no file in the folder; nothing to reduce"
+        head = (
+            f"session {self.session_id}: 0 of {self.n_science} science frames reduced "
+            f"from {len(self.files)} files"
+            if self.n_science
+            else f"session {self.session_id}: no science frame among {len(self.files)} files"
+        )
+        items = []
+        for f in self.files[: self.MAX_LISTED]:
+            name = str(f.get("path") or "?").replace("\\", "/").rsplit("/", 1)[-1]
+            why = f.get("reason")
+            items.append(f"{name}: {f.get('outcome')}" + (f" ({why})" if why else ""))
+        more = len(self.files) - len(items)
+        tail = f"; ... and {more} more (session_summary.json lists every file)" if more else ""
+        return f"{head}: " + "; ".join(items) + tail

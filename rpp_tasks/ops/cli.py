@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from rpp_tasks.exceptions import ConfigError
+from rpp_tasks.exceptions import ConfigError, NothingReduced
 from rpp_tasks.ops import targets_cli
 
 log = logging.getLogger("rpp")
@@ -113,7 +113,12 @@ def cmd_reduce(args) -> int:
             path, obs, work_root=work_root, workers=args.workers, targets=args.target or ()
         )
         _print_session(summary, made)
-        return 0 if summary.n_ok > 0 or summary.n_science == 0 else 1
+        try:  # files but no science frame reduced: a failed night, with every file's reason
+            lifecycle.require_reduced(summary)
+        except NothingReduced as exc:
+            print(f"rpp reduce: {exc}", file=sys.stderr)
+            return 0 if exc.empty else 1
+        return 0
     t0 = time.perf_counter()
     outdir = work_root / "single" / pipeline.frame_stem(path)
     s = pipeline.reduce_frame(path, obs, outdir)

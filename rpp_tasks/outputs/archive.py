@@ -455,8 +455,35 @@ def _row(product: Path, spec: dict, skipped: list, **row_kwargs) -> ObsCoreRow |
         return None
 
 
+def unique_ids(rows: list[ObsCoreRow]) -> list[ObsCoreRow]:
+    """Rows whose ``obs_publisher_did`` is shared by another row of the batch (two products with
+    the same default ``obs_id``, e.g. the same ``INSTRUME`` and ``DATE-OBS``) get an ``obs_id``
+    suffixed with a short hash of their ``access_url`` and the DID rebuilt from it: one product,
+    one row, deterministically (never one product's row silently replaced by another's)."""
+    import dataclasses
+    import hashlib
+    from collections import Counter
+
+    dup = Counter(r.obs_publisher_did for r in rows)
+    out = []
+    for r in rows:
+        if dup[r.obs_publisher_did] > 1:
+            tag = hashlib.sha256(str(r.access_url).encode()).hexdigest()[:8]
+            obs_id = f"{r.obs_id}_{tag}"
+            head, _, local = r.obs_publisher_did.partition("?")
+            parts = local.split("/")
+            old_id = quote(str(r.obs_id).strip(), safe="-._~:+/")
+            new_local = local.replace(f"/{old_id}/", f"/{quote(obs_id, safe='-._~:+/')}/", 1)
+            if new_local == local:  # (an obs_id the DID does not show as is)
+                new_local = "/".join([*parts[:-1], tag, parts[-1]])
+            r = dataclasses.replace(r, obs_id=obs_id, obs_publisher_did=f"{head}?{new_local}")
+        out.append(r)
+    return out
+
+
 def _store(rows, no_fp, skipped, *, url, table, create_table, session_id) -> dict:
     """Upsert the rows (creating the SQLite table) and summarise (`ArchiveResult.to_dict`)."""
+    rows = unique_ids(rows)
     engine_dialect = _engine(url).dialect.name
     if create_table is None:
         create_table = engine_dialect == "sqlite"
@@ -593,7 +620,9 @@ def session_rows(
 ) -> tuple[list[tuple[str, ObsCoreRow]], list[str], list[tuple[str, str]]]:
     """The ObsCore rows of a session's reduced frames and 1-D spectra (``frames``: only these frame
     stems or spectrum targets), built but not stored: ``([(frame stem or target, row)], products
-    without footprint, [(frame, why skipped)])``. The parameters are those of `archive_session`."""
+    without footprint, [(frame, why skipped)])``. The parameters are those of `archive_session`.
+    A frame's ``obs_id`` is ``<session_id>/<frame stem>`` (stems are unique within a session):
+    a re-run updates the session's rows and no two sessions share one."""
     from rpp_tasks.session.summary import SessionSummary
 
     s = SessionSummary.coerce(summary)
@@ -606,9 +635,11 @@ def session_rows(
             skipped.append((f.frame, "no calibrated image"))
             continue
         product = Path(f.calibrated)
+        # one observation id per frame of a session (stems are unique within it, session ids
+        # within the observatory): a re-run updates its rows, other sessions never collide
         row = _row(
             product,
-            f.to_dict(),
+            {**f.to_dict(), "obs_id": f"{s.session_id}/{f.frame}"},
             skipped,
             access_url=_access_url(product, access_url_base, products_root),
             obs_collection=obs_collection,

@@ -494,13 +494,16 @@ def render_report_html(
             + (f" ({_esc(zeropoint_reason)})" if zeropoint_reason else "")
             + ", so limiting magnitudes are instrumental (per second, before zero point).</p>"
         )
-    rejected_files = summary.rejected_files or {}
-    if rejected_files:
-        items = "".join(
+    if summary.files:  # every input file and its outcome (rpp_tasks.outputs.report_files)
+        from rpp_tasks.outputs.report_files import files_table_html
+
+        files_html = files_table_html(summary)
+    else:  # a summary written before the files were recorded
+        files_html = "".join(
             f"<li><code>{_esc(k)}</code>: {_esc((v or {}).get('reason'))}</li>"
-            for k, v in rejected_files.items()
+            for k, v in (summary.rejected_files or {}).items()
         )
-        table_html += f"<p><b>Files set aside while grouping the session:</b></p><ul>{items}</ul>"
+        files_html = f"<ul>{files_html}</ul>" if files_html else ""
 
     # --- candidates
     if not has_cand:
@@ -666,6 +669,9 @@ def render_report_html(
 
 <h2>Frames</h2>
 {table_html}
+
+<h2>Every file of the session</h2>
+{files_html}
 
 <h2>Products</h2>
 {zip_html}

@@ -214,6 +214,7 @@ def run_chain(
     *,
     keep_intermediate: bool = True,
     time_write: bool = False,
+    on_stage=None,
 ) -> None:
     """Run the consecutive frame stages ``names`` of ``table`` on one frame.
 
@@ -223,7 +224,8 @@ def run_chain(
     of the table reads them or ``keep_intermediate``. ``FrameRejected`` and other errors propagate
     (the caller records them); ``fw.results`` holds the timings and results of the stages that ran.
     ``time_write`` records the saving as a ``write`` step (the one-process chain of
-    ``reduce_frame``).
+    ``reduce_frame``). ``on_stage(name)`` is called as each stage starts (the frame pool's
+    worker marker, `rpp_tasks.session.pool`).
     """
     stages = table.chain(tuple(names))
     if "raw" not in stages[0].reads:  # resume: earlier stages' results and timings
@@ -233,6 +235,8 @@ def run_chain(
     written: list[str] = []
     for stage in stages:
         fw.stage = stage.name
+        if on_stage is not None:
+            on_stage(stage.name)
         for name in stage.reads:
             if name not in available:
                 ARTEFACT_IO[name][1](fw)

@@ -20,6 +20,10 @@
   `record_results` upserts it into the results database (a failure there is recorded in the
   summary, never a lost night); `make_report`, `archive` and `notify` read the summary.
 * `record_failure` appends a failure to ``<paths.work>/failures.jsonl`` and alerts the operators.
+* A folder with files but no science frame reduced is a failed night, never a skipped run:
+  `require_science` (after opening) and `require_reduced` (after the stages) raise
+  `~rpp_tasks.exceptions.NothingReduced` naming every file with its outcome and reason (the DAG
+  fails and alerts the operators, ``rpp reduce`` exits non-zero); only an empty folder is a skip.
 
 `reduce_session` chains the first four for ``rpp reduce`` in one process (the frame stages in
 memory, without checkpoints); the DAG runs the same functions one task each.
@@ -37,7 +41,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rpp_tasks import __version__
-from rpp_tasks.exceptions import ConfigError
+from rpp_tasks.exceptions import ConfigError, NothingReduced
 from rpp_tasks.session import connections
 from rpp_tasks.session.summary import (
     FrameSummary,
@@ -56,6 +60,8 @@ __all__ = [
     "run_conf_targets",
     "resume",
     "describe",
+    "require_science",
+    "require_reduced",
     "run_stage",
     "forget_rejections",
     "plan_chunks",
@@ -179,6 +185,15 @@ def open_from_conf(conf, obs) -> dict:
     raw_dir, session_id = check_run_conf(obs, conf)
     targets = run_conf_targets(conf)
     session = open_session(raw_dir, obs, session_id=session_id, targets=targets)
+    try:
+        require_science(session)
+    except NothingReduced as exc:
+        if not exc.empty:  # the summary and report list every file with its reason
+            try:
+                finish(session, obs)
+            except Exception:
+                log.exception("[%s] summary of a session without science frames", session_id)
+        raise
     chunks = plan_chunks(session, obs) if table.frame_stages else []  # (no frame stage: none)
     return {**describe(session), "chunks": chunks}
 
@@ -227,6 +242,40 @@ def describe(session: Session) -> dict:
         if manifest.get("spectra_error"):
             out["spectra_error"] = manifest["spectra_error"]
     return out
+
+
+def _plan_files(manifest: dict) -> list[dict]:
+    return [
+        {"path": f.get("path"), "outcome": f.get("outcome"), "reason": f.get("reason")}
+        for f in manifest.get("files") or ()
+    ]
+
+
+def require_science(session: Session) -> dict:
+    """After `open_session`: raise `~rpp_tasks.exceptions.NothingReduced` when the folder has no
+    science frame (``empty`` when it has no file at all); else return `describe` of it."""
+    manifest = session.read_json("manifest.json", {}) or {}
+    if not manifest.get("science"):
+        raise NothingReduced(session.session_id, _plan_files(manifest), when="validate")
+    return describe(session)
+
+
+def require_reduced(summary: SessionSummary) -> SessionSummary:
+    """After the stages: raise `~rpp_tasks.exceptions.NothingReduced` when no science frame was
+    reduced (every file of ``summary.files`` with its outcome and reason; ``empty`` when the
+    folder had no file). Returns ``summary`` when at least one frame was reduced."""
+    if summary.n_ok > 0:
+        return summary
+    files = [
+        {"path": f.path, "outcome": f.outcome, "reason": _with_stage(f)} for f in summary.files
+    ]
+    raise NothingReduced(summary.session_id, files, n_science=summary.n_science, when="products")
+
+
+def _with_stage(f) -> str | None:
+    if f.reason and f.stage and f.stage != "validate":
+        return f"{f.stage}: {f.reason}"
+    return f.reason
 
 
 # =============================================================================== stages

@@ -21,14 +21,14 @@ import sys
 import time
 import traceback
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from rpp_tasks.config import ObservatoryConfig
 from rpp_tasks.exceptions import FrameRejected
+from rpp_tasks.session import pool
 from rpp_tasks.session.frame import FrameWork, frame_summary, run_chain
 from rpp_tasks.session.table import IMAGING, StageTable
-from rpp_tasks.session.workdir import Session, write_json_atomic
+from rpp_tasks.session.workdir import Session, read_json, write_json_atomic
 
 __all__ = ["FRAME_STAGES", "reduce_frame", "run_frames", "frame_stem"]
 
@@ -128,13 +128,47 @@ def _frame_job(
     obs: ObservatoryConfig,
     table: StageTable,
     keep_intermediate: bool,
+    in_pool: bool = False,
+    fault: dict | None = None,
 ) -> dict:
-    """Run ``names`` on one frame of a session (in a worker process)."""
+    """Run ``names`` on one frame of a session (in a worker process when ``in_pool``: the
+    worker's marker file says which frame and stage it works on, its peak RSS is measured)."""
     session = Session.load(workdir)
     fw = FrameWork(
         stem=stem, raw_path=Path(raw_path), outdir=session.frame_dir(stem), session=session
     )
-    return _run_frame(fw, obs, names, table, session, keep_intermediate=keep_intermediate)
+    if not in_pool:
+        return _run_frame(fw, obs, names, table, session, keep_intermediate=keep_intermediate)
+
+    def on_stage(stage: str) -> None:
+        pool.worker_marker(fw.outdir, stage)
+        pool.maybe_kill_for_test(fault, stem, stage, names[0], fw.outdir)
+
+    pool.peak_rss_reset()
+    pool.worker_marker(fw.outdir, names[0])
+    try:
+        out = _run_frame(
+            fw, obs, names, table, session, keep_intermediate=keep_intermediate, on_stage=on_stage
+        )
+    finally:
+        (fw.outdir / pool.MARKER).unlink(missing_ok=True)
+    return {**out, "_peak_rss_bytes": pool.peak_rss_bytes()}
+
+
+def _give_up(session: Session, obs, job, entry: dict, reason: str, status: str, stage: str):
+    """Record a frame that did not run or whose worker died: rejected.json, summary.json."""
+    meta = read_json(job.outdir / "check.json") or {
+        k: v for k, v in entry.items() if k not in ("stem", "path")
+    }
+    fw = FrameWork(
+        stem=job.stem, raw_path=Path(entry["path"]), outdir=job.outdir, session=session, meta=meta
+    )
+    prev = read_json(job.outdir / "summary.json", {}) or {}
+    fw.results = dict(prev.get("stages") or {})
+    session.reject(job.stem, reason=reason, stage=stage, path=entry["path"])
+    summary = frame_summary(fw, obs, status=status, reason=reason, stage=stage)
+    write_json_atomic(job.outdir / "summary.json", summary)
+    return summary
 
 
 @contextlib.contextmanager
@@ -206,56 +240,105 @@ def run_frames(
 
     ``frames`` limits the run to those frame stems (a chunk); by default every science frame of
     the manifest that is not rejected. Frames run in a process pool (``workers``; default
-    ``RPP_WORKERS`` or 2). Returns counts and the rejected frames; raises `RuntimeError` only if
-    every frame failed with an unexpected error (a systemic problem worth a retry), never for
-    rejected frames.
+    ``RPP_WORKERS`` or 2; with one worker the frames run in this process). Memory is planned
+    from the headers and worker deaths are survived (`rpp_tasks.session.pool`): a frame above
+    the budget per worker runs alone, one that can never fit is rejected unread, and a frame
+    whose worker dies is retried once alone, then rejected with the reason; the other frames'
+    results are kept. Returns counts, the rejected frames, the budget (``memory_budget_mb``), the
+    frames run alone and each frame's peak RSS in its worker (``peak_rss_mb``); raises
+    `RuntimeError` only if every frame failed with an unexpected error (a systemic problem worth
+    a retry), never for rejected frames.
     """
     names = tuple(s.name for s in table.chain(tuple(names)))
     rejected_before = session.rejected()
     wanted = None if frames is None else set(frames)
-    jobs = [
-        (f["stem"], f["path"])
+    entries = {
+        f["stem"]: f
         for f in session.read_json("manifest.json", {}).get("science", [])
         if f["stem"] not in rejected_before and (wanted is None or f["stem"] in wanted)
-    ]
-    workers = int(workers or os.environ.get("RPP_WORKERS", 2))
+    }
+    workers = max(int(workers or os.environ.get("RPP_WORKERS", 2)), 1)
     label = "+".join(names)
     t0 = time.perf_counter()
-    log.info("[%s] %s: %d frames, %d workers", session.session_id, label, len(jobs), workers)
-    args = [
-        (str(session.workdir), stem, raw, names, obs, table, keep_intermediate)
-        for stem, raw in jobs
+    log.info("[%s] %s: %d frames, %d workers", session.session_id, label, len(entries), workers)
+    budget = pool.memory_budget_bytes(obs, workers)
+    bpp = getattr(obs.session, "bytes_per_pixel", None) or pool.DEFAULT_BYTES_PER_PIXEL
+    jobs = [
+        pool.PoolJob(
+            stem=stem,
+            args=(str(session.workdir), stem, e["path"], names, obs, table, keep_intermediate),
+            outdir=session.frame_dir(stem),
+            shape=tuple(e.get("shape") or ()) or None,
+            peak_bytes=pool.frame_peak_bytes(e.get("shape"), bytes_per_pixel=bpp),
+        )
+        for stem, e in entries.items()
     ]
-    summaries = []
-    if workers <= 1 or len(jobs) <= 1:
-        summaries = [_frame_job(*a) for a in args]
-    else:
+    shared, alone, never = pool.plan_memory(jobs, budget_bytes=budget, workers=workers)
+    by_stem = {j.stem: j for j in jobs}
+    summaries = [
+        _give_up(session, obs, by_stem[stem], entries[stem], why, "rejected", names[0])
+        for stem, why in never.items()
+    ]
+    if alone:
+        log.info(
+            "[%s] %d frames above the memory budget of %.1f GB per worker run alone: %s",
+            session.session_id,
+            len(alone),
+            budget / 2**30,
+            ", ".join(j.stem for j in alone),
+        )
+    peaks: dict[str, int] = {}
+    if workers <= 1:
+        summaries += [_frame_job(*j.args) for j in shared]
+    elif shared or alone:
         import multiprocessing as mp
 
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["rpp_tasks.session.pipeline", "numpy", "astropy.io.fits"])
-        with (
-            _main_module_without_path(),
-            _multiprocessing_main(),
-            ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool,
-        ):
-            futures = [pool.submit(_frame_job, *a) for a in args]
-            for i, fut in enumerate(as_completed(futures), 1):
-                s = fut.result()
-                summaries.append(s)
-                log.info(
-                    "[%s] %s %d/%d frames done (%s %s)",
-                    session.session_id,
-                    label,
-                    i,
-                    len(jobs),
-                    s["frame"],
-                    s["status"],
-                )
+        fault = pool.test_fault_from_env()
+        for j in jobs:
+            j.args = (*j.args, True, fault)
+        done = []
+
+        def on_done(job, s):
+            done.append(job.stem)
+            if s.get("_peak_rss_bytes"):
+                peaks[job.stem] = s["_peak_rss_bytes"]
+            log.info(
+                "[%s] %s %d/%d frames done (%s %s)",
+                session.session_id,
+                label,
+                len(done),
+                len(jobs),
+                s["frame"],
+                s["status"],
+            )
+
+        def on_death(job, reason, status, stage=None):
+            stage = stage if stage in names else names[0]
+            return _give_up(session, obs, job, entries[job.stem], reason, status, stage)
+
+        with _main_module_without_path(), _multiprocessing_main():
+            results = pool.run_supervised(
+                _frame_job,
+                shared,
+                alone,
+                workers=workers,
+                ctx=ctx,
+                budget_bytes=budget,
+                on_done=on_done,
+                on_death=on_death,
+            )
+        summaries += [
+            {k: v for k, v in s.items() if k != "_peak_rss_bytes"} for s in results.values()
+        ]
     failed = [s for s in summaries if s["status"] == "failed"]
     out = {
         "stages": list(names),
         "n_frames": len(jobs),
+        "memory_budget_mb": round(budget / 2**20),
+        "alone": [j.stem for j in alone],
+        "peak_rss_mb": {k: round(v / 2**20, 1) for k, v in sorted(peaks.items())},
         "n_ok": sum(s["status"] == "ok" for s in summaries),
         "n_rejected": sum(s["status"] == "rejected" for s in summaries),
         "n_failed": len(failed),

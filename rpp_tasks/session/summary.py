@@ -312,7 +312,9 @@ class FileOutcome:
 
     path: str
     kind: str  # science | bias | dark | flat | unknown | unreadable | ignored
-    outcome: str  # reduced | rejected | failed | pending | calibration used | not used | ignored
+    #: reduced | rejected | failed | pending | calibration used | calibration rejected | not used
+    #: | ignored
+    outcome: str
     reason: str | None = None
     stage: str | None = None
 
@@ -530,16 +532,14 @@ def file_outcomes(manifest: Mapping, frames: Iterable[FrameSummary], masters: Ma
                     )
                 )
             elif kind in ("bias", "dark", "flat"):
-                used_ = path in used
-                why_not = left_out.get(path) or "not combined into a master"
-                out.append(
-                    FileOutcome(
-                        path,
-                        kind,
-                        "calibration used" if used_ else "not used",
-                        None if used_ else why_not,
+                if path in used:
+                    out.append(FileOutcome(path, kind, "calibration used"))
+                elif left_out.get(path):  # dropped from its master, with the reason
+                    out.append(
+                        FileOutcome(path, kind, "calibration rejected", left_out[path], "masters")
                     )
-                )
+                else:
+                    out.append(FileOutcome(path, kind, "not used", "not combined into a master"))
             elif kind == "rejected":
                 out.append(FileOutcome(path, "unreadable", "rejected", why, "validate"))
             else:

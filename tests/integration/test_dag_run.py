@@ -236,3 +236,78 @@ def test_rpp_reduce_and_the_dag_make_the_same_products(airflow_env):
         img_cli = fits.getdata(cli_dir / frame / "calibrated.fits")
         img_dag = fits.getdata(dag_dir / frame / "calibrated.fits")
         np.testing.assert_array_equal(img_cli, img_dag)
+
+
+def test_a_killed_worker_does_not_take_the_night_down(airflow_env):
+    """Issue 12: the photometry worker of one frame is SIGKILLed (a real process death, as the
+    out-of-memory killer does; ``RPP_TEST_KILL_FRAME``) every time it reduces that frame. The
+    frame is retried alone, then rejected with the reason; the other frames are reduced and the
+    night ends with its summary, report and archive rows."""
+    from rpp_tasks.inputs.header import frame_stem
+    from rpp_tasks.sim.synthetic import write_synthetic_session
+
+    env, data = airflow_env
+    data = data / "data"
+    night = data / "incoming" / "demo" / "2025-01-20"
+    paths = write_synthetic_session(
+        night,
+        truth_folder=data / "truth" / "2025-01-20",
+        n_science=3,
+        n_bias=3,
+        n_dark=2,
+        n_flat=3,
+        shape=(256, 256),
+        seed=7,
+        night="2025-01-20",
+    )  # fmt: skip  (its own masters: the library's, of the module's 512² nights, do not fit)
+    victim = frame_stem(Path(paths["science"][1]))
+    env = {**env, "RPP_TEST_KILL_FRAME": victim, "RPP_TEST_KILL_STAGE": "photometry"}
+    conf = {"observatory": "demo", "session_id": "2025-01-20", "session_dir": str(night)}
+    run = _run_dag(env, conf)
+    states = {t: v["state"] for t, v in run["tasks"].items()}
+    failures = data / "work" / "demo" / "failures.jsonl"
+    assert run["state"] == "success", (
+        json.dumps(states),
+        failures.read_text()[-3000:] if failures.is_file() else "",
+    )
+    assert [t for t in states if t.startswith("frames[")], states
+    for t in [*(t for t in states if t.startswith("frames[")), "products", "archive"]:
+        assert states[t] == "success", states
+    workdir = data / "work" / "demo" / "2025-01-20"
+    summary = json.loads((workdir / "session_summary.json").read_text())
+    assert summary["n_science"] == 3 and summary["n_ok"] == 2
+    (bad,) = [f for f in summary["frames"] if f["status"] != "ok"]
+    assert bad["frame"] == victim and bad["failed_stage"] == "photometry"
+    assert bad["reason"].startswith("worker killed (signal 9, SIGKILL) while reducing 256×256")
+    assert "retried alone" in bad["reason"]
+    assert summary["stage_runs"]["frames"]["n_ok"] == 2
+    page = (workdir / "report" / "report.html").read_text()
+    assert victim in page and "worker killed (signal 9, SIGKILL)" in page
+    import sqlite3
+
+    with sqlite3.connect(data / "products" / "demo" / "archive.sqlite") as con:
+        ids = [r[0] for r in con.execute("select obs_id from rpp_main")]
+    assert sorted(i for i in ids if i.startswith("2025-01-20/")) == sorted(
+        f"2025-01-20/{f['frame']}" for f in summary["frames"] if f["status"] == "ok"
+    )
+
+
+def test_a_folder_without_science_frames_fails_and_alerts(airflow_env):
+    """Issue 12: files but no science frame is a failed run (validate fails, the failure callback
+    writes failures.jsonl naming the files), not a skipped one."""
+    env, data = airflow_env
+    data = data / "data"
+    night = data / "incoming" / "demo" / "2025-01-21"
+    night.mkdir(parents=True)
+    (night / "notes.fits").write_text("not a FITS file\n")
+    (night / "focus_0001.fits").write_bytes(b"")
+    conf = {"observatory": "demo", "session_id": "2025-01-21", "session_dir": str(night)}
+    run = _run_dag(env, conf)
+    assert run["state"] == "failed" and run["tasks"]["validate"]["state"] == "failed", run
+    failures = data / "work" / "demo" / "failures.jsonl"
+    lines = [json.loads(ln) for ln in failures.read_text().splitlines()]
+    mine = [ln for ln in lines if ln.get("session_id") == "2025-01-21"]
+    assert mine and mine[0]["task_id"] == "validate"
+    assert "notes.fits" in mine[0]["error"] and "focus_0001.fits" in mine[0]["error"]
+    summary = json.loads((data / "work/demo/2025-01-21/session_summary.json").read_text())
+    assert {Path(f["path"]).name for f in summary["files"]} == {"notes.fits", "focus_0001.fits"}

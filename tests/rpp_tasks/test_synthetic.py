@@ -396,7 +396,7 @@ def test_write_synthetic_session(tmp_path):
 
 
 def test_elliptical_moffat_stamps_match_brute_force_integration():
-    from rpp_tasks.sim.synthetic import _moffat_shape, render_elliptical_moffat_stamps
+    from rpp_tasks.sim.psf_render import _moffat_shape, render_elliptical_moffat_stamps
 
     fw, beta, e, th, h = 3.8, 2.8, 0.1, 0.7, 10
     stamp = render_elliptical_moffat_stamps(
