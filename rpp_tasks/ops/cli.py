@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,14 @@ def _setup_logging(verbose: int) -> None:
 
         for noisy in ("astropy", "matplotlib", "PIL"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _frame_limit(f) -> float:
+    """The frame's 5-sigma limit: calibrated when it has a zero point, else instrumental."""
+    for v in (f.limiting_mag_cal, f.limiting_mag_inst):
+        if v is not None:
+            return float(v)
+    return float("nan")
 
 
 def _print_spectra(summary, made: dict) -> None:
@@ -60,6 +69,10 @@ def _print_session(summary, made: dict) -> None:
         f"\nSession {summary.session_id} ({summary.observatory}): {summary.n_ok}/"
         f"{summary.n_science} science frames reduced in {summary.wall_s or 0:.1f} s"
     )
+    from rpp_tasks.outputs.report_target import target_lines
+
+    for line in target_lines(summary):  # the observer's targets first
+        print(f"  target {line}")
     print(
         "%-32s %-9s %7s %6s %8s %7s %6s"  # noqa: UP031 - a table header
         % ("frame", "status", "sources", "FWHM", "bkg ADU", "lim mag", "CPU s")
@@ -71,7 +84,7 @@ def _print_session(summary, made: dict) -> None:
             f"{f.frame[:32]:32s} {f.status:9s} {f.n_sources or 0:7d} "
             f"{fwhm if fwhm is not None else nan:6.2f} "
             f"{f.background_adu if f.background_adu is not None else nan:8.1f} "
-            f"{f.limiting_mag_inst if f.limiting_mag_inst is not None else nan:7.2f} "
+            f"{_frame_limit(f):7.2f} "
             f"{f.cpu_s_total or 0:6.2f}"
         )
         if not f.ok:
@@ -97,7 +110,7 @@ def cmd_reduce(args) -> int:
     work_root = Path(args.work) if args.work else obs.resolve_path("work")
     if path.is_dir():
         summary, made = lifecycle.reduce_session(
-            path, obs, work_root=work_root, workers=args.workers
+            path, obs, work_root=work_root, workers=args.workers, targets=args.target or ()
         )
         _print_session(summary, made)
         try:  # files but no science frame reduced: a failed night, with every file's reason
@@ -125,16 +138,14 @@ def cmd_reduce(args) -> int:
 def cmd_demo(args) -> int:
     from rpp_tasks.config import find_config
     from rpp_tasks.session import lifecycle
-    from rpp_tasks.sim import synthetic
+    from rpp_tasks.sim.demo import write_demo_night
 
     obs = find_config("demo")
     night = args.night
     raw_dir = obs.resolve_path("incoming") / night
-    truth_dir = obs.resolve_path("work").parent / "demo_truth" / night
     print(f"Writing a synthetic session ({args.frames} science frames + calibrations) to {raw_dir}")
-    synthetic.write_synthetic_session(
-        raw_dir, truth_folder=truth_dir, n_science=args.frames, seed=args.seed
-    )
+    shutil.rmtree(raw_dir, ignore_errors=True)
+    write_demo_night(obs, raw_dir, night=night, n_science=args.frames, seed=args.seed)
     summary, made = lifecycle.reduce_session(raw_dir, obs, workers=args.workers)
     _print_session(summary, made)
     return 0 if summary.n_ok == summary.n_science else 1
@@ -241,6 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", help="work root (default: the observatory's paths.work)")
     p.add_argument(
         "--workers", type=int, default=None, help="parallel frames (default RPP_WORKERS or 2)"
+    )
+    p.add_argument(
+        "--target",
+        action="append",
+        metavar="NAME|'RA DEC'",
+        help="a target of this run (name or coordinates; repeatable), besides the frames' OBJECT "
+        "and the configured targets in the field",
     )
     p.set_defaults(func=cmd_reduce)
 

@@ -305,7 +305,7 @@ def write_demo_session(obs, night: str, *, n_science: int = 4, seed: int = 1) ->
 
     An existing session folder is reused as it is.
     """
-    from rpp_tasks.sim import synthetic
+    from rpp_tasks.sim.demo import write_demo_night
 
     incoming = obs.resolve_path("incoming")
     final = incoming / night
@@ -315,8 +315,7 @@ def write_demo_session(obs, night: str, *, n_science: int = 4, seed: int = 1) ->
     tmp = incoming / f".writing-{night}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    truth = obs.resolve_path("work").parent / "demo_truth" / night
-    synthetic.write_synthetic_session(tmp, truth_folder=truth, n_science=n_science, seed=seed)
+    write_demo_night(obs, tmp, night=night, n_science=n_science, seed=seed)
     os.replace(tmp, final)
     return final
 

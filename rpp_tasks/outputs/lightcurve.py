@@ -30,6 +30,7 @@ __all__ = [
     "LightCurve",
     "record_session_photometry",
     "light_curve",
+    "target_light_curve",
     "write_light_curve",
     "plot_light_curve",
     "period_amplitude",
@@ -238,6 +239,68 @@ def light_curve(
     return LightCurve(_to_timeseries(data, objs, label), tuple(objs), label)
 
 
+def target_light_curve(
+    db_url: str,
+    query: str | tuple[float, float],
+    *,
+    observatory: str | None = None,
+    band: str | None = None,
+    last_nights: int | None = None,
+    until_night: str | None = None,
+    radius_arcsec: float = 2.0,
+    config_targets=(),
+):
+    """
+    A target's light curve from the results database at ``db_url``, as an astropy table.
+
+    The entry point for the report and the dashboard: `light_curve` on a fresh connection,
+    optionally restricted to the ``last_nights`` nights with photometry up to ``until_night``
+    (``YYYY-MM-DD``, included). Offline: names resolve from the database and ``config_targets``.
+
+    Parameters
+    ----------
+    db_url : str
+        SQLAlchemy URL (SQLite or PostgreSQL).
+    query : str or (ra_deg, dec_deg)
+        Target name (or alias) or coordinates.
+
+    Returns
+    -------
+    `~astropy.timeseries.TimeSeries`
+        The columns of `light_curve` (empty, with the columns, when nothing was recorded), time
+        ordered; ``meta["nights"]`` the nights it covers.
+
+    Raises
+    ------
+    LookupError
+        The name is unknown.
+    """
+    from rpp_tasks.outputs.db import ResultsDB
+
+    with ResultsDB(db_url) as rdb:
+        lc = light_curve(
+            rdb,
+            query,
+            observatory=observatory,
+            band=band,
+            radius_arcsec=radius_arcsec,
+            config_targets=config_targets,
+        )
+    t = lc.table
+    nights_col = np.asarray(t["night_date"]).astype(str) if len(t) else np.zeros(0, str)
+    keep = np.ones(len(t), bool)
+    if until_night:
+        keep &= nights_col <= str(until_night)
+    nights = sorted(set(nights_col[keep]))
+    if last_nights is not None and len(nights) > last_nights:
+        nights = nights[-int(last_nights) :]
+        keep &= np.isin(nights_col, nights)
+    if not keep.all():
+        t = t[keep]
+    t.meta["nights"] = nights
+    return t
+
+
 _DB_FIELDS = (
     "status",
     "band",
@@ -374,6 +437,7 @@ def plot_light_curve(
                 )
         ax.invert_yaxis()
         ax.set_xlabel("BJD_TDB - 2400000 (d)")
+        ax.ticklabel_format(axis="x", useOffset=False)  # plain days, no "+6.07e4" offset
         kind = "differential" if use_diff else "calibrated"
         ax.set_ylabel(f"{kind} magnitude")
         ax.grid(alpha=0.3)

@@ -36,6 +36,7 @@ from rpp_tasks.outputs.channels import (
     send_telegram_message,
     send_telegram_photo,
 )
+from rpp_tasks.outputs.report_target import target_email_rows, target_lines
 from rpp_tasks.session.summary import SessionSummary
 from rpp_tasks.session.workdir import Session, read_json, write_json_atomic
 
@@ -119,14 +120,18 @@ def compose_session_email(
         else ""
     )
     flag = "" if s["n_ok"] == s["n_science"] and s["n_science"] else " [frames rejected]"
+    lead = target_lines(summary)
     subject = (
-        f"[RPP {summary.observatory}] night {sid}: {s['n_ok']}/{s['n_science']} frames reduced"
+        f"[RPP {summary.observatory}] night {sid}: "
+        + (f"{_cut_line(lead[0], 90)}; " if lead else "")
+        + f"{s['n_ok']}/{s['n_science']} frames reduced"
         + (f", {fwhm}" if fwhm else "")
         + flag
     )
     lim, lim_kind = s["limit"]
     cand = str(n_candidates) if n_candidates is not None else "not available yet"
-    rows = [
+    # the observer's targets lead (rpp_tasks.outputs.report_target, from the summary)
+    rows = target_email_rows(summary) + [
         ("Frames reduced", f"{s['n_ok']} of {s['n_science']}"),
         ("Objects", ", ".join(s["objects"]) or "—"),
         ("Bands", ", ".join(s["bands"]) or "—"),
@@ -220,8 +225,11 @@ def compose_session_telegram(
         else f"{_f(s['fwhm_px'])} px"
     )
     lim, lim_kind = s["limit"]
+    lead = target_lines(summary)
     lines = [
         f"\U0001f52d <b>{e(name)}</b> — night {e(str(sid))}",
+        *(f"\U0001f3af {e(t)}" for t in lead[:8]),
+        *([f"… and {len(lead) - 8} more target lines in the report"] if len(lead) > 8 else []),
         f"{icon} {s['n_ok']}/{s['n_science']} frames reduced · FWHM {fwhm} · "
         f"sky {_f(s['sky_adu'], '{:.0f}')} ADU",
         f"Objects: {e(', '.join(s['objects']) or '—')} · bands: {e(', '.join(s['bands']) or '—')}",
@@ -237,6 +245,10 @@ def compose_session_telegram(
         lines.append(f'<a href="{e(report_url)}">Full report</a>')
     caption = f"{e(name)} · {e(str(sid))} · {s['n_ok']}/{s['n_science']} frames · FWHM {fwhm}"
     return "\n".join(lines), caption
+
+
+def _cut_line(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1].rstrip(", ") + "…"
 
 
 def _is_absolute_url(url: str) -> bool:

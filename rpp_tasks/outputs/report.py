@@ -149,6 +149,8 @@ def build_report(
     products_zip: str | os.PathLike | None = None,
     saturation_adu: float | None = None,
     max_catalogs: int = 40,
+    results_url: str | None = None,
+    lightcurve_nights: int = 30,
 ) -> ReportResult:
     """
     Build the self-contained HTML report of a session and write its plots as PNG files.
@@ -173,6 +175,9 @@ def build_report(
         Passed to the field FWHM measurement.
     max_catalogs : int, optional
         At most this many catalogues in the magnitude-error plot (evenly spread over the night).
+    results_url : str, optional
+        The results database: the targets' light curves over the last ``lightcurve_nights``
+        nights are drawn from it (`rpp_tasks.outputs.report_target`); none without it.
 
     Returns
     -------
@@ -300,6 +305,9 @@ def build_report(
 
     facts = header_facts(headers)
     zip_rel = os.path.relpath(Path(products_zip), out_dir) if products_zip else None
+    target_html, target_plots = _target_section(
+        summary, results_url, out_dir, lightcurve_nights, flags
+    )
     page = render_report_html(
         summary,
         plots=plots,
@@ -312,6 +320,7 @@ def build_report(
         products_zip=zip_rel,
         zeropoint_reason="; ".join(dict.fromkeys(f.zp_reason for f in ok if f.zp_reason)),
         candidates_reason="; ".join(dict.fromkeys(r for r in cand_reasons if r)),
+        target_html=target_html,
     )
     plot_paths = {}
     for name, png in plots.items():
@@ -319,6 +328,7 @@ def build_report(
             p = out_dir / f"{name}.png"
             p.write_bytes(png)
             plot_paths[name] = str(p)
+    plot_paths.update(target_plots)
     html_path = out_dir / "report.html"
     tmp = html_path.with_name(".report.html.tmp")
     tmp.write_text(page, encoding="utf-8")
@@ -328,6 +338,8 @@ def build_report(
         "zeropoint_residuals": bool(zp_stars),
         "candidates": bool(candidates),
         "weather": bool(facts["weather"]),
+        "targets": bool(summary.targets),
+        "target_light_curves": bool(target_plots),
     }
     log.info(
         "[%s] report written: %s (%d plots, %.0f kB%s)",
@@ -348,6 +360,24 @@ def build_report(
         flags=tuple(flags),
         frames=per_frame,
     )
+
+
+def _target_section(summary, results_url, out_dir: Path, nights: int, flags: list):
+    """The targets section (HTML) and the light-curve PNG paths (``lightcurve:<target>``)."""
+    from rpp_tasks.outputs.report_target import target_light_curve_plots, target_section_html
+
+    plots: dict = {}
+    try:
+        plots = target_light_curve_plots(summary, results_url, out_dir, nights=nights)
+    except Exception as exc:
+        log.warning("[%s] report: target light curves failed: %s", summary.session_id, exc)
+        flags.append("target_light_curves_failed")
+    paths = {
+        f"lightcurve:{t.name}": str(out_dir / f"lightcurve_{k}.png")
+        for k, t in enumerate(summary.targets, start=1)
+        if t.name in plots
+    }
+    return target_section_html(summary, plots), paths
 
 
 def _collect_cutouts(cutouts: dict, frame: str, table, d: Path) -> None:
@@ -396,6 +426,9 @@ SESSION_FILES = (
     "masters.json",
     "rejected.json",
     "notify.json",
+    "targets.json",
+    "targets.ecsv",
+    "comparison_stars.ecsv",
 )
 
 
@@ -485,6 +518,17 @@ def site_facts(obs) -> dict:
     }
 
 
+def _results_url(obs) -> str | None:
+    """The results database the record step wrote (`rpp_tasks.session.lifecycle.record_results`)."""
+    from rpp_tasks.outputs import db
+
+    try:
+        return db.results_url_from_env(db.default_results_url(obs.resolve_path("work")))
+    except Exception as exc:  # a report without light curves, never no report
+        log.warning("report: no results database: %s", exc)
+        return None
+
+
 def run_report(session: Session, obs) -> dict:
     """
     Adapter: build ``<workdir>/report/report.html`` (+ PNGs) and
@@ -512,7 +556,10 @@ def run_report(session: Session, obs) -> dict:
         )
     zip_path = Path(session.workdir) / f"{session.session_id}_products.zip"
     build = build_report
-    kw = {"saturation_adu": getattr(getattr(obs, "camera", None), "saturation_adu", None)}
+    kw = {
+        "saturation_adu": getattr(getattr(obs, "camera", None), "saturation_adu", None),
+        "results_url": _results_url(obs),  # the targets' light curves
+    }
     if summary.get("instrument_kind") == "longslit":
         from rpp_tasks.outputs.spectra_report import build_spectra_report as build
 

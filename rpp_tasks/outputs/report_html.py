@@ -243,6 +243,7 @@ def render_report_html(
     cutouts: Mapping[tuple[str, str], bytes] | None = None,
     zeropoint_reason: str = "",
     candidates_reason: str = "",
+    target_html: str = "",
 ) -> str:
     """
     Render the self-contained HTML report of a session.
@@ -268,6 +269,9 @@ def render_report_html(
         PNG cutouts of the candidates, shown in the table.
     zeropoint_reason, candidates_reason : str, optional
         Why zero points / candidates are missing, appended to "not available yet".
+    target_html : str, optional
+        The observer's targets (`rpp_tasks.outputs.report_target.target_section_html`): the page
+        leads with it.
     preview_frame : str, optional
         Name of the frame shown in the preview.
     products_zip : str, optional
@@ -640,6 +644,7 @@ def render_report_html(
     body = f"""
 <header><h1>{_esc(page_title)}</h1><div class="sub">{_esc(sub)}</div></header>
 <main>
+{target_html}
 <div class="cards">{"".join(cards)}</div>
 
 <h2>The night</h2>

@@ -28,6 +28,7 @@ from rpp_tasks.session.workdir import Session, write_json_atomic
 
 __all__ = [
     "build_masters",
+    "measure_targets",
     "step_calibrate",
     "step_cosmics",
     "step_background",
@@ -80,6 +81,40 @@ def masters_brief(masters: dict) -> dict:
         "dark": brief(masters.get("dark")),
         "flat": {band: brief(v) for band, v in flats.items()},
         "flags": list(masters.get("flags") or []),
+    }
+
+
+def measure_targets(session: Session, obs) -> dict:
+    """The observer's targets in every reduced frame of the session, with the night's comparison
+    ensembles (`rpp_tasks.stages.target_session.run_targets`, session scope: the ensemble of a
+    band and field is solved over the night's frames). Targets: the run's (``run_targets`` of the
+    manifest, from ``rpp reduce --target`` or the run conf), the frames' OBJECT, the configured
+    ones in the field. Writes ``targets.json`` and the rows the record step puts in the results
+    database (``targets_photometry.json``); returns a small brief. Never stops the session."""
+    from rpp_tasks.stages.target_session import run_targets
+
+    manifest = session.read_json("manifest.json", {}) or {}
+    out = run_targets(
+        session.workdir,
+        obs,
+        targets=tuple(manifest.get("run_targets") or ()),
+        record=False,
+        session_id=session.session_id,
+    )
+    if not out.get("targets") and out.get("enabled") is False:
+        return {"enabled": False}
+    return {
+        "n_targets": len(out.get("targets") or ()),
+        "n_unresolved": len(out.get("unresolved") or ()),
+        "targets": {
+            t["name"]: {k: t[k] for k in ("n_detected", "n_upper_limits", "n_outside_field")}
+            for t in out.get("targets") or ()
+        },
+        "ensembles": {
+            label: {t: e.get("status") for t, e in d.items()}
+            for label, d in (out.get("ensembles") or {}).items()
+        },
+        "cpu_s": out.get("cpu_s"),
     }
 
 

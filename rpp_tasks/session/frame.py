@@ -180,6 +180,8 @@ ARTEFACT_IO: dict[str, tuple[Callable[[FrameWork], None], Callable[[FrameWork], 
     "background": (_save_background, _load_background),
     "sources": (_save_sources, _load_sources),
     "catalog": (_save_catalog, _load_catalog),
+    # session-wide, written and read by the ``targets`` stage and the record step themselves
+    "targets": (_nothing, _nothing),
 }
 
 

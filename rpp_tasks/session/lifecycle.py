@@ -2,9 +2,9 @@
 
 ::
 
-    open_session ─► run_stage (masters, calibrate, ..., transients) ─► summarise ─► record_results
-                                                                         │
-                                                       make_report ◄─────┘─► archive, notify
+    open_session ─► run_stage (masters, ..., transients, targets) ─► summarise ─► record_results
+                                                                       │
+                                                     make_report ◄─────┘─► archive, notify
     record_failure (any task or run that fails)
 
 * `open_session` groups the raw folder into a manifest and starts fresh: outputs of an earlier
@@ -49,6 +49,7 @@ from rpp_tasks.session.summary import (
     file_outcomes,
     headline,
     night_date_for,
+    target_summaries,
 )
 from rpp_tasks.session.table import StageTable, table_for
 from rpp_tasks.session.workdir import Session, read_json
@@ -56,6 +57,7 @@ from rpp_tasks.session.workdir import Session, read_json
 __all__ = [
     "open_session",
     "open_from_conf",
+    "run_conf_targets",
     "resume",
     "describe",
     "require_science",
@@ -80,7 +82,15 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Outputs of an earlier run that a fresh run removes (raw files and masters are never touched).
-STALE_OUTPUTS = ("frames", "spectra", "session_summary.json")
+STALE_OUTPUTS = (
+    "frames",
+    "spectra",
+    "session_summary.json",
+    "targets.json",
+    "targets.ecsv",
+    "comparison_stars.ecsv",
+    "targets_photometry.json",
+)
 
 
 # =============================================================================== open
@@ -90,8 +100,12 @@ def open_session(
     *,
     work_root=None,
     session_id: str | None = None,
+    targets: Sequence[str] = (),
 ) -> Session:
     """Open a session afresh: work folder, manifest of frames by type, band, exposure, binning.
+
+    ``targets``: the run's targets (names or coordinates, ``rpp reduce --target``), kept in the
+    manifest (``run_targets``) for the ``targets`` stage.
 
     Only headers are read. Every file of the folder gets an outcome in the manifest
     (`rpp_tasks.inputs.frames.group_session`); files that are not usable frames are listed in
@@ -127,6 +141,7 @@ def open_session(
         manifest[kind] = [
             f["path"] for f in manifest.get("frames", []) if f.get("imagetyp") == kind
         ]
+    manifest["run_targets"] = [str(t) for t in targets if str(t).strip()]
     if table_for(obs).kind == "longslit":  # targets by role (2SPOT files, else headers)
         from rpp_tasks.spectra.session import plan_manifest
 
@@ -158,8 +173,8 @@ def open_session(
 def open_from_conf(conf, obs) -> dict:
     """The DAG's validate step: the run's conf checked before anything is written
     (`rpp_tasks.ops.session_ids.check_run_conf`: observatory, ``session_dir`` inside the incoming
-    folder when relative, a plain ``session_id``), then `open_session`; returns `describe` of it
-    with the night's ``chunks`` (`plan_chunks`).
+    folder when relative, a plain ``session_id``; `run_conf_targets`: the run's ``targets``), then
+    `open_session`; returns `describe` of it with the night's ``chunks`` (`plan_chunks`).
     Raises `ValueError` for a conf to fix."""
     from rpp_tasks.ops.session_ids import check_run_conf
 
@@ -168,7 +183,8 @@ def open_from_conf(conf, obs) -> dict:
     except ConfigError as exc:
         raise ValueError(f"{exc}: sessions of this observatory cannot be reduced") from None
     raw_dir, session_id = check_run_conf(obs, conf)
-    session = open_session(raw_dir, obs, session_id=session_id)
+    targets = run_conf_targets(conf)
+    session = open_session(raw_dir, obs, session_id=session_id, targets=targets)
     try:
         require_science(session)
     except NothingReduced as exc:
@@ -180,6 +196,23 @@ def open_from_conf(conf, obs) -> dict:
         raise
     chunks = plan_chunks(session, obs) if table.frame_stages else []  # (no frame stage: none)
     return {**describe(session), "chunks": chunks}
+
+
+def run_conf_targets(conf) -> tuple[str, ...]:
+    """The run's targets from a DAG run conf (``targets``: a name or ``"RA DEC"``, or a list of
+    them; the ``targets`` stage resolves them). Raises `ValueError` for anything else."""
+    value = conf.get("targets") if conf else None
+    if value in (None, "", []):
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(
+        isinstance(t, str) and 0 < len(t.strip()) <= 200 for t in items
+    ):
+        raise ValueError(
+            "run conf 'targets' must be a target name or 'RA DEC' (at most 200 characters), or "
+            f"a list of them; got {str(value)[:100]!r}"
+        )
+    return tuple(t.strip() for t in items)
 
 
 def resume(workdir) -> Session:
@@ -448,6 +481,9 @@ def summarise(session: Session, obs, **extra) -> SessionSummary:
             }
         frames.append(FrameSummary.from_dict(s))
     masters = session.read_json("masters.json", {}) or {}
+    targets, unresolved = target_summaries(
+        (session.read_json("targets.json", {}) or {}).get("summary")
+    )
     head = headline(frames)
     mjds = [f.mjd_obs for f in frames if f.mjd_obs is not None]
     summary = SessionSummary(
@@ -469,6 +505,8 @@ def summarise(session: Session, obs, **extra) -> SessionSummary:
         masters=masters,
         frames=tuple(frames),
         files=file_outcomes(manifest, frames, masters),
+        targets=targets,
+        targets_unresolved=unresolved,
         **extra,
     )
     session.write_json("session_summary.json", summary.to_dict())
@@ -515,16 +553,20 @@ def _summarise_spectra(session: Session, obs, **extra) -> SessionSummary:
 def record_results(
     session: Session, summary: SessionSummary, obs, *, url: str | None = None
 ) -> SessionSummary:
-    """Upsert the session into the results database (`rpp_tasks.outputs.results.record_session`).
+    """Upsert the session into the results database (`rpp_tasks.outputs.results.record_session`),
+    then its targets' photometry (`rpp_tasks.stages.target_session.record_target_photometry`:
+    the rows of the ``targets`` stage, so a target's light curve over the nights is one query).
 
     The database is a record, never a reason to lose the products: an error is logged and kept in
     the summary (``results_db_error``, written back to ``session_summary.json``).
     """
     from rpp_tasks.outputs import db, results
+    from rpp_tasks.stages.target_session import record_target_photometry
 
     try:
         url = url or db.results_url_from_env(db.default_results_url(obs.resolve_path("work")))
         results.record_session(summary, url)
+        record_target_photometry(session.workdir, obs, url=url, night_date=summary.night_date)
     except Exception as exc:
         log.error("[%s] results database not updated: %s", session.session_id, exc)
         summary = summary.replace(results_db_error=str(exc))
@@ -665,12 +707,15 @@ def reduce_session(
     workers: int | None = None,
     table: StageTable | None = None,
     report: bool = True,
+    targets: Sequence[str] = (),
 ) -> tuple[SessionSummary, dict]:
     """``rpp reduce FOLDER``: `open_session`, every stage (frames in memory, no checkpoints),
     `finish` (summary, results database, report). Returns what `finish` returns."""
     t0 = time.perf_counter()
     table = table or table_for(obs, strict=True)
-    session = open_session(raw_dir, obs, work_root=work_root, session_id=session_id)
+    session = open_session(
+        raw_dir, obs, work_root=work_root, session_id=session_id, targets=targets
+    )
     run = run_stage(
         session, obs, table.names, workers=workers, keep_intermediate=False, table=table
     )

@@ -22,12 +22,16 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from rpp_tasks.jsonsafe import json_safe
+from rpp_tasks.session.target_summary import TargetBand, TargetSummary, target_summaries
 
 __all__ = [
     "FrameSummary",
     "SpectrumSummary",
     "FileOutcome",
     "Headline",
+    "TargetBand",
+    "TargetSummary",
+    "target_summaries",
     "SessionSummary",
     "night_date_for",
     "calibrated_limiting_mag",
@@ -415,6 +419,8 @@ class SessionSummary:
     masters: dict = field(default_factory=dict)
     frames: tuple[FrameSummary, ...] = ()
     files: tuple[FileOutcome, ...] = ()
+    targets: tuple[TargetSummary, ...] = ()  # the observer's targets (``targets`` stage)
+    targets_unresolved: tuple[dict, ...] = ()  # names that did not resolve, with the reason
     instrument_kind: str = "imaging"  # imaging | longslit (then ``spectra``, one per target)
     spectra: tuple[SpectrumSummary, ...] = ()
     wall_s: float | None = None
@@ -463,6 +469,11 @@ class SessionSummary:
         kw["files"] = tuple(
             f if isinstance(f, FileOutcome) else FileOutcome(**f) for f in d.get("files") or ()
         )
+        kw["targets"] = tuple(
+            t if isinstance(t, TargetSummary) else TargetSummary.from_dict(t)
+            for t in d.get("targets") or ()
+        )
+        kw["targets_unresolved"] = tuple(dict(u) for u in d.get("targets_unresolved") or ())
         kw["spectra"] = tuple(
             s if isinstance(s, SpectrumSummary) else SpectrumSummary.from_dict(s)
             for s in d.get("spectra") or ()

@@ -238,6 +238,13 @@ ARTEFACTS: dict[str, Artefact] = {
         Artefact(
             "catalog", ("catalog.ecsv", "catalog.fits"), product=True, doc="photometry catalogue"
         ),
+        Artefact(
+            "targets",
+            ("targets.json", "targets.ecsv", "comparison_stars.ecsv", "targets_photometry.json"),
+            product=True,
+            scope="session",
+            doc="the targets' photometry of the night (the record step puts it in the results DB)",
+        ),
     )
 }
 
@@ -245,7 +252,9 @@ _A = "rpp_tasks.session.adapters:"
 
 #: The imaging stages, in the order they run (BANZAI-style ordered list). astrometry writes the WCS
 #: into the calibrated header before photometry computes RA/Dec; zero_point, enrich and transients
-#: update the catalogue and never stop a frame when a service is down.
+#: update the catalogue and never stop a frame when a service is down. targets is session-wide:
+#: each frame's relative zero point comes from a comparison ensemble solved over all the night's
+#: frames of a band and field, so it runs once, after every frame's catalogue is final.
 IMAGING = StageTable(
     "imaging",
     (
@@ -319,6 +328,16 @@ IMAGING = StageTable(
             reads=("check", "calibrated", "background", "catalog"),
             writes=(),
             doc="transient candidates and their cutouts",
+        ),
+        Stage(
+            "targets",
+            _A + "measure_targets",
+            reads=("check", "calibrated", "catalog"),
+            writes=("targets",),
+            scope="session",
+            heavy=False,
+            doc="the observer's targets in every frame: calibrated and differential magnitudes "
+            "(comparison ensemble over the night) or upper limits",
         ),
     ),
     ARTEFACTS,

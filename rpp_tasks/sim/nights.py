@@ -60,11 +60,13 @@ class VariableStar:
 
 @dataclass(frozen=True)
 class Transient:
-    """A source absent from the reference catalogue, present on the given nights (0-based)."""
+    """A source absent from the reference catalogue, present on the given nights (0-based), from
+    the frame ``first_frame`` (0-based, within each of those nights) on."""
 
     name: str
     mag: float
     nights: tuple[int, ...]
+    first_frame: int = 0
 
 
 @dataclass
@@ -187,6 +189,7 @@ def write_nights(
     calibration_every_night: bool = False,
     cloud_nights: dict | None = None,
     object_name: str = "SYNTH-FIELD",
+    variable_position: tuple[float, float] | None = None,
     seed: int = 0,
 ) -> NightsTruth:
     """
@@ -220,6 +223,9 @@ def write_nights(
         Write bias/dark/flat every night (default: first night only).
     cloud_nights : dict, optional
         ``{night index: magnitudes}``: thick clouds over every frame of those nights.
+    variable_position : (ra_deg, dec_deg), optional
+        Put the variable there (catalogue stars within 20 arcsec removed) instead of at a random
+        free position (the demo's configured target).
 
     Returns
     -------
@@ -253,10 +259,20 @@ def write_nights(
         amps.append(vsx_variable_amplitude)
     special = [(variable.mag_mean, 0.3), (constant_mag, 0.3)]
     special += [(15.0 + 0.4 * k, 0.4) for k in range(len(amps))]
+    if variable_position is not None:
+        v_ra, v_dec = (float(v) for v in variable_position)
+        d = np.hypot(
+            (np.asarray(cat["ra"]) - v_ra) * math.cos(math.radians(v_dec)),
+            np.asarray(cat["dec"]) - v_dec,
+        )
+        cat = cat[d > 20.0 / 3600.0]
     first = len(cat)
-    for want, within in special:
+    for k_sp, (want, within) in enumerate(special):
         max_off = within * min(nx, ny) * pixel_scale_arcsec / 3600.0
-        p_ra, p_dec = _free_position(rng, cat, center_deg, max_off, 20.0 / 3600.0)
+        if k_sp == 0 and variable_position is not None:
+            p_ra, p_dec = v_ra, v_dec
+        else:
+            p_ra, p_dec = _free_position(rng, cat, center_deg, max_off, 20.0 / 3600.0)
         row = {c: cat[c][0] for c in cat.colnames}
         bprp = float(rng.uniform(0.7, 1.2))
         row.update(
@@ -414,7 +430,7 @@ def write_nights(
                 frame_mags[fv["index"]] = m
                 fv_mags[fv["name"]] = m
             stars = Table({"ra": ra, "dec": dec, "mag": frame_mags})
-            t_on = night_index in transient.nights
+            t_on = night_index in transient.nights and j - 1 >= transient.first_frame
             if t_on:
                 stars.add_row({"ra": t_ra, "dec": t_dec, "mag": transient.mag})
             stars = stars[np.isfinite(np.asarray(stars["mag"], float))]

@@ -91,7 +91,11 @@ def test_toy_stage_runs_task_by_task_on_a_chunk(night, obs, tmp_path):
     session = lifecycle.open_session(night, obs, work_root=tmp_path)
     stems = [f["stem"] for f in session.read_json("manifest.json")["science"]]
     (frame_segment,) = [names for scope, names in TOY.segments() if scope == "frame"]
-    assert TOY.segments() == (("session", ("masters",)), ("frame", frame_segment))
+    assert TOY.segments() == (
+        ("session", ("masters",)),
+        ("frame", frame_segment),
+        ("session", ("targets",)),  # the night's targets, once every catalogue is final
+    )
     assert "star_count" in frame_segment and frame_segment[0] == "calibrate"
     lifecycle.run_stage(session, obs, "masters", table=TOY, workers=1)
     # the scale-out case: this task handles one chunk of frames (the first frame only)
@@ -115,15 +119,16 @@ def test_toy_stage_is_a_task_of_the_dag(obs):
     assert dag.get_task("frames").is_mapped and dag.get_task("frames").pool == mod.HEAVY_POOL
     night_stats = Stage("night_stats", "m:f", scope="session", heavy=False, doc="toy")
     split = TOY.with_stage(night_stats, after="star_count")
-    assert [s for s, _ in split.segments()] == ["session", "frame", "session", "frame"]
+    assert [s for s, _ in split.segments()] == ["session", "frame", "session", "frame", "session"]
     dag = mod.build_reduction_dag(obs, table=split)
     assert dag.get_task("frames_calibrate").is_mapped
     assert dag.get_task("frames_zero_point").is_mapped
     assert dag.get_task("night_stats").upstream_task_ids == {"validate", "frames_calibrate"}
     assert dag.get_task("frames_zero_point").upstream_task_ids == {"validate", "night_stats"}
     assert dag.get_task("night_stats").pool != mod.HEAVY_POOL  # heavy=False
+    assert dag.get_task("targets").upstream_task_ids == {"validate", "frames_zero_point"}
     assert dag.get_task("products").upstream_task_ids == {
-        "validate", "masters", "frames_calibrate", "night_stats", "frames_zero_point",
+        "validate", "masters", "frames_calibrate", "night_stats", "frames_zero_point", "targets",
     }  # fmt: skip
 
 

@@ -106,7 +106,15 @@ def test_demo_dag_run_produces_products_and_reruns_idempotently(airflow_env):
     conf = {"observatory": "demo", "session_id": "2025-01-15", "session_dir": str(night)}
 
     first = _run_dag(env, conf)
-    chain = ["validate", "masters", "frames[0]", "frames[1]", "products", "archive"]  # 2 chunks
+    chain = [
+        "validate",
+        "masters",
+        "frames[0]",
+        "frames[1]",
+        "targets",
+        "products",
+        "archive",
+    ]  # 2 chunks
     assert first["state"] == "success", first
     assert {t: first["tasks"][t]["state"] for t in chain} == {t: "success" for t in chain}, first[
         "tasks"
@@ -123,7 +131,7 @@ def test_demo_dag_run_produces_products_and_reruns_idempotently(airflow_env):
     for f in summary["frames"]:
         assert (workdir / "frames" / f["frame"] / "catalog.ecsv").is_file()
         assert (workdir / "frames" / f["frame"] / "catalog.fits").is_file()
-    assert set(summary["stage_runs"]) == {"masters", "frames"}
+    assert set(summary["stage_runs"]) == {"masters", "frames", "targets"}
     frames_run = summary["stage_runs"]["frames"]
     assert frames_run["stages"] == list(IMAGING.frame_stages)
     assert (frames_run["n_chunks"], frames_run["n_frames"]) == (2, N_SCIENCE)

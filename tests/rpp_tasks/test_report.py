@@ -296,7 +296,10 @@ def test_missing_zero_points_and_candidates_say_not_available(tmp_path):
         "zeropoint_residuals": False,
         "candidates": False,
         "weather": True,
+        "targets": False,  # no targets stage in this session: no section, no light curve
+        "target_light_curves": False,
     }
+    assert "Your targets" not in page
     assert "21.4" not in page  # no invented zero point
 
 

@@ -371,3 +371,30 @@ def test_catalogue_order_and_local_paths_are_validated():
     assert setup.local_paths[0].endswith("data/catalogs") and setup.local_paths[0].startswith("/")
     with pytest.raises(ConfigError, match=r"catalogs.gaia_order\[1\]"):
         config_from_dict({"observatory": "x", "catalogs": {"gaia_order": ["local", "simbad"]}})
+
+
+def test_run_targets_from_the_run_conf_reach_the_manifest(tmp_path):
+    """A DAG run's ``targets`` (one or a list) are checked and kept in the manifest, where the
+    ``targets`` stage reads them; anything else is refused before anything is written."""
+    from rpp_tasks.config import find_config
+    from rpp_tasks.session import lifecycle
+    from rpp_tasks.sim.synthetic import write_synthetic_session
+
+    assert lifecycle.run_conf_targets({"targets": "SN 2025abc"}) == ("SN 2025abc",)
+    assert lifecycle.run_conf_targets({"targets": [" 150.1 +2.2", "RR Lyr"]}) == (
+        "150.1 +2.2",
+        "RR Lyr",
+    )
+    assert lifecycle.run_conf_targets({}) == ()
+    for bad in (3, ["ok", 4], [""], {"name": "x"}, "x" * 201):
+        with pytest.raises(ValueError, match="run conf 'targets'"):
+            lifecycle.run_conf_targets({"targets": bad})
+    raw = tmp_path / "incoming" / "2025-01-15"
+    write_synthetic_session(
+        raw, truth_folder=tmp_path / "truth", n_science=1, n_bias=1, n_dark=1, n_flat=1
+    )
+    obs = find_config("demo")
+    session = lifecycle.open_session(
+        raw, obs, work_root=tmp_path / "work", targets=("SN 2025abc", " ")
+    )
+    assert session.read_json("manifest.json")["run_targets"] == ["SN 2025abc"]

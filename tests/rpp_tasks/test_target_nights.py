@@ -6,7 +6,9 @@ variables kept out of the comparison ensemble; bad nights recorded with their re
 The frames go through `rpp_tasks.session.pipeline.reduce_frame` (every per-frame stage: calibration
 with the first night's masters, detection, astrometry, photometry, zero point, enrichment,
 transients), then `rpp_tasks.stages.target.run_targets` for each night, which records the
-photometry in a results database; the light curves are read back from it.
+photometry in a results database; the light curves are read back from it. The bad-input and
+two-field nights go through `rpp_tasks.session.lifecycle.reduce_session`, whose ``targets`` stage
+and record step do the same.
 """
 
 from __future__ import annotations
@@ -215,9 +217,10 @@ def test_every_catalogue_source_has_its_light_curve_too(nights):
     assert np.nanstd(d) < 0.02 and abs(np.nanmedian(d)) < 0.01  # it follows its true variation
 
 
-def test_bad_input_is_recorded_and_the_session_goes_on(tmp_path):
+def test_bad_input_is_recorded_and_the_session_goes_on(tmp_path, monkeypatch):
     """An unknown name offline, a target outside the field, a night of thick clouds without
-    comparison stars: each recorded with its reason, the sessions reduced and recorded."""
+    comparison stars: each recorded with its reason by the reduction's ``targets`` stage (run
+    parameters of ``reduce_session``), the sessions reduced, summarised and recorded."""
     truth = write_nights(
         tmp_path,
         n_nights=2,
@@ -229,21 +232,26 @@ def test_bad_input_is_recorded_and_the_session_goes_on(tmp_path):
     )
     obs = _obs(tmp_path, truth, enrichment=())
     url = db.default_results_url(tmp_path)
+    monkeypatch.setenv("RPP_RESULTS_DB_URL", url)  # the record step's database
     catalogs.reset_circuit_breaker()
-    outs, sids = [], []
+    outs, sids, sums = [], [], []
     for night in truth.nights:
-        s = lifecycle.reduce_session(
-            night, obs, work_root=tmp_path / "work", workers=1, report=False
-        )[0].to_dict()
+        summary = lifecycle.reduce_session(
+            night,
+            obs,
+            work_root=tmp_path / "work",
+            workers=1,
+            report=False,
+            targets=["SN 2099zzz", "121.0 +25.0", "SYN-VAR"],
+        )[0]
+        s = summary.to_dict()
         assert s["n_ok"] == s["n_science"] == 3
+        assert summary.results_db_error is None
         sids.append(s["session_id"])
-        outs.append(
-            run_targets(
-                s["workdir"], obs, targets=["SN 2099zzz", "121.0 +25.0", "SYN-VAR"], results_url=url
-            )
-        )
-    clear, cloudy = outs
-    for out in outs:
+        sums.append(summary)
+        outs.append(json.loads((tmp_path / "work" / night.name / "targets.json").read_text()))
+    clear, cloudy = (o["summary"] for o in outs)
+    for out, summary in zip((clear, cloudy), sums):
         why = {u["query"]: u["reason"] for u in out["unresolved"]}
         assert (
             "not in the observatory's targets" in why["SN 2099zzz"]
@@ -252,13 +260,19 @@ def test_bad_input_is_recorded_and_the_session_goes_on(tmp_path):
         assert "SYNTH-FIELD" in why  # the OBJECT card names the field, not a target
         far = next(t for t in out["targets"] if t["name"] == "J121.00000+25.00000")
         assert far["n_outside_field"] == 3 and "outside the field" in far["reason"]
-        assert out["results_db"]["recorded"] is True
+        assert out["results_db"] == {"recorded": False}  # the record step writes the database
+        # the typed summary carries the same facts
+        assert {u["query"]: u["reason"] for u in summary.targets_unresolved} == why
+        t_far = next(t for t in summary.targets if t.name == "J121.00000+25.00000")
+        assert not t_far.measured and "outside the field" in t_far.reason
     assert clear["ensembles"]["V"]["psf"]["status"] == "ok"
     ens = cloudy["ensembles"]["V"]["psf"]
     assert ens["status"] == "failed" and "no comparison stars" in ens["reason"]
     assert "low_snr" in ens["reason"]
     var = next(t for t in cloudy["targets"] if t["name"] == "SYN-VAR")
     assert var["n_frames"] == 3  # still measured: absolute magnitude or upper limit
+    (band,) = next(t for t in sums[1].targets if t.name == "SYN-VAR").bands
+    assert band.mag_diff is None and "no comparison stars" in band.ensemble
     # the light curve holds both nights; the cloudy night has no differential magnitude
     t = _lc(url, "SYN-VAR").table
     assert len(t) == 6
@@ -269,6 +283,13 @@ def test_bad_input_is_recorded_and_the_session_goes_on(tmp_path):
     with db.ResultsDB(url) as rdb:
         rows = rdb.frame_rows("nights", sids[1])
         assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
+    # a database that cannot be written is kept in the summary; the products stand
+    monkeypatch.setenv("RPP_RESULTS_DB_URL", "postgresql://rpp@127.0.0.1:9/nowhere")  # refused
+    summary = lifecycle.reduce_session(
+        truth.nights[0], obs, work_root=tmp_path / "work2", workers=1, report=False
+    )[0]
+    assert summary.n_ok == 3 and summary.results_db_error
+    assert any(t.name == "SYN-VAR" and t.n_detected == 3 for t in summary.targets)
 
 
 def test_two_fields_in_one_night_get_their_own_ensembles(tmp_path):
