@@ -5,10 +5,10 @@
    and what a task process pays to build only its own DAG (``get_parsing_context``).
    Target: <= 0.3 s for the folder.
 2. **Overhead share** of a session run (``--overhead``): the same synthetic session reduced
-   (a) by plain Python (`rpp_tasks.session.pipeline` stage by stage, as the tasks do, in one process, up to
-   and including the products task's summary, report and ZIP) and (b) as a DAG run through a running
-   Airflow (``rpp up``; REST API), timed from queued to the end of ``products``, then
-   ``overhead = (airflow_wall - plain_wall) / airflow_wall``. Target: <= 10 %.
+   (a) by plain Python (`rpp_tasks.session.pipeline` stage by stage, as the tasks do, in one
+   process, up to and including the products task's summary, report and ZIP) and (b) as a DAG
+   run through a running Airflow (``rpp up``; REST API), timed from queued to the end of
+   ``products``, then ``overhead = (airflow_wall - plain_wall) / airflow_wall``. Target: <= 10 %.
 3. **Ready -> run started** (``--latency``): the real watcher (`rpp_tasks.ops.watch.SessionWatcher`,
    inotify) on a scratch incoming folder, the demo observatory's rules, a running Airflow. A small
    session is written; "ready" is the moment its readiness rule is satisfied (``marker``: the marker
@@ -41,15 +41,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 PARSE_CODE = r"""
-import json, os, sys, time
-t0 = time.perf_counter()
-import airflow.sdk  # noqa: F401  (the DAG processor has Airflow loaded before it parses files)
-from airflow.dag_processing.dagbag import DagBag
-t_import = time.perf_counter() - t0
-dags = sys.argv[1]
-repeat = int(sys.argv[2])
-folder, per_file = [], {}
-for i in range(repeat + 1):              # first round warms the file-system cache and rpp_tasks.config
+import json, os, sys, time t0 = time.perf_counter() import airflow.sdk  # noqa: F401  (the DAG
+processor has Airflow loaded before it parses files) from airflow.dag_processing.dagbag import
+DagBag t_import = time.perf_counter() - t0 dags = sys.argv[1] repeat = int(sys.argv[2]) folder,
+per_file = [], {} for i in range(repeat + 1):              # first round warms the file-system cache
+and rpp_tasks.config
     t = time.perf_counter()
     bag = DagBag(dag_folder=dags)
     dt = time.perf_counter() - t
@@ -65,9 +61,11 @@ for i in range(repeat):
     t = time.perf_counter()
     b1 = DagBag(dag_folder=os.path.join(dags, "rpp_reduction.py"))
     one.append(time.perf_counter() - t)
-heavy = sorted({"numpy", "astropy", "photutils", "scipy", "sep"} & {m.split(".")[0] for m in sys.modules})
-print("RESULT " + json.dumps({"airflow_import_s": t_import, "folder_s": folder, "per_file_s": per_file,
-                              "n_dags": len(bag.dags), "task_parse_s": one, "task_dags": sorted(b1.dags),
+heavy = sorted({"numpy", "astropy", "photutils", "scipy", "sep"} & {m.split(".")[0] for m in
+sys.modules}) print("RESULT " + json.dumps({"airflow_import_s": t_import, "folder_s": folder,
+"per_file_s": per_file,
+                              "n_dags": len(bag.dags), "task_parse_s": one,
+                              "task_dags": sorted(b1.dags),
                               "heavy_modules": heavy}))
 """
 
@@ -122,7 +120,7 @@ def bench_parse(n_configs: int, repeat: int) -> dict:
     return out
 
 
-# ------------------------------------------------------------------------------------------------- overhead
+# ----------------------------------------------------------------------------------------- overhead
 def _segments(obs):
     """The DAG's stage tasks: the stage table's segments (session stages one task each, a run of
     frame stages one task mapped over the night's chunks)."""

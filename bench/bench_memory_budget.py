@@ -11,7 +11,7 @@ for each reduced frame the peak RSS of its worker (VmHWM reset at the start of e
 the header estimate (`rpp_tasks.session.pool.frame_peak_bytes`) and the measured bytes per pixel
 (peak - base) / pixels, base = `rpp_tasks.session.pool.BASE_BYTES`.
 
-    .venv/bin/python bench/bench_memory_budget.py                       # 2048², 4096²; default budget
+    .venv/bin/python bench/bench_memory_budget.py               # 2048², 4096²; default budget
     .venv/bin/python bench/bench_memory_budget.py --big --budgets 0 2000 1200
         # + a 9576 x 6388 (61 Mpx) and an 8192² frame; budgets 0 = default (80 % RAM / workers)
 """

@@ -13,7 +13,8 @@ each function with ``time.process_time`` and compares with the truth:
 * FWHM error vs. truth;
 * aperture (1.3 FWHM) and PSF flux bias, scatter / expected noise, and error honesty
   (reported error / measured scatter), per magnitude bin, for the one-PSF ePSF and for the field
-  PSF model of the pipeline (`rpp_tasks.stages.field_psf_fit.fit_field_psf`, order 0 on these fields).
+  PSF model of the pipeline (`rpp_tasks.stages.field_psf_fit.fit_field_psf`, order 0 on these
+  fields).
 """
 
 from __future__ import annotations

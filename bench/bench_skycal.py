@@ -1,8 +1,8 @@
 """Benchmark of the sky-calibration stages (issue 3).
 
 * warm cache: CPU seconds of astrometry (refinement) + zero point + enrichment per frame, on a
-  synthetic 1024x1024 frame rendered from a sky that loopback Gaia/SIMBAD/SkyBoT/VizieR peers answer with
-  (first run fills the cache, the timed runs need no network);
+  synthetic 1024x1024 frame rendered from a sky that loopback Gaia/SIMBAD/SkyBoT/VizieR peers
+  answer with (first run fills the cache, the timed runs need no network);
 * plate solving: wall and CPU (solve-field children) of a hinted and of a blind solve of the real
   Seestar NGC 7023 frame (our detections as x/y list), and the centre offset vs its original WCS;
 * small fields (issue 12): the catalogue (asterism) solver through the pipeline on synthetic

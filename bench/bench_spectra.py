@@ -2,15 +2,15 @@
 
 Run:  cd /work/main && .venv/bin/python bench/bench_spectra.py [--shape 2000 3000] [--keep DIR]
 
-The night (`rpp_tasks.sim.longslit`): one target with 6 exposures of 1200 s, 1 Ar+Ne lamp,
-20 flats, 5 darks, 5 offsets, 3000 x 2000 px (dispersion along the 3000 px), written as a 2SPOT
-session (``last_obs.yaml``, ``setup_config.yaml``). The simulation is not timed. The reduction is
-the session lifecycle the DAG's tasks call, one after the other in this process (no Airflow):
-``open_session`` (validate), ``run_stage`` of the ``longslit`` table's ``masters`` and
-``spectra``, ``finish`` (session summary, results database, report, products ZIP) and
-``archive`` (SQLite ObsCore rows). CPU seconds are ``time.process_time()`` of the process (all
-threads), per task and, inside ``spectra``, per step from the driver's timers, plus wall time. Quality figures of the same run are printed against the truth: wavelength
-RMS, worst isolated absorption-line offset, median S/N.
+The night (`rpp_tasks.sim.longslit`): one target with 6 exposures of 1200 s, 1 Ar+Ne lamp, 20 flats,
+5 darks, 5 offsets, 3000 x 2000 px (dispersion along the 3000 px), written as a 2SPOT session
+(``last_obs.yaml``, ``setup_config.yaml``). The simulation is not timed. The reduction is the
+session lifecycle the DAG's tasks call, one after the other in this process (no Airflow):
+``open_session`` (validate), ``run_stage`` of the ``longslit`` table's ``masters`` and ``spectra``,
+``finish`` (session summary, results database, report, products ZIP) and ``archive`` (SQLite ObsCore
+rows). CPU seconds are ``time.process_time()`` of the process (all threads), per task and, inside
+``spectra``, per step from the driver's timers, plus wall time. Quality figures of the same run are
+printed against the truth: wavelength RMS, worst isolated absorption-line offset, median S/N.
 """
 
 from __future__ import annotations

@@ -9,9 +9,10 @@ the frame stages as one task per chunk (`frames`, mapped) -> products -> (archiv
 
 Wiring only: Params, connections -> plain settings, skip/fail decisions and the factory over the
 stage table (`rpp_tasks.session.table`: its session- and frame-scope segments). Each task calls one
-function of `rpp_tasks.session.tasks` (over `rpp_tasks.session.lifecycle`, which `rpp reduce`
-calls too); tasks hand each other the work folder and a small dict. Concurrency and retries come from the observatory's
-`scheduling` section. A broken YAML becomes a small `rpp_<file stem>` DAG carrying the error.
+function of `rpp_tasks.session.tasks` (over `rpp_tasks.session.lifecycle`, which `rpp reduce` calls
+too); tasks hand each other the work folder and a small dict. Concurrency and retries come from the
+observatory's `scheduling` section. A broken YAML becomes a small `rpp_<file stem>` DAG carrying the
+error.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Observatory configuration: ``config/observatories/<name>.yaml`` merged over ``config/defaults.yaml``.
+"""Observatory configuration: ``config/observatories/<name>.yaml`` merged over
+``config/defaults.yaml``.
 
 This module is imported by the DAG files at parse time, so it depends on the standard library and
 PyYAML only. A configuration is loaded into frozen dataclasses and validated on load: an invalid
@@ -98,7 +99,8 @@ class CameraConfig:
 
 @dataclass(frozen=True)
 class FiltersConfig:
-    """Header FILTER value -> photometric band (case-insensitive), and the band for frames without one."""
+    """Header FILTER value -> photometric band (case-insensitive), and the band for frames without
+    one."""
 
     aliases: dict[str, str] = field(default_factory=dict)
     default_band: str | None = None
@@ -308,7 +310,8 @@ class ArchiveConfig:
 @dataclass(frozen=True)
 class CatalogsConfig:
     """Reference catalogues and enrichment services (see `rpp_tasks.stages.catalogs`). Addresses are
-    configurable; secrets (the Astro-Colibri key) come from an Airflow connection or the environment."""
+    configurable; secrets (the Astro-Colibri key) come from an Airflow connection or the
+    environment."""
 
     services: dict[str, str] = field(
         default_factory=dict
@@ -1037,7 +1040,8 @@ def config_from_dict(data: dict, *, source: str = "<dict>") -> ObservatoryConfig
 def load_observatory_config(
     path: str | os.PathLike, *, defaults: str | os.PathLike | None = None
 ) -> ObservatoryConfig:
-    """Load one observatory YAML, merged over ``defaults.yaml`` (by default the one in the parent of its folder).
+    """Load one observatory YAML, merged over ``defaults.yaml`` (by default the one in the parent of
+    its folder).
 
     Raises
     ------
@@ -1056,8 +1060,9 @@ def load_observatory_configs(
 ) -> list[ObservatoryConfig] | tuple[list[ObservatoryConfig], dict[str, ConfigError]]:
     """Load every ``observatories/*.yaml`` in a stable (sorted) order.
 
-    With ``strict=False`` returns ``(configs, errors)`` where ``errors`` maps each broken file to its
-    `ConfigError`, so one broken YAML never hides the other observatories (the DAG factory uses this).
+    With ``strict=False`` returns ``(configs, errors)`` where ``errors`` maps each broken file to
+    its `ConfigError`, so one broken YAML never hides the other observatories (the DAG factory uses
+    this).
     """
     config_dir = Path(config_dir) if config_dir is not None else default_config_dir()
     defaults = config_dir / "defaults.yaml"
@@ -1073,7 +1078,8 @@ def load_observatory_configs(
 
 
 def find_config(name: str, config_dir: str | os.PathLike | None = None) -> ObservatoryConfig:
-    """The configuration of observatory ``name`` (``observatories/<name>.yaml``), or a path to a YAML file."""
+    """The configuration of observatory ``name`` (``observatories/<name>.yaml``), or a path to a
+    YAML file."""
     p = Path(name)
     if p.suffix in (".yaml", ".yml") and p.is_file():
         return load_observatory_config(p)

@@ -26,7 +26,9 @@ Examples
 >>> db = ResultsDB(default_results_url("/data/work"))          # doctest: +SKIP
 >>> db.create_schema()                                         # doctest: +SKIP
 >>> db.upsert_session("demo", "demo_20250101", date(2025, 1, 1), status="running")  # doctest: +SKIP
->>> db.upsert_frame("demo", "demo_20250101", "sci_001", imagetyp="science", band="V")  # doctest: +SKIP
+>>> db.upsert_frame(  # doctest: +SKIP
+...     "demo", "demo_20250101", "sci_001", imagetyp="science", band="V"
+... )
 """
 
 from __future__ import annotations
@@ -127,7 +129,10 @@ class UTCDateTime(TypeDecorator):
             msg = f"expected a timezone-aware datetime, got {type(value).__name__} {value!r}"
             raise ValueError(msg)
         if value.tzinfo is None or value.utcoffset() is None:
-            msg = f"naive datetime {value.isoformat()} is ambiguous: give it a tzinfo (e.g. datetime.UTC)"
+            msg = (
+                f"naive datetime {value.isoformat()} is ambiguous: "
+                "give it a tzinfo (e.g. datetime.UTC)"
+            )
             raise ValueError(msg)
         value = value.astimezone(dt.UTC)
         if dialect.name == "sqlite":
@@ -471,7 +476,10 @@ def _check_aware(value: dt.datetime | None, name: str) -> dt.datetime | None:
         msg = f"{name} must be a timezone-aware datetime, got {type(value).__name__} {value!r}"
         raise ValueError(msg)
     if value.tzinfo is None or value.utcoffset() is None:
-        msg = f"{name}: naive datetime {value.isoformat()} is ambiguous; give it a tzinfo (e.g. datetime.UTC)"
+        msg = (
+            f"{name}: naive datetime {value.isoformat()} is ambiguous; "
+            "give it a tzinfo (e.g. datetime.UTC)"
+        )
         raise ValueError(msg)
     return value
 
@@ -700,7 +708,8 @@ class ResultsDB:
         _check_key(frame_stem, "frame_stem")
         unknown = set(fields) - set(FRAME_FIELDS)
         if unknown:
-            msg = f"unknown frame field(s) {sorted(unknown)}; expected among {', '.join(FRAME_FIELDS)}"
+            expected = ", ".join(FRAME_FIELDS)
+            msg = f"unknown frame field(s) {sorted(unknown)}; expected among {expected}"
             raise ValueError(msg)
         values = {k: v for k, v in fields.items() if v is not None}
         for key in values.keys() & _FRAME_FLOAT_FIELDS:

@@ -1,7 +1,7 @@
 """Plots of the PSF model of a frame: how the PSF changes across the field, and how well it fits.
 
-`plot_psf_map` draws the model written by the photometry stage into the frame's
-``summary.json`` (``stages.photometry.psf_model``, see `rpp_tasks.stages.field_psf.FieldPSF.to_dict`):
+`plot_psf_map` draws the model written by the photometry stage into the frame's ``summary.json``
+(``stages.photometry.psf_model``, see `rpp_tasks.stages.field_psf.FieldPSF.to_dict`):
 
 * left: the FWHM across the field (colour), with whiskers along the major axis whose length is the
   ellipticity, and the PSF stars the model was fitted on;

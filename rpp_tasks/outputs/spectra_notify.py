@@ -23,7 +23,8 @@ def spectrum_line(s) -> str:
     return (
         f"{s.target}: {s.exptime2}, {s.wavelength_min_a:.0f}-{s.wavelength_max_a:.0f} Å, "
         f"RMS {s.rms_a:.3f} Å ({s.rms_px:.3f} px), R={s.resolving_power:.0f}, "
-        f"S/N={s.snr_median:.0f}, {'flux-calibrated' if s.flux_calibrated else 'not flux-calibrated'}"
+        f"S/N={s.snr_median:.0f}, "
+        f"{'flux-calibrated' if s.flux_calibrated else 'not flux-calibrated'}"
     )
 
 

@@ -109,8 +109,9 @@ def open_session(
 
     Only headers are read. Every file of the folder gets an outcome in the manifest
     (`rpp_tasks.inputs.frames.group_session`); files that are not usable frames are listed in
-    ``rejected.json`` with the reason (stage ``validate``); they never stop the session. Outputs of an earlier run of the
-    same session are removed first (`STALE_OUTPUTS`), so a re-run replaces its products.
+    ``rejected.json`` with the reason (stage ``validate``); they never stop the session. Outputs of
+    an earlier run of the same session are removed first (`STALE_OUTPUTS`), so a re-run replaces its
+    products.
     """
     from rpp_tasks.inputs import frames
     from rpp_tasks.session.pipeline import frame_stem

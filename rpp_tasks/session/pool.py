@@ -281,7 +281,8 @@ def run_supervised(
 
     ``on_done(job, result)`` is called for every result; ``on_death(job, reason, status[, stage])``
     records a frame given up after its worker died (status ``rejected``, at the stage it was
-    running; ``failed`` when the pool died before the frame started) and returns its result. Returns ``{stem: result}``."""
+    running; ``failed`` when the pool died before the frame started) and returns its result. Returns
+    ``{stem: result}``."""
     results: dict[str, dict] = {}
     queue, retry = list(shared), []
     while queue:

@@ -11,8 +11,8 @@ Completeness
     Fraction of true stars with ``snr_expected > snr_min`` (default 10; the photon-noise S/N in a
     1-FWHM aperture, see `rpp_tasks.sim.synthetic.make_star_field`) that are matched, among stars
     with ``frac_in_image >= 0.99`` (stars cut by the image edge are left out; without that
-    truth column all stars count). Also per S/N bin, and for *isolated* stars (no other true star within ``isolation_fwhm`` FWHM that is at
-    least ``neighbour_flux_frac`` times as bright).
+    truth column all stars count). Also per S/N bin, and for *isolated* stars (no other true
+    star within ``isolation_fwhm`` FWHM that is at least ``neighbour_flux_frac`` times as bright).
 Spurious fraction
     Unmatched detections divided by the number of detections. Duplicates of a matched star
     (shredded stars) count as spurious. Excused, and reported separately, are unmatched
@@ -111,7 +111,7 @@ _CLIP = 4.0
 _TRUNC_STD_4SIG = 0.998929  # std of N(0,1) truncated at +-4
 
 
-# ------------------------------------------------------------------------------------------- helpers
+# ------------------------------------------------------------------------------------------ helpers
 
 
 def robust_std(values, *, clip_sigma=_CLIP, max_iter=10) -> float:
@@ -197,7 +197,7 @@ def pixelated_fwhm_px(*, psf="gaussian", fwhm_px=3.5, beta=3.0) -> float:
     return 2.0 * brentq(lambda x: prof(x) - 0.5 * p0, 1e-6, 5.0 * fwhm_px + 5.0)
 
 
-# ------------------------------------------------------------------------------------------- matching
+# ----------------------------------------------------------------------------------------- matching
 
 
 @dataclass(frozen=True)

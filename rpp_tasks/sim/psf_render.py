@@ -1,4 +1,5 @@
-"""Rendering stars for synthetic truth: pixel-integrated circular and elliptical PSFs, and PSFs that vary across the field.
+"""Rendering stars for synthetic truth: pixel-integrated circular and elliptical PSFs, and PSFs that
+vary across the field.
 
 render_psf_stamps integrates a Gaussian or Moffat profile over each pixel (sub-pixel quadrature,
 independent of the pipeline's own PSF code); render_elliptical_moffat_stamps does the same for an

@@ -1,4 +1,5 @@
-"""Synthetic cameras, calibration frames and whole sessions on disk, written like an observatory writes them.
+"""Synthetic cameras, calibration frames and whole sessions on disk, written like an observatory
+writes them.
 
 make_camera gives a camera's bias, dark current, flat response and defects; make_calibration_frames
 renders bias, dark and flat frames of it; write_synthetic_session writes a night's science frames

@@ -24,11 +24,11 @@ What is simulated, in order (all in electrons, then converted to ADU):
 5. Clipping at ``saturation_adu``.
 
 Fields built like real optics (`make_optics_field`, `optics_field_kwargs`): a PSF varying across the
-field (`PsfVariation`: elliptical Moffat whose FWHM, beta, ellipticity and orientation are smooth but
-not polynomial functions of the position), a sky gradient, gain 0.8, close pairs, bright saturated
-stars whose charge above the full well bleeds along the columns and whose wings (halos) are drawn
-out to 160 px, plus the cosmic rays and hot pixels above. The one-PSF fields are unchanged (the
-new options draw from their own random stream).
+field (`PsfVariation`: elliptical Moffat whose FWHM, beta, ellipticity and orientation are smooth
+but not polynomial functions of the position), a sky gradient, gain 0.8, close pairs, bright
+saturated stars whose charge above the full well bleeds along the columns and whose wings (halos)
+are drawn out to 160 px, plus the cosmic rays and hot pixels above. The one-PSF fields are unchanged
+(the new options draw from their own random stream).
 
 The truth table describes what an ideal measurement would give (see `make_star_field`), including
 each star's local PSF and sky.
@@ -492,7 +492,10 @@ def make_star_field(
         gain_e_per_adu, read_noise_e = camera.gain_e_per_adu, camera.read_noise_e
         saturation_adu = camera.saturation_adu
     if gain_e_per_adu <= 0 or read_noise_e < 0:
-        msg = f"need gain_e_per_adu > 0 and read_noise_e >= 0, got {gain_e_per_adu!r}, {read_noise_e!r}"
+        msg = (
+            "need gain_e_per_adu > 0 and read_noise_e >= 0, "
+            f"got {gain_e_per_adu!r}, {read_noise_e!r}"
+        )
         raise ValueError(msg)
 
     rng = np.random.default_rng(seed)

@@ -1,4 +1,5 @@
-"""Aperture photometry: circular apertures summed with SEP, a clipped local annulus sky, and honest errors.
+"""Aperture photometry: circular apertures summed with SEP, a clipped local annulus sky, and honest
+errors.
 
 aperture_photometry sums circular apertures with SEP (exact overlap), subtracts a sigma-clipped
 local annulus background on top of the 2-D background, and reports the error model of
@@ -251,7 +252,8 @@ def aperture_photometry(
     r_in, r_out = (float(annulus_fwhm[0]) * fwhm_px, float(annulus_fwhm[1]) * fwhm_px)
     if not 0 < r_in < r_out:
         raise ValueError(
-            f"{func}: annulus_fwhm must be (inner, outer) with 0 < inner < outer, got {annulus_fwhm}"
+            f"{func}: annulus_fwhm must be (inner, outer) with 0 < inner < outer, "
+            f"got {annulus_fwhm}"
         )
     radii = {"1p1fwhm": 1.1 * fwhm_px, "1p3fwhm": 1.3 * fwhm_px, "fixed": float(fixed_radius_px)}
     out = Table(sources, copy=True)

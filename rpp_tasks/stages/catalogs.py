@@ -10,7 +10,8 @@ Design
   Sloan ``g r i``; Riello et al. 2021 polynomials, ~0.03-0.07 mag scatter; ``B`` approximate).
 * **Fallback chain.** `fetch_reference` tries the band's catalogue (PS1/SkyMapper only inside their
   sky coverage), then the Gaia services in the configured order (``gaia_tap`` ->
-  ``gaia_vizier``), and transforms Gaia when the band is not native. Every attempt is recorded as a `ServiceStatus`.
+  ``gaia_vizier``), and transforms Gaia when the band is not native. Every attempt is recorded
+  as a `ServiceStatus`.
 * **Timeouts, bounded retries with exponential backoff** (timeouts, connection refused, HTTP 5xx);
   no retry for HTTP 4xx, malformed replies or name-resolution failure (offline machine); a
   per-process circuit breaker stops asking a host that just failed, so an offline night costs

@@ -207,7 +207,8 @@ def detect_sources(
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != data.shape:
             raise ValueError(
-                f"detect_sources: mask shape {mask.shape} does not match data_sub shape {data.shape}"
+                f"detect_sources: mask shape {mask.shape} does not match "
+                f"data_sub shape {data.shape}"
             )
     if data.size == 0:
         return empty_source_table(method=method, threshold_sigma=threshold_sigma)
@@ -403,8 +404,8 @@ def _run_sep(work, err, bad, *, threshold_sigma, fwhm, min_area_px, deblend_cont
 
     sep.set_extract_pixstack(int(max(300_000, work.size // 4)))
     sep.set_sub_object_limit(4096)
-    # SEP's compact default kernel: with broad matched kernels SEP fails to deblend faint stars
-    # on the wings of bright ones (checked with sep 1.4.1); the matched filter is used below instead.
+    # SEP's compact default kernel: with broad matched kernels SEP fails to deblend faint stars on
+    # the wings of bright ones (checked with sep 1.4.1); the matched filter is used below instead.
     kernel = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], np.float32)
     objs = sep.extract(
         work,
@@ -558,13 +559,13 @@ def detect_residual_sources(
     """
     Point sources on a residual image (data minus the fitted model of the known sources).
 
-    The local maxima of the matched-filter response ``sum(K r)`` (``K`` a Gaussian of
-    ``fwhm_px``, computed in float32 with separable filters) whose S/N
-    ``sum(K r) / sqrt(sum(K^2 var))`` is at least ``candidate_snr`` are the candidates (the noise
-    is evaluated only at the maxima); each candidate then gets the local-plane matched-filter S/N of
-    `detect_sources` (``snr_det``) and is kept when ``snr_det >= min_snr``. Used by
-    `rpp_tasks.stages.photometry.psf_photometry_with_residual_detection` to find faint stars on the wings
-    of bright ones, which the segmentation of `detect_sources` merges into the bright star.
+    The local maxima of the matched-filter response ``sum(K r)`` (``K`` a Gaussian of ``fwhm_px``,
+    computed in float32 with separable filters) whose S/N ``sum(K r) / sqrt(sum(K^2 var))`` is at
+    least ``candidate_snr`` are the candidates (the noise is evaluated only at the maxima); each
+    candidate then gets the local-plane matched-filter S/N of `detect_sources` (``snr_det``) and is
+    kept when ``snr_det >= min_snr``. Used by
+    `rpp_tasks.stages.photometry.psf_photometry_with_residual_detection` to find faint stars on the
+    wings of bright ones, which the segmentation of `detect_sources` merges into the bright star.
 
     Parameters
     ----------
@@ -611,7 +612,8 @@ def detect_residual_sources(
         var = np.asarray(var)
     if res.ndim != 2 or var.shape != res.shape:
         raise ValueError(
-            f"detect_residual_sources: resid {res.shape} and var {var.shape} must be the same 2-D shape"
+            f"detect_residual_sources: resid {res.shape} and var {var.shape} "
+            "must be the same 2-D shape"
         )
     if not (fwhm_px is not None and np.isfinite(fwhm_px) and fwhm_px > 0):
         raise ValueError(f"detect_residual_sources: fwhm_px must be positive, got {fwhm_px!r}")

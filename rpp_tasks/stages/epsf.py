@@ -1,4 +1,5 @@
-"""The effective PSF of a frame: one pixel-integrated profile on an oversampled grid, plus an empirical residual map.
+"""The effective PSF of a frame: one pixel-integrated profile on an oversampled grid, plus an
+empirical residual map.
 
 build_epsf turns the joint stamp fit of rpp_tasks.stages.psf into an EPSFModel: the profile
 sampled on an oversampled grid (pixel values of a unit-flux star whose centre sits at the grid
@@ -423,7 +424,8 @@ def _residual_grid(stamps, w, dx, dy, flux, bkg, fwhm_px, u, os_, g):
     swr = convolve(sum_wr, ker, mode="constant")
     with np.errstate(invalid="ignore", divide="ignore"):
         r = np.where(sw > 0, swr / sw, 0.0)
-        # variance of the smoothed mean ~ sum(k^2 w) / (sum k w)^2 ~ (sum k^2/sum k^2...) approx 1/sw*eff
+        # variance of the smoothed mean ~ sum(k^2 w) / (sum k w)^2 ~ (sum k^2/sum k^2...) approx
+        # 1/sw*eff
         var = np.where(sw > 0, convolve(sum_w, ker**2, mode="constant") / sw**2, np.inf)
     shrink = np.clip(1.0 - 4.0 * var / np.maximum(r**2, 1e-300), 0.0, 1.0)
     return r * shrink

@@ -1,4 +1,5 @@
-"""The PSF that varies across the field: an elliptical, pixel-integrated Moffat whose FWHM, ellipticity and 1/beta are polynomials of position.
+"""The PSF that varies across the field: an elliptical, pixel-integrated Moffat whose FWHM,
+ellipticity and 1/beta are polynomials of position.
 
 FieldPSF evaluates the model (and its derivatives) at any star's position, renders stamps, gives
 the local FWHM/ellipticity/angle for the report's PSF map, the fraction of light inside a radius
@@ -306,7 +307,8 @@ class FieldPSF:
         return {
             "kind": "field_moffat",
             "model": "elliptical Moffat (Gaussian when beta is inf), pixel-integrated; "
-            "fwhm_px, e1, e2 and u = 1/beta are polynomials of X = (x - cx) / hx, Y = (y - cy) / hy",
+            "fwhm_px, e1, e2 and u = 1/beta are polynomials of "
+            "X = (x - cx) / hx, Y = (y - cy) / hy",
             "order": int(self.order),
             "n_terms": len(_poly_terms(self.order)),
             "terms": [f"x^{i} y^{j}" for i, j in _poly_terms(self.order)],

@@ -1,4 +1,5 @@
-"""Fitting the PSF that varies across the field: the order chosen from the stars, then one Gauss-Newton fit.
+"""Fitting the PSF that varies across the field: the order chosen from the stars, then one
+Gauss-Newton fit.
 
 choose_psf_order picks the polynomial order from the number and spread of the PSF stars (a
 constant model when there are few, recorded). fit_field_psf fits every PSF star's stamp at once:

@@ -106,7 +106,8 @@ def _large_aperture_fluxes(
     epsf = np.asarray(table["flux_err_psf"], float)[idx]
     f_big = fpsf + s_res / frac
     # var(F_big) ~ star Poisson inside + sky in the aperture + annulus mean; the PSF fit is the
-    # efficient estimator from (mostly) the same pixels: var(F_psf - F_big) = var(F_big) - var(F_psf)
+    # efficient estimator from (mostly) the same pixels: var(F_psf - F_big) = var(F_big) -
+    # var(F_psf)
     mean_var = e_res**2 / area
     v_big = (np.maximum(fpsf * frac, 0.0) / gain + e_res**2 + area**2 * mean_var / n_ann) / frac**2
     v_d = np.maximum(v_big - epsf**2, 0.03 * v_big)

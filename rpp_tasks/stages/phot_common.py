@@ -1,4 +1,5 @@
-"""What the photometry modules share: aperture labels, input checks, pixel positions and magnitudes."""
+"""What the photometry modules share: aperture labels, input checks, pixel positions and
+magnitudes."""
 
 from __future__ import annotations
 

@@ -414,8 +414,9 @@ def measure_frame(
     """
     Photometry of one frame: PSF model, PSF and aperture photometry, corrections, honest errors.
 
-    1. `rpp_tasks.stages.field_psf_fit.fit_field_psf`: a PSF varying across the field (elliptical Moffat
-       with polynomial shape; the order follows the number and spread of the PSF stars);
+    1. `rpp_tasks.stages.field_psf_fit.fit_field_psf`: a PSF varying across the field
+       (elliptical Moffat with polynomial shape; the order follows the number and spread of the
+       PSF stars);
     2. with ``psf``: `psf_photometry_with_residual_detection` (every source fitted with its local
        PSF, faint stars found on the residual);
     3. `aperture_photometry` on the neighbour-subtracted image, then

@@ -183,7 +183,8 @@ def _gather_stamps(image, ix, iy, half):
 def _select_psf_stars(
     data, sources, *, half, fwhm_px, rms, mask, saturation_adu, max_stars, min_peak_snr
 ):
-    """Indices (into ``sources``) of isolated, unsaturated, unmasked, bright stars, brightest first."""
+    """Indices (into ``sources``) of isolated, unsaturated, unmasked, bright stars, brightest
+    first."""
     ny, nx = data.shape
     x, y = _positions(sources)
     n = len(x)

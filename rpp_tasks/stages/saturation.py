@@ -1,4 +1,5 @@
-"""Saturated stars: where they are, their halos and bleed trails, and the stars lying across a trail.
+"""Saturated stars: where they are, their halos and bleed trails, and the stars lying across a
+trail.
 
 find_saturated_stars groups saturated pixels into stars (centre, peak, extent of the bleed
 trail); saturation_exclusion_mask covers their halos and trails so that detection does not

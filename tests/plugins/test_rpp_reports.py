@@ -1,4 +1,5 @@
-"""The Airflow UI plugin that serves the night reports, on a session reduced as the DAG reduces it."""
+"""The Airflow UI plugin that serves the night reports, on a session reduced as the DAG reduces
+it."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def _load_plugin():
 
 @pytest.fixture(scope="module")
 def reduced(tmp_path_factory):
-    """A 2-frame synthetic night reduced task by task as the DAG does (summary with the run id, report, ZIP)."""
+    """A 2-frame synthetic night reduced task by task as the DAG does (summary with the run id,
+    report, ZIP)."""
     root = tmp_path_factory.mktemp("rpp_reports")
     old = os.environ.get("RPP_DATA_ROOT")
     os.environ["RPP_DATA_ROOT"] = str(root)
@@ -193,8 +195,8 @@ plugins, errors = plugins_manager._get_plugins()
 p = [p for p in plugins if p.name == "rpp_reports"]
 views = [ExternalViewResponse(**v).model_dump() for v in p[0].external_views] if p else []
 apps = [a["url_prefix"] for a in plugins_manager.get_fastapi_plugins()[0]]
-print("RESULT " + json.dumps({"errors": {str(k): str(v) for k, v in errors.items()}, "found": bool(p),
-                              "views": views, "apps": apps}))
+errs = {str(k): str(v) for k, v in errors.items()}
+print("RESULT " + json.dumps({"errors": errs, "found": bool(p), "views": views, "apps": apps}))
 """
     env = {
         **os.environ,

@@ -1,4 +1,5 @@
-"""Tests of rpp_tasks.stages.detection.detect_sources: completeness, spurious rate, shape of the output."""
+"""Tests of rpp_tasks.stages.detection.detect_sources: completeness, spurious rate, shape of the
+output."""
 
 from __future__ import annotations
 

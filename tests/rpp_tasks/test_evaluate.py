@@ -36,7 +36,8 @@ def truth():
 
 
 def _catalog(truth, *, seed=0, ap_scale=1.0, err_scale=1.0, extra_frac=0.0, pos_sigma=0.05):
-    """An ideal catalogue: positions near truth, photon-noise fluxes, honest errors (scaled on request)."""
+    """An ideal catalogue: positions near truth, photon-noise fluxes, honest errors (scaled on
+    request)."""
     rng = np.random.default_rng(seed)
     m = truth.meta
     n = len(truth)
@@ -146,7 +147,8 @@ def test_injected_offset_error_scale_and_floor_are_recovered(truth):
     rep = fidelity_report(cat, truth)
     ap = rep.for_column("flux_1p3fwhm")
     assert ap.offset_mag - ap.offset_ideal_mag == pytest.approx(-2.5 * math.log10(0.97), abs=0.003)
-    # errors reported 20 % too small -> error ratio about 1.25 (plus the 1 % floor at the bright end)
+    # errors reported 20 % too small -> error ratio about 1.25 (plus the 1 % floor at the bright
+    # end)
     assert rep.for_column("flux_psf").bins[0]["error_ratio"] == pytest.approx(1.25, abs=0.1)
     # a 1 % multiplicative floor shows up at the bright end
     assert ap.bright_floor_mag == pytest.approx(0.01086, rel=0.3)

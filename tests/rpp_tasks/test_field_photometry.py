@@ -1,14 +1,14 @@
 """Photometry on fields built like real optics (issue 11): a PSF varying across the field, local
 aperture corrections, honest errors, saturated stars without spurious halos, repeatability.
 
-The end-to-end tests reduce one seeded 2048x2048 field of `rpp_tasks.sim.synthetic.make_optics_field`
-(FWHM +15 % in the corners, Moffat beta 3.3 -> 2.7, ellipticity up to 0.1 turning around the
-field, 4 % sky gradient, gain 0.8, close pairs, saturated stars with bleed trails and halos,
-cosmic rays, hot pixels) through the whole per-frame chain. On it the code before issue 11
-(one circular PSF, one aperture correction) gave PSF scatter / Cramer-Rao 1.2 / 1.9 / 3.4 / 24 in
-the S/N bins 10-20 / 20-50 / 50-200 / 200-500, reported PSF errors 2.4x too small, 45 duplicate
-detections, 143 spurious detections around saturated stars, a 7 % FWHM error in the corners
-and aperture magnitudes whose offset changes by 5 % from the centre to the corners.
+The end-to-end tests reduce one seeded 2048x2048 field of
+`rpp_tasks.sim.synthetic.make_optics_field` (FWHM +15 % in the corners, Moffat beta 3.3 -> 2.7,
+ellipticity up to 0.1 turning around the field, 4 % sky gradient, gain 0.8, close pairs, saturated
+stars with bleed trails and halos, cosmic rays, hot pixels) through the whole per-frame chain. On it
+the code before issue 11 (one circular PSF, one aperture correction) gave PSF scatter / Cramer-Rao
+1.2 / 1.9 / 3.4 / 24 in the S/N bins 10-20 / 20-50 / 50-200 / 200-500, reported PSF errors 2.4x too
+small, 45 duplicate detections, 143 spurious detections around saturated stars, a 7 % FWHM error in
+the corners and aperture magnitudes whose offset changes by 5 % from the centre to the corners.
 """
 
 from __future__ import annotations

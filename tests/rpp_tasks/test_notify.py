@@ -79,7 +79,7 @@ def smtp_server():
         ctl.stop()
 
 
-# ----------------------------------------------------------------------------- fake Telegram Bot API
+# ---------------------------------------------------------------------------- fake Telegram Bot API
 class _BotApi:
     def __init__(self):
         self.calls = []  # (method, token, fields: {name: str|bytes})
@@ -298,7 +298,7 @@ def test_scrub_masks_known_and_token_shaped_secrets():
     assert notify.scrub("token 987654:ABCDEFGHIJKLMNOPQRSTUVWXYZ012") == "token ***"
 
 
-# ----------------------------------------------------------------------------- run_notify / notify_failure
+# ---------------------------------------------------------------------- run_notify / notify_failure
 def test_run_notify_sends_report_email_and_telegram(tmp_path, smtp_server, bot_api):
     s = make_fake_session(tmp_path)
     inbox, smtp = smtp_server()
@@ -597,7 +597,8 @@ def test_calibrated_limit_and_candidates_reach_the_messages(tmp_path, smtp_serve
 
 
 def test_email_and_report_agree_on_the_median_sky(tmp_path, smtp_server):
-    # two frames at 500 and 505 ADU: the median is 502.5 (the report's number), not the upper value 505
+    # two frames at 500 and 505 ADU: the median is 502.5 (the report's number), not the upper value
+    # 505
     s = make_fake_session(tmp_path)
     inbox, smtp = smtp_server()
     notify.run_notify(s, _obs(telegram_conn_id=None), smtp=smtp, policy=FAST)
@@ -610,7 +611,8 @@ def test_email_and_report_agree_on_the_median_sky(tmp_path, smtp_server):
 
 
 def _airflow3_ti(task_id="detect", run_id="manual__2025-01-16T03:00:00+00:00", try_number=2):
-    """A task instance as Airflow 3's task runner (and the DAG-processor's run callback) hands it over."""
+    """A task instance as Airflow 3's task runner (and the DAG-processor's run callback) hands it
+    over."""
     import uuid
 
     from airflow.sdk import BaseOperator

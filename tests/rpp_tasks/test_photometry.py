@@ -1,4 +1,5 @@
-"""Tests of rpp_tasks.stages.photometry: unbiased fluxes, scatter vs. photon noise, honest errors, blends, flags."""
+"""Tests of rpp_tasks.stages.photometry: unbiased fluxes, scatter vs. photon noise, honest errors,
+blends, flags."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ FWHM = 3.0
 
 
 def psf_image(shape, x, y, flux, fwhm=FWHM):
-    """Noise-free pixel-integrated Gaussian stars (exact erf integration, independent of the ePSF grid)."""
+    """Noise-free pixel-integrated Gaussian stars (exact erf integration, independent of the ePSF
+    grid)."""
     from scipy.special import erf
 
     s = fwhm / (2 * math.sqrt(2 * math.log(2))) * math.sqrt(2)
@@ -68,7 +70,8 @@ def analytic_epsf(fwhm=FWHM, size=15, os_=4):
 
 @pytest.fixture(scope="module")
 def repeated_fields():
-    """Same 100 stars (S/N ~ 15..1500), 8 noise realisations; sources with 0.15 px centroid errors."""
+    """Same 100 stars (S/N ~ 15..1500), 8 noise realisations; sources with 0.15 px centroid
+    errors."""
     rng = np.random.default_rng(42)
     size = 320
     x, y, _ = grid_stars(10, size, rng, None)
@@ -313,7 +316,7 @@ def test_quality_flags_classes_edges_blends_saturation():
     assert list(out["saturated"]) == [False, False, False, False, True]
 
 
-# ---------------------------------------------------------------------------- residual detection pass
+# -------------------------------------------------------------------------- residual detection pass
 
 
 def _bright_faint_field(seed, *, sep_fwhm=2.5, ratio=100.0, size=160):

@@ -1,4 +1,5 @@
-"""Tests of rpp_tasks.stages.psf: FWHM of pixel-integrated Gaussian/Moffat stars, effective PSF model."""
+"""Tests of rpp_tasks.stages.psf: FWHM of pixel-integrated Gaussian/Moffat stars, effective PSF
+model."""
 
 from __future__ import annotations
 

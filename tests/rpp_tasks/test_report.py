@@ -47,8 +47,8 @@ def make_fake_session(
 ) -> Session:
     """A small session work folder shaped like the pipeline's output (no reduction run: fast).
 
-    ``zeropoint=True``: the zero-point stage's outputs (``zeropoint.json`` with per-type zero points,
-    airmass and extinction; catalogue columns ``ref_mag``, ``zp_star``, ``mag_cal_*``);
+    ``zeropoint=True``: the zero-point stage's outputs (``zeropoint.json`` with per-type zero
+    points, airmass and extinction; catalogue columns ``ref_mag``, ``zp_star``, ``mag_cal_*``);
     ``zeropoint="no_reference"``: its output when the reference catalogue was unreachable.
     ``candidates=True``: ``candidates.ecsv`` with one candidate and its PNG cutout;
     ``candidates="no_reference"``: the empty file flagged ``no_reference``.

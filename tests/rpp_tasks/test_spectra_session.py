@@ -304,7 +304,8 @@ def test_real_bess_spectrum_gets_an_obscore_row():
 @pytest.mark.integration
 def test_spectrum_row_found_by_dachs_tap(reduced):
     """The spectrum's row, upserted as the pipeline role into DaCHS's table, is found by TAP in
-    ivoa.obscore (skips when DaCHS is not installed or not serving; archive/dachs/setup_dachs.sh)."""
+    ivoa.obscore (skips when DaCHS is not installed or not serving;
+    archive/dachs/setup_dachs.sh)."""
     import dataclasses
     import shutil
     import urllib.request

@@ -392,7 +392,7 @@ def test_write_synthetic_session(tmp_path):
         write_synthetic_session(raw, truth_folder=raw / "truth", n_science=1, shape=(64, 64))
 
 
-# ------------------------------------------------------------------------------ real optics (issue 11)
+# --------------------------------------------------------------------------- real optics (issue 11)
 
 
 def test_elliptical_moffat_stamps_match_brute_force_integration():
