@@ -50,7 +50,7 @@ def _pg_url():
 
 def fill(url: str, n_frames: int, seed: int = 1) -> float:
     """Insert the synthetic index; returns seconds."""
-    from rpp_tasks.outputs import db
+    from rpp_tasks.outputs import db, db_decisions
 
     rng = random.Random(seed)
     objects = [f"Obj {i:03d}" for i in range(200)]
@@ -106,9 +106,9 @@ def fill(url: str, n_frames: int, seed: int = 1) -> float:
                     )
         with rdb._write() as conn:
             for i in range(0, len(idx), 5000):
-                conn.execute(db.FrameIndexRow.__table__.insert(), idx[i : i + 5000])
+                conn.execute(db_decisions.FrameIndexRow.__table__.insert(), idx[i : i + 5000])
             if dec:
-                conn.execute(db.DecisionRow.__table__.insert(), dec)
+                conn.execute(db_decisions.DecisionRow.__table__.insert(), dec)
         if rdb.dialect == "postgresql":
             with rdb._write() as conn:
                 conn.exec_driver_sql("ANALYZE")

@@ -188,11 +188,11 @@ def time_light_curve(url: str, out: Path, *, n_expected: int) -> dict:
 def _n_rows(url: str) -> int:
     from sqlalchemy import func, select
 
-    from rpp_tasks.outputs import db
+    from rpp_tasks.outputs import db, db_schema
 
     try:
         with db.ResultsDB(url) as rdb, rdb.engine.connect() as conn:
-            return conn.execute(select(func.count()).select_from(db.PhotometryRow)).scalar()
+            return conn.execute(select(func.count()).select_from(db_schema.PhotometryRow)).scalar()
     except Exception:  # no table yet
         return 0
 

@@ -18,6 +18,10 @@ on both backends. JSON columns use the portable SQLAlchemy ``JSON`` type (``JSON
 PostgreSQL); NaN and infinities are stored as SQL ``NULL`` / JSON ``null`` so that both backends
 hold the same values.
 
+Rooms: the tables and value checks are `rpp_tasks.outputs.db_schema`; objects and their
+photometry (light curves) are the `rpp_tasks.outputs.db_targets.TargetRows` part of `ResultsDB`;
+the observers' decisions and the dashboard's index are `rpp_tasks.outputs.db_decisions`.
+
 This module imports only SQLAlchemy and the standard library: Airflow tasks may import it, and it
 never imports Airflow.
 
@@ -37,37 +41,48 @@ import contextlib
 import datetime as dt
 import hashlib
 import logging
-import math
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
-    JSON,
-    Boolean,
-    CheckConstraint,
     Connection,
-    Date,
-    DateTime,
-    Double,
     Engine,
-    ForeignKey,
-    Index,
-    Integer,
-    String,
-    Text,
-    TypeDecorator,
-    UniqueConstraint,
     func,
     select,
     text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from rpp_tasks.exceptions import ConfigError
-from rpp_tasks.jsonsafe import dumps, json_safe
+from rpp_tasks.jsonsafe import json_safe
+from rpp_tasks.outputs.db_schema import (
+    _FRAME_FLOAT_FIELDS,
+    _SESSION_N_COLUMNS,
+    FRAME_FIELDS,
+    FRAME_STATUSES,
+    FRAME_TYPES,
+    OBJECT_KINDS,
+    PHOTOMETRY_FIELDS,
+    PHOTOMETRY_STATUSES,
+    SESSION_STATUSES,
+    STAGE_RUN_STATUSES,
+    Base,
+    FrameRow,
+    MasterRow,
+    SessionRow,
+    StageRunRow,
+    _as_date,
+    _check_aware,
+    _check_choice,
+    _check_key,
+    _finite_or_none,
+    _json_dumps,
+    _session_dict,
+    _utcnow,
+)
+from rpp_tasks.outputs.db_targets import TargetRows
 from rpp_tasks.outputs.sql import make_engine, normalize_url, write_transaction
 
 __all__ = [
@@ -81,10 +96,7 @@ __all__ = [
     "SESSION_STATUSES",
     "STAGE_RUN_STATUSES",
     "ResultsDB",
-    "decisions",
     "default_results_url",
-    "record_decision",
-    "upsert_frame_index",
     "file_sha256",
     "results_url_from_env",
 ]
@@ -94,274 +106,9 @@ log = logging.getLogger(__name__)
 RESULTS_URL_ENV = "RPP_RESULTS_DB_URL"
 RESULTS_FILENAME = "rpp_results.sqlite"
 
-SESSION_STATUSES = ("pending", "running", "done", "failed")
-FRAME_STATUSES = ("ok", "rejected")
-STAGE_RUN_STATUSES = ("running", "success", "failed", "rejected", "skipped")
-FRAME_TYPES = ("bias", "dark", "flat", "science", "unknown")
 
 # Arbitrary constant key of the PostgreSQL advisory lock that serialises create_schema().
 _PG_SCHEMA_LOCK_KEY = 0x52505044  # "RPPD"
-
-
-# --------------------------------------------------------------------------------------------
-# Column types
-# --------------------------------------------------------------------------------------------
-
-
-def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-class UTCDateTime(TypeDecorator):
-    """Timezone-aware timestamp stored as UTC on every backend.
-
-    Binding a naive `datetime` raises `ValueError` (its time zone would be a guess). Results are
-    aware datetimes in UTC: ``timestamptz`` on PostgreSQL, a naive UTC string on SQLite.
-    """
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value, dialect):
-        if value is None:
-            return None
-        if not isinstance(value, dt.datetime):
-            msg = f"expected a timezone-aware datetime, got {type(value).__name__} {value!r}"
-            raise ValueError(msg)
-        if value.tzinfo is None or value.utcoffset() is None:
-            msg = (
-                f"naive datetime {value.isoformat()} is ambiguous: "
-                "give it a tzinfo (e.g. datetime.UTC)"
-            )
-            raise ValueError(msg)
-        value = value.astimezone(dt.UTC)
-        if dialect.name == "sqlite":
-            return value.replace(tzinfo=None)
-        return value
-
-    def process_result_value(self, value, dialect):
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=dt.UTC)
-        return value.astimezone(dt.UTC)
-
-
-_JSONType = JSON().with_variant(postgresql.JSONB(), "postgresql")
-
-
-# --------------------------------------------------------------------------------------------
-# Schema (SQLAlchemy 2.x declarative)
-# --------------------------------------------------------------------------------------------
-
-
-def _in(column: str, values: tuple[str, ...]) -> str:
-    return f"{column} IN ({', '.join(repr(v) for v in values)})"
-
-
-class Base(DeclarativeBase):
-    """Declarative base of the results schema (``Base.metadata`` holds the four tables)."""
-
-
-class SessionRow(Base):
-    """One observatory session (a night's frames of one observatory)."""
-
-    __tablename__ = "rpp_session"
-    __table_args__ = (
-        UniqueConstraint("observatory", "session_id", name="uq_rpp_session_key"),
-        CheckConstraint(_in("status", SESSION_STATUSES), name="ck_rpp_session_status"),
-        Index("ix_rpp_session_night", "night_date"),
-    )
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    observatory: Mapped[str] = mapped_column(String(64))
-    session_id: Mapped[str] = mapped_column(String(128))
-    night_date: Mapped[dt.date] = mapped_column(Date)
-    folder: Mapped[str | None] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(16), default="pending")
-    started_utc: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
-    finished_utc: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
-    n_bias: Mapped[int | None] = mapped_column(Integer)
-    n_dark: Mapped[int | None] = mapped_column(Integer)
-    n_flat: Mapped[int | None] = mapped_column(Integer)
-    n_science: Mapped[int | None] = mapped_column(Integer)
-    n_unknown: Mapped[int | None] = mapped_column(Integer)
-    n_rejected: Mapped[int | None] = mapped_column(Integer)
-    summary: Mapped[Any | None] = mapped_column(_JSONType)
-    created_utc: Mapped[dt.datetime] = mapped_column(UTCDateTime)
-    updated_utc: Mapped[dt.datetime] = mapped_column(UTCDateTime)
-
-
-class FrameRow(Base):
-    """One frame of a session, with its outcome and quality numbers."""
-
-    __tablename__ = "rpp_frame"
-    __table_args__ = (
-        UniqueConstraint("session_pk", "frame_stem", name="uq_rpp_frame_key"),
-        CheckConstraint(_in("status", FRAME_STATUSES), name="ck_rpp_frame_status"),
-    )
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    session_pk: Mapped[int] = mapped_column(ForeignKey("rpp_session.id", ondelete="CASCADE"))
-    frame_stem: Mapped[str] = mapped_column(String(255))
-    raw_path: Mapped[str | None] = mapped_column(Text)
-    raw_sha256: Mapped[str | None] = mapped_column(String(64))
-    imagetyp: Mapped[str | None] = mapped_column(String(16))
-    band: Mapped[str | None] = mapped_column(String(32))
-    exptime_s: Mapped[float | None] = mapped_column(Double)
-    mjd_obs: Mapped[float | None] = mapped_column(Double)
-    status: Mapped[str] = mapped_column(String(16), default="ok")
-    reject_reason: Mapped[str | None] = mapped_column(Text)
-    reject_stage: Mapped[str | None] = mapped_column(String(32))
-    calibrated_path: Mapped[str | None] = mapped_column(Text)
-    catalog_path: Mapped[str | None] = mapped_column(Text)
-    n_sources: Mapped[int | None] = mapped_column(Integer)
-    fwhm_px: Mapped[float | None] = mapped_column(Double)
-    fwhm_arcsec: Mapped[float | None] = mapped_column(Double)
-    background_adu: Mapped[float | None] = mapped_column(Double)
-    background_rms_adu: Mapped[float | None] = mapped_column(Double)
-    limiting_mag: Mapped[float | None] = mapped_column(Double)
-    zp_mag: Mapped[float | None] = mapped_column(Double)
-    zp_err_mag: Mapped[float | None] = mapped_column(Double)
-    zp_n_stars: Mapped[int | None] = mapped_column(Integer)
-    zp_catalog: Mapped[str | None] = mapped_column(String(32))
-    created_utc: Mapped[dt.datetime] = mapped_column(UTCDateTime)
-    updated_utc: Mapped[dt.datetime] = mapped_column(UTCDateTime)
-
-
-class StageRunRow(Base):
-    """One execution of one stage, for the whole session (``frame_stem`` NULL) or one frame.
-
-    Append-only: a retry is a new row with the next ``attempt``. ``frame_stem`` is deliberately
-    not a foreign key, so a stage that fails before its frame row exists can still be recorded.
-    """
-
-    __tablename__ = "rpp_stage_run"
-    __table_args__ = (
-        CheckConstraint(_in("status", STAGE_RUN_STATUSES), name="ck_rpp_stage_run_status"),
-        Index("ix_rpp_stage_run_key", "session_pk", "stage", "frame_stem"),
-    )
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    session_pk: Mapped[int] = mapped_column(ForeignKey("rpp_session.id", ondelete="CASCADE"))
-    frame_stem: Mapped[str | None] = mapped_column(String(255))
-    stage: Mapped[str] = mapped_column(String(32))
-    attempt: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(16))
-    started_utc: Mapped[dt.datetime] = mapped_column(UTCDateTime)
-    finished_utc: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
-    cpu_s: Mapped[float | None] = mapped_column(Double)
-    wall_s: Mapped[float | None] = mapped_column(Double)
-    message: Mapped[str | None] = mapped_column(Text)
-    recorded_utc: Mapped[dt.datetime] = mapped_column(UTCDateTime)
-
-
-class MasterRow(Base):
-    """A calibration master used by a session (``kind`` is the file stem: bias, dark, flat_V...)."""
-
-    __tablename__ = "rpp_master"
-    __table_args__ = (UniqueConstraint("session_pk", "kind", name="uq_rpp_master_key"),)
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    session_pk: Mapped[int] = mapped_column(ForeignKey("rpp_session.id", ondelete="CASCADE"))
-    kind: Mapped[str] = mapped_column(String(64))
-    path: Mapped[str] = mapped_column(Text)
-    from_library: Mapped[bool] = mapped_column(Boolean)
-    delta_days: Mapped[float | None] = mapped_column(Double)
-    updated_utc: Mapped[dt.datetime] = mapped_column(UTCDateTime)
-
-
-OBJECT_KINDS = ("target", "source")
-PHOTOMETRY_STATUSES = ("detected", "upper_limit", "outside_field", "no_wcs")
-
-
-class ObjectRow(Base):
-    """A sky object followed across frames: an observer's target (``kind='target'``, key
-    ``target:<normalised name>``) or a reference-catalogue source (``kind='source'``, key
-    ``ref:<reference id>``), kept when ``targets.store_all_sources`` is on."""
-
-    __tablename__ = "rpp_object"
-    __table_args__ = (
-        UniqueConstraint("key", name="uq_rpp_object_key"),
-        CheckConstraint(_in("kind", OBJECT_KINDS), name="ck_rpp_object_kind"),
-        Index("ix_rpp_object_position", "dec_deg", "ra_deg"),
-    )
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    key: Mapped[str] = mapped_column(String(160))
-    name: Mapped[str] = mapped_column(String(160))
-    kind: Mapped[str] = mapped_column(String(16))
-    ra_deg: Mapped[float] = mapped_column(Double)
-    dec_deg: Mapped[float] = mapped_column(Double)
-    ref_id: Mapped[str | None] = mapped_column(String(64))
-    info: Mapped[Any | None] = mapped_column(_JSONType)
-    created_utc: Mapped[dt.datetime] = mapped_column(UTCDateTime)
-    updated_utc: Mapped[dt.datetime] = mapped_column(UTCDateTime)
-
-
-class PhotometryRow(Base):
-    """An object in one frame: calibrated (absolute) and differential magnitude, or an upper limit.
-
-    One row per (object, frame), upserted; a light curve is one indexed query on
-    ``(object_pk, band, mjd_mid)`` joined to the frame and its session.
-    """
-
-    __tablename__ = "rpp_photometry"
-    __table_args__ = (
-        UniqueConstraint("object_pk", "frame_pk", name="uq_rpp_photometry_key"),
-        CheckConstraint(_in("status", PHOTOMETRY_STATUSES), name="ck_rpp_photometry_status"),
-        Index("ix_rpp_photometry_curve", "object_pk", "band", "mjd_mid"),
-        Index("ix_rpp_photometry_frame", "frame_pk"),
-    )
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    object_pk: Mapped[int] = mapped_column(ForeignKey("rpp_object.id", ondelete="CASCADE"))
-    frame_pk: Mapped[int] = mapped_column(ForeignKey("rpp_frame.id", ondelete="CASCADE"))
-    status: Mapped[str] = mapped_column(String(16))
-    band: Mapped[str | None] = mapped_column(String(32))
-    phot_type: Mapped[str | None] = mapped_column(String(16))
-    mjd_mid: Mapped[float | None] = mapped_column(Double)
-    bjd_tdb: Mapped[float | None] = mapped_column(Double)
-    airmass: Mapped[float | None] = mapped_column(Double)
-    mag: Mapped[float | None] = mapped_column(Double)
-    mag_err: Mapped[float | None] = mapped_column(Double)
-    mag_diff: Mapped[float | None] = mapped_column(Double)
-    mag_diff_err: Mapped[float | None] = mapped_column(Double)
-    mag_inst: Mapped[float | None] = mapped_column(Double)
-    mag_inst_err: Mapped[float | None] = mapped_column(Double)
-    snr: Mapped[float | None] = mapped_column(Double)
-    limit_mag: Mapped[float | None] = mapped_column(Double)
-    limit_diff_mag: Mapped[float | None] = mapped_column(Double)
-    match_sep_arcsec: Mapped[float | None] = mapped_column(Double)
-    x_px: Mapped[float | None] = mapped_column(Double)
-    y_px: Mapped[float | None] = mapped_column(Double)
-    zp_rel_mag: Mapped[float | None] = mapped_column(Double)
-    n_comp: Mapped[int | None] = mapped_column(Integer)
-    flags: Mapped[str | None] = mapped_column(String(255))
-    by_type: Mapped[Any | None] = mapped_column(_JSONType)
-    updated_utc: Mapped[dt.datetime] = mapped_column(UTCDateTime)
-
-
-#: Columns `ResultsDB.record_photometry` accepts in each row (besides ``object_key``, ``frame``).
-PHOTOMETRY_FIELDS = tuple(
-    c.name
-    for c in PhotometryRow.__table__.columns
-    if c.name not in {"id", "object_pk", "frame_pk", "updated_utc"}
-)
-_PHOT_FLOAT_FIELDS = frozenset(
-    c.name for c in PhotometryRow.__table__.columns if isinstance(c.type, Double)
-)
-
-
-#: Columns `ResultsDB.upsert_frame` accepts as keyword arguments.
-FRAME_FIELDS = tuple(
-    c.name
-    for c in FrameRow.__table__.columns
-    if c.name not in {"id", "session_pk", "frame_stem", "created_utc", "updated_utc"}
-)
-_FRAME_FLOAT_FIELDS = frozenset(
-    c.name for c in FrameRow.__table__.columns if isinstance(c.type, Double)
-)
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,82 +178,11 @@ def file_sha256(path: str | os.PathLike, *, chunk_bytes: int = 1 << 20) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Value normalisation
-# --------------------------------------------------------------------------------------------
-
-
-def _finite_or_none(value: Any) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def _json_dumps(obj: Any) -> str:
-    return dumps(obj, sort_keys=True)
-
-
-def _as_date(value: dt.date | str, name: str) -> dt.date:
-    if isinstance(value, dt.datetime):
-        msg = f"{name} must be a date, not a datetime ({value.isoformat()}); pass value.date()"
-        raise ValueError(msg)
-    if isinstance(value, dt.date):
-        return value
-    if isinstance(value, str):
-        try:
-            return dt.date.fromisoformat(value)
-        except ValueError:
-            pass
-    msg = f"{name} must be a date or an ISO 'YYYY-MM-DD' string, got {value!r}"
-    raise ValueError(msg)
-
-
-def _check_choice(value: str, choices: tuple[str, ...], name: str) -> str:
-    if value not in choices:
-        msg = f"{name} must be one of {', '.join(choices)}; got {value!r}"
-        raise ValueError(msg)
-    return value
-
-
-def _check_aware(value: dt.datetime | None, name: str) -> dt.datetime | None:
-    """Reject naive datetimes up front (the column type would, wrapped in a StatementError)."""
-    if value is None:
-        return None
-    if not isinstance(value, dt.datetime):
-        msg = f"{name} must be a timezone-aware datetime, got {type(value).__name__} {value!r}"
-        raise ValueError(msg)
-    if value.tzinfo is None or value.utcoffset() is None:
-        msg = (
-            f"{name}: naive datetime {value.isoformat()} is ambiguous; "
-            "give it a tzinfo (e.g. datetime.UTC)"
-        )
-        raise ValueError(msg)
-    return value
-
-
-def _check_key(value: str, name: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        msg = f"{name} must be a non-empty string, got {value!r}"
-        raise ValueError(msg)
-    return value
-
-
-_SESSION_N_COLUMNS = {t: f"n_{t}" for t in FRAME_TYPES}
-
-
-def _session_dict(row: Mapping[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in row.items() if k != "id" and k not in _SESSION_N_COLUMNS.values()}
-    counts = {t: row[c] for t, c in _SESSION_N_COLUMNS.items()}
-    out["n_frames"] = None if all(v is None for v in counts.values()) else counts
-    return out
-
-
-# --------------------------------------------------------------------------------------------
 # ResultsDB
 # --------------------------------------------------------------------------------------------
 
 
-class ResultsDB:
+class ResultsDB(TargetRows):
     """
     Read and write the results database.
 
@@ -581,6 +257,8 @@ class ResultsDB:
         Concurrent callers are serialised (SQLite write lock; PostgreSQL advisory lock), so two
         tasks starting on a fresh database do not both try to create the same table.
         """
+        from rpp_tasks.outputs import db_decisions  # noqa: F401  (registers its tables on Base)
+
         with self._write() as conn:
             if self.dialect == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_SCHEMA_LOCK_KEY})
@@ -1013,459 +691,3 @@ class ResultsDB:
         """Calibration masters used by a session as dicts, by kind."""
         t = MasterRow.__table__
         return self._session_children(t, observatory, session_id, order_by=[t.c.kind])
-
-    # ---- objects and their photometry (light curves) ------------------------------------------
-
-    def upsert_objects(self, objects: list[Mapping[str, Any]]) -> dict[str, int]:
-        """
-        Insert or update sky objects keyed by ``key``; return ``{key: primary key}``.
-
-        Parameters
-        ----------
-        objects : list of mapping
-            ``key``, ``name``, ``kind`` (``'target'`` or ``'source'``), ``ra_deg``, ``dec_deg``,
-            optional ``ref_id`` and ``info`` (JSON-able: aliases, how it was resolved...). The last
-            values written win (a target's position follows its latest resolution).
-        """
-        if not objects:
-            return {}
-        now = _utcnow()
-        rows = []
-        for o in objects:
-            _check_key(o.get("key"), "object key")
-            _check_choice(o.get("kind"), OBJECT_KINDS, "object kind")
-            ra, dec = _finite_or_none(o.get("ra_deg")), _finite_or_none(o.get("dec_deg"))
-            if ra is None or dec is None:
-                msg = f"object {o['key']!r} needs a finite ra_deg and dec_deg"
-                raise ValueError(msg)
-            rows.append(
-                {
-                    "key": o["key"],
-                    "name": str(o.get("name") or o["key"])[:160],
-                    "kind": o["kind"],
-                    "ra_deg": ra,
-                    "dec_deg": dec,
-                    "ref_id": o.get("ref_id"),
-                    "info": json_safe(o.get("info")),
-                    "created_utc": now,
-                    "updated_utc": now,
-                }
-            )
-        stmt = self._insert(ObjectRow)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[ObjectRow.key],
-            set_={
-                c: stmt.excluded[c]
-                for c in ("name", "ra_deg", "dec_deg", "ref_id", "info", "updated_utc")
-            },
-        )
-        keys = [r["key"] for r in rows]
-        out: dict[str, int] = {}
-        with self._write() as conn:
-            conn.execute(stmt, rows)
-            for i in range(0, len(keys), 500):
-                q = select(ObjectRow.key, ObjectRow.id).where(ObjectRow.key.in_(keys[i : i + 500]))
-                out.update({k: pk for k, pk in conn.execute(q)})
-        return out
-
-    def record_photometry(
-        self,
-        observatory: str,
-        session_id: str,
-        rows: list[Mapping[str, Any]],
-        *,
-        frames: Mapping[str, Mapping[str, Any]] | None = None,
-        batch_rows: int = 500,
-    ) -> int:
-        """
-        Insert or update the photometry of objects in the frames of one session.
-
-        Parameters
-        ----------
-        observatory, session_id : str
-            The session (recorded with `upsert_session`).
-        rows : list of mapping
-            ``object_pk`` (from `upsert_objects`), ``frame`` (frame stem) and any of
-            `PHOTOMETRY_FIELDS` (``status`` required: detected, upper_limit, outside_field,
-            no_wcs). NaN is stored as ``NULL``; ``by_type`` is JSON. A repeated (object, frame)
-            keeps its last row.
-        frames : mapping, optional
-            ``{stem: {"band", "mjd_obs", "exptime_s"}}``: frames of ``rows`` the database does
-            not hold yet are inserted with these values (science, status ok) in the same
-            transaction; without it an unknown frame raises `ValueError`.
-        batch_rows : int
-            Rows per multi-row ``INSERT ... ON CONFLICT DO UPDATE`` statement.
-
-        Returns
-        -------
-        n : int
-            Rows written. Raises `ValueError` for an unknown session or frame.
-        """
-        if not rows:
-            return 0
-        now = _utcnow()
-        t = FrameRow.__table__
-        with self._write() as conn:
-            session_pk = self._session_pk(conn, observatory, session_id)
-            q = select(t.c.frame_stem, t.c.id).where(t.c.session_pk == session_pk)
-            known = dict(conn.execute(q).all())
-            missing = sorted({r["frame"] for r in rows} - set(known))
-            if missing and frames is not None:
-                new = []
-                for stem in missing:
-                    info = frames.get(stem) or {}
-                    new.append(
-                        {
-                            "session_pk": session_pk,
-                            "frame_stem": _check_key(stem, "frame_stem"),
-                            "imagetyp": "science",
-                            "status": "ok",
-                            "band": info.get("band"),
-                            "mjd_obs": _finite_or_none(info.get("mjd_obs")),
-                            "exptime_s": _finite_or_none(info.get("exptime_s")),
-                            "created_utc": now,
-                            "updated_utc": now,
-                        }
-                    )
-                stmt = self._insert(FrameRow).values(new)
-                conn.execute(
-                    stmt.on_conflict_do_nothing(index_elements=["session_pk", "frame_stem"])
-                )
-                known = dict(conn.execute(q).all())
-            by_key: dict[tuple[int, int], dict] = {}
-            for r in rows:
-                unknown = set(r) - set(PHOTOMETRY_FIELDS) - {"object_pk", "frame"}
-                if unknown:
-                    msg = f"unknown photometry field(s) {sorted(unknown)}"
-                    raise ValueError(msg)
-                if r["frame"] not in known:
-                    msg = f"unknown frame {r['frame']!r} of {observatory}/{session_id}"
-                    raise ValueError(msg)
-                v = {k: r.get(k) for k in PHOTOMETRY_FIELDS}
-                _check_choice(v["status"], PHOTOMETRY_STATUSES, "photometry status")
-                for k in _PHOT_FLOAT_FIELDS:
-                    v[k] = _finite_or_none(v[k])
-                v["by_type"] = json_safe(v["by_type"]) if v["by_type"] is not None else None
-                if v["flags"] is not None and not isinstance(v["flags"], str):
-                    v["flags"] = ",".join(v["flags"])[:255]
-                v.update(object_pk=int(r["object_pk"]), frame_pk=known[r["frame"]])
-                v["updated_utc"] = now
-                by_key[(v["object_pk"], v["frame_pk"])] = v
-            values = list(by_key.values())
-            for i in range(0, len(values), max(1, int(batch_rows))):
-                stmt = self._insert(PhotometryRow).values(values[i : i + batch_rows])
-                stmt = stmt.on_conflict_do_update(
-                    index_elements=[PhotometryRow.object_pk, PhotometryRow.frame_pk],
-                    set_={c: stmt.excluded[c] for c in (*PHOTOMETRY_FIELDS, "updated_utc")},
-                )
-                conn.execute(stmt)
-        log.debug(
-            "results db: %d photometry rows of %s/%s recorded", len(values), observatory, session_id
-        )
-        return len(values)
-
-    def find_objects(
-        self,
-        *,
-        key: str | None = None,
-        ra_deg: float | None = None,
-        dec_deg: float | None = None,
-        radius_arcsec: float = 2.0,
-        kind: str | None = None,
-    ) -> list[dict[str, Any]]:
-        """
-        Objects by key, or within ``radius_arcsec`` of a position (nearest first, with
-        ``sep_arcsec``), or every object of ``kind``. The position search uses the
-        ``(dec_deg, ra_deg)`` index.
-        """
-        t = ObjectRow.__table__
-        stmt = select(t)
-        if kind is not None:
-            stmt = stmt.where(t.c.kind == _check_choice(kind, OBJECT_KINDS, "kind"))
-        if key is not None:
-            stmt = stmt.where(t.c.key == key)
-        elif ra_deg is not None and dec_deg is not None:
-            r = radius_arcsec / 3600.0
-            stmt = stmt.where(t.c.dec_deg.between(dec_deg - r, dec_deg + r))
-            cosd = max(math.cos(math.radians(dec_deg)), 1e-6)
-            dra = min(r / cosd, 180.0)
-            lo, hi = (ra_deg - dra) % 360.0, (ra_deg + dra) % 360.0
-            if dra >= 180.0:
-                pass
-            elif lo <= hi:
-                stmt = stmt.where(t.c.ra_deg.between(lo, hi))
-            else:
-                stmt = stmt.where((t.c.ra_deg >= lo) | (t.c.ra_deg <= hi))
-        elif kind is None:
-            msg = "give key, or ra_deg and dec_deg, or kind (every object of that kind)"
-            raise ValueError(msg)
-        with self._read() as conn:
-            rows = [dict(r) for r in conn.execute(stmt).mappings()]
-        if key is None and ra_deg is not None and dec_deg is not None:
-            for row in rows:
-                row["sep_arcsec"] = _sep_arcsec(ra_deg, dec_deg, row["ra_deg"], row["dec_deg"])
-            rows = sorted(
-                (r for r in rows if r["sep_arcsec"] <= radius_arcsec),
-                key=lambda r: r["sep_arcsec"],
-            )
-        return rows
-
-    def photometry_rows(
-        self,
-        object_pks: list[int],
-        *,
-        observatory: str | None = None,
-        band: str | None = None,
-        include_rejected_frames: bool = False,
-        fields: tuple[str, ...] | None = None,
-        columns: bool = False,
-        statuses: tuple[str, ...] | None = None,
-    ) -> list[dict[str, Any]] | dict[str, list]:
-        """
-        The photometry of objects over every session: one query, ordered by time.
-
-        Each row has the `PHOTOMETRY_FIELDS` (or only ``fields``) plus ``object_key``,
-        ``object_name``, ``frame`` (stem), ``session_id``, ``observatory``, ``night_date``,
-        ``exptime_s``. Frames rejected by a later re-run are left out unless
-        ``include_rejected_frames``. ``columns=True`` returns ``{name: [values]}`` instead of a
-        list of row dicts (much faster for long light curves); ``statuses`` keeps only these.
-        """
-        p, f, s, o = (
-            PhotometryRow.__table__,
-            FrameRow.__table__,
-            SessionRow.__table__,
-            ObjectRow.__table__,
-        )
-        stmt = (
-            select(
-                *[p.c[c] for c in (fields or PHOTOMETRY_FIELDS)],
-                o.c.key.label("object_key"),
-                o.c.name.label("object_name"),
-                f.c.frame_stem.label("frame"),
-                f.c.exptime_s,
-                s.c.session_id,
-                s.c.observatory,
-                s.c.night_date,
-            )
-            .select_from(p.join(o, o.c.id == p.c.object_pk).join(f, f.c.id == p.c.frame_pk))
-            .join(s, s.c.id == f.c.session_pk)
-            .where(p.c.object_pk.in_([int(k) for k in object_pks]))
-            .order_by(p.c.mjd_mid, f.c.frame_stem)
-        )
-        if band is not None:
-            stmt = stmt.where(p.c.band == band)
-        if observatory is not None:
-            stmt = stmt.where(s.c.observatory == observatory)
-        if not include_rejected_frames:
-            stmt = stmt.where(f.c.status == "ok")
-        if statuses is not None:
-            stmt = stmt.where(p.c.status.in_(list(statuses)))
-        with self._read() as conn:
-            result = conn.execute(stmt)
-            names = list(result.keys())
-            if columns:
-                data = result.all()
-                cols = list(zip(*data)) if data else [() for _ in names]
-                return {n: list(c) for n, c in zip(names, cols)}
-            return [dict(zip(names, r)) for r in result]
-
-
-def _sep_arcsec(ra1: float, dec1: float, ra2: float, dec2: float) -> float:
-    r1, d1, r2, d2 = (math.radians(v) for v in (ra1, dec1, ra2, dec2))
-    h = math.sin((d2 - d1) / 2) ** 2 + math.cos(d1) * math.cos(d2) * math.sin((r2 - r1) / 2) ** 2
-    return math.degrees(2 * math.asin(min(1.0, math.sqrt(h)))) * 3600.0
-
-
-# --------------------------------------------------------------------------------------------
-# Observers' decisions and the dashboard's frame index (issue 15)
-# --------------------------------------------------------------------------------------------
-
-DECISIONS = ("validated", "withdrawn")
-#: ``frame_stem`` of a decision about a whole session.
-SESSION_WIDE = "*"
-
-
-class DecisionRow(Base):
-    """An observer's decision on a frame (or, with ``frame_stem='*'``, a whole session).
-
-    One row per (observatory, session, frame), upserted: the current decision with who, when and
-    why. Every decision is also appended to ``rpp_decision_log``.
-    """
-
-    __tablename__ = "rpp_decision"
-    __table_args__ = (
-        UniqueConstraint("observatory", "session_id", "frame_stem", name="uq_rpp_decision_key"),
-        CheckConstraint(_in("decision", DECISIONS), name="ck_rpp_decision_decision"),
-    )
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    observatory: Mapped[str] = mapped_column(String(64))
-    session_id: Mapped[str] = mapped_column(String(128))
-    frame_stem: Mapped[str] = mapped_column(String(255))
-    decision: Mapped[str] = mapped_column(String(16))
-    reason: Mapped[str | None] = mapped_column(Text)
-    decided_by: Mapped[str] = mapped_column(String(128))
-    decided_utc: Mapped[dt.datetime] = mapped_column(UTCDateTime)
-
-
-class DecisionLogRow(Base):
-    """Append-only history of `DecisionRow` writes."""
-
-    __tablename__ = "rpp_decision_log"
-    __table_args__ = (Index("ix_rpp_decision_log_key", "observatory", "session_id", "frame_stem"),)
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    observatory: Mapped[str] = mapped_column(String(64))
-    session_id: Mapped[str] = mapped_column(String(128))
-    frame_stem: Mapped[str] = mapped_column(String(255))
-    decision: Mapped[str] = mapped_column(String(16))
-    reason: Mapped[str | None] = mapped_column(Text)
-    decided_by: Mapped[str] = mapped_column(String(128))
-    decided_utc: Mapped[dt.datetime] = mapped_column(UTCDateTime)
-
-
-class FrameIndexRow(Base):
-    """The dashboard's search index: one row per science frame of every reduced session
-    (filled from ``session_summary.json`` by `rpp_tasks.outputs.dashboard.index`)."""
-
-    __tablename__ = "rpp_frame_index"
-    __table_args__ = (
-        UniqueConstraint("observatory", "session_id", "frame_stem", name="uq_rpp_frame_index_key"),
-        Index("ix_rpp_frame_index_pos", "dec_deg", "ra_deg"),
-        Index("ix_rpp_frame_index_mjd", "mjd_obs"),
-        Index("ix_rpp_frame_index_object", "object_key"),
-        Index("ix_rpp_frame_index_night", "night_date"),
-    )
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    observatory: Mapped[str] = mapped_column(String(64))
-    session_id: Mapped[str] = mapped_column(String(128))
-    frame_stem: Mapped[str] = mapped_column(String(255))
-    night_date: Mapped[str | None] = mapped_column(String(10))
-    object_name: Mapped[str | None] = mapped_column(String(160))
-    object_key: Mapped[str | None] = mapped_column(String(160))
-    band: Mapped[str | None] = mapped_column(String(32))
-    mjd_obs: Mapped[float | None] = mapped_column(Double)
-    date_obs: Mapped[str | None] = mapped_column(String(32))
-    exptime_s: Mapped[float | None] = mapped_column(Double)
-    ra_deg: Mapped[float | None] = mapped_column(Double)
-    dec_deg: Mapped[float | None] = mapped_column(Double)
-    status: Mapped[str] = mapped_column(String(16))
-    fwhm_arcsec: Mapped[float | None] = mapped_column(Double)
-    zp_mag: Mapped[float | None] = mapped_column(Double)
-    limiting_mag: Mapped[float | None] = mapped_column(Double)
-    summary_mtime: Mapped[float | None] = mapped_column(Double)  # of session_summary.json
-    indexed_utc: Mapped[dt.datetime] = mapped_column(UTCDateTime)
-
-
-FRAME_INDEX_FIELDS = tuple(
-    c.name
-    for c in FrameIndexRow.__table__.columns
-    if c.name not in {"id", "observatory", "session_id", "frame_stem", "indexed_utc"}
-)
-
-
-_INDEX_FLOAT_FIELDS = frozenset(
-    c.name for c in FrameIndexRow.__table__.columns if isinstance(c.type, Double)
-)
-
-
-def record_decision(
-    rdb: ResultsDB,
-    observatory: str,
-    session_id: str,
-    frame_stems: list[str],
-    decision: str,
-    *,
-    by: str,
-    reason: str | None = None,
-    when: dt.datetime | None = None,
-) -> dt.datetime:
-    """Upsert the decision on each frame (``'*'``: the session) and append it to the log, in one
-    transaction. Returns the decision time (aware UTC)."""
-    _check_key(observatory, "observatory")
-    _check_key(session_id, "session_id")
-    _check_choice(decision, DECISIONS, "decision")
-    _check_key(by, "decided_by")
-    when = _check_aware(when, "when") or _utcnow()
-    rows = [
-        {
-            "observatory": observatory,
-            "session_id": session_id,
-            "frame_stem": _check_key(stem, "frame_stem"),
-            "decision": decision,
-            "reason": (reason or None) and str(reason)[:2000],
-            "decided_by": str(by)[:128],
-            "decided_utc": when,
-        }
-        for stem in dict.fromkeys(frame_stems)
-    ]
-    if not rows:
-        return when
-    stmt = rdb._insert(DecisionRow)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[DecisionRow.observatory, DecisionRow.session_id, DecisionRow.frame_stem],
-        set_={c: stmt.excluded[c] for c in ("decision", "reason", "decided_by", "decided_utc")},
-    )
-    with rdb._write() as conn:
-        conn.execute(stmt, rows)
-        conn.execute(rdb._insert(DecisionLogRow), rows)
-    return when
-
-
-def decisions(
-    rdb: ResultsDB, observatory: str, session_id: str, *, history: bool = False
-) -> list[dict[str, Any]]:
-    """Current decisions of a session (``history=True``: every decision, oldest first)."""
-    t = (DecisionLogRow if history else DecisionRow).__table__
-    stmt = (
-        select(*[c for c in t.columns if c.name != "id"])
-        .where(t.c.observatory == observatory, t.c.session_id == session_id)
-        .order_by(t.c.id if history else t.c.frame_stem)
-    )
-    with rdb._read() as conn:
-        return [dict(r) for r in conn.execute(stmt).mappings()]
-
-
-def upsert_frame_index(
-    rdb: ResultsDB, observatory: str, session_id: str, frames: list[Mapping[str, Any]]
-) -> int:
-    """Insert or update the search-index rows of a session's frames (``frame_stem`` + any of
-    `FRAME_INDEX_FIELDS`); frames of the session no longer listed are removed."""
-    now = _utcnow()
-    rows = []
-    for f in frames:
-        v = {k: f.get(k) for k in FRAME_INDEX_FIELDS}
-        for k in _INDEX_FLOAT_FIELDS:
-            v[k] = _finite_or_none(v[k])
-        rows.append(
-            {
-                **v,
-                "observatory": observatory,
-                "session_id": session_id,
-                "frame_stem": _check_key(f.get("frame_stem"), "frame_stem"),
-                "indexed_utc": now,
-            }
-        )
-    t = FrameIndexRow.__table__
-    with rdb._write() as conn:
-        stems = [r["frame_stem"] for r in rows]
-        conn.execute(
-            t.delete().where(
-                t.c.observatory == observatory,
-                t.c.session_id == session_id,
-                *([t.c.frame_stem.not_in(stems)] if stems else []),
-            )
-        )
-        for i in range(0, len(rows), 500):
-            stmt = rdb._insert(FrameIndexRow).values(rows[i : i + 500])
-            stmt = stmt.on_conflict_do_update(
-                index_elements=[
-                    FrameIndexRow.observatory,
-                    FrameIndexRow.session_id,
-                    FrameIndexRow.frame_stem,
-                ],
-                set_={c: stmt.excluded[c] for c in (*FRAME_INDEX_FIELDS, "indexed_utc")},
-            )
-            conn.execute(stmt)
-    return len(rows)

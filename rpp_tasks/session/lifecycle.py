@@ -619,7 +619,7 @@ def archive(session: Session, obs, *, url: str, results_url: str | None = None) 
     The observers' decisions (dashboard, results database) apply: a withdrawn frame is never
     published, and with ``archive.publish: on_validation`` only validated frames are."""
     from rpp_tasks.outputs import archive as rpp_archive
-    from rpp_tasks.outputs import db
+    from rpp_tasks.outputs import db, db_decisions
     from rpp_tasks.outputs.dashboard.store import archive_kwargs, publishable_frames
 
     summary = SessionSummary.from_dict(session.read_json("session_summary.json", {"frames": []}))
@@ -630,7 +630,7 @@ def archive(session: Session, obs, *, url: str, results_url: str | None = None) 
     )
     with db.ResultsDB(results_url) as rdb:
         rdb.create_schema()
-        decided = db.decisions(rdb, obs.name, summary.session_id)
+        decided = db_decisions.decisions(rdb, obs.name, summary.session_id)
     stems = [f.frame for f in summary.ok_frames] + [sp.target for sp in summary.ok_spectra]
     frames = publishable_frames(stems, decided, obs.archive.publish)
     if len(frames) < len(stems):

@@ -114,7 +114,7 @@ def _obs(night, publish):
 
 
 def test_on_validation_publishes_only_validated_frames_and_withdraw_round_trips(night, backend):
-    from rpp_tasks.outputs import db
+    from rpp_tasks.outputs import db, db_decisions
     from rpp_tasks.outputs.dashboard.roles import Actor
     from rpp_tasks.outputs.dashboard.store import Store
     from rpp_tasks.session import lifecycle
@@ -159,14 +159,15 @@ def test_on_validation_publishes_only_validated_frames_and_withdraw_round_trips(
     assert res["n_rows"] == 1  # the withdrawn frame stays out on re-archiving
     with db.ResultsDB(results_url) as rdb:
         rows = {
-            r["frame_stem"]: r for r in db.decisions(rdb, "demo", night["summary"]["session_id"])
+            r["frame_stem"]: r
+            for r in db_decisions.decisions(rdb, "demo", night["summary"]["session_id"])
         }
         assert rows[stems[0]]["decision"] == "withdrawn"
         assert rows[stems[0]]["reason"] == "tracking error"
         assert rows[stems[0]]["decided_by"] == "alice"
         assert rows[stems[0]]["decided_utc"].tzinfo is not None
         assert rows[stems[1]]["decision"] == "validated" and stems[2] not in rows
-        hist = db.decisions(rdb, "demo", night["summary"]["session_id"], history=True)
+        hist = db_decisions.decisions(rdb, "demo", night["summary"]["session_id"], history=True)
         assert [(h["frame_stem"], h["decision"]) for h in hist] == [
             (stems[0], "validated"),
             (stems[1], "validated"),

@@ -197,7 +197,7 @@ def test_viewer_cannot_decide_or_delete_and_nothing_changes(app, night):
 
 
 def test_withdraw_and_validate_round_trip_in_obscore_and_results_db(app, night):
-    from rpp_tasks.outputs import db
+    from rpp_tasks.outputs import db, db_decisions
 
     stems = _frames(night)
     all_dids = obscore_dids(night["url"])
@@ -210,7 +210,7 @@ def test_withdraw_and_validate_round_trip_in_obscore_and_results_db(app, night):
     (did,) = out["dids"]
     assert obscore_dids(night["url"]) == all_dids - {did}
     with db.ResultsDB(db.default_results_url(night["obs"].resolve_path("work"))) as rdb:
-        (row,) = db.decisions(rdb, "demo", SESSION)
+        (row,) = db_decisions.decisions(rdb, "demo", SESSION)
         assert (row["frame_stem"], row["decision"], row["reason"], row["decided_by"]) == (
             stems[1],
             "withdrawn",
@@ -229,9 +229,9 @@ def test_withdraw_and_validate_round_trip_in_obscore_and_results_db(app, night):
     assert r.status_code == 200 and r.json()["archive_rows_added"] == 1
     assert obscore_dids(night["url"]) == all_dids
     with db.ResultsDB(db.default_results_url(night["obs"].resolve_path("work"))) as rdb:
-        (row,) = db.decisions(rdb, "demo", SESSION)
+        (row,) = db_decisions.decisions(rdb, "demo", SESSION)
         assert row["decision"] == "validated"
-        hist = db.decisions(rdb, "demo", SESSION, history=True)
+        hist = db_decisions.decisions(rdb, "demo", SESSION, history=True)
         assert [h["decision"] for h in hist] == ["withdrawn", "validated"]
 
     # whole session, by an admin
@@ -244,13 +244,13 @@ def test_withdraw_and_validate_round_trip_in_obscore_and_results_db(app, night):
 
 
 def test_bad_decisions_are_4xx_with_a_message_and_change_nothing(app, night):
-    from rpp_tasks.outputs import db
+    from rpp_tasks.outputs import db, db_decisions
 
     stems = _frames(night)
     c = client_as(app, "user")
     url = db.default_results_url(night["obs"].resolve_path("work"))
     with db.ResultsDB(url) as rdb:
-        before = db.decisions(rdb, "demo", SESSION, history=True)
+        before = db_decisions.decisions(rdb, "demo", SESSION, history=True)
     dids = obscore_dids(night["url"])
     cases = [
         ({"decision": "withdrawn", "frames": [stems[0]]}, 400, "reason"),
@@ -281,7 +281,7 @@ def test_bad_decisions_are_4xx_with_a_message_and_change_nothing(app, night):
     )
     assert r.status_code == 400
     with db.ResultsDB(url) as rdb:
-        assert db.decisions(rdb, "demo", SESSION, history=True) == before
+        assert db_decisions.decisions(rdb, "demo", SESSION, history=True) == before
     assert obscore_dids(night["url"]) == dids
 
 
@@ -289,7 +289,7 @@ def test_withdrawing_a_frame_that_is_not_archived_is_409(plugin, tmp_path, monke
     """A rejected frame (here: the summary says so) has no archive row: 409, nothing recorded."""
     from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
 
-    from rpp_tasks.outputs import db
+    from rpp_tasks.outputs import db, db_decisions
 
     monkeypatch.setenv("RPP_DATA_ROOT", str(tmp_path))
     n = reduce_night(tmp_path, n_science=2, archive=False)
@@ -307,7 +307,7 @@ def test_withdrawing_a_frame_that_is_not_archived_is_409(plugin, tmp_path, monke
     r = _decide(c, {"decision": "withdrawn", "reason": "x", "frames": [stem]})
     assert r.status_code == 409 and "not archived" in r.json()["detail"]
     with db.ResultsDB(db.default_results_url(n["obs"].resolve_path("work"))) as rdb:
-        assert db.decisions(rdb, "demo", SESSION, history=True) == []
+        assert db_decisions.decisions(rdb, "demo", SESSION, history=True) == []
     # admin deletes the session's products: the work folder goes, the raw files stay
     raw_files = sorted(p.name for p in n["raw"].iterdir())
     r = client_as(app, "admin").post(f"/dash/delete/demo/{SESSION}")
@@ -582,6 +582,7 @@ def test_preview_marks_detections_and_the_measured_target(app, night):
     def count(img, rgb, tol=40):
         return int(np.count_nonzero(np.all(np.abs(img - np.array(rgb)) <= tol, axis=-1)))
 
+    targets.unlink(missing_ok=True)  # the reduction measured the demo's target: start without
     before = png("a.png")
     n_src = len(Table.read(night["workdir"] / "frames" / stem / "catalog.ecsv"))
     assert count(before, (0, 255, 0)) > 10 * n_src and count(before, (255, 0, 255)) < 5

@@ -17,7 +17,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from rpp_tasks.outputs import lightcurve
-from rpp_tasks.outputs.db import PhotometryRow, ResultsDB, default_results_url
+from rpp_tasks.outputs.db import ResultsDB, default_results_url
+from rpp_tasks.outputs.db_schema import PhotometryRow
 
 PG_ADMIN_URL = os.environ.get(
     "RPP_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"

@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 
-from rpp_tasks.outputs import db as rdb_mod
+from rpp_tasks.outputs import db_decisions
 
 STATUSES = ("ok", "rejected", "pending", "validated", "withdrawn")
 FORMATS = ("html", "json", "csv", "votable")
@@ -214,8 +214,8 @@ def _select(q: Query, names: list[str], pos, key):
     the status filter is about them (else they are attached to the page's rows afterwards)."""
     from sqlalchemy import and_, func, or_, select
 
-    t = rdb_mod.FrameIndexRow.__table__
-    d = rdb_mod.DecisionRow.__table__
+    t = db_decisions.FrameIndexRow.__table__
+    d = db_decisions.DecisionRow.__table__
     ds = d.alias("ds")  # session-wide decision
     joined = t.outerjoin(
         d,
@@ -229,7 +229,7 @@ def _select(q: Query, names: list[str], pos, key):
         and_(
             ds.c.observatory == t.c.observatory,
             ds.c.session_id == t.c.session_id,
-            ds.c.frame_stem == rdb_mod.SESSION_WIDE,
+            ds.c.frame_stem == db_decisions.SESSION_WIDE,
         ),
     )
     decision = func.coalesce(d.c.decision, ds.c.decision)
@@ -345,7 +345,7 @@ def _attach_decisions(rows: list[dict]) -> None:
     """The current decision of each row (its own, else the session's), one query per database."""
     from sqlalchemy import select, tuple_
 
-    d_t = rdb_mod.DecisionRow.__table__
+    d_t = db_decisions.DecisionRow.__table__
     by_db: dict[int, tuple] = {}
     for r in rows:
         by_db.setdefault(id(r["_db"]), (r["_db"], set()))[1].add(
@@ -360,7 +360,7 @@ def _attach_decisions(rows: list[dict]) -> None:
     for r in rows:
         del r["_db"]
         k = (r["observatory"], r["session_id"])
-        x = found.get((*k, r["frame_stem"])) or found.get((*k, rdb_mod.SESSION_WIDE))
+        x = found.get((*k, r["frame_stem"])) or found.get((*k, db_decisions.SESSION_WIDE))
         r["decision"] = x["decision"] if x else None
         r["decision_reason"] = x["reason"] if x else None
         r["decided_by"] = x["decided_by"] if x else None

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from rpp_tasks.outputs import db as rdb_mod
+from rpp_tasks.outputs import db_decisions
 from rpp_tasks.outputs.browse import safe_name
 from rpp_tasks.outputs.dashboard.roles import Actor
 
@@ -42,7 +43,7 @@ def results_url_for(obs) -> str:
 
 def effective_decision(stem: str, by_stem: Mapping[str, Mapping]) -> dict | None:
     """The decision that applies to a frame: its own, else the session-wide one, else None."""
-    return by_stem.get(stem) or by_stem.get(rdb_mod.SESSION_WIDE)
+    return by_stem.get(stem) or by_stem.get(db_decisions.SESSION_WIDE)
 
 
 def publishable_frames(
@@ -199,7 +200,7 @@ class Store:
         raise LookupError(f"no frame {stem!r} in session {obs.name}/{session_id}")
 
     def decisions(self, obs, session_id: str, *, history: bool = False) -> list[dict]:
-        return rdb_mod.decisions(self.db(obs), obs.name, session_id, history=history)
+        return db_decisions.decisions(self.db(obs), obs.name, session_id, history=history)
 
     # ---- search index ------------------------------------------------------------------------
 
@@ -212,7 +213,7 @@ class Store:
         self._synced_at = now
         from sqlalchemy import func, select
 
-        t = rdb_mod.FrameIndexRow.__table__
+        t = db_decisions.FrameIndexRow.__table__
         n = 0
         for name, o in self.configs.items():
             work = o.resolve_path("work")
@@ -240,7 +241,7 @@ class Store:
                 except (OSError, ValueError) as exc:
                     log.warning("dashboard: skipping %s: %s", path, exc)
                     continue
-                rdb_mod.upsert_frame_index(d, name, sd.name, _index_rows(summary, mtime))
+                db_decisions.upsert_frame_index(d, name, sd.name, _index_rows(summary, mtime))
                 n += 1
         return n
 
@@ -260,8 +261,10 @@ class Store:
         ObsCore table. Returns what was recorded and how many archive rows were removed/added."""
         from rpp_tasks.outputs import archive
 
-        if decision not in rdb_mod.DECISIONS:
-            raise ValueError(f"decision must be one of {rdb_mod.DECISIONS}, got {decision!r:.40}")
+        if decision not in db_decisions.DECISIONS:
+            raise ValueError(
+                f"decision must be one of {db_decisions.DECISIONS}, got {decision!r:.40}"
+            )
         reason = (reason or "").strip()
         if decision == "withdrawn" and not reason:
             raise ValueError("a withdrawal needs a reason")
@@ -301,11 +304,11 @@ class Store:
         if not pairs and skipped:
             raise ConflictError(f"no archive row can be built: {skipped[0][1]}")
         d = self.db(obs)
-        when = rdb_mod.record_decision(
+        when = db_decisions.record_decision(
             d,
             obs.name,
             session_id,
-            [*stems, *([rdb_mod.SESSION_WIDE] if whole else [])],
+            [*stems, *([db_decisions.SESSION_WIDE] if whole else [])],
             decision,
             by=actor.name,
             reason=reason or None,
@@ -366,7 +369,7 @@ class Store:
         removed = archive.delete_obscore(
             [r.obs_publisher_did for _, r in pairs], self._archive_url(obs)
         )
-        rdb_mod.upsert_frame_index(self.db(obs), obs.name, session_id, [])
+        db_decisions.upsert_frame_index(self.db(obs), obs.name, session_id, [])
         shutil.rmtree(workdir)
         log.warning(
             "dashboard: %s deleted the products of %s/%s", actor.name, observatory, session_id
