@@ -224,6 +224,7 @@ def test_parsing_imports_no_science_stack():
     # imported at parse time
     assert {m for m in mods if m.startswith("rpp_tasks.")} <= {
         "rpp_tasks.config",
+        "rpp_tasks.config_schema",
         "rpp_tasks.exceptions",
         "rpp_tasks.session",
         "rpp_tasks.session.table",
