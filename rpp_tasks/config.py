@@ -3,9 +3,10 @@
 
 This module is imported by the DAG files at parse time, so it depends on the standard library and
 PyYAML only. The sections themselves (frozen dataclasses with their defaults) are
-`rpp_tasks.config_schema`, re-exported here; this module loads, merges and validates. A configuration is loaded into frozen dataclasses and validated on load: an invalid
-file raises `~rpp_tasks.exceptions.ConfigError` naming the file, the dotted key and what was
-expected. Unknown keys are errors too (a typo must not silently fall back to a default).
+`rpp_tasks.config_schema`, re-exported here; this module loads, merges and validates. A
+configuration is loaded into frozen dataclasses and validated on load: an invalid file raises
+`~rpp_tasks.exceptions.ConfigError` naming the file, the dotted key and what was expected. Unknown
+keys are errors too (a typo must not silently fall back to a default).
 
 Examples
 --------
