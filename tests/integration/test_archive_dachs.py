@@ -378,3 +378,64 @@ def test_siap2_returns_image_not_spectrum(dachs, archived):
     assert tap_spec[0]["em_min"] == pytest.approx(5.98991e-7, rel=1e-5)
     assert tap_spec[0]["em_max"] == pytest.approx(7.39081e-7, rel=1e-5)
     assert tap_spec[0]["em_xel"] == 560 and tap_spec[0]["em_res_power"] == pytest.approx(200)
+
+
+def _load_test_module(path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"rpp_{path.stem}_helpers", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_access_url_found_by_tap_downloads_the_product(dachs, tmp_path, monkeypatch):
+    """Issue 15: with ``archive.base_url`` set to the dashboard's download route, the
+    ``access_url`` that DaCHS's TAP service returns for a reduced frame downloads, with a login,
+    the same bytes as the product (and nothing without one)."""
+    import dataclasses
+
+    from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from rpp_tasks.session import lifecycle
+    from rpp_tasks.session.workdir import Session
+
+    dash = _load_test_module(REPO / "tests/plugins/test_dashboard.py")
+    monkeypatch.setenv("RPP_DATA_ROOT", str(tmp_path))
+    night = dash.reduce_night(tmp_path, n_science=1, archive=False)
+    archive_cfg = dataclasses.replace(
+        night["obs"].archive,
+        base_url="http://testserver/rpp-reports/{observatory}/",
+        obs_collection=COLLECTION,
+    )
+    obs = dataclasses.replace(night["obs"], archive=archive_cfg)
+    res = lifecycle.archive(Session.load(night["workdir"]), obs, url=PIPELINE_URL)
+    assert res["table"] == "rpp.main" and res["n_inserted"] + res["n_updated"] == 1
+
+    rows = (
+        _tap(dachs)
+        .search(
+            "SELECT access_url, obs_publisher_did FROM ivoa.obscore "
+            f"WHERE obs_collection = '{COLLECTION}' AND access_url LIKE 'http://testserver/%'"
+        )
+        .to_table()
+    )
+    assert len(rows) == 1
+    access_url = str(rows["access_url"][0])
+    stem = night["summary"]["frames"][0]["frame"]
+    assert access_url.endswith(f"/rpp-reports/demo/{dash.SESSION}/frames/{stem}/calibrated.fits")
+
+    plugin = dash._load_plugin()
+    app = plugin.create_app(
+        auth_dependency=lambda: None,
+        user_dependency=dash._user_from_header(),
+        auth_manager=SimpleAuthManager(),
+    )
+    outer = FastAPI()
+    outer.mount("/rpp-reports", app)
+    got = TestClient(outer, headers={"X-Test-User": "v:viewer"}).get(access_url)
+    assert got.status_code == 200
+    assert got.content == (night["workdir"] / "frames" / stem / "calibrated.fits").read_bytes()
+    assert TestClient(outer).get(access_url, follow_redirects=True).status_code == 401
