@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 from sqlalchemy.pool import NullPool
 
-from rpp_tasks.outputs import archive
+from rpp_tasks.outputs import obscore_sql
 from rpp_tasks.outputs.db import ResultsDB
 from rpp_tasks.outputs.sql import make_engine, normalize_url, write_transaction
 
@@ -18,7 +18,7 @@ def test_urls_are_normalised_once_for_both_users(tmp_path):
     bare = normalize_url(tmp_path / "x" / ".." / "archive.db")  # a bare path is a SQLite file
     assert bare.render_as_string() == f"sqlite:///{tmp_path / 'archive.db'}"
     # the archive's one-shot engine and the results DB's pooled one use the same driver
-    one_shot = archive._engine("postgres://rpp@127.0.0.1:1/gavo")  # no connection is made
+    one_shot = obscore_sql._engine("postgres://rpp@127.0.0.1:1/gavo")  # no connection is made
     assert one_shot.dialect.driver == "psycopg2" and isinstance(one_shot.pool, NullPool)
     with ResultsDB("postgres://rpp@127.0.0.1:1/results") as db:
         assert db.engine.dialect.driver == "psycopg2" and not isinstance(db.engine.pool, NullPool)

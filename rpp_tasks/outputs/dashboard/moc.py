@@ -128,11 +128,11 @@ def archive_mocs(url: str, obs_collection: str, *, order: int = DEFAULT_ORDER, t
     left out). The observatory's MOC is the union."""
     from sqlalchemy import inspect, text
 
-    from rpp_tasks.outputs import archive
+    from rpp_tasks.outputs import obscore_sql
     from rpp_tasks.outputs.footprint import spoly_to_dali
 
-    engine = archive._engine(url)
-    name = archive._table_name(table, engine.dialect.name)
+    engine = obscore_sql._engine(url)
+    name = obscore_sql._table_name(table, engine.dialect.name)
     out: dict[str, set[int]] = {}
     try:
         schema, _, bare = name.rpartition(".")
