@@ -123,7 +123,6 @@ def child_main(frame, outdir, observatory, use_tracemalloc, code=None):
     import astropy.table  # noqa: F401
     import astropy.wcs  # noqa: F401
     import scipy.ndimage  # noqa: F401
-    import scipy.optimize  # noqa: F401
     import scipy.sparse.csgraph  # noqa: F401
     import scipy.spatial  # noqa: F401
     import sep  # noqa: F401

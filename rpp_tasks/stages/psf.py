@@ -23,7 +23,6 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import least_squares
 from scipy.spatial import cKDTree
 
 __all__ = [
@@ -307,6 +306,8 @@ def _fit_stack(stamps, w, dx0, dy0, fwhm0, *, fit_beta=True, n_outer=3):
         return _pix_profile(
             dx0[sel] - sx[sel, None, None], dy0[sel] - sy[sel, None, None], p[0], p[1]
         )
+
+    from scipy.optimize import least_squares  # (only this fit needs it: ~0.1 s of import)
 
     for outer in range(n_outer):
         sel = keep
