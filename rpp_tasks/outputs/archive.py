@@ -332,18 +332,11 @@ def session_rows(
     s = SessionSummary.coerce(summary)
     wanted = None if frames is None else set(frames)
     rows, no_fp, skipped = [], [], []
-    for f in s.ok_frames:
-        if wanted is not None and f.frame not in wanted:
-            continue
-        if not f.calibrated:
-            skipped.append((f.frame, "no calibrated image"))
-            continue
-        product = Path(f.calibrated)
-        # one observation id per frame of a session (stems are unique within it, session ids
-        # within the observatory): a re-run updates its rows, other sessions never collide
-        row = _row(
+
+    def row_for(product: Path, meta: dict) -> ObsCoreRow | None:
+        return _row(
             product,
-            {**f.to_dict(), "obs_id": f"{s.session_id}/{f.frame}"},
+            meta,
             skipped,
             access_url=_access_url(product, access_url_base, products_root),
             obs_collection=obs_collection,
@@ -353,6 +346,17 @@ def session_rows(
             session_id=s.session_id,
             calib_level=calib_level,
         )
+
+    for f in s.ok_frames:
+        if wanted is not None and f.frame not in wanted:
+            continue
+        if not f.calibrated:
+            skipped.append((f.frame, "no calibrated image"))
+            continue
+        product = Path(f.calibrated)
+        # one observation id per frame of a session (stems are unique within it, session ids
+        # within the observatory): a re-run updates its rows, other sessions never collide
+        row = row_for(product, {**f.to_dict(), "obs_id": f"{s.session_id}/{f.frame}"})
         if row is not None:
             rows.append((f.frame, row))
             if row.s_region is None:
@@ -374,18 +378,7 @@ def session_rows(
             "ra_deg": sp.ra_deg,
             "dec_deg": sp.dec_deg,
         }
-        row = _row(
-            product,
-            meta,
-            skipped,
-            access_url=_access_url(product, access_url_base, products_root),
-            obs_collection=obs_collection,
-            publisher_authority=publisher_authority,
-            facility_name=facility_name,
-            instrument_name=instrument_name,
-            session_id=s.session_id,
-            calib_level=calib_level,
-        )
+        row = row_for(product, meta)
         if row is not None:
             if sp.resolving_power:  # measured (the header's SPE_RPOW is rounded)
                 row = replace(row, em_res_power=float(sp.resolving_power))

@@ -486,20 +486,8 @@ def summarise(session: Session, obs, **extra) -> SessionSummary:
         (session.read_json("targets.json", {}) or {}).get("summary")
     )
     head = headline(frames)
-    mjds = [f.mjd_obs for f in frames if f.mjd_obs is not None]
     summary = SessionSummary(
-        observatory=obs.name,
-        session_id=session.session_id,
-        raw_dir=str(session.raw_dir),
-        workdir=str(session.workdir),
-        rpp_version=__version__,
-        config_hash=obs.config_hash,
-        night_date=night_date_for(min(mjds), obs.site.longitude_deg) if mjds else None,
-        n_science=head.n_science,
-        n_ok=head.n_ok,
-        n_rejected=head.n_rejected,
-        n_calibration={k: len(manifest.get(k, [])) for k in ("bias", "dark", "flat")},
-        rejected_files=session.read_json("rejected.json", {}) or {},
+        **_session_fields(session, obs, manifest, head, [f.mjd_obs for f in frames]),
         median_fwhm_arcsec=head.median_fwhm_arcsec,
         median_fwhm_px=head.median_fwhm_px,
         headline=head,
@@ -516,6 +504,26 @@ def summarise(session: Session, obs, **extra) -> SessionSummary:
     return summary
 
 
+def _session_fields(session: Session, obs, manifest: dict, head, mjds) -> dict:
+    """The `SessionSummary` fields an imaging and a long-slit session fill the same way: who,
+    where, which code and configuration, the night (from the earliest exposure) and the counts."""
+    mjds = [m for m in mjds if m is not None]
+    return {
+        "observatory": obs.name,
+        "session_id": session.session_id,
+        "raw_dir": str(session.raw_dir),
+        "workdir": str(session.workdir),
+        "rpp_version": __version__,
+        "config_hash": obs.config_hash,
+        "night_date": night_date_for(min(mjds), obs.site.longitude_deg) if mjds else None,
+        "n_science": head.n_science,
+        "n_ok": head.n_ok,
+        "n_rejected": head.n_rejected,
+        "n_calibration": {k: len(manifest.get(k, [])) for k in ("bias", "dark", "flat")},
+        "rejected_files": session.read_json("rejected.json", {}) or {},
+    }
+
+
 def _summarise_spectra(session: Session, obs, **extra) -> SessionSummary:
     """`summarise` for a long-slit session: one `SpectrumSummary` per target."""
     from rpp_tasks.session.summary import spectra_headline
@@ -524,20 +532,8 @@ def _summarise_spectra(session: Session, obs, **extra) -> SessionSummary:
     manifest = session.read_json("manifest.json", {}) or {}
     spectra = spectra_session.spectrum_summaries(session)
     head = spectra_headline(spectra)
-    mjds = [s.mjd_start for s in spectra if s.mjd_start is not None]
     summary = SessionSummary(
-        observatory=obs.name,
-        session_id=session.session_id,
-        raw_dir=str(session.raw_dir),
-        workdir=str(session.workdir),
-        rpp_version=__version__,
-        config_hash=obs.config_hash,
-        night_date=night_date_for(min(mjds), obs.site.longitude_deg) if mjds else None,
-        n_science=head.n_science,
-        n_ok=head.n_ok,
-        n_rejected=head.n_rejected,
-        n_calibration={k: len(manifest.get(k, [])) for k in ("bias", "dark", "flat")},
-        rejected_files=session.read_json("rejected.json", {}) or {},
+        **_session_fields(session, obs, manifest, head, [s.mjd_start for s in spectra]),
         headline=head,
         masters=session.read_json("spectra/masters.json", {}) or {},
         files=spectra_session.file_outcomes(manifest, spectra),
