@@ -146,6 +146,19 @@ def render_psf_stamps(dx_px, dy_px, half_width_px, *, psf="gaussian", fwhm_px=3.
     return stamps
 
 
+def _place(stamps, flux, ix, iy, kk, shape, all_idx, all_vals):
+    """Scale unit stamps by ``flux``, keep the pixels inside the image (appended to ``all_idx`` /
+    ``all_vals``, flat indices and values) and return each star's flux that landed inside."""
+    ny, nx = shape
+    px = ix[:, None, None] + kk[None, None, :]
+    py = iy[:, None, None] + kk[None, :, None]
+    inside = (px >= 0) & (px < nx) & (py >= 0) & (py < ny)
+    vals = stamps * flux[:, None, None]
+    all_idx.append((py * nx + px)[inside])
+    all_vals.append(vals[inside])
+    return np.where(inside, vals, 0.0).sum(axis=(1, 2))
+
+
 def _render_stars(shape, x, y, flux_adu, *, psf, fwhm_px, beta, sky_var_adu2, gain_e_per_adu):
     """Add the stars to a float64 image; return (image, rendered flux, peak, CRB flux error)."""
     ny, nx = shape
@@ -190,13 +203,7 @@ def _render_stars(shape, x, y, flux_adu, *, psf, fwhm_px, beta, sky_var_adu2, ga
             ]
             crb_err[sel] = 1.0 / np.sqrt(np.sum(stamps**2 / var_pix, axis=(1, 2)))
             peak[sel] = f * stamps.reshape(sel.size, -1).max(axis=1)
-            px = ix[sel, None, None] + kk[None, None, :]
-            py = iy[sel, None, None] + kk[None, :, None]
-            inside = (px >= 0) & (px < nx) & (py >= 0) & (py < ny)
-            vals = stamps * f[:, None, None]
-            rendered[sel] = np.where(inside, vals, 0.0).sum(axis=(1, 2))
-            all_idx.append((py * nx + px)[inside])
-            all_vals.append(vals[inside])
+            rendered[sel] = _place(stamps, f, ix[sel], iy[sel], kk, (ny, nx), all_idx, all_vals)
     image = np.bincount(
         np.concatenate(all_idx), weights=np.concatenate(all_vals), minlength=ny * nx
     )
@@ -399,13 +406,7 @@ def _render_stars_varying(
             var_pix = (f[:, None, None] * stamps + sky_adu[sel, None, None]) / gain + rn_var_adu2
             crb_err[sel] = 1.0 / np.sqrt(np.sum(stamps**2 / var_pix, axis=(1, 2)))
             peak[sel] = f * stamps.reshape(sel.size, -1).max(axis=1)
-            px = ix[sel, None, None] + kk[None, None, :]
-            py = iy[sel, None, None] + kk[None, :, None]
-            inside = (px >= 0) & (px < nx) & (py >= 0) & (py < ny)
-            vals = stamps * f[:, None, None]
-            rendered[sel] = np.where(inside, vals, 0.0).sum(axis=(1, 2))
-            all_idx.append((py * nx + px)[inside])
-            all_vals.append(vals[inside])
+            rendered[sel] = _place(stamps, f, ix[sel], iy[sel], kk, (ny, nx), all_idx, all_vals)
     image = np.bincount(
         np.concatenate(all_idx), weights=np.concatenate(all_vals), minlength=ny * nx
     )
