@@ -41,11 +41,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 PARSE_CODE = r"""
-import json, os, sys, time t0 = time.perf_counter() import airflow.sdk  # noqa: F401  (the DAG
-processor has Airflow loaded before it parses files) from airflow.dag_processing.dagbag import
-DagBag t_import = time.perf_counter() - t0 dags = sys.argv[1] repeat = int(sys.argv[2]) folder,
-per_file = [], {} for i in range(repeat + 1):              # first round warms the file-system cache
-and rpp_tasks.config
+import json, os, sys, time
+t0 = time.perf_counter()
+import airflow.sdk  # noqa: F401  (the DAG processor has Airflow loaded before it parses files)
+from airflow.dag_processing.dagbag import DagBag
+t_import = time.perf_counter() - t0
+dags = sys.argv[1]
+repeat = int(sys.argv[2])
+folder, per_file = [], {}
+for i in range(repeat + 1):  # the first round warms the file-system cache and rpp_tasks.config
     t = time.perf_counter()
     bag = DagBag(dag_folder=dags)
     dt = time.perf_counter() - t
@@ -61,12 +65,13 @@ for i in range(repeat):
     t = time.perf_counter()
     b1 = DagBag(dag_folder=os.path.join(dags, "rpp_reduction.py"))
     one.append(time.perf_counter() - t)
-heavy = sorted({"numpy", "astropy", "photutils", "scipy", "sep"} & {m.split(".")[0] for m in
-sys.modules}) print("RESULT " + json.dumps({"airflow_import_s": t_import, "folder_s": folder,
-"per_file_s": per_file,
-                              "n_dags": len(bag.dags), "task_parse_s": one,
-                              "task_dags": sorted(b1.dags),
-                              "heavy_modules": heavy}))
+loaded = {m.split(".")[0] for m in sys.modules}
+heavy = sorted({"numpy", "astropy", "photutils", "scipy", "sep"} & loaded)
+print("RESULT " + json.dumps({
+    "airflow_import_s": t_import, "folder_s": folder, "per_file_s": per_file,
+    "n_dags": len(bag.dags), "task_parse_s": one, "task_dags": sorted(b1.dags),
+    "heavy_modules": heavy,
+}))
 """
 
 
