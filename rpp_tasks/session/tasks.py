@@ -86,9 +86,19 @@ def run_chunk(job: dict, obs, names, table: StageTable) -> dict:
 
 def products(prev: list, obs, table: StageTable, runs: dict, *, airflow: dict) -> dict:
     """Session summary, results database, morning report and products ZIP; `TaskFailed` (after
-    writing them) when no science frame was reduced."""
+    writing them) when no science frame was reduced.
+
+    Runs when at least one task before it succeeded, even if a chunk task failed: the frames of a
+    chunk that did not complete are rejected with the reason
+    (`~rpp_tasks.session.lifecycle.reject_unfinished_chunks`) and the rest of the night is
+    published."""
+    # a mapped task's results arrive as a lazy sequence (one API call per item): read them once
+    runs = {k: v if v is None or isinstance(v, dict) else list(v) for k, v in runs.items()}
+    session = session_of(prev)
+    chunks = [job.get("chunk") or [] for job in prev] if isinstance(prev, list) else []
+    lifecycle.reject_unfinished_chunks(session, obs, table, chunks, runs)
     stage_runs = lifecycle.merge_stage_runs(table, runs)
-    summary, made = lifecycle.finish(session_of(prev), obs, airflow=airflow, stage_runs=stage_runs)
+    summary, made = lifecycle.finish(session, obs, airflow=airflow, stage_runs=stage_runs)
     try:
         lifecycle.require_reduced(summary)
     except NothingReduced as exc:
