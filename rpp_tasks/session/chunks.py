@@ -20,6 +20,7 @@ from rpp_tasks.session.workdir import Session, read_json
 
 __all__ = [
     "plan_chunks",
+    "deployment_lanes",
     "chunk_label",
     "run_chunk",
     "merge_chunk_runs",
@@ -30,15 +31,17 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def plan_chunks(session: Session, obs) -> list[list[str]]:
+def plan_chunks(session: Session, obs, *, lanes: int = 1) -> list[list[str]]:
     """Cut the night's science frames still in play into chunks (lists of stems, manifest order).
 
     The number of chunks is the night's megapixels (frame shapes from the manifest) over
-    ``scheduling.chunk_megapixels`` (or the frames over ``scheduling.chunk_frames``), and the
+    ``scheduling.chunk_megapixels`` (the largest chunk; or the frames over
+    ``scheduling.chunk_frames``), raised to ``lanes`` (chunk tasks the deployment runs at once,
+    `deployment_lanes`) so that every lane gets a chunk, and at most one chunk per frame. The
     frames are shared out in order so that every chunk has about the same pixels: the chunks of
-    one night then take about the same time on different workers.
+    one night then take about the same time on different workers. One host with one lane runs
+    a night of up to ``chunk_megapixels`` as one chunk: no start-up and no pool tail paid twice.
     """
-
     sc = obs.scheduling
     rejected = session.rejected()
     frames = [
@@ -58,7 +61,7 @@ def plan_chunks(session: Session, obs) -> list[list[str]]:
         total = float(len(frames))
     else:
         n_chunks = math.ceil(total / sc.chunk_megapixels - 1e-9)
-    n_chunks = max(1, min(n_chunks, len(frames)))
+    n_chunks = max(1, min(max(n_chunks, int(lanes)), len(frames)))
     target = total / n_chunks
     chunks: list[list[str]] = [[] for _ in range(n_chunks)]
     done = 0.0
@@ -66,6 +69,19 @@ def plan_chunks(session: Session, obs) -> list[list[str]]:
         chunks[min(n_chunks - 1, int((done + m / 2) / target))].append(f["stem"])
         done += m
     return [c for c in chunks if c]
+
+
+def deployment_lanes(obs, environ=None) -> int:
+    """How many chunk tasks of one night the deployment runs at once: the ``rpp_heavy`` pool's
+    slots (``RPP_HEAVY_POOL_SLOTS``, set in every component's environment by
+    `rpp_tasks.ops.deploy.airflow_settings`; 1 when unset) capped by
+    ``scheduling.max_active_tasks``."""
+    environ = os.environ if environ is None else environ
+    try:
+        slots = int(environ.get("RPP_HEAVY_POOL_SLOTS") or 1)
+    except ValueError:
+        slots = 1
+    return max(1, min(slots, int(obs.scheduling.max_active_tasks)))
 
 
 def chunk_label(chunk: Sequence[str]) -> str:

@@ -45,6 +45,7 @@ from rpp_tasks.exceptions import ConfigError, NothingReduced
 from rpp_tasks.session import connections
 from rpp_tasks.session.chunks import (
     chunk_label,
+    deployment_lanes,
     merge_chunk_runs,
     merge_stage_runs,
     plan_chunks,
@@ -73,6 +74,7 @@ __all__ = [
     "run_stage",
     "forget_rejections",
     "plan_chunks",
+    "deployment_lanes",
     "run_chunk",
     "chunk_label",
     "merge_chunk_runs",
@@ -180,11 +182,12 @@ def open_session(
     return session
 
 
-def open_from_conf(conf, obs) -> dict:
+def open_from_conf(conf, obs, *, lanes: int = 1) -> dict:
     """The DAG's validate step: the run's conf checked before anything is written
     (`rpp_tasks.ops.session_ids.check_run_conf`: observatory, ``session_dir`` inside the incoming
     folder when relative, a plain ``session_id``; `run_conf_targets`: the run's ``targets``), then
-    `open_session`; returns `describe` of it with the night's ``chunks`` (`plan_chunks`).
+    `open_session`; returns `describe` of it with the night's ``chunks`` (`plan_chunks` for
+    ``lanes`` chunk tasks at once).
     Raises `ValueError` for a conf to fix."""
     from rpp_tasks.ops.session_ids import check_run_conf
 
@@ -204,7 +207,7 @@ def open_from_conf(conf, obs) -> dict:
             except Exception:
                 log.exception("[%s] summary of a session without science frames", session_id)
         raise
-    chunks = plan_chunks(session, obs) if table.frame_stages else []  # (no frame stage: none)
+    chunks = plan_chunks(session, obs, lanes=lanes) if table.frame_stages else []  # (or none)
     return {**describe(session), "chunks": chunks}
 
 

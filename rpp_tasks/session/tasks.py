@@ -51,12 +51,14 @@ def session_of(prev: dict | list) -> Session:
 
 def validate(params: dict, obs) -> list[dict]:
     """Open the session afresh (manifest of frames by type) and cut the night into chunks of
-    frames: one dict per chunk, the session's description plus ``chunk`` (its frame stems).
+    frames, at least one per chunk task the deployment runs at once
+    (`~rpp_tasks.session.lifecycle.deployment_lanes`): one dict per chunk, the session's
+    description plus ``chunk`` (its frame stems).
 
     Raises `TaskFailed` for a refused run conf or a folder with files but no science frame, and
     `TaskSkipped` for a folder without any file."""
     try:
-        out = lifecycle.open_from_conf(params, obs)
+        out = lifecycle.open_from_conf(params, obs, lanes=lifecycle.deployment_lanes(obs))
     except ValueError as exc:
         raise TaskFailed(str(exc)) from None
     except NothingReduced as exc:  # files but no science frame: a failed night
