@@ -36,8 +36,9 @@ def plan_chunks(session: Session, obs, *, lanes: int = 1) -> list[list[str]]:
 
     The number of chunks is the night's megapixels (frame shapes from the manifest) over
     ``scheduling.chunk_megapixels`` (the largest chunk; or the frames over
-    ``scheduling.chunk_frames``), raised to ``lanes`` (chunk tasks the deployment runs at once,
-    `deployment_lanes`) so that every lane gets a chunk, and at most one chunk per frame. The
+    ``scheduling.chunk_frames``), rounded up to a multiple of ``lanes`` (chunk tasks the
+    deployment runs at once, `deployment_lanes`) so that the chunks run in whole waves with every
+    lane busy to the end, and at most one chunk per frame. The
     frames are shared out in order so that every chunk has about the same pixels: the chunks of
     one night then take about the same time on different workers. One host with one lane runs
     a night of up to ``chunk_megapixels`` as one chunk: no start-up and no pool tail paid twice.
@@ -61,7 +62,9 @@ def plan_chunks(session: Session, obs, *, lanes: int = 1) -> list[list[str]]:
         total = float(len(frames))
     else:
         n_chunks = math.ceil(total / sc.chunk_megapixels - 1e-9)
-    n_chunks = max(1, min(max(n_chunks, int(lanes)), len(frames)))
+    lanes = max(1, int(lanes))
+    n_chunks = lanes * math.ceil(n_chunks / lanes)  # whole waves: every lane busy to the end
+    n_chunks = max(1, min(n_chunks, len(frames)))
     target = total / n_chunks
     chunks: list[list[str]] = [[] for _ in range(n_chunks)]
     done = 0.0

@@ -167,11 +167,15 @@ def test_plan_chunks_shares_the_night_out_by_pixels(obs, tmp_path):
     chunks = plan(night, chunk_megapixels=64)  # 101 Mpx over 64 Mpx: 2 chunks of 12
     assert [len(c) for c in chunks] == [12, 12]
     assert [s for c in chunks for s in c] == every  # manifest order
-    # at least one chunk per lane (chunk tasks the deployment runs at once), one frame at least
+    # whole waves over the lanes (chunk tasks the deployment runs at once), one frame at least
     o = dataclasses.replace(obs, scheduling=SchedulingConfig())
     assert [len(c) for c in lifecycle.plan_chunks(night, o, lanes=2)] == [12, 12]
     assert [len(c) for c in lifecycle.plan_chunks(night, o, lanes=5)] == [5, 5, 4, 5, 5]
     assert len(lifecycle.plan_chunks(night, o, lanes=100)) == 24
+    o64 = dataclasses.replace(obs, scheduling=SchedulingConfig(chunk_megapixels=40))
+    # 101 Mpx / 40: 3 chunks by size -> 4 on 2 lanes (2 waves of 2), 3 on 3 lanes (1 wave)
+    assert [len(c) for c in lifecycle.plan_chunks(night, o64, lanes=2)] == [6, 6, 6, 6]
+    assert [len(c) for c in lifecycle.plan_chunks(night, o64, lanes=3)] == [8, 8, 8]
     eleven = [len(c) for c in plan(night, chunk_megapixels=10)]  # 101 Mpx / 10: 11 chunks
     assert len(eleven) == 11 and set(eleven) == {2, 3} and sum(eleven) == 24
     assert [len(c) for c in plan(night, chunk_frames=5)] == [5, 5, 4, 5, 5]  # at most 5, even
