@@ -134,20 +134,29 @@ def _segments(obs):
     return table_for(obs).segments()
 
 
-def plain_run(raw_dir: Path, obs, work_root: Path) -> float:
+def plain_run(raw_dir: Path, obs, work_root: Path) -> tuple[float, dict]:
     """The DAG's work up to and including ``products`` (validate, the session stages, the frame
     stages over every frame in one pool, summary, report and ZIP), in one process with the same
     lifecycle functions and frame pool, without Airflow."""
     from rpp_tasks.session import lifecycle
+    from rpp_tasks.session.table import table_for
 
+    table = table_for(obs)
+    parts = {}
     t0 = time.perf_counter()
     s = lifecycle.open_session(raw_dir, obs, work_root=work_root, session_id="plain")
-    for _scope, names in _segments(obs):
+    parts["validate"] = time.perf_counter() - t0
+    for scope, names in _segments(obs):
+        t = time.perf_counter()
         lifecycle.run_stage(s, obs, list(names))
+        key = names[0] if scope == "session" else table.segment_task_id(names)
+        parts[key] = time.perf_counter() - t
+    t = time.perf_counter()
     summary, _ = lifecycle.finish(s, obs)
+    parts["products"] = time.perf_counter() - t
     wall = time.perf_counter() - t0
     print(f"plain Python: {summary.n_ok}/{summary.n_science} frames in {wall:.1f} s")
-    return wall
+    return wall, {k: round(v, 2) for k, v in parts.items()}
 
 
 def _key(t: dict) -> str:
@@ -225,7 +234,7 @@ def bench_overhead(args) -> dict:
         seed=5,
     )
     with tempfile.TemporaryDirectory(prefix="rpp_bench_plain_") as tmp:
-        plain = plain_run(raw_dir, obs, Path(tmp))
+        plain, plain_parts = plain_run(raw_dir, obs, Path(tmp))
     password = _password(args)
     af = airflow_run(raw_dir, obs, args.api_url, "admin", password, f"bench-{stamp}")
     # like for like: the plain run stops after products (archive and notify run beside each other
@@ -253,6 +262,7 @@ def bench_overhead(args) -> dict:
         "frames": args.frames,
         "shape": args.shape,
         "plain_wall_s": round(plain, 2),
+        "plain_parts_s": plain_parts,  # the same split as the task durations below
         "in_run_gaps_between_tasks_s": round(gaps, 2),
         "in_run_stage_task_overhead_s": round(in_task, 2),
         "in_run_overhead_share": round((gaps + in_task) / af_wall, 3),
