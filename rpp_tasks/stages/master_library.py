@@ -175,10 +175,12 @@ class LibraryEntry:
     exptime_s: float | None = None
     n_frames: int | None = None
     added_utc: str = ""
+    shape: tuple[int, int] | None = None  # (ny, nx); None in indexes written before it was kept
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["binning"] = list(self.binning)
+        d["shape"] = None if self.shape is None else list(self.shape)
         return d
 
     @classmethod
@@ -193,6 +195,7 @@ class LibraryEntry:
             exptime_s=d.get("exptime_s"),
             n_frames=d.get("n_frames"),
             added_utc=d.get("added_utc", ""),
+            shape=tuple(int(v) for v in d["shape"]) if d.get("shape") else None,
         )
 
 
@@ -303,6 +306,7 @@ class MasterLibrary:
             exptime_s = exptime_s if exptime_s is not None else master.exptime_s
             write_master(master, dest, camera=camera, binning=(bx, by), band=band, mjd=mjd)
         entry = LibraryEntry(
+            shape=_fits_shape(dest),
             kind=kind,
             camera=str(camera),
             binning=(bx, by),
@@ -340,9 +344,12 @@ class MasterLibrary:
         )
         return entry
 
-    def find_nearest(self, kind, *, camera, binning, mjd, band=None, max_delta_days=None):
+    def find_nearest(
+        self, kind, *, camera, binning, mjd, band=None, max_delta_days=None, shape=None
+    ):
         """
-        The master of ``kind`` for this camera and binning (and band, for flats) nearest in time.
+        The master of ``kind`` for this camera, binning and frame shape (and band, for flats)
+        nearest in time.
 
         Parameters
         ----------
@@ -355,6 +362,9 @@ class MasterLibrary:
             Required match for flats (``None`` matches only flats without band); ignored otherwise.
         max_delta_days : float, optional
             Ignore masters further than this in time.
+        shape : (int, int), optional
+            The science frames' (ny, nx): a master of another shape (a sub-frame, another
+            region of interest) cannot calibrate them and is passed over.
 
         Returns
         -------
@@ -376,6 +386,8 @@ class MasterLibrary:
                 continue
             if not (self.root / e.path).exists():
                 log.warning("master library %s: %s listed but missing", self.root, e.path)
+                continue
+            if shape is not None and tuple(shape) != (e.shape or _fits_shape(self.root / e.path)):
                 continue
             key = (delta, -(e.n_frames or 0), e.mjd)
             if best_key is None or key < best_key:
@@ -410,6 +422,17 @@ class MasterLibrary:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump({"masters": [e.to_dict() for e in entries]}, fh, indent=1)
         os.replace(tmp, self.index_path)
+
+
+def _fits_shape(path) -> tuple[int, int] | None:
+    """(ny, nx) of a master's primary image from its header, or None if unreadable."""
+    from astropy.io import fits
+
+    try:
+        h = fits.getheader(path)
+        return int(h["NAXIS2"]), int(h["NAXIS1"])
+    except Exception:  # a damaged file: find_nearest's caller reads it and reports why
+        return None
 
 
 def safe_name(s):

@@ -116,7 +116,13 @@ def run_masters(
             summary["flags"].append(f"no_session_time_for_library_{kind}")
             return None
         match = library.find_nearest(
-            kind, camera=camera, binning=binning, band=band, mjd=when, max_delta_days=max_age_days
+            kind,
+            camera=camera,
+            binning=binning,
+            band=band,
+            mjd=when,
+            max_delta_days=max_age_days,
+            shape=shape,
         )
         if match is None:
             return None

@@ -239,29 +239,29 @@ def test_rpp_reduce_and_the_dag_make_the_same_products(airflow_env):
         np.testing.assert_array_equal(img_cli, img_dag)
 
 
+def _small_night(data: Path, night: str, *, seed: int) -> tuple[Path, list[str]]:
+    """A 3-frame 256² demo night with its own calibration frames (the library's masters, of the
+    module's 512² nights, do not fit): its folder and science stems."""
+    from rpp_tasks.inputs.header import frame_stem
+    from rpp_tasks.sim.synthetic import write_synthetic_session
+
+    folder = data / "incoming" / "demo" / night
+    paths = write_synthetic_session(
+        folder, truth_folder=data / "truth" / night, n_science=3, n_bias=3, n_dark=2, n_flat=3,
+        shape=(256, 256), seed=seed, night=night,
+    )  # fmt: skip
+    return folder, [frame_stem(Path(p)) for p in paths["science"]]
+
+
 def test_a_killed_worker_does_not_take_the_night_down(airflow_env):
     """Issue 12: the photometry worker of one frame is SIGKILLed (a real process death, as the
     out-of-memory killer does; ``RPP_TEST_KILL_FRAME``) every time it reduces that frame. The
     frame is retried alone, then rejected with the reason; the other frames are reduced and the
     night ends with its summary, report and archive rows."""
-    from rpp_tasks.inputs.header import frame_stem
-    from rpp_tasks.sim.synthetic import write_synthetic_session
-
     env, data = airflow_env
     data = data / "data"
-    night = data / "incoming" / "demo" / "2025-01-20"
-    paths = write_synthetic_session(
-        night,
-        truth_folder=data / "truth" / "2025-01-20",
-        n_science=3,
-        n_bias=3,
-        n_dark=2,
-        n_flat=3,
-        shape=(256, 256),
-        seed=7,
-        night="2025-01-20",
-    )  # fmt: skip  (its own masters: the library's, of the module's 512² nights, do not fit)
-    victim = frame_stem(Path(paths["science"][1]))
+    night, stems = _small_night(data, "2025-01-20", seed=7)
+    victim = stems[1]
     env = {**env, "RPP_TEST_KILL_FRAME": victim, "RPP_TEST_KILL_STAGE": "photometry"}
     conf = {"observatory": "demo", "session_id": "2025-01-20", "session_dir": str(night)}
     run = _run_dag(env, conf)
@@ -298,24 +298,9 @@ def test_a_chunk_that_fails_after_its_retries_costs_its_frames_not_the_night(air
     worker that cannot read the work folder or is lost every time). The other chunk, products,
     the report and the archive still run; the failed chunk's frames are rejected naming the task,
     the operators are alerted, and the run ends in success with that one task failed."""
-    from rpp_tasks.inputs.header import frame_stem
-    from rpp_tasks.sim.synthetic import write_synthetic_session
-
     env, data = airflow_env
     data = data / "data"
-    night = data / "incoming" / "demo" / "2025-01-22"
-    paths = write_synthetic_session(
-        night,
-        truth_folder=data / "truth" / "2025-01-22",
-        n_science=3,
-        n_bias=3,
-        n_dark=2,
-        n_flat=3,
-        shape=(256, 256),
-        seed=8,
-        night="2025-01-22",
-    )  # fmt: skip
-    stems = [frame_stem(Path(p)) for p in paths["science"]]
+    night, stems = _small_night(data, "2025-01-22", seed=8)
     victim = stems[2]  # chunks of at most 2 frames, even shares: [stems[0]], [stems[1], victim]
     env = {**env, "RPP_TEST_FAIL_CHUNK": victim}
     conf = {"observatory": "demo", "session_id": "2025-01-22", "session_dir": str(night)}

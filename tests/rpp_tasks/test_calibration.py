@@ -261,6 +261,29 @@ def test_library_nearest_in_time_with_filters(tmp_path):
         lib.find_nearest("sky", camera="CAM1", binning=(1, 1), mjd=60000.0)
 
 
+def test_library_passes_over_masters_of_another_frame_shape(tmp_path):
+    """A master of another shape (a sub-frame or another region of interest of the same camera
+    and binning) cannot calibrate the frames: the nearest master of their shape is chosen, and
+    none when there is none. Indexes written before the shape was kept read it from the file."""
+    lib = MasterLibrary(tmp_path / "lib")
+    lib.add(np.ones((64, 64), np.float32), kind="dark", camera="C", binning=1, mjd=60000.0)
+    lib.add(np.ones((32, 48), np.float32), kind="dark", camera="C", binning=1, mjd=59990.0)
+    assert lib.find_nearest("dark", camera="C", binning=1, mjd=60001.0).mjd == 60000.0
+    m = lib.find_nearest("dark", camera="C", binning=1, mjd=60001.0, shape=(32, 48))
+    assert m.mjd == 59990.0 and load_master(m.path)[0].shape == (32, 48)
+    assert lib.find_nearest("dark", camera="C", binning=1, mjd=60001.0, shape=(256, 256)) is None
+    index = json.loads((lib.root / "index.json").read_text())
+    assert sorted(tuple(e["shape"]) for e in index["masters"]) == [(32, 48), (64, 64)]
+    for e in index["masters"]:  # an index of an earlier version: no shape recorded
+        del e["shape"]
+    (lib.root / "index.json").write_text(json.dumps(index))
+    old = MasterLibrary(lib.root)
+    assert old.find_nearest("dark", camera="C", binning=1, mjd=60001.0, shape=(64, 64)).mjd == (
+        60000.0
+    )
+    assert old.find_nearest("dark", camera="C", binning=1, mjd=60001.0, shape=(8, 8)) is None
+
+
 def test_library_re_add_replaces_and_survives_reopen(tmp_path):
     lib = MasterLibrary(tmp_path)
     lib.add(np.zeros((4, 4)), kind="dark", camera="C", binning=(1, 1), mjd=59000.5, exptime_s=60.0)
