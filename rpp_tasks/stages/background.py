@@ -87,7 +87,7 @@ class BackgroundResult:
         of the PSF stars' local sky and in the weights of the large-aperture flux references
         (`rpp_tasks.stages.photometry.measure_frame`). On the bench's 2048^2 optics fields
         (rms 32.5 ADU, 64 px meshes) it is 0.64 ADU; the map's measured error at the stars is
-        0.63-0.70 ADU rms."""
+        0.60-0.70 ADU rms."""
         return float(1.2533 * self.global_rms_adu / max(self.box_size_px, 1))
 
     def to_dict(self) -> dict:
