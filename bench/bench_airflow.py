@@ -41,11 +41,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 PARSE_CODE = r"""
-import json, os, sys, time t0 = time.perf_counter() import airflow.sdk  # noqa: F401  (the DAG
-processor has Airflow loaded before it parses files) from airflow.dag_processing.dagbag import
-DagBag t_import = time.perf_counter() - t0 dags = sys.argv[1] repeat = int(sys.argv[2]) folder,
-per_file = [], {} for i in range(repeat + 1):              # first round warms the file-system cache
-and rpp_tasks.config
+import json, os, sys, time
+t0 = time.perf_counter()
+import airflow.sdk  # noqa: F401  (the DAG processor has Airflow loaded before it parses files)
+from airflow.dag_processing.dagbag import DagBag
+t_import = time.perf_counter() - t0
+dags = sys.argv[1]
+repeat = int(sys.argv[2])
+folder, per_file = [], {}
+for i in range(repeat + 1):  # the first round warms the file-system cache and rpp_tasks.config
     t = time.perf_counter()
     bag = DagBag(dag_folder=dags)
     dt = time.perf_counter() - t
@@ -61,12 +65,13 @@ for i in range(repeat):
     t = time.perf_counter()
     b1 = DagBag(dag_folder=os.path.join(dags, "rpp_reduction.py"))
     one.append(time.perf_counter() - t)
-heavy = sorted({"numpy", "astropy", "photutils", "scipy", "sep"} & {m.split(".")[0] for m in
-sys.modules}) print("RESULT " + json.dumps({"airflow_import_s": t_import, "folder_s": folder,
-"per_file_s": per_file,
-                              "n_dags": len(bag.dags), "task_parse_s": one,
-                              "task_dags": sorted(b1.dags),
-                              "heavy_modules": heavy}))
+loaded = {m.split(".")[0] for m in sys.modules}
+heavy = sorted({"numpy", "astropy", "photutils", "scipy", "sep"} & loaded)
+print("RESULT " + json.dumps({
+    "airflow_import_s": t_import, "folder_s": folder, "per_file_s": per_file,
+    "n_dags": len(bag.dags), "task_parse_s": one, "task_dags": sorted(b1.dags),
+    "heavy_modules": heavy,
+}))
 """
 
 
@@ -129,20 +134,29 @@ def _segments(obs):
     return table_for(obs).segments()
 
 
-def plain_run(raw_dir: Path, obs, work_root: Path) -> float:
+def plain_run(raw_dir: Path, obs, work_root: Path) -> tuple[float, dict]:
     """The DAG's work up to and including ``products`` (validate, the session stages, the frame
     stages over every frame in one pool, summary, report and ZIP), in one process with the same
     lifecycle functions and frame pool, without Airflow."""
     from rpp_tasks.session import lifecycle
+    from rpp_tasks.session.table import table_for
 
+    table = table_for(obs)
+    parts = {}
     t0 = time.perf_counter()
     s = lifecycle.open_session(raw_dir, obs, work_root=work_root, session_id="plain")
-    for _scope, names in _segments(obs):
+    parts["validate"] = time.perf_counter() - t0
+    for scope, names in _segments(obs):
+        t = time.perf_counter()
         lifecycle.run_stage(s, obs, list(names))
+        key = names[0] if scope == "session" else table.segment_task_id(names)
+        parts[key] = time.perf_counter() - t
+    t = time.perf_counter()
     summary, _ = lifecycle.finish(s, obs)
+    parts["products"] = time.perf_counter() - t
     wall = time.perf_counter() - t0
     print(f"plain Python: {summary.n_ok}/{summary.n_science} frames in {wall:.1f} s")
-    return wall
+    return wall, {k: round(v, 2) for k, v in parts.items()}
 
 
 def _key(t: dict) -> str:
@@ -220,7 +234,7 @@ def bench_overhead(args) -> dict:
         seed=5,
     )
     with tempfile.TemporaryDirectory(prefix="rpp_bench_plain_") as tmp:
-        plain = plain_run(raw_dir, obs, Path(tmp))
+        plain, plain_parts = plain_run(raw_dir, obs, Path(tmp))
     password = _password(args)
     af = airflow_run(raw_dir, obs, args.api_url, "admin", password, f"bench-{stamp}")
     # like for like: the plain run stops after products (archive and notify run beside each other
@@ -248,6 +262,7 @@ def bench_overhead(args) -> dict:
         "frames": args.frames,
         "shape": args.shape,
         "plain_wall_s": round(plain, 2),
+        "plain_parts_s": plain_parts,  # the same split as the task durations below
         "in_run_gaps_between_tasks_s": round(gaps, 2),
         "in_run_stage_task_overhead_s": round(in_task, 2),
         "in_run_overhead_share": round((gaps + in_task) / af_wall, 3),

@@ -16,8 +16,9 @@ the REST API reports:
   parse, imports, XCom), from ``session_summary.json``'s ``stage_runs`` (per chunk for the
   mapped ``frames`` task).
 
-The night is cut into chunks by the demo observatory's ``scheduling`` section (default 64 Mpx per
-chunk: 2 chunks of 12 frames of 2048^2; ``--chunk-frames`` sets ``chunk_frames``). From the
+The night is cut into chunks by the demo observatory's ``scheduling`` section and the lanes (at
+most 256 Mpx per chunk by default, at least one chunk per ``rpp_heavy`` slot: 2 chunks of 12
+frames of 2048^2 here; ``--chunk-frames`` sets ``chunk_frames``). From the
 measured costs (per frame inside a chunk, per frame of validate and products, masters, per-task
 overhead) the script prints the expected wall time of a bigger night on more workers, each worker
 a machine like this one (``--project-frames``, ``--project-workers``).
@@ -154,8 +155,13 @@ def project(res: dict, n_frames: int, workers: list[int], shape: int) -> dict:
     the measured costs of one run: frame stages per frame (chunk task time / chunk frames),
     validate and products per frame, masters once, and the scheduling overhead per task (idle
     gaps + time outside run_stage, over the run's tasks). Chunks as `plan_chunks` cuts them
-    (64 Mpx default) and, for comparison, one chunk per worker."""
+    (the largest chunk ``scheduling.chunk_megapixels``, a multiple of the workers) and, for
+    comparison, one chunk per worker."""
     import math
+
+    from rpp_tasks.config import SchedulingConfig
+
+    largest = SchedulingConfig().chunk_megapixels
 
     t = res["tasks"]
     n = res["frames"]
@@ -171,7 +177,7 @@ def project(res: dict, n_frames: int, workers: list[int], shape: int) -> dict:
     for w in workers:
         row = {}
         for label, n_chunks in (
-            ("default chunks", math.ceil(n_frames * mpx / 64.0)),
+            ("default chunks", w * math.ceil(math.ceil(n_frames * mpx / largest) / w)),
             ("one chunk per worker", w),
         ):
             n_chunks = max(1, min(n_chunks, n_frames))

@@ -44,6 +44,9 @@ DEFAULT_ARGS = {  # + retries and retry_delay from the observatory's scheduling 
     "max_retry_delay": _dt.timedelta(minutes=10),
     "execution_timeout": _dt.timedelta(hours=3),
 }
+#: Tasks after the chunks run if any task before them succeeded: a chunk that failed after its
+#: retries costs its frames (rejected with the reason by products), not the rest of the night.
+AFTER_CHUNKS = {"trigger_rule": "all_done_min_one_success"}
 
 
 def dag_id_for_stem(stem: str) -> str:
@@ -134,8 +137,12 @@ def build_reduction_dag(obs: ObservatoryConfig, table: StageTable | None = None)
             with _states():
                 return tasks.validate(context["params"], obs)
 
-        def stage_task(name: str, heavy: bool):
-            @task(task_id=name, **({"pool": HEAVY_POOL} if heavy else {}))
+        def stage_task(name: str, heavy: bool, after_chunks: bool):
+            @task(
+                task_id=name,
+                **({"pool": HEAVY_POOL} if heavy else {}),
+                **(AFTER_CHUNKS if after_chunks else {}),
+            )
             def run(prev: list) -> dict:
                 """Run this session stage once (tasks.run_stage; retries start clean)."""
                 from rpp_tasks.session import tasks
@@ -164,7 +171,7 @@ def build_reduction_dag(obs: ObservatoryConfig, table: StageTable | None = None)
 
             return run
 
-        @task(task_id="products")
+        @task(task_id="products", **AFTER_CHUNKS)
         def products(prev: list, runs: dict, **context) -> dict:
             """Session summary, results database, report, products ZIP (tasks.products)."""
             from rpp_tasks.session import tasks
@@ -193,18 +200,18 @@ def build_reduction_dag(obs: ObservatoryConfig, table: StageTable | None = None)
                 )
 
         opened = validate()
-        last, runs = opened, {}
+        last, runs, chunked = opened, {}, False
         for scope, names in table.segments():
             if scope == "session":
                 for n in names:
-                    runs[n] = stage_task(n, table[n].heavy)(opened)
+                    runs[n] = stage_task(n, table[n].heavy, chunked)(opened)
                     last >> runs[n]
                     last = runs[n]
                 continue
             tid, heavy = table.segment_task_id(names), any(table[n].heavy for n in names)
             runs[tid] = chunk_task(tid, names, heavy).expand(job=opened)
             last >> runs[tid]
-            last = runs[tid]
+            last, chunked = runs[tid], True
         made = products(opened, runs)
         last >> made
         archive(made)

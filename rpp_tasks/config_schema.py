@@ -351,7 +351,7 @@ class SchedulingConfig:
     task (mapped over the chunks), so the chunks of one night run on different workers at once.
     """
 
-    chunk_megapixels: float = 64.0  # pixels of one chunk: 15 frames of 2048^2 (or fewer, bigger)
+    chunk_megapixels: float = 256.0  # largest chunk (61 frames of 2048^2); >= 1 per lane
     chunk_frames: int | None = None  # at most this many frames per chunk (not by pixels)
     max_active_runs: int = 2  # nights of this observatory reduced at once
     max_active_tasks: int = 2  # tasks of one run at once (chunks of a night in parallel)

@@ -45,6 +45,7 @@ __all__ = [
     "OVERRIDES",
     "tuning_from_env",
     "STANDALONE",
+    "standalone_tuning",
     "CELERY",
     "Site",
     "compose_site",
@@ -105,6 +106,15 @@ class Tuning:
     queued_timeout_s: int = 1800
     dag_refresh_s: int = 30
 
+    @property
+    def tasks_per_host(self) -> int:
+        """Heavy tasks one machine runs at once: the pool's slots on one LocalExecutor host, a
+        Celery worker's concurrency (``RPP_TASKS_PER_HOST``: the frame pool's default memory
+        budget is shared by ``RPP_WORKERS`` x this)."""
+        if self.executor == "LocalExecutor":
+            return self.heavy_pool_slots
+        return self.worker_concurrency
+
     def __post_init__(self):
         if self.executor not in ("LocalExecutor", "CeleryExecutor"):
             raise ValueError(f"executor must be LocalExecutor or CeleryExecutor: {self.executor}")
@@ -155,8 +165,29 @@ def tuning_from_env(tuning: Tuning, environ=None) -> Tuning:
     return replace(tuning, **changes) if changes else tuning
 
 
-#: ``rpp up``: airflow standalone on one small machine.
-STANDALONE = Tuning(executor="LocalExecutor", parallelism=4, heavy_pool_slots=2)
+def standalone_tuning(cpus: int | None = None) -> Tuning:
+    """``rpp up``'s tuning on a host of ``cpus`` cores (default: this one's).
+
+    One machine runs every task, so the heavy tasks times their frame processes should fill the
+    cores and no more: ``RPP_WORKERS`` 2 (1 on a single core) and ``cpus // 2`` ``rpp_heavy``
+    slots. On 2 cores that is one heavy task at a time with 2 frame processes, which is what a
+    plain run does: two chunk tasks of 2 processes each on 2 cores took 8-15 % longer than one
+    (bench/README.md, "Issue 16"). Light tasks (validate, products, archive, notify, the
+    watcher's reconcile) run beside it (``parallelism`` = slots + 3, at least 4).
+    """
+    cpus = max(1, int(cpus or os.cpu_count() or 2))
+    frames = 2 if cpus >= 2 else 1
+    slots = max(1, cpus // frames)
+    return Tuning(
+        executor="LocalExecutor",
+        frame_processes=frames,
+        heavy_pool_slots=slots,
+        parallelism=max(4, slots + 3),
+    )
+
+
+#: ``rpp up``: airflow standalone on this machine (`standalone_tuning`).
+STANDALONE = standalone_tuning()
 #: ``rpp up --executor celery`` and docker-compose.yaml.
 CELERY = Tuning()
 
@@ -268,6 +299,7 @@ def airflow_settings(site: Site, tuning: Tuning = CELERY) -> dict[str, str]:
             "RPP_WORKERS": str(tuning.frame_processes),
             "RPP_AIRFLOW_POOL": HEAVY_POOL,
             "RPP_HEAVY_POOL_SLOTS": str(tuning.heavy_pool_slots),
+            "RPP_TASKS_PER_HOST": str(tuning.tasks_per_host),
         }
     )
     return env

@@ -43,6 +43,15 @@ from pathlib import Path
 from rpp_tasks import __version__
 from rpp_tasks.exceptions import ConfigError, NothingReduced
 from rpp_tasks.session import connections
+from rpp_tasks.session.chunks import (
+    chunk_label,
+    deployment_lanes,
+    merge_chunk_runs,
+    merge_stage_runs,
+    plan_chunks,
+    reject_unfinished_chunks,
+    run_chunk,
+)
 from rpp_tasks.session.summary import (
     FrameSummary,
     SessionSummary,
@@ -65,10 +74,12 @@ __all__ = [
     "run_stage",
     "forget_rejections",
     "plan_chunks",
+    "deployment_lanes",
     "run_chunk",
     "chunk_label",
     "merge_chunk_runs",
     "merge_stage_runs",
+    "reject_unfinished_chunks",
     "summarise",
     "record_results",
     "make_report",
@@ -171,11 +182,12 @@ def open_session(
     return session
 
 
-def open_from_conf(conf, obs) -> dict:
+def open_from_conf(conf, obs, *, lanes: int = 1) -> dict:
     """The DAG's validate step: the run's conf checked before anything is written
     (`rpp_tasks.ops.session_ids.check_run_conf`: observatory, ``session_dir`` inside the incoming
     folder when relative, a plain ``session_id``; `run_conf_targets`: the run's ``targets``), then
-    `open_session`; returns `describe` of it with the night's ``chunks`` (`plan_chunks`).
+    `open_session`; returns `describe` of it with the night's ``chunks`` (`plan_chunks` for
+    ``lanes`` chunk tasks at once).
     Raises `ValueError` for a conf to fix."""
     from rpp_tasks.ops.session_ids import check_run_conf
 
@@ -195,7 +207,7 @@ def open_from_conf(conf, obs) -> dict:
             except Exception:
                 log.exception("[%s] summary of a session without science frames", session_id)
         raise
-    chunks = plan_chunks(session, obs) if table.frame_stages else []  # (no frame stage: none)
+    chunks = plan_chunks(session, obs, lanes=lanes) if table.frame_stages else []  # (or none)
     return {**describe(session), "chunks": chunks}
 
 
@@ -361,99 +373,6 @@ def run_stage(
         )
         out.update({k: v for k, v in res.items() if k != "stages"})
         i = j
-    return out
-
-
-# =============================================================================== chunks
-def plan_chunks(session: Session, obs) -> list[list[str]]:
-    """Cut the night's science frames still in play into chunks (lists of stems, manifest order).
-
-    The number of chunks is the night's megapixels (frame shapes from the manifest) over
-    ``scheduling.chunk_megapixels`` (or the frames over ``scheduling.chunk_frames``), and the
-    frames are shared out in order so that every chunk has about the same pixels: the chunks of
-    one night then take about the same time on different workers.
-    """
-    import math
-
-    sc = obs.scheduling
-    rejected = session.rejected()
-    frames = [
-        f for f in session.read_json("manifest.json", {}).get("science", [])
-        if f["stem"] not in rejected
-    ]  # fmt: skip
-    if not frames:
-        return []
-    mpx = []
-    for f in frames:
-        shape = f.get("shape") or (2048, 2048)
-        mpx.append(max(float(shape[0]) * float(shape[1]) / 1e6, 1e-3))
-    total = sum(mpx)
-    if sc.chunk_frames:
-        n_chunks = math.ceil(len(frames) / sc.chunk_frames)
-        mpx = [1.0] * len(frames)  # equal shares of frames
-        total = float(len(frames))
-    else:
-        n_chunks = math.ceil(total / sc.chunk_megapixels - 1e-9)
-    n_chunks = max(1, min(n_chunks, len(frames)))
-    target = total / n_chunks
-    chunks: list[list[str]] = [[] for _ in range(n_chunks)]
-    done = 0.0
-    for f, m in zip(frames, mpx):  # a frame goes to the chunk its pixel mid-point falls in
-        chunks[min(n_chunks - 1, int((done + m / 2) / target))].append(f["stem"])
-        done += m
-    return [c for c in chunks if c]
-
-
-def chunk_label(chunk: Sequence[str]) -> str:
-    """How a chunk is named in the Airflow UI (its mapped task's map index)."""
-    if not chunk:
-        return "no frame"
-    ends = chunk[0] if len(chunk) == 1 else f"{chunk[0]} .. {chunk[-1]}"
-    return f"{ends} ({len(chunk)} frame{'s' if len(chunk) > 1 else ''})"
-
-
-def run_chunk(
-    session: Session,
-    obs,
-    stages: Sequence[str],
-    chunk: Sequence[str],
-    *,
-    table: StageTable | None = None,
-    workers: int | None = None,
-) -> dict:
-    """One mapped task of the DAG: the frame stages ``stages`` for the frames ``chunk`` (stems),
-    in one process pool, each frame kept in memory from stage to stage (`run_stage` with
-    ``frames``; a retry forgets this chunk's own rejections and redoes its frames). Returns the
-    run's counts with ``chunk`` (the stems)."""
-    res = run_stage(session, obs, list(stages), frames=list(chunk), table=table, workers=workers)
-    res.pop("stages", None)
-    return {"chunk": list(chunk), **res}
-
-
-def merge_chunk_runs(stages: Sequence[str], chunk_runs: Sequence[dict]) -> dict:
-    """The chunks' results of one frame segment as one stage run (the summary's ``stage_runs``):
-    summed counts, the chunks' wall times and every rejected frame."""
-    runs = [r for r in chunk_runs if r]
-    out: dict = {"stages": list(stages), "n_chunks": len(runs)}
-    for key in ("n_frames", "n_ok", "n_rejected", "n_failed"):
-        out[key] = sum(int(r.get(key, 0)) for r in runs)
-    out["wall_s"] = round(sum(float(r.get("wall_s", 0.0)) for r in runs), 3)
-    out["chunk_wall_s"] = [r.get("wall_s") for r in runs]
-    out["chunk_frames"] = [len(r.get("chunk", [])) for r in runs]
-    out["rejected"] = {k: v for r in runs for k, v in (r.get("rejected") or {}).items()}
-    return out
-
-
-def merge_stage_runs(table: StageTable, runs: dict) -> dict:
-    """The DAG's task results as the summary's ``stage_runs``: one entry per session stage and
-    one per frame segment (its mapped task id, the chunks merged by `merge_chunk_runs`)."""
-    out = {}
-    for scope, names in table.segments():
-        if scope == "session":
-            out.update({n: dict(runs.get(n) or {}) for n in names})
-        else:
-            tid = table.segment_task_id(names)
-            out[tid] = merge_chunk_runs(names, list(runs.get(tid) or []))
     return out
 
 

@@ -30,7 +30,7 @@ from rpp_tasks.session.frame import FrameWork, frame_summary, run_chain
 from rpp_tasks.session.table import IMAGING, StageTable
 from rpp_tasks.session.workdir import Session, read_json, write_json_atomic
 
-__all__ = ["FRAME_STAGES", "reduce_frame", "run_frames", "frame_stem"]
+__all__ = ["FRAME_STAGES", "reduce_frame", "run_frames", "frame_stem", "give_up"]
 
 log = logging.getLogger(__name__)
 
@@ -155,19 +155,24 @@ def _frame_job(
     return {**out, "_peak_rss_bytes": pool.peak_rss_bytes()}
 
 
-def _give_up(session: Session, obs, job, entry: dict, reason: str, status: str, stage: str):
-    """Record a frame that did not run or whose worker died: rejected.json, summary.json."""
-    meta = read_json(job.outdir / "check.json") or {
+def give_up(
+    session: Session, obs, stem: str, entry: dict, reason: str, status: str, stage: str
+) -> dict:
+    """Record a frame that did not run, whose worker died or whose task never completed:
+    ``rejected.json`` and ``summary.json`` (with the stages it did finish). ``entry`` is the
+    frame's manifest entry. Returns the summary."""
+    outdir = session.frame_dir(stem)
+    meta = read_json(outdir / "check.json") or {
         k: v for k, v in entry.items() if k not in ("stem", "path")
     }
     fw = FrameWork(
-        stem=job.stem, raw_path=Path(entry["path"]), outdir=job.outdir, session=session, meta=meta
+        stem=stem, raw_path=Path(entry["path"]), outdir=outdir, session=session, meta=meta
     )
-    prev = read_json(job.outdir / "summary.json", {}) or {}
+    prev = read_json(outdir / "summary.json", {}) or {}
     fw.results = dict(prev.get("stages") or {})
-    session.reject(job.stem, reason=reason, stage=stage, path=entry["path"])
+    session.reject(stem, reason=reason, stage=stage, path=entry["path"])
     summary = frame_summary(fw, obs, status=status, reason=reason, stage=stage)
-    write_json_atomic(job.outdir / "summary.json", summary)
+    write_json_atomic(outdir / "summary.json", summary)
     return summary
 
 
@@ -274,9 +279,8 @@ def run_frames(
         for stem, e in entries.items()
     ]
     shared, alone, never = pool.plan_memory(jobs, budget_bytes=budget, workers=workers)
-    by_stem = {j.stem: j for j in jobs}
     summaries = [
-        _give_up(session, obs, by_stem[stem], entries[stem], why, "rejected", names[0])
+        give_up(session, obs, stem, entries[stem], why, "rejected", names[0])
         for stem, why in never.items()
     ]
     if alone:
@@ -316,7 +320,7 @@ def run_frames(
 
         def on_death(job, reason, status, stage=None):
             stage = stage if stage in names else names[0]
-            return _give_up(session, obs, job, entries[job.stem], reason, status, stage)
+            return give_up(session, obs, job.stem, entries[job.stem], reason, status, stage)
 
         with _main_module_without_path(), _multiprocessing_main():
             results = pool.run_supervised(

@@ -80,13 +80,20 @@ def frame_peak_bytes(
     return int(base_bytes + bytes_per_pixel * n)
 
 
-def memory_budget_bytes(obs, workers: int) -> int:
+def memory_budget_bytes(obs, workers: int, environ=None) -> int:
     """Memory budget of one frame worker: ``session.memory_per_worker_mb`` when configured, else
-    `DEFAULT_RAM_SHARE` of the machine's RAM divided by the workers."""
+    `DEFAULT_RAM_SHARE` of the machine's RAM divided by the workers of all the heavy tasks this
+    machine runs at once (``workers`` x ``RPP_TASKS_PER_HOST``, which the deployment sets: the
+    ``rpp_heavy`` slots of one LocalExecutor host, a Celery worker's concurrency; 1 when unset)."""
     mb = getattr(getattr(obs, "session", None), "memory_per_worker_mb", None)
     if mb:
         return int(float(mb) * 2**20)
-    return int(DEFAULT_RAM_SHARE * machine_memory_bytes() / max(int(workers), 1))
+    environ = os.environ if environ is None else environ
+    try:
+        tasks = max(1, int(environ.get("RPP_TASKS_PER_HOST") or 1))
+    except ValueError:
+        tasks = 1
+    return int(DEFAULT_RAM_SHARE * machine_memory_bytes() / (max(int(workers), 1) * tasks))
 
 
 @dataclass

@@ -51,12 +51,14 @@ def session_of(prev: dict | list) -> Session:
 
 def validate(params: dict, obs) -> list[dict]:
     """Open the session afresh (manifest of frames by type) and cut the night into chunks of
-    frames: one dict per chunk, the session's description plus ``chunk`` (its frame stems).
+    frames, at least one per chunk task the deployment runs at once
+    (`~rpp_tasks.session.lifecycle.deployment_lanes`): one dict per chunk, the session's
+    description plus ``chunk`` (its frame stems).
 
     Raises `TaskFailed` for a refused run conf or a folder with files but no science frame, and
     `TaskSkipped` for a folder without any file."""
     try:
-        out = lifecycle.open_from_conf(params, obs)
+        out = lifecycle.open_from_conf(params, obs, lanes=lifecycle.deployment_lanes(obs))
     except ValueError as exc:
         raise TaskFailed(str(exc)) from None
     except NothingReduced as exc:  # files but no science frame: a failed night
@@ -86,9 +88,19 @@ def run_chunk(job: dict, obs, names, table: StageTable) -> dict:
 
 def products(prev: list, obs, table: StageTable, runs: dict, *, airflow: dict) -> dict:
     """Session summary, results database, morning report and products ZIP; `TaskFailed` (after
-    writing them) when no science frame was reduced."""
+    writing them) when no science frame was reduced.
+
+    Runs when at least one task before it succeeded, even if a chunk task failed: the frames of a
+    chunk that did not complete are rejected with the reason
+    (`~rpp_tasks.session.lifecycle.reject_unfinished_chunks`) and the rest of the night is
+    published."""
+    # a mapped task's results arrive as a lazy sequence (one API call per item): read them once
+    runs = {k: v if v is None or isinstance(v, dict) else list(v) for k, v in runs.items()}
+    session = session_of(prev)
+    chunks = [job.get("chunk") or [] for job in prev] if isinstance(prev, list) else []
+    lifecycle.reject_unfinished_chunks(session, obs, table, chunks, runs)
     stage_runs = lifecycle.merge_stage_runs(table, runs)
-    summary, made = lifecycle.finish(session_of(prev), obs, airflow=airflow, stage_runs=stage_runs)
+    summary, made = lifecycle.finish(session, obs, airflow=airflow, stage_runs=stage_runs)
     try:
         lifecycle.require_reduced(summary)
     except NothingReduced as exc:

@@ -285,7 +285,10 @@ def test_pool_size_and_timeouts_from_the_launchers_environment(tmp_path):
     secrets_ = {"jwt_secret": "j" * 64, "secret_key": "k", "passwords_file": "p"}
     env = airflow_env(settings, secrets_, {"RPP_HEAVY_POOL_SLOTS": "6"})
     assert env["RPP_HEAVY_POOL_SLOTS"] == "6"  # what `rpp up` gives the rpp_heavy pool
-    assert airflow_env(settings, secrets_, {})["RPP_HEAVY_POOL_SLOTS"] == "2"  # standalone
+    standalone = airflow_env(settings, secrets_, {})
+    assert standalone["RPP_HEAVY_POOL_SLOTS"] == str(deploy.STANDALONE.heavy_pool_slots)
+    assert standalone["RPP_TASKS_PER_HOST"] == standalone["RPP_HEAVY_POOL_SLOTS"]  # one host
+    assert env["RPP_TASKS_PER_HOST"] == "6"
     for var, bad in (
         ("RPP_HEAVY_POOL_SLOTS", "0"),
         ("RPP_HEAVY_POOL_SLOTS", "many"),
@@ -294,6 +297,25 @@ def test_pool_size_and_timeouts_from_the_launchers_environment(tmp_path):
     ):
         with pytest.raises(ValueError, match=f"{var}='{bad}': expected an integer from"):
             deploy.tuning_from_env(deploy.STANDALONE, {var: bad})
+
+
+def test_standalone_fills_the_cores_once():
+    """`rpp up` on one host: heavy slots x frame processes = the cores (2 frame processes per
+    task; one task on 2 cores), never more; a Celery worker's host runs its concurrency."""
+    sized = {
+        n: (t.heavy_pool_slots, t.frame_processes, t.parallelism, t.tasks_per_host)
+        for n in (1, 2, 3, 8, 64)
+        for t in [deploy.standalone_tuning(n)]
+    }
+    assert sized == {
+        1: (1, 1, 4, 1),
+        2: (1, 2, 4, 1),
+        3: (1, 2, 4, 1),
+        8: (4, 2, 7, 4),
+        64: (32, 2, 35, 32),
+    }
+    assert deploy.STANDALONE == deploy.standalone_tuning(os.cpu_count())
+    assert deploy.CELERY.tasks_per_host == deploy.CELERY.worker_concurrency
 
 
 # ----------------------------------------------------------------------------- compose structure

@@ -162,9 +162,20 @@ def test_plan_chunks_shares_the_night_out_by_pixels(obs, tmp_path):
         return lifecycle.plan_chunks(session, o)
 
     night = _manifest_session(tmp_path / "a", [(2048, 2048)] * 24)
-    chunks = plan(night)  # 24 x 4.19 Mpx = 101 Mpx over 64 Mpx: 2 chunks of 12
+    every = [f"f{i:03d}" for i in range(24)]
+    assert plan(night) == [every]  # 24 x 4.19 Mpx = 101 Mpx, under the 256 Mpx largest chunk
+    chunks = plan(night, chunk_megapixels=64)  # 101 Mpx over 64 Mpx: 2 chunks of 12
     assert [len(c) for c in chunks] == [12, 12]
-    assert [s for c in chunks for s in c] == [f"f{i:03d}" for i in range(24)]  # manifest order
+    assert [s for c in chunks for s in c] == every  # manifest order
+    # whole waves over the lanes (chunk tasks the deployment runs at once), one frame at least
+    o = dataclasses.replace(obs, scheduling=SchedulingConfig())
+    assert [len(c) for c in lifecycle.plan_chunks(night, o, lanes=2)] == [12, 12]
+    assert [len(c) for c in lifecycle.plan_chunks(night, o, lanes=5)] == [5, 5, 4, 5, 5]
+    assert len(lifecycle.plan_chunks(night, o, lanes=100)) == 24
+    o64 = dataclasses.replace(obs, scheduling=SchedulingConfig(chunk_megapixels=40))
+    # 101 Mpx / 40: 3 chunks by size -> 4 on 2 lanes (2 waves of 2), 3 on 3 lanes (1 wave)
+    assert [len(c) for c in lifecycle.plan_chunks(night, o64, lanes=2)] == [6, 6, 6, 6]
+    assert [len(c) for c in lifecycle.plan_chunks(night, o64, lanes=3)] == [8, 8, 8]
     eleven = [len(c) for c in plan(night, chunk_megapixels=10)]  # 101 Mpx / 10: 11 chunks
     assert len(eleven) == 11 and set(eleven) == {2, 3} and sum(eleven) == 24
     assert [len(c) for c in plan(night, chunk_frames=5)] == [5, 5, 4, 5, 5]  # at most 5, even
@@ -180,6 +191,20 @@ def test_plan_chunks_shares_the_night_out_by_pixels(obs, tmp_path):
     assert "f000" not in {s for c in plan(night) for s in c}
     assert plan(_manifest_session(tmp_path / "c", []), chunk_frames=3) == []
     assert lifecycle.chunk_label(["a", "b", "c"]) == "a .. c (3 frames)"
+
+
+def test_deployment_lanes_are_the_heavy_slots_capped_by_the_dag(obs):
+    """The lanes validate plans chunks for: the rpp_heavy pool's slots as the deployment sets them
+    in every component's environment, capped by the DAG's max_active_tasks; 1 when unknown."""
+    import dataclasses
+
+    from rpp_tasks.config import SchedulingConfig
+
+    o = dataclasses.replace(obs, scheduling=SchedulingConfig(max_active_tasks=4))
+    assert lifecycle.deployment_lanes(o, {}) == 1  # rpp reduce, dag.test: no deployment
+    assert lifecycle.deployment_lanes(o, {"RPP_HEAVY_POOL_SLOTS": "2"}) == 2
+    assert lifecycle.deployment_lanes(o, {"RPP_HEAVY_POOL_SLOTS": "16"}) == 4  # max_active_tasks
+    assert lifecycle.deployment_lanes(o, {"RPP_HEAVY_POOL_SLOTS": "x"}) == 1
 
 
 def test_scheduling_section_is_validated(tmp_path):

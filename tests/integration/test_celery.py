@@ -142,7 +142,7 @@ def test_night_runs_on_celery_workers_with_prefork_pool(cluster):
     # the live deployment has every setting of docker-compose.yaml, with the same values except
     # where things are (topology) and what this test sizes on purpose
     compose = deploy.airflow_settings(deploy.compose_site(), deploy.CELERY)
-    sized = {"AIRFLOW__CELERY__WORKER_CONCURRENCY", "RPP_HEAVY_POOL_SLOTS"}
+    sized = {"AIRFLOW__CELERY__WORKER_CONCURRENCY", "RPP_HEAVY_POOL_SLOTS", "RPP_TASKS_PER_HOST"}
     assert set(compose) <= set(dep.env)
     assert {k: dep.env[k] for k in compose if k not in deploy.TOPOLOGY_KEYS | sized} == {
         k: v for k, v in compose.items() if k not in deploy.TOPOLOGY_KEYS | sized

@@ -56,7 +56,8 @@ def airflow_env():
     # runs the frame stages as 2 mapped tasks (2 + 1 frames), rpp reduce in one process
     shutil.copytree(REPO / "config", config)
     demo = config / "observatories" / "demo.yaml"
-    demo.write_text(demo.read_text() + "\nscheduling: {chunk_frames: 2}\n")
+    # (retries 1 s, 2 s apart: the failing-chunk test waits through them)
+    demo.write_text(demo.read_text() + "\nscheduling: {chunk_frames: 2, retry_delay_s: 1}\n")
     env = {
         **os.environ,
         "AIRFLOW_HOME": str(home),
@@ -290,6 +291,69 @@ def test_a_killed_worker_does_not_take_the_night_down(airflow_env):
     assert sorted(i for i in ids if i.startswith("2025-01-20/")) == sorted(
         f"2025-01-20/{f['frame']}" for f in summary["frames"] if f["status"] == "ok"
     )
+
+
+def test_a_chunk_that_fails_after_its_retries_costs_its_frames_not_the_night(airflow_env):
+    """Issue 16: the chunk task holding one frame fails at every try (``RPP_TEST_FAIL_CHUNK``, as a
+    worker that cannot read the work folder or is lost every time). The other chunk, products,
+    the report and the archive still run; the failed chunk's frames are rejected naming the task,
+    the operators are alerted, and the run ends in success with that one task failed."""
+    from rpp_tasks.inputs.header import frame_stem
+    from rpp_tasks.sim.synthetic import write_synthetic_session
+
+    env, data = airflow_env
+    data = data / "data"
+    night = data / "incoming" / "demo" / "2025-01-22"
+    paths = write_synthetic_session(
+        night,
+        truth_folder=data / "truth" / "2025-01-22",
+        n_science=3,
+        n_bias=3,
+        n_dark=2,
+        n_flat=3,
+        shape=(256, 256),
+        seed=8,
+        night="2025-01-22",
+    )  # fmt: skip
+    stems = [frame_stem(Path(p)) for p in paths["science"]]
+    victim = stems[2]  # chunks of at most 2 frames, even shares: [stems[0]], [stems[1], victim]
+    env = {**env, "RPP_TEST_FAIL_CHUNK": victim}
+    conf = {"observatory": "demo", "session_id": "2025-01-22", "session_dir": str(night)}
+    run = _run_dag(env, conf)
+    states = {t: v["state"] for t, v in run["tasks"].items()}
+    assert run["state"] == "success", states
+    assert sorted(t for t in states if t.startswith("frames[")) == ["frames[0]", "frames[1]"]
+    assert (states["frames[0]"], states["frames[1]"]) == ("success", "failed"), states
+    for t in ("targets", "products", "archive"):
+        assert states[t] == "success", states
+
+    workdir = data / "work" / "demo" / "2025-01-22"
+    summary = json.loads((workdir / "session_summary.json").read_text())
+    assert (summary["n_science"], summary["n_ok"]) == (3, 1)
+    by_frame = {f["frame"]: f for f in summary["frames"]}
+    assert by_frame[stems[0]]["status"] == "ok"
+    for stem in stems[1:]:  # both frames of the failed chunk, each with the reason
+        f = by_frame[stem]
+        assert f["status"] == "failed" and f["failed_stage"] == "frames", f
+        assert f["reason"].startswith("not reduced: its chunk task frames [") and (
+            "did not complete" in f["reason"]
+        ), f["reason"]
+    assert summary["stage_runs"]["frames"]["n_chunks"] == 1  # the chunk that completed
+    page = (workdir / "report" / "report.html").read_text()
+    assert all(s in page for s in stems[1:]) and "did not complete" in page
+    failures = data / "work" / "demo" / "failures.jsonl"
+    mine = [
+        json.loads(ln)
+        for ln in failures.read_text().splitlines()
+        if json.loads(ln).get("session_id") == "2025-01-22"
+    ]
+    assert [m["task_id"] for m in mine] == ["frames"], mine  # the operators' alert, once
+    assert "RPP_TEST_FAIL_CHUNK" in mine[0]["error"]
+    import sqlite3
+
+    with sqlite3.connect(data / "products" / "demo" / "archive.sqlite") as con:
+        ids = [r[0] for r in con.execute("select obs_id from rpp_main")]
+    assert sorted(i for i in ids if i.startswith("2025-01-22/")) == [f"2025-01-22/{stems[0]}"]
 
 
 def test_a_folder_without_science_frames_fails_and_alerts(airflow_env):

@@ -126,7 +126,10 @@ def test_estimate_and_budget_defaults(obs):
     assert pool.frame_peak_bytes((8192, 8192)) == pool.BASE_BYTES + 40 * 8192**2
     assert pool.frame_peak_bytes(None) == pool.BASE_BYTES
     ram = pool.machine_memory_bytes()
-    assert pool.memory_budget_bytes(obs, 2) == int(0.8 * ram / 2)
+    assert pool.memory_budget_bytes(obs, 2, {}) == int(0.8 * ram / 2)
+    # heavy tasks that share the host (the deployment's RPP_TASKS_PER_HOST) share its RAM
+    assert pool.memory_budget_bytes(obs, 2, {"RPP_TASKS_PER_HOST": "3"}) == int(0.8 * ram / 6)
+    assert pool.memory_budget_bytes(obs, 2, {"RPP_TASKS_PER_HOST": "?"}) == int(0.8 * ram / 2)
     o = dataclasses.replace(
         obs, session=dataclasses.replace(obs.session, memory_per_worker_mb=3000)
     )
