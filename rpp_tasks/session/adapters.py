@@ -263,6 +263,7 @@ def step_background(fw, obs) -> dict:
     fw.bkg_summary = {
         "background_adu": float(res.global_median_adu),
         "background_rms_adu": float(res.global_rms_adu),
+        "map_sigma_adu": round(res.map_sigma_adu, 4),
     }
     return dict(fw.bkg_summary)
 
@@ -309,6 +310,7 @@ def step_photometry(fw, obs) -> dict:
         header=fw.header,
         meta=fw.meta,
         background_rms_adu=fw.bkg_summary["background_rms_adu"],
+        sky_map_sigma_adu=fw.bkg_summary.get("map_sigma_adu"),
         cfg=obs.stages.photometry,
         provenance={"observatory": obs.name, "config_hash": obs.config_hash},
         frame=fw.stem,

@@ -133,7 +133,7 @@ def _load_background(fw: FrameWork) -> None:
     fw.bkg_summary = {
         k: v
         for k, v in (fw.results.get("background") or {}).items()
-        if k in ("background_adu", "background_rms_adu")
+        if k in ("background_adu", "background_rms_adu", "map_sigma_adu")
     }
 
 

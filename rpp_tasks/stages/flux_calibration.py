@@ -75,7 +75,19 @@ def _reference_stars(table, radius_px, fwhm, min_snr):
 
 
 def _large_aperture_fluxes(
-    table, idx, x, y, resid, rms, psf_model, *, radius_px, gain, mask, flux_model=None
+    table,
+    idx,
+    x,
+    y,
+    resid,
+    rms,
+    psf_model,
+    *,
+    radius_px,
+    gain,
+    mask,
+    flux_model=None,
+    sky_sigma_adu=None,
 ):
     """Total flux of stars ``idx`` from the data in a large aperture, and the variance of its
     difference to the PSF flux.
@@ -84,6 +96,14 @@ def _large_aperture_fluxes(
     aperture is its PSF flux times the model's aperture fraction plus the residual sum there
     (minus the local sky), so ``F_big = F_psf + (sum(resid) - sky * area) / frac``: the model
     only enters through the small fraction of light beyond the aperture.
+
+    The local sky is the annulus mean ``bkg_local``, or with ``sky_sigma_adu`` (the sky map's
+    uncertainty at a star) the sky map itself (``resid`` is already on it): on the residual image
+    the annulus holds the star's own residual wings -- the model error these references measure
+    -- and would take part of it away. The variance then has the map's error
+    ``(area * sky_sigma_adu)^2`` and the model's uncertainty of the light beyond the aperture
+    (`FieldPSF.flux_fraction_sigma`) instead of the annulus term, so the few bright references
+    do not outweigh the many others by more than they know.
     """
     import sep
 
@@ -100,6 +120,9 @@ def _large_aperture_fluxes(
         if "n_annulus" in table.colnames
         else np.full(idx.size, np.inf)
     )
+    if sky_sigma_adu is not None:
+        bkg = 0.0
+        n_ann = np.full(idx.size, np.inf)
     s_res = s_res - bkg * area
     frac = psf_model.aperture_fractions(x[idx], y[idx], {"big": radius_px})["big"]
     fpsf = np.asarray(table["flux_psf"] if flux_model is None else flux_model, float)[idx]
@@ -110,6 +133,9 @@ def _large_aperture_fluxes(
     # var(F_psf)
     mean_var = e_res**2 / area
     v_big = (np.maximum(fpsf * frac, 0.0) / gain + e_res**2 + area**2 * mean_var / n_ann) / frac**2
+    if sky_sigma_adu is not None:
+        sig_frac = psf_model.flux_fraction_sigma(x[idx], y[idx], radius_px)
+        v_big = v_big + (area * float(sky_sigma_adu) / frac) ** 2 + (np.abs(f_big) * sig_frac) ** 2
     v_d = np.maximum(v_big - epsf**2, 0.03 * v_big)
     ok = (flg == 0) & np.isfinite(f_big) & (f_big > 0) & np.isfinite(v_d)
     return f_big, v_d, v_big, mean_var, n_ann, ok
@@ -170,6 +196,7 @@ def calibrate_to_large_aperture(
     radius_fwhm=2.5,
     min_snr=30.0,
     max_order=3,
+    sky_sigma_adu=None,
 ):
     """
     Tie the PSF and the corrected aperture fluxes to large-aperture fluxes across the field.
@@ -182,6 +209,8 @@ def calibrate_to_large_aperture(
     fitted by a smooth polynomial of the position (order <= ``max_order`` chosen by AIC, weighted
     by their noise, 4-sigma clipped) and every star's flux is divided by it (DAOPHOT's aperture
     correction of PSF magnitudes, made to follow the field). Modifies ``table`` in place.
+    ``sky_sigma_adu``: the sky map's uncertainty at a star; given, the references stand on the
+    sky map rather than on their annulus (see `_large_aperture_fluxes`).
 
     Returns
     -------
@@ -199,7 +228,17 @@ def calibrate_to_large_aperture(
     if idx.size < 10:
         return {"n_stars": int(idx.size), "applied": False}
     f_big, v_d, v_big, mean_var, n_ann, ok = _large_aperture_fluxes(
-        table, idx, x, y, resid, rms, psf_model, radius_px=radius, gain=gain_e_per_adu, mask=mask
+        table,
+        idx,
+        x,
+        y,
+        resid,
+        rms,
+        psf_model,
+        radius_px=radius,
+        gain=gain_e_per_adu,
+        mask=mask,
+        sky_sigma_adu=sky_sigma_adu,
     )
     table.meta["_flux_psf_subtracted"] = np.asarray(table["flux_psf"], float).copy()
     if ok.sum() < 10:

@@ -36,6 +36,7 @@ def measure_catalog(
     provenance: dict | None = None,
     frame: str = "",
     path: str | None = None,
+    sky_map_sigma_adu: float | None = None,
 ):
     """
     Measure the catalogue of one calibrated frame.
@@ -61,6 +62,9 @@ def measure_catalog(
         Frame name (catalogue ``meta``).
     path : str, optional
         Raw file, for the rejection.
+    sky_map_sigma_adu : float, optional
+        Uncertainty of the sky map at a star (`BackgroundResult.map_sigma_adu`); see
+        `rpp_tasks.stages.photometry.measure_frame`.
 
     Returns
     -------
@@ -90,6 +94,7 @@ def measure_catalog(
         background=background,
         psf=cfg.psf,
         psf_max_stars=max(cfg.epsf_max_stars, 250),
+        sky_sigma_adu=sky_map_sigma_adu,
         frame=frame,
     )
     if res.psf is None:

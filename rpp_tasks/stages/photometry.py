@@ -409,6 +409,7 @@ def measure_frame(
     psf_max_stars=250,
     overwrite=False,
     background=None,
+    sky_sigma_adu=None,
     frame="",
 ):
     """
@@ -452,6 +453,15 @@ def measure_frame(
         ``data_sub`` (float32) may be modified in place (saves a full-frame copy).
     background : array_like, optional
         Sky map (with ``image``, when ``data_sub`` is None).
+    sky_sigma_adu : float, optional
+        Uncertainty of the sky map at a star (ADU,
+        `rpp_tasks.stages.background.BackgroundResult.map_sigma_adu`). Given, every measurement
+        stands on the same sky, the map: the PSF stars' local sky offsets in the field-PSF fit get
+        a Gaussian prior of this width (free, they trade off against the wings: beta), and the
+        large-aperture flux references of `calibrate_to_large_aperture` are measured against
+        the map (the local annulus on the residual image holds the star's own residual wings --
+        the model error being calibrated) with the map's error in their weights. None: free
+        offsets and annulus references.
     frame : str
         Frame name for the log.
 
@@ -485,6 +495,11 @@ def measure_frame(
         bkg_level = float(np.median(np.asarray(image)[::16, ::16] - data[::16, ::16]))
     sat_sub = float(saturation_adu) - bkg_level
     info = {}
+    sky_sigma = (
+        float(sky_sigma_adu)
+        if sky_sigma_adu is not None and math.isfinite(sky_sigma_adu) and sky_sigma_adu > 0
+        else None
+    )
     model = fit_field_psf(
         data,
         sources,
@@ -494,6 +509,7 @@ def measure_frame(
         saturation_adu=sat_sub,
         max_order=psf_max_order,
         max_stars=psf_max_stars,
+        bkg_sigma_adu=sky_sigma,
     )
     if model is None:
         log.warning("measure_frame %s: no PSF star; no photometry", frame)
@@ -602,6 +618,7 @@ def measure_frame(
             gain_e_per_adu=gain_e_per_adu,
             exptime_s=exptime_s,
             mask=mask,
+            sky_sigma_adu=sky_sigma,
         )
         mism = measure_model_mismatch(
             cat, resid, rms, model, gain_e_per_adu=gain_e_per_adu, mask=mask
