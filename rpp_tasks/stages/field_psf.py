@@ -534,6 +534,65 @@ class FieldPSF:
             out[sl] = np.sqrt(np.maximum(np.einsum("ni,ij,nj->n", grad, cov, grad), 0.0))
         return out
 
+    def flux_responses(self, x, y, radii, *, fit_half, flux=None, sky_var=None, gain=1.0):
+        """How each star's measured fluxes move with the model's coefficients, per star.
+
+        For a change ``dp`` of ``coeffs.ravel()`` (the model's statistical error, covariance
+        `cov`), to first order: the fraction of light within a circle of radius ``r`` changes
+        by ``g_r . dp`` (relative), so a flux corrected to a total with this model (an aperture
+        flux over its fraction, or a large-aperture reference) by ``-g_r . dp``; a PSF fit of
+        the square footprint ``2 fit_half + 1`` (weights ``1 / (sky_var + flux P / gain)``) by
+        ``-g_fit . dp`` with ``g_fit = sum(w P dP) / sum(w P^2)``.
+
+        Returns
+        -------
+        dict of numpy.ndarray
+            ``{label: (N, 4 T)}`` for each label of ``radii`` and ``"fit"`` (zeros where the
+            position is not finite).
+        """
+        x = np.atleast_1d(np.asarray(x, float))
+        y = np.atleast_1d(np.asarray(y, float))
+        nt = np.asarray(self.coeffs).shape[1]
+        labels = list(radii) + ["fit"]
+        out = {lab: np.zeros((x.size, 4 * nt)) for lab in labels}
+        ok = np.isfinite(x) & np.isfinite(y)
+        if not np.any(ok):
+            return out
+        flux = np.zeros(x.size) if flux is None else np.nan_to_num(np.asarray(flux, float))
+        sky_var = np.ones(x.size) if sky_var is None else np.asarray(sky_var, float)
+        half = max(int(math.ceil(max(radii.values()))) + 1, int(fit_half))
+        k = np.arange(-half, half + 1, dtype=float)
+        in_fit = (np.abs(k)[None, :] <= fit_half) & (np.abs(k)[:, None] <= fit_half)
+        idx = np.flatnonzero(ok)
+        for i0 in range(0, idx.size, 256):
+            sl = idx[i0 : i0 + 256]
+            ix, iy = np.rint(x[sl]), np.rint(y[sl])
+            dx0 = (ix - x[sl])[:, None, None] + k[None, None, :] + 0.0 * k[None, :, None]
+            dy0 = (iy - y[sl])[:, None, None] + k[None, :, None] + 0.0 * k[None, None, :]
+            bas = _poly_basis(x[sl], y[sl], self.order, self.norm)
+            p = bas @ np.asarray(self.coeffs, float).T
+            a, b, c = (v[:, None, None] for v in _abc_from_shape(p[:, 0], p[:, 1], p[:, 2]))
+            u = np.clip(p[:, 3], _U_MIN_FIELD, _U_MAX)[:, None, None]
+            val, d = _ell_pix(dx0, dy0, a, b, c, u, derivs=True, integrate=False)
+            jac = _abc_jacobian(p[:, 0], p[:, 1], p[:, 2])
+            dp = [
+                d["a"] * jac[:, 0, j, None, None]
+                + d["b"] * jac[:, 1, j, None, None]
+                + d["c"] * jac[:, 2, j, None, None]
+                for j in range(3)
+            ] + [d["u"]]
+            rr = np.hypot(dx0, dy0)
+            for lab, r in radii.items():
+                m = np.clip(float(r) + 0.5 - rr, 0.0, 1.0)
+                frac = np.maximum(np.sum(m * val, axis=(1, 2)), 1e-12)
+                g = np.stack([np.sum(m * q, axis=(1, 2)) / frac for q in dp], 1)
+                out[lab][sl] = (g[:, :, None] * bas[:, None, :]).reshape(sl.size, -1)
+            w = in_fit / (sky_var[sl, None, None] + np.maximum(flux[sl, None, None] * val, 0) / gain)
+            den = np.maximum(np.sum(w * val * val, axis=(1, 2)), 1e-30)
+            g = np.stack([np.sum(w * val * q, axis=(1, 2)) / den for q in dp], 1)
+            out["fit"][sl] = (g[:, :, None] * bas[:, None, :]).reshape(sl.size, -1)
+        return out
+
     def aperture_fractions(self, x, y, radii, *, x_ap=None, y_ap=None, half=None):
         """Fraction of each star's total flux inside circular apertures.
 

@@ -184,6 +184,52 @@ def _smooth_eval(coef, order, norm, x, y):
     return _poly_basis(x, y, order, norm) @ coef
 
 
+def _model_tied_fit(h, d, var, cov, *, scales=(1.0,)):
+    """Fit ``d = c0 + h . dp + noise`` with ``c0`` free and ``dp ~ N(0, s cov)`` (the PSF
+    model's own statistical error as the prior), 4-sigma clipped; ``s`` of ``scales`` by the
+    marginal likelihood (``c0`` profiled out).
+
+    Returns ``(c0, dp, post, var_c0, a1, s, keep)``: ``post`` the posterior covariance of ``dp``
+    given ``c0``; ``a1 = s cov h^T K 1`` (how ``dp`` moves with ``c0``) for the correction's
+    variance, ``h_j^T post h_j + (1 - h_j . a1)^2 var_c0``.
+    """
+    keep = np.ones(d.size, bool)
+    res = None
+    for _ in range(3):
+        hk, dk = h[keep], d[keep]
+        hch = hk @ cov @ hk.T
+        best = None
+        for s in scales:
+            sig = s * hch + np.diag(var[keep])
+            try:
+                lo = np.linalg.cholesky(sig)
+            except np.linalg.LinAlgError:
+                continue
+            kin = np.linalg.inv(sig)
+            one = np.ones(dk.size)
+            var_c0 = 1.0 / float(one @ kin @ one)
+            c0 = float(one @ kin @ dk) * var_c0
+            r = dk - c0
+            nll = float(r @ kin @ r) + 2.0 * float(np.sum(np.log(np.diag(lo))))
+            nll -= math.log(var_c0)  # REML: c0 profiled out
+            if best is None or nll < best[0]:
+                best = (nll, s, kin, c0, var_c0)
+        if best is None:
+            return None
+        _, s, kin, c0, var_c0 = best
+        a = s * cov @ hk.T
+        dp = a @ kin @ (dk - c0)
+        post = s * cov - a @ kin @ a.T
+        a1 = a @ kin @ np.ones(dk.size)
+        res = (c0, dp, post, var_c0, a1, s, keep.copy())
+        z = (d - c0 - h @ dp) / np.sqrt(var)
+        new = np.abs(z) < 4.0
+        if np.array_equal(new, keep) or new.sum() < 10:
+            break
+        keep = new
+    return res
+
+
 def calibrate_to_large_aperture(
     table,
     resid,
@@ -197,6 +243,8 @@ def calibrate_to_large_aperture(
     min_snr=30.0,
     max_order=3,
     sky_sigma_adu=None,
+    method="model",
+    prior_scales=(1.0,),
 ):
     """
     Tie the PSF and the corrected aperture fluxes to large-aperture fluxes across the field.
@@ -248,9 +296,26 @@ def calibrate_to_large_aperture(
     xr, yr = x[idx][ok], y[idx][ok]
     xs_all, ys_all = _fit_xy(table)
     radii = table.meta.get("aperture_radii_px") or {}
-    for lab in ["psf"] + [
-        k for k in radii if radii[k] < radius and f"apcorr_{k}" in table.colnames
-    ]:
+    labels = ["psf"] + [k for k in radii if radii[k] < radius and f"apcorr_{k}" in table.colnames]
+    resp = None
+    if method == "model" and getattr(psf_model, "cov", None) is not None:
+        fit_half = int(round(2.0 * fwhm))
+        if getattr(psf_model, "size_px", None):
+            fit_half = min(fit_half, int(psf_model.size_px) // 2)
+        rms_a = np.asarray(rms)
+        iy = np.clip(np.nan_to_num(np.rint(ys_all), nan=0).astype(int), 0, rms_a.shape[0] - 1)
+        ix = np.clip(np.nan_to_num(np.rint(xs_all), nan=0).astype(int), 0, rms_a.shape[1] - 1)
+        resp = psf_model.flux_responses(
+            xs_all,
+            ys_all,
+            {"big": radius, **{k: float(radii[k]) for k in labels if k != "psf"}},
+            fit_half=max(fit_half, 3),
+            flux=np.asarray(table["flux_psf"], float),
+            sky_var=np.asarray(rms_a[iy, ix], float) ** 2,
+            gain=gain_e_per_adu,
+        )
+        cov_model = np.asarray(psf_model.cov, float)
+    for lab in labels:
         f = np.asarray(table[f"flux_{lab}"], float)
         fi = f[idx][ok]
         if lab == "psf":
@@ -271,15 +336,31 @@ def calibrate_to_large_aperture(
             continue
         fb = f_big[ok][good]
         d = fi[good] / fb - 1.0
-        coef, order, norm, cov = _smooth_fit(
-            xr[good], yr[good], d, var[good] / fb**2, shape, max_order=max_order
-        )
-        from rpp_tasks.stages.field_psf import _poly_basis
+        fitted = None
+        if resp is not None:
+            h_all = resp["big"] - resp["fit" if lab == "psf" else lab]
+            h_ref = h_all[idx][ok][good]
+            fitted = _model_tied_fit(
+                h_ref, d, var[good] / fb**2, cov_model, scales=tuple(prior_scales)
+            )
+        if fitted is not None:
+            c0, dp, post, var_c0, a1, s_prior, _ = fitted
+            corr = np.clip(1.0 + c0 + h_all @ dp, 0.8, 1.25)
+            v_cal = np.einsum("ni,ij,nj->n", h_all, post, h_all)
+            v_cal = v_cal + (1.0 - h_all @ a1) ** 2 * var_c0
+            sig_cal = np.sqrt(np.maximum(v_cal, 0.0))
+            order = -1
+            info[f"prior_scale_{lab}"] = float(s_prior)
+        else:
+            coef, order, norm, cov = _smooth_fit(
+                xr[good], yr[good], d, var[good] / fb**2, shape, max_order=max_order
+            )
+            from rpp_tasks.stages.field_psf import _poly_basis
 
-        bas_all = _poly_basis(xs_all, ys_all, order, norm)
-        corr = np.clip(1.0 + bas_all @ coef, 0.8, 1.25)
-        # the correction is known to sigma_cal (relative): part of each star's error
-        sig_cal = np.sqrt(np.maximum(np.einsum("ni,ij,nj->n", bas_all, cov, bas_all), 0.0))
+            bas_all = _poly_basis(xs_all, ys_all, order, norm)
+            corr = np.clip(1.0 + bas_all @ coef, 0.8, 1.25)
+            # the correction is known to sigma_cal (relative): part of each star's error
+            sig_cal = np.sqrt(np.maximum(np.einsum("ni,ij,nj->n", bas_all, cov, bas_all), 0.0))
         table[f"flux_{lab}"] = f / corr
         err = np.asarray(table[f"flux_err_{lab}"], float) / corr
         table[f"flux_err_{lab}"] = np.sqrt(
@@ -293,6 +374,7 @@ def calibrate_to_large_aperture(
             table[f"apcorr_{lab}"] = np.asarray(table[f"apcorr_{lab}"], float) / corr
         m = 2.5 * np.log10(corr[np.isfinite(corr)])
         info[lab] = {
+            "method": "poly" if fitted is None else "model",
             "order": int(order),
             "sigma_median_mag": round(float(_MAG_K * np.median(sig_cal)), 5),
             "median_mag": round(float(np.median(m)), 5),
