@@ -587,7 +587,8 @@ class FieldPSF:
                 frac = np.maximum(np.sum(m * val, axis=(1, 2)), 1e-12)
                 g = np.stack([np.sum(m * q, axis=(1, 2)) / frac for q in dp], 1)
                 out[lab][sl] = (g[:, :, None] * bas[:, None, :]).reshape(sl.size, -1)
-            w = in_fit / (sky_var[sl, None, None] + np.maximum(flux[sl, None, None] * val, 0) / gain)
+            v_pix = sky_var[sl, None, None] + np.maximum(flux[sl, None, None] * val, 0.0) / gain
+            w = in_fit / v_pix
             den = np.maximum(np.sum(w * val * val, axis=(1, 2)), 1e-30)
             g = np.stack([np.sum(w * val * q, axis=(1, 2)) / den for q in dp], 1)
             out["fit"][sl] = (g[:, :, None] * bas[:, None, :]).reshape(sl.size, -1)

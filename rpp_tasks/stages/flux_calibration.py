@@ -1,8 +1,8 @@
 """Flux calibration and honest errors of a frame's photometry (after the PSF and aperture fits).
 
 * `calibrate_to_large_aperture`: PSF and corrected aperture fluxes tied to large-aperture fluxes
-  by a smooth function of the position (what the PSF model gets wrong where its polynomials cannot
-  follow the optics);
+  through the PSF model's own parameters (a fit with the model's covariance as prior), or by a
+  polynomial of the position;
 * `measure_model_mismatch` / `add_mismatch_errors`: the relative mismatch left on isolated stars,
   added to the errors;
 * `add_psf_model_errors`: the PSF model's own statistical uncertainty (from the covariance of its
@@ -184,44 +184,30 @@ def _smooth_eval(coef, order, norm, x, y):
     return _poly_basis(x, y, order, norm) @ coef
 
 
-def _model_tied_fit(h, d, var, cov, *, scales=(1.0,)):
-    """Fit ``d = c0 + h . dp + noise`` with ``c0`` free and ``dp ~ N(0, s cov)`` (the PSF
-    model's own statistical error as the prior), 4-sigma clipped; ``s`` of ``scales`` by the
-    marginal likelihood (``c0`` profiled out).
+def _model_tied_fit(h, d, var, cov):
+    """Fit ``d = c0 + h . dp + noise`` with ``c0`` free and ``dp ~ N(0, cov)`` (the PSF model's
+    own statistical error as the prior: a ridge towards no model error), 4-sigma clipped.
 
-    Returns ``(c0, dp, post, var_c0, a1, s, keep)``: ``post`` the posterior covariance of ``dp``
-    given ``c0``; ``a1 = s cov h^T K 1`` (how ``dp`` moves with ``c0``) for the correction's
-    variance, ``h_j^T post h_j + (1 - h_j . a1)^2 var_c0``.
+    ``h``: ``(n, P)`` response of each reference's ratio to the model coefficients; ``var``: the
+    ratios' noise variances. Returns ``(c0, dp, post, var_c0, a1)`` (None if singular): ``post``
+    the posterior covariance of ``dp`` given ``c0``, ``a1 = cov h^T K 1`` (how ``dp`` moves
+    with ``c0``), so a correction ``c0 + h_j . dp`` is known to
+    ``h_j^T post h_j + (1 - h_j . a1)^2 var_c0`` (universal kriging).
     """
     keep = np.ones(d.size, bool)
     res = None
     for _ in range(3):
         hk, dk = h[keep], d[keep]
-        hch = hk @ cov @ hk.T
-        best = None
-        for s in scales:
-            sig = s * hch + np.diag(var[keep])
-            try:
-                lo = np.linalg.cholesky(sig)
-            except np.linalg.LinAlgError:
-                continue
-            kin = np.linalg.inv(sig)
-            one = np.ones(dk.size)
-            var_c0 = 1.0 / float(one @ kin @ one)
-            c0 = float(one @ kin @ dk) * var_c0
-            r = dk - c0
-            nll = float(r @ kin @ r) + 2.0 * float(np.sum(np.log(np.diag(lo))))
-            nll -= math.log(var_c0)  # REML: c0 profiled out
-            if best is None or nll < best[0]:
-                best = (nll, s, kin, c0, var_c0)
-        if best is None:
-            return None
-        _, s, kin, c0, var_c0 = best
-        a = s * cov @ hk.T
+        try:
+            kin = np.linalg.inv(hk @ cov @ hk.T + np.diag(var[keep]))
+        except np.linalg.LinAlgError:
+            return res
+        one = np.ones(dk.size)
+        var_c0 = 1.0 / float(one @ kin @ one)
+        c0 = float(one @ kin @ dk) * var_c0
+        a = cov @ hk.T
         dp = a @ kin @ (dk - c0)
-        post = s * cov - a @ kin @ a.T
-        a1 = a @ kin @ np.ones(dk.size)
-        res = (c0, dp, post, var_c0, a1, s, keep.copy())
+        res = (c0, dp, cov - a @ kin @ a.T, var_c0, a @ kin @ one)
         z = (d - c0 - h @ dp) / np.sqrt(var)
         new = np.abs(z) < 4.0
         if np.array_equal(new, keep) or new.sum() < 10:
@@ -244,7 +230,6 @@ def calibrate_to_large_aperture(
     max_order=3,
     sky_sigma_adu=None,
     method="model",
-    prior_scales=(1.0,),
 ):
     """
     Tie the PSF and the corrected aperture fluxes to large-aperture fluxes across the field.
@@ -253,18 +238,28 @@ def calibrate_to_large_aperture(
     its wings -- biases the PSF fluxes and the aperture corrections by a factor that changes
     smoothly over the field. On isolated bright stars the flux in a large aperture
     (``radius_fwhm`` FWHM, see `_large_aperture_fluxes`: the model only enters through the light
-    beyond it) is compared with the PSF flux and with each corrected aperture flux; the ratios are
-    fitted by a smooth polynomial of the position (order <= ``max_order`` chosen by AIC, weighted
-    by their noise, 4-sigma clipped) and every star's flux is divided by it (DAOPHOT's aperture
-    correction of PSF magnitudes, made to follow the field). Modifies ``table`` in place.
-    ``sky_sigma_adu``: the sky map's uncertainty at a star; given, the references stand on the
-    sky map rather than on their annulus (see `_large_aperture_fluxes`).
+    beyond it) is compared with the PSF flux and with each corrected aperture flux, and every
+    star's flux is divided by a correction (DAOPHOT's aperture correction of PSF magnitudes, made
+    to follow the field). Modifies ``table`` in place.
+
+    ``method="model"`` (when the model has a covariance, `FieldPSF.cov`): the correction is tied
+    to the model's own parameters. To first order a coefficient error ``dp`` moves a PSF flux by
+    ``-g_fit . dp`` and a flux corrected to a total within radius ``r`` by ``-g_r . dp``
+    (`FieldPSF.flux_responses`), so a reference's ratio is ``c0 + (g_big - g_fit) . dp``. ``dp``
+    is fitted with the model's covariance as its prior (a ridge towards no error, no free
+    amplitude) and ``c0`` free (one free number), 4-sigma clipped; each star is corrected by its
+    own ``c0 - g . dp``, which includes the model's share of light beyond the large aperture
+    (the reference's own extrapolation), and the posterior uncertainty of that correction goes
+    into its error. ``method="poly"`` (or no covariance): the ratios are fitted by a polynomial
+    of the position (order <= ``max_order`` chosen by AIC, weighted by their noise, 4-sigma
+    clipped). ``sky_sigma_adu``: the sky map's uncertainty at a star; given, the references
+    stand on the sky map rather than on their annulus (see `_large_aperture_fluxes`).
 
     Returns
     -------
     info : dict
-        Per flux type: polynomial order, median and range of the correction (mag) and the stars
-        used; ``{}`` when fewer than 10 reference stars.
+        Per flux type: method, polynomial order (-1 for the model-tied fit), median and range of
+        the correction (mag) and the stars used; ``{}`` when fewer than 10 reference stars.
     """
     n = len(table)
     if n == 0 or "flux_psf" not in table.colnames:
@@ -340,17 +335,16 @@ def calibrate_to_large_aperture(
         if resp is not None:
             h_all = resp["big"] - resp["fit" if lab == "psf" else lab]
             h_ref = h_all[idx][ok][good]
-            fitted = _model_tied_fit(
-                h_ref, d, var[good] / fb**2, cov_model, scales=tuple(prior_scales)
-            )
+            fitted = _model_tied_fit(h_ref, d, var[good] / fb**2, cov_model)
         if fitted is not None:
-            c0, dp, post, var_c0, a1, s_prior, _ = fitted
-            corr = np.clip(1.0 + c0 + h_all @ dp, 0.8, 1.25)
-            v_cal = np.einsum("ni,ij,nj->n", h_all, post, h_all)
-            v_cal = v_cal + (1.0 - h_all @ a1) ** 2 * var_c0
+            c0, dp, post, var_c0, a1 = fitted
+            # the flux's own error, -g . dp (the reference's share, g_big . dp, included)
+            h_use = -resp["fit" if lab == "psf" else lab]
+            corr = np.clip(1.0 + c0 + h_use @ dp, 0.8, 1.25)
+            v_cal = np.einsum("ni,ij,nj->n", h_use, post, h_use)
+            v_cal = v_cal + (1.0 - h_use @ a1) ** 2 * var_c0
             sig_cal = np.sqrt(np.maximum(v_cal, 0.0))
             order = -1
-            info[f"prior_scale_{lab}"] = float(s_prior)
         else:
             coef, order, norm, cov = _smooth_fit(
                 xr[good], yr[good], d, var[good] / fb**2, shape, max_order=max_order
@@ -483,7 +477,9 @@ def add_psf_model_errors(table, psf_model, *, radius_px, exptime_s, min_snr=50.0
     (`rpp_tasks.stages.field_psf.FieldPSF.flux_fraction_sigma`): it is largest where the PSF stars
     constrain the polynomials least (edges, corners) and matters for bright stars, whose photon
     noise is smaller. ``(sigma_frac * F)^2`` is added to the variance of the PSF flux and of every
-    corrected aperture flux. The PSF flux error is also scaled by ``sqrt(chi2_psf)`` where the
+    corrected aperture flux, except for fluxes whose calibration was tied to the model
+    (``method`` "model" in ``table.meta["flux_calibration"]``: their error already holds the
+    posterior of this term). The PSF flux error is also scaled by ``sqrt(chi2_psf)`` where the
     star's own fit is significantly worse than its noise (reduced chi^2 above 1 by more than twice
     its own scatter, ``sqrt(2 / npix)``): a misfit the error must include. Stars below
     ``min_snr`` are left as they are (there the term is negligible).
@@ -507,9 +503,12 @@ def add_psf_model_errors(table, psf_model, *, radius_px, exptime_s, min_snr=50.0
         x, y = _fit_xy(table)
         sig[sel] = psf_model.flux_fraction_sigma(x[sel], y[sel], float(radius_px))
     labels = ["psf"] + [k[len("apcorr_") :] for k in table.colnames if k.startswith("apcorr_")]
+    cal = table.meta.get("flux_calibration") or {}
     for lab in labels:
         if f"flux_{lab}" not in table.colnames:
             continue
+        # a model-tied calibration already put the posterior of this term in the error
+        sig_lab = 0.0 if (cal.get(lab) or {}).get("method") == "model" else sig
         f = np.asarray(table[f"flux_{lab}"], float)
         e = np.asarray(table[f"flux_err_{lab}"], float)
         if lab == "psf" and "chi2_psf" in table.colnames:
@@ -522,7 +521,7 @@ def add_psf_model_errors(table, psf_model, *, radius_px, exptime_s, min_snr=50.0
             # only a misfit beyond the chi^2's own noise (2 sigma) scales the error
             worse = chi2 > 1.0 + 2.0 * np.sqrt(2.0 / np.maximum(npix - 1.0, 1.0))
             e = e * np.where(worse, np.sqrt(np.maximum(chi2, 1.0)), 1.0)
-        e = np.sqrt(e**2 + (sig * np.abs(np.nan_to_num(f))) ** 2)
+        e = np.sqrt(e**2 + (sig_lab * np.abs(np.nan_to_num(f))) ** 2)
         table[f"flux_err_{lab}"] = e
         mag, mag_err, snr_l = _mags(f, e, exptime_s)
         table[f"mag_err_{lab}"] = mag_err
