@@ -310,6 +310,8 @@ def calibrate_to_large_aperture(
             gain=gain_e_per_adu,
         )
         cov_model = np.asarray(psf_model.cov, float)
+    ref_corr = {}
+    table.meta["_reference_corrections"] = ref_corr
     for lab in labels:
         f = np.asarray(table[f"flux_{lab}"], float)
         fi = f[idx][ok]
@@ -344,6 +346,9 @@ def calibrate_to_large_aperture(
             v_cal = np.einsum("ni,ij,nj->n", h_use, post, h_use)
             v_cal = v_cal + (1.0 - h_use @ a1) ** 2 * var_c0
             sig_cal = np.sqrt(np.maximum(v_cal, 0.0))
+            # the references' own share (light beyond the large aperture) and the correction's
+            # uncertainty, for the mismatch
+            ref_corr[lab] = (1.0 - resp["big"] @ dp, sig_cal)
             order = -1
         else:
             coef, order, norm, cov = _smooth_fit(
@@ -421,8 +426,14 @@ def measure_model_mismatch(
         mask=mask,
         flux_model=table.meta.pop("_flux_psf_subtracted", None),
     )
+    # a model-tied calibration also corrected the references' extrapolation beyond the aperture
+    ref_corr = table.meta.pop("_reference_corrections", None) or {}
     fp = np.asarray(table["flux_psf"], float)[idx]
-    eta, n_used = _ml_mismatch((fp - f_big)[ok], v_d[ok], f_big[ok])
+    f_ref, v_ref = f_big, v_d
+    if "psf" in ref_corr:
+        f_ref = f_big / ref_corr["psf"][0][idx]
+        v_ref = v_d + (ref_corr["psf"][1][idx] * f_ref) ** 2
+    eta, n_used = _ml_mismatch((fp - f_ref)[ok], v_ref[ok], f_ref[ok])
     out.update(n_stars=int(n_used), radius_px=round(float(radius), 3), psf=eta)
     radii = table.meta.get("aperture_radii_px") or {}
     xr, yr = x[idx], y[idx]
@@ -439,7 +450,11 @@ def measure_model_mismatch(
         v_dl = k**2 * el**2 + v_big - 2.0 * k / frac * cov
         v_dl = np.maximum(v_dl, 0.05 * (k**2 * el**2 + v_big))
         good = ok & np.isfinite(fl) & np.isfinite(k)
-        eta_l, _ = _ml_mismatch((fl - f_big)[good], v_dl[good], f_big[good])
+        f_ref = f_big
+        if lab in ref_corr:
+            f_ref = f_big / ref_corr[lab][0][idx]
+            v_dl = v_dl + (ref_corr[lab][1][idx] * f_ref) ** 2
+        eta_l, _ = _ml_mismatch((fl - f_ref)[good], v_dl[good], f_ref[good])
         out[lab] = eta_l
     return out
 
