@@ -310,8 +310,9 @@ def calibrate_to_large_aperture(
             gain=gain_e_per_adu,
         )
         cov_model = np.asarray(psf_model.cov, float)
-    ref_corr = {}
+    ref_corr, cal_sigma = {}, {}
     table.meta["_reference_corrections"] = ref_corr
+    table.meta["_calibration_sigma"] = cal_sigma
     for lab in labels:
         f = np.asarray(table[f"flux_{lab}"], float)
         fi = f[idx][ok]
@@ -346,9 +347,10 @@ def calibrate_to_large_aperture(
             v_cal = np.einsum("ni,ij,nj->n", h_use, post, h_use)
             v_cal = v_cal + (1.0 - h_use @ a1) ** 2 * var_c0
             sig_cal = np.sqrt(np.maximum(v_cal, 0.0))
-            # the references' own share (light beyond the large aperture) and the correction's
-            # uncertainty, for the mismatch
-            ref_corr[lab] = (1.0 - resp["big"] @ dp, sig_cal)
+            # for the mismatch: the references' own share (light beyond the large aperture), and
+            # the correction's uncertainty (the mismatch measured on the references includes it)
+            ref_corr[lab] = 1.0 - resp["big"] @ dp
+            cal_sigma[lab] = sig_cal
             order = -1
         else:
             coef, order, norm, cov = _smooth_fit(
@@ -403,6 +405,8 @@ def measure_model_mismatch(
         ``{"psf": eta, "<label>": eta, ..., "n_stars": n}``.
     """
     out = {"n_stars": 0}
+    # a model-tied calibration also corrected the references' extrapolation beyond the aperture
+    ref_corr = table.meta.pop("_reference_corrections", None) or {}
     n = len(table)
     if n == 0 or "flux_psf" not in table.colnames:
         return out
@@ -426,14 +430,9 @@ def measure_model_mismatch(
         mask=mask,
         flux_model=table.meta.pop("_flux_psf_subtracted", None),
     )
-    # a model-tied calibration also corrected the references' extrapolation beyond the aperture
-    ref_corr = table.meta.pop("_reference_corrections", None) or {}
     fp = np.asarray(table["flux_psf"], float)[idx]
-    f_ref, v_ref = f_big, v_d
-    if "psf" in ref_corr:
-        f_ref = f_big / ref_corr["psf"][0][idx]
-        v_ref = v_d + (ref_corr["psf"][1][idx] * f_ref) ** 2
-    eta, n_used = _ml_mismatch((fp - f_ref)[ok], v_ref[ok], f_ref[ok])
+    f_ref = f_big / ref_corr["psf"][idx] if "psf" in ref_corr else f_big
+    eta, n_used = _ml_mismatch((fp - f_ref)[ok], v_d[ok], f_ref[ok])
     out.update(n_stars=int(n_used), radius_px=round(float(radius), 3), psf=eta)
     radii = table.meta.get("aperture_radii_px") or {}
     xr, yr = x[idx], y[idx]
@@ -450,17 +449,20 @@ def measure_model_mismatch(
         v_dl = k**2 * el**2 + v_big - 2.0 * k / frac * cov
         v_dl = np.maximum(v_dl, 0.05 * (k**2 * el**2 + v_big))
         good = ok & np.isfinite(fl) & np.isfinite(k)
-        f_ref = f_big
-        if lab in ref_corr:
-            f_ref = f_big / ref_corr[lab][0][idx]
-            v_dl = v_dl + (ref_corr[lab][1][idx] * f_ref) ** 2
+        f_ref = f_big / ref_corr[lab][idx] if lab in ref_corr else f_big
         eta_l, _ = _ml_mismatch((fl - f_ref)[good], v_dl[good], f_ref[good])
         out[lab] = eta_l
     return out
 
 
 def add_mismatch_errors(table, mismatch, *, exptime_s):
-    """Add ``(eta F)^2`` of `measure_model_mismatch` to the flux variances (in place)."""
+    """Add ``(eta F)^2`` of `measure_model_mismatch` to the flux variances (in place).
+
+    For fluxes whose calibration was tied to the PSF model (their error already holds the
+    correction's posterior ``sigma_cal``, which the mismatch measured on the references
+    includes), only ``max(eta^2 - sigma_cal^2, 0) F^2`` is added: the larger of the two
+    estimates of one term."""
+    cal_sigma = table.meta.pop("_calibration_sigma", None) or {}
     labels = [k for k in mismatch if k == "psf" or f"flux_{k}" in table.colnames]
     for lab in labels:
         eta = mismatch.get(lab)
@@ -468,7 +470,8 @@ def add_mismatch_errors(table, mismatch, *, exptime_s):
             continue
         f = np.asarray(table[f"flux_{lab}"], float)
         e = np.asarray(table[f"flux_err_{lab}"], float)
-        e = np.sqrt(e**2 + (eta * np.abs(np.nan_to_num(f))) ** 2)
+        add = np.maximum(eta**2 - np.asarray(cal_sigma.get(lab, 0.0)) ** 2, 0.0)
+        e = np.sqrt(e**2 + add * np.nan_to_num(f) ** 2)
         table[f"flux_err_{lab}"] = e
         mag, mag_err, snr = _mags(f, e, exptime_s)
         table[f"mag_err_{lab}"] = mag_err
