@@ -387,7 +387,16 @@ def calibrate_to_large_aperture(
 
 
 def measure_model_mismatch(
-    table, resid, rms, psf_model, *, gain_e_per_adu, mask=None, radius_fwhm=2.5, min_snr=30.0
+    table,
+    resid,
+    rms,
+    psf_model,
+    *,
+    gain_e_per_adu,
+    mask=None,
+    radius_fwhm=2.5,
+    min_snr=30.0,
+    sky_sigma_adu=None,
 ):
     """
     Measure what the PSF fluxes and corrected aperture fluxes still get wrong, on isolated stars.
@@ -397,7 +406,9 @@ def measure_model_mismatch(
     PSF fit is the efficient estimator, so ``var(F_psf - F_big) = var(F_big) - var(F_psf)``;
     nested apertures share their inner pixels) and the relative error ``eta`` that makes them
     consistent is found by maximum likelihood. The reported errors then need ``(eta F)^2`` added
-    (`add_mismatch_errors`).
+    (`add_mismatch_errors`). ``sky_sigma_adu`` as for `calibrate_to_large_aperture`: the
+    references must stand on the same sky as the calibration that was applied, or the
+    difference between the two skies is taken for a model error.
 
     Returns
     -------
@@ -429,6 +440,7 @@ def measure_model_mismatch(
         gain=gain_e_per_adu,
         mask=mask,
         flux_model=table.meta.pop("_flux_psf_subtracted", None),
+        sky_sigma_adu=sky_sigma_adu,
     )
     fp = np.asarray(table["flux_psf"], float)[idx]
     f_ref = f_big / ref_corr["psf"][idx] if "psf" in ref_corr else f_big

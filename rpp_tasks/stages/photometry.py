@@ -621,7 +621,13 @@ def measure_frame(
             sky_sigma_adu=sky_sigma,
         )
         mism = measure_model_mismatch(
-            cat, resid, rms, model, gain_e_per_adu=gain_e_per_adu, mask=mask
+            cat,
+            resid,
+            rms,
+            model,
+            gain_e_per_adu=gain_e_per_adu,
+            mask=mask,
+            sky_sigma_adu=sky_sigma,
         )
         add_mismatch_errors(cat, mism, exptime_s=exptime_s)
         info["model_error_frac"] = _json_num(mism)

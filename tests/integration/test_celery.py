@@ -165,13 +165,24 @@ def test_night_runs_on_celery_workers_with_prefork_pool(cluster):
     }
     # one night spread over the workers: its two chunks ran on different workers, at once
     chunks = [tis["frames[0]"], tis["frames[1]"]]
-    assert {t["hostname"] for t in chunks} == set(workers), per_worker
+    t_0 = min(_ts(t["queued_when"] or t["start_date"]) for t in tis.values() if t["start_date"])
+    timeline = {  # for the failure message: when each task was queued, started and ended
+        k: (
+            workers.get(t["hostname"]),
+            *(
+                round(_ts(t[f]) - t_0, 1) if t.get(f) else None
+                for f in ("queued_when", "start_date", "end_date")
+            ),
+        )
+        for k, t in sorted(tis.items(), key=lambda kv: kv[1]["start_date"] or "")
+    }
+    assert {t["hostname"] for t in chunks} == set(workers), timeline
     assert max(_ts(t["start_date"]) for t in chunks) < min(_ts(t["end_date"]) for t in chunks)
     assert summary["stage_runs"]["frames"]["chunk_frames"] == [CHUNK, CHUNK]
     print(
         f"\nfirst night: {N_FIRST} frames, {state} in {wall:.0f} s (trigger -> done); "
         f"run_stage {sum(v.get('wall_s', 0) for v in summary['stage_runs'].values()):.1f} s; "
-        f"tasks per worker: {per_worker}"
+        f"tasks per worker: {per_worker}; (worker, queued, start, end) s: {timeline}"
     )
 
 
