@@ -81,14 +81,14 @@ def cluster():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _night(dep, name: str, n: int, night: str, seed: int) -> dict:
+def _night(dep, name: str, n: int, night: str, seed: int, shape=(512, 512)) -> dict:
     """Write a synthetic session outside the watched incoming folder and trigger it by REST."""
     from rpp_tasks.sim.synthetic import write_synthetic_session
 
     raw = dep.data_root / "nights" / name
     write_synthetic_session(
         raw, truth_folder=dep.data_root / "truth" / name, n_science=n, n_bias=3, n_dark=2,
-        n_flat=3, night=night, seed=seed,
+        n_flat=3, night=night, seed=seed, shape=shape,
     )  # fmt: skip
     run_id = f"session__{name}"
     out = dep.api.trigger(
@@ -149,7 +149,10 @@ def test_night_runs_on_celery_workers_with_prefork_pool(cluster):
     }
 
     t0 = time.monotonic()
-    night = _night(dep, "celery-first", N_FIRST, "2025-01-15", seed=21)
+    # 2048² frames: a chunk's task (~10 s) outlasts the few seconds a worker's slot stays busy
+    # after its previous task ended (supervisor teardown, result backend), so the idle worker
+    # takes the second chunk; with 512² chunks of 3 s the first worker could take both
+    night = _night(dep, "celery-first", N_FIRST, "2025-01-15", seed=21, shape=(2048, 2048))
     state = dep.wait_run(DAG, night["run_id"], timeout=900)
     wall = time.monotonic() - t0
     tis = _by_task(dep.task_instances(DAG, night["run_id"]))
