@@ -79,11 +79,9 @@ def deployment_lanes(obs, environ=None) -> int:
     slots (``RPP_HEAVY_POOL_SLOTS``, set in every component's environment by
     `rpp_tasks.ops.deploy.airflow_settings`; 1 when unset) capped by
     ``scheduling.max_active_tasks``."""
-    environ = os.environ if environ is None else environ
-    try:
-        slots = int(environ.get("RPP_HEAVY_POOL_SLOTS") or 1)
-    except ValueError:
-        slots = 1
+    from rpp_tasks.session.pool import count_from_env
+
+    slots = count_from_env("RPP_HEAVY_POOL_SLOTS", environ)
     return max(1, min(slots, int(obs.scheduling.max_active_tasks)))
 
 
@@ -180,6 +178,7 @@ def reject_unfinished_chunks(
         done = {stem for r in (runs.get(tid) or []) if r for stem in r.get("chunk", [])}
         for chunk in chunks:
             lost = [s for s in chunk if s not in done and s not in rejected and s in entries]
+            lost = [s for s in lost if s not in out]  # (a later frame segment: already given up)
             for stem in lost:
                 prev = read_json(session.path("frames", stem, "summary.json"), {}) or {}
                 if prev.get("status") == "ok" and names[-1] in (prev.get("stages") or {}):

@@ -40,6 +40,7 @@ __all__ = [
     "machine_memory_bytes",
     "frame_peak_bytes",
     "memory_budget_bytes",
+    "count_from_env",
     "plan_memory",
     "run_supervised",
     "worker_marker",
@@ -88,12 +89,18 @@ def memory_budget_bytes(obs, workers: int, environ=None) -> int:
     mb = getattr(getattr(obs, "session", None), "memory_per_worker_mb", None)
     if mb:
         return int(float(mb) * 2**20)
+    tasks = count_from_env("RPP_TASKS_PER_HOST", environ)
+    return int(DEFAULT_RAM_SHARE * machine_memory_bytes() / (max(int(workers), 1) * tasks))
+
+
+def count_from_env(name: str, environ=None) -> int:
+    """A count the deployment sets in every component's environment (``RPP_TASKS_PER_HOST``,
+    ``RPP_HEAVY_POOL_SLOTS``): at least 1; 1 when unset or not an integer."""
     environ = os.environ if environ is None else environ
     try:
-        tasks = max(1, int(environ.get("RPP_TASKS_PER_HOST") or 1))
+        return max(1, int(environ.get(name) or 1))
     except ValueError:
-        tasks = 1
-    return int(DEFAULT_RAM_SHARE * machine_memory_bytes() / (max(int(workers), 1) * tasks))
+        return 1
 
 
 @dataclass

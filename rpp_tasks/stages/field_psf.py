@@ -503,6 +503,21 @@ class FieldPSF:
         r = float(radius_px)
         half = int(math.ceil(r)) + 1
         k = np.arange(-half, half + 1, dtype=float)
+        for sl, dx0, dy0, bas, val, dp in self._local_derivatives(x, y, ok, k, chunk):
+            # pixel weights: the part of each pixel inside the circle (linear in the distance)
+            m = np.clip(r + 0.5 - np.hypot(dx0, dy0), 0.0, 1.0)
+            frac = np.maximum(np.sum(m * val, axis=(1, 2)), 1e-12)
+            g = np.stack([np.sum(m * q, axis=(1, 2)) / frac for q in dp], 1)
+            grad = (g[:, :, None] * bas[:, None, :]).reshape(sl.size, -1)
+            out[sl] = np.sqrt(np.maximum(np.einsum("ni,ij,nj->n", grad, cov, grad), 0.0))
+        return out
+
+    def _local_derivatives(self, x, y, ok, k, chunk):
+        """The local model on a pixel grid around each star (offsets ``k``) and its derivatives
+        by the four shape parameters (FWHM, e1, e2, 1/beta), in batches of ``chunk`` of the stars
+        ``ok``: yields ``(sl, dx0, dy0, basis, value, [d_fwhm, d_e1, d_e2, d_u])``. Sampled at the
+        pixel centres: a fraction within a circle of several pixels does not need the pixel
+        integration (its derivatives change by < 1e-3 of themselves)."""
         idx = np.flatnonzero(ok)
         for i0 in range(0, idx.size, chunk):
             sl = idx[i0 : i0 + chunk]
@@ -513,26 +528,15 @@ class FieldPSF:
             p = bas @ np.asarray(self.coeffs, float).T
             a, b, c = (v[:, None, None] for v in _abc_from_shape(p[:, 0], p[:, 1], p[:, 2]))
             u = np.clip(p[:, 3], _U_MIN_FIELD, _U_MAX)[:, None, None]
-            # sampled at the pixel centres: a fraction within a circle of several pixels does not
-            # need the pixel integration (its derivatives change by < 1e-3 of themselves)
             val, d = _ell_pix(dx0, dy0, a, b, c, u, derivs=True, integrate=False)
             jac = _abc_jacobian(p[:, 0], p[:, 1], p[:, 2])
-            for j, name in enumerate(("fwhm_px", "e1", "e2")):
-                d[name] = (
-                    d["a"] * jac[:, 0, j, None, None]
-                    + d["b"] * jac[:, 1, j, None, None]
-                    + d["c"] * jac[:, 2, j, None, None]
-                )
-            # pixel weights: the part of each pixel inside the circle (linear in the distance)
-            m = np.clip(r + 0.5 - np.hypot(dx0, dy0), 0.0, 1.0)
-            frac = np.maximum(np.sum(m * val, axis=(1, 2)), 1e-12)
-            g = np.stack(
-                [np.sum(m * d[key], axis=(1, 2)) / frac for key in ("fwhm_px", "e1", "e2", "u")],
-                1,
-            )
-            grad = (g[:, :, None] * bas[:, None, :]).reshape(sl.size, -1)
-            out[sl] = np.sqrt(np.maximum(np.einsum("ni,ij,nj->n", grad, cov, grad), 0.0))
-        return out
+            dp = [
+                d["a"] * jac[:, 0, j, None, None]
+                + d["b"] * jac[:, 1, j, None, None]
+                + d["c"] * jac[:, 2, j, None, None]
+                for j in range(3)
+            ] + [d["u"]]
+            yield sl, dx0, dy0, bas, val, dp
 
     def flux_responses(self, x, y, radii, *, fit_half, flux=None, sky_var=None, gain=1.0):
         """How each star's measured fluxes move with the model's coefficients, per star.
@@ -563,24 +567,7 @@ class FieldPSF:
         half = max(int(math.ceil(max(radii.values()))) + 1, int(fit_half))
         k = np.arange(-half, half + 1, dtype=float)
         in_fit = (np.abs(k)[None, :] <= fit_half) & (np.abs(k)[:, None] <= fit_half)
-        idx = np.flatnonzero(ok)
-        for i0 in range(0, idx.size, 256):
-            sl = idx[i0 : i0 + 256]
-            ix, iy = np.rint(x[sl]), np.rint(y[sl])
-            dx0 = (ix - x[sl])[:, None, None] + k[None, None, :] + 0.0 * k[None, :, None]
-            dy0 = (iy - y[sl])[:, None, None] + k[None, :, None] + 0.0 * k[None, None, :]
-            bas = _poly_basis(x[sl], y[sl], self.order, self.norm)
-            p = bas @ np.asarray(self.coeffs, float).T
-            a, b, c = (v[:, None, None] for v in _abc_from_shape(p[:, 0], p[:, 1], p[:, 2]))
-            u = np.clip(p[:, 3], _U_MIN_FIELD, _U_MAX)[:, None, None]
-            val, d = _ell_pix(dx0, dy0, a, b, c, u, derivs=True, integrate=False)
-            jac = _abc_jacobian(p[:, 0], p[:, 1], p[:, 2])
-            dp = [
-                d["a"] * jac[:, 0, j, None, None]
-                + d["b"] * jac[:, 1, j, None, None]
-                + d["c"] * jac[:, 2, j, None, None]
-                for j in range(3)
-            ] + [d["u"]]
+        for sl, dx0, dy0, bas, val, dp in self._local_derivatives(x, y, ok, k, 256):
             rr = np.hypot(dx0, dy0)
             for lab, r in radii.items():
                 m = np.clip(float(r) + 0.5 - rr, 0.0, 1.0)

@@ -216,6 +216,26 @@ def _model_tied_fit(h, d, var, cov):
     return res
 
 
+def _references(
+    table, resid, rms, psf_model, *, radius_fwhm, min_snr, min_stars, gain, mask,
+    sky_sigma_adu=None, flux_model=None,
+):  # fmt: skip
+    """The isolated reference stars and their large-aperture fluxes, measured the same way for
+    the calibration and for the mismatch: ``(fwhm, radius, idx, x, y, fluxes)`` with ``fluxes``
+    what `_large_aperture_fluxes` returns, or None when fewer than ``min_stars`` references."""
+    fwhm = float(table.meta.get("fwhm_px", psf_model.fwhm_px))
+    r_in = float((table.meta.get("annulus_px") or [3.0 * fwhm])[0])
+    radius = min(radius_fwhm * fwhm, 0.95 * r_in)
+    idx, x, y, _ = _reference_stars(table, radius, fwhm, min_snr)
+    if idx.size < min_stars:
+        return fwhm, radius, idx, x, y, None
+    fluxes = _large_aperture_fluxes(
+        table, idx, x, y, resid, rms, psf_model, radius_px=radius, gain=gain, mask=mask,
+        flux_model=flux_model, sky_sigma_adu=sky_sigma_adu,
+    )  # fmt: skip
+    return fwhm, radius, idx, x, y, fluxes
+
+
 def calibrate_to_large_aperture(
     table,
     resid,
@@ -264,25 +284,13 @@ def calibrate_to_large_aperture(
     n = len(table)
     if n == 0 or "flux_psf" not in table.colnames:
         return {}
-    fwhm = float(table.meta.get("fwhm_px", psf_model.fwhm_px))
-    r_in = float((table.meta.get("annulus_px") or [3.0 * fwhm])[0])
-    radius = min(radius_fwhm * fwhm, 0.95 * r_in)
-    idx, x, y, _ = _reference_stars(table, radius, fwhm, min_snr)
-    if idx.size < 10:
+    fwhm, radius, idx, x, y, fluxes = _references(
+        table, resid, rms, psf_model, radius_fwhm=radius_fwhm, min_snr=min_snr, min_stars=10,
+        gain=gain_e_per_adu, mask=mask, sky_sigma_adu=sky_sigma_adu,
+    )  # fmt: skip
+    if fluxes is None:
         return {"n_stars": int(idx.size), "applied": False}
-    f_big, v_d, v_big, mean_var, n_ann, ok = _large_aperture_fluxes(
-        table,
-        idx,
-        x,
-        y,
-        resid,
-        rms,
-        psf_model,
-        radius_px=radius,
-        gain=gain_e_per_adu,
-        mask=mask,
-        sky_sigma_adu=sky_sigma_adu,
-    )
+    f_big, v_d, v_big, mean_var, n_ann, ok = fluxes
     table.meta["_flux_psf_subtracted"] = np.asarray(table["flux_psf"], float).copy()
     if ok.sum() < 10:
         return {"n_stars": int(ok.sum()), "applied": False}
@@ -421,27 +429,15 @@ def measure_model_mismatch(
     n = len(table)
     if n == 0 or "flux_psf" not in table.colnames:
         return out
-    fwhm = float(table.meta.get("fwhm_px", psf_model.fwhm_px))
-    r_in = float((table.meta.get("annulus_px") or [3.0 * fwhm])[0])
-    radius = min(radius_fwhm * fwhm, 0.95 * r_in)
-    idx, x, y, _ = _reference_stars(table, radius, fwhm, min_snr)
-    if idx.size < 5:
+    _, radius, idx, x, y, fluxes = _references(
+        table, resid, rms, psf_model, radius_fwhm=radius_fwhm, min_snr=min_snr, min_stars=5,
+        gain=gain_e_per_adu, mask=mask, sky_sigma_adu=sky_sigma_adu,
+        flux_model=table.meta.pop("_flux_psf_subtracted", None),
+    )  # fmt: skip
+    if fluxes is None:
         out["n_stars"] = int(idx.size)
         return out
-    f_big, v_d, v_big, mean_var, n_ann, ok = _large_aperture_fluxes(
-        table,
-        idx,
-        x,
-        y,
-        resid,
-        rms,
-        psf_model,
-        radius_px=radius,
-        gain=gain_e_per_adu,
-        mask=mask,
-        flux_model=table.meta.pop("_flux_psf_subtracted", None),
-        sky_sigma_adu=sky_sigma_adu,
-    )
+    f_big, v_d, v_big, mean_var, n_ann, ok = fluxes
     fp = np.asarray(table["flux_psf"], float)[idx]
     f_ref = f_big / ref_corr["psf"][idx] if "psf" in ref_corr else f_big
     eta, n_used = _ml_mismatch((fp - f_ref)[ok], v_d[ok], f_ref[ok])
