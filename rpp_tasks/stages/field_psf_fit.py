@@ -292,7 +292,7 @@ def fit_field_psf(
     bkg_sigma_adu=None,
     criterion="aic",
     beta_order=2,
-    model_floor=float(__import__("os").environ.get("PSF11E_FLOOR", "0.02")),
+    outlier_model_floor=0.02,
 ):
     """
     Fit a PSF that varies smoothly across the field from the isolated, unsaturated stars.
@@ -381,6 +381,7 @@ def fit_field_psf(
     x, y = x[idx], y[idx]
     ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
     peak = data[iy, ix].astype(float)
+    n_candidates = int(idx.size)
     pick = _balanced_subset(x, y, peak, (ny, nx), int(max_stars))
     idx, x, y, ix, iy = idx[pick], x[pick], y[pick], ix[pick], iy[pick]
     stamps = _gather_stamps(data, ix, iy, half).astype(float)
@@ -457,10 +458,18 @@ def fit_field_psf(
                     free[3] = False
                     flags.append("gaussian_limit" if u_fit < 0.5 else "beta_at_bound")
             red = chi2_s / dof_s
-            if order == reject_order and model_floor > 0:
+            if order == reject_order and outlier_model_floor > 0:
                 red = _reduced_chi2_with_floor(
-                    stamps[sel], var_bkg[sel], good[sel], dx0[sel], dy0[sel], bas[sel], th, st,
-                    gain=gain_e_per_adu, floor=model_floor,
+                    stamps[sel],
+                    var_bkg[sel],
+                    good[sel],
+                    dx0[sel],
+                    dy0[sel],
+                    bas[sel],
+                    th,
+                    st,
+                    gain=gain_e_per_adu,
+                    floor=outlier_model_floor,
                 )
             med = float(np.median(red))
             mad = 1.4826 * float(np.median(np.abs(red - med)))
@@ -491,6 +500,28 @@ def fit_field_psf(
             best = (bic, order, th, sel_o, red_o, free_o, bas_o)
     fw0 = float(theta[0, 0])
     bic, order, theta, sel, chi2_red, free_best, bas_best = best
+    if sel.size != int(np.sum(keep)):
+        # the best order was fitted before the rejection (a constant PSF): again without outliers
+        sel = np.flatnonzero(keep)
+        st = {key: state[key][sel].copy() for key in ("f", "b", "sx", "sy")}
+        theta, chi2_s, dof_s = _gn_field(
+            stamps[sel],
+            var_bkg[sel],
+            good[sel],
+            dx0[sel],
+            dy0[sel],
+            bas_best[sel],
+            theta,
+            st,
+            gain=gain_e_per_adu,
+            free=free_best,
+            n_iter=12,
+            bkg_prior=bkg_prior,
+        )
+        state["iterations"] = state.get("iterations", 0) + st["iterations"]
+        for key in ("f", "b", "sx", "sy"):
+            state[key][sel] = st[key]
+        chi2_red = float(np.sum(chi2_s) / max(np.sum(dof_s), 1))
     # the coefficients' covariance (per-star unknowns from the last fit: close to the best's)
     cov = _field_cov(
         stamps[sel],
@@ -512,7 +543,7 @@ def fit_field_psf(
         "order_reason": reason if cap else reason,
         "orders_tried": tried,
         "chi2_red": round(chi2_red, 4),
-        "n_candidates": int(idx.size),
+        "n_candidates": n_candidates,
         "stamp_half_px": int(half),
         "iterations": int(state.get("iterations", 0)),
         "psf_star_xy": [[round(float(a), 1), round(float(b), 1)] for a, b in zip(x[sel], y[sel])],
