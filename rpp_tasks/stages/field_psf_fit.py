@@ -482,12 +482,38 @@ def fit_field_psf(
         chi2_star = np.full(idx.size, np.nan)
         chi2_star[sel] = chi2_s
         chi2_red = float(np.sum(chi2_s) / max(np.sum(dof_s), 1))
-        fits.append((order, th.copy(), sel.copy(), chi2_red, free_kt.copy(), bas, chi2_star))
+        st_o = {key: state[key][sel].copy() for key in ("f", "b", "sx", "sy")}
+        fits.append([order, th.copy(), sel.copy(), chi2_red, free_kt.copy(), bas, chi2_star, st_o])
         theta = th
-    # the orders compared on the same stars (those kept after the rejection)
+    fw0 = float(theta[0, 0])
+    # the orders are compared on the same stars, those kept after the rejection: an order fitted
+    # before it (the constant model) is fitted again without the outliers
+    sel_final = np.flatnonzero(keep)
     best = None
-    for order, th, sel_o, red_o, free_o, bas_o, chi2_star in fits:
-        bic = float(np.sum(chi2_star[keep])) + int(free_o.sum()) * penalty
+    for entry in fits:
+        order, th, sel_o, red_o, free_o, bas_o, chi2_star, st_o = entry
+        if sel_o.size != sel_final.size:
+            st_o = {key: state[key][sel_final].copy() for key in ("f", "b", "sx", "sy")}
+            th, chi2_s, dof_s = _gn_field(
+                stamps[sel_final],
+                var_bkg[sel_final],
+                good[sel_final],
+                dx0[sel_final],
+                dy0[sel_final],
+                bas_o[sel_final],
+                th,
+                st_o,
+                gain=gain_e_per_adu,
+                free=free_o,
+                n_iter=12,
+                bkg_prior=bkg_prior,
+            )
+            state["iterations"] = state.get("iterations", 0) + st_o["iterations"]
+            sel_o = sel_final
+            red_o = float(np.sum(chi2_s) / max(np.sum(dof_s), 1))
+            chi2_star = np.full(idx.size, np.nan)
+            chi2_star[sel_o] = chi2_s
+        bic = float(np.sum(chi2_star[sel_final])) + int(free_o.sum()) * penalty
         tried.append(
             {
                 "order": order,
@@ -497,32 +523,9 @@ def fit_field_psf(
             }
         )
         if best is None or bic < best[0]:
-            best = (bic, order, th, sel_o, red_o, free_o, bas_o)
-    fw0 = float(theta[0, 0])
-    bic, order, theta, sel, chi2_red, free_best, bas_best = best
-    if sel.size != int(np.sum(keep)):
-        # the best order was fitted before the rejection (a constant PSF): again without outliers
-        sel = np.flatnonzero(keep)
-        st = {key: state[key][sel].copy() for key in ("f", "b", "sx", "sy")}
-        theta, chi2_s, dof_s = _gn_field(
-            stamps[sel],
-            var_bkg[sel],
-            good[sel],
-            dx0[sel],
-            dy0[sel],
-            bas_best[sel],
-            theta,
-            st,
-            gain=gain_e_per_adu,
-            free=free_best,
-            n_iter=12,
-            bkg_prior=bkg_prior,
-        )
-        state["iterations"] = state.get("iterations", 0) + st["iterations"]
-        for key in ("f", "b", "sx", "sy"):
-            state[key][sel] = st[key]
-        chi2_red = float(np.sum(chi2_s) / max(np.sum(dof_s), 1))
-    # the coefficients' covariance (per-star unknowns from the last fit: close to the best's)
+            best = (bic, order, th, sel_o, red_o, free_o, bas_o, st_o)
+    bic, order, theta, sel, chi2_red, free_best, bas_best, st_best = best
+    # the coefficients' covariance at the best fit
     cov = _field_cov(
         stamps[sel],
         var_bkg[sel],
@@ -531,7 +534,7 @@ def fit_field_psf(
         dy0[sel],
         bas_best[sel],
         theta,
-        {key: state[key][sel] for key in ("f", "b", "sx", "sy")},
+        st_best,
         gain=gain_e_per_adu,
         free=free_best,
         bkg_prior=bkg_prior,
