@@ -306,9 +306,17 @@ def fit_field_psf(
 
     The order is chosen in two steps: `choose_psf_order` caps it from the number and spread of
     the stars; then orders 0, 1, ... up to the cap are fitted in turn (each starting from the
-    previous one) and a higher order is kept only when it lowers chi^2 by more than the BIC
-    penalty (``ln(n_pixels)`` per added coefficient). A field with one PSF thus gets order 0,
-    and a frame with few stars a constant model (recorded in ``stats["order_reason"]``).
+    previous one) and a higher order is kept only when it lowers chi^2 by more than the
+    ``criterion``'s penalty per added coefficient (AIC: 2; BIC: ``ln(n_pixels)``). A field with
+    one PSF thus gets order 0, and a frame with few stars a constant model (recorded in
+    ``stats["order_reason"]``).
+
+    Outlier stars (blends, cosmic rays: reduced chi^2 above the median by 5 robust sigma) are
+    rejected on the first model that can vary across the field (order 0 when the cap is 0), with
+    a relative model error ``outlier_model_floor`` added to their noise: on the constant model the
+    brightest stars far from the centre stand out by the PSF's own variation and would be lost
+    with the information they carry. The orders are compared on the kept stars (the constant
+    model is fitted again without the outliers).
 
     Parameters
     ----------
@@ -340,6 +348,15 @@ def fit_field_psf(
         ``"gaussian"`` fixes ``u = 0``.
     size_px : int, optional
         Footprint width for rendering (default ``2 ceil(3 FWHM) + 1``).
+    bkg_sigma_adu : float, optional
+        Width of the Gaussian prior on each PSF star's local sky offset (the sky map's error).
+    criterion : {"aic", "bic", "max"}
+        Order selection (``"max"``: the cap).
+    beta_order : int, optional
+        Highest order of the ``1/beta`` polynomial.
+    outlier_model_floor : float, optional
+        Relative model error (fraction of the model in each pixel) added to the noise when the
+        outliers are judged (0: noise only).
 
     Returns
     -------
