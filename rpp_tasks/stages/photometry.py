@@ -23,6 +23,7 @@ from rpp_tasks.stages.aperture_phot import aperture_photometry
 from rpp_tasks.stages.phot_common import APERTURE_LABELS, _mags, _xy
 from rpp_tasks.stages.psf_phot import psf_photometry
 from rpp_tasks.stages.residual_pass import PsfPassResult, psf_photometry_with_residual_detection
+from rpp_tasks.stages.sources import FLAG_SATURATED
 
 __all__ = [
     "APERTURE_LABELS",
@@ -337,6 +338,49 @@ def _fit_wing_group(
     return out
 
 
+def _chi2(fit, comps):
+    """Reduced chi^2 of a `_fit_wing_group` fit."""
+    sel = fit["sel"]
+    resid = fit["d"][sel] - fit["model"][sel] - fit["bk"]
+    return float(np.sum(resid**2 * fit["w"]) / max(sel.sum() - 3 * len(comps) - 2, 1))
+
+
+def _try_split(psf_model, data, rms_arr, dil, bad, comps, fit, *, gain, saturation_adu):
+    """Fit one saturated region as two saturated stars, placed along the columns (the bleed
+    direction) ``0.5 / 0.75 / 1`` saturated radius either side of its centre; the best is kept
+    when its chi^2 is below half the single star's (or that fit failed), both fitted centres lie
+    on saturated pixels more than ``r_sat`` apart. Returns ``(comps, fit)`` or None."""
+    c0 = next(c for c in comps if c["kind"] == "sat")
+    others = [dict(c, f=np.nan) for c in comps if c["kind"] != "sat"]
+    base = _chi2(fit, comps) if fit is not None else np.inf
+    best = None
+    ny, nx = data.shape
+    for frac in (0.5, 0.75, 1.0):
+        dy = frac * c0["r_sat"]
+        trial = [
+            dict(c0, y=c0["y"] - dy, f=np.nan, split=True),
+            dict(c0, y=c0["y"] + dy, f=np.nan, i=None),
+        ] + [dict(o) for o in others]
+        got = _fit_wing_group(
+            psf_model, data, rms_arr, dil, trial, gain=gain, saturation_adu=saturation_adu,
+            n_iter=8,
+        )  # fmt: skip
+        if got is None:
+            continue
+        a, b = trial[0], trial[1]
+        on_sat = True
+        for c in (a, b):
+            ix, iy = int(round(c["x"])), int(round(c["y"]))
+            on_sat &= 0 <= ix < nx and 0 <= iy < ny and bool(bad[iy, ix])
+            on_sat &= 0 <= ix < nx and 0 <= iy < ny and data[iy, ix] >= 0.5 * saturation_adu
+        if not on_sat or math.hypot(a["x"] - b["x"], a["y"] - b["y"]) <= c0["r_sat"]:
+            continue
+        chi2 = _chi2(got, trial)
+        if chi2 < 0.5 * base and (best is None or chi2 < best[0]):
+            best = (chi2, trial, got)
+    return None if best is None else (best[1], best[2])
+
+
 def _find_companion(fit, comps, fwhm, *, min_snr=15.0, min_model_frac=0.25):
     """The brightest star-like bump left on the residual of a wing fit, or None.
 
@@ -465,9 +509,18 @@ def fit_saturated_stars(
             psf_model, data, rms_arr, dil, comps, gain=gain_e_per_adu,
             saturation_adu=saturation_adu,
         )  # fmt: skip
+        if len(grp) == 1 and r_sat[grp[0]] >= 4.0 and (fit is None or _chi2(fit, comps) > 5.0):
+            # a poor fit of a big saturated region: two saturated stars whose discs merged
+            # (bleed trails as wide as the cores join them)?
+            split = _try_split(
+                psf_model, data, rms_arr, dil, bad, comps, fit, gain=gain_e_per_adu,
+                saturation_adu=saturation_adu,
+            )  # fmt: skip
+            if split is not None:
+                comps, fit = split
         if fit is None:
             for c in comps:
-                if c["kind"] == "sat":
+                if c["kind"] == "sat" and c.get("i") is not None:
                     flag[c["i"]] |= 1
             continue
         for _ in range(max_companions):
@@ -484,17 +537,19 @@ def fit_saturated_stars(
             if fit2 is None or not (got["f"] > 10.0 * got.get("f_err", np.inf)) or moved > 2.0:
                 break
             comps, fit = trial, fit2
-        sel, d, model, bk, w = fit["sel"], fit["d"], fit["model"], fit["bk"], fit["w"]
+        sel, d, model, bk = fit["sel"], fit["d"], fit["model"], fit["bk"]
         resid = d[sel] - model[sel] - bk
-        chi2 = float(np.sum(resid**2 * w) / max(sel.sum() - 3 * len(comps) - 2, 1))
+        chi2 = _chi2(fit, comps)
         wing = _shifted_beta(psf_model, fit["du"])
         for c in comps:
             if c["kind"] == "nbr":
                 continue
             x, y, f = c["x"], c["y"], c["f"]
-            if c["kind"] == "sat":
+            if c["kind"] == "sat" and c["i"] is not None:
                 i = c["i"]
                 cols["x_psf"][i], cols["y_psf"][i] = x, y
+                if c.get("split"):  # the centre of the merged region was neither star's
+                    out["x_centroid"][i], out["y_centroid"][i] = x, y
                 cols["flux_psf"][i] = f
                 cols["flux_err_psf"][i] = c["f_err"]
                 cols["qfit_psf"][i] = float(np.sum(np.abs(resid)) / f)
@@ -512,10 +567,13 @@ def fit_saturated_stars(
             if c["kind"] == "sat":
                 # where 5 % of the model (its accuracy near a saturated core) exceeds 3 sigma,
                 # nothing found on the residual can be trusted
-                i = c["i"]
-                r_excl[i] = float(wing.radius_below([x], [y], [f], 60.0 * rms_typ)[0])
+                r_x = float(wing.radius_below([x], [y], [f], 60.0 * rms_typ)[0])
                 if chi2 > 5.0:  # a poor fit (a neighbour in the wings): its residual too
-                    r_excl[i] = max(r_excl[i], c["r_sat"] + 2.5 * fwhm)
+                    r_x = max(r_x, c["r_sat"] + 2.5 * fwhm)
+                if c["i"] is not None:
+                    r_excl[c["i"]] = r_x
+                else:  # the second star of a split saturated region: a row of its own
+                    companions.append(dict(c, chi2=chi2, npix=int(sel.sum()), r_excl=r_x))
             else:
                 # a companion's model shares the saturated star's wing shape: its residual is
                 # not searched for stars within 2 FWHM (or where 5 % of it exceeds 3 sigma)
@@ -557,7 +615,8 @@ class _LocalMask:
 
 
 def _add_companion_rows(out, companions, fwhm, exptime_s):
-    """``out`` with one row per companion (copied from the first row, then overwritten)."""
+    """``out`` with one row per companion, or per second star of a split saturated region
+    (copied from the first row, then overwritten)."""
     from astropy.table import vstack
 
     m = len(companions)
@@ -575,10 +634,12 @@ def _add_companion_rows(out, companions, fwhm, exptime_s):
         "chi2_psf": [c["chi2"] for c in companions],
         "npix_psf": [c["npix"] for c in companions],
         "qfit_psf": np.full(m, np.nan),
-        "flag": np.zeros(m),
-        "flag_psf": np.full(m, FLAG_PSF_SAT_COMPANION),
-        "a_px": np.full(m, fwhm / 2.3548),
-        "b_px": np.full(m, fwhm / 2.3548),
+        "flag": [FLAG_SATURATED if c["kind"] == "sat" else 0 for c in companions],
+        "flag_psf": [
+            FLAG_PSF_WINGS if c["kind"] == "sat" else FLAG_PSF_SAT_COMPANION for c in companions
+        ],
+        "a_px": [c.get("r_sat", fwhm / 2.3548) for c in companions],
+        "b_px": [c.get("r_sat", fwhm / 2.3548) for c in companions],
         "snr_det": f / fe,
         "halo_radius_px": [c["r_excl"] for c in companions],
         "npix": np.zeros(m),

@@ -433,7 +433,7 @@ def _field_with_saturated_pairs(extra, seed=7):
     return make_optics_field((768, 768), seed=seed, stars=stars, n_close_pairs=0, n_bright=0)
 
 
-def test_saturated_star_and_its_close_companion_are_two_sources(tmp_path):
+def test_saturated_stars_beside_other_bright_stars_are_separate_sources(tmp_path):
     # Before (4096^2 optics bench): a saturated star with a companion 5 px away was one source
     # 1.7-2.9 px off (its wing fit pulled by the companion, flux 1.3-1.6x), or two saturated
     # sources both fitted to the middle; neither star matched. 8 of the 10 missed S/N > 500
@@ -443,7 +443,10 @@ def test_saturated_star_and_its_close_companion_are_two_sources(tmp_path):
         ((520.7, 180.2, 3.6e6), (524.4, 183.7, 4.7e5)),  # saturated + a 0.13 companion, 5.1 px
     ]
     lone = (600.2, 600.8, 2.0e6)
-    f = _field_with_saturated_pairs([s for p in pairs for s in p] + [lone])
+    # two mag-9 stars 16.5 px apart: bleed trails as wide as their saturated discs join them into
+    # one saturated region, whose wing fit failed (before: one source 5 and 12 px from them)
+    merged = [(300.4, 520.5, 1.2e8), (308.5, 534.9, 1.1e8)]
+    f = _field_with_saturated_pairs([s for p in pairs for s in p] + [lone] + merged)
     s = pipeline.reduce_frame(_write(tmp_path / "f.fits", f), find_config("demo"), tmp_path / "o")
     assert s["status"] == "ok", s.get("reason")
     cat = Table.read(s["catalog"])
@@ -468,6 +471,14 @@ def test_saturated_star_and_its_close_companion_are_two_sources(tmp_path):
     ux, uy = np.asarray(cat["x_centroid"])[un], np.asarray(cat["y_centroid"])[un]
     for p in pairs:
         assert not np.any(np.hypot(ux - p[0][0], uy - p[0][1]) < 30.0)
+    for x, y, _ in merged:
+        i = int(np.argmin(np.hypot(t["x"] - x, t["y"] - y)))
+        assert i in cat_of, f"star at ({x}, {y}) not found"
+        j = cat_of[i]
+        assert flag_psf[j] & 16 and cat["flag"][j] & FLAG_SATURATED
+        assert math.hypot(cat["x_centroid"][j] - x, cat["y_centroid"][j] - y) < 0.5
+        assert cat["flux_psf"][j] == pytest.approx(t["flux_adu"][i], rel=0.15)
+    assert not np.any(np.hypot(ux - 304.5, uy - 527.7) < 60.0)
 
 
 # ------------------------------------------------------------------------------ repeatability
