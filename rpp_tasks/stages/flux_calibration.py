@@ -514,11 +514,9 @@ def add_psf_model_errors(table, psf_model, *, radius_px, exptime_s, min_snr=50.0
     noise is smaller. ``(sigma_frac * F)^2`` is added to the variance of the PSF flux and of every
     corrected aperture flux, except for fluxes whose calibration was tied to the model
     (``method`` "model" in ``table.meta["flux_calibration"]``: their error already holds the
-    posterior of this term). The PSF flux error and the corrected aperture flux errors are also
-    scaled by ``sqrt(chi2_psf)`` where the star's own fit is significantly worse than its noise
-    (reduced chi^2 above 1 by more than twice its own scatter, ``sqrt(2 / npix)``): a misfit the
-    errors must include (without it the aperture errors of S/N > 500 stars were 13 % too small
-    on the 2048^2 optics bench, PSF errors honest). Stars below
+    posterior of this term). The PSF flux error is also scaled by ``sqrt(chi2_psf)`` where the
+    star's own fit is significantly worse than its noise (reduced chi^2 above 1 by more than twice
+    its own scatter, ``sqrt(2 / npix)``): a misfit the error must include. Stars below
     ``min_snr`` are left as they are (there the term is negligible).
 
     Returns
@@ -541,28 +539,23 @@ def add_psf_model_errors(table, psf_model, *, radius_px, exptime_s, min_snr=50.0
         sig[sel] = psf_model.flux_fraction_sigma(x[sel], y[sel], float(radius_px))
     labels = ["psf"] + [k[len("apcorr_") :] for k in table.colnames if k.startswith("apcorr_")]
     cal = table.meta.get("flux_calibration") or {}
-    misfit = np.ones(n)
-    if "chi2_psf" in table.colnames:
-        chi2 = np.nan_to_num(np.asarray(table["chi2_psf"], float), nan=1.0)
-        npix = (
-            np.asarray(table["npix_psf"], float)
-            if "npix_psf" in table.colnames
-            else np.full(n, 50.0)
-        )
-        # only a misfit beyond the chi^2's own noise (2 sigma) scales the error
-        worse = chi2 > 1.0 + 2.0 * np.sqrt(2.0 / np.maximum(npix - 1.0, 1.0))
-        misfit = np.where(worse, np.sqrt(np.maximum(chi2, 1.0)), 1.0)
     for lab in labels:
         if f"flux_{lab}" not in table.colnames:
             continue
         # a model-tied calibration already put the posterior of this term in the error
         sig_lab = 0.0 if (cal.get(lab) or {}).get("method") == "model" else sig
         f = np.asarray(table[f"flux_{lab}"], float)
-        # the misfit of the star's own fit scales the PSF error and the corrected aperture
-        # errors alike: it is light the models do not explain in the same pixels (a neighbour's
-        # imperfectly subtracted halo, the star's own PSF where it departs from the field
-        # model -- which the aperture correction extrapolates), and the aperture sums it
-        e = np.asarray(table[f"flux_err_{lab}"], float) * misfit
+        e = np.asarray(table[f"flux_err_{lab}"], float)
+        if lab == "psf" and "chi2_psf" in table.colnames:
+            chi2 = np.nan_to_num(np.asarray(table["chi2_psf"], float), nan=1.0)
+            npix = (
+                np.asarray(table["npix_psf"], float)
+                if "npix_psf" in table.colnames
+                else np.full(n, 50.0)
+            )
+            # only a misfit beyond the chi^2's own noise (2 sigma) scales the error
+            worse = chi2 > 1.0 + 2.0 * np.sqrt(2.0 / np.maximum(npix - 1.0, 1.0))
+            e = e * np.where(worse, np.sqrt(np.maximum(chi2, 1.0)), 1.0)
         e = np.sqrt(e**2 + (sig_lab * np.abs(np.nan_to_num(f))) ** 2)
         table[f"flux_err_{lab}"] = e
         mag, mag_err, snr_l = _mags(f, e, exptime_s)

@@ -118,41 +118,6 @@ def test_bright_star_errors_include_the_psf_model_uncertainty(optics):
     assert np.all(model.flux_fraction_sigma(x[ok][:5], y[ok][:5], 9.0) == 0.0)
 
 
-def test_a_misfit_scales_the_aperture_errors_like_the_psf_errors():
-    """A star whose own PSF fit is significantly worse than its noise (here chi^2 = 9 on 200
-    pixels) has light in its pixels that the models do not explain -- on the bench, the halo of
-    a saturated neighbour 12-14 px away, imperfectly subtracted: its aperture error is scaled
-    by sqrt(chi^2) like its PSF error (before: the PSF error only; the aperture errors of the
-    S/N > 500 stars were 1.13 (2048^2, 9 frames) and 1.34 (4096^2) of the scatter)."""
-    from rpp_tasks.stages.flux_calibration import add_psf_model_errors
-
-    t = Table(
-        {
-            "x_psf": [10.0, 20.0, 30.0],
-            "y_psf": [10.0, 20.0, 30.0],
-            "flux_psf": [1e6, 1e6, 1e4],
-            "flux_err_psf": [1e3, 1e3, 1e2],
-            "chi2_psf": [9.0, 1.1, 1.05],
-            "npix_psf": [200, 200, 200],
-            "flux_1p3fwhm": [1e6, 1e6, 1e4],
-            "flux_err_1p3fwhm": [1.2e3, 1.2e3, 1.2e2],
-            "apcorr_1p3fwhm": [1.25, 1.25, 1.25],
-        }
-    )
-    t.meta["flux_calibration"] = {"psf": {"method": "model"}, "1p3fwhm": {"method": "model"}}
-
-    class NoCov:
-        cov = None
-
-    add_psf_model_errors(t, NoCov(), radius_px=9.0, exptime_s=60.0)
-    assert t["flux_err_psf"][0] == pytest.approx(3e3)
-    assert t["flux_err_1p3fwhm"][0] == pytest.approx(3.6e3)
-    # chi^2 within its own 2-sigma noise (1 + 2 sqrt(2 / 199) = 1.28): unchanged
-    assert t["flux_err_1p3fwhm"][1] == pytest.approx(1.2e3)
-    assert t["flux_err_1p3fwhm"][2] == pytest.approx(1.2e2)
-    assert t["mag_err_1p3fwhm"][0] == pytest.approx(1.0857 * 3.6e-3, rel=1e-3)
-
-
 def test_psf_fluxes_of_bright_stars_near_the_bound_on_one_sky(optics):
     """Above S/N 50 the PSF fluxes are limited by the PSF model's error, a smooth function of the
     position (the same stars fitted with the true local PSF reach the Cramer-Rao bound). The
