@@ -23,6 +23,7 @@ from rpp_tasks.stages.aperture_phot import aperture_photometry
 from rpp_tasks.stages.phot_common import APERTURE_LABELS, _mags, _xy
 from rpp_tasks.stages.psf_phot import psf_photometry
 from rpp_tasks.stages.residual_pass import PsfPassResult, psf_photometry_with_residual_detection
+from rpp_tasks.stages.sources import FLAG_SATURATED
 
 __all__ = [
     "APERTURE_LABELS",
@@ -222,6 +223,8 @@ def apply_aperture_corrections(table, psf_model, *, exptime_s):
 
 #: ``flag_psf`` bit: flux of a saturated star from a fit of its unsaturated wings
 FLAG_PSF_WINGS = 16
+#: ``flag_psf`` bit: a star found beside a saturated one (in its halo), fitted jointly with it
+FLAG_PSF_SAT_COMPANION = 32
 
 
 def _shifted_beta(psf_model, du):
@@ -235,29 +238,223 @@ def _shifted_beta(psf_model, du):
     return replace(psf_model, coeffs=coeffs)
 
 
+def _saturated_groups(x, y, reach):
+    """Groups of saturated stars whose wing-fit discs (radius ``reach``) overlap."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = x.size
+    d = np.hypot(x[:, None] - x[None, :], y[:, None] - y[None, :])
+    i, j = np.nonzero(np.triu(d < np.maximum(reach[:, None], reach[None, :]), 1))
+    g = coo_matrix((np.ones(i.size), (i, j)), shape=(n, n))
+    _, lab = connected_components(g, directed=False)
+    return [np.flatnonzero(lab == c) for c in np.unique(lab)]
+
+
+def _fit_wing_group(
+    psf_model, data, rms_arr, bad, comps, *, gain, saturation_adu, n_iter=4
+):  # fmt: skip
+    """Joint fit of a group of saturated stars and the stars beside them, on the unsaturated,
+    unmasked pixels between ``r_sat + 1`` and ``r_sat + 4 FWHM`` of each saturated star.
+
+    ``comps``: list of dicts ``x, y, kind`` ("sat" with ``r_sat``, "comp" or "nbr") and ``f``
+    (NaN: unknown). Free: each component's flux and position, one shift of the model's
+    ``1/beta`` for the saturated stars (far wings are very sensitive to it) and a sky offset
+    (the sky map is biased by a big halo). Weights ``1 / (rms^2 + model / gain)``. Updates
+    ``comps`` in place (``f``, ``x``, ``y``, ``f_err``); returns the fit's pixel arrays or None.
+    """
+    ny, nx = data.shape
+    fwhm = float(psf_model.fwhm_px)
+    sat = [c for c in comps if c["kind"] == "sat"]
+    cx0 = int(round(float(np.mean([c["x"] for c in sat]))))
+    cy0 = int(round(float(np.mean([c["y"] for c in sat]))))
+    h = 0
+    for c in sat:
+        c["r_out"] = c["r_sat"] + 4.0 * fwhm
+        h = max(h, abs(c["x"] - cx0) + c["r_out"], abs(c["y"] - cy0) + c["r_out"])
+    h = int(math.ceil(h)) + 2
+    k = np.arange(-h, h + 1)
+    px = cx0 + k[None, :] + 0 * k[:, None]
+    py = cy0 + k[:, None] + 0 * k[None, :]
+    inside = (px >= 0) & (px < nx) & (py >= 0) & (py < ny)
+    pxc, pyc = np.clip(px, 0, nx - 1), np.clip(py, 0, ny - 1)
+    d = data[pyc, pxc].astype(np.float64)
+    v0 = rms_arr[pyc, pxc].astype(np.float64) ** 2
+    use = inside & np.isfinite(d) & (d < 0.5 * saturation_adu) & ~bad[pyc, pxc]
+    du, bk, out = 0.0, 0.0, None
+    m = len(comps)
+    for _ in range(n_iter):
+        region = np.zeros(use.shape, bool)
+        core = np.zeros(use.shape, bool)
+        for c in sat:
+            r2 = (px - c["x"]) ** 2 + (py - c["y"]) ** 2
+            region |= r2 <= c["r_out"] ** 2
+            core |= r2 < (c["r_sat"] + 1.0) ** 2
+        sel = use & region & ~core
+        if sel.sum() < 20 + 3 * m:
+            return None
+        xs = np.array([c["x"] for c in comps])
+        ys = np.array([c["y"] for c in comps])
+        full = np.full(m, cx0), np.full(m, cy0)
+        wing = _shifted_beta(psf_model, du)
+        val, gx, gy = wing.stamps(xs, ys, h, ix=full[0], iy=full[1], derivatives=True)
+        is_sat = np.array([c["kind"] == "sat" for c in comps])
+        f_old = np.array([c["f"] for c in comps])
+        cols = []
+        for j in range(m):
+            cols += [val[j][sel], gx[j][sel], gy[j][sel]]
+        fit_du = bool(np.all(np.isfinite(f_old[is_sat])))
+        if fit_du:
+            v2 = _shifted_beta(psf_model, du + 0.004).stamps(
+                xs[is_sat], ys[is_sat], h, ix=full[0][is_sat], iy=full[1][is_sat]
+            )
+            dval = np.tensordot(f_old[is_sat], (v2 - val[is_sat]) / 0.004, axes=1)
+            cols.append(dval[sel])
+        cols.append(np.ones(int(sel.sum())))
+        a = np.column_stack(cols)
+        model = np.tensordot(np.nan_to_num(np.maximum(f_old, 0.0)), val, axes=1)
+        w = 1.0 / (v0[sel] + np.maximum(model[sel], 0.0) / gain)
+        nmat = a.T @ (a * w[:, None])
+        try:
+            cov = np.linalg.inv(nmat)
+        except np.linalg.LinAlgError:
+            return None
+        sol = cov @ (a.T @ (d[sel] * w))
+        for j, c in enumerate(comps):
+            f = float(sol[3 * j])
+            c["f"] = f
+            c["f_err"] = math.sqrt(max(cov[3 * j, 3 * j], 0.0))
+            if f > 0:
+                step = np.clip(sol[3 * j + 1 : 3 * j + 3] / f, -1.0, 1.0)
+                c["x"], c["y"] = c["x"] + float(step[0]), c["y"] + float(step[1])
+        if fit_du:
+            du = float(np.clip(du + sol[3 * m], -0.15, 0.15))
+        bk = float(sol[-1])
+        if not all(c["f"] > 0 for c in sat):
+            return None
+        model = np.tensordot(np.array([max(c["f"], 0.0) for c in comps]), val, axes=1)
+        var = v0 + np.maximum(model, 0.0) / gain
+        out = dict(sel=sel, d=d, model=model, bk=bk, w=w, px=px, py=py, du=du, var=var)
+    return out
+
+
+def _chi2(fit, comps):
+    """Reduced chi^2 of a `_fit_wing_group` fit."""
+    sel = fit["sel"]
+    resid = fit["d"][sel] - fit["model"][sel] - fit["bk"]
+    return float(np.sum(resid**2 * fit["w"]) / max(sel.sum() - 3 * len(comps) - 2, 1))
+
+
+def _try_split(psf_model, data, rms_arr, dil, bad, comps, fit, *, gain, saturation_adu):
+    """Fit one saturated region as two saturated stars, placed along the columns (the bleed
+    direction) ``0.5 / 0.75 / 1`` saturated radius either side of its centre; the best is kept
+    when its chi^2 is below half the single star's (or that fit failed), both fitted centres lie
+    on saturated pixels more than ``r_sat`` apart. Returns ``(comps, fit)`` or None."""
+    c0 = next(c for c in comps if c["kind"] == "sat")
+    others = [dict(c, f=np.nan) for c in comps if c["kind"] != "sat"]
+    base = _chi2(fit, comps) if fit is not None else np.inf
+    best = None
+    ny, nx = data.shape
+    for frac in (0.5, 0.75, 1.0):
+        dy = frac * c0["r_sat"]
+        trial = [
+            dict(c0, y=c0["y"] - dy, f=np.nan, split=True),
+            dict(c0, y=c0["y"] + dy, f=np.nan, i=None),
+        ] + [dict(o) for o in others]
+        got = _fit_wing_group(
+            psf_model, data, rms_arr, dil, trial, gain=gain, saturation_adu=saturation_adu,
+            n_iter=8,
+        )  # fmt: skip
+        if got is None:
+            continue
+        a, b = trial[0], trial[1]
+        on_sat = True
+        for c in (a, b):
+            ix, iy = int(round(c["x"])), int(round(c["y"]))
+            on_sat &= 0 <= ix < nx and 0 <= iy < ny and bool(bad[iy, ix])
+            on_sat &= 0 <= ix < nx and 0 <= iy < ny and data[iy, ix] >= 0.5 * saturation_adu
+        if not on_sat or math.hypot(a["x"] - b["x"], a["y"] - b["y"]) <= c0["r_sat"]:
+            continue
+        chi2 = _chi2(got, trial)
+        if chi2 < 0.5 * base and (best is None or chi2 < best[0]):
+            best = (chi2, trial, got)
+    return None if best is None else (best[1], best[2])
+
+
+def _find_companion(fit, comps, fwhm, *, min_snr=15.0, min_model_frac=0.25):
+    """The brightest star-like bump left on the residual of a wing fit, or None.
+
+    A 3x3 box of the residual (fit pixels only) must stand ``min_snr`` sigma above the noise and
+    exceed ``min_model_frac`` of the fitted model there (the wings' own model error, a few
+    percent, is not a star); it must lie outside every saturated core and 1.5 FWHM from every
+    other component."""
+    from scipy.ndimage import uniform_filter
+
+    sel, d, model, bk = fit["sel"], fit["d"], fit["model"], fit["bk"]
+    var = fit["var"]
+    s = sel.astype(np.float64)
+    res = np.where(sel, d - model - bk, 0.0)
+    box_r = uniform_filter(res, 3, mode="constant") * 9.0
+    box_v = uniform_filter(np.where(sel, var, 0.0), 3, mode="constant") * 9.0
+    box_m = uniform_filter(np.where(sel, model, 0.0), 3, mode="constant") * 9.0
+    box_n = uniform_filter(s, 3, mode="constant") * 9.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snr = np.where(box_n >= 6.5, box_r / np.sqrt(np.maximum(box_v, 1e-30)), 0.0)
+    snr[box_r < min_model_frac * box_m] = 0.0
+    px, py = fit["px"], fit["py"]
+    for c in comps:
+        r_min = c["r_sat"] + 1.5 if c["kind"] == "sat" else 1.5 * fwhm
+        snr[(px - c["x"]) ** 2 + (py - c["y"]) ** 2 < r_min**2] = 0.0
+    j = int(np.argmax(snr))
+    if not snr.flat[j] > min_snr:
+        return None
+    iy, ix = np.unravel_index(j, snr.shape)
+    return {"x": float(px[iy, ix]), "y": float(py[iy, ix]), "kind": "comp", "f": np.nan}
+
+
 def fit_saturated_stars(
-    data_sub, rms, mask, sources, psf_model, *, gain_e_per_adu, exptime_s, saturation_adu
+    data_sub,
+    rms,
+    mask,
+    sources,
+    psf_model,
+    *,
+    gain_e_per_adu,
+    exptime_s,
+    saturation_adu,
+    neighbours=None,
+    max_companions=2,
 ):
     """
-    Fluxes of saturated stars from their unsaturated wings, and the image of their models.
+    Fluxes of saturated stars from their unsaturated wings, the stars beside them, and the image
+    of their models.
 
     For each source (rows of `rpp_tasks.stages.saturation.find_saturated_stars`: ``a_px`` is the
     saturated radius, ``halo_radius_px`` the halo) the local PSF model is fitted to the
     unmasked, unsaturated pixels between ``r_sat + 1`` px and ``r_sat + 4 FWHM``, two pixels away
-    from any masked one (flux, position, a shift of the model's ``1/beta`` -- far wings are very
-    sensitive to it -- and a sky offset; four Gauss-Newton steps, weights
-    ``1 / (rms^2 + model / gain)``). The model of each
-    star is then drawn out to where it falls below 2 % of the noise (at most 256 px), so that its
-    halo can be subtracted from its neighbours.
+    from any masked one (`_fit_wing_group`: flux, position, a shift of the model's ``1/beta``
+    -- far wings are very sensitive to it -- and a sky offset; four Gauss-Newton steps, weights
+    ``1 / (rms^2 + model / gain)``). Saturated stars whose fit discs overlap are fitted
+    together, with the ``neighbours`` (other detections, rows with ``x_centroid``,
+    ``y_centroid``) that lie in their discs: a star beside a saturated one would otherwise pull
+    its position and flux. A star the detection could not separate from the halo (a close
+    companion) is looked for on the residual (`_find_companion`, at most ``max_companions`` per
+    group) and kept when its fitted flux has S/N > 10: it becomes a row of its own
+    (``flag_psf`` `FLAG_PSF_SAT_COMPANION`, ``flag`` 0). The model of each saturated star and
+    companion is then drawn out to where it falls below 2 % of the noise (at most 256 px), so
+    that its halo can be subtracted from its neighbours.
 
     Returns
     -------
     table : `~astropy.table.Table`
-        ``sources`` plus the PSF columns of `psf_photometry` (``flag_psf`` has `FLAG_PSF_WINGS`);
-        ``halo_radius_px`` grows to where 5 % of the fitted model is still 3 times the noise.
+        ``sources`` plus the PSF columns of `psf_photometry` (``flag_psf`` has `FLAG_PSF_WINGS`),
+        then one row per companion found; ``halo_radius_px`` grows to where 5 % of the fitted
+        model is still 3 times the noise.
     image : numpy.ndarray
-        float32 model image of the saturated stars.
+        float32 model image of the saturated stars and their companions.
     """
+    from scipy.ndimage import binary_dilation
+
     data = np.asarray(data_sub)
     ny, nx = data.shape
     out = Table(sources, copy=True)
@@ -273,81 +470,117 @@ def fit_saturated_stars(
     fwhm = float(psf_model.fwhm_px)
     rms_arr = np.broadcast_to(np.asarray(rms, np.float32), data.shape)
     rms_typ = float(np.median(rms_arr[::16, ::16]))
-    for i in range(n):
-        x, y = float(out["x_centroid"][i]), float(out["y_centroid"][i])
-        r_sat = float(out["a_px"][i]) if "a_px" in out.colnames else 2.0
-        r_in, r_out = r_sat + 1.0, r_sat + 4.0 * fwhm
-        h = int(math.ceil(r_out)) + 1
-        ix, iy = int(round(x)), int(round(y))
-        k = np.arange(-h, h + 1)
-        px = ix + k[None, :] + 0 * k[:, None]
-        py = iy + k[:, None] + 0 * k[None, :]
-        inside = (px >= 0) & (px < nx) & (py >= 0) & (py < ny)
-        pxc, pyc = np.clip(px, 0, nx - 1), np.clip(py, 0, ny - 1)
-        d = data[pyc, pxc].astype(np.float64)
-        v0 = rms_arr[pyc, pxc].astype(np.float64) ** 2
-        use = inside & np.isfinite(d) & (d < 0.5 * saturation_adu)
-        if mask is not None:
-            # masked pixels and their neighbours (ends and sides of bleed trails)
-            from scipy.ndimage import binary_dilation
-
-            use &= ~binary_dilation(np.asarray(mask)[pyc, pxc], iterations=2)
-        f, du, bk = np.nan, 0.0, 0.0
-        for _ in range(4):
-            r2 = (px - x) ** 2 + (py - y) ** 2
-            sel = use & (r2 >= r_in**2) & (r2 <= r_out**2)
-            if sel.sum() < 20:
-                flag[i] |= 1
-                break
-            # far wings are very sensitive to the model's beta: u = 1/beta is fitted too, and a
-            # local sky offset (the sky map is biased by a big halo)
-            wing = _shifted_beta(psf_model, du)
-            one = (np.array([x]), np.array([y]), h)
-            pos = dict(ix=np.array([ix]), iy=np.array([iy]))
-            val, gx, gy = wing.stamps(*one, **pos, derivatives=True)
-            dval = (_shifted_beta(psf_model, du + 0.004).stamps(*one, **pos) - val) / 0.004
-            val, gx, gy, dval = val[0][sel], gx[0][sel], gy[0][sel], dval[0][sel]
-            w = 1.0 / (
-                v0[sel] + (np.maximum(f * val, 0.0) / gain_e_per_adu if np.isfinite(f) else 0.0)
-            )
-            a = np.column_stack([val, gx, gy, dval, np.ones_like(val)])
-            nmat = a.T @ (a * w[:, None])
-            rhs = a.T @ (d[sel] * w)
-            try:
-                cov = np.linalg.inv(nmat)
-            except np.linalg.LinAlgError:
-                flag[i] |= 1
-                break
-            sol = cov @ rhs
-            f = float(sol[0])
-            if not f > 0:
-                flag[i] |= 1
-                break
-            step = np.clip(sol[1:3] / f, -1.0, 1.0)
-            x, y = x + float(step[0]), y + float(step[1])
-            du = float(np.clip(du + sol[3] / f, -0.15, 0.15))
-            bk = float(sol[4])
-        if not (np.isfinite(f) and f > 0) or flag[i] & 1:
+    bad = np.zeros(data.shape, bool) if mask is None else np.asarray(mask, bool)
+    sx = np.asarray(out["x_centroid"], float) if n else np.zeros(0)
+    sy = np.asarray(out["y_centroid"], float) if n else np.zeros(0)
+    r_sat = (
+        np.maximum(np.asarray(out["a_px"], float), 1.0)
+        if "a_px" in out.colnames
+        else np.full(n, 2.0)
+    )
+    nbx = nby = np.zeros(0)
+    if neighbours is not None and len(neighbours):
+        nbx = np.asarray(neighbours["x_centroid"], float)
+        nby = np.asarray(neighbours["y_centroid"], float)
+    companions = []
+    for grp in _saturated_groups(sx, sy, r_sat + 4.0 * fwhm) if n else []:
+        comps = [
+            {"x": sx[i], "y": sy[i], "kind": "sat", "r_sat": float(r_sat[i]), "f": np.nan, "i": i}
+            for i in grp
+        ]
+        # other detections inside the fit discs (not inside a saturated core) are fitted too
+        dmin = np.full(nbx.size, np.inf)
+        near = np.zeros(nbx.size, bool)
+        for c in comps:
+            dd = np.hypot(nbx - c["x"], nby - c["y"])
+            near |= dd < c["r_sat"] + 4.0 * fwhm + fwhm
+            dmin = np.minimum(dmin, dd - c["r_sat"] - 1.5)
+        for j in np.flatnonzero(near & (dmin > 0)):
+            comps.append({"x": float(nbx[j]), "y": float(nby[j]), "kind": "nbr", "f": np.nan})
+        # masked pixels and their neighbours (ends and sides of bleed trails)
+        h_all = int(math.ceil(max(r_sat[grp]) + 4.0 * fwhm)) + 4
+        x0 = max(0, int(np.min(sx[grp])) - h_all - 10)
+        x1 = min(nx, int(np.max(sx[grp])) + h_all + 12)
+        y0 = max(0, int(np.min(sy[grp])) - h_all - 10)
+        y1 = min(ny, int(np.max(sy[grp])) + h_all + 12)
+        sub_bad = binary_dilation(bad[y0:y1, x0:x1], iterations=2)
+        dil = _LocalMask(sub_bad, x0, y0, data.shape)
+        fit = _fit_wing_group(
+            psf_model, data, rms_arr, dil, comps, gain=gain_e_per_adu,
+            saturation_adu=saturation_adu,
+        )  # fmt: skip
+        if len(grp) == 1 and r_sat[grp[0]] >= 4.0 and (fit is None or _chi2(fit, comps) > 5.0):
+            # a poor fit of a big saturated region: two saturated stars whose discs merged
+            # (bleed trails as wide as the cores join them)?
+            split = _try_split(
+                psf_model, data, rms_arr, dil, bad, comps, fit, gain=gain_e_per_adu,
+                saturation_adu=saturation_adu,
+            )  # fmt: skip
+            if split is not None:
+                comps, fit = split
+        if fit is None:
+            for c in comps:
+                if c["kind"] == "sat" and c.get("i") is not None:
+                    flag[c["i"]] |= 1
             continue
-        resid = d[sel] - f * val - bk
-        cols["x_psf"][i], cols["y_psf"][i] = x, y
-        cols["flux_psf"][i] = f
-        cols["flux_err_psf"][i] = math.sqrt(max(cov[0, 0], 0.0))
-        cols["qfit_psf"][i] = float(np.sum(np.abs(resid)) / f)
-        cols["chi2_psf"][i] = float(np.sum(resid**2 * w) / max(sel.sum() - 3, 1))
-        npix[i] = int(sel.sum())
-        # draw the star out to where it fades below 2 % of the noise
-        hh = int(
-            psf_model._footprint_halves(np.array([x]), np.array([y]), np.array([f]), rms_typ, 32)[0]
-        )
-        hh = int(min(max(hh, h), 256))
-        wing = _shifted_beta(psf_model, du)
-        wing.render(data.shape, [x], [y], [f], half=hh, out=image)
-        # where 5 % of the model (its accuracy near a saturated core) exceeds 3 sigma, nothing
-        # found on the residual can be trusted
-        r_excl[i] = float(wing.radius_below([x], [y], [f], 60.0 * rms_typ)[0])
-        if cols["chi2_psf"][i] > 5.0:  # a poor fit (a neighbour in the wings): its residual too
-            r_excl[i] = max(r_excl[i], r_sat + 2.5 * fwhm)
+        for _ in range(max_companions):
+            new = _find_companion(fit, comps, fwhm)
+            if new is None:
+                break
+            trial = [dict(c) for c in comps] + [new]
+            fit2 = _fit_wing_group(
+                psf_model, data, rms_arr, dil, trial, gain=gain_e_per_adu,
+                saturation_adu=saturation_adu,
+            )  # fmt: skip
+            got = trial[-1]
+            moved = math.hypot(got["x"] - new["x"], got["y"] - new["y"])
+            if fit2 is None or not (got["f"] > 10.0 * got.get("f_err", np.inf)) or moved > 2.0:
+                break
+            comps, fit = trial, fit2
+        sel, d, model, bk = fit["sel"], fit["d"], fit["model"], fit["bk"]
+        resid = d[sel] - model[sel] - bk
+        chi2 = _chi2(fit, comps)
+        wing = _shifted_beta(psf_model, fit["du"])
+        for c in comps:
+            if c["kind"] == "nbr":
+                continue
+            x, y, f = c["x"], c["y"], c["f"]
+            if c["kind"] == "sat" and c["i"] is not None:
+                i = c["i"]
+                cols["x_psf"][i], cols["y_psf"][i] = x, y
+                if c.get("split"):  # the centre of the merged region was neither star's
+                    out["x_centroid"][i], out["y_centroid"][i] = x, y
+                cols["flux_psf"][i] = f
+                cols["flux_err_psf"][i] = c["f_err"]
+                cols["qfit_psf"][i] = float(np.sum(np.abs(resid)) / f)
+                cols["chi2_psf"][i] = chi2
+                npix[i] = int(sel.sum())
+            # draw the star out to where it fades below 2 % of the noise
+            h = int(math.ceil(c.get("r_sat", 0.0) + 4.0 * fwhm)) + 1
+            hh = int(
+                psf_model._footprint_halves(
+                    np.array([x]), np.array([y]), np.array([f]), rms_typ, 32
+                )[0]
+            )
+            hh = int(min(max(hh, h), 256))
+            wing.render(data.shape, [x], [y], [f], half=hh, out=image)
+            if c["kind"] == "sat":
+                # where 5 % of the model (its accuracy near a saturated core) exceeds 3 sigma,
+                # nothing found on the residual can be trusted
+                r_x = float(wing.radius_below([x], [y], [f], 60.0 * rms_typ)[0])
+                if chi2 > 5.0:  # a poor fit (a neighbour in the wings): its residual too
+                    r_x = max(r_x, c["r_sat"] + 2.5 * fwhm)
+                if c["i"] is not None:
+                    r_excl[c["i"]] = r_x
+                else:  # the second star of a split saturated region: a row of its own
+                    companions.append(dict(c, chi2=chi2, npix=int(sel.sum()), r_excl=r_x))
+            else:
+                # a companion's model shares the saturated star's wing shape: its residual is
+                # not searched for stars within 2 FWHM (or where 5 % of it exceeds 3 sigma)
+                r_c = float(wing.radius_below([x], [y], [f], 60.0 * rms_typ)[0])
+                companions.append(
+                    dict(c, chi2=chi2, npix=int(sel.sum()), r_excl=max(r_c, 2.0 * fwhm))
+                )
     mag, mag_err, snr = _mags(cols["flux_psf"], cols["flux_err_psf"], exptime_s)
     for key, arr in cols.items():
         out[key] = arr
@@ -359,7 +592,66 @@ def fit_saturated_stars(
     out["flag_psf"] = flag
     if "halo_radius_px" in out.colnames:
         out["halo_radius_px"] = np.maximum(np.asarray(out["halo_radius_px"], float), r_excl)
+    if companions and n:
+        out = _add_companion_rows(out, companions, fwhm, exptime_s)
     return out, image
+
+
+class _LocalMask:
+    """A dilated mask known on a window ``[y0:y1, x0:x1]`` of the frame (False elsewhere),
+    indexable like the full-frame array with integer index arrays."""
+
+    def __init__(self, sub, x0, y0, shape):
+        self.sub, self.x0, self.y0, self.shape = sub, x0, y0, shape
+
+    def __getitem__(self, idx):
+        py, px = idx
+        ly, lx = py - self.y0, px - self.x0
+        hy, hx = self.sub.shape
+        ok = (ly >= 0) & (ly < hy) & (lx >= 0) & (lx < hx)
+        out = np.zeros(np.shape(py), bool)
+        out[ok] = self.sub[ly[ok], lx[ok]]
+        return out
+
+
+def _add_companion_rows(out, companions, fwhm, exptime_s):
+    """``out`` with one row per companion, or per second star of a split saturated region
+    (copied from the first row, then overwritten)."""
+    from astropy.table import vstack
+
+    m = len(companions)
+    extra = Table(out[np.zeros(m, int)], copy=True)
+    f = np.array([c["f"] for c in companions])
+    fe = np.array([c["f_err"] for c in companions])
+    vals = {
+        "x_centroid": [c["x"] for c in companions],
+        "y_centroid": [c["y"] for c in companions],
+        "x_psf": [c["x"] for c in companions],
+        "y_psf": [c["y"] for c in companions],
+        "flux": f,
+        "flux_psf": f,
+        "flux_err_psf": fe,
+        "chi2_psf": [c["chi2"] for c in companions],
+        "npix_psf": [c["npix"] for c in companions],
+        "qfit_psf": np.full(m, np.nan),
+        "flag": [FLAG_SATURATED if c["kind"] == "sat" else 0 for c in companions],
+        "flag_psf": [
+            FLAG_PSF_WINGS if c["kind"] == "sat" else FLAG_PSF_SAT_COMPANION for c in companions
+        ],
+        "a_px": [c.get("r_sat", fwhm / 2.3548) for c in companions],
+        "b_px": [c.get("r_sat", fwhm / 2.3548) for c in companions],
+        "snr_det": f / fe,
+        "halo_radius_px": [c["r_excl"] for c in companions],
+        "npix": np.zeros(m),
+    }
+    for k, v in vals.items():
+        if k in extra.colnames:
+            extra[k] = np.asarray(v, dtype=extra[k].dtype)
+    if "peak" in extra.colnames:
+        extra["peak"] = np.asarray(f / (1.1331 * fwhm**2), dtype=extra["peak"].dtype)
+    mag, mag_err, snr = _mags(extra["flux_psf"], extra["flux_err_psf"], exptime_s)
+    extra["mag_psf"], extra["mag_err_psf"], extra["snr_psf"] = mag, mag_err, snr
+    return vstack([out, extra], metadata_conflicts="silent")
 
 
 # --------------------------------------------------------------------------------------------
@@ -543,12 +835,19 @@ def measure_frame(
             gain_e_per_adu=gain_e_per_adu,
             exptime_s=exptime_s,
             saturation_adu=sat_sub,
+            neighbours=sources[~is_sat],
         )
         # their halos are subtracted from the image everything else is measured on
         data = np.subtract(data, sat_image, out=data if overwrite else None, dtype=np.float32)
         overwrite = True  # from here on ``data`` is ours either way
         del sat_image
         zone = saturation_exclusion_mask(data.shape, sat_tab)
+        comp = (np.asarray(sat_tab["flag_psf"]) & FLAG_PSF_SAT_COMPANION) != 0
+        if np.any(comp):
+            # the residual around the stars found beside saturated ones (``halo_radius_px``)
+            ct = Table(sat_tab[comp], copy=True)
+            ct["flag"] = FLAG_SATURATED
+            zone |= saturation_exclusion_mask(data.shape, ct)
         zone |= trails
         del trails
         # the partly filled pixels along the sides and ends of the bleed trails are not a star's

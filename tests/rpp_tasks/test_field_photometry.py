@@ -472,6 +472,70 @@ def test_star_lying_across_a_bleed_trail_is_detected_and_a_bare_trail_is_not():
     assert not on_trail.any(), list(zip(x[on_trail], y[on_trail]))
 
 
+def _field_with_saturated_pairs(extra, seed=7):
+    """A 768x768 optics field: its random stars fainter than mag 14.5 plus ``extra`` stars
+    ``(x, y, flux_adu)``; no random pairs or bright stars."""
+    from astropy.wcs import WCS
+
+    base = make_optics_field((768, 768), seed=seed, n_close_pairs=0, n_bright=0)
+    t = base.truth
+    keep = np.asarray(t["mag"]) > 14.5
+    xs = np.r_[np.asarray(t["x"])[keep], [e[0] for e in extra]]
+    ys = np.r_[np.asarray(t["y"])[keep], [e[1] for e in extra]]
+    mags = np.r_[np.asarray(t["mag"])[keep], [25.0 - 2.5 * math.log10(e[2] / 60.0) for e in extra]]
+    ra, dec = WCS(base.header).all_pix2world(xs, ys, 0)
+    stars = Table({"ra": ra, "dec": dec, "mag": mags})
+    return make_optics_field((768, 768), seed=seed, stars=stars, n_close_pairs=0, n_bright=0)
+
+
+def test_saturated_stars_beside_other_bright_stars_are_separate_sources(tmp_path):
+    # Before (4096^2 optics bench): a saturated star with a companion 5 px away was one source
+    # 1.7-2.9 px off (its wing fit pulled by the companion, flux 1.3-1.6x), or two saturated
+    # sources both fitted to the middle; neither star matched. 8 of the 10 missed S/N > 500
+    # stars of that frame.
+    pairs = [
+        ((200.3, 250.6, 1.8e6), (204.6, 252.4, 1.1e6)),  # both saturated, 4.7 px
+        ((520.7, 180.2, 3.6e6), (524.4, 183.7, 4.7e5)),  # saturated + a 0.13 companion, 5.1 px
+    ]
+    lone = (600.2, 600.8, 2.0e6)
+    # two mag-9 stars 16.5 px apart: bleed trails as wide as their saturated discs join them into
+    # one saturated region, whose wing fit failed (before: one source 5 and 12 px from them)
+    merged = [(300.4, 520.5, 1.2e8), (308.5, 534.9, 1.1e8)]
+    f = _field_with_saturated_pairs([s for p in pairs for s in p] + [lone] + merged)
+    s = pipeline.reduce_frame(_write(tmp_path / "f.fits", f), find_config("demo"), tmp_path / "o")
+    assert s["status"] == "ok", s.get("reason")
+    cat = Table.read(s["catalog"])
+    t = f.truth
+    m = match_to_truth(cat, t, radius_px=1.5)
+    cat_of = dict(zip(m.truth_index, m.catalog_index))
+    flag_psf = np.asarray(cat["flag_psf"])
+    for x, y, _ in [st for p in pairs for st in p] + [lone]:
+        i = int(np.argmin(np.hypot(t["x"] - x, t["y"] - y)))
+        assert i in cat_of, f"star at ({x}, {y}) not found"
+        j = cat_of[i]
+        assert math.hypot(cat["x_centroid"][j] - t["x"][i], cat["y_centroid"][j] - t["y"][i]) < 0.5
+        assert cat["flux_psf"][j] == pytest.approx(t["flux_adu"][i], rel=0.05)
+        if t["saturated"][i]:
+            assert flag_psf[j] & 16
+    # the companions are rows of their own, flagged, each a true star (here also a faint star
+    # 9.4 px from the lone saturated one, inside its halo); nothing unmatched near the pairs
+    comp = np.flatnonzero((flag_psf & 32) != 0)
+    assert comp.size >= 2
+    assert set(comp) <= set(m.catalog_index)
+    un = m.unmatched_catalog
+    ux, uy = np.asarray(cat["x_centroid"])[un], np.asarray(cat["y_centroid"])[un]
+    for p in pairs:
+        assert not np.any(np.hypot(ux - p[0][0], uy - p[0][1]) < 30.0)
+    for x, y, _ in merged:
+        i = int(np.argmin(np.hypot(t["x"] - x, t["y"] - y)))
+        assert i in cat_of, f"star at ({x}, {y}) not found"
+        j = cat_of[i]
+        assert flag_psf[j] & 16 and cat["flag"][j] & FLAG_SATURATED
+        assert math.hypot(cat["x_centroid"][j] - x, cat["y_centroid"][j] - y) < 0.5
+        assert cat["flux_psf"][j] == pytest.approx(t["flux_adu"][i], rel=0.15)
+    assert not np.any(np.hypot(ux - 304.5, uy - 527.7) < 60.0)
+
+
 # ------------------------------------------------------------------------------ repeatability
 
 
