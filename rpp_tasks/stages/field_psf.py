@@ -369,31 +369,32 @@ class FieldPSF:
         fwhm_max = float(np.max(1.0 / np.sqrt(np.maximum(self._lmin(a, b, c), 1e-12))))
         hc = min(half, max(1, int(math.ceil(0.8 * fwhm_max))))
         split = integrate is True and hc < half
-        kc = np.arange(-hc, hc + 1, dtype=float)
         core = slice(half - hc, half + hc + 1)
         chunk = max(1, 60_000 // (s * s))  # bounds the temporaries of the quadrature
+        # the wing quadrature only on the pixels outside the core (rows above and below it,
+        # then the columns left and right of it): each pixel is evaluated once
+        out_rows = np.r_[0 : half - hc, half + hc + 1 : s]
+        out_cols = out_rows
+        blocks = [(slice(None), slice(None))]
+        if split:
+            blocks = [(core, core), (out_rows, slice(None)), (core, out_cols)]
         for i0 in range(0, n, chunk):
             sl = slice(i0, min(n, i0 + chunk))
             ox = (ix[sl] - x[sl])[:, None, None]
             oy = (iy[sl] - y[sl])[:, None, None]
-            dx = ox + k[None, None, :]
-            dy = oy + k[None, :, None]
             pars = (a[sl], b[sl], c[sl], u[sl])
-            quad = 2 if split else integrate
-            if derivatives:
-                v, d = _ell_pix(dx, dy, *pars, derivs=True, integrate=quad)
-                val[sl] = v
-                gx[sl] = -d["x"]
-                gy[sl] = -d["y"]
-                if split:
-                    vc, dc = _ell_pix(ox + kc, oy + kc[:, None], *pars, derivs=True)
-                    val[sl, core, core] = vc
-                    gx[sl, core, core] = -dc["x"]
-                    gy[sl, core, core] = -dc["y"]
-            else:
-                val[sl] = _ell_pix(dx, dy, *pars, integrate=quad)
-                if split:
-                    val[sl, core, core] = _ell_pix(ox + kc, oy + kc[:, None], *pars)
+            for j, (rows, cols) in enumerate(blocks):
+                quad = integrate if j == 0 else 2
+                dx = ox + k[cols][None, None, :]
+                dy = oy + k[rows][None, :, None]
+                if derivatives:
+                    v, d = _ell_pix(dx, dy, *pars, derivs=True, integrate=quad)
+                    # (one of rows, cols at most is an index array)
+                    val[sl, rows, cols] = v
+                    gx[sl, rows, cols] = -d["x"]
+                    gy[sl, rows, cols] = -d["y"]
+                else:
+                    val[sl, rows, cols] = _ell_pix(dx, dy, *pars, integrate=quad)
         if derivatives:
             return val, gx, gy
         return val
@@ -617,12 +618,17 @@ class FieldPSF:
         idx = np.flatnonzero(ok)
         ix = np.rint(xa[idx])
         iy = np.rint(ya[idx])
-        st = self.stamps(x[idx], y[idx], half, ix=ix, iy=iy)
+        # a circle of radius r about a point within 0.5 px of the tile centre touches pixels up
+        # to ceil(r) from it (SEP looks one further): the model is evaluated there only, the
+        # rest of the tile stays 0 (same tiles, so the same sums to the last bit)
+        he = min(half, int(math.ceil(max(radii.values()))) + 1)
+        st = self.stamps(x[idx], y[idx], he, ix=ix, iy=iy)
         m = idx.size
         ncol = int(math.ceil(math.sqrt(m)))
         nrow = int(math.ceil(m / ncol))
         mosaic = np.zeros((nrow, ncol, size, size))
-        mosaic.reshape(nrow * ncol, size, size)[:m] = st
+        inner = slice(half - he, half + he + 1)
+        mosaic.reshape(nrow * ncol, size, size)[:m, inner, inner] = st
         mosaic = np.ascontiguousarray(
             mosaic.transpose(0, 2, 1, 3).reshape(nrow * size, ncol * size)
         )
