@@ -85,8 +85,9 @@ def _ell_pix(dx, dy, a, b, c, u, *, derivs=False, integrate=True):
     """Pixel-integrated unit-flux elliptical profile at pixel offsets ``(dx, dy)`` (pixel - star).
 
     ``a, b, c, u`` broadcast against ``dx``. Returns the values, and with ``derivs`` a dict of
-    derivatives with respect to ``dx``, ``dy`` (pixel offsets) and ``a, b, c, u``. Without
-    ``integrate`` the profile is sampled at the pixel centres (for far wings, where the
+    derivatives with respect to ``dx``, ``dy`` (pixel offsets) and ``a, b, c, u``
+    (``derivs="xy"``: those by ``dx``, ``dy`` only, the shape derivatives are not computed).
+    Without ``integrate`` the profile is sampled at the pixel centres (for far wings, where the
     pixel integration changes values by less than 1e-3 of themselves).
     """
     u_in = u
@@ -100,8 +101,11 @@ def _ell_pix(dx, dy, a, b, c, u, *, derivs=False, integrate=True):
         np.shape(dx), np.shape(dy), np.shape(a), np.shape(b), np.shape(c), np.shape(u)
     )
     val = np.zeros(shape)
+    shape_derivs = derivs is True
     if derivs:
-        acc = {k: np.zeros(shape) for k in ("x", "y", "a", "b", "c", "u")}
+        acc = {
+            k: np.zeros(shape) for k in ("x", "y", "a", "b", "c", "u")[: 6 if shape_derivs else 2]
+        }
         dkap = 4.0 * _LN2 * np.exp2(u)
         dlnn_du = dkap / kap - 1.0 / (u * (1.0 - u))
     if integrate is True or integrate == 3:
@@ -143,10 +147,15 @@ def _ell_pix(dx, dy, a, b, c, u, *, derivs=False, integrate=True):
             # d f / d q = f (-kap / u) / t, weighted
             np.multiply(f, rt, out=g)
             g *= -inv_u * kap
-            np.multiply(g, 2.0 * (a * ex) + 2.0 * (b * ey), out=tmp)
+            # (the sums of the small one-coordinate parts go into tmp: no full-size temporary)
+            np.add(2.0 * (a * ex), 2.0 * (b * ey), out=tmp)
+            tmp *= g
             acc["x"] += tmp
-            np.multiply(g, 2.0 * (b * ex) + 2.0 * (c * ey), out=tmp)
+            np.add(2.0 * (b * ex), 2.0 * (c * ey), out=tmp)
+            tmp *= g
             acc["y"] += tmp
+            if not shape_derivs:
+                continue
             np.multiply(g, ex * ex, out=tmp)
             acc["a"] += tmp
             np.multiply(g, 2.0 * ex, out=tmp)
@@ -165,6 +174,8 @@ def _ell_pix(dx, dy, a, b, c, u, *, derivs=False, integrate=True):
     if not derivs:
         return val
     out = {"x": acc["x"] * norm, "y": acc["y"] * norm}
+    if not shape_derivs:
+        return val, out
     # d ln N / d(a, b, c) = (c, -2b, a) / (2 det)
     out["a"] = acc["a"] * norm + val * (c / (2.0 * det))
     out["b"] = acc["b"] * norm + val * (-b / det)
@@ -388,7 +399,7 @@ class FieldPSF:
                 dx = ox + k[cols][None, None, :]
                 dy = oy + k[rows][None, :, None]
                 if derivatives:
-                    v, d = _ell_pix(dx, dy, *pars, derivs=True, integrate=quad)
+                    v, d = _ell_pix(dx, dy, *pars, derivs="xy", integrate=quad)
                     # (one of rows, cols at most is an index array)
                     val[sl, rows, cols] = v
                     gx[sl, rows, cols] = -d["x"]
