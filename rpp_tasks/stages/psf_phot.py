@@ -494,24 +494,26 @@ def _tail_geometry(model, x, y, flux, half, rms_typ, upix, nx, ny):
     reach = cKDTree(pts).query_ball_point(pts[idx], (halves + half) * 1.415, return_length=True)
     idx, halves = idx[reach > 1], halves[reach > 1]
     upy, upx = np.divmod(upix, nx)
-    stars, poss = [], []
-    for i, h in zip(idx, halves):
-        cy, cx = int(round(y[i])), int(round(x[i]))
-        lo = np.searchsorted(upix, max(0, cy - h) * nx)
-        hi = np.searchsorted(upix, (min(ny - 1, cy + h) + 1) * nx)
-        if hi <= lo:
-            continue
-        px, py = upx[lo:hi], upy[lo:hi]
-        use = (np.abs(px - cx) <= h) & ((np.abs(px - cx) > half) | (np.abs(py - cy) > half))
-        pos = np.flatnonzero(use) + lo
-        if pos.size:
-            stars.append(np.full(pos.size, i))
-            poss.append(pos)
-    if not stars:
+    # every (star, row) pair of the stars' boxes: the fitted pixels of that row within h of the
+    # star's column are one run of the sorted ``upix`` (star by star, row by row, column order)
+    cy = np.rint(y[idx]).astype(np.int64)
+    cx = np.rint(x[idx]).astype(np.int64)
+    r0 = np.maximum(cy - halves, 0)
+    nr = np.maximum(np.minimum(cy + halves, ny - 1) - r0 + 1, 0)
+    pair_star = np.repeat(np.arange(idx.size), nr)
+    rows = r0[pair_star] + (np.arange(pair_star.size) - np.repeat(np.cumsum(nr) - nr, nr))
+    c_lo = np.maximum(cx - halves, 0)[pair_star]
+    c_hi = np.minimum(cx + halves, nx - 1)[pair_star]
+    lo = np.searchsorted(upix, rows * nx + c_lo)
+    cnt = np.maximum(np.searchsorted(upix, rows * nx + c_hi + 1) - lo, 0)
+    pair = np.repeat(np.arange(lo.size), cnt)
+    pos = lo[pair] + (np.arange(pair.size) - np.repeat(np.cumsum(cnt) - cnt, cnt))
+    s_loc = pair_star[pair]
+    use = (np.abs(upx[pos] - cx[s_loc]) > half) | (np.abs(upy[pos] - cy[s_loc]) > half)
+    if not np.any(use):
         return empty
-    star = np.concatenate(stars)
-    pos = np.concatenate(poss)
-    return star, pos, upx[pos], upy[pos]
+    pos = pos[use]
+    return idx[s_loc[use]], pos, upx[pos], upy[pos]
 
 
 def _tail_values(model, geo, x, y, flux, nrow):
