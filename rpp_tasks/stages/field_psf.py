@@ -184,6 +184,11 @@ def _ell_pix(dx, dy, a, b, c, u, *, derivs=False, integrate=True):
     return val, out
 
 
+def _flat(v, where):
+    """``(N, 1, m)`` values of paired pixel lists as ``(N, m)`` (``where`` given), else as is."""
+    return v if where is None else v[:, 0, :]
+
+
 def _shape_from_abc(a, b, c, u):
     """FWHM (geometric mean of the axes), major/minor FWHM, ellipticity, angle (deg), beta."""
     a, b, c = (np.asarray(v, float) for v in (a, b, c))
@@ -355,13 +360,16 @@ class FieldPSF:
         a, b, c, u = self.params_at(np.asarray(x, float), np.asarray(y, float))
         return _ell_pix(np.asarray(dx, float), np.asarray(dy, float), a, b, c, u)
 
-    def stamps(self, x, y, half, *, ix=None, iy=None, derivatives=False, integrate=True):
+    def stamps(
+        self, x, y, half, *, ix=None, iy=None, derivatives=False, integrate=True, where=None
+    ):
         """
         Model stamps of unit-flux stars at ``(x, y)`` on the ``(2*half+1)^2`` pixels around
         ``(ix, iy)`` (default ``rint(x, y)``), each with its own local PSF.
 
         Returns ``(N, S, S)`` values and, with ``derivatives``, ``dE/dx_star`` and ``dE/dy_star``
-        (same interface as `EPSFModel.stamps`).
+        (same interface as `EPSFModel.stamps`). With ``where`` (``(S, S)`` bool), only those
+        pixels are evaluated (the same values as without it) and the others are 0.
         """
         x = np.atleast_1d(np.asarray(x, float))
         y = np.atleast_1d(np.asarray(y, float))
@@ -371,10 +379,11 @@ class FieldPSF:
         a, b, c, u = (v[:, None, None] for v in self.params_at(x, y))
         n = x.size
         s = k.size
-        val = np.empty((n, s, s))
+        new = np.empty if where is None else np.zeros
+        val = new((n, s, s))
         if derivatives:
-            gx = np.empty((n, s, s))
-            gy = np.empty((n, s, s))
+            gx = new((n, s, s))
+            gy = new((n, s, s))
         # 3x3 Gauss-Legendre nodes per pixel in the core (|offset| <= ~0.8 FWHM), 2x2 in the
         # wings, where the profile is smooth on the pixel scale (errors < 1e-4 of the peak)
         fwhm_max = float(np.max(1.0 / np.sqrt(np.maximum(self._lmin(a, b, c), 1e-12))))
@@ -389,6 +398,15 @@ class FieldPSF:
         blocks = [(slice(None), slice(None))]
         if split:
             blocks = [(core, core), (out_rows, slice(None)), (core, out_cols)]
+        if where is not None:
+            # pixel lists (rows, cols paired): the core's, then the wings'
+            in_core = np.zeros((s, s), bool)
+            if split:
+                in_core[core, core] = True
+            else:
+                in_core[:] = True
+            where = np.asarray(where, bool)
+            blocks = [np.nonzero(where & in_core), np.nonzero(where & ~in_core)]
         for i0 in range(0, n, chunk):
             sl = slice(i0, min(n, i0 + chunk))
             ox = (ix[sl] - x[sl])[:, None, None]
@@ -398,14 +416,18 @@ class FieldPSF:
                 quad = integrate if j == 0 else 2
                 dx = ox + k[cols][None, None, :]
                 dy = oy + k[rows][None, :, None]
+                if where is not None:
+                    if rows.size == 0:
+                        continue
+                    dy = oy + k[rows][None, None, :]  # (N, 1, m): paired with dx
                 if derivatives:
                     v, d = _ell_pix(dx, dy, *pars, derivs="xy", integrate=quad)
-                    # (one of rows, cols at most is an index array)
-                    val[sl, rows, cols] = v
-                    gx[sl, rows, cols] = -d["x"]
-                    gy[sl, rows, cols] = -d["y"]
+                    # (one of rows, cols at most is an index array, or both paired)
+                    val[sl, rows, cols] = _flat(v, where)
+                    gx[sl, rows, cols] = -_flat(d["x"], where)
+                    gy[sl, rows, cols] = -_flat(d["y"], where)
                 else:
-                    val[sl, rows, cols] = _ell_pix(dx, dy, *pars, integrate=quad)
+                    val[sl, rows, cols] = _flat(_ell_pix(dx, dy, *pars, integrate=quad), where)
         if derivatives:
             return val, gx, gy
         return val

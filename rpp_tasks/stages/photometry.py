@@ -304,6 +304,8 @@ def fit_saturated_stars(
             wing = _shifted_beta(psf_model, du)
             one = (np.array([x]), np.array([y]), h)
             pos = dict(ix=np.array([ix]), iy=np.array([iy]))
+            if hasattr(psf_model, "coeffs"):  # a FieldPSF: the fitted pixels only
+                pos["where"] = sel
             val, gx, gy = wing.stamps(*one, **pos, derivatives=True)
             dval = (_shifted_beta(psf_model, du + 0.004).stamps(*one, **pos) - val) / 0.004
             val, gx, gy, dval = val[0][sel], gx[0][sel], gy[0][sel], dval[0][sel]
