@@ -19,6 +19,7 @@ import numpy as np
 from astropy.table import Table
 
 from rpp_tasks import __version__
+from rpp_tasks.stages.field_psf import FieldPSF, _aperture_reach
 from rpp_tasks.stages.phot_common import (
     APERTURE_LABELS,
     _check_inputs,
@@ -152,8 +153,9 @@ def _own_model_sums(sources, x, y, epsf, radii):
     ix = np.rint(x[idx]).astype(np.int64)
     iy = np.rint(y[idx]).astype(np.int64)
     # evaluated only where the apertures can reach (see FieldPSF.aperture_fractions)
-    he = min(half, int(math.ceil(max(radii.values()))) + 1)
-    st = epsf.stamps(xp[idx], yp[idx], he, ix=ix, iy=iy)  # (m, S, S), unit flux
+    he, where = _aperture_reach(max(radii.values()), half)
+    kw = {"where": where} if isinstance(epsf, FieldPSF) else {}
+    st = epsf.stamps(xp[idx], yp[idx], he, ix=ix, iy=iy, **kw)  # (m, S, S), unit flux
     m = idx.size
     ncol = int(math.ceil(math.sqrt(m)))
     nrow = int(math.ceil(m / ncol))

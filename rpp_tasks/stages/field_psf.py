@@ -184,6 +184,16 @@ def _ell_pix(dx, dy, a, b, c, u, *, derivs=False, integrate=True):
     return val, out
 
 
+def _aperture_reach(r, half):
+    """``(he, where)``: half-width and pixel mask of a ``2 he + 1`` stamp holding every pixel
+    that SEP's exact sum over a circle of radius ``r`` can use, for a circle centred within
+    0.5 px (per axis) of the stamp centre. SEP uses the pixels whose centre is closer than
+    ``r + 0.7072`` to the circle's centre, so closer than ``r + 1.4143`` to the stamp centre."""
+    he = min(int(half), int(math.ceil(r)) + 1)
+    k = np.arange(-he, he + 1)
+    return he, np.hypot(k[:, None], k[None, :]) <= float(r) + 1.5
+
+
 def _flat(v, where):
     """``(N, 1, m)`` values of paired pixel lists as ``(N, m)`` (``where`` given), else as is."""
     return v if where is None else v[:, 0, :]
@@ -651,11 +661,10 @@ class FieldPSF:
         idx = np.flatnonzero(ok)
         ix = np.rint(xa[idx])
         iy = np.rint(ya[idx])
-        # a circle of radius r about a point within 0.5 px of the tile centre touches pixels up
-        # to ceil(r) from it (SEP looks one further): the model is evaluated there only, the
-        # rest of the tile stays 0 (same tiles, so the same sums to the last bit)
-        he = min(half, int(math.ceil(max(radii.values()))) + 1)
-        st = self.stamps(x[idx], y[idx], he, ix=ix, iy=iy)
+        # the model is evaluated only where the apertures can use it (the rest of the tile stays
+        # 0; same tiles, so the same sums to the last bit)
+        he, where = _aperture_reach(max(radii.values()), half)
+        st = self.stamps(x[idx], y[idx], he, ix=ix, iy=iy, where=where)
         m = idx.size
         ncol = int(math.ceil(math.sqrt(m)))
         nrow = int(math.ceil(m / ncol))
