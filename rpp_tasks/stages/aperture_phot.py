@@ -153,8 +153,9 @@ def _own_model_sums(sources, x, y, epsf, radii):
     ix = np.rint(x[idx]).astype(np.int64)
     iy = np.rint(y[idx]).astype(np.int64)
     # evaluated only where the apertures can reach (see FieldPSF.aperture_fractions)
-    he, where = _aperture_reach(max(radii.values()), half)
-    kw = {"where": where} if isinstance(epsf, FieldPSF) else {}
+    he, kw = half, {}
+    if isinstance(epsf, FieldPSF):
+        he, kw["where"] = _aperture_reach(max(radii.values()), half)
     st = epsf.stamps(xp[idx], yp[idx], he, ix=ix, iy=iy, **kw)  # (m, S, S), unit flux
     m = idx.size
     ncol = int(math.ceil(math.sqrt(m)))
