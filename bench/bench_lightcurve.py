@@ -268,54 +268,7 @@ def bench_target_photometry(args) -> None:
         density_per_deg2=args.density,
         seed=1,
     )
-    t = truth.targets
-    dead = "http://127.0.0.1:9"
-    obs = config_from_dict(
-        {
-            "observatory": "bench",
-            "site": {"latitude_deg": 43.75, "longitude_deg": 6.92, "elevation_m": 1270},
-            "camera": {
-                "gain_e_per_adu": 1.5,
-                "read_noise_e": 8.0,
-                "saturation_adu": 60000,
-                "pixel_scale_arcsec": 1.0,
-            },
-            "filters": {"aliases": {"V": "V"}},
-            "paths": {"work": str(root / "work"), "master_library": str(root / "masters")},
-            "stages": {"astrometry": {"solve": "never"}},
-            "catalogs": {
-                "services": {
-                    k: dead
-                    for k in ("gaia_tap", "gaia_vizier", "vizier", "simbad", "skybot", "sesame")
-                },
-                "enrichment": [],
-                "cache_dir": str(root / "cache"),
-                "timeout_s": 1.0,
-                "max_retries": 0,
-                "local": [str(root / "catalogs")],
-            },
-            "targets": {
-                "objects": [
-                    {
-                        "name": "SYN-VAR",
-                        "ra": t["variable"]["ra_deg"],
-                        "dec": t["variable"]["dec_deg"],
-                    },
-                    {
-                        "name": "SYN-CONST",
-                        "ra": t["constant"]["ra_deg"],
-                        "dec": t["constant"]["dec_deg"],
-                    },
-                    {
-                        "name": "SYN-TRANSIENT",
-                        "ra": t["transient"]["ra_deg"],
-                        "dec": t["transient"]["dec_deg"],
-                    },
-                ],
-                "resolve_online": False,
-            },
-        }
-    )
+    obs = config_from_dict(truth.offline_config(root, observatory="bench"))
     session = lifecycle.open_session(truth.nights[0], obs, work_root=root / "work")
     lifecycle.run_stage(session, obs, "masters")
     masters = session.read_json("masters.json")

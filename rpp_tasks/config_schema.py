@@ -14,6 +14,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+#: File names read as FITS (case-insensitive): plain, tile-compressed (fpack ``.fz``), gzip, bzip2.
+FITS_EXTENSIONS = (
+    ".fits",
+    ".fit",
+    ".fts",
+    ".fits.fz",
+    ".fit.fz",
+    ".fts.fz",
+    ".fz",
+    ".fits.gz",
+    ".fit.gz",
+    ".fts.gz",
+    ".fits.bz2",
+    ".fit.bz2",
+)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -84,20 +100,7 @@ class SessionConfig:
         }
     )
     extensions: list[str] = field(  # case-insensitive; same list as config/defaults.yaml
-        default_factory=lambda: [
-            ".fits",
-            ".fit",
-            ".fts",
-            ".fits.fz",
-            ".fit.fz",
-            ".fts.fz",
-            ".fz",
-            ".fits.gz",
-            ".fit.gz",
-            ".fts.gz",
-            ".fits.bz2",
-            ".fit.bz2",
-        ]
+        default_factory=lambda: list(FITS_EXTENSIONS)
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,9 @@ REAL_DATA = Path(os.environ.get("RPP_REAL_DATA", REPO.parent / "shared" / "data"
 
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("RPP_CONFIG_DIR", str(REPO / "config"))
+# the default data folders (incoming, work, products, master library) of a test that does not set
+# its own: a fresh folder, never the repository's data/ (a bench's masters there were picked up)
+os.environ.setdefault("RPP_DATA_ROOT", tempfile.mkdtemp(prefix="rpp-tests-data-"))
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from rpp_tasks.config_schema import FITS_EXTENSIONS
 from rpp_tasks.exceptions import FrameRejected
 from rpp_tasks.inputs.cards import first_value, to_float
 from rpp_tasks.inputs.classify import (
@@ -60,21 +61,8 @@ log = logging.getLogger(__name__)
 #: What a file of a session ends as in the plan (`FileOutcome.outcome`).
 OUTCOMES = ("science", "bias", "dark", "flat", "rejected", "ignored")
 
-#: File names read as FITS (case-insensitive): plain, tile-compressed (fpack ``.fz``), gzip, bzip2.
-DEFAULT_EXTENSIONS = (
-    ".fits",
-    ".fit",
-    ".fts",
-    ".fits.fz",
-    ".fit.fz",
-    ".fts.fz",
-    ".fz",
-    ".fits.gz",
-    ".fit.gz",
-    ".fts.gz",
-    ".fits.bz2",
-    ".fit.bz2",
-)
+#: File names read as FITS (case-insensitive): the config's default list.
+DEFAULT_EXTENSIONS = FITS_EXTENSIONS
 
 DEFAULT_IGNORE = (
     "*.yaml",

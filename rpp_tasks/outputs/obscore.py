@@ -30,6 +30,7 @@ from rpp_tasks.outputs.footprint import (
 
 __all__ = [
     "OBSCORE_COLUMNS",
+    "OBSCORE_MANDATORY",
     "ObsCoreRow",
     "make_publisher_did",
     "to_obscore_row",
@@ -118,6 +119,41 @@ class ObsCoreRow:
 
 #: Column names in table order (the fields of `ObsCoreRow`).
 OBSCORE_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(ObsCoreRow))
+
+#: The columns ObsCore 1.1 makes mandatory (its Table 1 / Appendix C; shared/specs/obscore_dachs.md
+#: 1.1): a service's ObsCore table must have each one.
+OBSCORE_MANDATORY: tuple[str, ...] = (
+    "dataproduct_type",
+    "calib_level",
+    "obs_collection",
+    "obs_id",
+    "obs_publisher_did",
+    "access_url",
+    "access_format",
+    "access_estsize",
+    "target_name",
+    "s_ra",
+    "s_dec",
+    "s_fov",
+    "s_region",
+    "s_resolution",
+    "s_xel1",
+    "s_xel2",
+    "t_min",
+    "t_max",
+    "t_exptime",
+    "t_resolution",
+    "t_xel",
+    "em_min",
+    "em_max",
+    "em_res_power",
+    "em_xel",
+    "o_ucd",
+    "pol_states",
+    "pol_xel",
+    "facility_name",
+    "instrument_name",
+)
 
 
 def _meta_dict(meta) -> dict:

@@ -85,6 +85,59 @@ class NightsTruth:
         d = asdict(self)
         return json.loads(json.dumps(d, default=str))
 
+    def offline_config(
+        self, root, *, observatory="nights", enrichment=(), resolve_online=False, **targets
+    ) -> dict:
+        """An observatory configuration (a dict for `rpp_tasks.config.config_from_dict`) that
+        reduces these nights offline: the camera `write_nights` simulates, folders under
+        ``root``, every catalogue service on a closed loopback port, the field's catalogue as
+        the local one, and the three synthetic targets (``SYN-VAR``, ``SYN-CONST``,
+        ``SYN-TRANSIENT``). ``targets`` adds keys to the ``targets`` section."""
+        root = Path(root)
+        dead = "http://127.0.0.1:9"  # nothing listens: the night is offline
+        services = ("gaia_tap", "gaia_vizier", "vizier", "simbad", "skybot", "sesame")
+        return {
+            "observatory": observatory,
+            "site": {"latitude_deg": 43.75, "longitude_deg": 6.92, "elevation_m": 1270},
+            "camera": {
+                "gain_e_per_adu": 1.5,
+                "read_noise_e": 8.0,
+                "saturation_adu": 60000,
+                "pixel_scale_arcsec": 1.0,
+            },
+            "filters": {"aliases": {"V": "V"}},
+            "paths": {
+                "incoming": str(root / "incoming"),
+                "work": str(root / "work"),
+                "master_library": str(root / "masters"),
+            },
+            "stages": {"astrometry": {"solve": "never"}},
+            "catalogs": {
+                "services": dict.fromkeys(services, dead),
+                "enrichment": list(enrichment),
+                "cache_dir": str(root / "cache"),
+                "timeout_s": 1.0,
+                "max_retries": 0,
+                "local": [str(root / "catalogs")],
+            },
+            "targets": {
+                "objects": [
+                    {
+                        "name": name,
+                        "ra": self.targets[key]["ra_deg"],
+                        "dec": self.targets[key]["dec_deg"],
+                    }
+                    for name, key in (
+                        ("SYN-VAR", "variable"),
+                        ("SYN-CONST", "constant"),
+                        ("SYN-TRANSIENT", "transient"),
+                    )
+                ],
+                "resolve_online": resolve_online,
+                **targets,
+            },
+        }
+
 
 def make_field_catalog(
     center_deg=(150.0, 20.0),

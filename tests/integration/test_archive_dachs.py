@@ -29,6 +29,7 @@ from rpp_tasks.outputs.archive import (
     to_obscore_row,
     upsert_obscore,
 )
+from rpp_tasks.outputs.obscore import OBSCORE_MANDATORY as MANDATORY
 
 pytestmark = [pytest.mark.integration, pytest.mark.realdata]
 
@@ -47,41 +48,6 @@ SPECTRUM = "spectra/ciboulette_sa200/Pn_R_hd8538_20231008_836.fits"
 PROJECT_RD = REPO / "archive/dachs/q.rd"
 INSTALLED_RD = Path("/var/gavo/inputs/rpp/q.rd")  # where setup_dachs.sh imports it from
 HD8538 = (21.4540, 60.2353)  # delta Cas, the spectrum's target (the header has no position)
-
-
-#: ObsCore 1.1 mandatory columns (Table 1 / Appendix C).
-MANDATORY = (
-    "dataproduct_type",
-    "calib_level",
-    "obs_collection",
-    "obs_id",
-    "obs_publisher_did",
-    "access_url",
-    "access_format",
-    "access_estsize",
-    "target_name",
-    "s_ra",
-    "s_dec",
-    "s_fov",
-    "s_region",
-    "s_resolution",
-    "s_xel1",
-    "s_xel2",
-    "t_min",
-    "t_max",
-    "t_exptime",
-    "t_resolution",
-    "t_xel",
-    "em_min",
-    "em_max",
-    "em_res_power",
-    "em_xel",
-    "o_ucd",
-    "pol_states",
-    "pol_xel",
-    "facility_name",
-    "instrument_name",
-)
 
 
 def _answers(url: str) -> bool:

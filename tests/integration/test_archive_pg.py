@@ -16,12 +16,12 @@ import pytest
 
 from rpp_tasks.outputs.archive import (
     covering_query,
-    create_obscore_table,
     polygon_contains,
     read_product_header,
     to_obscore_row,
     upsert_obscore,
 )
+from tests.pgdb import obscore_database
 
 pytestmark = [pytest.mark.integration, pytest.mark.realdata]
 
@@ -34,35 +34,8 @@ COMMON = dict(obs_collection="rpp-test/pg", publisher_authority="rpp.example.org
 
 @pytest.fixture(scope="module")
 def pg_url():
-    sqlalchemy = pytest.importorskip("sqlalchemy")
-    admin = sqlalchemy.create_engine(
-        ADMIN_URL.replace("postgresql://", "postgresql+psycopg2://"), isolation_level="AUTOCOMMIT"
-    )
-    try:
-        with admin.connect() as conn:
-            conn.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)"))
-            conn.execute(sqlalchemy.text(f"CREATE DATABASE {DB}"))
-    except sqlalchemy.exc.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable at {ADMIN_URL}: {exc.orig}")
-    url = ADMIN_URL.rsplit("/", 1)[0] + f"/{DB}"
-    eng = sqlalchemy.create_engine(url.replace("postgresql://", "postgresql+psycopg2://"))
-    try:
-        with eng.begin() as conn:
-            conn.execute(sqlalchemy.text("CREATE EXTENSION IF NOT EXISTS pg_sphere"))
-    except sqlalchemy.exc.DBAPIError as exc:
-        eng.dispose()
-        with admin.connect() as conn:
-            conn.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)"))
-        pytest.skip(
-            f"pgsphere unavailable in PostgreSQL ({exc.orig}); "
-            "install postgresql-15-pgsphere (archive/dachs/setup_dachs.sh)"
-        )
-    eng.dispose()
-    create_obscore_table(url)
-    yield url
-    with admin.connect() as conn:
-        conn.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)"))
-    admin.dispose()
+    with obscore_database(DB) as url:
+        yield url
 
 
 def _count(url, where="true"):

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli_runs import rpp_reduce, tree_files
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
@@ -188,24 +190,8 @@ def test_rpp_reduce_and_the_dag_make_the_same_products(airflow_env):
         conf = {"observatory": "demo", "session_id": "2025-01-15", "session_dir": str(night)}
         assert _run_dag(env, conf)["state"] == "success"
     cli_root = data / "cli_work"
-    res = subprocess.run(
-        [sys.executable, "-m", "rpp_tasks.ops.cli", "-q", "reduce", str(night), "-o", "demo"]
-        + ["--work", str(cli_root)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        cwd=REPO,
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rpp_reduce(env, night, "demo", cli_root)
     cli_dir = cli_root / "2025-01-15"
-
-    def files(root):
-        return {
-            p.relative_to(root).as_posix()
-            for p in root.rglob("*")
-            if p.is_file() and not p.name.startswith(".")
-        }
 
     checkpoints = {
         f
@@ -213,9 +199,9 @@ def test_rpp_reduce_and_the_dag_make_the_same_products(airflow_env):
         if not a.product and a.scope == "frame"
         for f in a.files
     }
-    dag_files = {f for f in files(dag_dir) if Path(f).name not in checkpoints}
+    dag_files = {f for f in tree_files(dag_dir) if Path(f).name not in checkpoints}
     dag_files -= {"notify.json"}  # the DAG also tells the observers
-    assert files(cli_dir) == dag_files
+    assert tree_files(cli_dir) == dag_files
     s_dag = json.loads((dag_dir / "session_summary.json").read_text())
     s_cli = json.loads((cli_dir / "session_summary.json").read_text())
     assert [f["frame"] for f in s_cli["frames"]] == [f["frame"] for f in s_dag["frames"]]

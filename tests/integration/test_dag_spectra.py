@@ -25,6 +25,8 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.cli_runs import rpp_reduce, tree_files
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
@@ -208,27 +210,11 @@ def test_rpp_reduce_gives_the_dag_s_spectra(airflow_env):
         conf = {"observatory": "synth2spot", "session_id": "2025-03-14", "session_dir": str(raw)}
         assert _run(env, conf)["state"] == "success"
     cli_root = data / "cli_work"
-    res = subprocess.run(
-        [sys.executable, "-m", "rpp_tasks.ops.cli", "-q", "reduce", str(raw), "-o", "synth2spot"]
-        + ["--work", str(cli_root)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        cwd=REPO,
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    res = rpp_reduce(env, raw, "synth2spot", cli_root)
     assert "2/3 target spectra reduced" in res.stdout
     cli_dir = cli_root / "2025-03-14"
 
-    def files(root):
-        return {
-            p.relative_to(root).as_posix()
-            for p in root.rglob("*")
-            if p.is_file() and not p.name.startswith(".")
-        }
-
-    assert files(cli_dir) == files(dag_dir) - {"notify.json"}
+    assert tree_files(cli_dir) == tree_files(dag_dir) - {"notify.json"}
     s_dag = json.loads((dag_dir / "session_summary.json").read_text())
     s_cli = json.loads((cli_dir / "session_summary.json").read_text())
     for a, b in zip(s_cli["spectra"], s_dag["spectra"], strict=True):

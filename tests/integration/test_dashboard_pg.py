@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.pgdb import obscore_database
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,33 +46,8 @@ def night(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pg_url():
-    import sqlalchemy as sa
-
-    from rpp_tasks.outputs.archive import create_obscore_table
-
-    admin = sa.create_engine(
-        ADMIN_URL.replace("postgresql://", "postgresql+psycopg2://"), isolation_level="AUTOCOMMIT"
-    )
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)"))
-            conn.execute(sa.text(f"CREATE DATABASE {DB}"))
-    except sa.exc.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable at {ADMIN_URL}: {exc.orig}")
-    url = ADMIN_URL.rsplit("/", 1)[0] + f"/{DB}"
-    eng = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg2://"))
-    try:
-        with eng.begin() as conn:
-            conn.execute(sa.text("CREATE EXTENSION IF NOT EXISTS pg_sphere"))
-    except sa.exc.DBAPIError as exc:
-        pytest.skip(f"pgsphere unavailable in PostgreSQL ({exc.orig})")
-    finally:
-        eng.dispose()
-    create_obscore_table(url)
-    yield url
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)"))
-    admin.dispose()
+    with obscore_database(DB) as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -27,6 +27,7 @@ from rpp_tasks.outputs.archive import (
     upsert_obscore,
 )
 from rpp_tasks.outputs.bandpasses import BANDPASSES, canonical_band, lookup_bandpass
+from rpp_tasks.outputs.obscore import OBSCORE_MANDATORY as MANDATORY
 
 HUNTSMAN = "huntsman/raw/science_0.fits"
 SPECTRUM = "spectra/ciboulette_sa200/Pn_R_hd8538_20231008_836.fits"
@@ -225,41 +226,6 @@ def test_huntsman_row_units(real_data):
     assert polygon_contains(row.s_region, 65.1621, -54.9358)
     assert not polygon_contains(row.s_region, 65.1621, -54.6)
     assert set(row.to_dict()) == set(OBSCORE_COLUMNS)
-
-
-#: ObsCore 1.1 mandatory columns (Table 1 / Appendix C; shared/specs/obscore_dachs.md 1.1).
-MANDATORY = (
-    "dataproduct_type",
-    "calib_level",
-    "obs_collection",
-    "obs_id",
-    "obs_publisher_did",
-    "access_url",
-    "access_format",
-    "access_estsize",
-    "target_name",
-    "s_ra",
-    "s_dec",
-    "s_fov",
-    "s_region",
-    "s_resolution",
-    "s_xel1",
-    "s_xel2",
-    "t_min",
-    "t_max",
-    "t_exptime",
-    "t_resolution",
-    "t_xel",
-    "em_min",
-    "em_max",
-    "em_res_power",
-    "em_xel",
-    "o_ucd",
-    "pol_states",
-    "pol_xel",
-    "facility_name",
-    "instrument_name",
-)
 
 
 @pytest.mark.realdata

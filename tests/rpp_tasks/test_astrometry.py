@@ -11,6 +11,7 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 from service_peers import Peer, add_gaia_routes, make_sky
+from solve_cases import strip_wcs
 
 from rpp_tasks.config import config_from_dict, find_config
 from rpp_tasks.inputs.reader import read_frame
@@ -20,34 +21,6 @@ from rpp_tasks.stages import astrometry, catalogs
 
 HAS_SOLVER = shutil.which("solve-field") is not None
 NGC7023 = "seestar_s50/Light_NGC7023_10.0s_IRCUT_20240730-224459.fit"
-_WCS_KEYS = (
-    "CTYPE",
-    "CRVAL",
-    "CRPIX",
-    "CDELT",
-    "CROTA",
-    "CD1_",
-    "CD2_",
-    "PC1_",
-    "PC2_",
-    "CUNIT",
-    "A_",
-    "B_",
-    "AP_",
-    "BP_",
-    "EQUINOX",
-    "LONPOLE",
-    "LATPOLE",
-    "WCSAXES",
-    "RADESYS",
-)
-
-
-def _strip_wcs(hdr):
-    for k in list(hdr.keys()):
-        if k.startswith(_WCS_KEYS):
-            hdr.remove(k, remove_all=True)
-    return hdr
 
 
 def _grid_rms_px(w_est, w_true, nx, ny):
@@ -160,7 +133,7 @@ def test_end_to_end_refinement_of_a_bad_header_wcs(tmp_path):
         seed=5,
     )
     truth = header_wcs(fld.header).wcs
-    hdr = _strip_wcs(fld.header.copy())
+    hdr = strip_wcs(fld.header.copy())
     hdr.update(
         _make_wcs(
             (512, 512), (150.0 + 30 / 3600 / np.cos(np.radians(20)), 20.0), 1.0, 0.5
@@ -306,7 +279,7 @@ def test_seestar_ngc7023_without_wcs_is_solved_within_2_arcsec(real_data, tmp_pa
     orig = header_wcs(raw.header)
     with fits.open(src) as h:
         hdr, data = h[0].header.copy(), h[0].data
-    fits.PrimaryHDU(data, _strip_wcs(hdr)).writeto(tmp_path / "nowcs.fit")
+    fits.PrimaryHDU(data, strip_wcs(hdr)).writeto(tmp_path / "nowcs.fit")
     catalogs.reset_circuit_breaker()
     obs = find_config("seestar_s50")
     s = pipeline.reduce_frame(tmp_path / "nowcs.fit", obs, tmp_path / "out")

@@ -235,6 +235,12 @@ def test_default_extensions_cover_every_spelling():
     exts = {e.lower() for e in obs.session.extensions}
     for e in (".fits", ".fit", ".fts", ".fits.fz", ".fit.fz", ".fits.gz", ".fit.gz", ".fts.gz"):
         assert e in exts
+    # one list: config/defaults.yaml, the schema's default and the session reader's default
+    from rpp_tasks.config_schema import FITS_EXTENSIONS, SessionConfig
+    from rpp_tasks.inputs.frames import DEFAULT_EXTENSIONS
+
+    assert list(obs.session.extensions) == list(FITS_EXTENSIONS) == list(DEFAULT_EXTENSIONS)
+    assert SessionConfig().extensions == list(FITS_EXTENSIONS)
 
 
 def test_siril_session_of_fit_fz_files_is_reduced(tmp_path):

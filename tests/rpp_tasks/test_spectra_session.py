@@ -25,6 +25,7 @@ from rpp_tasks.session.summary import SessionSummary
 from rpp_tasks.session.table import LONGSLIT, table_for
 from rpp_tasks.sim.longslit import make_longslit_night, write_longslit_session
 from rpp_tasks.spectra.session import list_spectra
+from tests.pgdb import obscore_database
 
 REAL = Path(os.environ.get("RPP_REAL_DATA", "/work/shared/data/real")) / "spectra"
 
@@ -237,37 +238,8 @@ def test_archive_one_spectrum_row_upserted_sqlite(reduced, tmp_path):
 @pytest.fixture
 def pg_url():
     """A throw-away database with pgsphere and the ObsCore table (skips without them)."""
-    import sqlalchemy as sa
-
-    from rpp_tasks.outputs.archive import create_obscore_table
-
-    admin_url = os.environ.get(
-        "RPP_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-    )
-    db = "rpp_spectra_archive_test"
-    admin = sa.create_engine(
-        admin_url.replace("postgresql://", "postgresql+psycopg2://"), isolation_level="AUTOCOMMIT"
-    )
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-            conn.execute(sa.text(f"CREATE DATABASE {db}"))
-    except sa.exc.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable at {admin_url}: {exc.orig}")
-    url = admin_url.rsplit("/", 1)[0] + f"/{db}"
-    eng = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg2://"))
-    try:
-        with eng.begin() as conn:
-            conn.execute(sa.text("CREATE EXTENSION IF NOT EXISTS pg_sphere"))
-        create_obscore_table(url)
+    with obscore_database("rpp_spectra_archive_test") as url:
         yield url
-    except sa.exc.DBAPIError as exc:
-        pytest.skip(f"pgsphere unavailable in PostgreSQL ({exc.orig})")
-    finally:
-        eng.dispose()
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-        admin.dispose()
 
 
 def test_archive_one_spectrum_row_upserted_postgresql(reduced, pg_url):

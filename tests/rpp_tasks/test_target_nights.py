@@ -32,60 +32,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 def _obs(root, truth, *, enrichment=("vsx",), resolve_online=False):
-    dead = "http://127.0.0.1:9"  # nothing listens: the night is offline
-    t = truth.targets
-    return config_from_dict(
-        {
-            "observatory": "nights",
-            "site": {"latitude_deg": 43.75, "longitude_deg": 6.92, "elevation_m": 1270},
-            "camera": {
-                "gain_e_per_adu": 1.5,
-                "read_noise_e": 8.0,
-                "saturation_adu": 60000,
-                "pixel_scale_arcsec": 1.0,
-            },
-            "filters": {"aliases": {"V": "V"}},
-            "paths": {
-                "incoming": str(root / "incoming"),
-                "work": str(root / "work"),
-                "master_library": str(root / "masters"),
-            },
-            "stages": {"astrometry": {"solve": "never"}},
-            "catalogs": {
-                "services": {
-                    k: dead
-                    for k in ("gaia_tap", "gaia_vizier", "vizier", "simbad", "skybot", "sesame")
-                },
-                "enrichment": list(enrichment),
-                "cache_dir": str(root / "cache"),
-                "timeout_s": 1.0,
-                "max_retries": 0,
-                "local": [str(root / "catalogs")],
-            },
-            "targets": {
-                "objects": [
-                    {
-                        "name": "SYN-VAR",
-                        "ra": t["variable"]["ra_deg"],
-                        "dec": t["variable"]["dec_deg"],
-                    },
-                    {
-                        "name": "SYN-CONST",
-                        "ra": t["constant"]["ra_deg"],
-                        "dec": t["constant"]["dec_deg"],
-                        "aliases": ["the constant one"],
-                    },
-                    {
-                        "name": "SYN-TRANSIENT",
-                        "ra": t["transient"]["ra_deg"],
-                        "dec": t["transient"]["dec_deg"],
-                    },
-                ],
-                "resolve_online": resolve_online,
-                "store_all_sources": True,
-            },
-        }
+    d = truth.offline_config(
+        root, enrichment=enrichment, resolve_online=resolve_online, store_all_sources=True
     )
+    d["targets"]["objects"][1]["aliases"] = ["the constant one"]
+    return config_from_dict(d)
 
 
 @pytest.fixture(scope="module")
