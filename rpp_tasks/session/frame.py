@@ -150,8 +150,10 @@ def _load_sources(fw: FrameWork) -> None:
 def _save_catalog(fw: FrameWork) -> None:
     from astropy.io.fits.verify import VerifyWarning
 
+    from rpp_tasks.session.ecsv_fast import write_ecsv
+
     cat = fw.catalog
-    cat.write(fw.outdir / "catalog.ecsv", format="ascii.ecsv", overwrite=True)
+    write_ecsv(cat, fw.outdir / "catalog.ecsv")  # astropy's ECSV, the same bytes, faster
     out = cat.copy(copy_data=False)
     out.meta = {
         k: v for k, v in cat.meta.items() if isinstance(v, (str, int, float, bool)) or v is None

@@ -19,6 +19,7 @@ import numpy as np
 from astropy.table import Table
 
 from rpp_tasks import __version__
+from rpp_tasks.stages.field_psf import FieldPSF, _aperture_reach
 from rpp_tasks.stages.phot_common import (
     APERTURE_LABELS,
     _check_inputs,
@@ -151,12 +152,17 @@ def _own_model_sums(sources, x, y, epsf, radii):
     idx = np.flatnonzero(ok)
     ix = np.rint(x[idx]).astype(np.int64)
     iy = np.rint(y[idx]).astype(np.int64)
-    st = epsf.stamps(xp[idx], yp[idx], half, ix=ix, iy=iy)  # (m, S, S), unit flux
+    # evaluated only where the apertures can reach (see FieldPSF.aperture_fractions)
+    he, kw = half, {}
+    if isinstance(epsf, FieldPSF):
+        he, kw["where"] = _aperture_reach(max(radii.values()), half)
+    st = epsf.stamps(xp[idx], yp[idx], he, ix=ix, iy=iy, **kw)  # (m, S, S), unit flux
     m = idx.size
     ncol = int(math.ceil(math.sqrt(m)))
     nrow = int(math.ceil(m / ncol))
     mosaic = np.zeros((nrow, ncol, size, size))
-    mosaic.reshape(nrow * ncol, size, size)[:m] = st
+    inner = slice(half - he, half + he + 1)
+    mosaic.reshape(nrow * ncol, size, size)[:m, inner, inner] = st
     mosaic = np.ascontiguousarray(mosaic.transpose(0, 2, 1, 3).reshape(nrow * size, ncol * size))
     tile = np.arange(m)
     xm = (tile % ncol) * size + half + (x[idx] - ix)

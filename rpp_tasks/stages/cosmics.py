@@ -207,7 +207,8 @@ def clean_cosmic_rays(
             raise ValueError(msg)
         bad |= mask
     if bad.any():
-        work[bad] = np.float32(np.nanmedian(work[~bad])) if (~bad).any() else np.float32(0.0)
+        # (no NaN left outside ``bad``: the plain median, without nanmedian's extra pass)
+        work[bad] = np.float32(np.median(work[~bad])) if (~bad).any() else np.float32(0.0)
 
     sat_e = float(saturation_adu) * gain if np.isfinite(saturation_adu) else np.inf
     lacosmic = dict(
@@ -261,9 +262,7 @@ def clean_cosmic_rays(
             )
             crmask = _keep_seeded(crmask, cand)
             if max_growth_px is not None:
-                crmask &= ndimage.binary_dilation(
-                    cand, structure=np.ones((3, 3), dtype=bool), iterations=int(max_growth_px)
-                )
+                crmask &= _square_dilation(cand, int(max_growth_px))
     if method == "full":
         crmask, _ = astroscrappy.detect_cosmics(work, inmask=bad, **lacosmic)
         crmask = np.asarray(crmask, dtype=bool)
@@ -338,6 +337,22 @@ def _find_candidates(work, bad, *, gain, read_noise_e, k_sigma, min_sharpness, s
     cand[ys[keep], xs[keep]] = True
     cand &= ~bad
     return cand
+
+
+def _square_dilation(seeds, grow):
+    """``binary_dilation(seeds, ones((3, 3)), iterations=grow)`` for a sparse ``seeds``: every
+    pixel within ``grow`` px (8-connected) of a seed, set from the seeds' positions instead of a
+    full-frame pass per iteration (offsets clipped at the edges land on pixels already set)."""
+    if grow < 1:  # scipy's meaning of iterations < 1: until nothing changes
+        return ndimage.binary_dilation(seeds, structure=np.ones((3, 3), bool), iterations=grow)
+    out = np.zeros(seeds.shape, dtype=bool)
+    ys, xs = np.nonzero(seeds)
+    ny, nx = seeds.shape
+    for dy in range(-grow, grow + 1):
+        yy = np.clip(ys + dy, 0, ny - 1)
+        for dx in range(-grow, grow + 1):
+            out[yy, np.clip(xs + dx, 0, nx - 1)] = True
+    return out
 
 
 def _candidate_cells(cand, tile_px):

@@ -85,8 +85,9 @@ def _ell_pix(dx, dy, a, b, c, u, *, derivs=False, integrate=True):
     """Pixel-integrated unit-flux elliptical profile at pixel offsets ``(dx, dy)`` (pixel - star).
 
     ``a, b, c, u`` broadcast against ``dx``. Returns the values, and with ``derivs`` a dict of
-    derivatives with respect to ``dx``, ``dy`` (pixel offsets) and ``a, b, c, u``. Without
-    ``integrate`` the profile is sampled at the pixel centres (for far wings, where the
+    derivatives with respect to ``dx``, ``dy`` (pixel offsets) and ``a, b, c, u``
+    (``derivs="xy"``: those by ``dx``, ``dy`` only, the shape derivatives are not computed).
+    Without ``integrate`` the profile is sampled at the pixel centres (for far wings, where the
     pixel integration changes values by less than 1e-3 of themselves).
     """
     u_in = u
@@ -100,8 +101,11 @@ def _ell_pix(dx, dy, a, b, c, u, *, derivs=False, integrate=True):
         np.shape(dx), np.shape(dy), np.shape(a), np.shape(b), np.shape(c), np.shape(u)
     )
     val = np.zeros(shape)
+    shape_derivs = derivs is True
     if derivs:
-        acc = {k: np.zeros(shape) for k in ("x", "y", "a", "b", "c", "u")}
+        acc = {
+            k: np.zeros(shape) for k in ("x", "y", "a", "b", "c", "u")[: 6 if shape_derivs else 2]
+        }
         dkap = 4.0 * _LN2 * np.exp2(u)
         dlnn_du = dkap / kap - 1.0 / (u * (1.0 - u))
     if integrate is True or integrate == 3:
@@ -143,10 +147,15 @@ def _ell_pix(dx, dy, a, b, c, u, *, derivs=False, integrate=True):
             # d f / d q = f (-kap / u) / t, weighted
             np.multiply(f, rt, out=g)
             g *= -inv_u * kap
-            np.multiply(g, 2.0 * (a * ex) + 2.0 * (b * ey), out=tmp)
+            # (the sums of the small one-coordinate parts go into tmp: no full-size temporary)
+            np.add(2.0 * (a * ex), 2.0 * (b * ey), out=tmp)
+            tmp *= g
             acc["x"] += tmp
-            np.multiply(g, 2.0 * (b * ex) + 2.0 * (c * ey), out=tmp)
+            np.add(2.0 * (b * ex), 2.0 * (c * ey), out=tmp)
+            tmp *= g
             acc["y"] += tmp
+            if not shape_derivs:
+                continue
             np.multiply(g, ex * ex, out=tmp)
             acc["a"] += tmp
             np.multiply(g, 2.0 * ex, out=tmp)
@@ -165,12 +174,29 @@ def _ell_pix(dx, dy, a, b, c, u, *, derivs=False, integrate=True):
     if not derivs:
         return val
     out = {"x": acc["x"] * norm, "y": acc["y"] * norm}
+    if not shape_derivs:
+        return val, out
     # d ln N / d(a, b, c) = (c, -2b, a) / (2 det)
     out["a"] = acc["a"] * norm + val * (c / (2.0 * det))
     out["b"] = acc["b"] * norm + val * (-b / det)
     out["c"] = acc["c"] * norm + val * (a / (2.0 * det))
     out["u"] = (acc["u"] * norm + val * dlnn_du) * ((u_in >= _U_MIN_FIELD) & (u_in <= _U_MAX))
     return val, out
+
+
+def _aperture_reach(r, half):
+    """``(he, where)``: half-width and pixel mask of a ``2 he + 1`` stamp holding every pixel
+    that SEP's exact sum over a circle of radius ``r`` can use, for a circle centred within
+    0.5 px (per axis) of the stamp centre. SEP uses the pixels whose centre is closer than
+    ``r + 0.7072`` to the circle's centre, so closer than ``r + 1.4143`` to the stamp centre."""
+    he = min(int(half), int(math.ceil(r)) + 1)
+    k = np.arange(-he, he + 1)
+    return he, np.hypot(k[:, None], k[None, :]) <= float(r) + 1.5
+
+
+def _flat(v, where):
+    """``(N, 1, m)`` values of paired pixel lists as ``(N, m)`` (``where`` given), else as is."""
+    return v if where is None else v[:, 0, :]
 
 
 def _shape_from_abc(a, b, c, u):
@@ -344,13 +370,16 @@ class FieldPSF:
         a, b, c, u = self.params_at(np.asarray(x, float), np.asarray(y, float))
         return _ell_pix(np.asarray(dx, float), np.asarray(dy, float), a, b, c, u)
 
-    def stamps(self, x, y, half, *, ix=None, iy=None, derivatives=False, integrate=True):
+    def stamps(
+        self, x, y, half, *, ix=None, iy=None, derivatives=False, integrate=True, where=None
+    ):
         """
         Model stamps of unit-flux stars at ``(x, y)`` on the ``(2*half+1)^2`` pixels around
         ``(ix, iy)`` (default ``rint(x, y)``), each with its own local PSF.
 
         Returns ``(N, S, S)`` values and, with ``derivatives``, ``dE/dx_star`` and ``dE/dy_star``
-        (same interface as `EPSFModel.stamps`).
+        (same interface as `EPSFModel.stamps`). With ``where`` (``(S, S)`` bool), only those
+        pixels are evaluated (the same values as without it) and the others are 0.
         """
         x = np.atleast_1d(np.asarray(x, float))
         y = np.atleast_1d(np.asarray(y, float))
@@ -360,40 +389,55 @@ class FieldPSF:
         a, b, c, u = (v[:, None, None] for v in self.params_at(x, y))
         n = x.size
         s = k.size
-        val = np.empty((n, s, s))
+        new = np.empty if where is None else np.zeros
+        val = new((n, s, s))
         if derivatives:
-            gx = np.empty((n, s, s))
-            gy = np.empty((n, s, s))
+            gx = new((n, s, s))
+            gy = new((n, s, s))
         # 3x3 Gauss-Legendre nodes per pixel in the core (|offset| <= ~0.8 FWHM), 2x2 in the
         # wings, where the profile is smooth on the pixel scale (errors < 1e-4 of the peak)
         fwhm_max = float(np.max(1.0 / np.sqrt(np.maximum(self._lmin(a, b, c), 1e-12))))
         hc = min(half, max(1, int(math.ceil(0.8 * fwhm_max))))
         split = integrate is True and hc < half
-        kc = np.arange(-hc, hc + 1, dtype=float)
         core = slice(half - hc, half + hc + 1)
         chunk = max(1, 60_000 // (s * s))  # bounds the temporaries of the quadrature
+        # the wing quadrature only on the pixels outside the core (rows above and below it,
+        # then the columns left and right of it): each pixel is evaluated once
+        out_rows = np.r_[0 : half - hc, half + hc + 1 : s]
+        out_cols = out_rows
+        blocks = [(slice(None), slice(None))]
+        if split:
+            blocks = [(core, core), (out_rows, slice(None)), (core, out_cols)]
+        if where is not None:
+            # pixel lists (rows, cols paired): the core's, then the wings'
+            in_core = np.zeros((s, s), bool)
+            if split:
+                in_core[core, core] = True
+            else:
+                in_core[:] = True
+            where = np.asarray(where, bool)
+            blocks = [np.nonzero(where & in_core), np.nonzero(where & ~in_core)]
         for i0 in range(0, n, chunk):
             sl = slice(i0, min(n, i0 + chunk))
             ox = (ix[sl] - x[sl])[:, None, None]
             oy = (iy[sl] - y[sl])[:, None, None]
-            dx = ox + k[None, None, :]
-            dy = oy + k[None, :, None]
             pars = (a[sl], b[sl], c[sl], u[sl])
-            quad = 2 if split else integrate
-            if derivatives:
-                v, d = _ell_pix(dx, dy, *pars, derivs=True, integrate=quad)
-                val[sl] = v
-                gx[sl] = -d["x"]
-                gy[sl] = -d["y"]
-                if split:
-                    vc, dc = _ell_pix(ox + kc, oy + kc[:, None], *pars, derivs=True)
-                    val[sl, core, core] = vc
-                    gx[sl, core, core] = -dc["x"]
-                    gy[sl, core, core] = -dc["y"]
-            else:
-                val[sl] = _ell_pix(dx, dy, *pars, integrate=quad)
-                if split:
-                    val[sl, core, core] = _ell_pix(ox + kc, oy + kc[:, None], *pars)
+            for j, (rows, cols) in enumerate(blocks):
+                quad = integrate if j == 0 else 2
+                dx = ox + k[cols][None, None, :]
+                dy = oy + k[rows][None, :, None]
+                if where is not None:
+                    if rows.size == 0:
+                        continue
+                    dy = oy + k[rows][None, None, :]  # (N, 1, m): paired with dx
+                if derivatives:
+                    v, d = _ell_pix(dx, dy, *pars, derivs="xy", integrate=quad)
+                    # (one of rows, cols at most is an index array, or both paired)
+                    val[sl, rows, cols] = _flat(v, where)
+                    gx[sl, rows, cols] = -_flat(d["x"], where)
+                    gy[sl, rows, cols] = -_flat(d["y"], where)
+                else:
+                    val[sl, rows, cols] = _flat(_ell_pix(dx, dy, *pars, integrate=quad), where)
         if derivatives:
             return val, gx, gy
         return val
@@ -617,12 +661,16 @@ class FieldPSF:
         idx = np.flatnonzero(ok)
         ix = np.rint(xa[idx])
         iy = np.rint(ya[idx])
-        st = self.stamps(x[idx], y[idx], half, ix=ix, iy=iy)
+        # the model is evaluated only where the apertures can use it (the rest of the tile stays
+        # 0; same tiles, so the same sums to the last bit)
+        he, where = _aperture_reach(max(radii.values()), half)
+        st = self.stamps(x[idx], y[idx], he, ix=ix, iy=iy, where=where)
         m = idx.size
         ncol = int(math.ceil(math.sqrt(m)))
         nrow = int(math.ceil(m / ncol))
         mosaic = np.zeros((nrow, ncol, size, size))
-        mosaic.reshape(nrow * ncol, size, size)[:m] = st
+        inner = slice(half - he, half + he + 1)
+        mosaic.reshape(nrow * ncol, size, size)[:m, inner, inner] = st
         mosaic = np.ascontiguousarray(
             mosaic.transpose(0, 2, 1, 3).reshape(nrow * size, ncol * size)
         )

@@ -43,10 +43,13 @@ log = logging.getLogger(__name__)
 
 def _solve_groups(nmat, rhs, comp, ncomp):
     """Solve N x = rhs and return x, diag(N^-1); N is block-diagonal by component ``comp``."""
-    nun = rhs.size
-    x = np.full(nun, np.nan)
-    dinv = np.full(nun, np.nan)
-    big = np.zeros(nun, bool)
+    return _group_solver(nmat, comp, ncomp)(rhs)
+
+
+def _group_solver(nmat, comp, ncomp):
+    """`_solve_groups` in two steps: the blocks of N inverted once; the function returned solves
+    for any right-hand side (the same numbers as `_solve_groups` for each)."""
+    nun = comp.size
     sizes = np.bincount(comp, minlength=ncomp)
     order = np.argsort(comp, kind="stable")
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
@@ -56,6 +59,9 @@ def _solve_groups(nmat, rhs, comp, ncomp):
     r, c, v = coo.row, coo.col, coo.data
     size_r = sizes[comp[r]]
     size_u = sizes[comp]
+    groups = []
+    dinv = np.full(nun, np.nan)
+    big = np.zeros(nun, bool)
     for m in np.unique(sizes):
         if m == 0:
             continue
@@ -63,19 +69,15 @@ def _solve_groups(nmat, rhs, comp, ncomp):
         units = np.flatnonzero(size_u == m)
         if m > _MAX_DENSE:
             sub = nmat.tocsr()[units][:, units].tocsc()
-            from scipy.sparse.linalg import spsolve
-
-            x[units] = spsolve(sub, rhs[units])
             dinv[units] = 1.0 / sub.diagonal()
             big[units] = True
+            groups.append((units, sub, None, None))
             continue
         slot = np.full(ncomp, -1, np.int64)
         slot[cm] = np.arange(cm.size)
         blocks = np.zeros((cm.size, m, m))
         e = size_r == m
         blocks[slot[comp[r[e]]], pos[r[e]], pos[c[e]]] = v[e]
-        vec = np.zeros((cm.size, m))
-        vec[slot[comp[units]], pos[units]] = rhs[units]
         # scale to unit diagonal for conditioning
         d = np.sqrt(np.einsum("kii->ki", blocks))
         d = np.where(d > 0, d, 1.0)
@@ -85,10 +87,25 @@ def _solve_groups(nmat, rhs, comp, ncomp):
         except np.linalg.LinAlgError:
             inv = np.linalg.pinv(bs)
         inv = inv / d[:, :, None] / d[:, None, :]
-        sol = np.einsum("kij,kj->ki", inv, vec)
-        x[units] = sol[slot[comp[units]], pos[units]]
-        dinv[units] = inv[slot[comp[units]], pos[units], pos[units]]
-    return x, dinv, big
+        su = slot[comp[units]]
+        dinv[units] = inv[su, pos[units], pos[units]]
+        groups.append((units, inv, su, cm.size))
+
+    def solve(rhs):
+        x = np.full(nun, np.nan)
+        for units, inv, su, n_blocks in groups:
+            if su is None:
+                from scipy.sparse.linalg import spsolve
+
+                x[units] = spsolve(inv, rhs[units])
+                continue
+            vec = np.zeros((n_blocks, inv.shape[1]))
+            vec[su, pos[units]] = rhs[units]
+            sol = np.einsum("kij,kj->ki", inv, vec)
+            x[units] = sol[su, pos[units]]
+        return x, dinv.copy(), big.copy()
+
+    return solve
 
 
 def _empty_psf_columns(out):
@@ -298,18 +315,25 @@ def psf_photometry(
 
     tail = 0.0
 
-    def solve_flux(p_vals, w):
-        a = sparse.csr_matrix((p_vals[sel_star, sel_r, sel_c], (row, sel_star)), shape=(nrow, n))
-        aw = sparse.diags(w) @ a
-        nmat = (a.T @ aw).tocsr()
+    def solve_flux(p_vals, w, same_as=None):
+        # ``same_as``: the ``system`` of an earlier call with the same p_vals and w (only the
+        # tail, hence the right-hand side, has changed): its matrices and inverted blocks
+        if same_as is None:
+            a = sparse.csr_matrix(
+                (p_vals[sel_star, sel_r, sel_c], (row, sel_star)), shape=(nrow, n)
+            )
+            aw = sparse.diags(w) @ a
+            nmat = (a.T @ aw).tocsr()
+            diag = nmat.diagonal()
+            ok = diag > 0
+            nmat = nmat + sparse.diags(np.where(ok, 0.0, 1.0))
+            same_as = (a, aw, ok, _group_solver(nmat, comp, ncomp))
+        a, aw, ok, solver = same_as
         rhs = aw.T @ (d - tail)
-        diag = nmat.diagonal()
-        ok = diag > 0
-        nmat = nmat + sparse.diags(np.where(ok, 0.0, 1.0))
-        f, dinv, big = _solve_groups(nmat, np.where(ok, rhs, 0.0), comp, ncomp)
+        f, dinv, big = solver(np.where(ok, rhs, 0.0))
         f[~ok] = np.nan
         dinv[~ok] = np.nan
-        return f, dinv, big, a
+        return f, dinv, big, a, same_as
 
     # step 1: fluxes at the centroids, background-only weights
     if refine_positions:
@@ -317,7 +341,7 @@ def psf_photometry(
     else:
         p0 = design(x, y, False)
     w0 = 1.0 / v_bkg
-    f1, dinv1, big, a0 = solve_flux(p0, w0)
+    f1, dinv1, big, a0, _ = solve_flux(p0, w0)
     model = a0 @ np.nan_to_num(f1)
     del a0, w0
     xs, ys = x.copy(), y.copy()
@@ -377,10 +401,10 @@ def psf_photometry(
         tail = tails(xs, ys, f_w)
     model = a_w @ np.nan_to_num(f_w)
     w2 = 1.0 / (v_bkg + np.maximum(model + tail, 0.0) / gain_e_per_adu)
-    f2, dinv2, big2, a2 = solve_flux(p2, w2)
+    f2, dinv2, big2, a2, system2 = solve_flux(p2, w2)
     if tail_ok:
         tail = tails(xs, ys, f2)
-        f2, dinv2, big2, a2 = solve_flux(p2, w2)
+        f2, dinv2, big2, a2, _ = solve_flux(p2, w2, same_as=system2)
     flag[big | big2] |= 8
     err2 = np.sqrt(dinv2)
     model2 = a2 @ np.nan_to_num(f2)
@@ -494,24 +518,26 @@ def _tail_geometry(model, x, y, flux, half, rms_typ, upix, nx, ny):
     reach = cKDTree(pts).query_ball_point(pts[idx], (halves + half) * 1.415, return_length=True)
     idx, halves = idx[reach > 1], halves[reach > 1]
     upy, upx = np.divmod(upix, nx)
-    stars, poss = [], []
-    for i, h in zip(idx, halves):
-        cy, cx = int(round(y[i])), int(round(x[i]))
-        lo = np.searchsorted(upix, max(0, cy - h) * nx)
-        hi = np.searchsorted(upix, (min(ny - 1, cy + h) + 1) * nx)
-        if hi <= lo:
-            continue
-        px, py = upx[lo:hi], upy[lo:hi]
-        use = (np.abs(px - cx) <= h) & ((np.abs(px - cx) > half) | (np.abs(py - cy) > half))
-        pos = np.flatnonzero(use) + lo
-        if pos.size:
-            stars.append(np.full(pos.size, i))
-            poss.append(pos)
-    if not stars:
+    # every (star, row) pair of the stars' boxes: the fitted pixels of that row within h of the
+    # star's column are one run of the sorted ``upix`` (star by star, row by row, column order)
+    cy = np.rint(y[idx]).astype(np.int64)
+    cx = np.rint(x[idx]).astype(np.int64)
+    r0 = np.maximum(cy - halves, 0)
+    nr = np.maximum(np.minimum(cy + halves, ny - 1) - r0 + 1, 0)
+    pair_star = np.repeat(np.arange(idx.size), nr)
+    rows = r0[pair_star] + (np.arange(pair_star.size) - np.repeat(np.cumsum(nr) - nr, nr))
+    c_lo = np.maximum(cx - halves, 0)[pair_star]
+    c_hi = np.minimum(cx + halves, nx - 1)[pair_star]
+    lo = np.searchsorted(upix, rows * nx + c_lo)
+    cnt = np.maximum(np.searchsorted(upix, rows * nx + c_hi + 1) - lo, 0)
+    pair = np.repeat(np.arange(lo.size), cnt)
+    pos = lo[pair] + (np.arange(pair.size) - np.repeat(np.cumsum(cnt) - cnt, cnt))
+    s_loc = pair_star[pair]
+    use = (np.abs(upx[pos] - cx[s_loc]) > half) | (np.abs(upy[pos] - cy[s_loc]) > half)
+    if not np.any(use):
         return empty
-    star = np.concatenate(stars)
-    pos = np.concatenate(poss)
-    return star, pos, upx[pos], upy[pos]
+    pos = pos[use]
+    return idx[s_loc[use]], pos, upx[pos], upy[pos]
 
 
 def _tail_values(model, geo, x, y, flux, nrow):

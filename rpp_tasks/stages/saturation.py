@@ -223,20 +223,22 @@ def _inpaint_rows(work, bad_y, bad_x, max_gap=8):
     ny, nx = work.shape
     is_bad = np.zeros(work.shape, bool)
     is_bad[bad_y, bad_x] = True
-    for y in np.unique(bad_y):
-        row_bad = is_bad[y]
-        xs = np.flatnonzero(row_bad)
-        # runs of consecutive bad pixels
-        starts = xs[np.r_[True, np.diff(xs) > 1]]
-        stops = xs[np.r_[np.diff(xs) > 1, True]]
-        for a, b in zip(starts, stops):
-            left, right = a - 1, b + 1
-            if b - a + 1 > max_gap or left < 0 or right >= nx:
-                work[y, a : b + 1] = 0.0
-                continue
-            vl, vr = work[y, left], work[y, right]
-            t = (np.arange(a, b + 1) - left) / (right - left)
-            work[y, a : b + 1] = vl + t * (vr - vl)
+    # every bad pixel once, row by row (the order of np.nonzero), with the run of consecutive
+    # bad pixels it belongs to: all runs at once (the ends of a run are good pixels, never
+    # written, so the runs do not depend on each other)
+    ys, xs = np.nonzero(is_bad)
+    new_run = np.r_[True, (np.diff(xs) != 1) | (np.diff(ys) != 0)]
+    run = np.cumsum(new_run) - 1
+    starts = xs[new_run]
+    stops = np.r_[xs[np.flatnonzero(new_run)[1:] - 1], xs[-1]]
+    left, right = (starts - 1)[run], (stops + 1)[run]
+    fill = ((stops - starts + 1) > max_gap)[run] | (left < 0) | (right >= nx)
+    work[ys[fill], xs[fill]] = 0.0
+    ok = ~fill
+    ys, xs, left, right = ys[ok], xs[ok], left[ok], right[ok]
+    vl, vr = work[ys, left], work[ys, right]
+    t = (xs - left) / (right - left)
+    work[ys, xs] = vl + t * (vr - vl)
 
 
 def _trail_band(zone, px, py, fwhm_px):
