@@ -381,13 +381,15 @@ def _try_split(psf_model, data, rms_arr, dil, bad, comps, fit, *, gain, saturati
     return None if best is None else (best[1], best[2])
 
 
-def _find_companion(fit, comps, fwhm, *, min_snr=15.0, min_model_frac=0.25):
+def _find_companion(fit, comps, fwhm, *, others=None, min_snr=15.0, min_model_frac=0.25):
     """The brightest star-like bump left on the residual of a wing fit, or None.
 
     A 3x3 box of the residual (fit pixels only) must stand ``min_snr`` sigma above the noise and
     exceed ``min_model_frac`` of the fitted model there (the wings' own model error, a few
-    percent, is not a star); it must lie outside every saturated core and 1.5 FWHM from every
-    other component."""
+    percent, is not a star); it must lie outside every saturated core, 1.5 FWHM from every
+    other component and 2 FWHM from every detection of ``others`` (``(x, y)`` arrays: a star
+    detected just outside the fit disc leaves the part of its light inside the disc, which is
+    not a second star)."""
     from scipy.ndimage import uniform_filter
 
     sel, d, model, bk = fit["sel"], fit["d"], fit["model"], fit["bk"]
@@ -405,6 +407,12 @@ def _find_companion(fit, comps, fwhm, *, min_snr=15.0, min_model_frac=0.25):
     for c in comps:
         r_min = c["r_sat"] + 1.5 if c["kind"] == "sat" else 1.5 * fwhm
         snr[(px - c["x"]) ** 2 + (py - c["y"]) ** 2 < r_min**2] = 0.0
+    if others is not None:
+        ox, oy = others
+        box = (ox > px.min() - 2 * fwhm) & (ox < px.max() + 2 * fwhm)
+        box &= (oy > py.min() - 2 * fwhm) & (oy < py.max() + 2 * fwhm)
+        for x0, y0 in zip(ox[box], oy[box]):
+            snr[(px - x0) ** 2 + (py - y0) ** 2 < (2.0 * fwhm) ** 2] = 0.0
     j = int(np.argmax(snr))
     if not snr.flat[j] > min_snr:
         return None
@@ -524,7 +532,7 @@ def fit_saturated_stars(
                     flag[c["i"]] |= 1
             continue
         for _ in range(max_companions):
-            new = _find_companion(fit, comps, fwhm)
+            new = _find_companion(fit, comps, fwhm, others=(nbx, nby))
             if new is None:
                 break
             trial = [dict(c) for c in comps] + [new]

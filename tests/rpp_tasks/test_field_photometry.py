@@ -539,6 +539,31 @@ def test_saturated_stars_beside_other_bright_stars_are_separate_sources(tmp_path
     assert not np.any(np.hypot(ux - 304.5, uy - 527.7) < 60.0)
 
 
+def test_companion_search_does_not_refind_a_star_detected_beside_the_fit_disc():
+    """61-Mpx bench: a mag-15.3 star 22 px from a saturated one, detected but outside the wing fit,
+    left the part of its light inside the disc on the fit's residual; the companion search took it
+    for a second star (a duplicate 2.25 px from the detection)."""
+    from rpp_tasks.stages.photometry import _find_companion
+
+    k = np.arange(-30, 31)
+    px, py = 100 + k[None, :] + 0 * k[:, None], 100 + k[:, None] + 0 * k[None, :]
+    r2 = (px - 100.0) ** 2 + (py - 100.0) ** 2
+    sel = (r2 > 6.0**2) & (r2 <= 20.0**2)  # the fit disc around a saturated core at (100, 100)
+    star = 5000.0 * np.exp(-((px - 121.0) ** 2 + (py - 100.5) ** 2) / (2 * 1.5**2))
+    fit = dict(
+        sel=sel, d=10.0 + star, model=np.zeros(px.shape), bk=10.0, var=np.full(px.shape, 25.0),
+        px=px, py=py,
+    )  # fmt: skip
+    comps = [{"x": 100.0, "y": 100.0, "kind": "sat", "r_sat": 5.0}]
+    found = _find_companion(fit, comps, 3.6)
+    assert found is not None and 118.0 < found["x"] <= 120.0  # the light inside the disc
+    detected = (np.array([121.0, 300.0]), np.array([100.5, 40.0]))
+    assert _find_companion(fit, comps, 3.6, others=detected) is None
+    # a star that no detection accounts for is still found
+    far = (np.array([300.0]), np.array([40.0]))
+    assert _find_companion(fit, comps, 3.6, others=far) == found
+
+
 # ------------------------------------------------------------------------------ repeatability
 
 
