@@ -437,6 +437,10 @@ def fit_field_psf(
     # own variation (chi^2_red 3-10 at peak > 2 000 ADU on the bench frames) and were dropped
     reject_order = orders[1] if len(orders) > 1 else 0
     tried = []
+
+    def _stars(sel):  # the chosen stars' stamps, noise, mask and pixel offsets
+        return stamps[sel], var_bkg[sel], good[sel], dx0[sel], dy0[sel]
+
     fits = []
     for order in orders:
         t_new = len(_poly_terms(order))
@@ -451,11 +455,7 @@ def fit_field_psf(
             sel = np.flatnonzero(keep)
             st = {key: state[key][sel].copy() for key in ("f", "b", "sx", "sy")}
             th, chi2_s, dof_s = _gn_field(
-                stamps[sel],
-                var_bkg[sel],
-                good[sel],
-                dx0[sel],
-                dy0[sel],
+                *_stars(sel),
                 bas[sel],
                 th,
                 st,
@@ -477,11 +477,7 @@ def fit_field_psf(
             red = chi2_s / dof_s
             if order == reject_order and outlier_model_floor > 0:
                 red = _reduced_chi2_with_floor(
-                    stamps[sel],
-                    var_bkg[sel],
-                    good[sel],
-                    dx0[sel],
-                    dy0[sel],
+                    *_stars(sel),
                     bas[sel],
                     th,
                     st,
@@ -512,11 +508,7 @@ def fit_field_psf(
         if sel_o.size != sel_final.size:
             st_o = {key: state[key][sel_final].copy() for key in ("f", "b", "sx", "sy")}
             th, chi2_s, dof_s = _gn_field(
-                stamps[sel_final],
-                var_bkg[sel_final],
-                good[sel_final],
-                dx0[sel_final],
-                dy0[sel_final],
+                *_stars(sel_final),
                 bas_o[sel_final],
                 th,
                 st_o,
@@ -544,11 +536,7 @@ def fit_field_psf(
     bic, order, theta, sel, chi2_red, free_best, bas_best, st_best = best
     # the coefficients' covariance at the best fit
     cov = _field_cov(
-        stamps[sel],
-        var_bkg[sel],
-        good[sel],
-        dx0[sel],
-        dy0[sel],
+        *_stars(sel),
         bas_best[sel],
         theta,
         st_best,
