@@ -441,6 +441,18 @@ def fit_field_psf(
     def _stars(sel):  # the chosen stars' stamps, noise, mask and pixel offsets
         return stamps[sel], var_bkg[sel], good[sel], dx0[sel], dy0[sel]
 
+    def _unknowns(sel):  # a copy of the chosen stars' own flux, sky and centre shift
+        return {key: state[key][sel].copy() for key in ("f", "b", "sx", "sy")}
+
+    def _fit(sel, bas_all, th, st, free_kt, n_iter):
+        """`_gn_field` of the chosen stars (``st`` updated in place); its iterations counted."""
+        th, chi2_s, dof_s = _gn_field(
+            *_stars(sel), bas_all[sel], th, st, gain=gain_e_per_adu, free=free_kt,
+            n_iter=n_iter, bkg_prior=bkg_prior,
+        )  # fmt: skip
+        state["iterations"] = state.get("iterations", 0) + st["iterations"]
+        return th, chi2_s, dof_s
+
     fits = []
     for order in orders:
         t_new = len(_poly_terms(order))
@@ -453,18 +465,8 @@ def fit_field_psf(
         free_kt[3] &= deg <= min(order, int(beta_order))
         for rej_pass in range(2 if order == reject_order else 1):
             sel = np.flatnonzero(keep)
-            st = {key: state[key][sel].copy() for key in ("f", "b", "sx", "sy")}
-            th, chi2_s, dof_s = _gn_field(
-                *_stars(sel),
-                bas[sel],
-                th,
-                st,
-                gain=gain_e_per_adu,
-                free=free_kt,
-                n_iter=30 if order == 0 else 12,
-                bkg_prior=bkg_prior,
-            )
-            state["iterations"] = state.get("iterations", 0) + st["iterations"]
+            st = _unknowns(sel)
+            th, chi2_s, dof_s = _fit(sel, bas, th, st, free_kt, 30 if order == 0 else 12)
             for key in ("f", "b", "sx", "sy"):
                 state[key][sel] = st[key]
             if order == 0 and model == "moffat":
@@ -495,7 +497,7 @@ def fit_field_psf(
         chi2_star = np.full(idx.size, np.nan)
         chi2_star[sel] = chi2_s
         chi2_red = float(np.sum(chi2_s) / max(np.sum(dof_s), 1))
-        st_o = {key: state[key][sel].copy() for key in ("f", "b", "sx", "sy")}
+        st_o = _unknowns(sel)
         fits.append([order, th.copy(), sel.copy(), chi2_red, free_kt.copy(), bas, chi2_star, st_o])
         theta = th
     fw0 = float(theta[0, 0])
@@ -506,18 +508,8 @@ def fit_field_psf(
     for entry in fits:
         order, th, sel_o, red_o, free_o, bas_o, chi2_star, st_o = entry
         if sel_o.size != sel_final.size:
-            st_o = {key: state[key][sel_final].copy() for key in ("f", "b", "sx", "sy")}
-            th, chi2_s, dof_s = _gn_field(
-                *_stars(sel_final),
-                bas_o[sel_final],
-                th,
-                st_o,
-                gain=gain_e_per_adu,
-                free=free_o,
-                n_iter=12,
-                bkg_prior=bkg_prior,
-            )
-            state["iterations"] = state.get("iterations", 0) + st_o["iterations"]
+            st_o = _unknowns(sel_final)
+            th, chi2_s, dof_s = _fit(sel_final, bas_o, th, st_o, free_o, 12)
             sel_o = sel_final
             red_o = float(np.sum(chi2_s) / max(np.sum(dof_s), 1))
             chi2_star = np.full(idx.size, np.nan)
