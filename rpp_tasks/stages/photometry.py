@@ -849,13 +849,14 @@ def measure_frame(
         data = np.subtract(data, sat_image, out=data if overwrite else None, dtype=np.float32)
         overwrite = True  # from here on ``data`` is ours either way
         del sat_image
-        zone = saturation_exclusion_mask(data.shape, sat_tab)
-        comp = (np.asarray(sat_tab["flag_psf"]) & FLAG_PSF_SAT_COMPANION) != 0
-        if np.any(comp):
-            # the residual around the stars found beside saturated ones (``halo_radius_px``)
-            ct = Table(sat_tab[comp], copy=True)
-            ct["flag"] = FLAG_SATURATED
-            zone |= saturation_exclusion_mask(data.shape, ct)
+        # the halos of the saturated stars and the residual around the stars found beside them
+        # (both ``halo_radius_px``)
+        zone = saturation_exclusion_mask(
+            data.shape,
+            sat_tab,
+            rows=((np.asarray(sat_tab["flag"]) & FLAG_SATURATED) != 0)
+            | ((np.asarray(sat_tab["flag_psf"]) & FLAG_PSF_SAT_COMPANION) != 0),
+        )
         zone |= trails
         del trails
         # the partly filled pixels along the sides and ends of the bleed trails are not a star's

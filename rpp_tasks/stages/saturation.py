@@ -253,19 +253,27 @@ def _trail_band(zone, px, py, fwhm_px):
                 zone[yy, np.clip(px + ox, 0, nx - 1)] = True
 
 
-def saturation_exclusion_mask(shape, sources, data_sub=None, mask=None, *, saturation_adu=None):
+def saturation_exclusion_mask(
+    shape, sources, data_sub=None, mask=None, *, saturation_adu=None, rows=None
+):
     """The zone spoiled by the saturated stars of a source table (see `find_saturated_stars`):
     halo discs of the rows flagged `FLAG_SATURATED` (radius ``halo_radius_px``) and, with
-    ``data_sub``, ``mask`` and ``saturation_adu``, the widened bleed trails."""
+    ``data_sub``, ``mask`` and ``saturation_adu``, the widened bleed trails. ``rows`` (bool per
+    row) chooses the rows whose discs are drawn instead of the flag."""
     ny, nx = int(shape[0]), int(shape[1])
     zone = np.zeros((ny, nx), bool)
     if data_sub is not None and mask is not None and saturation_adu is not None:
         py, px = np.nonzero(_saturated_pixels(data_sub, mask, saturation_adu))
         if px.size:
             _trail_band(zone, px, py, float(sources.meta.get("fwhm_px", 3.0) or 3.0))
-    if sources is None or len(sources) == 0 or "flag" not in sources.colnames:
+    if sources is None or len(sources) == 0:
         return zone
-    satrow = (np.asarray(sources["flag"]) & FLAG_SATURATED) != 0
+    if rows is not None:
+        satrow = np.asarray(rows, bool)
+    elif "flag" in sources.colnames:
+        satrow = (np.asarray(sources["flag"]) & FLAG_SATURATED) != 0
+    else:
+        return zone
     if not np.any(satrow):
         return zone
     xs = np.asarray(sources["x_centroid"], float)[satrow]
