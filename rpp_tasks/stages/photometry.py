@@ -371,8 +371,12 @@ def _try_split(psf_model, data, rms_arr, dil, bad, comps, fit, *, gain, saturati
         on_sat = True
         for c in (a, b):
             ix, iy = int(round(c["x"])), int(round(c["y"]))
-            on_sat &= 0 <= ix < nx and 0 <= iy < ny and bool(bad[iy, ix])
-            on_sat &= 0 <= ix < nx and 0 <= iy < ny and data[iy, ix] >= 0.5 * saturation_adu
+            on_sat &= (
+                0 <= ix < nx
+                and 0 <= iy < ny
+                and bool(bad[iy, ix])
+                and data[iy, ix] >= 0.5 * saturation_adu
+            )
         if not on_sat or math.hypot(a["x"] - b["x"], a["y"] - b["y"]) <= c0["r_sat"]:
             continue
         chi2 = _chi2(got, trial)
