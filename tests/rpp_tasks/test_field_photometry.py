@@ -642,3 +642,42 @@ def test_robust_std_of_repeatability_deviations_is_unit_for_pure_noise():
     rng = np.random.default_rng(0)
     x = rng.standard_normal(5000)
     assert robust_std(x) == pytest.approx(1.0, rel=0.03)
+
+
+# ------------------------------------------------------------------------------ mismatch term
+
+
+def _mismatch_draw(rng, n, eta, *, outlier=False):
+    """``n`` references as `measure_model_mismatch` sees them: fluxes 5e4-2e6 ADU, noise of the
+    difference 0.2-4 % of the flux, a true relative mismatch ``eta`` and a common offset (ADU)."""
+    flux = 10 ** rng.uniform(4.7, 6.3, n)
+    sig = flux * 10 ** rng.uniform(-2.7, -1.4, n)
+    d = 300.0 + rng.normal(0.0, np.sqrt(sig**2 + (eta * flux) ** 2))
+    if outlier:
+        d[0] = 0.6 * flux[0]  # a reference whose large-aperture flux is broken
+    return d, sig**2, flux
+
+
+def test_mismatch_term_is_honest_with_few_references_and_one_outlier():
+    from rpp_tasks.stages.flux_calibration import _ml_mismatch
+
+    rng = np.random.default_rng(11)
+    eta_true = 0.03
+    # eight references, as on a small undersampled frame (the Seestar pair): over many draws the
+    # estimated variance is the true one on average (the maximum likelihood with the offset
+    # fitted to the same stars sits ~30 % low in eta^2)
+    est = np.array([_ml_mismatch(*_mismatch_draw(rng, 8, eta_true))[0] for _ in range(300)])
+    assert np.mean(est**2) == pytest.approx(eta_true**2, rel=0.25)
+    # one broken reference among nine does not set the figure (it is rejected)
+    bad = [_ml_mismatch(*_mismatch_draw(rng, 9, eta_true, outlier=True)) for _ in range(100)]
+    assert not any(kept[0] for _, _, kept in bad)
+    assert np.mean([n >= 7 for _, n, _ in bad]) > 0.9
+    assert np.nanmedian([e for e, _, _ in bad]) < 1.5 * eta_true
+    # many references: the figure is the truth; no mismatch: a small one
+    e_many, n_many, _ = _ml_mismatch(*_mismatch_draw(rng, 400, eta_true))
+    assert n_many >= 395 and e_many == pytest.approx(eta_true, rel=0.1)
+    e_none = np.median([_ml_mismatch(*_mismatch_draw(rng, 400, 0.0))[0] for _ in range(20)])
+    assert e_none < 0.002
+    # fewer than five usable references: not measured
+    d, v, f = _mismatch_draw(rng, 6, eta_true)
+    assert math.isnan(_ml_mismatch(d, v, f, exclude=np.arange(6) < 2)[0])
