@@ -33,11 +33,10 @@ def main(argv=None):
         sys.path.insert(0, str(Path(args.code).resolve()))
     from astropy.table import Table
 
+    import rpp_tasks
     from rpp_tasks.config import find_config
     from rpp_tasks.session import pipeline
     from rpp_tasks.stages.photometry import repeatability
-
-    import rpp_tasks
 
     print(f"rpp_tasks from {Path(rpp_tasks.__file__).parent}")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="seestar_rep_"))

@@ -484,7 +484,8 @@ def measure_model_mismatch(
     judged from a robust start, so that the 5-10 references of a small frame give an unbiased
     ``eta^2`` and not one outlier's figure). A reference rejected as an outlier
     in the PSF comparison is left out of the aperture comparisons (its large-aperture flux is the
-    suspect). The reported errors then need ``(eta F)^2`` added (`add_mismatch_errors`). ``sky_sigma_adu`` as for `calibrate_to_large_aperture`: the
+    suspect). The reported errors then need ``(eta F)^2`` added (`add_mismatch_errors`).
+    ``sky_sigma_adu`` as for `calibrate_to_large_aperture`: the
     references must stand on the same sky as the calibration that was applied, or the
     difference between the two skies is taken for a model error.
 
