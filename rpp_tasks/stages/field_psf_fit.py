@@ -141,9 +141,14 @@ def _gn_field(
     nfree = free_flat.size
     lam = 1e-3
     n_done = 0
+    # the model (``val``) and its derivatives (``d``) at the current state: the first trial step
+    # of an iteration is evaluated with its derivatives (usually accepted: they serve the next
+    # iteration, and its values the end), a retried one (after a rejection) without
+    val = d = None
     for _ in range(n_iter):
         n_done += 1
-        val, d = _field_model(dx0, dy0, sx, sy, bas, theta, derivs=True)
+        if d is None:
+            val, d = _field_model(dx0, dy0, sx, sy, bas, theta, derivs=True)
         star = f[:, None, None] * val
         w = good / (var_bkg + (np.maximum(star, 0.0) / gain if gain else 0.0))
         r = stamps - star - bk[:, None, None]
@@ -166,7 +171,7 @@ def _gn_field(
             gl[:, 1] += gl_prior
             chi2 += float(bkg_prior * np.sum(bk * bk))
         gp = np.einsum("nisr,nsr->ni", jp, rw)
-        for _ in range(8):
+        for trial in range(8):
             ud = uu + lam * np.einsum("nii->ni", uu)[:, :, None] * np.eye(4)
             ud += 1e-12 * np.eye(4)
             try:
@@ -199,11 +204,13 @@ def _gn_field(
             b_new = bk + dl[:, 1]
             sx_new = sx + np.clip(dl[:, 2], -0.5, 0.5)
             sy_new = sy + np.clip(dl[:, 3], -0.5, 0.5)
-            v2 = _field_model(dx0, dy0, sx_new, sy_new, bas, th_new)
+            v2 = _field_model(dx0, dy0, sx_new, sy_new, bas, th_new, derivs=trial == 0)
+            v2, d2 = v2 if trial == 0 else (v2, None)
             r2 = stamps - f_new[:, None, None] * v2 - b_new[:, None, None]
             chi2_new = float(np.sum(r2 * r2 * w)) + float(bkg_prior * np.sum(b_new * b_new))
             if np.isfinite(chi2_new) and chi2_new <= chi2:
                 theta, f[:], bk[:], sx[:], sy[:] = th_new, f_new, b_new, sx_new, sy_new
+                val, d = v2, d2
                 lam = max(lam / 5.0, 1e-7)
                 break
             lam *= 10.0
@@ -212,7 +219,8 @@ def _gn_field(
         # converged: the accepted step (same weights) improved chi^2 by a negligible amount
         if chi2 - chi2_new <= 0.02 + 1e-7 * chi2_new and lam <= 1e-3:
             break
-    val = _field_model(dx0, dy0, sx, sy, bas, theta)
+    if val is None:
+        val = _field_model(dx0, dy0, sx, sy, bas, theta)
     star = f[:, None, None] * val
     w = good / (var_bkg + (np.maximum(star, 0.0) / gain if gain else 0.0))
     r = stamps - star - bk[:, None, None]
