@@ -86,8 +86,16 @@ def _balanced_subset(x, y, peak, shape, max_stars, cells=6):
     return pick[:max_stars]
 
 
+def _core(v, core):
+    """``v[core]`` of an array that may be one pixel wide along an axis (broadcast there)."""
+    return v[tuple(sl if n > 1 else slice(None) for sl, n in zip(core, v.shape))]
+
+
 def _field_model(dx0, dy0, sx, sy, bas, theta, derivs=False):
     """Stamps of the PSF stars: 2x2 nodes per pixel, 3x3 in the central 5x5 pixels.
+
+    ``dx0``, ``dy0``: pixel offsets ``(N, S, S)``, or ``(N, 1, S)`` and ``(N, S, 1)`` (the same
+    values, the quadrature's one-coordinate parts then cost a row instead of a stamp).
 
     With ``derivs``, the derivatives with respect to the shape parameters are returned as keys
     ``fwhm_px``, ``e1``, ``e2`` and ``u`` (chain rule through `_abc_from_shape`).
@@ -97,13 +105,13 @@ def _field_model(dx0, dy0, sx, sy, bas, theta, derivs=False):
     u = p[:, 3][:, None, None]
     dx = dx0 - sx[:, None, None]
     dy = dy0 - sy[:, None, None]
-    s = dx0.shape[1]
+    s = np.broadcast_shapes(dx.shape, dy.shape)[1]
     h = s // 2
     hc = min(h, 2)
     core = (slice(None), slice(h - hc, h + hc + 1), slice(h - hc, h + hc + 1))
     out = _ell_pix(dx, dy, a, b, c, u, derivs=derivs, integrate=2 if hc < h else 3)
     if hc < h:
-        oc = _ell_pix(dx[core], dy[core], a, b, c, u, derivs=derivs)
+        oc = _ell_pix(_core(dx, core), _core(dy, core), a, b, c, u, derivs=derivs)
         if derivs:
             out[0][core] = oc[0]
             for key in out[1]:
@@ -411,8 +419,8 @@ def fit_field_psf(
     idx, x, y, ix, iy = idx[pick], x[pick], y[pick], ix[pick], iy[pick]
     stamps = _gather_stamps(data, ix, iy, half).astype(float)
     k = np.arange(-half, half + 1, dtype=float)
-    dx0 = (ix - x)[:, None, None] + k[None, None, :] + 0.0 * k[None, :, None]
-    dy0 = (iy - y)[:, None, None] + k[None, :, None] + 0.0 * k[None, None, :]
+    dx0 = (ix - x)[:, None, None] + k[None, None, :]  # (N, 1, S)
+    dy0 = (iy - y)[:, None, None] + k[None, :, None]  # (N, S, 1)
     rms_arr = np.broadcast_to(np.asarray(rms, np.float32), data.shape)
     var_bkg = _gather_stamps(rms_arr, ix, iy, half).astype(float) ** 2
     good = np.isfinite(stamps) & (var_bkg > 0)
