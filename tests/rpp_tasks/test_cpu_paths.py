@@ -214,3 +214,23 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_field_model_on_row_and_column_offsets_is_the_full_stamps():
+    # fit_field_psf passes the offsets as (N, 1, S) and (N, S, 1): the same numbers as (N, S, S)
+    _, _, _, dx0, dy0, bas, theta, _ = _psf_star_stamps(5)
+    rng = np.random.default_rng(6)
+    sx, sy = rng.normal(0, 0.2, len(dx0)), rng.normal(0, 0.2, len(dx0))
+    for half in (2, 5, 7):
+        c = slice(7 - half, 7 + half + 1)
+        full = (dx0[:, c, c], dy0[:, c, c])
+        rows = (dx0[:, :1, c], dy0[:, c, :1])
+        for derivs in (False, True):
+            a = _field_model(*full, sx, sy, bas, theta, derivs=derivs)
+            b = _field_model(*rows, sx, sy, bas, theta, derivs=derivs)
+            if derivs:
+                assert a[1].keys() == b[1].keys()
+                assert all(np.array_equal(a[1][k], b[1][k]) for k in a[1])
+                a, b = a[0], b[0]
+            assert a.shape == b.shape == (len(dx0), 2 * half + 1, 2 * half + 1)
+            assert np.array_equal(a, b)
