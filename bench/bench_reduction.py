@@ -27,7 +27,6 @@ Not a test: run it by hand, e.g.::
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import math
@@ -119,10 +118,7 @@ def child_main(frame, outdir, observatory, use_tracemalloc, code=None):
             del sys.modules[name]
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
-    # ``rpp_tasks`` first, as in a worker (its import defers asdf-astropy's Table connector, see
-    # rpp_tasks._table_io); then the modules the stages import on first use, loaded before the
-    # memory baseline is taken
-    importlib.import_module("rpp_tasks")
+    # modules the stages import on first use: loaded before the memory baseline is taken
     import astropy.io.fits  # noqa: F401
     import astropy.table  # noqa: F401
     import astropy.wcs  # noqa: F401

@@ -220,10 +220,9 @@ def test_parsing_imports_no_science_stack():
     assert res.returncode == 0, res.stderr[-3000:]
     mods = set(json.loads(res.stdout.strip().splitlines()[-1]))
     assert not (HEAVY & mods), HEAVY & mods
-    # only the light config layer of rpp_tasks (and the stage table and the package's deferred
-    # asdf hook, standard library only) is imported at parse time
+    # only the light config layer of rpp_tasks (and the stage table, standard library only) is
+    # imported at parse time
     assert {m for m in mods if m.startswith("rpp_tasks.")} <= {
-        "rpp_tasks._table_io",
         "rpp_tasks.config",
         "rpp_tasks.config_schema",
         "rpp_tasks.exceptions",

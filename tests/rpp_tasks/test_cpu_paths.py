@@ -3,14 +3,12 @@
 Each check compares a fast path with the straightforward computation it replaces (kept here as the
 reference), bit for bit: the ECSV writer, the sparse 3x3 dilation of the cosmic-ray candidates,
 the vectorised in-painting of masked rows, `FieldPSF.stamps` evaluated on selected pixels, and
-the field-PSF fit's reuse of the accepted trial step's model; and the deferred import of asdf.
+the field-PSF fit's reuse of the accepted trial step's model.
 """
 
 from __future__ import annotations
 
 import filecmp
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -193,27 +191,6 @@ def test_gn_field_final_chi2_is_that_of_the_model_at_its_solution(monkeypatch):
     assert np.array_equal(chi2_star, np.sum(r * r * w, axis=(1, 2)))
     assert np.all(dof == 15 * 15 - 4)
     assert 0.8 < np.sum(chi2_star) / np.sum(dof) < 1.2
-
-
-def test_rpp_tasks_import_defers_asdf_and_keeps_the_asdf_table_format(tmp_path):
-    code = f"""
-import sys
-import rpp_tasks
-from astropy.table import Table
-assert "asdf" not in sys.modules, "asdf imported with astropy.table"
-t = Table({{"a": [1.5, 2.5]}})
-t.write({str(tmp_path / "t.ecsv")!r})
-assert list(Table.read({str(tmp_path / "t.ecsv")!r})["a"]) == [1.5, 2.5]
-assert "asdf" not in sys.modules, "asdf imported by an ECSV read"
-t.write({str(tmp_path / "t.asdf")!r})
-assert list(Table.read({str(tmp_path / "t.asdf")!r})["a"]) == [1.5, 2.5]
-assert "asdf" in sys.modules
-print("ok")
-"""
-    pytest.importorskip("asdf_astropy")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok"
 
 
 def test_field_model_on_row_and_column_offsets_is_the_full_stamps():
