@@ -8,7 +8,9 @@ model and the model-mismatch terms each frame's ``summary.json`` holds.
     .venv/bin/python bench/bench_repeatability_real.py [--code DIR] [--workdir /tmp/x]
 
 ``--code DIR``: import ``rpp_tasks`` (and its ``config``) from DIR instead (e.g. main's code from
-``git archive``), to compare in one run.
+``git archive``), to compare in one run. ``--gain G``: reduce with a copy of the configuration
+whose ``camera.gain_e_per_adu`` is G (the configured 1.0 e-/ADU is impossible for these frames,
+see bench/README.md, real12); the repository's configuration is not touched.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def main(argv=None):
     ap.add_argument("--code", default=None, help="directory holding rpp_tasks/ to import")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--gain", type=float, default=None, help="e-/ADU for a configuration copy")
     args = ap.parse_args(argv)
     if args.code:
         sys.path.insert(0, str(Path(args.code).resolve()))
@@ -41,6 +44,21 @@ def main(argv=None):
     print(f"rpp_tasks from {Path(rpp_tasks.__file__).parent}")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="seestar_rep_"))
     obs = find_config("seestar_s50")
+    if args.gain is not None:
+        import re
+
+        src = Path(obs.source)
+        copy = work / "config" / "observatories" / src.name
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        (work / "config" / "defaults.yaml").write_bytes(
+            (src.parent.parent / "defaults.yaml").read_bytes()
+        )
+        text = re.sub(
+            r"gain_e_per_adu: *[0-9.eE+-]+", f"gain_e_per_adu: {args.gain}", src.read_text()
+        )
+        copy.write_text(text)
+        obs = find_config(str(copy))
+        print(f"gain_e_per_adu {obs.camera.gain_e_per_adu} (configuration copy {copy})")
     cats = []
     for stamp in STAMPS:
         path = Path(args.data) / f"Light_M94_10.0s_IRCUT_20250326-{stamp}.fit"

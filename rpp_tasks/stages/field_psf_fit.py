@@ -325,7 +325,12 @@ def fit_field_psf(
     previous one) and a higher order is kept only when it lowers chi^2 by more than the
     ``criterion``'s penalty per added coefficient (AIC: 2; BIC: ``ln(n_pixels)``). A field with
     one PSF thus gets order 0, and a frame with few stars a constant model (recorded in
-    ``stats["order_reason"]``).
+    ``stats["order_reason"]``). The wings' ``u = 1/beta`` must then earn their own variation by
+    the same criterion: the chosen order is fitted again with a constant ``u``, kept (flag
+    ``beta_constant``) unless the varying ``u`` lowers chi^2 by more than its penalty. The cores
+    of undersampled or faint stars do not constrain the wings, and an unconstrained gradient of
+    ``u`` drifts to a clip, changing every total flux and aperture correction on that side of the
+    frame (bench/README.md, real12).
 
     Outlier stars (blends, cosmic rays: reduced chi^2 above the median by 5 robust sigma) are
     rejected on the first model that can vary across the field (order 0 when the cap is 0), with
@@ -542,6 +547,32 @@ def fit_field_psf(
         if best is None or bic < best[0]:
             best = (bic, order, th, sel_o, red_o, free_o, bas_o, st_o)
     bic, order, theta, sel, chi2_red, free_best, bas_best, st_best = best
+    if model == "moffat" and np.any(free_best[3, 1:]):
+        # the wings (u = 1/beta) must earn their variation across the field on their own: the
+        # cores of undersampled or faint stars do not constrain them, and a free gradient of u
+        # then wanders along a flat valley of chi^2 to a clip (the fraction of light beyond 4 px
+        # from 1 % to 30 % across one Seestar frame and not the next, 11 s later): the same
+        # criterion decides between a varying and a constant u at the chosen order
+        th_c = theta.copy()
+        th_c[3, 1:] = 0.0
+        free_c = free_best.copy()
+        free_c[3, 1:] = False
+        st_c = {key: v.copy() for key, v in st_best.items()}
+        th_c, chi2_c, dof_c = _fit(sel, bas_best, th_c, st_c, free_c, 12)
+        bic_c = float(np.sum(chi2_c)) + int(free_c.sum()) * penalty
+        tried.append(
+            {
+                "order": order,
+                "beta": "constant",
+                "n_stars": int(sel.size),
+                "chi2_red": round(float(np.sum(chi2_c) / max(np.sum(dof_c), 1)), 4),
+                "bic": round(bic_c, 1),
+            }
+        )
+        if bic_c <= bic:
+            theta, free_best, st_best = th_c, free_c, st_c
+            chi2_red = float(np.sum(chi2_c) / max(np.sum(dof_c), 1))
+            flags.append("beta_constant")
     # the coefficients' covariance at the best fit
     cov = _field_cov(
         *_stars(sel),
