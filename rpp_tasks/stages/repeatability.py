@@ -101,6 +101,18 @@ def _robust_std(v):
     return float(s)
 
 
+def _pixel_scale_arcsec(xy, sky_arcsec):
+    """Pixel scale ("/px) a catalogue's own positions imply: the affine map from its pixel to its
+    projected sky positions (1" when fewer than 3 stars or a degenerate map)."""
+    ok = np.isfinite(xy).all(axis=1) & np.isfinite(sky_arcsec).all(axis=1)
+    if ok.sum() < 3:
+        return 1.0
+    a = np.column_stack([xy[ok], np.ones(ok.sum())])
+    coef, *_ = np.linalg.lstsq(a, sky_arcsec[ok], rcond=None)
+    scale = math.sqrt(abs(float(np.linalg.det(coef[:2, :2]))))
+    return scale if math.isfinite(scale) and scale > 0 else 1.0
+
+
 def _align_offset(ref_xy, xy, *, max_shift_px, n_bright=150):
     """Shift ``d`` with ``xy + d ~ ref_xy`` from the brightest stars (histogram of pair offsets,
     refined by the median of the matched pairs)."""
@@ -153,8 +165,9 @@ def repeatability(
     kind : str
         ``"psf"`` or an aperture label.
     match_radius_px : float
-        Matching radius (px; on the sky: this many times the median pixel scale implied by the
-        catalogues' WCS, 1.5" when unknown).
+        Matching radius (px; on the sky: this many times the pixel scale the first catalogue's
+        pixel and sky positions imply, 1" per px when they cannot tell -- a fixed 1.5" was 0.31 px
+        for the 4.78"/px of a binned Seestar frame and lost a third of the stars).
 
     Returns
     -------
@@ -200,7 +213,7 @@ def repeatability(
             return np.column_stack([rd[:, 0] * math.cos(dec0), rd[:, 1]]) * 3600.0
 
         ref_pts = proj(ref["rd"])
-        radius = 1.5
+        radius = float(match_radius_px) * _pixel_scale_arcsec(ref["xy"], ref_pts)
         flags.append("matched_on_sky")
     else:
         ref_pts = ref["xy"]
