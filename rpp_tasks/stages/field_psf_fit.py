@@ -550,9 +550,9 @@ def fit_field_psf(
     if model == "moffat" and np.any(free_best[3, 1:]):
         # the wings (u = 1/beta) must earn their variation across the field on their own: the
         # cores of undersampled or faint stars do not constrain them, and a free gradient of u
-        # then wanders along a flat valley of chi^2 to a clip (the fraction of light beyond 4 px
-        # from 1 % to 30 % across one Seestar frame and not the next, 11 s later): the same
-        # criterion decides between a varying and a constant u at the chosen order
+        # then wanders along a flat valley of chi^2 to its clip (beta 1.3 on one side of a
+        # Seestar frame, 30 % of the light beyond 4 px, and not in the next one, 11 s later):
+        # the same criterion decides between a varying and a constant u at the chosen order
         th_c = theta.copy()
         th_c[3, 1:] = 0.0
         free_c = free_best.copy()
