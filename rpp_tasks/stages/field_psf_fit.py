@@ -289,6 +289,16 @@ def _reduced_chi2_with_floor(stamps, var_bkg, good, dx0, dy0, bas, theta, state,
     return np.sum(r * r * good / var, axis=(1, 2)) / dof
 
 
+def _u_reaches_bound(theta, order, norm, n_grid=9):
+    """Whether the ``u = 1/beta`` polynomial of ``theta`` reaches its clip (``_U_MIN_FIELD``,
+    ``_U_MAX``) on an ``n_grid`` x ``n_grid`` grid over the frame (corners included)."""
+    cx, cy, hx, hy = norm
+    g = np.linspace(-1.0, 1.0, n_grid)
+    gx, gy = np.meshgrid(cx + hx * g, cy + hy * g)
+    u = _poly_basis(gx.ravel(), gy.ravel(), order, norm) @ theta[3]
+    return bool(np.any(u >= _U_MAX) or np.any(u <= _U_MIN_FIELD))
+
+
 def fit_field_psf(
     data_sub,
     sources,
@@ -325,12 +335,12 @@ def fit_field_psf(
     previous one) and a higher order is kept only when it lowers chi^2 by more than the
     ``criterion``'s penalty per added coefficient (AIC: 2; BIC: ``ln(n_pixels)``). A field with
     one PSF thus gets order 0, and a frame with few stars a constant model (recorded in
-    ``stats["order_reason"]``). The wings' ``u = 1/beta`` must then earn their own variation by
-    the same criterion: the chosen order is fitted again with a constant ``u``, kept (flag
-    ``beta_constant``) unless the varying ``u`` lowers chi^2 by more than its penalty. The cores
-    of undersampled or faint stars do not constrain the wings, and an unconstrained gradient of
-    ``u`` drifts to a clip, changing every total flux and aperture correction on that side of the
-    frame (bench/README.md, real12).
+    ``stats["order_reason"]``). When the chosen model's ``u = 1/beta`` varies and reaches its clip
+    (beta 1.3, or the Gaussian limit) somewhere on the frame, the wings' variation is not measured
+    there (the clipped ``u`` has no derivative) but extrapolated: the order is refitted with a
+    constant ``u`` (flag ``beta_constant``). The cores of undersampled or faint stars do not pin
+    the wings, and such a runaway changes every total flux and aperture correction on that side
+    of the frame (bench/README.md, real12).
 
     Outlier stars (blends, cosmic rays: reduced chi^2 above the median by 5 robust sigma) are
     rejected on the first model that can vary across the field (order 0 when the cap is 0), with
@@ -547,32 +557,32 @@ def fit_field_psf(
         if best is None or bic < best[0]:
             best = (bic, order, th, sel_o, red_o, free_o, bas_o, st_o)
     bic, order, theta, sel, chi2_red, free_best, bas_best, st_best = best
-    if model == "moffat" and np.any(free_best[3, 1:]):
-        # the wings (u = 1/beta) must earn their variation across the field on their own: the
-        # cores of undersampled or faint stars do not constrain them, and a free gradient of u
-        # then wanders along a flat valley of chi^2 to its clip (beta 1.3 on one side of a
-        # Seestar frame, 30 % of the light beyond 4 px, and not in the next one, 11 s later):
-        # the same criterion decides between a varying and a constant u at the chosen order
+    if model == "moffat" and np.any(free_best[3, 1:]) and _u_reaches_bound(theta, order, norm):
+        # the wings (u = 1/beta) vary across the field and reach the clip of u somewhere on the
+        # frame: there the model no longer depends on the u coefficients (`_ell_pix` clips u,
+        # its derivative is 0), so the gradient of u is set by extrapolation, not by stars -- on
+        # the real Seestar M 94 pair (30 undersampled stars, order 1) beta 1.3 on one side of
+        # one frame, 30 % of the light beyond 4 px, and not in the next, 11 s later. That
+        # variation is not measured: u is made constant (the chosen order refitted; flag
+        # ``beta_constant``; both criteria are kept in ``orders_tried``)
         th_c = theta.copy()
         th_c[3, 1:] = 0.0
         free_c = free_best.copy()
         free_c[3, 1:] = False
         st_c = {key: v.copy() for key, v in st_best.items()}
         th_c, chi2_c, dof_c = _fit(sel, bas_best, th_c, st_c, free_c, 12)
-        bic_c = float(np.sum(chi2_c)) + int(free_c.sum()) * penalty
         tried.append(
             {
                 "order": order,
                 "beta": "constant",
                 "n_stars": int(sel.size),
                 "chi2_red": round(float(np.sum(chi2_c) / max(np.sum(dof_c), 1)), 4),
-                "bic": round(bic_c, 1),
+                "bic": round(float(np.sum(chi2_c)) + int(free_c.sum()) * penalty, 1),
             }
         )
-        if bic_c <= bic:
-            theta, free_best, st_best = th_c, free_c, st_c
-            chi2_red = float(np.sum(chi2_c) / max(np.sum(dof_c), 1))
-            flags.append("beta_constant")
+        theta, free_best, st_best = th_c, free_c, st_c
+        chi2_red = float(np.sum(chi2_c) / max(np.sum(dof_c), 1))
+        flags.append("beta_constant")
     # the coefficients' covariance at the best fit
     cov = _field_cov(
         *_stars(sel),

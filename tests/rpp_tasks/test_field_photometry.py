@@ -360,36 +360,36 @@ def test_fit_field_psf_follows_the_optics_and_stays_constant_when_it_should(tmp_
     assert m3.order == 0 and "too few" in m3.stats["order_reason"]
 
 
-def test_fit_field_psf_varies_the_wings_only_when_the_stars_ask_for_it():
+def test_fit_field_psf_keeps_beta_constant_when_its_variation_runs_to_the_clip():
     """Undersampled stars (FWHM 1.1 px, +30 % towards the corners, Seestar-like after the 2x2
-    Bayer binning) with one Moffat beta (2.5) everywhere: the cores pin the FWHM, not the wings,
-    and a free gradient of ``u = 1/beta`` drifted (on the real Seestar M 94 pair to 30 % of the
-    light beyond 4 px on one side of one frame and 1 % in the next, 11 s later). The varying
-    ``u`` must now lower chi^2 by more than the AIC penalty of its terms; here it does not, so
-    ``u`` is constant and the light inside 4 px follows the truth within 0.01 mag over the frame
-    (0.004 now; the code before: 0.028 mag off in a corner, 0.0066 mag rms). On the optics field
-    (beta 3.3 -> 2.7, well sampled) the varying ``u`` is kept
-    (`test_fit_field_psf_follows_the_optics_...`)."""
+    Bayer binning; ~20 PSF stars, order 1) with heavy wings, one Moffat beta 1.5 everywhere: the
+    cores do not pin the wings and the free gradient of ``u = 1/beta`` ran to its clip (beta 1.3)
+    on one side of the frame, where the clipped ``u`` has no derivative -- as on the real Seestar
+    M 94 pair. Such a variation is not measured: ``u`` is now constant, and the light inside
+    4 px follows the truth within 0.05 mag over the frame (the code before: 0.21 mag off on one
+    side, 0.11 mag rms; 5 of 10 seeds ran to the clip). Where ``u`` stays inside its bounds
+    (optics field, `test_fit_field_psf_follows_the_optics_...`) its variation is kept."""
     shape = (960, 540)
     var = PsfVariation(
-        fwhm_px=1.1, fwhm_corner_frac=0.3, beta_centre=2.5, beta_corner=2.5,
+        fwhm_px=1.1, fwhm_corner_frac=0.3, beta_centre=1.5, beta_corner=1.5,
         ellipticity_corner=0.25, ellipticity_power=0.5, angle_twist_deg=20.0,
     )  # fmt: skip
     f = make_star_field(
-        shape, n_stars=110, psf="moffat", fwhm_px=1.1, psf_variation=var, sky_adu=3600.0,
+        shape, n_stars=45, psf="moffat", fwhm_px=1.1, psf_variation=var, sky_adu=3600.0,
         gain_e_per_adu=0.13, read_noise_e=3.0, exptime_s=10.0, mag_range=(15.0, 19.5),
-        mag_slope=0.0, n_cosmic_rays=0, n_hot_pixels=0, seed=2,
+        mag_slope=0.0, n_cosmic_rays=0, n_hot_pixels=0, seed=0,
     )  # fmt: skip
     data = f.data.astype(np.float32) - 3600.0
     rms = math.sqrt(3600 / 0.13 + (3 / 0.13) ** 2)
     src = detect_sources(data, rms, fwhm_px=1.5, peak_search=False)
     m = fit_field_psf(data, src, rms=rms, gain_e_per_adu=0.13, saturation_adu=60000)
-    assert m.order >= 2 and m.n_stars >= 50
+    assert m.order == 1 and m.n_stars >= 15
     assert "beta_constant" in m.flags
-    tried = m.stats["orders_tried"]
-    assert tried[-1]["beta"] == "constant" and tried[-1]["bic"] <= tried[-2]["bic"]
+    assert m.stats["orders_tried"][-1]["beta"] == "constant"
     gx, gy = np.meshgrid(np.linspace(10, shape[1] - 11, 6), np.linspace(10, shape[0] - 11, 10))
     x, y = gx.ravel() + 0.3, gy.ravel() + 0.2
+    beta_m = m.shape_at(x, y)["beta"]
+    assert np.ptp(beta_m) < 1e-6 and 1.35 < beta_m[0] < 1.7, beta_m[0]
     fw, beta, ell, th = var.params_at(x, y, shape)
     h = 25
     dx, dy = x - np.rint(x), y - np.rint(y)
@@ -401,8 +401,8 @@ def test_fit_field_psf_varies_the_wings_only_when_the_stars_ask_for_it():
     frac_t = np.sum(truth * (r2 <= 16.0), (1, 2)) / truth.sum((1, 2))
     frac_m = m.aperture_fractions(x, y, {"r4": 4.0})["r4"]
     err = 2.5 * np.log10(frac_t / frac_m)
-    assert np.max(np.abs(err)) < 0.01, err
-    assert np.sqrt(np.mean(err**2)) < 0.003
+    assert np.max(np.abs(err)) < 0.07, err
+    assert np.sqrt(np.mean(err**2)) < 0.04
 
 
 def test_fit_field_psf_keeps_its_brightest_stars_and_follows_the_truth_closer():
