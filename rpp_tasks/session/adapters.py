@@ -241,7 +241,7 @@ def check_gain(fw) -> dict:
     }
     fw.meta["gain_check"] = info
     if source != "configured":
-        fw.meta["gain_e_per_adu"] = float(used)
+        used = fw.meta["gain_e_per_adu"] = info["used_e_per_adu"]  # what is recorded is used
         if fw.header is not None:
             fw.header.add_history(
                 f"rpp {__version__}: gain {used:.4g} e-/ADU from the sky noise bound "
