@@ -39,11 +39,6 @@ __all__ = ["choose_psf_order", "fit_field_psf"]
 log = logging.getLogger(__name__)
 
 
-#: Below this initial FWHM (px; the half-maximum area of the stars' cores, ~5 pixels)
-#: `fit_field_psf` asks ``(2.5 / FWHM)**2`` times more stars per polynomial term of a varying model.
-_WELL_SAMPLED_FWHM_PX = 2.5
-
-
 def choose_psf_order(x, y, shape, *, max_order=3, stars_per_term=6, min_per_cell=2):
     """
     Highest polynomial order the PSF stars can support, and why.
@@ -348,9 +343,7 @@ def fit_field_psf(
     stamp_half_px : int, optional
         Half-width of the fitted stamps (default ``ceil(2 FWHM)``, at least 5).
     stars_per_term : int, optional
-        See `choose_psf_order`; multiplied by ``(2.5 / FWHM)**2`` for undersampled stars (initial
-        FWHM < 2.5 px, fewer than ~5 pixels above half maximum), whose few core pixels carry a
-        misfit correlated within each star.
+        See `choose_psf_order`.
     model : {"moffat", "gaussian"}
         ``"gaussian"`` fixes ``u = 0``.
     size_px : int, optional
@@ -424,17 +417,9 @@ def fit_field_psf(
         guess = float(guess0 or 3.0)
     flags = []
     norm = ((nx - 1) / 2.0, (ny - 1) / 2.0, max(nx / 2.0, 1.0), max(ny / 2.0, 1.0))
-    # an undersampled star (FWHM < 2.5 px) pins the shape with a few core pixels whose pixel-phase
-    # misfit is correlated: it carries less evidence than its pixel count says, so a varying
-    # model needs more of them (the real Seestar pair, bench/README.md gain12)
-    undersampling = max(1.0, (_WELL_SAMPLED_FWHM_PX / guess) ** 2)
     cap, reason = choose_psf_order(
-        x, y, (ny, nx), max_order=max_order, stars_per_term=stars_per_term * undersampling
+        x, y, (ny, nx), max_order=max_order, stars_per_term=stars_per_term
     )
-    if undersampling > 1.0:
-        reason += (
-            f" (undersampled, FWHM {guess:.2f} px: {stars_per_term * undersampling:.0f} per term)"
-        )
     free = np.array([True, True, True, model == "moffat"])
     u0 = 0.3 if model == "moffat" else _U_MIN_FIELD
     state = {key: np.zeros(idx.size) for key in ("f", "b", "sx", "sy")}
