@@ -359,6 +359,74 @@ def test_fit_field_psf_follows_the_optics_and_stays_constant_when_it_should(tmp_
     assert m3.order == 0 and "too few" in m3.stats["order_reason"]
 
 
+def _few_star_field(seed, n_stars, fwhm_px, *, halo=0.0, psf_variation=None, size=768):
+    """A 768^2 field of ``n_stars`` Moffat stars (mag 13-19, gain 1.5, sky 800 ADU) and its
+    detections. With ``halo``, the stars are ``(1 - halo)`` of a Moffat (beta 3) plus ``halo`` of
+    one 2.5x wider (beta 2), the same everywhere: a constant PSF outside the model's family (two
+    noisy renderings mixed; the noise rms scales with ``sqrt((1-halo)^2 + halo^2)``)."""
+    rng = np.random.default_rng(seed)
+    scale = 1.0 / 3600.0
+    stars = Table(
+        {
+            "ra": 150.0 + rng.uniform(-size / 2 + 10, size / 2 - 10, n_stars) * scale,
+            "dec": 2.2 + rng.uniform(-size / 2 + 10, size / 2 - 10, n_stars) * scale,
+            "mag": rng.uniform(13.0, 19.0, n_stars),
+        }
+    )
+    kw = dict(stars=stars, psf="moffat", n_cosmic_rays=0, n_hot_pixels=0)
+    core = make_star_field(
+        (size, size), fwhm_px=fwhm_px, beta=3.0, psf_variation=psf_variation, seed=seed, **kw
+    )
+    data = core.data.astype(np.float32) - 800.0
+    rms = math.sqrt(800 / 1.5 + (8 / 1.5) ** 2)
+    if halo:
+        wide = make_star_field(
+            (size, size), fwhm_px=2.5 * fwhm_px, beta=2.0, seed=seed + 1000, **kw
+        )
+        data = (1 - halo) * data + halo * (wide.data.astype(np.float32) - 800.0)
+        rms *= math.sqrt((1 - halo) ** 2 + halo**2)
+    return data, detect_sources(data, rms, fwhm_px=fwhm_px, peak_search=False), rms
+
+
+def test_psf_order_of_few_stars_is_chosen_by_cross_validation_over_the_stars():
+    """With fewer than 100 kept PSF stars, the order is the one that best predicts stars left
+    out of the fit (5 folds, one-standard-error rule), not the pixel AIC: a misfit correlated
+    within each star makes its pixels count as far more evidence than they are.
+
+    A constant, undersampled PSF the model cannot follow exactly (FWHM 1.2 px with a 30 % halo,
+    ~20-30 PSF stars): the pixel AIC took order 1 on each of these fields (chi^2 lower by 25-1100
+    for 8 coefficients), cross-validation keeps the constant model. A PSF that really varies
+    (FWHM +40 % and ellipticity 0.3 in the corners, ~50 PSF stars) still gets a varying model."""
+    kw = dict(gain_e_per_adu=1.5, saturation_adu=59000)
+    for seed in (0, 1, 4, 5):
+        data, src, rms = _few_star_field(seed, 50, 1.2, halo=0.3)
+        m = fit_field_psf(data, src, rms=rms, **kw)
+        aic = fit_field_psf(data, src, rms=rms, cv_max_stars=0, **kw)
+        assert 15 <= m.n_stars < 100 and m.stats["order_max_allowed"] >= 1
+        assert aic.order >= 1 and aic.stats["order_choice"] == "aic", aic.stats
+        assert m.order == 0 and m.stats["order_choice"] == "cv", m.stats
+        tried = m.stats["orders_tried"]
+        assert [t["order"] for t in tried] == [0, 1]
+        assert all(t["cv_chi2"] > 0 and t["cv_se"] >= 0 for t in tried)
+        # the pixel criterion prefers order 1, the held-out stars do not (within one s.e.)
+        assert tried[1]["bic"] < tried[0]["bic"]
+        assert tried[0]["cv_chi2"] - min(t["cv_chi2"] for t in tried) <= tried[0]["cv_se"]
+    var = PsfVariation(
+        fwhm_px=1.2, fwhm_corner_frac=0.4, ellipticity_corner=0.3, ellipticity_power=1.0,
+        beta_centre=3.0, beta_corner=2.5,
+    )  # fmt: skip
+    for seed in (0, 3):
+        data, src, rms = _few_star_field(seed, 120, 1.2, psf_variation=var)
+        m = fit_field_psf(data, src, rms=rms, **kw)
+        assert 40 <= m.n_stars < 100 and m.stats["order_choice"] == "cv", m.stats
+        assert m.order >= 2, m.stats
+        tried = {t["order"]: t for t in m.stats["orders_tried"]}
+        # the constant model predicts the held-out stars far worse
+        assert tried[0]["cv_chi2"] > 1.5 * tried[m.order]["cv_chi2"], tried
+        fw = m.shape_at(np.array([384.0, 20.0]), np.array([384.0, 20.0]))["fwhm_px"]
+        assert fw[1] > 1.2 * fw[0], fw
+
+
 def test_fit_field_psf_keeps_its_brightest_stars_and_follows_the_truth_closer():
     """Outlier PSF stars (blends, cosmic rays) are rejected on the first model that can vary
     across the field, with a 2 % model-error floor, not on the constant model: there the
