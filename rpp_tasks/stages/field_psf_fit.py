@@ -326,7 +326,8 @@ def _cv_order_scores(stars, fits, *, gain, bkg_prior, k_folds=5, n_iter=12):
 
 def _one_se_choice(scores):
     """Index of the lowest order whose summed held-out chi^2 is within one standard error of the
-    best one's; the standard error of the difference from the per-star (paired) differences."""
+    best one's, the standard error of the difference from the per-star (paired) differences.
+    ``scores``: `_cv_order_scores`. Returns ``(index, summed chi^2 per order, s.e. per order)``."""
     total = np.sum(scores, axis=1)
     best = int(np.argmin(total))
     n = scores.shape[1]
