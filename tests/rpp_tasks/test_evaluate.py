@@ -171,6 +171,8 @@ def test_offset_uncertainty_does_not_inflate_bright_star_error_ratios(truth):
         pooled, _ = pooled_bins(lst, bins)
         top = pooled[-1]
         assert top["n"] >= 400
+        # its statistical uncertainty: about 1 / sqrt(2 n) for Gaussian z
+        assert top["error_ratio_sigma"] == pytest.approx(1.0 / math.sqrt(2 * top["n"]), rel=0.3)
         assert top["error_ratio"] == pytest.approx(1.0, abs=0.045), (col, top)
         assert top["scatter_ratio"] == pytest.approx(1.0, abs=0.045), (col, top)
         for b in pooled[:-1]:  # fainter bins: the term is negligible there
