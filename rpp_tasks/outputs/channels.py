@@ -255,6 +255,23 @@ class _Transient(Exception):
         self.retry_after_s = retry_after_s
 
 
+def _send(fn, *, channel, kind, recipients, run_key, policy, secrets, what, sleep) -> Notice:
+    """`_with_retries` of ``fn``, logged, as the `Notice` of one message."""
+    ok, attempts, error = _with_retries(fn, policy=policy, secrets=secrets, what=what, sleep=sleep)
+    if ok:
+        log.info("%s: sent (%d attempt%s)", what, attempts, "" if attempts == 1 else "s")
+    return Notice(
+        channel=channel,
+        kind=kind,
+        recipients=recipients,
+        status="ok" if ok else "failed",
+        attempts=attempts,
+        error=error,
+        at=_now(),
+        run_key=run_key,
+    )
+
+
 def _with_retries(
     fn: Callable[[], None],
     *,
@@ -442,20 +459,16 @@ def send_email(
             raise _Permanent(f"recipients refused: {refused}")
 
     what = f"email {kind!r} to {', '.join(to)} via {settings.host}:{settings.effective_port}"
-    ok, attempts, error = _with_retries(
-        once, policy=policy, secrets=settings.secrets(), what=what, sleep=sleep
-    )
-    if ok:
-        log.info("%s: sent (%d attempt%s)", what, attempts, "" if attempts == 1 else "s")
-    return Notice(
+    return _send(
+        once,
         channel="email",
         kind=kind,
         recipients=tuple(to),
-        status="ok" if ok else "failed",
-        attempts=attempts,
-        error=error,
-        at=_now(),
         run_key=run_key,
+        policy=policy,
+        secrets=settings.secrets(),
+        what=what,
+        sleep=sleep,
     )
 
 
@@ -496,20 +509,16 @@ def _telegram_call(
         raise _Permanent(text)
 
     what = f"telegram {method} ({kind}) to chat {settings.chat_id}"
-    ok, attempts, error = _with_retries(
-        once, policy=policy, secrets=settings.secrets(), what=what, sleep=sleep
-    )
-    if ok:
-        log.info("%s: sent (%d attempt%s)", what, attempts, "" if attempts == 1 else "s")
-    return Notice(
+    return _send(
+        once,
         channel="telegram",
         kind=kind,
         recipients=(str(settings.chat_id),),
-        status="ok" if ok else "failed",
-        attempts=attempts,
-        error=error,
-        at=_now(),
         run_key=run_key,
+        policy=policy,
+        secrets=settings.secrets(),
+        what=what,
+        sleep=sleep,
     )
 
 

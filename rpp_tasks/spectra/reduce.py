@@ -54,6 +54,7 @@ __all__ = [
     "reduce_longslit_session",
     "plan_session",
     "build_masters",
+    "reduce_with_response",
     "run_spectra",
 ]
 
@@ -649,17 +650,8 @@ def run_spectra(session_folder, obs, out_dir, *, night=None) -> dict:
     """
     folder = Path(session_folder)
     targets, spec, missing, site, camera = plan_session(folder, obs)
-    response = None
-    if spec.reference_star and spec.reference_star in targets:
-        response = _response_from_reference(targets, spec, camera, site, out_dir, night)
-    res = reduce_longslit_session(
-        targets,
-        spec=spec,
-        camera=camera,
-        site=site,
-        out_dir=out_dir,
-        night=night,
-        response=response,
+    res = reduce_with_response(
+        targets, spec=spec, camera=camera, site=site, out_dir=out_dir, night=night
     )
     out = res.to_dict()
     out["missing_files"] = list(missing)
@@ -669,7 +661,33 @@ def run_spectra(session_folder, obs, out_dir, *, night=None) -> dict:
     return out
 
 
-def _response_from_reference(targets, spec, camera, site, out_dir, night):
+def reduce_with_response(targets, *, spec, camera, site, out_dir, night=None, masters=None):
+    """
+    `reduce_longslit_session` of every target, with the instrumental response derived first
+    from the configured reference star when the session has it (``spec.reference_star``).
+
+    Returns
+    -------
+    result : `SpectraSessionResult`
+    """
+    response = None
+    if spec.reference_star and spec.reference_star in targets:
+        response = _response_from_reference(
+            targets, spec, camera, site, out_dir, night, masters=masters
+        )
+    return reduce_longslit_session(
+        targets,
+        spec=spec,
+        camera=camera,
+        site=site,
+        out_dir=out_dir,
+        night=night,
+        response=response,
+        masters=masters,
+    )
+
+
+def _response_from_reference(targets, spec, camera, site, out_dir, night, *, masters=None):
     """Reduce the reference star alone and derive the response from its known spectrum."""
     from rpp_tasks.spectra import combine, products
 
@@ -681,6 +699,7 @@ def _response_from_reference(targets, spec, camera, site, out_dir, night):
         site=site,
         out_dir=ref_dir,
         night=night,
+        masters=masters,
     )
     if not res.n_ok:
         log.warning("reference star %s not reduced: no response", spec.reference_star)

@@ -170,22 +170,16 @@ def step_spectra(session, obs) -> dict:
     """Stage ``spectra``: every target reduced to its BeSS products (a rejected target keeps its
     reason and stage; the others go on)."""
     from rpp_tasks.outputs.report_html import header_facts
-    from rpp_tasks.spectra.reduce import _response_from_reference, reduce_longslit_session
+    from rpp_tasks.spectra.reduce import reduce_with_response
 
     targets, spec, site, camera = _plan(session, obs)
     out_dir = session.path(SPECTRA_DIR)
-    night = None
-    response = None
-    if spec.reference_star and spec.reference_star in targets:
-        response = _response_from_reference(targets, spec, camera, site, out_dir, night)
-    res = reduce_longslit_session(
+    res = reduce_with_response(
         targets,
         spec=spec,
         camera=camera,
         site=site,
         out_dir=out_dir,
-        night=night,
-        response=response,
         masters=_load_masters(session),
     )
     # the raw headers' facts and weather, per target (what the report shows)

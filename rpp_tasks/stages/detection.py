@@ -228,7 +228,7 @@ def detect_sources(
             trail_band=False,
         )
         sat_px = _saturated_pixels(data, mask, float(saturation_adu))
-        sat_px |= _trail_ends(data, sat_px, float(saturation_adu))
+        sat_px |= _trail_ends(data, sat_px, float(saturation_adu), rms=rms)
         trail_y, trail_x = np.nonzero(sat_px)
         del sat_px
 

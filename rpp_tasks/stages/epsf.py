@@ -20,12 +20,14 @@ from rpp_tasks.stages.psf import (
     _U_GAUSS,
     _U_MAX,
     _check_image,
+    _drawable,
     _fit_stack,
     _linear_flux_bkg,
     _pix_profile,
     _prepare,
     _refine_centres,
     _StackFit,
+    _stamp_pixels,
 )
 
 __all__ = ["EPSFModel", "build_epsf"]
@@ -224,33 +226,17 @@ class EPSFModel:
             float64 image of ``shape``.
         """
         ny, nx = int(shape[0]), int(shape[1])
-        x = np.asarray(x, float)
-        y = np.asarray(y, float)
-        flux = np.asarray(flux, float)
-        ok = (
-            np.isfinite(x)
-            & np.isfinite(y)
-            & np.isfinite(flux)
-            & (x > -0.5)
-            & (y > -0.5)
-            & (x < nx - 0.5)
-            & (y < ny - 0.5)
-        )
-        out = np.zeros(ny * nx)
-        if not np.any(ok):
-            return out.reshape(ny, nx)
-        x, y, flux = x[ok], y[ok], flux[ok]
+        x, y, flux = _drawable(shape, x, y, flux)
+        if x.size == 0:
+            return np.zeros((ny, nx))
         if half is None:
             half = max(1, (int(self.size_px) or (self.data.shape[0] - 1) // self.oversampling) // 2)
         ix = np.rint(x).astype(np.int64)
         iy = np.rint(y).astype(np.int64)
         k = np.arange(-half, half + 1)
         val = self.stamps(x, y, half, ix=ix, iy=iy) * flux[:, None, None]
-        px = ix[:, None, None] + k[None, None, :]
-        py = iy[:, None, None] + k[None, :, None]
-        inside = (px >= 0) & (px < nx) & (py >= 0) & (py < ny)
-        flat = (py * nx + px)[inside]
-        out = np.bincount(flat, val[inside], minlength=ny * nx)
+        flat, inside = _stamp_pixels(shape, ix, iy, k)
+        out = np.bincount(flat[inside], val[inside], minlength=ny * nx)
         return out.reshape(ny, nx)
 
 

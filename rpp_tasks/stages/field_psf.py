@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rpp_tasks.stages.psf import _GL_W, _GL_X, _LN2, _U_MAX
+from rpp_tasks.stages.psf import _GL_W, _GL_X, _LN2, _U_MAX, _drawable, _stamp_pixels
 
 __all__ = ["FieldPSF"]
 
@@ -456,26 +456,14 @@ class FieldPSF:
         With ``out`` (a C-contiguous array of ``shape``) the stars are added into it.
         """
         ny, nx = int(shape[0]), int(shape[1])
-        x = np.asarray(x, float)
-        y = np.asarray(y, float)
-        flux = np.asarray(flux, float)
-        ok = (
-            np.isfinite(x)
-            & np.isfinite(y)
-            & np.isfinite(flux)
-            & (x > -0.5)
-            & (y > -0.5)
-            & (x < nx - 0.5)
-            & (y < ny - 0.5)
-        )
+        x, y, flux = _drawable(shape, x, y, flux)
         if out is None:
             out = np.zeros((ny, nx), dtype=dtype)
         result = out
         out = out.reshape(-1)  # a view: added to in place
         dtype = out.dtype
-        if not np.any(ok):
+        if x.size == 0:
             return result
-        x, y, flux = x[ok], y[ok], flux[ok]
         h0 = max(1, int(self.size_px) // 2) if half is None else int(half)
         if rms is not None and half is None and np.isfinite(rms) and rms > 0:
             halves = self._footprint_halves(x, y, np.abs(flux), float(rms), h0)
@@ -492,10 +480,8 @@ class FieldPSF:
                 s_idx = sel[ss]
                 val = self.stamps(x[s_idx], y[s_idx], h, ix=ix[ss], iy=iy[ss])
                 val *= flux[s_idx, None, None]
-                px = ix[ss, None, None] + k[None, None, :]
-                py = iy[ss, None, None] + k[None, :, None]
-                inside = (px >= 0) & (px < nx) & (py >= 0) & (py < ny)
-                np.add.at(out, (py * nx + px)[inside], val[inside].astype(dtype, copy=False))
+                flat, inside = _stamp_pixels(shape, ix[ss], iy[ss], k)
+                np.add.at(out, flat[inside], val[inside].astype(dtype, copy=False))
         return result
 
     def radius_below(self, x, y, flux, level):

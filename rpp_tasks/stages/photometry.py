@@ -899,7 +899,7 @@ def measure_frame(
             )
             sources_fit.meta.update(meta)
         info["n_residual_sources"] = int(fit.n_added)
-        _adopt_psf_positions(sources_fit)
+        _adopt_psf_positions(sources_fit, shape, fwhm)
         # ``resid``: the image with every fitted star removed: apertures (each star's own model
         # added back), the large-aperture references and the mismatch term all use it
         del fit
@@ -993,16 +993,28 @@ def _grow_saturated(data, mask, saturation_adu):
     return out
 
 
-def _adopt_psf_positions(table):
+def _adopt_psf_positions(table, shape=None, fwhm_px=None, *, max_shift_px=3.0):
     """``x_centroid, y_centroid`` become the PSF-fit positions where the fit refined them (a
     detection centroid is pulled by neighbours); the detection centroids stay in ``x_det,
-    y_det``. In place."""
+    y_det``. In place.
+
+    A fit that moved the star by ``max_shift_px`` or more keeps the detection centroid, except
+    for a star whose fitted centre lies within ``fwhm_px`` of the frame's edge (``shape``
+    given): the detection saw only the part of it inside the frame, so its centroid is pulled
+    inwards by up to about one FWHM, and the fit may move it by up to ``1.5 fwhm_px``.
+    """
     if "x_psf" not in table.colnames or len(table) == 0:
         return
     xc, yc = _xy(table, "measure_frame")
     xp = np.asarray(table["x_psf"], float)
     yp = np.asarray(table["y_psf"], float)
-    ok = np.isfinite(xp) & np.isfinite(yp) & (np.hypot(xp - xc, yp - yc) < 3.0)
+    limit = np.full(xp.size, float(max_shift_px))
+    if shape is not None and fwhm_px is not None and np.isfinite(fwhm_px) and fwhm_px > 0:
+        ny, nx = shape
+        with np.errstate(invalid="ignore"):
+            edge = np.minimum.reduce([xp + 0.5, yp + 0.5, nx - 0.5 - xp, ny - 0.5 - yp])
+            limit[edge < fwhm_px] = max(float(max_shift_px), 1.5 * float(fwhm_px))
+    ok = np.isfinite(xp) & np.isfinite(yp) & (np.hypot(xp - xc, yp - yc) < limit)
     if "flag_psf" in table.colnames:
         ok &= (np.asarray(table["flag_psf"]) & 3) == 0
     table["x_det"] = xc

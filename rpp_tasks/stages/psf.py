@@ -147,6 +147,26 @@ def profile_fwhm_px(fwhm_px, beta=math.inf):
 # --------------------------------------------------------------------------------------------
 
 
+def _drawable(shape, x, y, flux):
+    """The stars of a model image that can be drawn: finite position and flux, centre on the
+    frame (within half a pixel of its edge). Returns ``(x, y, flux)`` of those, as float arrays."""
+    ny, nx = int(shape[0]), int(shape[1])
+    x, y, flux = (np.asarray(v, float) for v in (x, y, flux))
+    ok = np.isfinite(x) & np.isfinite(y) & np.isfinite(flux)
+    ok &= (x > -0.5) & (y > -0.5) & (x < nx - 0.5) & (y < ny - 0.5)
+    return x[ok], y[ok], flux[ok]
+
+
+def _stamp_pixels(shape, ix, iy, k):
+    """Flat indices into an image of ``shape`` of the stamps centred on ``(ix, iy)`` with
+    offsets ``k`` (shape ``(n, k.size, k.size)``), and which of them lie on the image."""
+    ny, nx = int(shape[0]), int(shape[1])
+    px = ix[:, None, None] + k[None, None, :]
+    py = iy[:, None, None] + k[None, :, None]
+    inside = (px >= 0) & (px < nx) & (py >= 0) & (py < ny)
+    return py * nx + px, inside
+
+
 def _check_image(data_sub, rms, mask):
     data_sub = np.asarray(data_sub)
     if data_sub.ndim != 2:

@@ -99,7 +99,7 @@ def find_saturated_stars(
         else:
             # the ends of the trails (the last, partly filled pixels) and the trails themselves
             # (interpolated for SEP; a detection centred on them is a piece of the trail)
-            ends = _trail_ends(data, sat, saturation_adu)
+            ends = _trail_ends(data, sat, saturation_adu, rms=rms_typ)
             _trail_band(zone, *np.nonzero(ends)[::-1], fwhm_px)
             zone |= sat
         for c in range(ncomp):
@@ -199,9 +199,17 @@ def _stars_on_trails(work, err, bad, x, y, cand, sat_tab, fwhm_px, *, min_snr=5.
     return out
 
 
-def _trail_ends(data, sat, saturation_adu, reach=2):
+def _trail_ends(data, sat, saturation_adu, reach=2, *, rms=None, min_snr=10.0):
     """Unsaturated pixels within ``reach`` px above or below a saturated one in the same column
-    and brighter than 5 % of saturation: the partly filled ends of bleed trails."""
+    and brighter than 5 % of saturation, or than ``min_snr`` times the typical noise ``rms``
+    when that is lower: the partly filled ends of bleed trails (the charge left at a trail's
+    end is anything between zero and the full well; a 2600 ADU remainder below a 60000 ADU
+    trail was detected as a star of its own)."""
+    level = 0.05 * saturation_adu
+    if rms is not None:
+        rms_typ = float(np.median(np.asarray(rms)[::16, ::16])) if np.ndim(rms) else float(rms)
+        if np.isfinite(rms_typ) and rms_typ > 0:
+            level = min(level, min_snr * rms_typ)
     ny = sat.shape[0]
     ends = np.zeros(sat.shape, bool)
     py, px = np.nonzero(sat)
@@ -209,7 +217,7 @@ def _trail_ends(data, sat, saturation_adu, reach=2):
         for yy in (py + o, py - o):
             ok = (yy >= 0) & (yy < ny)
             yy, xx = yy[ok], px[ok]
-            hit = ~sat[yy, xx] & (np.asarray(data)[yy, xx] > 0.05 * saturation_adu)
+            hit = ~sat[yy, xx] & (np.asarray(data)[yy, xx] > level)
             ends[yy[hit], xx[hit]] = True
     return ends
 

@@ -152,3 +152,38 @@ def test_bad_input_raises():
         detect_sources(np.zeros(32), 1.0)
     with pytest.raises(ValueError, match="method"):
         detect_sources(np.zeros((32, 32)), 1.0, method="dog")
+
+
+@pytest.mark.parametrize("remainder_adu", [2600.0, 900.0])
+def test_the_partly_filled_end_of_a_long_bleed_trail_is_not_a_star(remainder_adu):
+    """A saturated star's bleed trail ends in a pixel holding what charge was left (anything
+    from zero to the full well). Far from the star's halo, a 2600 ADU remainder (below 5 % of a
+    60000 ADU saturation) was detected as a star of its own (61-Mpx bench frame)."""
+    from rpp_tasks.sim.psf_render import _bleed_columns
+
+    rng = np.random.default_rng(7)
+    ny, nx, sat, rms = 300, 200, 60000.0, 30.0
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    x0, y0, fwhm = 100.3, 100.6, 3.5
+    alpha = fwhm / (2.0 * math.sqrt(2.0 ** (1 / 3.0) - 1.0))
+    prof = (1.0 + ((xx - x0) ** 2 + (yy - y0) ** 2) / alpha**2) ** -3.0
+    img = (4.0e7 * prof / prof.sum()).astype(np.float32)
+    bleed = _bleed_columns(img, sat, np.array([100]), np.array([101]), np.array([12]))
+    # the last filled pixel of the longest trail holds ``remainder_adu``
+    cols = np.flatnonzero(bleed.any(axis=0))
+    lengths = [np.flatnonzero(bleed[:, c]).max() for c in cols]
+    c = int(cols[int(np.argmax(lengths))])
+    end = int(max(lengths))
+    assert end - y0 > 60  # a trail reaching far beyond the halo disc
+    img[end, c] = remainder_adu
+    mask = img >= sat
+    data = img + rng.normal(0.0, rms, img.shape).astype(np.float32)
+    data[mask] = sat
+    tab = detect_sources(
+        data, np.full(img.shape, rms, np.float32), fwhm_px=fwhm, mask=mask, saturation_adu=sat
+    )
+    d = np.hypot(np.asarray(tab["x_centroid"]) - c, np.asarray(tab["y_centroid"]) - end)
+    assert not np.any(d < 4.0), tab[d < 4.0]
+    # the saturated star itself is one source
+    ds = np.hypot(np.asarray(tab["x_centroid"]) - x0, np.asarray(tab["y_centroid"]) - y0)
+    assert np.sum(ds < 3.0) == 1

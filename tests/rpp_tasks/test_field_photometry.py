@@ -619,6 +619,70 @@ def test_repeatability_of_a_synthetic_session(tmp_path):
     assert d["bins"] and "definition" in d
 
 
+_UNDERSAMPLED_YAML = """observatory: {name}
+title: Undersampled synthetic camera (Seestar-like after the 2x2 binning)
+site: {{name: Demo site, latitude_deg: 43.75, longitude_deg: 6.92, elevation_m: 1270}}
+camera: {{name: SYNTH-CMOS, telescope: Synth 50 mm, gain_e_per_adu: {gain}, read_noise_e: 3.0,
+          saturation_adu: 65500, pixel_scale_arcsec: 4.78, binning: [1, 1]}}
+filters: {{aliases: {{V: V}}, default_band: V}}
+stages:
+  cosmics: {{enabled: false}}
+  detection: {{fwhm_guess_px: 2.5}}
+  photometry: {{fixed_radius_px: 5.0}}
+"""
+
+
+def test_repeatability_of_an_undersampled_session_and_of_a_wrong_gain(tmp_path):
+    """Four 540 x 960 frames like the Seestar M 94 subs after the 2x2 binning (FWHM ~1.1-1.4 px,
+    Moffat beta 1.8-2.2, ellipticity ~0.25, sky 3600 ADU, gain 0.13 e-/ADU, 110 stars), shifted
+    by (0.86, -0.5) px from frame to frame: with the right gain the errors are honest on these
+    undersampled stars (pixel phase included). Reduced with a gain 7.7x too large -- what the
+    ``seestar_s50`` configuration's 1.0 e-/ADU is for the real subs, whose sky noise (166 ADU
+    rms on 3629 ADU) bounds the gain at 0.13 -- the PSF errors are ~20 % too small, the excess
+    of the real pair (bench/README.md, seestar12)."""
+    rng = np.random.default_rng(8)
+    scale = 4.78 / 3600.0
+    stars = Table(
+        {
+            "ra": 150.0 + rng.uniform(-270, 270, 110) * scale,
+            "dec": 2.2 + rng.uniform(-480, 480, 110) * scale,
+            "mag": rng.uniform(15.0, 19.5, 110),
+        }
+    )
+    var = PsfVariation(
+        fwhm_px=1.1, fwhm_corner_frac=0.3, beta_centre=2.2, beta_corner=1.8,
+        ellipticity_corner=0.25, ellipticity_power=0.5, angle_twist_deg=20.0,
+    )  # fmt: skip
+    paths = []
+    for k in range(4):
+        f = make_star_field(
+            (960, 540), stars=stars, psf="moffat", fwhm_px=1.1, psf_variation=var,
+            sky_adu=3600.0, gain_e_per_adu=0.13, read_noise_e=3.0, exptime_s=10.0,
+            pixel_scale_arcsec=4.78, n_cosmic_rays=0, n_hot_pixels=0,
+            wcs_center_deg=(150.0 + 0.86 * k * scale, 2.2 - 0.5 * k * scale), seed=100 + k,
+        )  # fmt: skip
+        for key in ("GAIN", "EGAIN"):  # the gain comes from the configuration
+            f.header.remove(key, ignore_missing=True)
+        paths.append(_write(tmp_path / f"u{k}.fits", f))
+    ratios = {}
+    for name, gain in (("right_gain", 0.13), ("gain_too_large", 1.0)):
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(_UNDERSAMPLED_YAML.format(name=name, gain=gain))
+        obs = find_config(str(cfg))
+        cats = []
+        for k, p in enumerate(paths):
+            s = pipeline.reduce_frame(p, obs, tmp_path / f"{name}_{k}")
+            assert s["status"] == "ok", s["reason"]
+            cats.append(Table.read(s["catalog"]))
+        ratios[name] = {kind: repeatability(cats, kind=kind) for kind in ("psf", "1p3fwhm")}
+    right, wrong = ratios["right_gain"], ratios["gain_too_large"]
+    assert right["psf"].n_stars >= 80
+    assert 0.85 <= right["psf"].ratio <= 1.12, right["psf"]
+    assert 0.8 <= right["1p3fwhm"].ratio <= 1.12, right["1p3fwhm"]
+    # the gain 7.7x too large: the stars' photon noise is left out of their errors
+    assert wrong["psf"].ratio > 1.12 and wrong["psf"].ratio > right["psf"].ratio + 0.15
+
+
 def test_repeatability_of_the_real_seestar_m94_pair(real_data, tmp_path):
     """Two consecutive 10 s Seestar S50 subs of M 94 (11 s apart): the stars' frame-to-frame
     scatter against their reported errors (bench/README.md quotes the figure)."""
@@ -642,3 +706,42 @@ def test_robust_std_of_repeatability_deviations_is_unit_for_pure_noise():
     rng = np.random.default_rng(0)
     x = rng.standard_normal(5000)
     assert robust_std(x) == pytest.approx(1.0, rel=0.03)
+
+
+# ------------------------------------------------------------------------------ mismatch term
+
+
+def _mismatch_draw(rng, n, eta, *, outlier=False):
+    """``n`` references as `measure_model_mismatch` sees them: fluxes 5e4-2e6 ADU, noise of the
+    difference 0.2-4 % of the flux, a true relative mismatch ``eta`` and a common offset (ADU)."""
+    flux = 10 ** rng.uniform(4.7, 6.3, n)
+    sig = flux * 10 ** rng.uniform(-2.7, -1.4, n)
+    d = 300.0 + rng.normal(0.0, np.sqrt(sig**2 + (eta * flux) ** 2))
+    if outlier:
+        d[0] = 0.6 * flux[0]  # a reference whose large-aperture flux is broken
+    return d, sig**2, flux
+
+
+def test_mismatch_term_is_honest_with_few_references_and_one_outlier():
+    from rpp_tasks.stages.flux_calibration import _ml_mismatch
+
+    rng = np.random.default_rng(11)
+    eta_true = 0.03
+    # eight references, as on a small undersampled frame (the Seestar pair): over many draws the
+    # estimated variance is the true one on average (the maximum likelihood with the offset
+    # fitted to the same stars sits ~30 % low in eta^2)
+    est = np.array([_ml_mismatch(*_mismatch_draw(rng, 8, eta_true))[0] for _ in range(300)])
+    assert np.mean(est**2) == pytest.approx(eta_true**2, rel=0.25)
+    # one broken reference among nine does not set the figure (it is rejected)
+    bad = [_ml_mismatch(*_mismatch_draw(rng, 9, eta_true, outlier=True)) for _ in range(100)]
+    assert not any(kept[0] for _, _, kept in bad)
+    assert np.mean([n >= 7 for _, n, _ in bad]) > 0.9
+    assert np.nanmedian([e for e, _, _ in bad]) < 1.5 * eta_true
+    # many references: the figure is the truth; no mismatch: a small one
+    e_many, n_many, _ = _ml_mismatch(*_mismatch_draw(rng, 400, eta_true))
+    assert n_many >= 395 and e_many == pytest.approx(eta_true, rel=0.1)
+    e_none = np.median([_ml_mismatch(*_mismatch_draw(rng, 400, 0.0))[0] for _ in range(20)])
+    assert e_none < 0.002
+    # fewer than five usable references: not measured
+    d, v, f = _mismatch_draw(rng, 6, eta_true)
+    assert math.isnan(_ml_mismatch(d, v, f, exclude=np.arange(6) < 2)[0])

@@ -402,3 +402,29 @@ def test_detect_residual_sources_bad_input_and_empty():
         detect_residual_sources(np.zeros((10, 10)), np.ones((10, 10)), fwhm_px=0.0)
     out = detect_residual_sources(np.zeros((40, 40)), np.ones((40, 40)), fwhm_px=3.0)
     assert len(out) == 0 and "snr_det" in out.colnames
+
+
+def test_a_star_cut_by_the_frame_edge_takes_its_psf_fit_position():
+    """The detection saw only the part of an edge star inside the frame (its centroid pulled
+    inwards, here with a neighbour's light: 3.2 px off on the 61-Mpx bench frame): the fit's
+    position is adopted up to 1.5 FWHM away near the edge, and only up to 3 px elsewhere."""
+    from rpp_tasks.stages.photometry import _adopt_psf_positions
+
+    t = Table(
+        {
+            "x_centroid": [2175.74, 500.0, 500.0],
+            "y_centroid": [2.40, 500.0, 500.0],
+            "x_psf": [2173.63, 502.1, 501.0],
+            "y_psf": [-0.06, 502.46, 501.0],
+            "flag_psf": [4, 4, 4],
+        }
+    )
+    _adopt_psf_positions(t, (6388, 9576), 3.6)
+    assert list(t["x_centroid"]) == [2173.63, 500.0, 501.0]
+    assert list(t["y_centroid"]) == [-0.06, 500.0, 501.0]
+    assert list(t["y_det"]) == [2.40, 500.0, 500.0]
+    # without the frame's shape, the 3 px limit everywhere
+    t2 = Table({k: t[k] for k in ("x_det", "y_det", "x_psf", "y_psf", "flag_psf")})
+    t2.rename_columns(["x_det", "y_det"], ["x_centroid", "y_centroid"])
+    _adopt_psf_positions(t2)
+    assert t2["y_centroid"][0] == 2.40
