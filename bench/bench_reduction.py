@@ -305,6 +305,23 @@ def run_one(
 # ------------------------------------------------------------------------------ report
 
 
+def _pooled_targets(pooled, min_n=15):
+    """The per-bin target figures (worst bin, as `run_one`'s ``worst``) and the bright-star floors
+    of the frames' stars pooled (`rpp_tasks.sim.evaluate.pooled_bins`)."""
+    out = {}
+    for key, (bins, floor) in pooled.items():
+        if not bins:
+            continue
+        sc = [b["scatter_ratio"] for b in bins if b["snr_hi"] <= 500 and b.get("n", 0) >= min_n]
+        er = [abs(b["error_ratio"] - 1.0) for b in bins if b.get("n", 0) >= min_n]
+        sc = [v for v in sc if v is not None and np.isfinite(v)]
+        er = [v for v in er if v is not None and np.isfinite(v)]
+        out[f"{key}_scatter_max"] = max(sc) if sc else float("nan")
+        out[f"{key}_error_dev_max"] = max(er) if er else float("nan")
+        out[f"{key}_bright_floor_mag"] = floor
+    return out
+
+
 def _median(rows, key):
     vals = [r[key] for r in rows if r.get(key) is not None and np.isfinite(r[key])]
     return float(np.median(vals)) if vals else float("nan")
@@ -361,12 +378,29 @@ def report(rows):
     lines.append(("chain peak bytes per pixel", _median(rows, "bytes_per_px_chain"), "<=", 40.0))
     if "completeness" not in r0:
         for label, val, op, thr in lines:
-            print(f"  {label:<58}{val:10.4f}  {op} {thr:<8g} {_check(val, op, thr)}")
+            print(f"  {label:<66}{val:10.4f}  {op} {thr:<8g} {_check(val, op, thr)}")
         return
-    lines += [(label, _median(rows, key), op, thr) for label, key, op, thr in FIDELITY_TARGETS]
-    print(f"  {'figure':<58}{'value':>10}  target")
+    from rpp_tasks.sim.evaluate import pooled_bins
+
+    pooled = {}
+    for key in ("ap", "psf"):
+        fids = [r["_fid"][key] for r in rows if r.get("_fid", {}).get(key) is not None]
+        pooled[key] = pooled_bins(fids, SNR_BINS) if fids else ([], float("nan"))
+    # the per-bin figures and the floors of several frames are judged on their stars pooled (the
+    # table below); a median over frames of each frame's worst bin of ~20-50 stars is biased high
+    per_bin = {} if len(rows) < 2 else _pooled_targets(pooled)
+    lines += [
+        (
+            label + (" (pooled)" if key in per_bin else ""),
+            per_bin.get(key, _median(rows, key)),
+            op,
+            thr,
+        )
+        for label, key, op, thr in FIDELITY_TARGETS
+    ]
+    print(f"  {'figure':<66}{'value':>10}  target")
     for label, val, op, thr in lines:
-        print(f"  {label:<58}{val:10.4f}  {op} {thr:<8g} {_check(val, op, thr)}")
+        print(f"  {label:<66}{val:10.4f}  {op} {thr:<8g} {_check(val, op, thr)}")
     print(
         "  spurious breakdown (frame 1): "
         + ", ".join(f"{k} {v}" for k, v in r0["spurious_breakdown"].items())
@@ -383,12 +417,6 @@ def report(rows):
                 if isinstance(v, dict)
             )
         )
-    from rpp_tasks.sim.evaluate import pooled_bins
-
-    pooled = {}
-    for key in ("ap", "psf"):
-        fids = [r["_fid"][key] for r in rows if r.get("_fid", {}).get(key) is not None]
-        pooled[key] = pooled_bins(fids, SNR_BINS) if fids else ([], float("nan"))
     print(
         f"  per S/N bin, stars of all {len(rows)} frame(s) pooled; aperture = 1.3 FWHM, corrected "
         f"to total (floors: aperture {pooled['ap'][1]:.4f}, PSF {pooled['psf'][1]:.4f} mag)"

@@ -86,8 +86,16 @@ def _balanced_subset(x, y, peak, shape, max_stars, cells=6):
     return pick[:max_stars]
 
 
+def _core(v, core):
+    """``v[core]`` of an array that may be one pixel wide along an axis (broadcast there)."""
+    return v[tuple(sl if n > 1 else slice(None) for sl, n in zip(core, v.shape))]
+
+
 def _field_model(dx0, dy0, sx, sy, bas, theta, derivs=False):
     """Stamps of the PSF stars: 2x2 nodes per pixel, 3x3 in the central 5x5 pixels.
+
+    ``dx0``, ``dy0``: pixel offsets ``(N, S, S)``, or ``(N, 1, S)`` and ``(N, S, 1)`` (the same
+    values, the quadrature's one-coordinate parts then cost a row instead of a stamp).
 
     With ``derivs``, the derivatives with respect to the shape parameters are returned as keys
     ``fwhm_px``, ``e1``, ``e2`` and ``u`` (chain rule through `_abc_from_shape`).
@@ -97,13 +105,13 @@ def _field_model(dx0, dy0, sx, sy, bas, theta, derivs=False):
     u = p[:, 3][:, None, None]
     dx = dx0 - sx[:, None, None]
     dy = dy0 - sy[:, None, None]
-    s = dx0.shape[1]
+    s = np.broadcast_shapes(dx.shape, dy.shape)[1]
     h = s // 2
     hc = min(h, 2)
     core = (slice(None), slice(h - hc, h + hc + 1), slice(h - hc, h + hc + 1))
     out = _ell_pix(dx, dy, a, b, c, u, derivs=derivs, integrate=2 if hc < h else 3)
     if hc < h:
-        oc = _ell_pix(dx[core], dy[core], a, b, c, u, derivs=derivs)
+        oc = _ell_pix(_core(dx, core), _core(dy, core), a, b, c, u, derivs=derivs)
         if derivs:
             out[0][core] = oc[0]
             for key in out[1]:
@@ -141,9 +149,14 @@ def _gn_field(
     nfree = free_flat.size
     lam = 1e-3
     n_done = 0
+    # the model (``val``) and its derivatives (``d``) at the current state: the first trial step
+    # of an iteration is evaluated with its derivatives (usually accepted: they serve the next
+    # iteration, and its values the end), a retried one (after a rejection) without
+    val = d = None
     for _ in range(n_iter):
         n_done += 1
-        val, d = _field_model(dx0, dy0, sx, sy, bas, theta, derivs=True)
+        if d is None:
+            val, d = _field_model(dx0, dy0, sx, sy, bas, theta, derivs=True)
         star = f[:, None, None] * val
         w = good / (var_bkg + (np.maximum(star, 0.0) / gain if gain else 0.0))
         r = stamps - star - bk[:, None, None]
@@ -166,7 +179,7 @@ def _gn_field(
             gl[:, 1] += gl_prior
             chi2 += float(bkg_prior * np.sum(bk * bk))
         gp = np.einsum("nisr,nsr->ni", jp, rw)
-        for _ in range(8):
+        for trial in range(8):
             ud = uu + lam * np.einsum("nii->ni", uu)[:, :, None] * np.eye(4)
             ud += 1e-12 * np.eye(4)
             try:
@@ -199,11 +212,13 @@ def _gn_field(
             b_new = bk + dl[:, 1]
             sx_new = sx + np.clip(dl[:, 2], -0.5, 0.5)
             sy_new = sy + np.clip(dl[:, 3], -0.5, 0.5)
-            v2 = _field_model(dx0, dy0, sx_new, sy_new, bas, th_new)
+            v2 = _field_model(dx0, dy0, sx_new, sy_new, bas, th_new, derivs=trial == 0)
+            v2, d2 = v2 if trial == 0 else (v2, None)
             r2 = stamps - f_new[:, None, None] * v2 - b_new[:, None, None]
             chi2_new = float(np.sum(r2 * r2 * w)) + float(bkg_prior * np.sum(b_new * b_new))
             if np.isfinite(chi2_new) and chi2_new <= chi2:
                 theta, f[:], bk[:], sx[:], sy[:] = th_new, f_new, b_new, sx_new, sy_new
+                val, d = v2, d2
                 lam = max(lam / 5.0, 1e-7)
                 break
             lam *= 10.0
@@ -212,7 +227,8 @@ def _gn_field(
         # converged: the accepted step (same weights) improved chi^2 by a negligible amount
         if chi2 - chi2_new <= 0.02 + 1e-7 * chi2_new and lam <= 1e-3:
             break
-    val = _field_model(dx0, dy0, sx, sy, bas, theta)
+    if val is None:
+        val = _field_model(dx0, dy0, sx, sy, bas, theta)
     star = f[:, None, None] * val
     w = good / (var_bkg + (np.maximum(star, 0.0) / gain if gain else 0.0))
     r = stamps - star - bk[:, None, None]
@@ -403,8 +419,8 @@ def fit_field_psf(
     idx, x, y, ix, iy = idx[pick], x[pick], y[pick], ix[pick], iy[pick]
     stamps = _gather_stamps(data, ix, iy, half).astype(float)
     k = np.arange(-half, half + 1, dtype=float)
-    dx0 = (ix - x)[:, None, None] + k[None, None, :] + 0.0 * k[None, :, None]
-    dy0 = (iy - y)[:, None, None] + k[None, :, None] + 0.0 * k[None, None, :]
+    dx0 = (ix - x)[:, None, None] + k[None, None, :]  # (N, 1, S)
+    dy0 = (iy - y)[:, None, None] + k[None, :, None]  # (N, S, 1)
     rms_arr = np.broadcast_to(np.asarray(rms, np.float32), data.shape)
     var_bkg = _gather_stamps(rms_arr, ix, iy, half).astype(float) ** 2
     good = np.isfinite(stamps) & (var_bkg > 0)

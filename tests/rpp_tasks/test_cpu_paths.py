@@ -2,7 +2,8 @@
 
 Each check compares a fast path with the straightforward computation it replaces (kept here as the
 reference), bit for bit: the ECSV writer, the sparse 3x3 dilation of the cosmic-ray candidates,
-the vectorised in-painting of masked rows, and `FieldPSF.stamps` evaluated on selected pixels.
+the vectorised in-painting of masked rows, `FieldPSF.stamps` evaluated on selected pixels, and
+the field-PSF fit's reuse of the accepted trial step's model.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from astropy.table import MaskedColumn, Table
 from scipy import ndimage
 
 from rpp_tasks.session.ecsv_fast import write_ecsv
+from rpp_tasks.stages import field_psf_fit
 from rpp_tasks.stages.cosmics import _square_dilation
-from rpp_tasks.stages.field_psf import FieldPSF
+from rpp_tasks.stages.field_psf import FieldPSF, _poly_basis
+from rpp_tasks.stages.field_psf_fit import _field_model
 from rpp_tasks.stages.saturation import _inpaint_rows
 
 
@@ -113,3 +116,98 @@ def test_stamps_on_selected_pixels_are_the_full_stamps_there():
             for f, p in zip(full if deriv else (full,), part if deriv else (part,)):
                 assert np.array_equal(f[:, where], p[:, where])
                 assert not np.any(p[:, ~where])
+
+
+def _psf_star_stamps(seed, n=60, half=7):
+    """Noisy stamps of ``n`` stars of a PSF varying linearly across a 2048² field (for
+    `_gn_field`), with the pixel offsets, noise, mask and polynomial basis of order 1."""
+    rng = np.random.default_rng(seed)
+    norm = (1023.5, 1023.5, 1024.0, 1024.0)
+    x, y = rng.uniform(0, 2047, n), rng.uniform(0, 2047, n)
+    bas = _poly_basis(x, y, 1, norm)
+    theta = np.array([[3.5, 0.3, -0.2], [0.04, 0.02, 0.0], [0.0, 0.0, 0.03], [0.32, 0.0, 0.0]])
+    k = np.arange(-half, half + 1, dtype=float)
+    off_x, off_y = rng.uniform(-0.5, 0.5, n), rng.uniform(-0.5, 0.5, n)
+    dx0 = off_x[:, None, None] + k[None, None, :] + 0.0 * k[None, :, None]
+    dy0 = off_y[:, None, None] + k[None, :, None] + 0.0 * k[None, None, :]
+    flux = 10.0 ** rng.uniform(3.5, 5.0, n)
+    truth = flux[:, None, None] * _field_model(dx0, dy0, np.zeros(n), np.zeros(n), bas, theta)
+    var_bkg = np.full(truth.shape, 25.0)
+    stamps = truth + rng.normal(size=truth.shape) * np.sqrt(var_bkg + truth)
+    return stamps, var_bkg, np.ones(truth.shape), dx0, dy0, bas, theta, flux
+
+
+def test_field_model_values_are_the_same_with_and_without_derivatives():
+    # `_gn_field` keeps the values of a trial step evaluated with its derivatives as the model
+    # of the accepted state: they must be those of the plain evaluation, bit for bit
+    stamps, _, _, dx0, dy0, bas, theta, _ = _psf_star_stamps(3)
+    rng = np.random.default_rng(4)
+    sx, sy = rng.normal(0, 0.1, len(stamps)), rng.normal(0, 0.1, len(stamps))
+    for half in (2, 7):
+        c = slice(7 - half, 7 + half + 1)
+        args = (dx0[:, c, c], dy0[:, c, c], sx, sy, bas, theta)
+        val, d = _field_model(*args, derivs=True)
+        assert np.array_equal(val, _field_model(*args))
+        assert {"x", "y", "fwhm_px", "e1", "e2", "u"} <= set(d)
+
+
+def test_gn_field_final_chi2_is_that_of_the_model_at_its_solution(monkeypatch):
+    stamps, var_bkg, good, dx0, dy0, bas, theta_true, flux = _psf_star_stamps(7)
+    n = len(stamps)
+    theta0 = np.zeros_like(theta_true)
+    theta0[:, 0] = [3.2, 0.0, 0.0, 0.3]
+    state = {"f": flux * 0.9, "b": np.zeros(n), "sx": np.zeros(n), "sy": np.zeros(n)}
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(bool(kwargs.get("derivs")))
+        return _field_model(*args, **kwargs)
+
+    monkeypatch.setattr(field_psf_fit, "_field_model", counted)
+    theta, chi2_star, dof = field_psf_fit._gn_field(
+        stamps,
+        var_bkg,
+        good,
+        dx0,
+        dy0,
+        bas,
+        theta0.copy(),
+        state,
+        gain=1.0,
+        free=np.ones(4, bool),
+        n_iter=25,
+    )
+    # converged close to the truth
+    assert np.allclose(theta[:, 0], theta_true[:, 0], atol=0.05)
+    assert 3 <= state["iterations"] < 25
+    # one evaluation (with derivatives) per iteration and one at the start; retried steps add
+    # plain ones; none at the end
+    assert sum(calls) == state["iterations"] + 1
+    assert len(calls) - sum(calls) <= 7 * state["iterations"]
+    # the final chi^2 uses the kept model: the same as a fresh evaluation at the solution
+    star = state["f"][:, None, None] * _field_model(dx0, dy0, state["sx"], state["sy"], bas, theta)
+    w = good / (var_bkg + np.maximum(star, 0.0))
+    r = stamps - star - state["b"][:, None, None]
+    assert np.array_equal(chi2_star, np.sum(r * r * w, axis=(1, 2)))
+    assert np.all(dof == 15 * 15 - 4)
+    assert 0.8 < np.sum(chi2_star) / np.sum(dof) < 1.2
+
+
+def test_field_model_on_row_and_column_offsets_is_the_full_stamps():
+    # fit_field_psf passes the offsets as (N, 1, S) and (N, S, 1): the same numbers as (N, S, S)
+    _, _, _, dx0, dy0, bas, theta, _ = _psf_star_stamps(5)
+    rng = np.random.default_rng(6)
+    sx, sy = rng.normal(0, 0.2, len(dx0)), rng.normal(0, 0.2, len(dx0))
+    for half in (2, 5, 7):
+        c = slice(7 - half, 7 + half + 1)
+        full = (dx0[:, c, c], dy0[:, c, c])
+        rows = (dx0[:, :1, c], dy0[:, c, :1])
+        for derivs in (False, True):
+            a = _field_model(*full, sx, sy, bas, theta, derivs=derivs)
+            b = _field_model(*rows, sx, sy, bas, theta, derivs=derivs)
+            if derivs:
+                assert a[1].keys() == b[1].keys()
+                assert all(np.array_equal(a[1][k], b[1][k]) for k in a[1])
+                a, b = a[0], b[0]
+            assert a.shape == b.shape == (len(dx0), 2 * half + 1, 2 * half + 1)
+            assert np.array_equal(a, b)

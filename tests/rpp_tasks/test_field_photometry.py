@@ -636,10 +636,12 @@ def test_repeatability_of_an_undersampled_session_and_of_a_wrong_gain(tmp_path):
     """Four 540 x 960 frames like the Seestar M 94 subs after the 2x2 binning (FWHM ~1.1-1.4 px,
     Moffat beta 1.8-2.2, ellipticity ~0.25, sky 3600 ADU, gain 0.13 e-/ADU, 110 stars), shifted
     by (0.86, -0.5) px from frame to frame: with the right gain the errors are honest on these
-    undersampled stars (pixel phase included). Reduced with a gain 7.7x too large -- what the
+    undersampled stars (pixel phase included). Configured with a gain 7.7x too large -- what the
     ``seestar_s50`` configuration's 1.0 e-/ADU is for the real subs, whose sky noise (166 ADU
-    rms on 3629 ADU) bounds the gain at 0.13 -- the PSF errors are ~20 % too small, the excess
-    of the real pair (bench/README.md, seestar12)."""
+    rms on 3629 ADU) bounds the gain at 0.13 -- the PSF errors came out ~20 % too small
+    (ratio 1.21, bench/README.md, seestar12); the chain now replaces that gain by the bound of
+    the sky noise (`rpp_tasks.session.adapters.check_gain`), within 10 % of the truth, and the
+    errors are as honest as with the right gain, which is kept as configured."""
     rng = np.random.default_rng(8)
     scale = 4.78 / 3600.0
     stars = Table(
@@ -664,23 +666,32 @@ def test_repeatability_of_an_undersampled_session_and_of_a_wrong_gain(tmp_path):
         for key in ("GAIN", "EGAIN"):  # the gain comes from the configuration
             f.header.remove(key, ignore_missing=True)
         paths.append(_write(tmp_path / f"u{k}.fits", f))
-    ratios = {}
+    ratios, gains = {}, {}
     for name, gain in (("right_gain", 0.13), ("gain_too_large", 1.0)):
         cfg = tmp_path / f"{name}.yaml"
         cfg.write_text(_UNDERSAMPLED_YAML.format(name=name, gain=gain))
         obs = find_config(str(cfg))
-        cats = []
+        cats, gains[name] = [], []
         for k, p in enumerate(paths):
             s = pipeline.reduce_frame(p, obs, tmp_path / f"{name}_{k}")
             assert s["status"] == "ok", s["reason"]
             cats.append(Table.read(s["catalog"]))
+            gains[name].append(s["gain"])
         ratios[name] = {kind: repeatability(cats, kind=kind) for kind in ("psf", "1p3fwhm")}
     right, wrong = ratios["right_gain"], ratios["gain_too_large"]
     assert right["psf"].n_stars >= 80
     assert 0.85 <= right["psf"].ratio <= 1.12, right["psf"]
     assert 0.8 <= right["1p3fwhm"].ratio <= 1.12, right["1p3fwhm"]
-    # the gain 7.7x too large: the stars' photon noise is left out of their errors
-    assert wrong["psf"].ratio > 1.12 and wrong["psf"].ratio > right["psf"].ratio + 0.15
+    for g in gains["right_gain"]:  # consistent with the sky noise: kept
+        assert g["source"] == "configured" and g["used_e_per_adu"] == 0.13, g
+        assert g["bound_e_per_adu"] == pytest.approx(0.13, rel=0.1) and g["sky_dominated"]
+    for g in gains["gain_too_large"]:  # 1.0 > 1.5 x the bound: the bound is used
+        assert g["source"] == "sky noise bound" and g["configured_e_per_adu"] == 1.0, g
+        assert g["used_e_per_adu"] == pytest.approx(0.13, rel=0.1), g
+        assert g["noise_ratio"] > 2.5
+    # with the configured 1.0 the stars' photon noise was left out of their errors (ratio 1.21)
+    assert 0.85 <= wrong["psf"].ratio <= 1.12, wrong["psf"]
+    assert wrong["psf"].ratio == pytest.approx(right["psf"].ratio, abs=0.05)
 
 
 def test_repeatability_of_the_real_seestar_m94_pair(real_data, tmp_path):
