@@ -448,26 +448,6 @@ def report(rows):
             f"{pb.get('error_ratio', nan):8.3f}{pb.get('error_ratio_sigma', nan):6.3f}"
             f"{pb.get('scatter_mag', nan):8.4f}{pb.get('expected_mag', nan):8.4f}"
         )
-    # the target line above is a median over frames of each frame's worst bin: with ~30 stars in
-    # a frame's 200-500 bin (+-0.13) it measures the bin size; the pooled bins are the figure
-    worst = []
-    for key in ("ap", "psf"):
-        devs = [
-            (abs(b["error_ratio"] - 1.0), b)
-            for b in (pooled[key][0] or [])
-            if b["n"] >= 50 and np.isfinite(b["error_ratio"])
-        ]
-        if devs:
-            d, b = max(devs, key=lambda t: t[0])
-            worst.append(
-                f"{key} {d:.3f} (S/N {_bin_label(b['snr_lo'], b['snr_hi'])}, "
-                f"+-{b['error_ratio_sigma']:.3f})"
-            )
-    if worst:
-        print(
-            "  error honesty, worst |ratio-1| of the pooled bins with >= 50 stars: "
-            + ", ".join(worst)
-        )
     extra = ("ap_offset_mag", "psf_offset_mag", "fwhm_measured_px", "position_rms_px")
     print("  also: " + ", ".join(f"{k}={_median(rows, k):.4g}" for k in extra))
 
