@@ -422,8 +422,9 @@ def report(rows):
         f"to total (floors: aperture {pooled['ap'][1]:.4f}, PSF {pooled['psf'][1]:.4f} mag)"
     )
     print(
-        f"  {'S/N bin':<10}{'n':>6}{'compl.':>8}{'ap n':>6}{'ap sc/PN':>9}{'ap err':>8}"
-        f"{'ap mag':>8}{'psf n':>6}{'psf sc/CR':>10}{'psf err':>8}{'psf mag':>8}{'CR mag':>8}"
+        f"  {'S/N bin':<10}{'n':>6}{'compl.':>8}{'ap n':>6}{'ap sc/PN':>9}{'ap err':>8}{'+-':>6}"
+        f"{'ap mag':>8}{'psf n':>6}{'psf sc/CR':>10}{'psf err':>8}{'+-':>6}{'psf mag':>8}"
+        f"{'CR mag':>8}"
     )
     nan = float("nan")
     for k, (lo, hi) in enumerate(zip(SNR_BINS[:-1], SNR_BINS[1:])):
@@ -441,10 +442,10 @@ def report(rows):
         print(
             f"  {_bin_label(lo, hi):<10}{n_true:6d}{(n_det / n_true if n_true else nan):8.3f}"
             f"{ab.get('n', 0):6d}{ab.get('scatter_ratio', nan):9.3f}"
-            f"{ab.get('error_ratio', nan):8.3f}"
+            f"{ab.get('error_ratio', nan):8.3f}{ab.get('error_ratio_sigma', nan):6.3f}"
             f"{ab.get('scatter_mag', nan):8.4f}"
             f"{pb.get('n', 0):6d}{pb.get('scatter_ratio', nan):10.3f}"
-            f"{pb.get('error_ratio', nan):8.3f}"
+            f"{pb.get('error_ratio', nan):8.3f}{pb.get('error_ratio_sigma', nan):6.3f}"
             f"{pb.get('scatter_mag', nan):8.4f}{pb.get('expected_mag', nan):8.4f}"
         )
     extra = ("ap_offset_mag", "psf_offset_mag", "fwhm_measured_px", "position_rms_px")

@@ -72,6 +72,14 @@ def _f(value, fmt="{:.2f}", missing="—") -> str:
     return fmt.format(v) if v == v and abs(v) != float("inf") else missing
 
 
+def _gain_note(summary: SessionSummary) -> str:
+    """The camera gain the observer must fix (`FrameSummary.gain_warning`), once per session."""
+    notes = [f.gain_warning for f in summary.frames if f.gain_warning]
+    if not notes:
+        return ""
+    return f"{len(notes)} frame(s): {notes[0]}" + (" (first frame)" if len(notes) > 1 else "")
+
+
 def _session_facts(summary: SessionSummary) -> dict:
     """The headline of a session (`~rpp_tasks.session.summary.Headline`) as the messages show it."""
     h = summary.headline
@@ -79,6 +87,7 @@ def _session_facts(summary: SessionSummary) -> dict:
         "n_science": h.n_science,
         "n_ok": h.n_ok,
         "rejected": [f.to_dict() for f in summary.frames if not f.ok],
+        "gain_note": _gain_note(summary),
         "fwhm_arcsec": h.median_fwhm_arcsec,
         "fwhm_px": h.median_fwhm_px,
         "sky_adu": h.median_sky_adu,
@@ -163,6 +172,11 @@ def compose_session_email(
             for f in s["rejected"][:20]
         )
         rej = f"<p style='color:#c62828'><b>Rejected frames</b></p><ul>{items}</ul>"
+    gain = (
+        f"<p style='color:#b26a00'><b>Camera gain</b>: {html.escape(s['gain_note'])}</p>"
+        if s["gain_note"]
+        else ""
+    )
     links = []
     if report_url:
         links.append(f"<a href='{html.escape(report_url)}'>full report</a>")
@@ -188,7 +202,7 @@ def compose_session_email(
     html_body = f"""<html><body style="{font}">
 <h2 style="color:#283593;margin-bottom:4px">{html.escape(name)} — night {html.escape(str(sid))}</h2>
 <table style="border-collapse:collapse;font-size:14px">{table}</table>
-{rej}{img}
+{rej}{gain}{img}
 <p style="font-size:13px">{attached}{" · ".join(links)}</p>
 <p style="font-size:12px;color:#5b6575">Sent by the RPP nightly pipeline (rpp_tasks {version}).</p>
 </body></html>"""
@@ -198,6 +212,8 @@ def compose_session_email(
             f"  {f.get('frame')}: {f.get('failed_stage')} — {f.get('reason')}"
             for f in s["rejected"][:20]
         ]
+    if s["gain_note"]:
+        text_lines += ["", f"Camera gain: {s['gain_note']}"]
     if report_url:
         text_lines += ["", f"Report: {report_url}"]
     if products_url or products_path:

@@ -415,7 +415,7 @@ def render_report_html(
 
     # --- per-frame table
     rows = []
-    for f in frames:
+    for fs, f in zip(summary.frames, frames, strict=True):
         st = f.get("status", "?")
         good = st == "ok"
         zp = _finite(f.get("zp_mag"))
@@ -459,6 +459,9 @@ def render_report_html(
                 f"{_esc(f.get('reason') or 'no reason recorded')}</div>"
             )
         )
+        gain_note = fs.gain_warning
+        if gain_note:
+            reason += f"<div class='reason' style='color:var(--warn)'>{_esc(gain_note)}</div>"
         fwhm = "—"
         if _finite(f.get("fwhm_px")) is not None:
             fwhm = (

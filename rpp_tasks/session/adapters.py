@@ -206,17 +206,86 @@ def step_calibrate(fw, obs) -> dict:
     }
 
 
+def check_gain(fw) -> dict:
+    """The sky noise of the frame against its camera model, and the gain the rest of the chain
+    uses (`rpp_tasks.stages.background.check_noise_model` and ``gain_from_noise``).
+
+    Runs on every frame (cosmic rays cleaned or not). When the configured or header gain is
+    unknown, or exceeds 1.5x the largest gain the sky noise of a sky-dominated frame allows
+    (e.g. 12-bit data written as 16-bit, or a guessed ``camera.gain_e_per_adu``), every Poisson
+    error would be too small: ``fw.meta["gain_e_per_adu"]`` becomes the bound, and
+    ``fw.meta["gain_check"]`` records the gain used, its source, the configured value and the
+    noise ratio (the frame's ``summary.json`` key ``gain``). Idempotent: a resumed frame
+    compares with the configured gain, not with the one already replaced.
+    """
+    from rpp_tasks.stages import background
+
+    prev = fw.meta.get("gain_check") or {}
+    configured = prev.get("configured_e_per_adu", fw.meta.get("gain_e_per_adu"))
+    configured = float("nan") if configured is None else float(configured)
+    rn = fw.meta.get("read_noise_e")
+    rn = 0.0 if rn is None or not math.isfinite(float(rn)) else float(rn)
+    noise = background.check_noise_model(
+        fw.data, gain_e_per_adu=configured, read_noise_e=rn, mask=fw.mask
+    )
+    used, source = background.gain_from_noise(noise, configured)
+    info = {
+        "used_e_per_adu": _round_sig(used),
+        "source": source,
+        "configured_e_per_adu": _round_sig(configured),
+        "bound_e_per_adu": _round_sig(noise.gain_max_e_per_adu),
+        "sky_dominated": noise.sky_dominated,
+        "noise_ratio": _round_sig(noise.ratio),
+        "sky_adu": _round_sig(noise.sky_adu),
+        "measured_sigma_adu": _round_sig(noise.measured_sigma_adu),
+    }
+    fw.meta["gain_check"] = info
+    if source != "configured":
+        used = fw.meta["gain_e_per_adu"] = info["used_e_per_adu"]  # what is recorded is used
+        if fw.header is not None:
+            fw.header.add_history(
+                f"rpp {__version__}: gain {used:.4g} e-/ADU from the sky noise bound "
+                f"(configured {configured:.4g})"
+            )
+        log.warning(
+            "[%s] gain %s e-/ADU is impossible for this frame: its sky noise (%.3g ADU on a sky "
+            "of %.4g ADU, %.2fx the camera model) allows at most %.3g e-/ADU; photometry errors "
+            "and cosmic rays use %.3g e-/ADU. Fix camera.gain_e_per_adu (about %.3g, or lower "
+            "if the frames carry a bias pedestal) in the observatory configuration",
+            fw.stem,
+            "unknown" if not configured > 0 else f"{configured:.3g}",
+            noise.measured_sigma_adu,
+            noise.sky_adu,
+            noise.ratio,
+            noise.gain_max_e_per_adu,
+            used,
+            used,
+        )
+    return {"noise": noise, **info}
+
+
+def _round_sig(v, digits: int = 4):
+    """``v`` to ``digits`` significant figures (None when not finite), for JSON records."""
+    v = None if v is None else float(v)
+    return float(f"{v:.{digits}g}") if v is not None and math.isfinite(v) else None
+
+
 def step_cosmics(fw, obs) -> dict:
-    """Cosmic rays cleaned and masked; the sky noise checked against the camera model first."""
+    """The gain checked against the sky noise (`check_gain`, every frame); then cosmic rays
+    cleaned and masked when enabled."""
+    gain_info = check_gain(fw)
+    noise = gain_info.pop("noise")
+    gain_rec = {"gain": gain_info}
     cfg = obs.stages.cosmics
     if not cfg.enabled:
-        return {"enabled": False, "n_pixels": 0}
+        return {"enabled": False, "n_pixels": 0, **gain_rec}
     from rpp_tasks.stages import background, cosmics
 
     gain, rn = fw.meta["gain_e_per_adu"], fw.meta["read_noise_e"]
-    noise = background.check_noise_model(
-        fw.data, gain_e_per_adu=gain, read_noise_e=rn, mask=fw.mask
-    )
+    if gain_info["source"] != "configured":
+        noise = background.check_noise_model(
+            fw.data, gain_e_per_adu=gain, read_noise_e=rn, mask=fw.mask
+        )
     if noise.ratio > 1.5:
         log.warning(
             "[%s] measured sky noise %.1f ADU is %.1fx the camera model (gain %.3g e-/ADU, read "
@@ -248,6 +317,7 @@ def step_cosmics(fw, obs) -> dict:
         "n_pixels": int(res.n_pixels),
         "noise_model_ratio": round(noise.ratio, 3),
         "read_noise_used_e": round(float(rn), 3),
+        **gain_rec,
     }
 
 

@@ -123,6 +123,11 @@ class FrameSummary:
     fwhm_arcsec: float | None = None
     background_adu: float | None = None
     background_rms_adu: float | None = None
+    #: the gain the photometry used (``used_e_per_adu``) and its ``source`` ("configured", or
+    #: "sky noise bound" when the configured one was impossible for the frame's sky noise), with
+    #: ``configured_e_per_adu``, ``bound_e_per_adu``, ``sky_dominated``, ``noise_ratio``
+    #: (`rpp_tasks.session.adapters.check_gain`)
+    gain: dict | None = None
     limiting_mag_inst: float | None = None
     limiting_mag_cal: float | None = None
     wcs_source: str | None = None
@@ -149,6 +154,20 @@ class FrameSummary:
         ``n_transient_candidates`` is 0 but nothing could be called new)."""
         tr = (self.stages or {}).get("transients") or {}
         return "n_candidates" in tr and "no_reference" not in (tr.get("flags") or ())
+
+    @property
+    def gain_warning(self) -> str | None:
+        """What the observer must fix when the photometry could not use the configured gain
+        (``gain["source"]`` is not "configured"), else None."""
+        g = self.gain or {}
+        if g.get("source") in (None, "configured") or _finite(g.get("used_e_per_adu")) is None:
+            return None
+        conf = _finite(g.get("configured_e_per_adu"))
+        said = f"gain {conf:.3g} e-/ADU" if conf is not None else "no gain"
+        return (
+            f"{said} configured, impossible for the sky noise: {g['used_e_per_adu']:.3g} e-/ADU "
+            f"used ({g['source']}); set camera.gain_e_per_adu to about that value"
+        )
 
     def to_dict(self) -> dict:
         return json_safe({f.name: getattr(self, f.name) for f in fields(self)})
@@ -203,6 +222,7 @@ class FrameSummary:
             fwhm_arcsec=phot.get("fwhm_arcsec"),
             background_adu=bkg.get("background_adu"),
             background_rms_adu=bkg.get("background_rms_adu"),
+            gain=m.get("gain_check"),
             limiting_mag_inst=phot.get("limiting_mag_inst"),
             limiting_mag_cal=calibrated_limiting_mag(
                 phot.get("limiting_mag_inst"),

@@ -277,8 +277,8 @@ IMAGING = StageTable(
             "cosmics",
             _A + "step_cosmics",
             reads=("check", "calibrated"),
-            writes=("calibrated",),
-            doc="cosmic rays (astroscrappy) cleaned and masked",
+            writes=("check", "calibrated"),
+            doc="gain checked against the sky noise; cosmic rays (astroscrappy) cleaned and masked",
         ),
         Stage(
             "background",

@@ -18,7 +18,15 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import sep
 
-__all__ = ["BackgroundResult", "estimate_background", "release_freed_memory"]
+__all__ = [
+    "BackgroundResult",
+    "NoiseCheck",
+    "check_noise_model",
+    "estimate_background",
+    "gain_from_noise",
+    "gain_upper_bound",
+    "release_freed_memory",
+]
 
 log = logging.getLogger(__name__)
 
@@ -205,16 +213,58 @@ def estimate_background(data, *, mask=None, box_size_px=64, filter_size=3):
 
 @dataclass(frozen=True)
 class NoiseCheck:
-    """Measured pixel noise against the camera's noise model (see `check_noise_model`)."""
+    """Measured pixel noise against the camera's noise model (see `check_noise_model`).
+
+    ``gain_max_e_per_adu`` is the largest gain the measured noise allows (NaN when the noise
+    could not be measured); ``sky_dominated`` says whether the sky's Poisson term is most of the
+    pixel variance at that gain, so that the bound does not hinge on the configured read noise.
+    """
 
     sky_adu: float
     measured_sigma_adu: float
     model_sigma_adu: float
     ratio: float
     effective_read_noise_e: float
+    gain_max_e_per_adu: float = float("nan")
+    sky_dominated: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+#: Fraction of the measured pixel variance the sky's Poisson term must hold, at the gain bound,
+#: for the frame to count as sky-dominated (`check_noise_model`).
+SKY_DOMINATED_FRACTION = 0.8
+
+
+def gain_upper_bound(sky_adu, sigma_adu, read_noise_e):
+    """
+    Largest gain (e-/ADU) a pixel noise ``sigma_adu`` allows on a sky level ``sky_adu``.
+
+    The variance of a sky pixel is ``var = S/g + (rn/g)**2`` with ``S`` the sky's true level;
+    a bias pedestal left in the frame only adds level, so ``S <= sky_adu`` and ``g`` is at most
+    the positive root ``(sky + sqrt(sky**2 + 4 var rn**2)) / (2 var)``. Frames averaged or
+    stacked in software have less noise than one exposure: the bound is larger (conservative);
+    frames rescaled in software (e.g. 12-bit data written as 16-bit) give the smaller, effective
+    gain that photometry errors need.
+
+    Parameters
+    ----------
+    sky_adu, sigma_adu : float
+        Sky level and its pixel noise (ADU).
+    read_noise_e : float
+        Read noise (e-).
+
+    Returns
+    -------
+    float
+        NaN when ``sigma_adu`` is not a positive finite number.
+    """
+    var = float(sigma_adu) ** 2
+    if not (np.isfinite(var) and var > 0):
+        return float("nan")
+    sky, rn = max(float(sky_adu), 0.0), float(read_noise_e) if read_noise_e > 0 else 0.0
+    return float((sky + np.sqrt(sky * sky + 4.0 * var * rn * rn)) / (2.0 * var))
 
 
 def check_noise_model(data, *, gain_e_per_adu, read_noise_e, mask=None, row_step=4):
@@ -228,11 +278,15 @@ def check_noise_model(data, *, gain_e_per_adu, read_noise_e, mask=None, row_step
     ``effective_read_noise_e`` is the read noise that makes the model match the measurement
     (never below the configured one): stages whose thresholds come from the noise model (cosmic
     rays) use it so that a wrong configuration cannot turn every noise peak into a detection.
+    ``gain_max_e_per_adu`` is `gain_upper_bound` of the measurement (with the configured read
+    noise; it needs no gain) and ``sky_dominated`` whether ``sky / gain_max`` is at least
+    `SKY_DOMINATED_FRACTION` of the measured variance.
 
     Parameters
     ----------
     data : 2-D array (ADU, sky not subtracted)
     gain_e_per_adu, read_noise_e : float
+        The camera's (NaN or 0 for an unknown gain: only the bound is computed).
     mask : 2-D bool array, optional
         Pixels to ignore.
     row_step : int
@@ -250,13 +304,53 @@ def check_noise_model(data, *, gain_e_per_adu, read_noise_e, mask=None, row_step
         ok &= ~(m[:, 1:] | m[:, :-1])
     d = d[ok]
     sky = float(np.nanmedian(data))
-    if d.size < 100 or not (gain_e_per_adu > 0):
-        nan = float("nan")
+    nan = float("nan")
+    if d.size < 100:
         return NoiseCheck(sky, nan, nan, nan, float(read_noise_e))
     med = np.median(d)
     sigma = float(1.4826 * np.median(np.abs(d - med)) / np.sqrt(2.0))
-    g = float(gain_e_per_adu)
+    g_max = gain_upper_bound(sky, sigma, read_noise_e)
+    sky_dominated = bool(
+        np.isfinite(g_max) and max(sky, 0.0) / g_max >= SKY_DOMINATED_FRACTION * sigma**2
+    )
+    g = nan if gain_e_per_adu is None else float(gain_e_per_adu)
+    if not (g > 0):
+        return NoiseCheck(sky, sigma, nan, nan, float(read_noise_e), g_max, sky_dominated)
     model = float(np.sqrt(max(sky, 0.0) / g + (float(read_noise_e) / g) ** 2))
     excess = sigma**2 - max(sky, 0.0) / g
     rn_eff = max(float(read_noise_e), g * float(np.sqrt(excess)) if excess > 0 else 0.0)
-    return NoiseCheck(sky, sigma, model, sigma / model if model > 0 else float("nan"), rn_eff)
+    ratio = sigma / model if model > 0 else nan
+    return NoiseCheck(sky, sigma, model, ratio, rn_eff, g_max, sky_dominated)
+
+
+#: A configured gain above this multiple of the bound, on a sky-dominated frame, is replaced.
+GAIN_BOUND_TOLERANCE = 1.5
+
+
+def gain_from_noise(check: NoiseCheck, gain_e_per_adu) -> tuple[float, str]:
+    """
+    The gain a frame's photometry should use, and its source.
+
+    ``(gain_max, "sky noise bound")`` when the configured (or header) gain is unknown, or when
+    it exceeds `GAIN_BOUND_TOLERANCE` times the bound of a sky-dominated frame (such a gain
+    would make every Poisson error too small); else ``(gain_e_per_adu, "configured")``. A
+    frame whose noise is mostly read noise never changes: there the bound hangs on the
+    configured read noise.
+
+    Parameters
+    ----------
+    check : `NoiseCheck`
+    gain_e_per_adu : float
+        Configured or header gain (NaN when unknown).
+
+    Returns
+    -------
+    (float, str)
+    """
+    g = float("nan") if gain_e_per_adu is None else float(gain_e_per_adu)
+    g_max = check.gain_max_e_per_adu
+    if not np.isfinite(g_max):
+        return g, "configured"
+    if not (g > 0) or (check.sky_dominated and g > GAIN_BOUND_TOLERANCE * g_max):
+        return float(g_max), "sky noise bound"
+    return g, "configured"

@@ -190,19 +190,21 @@ def _gn_field(
             dred = dd - np.einsum("nik,nkj->nij", wt_ui, wp)
             gred = gp - np.einsum("nik,nk->ni", wt_ui, gl)
             kf = free_rows.size
-            smat = np.einsum("nkl,nt,nv->ktlv", dred, bas, bas).reshape(kf * t, kf * t)
-            rhs = np.einsum("nk,nt->kt", gred, bas).reshape(kf * t)
-            smat = smat[np.ix_(free_flat, free_flat)]
-            rhs = rhs[free_flat]
-            smat = (
-                smat + lam * np.diag(np.diag(smat)) + 1e-12 * np.trace(smat) / nfree * np.eye(nfree)
-            )
-            try:
-                sol = np.linalg.solve(smat, rhs)
-            except np.linalg.LinAlgError:
-                sol = np.linalg.lstsq(smat, rhs, rcond=None)[0]
             dth = np.zeros(kf * t)
-            dth[free_flat] = sol
+            if nfree:  # (none: the shape is fixed, only the stars' own unknowns are fitted)
+                smat = np.einsum("nkl,nt,nv->ktlv", dred, bas, bas).reshape(kf * t, kf * t)
+                rhs = np.einsum("nk,nt->kt", gred, bas).reshape(kf * t)
+                smat = smat[np.ix_(free_flat, free_flat)]
+                rhs = rhs[free_flat]
+                smat = (
+                    smat
+                    + lam * np.diag(np.diag(smat))
+                    + 1e-12 * np.trace(smat) / nfree * np.eye(nfree)
+                )
+                try:
+                    dth[free_flat] = np.linalg.solve(smat, rhs)
+                except np.linalg.LinAlgError:
+                    dth[free_flat] = np.linalg.lstsq(smat, rhs, rcond=None)[0]
             dth = dth.reshape(kf, t)
             dpn = dth @ bas.T  # (kf, n)
             dl = np.einsum("nij,nj->ni", uinv, gl - np.einsum("nij,jn->ni", wp, dpn))
@@ -299,6 +301,52 @@ def _u_reaches_bound(theta, order, norm, n_grid=9):
     return bool(np.any(u >= _U_MAX) or np.any(u <= _U_MIN_FIELD))
 
 
+def _cv_order_scores(stars, fits, *, gain, bkg_prior, k_folds=5, n_iter=12):
+    """Held-out chi^2 of every star under each candidate order, by K-fold cross-validation over
+    the stars.
+
+    ``stars``: the kept stars' ``(stamps, var_bkg, good, dx0, dy0)``; ``fits``: per order, its
+    ``(theta, free, basis, unknowns)`` fitted on all of them (the starting point). Star ``i`` is
+    in fold ``i % k_folds`` (the stars come brightest first round-robin over the frame, so every
+    fold gets bright and faint stars from everywhere): deterministic. For each fold the shape is
+    fitted on the other folds, then only the held-out stars' flux, sky and centre are fitted with
+    that shape fixed. Returns ``(n_orders, n_stars)``.
+    """
+    n = stars[0].shape[0]
+    fold = np.arange(n) % int(k_folds)
+    out = np.full((len(fits), n), np.nan)
+    for o, (theta, free, bas, unknowns) in enumerate(fits):
+        for k in range(int(k_folds)):
+            train, held = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
+            if held.size == 0:
+                continue
+            st = {key: unknowns[key][train].copy() for key in ("f", "b", "sx", "sy")}
+            th, _, _ = _gn_field(
+                *(a[train] for a in stars), bas[train], theta.copy(), st, gain=gain, free=free,
+                n_iter=n_iter, bkg_prior=bkg_prior,
+            )  # fmt: skip
+            st = {key: unknowns[key][held].copy() for key in ("f", "b", "sx", "sy")}
+            _, chi2_s, _ = _gn_field(
+                *(a[held] for a in stars), bas[held], th, st, gain=gain,
+                free=np.zeros(4, bool), n_iter=n_iter, bkg_prior=bkg_prior,
+            )  # fmt: skip
+            out[o, held] = chi2_s
+    return out
+
+
+def _one_se_choice(scores):
+    """Index of the lowest order whose summed held-out chi^2 is within one standard error of the
+    best one's, the standard error of the difference from the per-star (paired) differences.
+    ``scores``: `_cv_order_scores`. Returns ``(index, summed chi^2 per order, s.e. per order)``."""
+    total = np.sum(scores, axis=1)
+    best = int(np.argmin(total))
+    n = scores.shape[1]
+    se = np.array(
+        [math.sqrt(n) * float(np.std(s - scores[best], ddof=1)) if n > 1 else 0.0 for s in scores]
+    )
+    return int(np.flatnonzero(total - total[best] <= se)[0]), total, se
+
+
 def fit_field_psf(
     data_sub,
     sources,
@@ -319,6 +367,8 @@ def fit_field_psf(
     criterion="aic",
     beta_order=2,
     outlier_model_floor=0.02,
+    cv_max_stars=100,
+    cv_folds=5,
 ):
     """
     Fit a PSF that varies smoothly across the field from the isolated, unsaturated stars.
@@ -341,6 +391,16 @@ def fit_field_psf(
     constant ``u`` (flag ``beta_constant``). The cores of undersampled or faint stars do not pin
     the wings, and such a runaway changes every total flux and aperture correction on that side
     of the frame (bench/README.md, real12).
+
+    With few stars (fewer than ``cv_max_stars`` kept), the pixel criterion overstates the evidence:
+    a misfit correlated within each star makes its hundred pixels count as far more than one
+    star's worth (on undersampled real frames, ~30 stars, AIC kept an order 1 that did not
+    reproduce from frame to frame). There the order is chosen by ``cv_folds``-fold
+    cross-validation over the stars (`_cv_order_scores`): each order's shape is fitted without a
+    fold, the held-out stars' flux, sky and centre are fitted with that shape fixed, and the
+    held-out chi^2 summed over all stars; the lowest order within one standard error of the best
+    is kept (`_one_se_choice`). ``stats["order_choice"]`` says which ("aic", "bic", "max" or
+    "cv"), ``stats["orders_tried"]`` holds each order's ``cv_chi2`` and ``cv_se``.
 
     Outlier stars (blends, cosmic rays: reduced chi^2 above the median by 5 robust sigma) are
     rejected on the first model that can vary across the field (order 0 when the cap is 0), with
@@ -388,6 +448,11 @@ def fit_field_psf(
     outlier_model_floor : float, optional
         Relative model error (fraction of the model in each pixel) added to the noise when the
         outliers are judged (0: noise only).
+    cv_max_stars : int, optional
+        With fewer kept stars than this (and ``criterion`` "aic" or "bic"), the order is chosen
+        by cross-validation over the stars instead (see above); 0 never.
+    cv_folds : int, optional
+        Folds of that cross-validation.
 
     Returns
     -------
@@ -536,6 +601,7 @@ def fit_field_psf(
     # before it (the constant model) is fitted again without the outliers
     sel_final = np.flatnonzero(keep)
     best = None
+    cands = []
     for entry in fits:
         order, th, sel_o, red_o, free_o, bas_o, chi2_star, st_o = entry
         if sel_o.size != sel_final.size:
@@ -554,8 +620,22 @@ def fit_field_psf(
                 "bic": round(bic, 1),
             }
         )
+        cands.append((bic, order, th, sel_o, red_o, free_o, bas_o, st_o))
         if best is None or bic < best[0]:
-            best = (bic, order, th, sel_o, red_o, free_o, bas_o, st_o)
+            best = cands[-1]
+    choice = criterion
+    if criterion in ("aic", "bic") and len(cands) > 1 and sel_final.size < cv_max_stars:
+        scores = _cv_order_scores(
+            _stars(sel_final),
+            [(c[2], c[5], c[6][sel_final], c[7]) for c in cands],
+            gain=gain_e_per_adu,
+            bkg_prior=bkg_prior,
+            k_folds=min(int(cv_folds), sel_final.size),
+        )
+        pick_o, total, se = _one_se_choice(scores)
+        for entry, tot, err in zip(tried, total, se):
+            entry["cv_chi2"], entry["cv_se"] = round(float(tot), 1), round(float(err), 1)
+        best, choice = cands[pick_o], "cv"
     bic, order, theta, sel, chi2_red, free_best, bas_best, st_best = best
     if model == "moffat" and np.any(free_best[3, 1:]) and _u_reaches_bound(theta, order, norm):
         # the wings (u = 1/beta) vary across the field and reach the clip of u somewhere on the
@@ -599,6 +679,7 @@ def fit_field_psf(
         "order_max_allowed": int(cap),
         "order_reason": reason if cap else reason,
         "orders_tried": tried,
+        "order_choice": choice,
         "chi2_red": round(chi2_red, 4),
         "n_candidates": n_candidates,
         "stamp_half_px": int(half),

@@ -111,3 +111,85 @@ def test_noise_model_check_agrees_with_a_right_camera_and_flags_a_wrong_one():
     assert wrong.ratio > 2.5
     model_fixed = np.sqrt(sky / 15.0 + (wrong.effective_read_noise_e / 15.0) ** 2)
     assert model_fixed == pytest.approx(wrong.measured_sigma_adu, rel=0.02)
+
+
+def _sky_frame(rng, *, gain, rn, sky, shape=(512, 512)):
+    """A bias-subtracted sky frame in ADU: Poisson sky electrons plus Gaussian read noise."""
+    return (rng.poisson(sky * gain, shape) + rng.normal(0, rn, shape)) / gain
+
+
+def test_gain_bound_replaces_a_gain_8x_too_large_on_a_sky_dominated_frame():
+    from rpp_tasks.stages.background import check_noise_model, gain_from_noise
+
+    rng = np.random.default_rng(11)
+    gain, rn = 0.13, 3.0  # Seestar-like after the 2x2 binning
+    img = _sky_frame(rng, gain=gain, rn=rn, sky=3600.0)
+    wrong = check_noise_model(img, gain_e_per_adu=8 * gain, read_noise_e=rn)
+    assert wrong.sky_dominated and wrong.ratio > 2.5
+    # bias-subtracted: the bound is the true gain
+    assert wrong.gain_max_e_per_adu == pytest.approx(gain, rel=0.05)
+    used, source = gain_from_noise(wrong, 8 * gain)
+    assert source == "sky noise bound" and used == wrong.gain_max_e_per_adu
+    # an unknown gain (NaN) gets the bound too
+    unknown = check_noise_model(img, gain_e_per_adu=float("nan"), read_noise_e=rn)
+    assert np.isnan(unknown.ratio)
+    assert gain_from_noise(unknown, float("nan")) == (unknown.gain_max_e_per_adu, source)
+    # the right gain, and one 1.3x too large (within the tolerance), are kept
+    for g in (gain, 1.3 * gain):
+        assert gain_from_noise(check_noise_model(img, gain_e_per_adu=g, read_noise_e=rn), g) == (
+            g,
+            "configured",
+        )
+    # a bias pedestal left in the frame only raises the bound: the right gain is still kept
+    ped = check_noise_model(img + 500.0, gain_e_per_adu=gain, read_noise_e=rn)
+    assert ped.gain_max_e_per_adu > 1.1 * gain
+    assert gain_from_noise(ped, gain) == (gain, "configured")
+
+
+@pytest.mark.parametrize("sky", [0.0, 5.0, 30.0, 100.0, 400.0, 2000.0])
+def test_a_right_gain_is_never_replaced_even_with_a_read_noise_2x_too_small(sky):
+    """From read-noise-dominated (sky ~0, where the bound is rn/sigma and hangs on the
+    configured read noise) to sky-dominated frames, a right gain survives a configured read
+    noise half the true one."""
+    from rpp_tasks.stages.background import check_noise_model, gain_from_noise
+
+    rng = np.random.default_rng(int(sky) + 3)
+    gain, rn = 1.5, 8.0
+    img = _sky_frame(rng, gain=gain, rn=rn, sky=sky)
+    chk = check_noise_model(img, gain_e_per_adu=gain, read_noise_e=rn / 2)
+    assert gain_from_noise(chk, gain) == (gain, "configured"), chk
+    if sky <= 5.0:  # read noise dominates: the frame is not sky-dominated
+        assert not chk.sky_dominated
+        # here the bound is below the true gain (it believes the small read noise)
+        assert chk.gain_max_e_per_adu < 0.6 * gain
+    if sky >= 2000.0:
+        assert chk.sky_dominated
+
+
+def test_check_gain_records_the_gain_used_and_is_idempotent_on_a_resumed_frame():
+    """The adapter replaces ``meta["gain_e_per_adu"]`` and records why; run again (a frame resumed
+    at the cosmics stage, its check.json already holding the replaced gain) it still compares
+    with the configured gain."""
+    from types import SimpleNamespace
+
+    from astropy.io import fits
+
+    from rpp_tasks.session.adapters import check_gain
+
+    rng = np.random.default_rng(12)
+    img = _sky_frame(rng, gain=0.13, rn=3.0, sky=3600.0).astype(np.float32)
+    fw = SimpleNamespace(
+        stem="f", data=img, mask=None, header=fits.Header(),
+        meta={"gain_e_per_adu": 1.0, "read_noise_e": 3.0},
+    )  # fmt: skip
+    first = check_gain(fw)
+    assert first["source"] == "sky noise bound" and first["configured_e_per_adu"] == 1.0
+    assert fw.meta["gain_e_per_adu"] == pytest.approx(0.13, rel=0.05)
+    assert fw.meta["gain_check"]["used_e_per_adu"] == fw.meta["gain_e_per_adu"]
+    assert "sky noise bound" in str(fw.header["HISTORY"])
+    again = check_gain(fw)
+    assert {k: v for k, v in again.items() if k != "noise"} == fw.meta["gain_check"]
+    assert again["configured_e_per_adu"] == 1.0 and again["source"] == "sky noise bound"
+    fw.meta = {"gain_e_per_adu": 0.13, "read_noise_e": 3.0}
+    kept = check_gain(fw)
+    assert kept["source"] == "configured" and fw.meta["gain_e_per_adu"] == 0.13

@@ -14,6 +14,7 @@ from rpp_tasks.sim.evaluate import (
     fidelity_report,
     match_to_truth,
     pixelated_fwhm_px,
+    pooled_bins,
     robust_std,
 )
 from rpp_tasks.sim.synthetic import make_star_field, psf_encircled_energy
@@ -153,6 +154,33 @@ def test_injected_offset_error_scale_and_floor_are_recovered(truth):
     # a 1 % multiplicative floor shows up at the bright end
     assert ap.bright_floor_mag == pytest.approx(0.01086, rel=0.3)
     assert ap.scatter_ratio > 1.05
+
+
+def test_offset_uncertainty_does_not_inflate_bright_star_error_ratios(truth):
+    """Honest errors score 1 in the brightest bin too: the offset's own error (common to a
+    frame's stars, 0.6 mmag here, comparable to the photon noise of S/N > 500 stars) is part of
+    the comparison, and its bootstrap estimate matches the spread of the offsets over frames.
+    Without it the pooled S/N > 500 ratios of this seeded set are 1.06-1.08."""
+    bins = (10.0, 20.0, 50.0, 200.0, 500.0, math.inf)
+    fids = {"flux_psf": [], "flux_1p3fwhm": []}
+    for s in range(60):
+        rep = fidelity_report(_catalog(truth, seed=100 + s), truth, snr_bins=bins)
+        for col, lst in fids.items():
+            lst.append(rep.for_column(col))
+    for col, lst in fids.items():
+        pooled, _ = pooled_bins(lst, bins)
+        top = pooled[-1]
+        assert top["n"] >= 400
+        # its statistical uncertainty: about 1 / sqrt(2 n) for Gaussian z
+        assert top["error_ratio_sigma"] == pytest.approx(1.0 / math.sqrt(2 * top["n"]), rel=0.3)
+        assert top["error_ratio"] == pytest.approx(1.0, abs=0.045), (col, top)
+        assert top["scatter_ratio"] == pytest.approx(1.0, abs=0.045), (col, top)
+        for b in pooled[:-1]:  # fainter bins: the term is negligible there
+            assert b["error_ratio"] == pytest.approx(1.0, abs=0.05), (col, b)
+        offsets = np.array([p.offset_mag for p in lst])
+        sigmas = np.array([p.offset_sigma_mag for p in lst])
+        assert np.median(sigmas) == pytest.approx(np.std(offsets, ddof=1), rel=0.25)
+        assert 3e-4 < np.median(sigmas) < 1e-3
 
 
 def test_missing_stars_and_spurious_detections(truth):

@@ -729,3 +729,27 @@ def test_failure_alert_session_id_never_leaves_the_work_folder(tmp_path, smtp_se
     res = notify.notify_failure(info, obs, smtp=smtp, policy=FAST)
     assert res["status"] == "ok" and Path(res["notify_json"]) == work / "notify.json"
     assert not (elsewhere / "notify.json").exists()
+
+
+def test_email_tells_the_camera_gain_to_fix_once():
+    """Frames whose gain was replaced by the sky-noise bound (summary.json ``gain``): the e-mail
+    carries one line with the value to configure; a session with a consistent gain has none."""
+    from rpp_tasks.session.summary import SessionSummary
+
+    bound = {"used_e_per_adu": 0.1364, "source": "sky noise bound", "configured_e_per_adu": 1.0}
+    frames = [
+        {"frame": "a", "status": "ok", "gain": bound},
+        {"frame": "b", "status": "ok", "gain": {**bound, "used_e_per_adu": 0.1559}},
+    ]
+    s = SessionSummary.from_dict({"session_id": "n1", "observatory": "o", "frames": frames})
+    _, html_body, text = notify.compose_session_email(s)
+    line = (
+        "Camera gain: 2 frame(s): gain 1 e-/ADU configured, impossible for the sky noise: "
+        "0.136 e-/ADU used (sky noise bound); set camera.gain_e_per_adu to about that value "
+        "(first frame)"
+    )
+    assert text.count(line) == 1 and html_body.count("<b>Camera gain</b>") == 1
+    kept = [{**f, "gain": {**bound, "source": "configured", "used_e_per_adu": 1.0}} for f in frames]
+    s = SessionSummary.from_dict({"session_id": "n1", "observatory": "o", "frames": kept})
+    _, html_body, text = notify.compose_session_email(s)
+    assert "Camera gain" not in text and "Camera gain" not in html_body

@@ -377,6 +377,36 @@ def test_html_escapes_header_values(tmp_path):
     assert "<script>" not in page and "&lt;script&gt;" in page
 
 
+def test_a_gain_replaced_by_the_sky_noise_bound_is_shown_next_to_its_frame():
+    """``gain`` of the frame's summary.json (`rpp_tasks.session.adapters.check_gain`): a gain
+    the sky noise made impossible is told to the observer with the value to configure; a
+    configured gain that was kept says nothing."""
+    kept = {"used_e_per_adu": 0.13, "source": "configured", "configured_e_per_adu": 0.13}
+    bound = {
+        "used_e_per_adu": 0.1358,
+        "source": "sky noise bound",
+        "configured_e_per_adu": 1.0,
+        "bound_e_per_adu": 0.1358,
+        "sky_dominated": True,
+        "noise_ratio": 2.73,
+    }
+    summary = {
+        "session_id": "n1",
+        "observatory": "o",
+        "frames": [
+            {"frame": "a", "status": "ok", "gain": bound},
+            {"frame": "b", "status": "ok", "gain": kept},
+        ],
+    }
+    page = report_html.render_report_html(summary)
+    note = (
+        "gain 1 e-/ADU configured, impossible for the sky noise: 0.136 e-/ADU used (sky noise "
+        "bound); set camera.gain_e_per_adu to about that value"
+    )
+    assert page.count(note) == 1 and page.index(note) < page.index("<b>b</b>")
+    assert page.count("impossible for the sky noise") == 1
+
+
 # ----------------------------------------------------------------------------- pure pieces
 def test_zscale_limits_and_bad_input():
     rng = np.random.default_rng(0)
