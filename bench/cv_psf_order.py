@@ -180,35 +180,10 @@ def main(argv=None):
 
 def _synthetic(work, gain):
     import test_field_photometry as tf
-    from astropy.table import Table
 
     from rpp_tasks.config import find_config
-    from rpp_tasks.sim.synthetic import PsfVariation, make_star_field
 
-    rng = np.random.default_rng(8)
-    scale = 4.78 / 3600.0
-    stars = Table(
-        {
-            "ra": 150.0 + rng.uniform(-270, 270, 110) * scale,
-            "dec": 2.2 + rng.uniform(-480, 480, 110) * scale,
-            "mag": rng.uniform(15.0, 19.5, 110),
-        }
-    )
-    var = PsfVariation(
-        fwhm_px=1.1, fwhm_corner_frac=0.3, beta_centre=2.2, beta_corner=1.8,
-        ellipticity_corner=0.25, ellipticity_power=0.5, angle_twist_deg=20.0,
-    )  # fmt: skip
-    paths = []
-    for k in range(2):
-        f = make_star_field(
-            (960, 540), stars=stars, psf="moffat", fwhm_px=1.1, psf_variation=var,
-            sky_adu=3600.0, gain_e_per_adu=0.13, read_noise_e=3.0, exptime_s=10.0,
-            pixel_scale_arcsec=4.78, n_cosmic_rays=0, n_hot_pixels=0,
-            wcs_center_deg=(150.0 + 0.86 * k * scale, 2.2 - 0.5 * k * scale), seed=100 + k,
-        )  # fmt: skip
-        for key in ("GAIN", "EGAIN"):
-            f.header.remove(key, ignore_missing=True)
-        paths.append(tf._write(work / f"u{k}.fits", f))
+    paths = tf.undersampled_frames(work, 2)
     cfg = work / "synthetic.yaml"
     cfg.write_text(tf._UNDERSAMPLED_YAML.format(name="synthetic", gain=gain))
     return paths, find_config(str(cfg))

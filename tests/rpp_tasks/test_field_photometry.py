@@ -14,6 +14,7 @@ the corners and aperture magnitudes whose offset changes by 5 % from the centre 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -749,16 +750,12 @@ stages:
 """
 
 
-def test_repeatability_of_an_undersampled_session_and_of_a_wrong_gain(tmp_path):
-    """Four 540 x 960 frames like the Seestar M 94 subs after the 2x2 binning (FWHM ~1.1-1.4 px,
-    Moffat beta 1.8-2.2, ellipticity ~0.25, sky 3600 ADU, gain 0.13 e-/ADU, 110 stars), shifted
-    by (0.86, -0.5) px from frame to frame: with the right gain the errors are honest on these
-    undersampled stars (pixel phase included). Configured with a gain 7.7x too large -- what the
-    ``seestar_s50`` configuration's 1.0 e-/ADU is for the real subs, whose sky noise (166 ADU
-    rms on 3629 ADU) bounds the gain at 0.13 -- the PSF errors came out ~20 % too small
-    (ratio 1.21, bench/README.md, seestar12); the chain now replaces that gain by the bound of
-    the sky noise (`rpp_tasks.session.adapters.check_gain`), within 10 % of the truth, and the
-    errors are as honest as with the right gain, which is kept as configured."""
+def undersampled_frames(folder, n_frames):
+    """``n_frames`` 540 x 960 frames like the Seestar M 94 subs after the 2x2 binning (FWHM
+    ~1.1-1.4 px, Moffat beta 1.8-2.2, ellipticity ~0.25, sky 3600 ADU, gain 0.13 e-/ADU, read
+    noise 3 e-, 110 stars), shifted by (0.86, -0.5) px from frame to frame, without a gain in
+    their headers (it comes from the configuration); written in ``folder``, paths returned (also
+    used by ``bench/cv_psf_order.py --synthetic``)."""
     rng = np.random.default_rng(8)
     scale = 4.78 / 3600.0
     stars = Table(
@@ -773,7 +770,7 @@ def test_repeatability_of_an_undersampled_session_and_of_a_wrong_gain(tmp_path):
         ellipticity_corner=0.25, ellipticity_power=0.5, angle_twist_deg=20.0,
     )  # fmt: skip
     paths = []
-    for k in range(4):
+    for k in range(n_frames):
         f = make_star_field(
             (960, 540), stars=stars, psf="moffat", fwhm_px=1.1, psf_variation=var,
             sky_adu=3600.0, gain_e_per_adu=0.13, read_noise_e=3.0, exptime_s=10.0,
@@ -782,7 +779,21 @@ def test_repeatability_of_an_undersampled_session_and_of_a_wrong_gain(tmp_path):
         )  # fmt: skip
         for key in ("GAIN", "EGAIN"):  # the gain comes from the configuration
             f.header.remove(key, ignore_missing=True)
-        paths.append(_write(tmp_path / f"u{k}.fits", f))
+        paths.append(_write(Path(folder) / f"u{k}.fits", f))
+    return paths
+
+
+def test_repeatability_of_an_undersampled_session_and_of_a_wrong_gain(tmp_path):
+    """Four 540 x 960 frames like the Seestar M 94 subs after the 2x2 binning (FWHM ~1.1-1.4 px,
+    Moffat beta 1.8-2.2, ellipticity ~0.25, sky 3600 ADU, gain 0.13 e-/ADU, 110 stars), shifted
+    by (0.86, -0.5) px from frame to frame: with the right gain the errors are honest on these
+    undersampled stars (pixel phase included). Configured with a gain 7.7x too large -- what the
+    ``seestar_s50`` configuration's 1.0 e-/ADU is for the real subs, whose sky noise (166 ADU
+    rms on 3629 ADU) bounds the gain at 0.13 -- the PSF errors came out ~20 % too small
+    (ratio 1.21, bench/README.md, seestar12); the chain now replaces that gain by the bound of
+    the sky noise (`rpp_tasks.session.adapters.check_gain`), within 10 % of the truth, and the
+    errors are as honest as with the right gain, which is kept as configured."""
+    paths = undersampled_frames(tmp_path, 4)
     ratios, gains = {}, {}
     for name, gain in (("right_gain", 0.13), ("gain_too_large", 1.0)):
         cfg = tmp_path / f"{name}.yaml"
