@@ -209,6 +209,12 @@ def aperture_photometry(
     The wings of neighbours (and the star's own wings in the annulus) then no longer bias the
     flux or add scatter; the error model is unchanged.
 
+    Error of ``flux_L``: source shot noise, the aperture's sky noise and the annulus mean's,
+    ``area^2 var / n_annulus``, less ``2 area cov`` where the aperture reaches into the annulus
+    (radius beyond ``annulus_fwhm[0]`` FWHM, e.g. a fixed radius on sharp stars): the annulus
+    pixels inside the aperture enter both the sum and the mean, ``cov = (sum of their
+    variances) / n_annulus``, and their noise cancels in ``sum - area * mean``.
+
     Parameters
     ----------
     data_sub : array_like
