@@ -5,7 +5,9 @@ aperture_photometry sums circular apertures with SEP (exact overlap), subtracts 
 local annulus background on top of the 2-D background, and reports the error model of
 ARCHITECTURE.md (Error model):
 
-    var = flux / gain + n_pix * rms^2 + n_pix^2 * rms^2 / n_annulus
+    var = flux / gain + q n_pix * rms^2 + n_pix^2 * rms^2 / n_annulus
+
+with q = sum(w^2) / sum(w) of the pixel overlaps w (edge pixels' noise enters as w^2).
 
 With a PSF model, the light of neighbouring stars inside the annulus and the aperture is
 accounted for from the model (own-model sums).
@@ -25,6 +27,7 @@ from rpp_tasks.stages.phot_common import (
     _check_inputs,
     _check_positive,
     _mags,
+    _sky_variance_fraction,
     _xy,
 )
 
@@ -209,7 +212,9 @@ def aperture_photometry(
     The wings of neighbours (and the star's own wings in the annulus) then no longer bias the
     flux or add scatter; the error model is unchanged.
 
-    Error of ``flux_L``: source shot noise, the aperture's sky noise and the annulus mean's,
+    Error of ``flux_L``: source shot noise, the aperture's sky noise (``sum(w^2 var)`` over the
+    pixel overlaps ``w``: a partly covered edge pixel's noise enters with its weight squared,
+    `_sky_variance_fraction`) and the annulus mean's,
     ``area^2 var / n_annulus``, less ``2 area cov`` where the aperture reaches into the annulus
     (radius beyond ``annulus_fwhm[0]`` FWHM, e.g. a fixed radius on sharp stars): the annulus
     pixels inside the aperture enter both the sum and the mean, ``cov = (sum of their
@@ -338,16 +343,19 @@ def aperture_photometry(
         # SEP replaces masked pixels by the mean of the unmasked ones in the aperture (sum and
         # variance), so the effective area is the geometric one, less what falls off the image
         s, serr, flg = sep.sum_circle(work, x, y, r, err=err_map, mask=bad, subpix=0)
-        svar = serr**2
         area = np.full(n, math.pi * r * r)
         trunc = (flg & sep.APER_TRUNC) != 0
         if np.any(trunc):
             area[trunc] = _area_inside(x[trunc], y[trunc], r, work.shape)
+        # SEP's error counts a partly covered pixel's variance in proportion to its overlap w;
+        # the sum weights the pixel's value by w, so its noise enters as w^2: the edge's
+        # sum(w - w^2) is about `_EDGE_W2_PER_PX` * r
+        svar = serr**2 * _sky_variance_fraction(area, r)
         flux = s - bkg_used * area
         if own is not None:
             flux = flux + own[lab]
         var_star = np.maximum(flux, 0.0) / gain_e_per_adu
-        mean_var = np.where(area > 0, svar / np.maximum(area, 1e-12), np.nan)
+        mean_var = np.where(area > 0, serr**2 / np.maximum(area, 1e-12), np.nan)
         # the mean's own noise, less twice its covariance with the aperture sum where the
         # aperture reaches into the annulus (a fixed radius beyond 3 FWHM on a sharp star): the
         # shared pixels' noise cancels in ``sum - area * mean``

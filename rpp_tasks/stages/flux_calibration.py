@@ -18,7 +18,7 @@ import math
 import numpy as np
 from scipy.spatial import cKDTree
 
-from rpp_tasks.stages.phot_common import _MAG_K, _fit_xy, _mags
+from rpp_tasks.stages.phot_common import _MAG_K, _fit_xy, _mags, _sky_variance_fraction
 
 __all__ = [
     "calibrate_to_large_aperture",
@@ -190,7 +190,10 @@ def _large_aperture_fluxes(
     # efficient estimator from (mostly) the same pixels: var(F_psf - F_big) = var(F_big) -
     # var(F_psf)
     mean_var = e_res**2 / area
-    v_big = (np.maximum(fpsf * frac, 0.0) / gain + e_res**2 + area**2 * mean_var / n_ann) / frac**2
+    # the sum's pixel noise: edge pixels enter with their overlap squared (as in the catalogue's
+    # apertures, `phot_common._sky_variance_fraction`)
+    sky_var = e_res**2 * _sky_variance_fraction(area, radius_px)
+    v_big = (np.maximum(fpsf * frac, 0.0) / gain + sky_var + area**2 * mean_var / n_ann) / frac**2
     if sky_sigma_adu is not None:
         sig_frac = psf_model.flux_fraction_sigma(x[idx], y[idx], radius_px)
         v_big = v_big + (area * float(sky_sigma_adu) / frac) ** 2 + (np.abs(f_big) * sig_frac) ** 2

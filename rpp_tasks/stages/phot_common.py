@@ -70,3 +70,17 @@ def _fit_xy(table):
     xc, yc = _xy(table, "psf_photometry_with_residual_detection")
     bad = ~(np.isfinite(x) & np.isfinite(y))
     return np.where(bad, xc, x), np.where(bad, yc, y)
+
+
+#: ``sum(w) - sum(w^2)`` over the pixels a circle of radius ``r`` covers in part, per px of
+#: radius (exact overlaps, averaged over the centre's pixel phase: 1.00-1.06 r for r = 0.8-12 px,
+#: phase scatter 0.07-0.5 px^2)
+_EDGE_W2_PER_PX = 1.04
+
+
+def _sky_variance_fraction(area, r):
+    """``sum(w^2) / sum(w)`` of the pixel overlaps ``w`` of a circle of radius ``r`` px covering
+    ``area`` px^2 (0.72 at r = 1.2 px, 0.93 at 4.7 px, 0.96 at 8 px): the pixel noise of an
+    exact-overlap aperture sum is ``sum(w^2 var)``, not ``sum(w var)``."""
+    area = np.asarray(area, float)
+    return np.clip(1.0 - _EDGE_W2_PER_PX * float(r) / np.maximum(area, 1e-12), 0.25, 1.0)
