@@ -48,9 +48,14 @@ def _row_median(sorted_vals, lo, hi):
     return np.where(n > 0, med, np.nan)
 
 
-def _annulus_background(data, err_map, bad, x, y, r_in, r_out, *, clip_sigma=3.0, n_iter=3):
+def _annulus_background(
+    data, err_map, bad, x, y, r_in, r_out, *, radii=(), clip_sigma=3.0, n_iter=3
+):
     """Sigma-clipped mean, its pixel count and the mean variance in annuli (vectorised);
-    ``err_map`` is the per-pixel noise (rms)."""
+    ``err_map`` is the per-pixel noise (rms). Also, per radius ``r`` of ``radii`` (column ``j``
+    of the fourth array), the summed variance of the annulus pixels used for the mean whose
+    centres lie within ``r`` of the star: an aperture reaching into the annulus shares these
+    pixels with the background, ``cov(aperture sum, mean) = that sum / n_annulus``."""
     ny, nx = data.shape
     half = int(math.ceil(r_out)) + 1
     k = np.arange(-half, half + 1)
@@ -60,6 +65,8 @@ def _annulus_background(data, err_map, bad, x, y, r_in, r_out, *, clip_sigma=3.0
     bkg = np.full(n, np.nan)
     n_ann = np.zeros(n, np.int64)
     var_mean = np.full(n, np.nan)
+    radii = [float(r) for r in radii]
+    var_shared = np.zeros((n, len(radii)))
     # only the offsets that can fall in the annulus for any sub-pixel centre
     oy, ox = np.meshgrid(k, k, indexing="ij")
     rad = np.hypot(ox, oy).ravel()
@@ -108,7 +115,10 @@ def _annulus_background(data, err_map, bad, x, y, r_in, r_out, *, clip_sigma=3.0
             bkg[a:b] = np.where(cnt > 0, np.sum(np.where(use, vals, 0.0), axis=1) / cnt, np.nan)
             var_mean[a:b] = np.where(cnt > 0, np.sum(np.where(use, vv, 0.0), axis=1) / cnt, np.nan)
         n_ann[a:b] = cnt
-    return bkg, n_ann, var_mean
+        for j, r in enumerate(radii):
+            if r > r_in:
+                var_shared[a:b, j] = np.sum(np.where(use & (r2 <= r * r), vv, 0.0), axis=1)
+    return bkg, n_ann, var_mean, var_shared
 
 
 def _area_inside(x, y, r, shape):
@@ -198,6 +208,12 @@ def aperture_photometry(
     aperture (``flux_psf`` times the aperture sum of the ePSF at ``x_psf, y_psf``) is added back.
     The wings of neighbours (and the star's own wings in the annulus) then no longer bias the
     flux or add scatter; the error model is unchanged.
+
+    Error of ``flux_L``: source shot noise, the aperture's sky noise and the annulus mean's,
+    ``area^2 var / n_annulus``, less ``2 area cov`` where the aperture reaches into the annulus
+    (radius beyond ``annulus_fwhm[0]`` FWHM, e.g. a fixed radius on sharp stars): the annulus
+    pixels inside the aperture enter both the sum and the mean, ``cov = (sum of their
+    variances) / n_annulus``, and their noise cancels in ``sum - area * mean``.
 
     Parameters
     ----------
@@ -310,12 +326,15 @@ def aperture_photometry(
     work[bad] = 0.0
     err_map = np.ascontiguousarray(rms, dtype=dt)
     if local_background:
-        bkg, n_ann, var_ann = _annulus_background(work, err_map, bad, x, y, r_in, r_out)
+        bkg, n_ann, var_ann, var_shared = _annulus_background(
+            work, err_map, bad, x, y, r_in, r_out, radii=list(radii.values())
+        )
     else:
         bkg, n_ann, var_ann = np.zeros(n), np.full(n, np.iinfo(np.int64).max // 4), np.zeros(n)
+        var_shared = np.zeros((n, len(radii)))
     bkg_used = np.where(np.isfinite(bkg), bkg, 0.0)
     flag_all = np.zeros(n, np.int64)
-    for lab, r in radii.items():
+    for j, (lab, r) in enumerate(radii.items()):
         # SEP replaces masked pixels by the mean of the unmasked ones in the aperture (sum and
         # variance), so the effective area is the geometric one, less what falls off the image
         s, serr, flg = sep.sum_circle(work, x, y, r, err=err_map, mask=bad, subpix=0)
@@ -329,12 +348,19 @@ def aperture_photometry(
             flux = flux + own[lab]
         var_star = np.maximum(flux, 0.0) / gain_e_per_adu
         mean_var = np.where(area > 0, svar / np.maximum(area, 1e-12), np.nan)
+        # the mean's own noise, less twice its covariance with the aperture sum where the
+        # aperture reaches into the annulus (a fixed radius beyond 3 FWHM on a sharp star): the
+        # shared pixels' noise cancels in ``sum - area * mean``
         var_bkg_mean = (
-            np.where(n_ann > 0, area**2 * mean_var / np.maximum(n_ann, 1), np.inf)
+            np.where(
+                n_ann > 0,
+                (area**2 * mean_var - 2.0 * area * var_shared[:, j]) / np.maximum(n_ann, 1),
+                np.inf,
+            )
             if local_background
             else 0.0
         )
-        err = np.sqrt(var_star + svar + var_bkg_mean)
+        err = np.sqrt(var_star + np.maximum(svar + var_bkg_mean, 0.0))
         mag, mag_err, snr = _mags(flux, err, exptime_s)
         out[f"flux_{lab}"] = flux
         out[f"flux_err_{lab}"] = err

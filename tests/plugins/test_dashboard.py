@@ -647,3 +647,27 @@ def test_target_page_shows_the_light_curve_and_name_search_uses_the_results_db(a
     assert [r["frame_stem"] for r in js["rows"]] == [f0["frame"]]
     unknown = c.get("/dash/target?name=Nothing Here")
     assert unknown.status_code == 200 and "id='msg'" in unknown.text
+
+
+def test_frame_page_says_which_gain_the_photometry_used(app, night):
+    """The frame's facts carry the gain used and its source (``summary.json`` key ``gain``): the
+    synthetic night's gain is consistent with its sky noise, so it is the configured one."""
+    import re
+
+    frame = night["summary"]["frames"][0]
+    g = frame["gain"]
+    assert g["source"] == "configured" and g["used_e_per_adu"] == g["configured_e_per_adu"]
+    page = client_as(app, "viewer").get(f"/dash/frame/demo/{SESSION}/{frame['frame']}").text
+    row = re.search(r"<th>gain \(e⁻/ADU\)</th><td>([^<]*)</td>", page)
+    assert row, page[:2000]
+    assert row.group(1) == f"{g['used_e_per_adu']:.3g} (configured)"
+    # a frame whose configured gain was replaced says what to configure
+    from rpp_tasks.outputs.dashboard.pages import _gain_fact
+
+    said = _gain_fact(
+        {"used_e_per_adu": 0.1364, "source": "sky noise bound", "configured_e_per_adu": 1.0}
+    )
+    assert said == (
+        "0.136 (sky noise bound): 1 configured, impossible for the sky noise; "
+        "set camera.gain_e_per_adu to about this"
+    )

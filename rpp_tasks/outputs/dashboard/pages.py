@@ -203,6 +203,23 @@ def _decide_controls(base, obs, session, frames, can_decide) -> str:
     )
 
 
+def _gain_fact(gain) -> str | None:
+    """The gain the photometry used and where it came from; when the configured one was
+    impossible for the frame's sky noise, what to configure
+    (`rpp_tasks.session.adapters.check_gain`).
+    """
+    g = gain or {}
+    used = g.get("used_e_per_adu")
+    if used is None:
+        return None
+    text = f"{_fmt(used, '.3g')} ({g.get('source') or 'configured'})"
+    if g.get("source") not in (None, "configured"):
+        conf = g.get("configured_e_per_adu")
+        said = f"{_fmt(conf, '.3g')} configured" if conf is not None else "none configured"
+        text += f": {said}, impossible for the sky noise; set camera.gain_e_per_adu to about this"
+    return text
+
+
 def frame_page(
     *,
     base: str,
@@ -248,6 +265,7 @@ def frame_page(
             f"({frame.get('wcs_source')}, {frame.get('wcs_status')})",
         ),
         ("sources", frame.get("n_sources")),
+        ("gain (e⁻/ADU)", _gain_fact(frame.get("gain"))),
         (
             "background (ADU)",
             f"{_fmt(frame.get('background_adu'), '.1f')} ± "
