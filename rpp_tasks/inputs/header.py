@@ -337,7 +337,7 @@ def _filter_band(header, filter_aliases, default_band, warns) -> tuple[str | Non
     if low in aliases and not _case_changes_band(filter_raw, filter_aliases):
         return filter_raw, aliases[low]
     k = kind(filter_raw)
-    if k == "filter" and filter_raw.isdigit():
+    if k == "filter" and filter_raw.isdigit() and default_band is not None:
         warns.append(
             f"filter '{filter_raw}' is a numeric wheel code, not a filter name: "
             f"band = {default_band!r} (name it in filters.aliases: {{'{filter_raw}': <band>}})"

@@ -631,6 +631,7 @@ def test_filter_alias_case_never_changes_the_band_and_numeric_codes_are_not_band
     assert any("numeric wheel code" in w for w in code.warnings)
     named = normalize_header(_hdr(**d, FILTER="48"), filter_aliases={"48": "V"})
     assert named.band == "V"
+    assert normalize_header(_hdr(**d, FILTER="48")).band == "48"  # no default band: kept
 
 
 def test_saao_numeric_filter_code_gets_the_default_band(real_data):
