@@ -331,9 +331,18 @@ def _filter_band(header, filter_aliases, default_band, warns) -> tuple[str | Non
     else:
         key, filter_raw = found[0]
     low = filter_raw.lower()
-    if low in aliases:
+    exact = {str(k).strip(): v for k, v in (filter_aliases or {}).items()}
+    if filter_raw in exact:
+        return filter_raw, exact[filter_raw]
+    if low in aliases and not _case_changes_band(filter_raw, filter_aliases):
         return filter_raw, aliases[low]
     k = kind(filter_raw)
+    if k == "filter" and filter_raw.isdigit() and default_band is not None:
+        warns.append(
+            f"filter '{filter_raw}' is a numeric wheel code, not a filter name: "
+            f"band = {default_band!r} (name it in filters.aliases: {{'{filter_raw}': <band>}})"
+        )
+        return filter_raw, default_band
     if k == "bayer":
         warns.append(
             f"FILTER='{filter_raw}' names the Bayer pattern, not a filter: band = {default_band!r}"
@@ -355,6 +364,20 @@ def _filter_band(header, filter_aliases, default_band, warns) -> tuple[str | Non
     if aliases:
         warns.append(f"filter '{filter_raw}' not in filter_aliases: band left as '{filter_raw}'")
     return filter_raw, filter_raw
+
+
+def _case_changes_band(filter_raw, filter_aliases) -> bool:
+    """True when the only alias that matches ``filter_raw`` differs from it in case and the two
+    spellings are different standard bands (Sloan ``r`` vs Johnson ``R``): a case-insensitive
+    match would then put the frame in the wrong band."""
+    from rpp_tasks.outputs.bandpasses import canonical_band
+
+    mine = canonical_band(filter_raw)
+    if mine is None:
+        return False
+    low = filter_raw.lower()
+    keys = [str(k).strip() for k in (filter_aliases or {}) if str(k).strip().lower() == low]
+    return all(canonical_band(k) not in (None, mine) for k in keys)
 
 
 def saturation_level(header, default=None) -> tuple[float | None, str | None]:

@@ -36,12 +36,22 @@ def _setup_logging(verbose: int) -> None:
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _frame_limit(f) -> float:
-    """The frame's 5-sigma limit: calibrated when it has a zero point, else instrumental."""
-    for v in (f.limiting_mag_cal, f.limiting_mag_inst):
+def _frame_limit(f) -> tuple[float, str]:
+    """The frame's 5-sigma limit and its kind: ``"c"`` calibrated when it has a zero point, else
+    ``"i"`` instrumental (per second, before the zero point: often negative), ``" "`` none."""
+    for v, kind in ((f.limiting_mag_cal, "c"), (f.limiting_mag_inst, "i")):
         if v is not None:
-            return float(v)
-    return float("nan")
+            return float(v), kind
+    return float("nan"), " "
+
+
+def _fit_name(name: str, width: int) -> str:
+    """``name`` cut to ``width`` characters keeping its start and its end (consecutive subs of a
+    night differ in their last characters: cutting the end printed them all under one name)."""
+    if len(name) <= width:
+        return name
+    head = width // 3
+    return name[:head] + "\u2026" + name[-(width - head - 1) :]
 
 
 def _print_spectra(summary, made: dict) -> None:
@@ -74,23 +84,25 @@ def _print_session(summary, made: dict) -> None:
     for line in target_lines(summary):  # the observer's targets first
         print(f"  target {line}")
     print(
-        "%-32s %-9s %7s %6s %8s %7s %6s"  # noqa: UP031 - a table header
-        % ("frame", "status", "sources", "FWHM", "bkg ADU", "lim mag", "CPU s")
+        "%-32s %-9s %7s %7s %7s %8s %8s %6s"  # noqa: UP031 - a table header
+        % ("frame", "status", "sources", "FWHM px", 'FWHM "', "bkg ADU", "lim mag", "CPU s")
     )
     nan = float("nan")
     for f in summary.frames:
-        fwhm = f.fwhm_arcsec or f.fwhm_px
+        lim, kind = _frame_limit(f)
         print(
-            f"{f.frame[:32]:32s} {f.status:9s} {f.n_sources or 0:7d} "
-            f"{fwhm if fwhm is not None else nan:6.2f} "
+            f"{_fit_name(f.frame, 32):32s} {f.status:9s} {f.n_sources or 0:7d} "
+            f"{f.fwhm_px if f.fwhm_px is not None else nan:7.2f} "
+            f"{f.fwhm_arcsec if f.fwhm_arcsec is not None else nan:7.2f} "
             f"{f.background_adu if f.background_adu is not None else nan:8.1f} "
-            f"{_frame_limit(f):7.2f} "
+            f"{lim:7.2f}{kind} "
             f"{f.cpu_s_total or 0:6.2f}"
         )
         if not f.ok:
             print(f"    -> {f.failed_stage}: {f.reason}")
     for name, info in (summary.rejected_files or {}).items():
         print(f"    file {name}: {info.get('reason')}")
+    print("lim mag: 5-sigma point source; c = calibrated, i = instrumental (no zero point)")
     print(f"\nProducts: {summary.workdir}")
     if made.get("report"):
         print(f"Report:   {made['report']}")

@@ -224,6 +224,15 @@ def _weather_range(w: Mapping[str, Any]) -> str:
     return lo if lo == hi else f"{lo} to {hi}"
 
 
+def _span_text(first, last) -> str:
+    """``first – last`` frame times (UTC); the last one carries its date when it is another day
+    (a folder holding two nights printed '2024-07-31 02:44 – 01:20', the last before the first)."""
+    if not (first and last):
+        return "—"
+    end = f"{last:%H:%M}" if last.date() == first.date() else f"{last:%Y-%m-%d %H:%M}"
+    return f"{first:%Y-%m-%d %H:%M} – {end}"
+
+
 def _utc(value) -> str:
     t = _parse_time(value)
     return t.strftime("%Y-%m-%d %H:%M:%S") if t else (str(value) if value else "—")
@@ -367,7 +376,7 @@ def render_report_html(
     fact_rows.append(
         (
             "first / last frame (UTC)",
-            f"{first:%Y-%m-%d %H:%M} – {last:%H:%M}" if first and last else "—",
+            _span_text(first, last),
         )
     )
     for label in ("telescope", "instrument", "observer"):

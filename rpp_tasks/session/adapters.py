@@ -470,6 +470,30 @@ def _site(obs, header) -> tuple[float | None, float | None, str]:
     return None, None, "none"
 
 
+def _header_airmass_mismatch(x, header, lat, lon, site_src) -> tuple[float | None, str | None]:
+    """(header airmass, message) when the header's AIRMASS (or SECZ) disagrees with the airmass
+    ``x`` computed at the site in use by more than 0.1 and 10 %: the site is then most likely
+    wrong (a frame reduced with another camera's config, e.g. ``demo``: the LCO frame's
+    AIRMASS=1.160 came out as 2.59 at the demo site); (header airmass or None, None) else."""
+    hx = None
+    for key in ("AIRMASS", "SECZ"):
+        try:
+            v = float(header[key])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if math.isfinite(v) and 1.0 <= v < 40.0:
+            hx = v
+            break
+    if hx is None or not (x is not None and math.isfinite(x)):
+        return hx, None
+    if abs(x - hx) <= max(0.1, 0.1 * hx):
+        return hx, None
+    return hx, (
+        f"airmass {x:.3f} computed at the {site_src} site (lat {lat:.2f}, lon {lon:.2f}) "
+        f"differs from the header's {key}={hx:.3f}: is the observatory's site right?"
+    )
+
+
 def _mid_mjd(meta):
     mjd = meta.get("mjd_obs")
     if mjd is None:
@@ -578,6 +602,10 @@ def step_zero_point(fw, obs) -> dict:
     d = zps.to_dict()
     d["reference"] = info
     d["airmass_site"] = site_src
+    d["airmass_header"], mismatch = _header_airmass_mismatch(x, fw.header, lat, lon, site_src)
+    if mismatch:
+        log.warning("[%s] %s", fw.stem, mismatch)
+        d["flags"] = list(d["flags"]) + ["airmass_header_mismatch"]
     if cone is None:
         d["flags"] = list(d["flags"]) + ["no_wcs"]
     if lat is None:

@@ -580,6 +580,10 @@ def _finish(tab, cat, band, source, statuses):
     return ReferenceResult(tab, cat, band, source, transformed, tuple(statuses))
 
 
+#: (status, reason) of the failures of the local catalogue already warned about (see _LocalLookup)
+_LOCAL_WARNED: set[tuple[str, str]] = set()
+
+
 class _LocalLookup:
     """The local catalogue's answer for one cone: read once, used at its place(s) in the chain."""
 
@@ -602,8 +606,12 @@ class _LocalLookup:
             )
             self._wall = time.perf_counter() - t0
             if self._ans.status in ("failed", "partial"):
+                # a missing or broken folder fails the same way for every cone of every frame
+                # (3 lookups per frame): warned once per process, then at INFO
+                first = (self._ans.status, self._ans.reason) not in _LOCAL_WARNED
+                _LOCAL_WARNED.add((self._ans.status, self._ans.reason))
                 log.log(
-                    logging.WARNING if self._ans.status == "failed" else logging.INFO,
+                    logging.WARNING if self._ans.status == "failed" and first else logging.INFO,
                     "local reference catalogue %s: %s",
                     self._ans.status,
                     self._ans.reason,

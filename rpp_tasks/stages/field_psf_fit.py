@@ -10,12 +10,14 @@ model-error term of the photometry. The model itself is rpp_tasks.stages.field_p
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
 import numpy as np
 
 from rpp_tasks.stages.field_psf import (
+    _FWHM_MIN_PX,
     _U_MIN_FIELD,
     FieldPSF,
     _abc_from_shape,
@@ -697,6 +699,16 @@ def fit_field_psf(
         stats=stats,
         cov=cov,
     )
+    if psf.fwhm_px <= 1.02 * _FWHM_MIN_PX:
+        # the model's floor, not a measurement (the real PANOPTES frames, 10"/px DSLR, and the
+        # block-averaged Feder thumbnail came out at exactly 0.500 px)
+        psf = dataclasses.replace(psf, flags=(*psf.flags, "fwhm_at_floor"))
+        log.warning(
+            "fit_field_psf: the PSF FWHM sits at the model's lower limit %.2f px: the stars are "
+            "narrower than a pixel (undersampled or block-averaged data); this FWHM is an upper "
+            "bound, not a measurement, and the aperture radii that follow it are minimal",
+            _FWHM_MIN_PX,
+        )
     log.info(
         "fit_field_psf: %d stars, order %d (max %d: %s), FWHM %.3f px, chi2_red %.2f",
         sel.size,

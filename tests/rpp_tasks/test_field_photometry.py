@@ -917,3 +917,31 @@ def test_mismatch_term_is_honest_with_few_references_and_one_outlier():
     # fewer than five usable references: not measured
     d, v, f = _mismatch_draw(rng, 6, eta_true)
     assert math.isnan(_ml_mismatch(d, v, f, exclude=np.arange(6) < 2)[0])
+
+
+def test_fit_field_psf_flags_a_fwhm_at_the_model_floor(caplog):
+    """qa12: the real PANOPTES frames (10"/px DSLR) and the block-averaged Feder thumbnail came
+    out at FWHM 0.500 px, the model's floor, reported as a measured seeing. Stars of FWHM 0.3 px
+    (all their light in ~1 pixel) reach the floor: flag ``fwhm_at_floor`` and a warning; stars of
+    FWHM 1.1 px do not."""
+    import logging
+
+    out = {}
+    for fw in (0.3, 1.1):
+        f = make_star_field(
+            (400, 400), n_stars=60, psf="gaussian", fwhm_px=fw, sky_adu=1000.0,
+            gain_e_per_adu=1.5, read_noise_e=5.0, exptime_s=30.0, mag_range=(15.5, 18.0),
+            mag_slope=0.0, n_cosmic_rays=0, n_hot_pixels=0, seed=4,
+        )  # fmt: skip
+        data = f.data.astype(np.float32) - 1000.0
+        rms = math.sqrt(1000 / 1.5 + (5 / 1.5) ** 2)
+        src = detect_sources(data, rms, fwhm_px=1.5, peak_search=False)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="rpp_tasks.stages.field_psf_fit"):
+            out[fw] = fit_field_psf(data, src, rms=rms, gain_e_per_adu=1.5, saturation_adu=60000)
+        out[fw, "warned"] = any("lower limit" in r.getMessage() for r in caplog.records)
+    assert out[0.3].fwhm_px == pytest.approx(0.5, abs=0.01)
+    assert "fwhm_at_floor" in out[0.3].flags and out[0.3, "warned"]
+    assert out[0.3].to_dict()["flags"][-1] == "fwhm_at_floor"
+    assert out[1.1].fwhm_px == pytest.approx(1.1, rel=0.05)
+    assert "fwhm_at_floor" not in out[1.1].flags and not out[1.1, "warned"]

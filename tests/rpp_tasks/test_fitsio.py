@@ -614,6 +614,31 @@ def test_filter_aliases_case_insensitive_and_defaults():
     assert osc.band == "Clear" and osc.bayer_pattern == "RGGB"
 
 
+def test_filter_alias_case_never_changes_the_band_and_numeric_codes_are_not_bands():
+    """qa12: the demo config's Johnson ``R`` alias caught the Feder frame's Sloan ``r`` (band 'R');
+    the SAAO frame's ``FILTERS = 48`` (a wheel code "10*A+B") became band '48'."""
+    d = {"DATE-OBS": "2024-01-01T00:00:00", "EXPTIME": 1}
+    aliases = {"R": "R", "Lum": "Clear", "g_band": "g"}
+
+    def norm(f):
+        return normalize_header(_hdr(**d, FILTER=f), filter_aliases=aliases, default_band="Clear")
+
+    assert norm("R").band == "R"
+    assert norm("r").band == "r"  # Sloan r is not Johnson R
+    assert norm("LUM").band == "Clear" and norm("G_BAND").band == "g"  # case-insensitive still
+    code = norm("48")
+    assert code.band == "Clear" and code.filter_raw == "48"
+    assert any("numeric wheel code" in w for w in code.warnings)
+    named = normalize_header(_hdr(**d, FILTER="48"), filter_aliases={"48": "V"})
+    assert named.band == "V"
+    assert normalize_header(_hdr(**d, FILTER="48")).band == "48"  # no default band: kept
+
+
+def test_saao_numeric_filter_code_gets_the_default_band(real_data):
+    meta = normalize_header(read_frame(real_data / SAAO).header, default_band="Clear")
+    assert meta.filter_raw == "48" and meta.band == "Clear"
+
+
 def test_frame_meta_json_round_trip(real_data):
     meta = normalize_header(read_frame(real_data / SAAO).header, path="x.fits")
     assert np.isnan(meta.saturation_adu)  # no SATURATE and no config: NaN, JSON null

@@ -381,3 +381,20 @@ def test_same_zero_point_from_the_local_catalogue_as_from_the_gaia_peer(frame, t
     tr = s_off["stages"]["transients"]
     assert "no_reference" not in tr["flags"] and tr["n_checked"] > 50
     assert tr["n_candidates"] == 0
+
+
+def test_a_missing_local_folder_is_warned_once(tmp_path, caplog):
+    """qa12: ``--observatory demo`` on a real frame (no ``data/catalogs/demo``) warned 'local
+    reference catalogue failed: ... no such file or folder' 2-3 times per frame, every frame."""
+    import logging
+
+    missing = tmp_path / "nowhere"
+    setup = _setup(tmp_path, local=[missing], order=("local",))
+    with caplog.at_level(logging.INFO, logger="rpp_tasks.stages.catalogs"):
+        for dec in (DEC0, DEC0 + 1.0, DEC0 + 2.0):
+            res = fetch_reference(RA0, dec, 0.2, band="G", setup=setup)
+            assert not res.ok and "no such file" in res.statuses[0].reason
+    said = [r for r in caplog.records if "local reference catalogue failed" in r.getMessage()]
+    assert len(said) == 3
+    assert [r.levelno for r in said].count(logging.WARNING) == 1
+    assert said[-1].levelno == logging.INFO

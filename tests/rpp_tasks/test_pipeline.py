@@ -225,7 +225,21 @@ def test_cli_reduce_frame_and_folder(raw_session, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "3/3 science frames reduced" in out
     assert "truncated" in out
+    # qa12: FWHM in px and arcsec in their own columns (one column mixed them, unit-less), and
+    # the limit says whether it is calibrated or instrumental
+    assert "FWHM px" in out and 'FWHM "' in out and "c = calibrated, i = instrumental" in out
     assert rpp_main(["-q", "reduce", str(tmp_path / "nope.fits"), "--observatory", "demo"]) == 2
+
+
+def test_session_table_keeps_the_end_of_long_frame_names():
+    """qa12: the two Seestar M 94 subs (…-212046, …-212057) were both printed as
+    'Light_M94_10.0s_IRCUT_20250326-2' in `rpp reduce`'s session table."""
+    from rpp_tasks.ops.cli import _fit_name
+
+    a, b = (f"Light_M94_10.0s_IRCUT_20250326-2120{s}" for s in ("46", "57"))
+    assert _fit_name(a, 32) != _fit_name(b, 32)
+    assert _fit_name(a, 32) == "Light_M94_\u2026IRCUT_20250326-212046"
+    assert _fit_name("science_0", 32) == "science_0"
 
 
 def test_frame_pool_does_not_rerun_the_callers_main_script(raw_session, obs, tmp_path):

@@ -530,3 +530,15 @@ def test_dollar_signs_in_file_names_and_header_values_lose_no_plot(tmp_path, mon
     assert any("M42_$1_$2_001" in t for t in texts)  # a legend entry
     assert any("x$\\alpha$" in t for t in texts)  # the preview title
     assert drawn and not any(parse for _, parse in drawn)
+
+
+def test_night_span_gives_the_last_date_when_it_differs():
+    """qa12: the real Seestar folder (NGC 7023 in 2024, M 94 in 2025) printed
+    '2024-07-31 02:44 – 01:20' as its first / last frame."""
+    from datetime import datetime
+
+    a = datetime(2024, 7, 31, 2, 44)
+    assert report_html._span_text(a, datetime(2024, 7, 31, 3, 5)) == "2024-07-31 02:44 – 03:05"
+    span = report_html._span_text(a, datetime(2025, 3, 27, 1, 20))
+    assert span == "2024-07-31 02:44 – 2025-03-27 01:20"
+    assert report_html._span_text(None, a) == "—"

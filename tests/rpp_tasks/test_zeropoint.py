@@ -316,3 +316,26 @@ def test_site_from_header_when_config_has_none_else_no_extinction(synthetic_fram
         assert zpj["airmass_site"] == "none" and s["airmass"] is None
         assert "site_not_configured" in zpj["flags"] and "no_airmass" in zpj["flags"]
         assert psf == pytest.approx(ZP_TRUE, abs=0.005)  # no k*X term at all
+
+
+def test_header_airmass_flags_a_wrong_site(real_data):
+    """qa12: the LCO Sinistro frame reduced with ``--observatory demo`` got airmass 2.59 (the demo
+    site in France) while its header says AIRMASS=1.160 (McDonald); at the frame's own site the
+    computed airmass agrees with the header and nothing is said."""
+    from astropy.time import Time
+
+    from rpp_tasks.inputs.reader import read_frame
+    from rpp_tasks.session.adapters import _header_airmass_mismatch
+
+    hdr = read_frame(real_data / "lco_sinistro_mef" / "mef_raw_test_frame.fits").header
+    mjd = Time(hdr["DATE-OBS"], scale="utc").mjd + 0.5 * hdr["EXPTIME"] / 86400.0
+    ra, dec = 287.4266, 59.4398
+    sites = {"demo": (43.75, 6.92), "elp": (hdr["LATITUDE"], hdr["LONGITUD"])}
+    x = {k: airmass(ra, dec, mjd, latitude_deg=a, longitude_deg=o) for k, (a, o) in sites.items()}
+    hx, msg = _header_airmass_mismatch(x["elp"], hdr, *sites["elp"], "config")
+    assert hx == pytest.approx(1.1598, abs=1e-4) and x["elp"] == pytest.approx(hx, abs=0.02)
+    assert msg is None
+    hx, msg = _header_airmass_mismatch(x["demo"], hdr, *sites["demo"], "config")
+    assert x["demo"] > 2.0 and "AIRMASS=1.160" in msg and "site right" in msg
+    no_header, msg = _header_airmass_mismatch(x["demo"], {"SECZ": "n/a"}, 0.0, 0.0, "config")
+    assert no_header is None and msg is None
