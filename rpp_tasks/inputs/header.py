@@ -108,6 +108,8 @@ class FrameMeta:
     wcs_status: str
     pixel_scale_arcsec: float | None
     warnings: tuple[str, ...] = ()
+    #: where ``gain_e_per_adu`` came from: "header EGAIN", "header GAIN" or "config"
+    gain_origin: str = "config"
 
     def to_dict(self) -> dict:
         """JSON-safe dict (tuples as lists, NaN as None); inverse of `from_dict`."""
@@ -550,15 +552,15 @@ def normalize_header(
     pattern = header_pattern or (str(bayer_pattern).strip().upper() if bayer_pattern else None)
 
     # detector numbers
-    gain = None
+    gain, gain_origin = None, "config"
     gkey, g = first_value(header, "EGAIN")
     if to_float(g) is not None and to_float(g) > 0:
-        gain = to_float(g)
+        gain, gain_origin = to_float(g), f"header {gkey}"
     else:
         gkey, g = first_value(header, "GAIN")
         gv = to_float(g)
         if gv is not None and 0 < gv <= _GAIN_MAX_PLAUSIBLE_E_PER_ADU:
-            gain = gv
+            gain, gain_origin = gv, f"header {gkey}"
         elif gv is not None:
             warns.append(
                 f"GAIN={g} is not a plausible e-/ADU value (camera gain setting?): ignored"
@@ -649,6 +651,7 @@ def normalize_header(
         filter_raw=filter_raw,
         band=band,
         gain_e_per_adu=float(gain),
+        gain_origin=gain_origin,
         read_noise_e=float(rn),
         saturation_adu=float(sat),
         ra_deg=ra_deg,

@@ -229,10 +229,12 @@ def check_gain(fw) -> dict:
         fw.data, gain_e_per_adu=configured, read_noise_e=rn, mask=fw.mask
     )
     used, source = background.gain_from_noise(noise, configured)
+    origin = prev.get("configured_from", fw.meta.get("gain_origin") or "config")
     info = {
         "used_e_per_adu": _round_sig(used),
         "source": source,
         "configured_e_per_adu": _round_sig(configured),
+        "configured_from": origin,
         "bound_e_per_adu": _round_sig(noise.gain_max_e_per_adu),
         "sky_dominated": noise.sky_dominated,
         "noise_ratio": _round_sig(noise.ratio),
@@ -247,18 +249,26 @@ def check_gain(fw) -> dict:
                 f"rpp {__version__}: gain {used:.4g} e-/ADU from the sky noise bound "
                 f"(configured {configured:.4g})"
             )
+        fix = (
+            f"The frame's {origin.split()[-1]} header card takes precedence over "
+            "camera.gain_e_per_adu: fix the camera software's gain"
+            if origin.startswith("header")
+            else "Fix camera.gain_e_per_adu in the observatory configuration"
+        )
         log.warning(
-            "[%s] gain %s e-/ADU is impossible for this frame: its sky noise (%.3g ADU on a sky "
-            "of %.4g ADU, %.2fx the camera model) allows at most %.3g e-/ADU; photometry errors "
-            "and cosmic rays use %.3g e-/ADU. Fix camera.gain_e_per_adu (about %.3g, or lower "
-            "if the frames carry a bias pedestal) in the observatory configuration",
+            "[%s] gain %s e-/ADU (%s) is impossible for this frame: its sky noise (%.3g ADU on a "
+            "sky of %.4g ADU, %.2fx the camera model) allows at most %.3g e-/ADU; photometry "
+            "errors and cosmic rays use %.3g e-/ADU. %s (about %.3g, or lower if the frames "
+            "carry a bias pedestal)",
             fw.stem,
             "unknown" if not configured > 0 else f"{configured:.3g}",
+            origin,
             noise.measured_sigma_adu,
             noise.sky_adu,
             noise.ratio,
             noise.gain_max_e_per_adu,
             used,
+            fix,
             used,
         )
     return {"noise": noise, **info}

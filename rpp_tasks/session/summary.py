@@ -164,9 +164,15 @@ class FrameSummary:
             return None
         conf = _finite(g.get("configured_e_per_adu"))
         said = f"gain {conf:.3g} e-/ADU" if conf is not None else "no gain"
+        origin = str(g.get("configured_from") or "config")
+        where, fix = (
+            (f"in the {origin.split()[-1]} header card", "fix the camera software's gain")
+            if origin.startswith("header")
+            else ("configured", "set camera.gain_e_per_adu to about that value")
+        )
         return (
-            f"{said} configured, impossible for the sky noise: {g['used_e_per_adu']:.3g} e-/ADU "
-            f"used ({g['source']}); set camera.gain_e_per_adu to about that value"
+            f"{said} {where}, impossible for the sky noise: {g['used_e_per_adu']:.3g} e-/ADU "
+            f"used ({g['source']}); {fix}"
         )
 
     def to_dict(self) -> dict:

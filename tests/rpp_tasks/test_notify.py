@@ -753,3 +753,36 @@ def test_email_tells_the_camera_gain_to_fix_once():
     s = SessionSummary.from_dict({"session_id": "n1", "observatory": "o", "frames": kept})
     _, html_body, text = notify.compose_session_email(s)
     assert "Camera gain" not in text and "Camera gain" not in html_body
+
+
+def test_a_header_gain_that_is_impossible_is_told_to_the_camera_software():
+    """The gain came from the frame's EGAIN card, which takes precedence over the configuration:
+    the e-mail says to fix the camera software's gain, not ``camera.gain_e_per_adu``."""
+    from astropy.io import fits
+
+    from rpp_tasks.inputs.header import normalize_header
+    from rpp_tasks.session.summary import SessionSummary
+
+    h = fits.Header({"IMAGETYP": "Light Frame", "EXPTIME": 10.0, "DATE-OBS": "2025-03-26T21:20:46"})
+    h["EGAIN"] = 1.0
+    h["NAXIS"], h["NAXIS1"], h["NAXIS2"] = 2, 64, 64
+    assert normalize_header(h, path="x.fits").gain_origin == "header EGAIN"
+    gain = {
+        "used_e_per_adu": 0.1364,
+        "source": "sky noise bound",
+        "configured_e_per_adu": 1.0,
+        "configured_from": "header EGAIN",
+    }
+    s = SessionSummary.from_dict(
+        {
+            "session_id": "n1",
+            "observatory": "o",
+            "frames": [{"frame": "a", "status": "ok", "gain": gain}],
+        }
+    )
+    _, _, text = notify.compose_session_email(s)
+    assert (
+        "gain 1 e-/ADU in the EGAIN header card, impossible for the sky noise: 0.136 e-/ADU used "
+        "(sky noise bound); fix the camera software's gain"
+    ) in text
+    assert "camera.gain_e_per_adu" not in text

@@ -215,8 +215,14 @@ def _gain_fact(gain) -> str | None:
     text = f"{_fmt(used, '.3g')} ({g.get('source') or 'configured'})"
     if g.get("source") not in (None, "configured"):
         conf = g.get("configured_e_per_adu")
-        said = f"{_fmt(conf, '.3g')} configured" if conf is not None else "none configured"
-        text += f": {said}, impossible for the sky noise; set camera.gain_e_per_adu to about this"
+        origin = str(g.get("configured_from") or "config")
+        if origin.startswith("header"):
+            said = f"{_fmt(conf, '.3g')} in the {origin.split()[-1]} header card"
+            fix = "fix the camera software's gain"
+        else:
+            said = f"{_fmt(conf, '.3g')} configured" if conf is not None else "none configured"
+            fix = "set camera.gain_e_per_adu to about this"
+        text += f": {said}, impossible for the sky noise; {fix}"
     return text
 
 
