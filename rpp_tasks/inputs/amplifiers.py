@@ -3,6 +3,9 @@
 * `mosaic_amplifiers` -- each amplifier's DATASEC overscan-subtracted (BIASSEC), trimmed and placed
   by DETSEC (left to right in HDU order without DETSEC) into one float32 image.
 * `mosaic_shape` -- the shape of that mosaic from the headers alone (for grouping without pixels).
+* `single_amp_sections` / `overscan_trim_single` -- the same one-amplifier overscan and trim for a
+  single-HDU frame with ``BIASSEC`` and ``TRIMSEC`` (or ``DATASEC``); invalid sections are not
+  rejected there: the frame is then left as it is.
 
 A section that cannot be parsed, overlapping DETSECs or a DETSEC that is not a multiple of its
 DATASEC reject the frame (`FrameRejected` with ``stage="check"``).
@@ -19,7 +22,7 @@ from astropy.io import fits
 from rpp_tasks.exceptions import FrameRejected
 from rpp_tasks.inputs.cards import CHECK_STAGE
 
-__all__ = ["mosaic_amplifiers", "mosaic_shape"]
+__all__ = ["mosaic_amplifiers", "mosaic_shape", "single_amp_sections", "overscan_trim_single"]
 
 _SECTION_RE = re.compile(r"^\s*\[\s*(\d+)\s*:\s*(\d+)\s*,\s*(\d+)\s*:\s*(\d+)\s*\]\s*$")
 
@@ -108,6 +111,12 @@ def _overscan_level(data: np.ndarray, biassec, datasec, mode: str):
     return np.median(over, axis=1)[:, None]
 
 
+def _check_mode(overscan) -> None:
+    if overscan not in ("median", "row"):
+        msg = f"overscan must be 'median' or 'row', got {overscan!r}"
+        raise ValueError(msg)
+
+
 def mosaic_amplifiers(amps, *, overscan="median", path=None):
     """Overscan-subtract, trim and mosaic the amplifiers of one multi-amplifier read-out.
 
@@ -131,9 +140,7 @@ def mosaic_amplifiers(amps, *, overscan="median", path=None):
     notes : tuple of str
         What was done, with the overscan level of each amplifier.
     """
-    if overscan not in ("median", "row"):
-        msg = f"overscan must be 'median' or 'row', got {overscan!r}"
-        raise ValueError(msg)
+    _check_mode(overscan)
     path = Path(path) if path is not None else None
     headers = [h for _, h in amps]
     shape, places, used_detsec = _amp_geometry(headers, path)
@@ -176,3 +183,75 @@ def mosaic_shape(headers, path):
     """(ny, nx) of the mosaic `mosaic_amplifiers` would make from these amplifier headers."""
     shape, _, _ = _amp_geometry(headers, path)
     return shape
+
+
+def single_amp_sections(header, shape):
+    """Overscan and data sections of a single-HDU frame, or why they cannot be used.
+
+    Parameters
+    ----------
+    header : `~astropy.io.fits.Header`
+        With ``BIASSEC`` and ``TRIMSEC`` (preferred) or ``DATASEC``.
+    shape : (int, int)
+        (ny, nx) of the image.
+
+    Returns
+    -------
+    sections : tuple or None
+        ``(biassec, datasec, datasec_key)`` (1-based inclusive ``(x1, x2, y1, y2)``, increasing
+        ranges) when both sections parse, lie inside the image and do not overlap; else None.
+    problem : str or None
+        Why not, when a ``BIASSEC`` is present but unusable (None when absent or usable).
+    """
+    ny, nx = (int(v) for v in shape)
+    secs = {}
+    for key in ("BIASSEC", "TRIMSEC", "DATASEC"):
+        value = header.get(key)
+        try:
+            secs[key] = _parse_section(value, key, None)
+        except FrameRejected:
+            return None, f"cannot parse {key}={value!r} (expected '[x1:x2,y1:y2]')"
+    bias = secs["BIASSEC"]
+    dkey = "TRIMSEC" if secs["TRIMSEC"] is not None else "DATASEC"
+    data = secs[dkey]
+    if bias is None:
+        return None, None
+    if data is None:
+        return None, "BIASSEC without TRIMSEC or DATASEC"
+    for key, (x1, x2, y1, y2) in (("BIASSEC", bias), (dkey, data)):
+        if x1 > x2 or y1 > y2:
+            return None, f"reversed {key}={header[key]!r}"
+        if x1 < 1 or y1 < 1 or x2 > nx or y2 > ny:
+            return None, f"{key}={header[key]!r} outside the {nx}x{ny} image"
+    (bx, by), (dx, dy) = _slices(bias), _slices(data)
+    if bx.start < dx.stop and dx.start < bx.stop and by.start < dy.stop and dy.start < by.stop:
+        return None, f"BIASSEC={header['BIASSEC']!r} overlaps {dkey}={header[dkey]!r}"
+    return (bias, data, dkey), None
+
+
+def overscan_trim_single(data, biassec, datasec, *, overscan="median"):
+    """Overscan-subtract and trim one single-amplifier image (as `mosaic_amplifiers` does per amp).
+
+    Parameters
+    ----------
+    data : ndarray
+        The raw 2-D image.
+    biassec, datasec : tuple of int
+        ``(x1, x2, y1, y2)`` from `single_amp_sections`.
+    overscan : {"median", "row"}, optional
+        See `mosaic_amplifiers`.
+
+    Returns
+    -------
+    image : ndarray
+        float32, the data section minus the overscan level.
+    level : float
+        Median overscan level subtracted (ADU).
+    max_level : float
+        Largest level subtracted from any row (equal to ``level`` in ``"median"`` mode).
+    """
+    _check_mode(overscan)
+    data = np.asarray(data, dtype=np.float32)
+    lev = np.asarray(_overscan_level(data, biassec, datasec, overscan), dtype=np.float32)
+    image = data[_slices(datasec)] - lev
+    return image.astype(np.float32, copy=False), float(np.median(lev)), float(np.max(lev))

@@ -388,7 +388,8 @@ def saturation_level(header, default=None) -> tuple[float | None, str | None]:
 
     SATURATE, SATLEVEL or DATAMAX of the header (a positive number), else ``default`` (the camera
     config), else ``2**BITDEPTH - 1``, else None. The level is per native pixel: for a
-    software-binned frame (``RPPBIN``) `normalize_header` multiplies it by the binning squared.
+    software-binned frame (``RPPBIN``) `normalize_header` multiplies it by the binning squared; for
+    a frame whose overscan `read_frame` subtracted (``RPPOVSCN``) it lowers it by that level.
 
     Returns
     -------
@@ -583,6 +584,11 @@ def normalize_header(
         warns.append("no saturation level in header or config")
     elif sat_source == "BITDEPTH":
         warns.append(f"no saturation level in header or config: 2**BITDEPTH-1 = {sat:g} ADU used")
+    ovscn = to_float(first_value(header, "RPPOVSCN")[1])
+    if ovscn and sat == sat:
+        # read_frame subtracted a single-HDU frame's overscan (BIASSEC): the raw level saturates
+        # that much lower in the image
+        sat = sat - ovscn
     if sw_bin > 1 and sat == sat:
         # a software-binned super-pixel is the sum of sw_bin**2 native pixels: it saturates at
         # sw_bin**2 times the native level; a cell with only some of its native pixels saturated

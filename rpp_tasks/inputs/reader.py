@@ -20,6 +20,10 @@ Keywords added to the header `read_frame` returns (all in the returned copy only
     scale by it.
 ``RPPNAMPS``
     Number of amplifiers mosaicked from a MEF frame.
+``RPPOVSCN``
+    Overscan level (ADU, the largest row level in ``"row"`` mode) subtracted from a single-HDU
+    frame with ``BIASSEC``; `rpp_tasks.inputs.header.normalize_header` lowers the saturation
+    level by it.
 """
 
 from __future__ import annotations
@@ -36,7 +40,12 @@ import numpy as np
 from astropy.io import fits
 
 from rpp_tasks.exceptions import FrameRejected
-from rpp_tasks.inputs.amplifiers import mosaic_amplifiers, mosaic_shape
+from rpp_tasks.inputs.amplifiers import (
+    mosaic_amplifiers,
+    mosaic_shape,
+    overscan_trim_single,
+    single_amp_sections,
+)
 from rpp_tasks.inputs.bayer import (
     bayer_pattern_from_header,
     bin_header,
@@ -527,8 +536,6 @@ def _read_unchecked(path, *, with_data, bayer_pattern, debayer, overscan, satura
                             f"HDU {idxs[0]} has no pixel data", path=path, stage=CHECK_STAGE
                         )
                     data = np.asarray(raw)
-                if "BIASSEC" in hdr and len(shape) == 2:
-                    col.add("BIASSEC present in a single-HDU frame: overscan left to calibration")
             if data is not None:
                 squeezed = _squeeze_shape(data.shape)
                 if squeezed != data.shape:
@@ -543,6 +550,8 @@ def _read_unchecked(path, *, with_data, bayer_pattern, debayer, overscan, satura
                 shape = _squeeze_shape(shape)
                 if len(shape) == 3 and shape[0] == 3:
                     shape = shape[1:]
+            if kind != "amps" and len(shape) == 2 and "BIASSEC" in header:
+                data, shape = _single_overscan(data, header, shape, overscan, col, path)
     _check_shape(shape, path)
     set_shape(header, shape)
 
@@ -574,6 +583,53 @@ def _read_unchecked(path, *, with_data, bayer_pattern, debayer, overscan, satura
     elif pattern is not None:
         col.add(f"bayer {pattern} mosaic left as is (debayer=False)")
     return data, header, idxs[0], tuple(col.notes)
+
+
+_WARNED_SECTIONS: set[str] = set()
+
+
+def _single_overscan(data, header, shape, overscan, col, path):
+    """One-amplifier overscan and trim of a single-HDU frame with ``BIASSEC`` (in place on
+    ``header``).
+
+    With a usable ``BIASSEC`` and ``TRIMSEC`` (or ``DATASEC``) (`single_amp_sections`): the
+    overscan level is subtracted (`overscan_trim_single`), the image trimmed to the data section,
+    CRPIX1/2 and LTV1/2 shifted by the trim, the section keywords removed, ``RPPOVSCN`` set to the
+    largest level subtracted and the step written to HISTORY. Otherwise nothing changes; an
+    unusable ``BIASSEC`` is noted on the frame and logged as a warning once per value.
+
+    Returns ``(data, shape)``; ``data`` stays None when called without pixels.
+    """
+    sections, problem = single_amp_sections(header, shape)
+    if sections is None:
+        if problem:
+            col.add(f"overscan not subtracted: {problem}")
+            if problem not in _WARNED_SECTIONS:
+                _WARNED_SECTIONS.add(problem)
+                log.warning("%s: overscan not subtracted: %s", path.name, problem)
+        return data, shape
+    biassec, datasec, dkey = sections
+    x1, x2, y1, y2 = datasec
+    x0, y0 = x1 - 1, y1 - 1
+    trimmed = (y2 - y1 + 1, x2 - x1 + 1)
+    text = f"BIASSEC={''.join(header['BIASSEC'].split())} {dkey}={''.join(header[dkey].split())}"
+    if data is not None:
+        data, level, max_level = overscan_trim_single(data, biassec, datasec, overscan=overscan)
+        header["RPPOVSCN"] = (round(max_level, 3), "[ADU] overscan level subtracted (max)")
+        done = f"overscan {level:.1f} ADU subtracted ({overscan}), trimmed"
+    else:
+        done = "overscan to subtract, trimmed"
+    msg = f"{done} to {trimmed[0]}x{trimmed[1]} ({text})"
+    col.add(msg)
+    header.add_history(f"rpp_tasks: {msg}")
+    for key in _AMP_SECTIONS:
+        header.remove(key, ignore_missing=True, remove_all=True)
+    for axis, off in ((1, x0), (2, y0)):
+        for key in (f"CRPIX{axis}", f"LTV{axis}"):
+            value = header.get(key)
+            if off and isinstance(value, (int, float)) and not isinstance(value, bool):
+                header[key] = value - off
+    return data, trimmed
 
 
 def _squeeze_shape(shape) -> tuple[int, ...]:
@@ -713,6 +769,10 @@ def read_frame(
       LCO Sinistro): overscan-subtracted, trimmed and mosaicked by `mosaic_amplifiers`; the header
       is the primary merged with the first amplifier's non-structural keywords, ``GAIN`` the mean of
       the amplifier gains, the section keywords removed.
+    * Single-HDU frames with a valid ``BIASSEC`` and ``TRIMSEC`` (or ``DATASEC``), science and
+      calibration frames alike: the same one-amplifier overscan subtraction, trimmed to that
+      section, CRPIX/LTV shifted by the trim, ``RPPOVSCN`` and a HISTORY line added. Invalid
+      sections leave the frame as it is (noted, warned once per value).
     * BZERO/BSCALE are applied (astropy does it) and the output is float32.
     * Bayer/OSC frames (``BAYERPAT``, ``COLORTYP``, a ``FILTER`` naming a pattern, or
       ``bayer_pattern`` from the camera config) become a half-resolution luminance image
