@@ -99,16 +99,18 @@ def _amp_geometry(headers: list[fits.Header], path: Path):
 def _overscan_level(data: np.ndarray, biassec, datasec, mode: str):
     """Overscan level of one amplifier.
 
-    A scalar median (mode "median") or per-row medians (mode "row").
+    A scalar median (mode "median") or per-row medians (mode "row") of the data section's rows (a
+    scalar median when the overscan does not cover them all).
     """
     ys_b, xs_b = _slices(biassec)
     over = data[ys_b, xs_b].astype(np.float64)
     if mode == "median" or over.shape[0] < 2:
         return float(np.median(over))
     ys_d, _ = _slices(datasec)
-    if (ys_b.start, ys_b.stop) != (ys_d.start, ys_d.stop):
+    if ys_b.start > ys_d.start or ys_b.stop < ys_d.stop:
         return float(np.median(over))
-    return np.median(over, axis=1)[:, None]
+    rows = np.median(over, axis=1)
+    return rows[ys_d.start - ys_b.start : ys_d.stop - ys_b.start, None]
 
 
 def _check_mode(overscan) -> None:

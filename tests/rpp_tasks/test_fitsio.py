@@ -46,7 +46,7 @@ REAL_FRAMES = {
     LCO: (1024, 1024),  # 4 amps of 512x512 after trimming
     "feder_observatory/sip-wcs.fit": (50, 100),
     "feder_observatory/thumbnail-image.fit.gz": (256, 256),
-    SAAO: (520, 536),
+    SAAO: (520, 512),  # BIASSEC overscan subtracted, trimmed to TRIMSEC
 }
 
 
@@ -818,3 +818,145 @@ def test_bzip2_files_are_read_and_corrupt_ones_rejected(real_data, tmp_path):
     bad.write_bytes(b"BZh91AY&SY" + bytes(range(256)))
     with pytest.raises(FrameRejected, match=r"bad\.fits\.bz2: \[check\] corrupt bzip2 file"):
         read_header(bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# single-HDU frames with BIASSEC / TRIMSEC (one-amplifier overscan and trim)
+# ----------------------------------------------------------------------------------------------
+def _overscan_frame(path, *, pedestal=500.0, sky=100.0, seed=0, **cards):
+    """30x40 (ny x nx) frame: overscan columns 33-38 at ``pedestal``, data section [3:30,2:29]
+    at ``pedestal + sky``, a TAN WCS; noise 2 ADU."""
+    rng = np.random.default_rng(seed)
+    data = pedestal + rng.normal(0.0, 2.0, (30, 40))
+    data[1:29, 2:30] += sky
+    hdr = {
+        "BIASSEC": "[33:38,1:30]",
+        "TRIMSEC": "[3:30,2:29]",
+        "CTYPE1": "RA---TAN",
+        "CTYPE2": "DEC--TAN",
+        "CRVAL1": 150.0,
+        "CRVAL2": 2.0,
+        "CRPIX1": 20.0,
+        "CRPIX2": 15.0,
+        "CDELT1": -1e-4,
+        "CDELT2": 1e-4,
+        "LTV1": 5.0,
+        "EXPTIME": 10.0,
+        "DATE-OBS": "2024-05-01T22:00:00",
+        "MJD-OBS": 60431.916667,
+        "IMAGETYP": "object",
+    }
+    hdr.update(cards)
+    fits.PrimaryHDU(data=data.astype(np.float32), header=fits.Header(hdr)).writeto(path)
+    return path
+
+
+def test_single_hdu_frame_with_biassec_is_overscan_subtracted_and_trimmed(tmp_path):
+    path = _overscan_frame(tmp_path / "ovs.fits")
+    frame = read_frame(path)
+    assert frame.data.shape == (28, 28)  # TRIMSEC [3:30,2:29]
+    assert np.median(frame.data) == pytest.approx(100.0, abs=0.5)  # 500 ADU pedestal gone
+    assert frame.header["RPPOVSCN"] == pytest.approx(500.0, abs=0.3)
+    assert frame.header["CRPIX1"] == 18.0 and frame.header["CRPIX2"] == 14.0
+    assert frame.header["LTV1"] == 3.0 and "LTV2" not in frame.header
+    for key in ("BIASSEC", "TRIMSEC", "DATASEC"):
+        assert key not in frame.header
+    assert "ADU subtracted (median), trimmed to 28x28" in "".join(frame.header["HISTORY"])
+    assert any("trimmed to 28x28" in n for n in frame.notes)
+    # the same sky at the same pixel: trimmed (x, y) is raw (x + 2, y + 1)
+    with fits.open(path) as hdul:
+        raw_wcs = WCS(hdul[0].header)
+    sky_raw = raw_wcs.pixel_to_world_values(12.0, 7.0)
+    sky_new = WCS(frame.header).pixel_to_world_values(10.0, 6.0)
+    np.testing.assert_allclose(sky_new, sky_raw, atol=1e-10)
+    # grouping sees the trimmed shape without pixels; the saturation level drops by the pedestal
+    header, _, _ = read_header(path)
+    assert (header["NAXIS2"], header["NAXIS1"]) == (28, 28)
+    assert normalize_header(frame.header, saturation_adu=65535).saturation_adu == pytest.approx(
+        65535 - frame.header["RPPOVSCN"]
+    )
+    # row mode removes a bias jump on one row
+    jump = _overscan_frame(tmp_path / "jump.fits", seed=1)
+    with fits.open(jump, mode="update") as hdul:
+        hdul[0].data[10, :] += 40.0
+    rows = read_frame(jump, overscan="row").data
+    assert np.median(rows[9, :]) == pytest.approx(100.0, abs=1.5)  # raw row 10 is trimmed row 9
+    assert np.median(read_frame(jump).data[9, :]) == pytest.approx(140.0, abs=1.5)
+
+
+@pytest.mark.parametrize(
+    ("cards", "problem"),
+    [
+        ({"BIASSEC": "[33-38,1:30]"}, "cannot parse BIASSEC"),
+        ({"BIASSEC": "[33:45,1:30]"}, "outside the 40x30 image"),
+        ({"TRIMSEC": "[1:35,1:30]"}, "overlaps TRIMSEC"),
+        ({"TRIMSEC": "[30:3,2:29]"}, "reversed TRIMSEC"),
+        ({"TRIMSEC": ""}, "BIASSEC without TRIMSEC or DATASEC"),
+    ],
+)
+def test_single_hdu_frame_with_unusable_sections_is_left_as_is(tmp_path, caplog, cards, problem):
+    path = _overscan_frame(tmp_path / "bad.fits", **cards)
+    with caplog.at_level("WARNING", logger="rpp_tasks.inputs.reader"):
+        frames = [read_frame(path), read_frame(path)]
+    for frame in frames:
+        assert frame.data.shape == (30, 40)
+        assert np.median(frame.data[1:29, 2:30]) == pytest.approx(600.0, abs=0.5)
+        assert frame.header["CRPIX1"] == 20.0 and "RPPOVSCN" not in frame.header
+        assert any(problem in n for n in frame.notes)
+    assert sum(problem in r.getMessage() for r in caplog.records) == 1  # warned once
+
+
+def test_single_hdu_without_biassec_or_with_datasec_only(tmp_path):
+    plain = tmp_path / "plain.fits"
+    fits.PrimaryHDU(data=np.arange(400, dtype=np.float32).reshape(20, 20)).writeto(plain)
+    frame = read_frame(plain)
+    assert frame.data.shape == (20, 20) and frame.data[0, 0] == 0.0 and not frame.notes
+    datasec = _overscan_frame(tmp_path / "datasec.fits", TRIMSEC="", DATASEC="[3:30,1:30]")
+    frame = read_frame(datasec)
+    assert frame.data.shape == (30, 28)
+    assert frame.header["CRPIX1"] == 18.0 and frame.header["CRPIX2"] == 15.0
+
+
+def test_calibration_frames_of_an_overscan_camera_match_the_science_shape(tmp_path):
+    from rpp_tasks.stages.calibration import calibrate_image
+    from rpp_tasks.stages.masters import run_masters
+
+    # the bias has a 3 ADU structure on top of its overscan level: the master keeps only that
+    bias = []
+    for i in range(3):
+        p = _overscan_frame(tmp_path / f"bias{i}.fits", sky=0.0, seed=10 + i, IMAGETYP="bias")
+        with fits.open(p, mode="update") as hdul:
+            hdul[0].data[1:29, 2:10] += 3.0
+        bias.append(p)
+    flats = [
+        _overscan_frame(
+            tmp_path / f"flat{i}.fits", sky=5000.0, seed=20 + i, IMAGETYP="flat", FILTER="V"
+        )
+        for i in range(3)
+    ]
+    summary = run_masters(
+        {"bias": [str(p) for p in bias], "flat_V": [str(p) for p in flats]},
+        out_dir=tmp_path / "masters",
+        camera="OVSCAM",
+        binning=(1, 1),
+        bands=["V"],
+    )
+    master_bias = fits.getdata(summary["bias"]["path"])
+    master_flat = fits.getdata(summary["flat"]["V"]["path"])
+    assert master_bias.shape == master_flat.shape == (28, 28)
+    assert np.median(master_bias[:, :8]) == pytest.approx(3.0, abs=0.5)
+    assert np.median(master_bias[:, 8:]) == pytest.approx(0.0, abs=0.5)
+    sci = read_frame(_overscan_frame(tmp_path / "sci.fits", seed=30))
+    result = calibrate_image(sci.data, exptime_s=10.0, bias=master_bias, flat=master_flat)
+    assert result.image.shape == (28, 28)
+    assert np.median(result.image[:, 8:]) == pytest.approx(100.0, abs=1.0)
+
+
+def test_saao_single_hdu_frame_loses_its_overscan(real_data):
+    frame = read_frame(real_data / SAAO)
+    assert frame.data.shape == (520, 512)  # TRIMSEC [17:528,1:520] of 536x520
+    assert frame.header["RPPOVSCN"] == pytest.approx(214.0, abs=1.0)  # BIASSEC [4:13,1:520]
+    assert np.median(frame.data) == pytest.approx(86.0, abs=2.0)  # was 300 ADU with the pedestal
+    # no pre/overscan column left at the edges: the edge columns sit at the sky level
+    edges = np.median(frame.data[:, [0, -1]], axis=0)
+    assert np.all(np.abs(edges - np.median(frame.data)) < 10.0)
