@@ -377,6 +377,14 @@ def _check_values(cfg: ObservatoryConfig, source: str) -> None:
     positive("camera.gain_e_per_adu", cfg.camera.gain_e_per_adu)
     positive("camera.read_noise_e", cfg.camera.read_noise_e, allow_zero=True)
     positive("camera.saturation_adu", cfg.camera.saturation_adu)
+    positive("camera.bias_level_adu", cfg.camera.bias_level_adu, allow_zero=True)
+    if (cfg.camera.bias_level_adu or 0) >= cfg.camera.saturation_adu:
+        raise ConfigError(
+            source,
+            "camera.bias_level_adu",
+            f"a level below camera.saturation_adu ({cfg.camera.saturation_adu:g})",
+            cfg.camera.bias_level_adu,
+        )
     positive("camera.pixel_scale_arcsec", cfg.camera.pixel_scale_arcsec)
     if any(b < 1 for b in cfg.camera.binning):
         raise ConfigError(source, "camera.binning", "two integers >= 1", list(cfg.camera.binning))

@@ -56,6 +56,9 @@ class CameraConfig:
     binning: tuple[int, int] = (1, 1)
     bayer_pattern: str | None = None
     telescope: str | None = None
+    #: black level (bias pedestal) in ADU per raw pixel, before any software binning; subtracted
+    #: from frames calibrated without a master bias or dark (the header's BLKLEVEL wins)
+    bias_level_adu: float | None = None
 
 
 @dataclass(frozen=True)

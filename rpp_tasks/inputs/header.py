@@ -110,6 +110,10 @@ class FrameMeta:
     warnings: tuple[str, ...] = ()
     #: where ``gain_e_per_adu`` came from: "header EGAIN", "header GAIN" or "config"
     gain_origin: str = "config"
+    #: black level (bias pedestal) of the frame as read, in ADU (scaled by the software binning),
+    #: None when unknown; ``bias_level_origin``: "header BLKLEVEL" or "camera.bias_level_adu"
+    bias_level_adu: float | None = None
+    bias_level_origin: str | None = None
 
     def to_dict(self) -> dict:
         """JSON-safe dict (tuples as lists, NaN as None); inverse of `from_dict`."""
@@ -442,6 +446,7 @@ def normalize_header(
     pixel_scale_arcsec=None,
     bayer_pattern=None,
     required=("DATE-OBS", "EXPTIME"),
+    bias_level_adu=None,
 ):
     """
     Map the header of one frame onto `FrameMeta`.
@@ -468,6 +473,7 @@ def normalize_header(
                              > 30 e-/ADU, e.g. ZWO ``GAIN=80``), else the camera config
     read_noise_e             RDNOISE, READNOIS, RDNOIS, RON, READNOISE, else the camera config
     saturation_adu           SATURATE, SATLEVEL, DATAMAX, else config, else 2**BITDEPTH - 1
+    bias_level_adu           BLKLEVEL, BLACKLVL (black level per native pixel), else config
     ra_deg, dec_deg          RA/DEC, OBJCTRA/OBJCTDEC, RA_OBS/DEC_OBS, TELRA/TELDEC,
                              CAT-RA/CAT-DEC, RA-MNT/DEC-MNT; numbers are degrees, sexagesimal
                              strings are hours (RA) and degrees (Dec)
@@ -478,7 +484,8 @@ def normalize_header(
     =======================  ==================================================================
 
     Frames read by `rpp_tasks.inputs.reader.read_frame` with a software binning (``RPPBIN``, Bayer
-    luminance) get the camera-config read noise and pixel scale multiplied by that factor.
+    luminance) get the camera-config read noise and pixel scale multiplied by that factor, and the
+    saturation and black levels by its square (a super-pixel is the sum of the native pixels).
 
     Parameters
     ----------
@@ -493,6 +500,8 @@ def normalize_header(
         when aliases are given... see Notes).
     gain_e_per_adu, read_noise_e, saturation_adu, pixel_scale_arcsec : float, optional
         Camera-config values used when the header has none.
+    bias_level_adu : float, optional
+        Camera-config black level per native pixel, used when the header has none.
     bayer_pattern : str, optional
         Camera-config Bayer pattern used when the header names none.
     required : sequence of str, optional
@@ -598,6 +607,10 @@ def normalize_header(
             f"saturation level scaled by {sw_bin * sw_bin} for {sw_bin}x{sw_bin} software binning"
         )
 
+    black, black_origin = _black_level(header, bias_level_adu)
+    if black is not None:
+        black *= sw_bin * sw_bin
+
     # pointing
     ra_deg = dec_deg = None
     for rk, dk in (
@@ -673,7 +686,20 @@ def normalize_header(
         wcs_status=wcheck.status,
         pixel_scale_arcsec=None if scale is None else float(scale),
         warnings=tuple(warns),
+        bias_level_adu=black,
+        bias_level_origin=black_origin,
     )
+
+
+def _black_level(header, default=None) -> tuple[float | None, str | None]:
+    """Black level per native pixel (ADU) from BLKLEVEL / BLACKLVL, else ``default`` (config)."""
+    key, v = first_value(header, "BLKLEVEL", "BLACKLVL")
+    v = to_float(v)
+    if v is not None and v >= 0:
+        return v, f"header {key}"
+    if default is not None and math.isfinite(float(default)) and float(default) > 0:
+        return float(default), "camera.bias_level_adu"
+    return None, None
 
 
 def _attr(obj, *names, default=None):
@@ -697,6 +723,7 @@ def normalize_kwargs_from_config(obs) -> dict:
         "saturation_adu": _attr(obs, "camera", "saturation_adu"),
         "pixel_scale_arcsec": _attr(obs, "camera", "pixel_scale_arcsec"),
         "bayer_pattern": _attr(obs, "camera", "bayer_pattern"),
+        "bias_level_adu": _attr(obs, "camera", "bias_level_adu"),
     }
 
 

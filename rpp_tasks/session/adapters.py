@@ -189,7 +189,12 @@ def step_calibrate(fw, obs) -> dict:
         saturation_adu=meta["saturation_adu"],
         bad_pixel_mask=flat_mask,
         dark_exptime_s=dark_hdr.get("EXPTIME") if dark_hdr is not None else None,
+        black_level_adu=meta.get("bias_level_adu"),
+        black_level_source=meta.get("bias_level_origin") or "camera.bias_level_adu",
     )
+    if result.black_level_adu:
+        # every later level test (cosmics, detection, photometry) sees the pedestal-free image
+        fw.meta["saturation_adu"] = meta["saturation_adu"] - result.black_level_adu
     fw.data, fw.mask, fw.header = result.image, result.mask, header.copy()
     for step in result.steps:
         fw.header.add_history(f"rpp {__version__}: {step}")
@@ -203,6 +208,8 @@ def step_calibrate(fw, obs) -> dict:
         "flags": list(result.flags),
         "masters": used,
         "n_masked": int(np.count_nonzero(fw.mask)),
+        "black_level_adu": result.black_level_adu,
+        "saturation_adu": fw.meta["saturation_adu"],
     }
 
 

@@ -20,6 +20,9 @@ Calibration model (all images in ADU, float32)::
   ``saturation_adu``: its true value is unknown (at least what was measured), and every later
   level test (the catalogue's ``saturated`` flag, the choice of PSF stars, L.A.Cosmic's
   ``satlevel``) must still see it saturated after the bias was subtracted or the flat divided.
+* Without a master bias or dark, the camera's known black level (``camera.bias_level_adu`` or
+  the header's ``BLKLEVEL``, scaled by the software binning) is subtracted instead, and the
+  saturation level of the calibrated image is lowered by the same amount.
 * Missing masters are allowed: the frame is still reduced and the result says what was skipped
   (``"no_bias"``, ``"no_dark"``, ``"flat_missing"``).
 
@@ -409,6 +412,9 @@ class CalibrationResult:
         ``"no_bias"``, ``"no_dark"``, ``"flat_missing"``, ``"dark_scaled_from_<t>_s"``,
         ``"no_saturation_level"``.
     n_saturated, n_masked : int
+    black_level_adu : float
+        Pedestal subtracted in place of a master bias (0 when none): the saturation level of the
+        image is that much lower than the raw one.
     """
 
     image: np.ndarray = field(repr=False)
@@ -417,6 +423,7 @@ class CalibrationResult:
     flags: tuple[str, ...] = ()
     n_saturated: int = 0
     n_masked: int = 0
+    black_level_adu: float = 0.0
 
     def to_dict(self) -> dict:
         return {
@@ -424,6 +431,7 @@ class CalibrationResult:
             "flags": list(self.flags),
             "n_saturated": self.n_saturated,
             "n_masked": self.n_masked,
+            "black_level_adu": self.black_level_adu,
         }
 
 
@@ -437,9 +445,14 @@ def calibrate_image(
     saturation_adu=None,
     dark_exptime_s=None,
     bad_pixel_mask=None,
+    black_level_adu=None,
+    black_level_source="camera.bias_level_adu",
 ):
     """
     Calibrate one raw frame: ``(raw - bias - dark_rate * exptime_s) / flat``.
+
+    Without a master bias and dark, a known ``black_level_adu`` (the camera's pedestal) stands for
+    the bias; a dark made without bias already carries the pedestal, so it is then not subtracted.
 
     Parameters
     ----------
@@ -456,6 +469,12 @@ def calibrate_image(
         from ``exptime_s`` by more than 1 %.
     bad_pixel_mask : 2-D bool array, optional
         Known bad pixels (e.g. the master flat's mask), merged into the output mask.
+    black_level_adu : float, optional
+        Constant pedestal of ``data`` in ADU (already scaled for any software binning), subtracted
+        when neither ``bias`` nor ``dark_rate`` is given; saturated pixels are then kept at or
+        above ``saturation_adu - black_level_adu``, the saturation level of the calibrated image.
+    black_level_source : str, optional
+        Where the level comes from, for the step record.
 
     Returns
     -------
@@ -491,11 +510,16 @@ def calibrate_image(
     else:
         flags.append("no_saturation_level")
     image = np.array(raw, dtype=np.float32)
+    black = black_level_adu if bias is None and dark_rate is None else None
+    black = float(black) if black is not None and np.isfinite(black) and black > 0 else 0.0
     if bias is not None:
         image -= np.asarray(bias, dtype=np.float32)
         steps.append("bias subtracted")
     else:
         flags.append("no_bias")
+        if black:
+            image -= np.float32(black)
+            steps.append(f"black level {black:g} ADU subtracted ({black_level_source})")
     if dark_rate is not None:
         if exptime_s is None or not np.isfinite(exptime_s) or exptime_s < 0:
             msg = f"exptime_s must be a non-negative exposure to scale the dark, got {exptime_s!r}"
@@ -517,10 +541,11 @@ def calibrate_image(
     if n_sat:
         # bias/dark subtraction and the flat moved the saturated pixels below the level: keep them
         # at or above it, so that every later level test still sees them saturated
-        np.maximum(image, np.float32(saturation_adu), out=image, where=sat)
-        steps.append(f"saturated pixels kept >= {saturation_adu:g} ADU")
+        level = saturation_adu - black
+        np.maximum(image, np.float32(level), out=image, where=sat)
+        steps.append(f"saturated pixels kept >= {level:g} ADU")
     if bad_pixel_mask is not None:
         mask |= np.asarray(bad_pixel_mask, dtype=bool)
     return CalibrationResult(
-        image, mask, tuple(steps), tuple(flags), n_sat, int(np.count_nonzero(mask))
+        image, mask, tuple(steps), tuple(flags), n_sat, int(np.count_nonzero(mask)), black
     )

@@ -550,3 +550,85 @@ def test_unusable_session_flats_fall_back_on_the_library_with_the_reason(tmp_pat
     third = run_masters(bad, out_dir=tmp_path / "m3", camera="SYNTH")
     assert "V" not in third["flat"] and "flat_missing_V" in third["flags"]
     assert len(third["rejected"]) == 4
+
+
+def _pedestal_dslr_frame(tmp_path, *, pedestal, gain, sky_adu, rn_e=3.0, seed=31):
+    """A raw RGGB mosaic (per raw pixel: ``pedestal`` + Poisson sky + read noise) as a FITS
+    file, with a few pixels clipped at 15000 ADU."""
+    rng = np.random.default_rng(seed)
+    shape = (400, 400)
+    raw = pedestal + (rng.poisson(sky_adu * gain, shape) + rng.normal(0, rn_e, shape)) / gain
+    raw[100:102, 200:202] = 15000.0  # one saturated super-pixel
+    hdr = fits.Header({"DATE-OBS": "2024-05-01T03:00:00", "EXPTIME": 60.0, "BAYERPAT": "RGGB"})
+    path = tmp_path / "dslr_0001.fits"
+    fits.writeto(path, np.round(raw).astype(np.uint16), hdr)
+    return path
+
+
+def _calibrate_and_check_gain(path, camera):
+    from types import SimpleNamespace
+
+    from rpp_tasks.config import config_from_dict
+    from rpp_tasks.session.adapters import check_gain, step_calibrate
+
+    obs = config_from_dict({"observatory": "dslr", "camera": camera})
+    fw = SimpleNamespace(stem="f", raw_path=path, masters={}, meta={}, data=None, mask=None)
+    rec = step_calibrate(fw, obs)
+    return fw, rec, check_gain(fw)
+
+
+def test_black_level_without_bias_frames_is_subtracted_and_unblinds_the_gain_check(tmp_path):
+    """A DSLR frame with a 2048 ADU black level per raw pixel and no bias frames: the 2x2
+    luminance sums four raw pixels, so 8192 ADU are subtracted, the sky is the true one, the
+    saturation level drops by the same amount, and the sky-noise gain bound comes out at the true
+    gain, which replaces a configured gain 2x too large. Without ``camera.bias_level_adu`` the
+    pedestal hides it (bound ~4 e-/ADU)."""
+    gain, sky = 0.7, 400.0  # e-/ADU; ADU per raw pixel
+    path = _pedestal_dslr_frame(tmp_path, pedestal=2048.0, gain=gain, sky_adu=sky)
+    camera = {
+        "gain_e_per_adu": 1.5,
+        "read_noise_e": 3.0,
+        "saturation_adu": 15000,
+        "bayer_pattern": "RGGB",
+    }
+    fw0, rec0, chk0 = _calibrate_and_check_gain(path, camera)
+    assert rec0["black_level_adu"] == 0.0 and rec0["saturation_adu"] == 60000.0
+    assert np.median(fw0.data) == pytest.approx(4 * (sky + 2048.0), rel=0.01)
+    assert chk0["bound_e_per_adu"] > 3.0 and chk0["used_e_per_adu"] == 1.5  # blinded
+
+    fw, rec, chk = _calibrate_and_check_gain(path, {**camera, "bias_level_adu": 2048})
+    assert "black level 8192 ADU subtracted (camera.bias_level_adu)" in rec["steps"]
+    assert rec["black_level_adu"] == 8192.0 and "no_bias" in rec["flags"]
+    assert rec["saturation_adu"] == fw.meta["saturation_adu"] == 60000.0 - 8192.0
+    assert np.median(fw.data) == pytest.approx(4 * sky, rel=0.01)
+    # the saturated super-pixel stays at or above the calibrated image's saturation level
+    assert fw.mask[50, 100] and fw.data[50, 100] >= 60000.0 - 8192.0
+    assert chk["bound_e_per_adu"] == pytest.approx(gain, rel=0.05)
+    assert chk["source"] == "sky noise bound" and fw.meta["gain_e_per_adu"] == pytest.approx(
+        gain, rel=0.05
+    )
+
+
+def test_black_level_is_not_subtracted_over_a_master_bias_or_dark():
+    """A master bias removes the pedestal itself, and a dark made without bias carries it."""
+    raw = np.full(SHAPE, 1100.0, np.float32)
+    for masters in ({"bias": np.full(SHAPE, 1000.0)}, {"dark_rate": np.full(SHAPE, 10.0)}):
+        res = calibrate_image(raw, exptime_s=100.0, black_level_adu=1000.0, **masters)
+        assert res.black_level_adu == 0.0
+        assert np.allclose(res.image, 100.0)
+        assert not any(s.startswith("black level") for s in res.steps)
+    res = calibrate_image(raw, exptime_s=100.0, black_level_adu=1000.0, saturation_adu=1100.0)
+    assert res.black_level_adu == 1000.0 and np.allclose(res.image, 100.0)
+    assert "saturated pixels kept >= 100 ADU" in res.steps
+
+
+def test_black_level_from_header_wins_and_scales_with_software_binning():
+    from rpp_tasks.inputs.header import normalize_header
+
+    base = {"DATE-OBS": "2024-05-01T03:00:00", "EXPTIME": 60.0}
+    meta = normalize_header(fits.Header({**base, "RPPBIN": 2}), bias_level_adu=2048)
+    assert (meta.bias_level_adu, meta.bias_level_origin) == (8192.0, "camera.bias_level_adu")
+    meta = normalize_header(fits.Header({**base, "BLKLEVEL": 512}), bias_level_adu=2048)
+    assert (meta.bias_level_adu, meta.bias_level_origin) == (512.0, "header BLKLEVEL")
+    meta = normalize_header(fits.Header(base))
+    assert meta.bias_level_adu is None and meta.bias_level_origin is None

@@ -96,3 +96,19 @@ def test_huntsman_session_builds_and_applies_masters(real_data, tmp_path):
     assert "bias" in steps and "dark" in steps and "flat" in steps
     masters = summary["masters"]
     assert masters, "masters.json records what was used"
+
+
+def test_panoptes_black_level_is_removed_and_the_gain_bound_is_the_sky_noise_one(
+    real_data, tmp_path
+):
+    """PANOPTES Canon frames carry a 2048 ADU black level per raw pixel (8192 per 2x2 super-pixel)
+    and come without bias frames: ``camera.bias_level_adu`` removes it, so the sky is the ~570 ADU
+    of the night sky (8761 ADU with the pedestal) and the sky-noise gain bound is ~0.72 e-/ADU
+    (5.6 with the pedestal). At that bound the frame's read noise (10 e- per raw pixel) is half of
+    the variance (not sky-dominated), so the configured 1.5 e-/ADU is kept."""
+    obs = _obs("panoptes")
+    assert obs.camera.bias_level_adu == 2048
+    s = pipeline.reduce_frame(real_data / "panoptes/solved.fits.fz", obs, tmp_path / "out")
+    assert s["status"] == "ok", s["reason"]
+    assert 450 < s["background_adu"] < 700, s["background_adu"]
+    assert 0.6 < s["gain"]["bound_e_per_adu"] < 0.85, s["gain"]
