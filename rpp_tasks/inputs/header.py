@@ -608,6 +608,10 @@ def normalize_header(
         )
 
     black, black_origin = _black_level(header, bias_level_adu)
+    if black is not None and ovscn:
+        # the overscan (BIASSEC) already took the pedestal away: no black level on top of it
+        warns.append(f"black level ({black_origin}) not used: the overscan was subtracted")
+        black, black_origin = None, None
     if black is not None:
         black *= sw_bin * sw_bin
 

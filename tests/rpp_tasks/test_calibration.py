@@ -632,3 +632,19 @@ def test_black_level_from_header_wins_and_scales_with_software_binning():
     assert (meta.bias_level_adu, meta.bias_level_origin) == (512.0, "header BLKLEVEL")
     meta = normalize_header(fits.Header(base))
     assert meta.bias_level_adu is None and meta.bias_level_origin is None
+
+
+def test_no_black_level_on_top_of_a_subtracted_overscan():
+    """A frame whose overscan the reader subtracted (RPPOVSCN) has no pedestal left: a configured
+    black level is not subtracted again (and the frame says why)."""
+    from astropy.io import fits
+
+    from rpp_tasks.inputs.header import normalize_header
+
+    h = fits.Header({"IMAGETYP": "Light Frame", "EXPTIME": 10.0, "DATE-OBS": "2025-03-26T21:20:46"})
+    h["NAXIS"], h["NAXIS1"], h["NAXIS2"] = 2, 64, 64
+    assert normalize_header(h, path="x.fits", bias_level_adu=2048).bias_level_adu == 2048
+    h["RPPOVSCN"] = 214.0
+    meta = normalize_header(h, path="x.fits", bias_level_adu=2048, saturation_adu=60000)
+    assert meta.bias_level_adu is None and meta.saturation_adu == 60000 - 214
+    assert any("overscan was subtracted" in w for w in meta.warnings)
