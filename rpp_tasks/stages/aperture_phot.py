@@ -185,6 +185,11 @@ def _own_model_sums(sources, x, y, epsf, radii):
     return out
 
 
+#: ``flag_aper`` bit (above SEP's aperture flags): no usable pixel in the sky annulus, the 2-D
+#: background map alone was the sky
+FLAG_APER_NO_ANNULUS = 256
+
+
 def aperture_photometry(
     data_sub,
     rms,
@@ -359,11 +364,13 @@ def aperture_photometry(
         # the mean's own noise, less twice its covariance with the aperture sum where the
         # aperture reaches into the annulus (a fixed radius beyond 3 FWHM on a sharp star): the
         # shared pixels' noise cancels in ``sum - area * mean``
+        # no usable annulus pixel (all masked or off the frame): the 2-D background map alone is
+        # the sky (``bkg_local`` NaN, flag `FLAG_APER_NO_ANNULUS`), its error not counted here
         var_bkg_mean = (
             np.where(
                 n_ann > 0,
                 (area**2 * mean_var - 2.0 * area * var_shared[:, j]) / np.maximum(n_ann, 1),
-                np.inf,
+                0.0,
             )
             if local_background
             else 0.0
@@ -376,6 +383,8 @@ def aperture_photometry(
         out[f"mag_err_{lab}"] = mag_err
         out[f"snr_{lab}"] = snr
         flag_all |= flg.astype(np.int64)
+    if local_background:
+        flag_all[n_ann == 0] |= FLAG_APER_NO_ANNULUS
     out["bkg_local"] = bkg
     out["n_annulus"] = n_ann
     out["flag_aper"] = flag_all

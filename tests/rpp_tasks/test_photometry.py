@@ -511,3 +511,35 @@ def test_aperture_errors_of_pure_noise_match_its_scatter(fwhm):
     for lab in ("1p1fwhm", "1p3fwhm", "fixed"):
         z = np.asarray(tab[f"flux_{lab}"]) / np.asarray(tab[f"flux_err_{lab}"])
         assert np.std(z) == pytest.approx(1.0, abs=0.025), (lab, np.std(z))
+
+
+def test_a_star_without_usable_annulus_pixels_keeps_a_finite_error_and_says_so():
+    """Every annulus pixel masked (a crowded or masked neighbourhood): the 2-D background map is
+    the sky, the flux error is the aperture's own (it was infinite), and ``flag_aper`` carries
+    `FLAG_APER_NO_ANNULUS`; a star with its annulus has neither."""
+    from rpp_tasks.stages.aperture_phot import FLAG_APER_NO_ANNULUS
+
+    rng = np.random.default_rng(3)
+    x, y, flux = np.array([40.3, 110.6]), np.array([50.2, 60.7]), np.array([2e4, 2e4])
+    img = psf_image((120, 160), x, y, flux) + rng.normal(0.0, RMS, (120, 160))
+    yy, xx = np.mgrid[0:120, 0:160]
+    r = np.hypot(xx - x[0], yy - y[0])
+    mask = (r >= 3.0 * FWHM - 1.0) & (r <= 5.0 * FWHM + 1.0)  # the first star's annulus
+    tab = aperture_photometry(
+        img,
+        np.full(img.shape, RMS),
+        Table({"x_centroid": x, "y_centroid": y}),
+        fwhm_px=FWHM,
+        fixed_radius_px=6.0,
+        gain_e_per_adu=GAIN,
+        exptime_s=EXPTIME,
+        mask=mask,
+    )
+    assert list(tab["n_annulus"] == 0) == [True, False]
+    assert list((tab["flag_aper"] & FLAG_APER_NO_ANNULUS) != 0) == [True, False]
+    assert np.isnan(tab["bkg_local"][0]) and np.isfinite(tab["bkg_local"][1])
+    e = np.asarray(tab["flux_err_1p3fwhm"])
+    assert np.all(np.isfinite(e))
+    # without the annulus term the first star's error is a little smaller than the second's
+    assert 0.85 * e[1] < e[0] < e[1]
+    assert abs(tab["flux_1p3fwhm"][0] / (0.985 * 2e4) - 1) < 5 * e[0] / 2e4
