@@ -325,6 +325,16 @@ def test_field_psf_matches_the_synthetic_renderer():
     assert np.abs(model - truth).max() < 2e-4 * truth.max()
 
 
+def _sky_subtracted_sources(field, *, fwhm_guess_px):
+    """A synthetic field's image less its constant sky, its noise from the truth's sky, gain and
+    read noise, and the sources detected on it: the inputs of `fit_field_psf`."""
+    m = field.truth.meta
+    sky, gain, rn = float(m["sky_adu"]), float(m["gain_e_per_adu"]), float(m["read_noise_e"])
+    data = field.data.astype(np.float32) - sky
+    rms = math.sqrt(sky / gain + (rn / gain) ** 2)
+    return data, rms, detect_sources(data, rms, fwhm_px=fwhm_guess_px, peak_search=False)
+
+
 def test_fit_field_psf_follows_the_optics_and_stays_constant_when_it_should(tmp_path):
     var = PsfVariation()
     field = make_optics_field((1536, 1536), seed=5, n_bright=0, n_cosmic_rays=0, n_hot_pixels=0)
@@ -380,9 +390,7 @@ def test_fit_field_psf_keeps_beta_constant_when_its_variation_runs_to_the_clip()
         gain_e_per_adu=0.13, read_noise_e=3.0, exptime_s=10.0, mag_range=(15.0, 19.5),
         mag_slope=0.0, n_cosmic_rays=0, n_hot_pixels=0, seed=0,
     )  # fmt: skip
-    data = f.data.astype(np.float32) - 3600.0
-    rms = math.sqrt(3600 / 0.13 + (3 / 0.13) ** 2)
-    src = detect_sources(data, rms, fwhm_px=1.5, peak_search=False)
+    data, rms, src = _sky_subtracted_sources(f, fwhm_guess_px=1.5)
     # the order by AIC (``cv_max_stars=0``): the rule acts on whatever order is chosen -- with
     # these ~20 stars the cross-validation would choose order 0 (no u to vary), on the real pair
     # it keeps order 1
@@ -933,9 +941,7 @@ def test_fit_field_psf_flags_a_fwhm_at_the_model_floor(caplog):
             gain_e_per_adu=1.5, read_noise_e=5.0, exptime_s=30.0, mag_range=(15.5, 18.0),
             mag_slope=0.0, n_cosmic_rays=0, n_hot_pixels=0, seed=4,
         )  # fmt: skip
-        data = f.data.astype(np.float32) - 1000.0
-        rms = math.sqrt(1000 / 1.5 + (5 / 1.5) ** 2)
-        src = detect_sources(data, rms, fwhm_px=1.5, peak_search=False)
+        data, rms, src = _sky_subtracted_sources(f, fwhm_guess_px=1.5)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="rpp_tasks.stages.field_psf_fit"):
             out[fw] = fit_field_psf(data, src, rms=rms, gain_e_per_adu=1.5, saturation_adu=60000)
