@@ -225,6 +225,7 @@ def check_gain(fw) -> dict:
     noise ratio (the frame's ``summary.json`` key ``gain``). Idempotent: a resumed frame
     compares with the configured gain, not with the one already replaced.
     """
+    from rpp_tasks.session.summary import gain_fix
     from rpp_tasks.stages import background
 
     prev = fw.meta.get("gain_check") or {}
@@ -256,12 +257,6 @@ def check_gain(fw) -> dict:
                 f"rpp {__version__}: gain {used:.4g} e-/ADU from the sky noise bound "
                 f"(configured {configured:.4g})"
             )
-        fix = (
-            f"The frame's {origin.split()[-1]} header card takes precedence over "
-            "camera.gain_e_per_adu: fix the camera software's gain"
-            if origin.startswith("header")
-            else "Fix camera.gain_e_per_adu in the observatory configuration"
-        )
         log.warning(
             "[%s] gain %s e-/ADU (%s) is impossible for this frame: its sky noise (%.3g ADU on a "
             "sky of %.4g ADU, %.2fx the camera model) allows at most %.3g e-/ADU; photometry "
@@ -275,7 +270,7 @@ def check_gain(fw) -> dict:
             noise.ratio,
             noise.gain_max_e_per_adu,
             used,
-            fix,
+            gain_fix(origin).capitalize(),
             used,
         )
     return {"noise": noise, **info}

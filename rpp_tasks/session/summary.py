@@ -94,6 +94,34 @@ def calibrated_limiting_mag(
 
 
 # =============================================================================== frames
+def gain_fix(origin: str | None) -> str:
+    """What to fix when a gain from ``origin`` ("header EGAIN", "header GAIN" or "config", the
+    frame's ``gain_origin``) is impossible: a header card takes precedence over the config."""
+    origin = str(origin or "config")
+    if origin.startswith("header"):
+        return "fix the camera software's gain"
+    return "set camera.gain_e_per_adu"
+
+
+def gain_warning(gain: Mapping[str, Any] | None) -> str | None:
+    """The observer's line for a frame's ``summary.json`` ``gain`` record
+    (`rpp_tasks.session.adapters.check_gain`) when the photometry could not use the configured
+    gain (``source`` is not "configured"), else None."""
+    g = gain or {}
+    if g.get("source") in (None, "configured") or _finite(g.get("used_e_per_adu")) is None:
+        return None
+    conf = _finite(g.get("configured_e_per_adu"))
+    said = f"gain {conf:.3g} e-/ADU" if conf is not None else "no gain"
+    origin = str(g.get("configured_from") or "config")
+    where = (
+        f"in the {origin.split()[-1]} header card" if origin.startswith("header") else "configured"
+    )
+    return (
+        f"{said} {where}, impossible for the sky noise: {g['used_e_per_adu']:.3g} e-/ADU "
+        f"used ({g['source']}); {gain_fix(origin)} to about that value"
+    )
+
+
 @dataclass(frozen=True)
 class FrameSummary:
     """One science frame: outcome, normalised header facts, measurements, timings, products."""
@@ -158,22 +186,8 @@ class FrameSummary:
     @property
     def gain_warning(self) -> str | None:
         """What the observer must fix when the photometry could not use the configured gain
-        (``gain["source"]`` is not "configured"), else None."""
-        g = self.gain or {}
-        if g.get("source") in (None, "configured") or _finite(g.get("used_e_per_adu")) is None:
-            return None
-        conf = _finite(g.get("configured_e_per_adu"))
-        said = f"gain {conf:.3g} e-/ADU" if conf is not None else "no gain"
-        origin = str(g.get("configured_from") or "config")
-        where, fix = (
-            (f"in the {origin.split()[-1]} header card", "fix the camera software's gain")
-            if origin.startswith("header")
-            else ("configured", "set camera.gain_e_per_adu to about that value")
-        )
-        return (
-            f"{said} {where}, impossible for the sky noise: {g['used_e_per_adu']:.3g} e-/ADU "
-            f"used ({g['source']}); {fix}"
-        )
+        (`gain_warning`), else None."""
+        return gain_warning(self.gain)
 
     def to_dict(self) -> dict:
         return json_safe({f.name: getattr(self, f.name) for f in fields(self)})

@@ -668,6 +668,6 @@ def test_frame_page_says_which_gain_the_photometry_used(app, night):
         {"used_e_per_adu": 0.1364, "source": "sky noise bound", "configured_e_per_adu": 1.0}
     )
     assert said == (
-        "0.136 (sky noise bound): 1 configured, impossible for the sky noise; "
-        "set camera.gain_e_per_adu to about this"
+        "gain 1 e-/ADU configured, impossible for the sky noise: 0.136 e-/ADU used "
+        "(sky noise bound); set camera.gain_e_per_adu to about that value"
     )

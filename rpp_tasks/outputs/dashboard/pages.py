@@ -205,25 +205,16 @@ def _decide_controls(base, obs, session, frames, can_decide) -> str:
 
 def _gain_fact(gain) -> str | None:
     """The gain the photometry used and where it came from; when the configured one was
-    impossible for the frame's sky noise, what to configure
-    (`rpp_tasks.session.adapters.check_gain`).
-    """
+    impossible for the frame's sky noise, the observer's line of the session summary
+    (`rpp_tasks.session.summary.gain_warning`: the gain used and what to fix)."""
+    from rpp_tasks.session.summary import gain_warning
+
     g = gain or {}
-    used = g.get("used_e_per_adu")
-    if used is None:
+    if g.get("used_e_per_adu") is None:
         return None
-    text = f"{_fmt(used, '.3g')} ({g.get('source') or 'configured'})"
-    if g.get("source") not in (None, "configured"):
-        conf = g.get("configured_e_per_adu")
-        origin = str(g.get("configured_from") or "config")
-        if origin.startswith("header"):
-            said = f"{_fmt(conf, '.3g')} in the {origin.split()[-1]} header card"
-            fix = "fix the camera software's gain"
-        else:
-            said = f"{_fmt(conf, '.3g')} configured" if conf is not None else "none configured"
-            fix = "set camera.gain_e_per_adu to about this"
-        text += f": {said}, impossible for the sky noise; {fix}"
-    return text
+    return (
+        gain_warning(g) or f"{_fmt(g['used_e_per_adu'], '.3g')} ({g.get('source') or 'configured'})"
+    )
 
 
 def frame_page(
