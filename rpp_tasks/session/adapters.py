@@ -291,13 +291,11 @@ def step_cosmics(fw, obs) -> dict:
     cfg = obs.stages.cosmics
     if not cfg.enabled:
         return {"enabled": False, "n_pixels": 0, **gain_rec}
-    from rpp_tasks.stages import background, cosmics
+    from rpp_tasks.stages import cosmics
 
     gain, rn = fw.meta["gain_e_per_adu"], fw.meta["read_noise_e"]
     if gain_info["source"] != "configured":
-        noise = background.check_noise_model(
-            fw.data, gain_e_per_adu=gain, read_noise_e=rn, mask=fw.mask
-        )
+        noise = noise.with_gain(gain, rn)  # the replaced gain's model, same measurement
     if noise.ratio > 1.5:
         log.warning(
             "[%s] measured sky noise %.1f ADU is %.1fx the camera model (gain %.3g e-/ADU, read "

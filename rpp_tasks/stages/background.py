@@ -231,6 +231,14 @@ class NoiseCheck:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def with_gain(self, gain_e_per_adu, read_noise_e) -> NoiseCheck:
+        """The same measurement (sky level and pixel noise) against another camera model, as
+        `check_noise_model` would give it (the image is not measured again)."""
+        if not np.isfinite(self.measured_sigma_adu):  # too few pixels to measure
+            nan = float("nan")
+            return NoiseCheck(self.sky_adu, nan, nan, nan, float(read_noise_e))
+        return _noise_check(self.sky_adu, self.measured_sigma_adu, gain_e_per_adu, read_noise_e)
+
 
 #: Fraction of the measured pixel variance the sky's Poisson term must hold, at the gain bound,
 #: for the frame to count as sky-dominated (`check_noise_model`).
@@ -309,6 +317,12 @@ def check_noise_model(data, *, gain_e_per_adu, read_noise_e, mask=None, row_step
         return NoiseCheck(sky, nan, nan, nan, float(read_noise_e))
     med = np.median(d)
     sigma = float(1.4826 * np.median(np.abs(d - med)) / np.sqrt(2.0))
+    return _noise_check(sky, sigma, gain_e_per_adu, read_noise_e)
+
+
+def _noise_check(sky, sigma, gain_e_per_adu, read_noise_e) -> NoiseCheck:
+    """`NoiseCheck` of a measured sky level and pixel noise against a camera model."""
+    nan = float("nan")
     g_max = gain_upper_bound(sky, sigma, read_noise_e)
     sky_dominated = bool(
         np.isfinite(g_max) and max(sky, 0.0) / g_max >= SKY_DOMINATED_FRACTION * sigma**2

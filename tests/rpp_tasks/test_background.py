@@ -193,3 +193,17 @@ def test_check_gain_records_the_gain_used_and_is_idempotent_on_a_resumed_frame()
     fw.meta = {"gain_e_per_adu": 0.13, "read_noise_e": 3.0}
     kept = check_gain(fw)
     assert kept["source"] == "configured" and fw.meta["gain_e_per_adu"] == 0.13
+
+
+def test_noise_check_against_another_gain_is_that_of_a_new_measurement():
+    """`NoiseCheck.with_gain` (what the cosmics stage uses once the gain was replaced) gives what
+    `check_noise_model` gives with that gain, without measuring the image again."""
+    from rpp_tasks.stages.background import check_noise_model
+
+    rng = np.random.default_rng(2)
+    img = (rng.poisson(900.0 * 0.13, (300, 300)) / 0.13).astype(np.float32)
+    first = check_noise_model(img, gain_e_per_adu=1.0, read_noise_e=1.5)
+    for gain, rn in ((0.13, 1.5), (0.5, 3.0), (float("nan"), 1.5)):
+        again = check_noise_model(img, gain_e_per_adu=gain, read_noise_e=rn)
+        # field by field, NaN equal to NaN (an unknown gain has no model)
+        np.testing.assert_equal(first.with_gain(gain, rn).to_dict(), again.to_dict())
