@@ -317,21 +317,22 @@ def _cv_order_scores(stars, fits, *, gain, bkg_prior, k_folds=5, n_iter=12):
     n = stars[0].shape[0]
     fold = np.arange(n) % int(k_folds)
     out = np.full((len(fits), n), np.nan)
+
+    def fit(idx, theta, free, bas, unknowns):
+        """`_gn_field` of the stars ``idx`` from their own starting unknowns."""
+        st = {key: unknowns[key][idx].copy() for key in ("f", "b", "sx", "sy")}
+        return _gn_field(
+            *(a[idx] for a in stars), bas[idx], theta, st, gain=gain, free=free, n_iter=n_iter,
+            bkg_prior=bkg_prior,
+        )  # fmt: skip
+
     for o, (theta, free, bas, unknowns) in enumerate(fits):
         for k in range(int(k_folds)):
             train, held = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
             if held.size == 0:
                 continue
-            st = {key: unknowns[key][train].copy() for key in ("f", "b", "sx", "sy")}
-            th, _, _ = _gn_field(
-                *(a[train] for a in stars), bas[train], theta.copy(), st, gain=gain, free=free,
-                n_iter=n_iter, bkg_prior=bkg_prior,
-            )  # fmt: skip
-            st = {key: unknowns[key][held].copy() for key in ("f", "b", "sx", "sy")}
-            _, chi2_s, _ = _gn_field(
-                *(a[held] for a in stars), bas[held], th, st, gain=gain,
-                free=np.zeros(4, bool), n_iter=n_iter, bkg_prior=bkg_prior,
-            )  # fmt: skip
+            th, _, _ = fit(train, theta.copy(), free, bas, unknowns)  # the shape without them
+            _, chi2_s, _ = fit(held, th, np.zeros(4, bool), bas, unknowns)  # shape fixed
             out[o, held] = chi2_s
     return out
 
